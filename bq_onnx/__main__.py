@@ -1,0 +1,3 @@
+from bq_onnx.cli import entry
+
+entry()

@@ -1,0 +1,210 @@
+"""``bq-onnx``: the command line. Errors print one line and exit with a documented code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bq_onnx import __version__
+from bq_onnx.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, BqError, exit_code_table
+from bq_onnx.table import human_bytes, render
+
+EPILOG = "exit codes:\n" + exit_code_table()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, documented exit code
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from bq_onnx.quantizers import METHODS
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(
+        prog="bq-onnx",
+        description="Make ONNX models smaller without making them worse: low-bit weight quantization.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("--version", action="version", version=f"bq-onnx {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    o = sub.add_parser(
+        "optimize",
+        help="quantize a model's weights and write the smaller model",
+        description="Quantize every weight (MatMul, Gemm, Conv, ConvTranspose, Gather tables) to low-bit storage, "
+        "write the model atomically, then verify it against the numpy-dequantized reference in onnxruntime.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    o.add_argument("model", help="input .onnx file (never modified)")
+    o.add_argument("-o", "--output", help="output path (default: MODEL with .bq.onnx suffix)")
+    o.add_argument("--bits", type=int, default=4, help="bits per weight, 1..8 (default 4)")
+    o.add_argument(
+        "--format",
+        choices=("native", "compact"),
+        default="native",
+        help="native: standard DequantizeLinear (int4/int8 containers, runs compressed); compact: exact b-bit "
+        "packing decoded by a model-local function (smallest file). Default native.",
+    )
+    o.add_argument("--quantizer", choices=METHODS, default="uniform", help="quantizer family (default uniform)")
+    o.add_argument(
+        "--group-size", type=int, default=32, help="rows per block along the reduction axis; 0 = per channel"
+    )
+    o.add_argument("--min-size", type=int, default=128, help="leave tensors with fewer elements in float")
+    o.add_argument("--keep-fp", action="append", default=[], metavar="PATTERN", help="glob of weights to keep")
+    o.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
+    o.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _common(o)
+
+    i = sub.add_parser(
+        "inspect",
+        help="show a model's weights: bits, format, bytes",
+        description="Per-layer table of a model's weights (quantized by bq-onnx or still float) with totals.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    i.add_argument("model", help=".onnx file")
+    i.add_argument("--min-size", type=int, default=128, help="smallest float tensor listed (default 128)")
+    _common(i)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from bq_onnx.api import optimize
+    from bq_onnx.model_io import check_output_path
+
+    src = Path(args.model)
+    out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".bq.onnx")
+    check_output_path(out, [src], args.force)  # fail before the work, not after
+    start = time.perf_counter()
+    result = optimize(
+        src,
+        bits=args.bits,
+        format=args.format,
+        quantizer=args.quantizer,
+        group_size=args.group_size,
+        min_size=args.min_size,
+        keep_fp=args.keep_fp,
+        seed=args.seed,
+        progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+    )
+    report = result.save(out, force=args.force, verify=not args.no_verify)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif not args.quiet:
+        _print_optimize(report, elapsed)
+    return EXIT_OK
+
+
+def _print_optimize(report: dict, elapsed: float) -> None:
+    rows = [
+        [
+            r["name"],
+            "x".join(map(str, r["shape"])),
+            r["bits"],
+            r["method"],
+            r["block_size"],
+            human_bytes(r["original_bytes"]),
+            human_bytes(r["stored_bytes"]),
+            f"{r['bits_per_weight_with_metadata']:.2f}",
+        ]
+        for r in report["layers"]
+    ]
+    t = report["totals"]
+    footer = [
+        f"total ({t['layers']} layers)",
+        "",
+        f"{t['bits_per_weight']:.2f}",
+        "",
+        "",
+        human_bytes(t["original_bytes"]),
+        human_bytes(t["stored_bytes"]),
+        f"{t['bits_per_weight_with_metadata']:.2f}",
+    ]
+    headers = ["weight", "shape", "bits", "quantizer", "block", "fp bytes", "stored", "bits/w+meta"]
+    print(render(headers, rows, footer))
+    for msg in report["messages"]:
+        print(f"note: {msg}")
+    out = report["output"]
+    size_in = report.get("input_file_bytes")
+    ratio = f" ({size_in / out['file_bytes']:.2f}x smaller)" if size_in else ""
+    print(f"wrote {out['path']}: {human_bytes(out['file_bytes'])}{ratio} [{report['settings']['format']}]")
+    if "verification" in report:
+        worst = max((c["max_abs_error"] for c in report["verification"]["outputs"]), default=0.0)
+        print(f"verified in onnxruntime against the numpy reference (max abs error {worst:.2g})")
+    print(f"done in {elapsed:.1f} s")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from bq_onnx.inspect import inspect
+
+    info = inspect(args.model, min_size=args.min_size)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [
+        [
+            r["name"],
+            "x".join(map(str, r["shape"])),
+            r["bits"],
+            r["kind"] if not r["method"] else r["method"],
+            r["format"],
+            r["block_size"] or "-",
+            human_bytes(r["stored_bytes"]),
+        ]
+        for r in info["layers"]
+    ]
+    t = info["totals"]
+    footer = [f"total ({t['layers']} layers)", "", f"{t['bits_per_weight']:.2f}", "", "", "",
+              human_bytes(t["stored_bytes"])]
+    print(render(["weight", "shape", "bits", "quantizer", "format", "block", "bytes"], rows, footer))
+    who = f"quantized by bq-onnx ({info['format']})" if info["quantized_by"] else "not quantized by bq-onnx"
+    print(
+        f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "
+        f"{t['bits_per_weight_with_metadata']:.2f} bits/weight with metadata; "
+        f"other tensors {human_bytes(t['other_initializer_bytes'])}"
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect}[args.command]
+    try:
+        return handler(args)
+    except BqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  anything else is our bug: one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

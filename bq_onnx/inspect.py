@@ -1,0 +1,98 @@
+"""Look inside a model: which weights are quantized, how, and what each costs on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import onnx_ir as ir
+
+from bq_onnx.context import Context, Settings
+from bq_onnx.errors import UnsupportedError
+from bq_onnx.model_io import load_model
+from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.passes.rewrite import METADATA_KEY
+
+
+def _nbytes(model: ir.Model, name: str) -> int:
+    value = model.graph.initializers.get(name)
+    return value.const_value.nbytes if value is not None and value.const_value is not None else 0
+
+
+def inspect(model: str | os.PathLike, min_size: int = 128) -> dict:
+    """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it)."""
+    m = load_model(model)
+    meta = json.loads(m.metadata_props[METADATA_KEY]) if METADATA_KEY in m.metadata_props else None
+    layers = []
+    if meta is not None:
+        for layer in meta["layers"]:
+            stored = sum(_nbytes(m, t) for t in layer["tensors"])
+            layers.append(
+                {
+                    "name": layer["name"],
+                    "shape": layer["shape"],
+                    "bits": layer["bits"],
+                    "kind": layer["kind"],
+                    "method": layer["method"],
+                    "block_size": layer["block_size"],
+                    "format": meta["format"],
+                    "numel": layer["numel"],
+                    "payload_bits": layer["payload_bits"],
+                    "metadata_bits": layer["metadata_bits"],
+                    "stored_bytes": stored,
+                }
+            )
+    else:
+        ctx = Context(Settings(min_size=min_size))
+        try:
+            FindWeightsPass(ctx)(m)
+        except UnsupportedError:
+            pass
+        for w in ctx.weights:
+            bits = w.value.dtype.itemsize * 8
+            layers.append(
+                {
+                    "name": w.name,
+                    "shape": list(w.layout.shape),
+                    "bits": bits,
+                    "kind": "float",
+                    "method": "",
+                    "block_size": 0,
+                    "format": str(w.value.dtype).lower().replace("datatype.", ""),
+                    "numel": w.numel,
+                    "payload_bits": bits * w.numel,
+                    "metadata_bits": 0,
+                    "stored_bytes": _nbytes(m, w.name),
+                }
+            )
+    numel = sum(r["numel"] for r in layers)
+    stored = sum(r["stored_bytes"] for r in layers)
+    all_init = sum(v.const_value.nbytes for v in m.graph.initializers.values() if v.const_value is not None)
+    ops = Counter(
+        (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in m.graph
+    )
+    return {
+        "model": os.fspath(model),
+        "file_bytes": Path(model).stat().st_size,
+        "quantized_by": "bq-onnx" if meta is not None else None,
+        "format": meta["format"] if meta else None,
+        "opset": m.opset_imports.get("", None),
+        "ir_version": m.ir_version,
+        "layers": layers,
+        "totals": {
+            "layers": len(layers),
+            "numel": numel,
+            "payload_bits": sum(r["payload_bits"] for r in layers),
+            "metadata_bits": sum(r["metadata_bits"] for r in layers),
+            "stored_bytes": stored,
+            "bits_per_weight": sum(r["payload_bits"] for r in layers) / max(numel, 1),
+            "bits_per_weight_with_metadata": sum(r["payload_bits"] + r["metadata_bits"] for r in layers)
+            / max(numel, 1),
+            "stored_bits_per_weight": 8 * stored / max(numel, 1),
+            "other_initializer_bytes": all_init - stored,
+        },
+        "ops": dict(sorted(ops.items())),
+        "functions": sorted(f"{d}.{n}" for d, n, _ in m.functions),
+    }

@@ -1,0 +1,242 @@
+"""Reading untrusted model files and writing outputs atomically.
+
+Models are files from strangers: before anything is built from one, its protobuf must parse, its graph must
+pass the onnx checker, every tensor's declared size must match its data, and every external-data reference
+must stay inside the model's folder and point at a real file long enough to hold it. Outputs go to a temporary
+file beside the destination and are renamed into place, so a failure never leaves half a model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from bq_onnx.errors import ModelError, OutputError
+
+#: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
+PROTO_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+_SUBBYTE_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.FLOAT4E2M1: 4,
+}
+if hasattr(onnx.TensorProto, "INT2"):
+    _SUBBYTE_BITS[onnx.TensorProto.INT2] = 2
+    _SUBBYTE_BITS[onnx.TensorProto.UINT2] = 2
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
+    """Load and validate a model from a path, a ModelProto or an IR model (external data stays lazy)."""
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        _validate_tensors(source, base_dir=None, where="<ModelProto>")
+        _check_graph(source, "<ModelProto>")
+        return ir.serde.deserialize_model(source)
+    path = Path(source)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a regular file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not a valid ONNX model (protobuf parse failed: {_first_line(exc)})") from None
+    if not proto.HasField("graph"):
+        raise ModelError(f"{path}: not a valid ONNX model (no graph; empty or truncated file?)")
+    base_dir = path.resolve().parent
+    _validate_tensors(proto, base_dir=base_dir, where=str(path))
+    _check_graph(proto, str(path))
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _check_graph(proto: onnx.ModelProto, where: str) -> None:
+    """The onnx checker on the structure (external data was validated by us, not loaded)."""
+    if not proto.opset_import:
+        raise ModelError(f"{where}: invalid model (no opset_import)")
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(proto)
+    # Tensors are checked by _validate_tensors; drop their bytes so the checker never reads them and a
+    # model over 2 GB (external data) is checked in memory without loading it.
+    for tensor in _iter_tensors(stripped.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.ClearField("raw_data")
+            tensor.raw_data = b""
+    try:
+        onnx.checker.check_model(stripped, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        msg = " ".join(str(exc).split())
+        if "raw_data" in msg and "size" in msg:  # our own stripping of external tensors
+            return
+        raise ModelError(f"{where}: invalid model ({msg[:300]})") from None
+    except Exception as exc:  # noqa: BLE001  the checker raises assorted C++ errors
+        raise ModelError(f"{where}: invalid model ({_first_line(exc)})") from None
+
+
+def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graphs(g)
+
+
+def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for g in _iter_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the declared shape needs, or None for types without a fixed width (strings)."""
+    numel = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if any(d < 0 for d in tensor.dims):
+        return -1
+    if tensor.data_type in _SUBBYTE_BITS:
+        return -(-numel * _SUBBYTE_BITS[tensor.data_type] // 8)
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    return numel * itemsize
+
+
+def _validate_tensors(proto: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+    for tensor in _iter_tensors(proto.graph):
+        name = tensor.name or "<unnamed>"
+        expected = _expected_nbytes(tensor)
+        if expected == -1:
+            raise ModelError(f"{where}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _validate_external(tensor, name, expected, base_dir, where)
+        elif expected is not None and tensor.HasField("raw_data"):
+            if len(tensor.raw_data) != expected:
+                raise ModelError(
+                    f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({expected} bytes) "
+                    f"but holds {len(tensor.raw_data)} bytes"
+                )
+
+
+def _validate_external(
+    tensor: onnx.TensorProto, name: str, expected: int | None, base_dir: Path | None, where: str
+) -> None:
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    if base_dir is None:
+        raise ModelError(f"{where}: tensor '{name}' uses external data; load the model from its file path")
+    if not location:
+        raise ModelError(f"{where}: tensor '{name}' has external data without a location")
+    rel = Path(location)
+    if rel.is_absolute() or ".." in rel.parts or location.startswith(("/", "\\")) or ":" in location:
+        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
+    candidate = base_dir / rel
+    if candidate.is_symlink() or any(p.is_symlink() for p in candidate.parents if base_dir in p.parents):
+        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' is a symbolic link")
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ModelError(f"{where}: tensor '{name}' external data file '{location}' is missing") from None
+    if base_dir not in resolved.parents:
+        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
+    if not resolved.is_file():
+        raise ModelError(f"{where}: tensor '{name}' external data '{location}' is not a regular file")
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ModelError(f"{where}: tensor '{name}' has a malformed external data offset/length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelError(f"{where}: tensor '{name}' has a negative external data offset/length")
+    need = length if length is not None else expected
+    if expected is not None and length is not None and length != expected:
+        raise ModelError(
+            f"{where}: tensor '{name}' declares {expected} bytes but its external data length is {length}"
+        )
+    size = resolved.stat().st_size
+    if need is not None and offset + need > size:
+        raise ModelError(
+            f"{where}: tensor '{name}' external data '{location}' is shorter than declared "
+            f"(needs {offset + need} bytes, file has {size})"
+        )
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
+    """Refuse to overwrite an input, or an existing file without ``force``; the folder must exist."""
+    out = Path(output)
+    for src in inputs:
+        if same_file(out, src):
+            raise OutputError(f"{out}: output path is the input model; choose another path")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: exists; pass --force to overwrite")
+    if out.exists() and not out.is_file():
+        raise OutputError(f"{out}: exists and is not a regular file")
+    if not out.parent.exists():
+        raise OutputError(f"{out.parent}: output folder does not exist")
+    return out
+
+
+def model_nbytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write atomically: temp file in the destination folder, then rename. Large models get external data."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if model_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
+            ir.save(model, tmp, external_data=f"{out.name}.data")
+        else:
+            ir.save(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

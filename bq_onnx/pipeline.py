@@ -1,0 +1,48 @@
+"""The pipeline: the list of passes ``optimize`` runs, and the runner that applies them in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, TopologicalSortPass
+
+from bq_onnx.context import Context
+from bq_onnx.errors import BqError
+from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass
+from bq_onnx.passes.quantize import QuantizeWeightsPass
+from bq_onnx.passes.rewrite_compact import RewriteCompactPass
+from bq_onnx.passes.rewrite_native import RewriteNativePass
+
+
+def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
+    """Constants to initializers, opset >= 21, a runtime-readable IR version."""
+    return [
+        LiftConstantsToInitializersPass(size_limit=ctx.settings.min_size),
+        UpgradeOpsetPass(),
+        SetIrVersionPass(),
+    ]
+
+
+def optimize_passes(ctx: Context) -> list[ir.passes.PassBase]:
+    rewrite = RewriteNativePass if ctx.settings.format == "native" else RewriteCompactPass
+    return [
+        *prepare_passes(ctx),
+        FindWeightsPass(ctx),
+        QuantizeWeightsPass(ctx),
+        rewrite(ctx),
+        TopologicalSortPass(),
+    ]
+
+
+def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
+    """Run passes in order; a user-facing error raised inside a pass surfaces as itself."""
+    for pass_ in passes:
+        try:
+            model = pass_(model).model
+        except ir.passes.InvariantError as exc:
+            if isinstance(exc.__cause__, BqError):
+                raise exc.__cause__ from None
+            raise
+    return model

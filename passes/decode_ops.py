@@ -1,0 +1,161 @@
+"""The standard-op graphs that turn stored codes back into weights, shared by both storage formats.
+
+Only ops that onnxruntime and OpenVINO both compute exactly are used: ``BitwiseAnd`` masks, ``Cast``, float
+``Mul``/``Sub``/``Add``, ``MatMul`` of 0/1 bits by powers of two, ``Gather``, ``Reshape``/``Expand``/``Slice``.
+No ``BitShift``, no integer ``Div``, no 64-bit arithmetic on data (DESIGN.md: OpenVINO gets those wrong).
+
+An :class:`Emitter` writes nodes either into the main graph (constants become shared initializers) or into a
+function body (constants become ``Constant`` nodes), so the same builder serves both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.layout import WeightLayout
+from bq_onnx.qtensor import num_blocks
+
+
+class Emitter:
+    """Appends nodes to a tape; ``const`` makes initializers (main graph) or Constant nodes (functions)."""
+
+    def __init__(self, prefix: str, *, in_function: bool, shared: dict | None = None) -> None:
+        self.tape = ir.tape.Tape()
+        self.prefix = prefix
+        self.in_function = in_function
+        self.shared = {} if shared is None else shared
+        self._count = 0
+
+    def _name(self, label: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{label}_{self._count}"
+
+    def op(self, op_type: str, inputs: list[ir.Value | None], label: str = "", *, domain: str = "", **attrs):
+        name = self._name(label or op_type)
+        out = self.tape.op(op_type, inputs, attributes=attrs or None, name=name, domain=domain)
+        out.name = name
+        return out
+
+    def const(self, array: np.ndarray, label: str = "const") -> ir.Value:
+        array = np.asarray(array)
+        if self.in_function:
+            name = self._name(label)
+            out = self.tape.op("Constant", [], attributes={"value": ir.tensor(array)}, name=name)
+            out.name = name
+            return out
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.shared:
+            digest = hashlib.sha1(repr(key).encode()).hexdigest()[:10]
+            name = f"bq.const.{label}.{digest}"
+            self.shared[key] = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        return self.shared[key]
+
+    def tensor(self, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
+        """A stored initializer of this weight (main graph only)."""
+        value = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
+        self.tape._initializers.append(value)  # the tape records what the rewrite must register
+        return value
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+@dataclasses.dataclass
+class BlockDims:
+    """Shape tensors that expand per-block metadata ``(nb, N)`` to rows ``(K, N)``."""
+
+    nb_1_n: ir.Value
+    nb_g_n: ir.Value
+    rows_n: ir.Value  # [-1, N]
+    k: ir.Value  # [K]
+    zero: ir.Value  # [0]
+    kn: ir.Value  # [K, N]
+    count: ir.Value  # [K*N]
+    block_count: ir.Value  # [nb*N]
+    ragged: bool = True
+    single_block: bool = False
+
+    @classmethod
+    def constant(cls, em: Emitter, k: int, n: int, g: int) -> BlockDims:
+        nb = num_blocks(k, g)
+        return cls(
+            em.const(i64(nb, 1, n), "shape"),
+            em.const(i64(nb, g, n), "shape"),
+            em.const(i64(-1, n), "shape"),
+            em.const(i64(k), "k"),
+            em.const(i64(0), "zero"),
+            em.const(i64(k, n), "shape"),
+            em.const(i64(k * n), "count"),
+            em.const(i64(nb * n), "count"),
+            ragged=nb * g != k,
+            single_block=nb == 1,
+        )
+
+    @classmethod
+    def from_layout(cls, em: Emitter, layout: ir.Value) -> BlockDims:
+        """Inside a function: ``layout = [K, N, nb, G]`` (int64) is the decode's last input."""
+
+        def pick(i: int) -> ir.Value:
+            return em.op("Slice", [layout, em.const(i64(i)), em.const(i64(i + 1))], "dim")
+
+        k, n, nb, g = (pick(i) for i in range(4))
+        one, minus_one = em.const(i64(1)), em.const(i64(-1))
+        return cls(
+            em.op("Concat", [nb, one, n], "shape", axis=0),
+            em.op("Concat", [nb, g, n], "shape", axis=0),
+            em.op("Concat", [minus_one, n], "shape", axis=0),
+            k,
+            em.const(i64(0)),
+            em.op("Concat", [k, n], "shape", axis=0),
+            em.op("Mul", [k, n], "count"),
+            em.op("Mul", [nb, n], "count"),
+        )
+
+
+def layout_vector(k: int, n: int, g: int) -> np.ndarray:
+    return i64(k, n, num_blocks(k, g), g)
+
+
+def expand_blocks(em: Emitter, per_block: ir.Value, dims: BlockDims) -> ir.Value:
+    """``(nb, N)`` -> ``(K, N)``: repeat each block row G times, drop the ragged tail.
+
+    With a single block the ``(1, N)`` row is returned as is: it broadcasts against ``(K, N)``.
+    """
+    if dims.single_block:
+        return em.op("Reshape", [per_block, em.const(i64(1, -1), "shape")])
+    x = em.op("Reshape", [per_block, dims.nb_1_n])
+    x = em.op("Expand", [x, dims.nb_g_n])
+    x = em.op("Reshape", [x, dims.rows_n])
+    if dims.ragged:
+        x = em.op("Slice", [x, dims.zero, dims.k, dims.zero], "rows")
+    return x
+
+
+def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value) -> ir.Value:
+    """Packed uint8 stream (8 values per ``bits`` bytes, LSB first) -> float codes ``[count]``."""
+    groups = em.op("Reshape", [packed, em.const(i64(-1, bits, 1), "shape")])
+    masks = em.const((1 << np.arange(8, dtype=np.uint8)).astype(np.uint8).reshape(1, 1, 8), "masks")
+    set_bits = em.op("BitwiseAnd", [groups, masks])
+    as_float = em.op("Cast", [set_bits], to=ir.DataType.FLOAT)
+    inv = em.const((1.0 / (1 << np.arange(8))).astype(np.float32).reshape(1, 1, 8), "inv_masks")
+    bit_values = em.op("Mul", [as_float, inv], "bits")  # exact 0/1
+    per_value = em.op("Reshape", [bit_values, em.const(i64(-1, 8, bits), "shape")])
+    powers = em.const((1 << np.arange(bits)).astype(np.float32), "powers")
+    codes = em.op("MatMul", [per_value, powers], "codes")  # small integers, exact in float32
+    flat = em.op("Reshape", [codes, em.const(i64(-1), "shape")])
+    return em.op("Slice", [flat, em.const(i64(0)), count, em.const(i64(0))], "codes")
+
+
+def restore_layout(em: Emitter, view: ir.Value, layout: WeightLayout) -> ir.Value:
+    """``(K, N)`` view -> the tensor's own shape (Reshape + Transpose only where needed)."""
+    x = view
+    if len(layout.shape) != 2 or layout.transposed_shape != layout.view_shape:
+        x = em.op("Reshape", [x, em.const(i64(*layout.transposed_shape), "shape")])
+    if layout.needs_transpose:
+        x = em.op("Transpose", [x], perm=list(layout.inverse_perm))
+    return x

@@ -1,0 +1,73 @@
+"""Bring any exported graph into the shape the rewrite needs: opset >= 21 and an IR version runtimes read."""
+
+from __future__ import annotations
+
+import onnx
+import onnx.version_converter
+import onnx_ir as ir
+
+from bq_onnx.errors import ModelError
+
+#: DequantizeLinear with block_size and int4 containers need opset 21.
+MIN_OPSET = 21
+#: The newest IR version the supported onnxruntime releases load (onnx 1.23 would write 14).
+MAX_RUNTIME_IR_VERSION = 10
+
+
+def _min_ir_version(opset: int) -> int:
+    for _release, ir_version, op_version, *_ in onnx.helper.VERSION_TABLE:
+        if op_version >= opset:
+            return ir_version
+    return onnx.IR_VERSION
+
+
+class UpgradeOpsetPass(ir.passes.FunctionalPass):
+    """Convert the default-domain opset up to ``target`` with onnx's version converter (external data stays lazy)."""
+
+    def __init__(self, target: int = MIN_OPSET) -> None:
+        self.target = target
+
+    def requires(self, model: ir.Model) -> None:
+        known = onnx.defs.onnx_opset_version()
+        current = model.opset_imports.get("", None)
+        if current is None:
+            raise ModelError("model has no default-domain opset import")
+        if current > known:
+            raise ModelError(f"model uses opset {current}, newer than the installed onnx knows ({known})")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        current = model.opset_imports[""]
+        proto = ir.serde.serialize_model(model)
+        if current < self.target:
+            try:
+                proto = onnx.version_converter.convert_version(proto, self.target)
+            except Exception as exc:  # noqa: BLE001  the converter raises assorted C++ errors
+                msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise ModelError(f"cannot convert the model from opset {current} to {self.target}: {msg}") from None
+        new = ir.serde.deserialize_model(proto)
+        base = _external_base_dir(model)
+        if base is not None:
+            ir.external_data.set_base_dir(new.graph, base)
+        return ir.passes.PassResult(new, modified=current < self.target)
+
+    def ensures(self, model: ir.Model) -> None:
+        assert model.opset_imports[""] >= self.target
+
+
+def _external_base_dir(model: ir.Model) -> str | None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            return tensor.base_dir
+    return None
+
+
+class SetIrVersionPass(ir.passes.InPlacePass):
+    """Set the IR version to the lowest the opsets need, capped at what onnxruntime loads."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        needed = _min_ir_version(model.opset_imports.get("", MIN_OPSET))
+        target = max(needed, min(model.ir_version, MAX_RUNTIME_IR_VERSION))
+        modified = target != model.ir_version
+        model.ir_version = target
+        return ir.passes.PassResult(model, modified)

@@ -1,0 +1,99 @@
+"""Shared mechanics of the storage rewrites: put decode nodes in front of each weight's consumers.
+
+A format subclass only says how one :class:`QuantizedTensor` becomes stored tensors plus a decode that yields
+the ``(K, N)`` view; this base restores the tensor's own layout, keeps the original tensor name on the decoded
+value (so consumers and tools see the same name), drops the float initializer and records the report row.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+
+import onnx_ir as ir
+
+from bq_onnx.context import Context, WeightInfo
+from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.sizes import layer_record
+from bq_onnx.passes.decode_ops import Emitter, restore_layout
+
+METADATA_KEY = "bq_onnx"
+_META_KEYS = (
+    "name", "bits", "kind", "method", "block_size", "shape", "view", "symmetric", "numel", "payload_bits",
+    "metadata_bits",
+)
+
+
+class RewritePass(ir.passes.InPlacePass, abc.ABC):
+    format: str = ""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def requires(self, model: ir.Model) -> None:
+        assert model.opset_imports.get("", 0) >= 21, "run UpgradeOpsetPass first"
+        assert self.ctx.quantized, "QuantizeWeightsPass must run first"
+
+    @abc.abstractmethod
+    def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        """Store ``qt`` (via ``em.tensor``) and return the decoded ``(K, N)`` float value."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        shared: dict = {}
+        new_nodes: list[ir.Node] = []
+        self.ctx.layers = []
+        for info in self.ctx.weights:
+            qt = self.ctx.quantized[info.name]
+            em = Emitter(f"{info.name}.bq/", in_function=False, shared=shared)
+            view = self.emit(em, qt, info.name, model)
+            decoded = restore_layout(em, view, info.layout)
+            if info.value.dtype != ir.DataType.FLOAT:
+                decoded = em.op("Cast", [decoded], to=info.value.dtype)
+            self._replace(graph, info, decoded)
+            for value in em.tape.initializers:
+                graph.register_initializer(value)
+            new_nodes.extend(em.tape.nodes)
+            stored = {v.name: v.const_value.nbytes for v in em.tape.initializers}
+            original = info.value.const_value.nbytes if info.value.const_value is not None else 0
+            self.ctx.layers.append(
+                layer_record(info.name, qt, self.format, stored, info.layout.shape, original)
+            )
+        for value in sorted(shared.values(), key=lambda v: v.name):
+            graph.register_initializer(value)
+        if len(graph):
+            graph.insert_before(graph[0], new_nodes)
+        else:
+            graph.extend(new_nodes)
+        self._record_metadata(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    def _replace(graph: ir.Graph, info: WeightInfo, decoded: ir.Value) -> None:
+        old = info.value
+        dtype = old.dtype
+        ir.convenience.replace_all_uses_with(old, decoded)
+        graph.initializers.pop(old.name)
+        old_name = old.name
+        old.name = f"{old_name}.bq_float"  # detached; frees the name for the decoded value
+        decoded.name = old_name
+        decoded.dtype = dtype
+        decoded.shape = ir.Shape(list(info.layout.shape))
+
+    def _record_metadata(self, model: ir.Model) -> None:
+        s = self.ctx.settings
+        meta = {
+            "format": self.format,
+            "quantizer": s.quantizer,
+            "group_size": s.group_size,
+            "layers": [
+                {k: r[k] for k in _META_KEYS}
+                | {"tensors": sorted(r["tensors"])}
+                for r in self.ctx.layers
+            ],
+        }
+        model.metadata_props[METADATA_KEY] = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+    def ensures(self, model: ir.Model) -> None:
+        for info in self.ctx.weights:
+            assert info.name not in model.graph.initializers, f"float weight '{info.name}' is still stored"

@@ -1,0 +1,78 @@
+"""The ``native`` format: standard DequantizeLinear (opset 21) that runtimes execute on compressed weights.
+
+Uniform grids become ``DequantizeLinear`` with ``block_size`` on axis 0 (per-axis when a column is one block),
+codes in an int4 container for <= 4 bits and int8 for 5..8 (the allocated grid is kept; the container only
+sets storage). Ragged blocks are padded to whole blocks and sliced after decoding, so every runtime's
+divisibility rule holds. Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, i64
+from bq_onnx.passes.rewrite import RewritePass
+
+
+def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
+    if bits <= 4:
+        return (ir.DataType.INT4, ml_dtypes.int4) if signed else (ir.DataType.UINT4, ml_dtypes.uint4)
+    return (ir.DataType.INT8, np.int8) if signed else (ir.DataType.UINT8, np.uint8)
+
+
+class RewriteNativePass(RewritePass):
+    format = "native"
+
+    def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        k, n = qt.shape
+        g, nb = qt.block_size, qt.num_blocks
+        if qt.kind == "uniform":
+            return self._dequantize_linear(em, qt, name)
+        dims = BlockDims.constant(em, k, n, g)
+        if qt.kind == "mean":
+            offset = em.tensor(qt.offset.astype(np.float16), f"{name}.bq_mean")
+            x = expand_blocks(em, em.op("Cast", [offset], to=ir.DataType.FLOAT), dims)
+            return em.op("Expand", [x, dims.kn]) if dims.single_block else x
+        dtype, np_dtype = container(qt.bits, signed=False)
+        codes = em.tensor(qt.codes.astype(np_dtype), f"{name}.bq_codes", dtype)
+        table = em.tensor(qt.codebook.astype(np.float16), f"{name}.bq_codebook")
+        scale = em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale")
+        index = em.op("Cast", [codes], to=ir.DataType.INT32)
+        levels = em.op("Cast", [em.op("Gather", [table, index], axis=0)], to=ir.DataType.FLOAT)
+        full_scale = expand_blocks(em, em.op("Cast", [scale], to=ir.DataType.FLOAT), dims)
+        x = em.op("Mul", [levels, full_scale])
+        if qt.offset is not None:
+            offset = em.tensor(qt.offset.astype(np.float16), f"{name}.bq_offset")
+            x = em.op("Add", [x, expand_blocks(em, em.op("Cast", [offset], to=ir.DataType.FLOAT), dims)])
+        return x
+
+    @staticmethod
+    def _dequantize_linear(em: Emitter, qt: QuantizedTensor, name: str) -> ir.Value:
+        k, n = qt.shape
+        g, nb = qt.block_size, qt.num_blocks
+        signed = qt.symmetric
+        dtype, np_dtype = container(qt.bits, signed)
+        codes = qt.codes.astype(np.int16)
+        if signed:
+            codes = codes - qt.implicit_zero_point
+        per_axis = nb == 1
+        padded = not per_axis and nb * g != k
+        if padded:
+            codes = np.concatenate([codes, np.zeros((nb * g - k, n), dtype=codes.dtype)])
+        inputs = [
+            em.tensor(codes.astype(np_dtype), f"{name}.bq_codes", dtype),
+            em.tensor(qt.scale.reshape(n) if per_axis else qt.scale, f"{name}.bq_scale"),
+        ]
+        if not signed:
+            zp = qt.zero_point.reshape(n) if per_axis else qt.zero_point
+            inputs.append(em.tensor(zp.astype(np_dtype), f"{name}.bq_zero", dtype))
+        if per_axis:
+            x = em.op("DequantizeLinear", inputs, axis=1)
+        else:
+            x = em.op("DequantizeLinear", inputs, axis=0, block_size=g)
+        if padded:
+            x = em.op("Slice", [x, em.const(i64(0)), em.const(i64(k), "k"), em.const(i64(0))], "rows")
+        return x

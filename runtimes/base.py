@@ -1,0 +1,69 @@
+"""The runtime interface: is it available, what can it hold, open a session, run it.
+
+Each adapter states a :class:`Capabilities` profile (ops, containers, bit widths, symmetry, block sizes,
+local functions, opsets) so later passes can legalize a model for it. Sessions are always created from a
+path (models over 2 GB cannot travel in memory); ``exact=True`` pins the precision settings that make
+runtime outputs comparable with the numpy reference.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from bq_onnx.errors import UnsupportedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    name: str
+    containers: frozenset[str]  # DequantizeLinear code containers: int4, uint4, int8, uint8, int2, uint2
+    compressed_bits: frozenset[int]  # widths executed on compressed weights (e.g. MatMulNBits)
+    symmetric_only: bool
+    block_sizes: frozenset[int] | None  # None: any
+    block_axes: frozenset[int]
+    divisible_blocks: bool  # the blocked axis must be a multiple of the block size
+    local_functions: bool  # reads model-local functions without inlining
+    opsets: tuple[int, int]
+
+
+class Session(abc.ABC):
+    """An opened model: named inputs in, outputs (in graph order) out."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Runtime(abc.ABC):
+    name: str = ""
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """(usable here, reason when not)."""
+
+    @abc.abstractmethod
+    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None) -> Session: ...
+
+
+def runtime_names() -> list[str]:
+    return ["onnxruntime", "openvino"]
+
+
+def get_runtime(name: str) -> Runtime:
+    if name in ("onnxruntime", "ort"):
+        from bq_onnx.runtimes.ort import OnnxRuntime
+
+        return OnnxRuntime()
+    if name in ("openvino", "ov"):
+        from bq_onnx.runtimes.ov import OpenVinoRuntime
+
+        return OpenVinoRuntime()
+    raise UnsupportedError(f"unknown runtime '{name}' (known: {', '.join(runtime_names())})")

@@ -1,0 +1,84 @@
+"""OpenVINO (CPU). Model-local functions are inlined first: OpenVINO's ONNX reader rejects them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.inliner
+
+from bq_onnx.errors import ModelError
+from bq_onnx.runtimes.base import Capabilities, Runtime, Session
+
+#: f32 compute and no dynamic activation quantization: OpenVINO's CPU defaults are bf16 and int8 activations.
+EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+
+
+class OvSession(Session):
+    def __init__(self, compiled) -> None:
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in compiled.inputs]
+        self.output_names = [p.get_any_name() for p in compiled.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        result = self._request.infer({name: np.ascontiguousarray(v) for name, v in feeds.items()})
+        return [np.array(result[out]) for out in self._compiled.outputs]
+
+
+class OpenVinoRuntime(Runtime):
+    name = "openvino"
+    capabilities = Capabilities(
+        name="openvino",
+        containers=frozenset({"int4", "uint4", "int8", "uint8"}),
+        compressed_bits=frozenset({2, 4, 8}),
+        symmetric_only=False,
+        block_sizes=None,
+        block_axes=frozenset({0}),
+        divisible_blocks=True,
+        local_functions=False,
+        opsets=(7, 23),
+    )
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as exc:
+            return False, f"openvino is not installed ({exc}); pip install 'bq-onnx[openvino]'"
+        return True, ""
+
+    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None) -> Session:
+        import openvino as ov
+
+        ok, why = self.available()
+        if not ok:
+            raise ModelError(why)
+        core = ov.Core()
+        config = dict(EXACT_CONFIG) if exact else {}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        path = Path(path)
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+        try:
+            if proto.functions:
+                with tempfile.TemporaryDirectory() as tmp:
+                    full = onnx.load(os.fspath(path))
+                    inlined = onnx.inliner.inline_local_functions(full)
+                    del inlined.functions[:]
+                    kept = [op for op in inlined.opset_import if op.domain in ("", "ai.onnx")]
+                    del inlined.opset_import[:]
+                    inlined.opset_import.extend(kept)
+                    tmp_path = Path(tmp) / path.name
+                    onnx.save(inlined, os.fspath(tmp_path))
+                    model = core.read_model(os.fspath(tmp_path))
+                    compiled = core.compile_model(model, "CPU", config)
+            else:
+                compiled = core.compile_model(core.read_model(os.fspath(path)), "CPU", config)
+        except Exception as exc:  # noqa: BLE001  OpenVINO raises RuntimeError with long C++ traces
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{path}: OpenVINO cannot load the model: {first}") from None
+        return OvSession(compiled)

@@ -1,0 +1,213 @@
+"""The command line: reports, exit codes, and every kind of bad input answered on one line with no output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bq_onnx.cli import main
+from tests.conftest import make_model, mixed_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(mixed_model(), str(path))
+    return path
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, expected_code, fragment):
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+
+
+def _no_output_left(folder, keep):
+    leftovers = sorted(p.name for p in folder.iterdir() if p.name not in keep)
+    assert leftovers == [], leftovers
+
+
+def test_optimize_writes_verified_model_and_json_report(model_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    code, stdout, _ = _run(["optimize", model_file, "-o", out, "--bits", "3", "--min-size", "64", "--json"], capsys)
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["verification"]["passed"] and report["output"]["path"] == str(out)
+    assert report["totals"]["bits_per_weight"] == 3.0
+    assert {r["name"] for r in report["layers"]} == {"C", "D", "E", "W1", "W2"}
+    code, stdout, _ = _run(["inspect", out, "--json"], capsys)
+    info = json.loads(stdout)
+    assert code == 0 and info["quantized_by"] == "bq-onnx" and info["totals"]["bits_per_weight"] == 3.0
+    assert sum(r["stored_bytes"] for r in info["layers"]) == report["totals"]["stored_bytes"]
+
+
+def test_human_summary_and_inspect_table(model_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    code, stdout, _ = _run(["optimize", model_file, "-o", out, "--min-size", "64", "--format", "compact"], capsys)
+    assert code == 0 and "total (5 layers)" in stdout and "verified in onnxruntime" in stdout
+    code, stdout, _ = _run(["inspect", model_file], capsys)
+    assert code == 0 and "not quantized by bq-onnx" in stdout
+
+
+def test_default_output_name_and_force(model_file, capsys):
+    default = model_file.with_name("model.bq.onnx")
+    assert _run(["optimize", model_file, "-q"], capsys)[0] == 0 and default.exists()
+    code, _, err = _run(["optimize", model_file, "-q"], capsys)
+    _assert_one_line_error(code, err, 7, "pass --force")
+    assert _run(["optimize", model_file, "-q", "--force"], capsys)[0] == 0
+
+
+def test_same_input_gives_byte_identical_output(model_file, tmp_path, capsys):
+    for name in ("a.onnx", "b.onnx"):
+        assert _run(["optimize", model_file, "-o", tmp_path / name, "-q", "--quantizer", "lloyd"], capsys)[0] == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_help_lists_exit_codes():
+    for argv in (["--help"], ["optimize", "--help"], ["inspect", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "bq_onnx", *argv], capture_output=True, text=True)
+        assert proc.returncode == 0 and "exit codes:" in proc.stdout and "verification failed" in proc.stdout
+
+
+def test_usage_error_exit_code(model_file, capsys):
+    code, _, err = _run(["optimize", model_file, "--bits", "9"], capsys)
+    _assert_one_line_error(code, err, 2, "--bits must be an integer in 1..8")
+
+
+# --- bad input: one line, non-zero exit, nothing written, input untouched -------------------------------------
+
+
+def _bad(tmp_path, capsys, model_path, expected_code, fragment, extra=()):
+    before = {p.name: _sha(p) for p in tmp_path.iterdir() if p.is_file()}
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(["optimize", model_path, "-o", out, *extra], capsys)
+    _assert_one_line_error(code, err, expected_code, fragment)
+    assert not out.exists()
+    after = {p.name: _sha(p) for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # input untouched, no temporary files left
+
+
+def test_not_an_onnx_file(tmp_path, capsys):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is not a model\n" * 10)
+    _bad(tmp_path, capsys, path, 3, "not a valid ONNX model")
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.3, 0.5, 0.9, 0.999])
+def test_truncated_protobuf(tmp_path, capsys, fraction):
+    data = mixed_model().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    _bad(tmp_path, capsys, path, 3, "cut.onnx")
+
+
+def test_missing_file(tmp_path, capsys):
+    _bad(tmp_path, capsys, tmp_path / "absent.onnx", 3, "no such file")
+
+
+def _external_model(tmp_path, location: str) -> os.PathLike:
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    tensor = numpy_helper.from_array(w, "W")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(w.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+        [tensor],
+    )
+    path = tmp_path / "ext.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_missing_external_data(tmp_path, capsys):
+    _bad(tmp_path, capsys, _external_model(tmp_path, "weights.bin"), 3, "external data file 'weights.bin' is missing")
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_external_data_outside_the_model_folder(tmp_path, capsys, location):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 64 * 32 * 4)
+    _bad(inner, capsys, _external_model(inner, location), 3, "escapes the model's folder")
+
+
+def test_external_data_shorter_than_declared(tmp_path, capsys):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 100)
+    _bad(tmp_path, capsys, _external_model(tmp_path, "weights.bin"), 3, "shorter than declared")
+
+
+def test_valid_external_data_is_read(tmp_path, capsys):
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    (tmp_path / "weights.bin").write_bytes(w.tobytes())
+    path = _external_model(tmp_path, "weights.bin")
+    code, _, err = _run(["optimize", path, "-o", tmp_path / "out.onnx", "-q"], capsys)
+    assert code == 0, err
+
+
+def test_no_quantizable_weights(tmp_path, capsys):
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    _bad(tmp_path, capsys, path, 4, "no quantizable weights")
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_weight(tmp_path, capsys, bad_value):
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    w[3, 4] = bad_value
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, str(path))
+    _bad(tmp_path, capsys, path, 5, "weight 'W' contains 1 NaN/Inf value(s)")
+
+
+def test_output_equal_to_input(model_file, tmp_path, capsys):
+    before = _sha(model_file)
+    for target in (model_file, tmp_path / "." / "model.onnx"):
+        code, _, err = _run(["optimize", model_file, "-o", target, "--force"], capsys)
+        _assert_one_line_error(code, err, 7, "output path is the input model")
+    assert _sha(model_file) == before
+
+
+def test_declared_size_larger_than_data(tmp_path, capsys):
+    model = mixed_model()
+    init = model.graph.initializer[0]
+    init.raw_data = init.raw_data[:-4]
+    path = tmp_path / "short.onnx"
+    path.write_bytes(model.SerializeToString())
+    _bad(tmp_path, capsys, path, 3, "holds")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -46,10 +47,8 @@ def inspect(model: str | os.PathLike, min_size: int = 128) -> dict:
             )
     else:
         ctx = Context(Settings(min_size=min_size))
-        try:
+        with contextlib.suppress(UnsupportedError):
             FindWeightsPass(ctx)(m)
-        except UnsupportedError:
-            pass
         for w in ctx.weights:
             bits = w.value.dtype.itemsize * 8
             layers.append(

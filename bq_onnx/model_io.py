@@ -141,12 +141,11 @@ def _validate_tensors(proto: onnx.ModelProto, base_dir: Path | None, where: str)
             raise ModelError(f"{where}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _validate_external(tensor, name, expected, base_dir, where)
-        elif expected is not None and tensor.HasField("raw_data"):
-            if len(tensor.raw_data) != expected:
-                raise ModelError(
-                    f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({expected} bytes) "
-                    f"but holds {len(tensor.raw_data)} bytes"
-                )
+        elif expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
+            raise ModelError(
+                f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({expected} bytes) "
+                f"but holds {len(tensor.raw_data)} bytes"
+            )
 
 
 def _validate_external(

@@ -13,9 +13,9 @@ import json
 import onnx_ir as ir
 
 from bq_onnx.context import Context, WeightInfo
+from bq_onnx.passes.decode_ops import Emitter, restore_layout
 from bq_onnx.qtensor import QuantizedTensor
 from bq_onnx.sizes import layer_record
-from bq_onnx.passes.decode_ops import Emitter, restore_layout
 
 METADATA_KEY = "bq_onnx"
 _META_KEYS = (

@@ -11,10 +11,10 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.packing import pack_bits
-from bq_onnx.qtensor import QuantizedTensor
 from bq_onnx.passes.compact_functions import DOMAIN, DOMAIN_VERSION, build_function, function_name
 from bq_onnx.passes.decode_ops import Emitter, layout_vector
 from bq_onnx.passes.rewrite import RewritePass
+from bq_onnx.qtensor import QuantizedTensor
 
 
 class RewriteCompactPass(RewritePass):

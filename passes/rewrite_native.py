@@ -12,9 +12,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.qtensor import QuantizedTensor
 from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, i64
 from bq_onnx.passes.rewrite import RewritePass
+from bq_onnx.qtensor import QuantizedTensor
 
 
 def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
@@ -28,7 +28,7 @@ class RewriteNativePass(RewritePass):
 
     def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         k, n = qt.shape
-        g, nb = qt.block_size, qt.num_blocks
+        g, _nb = qt.block_size, qt.num_blocks
         if qt.kind == "uniform":
             return self._dequantize_linear(em, qt, name)
         dims = BlockDims.constant(em, k, n, g)

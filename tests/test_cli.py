@@ -211,3 +211,23 @@ def test_declared_size_larger_than_data(tmp_path, capsys):
     path = tmp_path / "short.onnx"
     path.write_bytes(model.SerializeToString())
     _bad(tmp_path, capsys, path, 3, "holds")
+
+
+def test_external_data_model_through_opset_conversion_and_external_output(tmp_path, monkeypatch):
+    """Lazy external weights survive the opset 18 -> 21 conversion; a big output gets external data beside it."""
+    import bq_onnx
+    from bq_onnx import model_io
+
+    model = mixed_model(opset=18)
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(model, str(src / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    result = bq_onnx.optimize(src / "m.onnx", bits=4, min_size=64)
+    report = result.save(out)
+    assert report["verification"]["passed"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
+    loaded = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)

@@ -1,0 +1,411 @@
+"""Run calibration data through onnxruntime and turn what comes out into a posterior over every weight.
+
+Gradients come from the model's own gradient graph (``bq_onnx.passes.autodiff``: standard ops, run by
+onnxruntime), with a loss appended by ``bq_onnx.passes.loss``:
+
+* ``laplace``: squared per-sample gradients of the cross-entropy to the label (or, without labels, to the FP32
+  model's top-1 class): the empirical Fisher diagonal. For ``mse`` outputs without labels the target is the FP32
+  output plus unit Gaussian noise (the Gauss-Newton diagonal, as ``fisher-mc``).
+* ``fisher-mc``: the same with labels drawn from the model's predictive distribution (the true Fisher).
+* ``hutchinson``: diag(H) ~ E[v * Hv], Rademacher ``v``, Hv by central finite differences of gradients of the
+  loss against fixed targets (KL to the FP32 output by default: its Hessian at the trained weights is the
+  Fisher, so this estimates the same matrix with a different estimator).
+* ``kfac``: ``A = E[a a^T]`` of layer inputs and ``G = E[g g^T]`` of output gradients (MatMul/Gemm/Conv).
+* ``activations``: no gradients: the input second moment ``E[x^2]`` per input channel (the GPTQ-style proxy).
+  It is also the fallback for weights whose path to the loss crosses an op without a gradient rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
+from bq_onnx.context import Context, Settings, WeightInfo
+from bq_onnx.errors import DataError, UsageError
+from bq_onnx.model_io import load_model, save_model
+from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.passes.loss import LOSS, LOSS_KINDS, TARGET, AppendLossPass, output_value
+from bq_onnx.pipeline import prepare_passes, run_passes
+from bq_onnx.posterior import (
+    DEFAULT_PRIOR_PRECISION,
+    METHODS,
+    Posterior,
+    SumAccumulator,
+    posterior_from_curvature,
+)
+from bq_onnx.progress import progress
+from bq_onnx.runtimes import get_runtime
+
+#: Relative size of the finite-difference step for Hessian-vector products (times the weight's RMS).
+HVP_STEP = 1e-3
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The model as the pipeline sees it, and the weights it would quantize."""
+
+    model: ir.Model
+    weights: list[WeightInfo]
+    source: object
+
+
+def prepare(source, min_size: int = 128, keep_fp: Sequence[str] = ()) -> Prepared:
+    ctx = Context(Settings(min_size=min_size, keep_fp=tuple(keep_fp)))
+    model = load_model(source)
+    if isinstance(source, ir.Model):
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(source))
+    model = run_passes(model, [*prepare_passes(ctx), FindWeightsPass(ctx)])
+    return Prepared(model, ctx.weights, source)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+class _Sessions:
+    """Sessions over temporary files (sessions are created from paths; models over 2 GB need it)."""
+
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="bq-post-")
+        self._count = 0
+
+    def open(self, model: ir.Model):
+        self._count += 1
+        path = Path(self._tmp.name) / f"m{self._count}.onnx"
+        save_model(model, path)
+        return get_runtime("onnxruntime").session(path, exact=True)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def _forward(sessions: _Sessions, prepared: Prepared, output: str | None, calib: Calibration, batch: int = 64):
+    model = _copy(prepared.model)
+    y = output_value(model, output)
+    model.graph.outputs.clear()
+    model.graph.outputs.append(y)
+    session = sessions.open(model)
+    return np.concatenate([session.run(feeds)[0] for feeds in calib.batches(batch)]).astype(np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _one_hot(index: np.ndarray, classes: int) -> np.ndarray:
+    out = np.zeros((*index.shape, classes), dtype=np.float32)
+    np.put_along_axis(out, index[..., None], 1.0, axis=-1)
+    return out
+
+
+def _check_labels(labels: np.ndarray | None, outputs: np.ndarray, loss: str) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    n = outputs.shape[0]
+    if labels.shape[0] < n:
+        raise DataError(f"labels: {labels.shape[0]} labels for {n} calibration samples")
+    labels = labels[:n]
+    if loss == "mse":
+        if labels.shape != outputs.shape:
+            raise DataError(f"labels: shape {list(labels.shape)} differs from the output's {list(outputs.shape)}")
+        return labels.astype(np.float32)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels: class labels must be integers, got {labels.dtype}")
+    if labels.shape != outputs.shape[:-1]:
+        raise DataError(f"labels: shape {list(labels.shape)}, expected {list(outputs.shape[:-1])}")
+    classes = outputs.shape[-1]
+    if labels.min() < 0 or labels.max() >= classes:
+        raise DataError(f"labels: values must be in [0, {classes - 1}]")
+    return labels
+
+
+def _targets(method: str, loss: str, outputs: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator):
+    """Per calibration sample, the target fed to the loss graph for one gradient draw."""
+    if loss == "mse":
+        if method == "hutchinson":
+            return outputs if labels is None else labels
+        if labels is not None and method == "laplace":
+            return labels
+        return outputs + rng.standard_normal(outputs.shape).astype(np.float32)
+    probs = _softmax(outputs)
+    classes = outputs.shape[-1]
+    if method == "hutchinson":
+        return probs if labels is None else _one_hot(labels, classes)
+    if method == "fisher-mc":
+        u = rng.random(probs.shape[:-1] + (1,))
+        drawn = np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), classes - 1)
+        return _one_hot(drawn, classes)
+    pseudo = labels if labels is not None else outputs.argmax(axis=-1)
+    return _one_hot(pseudo, classes)
+
+
+def _gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list[str], as_inputs: bool):
+    from bq_onnx.passes.autodiff import build_gradient_model
+
+    model = _copy(prepared.model)
+    model = run_passes(model, [AppendLossPass(loss, output)])
+    return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs)
+
+
+def gradients(
+    model,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    loss: str = "kl",
+    labels: np.ndarray | None = None,
+    wrt: Sequence[str] | None = None,
+    output: str | None = None,
+    min_size: int = 128,
+) -> dict[str, np.ndarray]:
+    """Gradients of the loss over the batch ``feeds`` with respect to weights (default: all quantizable ones).
+
+    ``loss``: ``kl`` (to the FP32 model's own output distribution; zero at the trained weights, useful at
+    perturbed ones), ``ce`` (cross-entropy to integer ``labels``), ``mse`` (to ``labels``, or to the FP32
+    output without labels).
+    """
+    if loss not in LOSS_KINDS:
+        raise UsageError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
+    prepared = prepare(model, min_size=min_size)
+    names = list(wrt) if wrt is not None else [w.name for w in prepared.weights]
+    missing = [n for n in names if n not in prepared.model.graph.initializers]
+    if missing:
+        raise UsageError(f"not an initializer of the model: {', '.join(missing)}")
+    calib = load_calibration(dict(feeds), prepared.model)
+    sessions = _Sessions()
+    try:
+        outputs = _forward(sessions, prepared, output, calib, batch=calib.num_samples)
+        if loss == "ce" and labels is None:
+            raise UsageError("loss 'ce' needs labels")
+        labels = _check_labels(labels, outputs, loss)
+        if loss == "kl":
+            target = _softmax(outputs)
+        elif loss == "ce":
+            target = _one_hot(labels, outputs.shape[-1])
+        else:
+            target = outputs if labels is None else labels
+        graph = _gradient_graph(prepared, loss, output, names, as_inputs=False)
+        if graph.unsupported:
+            first = next(iter(graph.unsupported.items()))
+            raise UsageError(f"no gradient for '{first[0]}': no rule for {', '.join(first[1])}")
+        session = sessions.open(graph.model)
+        result = session.run({**calib.arrays, TARGET: target})
+        by_name = dict(zip(session.output_names, result))
+        return {w: by_name[graph.gradients[w]] for w in names}
+    finally:
+        sessions.close()
+
+
+def estimate_posterior(
+    model,
+    calibration: CalibrationSource | Calibration,
+    method: str = "laplace",
+    *,
+    loss: str = "kl",
+    labels: np.ndarray | None = None,
+    output: str | None = None,
+    prior_precision: float = DEFAULT_PRIOR_PRECISION,
+    probes: int = 4,
+    mc_samples: int = 1,
+    calib_samples: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    min_size: int = 128,
+    keep_fp: Sequence[str] = (),
+    progress_bar: bool = False,
+) -> Posterior:
+    """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data."""
+    if method not in METHODS or method == "external":
+        raise UsageError(f"method must be one of {', '.join(m for m in METHODS if m != 'external')}, got {method!r}")
+    if loss not in LOSS_KINDS:
+        raise UsageError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
+    if loss == "ce" and labels is None:
+        raise UsageError("loss 'ce' needs labels (--labels)")
+    if probes < 1 or mc_samples < 1 or batch_size < 1:
+        raise UsageError("probes, mc_samples and batch_size must be >= 1")
+    if prior_precision <= 0:
+        raise UsageError(f"prior precision must be > 0, got {prior_precision}")
+    prepared = prepare(model, min_size=min_size, keep_fp=keep_fp)
+    calib = load_calibration(calibration, prepared.model, calib_samples)
+    n = calib.num_samples
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+    sessions = _Sessions()
+    try:
+        curvature: dict[str, np.ndarray] = {}
+        sources: dict[str, str] = {}
+        names = [w.name for w in prepared.weights]
+        if method != "activations":
+            outputs = _forward(sessions, prepared, output, calib)
+            labels = _check_labels(labels, outputs, loss)
+            as_inputs = method == "hutchinson"
+            graph = _gradient_graph(prepared, loss, output, names, as_inputs)
+            for weight, ops in graph.unsupported.items():
+                notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations estimator")
+            wrt = [w for w in names if w in graph.gradients]
+            if wrt:
+                session = sessions.open(graph.model)
+                if method == "hutchinson":
+                    stats = _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, probes,
+                                        batch_size, rng, progress_bar)
+                elif method == "kfac":
+                    raise UsageError("the kfac estimator is not available yet")
+                else:
+                    stats = _squared_gradients(session, graph, wrt, calib, outputs, labels, loss, method,
+                                               mc_samples, rng, progress_bar)
+                curvature.update(stats)
+                sources.update({w: method for w in wrt})
+        rest = [w for w in prepared.weights if w.name not in curvature]
+        if rest:
+            curvature.update(_activation_curvature(sessions, prepared, rest, calib, batch_size, progress_bar))
+            sources.update({w.name: "activations" for w in rest})
+    finally:
+        sessions.close()
+    weights = {}
+    for info in prepared.weights:
+        mean = np.asarray(info.value.const_value.numpy(), dtype=np.float32)
+        weights[info.name] = posterior_from_curvature(mean, curvature[info.name], n, prior_precision,
+                                                      sources[info.name])
+    return Posterior(method, n, prior_precision, weights, notes)
+
+
+def _squared_gradients(session, graph, wrt, calib, outputs, labels, loss, method, mc_samples, rng, bar):
+    acc = SumAccumulator()
+    for draw in range(mc_samples):
+        targets = _targets(method, loss, outputs, labels, rng)
+        for i, feeds in enumerate(progress(calib.batches(1), f"{method} {draw + 1}/{mc_samples}", bar)):
+            result = session.run({**feeds, TARGET: targets[i : i + 1]})
+            by_name = dict(zip(session.output_names, result))
+            acc.update({w: np.square(by_name[graph.gradients[w]]) for w in wrt})
+    return acc.mean()
+
+
+def _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, probes, batch_size, rng, bar):
+    """E[v * Hv] with Hv = (g(w + eps v) - g(w - eps v)) / (2 eps) over batches (Hessian of the batch sum)."""
+    targets = _targets("hutchinson", loss, outputs, labels, rng)
+    base = {w: np.asarray(prepared.model.graph.initializers[w].const_value.numpy(), dtype=np.float32) for w in wrt}
+    steps = {w: np.float32(HVP_STEP * max(float(np.sqrt(np.mean(np.square(v)))), 1e-8)) for w, v in base.items()}
+    acc = SumAccumulator()
+    starts = range(0, calib.num_samples, batch_size)
+    for start in progress(list(starts), "hutchinson", bar):
+        feeds = {k: v[start : start + batch_size] for k, v in calib.arrays.items()}
+        feeds[TARGET] = targets[start : start + batch_size]
+        count = len(feeds[TARGET])
+        for _ in range(probes):
+            v = {w: rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=base[w].shape) for w in wrt}
+            plus = dict(zip(session.output_names, session.run(
+                {**feeds, **{w: base[w] + steps[w] * v[w] for w in wrt}})))
+            minus = dict(zip(session.output_names, session.run(
+                {**feeds, **{w: base[w] - steps[w] * v[w] for w in wrt}})))
+            stats = {}
+            for w in wrt:
+                g = graph.gradients[w]
+                hv = (plus[g].astype(np.float64) - minus[g].astype(np.float64)) / (2.0 * float(steps[w]))
+                stats[w] = v[w] * hv / probes
+            acc.update(stats, samples=count / probes)
+    return acc.mean()
+
+
+# --- activations -----------------------------------------------------------------------------------------------
+
+
+def _activation_site(weight: ir.Value):
+    """(activation value, how to reduce it) for the first consumer that reads the weight as a weight."""
+    for use in weight.uses():
+        node, idx = use.node, use.idx
+        op = node.op_type
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if op == "MatMul" and idx == 1:
+            return node.inputs[0], ("last", None)
+        if op == "MatMul" and idx == 0:
+            return node.inputs[1], ("second_last", None)
+        if op == "Gemm" and idx == 1:
+            return node.inputs[0], ("axis", 0 if attrs.get("transA", 0) else 1)
+        if op == "Gemm" and idx == 0:
+            return node.inputs[1], ("axis", 1 if attrs.get("transB", 0) else 0)
+        if op == "Conv" and idx == 1:
+            return node.inputs[0], ("channels", int(attrs.get("group", 1)))
+        if op == "ConvTranspose" and idx == 1:
+            return node.inputs[0], ("in_channels", None)
+        if op == "Gather" and idx == 0:
+            return node.inputs[1], ("tokens", None)
+    return None, None
+
+
+def _activation_curvature(sessions, prepared: Prepared, infos: list[WeightInfo], calib, batch_size, bar):
+    model = _copy(prepared.model)
+    sites = {}
+    for info in infos:
+        value, how = _activation_site(model.graph.initializers[info.name])
+        if value is None:
+            raise DataError(f"weight '{info.name}': cannot find the activation that feeds it")
+        sites[info.name] = (value.name, how)
+    wanted = sorted({name for name, _ in sites.values()})
+    values = {v.name: v for v in _all_values(model)}
+    model.graph.outputs.clear()
+    for name in wanted:
+        model.graph.outputs.append(values[name])
+    session = sessions.open(model)
+    acc = SumAccumulator()
+    for feeds in progress(list(calib.batches(batch_size)), "activations", bar):
+        out = dict(zip(session.output_names, session.run(feeds)))
+        stats = {}
+        for info in infos:
+            name, how = sites[info.name]
+            stats[info.name] = _channel_energy(out[name], how, info)
+        acc.update(stats, samples=len(next(iter(feeds.values()))))
+    curvature = {}
+    for info in infos:
+        curvature[info.name] = _expand_channels(acc.mean()[info.name], sites[info.name][1], info)
+    return curvature
+
+
+def _all_values(model: ir.Model):
+    yield from model.graph.inputs
+    for node in model.graph:
+        yield from node.outputs
+
+
+def _channel_energy(x: np.ndarray, how, info: WeightInfo) -> np.ndarray:
+    """Sum over everything but the channel axis of x^2 (summed over the batch; the accumulator divides)."""
+    kind, arg = how
+    if kind == "tokens":
+        vocab = info.layout.shape[0]
+        return np.bincount(x.reshape(-1).astype(np.int64) % vocab, minlength=vocab).astype(np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    axis = {"last": x.ndim - 1, "second_last": x.ndim - 2, "axis": arg, "channels": 1, "in_channels": 1}[kind]
+    other = tuple(a for a in range(x.ndim) if a != axis)
+    return np.sum(np.square(x), axis=other)
+
+
+def _expand_channels(energy: np.ndarray, how, info: WeightInfo) -> np.ndarray:
+    """Per-channel input energy -> per-element curvature in the weight's own shape."""
+    kind, arg = how
+    shape = info.layout.shape
+    if kind == "tokens":  # table [V, D]: every element of row v is read as often as token v
+        return np.broadcast_to(energy[:, None], shape).astype(np.float64)
+    if kind in ("last", "axis", "second_last") and len(shape) == 2:
+        k, n = info.layout.view_shape
+        view = np.broadcast_to(energy[:k, None], (k, n))
+        return info.layout.from_view(np.ascontiguousarray(view))
+    if kind == "in_channels":  # ConvTranspose [C_in, M/g, kh, kw]: element (c, ...) reads input channel c
+        return np.broadcast_to(energy.reshape((-1,) + (1,) * (len(shape) - 1)), shape).astype(np.float64)
+    if kind == "channels":  # Conv [M, C/g, kh, kw]: element (m, c) reads channel group(m) * C/g + c
+        groups = arg
+        m, c_local = shape[0], shape[1]
+        per_group = m // groups
+        channel = (np.arange(m)[:, None] // per_group) * c_local + np.arange(c_local)[None, :]
+        return np.broadcast_to(energy[channel].reshape(m, c_local, *([1] * (len(shape) - 2))), shape).astype(
+            np.float64
+        )
+    return np.broadcast_to(np.mean(energy), shape).astype(np.float64)
+

@@ -1,0 +1,89 @@
+"""Posterior numerics: sharded accumulation, file round trips, the activations estimator against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bq_onnx.errors import DataError
+from bq_onnx.estimate import estimate_posterior
+from bq_onnx.posterior import KfacAccumulator, Posterior, SumAccumulator, kfac_diagonal, posterior_from_curvature
+from tests.conftest import MODELS
+
+
+def test_sharded_accumulation_equals_one_pass():
+    rng = np.random.default_rng(0)
+    batches = [{"w": rng.standard_normal((4, 3)), "v": rng.standard_normal(5)} for _ in range(9)]
+    whole = SumAccumulator()
+    for b in batches:
+        whole.update(b)
+    shards = [SumAccumulator() for _ in range(3)]
+    for i, b in enumerate(batches):
+        shards[i % 3].update(b)
+    merged = shards[0].merge(shards[1]).merge(shards[2])
+    assert merged.count == whole.count == 9
+    for name in ("w", "v"):
+        np.testing.assert_allclose(merged.mean()[name], whole.mean()[name], rtol=1e-12)
+        np.testing.assert_allclose(whole.mean()[name], np.mean([b[name] for b in batches], axis=0), rtol=1e-12)
+
+
+def test_kfac_factors_and_diagonal():
+    rng = np.random.default_rng(1)
+    a_rows, g_rows = rng.standard_normal((50, 4)), rng.standard_normal((50, 3))
+    acc = KfacAccumulator()
+    acc.update({"w": a_rows[:20]}, {"w": g_rows[:20]}, samples=20)
+    other = KfacAccumulator()
+    other.update({"w": a_rows[20:]}, {"w": g_rows[20:]}, samples=30)
+    a, g = acc.merge(other).factors()["w"]
+    np.testing.assert_allclose(a, a_rows.T @ a_rows / 50)
+    np.testing.assert_allclose(g, g_rows.T @ g_rows / 50)
+    # diag(A kron G) in (K, N) view order: element (k, n) sits at k * N + n
+    np.testing.assert_allclose(kfac_diagonal(a, g).reshape(-1), np.diag(np.kron(a, g)))
+
+
+def test_precision_is_n_times_curvature_plus_prior_and_never_negative():
+    wp = posterior_from_curvature(np.ones(3), np.array([2.0, 0.0, -5.0]), samples=10, prior_precision=0.5,
+                                  source="laplace")
+    np.testing.assert_allclose(wp.precision, [20.5, 0.5, 0.5])
+    np.testing.assert_allclose(wp.variance, 1 / np.array([20.5, 0.5, 0.5]))
+
+
+def test_save_load_and_external_posteriors(tmp_path):
+    rng = np.random.default_rng(2)
+    mean = rng.standard_normal((6, 4)).astype(np.float32)
+    wp = posterior_from_curvature(mean, rng.random((6, 4)), samples=7, prior_precision=1e-3, source="laplace")
+    Posterior("laplace", 7, 1e-3, {"W": wp}, ["a note"]).save(tmp_path / "p.npz")
+    back = Posterior.load(tmp_path / "p.npz")
+    assert back.method == "laplace" and back.samples == 7 and back.notes == ["a note"]
+    np.testing.assert_array_equal(back.weights["W"].precision, wp.precision)
+    std = rng.random((6, 4)) + 0.1
+    np.savez(tmp_path / "bnn.npz", **{"mean/W": mean, "std/W": std})
+    ext = Posterior.load(tmp_path / "bnn.npz")
+    np.testing.assert_allclose(ext.weights["W"].std, std)
+    assert ext.weights["W"].source == "external"
+    np.savez(tmp_path / "bad.npz", **{"mean/W": mean, "std/W": -std})
+    with pytest.raises(DataError, match="finite and positive"):
+        Posterior.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "nostd.npz", **{"mean/W": mean})
+    with pytest.raises(DataError, match="neither"):
+        Posterior.load(tmp_path / "nostd.npz")
+
+
+def test_activation_estimator_matches_numpy_forward_pass():
+    """digits MLP: curvature of fc_i.weight[k, n] = E[x_k^2] of that layer's input, computed here in numpy."""
+    import onnx
+    from onnx import numpy_helper
+
+    with np.load(MODELS / "digits_mlp_calib.npz") as f:
+        x = f["input"].astype(np.float64)
+    graph = onnx.load(MODELS / "digits_mlp.onnx").graph
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer}
+    posterior = estimate_posterior(MODELS / "digits_mlp.onnx", MODELS / "digits_mlp_calib.npz", "activations")
+    h = x
+    for i in (1, 2, 3):
+        w = weights[f"fc{i}.weight"]
+        expected = np.broadcast_to(np.mean(h**2, axis=0)[:, None], w.shape)
+        got = posterior.weights[f"fc{i}.weight"].curvature
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+        h = np.maximum(h @ w + weights[f"fc{i}.bias"], 0)
+    assert posterior.samples == len(x)

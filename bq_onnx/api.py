@@ -12,10 +12,12 @@ import onnx
 import onnx_ir as ir
 
 from bq_onnx import __version__
+from bq_onnx.calibration import CalibrationSource
 from bq_onnx.context import Context, Settings
 from bq_onnx.errors import UsageError
 from bq_onnx.model_io import check_output_path, load_model, save_model
 from bq_onnx.pipeline import optimize_passes, run_passes
+from bq_onnx.posterior import Posterior
 from bq_onnx.quantizers import METHODS
 from bq_onnx.samples import random_feeds
 from bq_onnx.sizes import totals
@@ -88,10 +90,17 @@ def optimize(
     keep_fp: Iterable[str] = (),
     seed: int = 0,
     progress: bool = False,
+    calib: CalibrationSource | None = None,
+    posterior: str | os.PathLike | Posterior | None = None,
+    posterior_options: Mapping | None = None,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
     ``group_size`` rows per block along the reduction axis (0: one block per output channel).
+    ``calib`` (calibration data, see :func:`bq_onnx.calibration.load_calibration`) estimates a posterior with
+    ``posterior_options`` (fields of :class:`bq_onnx.estimate.PosteriorOptions`: method, loss, labels, ...);
+    ``posterior`` gives one instead (a file from ``bq-onnx posterior`` or an external Bayesian network's).
+    The posterior precision weights each quantizer's error.
     """
     settings = _settings(
         bits=bits,
@@ -103,10 +112,29 @@ def optimize(
         seed=seed,
     )
     ctx = Context(settings, progress=progress)
+    if calib is not None and posterior is not None:
+        raise UsageError("give calibration data or a posterior, not both")
+    posterior_passes: list = []
+    if calib is not None:
+        from bq_onnx.estimate import PosteriorOptions
+        from bq_onnx.passes.posterior import EstimatePosteriorPass
+
+        options = PosteriorOptions(seed=seed, **dict(posterior_options or {}))
+        options.check()
+        posterior_passes.append(EstimatePosteriorPass(ctx, calib, options))
+    elif isinstance(posterior, Posterior):
+        ctx.posterior = posterior
+        from bq_onnx.passes.posterior import CheckPosteriorPass
+
+        posterior_passes.append(CheckPosteriorPass(ctx, "<Posterior>"))
+    elif posterior is not None:
+        from bq_onnx.passes.posterior import LoadPosteriorPass
+
+        posterior_passes.append(LoadPosteriorPass(ctx, posterior))
     loaded = load_model(model)
     if isinstance(model, ir.Model):  # the caller's object stays untouched
         loaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    result = run_passes(loaded, optimize_passes(ctx))
+    result = run_passes(loaded, optimize_passes(ctx, posterior_passes))
     report = {
         "tool": "bq-onnx",
         "version": __version__,
@@ -116,6 +144,13 @@ def optimize(
         "totals": totals(ctx.layers),
         "messages": ctx.messages,
     }
+    if ctx.posterior is not None:
+        report["posterior"] = {
+            "method": ctx.posterior.method,
+            "samples": ctx.posterior.samples,
+            "prior_precision": ctx.posterior.prior_precision,
+            "layers": ctx.posterior.summary(),
+        }
     if isinstance(model, (str, os.PathLike)):
         report["input_file_bytes"] = Path(model).stat().st_size
     return OptimizeResult(result, report, ctx, model)

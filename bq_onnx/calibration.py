@@ -188,3 +188,22 @@ def _validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str)
     if len(counts) > 1:
         detail = ", ".join(f"'{s.name}': {arrays[s.name].shape[0]}" for s in specs)
         raise DataError(f"{where}: inputs have different sample counts ({detail})")
+
+
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    """Labels from an ``.npy`` or an ``.npz`` (key ``labels``, or its only array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: labels file not found")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as data:
+            keys = data.files
+            if "labels" in keys:
+                return data["labels"]
+            if len(keys) == 1:
+                return data[keys[0]]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: cannot read labels ({str(exc).splitlines()[0][:200]})") from None
+    raise DataError(f"{path}: no 'labels' array (found: {', '.join(keys)})")

@@ -60,7 +60,28 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    g = o.add_argument_group("posterior (optional: weights each quantizer's error by the posterior precision)")
+    g.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
+    g.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
+    _posterior_options(g, include_calib=False)
     _common(o)
+
+    q = sub.add_parser(
+        "posterior",
+        help="estimate how uncertain every weight is, from calibration data",
+        description="Estimate a diagonal Gaussian posterior over every quantizable weight from calibration data "
+        "(gradients computed by a gradient graph that bq-onnx builds and onnxruntime runs) and save it.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    q.add_argument("model", help="input .onnx file")
+    q.add_argument("--calib", metavar="DATA", required=True, help="calibration data (.npz keyed by input name)")
+    q.add_argument("-o", "--output", default="posterior.npz", help="output .npz (default posterior.npz)")
+    q.add_argument("--min-size", type=int, default=128, help="tensors with fewer elements are not weights")
+    q.add_argument("--seed", type=int, default=0, help="seed for probes and sampled labels")
+    q.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _posterior_options(q, include_calib=True)
+    _common(q)
 
     i = sub.add_parser(
         "inspect",
@@ -73,6 +94,38 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--min-size", type=int, default=128, help="smallest float tensor listed (default 128)")
     _common(i)
     return p
+
+
+def _posterior_options(p, include_calib: bool) -> None:
+    from bq_onnx.passes.loss import LOSS_KINDS
+    from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION, METHODS
+
+    p.add_argument("--method", choices=[m for m in METHODS if m != "external"], default="laplace",
+                   help="posterior estimator (default laplace)")
+    p.add_argument("--loss", choices=LOSS_KINDS, default="kl",
+                   help="kl: to the FP32 output distribution, no labels (default); ce: labels; mse: regression")
+    p.add_argument("--labels", metavar="FILE", help="labels .npy/.npz (key 'labels') for --loss ce/mse")
+    p.add_argument("--output-name", help="model output the loss reads (default: the first)")
+    p.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
+    p.add_argument("--prior-precision", type=float, default=DEFAULT_PRIOR_PRECISION,
+                   help=f"precision of the Gaussian prior per weight (default {DEFAULT_PRIOR_PRECISION:g})")
+    p.add_argument("--probes", type=int, default=4, help="Rademacher probes per batch (hutchinson; default 4)")
+    p.add_argument("--mc-samples", type=int, default=1, help="sampled labels per input (fisher-mc; default 1)")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    from bq_onnx.calibration import load_labels
+
+    return {
+        "method": args.method,
+        "loss": args.loss,
+        "labels": load_labels(args.labels) if args.labels else None,
+        "output": args.output_name,
+        "calib_samples": args.calib_samples,
+        "prior_precision": args.prior_precision,
+        "probes": args.probes,
+        "mc_samples": args.mc_samples,
+    }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -99,6 +152,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         keep_fp=args.keep_fp,
         seed=args.seed,
         progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+        calib=args.calib,
+        posterior=args.posterior,
+        posterior_options=_options(args),
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
     elapsed = time.perf_counter() - start
@@ -148,6 +204,53 @@ def _print_optimize(report: dict, elapsed: float) -> None:
     print(f"done in {elapsed:.1f} s")
 
 
+def _cmd_posterior(args: argparse.Namespace) -> int:
+    from bq_onnx.estimate import estimate_posterior
+    from bq_onnx.model_io import check_output_path
+
+    out = check_output_path(args.output, [args.model], args.force)
+    start = time.perf_counter()
+    options = _options(args)
+    posterior = estimate_posterior(
+        args.model,
+        args.calib,
+        options.pop("method"),
+        min_size=args.min_size,
+        progress_bar=not (args.quiet or args.json) and sys.stderr.isatty(),
+        seed=args.seed,
+        **options,
+    )
+    _save_atomic(out, posterior.save)
+    elapsed = time.perf_counter() - start
+    rows = posterior.summary()
+    if args.json:
+        print(json.dumps({"output": str(out), "method": posterior.method, "samples": posterior.samples,
+                          "prior_precision": posterior.prior_precision, "notes": posterior.notes,
+                          "layers": rows}, indent=2, sort_keys=True))
+    elif not args.quiet:
+        table = [[r["name"], r["numel"], r["source"], f"{r['mean_curvature']:.4g}", f"{r['mean_std']:.4g}",
+                  f"{r['mean_informativeness']:.4g}"] for r in rows]
+        print(render(["weight", "numel", "estimator", "mean curvature", "mean std", "mean |mu|/sigma"], table))
+        for note in posterior.notes:
+            print(f"note: {note}")
+        print(f"wrote {out} ({posterior.method}, {posterior.samples} samples) in {elapsed:.1f} s")
+    return EXIT_OK
+
+
+def _save_atomic(out: Path, write) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npz", dir=out.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from bq_onnx.inspect import inspect
 
@@ -186,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect}[args.command]
+    handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "posterior": _cmd_posterior}[args.command]
     try:
         return handler(args)
     except BqError as exc:

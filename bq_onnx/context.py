@@ -12,6 +12,7 @@ from typing import Literal
 import onnx_ir as ir
 
 from bq_onnx.layout import WeightLayout
+from bq_onnx.posterior import Posterior
 from bq_onnx.qtensor import QuantizedTensor
 
 Format = Literal["native", "compact"]
@@ -49,6 +50,7 @@ class WeightInfo:
 class Context:
     settings: Settings
     weights: list[WeightInfo] = dataclasses.field(default_factory=list)
+    posterior: Posterior | None = None
     bits: dict[str, int] = dataclasses.field(default_factory=dict)
     quantized: dict[str, QuantizedTensor] = dataclasses.field(default_factory=dict)
     layers: list[dict] = dataclasses.field(default_factory=list)

@@ -205,39 +205,64 @@ def gradients(
         sessions.close()
 
 
+@dataclasses.dataclass
+class PosteriorOptions:
+    """How to estimate the posterior; the CLI's ``--method``, ``--loss``, ... map onto these."""
+
+    method: str = "laplace"
+    loss: str = "kl"
+    labels: np.ndarray | None = None
+    output: str | None = None
+    prior_precision: float = DEFAULT_PRIOR_PRECISION
+    probes: int = 4
+    mc_samples: int = 1
+    calib_samples: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS or self.method == "external":
+            known = ", ".join(m for m in METHODS if m != "external")
+            raise UsageError(f"--method must be one of {known}, got {self.method!r}")
+        if self.loss not in LOSS_KINDS:
+            raise UsageError(f"--loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
+        if self.loss == "ce" and self.labels is None:
+            raise UsageError("--loss ce needs labels (--labels)")
+        if self.probes < 1 or self.mc_samples < 1 or self.batch_size < 1:
+            raise UsageError("--probes, --mc-samples and the batch size must be >= 1")
+        if not self.prior_precision > 0:
+            raise UsageError(f"--prior-precision must be > 0, got {self.prior_precision}")
+
+
 def estimate_posterior(
     model,
     calibration: CalibrationSource | Calibration,
     method: str = "laplace",
     *,
-    loss: str = "kl",
-    labels: np.ndarray | None = None,
-    output: str | None = None,
-    prior_precision: float = DEFAULT_PRIOR_PRECISION,
-    probes: int = 4,
-    mc_samples: int = 1,
-    calib_samples: int | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
     min_size: int = 128,
     keep_fp: Sequence[str] = (),
     progress_bar: bool = False,
+    **options,
 ) -> Posterior:
-    """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data."""
-    if method not in METHODS or method == "external":
-        raise UsageError(f"method must be one of {', '.join(m for m in METHODS if m != 'external')}, got {method!r}")
-    if loss not in LOSS_KINDS:
-        raise UsageError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
-    if loss == "ce" and labels is None:
-        raise UsageError("loss 'ce' needs labels (--labels)")
-    if probes < 1 or mc_samples < 1 or batch_size < 1:
-        raise UsageError("probes, mc_samples and batch_size must be >= 1")
-    if prior_precision <= 0:
-        raise UsageError(f"prior precision must be > 0, got {prior_precision}")
-    prepared = prepare(model, min_size=min_size, keep_fp=keep_fp)
-    calib = load_calibration(calibration, prepared.model, calib_samples)
+    """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data.
+
+    ``options`` are the fields of :class:`PosteriorOptions` (loss, labels, output, prior_precision, probes,
+    mc_samples, calib_samples, batch_size, seed).
+    """
+    opts = PosteriorOptions(method=method, **options)
+    opts.check()
+    return estimate_prepared(prepare(model, min_size=min_size, keep_fp=keep_fp), calibration, opts, progress_bar)
+
+
+def estimate_prepared(
+    prepared: Prepared, calibration: CalibrationSource | Calibration, opts: PosteriorOptions, progress_bar: bool
+) -> Posterior:
+    """The estimator on a model already prepared by the pipeline (used by ``optimize --calib``)."""
+    opts.check()
+    calib = load_calibration(calibration, prepared.model, opts.calib_samples)
     n = calib.num_samples
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(opts.seed)
+    method, loss = opts.method, opts.loss
     notes: list[str] = []
     sessions = _Sessions()
     try:
@@ -245,37 +270,36 @@ def estimate_posterior(
         sources: dict[str, str] = {}
         names = [w.name for w in prepared.weights]
         if method != "activations":
-            outputs = _forward(sessions, prepared, output, calib)
-            labels = _check_labels(labels, outputs, loss)
-            as_inputs = method == "hutchinson"
-            graph = _gradient_graph(prepared, loss, output, names, as_inputs)
+            outputs = _forward(sessions, prepared, opts.output, calib)
+            labels = _check_labels(opts.labels, outputs, loss)
+            graph = _gradient_graph(prepared, loss, opts.output, names, as_inputs=method == "hutchinson")
             for weight, ops in graph.unsupported.items():
                 notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations estimator")
             wrt = [w for w in names if w in graph.gradients]
             if wrt:
                 session = sessions.open(graph.model)
                 if method == "hutchinson":
-                    stats = _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, probes,
-                                        batch_size, rng, progress_bar)
+                    stats = _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, opts.probes,
+                                        opts.batch_size, rng, progress_bar)
                 elif method == "kfac":
                     raise UsageError("the kfac estimator is not available yet")
                 else:
                     stats = _squared_gradients(session, graph, wrt, calib, outputs, labels, loss, method,
-                                               mc_samples, rng, progress_bar)
+                                               opts.mc_samples, rng, progress_bar)
                 curvature.update(stats)
                 sources.update({w: method for w in wrt})
         rest = [w for w in prepared.weights if w.name not in curvature]
         if rest:
-            curvature.update(_activation_curvature(sessions, prepared, rest, calib, batch_size, progress_bar))
+            curvature.update(_activation_curvature(sessions, prepared, rest, calib, opts.batch_size, progress_bar))
             sources.update({w.name: "activations" for w in rest})
     finally:
         sessions.close()
     weights = {}
     for info in prepared.weights:
         mean = np.asarray(info.value.const_value.numpy(), dtype=np.float32)
-        weights[info.name] = posterior_from_curvature(mean, curvature[info.name], n, prior_precision,
+        weights[info.name] = posterior_from_curvature(mean, curvature[info.name], n, opts.prior_precision,
                                                       sources[info.name])
-    return Posterior(method, n, prior_precision, weights, notes)
+    return Posterior(method, n, opts.prior_precision, weights, notes)
 
 
 def _squared_gradients(session, graph, wrt, calib, outputs, labels, loss, method, mc_samples, rng, bar):

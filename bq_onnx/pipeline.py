@@ -25,11 +25,13 @@ def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
     ]
 
 
-def optimize_passes(ctx: Context) -> list[ir.passes.PassBase]:
+def optimize_passes(ctx: Context, posterior: Sequence[ir.passes.PassBase] = ()) -> list[ir.passes.PassBase]:
+    """Prepare, find weights, (posterior), quantize, rewrite into the chosen format."""
     rewrite = RewriteNativePass if ctx.settings.format == "native" else RewriteCompactPass
     return [
         *prepare_passes(ctx),
         FindWeightsPass(ctx),
+        *posterior,
         QuantizeWeightsPass(ctx),
         rewrite(ctx),
         TopologicalSortPass(),

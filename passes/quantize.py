@@ -34,12 +34,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         s = self.ctx.settings
+        posterior = self.ctx.posterior
         for info in progress(self.ctx.weights, "quantize", enabled=self.ctx.progress):
-            view = info.layout.to_view(weight_array(info.value))
+            importance = None
+            if posterior is not None:
+                wp = posterior.weights[info.name]
+                # A Bayesian network's posterior mean is the weight to store (paper 001); ours equals the weight.
+                view = info.layout.to_view(np.asarray(wp.mean, dtype=np.float32))
+                importance = info.layout.to_view(np.asarray(wp.precision, dtype=np.float64))
+            else:
+                view = info.layout.to_view(weight_array(info.value))
             k, _ = view.shape
             block = k if s.group_size <= 0 else s.group_size
             bits = self.ctx.bits_for(info.name)
-            self.ctx.quantized[info.name] = quantizers.quantize(view, bits, s.quantizer, block, seed=s.seed)
+            self.ctx.quantized[info.name] = quantizers.quantize(view, bits, s.quantizer, block, importance,
+                                                                seed=s.seed)
         return ir.passes.PassResult(model, modified=False)
 
     def ensures(self, model: ir.Model) -> None:

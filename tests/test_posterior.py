@@ -87,3 +87,51 @@ def test_activation_estimator_matches_numpy_forward_pass():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
         h = np.maximum(h @ w + weights[f"fc{i}.bias"], 0)
     assert posterior.samples == len(x)
+
+
+def test_posterior_command_and_optimize_with_it(tmp_path, capsys):
+    import json
+
+    from bq_onnx.cli import main
+
+    post = tmp_path / "p.npz"
+    code = main(["posterior", str(MODELS / "lenet.onnx"), "--calib", str(MODELS / "lenet_calib.npz"),
+                 "--method", "activations", "-o", str(post), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and post.exists() and out["samples"] == 500 and len(out["layers"]) == 5
+    code = main(["optimize", str(MODELS / "lenet.onnx"), "--posterior", str(post), "-o", str(tmp_path / "q.onnx"),
+                 "--bits", "3", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["posterior"]["method"] == "activations" and report["verification"]["passed"]
+    # a posterior of another model is refused on one line
+    other = tmp_path / "other.npz"
+    assert main(["posterior", str(MODELS / "digits_mlp.onnx"), "--calib", str(MODELS / "digits_mlp_calib.npz"),
+                 "--method", "activations", "-o", str(other), "-q"]) == 0
+    code = main(["optimize", str(MODELS / "lenet.onnx"), "--posterior", str(other), "-o", str(tmp_path / "r.onnx")])
+    err = capsys.readouterr().err
+    assert code == 5 and "no posterior for weight 'conv1.weight'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.onnx").exists()
+
+
+def test_wrong_calibration_for_the_model_is_one_line(tmp_path, capsys):
+    from bq_onnx.cli import main
+
+    code = main(["posterior", str(MODELS / "lenet.onnx"), "--calib", str(MODELS / "digits_mlp_calib.npz"),
+                 "--method", "activations", "-o", str(tmp_path / "p.npz")])
+    err = capsys.readouterr().err
+    assert code == 5 and "input 'input' has rank 2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.npz").exists()
+
+
+def test_optimize_with_calibration_uses_the_posterior():
+    import bq_onnx
+
+    plain = bq_onnx.optimize(MODELS / "lenet.onnx", bits=2)
+    weighted = bq_onnx.optimize(MODELS / "lenet.onnx", bits=2, calib=MODELS / "lenet_calib.npz",
+                                posterior_options={"method": "activations"})
+    assert weighted.report["posterior"]["samples"] == 500
+    # the posterior-weighted quantizer designs differ from the unweighted ones
+    assert any(
+        not np.array_equal(plain.context.quantized[n].scale, weighted.context.quantized[n].scale)
+        for n in plain.context.quantized
+    )

@@ -27,7 +27,8 @@ def num_blocks(k: int, block_size: int) -> int:
 def expand_blocks(per_block: np.ndarray, k: int, block_size: int) -> np.ndarray:
     """Repeat a ``(nb, N)`` per-block array to ``(K, N)`` rows (what Expand/Reshape/Slice do in the graph)."""
     nb, n = per_block.shape
-    full = np.broadcast_to(per_block[:, None, :], (nb, block_size, n)).reshape(nb * block_size, n)
+    g = min(block_size, k)  # a block size past K means one block per column
+    full = np.broadcast_to(per_block[:, None, :], (nb, g, n)).reshape(nb * g, n)
     return full[:k]
 
 
@@ -66,6 +67,10 @@ class QuantizedTensor:
         nb = num_blocks(k, self.block_size)
         if not 0 <= self.bits <= 8:
             raise ValueError(f"bits must be in 0..8, got {self.bits}")
+        for name in ("scale", "offset", "codebook"):
+            value = getattr(self, name)
+            if value is not None and not np.isfinite(value).all():
+                raise ValueError(f"{name} must be finite (fp16 range)")
         if self.kind == "mean":
             _check(self.offset, (nb, n), np.float32, "offset")
             return

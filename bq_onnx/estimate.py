@@ -149,11 +149,11 @@ def _targets(method: str, loss: str, outputs: np.ndarray, labels: np.ndarray | N
     return _one_hot(pseudo, classes)
 
 
-def _gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list[str], as_inputs: bool):
+def _gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list[str], as_inputs: bool,
+                    model: ir.Model | None = None):
     from bq_onnx.passes.autodiff import build_gradient_model
 
-    model = _copy(prepared.model)
-    model = run_passes(model, [AppendLossPass(loss, output)])
+    model = run_passes(model if model is not None else _copy(prepared.model), [AppendLossPass(loss, output)])
     return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs)
 
 
@@ -264,6 +264,7 @@ def estimate_prepared(
     rng = np.random.default_rng(opts.seed)
     method, loss = opts.method, opts.loss
     notes: list[str] = []
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     sessions = _Sessions()
     try:
         curvature: dict[str, np.ndarray] = {}
@@ -272,10 +273,29 @@ def estimate_prepared(
         if method != "activations":
             outputs = _forward(sessions, prepared, opts.output, calib)
             labels = _check_labels(opts.labels, outputs, loss)
-            graph = _gradient_graph(prepared, loss, opts.output, names, as_inputs=method == "hutchinson")
+            kfac_model, sites = None, []
+            if method == "kfac":
+                from bq_onnx.kfac import add_probes
+
+                kfac_model = _copy(prepared.model)
+                first = next(calib.batches(1))
+                sites = add_probes(kfac_model, [w for w in _weights_of(kfac_model, prepared)], first)
+            probes = [site.probe for site in sites]
+            graph = _gradient_graph(prepared, loss, opts.output, names + probes, as_inputs=method == "hutchinson",
+                                    model=kfac_model)
             for weight, ops in graph.unsupported.items():
-                notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations estimator")
+                if weight in names:
+                    notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations estimator")
             wrt = [w for w in names if w in graph.gradients]
+            if method == "kfac":
+                sites = [site for site in sites if site.probe in graph.gradients]
+                session = sessions.open(graph.model)
+                stats, found = _kfac(sessions, session, graph, prepared, sites, wrt, calib, outputs, labels, loss,
+                                       opts.mc_samples, opts.batch_size, rng, progress_bar)
+                curvature.update(stats)
+                factors.update(found)
+                sources.update({w: "kfac" if w in found else "fisher-mc" for w in stats})
+                wrt = []
             if wrt:
                 session = sessions.open(graph.model)
                 if method == "hutchinson":
@@ -283,8 +303,6 @@ def estimate_prepared(
                                         opts.batch_size, rng, progress_bar)
                     layouts = {w.name: w.layout for w in prepared.weights}
                     stats = {w: rank_one_smooth(d, layouts[w]) for w, d in stats.items()}
-                elif method == "kfac":
-                    raise UsageError("the kfac estimator is not available yet")
                 else:
                     stats = _squared_gradients(session, graph, wrt, calib, outputs, labels, loss, method,
                                                opts.mc_samples, rng, progress_bar)
@@ -301,6 +319,8 @@ def estimate_prepared(
         mean = np.asarray(info.value.const_value.numpy(), dtype=np.float32)
         weights[info.name] = posterior_from_curvature(mean, curvature[info.name], n, opts.prior_precision,
                                                       sources[info.name])
+        if method == "kfac" and info.name in factors:
+            weights[info.name].kfac = factors[info.name]
     return Posterior(method, n, opts.prior_precision, weights, notes)
 
 
@@ -343,6 +363,53 @@ def _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, pro
                 stats[w] += v * hv / probes
         acc.update(stats, samples=count)
     return acc.mean()
+
+
+def _weights_of(model: ir.Model, prepared: Prepared) -> list[WeightInfo]:
+    """The prepared weights, re-pointed at the same-named initializers of a copy of the model."""
+    return [dataclasses.replace(w, value=model.graph.initializers[w.name]) for w in prepared.weights]
+
+
+def _kfac(sessions, session, graph, prepared, sites, wrt, calib, outputs, labels, loss, mc_samples, batch_size,
+          rng, bar):
+    """K-FAC factors for MatMul/Gemm/Conv weights (sampled labels: the true Fisher); others get fisher-mc."""
+    from bq_onnx.kfac import KfacStats, gradient_rows, input_rows
+
+    covered = {site.weight for site in sites}
+    layouts = {w.name: w.layout for w in prepared.weights}
+    # A: layer inputs, from batched forward runs of the plain model
+    capture = _copy(prepared.model)
+    values = {v.name: v for v in _all_values(capture)}
+    capture.graph.outputs.clear()
+    for name in sorted({site.activation for site in sites}):
+        capture.graph.outputs.append(values[name])
+    stats = KfacStats()
+    if sites:
+        forward = sessions.open(capture)
+        for feeds in progress(list(calib.batches(batch_size)), "kfac inputs", bar):
+            acts = dict(zip(forward.output_names, forward.run(feeds)))
+            for site in sites:
+                x = acts[site.activation]
+                for i in range(len(x)):
+                    stats.add_inputs(site.weight, input_rows(site, x[i : i + 1], layouts[site.weight].shape))
+    # G: output gradients (probes), and fisher-mc squared gradients for the weights K-FAC does not cover
+    diag = SumAccumulator()
+    for draw in range(mc_samples):
+        targets = _targets("fisher-mc", loss, outputs, labels, rng)
+        for i, feeds in enumerate(progress(calib.batches(1), f"kfac {draw + 1}/{mc_samples}", bar)):
+            out = dict(zip(session.output_names, session.run({**feeds, TARGET: targets[i : i + 1]})))
+            for site in sites:
+                rows = gradient_rows(site, out[graph.gradients[site.probe]])
+                stats.add_gradients(site.weight, rows, 1.0 / mc_samples)
+            diag.update({w: np.square(out[graph.gradients[w]]) for w in wrt if w not in covered})
+    stats.count = calib.num_samples
+    curvature = diag.mean() if diag.count else {}
+    factors = {}
+    for site in sites:
+        a, g, view_diag = stats.result(site.weight)
+        factors[site.weight] = (a, g)
+        curvature[site.weight] = layouts[site.weight].from_view(view_diag)
+    return curvature, factors
 
 
 def rank_one_smooth(raw: np.ndarray, layout) -> np.ndarray:

@@ -7,7 +7,10 @@ weights) is ``mean_i x_ik^2 p_ic (1 - p_ic)``.
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -79,3 +82,48 @@ def test_estimators_are_deterministic_with_the_seed(softmax_regression):
     a = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", min_size=1, seed=3)
     b = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", min_size=1, seed=3)
     np.testing.assert_array_equal(a.weights["W"].precision, b.weights["W"].precision)
+
+
+@pytest.mark.parametrize(
+    ("group", "stride", "pad", "dilation"), [(1, 1, 0, 1), (1, 2, 1, 1), (2, 1, 1, 2), (4, 2, 0, 1)]
+)
+def test_im2col_patches_times_the_weight_view_is_the_convolution(group, stride, pad, dilation):
+    """The K-FAC input rows of a Conv are its patches in the weight view's feature order."""
+    from bq_onnx.kfac import KfacSite, im2col
+    from bq_onnx.layout import WeightLayout
+    from bq_onnx.runtimes import get_runtime
+
+    rng = np.random.default_rng(group * 10 + stride)
+    c, m = 4, 8
+    w = rng.standard_normal((m, c // group, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((1, c, 9, 10)).astype(np.float32)
+    attrs = {"group": group, "strides": [stride, stride], "pads": [pad] * 4, "dilations": [dilation] * 2}
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], **attrs)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 9, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W")],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/conv.onnx"
+        onnx.save(model, path)
+        y = get_runtime("onnxruntime").session(path).run({"x": x})[0][0]  # (M, Ho, Wo)
+    patches = im2col(x, w.shape, attrs)  # (groups, positions, C/g*9)
+    view = WeightLayout(w.shape, (1, 2, 3)).to_view(w).astype(np.float64)  # (C/g*9, M)
+    per_group = m // group
+    for g in range(group):
+        cols = slice(g * per_group, (g + 1) * per_group)
+        got = patches[g] @ view[:, cols]
+        np.testing.assert_allclose(got.T.reshape(per_group, *y.shape[1:]), y[cols], rtol=1e-4, atol=1e-4)
+    assert KfacSite("W", "Conv", "x", "p", attrs, 1).op == "Conv"
+
+
+def test_kfac_factors_on_softmax_regression(softmax_regression):
+    model, x, p, _ = softmax_regression
+    post = estimate_posterior(model, {"input": x}, "kfac", min_size=1, mc_samples=64)
+    a, g = post.weights["W"].kfac
+    np.testing.assert_allclose(a, x.T.astype(np.float64) @ x / N, rtol=1e-5)
+    expected_g = np.mean([np.diag(pi) - np.outer(pi, pi) for pi in p], axis=0)  # E_y[(p - y)(p - y)^T]
+    np.testing.assert_allclose(g, expected_g, atol=0.02)
+    np.testing.assert_allclose(post.weights["W"].curvature, np.outer(np.diag(a), np.diag(g)), rtol=1e-6)
+    assert post.weights["W"].source == "kfac"

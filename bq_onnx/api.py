@@ -64,10 +64,91 @@ class OptimizeResult:
         return self.report
 
 
+def allocation_report(ctx: Context) -> dict:
+    """The budget achieved, the method and its details, and per layer the expected loss around its width."""
+    a = ctx.allocation
+    numel = sum(t.numel for t in ctx.tables)
+    per_layer: dict[str, dict] = {}
+    for t in ctx.tables:
+        chosen = t.bits.index(ctx.bits[t.name])
+        row = per_layer.setdefault(t.weight, {"loss": 0.0, "loss_one_bit_less": 0.0, "loss_one_bit_more": 0.0,
+                                              "numel": 0, "blocks": 0})
+        row["loss"] += float(t.loss[chosen])
+        row["loss_one_bit_less"] += float(t.loss[max(chosen - 1, 0)])
+        row["loss_one_bit_more"] += float(t.loss[min(chosen + 1, len(t.bits) - 1)])
+        row["numel"] += t.numel
+        row["blocks"] += 1
+    for row in per_layer.values():
+        # loss added per weight if the layer lost one bit: how much a bit is worth here
+        row["sensitivity"] = (row["loss_one_bit_less"] - row["loss"]) / row["numel"]
+    payload = sum(t.payload[t.bits.index(ctx.bits[t.name])] for t in ctx.tables)
+    meta = sum(t.metadata[t.bits.index(ctx.bits[t.name])] for t in ctx.tables)
+    return {
+        "method": a.method,
+        "budget": a.budget,
+        "cost": a.cost,
+        "expected_loss": a.loss,
+        "target_bits": ctx.settings.bits if ctx.settings.size_mb is None else None,
+        "achieved_bits": payload / numel,
+        "achieved_bits_with_metadata": (payload + meta) / numel,
+        "granularity": f"rows:{ctx.settings.granularity}" if ctx.settings.granularity else "tensor",
+        "blocks": len(ctx.tables),
+        "details": a.details,
+        "layers": per_layer,
+    }
+
+
+def parse_granularity(value: str | int | None) -> int | None:
+    """``tensor`` (or None/0) -> None; ``rows:N`` or N -> N output channels per block."""
+    if value is None or value == "tensor" or value == 0:
+        return None
+    text = str(value)
+    if text.startswith("rows:"):
+        text = text[5:]
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"--granularity must be 'tensor' or 'rows:N', got {value!r}") from None
+    if n < 1:
+        raise UsageError(f"--granularity rows:N needs N >= 1, got {n}")
+    return n
+
+
+def parse_min_bits(items: Iterable[str] | Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+    """``["fc1*=4", ...]`` or ``{"fc1*": 4}`` -> ((pattern, bits), ...)."""
+    pairs = list(items.items()) if isinstance(items, Mapping) else []
+    if not isinstance(items, Mapping):
+        for item in items:
+            pattern, sep, bits = str(item).rpartition("=")
+            if not sep or not pattern:
+                raise UsageError(f"--min-bits takes PATTERN=BITS, got {item!r}")
+            pairs.append((pattern, bits))
+    out = []
+    for pattern, bits in pairs:
+        try:
+            value = int(bits)
+        except ValueError:
+            raise UsageError(f"--min-bits {pattern}: bits must be an integer, got {bits!r}") from None
+        if not 0 <= value <= 8:
+            raise UsageError(f"--min-bits {pattern}: bits must be in 0..8, got {value}")
+        out.append((pattern, value))
+    return tuple(out)
+
+
 def _settings(**kwargs) -> Settings:
     s = Settings(**kwargs)
-    if not isinstance(s.bits, int) or not 1 <= s.bits <= 8:
-        raise UsageError(f"--bits must be an integer in 1..8, got {s.bits!r}")
+    if isinstance(s.bits, bool) or not isinstance(s.bits, (int, float)) or not 0 <= s.bits <= 8:
+        raise UsageError(f"--bits must be a number in 0..8, got {s.bits!r}")
+    if s.fixed and not 1 <= s.bits <= 8:
+        raise UsageError(f"--bits must be in 1..8 for a fixed width, got {s.bits!r}")
+    from bq_onnx.allocation import METHODS as ALLOCATORS
+
+    if s.allocator not in ALLOCATORS:
+        raise UsageError(f"--allocator must be one of {', '.join(ALLOCATORS)}, got {s.allocator!r}")
+    if not s.allowed_bits or any(not 0 <= b <= 8 for b in s.allowed_bits):
+        raise UsageError(f"allowed bit widths must be in 0..8, got {s.allowed_bits!r}")
+    if s.size_mb is not None and not s.size_mb > 0:
+        raise UsageError(f"--size-mb must be > 0, got {s.size_mb}")
     if s.format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {s.format!r}")
     if s.quantizer not in METHODS:
@@ -93,6 +174,13 @@ def optimize(
     calib: CalibrationSource | None = None,
     posterior: str | os.PathLike | Posterior | None = None,
     posterior_options: Mapping | None = None,
+    allocator: str = "greedy",
+    granularity: str | int | None = "tensor",
+    allowed_bits: Iterable[int] | None = None,
+    bits_include_metadata: bool = False,
+    size_mb: float | None = None,
+    min_bits: Iterable[str] | Mapping[str, int] = (),
+    allocator_options: Mapping | None = None,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
@@ -100,7 +188,13 @@ def optimize(
     ``calib`` (calibration data, see :func:`bq_onnx.calibration.load_calibration`) estimates a posterior with
     ``posterior_options`` (fields of :class:`bq_onnx.estimate.PosteriorOptions`: method, loss, labels, ...);
     ``posterior`` gives one instead (a file from ``bq-onnx posterior`` or an external Bayesian network's).
-    The posterior precision weights each quantizer's error.
+    The posterior precision weights each quantizer's error and the expected-loss tables.
+
+    ``bits`` is the average payload bits per quantized weight that ``allocator`` (``greedy``, ``dp``,
+    ``quantile-inform``, ``random-bits``, ``selective``, ``uniform``) spends over blocks (whole tensors, or
+    ``granularity="rows:N"`` slices of output channels), never exceeding it; ``allocator="uniform"`` with a whole
+    ``bits`` is the fixed-width mode. ``bits_include_metadata`` counts scales and codebooks in the budget;
+    ``size_mb`` sets a file-size budget instead; ``min_bits`` ({pattern: bits}) sets per-layer floors.
     """
     settings = _settings(
         bits=bits,
@@ -110,6 +204,12 @@ def optimize(
         min_size=min_size,
         keep_fp=tuple(keep_fp),
         seed=seed,
+        allocator=allocator,
+        granularity=parse_granularity(granularity),
+        allowed_bits=tuple(sorted(set(allowed_bits))) if allowed_bits is not None else Settings.allowed_bits,
+        include_metadata=bits_include_metadata,
+        size_mb=size_mb,
+        min_bits=parse_min_bits(min_bits),
     )
     ctx = Context(settings, progress=progress)
     if calib is not None and posterior is not None:
@@ -134,16 +234,19 @@ def optimize(
     loaded = load_model(model)
     if isinstance(model, ir.Model):  # the caller's object stays untouched
         loaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    result = run_passes(loaded, optimize_passes(ctx, posterior_passes))
+    result = run_passes(loaded, optimize_passes(ctx, posterior_passes, dict(allocator_options or {})))
     report = {
         "tool": "bq-onnx",
         "version": __version__,
         "input": os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
-        "settings": dataclasses.asdict(settings) | {"keep_fp": list(settings.keep_fp)},
+        "settings": dataclasses.asdict(settings)
+        | {"keep_fp": list(settings.keep_fp), "min_bits": [list(p) for p in settings.min_bits]},
         "layers": ctx.layers,
         "totals": totals(ctx.layers),
         "messages": ctx.messages,
     }
+    if ctx.allocation is not None:
+        report["allocation"] = allocation_report(ctx)
     if ctx.posterior is not None:
         report["posterior"] = {
             "method": ctx.posterior.method,

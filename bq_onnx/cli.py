@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     o.add_argument("model", help="input .onnx file (never modified)")
     o.add_argument("-o", "--output", help="output path (default: MODEL with .bq.onnx suffix)")
-    o.add_argument("--bits", type=int, default=4, help="bits per weight, 1..8 (default 4)")
+    o.add_argument("--bits", type=float, default=4,
+                   help="average payload bits per quantized weight, the budget the allocator spends (default 4)")
     o.add_argument(
         "--format",
         choices=("native", "compact"),
@@ -60,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    from bq_onnx.allocation import METHODS as ALLOCATORS
+
+    a = o.add_argument_group("bit allocation")
+    a.add_argument("--allocator", choices=ALLOCATORS, default="greedy",
+                   help="how the budget is spent (default greedy); uniform = the same width everywhere")
+    a.add_argument("--granularity", default="tensor", help="allocation block: tensor (default) or rows:N")
+    a.add_argument("--allowed-bits", default="0,1,2,3,4,5,6,7,8", help="widths the allocator may use")
+    a.add_argument("--bits-include-metadata", action="store_true", help="count scales/codebooks in --bits")
+    a.add_argument("--size-mb", type=float, help="file-size budget in MB instead of --bits")
+    a.add_argument("--min-bits", action="append", default=[], metavar="PATTERN=N", help="per-layer minimum bits")
     g = o.add_argument_group("posterior (optional: weights each quantizer's error by the posterior precision)")
     g.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
     g.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
@@ -155,6 +166,12 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         calib=args.calib,
         posterior=args.posterior,
         posterior_options=_options(args),
+        allocator=args.allocator,
+        granularity=args.granularity,
+        allowed_bits=_bit_list(args.allowed_bits),
+        bits_include_metadata=args.bits_include_metadata,
+        size_mb=args.size_mb,
+        min_bits=args.min_bits,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
     elapsed = time.perf_counter() - start
@@ -194,6 +211,11 @@ def _print_optimize(report: dict, elapsed: float) -> None:
     print(render(headers, rows, footer))
     for msg in report["messages"]:
         print(f"note: {msg}")
+    if "allocation" in report:
+        al = report["allocation"]
+        target = f" (budget {al['target_bits']:g})" if al["target_bits"] is not None else ""
+        print(f"allocation: {al['method']} over {al['blocks']} blocks ({al['granularity']}): "
+              f"{al['achieved_bits']:.3f} bits/weight{target}, {al['achieved_bits_with_metadata']:.3f} with metadata")
     out = report["output"]
     size_in = report.get("input_file_bytes")
     ratio = f" ({size_in / out['file_bytes']:.2f}x smaller)" if size_in else ""
@@ -235,6 +257,15 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         print(f"wrote {out} ({posterior.method}, {posterior.samples} samples) in {elapsed:.1f} s")
     return EXIT_OK
+
+
+def _bit_list(text: str) -> list[int]:
+    from bq_onnx.errors import UsageError
+
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--allowed-bits takes comma-separated integers, got {text!r}") from None
 
 
 def _save_atomic(out: Path, write) -> None:

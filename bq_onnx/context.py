@@ -22,13 +22,27 @@ Format = Literal["native", "compact"]
 class Settings:
     """What the user asked for (CLI flags and API keywords map onto these one to one)."""
 
-    bits: int = 4
+    bits: float = 4  # fixed width, or the average-bits budget of the allocation
     format: Format = "native"
     quantizer: str = "uniform"
     group_size: int = 32
     min_size: int = 128
     seed: int = 0
     keep_fp: tuple[str, ...] = ()
+    allocator: str = "greedy"
+    granularity: int | None = None  # None: a block is a tensor; N: slices of N output channels
+    allowed_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    include_metadata: bool = False
+    size_mb: float | None = None
+    min_bits: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def fixed(self) -> bool:
+        """Same width everywhere without tables: uniform allocation of a whole number of payload bits."""
+        return (
+            self.allocator == "uniform" and float(self.bits).is_integer() and self.size_mb is None
+            and not self.include_metadata and not self.min_bits and int(self.bits) in self.allowed_bits
+        )
 
 
 @dataclasses.dataclass
@@ -51,15 +65,27 @@ class Context:
     settings: Settings
     weights: list[WeightInfo] = dataclasses.field(default_factory=list)
     posterior: Posterior | None = None
-    bits: dict[str, int] = dataclasses.field(default_factory=dict)
+    tables: list = dataclasses.field(default_factory=list)  # BlockTable per allocation block
+    bits: dict[str, int] = dataclasses.field(default_factory=dict)  # block name -> allocated width
+    allocation: object | None = None
     quantized: dict[str, QuantizedTensor] = dataclasses.field(default_factory=dict)
     layers: list[dict] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
 
-    def bits_for(self, name: str) -> int:
-        """The bit width of one weight: fixed for now; the allocation pass will fill ``bits``."""
-        return self.bits.get(name, self.settings.bits)
+    def pieces_for(self, weight: str, columns: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, bits)`` column ranges of one weight: its allocated blocks, else the fixed ``--bits``."""
+        pieces = sorted((t.columns[0], t.columns[1], self.bits[t.name]) for t in self.tables
+                        if t.weight == weight and t.name in self.bits)
+        if not pieces:
+            return [(0, columns, int(self.settings.bits))]
+        merged = [list(pieces[0])]
+        for start, stop, bits in pieces[1:]:
+            if bits == merged[-1][2] and start == merged[-1][1]:
+                merged[-1][1] = stop
+            else:
+                merged.append([start, stop, bits])
+        return [tuple(p) for p in merged]
 
     def weight(self, name: str) -> WeightInfo:
         for info in self.weights:

@@ -9,11 +9,13 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, TopologicalSo
 
 from bq_onnx.context import Context
 from bq_onnx.errors import BqError
+from bq_onnx.passes.allocate import AllocatePass
 from bq_onnx.passes.find_weights import FindWeightsPass
 from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass
 from bq_onnx.passes.quantize import QuantizeWeightsPass
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
+from bq_onnx.passes.tables import ExpectedLossTablesPass
 
 
 def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
@@ -25,13 +27,23 @@ def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
     ]
 
 
-def optimize_passes(ctx: Context, posterior: Sequence[ir.passes.PassBase] = ()) -> list[ir.passes.PassBase]:
-    """Prepare, find weights, (posterior), quantize, rewrite into the chosen format."""
-    rewrite = RewriteNativePass if ctx.settings.format == "native" else RewriteCompactPass
+def optimize_passes(
+    ctx: Context, posterior: Sequence[ir.passes.PassBase] = (), allocator_options: dict | None = None
+) -> list[ir.passes.PassBase]:
+    """Prepare, find weights, (posterior), tables + allocation (unless fixed width), quantize, rewrite."""
+    s = ctx.settings
+    rewrite = RewriteNativePass if s.format == "native" else RewriteCompactPass
+    allocate: list[ir.passes.PassBase] = []
+    if not s.fixed:
+        allocate = [
+            ExpectedLossTablesPass(ctx, s.allowed_bits, s.granularity, s.include_metadata or s.size_mb is not None),
+            AllocatePass(ctx, allocator_options),
+        ]
     return [
         *prepare_passes(ctx),
         FindWeightsPass(ctx),
         *posterior,
+        *allocate,
         QuantizeWeightsPass(ctx),
         rewrite(ctx),
         TopologicalSortPass(),

@@ -126,3 +126,50 @@ def _check(arr: np.ndarray | None, shape: tuple[int, ...], dtype: type, name: st
         raise ValueError(f"{name} is required")
     if arr.shape != shape or arr.dtype != dtype:
         raise ValueError(f"{name} must be {np.dtype(dtype).name}{list(shape)}, got {arr.dtype}{list(arr.shape)}")
+
+
+def take_columns(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """Output channels ``[start, stop)`` of a quantized tensor (blocks run down columns, so they split cleanly)."""
+
+    def cols(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a[:, start:stop])
+
+    return dataclasses.replace(
+        qt,
+        shape=(qt.shape[0], stop - start),
+        codes=cols(qt.codes),
+        scale=cols(qt.scale),
+        zero_point=cols(qt.zero_point),
+        offset=cols(qt.offset),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedPieces:
+    """A weight whose output-channel slices were allocated different bit widths.
+
+    ``pieces`` are ``(start, stop, QuantizedTensor)`` covering columns ``0..N`` in order.
+    """
+
+    shape: tuple[int, int]
+    pieces: tuple[tuple[int, int, QuantizedTensor], ...]
+
+    def __post_init__(self) -> None:
+        expected = 0
+        for start, stop, qt in self.pieces:
+            if start != expected or qt.shape != (self.shape[0], stop - start):
+                raise ValueError("pieces must tile the columns in order")
+            expected = stop
+        if expected != self.shape[1]:
+            raise ValueError("pieces must cover every column")
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        return np.concatenate([qt.dequantize() for _, _, qt in self.pieces], axis=1)
+
+    @property
+    def payload_bits(self) -> int:
+        return sum(qt.shape[0] * qt.shape[1] * qt.bits for _, _, qt in self.pieces)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 
 def metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
@@ -32,22 +32,30 @@ def metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
 
 
 def layer_record(
-    name: str, qt: QuantizedTensor, fmt: str, stored: dict[str, int], shape: tuple[int, ...], original_bytes: int
+    name: str,
+    q: QuantizedTensor | QuantizedPieces,
+    fmt: str,
+    stored: dict[str, int],
+    shape: tuple[int, ...],
+    original_bytes: int,
 ) -> dict:
     """One row of the report: everything about one quantized weight, JSON-ready."""
-    numel = int(np.prod(qt.shape))
-    payload = numel * qt.bits
-    meta = metadata_bits(qt, fmt)
+    pieces = q.pieces if isinstance(q, QuantizedPieces) else ((0, q.shape[1], q),)
+    numel = int(np.prod(q.shape))
+    payload = sum(int(np.prod(p.shape)) * p.bits for _, _, p in pieces)
+    meta = sum(metadata_bits(p, fmt) for _, _, p in pieces)
     stored_bytes = int(sum(stored.values()))
+    first = pieces[0][2]
+    kinds = sorted({p.kind for _, _, p in pieces})
     return {
         "name": name,
         "shape": list(shape),
-        "view": list(qt.shape),
-        "bits": qt.bits,
-        "kind": qt.kind,
-        "method": qt.method,
-        "symmetric": bool(qt.symmetric),
-        "block_size": qt.block_size,
+        "view": list(q.shape),
+        "bits": payload / numel if len(pieces) > 1 else first.bits,
+        "kind": kinds[0] if len(kinds) == 1 else "+".join(kinds),
+        "method": first.method,
+        "symmetric": bool(first.symmetric),
+        "block_size": first.block_size,
         "format": fmt,
         "numel": numel,
         "payload_bits": payload,
@@ -57,6 +65,7 @@ def layer_record(
         "bits_per_weight": payload / numel,
         "bits_per_weight_with_metadata": (payload + meta) / numel,
         "stored_bits_per_weight": 8 * stored_bytes / numel,
+        "pieces": [[start, stop, p.bits] for start, stop, p in pieces],
         "tensors": dict(sorted(stored.items())),
     }
 

@@ -1,6 +1,8 @@
-"""Design the quantizer of every weight: float tensor -> :class:`QuantizedTensor` in ``ctx.quantized``.
+"""Design the quantizer of every weight: float tensor -> quantized form in ``ctx.quantized``.
 
-One weight at a time, so only one float copy of one tensor is ever materialised beside the (lazy) model.
+One weight at a time, so only one float copy of one tensor is ever materialised beside the (lazy) model. With
+an allocation, a weight whose output-channel slices got different widths becomes :class:`QuantizedPieces`; each
+piece is cut from the whole tensor quantized at that width, exactly as the expected-loss tables measured it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx import quantizers
-from bq_onnx.context import Context
+from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import DataError
 from bq_onnx.progress import progress
+from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
 
 
 def weight_array(value: ir.Value) -> np.ndarray:
@@ -23,8 +26,31 @@ def weight_array(value: ir.Value) -> np.ndarray:
     return arr
 
 
+def weight_view(ctx: Context, info: WeightInfo) -> tuple[np.ndarray, np.ndarray | None]:
+    """The values to store and their importance, in the ``(K, N)`` view.
+
+    With a posterior: its mean (a Bayesian network's mean is the weight to store, paper 001; ours equals the
+    weight) and its precision as the per-element importance every quantizer weights its error by.
+    """
+    posterior = ctx.posterior
+    if posterior is None:
+        return info.layout.to_view(weight_array(info.value)), None
+    wp = posterior.weights[info.name]
+    return (
+        info.layout.to_view(np.asarray(wp.mean, dtype=np.float32)),
+        info.layout.to_view(np.asarray(wp.precision, dtype=np.float64)),
+    )
+
+
+def design(ctx: Context, view: np.ndarray, importance: np.ndarray | None, bits: int) -> QuantizedTensor:
+    """The quantizer of a whole weight at ``bits`` (the tables and the final model use this one function)."""
+    s = ctx.settings
+    block = view.shape[0] if s.group_size <= 0 else s.group_size
+    return quantizers.quantize(view, bits, s.quantizer, block, importance, seed=s.seed)
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    """Quantize each weight found by FindWeightsPass at the bits the context asks for."""
+    """Quantize each weight at the bits the allocation (or the fixed ``--bits``) gives it."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -33,22 +59,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         assert self.ctx.weights, "FindWeightsPass must run first"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        s = self.ctx.settings
-        posterior = self.ctx.posterior
         for info in progress(self.ctx.weights, "quantize", enabled=self.ctx.progress):
-            importance = None
-            if posterior is not None:
-                wp = posterior.weights[info.name]
-                # A Bayesian network's posterior mean is the weight to store (paper 001); ours equals the weight.
-                view = info.layout.to_view(np.asarray(wp.mean, dtype=np.float32))
-                importance = info.layout.to_view(np.asarray(wp.precision, dtype=np.float64))
+            view, importance = weight_view(self.ctx, info)
+            pieces = self.ctx.pieces_for(info.name, view.shape[1])
+            widths = sorted({bits for _, _, bits in pieces})
+            designs = {bits: design(self.ctx, view, importance, bits) for bits in widths}
+            if len(pieces) == 1:
+                self.ctx.quantized[info.name] = designs[pieces[0][2]]
             else:
-                view = info.layout.to_view(weight_array(info.value))
-            k, _ = view.shape
-            block = k if s.group_size <= 0 else s.group_size
-            bits = self.ctx.bits_for(info.name)
-            self.ctx.quantized[info.name] = quantizers.quantize(view, bits, s.quantizer, block, importance,
-                                                                seed=s.seed)
+                self.ctx.quantized[info.name] = QuantizedPieces(
+                    view.shape,
+                    tuple((start, stop, take_columns(designs[bits], start, stop)) for start, stop, bits in pieces),
+                )
         return ir.passes.PassResult(model, modified=False)
 
     def ensures(self, model: ir.Model) -> None:

@@ -14,13 +14,13 @@ import onnx_ir as ir
 
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.passes.decode_ops import Emitter, restore_layout
-from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 from bq_onnx.sizes import layer_record
 
 METADATA_KEY = "bq_onnx"
 _META_KEYS = (
     "name", "bits", "kind", "method", "block_size", "shape", "view", "symmetric", "numel", "payload_bits",
-    "metadata_bits",
+    "metadata_bits", "pieces",
 )
 
 
@@ -46,7 +46,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         for info in self.ctx.weights:
             qt = self.ctx.quantized[info.name]
             em = Emitter(f"{info.name}.bq/", in_function=False, shared=shared)
-            view = self.emit(em, qt, info.name, model)
+            view = self._emit_any(em, qt, info.name, model)
             decoded = restore_layout(em, view, info.layout)
             if info.value.dtype != ir.DataType.FLOAT:
                 decoded = em.op("Cast", [decoded], to=info.value.dtype)
@@ -67,6 +67,19 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
             graph.extend(new_nodes)
         self._record_metadata(model)
         return ir.passes.PassResult(model, modified=True)
+
+    def merge(self, pieces: QuantizedPieces) -> QuantizedTensor | None:
+        """One stored tensor for all pieces, where the format can hold them together (native overrides)."""
+        return None
+
+    def _emit_any(self, em: Emitter, q: QuantizedTensor | QuantizedPieces, name: str, model: ir.Model) -> ir.Value:
+        if isinstance(q, QuantizedTensor):
+            return self.emit(em, q, name, model)
+        merged = self.merge(q)
+        if merged is not None:
+            return self.emit(em, merged, name, model)
+        views = [self.emit(em, qt, f"{name}.p{i}", model) for i, (_, _, qt) in enumerate(q.pieces)]
+        return em.op("Concat", views, "columns", axis=1)
 
     @staticmethod
     def _replace(graph: ir.Graph, info: WeightInfo, decoded: ir.Value) -> None:

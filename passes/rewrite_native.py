@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, i64
 from bq_onnx.passes.rewrite import RewritePass
-from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 
 def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
@@ -25,6 +25,44 @@ def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
 
 class RewriteNativePass(RewritePass):
     format = "native"
+
+    def merge(self, pieces: QuantizedPieces) -> QuantizedTensor | None:
+        """Uniform slices of any widths share one DequantizeLinear in the container of the widest (so
+        onnxruntime still fuses it into MatMulNBits); 0-bit slices become code 0 with scale -mean."""
+        qts = [qt for _, _, qt in pieces.pieces]
+        uniform = [q for q in qts if q.kind == "uniform"]
+        if not uniform or any(q.kind not in ("uniform", "mean") for q in qts):
+            return None
+        symmetric = uniform[0].symmetric
+        if any(q.symmetric != symmetric for q in uniform) or len({q.block_size for q in qts}) > 1:
+            return None
+        bits = max(q.bits for q in qts)
+        zp_all = 1 << (bits - 1)
+        codes, scales, zeros = [], [], []
+        for q in qts:
+            k, n = q.shape
+            if q.kind == "mean":  # (c - zp) * s == mean with c - zp == -1 and s == -mean
+                codes.append(np.full((k, n), zp_all - 1 if symmetric else 0, dtype=np.uint8))
+                scales.append(-q.offset)
+                zeros.append(np.ones((q.num_blocks, n), dtype=np.uint8))
+            elif symmetric:
+                codes.append((q.codes.astype(np.int16) - q.implicit_zero_point + zp_all).astype(np.uint8))
+                scales.append(q.scale)
+            else:
+                codes.append(q.codes)
+                scales.append(q.scale)
+                zeros.append(q.zero_point)
+        return QuantizedTensor(
+            "uniform",
+            bits,
+            pieces.shape,
+            qts[0].block_size,
+            codes=np.concatenate(codes, axis=1),
+            scale=np.concatenate(scales, axis=1).astype(np.float32),
+            zero_point=None if symmetric else np.concatenate(zeros, axis=1),
+            symmetric=symmetric,
+            method=uniform[0].method,
+        )
 
     def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         k, n = qt.shape

@@ -91,7 +91,7 @@ def test_help_lists_exit_codes():
 
 def test_usage_error_exit_code(model_file, capsys):
     code, _, err = _run(["optimize", model_file, "--bits", "9"], capsys)
-    _assert_one_line_error(code, err, 2, "--bits must be an integer in 1..8")
+    _assert_one_line_error(code, err, 2, "--bits must be a number in 0..8")
 
 
 # --- bad input: one line, non-zero exit, nothing written, input untouched -------------------------------------

@@ -26,7 +26,7 @@ FORMATS = ("native", "compact")
 
 def _readout(tmp_path, w, bits, method, group, fmt, runtime="onnxruntime"):
     result = bq_onnx.optimize(matmul_readout(w), bits=bits, quantizer=method, group_size=group, format=fmt,
-                              min_size=1)
+                              min_size=1, allocator="uniform")
     path = tmp_path / f"{fmt}-{method}-{bits}.onnx"
     result.save(path, verify=False, force=True)
     qt = result.context.quantized["W"]

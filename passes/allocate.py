@@ -1,0 +1,108 @@
+"""Spend the bit budget: choose a width per block from the expected-loss tables (``ctx.tables``).
+
+The budget is average payload bits per quantized weight (``--bits``), optionally counting metadata
+(``--bits-include-metadata``), or a file size (``--size-mb``: every stored byte counts, the tensors left in
+float included). The allocator is one of :mod:`bq_onnx.allocation`'s; what it needs beyond the tables comes
+from the posterior (informativeness |mu|/sigma for Quantile Inform, mean and sigma for Random Bits, Fisher
+information over variance for selective encoding).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx import allocation
+from bq_onnx.context import Context
+from bq_onnx.errors import UnsupportedError, UsageError
+
+
+def _min_bits(ctx: Context, weight: str) -> int:
+    found = [bits for pattern, bits in ctx.settings.min_bits if fnmatch.fnmatchcase(weight, pattern)]
+    return max(found) if found else 0
+
+
+class AllocatePass(ir.passes.InPlacePass):
+    """Fill ``ctx.bits`` (block name -> width) and ``ctx.allocation``; the model is not changed."""
+
+    def __init__(self, ctx: Context, options: dict | None = None) -> None:
+        self.ctx = ctx
+        self.options = dict(options or {})
+
+    def requires(self, model: ir.Model) -> None:
+        assert self.ctx.tables, "ExpectedLossTablesPass must run first"
+
+    def budget(self, model: ir.Model) -> float:
+        s = self.ctx.settings
+        numel = sum(t.numel for t in self.ctx.tables)
+        if s.size_mb is None:
+            return float(s.bits) * numel
+        quantized = {w.name for w in self.ctx.weights}
+        other = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                    if v.const_value is not None and v.name not in quantized)
+        budget = s.size_mb * 8e6 - 8 * other
+        if budget <= 0:
+            raise UsageError(f"--size-mb {s.size_mb}: the tensors kept in float alone take {other / 1e6:.3f} MB")
+        return budget
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx = self.ctx
+        blocks = []
+        for t in ctx.tables:
+            floor = _min_bits(ctx, t.weight)
+            keep = [i for i, b in enumerate(t.bits) if b >= floor]
+            if not keep:
+                raise UsageError(f"--min-bits {floor} for '{t.weight}' leaves no allowed width")
+            blocks.append(
+                allocation.Block(t.name, t.numel, tuple(t.bits[i] for i in keep), t.loss[keep], t.cost[keep],
+                                 min_bits=floor, layer=t.weight)
+            )
+        budget = self.budget(model)
+        method = ctx.settings.allocator
+        options = dict(self.options)
+        options.update(self._method_inputs(method))
+        try:
+            result = allocation.allocate(method, blocks, budget, **options)
+        except ValueError as exc:
+            raise UsageError(f"allocation ({method}): {exc}") from None
+        ctx.allocation = result
+        ctx.bits = dict(result.bits)
+        return ir.passes.PassResult(model, modified=False)
+
+    def _method_inputs(self, method: str) -> dict:
+        """What Quantile Inform, Random Bits and selective encoding need from the posterior."""
+        ctx = self.ctx
+        if method not in ("quantile-inform", "random-bits", "selective"):
+            return {}
+        posterior = ctx.posterior
+        if posterior is None and method != "selective":
+            raise UnsupportedError(f"--allocator {method} needs a posterior: give --calib or --posterior")
+        layouts = {w.name: w.layout for w in ctx.weights}
+        if method == "quantile-inform":
+            return {"informativeness": {name: np.abs(wp.mean) / wp.std for name, wp in posterior.weights.items()}}
+        if method == "random-bits":
+            block = None if ctx.settings.group_size <= 0 else ctx.settings.group_size
+            return {
+                "layers": {
+                    name: allocation.LayerStats(
+                        layouts[name].to_view(wp.mean), layouts[name].to_view(wp.std), block_size=block
+                    )
+                    for name, wp in posterior.weights.items()
+                    if name in layouts
+                }
+            }
+        # selective: S = I / sigma^2 per block, I the Fisher information (curvature); without a posterior the
+        # expected loss of skipping the block (its 0-bit table entry) ranks blocks the same way.
+        importance = {}
+        for t in ctx.tables:
+            if posterior is not None:
+                wp = posterior.weights[t.weight]
+                layout = layouts[t.weight]
+                cols = slice(*t.columns)
+                info = layout.to_view(wp.curvature)[:, cols] * layout.to_view(wp.precision)[:, cols]
+                importance[t.name] = float(np.sum(info))
+            else:
+                importance[t.name] = float(t.loss[0])
+        return {"importance": importance}

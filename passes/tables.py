@@ -1,0 +1,95 @@
+"""Expected-loss tables: for every block and every allowed width, what storing it at that width costs.
+
+Closed form (BayesQ eqs. 5-8): with a Gaussian posterior ``w ~ N(mu, Sigma)`` and curvature ``H``,
+``E[(Q(mu) - w)^T H (Q(mu) - w)] = (Q(mu) - mu)^T H (Q(mu) - mu) + tr(H Sigma)``; the trace does not depend on
+the width, so the table holds ``sum_i h_i (Q(mu)_i - mu_i)^2`` with ``h`` the posterior precision (diagonal),
+where the quantizer for each width is itself designed to minimize that weighted error (weighted range search,
+weighted Lloyd). Without a posterior ``h = 1`` (plain squared error). The ``mc`` table instead measures the KL
+to the FP32 model on calibration data with only that block quantized (slow; validates the closed form).
+
+Blocks are whole tensors or slices of output channels (``rows:N``), so one tensor can mix widths. Quantizing
+a whole tensor once per width and summing per-column errors is exact for per-column quantizers; the Lloyd
+codebook is per tensor, so its slices share one codebook in the table and in the final model alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.context import Context
+from bq_onnx.passes.quantize import design, weight_view
+from bq_onnx.progress import progress
+from bq_onnx.qtensor import take_columns
+from bq_onnx.sizes import metadata_bits
+
+
+@dataclasses.dataclass
+class BlockTable:
+    """Loss and cost of one block at each allowed width."""
+
+    name: str
+    weight: str
+    columns: tuple[int, int]
+    numel: int
+    bits: tuple[int, ...]
+    loss: np.ndarray
+    cost: np.ndarray  # payload bits (plus metadata bits when the budget counts them)
+    payload: np.ndarray
+    metadata: np.ndarray
+
+
+def slices(n: int, granularity: int | None) -> list[tuple[int, int]]:
+    """Column ranges of one tensor: the whole tensor, or runs of ``granularity`` output channels."""
+    if not granularity or granularity >= n:
+        return [(0, n)]
+    return [(start, min(start + granularity, n)) for start in range(0, n, granularity)]
+
+
+def block_name(weight: str, columns: tuple[int, int], n: int) -> str:
+    return weight if columns == (0, n) else f"{weight}[{columns[0]}:{columns[1]}]"
+
+
+class ExpectedLossTablesPass(ir.passes.InPlacePass):
+    """Fill ``ctx.tables`` with one :class:`BlockTable` per block (the model is not changed)."""
+
+    def __init__(self, ctx: Context, allowed_bits: tuple[int, ...], granularity: int | None,
+                 include_metadata: bool) -> None:
+        self.ctx = ctx
+        self.allowed_bits = tuple(sorted(allowed_bits))
+        self.granularity = granularity
+        self.include_metadata = include_metadata
+
+    def requires(self, model: ir.Model) -> None:
+        assert self.ctx.weights, "FindWeightsPass must run first"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        fmt = self.ctx.settings.format
+        tables: list[BlockTable] = []
+        for info in progress(self.ctx.weights, "loss tables", self.ctx.progress):
+            k, n = info.layout.view_shape
+            ranges = slices(n, self.granularity)
+            loss = np.zeros((len(ranges), len(self.allowed_bits)))
+            payload = np.zeros_like(loss)
+            meta = np.zeros_like(loss)
+            view, importance = weight_view(self.ctx, info)
+            for j, bits in enumerate(self.allowed_bits):
+                qt = design(self.ctx, view, importance, bits)
+                err = (qt.dequantize().astype(np.float64) - view) ** 2
+                if importance is not None:
+                    err *= importance
+                per_column = err.sum(axis=0)
+                for i, (start, stop) in enumerate(ranges):
+                    loss[i, j] = per_column[start:stop].sum()
+                    payload[i, j] = k * (stop - start) * bits
+                    meta[i, j] = metadata_bits(take_columns(qt, start, stop), fmt)
+            for i, columns in enumerate(ranges):
+                cost = payload[i] + meta[i] if self.include_metadata else payload[i]
+                tables.append(
+                    BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
+                               self.allowed_bits, loss[i], cost, payload[i], meta[i])
+                )
+        self.ctx.tables = tables
+        return ir.passes.PassResult(model, modified=False)

@@ -175,7 +175,7 @@ def optimize(
     posterior: str | os.PathLike | Posterior | None = None,
     posterior_options: Mapping | None = None,
     allocator: str = "greedy",
-    granularity: str | int | None = "tensor",
+    granularity: str | int | None = "rows:8",
     allowed_bits: Iterable[int] | None = None,
     bits_include_metadata: bool = False,
     size_mb: float | None = None,

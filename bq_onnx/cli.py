@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     a = o.add_argument_group("bit allocation")
     a.add_argument("--allocator", choices=ALLOCATORS, default="greedy",
                    help="how the budget is spent (default greedy); uniform = the same width everywhere")
-    a.add_argument("--granularity", default="tensor", help="allocation block: tensor (default) or rows:N")
+    a.add_argument("--granularity", default="rows:8",
+                   help="allocation block: slices of N output channels (rows:N, default rows:8) or tensor")
     a.add_argument("--allowed-bits", default="0,1,2,3,4,5,6,7,8", help="widths the allocator may use")
     a.add_argument("--bits-include-metadata", action="store_true", help="count scales/codebooks in --bits")
     a.add_argument("--size-mb", type=float, help="file-size budget in MB instead of --bits")

@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--bits-include-metadata", action="store_true", help="count scales/codebooks in --bits")
     a.add_argument("--size-mb", type=float, help="file-size budget in MB instead of --bits")
     a.add_argument("--min-bits", action="append", default=[], metavar="PATTERN=N", help="per-layer minimum bits")
+    a.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
     g = o.add_argument_group("posterior (optional: weights each quantizer's error by the posterior precision)")
     g.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
     g.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
@@ -175,6 +176,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         min_bits=args.min_bits,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
+    if args.plot:
+        from bq_onnx.plot import plot_allocation
+
+        plot_allocation(report, args.plot)
     elapsed = time.perf_counter() - start
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

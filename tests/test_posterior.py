@@ -135,3 +135,20 @@ def test_optimize_with_calibration_uses_the_posterior():
         not np.array_equal(plain.context.quantized[n].scale, weighted.context.quantized[n].scale)
         for n in plain.context.quantized
     )
+
+
+def test_allocation_report_and_plot(tmp_path, capsys):
+    import json
+
+    from bq_onnx.cli import main
+
+    plot = tmp_path / "alloc.png"
+    code = main(["optimize", str(MODELS / "lenet.onnx"), "--bits", "3", "--calib", str(MODELS / "lenet_calib.npz"),
+                 "--method", "activations", "-o", str(tmp_path / "q.onnx"), "--plot", str(plot), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    alloc = report["allocation"]
+    assert alloc["method"] == "greedy" and 2.98 <= alloc["achieved_bits"] <= 3.0
+    assert set(alloc["layers"]) == {r["name"] for r in report["layers"]}
+    for row in alloc["layers"].values():
+        assert row["loss_one_bit_less"] >= row["loss"] >= row["loss_one_bit_more"] >= 0

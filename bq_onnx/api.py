@@ -181,6 +181,8 @@ def optimize(
     size_mb: float | None = None,
     min_bits: Iterable[str] | Mapping[str, int] = (),
     allocator_options: Mapping | None = None,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-3,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
@@ -195,6 +197,8 @@ def optimize(
     ``granularity="rows:N"`` slices of output channels), never exceeding it; ``allocator="uniform"`` with a whole
     ``bits`` is the fixed-width mode. ``bits_include_metadata`` counts scales and codebooks in the budget;
     ``size_mb`` sets a file-size budget instead; ``min_bits`` ({pattern: bits}) sets per-layer floors.
+    ``distill_steps`` > 0 (needs ``calib``) tunes scales, offsets and codebooks on the calibration data with the
+    codes fixed, minimizing the KL to the FP32 model (step size ``distill_lr`` relative to each tensor's RMS).
     """
     settings = _settings(
         bits=bits,
@@ -231,10 +235,20 @@ def optimize(
         from bq_onnx.passes.posterior import LoadPosteriorPass
 
         posterior_passes.append(LoadPosteriorPass(ctx, posterior))
+    distill = []
+    if distill_steps:
+        if distill_steps < 0 or calib is None:
+            raise UsageError("--distill-steps needs --calib and a positive number of steps")
+        from bq_onnx.passes.distill import DistillPass
+
+        popts = dict(posterior_options or {})
+        distill.append(DistillPass(ctx, calib, distill_steps, lr=distill_lr, output=popts.get("output"),
+                                   max_samples=popts.get("calib_samples")))
     loaded = load_model(model)
     if isinstance(model, ir.Model):  # the caller's object stays untouched
         loaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    result = run_passes(loaded, optimize_passes(ctx, posterior_passes, dict(allocator_options or {})))
+    passes = optimize_passes(ctx, posterior_passes, dict(allocator_options or {}), distill)
+    result = run_passes(loaded, passes)
     report = {
         "tool": "bq-onnx",
         "version": __version__,
@@ -247,6 +261,8 @@ def optimize(
     }
     if ctx.allocation is not None:
         report["allocation"] = allocation_report(ctx)
+    if ctx.distillation is not None:
+        report["distillation"] = ctx.distillation
     if ctx.posterior is not None:
         report["posterior"] = {
             "method": ctx.posterior.method,

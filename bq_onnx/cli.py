@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--bits-include-metadata", action="store_true", help="count scales/codebooks in --bits")
     a.add_argument("--size-mb", type=float, help="file-size budget in MB instead of --bits")
     a.add_argument("--min-bits", action="append", default=[], metavar="PATTERN=N", help="per-layer minimum bits")
+    a.add_argument("--distill-steps", type=int, default=0,
+                   help="after quantizing, tune scales/codebooks for N steps on --calib (codes fixed)")
     a.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
     g = o.add_argument_group("posterior (optional: weights each quantizer's error by the posterior precision)")
     g.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
@@ -174,6 +176,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         bits_include_metadata=args.bits_include_metadata,
         size_mb=args.size_mb,
         min_bits=args.min_bits,
+        distill_steps=args.distill_steps,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
     if args.plot:
@@ -217,6 +220,10 @@ def _print_optimize(report: dict, elapsed: float) -> None:
     print(render(headers, rows, footer))
     for msg in report["messages"]:
         print(f"note: {msg}")
+    if "distillation" in report:
+        d = report["distillation"]
+        print(f"distillation: {d['steps']} steps, mean KL to FP32 on {d['held_out_samples']} held-out samples "
+              f"{d['kl_before']:.4g} -> {d['kl_after']:.4g}")
     if "allocation" in report:
         al = report["allocation"]
         target = f" (budget {al['target_bits']:g})" if al["target_bits"] is not None else ""

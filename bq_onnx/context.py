@@ -68,6 +68,7 @@ class Context:
     tables: list = dataclasses.field(default_factory=list)  # BlockTable per allocation block
     bits: dict[str, int] = dataclasses.field(default_factory=dict)  # block name -> allocated width
     allocation: object | None = None
+    distillation: dict | None = None
     quantized: dict[str, QuantizedTensor] = dataclasses.field(default_factory=dict)
     layers: list[dict] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)

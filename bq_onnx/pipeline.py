@@ -28,7 +28,10 @@ def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
 
 
 def optimize_passes(
-    ctx: Context, posterior: Sequence[ir.passes.PassBase] = (), allocator_options: dict | None = None
+    ctx: Context,
+    posterior: Sequence[ir.passes.PassBase] = (),
+    allocator_options: dict | None = None,
+    distill: Sequence[ir.passes.PassBase] = (),
 ) -> list[ir.passes.PassBase]:
     """Prepare, find weights, (posterior), tables + allocation (unless fixed width), quantize, rewrite."""
     s = ctx.settings
@@ -45,6 +48,7 @@ def optimize_passes(
         *posterior,
         *allocate,
         QuantizeWeightsPass(ctx),
+        *distill,
         rewrite(ctx),
         TopologicalSortPass(),
     ]

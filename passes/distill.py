@@ -1,0 +1,186 @@
+"""Calibration-only distillation (BayesQ): tune the stored metadata with the integer codes fixed.
+
+Each quantized weight is rebuilt in a training copy of the model as a function of its metadata:
+``W = (codes - zp) * scale`` (uniform), ``codebook[codes] * scale + offset`` (codebooks), ``offset`` (0 bits),
+with the codes and zero points as constants and scales, offsets and codebook entries as trainable
+initializers. The KL to the FP32 model's output distribution on the calibration data is differentiated by
+the autodiff pass (standard ops, run by onnxruntime) and minimized by Adam. Tuned values are rounded to fp16
+(what both formats store) and written back into ``ctx.quantized``; the step with the lowest loss on a held-out
+part of the calibration data is kept, so distillation never makes that loss worse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.calibration import CalibrationSource, load_calibration
+from bq_onnx.context import Context
+from bq_onnx.estimate import _copy, _Sessions, _softmax
+from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, restore_layout
+from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass, output_value
+from bq_onnx.pipeline import run_passes
+from bq_onnx.progress import progress
+from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, to_fp16_exact
+from bq_onnx.qtensor import expand_blocks as expand_rows
+
+TRAINABLE = ("scale", "offset", "codebook")
+
+
+def _pieces(q) -> list[tuple[int, int, QuantizedTensor]]:
+    return list(q.pieces) if isinstance(q, QuantizedPieces) else [(0, q.shape[1], q)]
+
+
+def _rebuild(q, pieces: list[tuple[int, int, QuantizedTensor]]):
+    if isinstance(q, QuantizedPieces):
+        return QuantizedPieces(q.shape, tuple(pieces))
+    return pieces[0][2]
+
+
+class DistillPass(ir.passes.InPlacePass):
+    """Tune ``ctx.quantized`` metadata on calibration data (the model itself is not changed)."""
+
+    def __init__(self, ctx: Context, calibration: CalibrationSource, steps: int, lr: float = 1e-3,
+                 batch_size: int = 32, output: str | None = None, max_samples: int | None = None) -> None:
+        self.ctx = ctx
+        self.calibration = calibration
+        self.steps = steps
+        self.lr = lr
+        self.batch_size = batch_size
+        self.output = output
+        self.max_samples = max_samples
+
+    def requires(self, model: ir.Model) -> None:
+        assert self.ctx.quantized, "QuantizeWeightsPass must run first"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from bq_onnx.passes.autodiff import build_gradient_model
+
+        ctx = self.ctx
+        calib = load_calibration(self.calibration, model, self.max_samples)
+        n = calib.num_samples
+        held = max(1, n // 5) if n > 1 else 0
+        train_idx, held_idx = np.arange(n - held), np.arange(n - held, n)
+        sessions = _Sessions()
+        try:
+            fp32 = _copy(model)
+            y = output_value(fp32, self.output)
+            fp32.graph.outputs.clear()
+            fp32.graph.outputs.append(y)
+            forward = sessions.open(fp32)
+            targets = np.concatenate([_softmax(forward.run(b)[0]) for b in calib.batches(64)])
+            training, params = self._training_model(model)
+            training = run_passes(training, [AppendLossPass("kl", self.output)])
+            graph = build_gradient_model(training, LOSS, list(params), weights_as_inputs=True)
+            missing = [p for p in params if p not in graph.gradients]
+            if missing:
+                ctx.messages.append(f"distillation skipped: no gradient for {missing[0]}")
+                return ir.passes.PassResult(model, modified=False)
+            session = sessions.open(graph.model)
+
+            def run(values: dict, idx: np.ndarray) -> tuple[float, dict]:
+                feeds = {k: v[idx] for k, v in calib.arrays.items()}
+                out = dict(zip(session.output_names, session.run({**feeds, TARGET: targets[idx], **values})))
+                return float(out[graph.loss]), {p: out[graph.gradients[p]] for p in params}
+
+            values = {p: v.copy() for p, v in params.items()}
+            eval_idx = held_idx if held else train_idx
+            # the loss graph is the cross-entropy to the FP32 targets; minus their entropy it is the KL
+            held_targets = targets[eval_idx].astype(np.float64)
+            entropy = float(-np.sum(held_targets * np.log(np.clip(held_targets, 1e-30, None))))
+            best_loss, _ = run(values, eval_idx)
+            start_loss, best = best_loss, {p: v.copy() for p, v in values.items()}
+            m = {p: np.zeros_like(v) for p, v in values.items()}
+            v2 = {p: np.zeros_like(v) for p, v in values.items()}
+            rng = np.random.default_rng(ctx.settings.seed)
+            for step in progress(range(1, self.steps + 1), "distill", ctx.progress):
+                idx = rng.choice(train_idx, size=min(self.batch_size, len(train_idx)), replace=False)
+                _, grads = run(values, np.sort(idx))
+                for p in params:  # Adam, step size relative to each tensor's scale
+                    g = grads[p].astype(np.float64)
+                    m[p] = 0.9 * m[p] + 0.1 * g
+                    v2[p] = 0.999 * v2[p] + 0.001 * g * g
+                    mhat, vhat = m[p] / (1 - 0.9**step), v2[p] / (1 - 0.999**step)
+                    size = max(float(np.sqrt(np.mean(np.square(params[p])))), 1e-8)
+                    values[p] = (values[p] - self.lr * size * mhat / (np.sqrt(vhat) + 1e-12)).astype(np.float32)
+                rounded = {p: to_fp16_exact(v) for p, v in values.items()}
+                loss, _ = run(rounded, eval_idx)
+                if loss < best_loss:
+                    best_loss, best = loss, rounded
+            self._write_back(best)
+            count = len(eval_idx)
+            ctx.distillation = {
+                "steps": self.steps,
+                "held_out_samples": int(count),
+                "kl_before": (start_loss - entropy) / count,
+                "kl_after": (best_loss - entropy) / count,
+            }
+        finally:
+            sessions.close()
+        return ir.passes.PassResult(model, modified=False)
+
+    def _training_model(self, model: ir.Model) -> tuple[ir.Model, dict[str, np.ndarray]]:
+        """A copy whose quantized weights are decoded from trainable metadata initializers."""
+        ctx = self.ctx
+        training = _copy(model)
+        graph = training.graph
+        params: dict[str, np.ndarray] = {}
+        shared: dict = {}
+        nodes: list[ir.Node] = []
+        for info in ctx.weights:
+            em = Emitter(f"{info.name}.distill/", in_function=False, shared=shared)
+            views = []
+            for i, (_, _, qt) in enumerate(_pieces(ctx.quantized[info.name])):
+                prefix = f"{info.name}.p{i}"
+                k, n = qt.shape
+                dims = BlockDims.constant(em, k, n, qt.block_size)
+
+                def trainable(name: str, array: np.ndarray, prefix: str = prefix, em: Emitter = em) -> ir.Value:
+                    full = f"{prefix}.{name}"
+                    params[full] = np.asarray(array, dtype=np.float32).copy()
+                    return em.tensor(params[full], full)
+
+                if qt.kind == "mean":
+                    x = expand_blocks(em, trainable("offset", qt.offset), dims)
+                    views.append(em.op("Expand", [x, dims.kn]) if dims.single_block else x)
+                    continue
+                scale = expand_blocks(em, trainable("scale", qt.scale), dims)
+                if qt.kind == "uniform":
+                    if qt.symmetric:
+                        zp = np.float32(qt.implicit_zero_point)
+                    else:
+                        zp = expand_rows(qt.zero_point.astype(np.float32), k, qt.block_size)
+                    centered = qt.codes.astype(np.float32) - zp
+                    views.append(em.op("Mul", [em.const(centered, "codes"), scale]))
+                else:
+                    table = trainable("codebook", qt.codebook)
+                    levels = em.op("Gather", [table, em.const(qt.codes.astype(np.int64), "codes")], axis=0)
+                    x = em.op("Mul", [levels, scale])
+                    if qt.offset is not None:
+                        x = em.op("Add", [x, expand_blocks(em, trainable("offset", qt.offset), dims)])
+                    views.append(x)
+            view = views[0] if len(views) == 1 else em.op("Concat", views, axis=1)
+            decoded = restore_layout(em, view, info.layout)
+            if info.value.dtype != ir.DataType.FLOAT:
+                decoded = em.op("Cast", [decoded], to=info.value.dtype)
+            old = graph.initializers[info.name]
+            old.replace_all_uses_with(decoded)
+            graph.initializers.pop(info.name)
+            for value in em.tape.initializers:
+                graph.register_initializer(value)
+            nodes.extend(em.tape.nodes)
+        for value in shared.values():
+            graph.register_initializer(value)
+        graph.insert_before(graph[0], nodes)
+        return training, params
+
+    def _write_back(self, values: dict[str, np.ndarray]) -> None:
+        for info in self.ctx.weights:
+            q = self.ctx.quantized[info.name]
+            pieces = []
+            for i, (start, stop, qt) in enumerate(_pieces(q)):
+                changes = {f: values[f"{info.name}.p{i}.{f}"] for f in TRAINABLE if f"{info.name}.p{i}.{f}" in values}
+                pieces.append((start, stop, dataclasses.replace(qt, **changes)))
+            self.ctx.quantized[info.name] = _rebuild(q, pieces)

@@ -1,0 +1,73 @@
+"""The allocation inside optimize: budgets held, floors honoured, size targets, distillation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bq_onnx
+from bq_onnx.errors import UnsupportedError, UsageError
+from bq_onnx.estimate import estimate_posterior
+from tests.conftest import MODELS
+
+LENET = MODELS / "lenet.onnx"
+
+
+@pytest.fixture(scope="module")
+def posterior():
+    return estimate_posterior(LENET, MODELS / "lenet_calib.npz", "activations")
+
+
+@pytest.mark.parametrize("allocator", ["greedy", "dp", "quantile-inform", "random-bits", "selective"])
+@pytest.mark.parametrize("budget", [2.5, 3.25])
+def test_budget_is_never_exceeded_and_used_up(posterior, allocator, budget):
+    result = bq_onnx.optimize(LENET, bits=budget, allocator=allocator, posterior=posterior, granularity="rows:1",
+                              allocator_options={"steps": 100} if allocator == "random-bits" else None)
+    achieved = result.report["allocation"]["achieved_bits"]
+    assert budget - 0.02 <= achieved <= budget
+    assert result.report["totals"]["bits_per_weight"] == pytest.approx(achieved)
+
+
+def test_greedy_beats_uniform_on_expected_loss(posterior):
+    greedy = bq_onnx.optimize(LENET, bits=3, posterior=posterior)
+    uniform = bq_onnx.optimize(LENET, bits=3, allocator="uniform", posterior=posterior, granularity="tensor",
+                               min_bits=["nothing=1"])  # a floor forces the table path for uniform too
+    assert greedy.report["allocation"]["expected_loss"] < uniform.report["allocation"]["expected_loss"]
+
+
+def test_min_bits_and_allowed_bits_are_honoured(posterior):
+    result = bq_onnx.optimize(LENET, bits=3, posterior=posterior, min_bits=["fc2*=6"], allowed_bits=[2, 4, 6, 8])
+    for layer in result.report["layers"]:
+        assert all(b in (2, 4, 6, 8) for _, _, b in layer["pieces"])
+        if layer["name"] == "fc2.weight":
+            assert all(b >= 6 for _, _, b in layer["pieces"])
+
+
+def test_metadata_budget_and_size_target(tmp_path, posterior):
+    meta = bq_onnx.optimize(LENET, bits=3.5, posterior=posterior, bits_include_metadata=True)
+    assert 3.48 <= meta.report["totals"]["bits_per_weight_with_metadata"] <= 3.5
+    sized = bq_onnx.optimize(LENET, bits=8, posterior=posterior, size_mb=0.03, format="compact")
+    t = sized.report["totals"]
+    other = sum(v.const_value.nbytes for v in sized.model.graph.initializers.values() if v.const_value is not None)
+    assert (t["payload_bits"] + t["metadata_bits"]) / 8 <= 0.03e6
+    assert other <= 0.03e6 * 1.05  # everything stored, constants and all, stays at the target
+
+
+def test_allocators_that_need_a_posterior_say_so():
+    with pytest.raises(UnsupportedError, match="needs a posterior"):
+        bq_onnx.optimize(LENET, bits=3, allocator="quantile-inform")
+    with pytest.raises(UsageError, match="--allocator must be one of"):
+        bq_onnx.optimize(LENET, bits=3, allocator="magic")
+
+
+def test_distillation_lowers_held_out_kl_and_verifies(tmp_path):
+    result = bq_onnx.optimize(LENET, bits=2.5, calib=MODELS / "lenet_calib.npz", distill_steps=15,
+                              posterior_options={"method": "activations", "calib_samples": 200})
+    d = result.report["distillation"]
+    assert d["kl_after"] <= d["kl_before"] and d["held_out_samples"] == 40
+    assert result.save(tmp_path / "d.onnx")["verification"]["passed"]
+    # the stored metadata stays fp16-representable
+    for q in result.context.quantized.values():
+        for _, _, qt in getattr(q, "pieces", [(0, 0, q)]):
+            if qt.scale is not None:
+                np.testing.assert_array_equal(qt.scale, qt.scale.astype(np.float16).astype(np.float32))

@@ -1,0 +1,57 @@
+"""The VJP rule table: op type -> rule, gathered from the ``vjp_*`` family modules.
+
+Families: :mod:`vjp_elementwise` (arithmetic, activations), :mod:`vjp_linalg` (MatMul, Gemm), :mod:`vjp_nn`
+(Conv, ConvTranspose, pools, normalizations, softmax), :mod:`vjp_shape` (reshapes, slicing, gathering,
+reductions). :data:`NON_DIFFERENTIABLE` ops are treated as constants: their outputs carry no gradient (shape
+computations, comparisons, random generators, and the piecewise-constant Floor/Ceil/Round/Sign whose
+derivative is zero almost everywhere).
+"""
+
+from __future__ import annotations
+
+from bq_onnx.passes import vjp_elementwise, vjp_linalg, vjp_nn, vjp_shape  # noqa: F401  (register their rules)
+from bq_onnx.passes.vjp_common import RULES, Rule, RuleUnavailable, Vjp
+
+NON_DIFFERENTIABLE = frozenset(
+    {
+        "Constant",
+        "ConstantOfShape",
+        "Shape",
+        "Size",
+        "Range",
+        "EyeLike",
+        "NonZero",
+        "ArgMax",
+        "ArgMin",
+        "Equal",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "Not",
+        "And",
+        "Or",
+        "Xor",
+        "IsNaN",
+        "IsInf",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Bernoulli",
+        "Multinomial",
+    }
+)
+
+__all__ = ["NON_DIFFERENTIABLE", "RULES", "Rule", "RuleUnavailable", "Vjp", "rule_for"]
+
+
+def rule_for(op_type: str, domain: str = "") -> Rule | None:
+    """The rule of a default-domain op, or ``None``."""
+    if domain not in ("", "ai.onnx"):
+        return None
+    return RULES.get(op_type)

@@ -19,14 +19,19 @@ EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_S
 
 
 class OvSession(Session):
-    def __init__(self, compiled) -> None:
+    """Inputs and outputs are matched by position with the ONNX graph's (OpenVINO keeps the order but may merge
+    tensor names through ops it eliminates, so its own names are not reliable)."""
+
+    def __init__(self, compiled, input_names: list[str], output_names: list[str]) -> None:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
-        self.input_names = [p.get_any_name() for p in compiled.inputs]
-        self.output_names = [p.get_any_name() for p in compiled.outputs]
+        self.input_names = input_names
+        self.output_names = output_names
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        result = self._request.infer({name: np.ascontiguousarray(v) for name, v in feeds.items()})
+        # np.asarray keeps 0-d feeds 0-d (ascontiguousarray would make them 1-d, which OpenVINO rejects)
+        by_position = {i: np.asarray(feeds[name], order="C") for i, name in enumerate(self.input_names)}
+        result = self._request.infer(by_position)
         return [np.array(result[out]) for out in self._compiled.outputs]
 
 
@@ -63,6 +68,9 @@ class OpenVinoRuntime(Runtime):
             config["INFERENCE_NUM_THREADS"] = str(threads)
         path = Path(path)
         proto = onnx.load(os.fspath(path), load_external_data=False)
+        initializers = {t.name for t in proto.graph.initializer}
+        input_names = [v.name for v in proto.graph.input if v.name not in initializers]
+        output_names = [v.name for v in proto.graph.output]
         try:
             if proto.functions:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -81,4 +89,4 @@ class OpenVinoRuntime(Runtime):
         except Exception as exc:  # noqa: BLE001  OpenVINO raises RuntimeError with long C++ traces
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{path}: OpenVINO cannot load the model: {first}") from None
-        return OvSession(compiled)
+        return OvSession(compiled, input_names, output_names)

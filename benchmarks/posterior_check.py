@@ -23,7 +23,16 @@ from scipy.stats import spearmanr
 
 import bq_onnx
 from bq_onnx.calibration import load_calibration
-from bq_onnx.estimate import _forward, _gradient_graph, _Sessions, _softmax, estimate_posterior, prepare
+from bq_onnx.estimate import (
+    _copy,
+    _forward,
+    _gradient_graph,
+    _Sessions,
+    _softmax,
+    estimate_posterior,
+    prepare,
+    specialise,
+)
 from bq_onnx.passes.loss import TARGET
 from bq_onnx.table import render
 
@@ -37,7 +46,9 @@ def per_sample_cost(model_path: Path, calib_path: Path, count: int) -> tuple[flo
     sessions = _Sessions()
     try:
         outputs = _forward(sessions, prepared, None, calib)
-        graph = _gradient_graph(prepared, "kl", None, [w.name for w in prepared.weights], as_inputs=False)
+        model = specialise(_copy(prepared.model), next(calib.batches(1)))
+        graph = _gradient_graph(prepared, "kl", None, [w.name for w in prepared.weights], as_inputs=False,
+                                model=model)
         grad = sessions.open(graph.model)
         fwd_model = sessions.open(prepared.model)
         targets = _softmax(outputs)

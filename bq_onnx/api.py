@@ -147,6 +147,8 @@ def _settings(**kwargs) -> Settings:
         raise UsageError(f"--allocator must be one of {', '.join(ALLOCATORS)}, got {s.allocator!r}")
     if not s.allowed_bits or any(not 0 <= b <= 8 for b in s.allowed_bits):
         raise UsageError(f"allowed bit widths must be in 0..8, got {s.allowed_bits!r}")
+    if s.tables not in ("closed", "mc"):
+        raise UsageError(f"--tables must be closed or mc, got {s.tables!r}")
     if s.size_mb is not None and not s.size_mb > 0:
         raise UsageError(f"--size-mb must be > 0, got {s.size_mb}")
     if s.format not in FORMATS:
@@ -183,13 +185,15 @@ def optimize(
     allocator_options: Mapping | None = None,
     distill_steps: int = 0,
     distill_lr: float = 1e-3,
+    tables: str = "closed",
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
     ``group_size`` rows per block along the reduction axis (0: one block per output channel).
     ``calib`` (calibration data, see :func:`bq_onnx.calibration.load_calibration`) estimates a posterior with
     ``posterior_options`` (fields of :class:`bq_onnx.estimate.PosteriorOptions`: method, loss, labels, ...);
-    ``posterior`` gives one instead (a file from ``bq-onnx posterior`` or an external Bayesian network's).
+    ``posterior`` gives one instead (a file from ``bq-onnx posterior`` or an external Bayesian network's); with
+    both, ``calib`` only serves ``tables="mc"`` and distillation.
     The posterior precision weights each quantizer's error and the expected-loss tables.
 
     ``bits`` is the average payload bits per quantized weight that ``allocator`` (``greedy``, ``dp``,
@@ -197,6 +201,7 @@ def optimize(
     ``granularity="rows:N"`` slices of output channels), never exceeding it; ``allocator="uniform"`` with a whole
     ``bits`` is the fixed-width mode. ``bits_include_metadata`` counts scales and codebooks in the budget;
     ``size_mb`` sets a file-size budget instead; ``min_bits`` ({pattern: bits}) sets per-layer floors.
+    ``tables="mc"`` (needs ``calib``) measures each block's KL at each width instead of the closed form.
     ``distill_steps`` > 0 (needs ``calib``) tunes scales, offsets and codebooks on the calibration data with the
     codes fixed, minimizing the KL to the FP32 model (step size ``distill_lr`` relative to each tensor's RMS).
     """
@@ -214,12 +219,11 @@ def optimize(
         include_metadata=bits_include_metadata,
         size_mb=size_mb,
         min_bits=parse_min_bits(min_bits),
+        tables=tables,
     )
     ctx = Context(settings, progress=progress)
-    if calib is not None and posterior is not None:
-        raise UsageError("give calibration data or a posterior, not both")
     posterior_passes: list = []
-    if calib is not None:
+    if calib is not None and posterior is None:
         from bq_onnx.estimate import PosteriorOptions
         from bq_onnx.passes.posterior import EstimatePosteriorPass
 
@@ -247,7 +251,8 @@ def optimize(
     loaded = load_model(model)
     if isinstance(model, ir.Model):  # the caller's object stays untouched
         loaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    passes = optimize_passes(ctx, posterior_passes, dict(allocator_options or {}), distill)
+    passes = optimize_passes(ctx, posterior_passes, dict(allocator_options or {}), distill, calibration=calib,
+                             output=dict(posterior_options or {}).get("output"))
     result = run_passes(loaded, passes)
     report = {
         "tool": "bq-onnx",

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--bits-include-metadata", action="store_true", help="count scales/codebooks in --bits")
     a.add_argument("--size-mb", type=float, help="file-size budget in MB instead of --bits")
     a.add_argument("--min-bits", action="append", default=[], metavar="PATTERN=N", help="per-layer minimum bits")
+    a.add_argument("--tables", choices=("closed", "mc"), default="closed",
+                   help="expected-loss tables: closed form from the posterior (default) or mc: measured KL per "
+                   "block and width on --calib (slow; validates the closed form)")
     a.add_argument("--distill-steps", type=int, default=0,
                    help="after quantizing, tune scales/codebooks for N steps on --calib (codes fixed)")
     a.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
@@ -177,6 +180,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         size_mb=args.size_mb,
         min_bits=args.min_bits,
         distill_steps=args.distill_steps,
+        tables=args.tables,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
     if args.plot:

@@ -35,6 +35,7 @@ class Settings:
     include_metadata: bool = False
     size_mb: float | None = None
     min_bits: tuple[tuple[str, int], ...] = ()
+    tables: str = "closed"  # closed form from the posterior, or "mc": measured KL per block and width
 
     @property
     def fixed(self) -> bool:
@@ -42,6 +43,7 @@ class Settings:
         return (
             self.allocator == "uniform" and float(self.bits).is_integer() and self.size_mb is None
             and not self.include_metadata and not self.min_bits and int(self.bits) in self.allowed_bits
+            and self.tables == "closed"
         )
 
 

@@ -273,16 +273,18 @@ def estimate_prepared(
         if method != "activations":
             outputs = _forward(sessions, prepared, opts.output, calib)
             labels = _check_labels(opts.labels, outputs, loss)
-            kfac_model, sites = None, []
+            grad_model, sites = None, []
             if method == "kfac":
                 from bq_onnx.kfac import add_probes
 
-                kfac_model = _copy(prepared.model)
+                grad_model = _copy(prepared.model)
                 first = next(calib.batches(1))
-                sites = add_probes(kfac_model, [w for w in _weights_of(kfac_model, prepared)], first)
+                sites = add_probes(grad_model, [w for w in _weights_of(grad_model, prepared)], first)
+            elif method in ("laplace", "fisher-mc"):
+                grad_model = specialise(_copy(prepared.model), next(calib.batches(1)))
             probes = [site.probe for site in sites]
             graph = _gradient_graph(prepared, loss, opts.output, names + probes, as_inputs=method == "hutchinson",
-                                    model=kfac_model)
+                                    model=grad_model)
             for weight, ops in graph.unsupported.items():
                 if weight in names:
                     notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations estimator")
@@ -363,6 +365,19 @@ def _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, pro
                 stats[w] += v * hv / probes
         acc.update(stats, samples=count)
     return acc.mean()
+
+
+def specialise(model: ir.Model, sample: Mapping[str, np.ndarray]) -> ir.Model:
+    """Fix the inputs to one sample's shapes and infer the rest: per-sample gradient graphs run at batch 1, and
+    static shapes let the autodiff use its direct Conv weight-gradient form (2-3x faster than the unfold form
+    that symbolic shapes need)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    for value in model.graph.inputs:
+        if value.name in sample:
+            value.shape = ir.Shape(list(sample[value.name].shape))
+    ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    return model
 
 
 def _weights_of(model: ir.Model, prepared: Prepared) -> list[WeightInfo]:

@@ -16,7 +16,6 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx_ir.passes.common import ShapeInferencePass
 
 from bq_onnx.context import WeightInfo
 
@@ -43,10 +42,9 @@ def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
 
 def add_probes(model: ir.Model, weights: list[WeightInfo], sample: dict[str, np.ndarray]) -> list[KfacSite]:
     """Specialise ``model`` (in place) to ``sample``'s shapes and add a zero probe after each K-FAC layer."""
-    for value in model.graph.inputs:
-        if value.name in sample:
-            value.shape = ir.Shape(list(sample[value.name].shape))
-    ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    from bq_onnx.estimate import specialise
+
+    specialise(model, sample)
     sites = []
     for info in weights:
         use = next(iter(info.value.uses()), None)

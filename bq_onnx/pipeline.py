@@ -32,6 +32,8 @@ def optimize_passes(
     posterior: Sequence[ir.passes.PassBase] = (),
     allocator_options: dict | None = None,
     distill: Sequence[ir.passes.PassBase] = (),
+    calibration=None,
+    output: str | None = None,
 ) -> list[ir.passes.PassBase]:
     """Prepare, find weights, (posterior), tables + allocation (unless fixed width), quantize, rewrite."""
     s = ctx.settings
@@ -39,7 +41,8 @@ def optimize_passes(
     allocate: list[ir.passes.PassBase] = []
     if not s.fixed:
         allocate = [
-            ExpectedLossTablesPass(ctx, s.allowed_bits, s.granularity, s.include_metadata or s.size_mb is not None),
+            ExpectedLossTablesPass(ctx, s.allowed_bits, s.granularity, s.include_metadata or s.size_mb is not None,
+                                   mode=s.tables, calibration=calibration, output=output),
             AllocatePass(ctx, allocator_options),
         ]
     return [

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.context import Context
+from bq_onnx.errors import UsageError
 from bq_onnx.passes.quantize import design, weight_view
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
@@ -56,11 +57,20 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
     """Fill ``ctx.tables`` with one :class:`BlockTable` per block (the model is not changed)."""
 
     def __init__(self, ctx: Context, allowed_bits: tuple[int, ...], granularity: int | None,
-                 include_metadata: bool) -> None:
+                 include_metadata: bool, mode: str = "closed", calibration=None, max_samples: int = 128,
+                 output: str | None = None) -> None:
         self.ctx = ctx
         self.allowed_bits = tuple(sorted(allowed_bits))
         self.granularity = granularity
         self.include_metadata = include_metadata
+        if mode not in ("closed", "mc"):
+            raise UsageError(f"--tables must be closed or mc, got {mode!r}")
+        if mode == "mc" and calibration is None:
+            raise UsageError("--tables mc needs calibration data (--calib)")
+        self.mode = mode
+        self.calibration = calibration
+        self.max_samples = max_samples
+        self.output = output
 
     def requires(self, model: ir.Model) -> None:
         assert self.ctx.weights, "FindWeightsPass must run first"
@@ -68,6 +78,8 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         fmt = self.ctx.settings.format
         tables: list[BlockTable] = []
+        measure = _MonteCarlo(self.ctx, model, self.calibration, self.max_samples, self.output) \
+            if self.mode == "mc" else None
         for info in progress(self.ctx.weights, "loss tables", self.ctx.progress):
             k, n = info.layout.view_shape
             ranges = slices(n, self.granularity)
@@ -77,12 +89,10 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
             view, importance = weight_view(self.ctx, info)
             for j, bits in enumerate(self.allowed_bits):
                 qt = design(self.ctx, view, importance, bits)
-                err = (qt.dequantize().astype(np.float64) - view) ** 2
-                if importance is not None:
-                    err *= importance
-                per_column = err.sum(axis=0)
+                per_column = self._column_losses(info, view, qt.dequantize(), importance)
+                measured = measure.block_losses(info, view, qt.dequantize(), ranges) if measure else None
                 for i, (start, stop) in enumerate(ranges):
-                    loss[i, j] = per_column[start:stop].sum()
+                    loss[i, j] = measured[i] if measured is not None else per_column[start:stop].sum()
                     payload[i, j] = k * (stop - start) * bits
                     meta[i, j] = metadata_bits(take_columns(qt, start, stop), fmt)
             for i, columns in enumerate(ranges):
@@ -91,5 +101,64 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
                     BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
                                self.allowed_bits, loss[i], cost, payload[i], meta[i])
                 )
+        if measure is not None:
+            measure.close()
         self.ctx.tables = tables
         return ir.passes.PassResult(model, modified=False)
+
+    def _column_losses(self, info, view: np.ndarray, decoded: np.ndarray, importance) -> np.ndarray:
+        """Expected loss per output column: ``delta^T H delta`` with H diagonal (the posterior precision) or,
+        where the posterior has K-FAC factors, ``H = N (A (x) G) + lambda`` so correlated errors count together:
+        ``delta^T H delta = N tr(D^T A D G) + lambda |D|^2`` with ``D`` the (K, N) error."""
+        delta = decoded.astype(np.float64) - view
+        posterior = self.ctx.posterior
+        wp = posterior.weights.get(info.name) if posterior is not None else None
+        if wp is not None and wp.kfac is not None:
+            a, g = wp.kfac
+            return posterior.samples * np.sum(delta * (a @ delta @ g), axis=0) + posterior.prior_precision * np.sum(
+                delta**2, axis=0
+            )
+        err = delta**2
+        if importance is not None:
+            err *= importance
+        return err.sum(axis=0)
+
+
+class _MonteCarlo:
+    """The measured table: mean KL to the FP32 output on calibration samples with one block quantized."""
+
+    def __init__(self, ctx: Context, model: ir.Model, calibration, max_samples: int, output: str | None) -> None:
+        from bq_onnx.calibration import load_calibration
+        from bq_onnx.estimate import _copy, _Sessions
+        from bq_onnx.passes.loss import output_value
+
+        self.ctx = ctx
+        self.calib = load_calibration(calibration, model, max_samples)
+        copy = _copy(model)
+        y = output_value(copy, output)
+        copy.graph.outputs.clear()
+        copy.graph.outputs.append(y)
+        for info in ctx.weights:  # overridable initializers: fed per measurement
+            copy.graph.inputs.append(copy.graph.initializers[info.name])
+        self.sessions = _Sessions()
+        self.session = self.sessions.open(copy)
+        self.reference = self._log_probs({})
+
+    def _log_probs(self, weights: dict) -> np.ndarray:
+        z = np.concatenate([self.session.run({**b, **weights})[0] for b in self.calib.batches(64)])
+        z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    def block_losses(self, info, view: np.ndarray, decoded: np.ndarray, ranges) -> list[float]:
+        losses = []
+        p = np.exp(self.reference)
+        for start, stop in ranges:
+            mixed = view.copy()
+            mixed[:, start:stop] = decoded[:, start:stop]
+            weight = info.layout.from_view(mixed).astype(info.value.dtype.numpy())
+            log_q = self._log_probs({info.name: weight})
+            losses.append(float(np.mean(np.sum(p * (self.reference - log_q), axis=-1))))
+        return losses
+
+    def close(self) -> None:
+        self.sessions.close()

@@ -1,12 +1,12 @@
 """Allocation checks on the reference models: greedy against the exact DP, closed-form tables against mc.
 
-Usage:  python -m benchmarks.tables_check [--models lenet,digits_mlp,tiny_transformer] [--out FILE]
+Usage:  python -m benchmarks.tables_check [--models lenet,digits_mlp,tiny_transformer] [--method M] [--out FILE]
 
 For each model: a posterior (``--method``, default hutchinson) from its calibration split; expected-loss
-tables (rows:8 blocks, widths 0..8); greedy and dp at budgets 2.5..4.0 on the same tables, objective = total
-expected loss and the loss reduction from the cheapest allocation (greedy / dp, 1.0 = optimal). Then the measured (``mc``) tables, KL to
-FP32 with only one block quantized, and the Spearman correlation of the block rankings, closed form vs mc, at
-each width and over all (block, width) entries.
+tables (rows:8 blocks, widths 0..8); greedy and dp at budgets 2.5..4.0 on the same tables. Objective: total
+expected loss, and the loss reduction from the cheapest allocation (greedy / dp; 1.0 = optimal). Then the
+measured (``mc``) tables, the KL to FP32 with only one block quantized, and the Spearman correlation of the
+block rankings, closed form vs mc, at each width and over all (block, width) entries.
 """
 
 from __future__ import annotations

@@ -1141,3 +1141,24 @@ def test_reference_lenet_after_opset_upgrade(tmp_path):
     case = Case(proto, {"input": images, "p": p}, wrt, loss="kl")
     result, errors = check(case, tmp_path, dtype="f32", samples=8, h=2e-3, tol=2e-2)
     assert set(errors) == set(wrt) and result.loss == "kl"
+
+
+def test_reference_digits_mlp_after_opset_upgrade(tmp_path):
+    """The repository's digits MLP (opset 18, upgraded to 21), KL loss against smoothed labels: every weight and
+    bias matches finite differences. Float32, h = 2e-3, tolerance 2e-2 (as for LeNet)."""
+    from bq_onnx.passes.prepare import UpgradeOpsetPass
+
+    model = UpgradeOpsetPass()(ir.load(str(MODELS / "digits_mlp.onnx"))).model
+    proto = ir.to_proto(model)
+    proto.ir_version = 10
+    proto.graph.node.extend(kl_loss_nodes("logits"))
+    proto.graph.input.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 10]))
+    proto.graph.output.append(helper.make_tensor_value_info("kl", TensorProto.FLOAT, []))
+    with np.load(MODELS / "digits_mlp_data.npz") as data:
+        digits, labels = data["calib_input"][:4], data["calib_labels"][:4]
+    p = np.full((4, 10), 0.02, np.float32)
+    p[np.arange(4), labels] = 0.82
+    wrt = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT]
+    case = Case(proto, {"input": digits, "p": p}, wrt, loss="kl")
+    result, errors = check(case, tmp_path, dtype="f32", samples=8, h=2e-3, tol=2e-2)
+    assert set(errors) == set(wrt) and result.loss == "kl"

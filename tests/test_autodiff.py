@@ -1118,47 +1118,28 @@ def test_autodiff_pass_and_supported_ops():
     assert not {"TopK", "Einsum", "If", "Loop"} & supported_ops()
 
 
-def test_reference_lenet_after_opset_upgrade(tmp_path):
-    """The repository's trained LeNet-5 (opset 18, upgraded to 21 by the prepare pass), KL loss against smoothed
-    labels: every weight matches finite differences and OpenVINO.
+@pytest.mark.parametrize(("name", "count"), [("lenet", 3), ("digits_mlp", 4)])
+def test_reference_models_after_opset_upgrade(tmp_path, name, count):
+    """The repository's trained LeNet-5 and digits MLP (opset 18, upgraded to 21 by the prepare pass), KL loss
+    against smoothed labels: every weight and bias matches finite differences (and OpenVINO).
 
-    Float32 (Conv/MaxPool), h = 2e-3, tolerance 2e-2 [measured 5.4e-3]: the trained logits reach about 20, so
-    float32 rounding puts ~1e-6 of noise on the loss, ~5e-4 on a difference quotient, against first-layer bias
-    gradients of ~0.1; a larger h crosses Relu/MaxPool switches of the 24x24 first-layer maps."""
+    Float32 (Conv/MaxPool), h = 2e-3, tolerance 2e-2 [measured 5.4e-3 on LeNet]: the trained logits reach about
+    20, so float32 rounding puts ~1e-6 of noise on the loss, ~5e-4 on a difference quotient, against first-layer
+    bias gradients of ~0.1; a larger h crosses Relu/MaxPool switches of the 24x24 first-layer maps."""
     from bq_onnx.passes.prepare import UpgradeOpsetPass
 
-    model = UpgradeOpsetPass()(ir.load(str(MODELS / "lenet.onnx"))).model
+    model = UpgradeOpsetPass()(ir.load(str(MODELS / f"{name}.onnx"))).model
     proto = ir.to_proto(model)
     proto.ir_version = 10
     proto.graph.node.extend(kl_loss_nodes("logits"))
     proto.graph.input.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 10]))
     proto.graph.output.append(helper.make_tensor_value_info("kl", TensorProto.FLOAT, []))
-    with np.load(MODELS / "lenet_data.npz") as data:
-        images, labels = data["calib_input"][:3], data["calib_labels"][:3]
-    p = np.full((3, 10), 0.02, np.float32)
-    p[np.arange(3), labels] = 0.82
+    with np.load(MODELS / f"{name}_data.npz") as data:
+        inputs, labels = data["calib_input"][:count], data["calib_labels"][:count]
+    p = np.full((count, 10), 0.02, np.float32)
+    p[np.arange(count), labels] = 0.82
     wrt = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT]
-    case = Case(proto, {"input": images, "p": p}, wrt, loss="kl")
+    case = Case(proto, {"input": inputs, "p": p}, wrt, loss="kl")
     result, errors = check(case, tmp_path, dtype="f32", samples=8, h=2e-3, tol=2e-2)
     assert set(errors) == set(wrt) and result.loss == "kl"
 
-
-def test_reference_digits_mlp_after_opset_upgrade(tmp_path):
-    """The repository's digits MLP (opset 18, upgraded to 21), KL loss against smoothed labels: every weight and
-    bias matches finite differences. Float32, h = 2e-3, tolerance 2e-2 (as for LeNet)."""
-    from bq_onnx.passes.prepare import UpgradeOpsetPass
-
-    model = UpgradeOpsetPass()(ir.load(str(MODELS / "digits_mlp.onnx"))).model
-    proto = ir.to_proto(model)
-    proto.ir_version = 10
-    proto.graph.node.extend(kl_loss_nodes("logits"))
-    proto.graph.input.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 10]))
-    proto.graph.output.append(helper.make_tensor_value_info("kl", TensorProto.FLOAT, []))
-    with np.load(MODELS / "digits_mlp_data.npz") as data:
-        digits, labels = data["calib_input"][:4], data["calib_labels"][:4]
-    p = np.full((4, 10), 0.02, np.float32)
-    p[np.arange(4), labels] = 0.82
-    wrt = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT]
-    case = Case(proto, {"input": digits, "p": p}, wrt, loss="kl")
-    result, errors = check(case, tmp_path, dtype="f32", samples=8, h=2e-3, tol=2e-2)
-    assert set(errors) == set(wrt) and result.loss == "kl"

@@ -111,6 +111,57 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", help=".onnx file")
     i.add_argument("--min-size", type=int, default=128, help="smallest float tensor listed (default 128)")
     _common(i)
+
+    v = sub.add_parser(
+        "verify",
+        help="compare a candidate model with a reference on calibration data",
+        description="Run REFERENCE and CANDIDATE on the calibration inputs in each runtime (exact precision "
+        "settings) and report per output: top-1 agreement, accuracy with --labels, mean KL(reference || "
+        "candidate) of the softmax over the last axis, relative error ||c - r|| / ||r||, mean per-sample cosine. "
+        "Exits 6 when a threshold fails; a runtime that is not installed is skipped.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    v.add_argument("reference", help="reference .onnx (e.g. the FP32 original)")
+    v.add_argument("candidate", help="candidate .onnx (e.g. the quantized model)")
+    v.add_argument("--calib", metavar="DATA", required=True, help="inputs: .npz keyed by input name, or a folder")
+    v.add_argument("--labels", metavar="FILE", help="class labels .npy/.npz (key 'labels'): report accuracies")
+    v.add_argument("--runtime", default="onnxruntime", help="comma-separated: onnxruntime,openvino "
+                   "(default onnxruntime)")
+    v.add_argument("--output-name", help="compare only this output (default: every output of both models)")
+    v.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
+    v.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
+    th = v.add_argument_group("thresholds (a failing one exits 6)")
+    th.add_argument("--min-agreement", type=float, default=0.99,
+                    help="minimum top-1 agreement, fraction (default 0.99; classification outputs only)")
+    th.add_argument("--max-kl", type=float, help="maximum mean KL(reference || candidate) (default: not checked)")
+    th.add_argument("--max-rel-error", type=float, help="maximum ||c - r|| / ||r|| (default: not checked)")
+    th.add_argument("--min-cosine", type=float, help="minimum mean per-sample cosine (default: not checked)")
+    th.add_argument("--max-accuracy-drop", type=float,
+                    help="maximum accuracy drop in percentage points, needs --labels (default: not checked)")
+    _common(v)
+
+    b = sub.add_parser(
+        "bench",
+        help="measure session creation, latency, throughput and peak memory",
+        description="For each model x runtime (x execution provider) x batch, measured in a fresh process: "
+        "session-creation time, latency p50/p90/p99 after warm-up, throughput and peak memory. The first model "
+        "is the baseline for the latency and memory ratios. Fast runtime settings unless --exact.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    b.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files; the first is the baseline")
+    b.add_argument("--runtime", default="onnxruntime", help="comma-separated: onnxruntime,openvino "
+                   "(default onnxruntime)")
+    b.add_argument("--ep", default="cpu", help="onnxruntime execution providers, comma-separated, each measured "
+                   "separately: cpu, cuda, tensorrt, rocm, migraphx (default cpu)")
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    b.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
+    b.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    b.add_argument("--iterations", type=int, default=50, help="timed runs (default 50)")
+    b.add_argument("--exact", action="store_true", help="exact precision settings instead of the fast defaults")
+    b.add_argument("--calib", metavar="DATA", help="use these inputs instead of random ones")
+    _common(b)
     return p
 
 
@@ -331,13 +382,112 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from bq_onnx.calibration import load_labels
+    from bq_onnx.compare import failure_message, verify_models
+    from bq_onnx.errors import VerificationError
+
+    report = verify_models(
+        args.reference,
+        args.candidate,
+        args.calib,
+        labels=load_labels(args.labels) if args.labels else None,
+        runtimes=_names(args.runtime),
+        output=args.output_name,
+        calib_samples=args.calib_samples,
+        batch_size=args.batch_size,
+        min_agreement=args.min_agreement,
+        max_kl=args.max_kl,
+        max_rel_error=args.max_rel_error,
+        min_cosine=args.min_cosine,
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif not args.quiet:
+        rows = []
+        for r in report["runtimes"]:
+            for o in r["outputs"]:
+                if "error" in o:
+                    rows.append([r["runtime"], o["output"], "-", "-", "-", "-", "-", "-", "-", "FAIL"])
+                    continue
+                rows.append([r["runtime"], o["output"], o["samples"], _fmt(o["agreement"], ".4f"),
+                             _fmt(o["kl"], ".3g"), _fmt(o["rel_error"], ".3g"), _fmt(o["cosine"], ".6f"),
+                             _fmt(o["accuracy_reference"] and 100 * o["accuracy_reference"], ".2f"),
+                             _fmt(o["accuracy_candidate"] and 100 * o["accuracy_candidate"], ".2f"),
+                             "ok" if o["passed"] else "FAIL: " + ",".join(o["failed"])])
+        print(render(["runtime", "output", "samples", "agreement", "KL", "rel err", "cosine", "acc ref %",
+                      "acc cand %", "status"], rows))
+        for s in report["skipped"]:
+            print(f"skipped {s['runtime']}: {s['reason']}")
+        given = ", ".join(f"{k} {v:g}" for k, v in report["thresholds"].items() if v is not None) or "none"
+        print(f"{report['samples']} samples, {report['settings']}; thresholds: {given}; "
+              f"{'passed' if report['passed'] else 'FAILED'}")
+    if not report["passed"]:
+        raise VerificationError(failure_message(report))
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bq_onnx.bench import benchmark, parse_batches
+
+    report = benchmark(
+        args.models,
+        runtimes=_names(args.runtime),
+        batches=parse_batches(args.batch),
+        threads=args.threads,
+        warmup=args.warmup,
+        iterations=args.iterations,
+        exact=args.exact,
+        providers=_names(args.ep),
+        calib=args.calib,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif not args.quiet:
+        rows = []
+        for r in report["results"]:
+            where = r["runtime"] + (f" ({r['provider'].removesuffix('ExecutionProvider')})" if r["provider"] else "")
+            if r["status"] != "ok":
+                rows.append([Path(r["model"]).name, where, r["batch"], "-", "-", "-", "-", "-", "-", "-", "-",
+                             f"{r['status']}: {r['reason']}"])
+                continue
+            lat = r["latency_ms"]
+            rows.append([Path(r["model"]).name, where, r["batch"], f"{r['session_create_s']:.3f}",
+                         f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                         f"{r['throughput_per_s']:.1f}", f"{r['peak_rss_mib']:.1f}",
+                         _fmt(r["latency_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), "ok"])
+        print(render(["model", "runtime", "batch", "create s", "p50 ms", "p90 ms", "p99 ms", "samples/s",
+                      "peak MiB", "lat/base", "mem/base", "status"], rows))
+        for s in report["skipped"]:
+            if "model" not in s:
+                print(f"skipped {s['runtime']}{' ' + s['provider'] if s['provider'] else ''}: {s['reason']}")
+        print(f"settings: {report['settings']}; inputs: {report['inputs']}; baseline {report['baseline']}; "
+              f"{report['warmup']} warm-up + {report['iterations']} timed runs per configuration")
+    failed = [r for r in report["results"] if r["status"] == "failed"]
+    if failed:
+        print(f"error: {Path(failed[0]['model']).name} in {failed[0]['runtime']}: {failed[0]['reason']}",
+              file=sys.stderr)
+        return failed[0].get("exit_code", EXIT_INTERNAL)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "posterior": _cmd_posterior}[args.command]
+    handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "posterior": _cmd_posterior,
+               "verify": _cmd_verify, "bench": _cmd_bench}[args.command]
     try:
         return handler(args)
     except BqError as exc:

@@ -7,13 +7,43 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bq_onnx.errors import ModelError
+from bq_onnx.errors import ModelError, UsageError
 from bq_onnx.runtimes.base import Capabilities, Runtime, Session
+
+#: ``--ep`` short names -> onnxruntime execution provider names (full provider names are accepted as well).
+EP_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+
+def provider_names(eps: str | list[str] | None) -> list[str]:
+    """``"cuda,cpu"`` or ``["cuda"]`` -> onnxruntime provider names, in order; unknown short names are refused."""
+    if eps is None:
+        return ["CPUExecutionProvider"]
+    items = [e.strip() for e in (eps.split(",") if isinstance(eps, str) else eps) if e.strip()]
+    out = []
+    for item in items:
+        if item.endswith("ExecutionProvider"):
+            out.append(item)
+        elif item.lower() in EP_NAMES:
+            out.append(EP_NAMES[item.lower()])
+        else:
+            raise UsageError(f"unknown execution provider '{item}' (known: {', '.join(EP_NAMES)})")
+    return out or ["CPUExecutionProvider"]
 
 
 class OrtSession(Session):
     def __init__(self, session) -> None:
         self._session = session
+        self.providers = list(session.get_providers())  # what onnxruntime really uses (it may fall back to CPU)
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
@@ -35,14 +65,19 @@ class OnnxRuntime(Runtime):
         opsets=(7, 23),
     )
 
-    def __init__(self, providers: list[str] | None = None) -> None:
-        self.providers = providers or ["CPUExecutionProvider"]
+    def __init__(self, providers: str | list[str] | None = None) -> None:
+        self.providers = provider_names(providers)
 
     def available(self) -> tuple[bool, str]:
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime
         except ImportError as exc:
             return False, f"onnxruntime is not installed ({exc})"
+        have = onnxruntime.get_available_providers()
+        missing = [p for p in self.providers if p not in have]
+        if missing:
+            return False, (f"onnxruntime {', '.join(missing)} not available (this onnxruntime has: "
+                           f"{', '.join(have)}; GPU providers need onnxruntime-gpu)")
         return True, ""
 
     def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None) -> Session:

@@ -1,0 +1,238 @@
+"""``bq-onnx bench``: session-creation time, latency percentiles, throughput and peak memory per configuration.
+
+Each configuration (model x runtime [x onnxruntime execution provider] x batch) is measured in a fresh Python
+process (``python -m bq_onnx.bench --one CONFIG_JSON``), so the peak resident memory it reports
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that configuration alone. The first model is the
+baseline (usually the FP32 original): every other model's rows carry latency and memory ratios against the
+baseline's row with the same runtime, provider and batch.
+
+Inputs are random (symbolic first dimension = batch, other symbolic dimensions = 16, seeded) or the first
+``batch`` samples of ``calib`` (repeated when there are fewer). Runtimes run with their fast default settings
+unless ``exact=True`` (onnxruntime ``accuracy_level 0``, OpenVINO f32), and the report says which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from bq_onnx.errors import BqError, UsageError
+
+OTHER_SYMBOLIC_DIM = 16
+_FLOAT = {"float32", "float16", "float64"}
+
+
+def _rss_peak_mib() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def make_feeds(model_path: str, batch: int, calib: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for one run at ``batch``: random, or the first ``batch`` calibration samples (tiled when short)."""
+    from bq_onnx.calibration import input_specs, load_calibration
+    from bq_onnx.model_io import load_model
+
+    model = load_model(model_path)
+    if calib is not None:
+        data = load_calibration(calib, model)
+        return {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in data.arrays.items()}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in input_specs(model):
+        shape = [d if isinstance(d, int) else (batch if axis == 0 else OTHER_SYMBOLIC_DIM)
+                 for axis, d in enumerate(spec.shape)]
+        if spec.dtype.name in _FLOAT:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):
+            feeds[spec.name] = rng.integers(0, 4, size=shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feeds[spec.name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feeds
+
+
+def _make_runtime(name: str, ep: str | None):
+    from bq_onnx.runtimes import get_runtime
+
+    if name == "onnxruntime":
+        from bq_onnx.runtimes.ort import OnnxRuntime
+
+        return OnnxRuntime(providers=[ep] if ep else None)
+    return get_runtime(name)
+
+
+def measure_one(config: dict) -> dict:
+    """Measure one configuration in this process (called in the child)."""
+    rt = _make_runtime(config["runtime"], config.get("provider"))
+    feeds = make_feeds(config["model"], config["batch"], config.get("calib"))
+    before = _rss_peak_mib()
+    start = time.perf_counter()
+    session = rt.session(config["model"], exact=config["exact"], threads=config.get("threads"))
+    create_s = time.perf_counter() - start
+    used = getattr(session, "providers", None)
+    wanted = config.get("provider")
+    if used is not None and wanted and wanted not in used:
+        return {"status": "skipped", "reason": f"onnxruntime {wanted} has no usable device here (ran on "
+                f"{', '.join(used)})"}
+    for _ in range(config["warmup"]):
+        session.run(feeds)
+    times = []
+    for _ in range(config["iterations"]):
+        t0 = time.perf_counter()
+        session.run(feeds)
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1000.0
+    peak = _rss_peak_mib()
+    return {
+        "status": "ok",
+        "session_create_s": create_s,
+        "latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+                       "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())},
+        "throughput_per_s": config["batch"] * len(ms) / float(np.sum(times)) if np.sum(times) > 0 else None,
+        "peak_rss_mib": peak,
+        "model_rss_mib": max(peak - before, 0.0),
+    }
+
+
+def _run_child(config: dict, timeout: float | None) -> dict:
+    cmd = [sys.executable, "-m", "bq_onnx.bench", "--one", json.dumps(config)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": f"timed out after {timeout:g} s", "exit_code": 1}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    err = proc.stderr.strip().splitlines()
+    why = err[-1] if err else f"child exited with {proc.returncode}"
+    if lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    return {"status": "failed", "reason": why[:300], "exit_code": 1}
+
+
+def _child_main(config_json: str) -> int:
+    config = json.loads(config_json)
+    try:
+        result = measure_one(config)
+    except BqError as exc:
+        result = {"status": "failed", "reason": str(exc), "exit_code": exc.exit_code}
+    print(json.dumps(result))
+    return 0
+
+
+def benchmark(
+    models: Sequence[str | os.PathLike],
+    runtimes: Sequence[str] = ("onnxruntime",),
+    batches: Sequence[int] = (1,),
+    threads: int | None = None,
+    warmup: int = 10,
+    iterations: int = 50,
+    exact: bool = False,
+    providers: Sequence[str] | None = None,
+    calib: str | os.PathLike | None = None,
+    timeout: float | None = 600,
+) -> dict:
+    """Measure every model x runtime (x onnxruntime provider) x batch; the first model is the baseline.
+
+    ``providers`` are ``--ep`` names (``cpu``, ``cuda``, ``tensorrt``, ``rocm``, ``migraphx`` or full
+    onnxruntime provider names) and apply to onnxruntime only; OpenVINO runs on CPU. Unavailable runtimes and
+    providers are reported under ``skipped`` with the reason.
+    """
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.model_io import load_model
+    from bq_onnx.runtimes import get_runtime
+    from bq_onnx.runtimes.ort import provider_names
+
+    if not models:
+        raise UsageError("bench needs at least one model")
+    if not batches or any(b < 1 for b in batches):
+        raise UsageError(f"batch sizes must be >= 1, got {list(batches)}")
+    if warmup < 0 or iterations < 1:
+        raise UsageError(f"need --warmup >= 0 and --iterations >= 1, got {warmup} and {iterations}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    paths = [os.fspath(m) for m in models]
+    for path in paths:  # one-line errors for missing/bad models and calibration data before any measuring
+        model = load_model(path)
+        if calib is not None:
+            load_calibration(calib, model)
+    calib = os.fspath(calib) if calib is not None else None
+    eps = provider_names(list(providers) if providers else None)
+    targets = []  # (runtime name, provider or None, reason when unavailable)
+    for name in runtimes:
+        rt = get_runtime(name)
+        if rt.name == "onnxruntime":
+            for ep in eps:
+                ok, why = _make_runtime("onnxruntime", ep).available()
+                targets.append((rt.name, ep, "" if ok else why))
+        else:
+            ok, why = rt.available()
+            targets.append((rt.name, None, "" if ok else why))
+    report: dict = {
+        "settings": "exact (onnxruntime accuracy_level 0, OpenVINO f32)" if exact else
+        "fast (runtime defaults: onnxruntime MatMulNBits accuracy_level 4, OpenVINO default precision)",
+        "exact": exact,
+        "baseline": paths[0],
+        "batches": list(batches),
+        "threads": threads,
+        "warmup": warmup,
+        "iterations": iterations,
+        "inputs": f"calibration data {calib}" if calib else
+        f"random (symbolic batch dimension = batch, other symbolic dimensions = {OTHER_SYMBOLIC_DIM})",
+        "results": [],
+        "skipped": [],
+    }
+    for runtime, ep, why in targets:
+        if why:
+            report["skipped"].append({"runtime": runtime, "provider": ep, "reason": why})
+    available = [(r, ep) for r, ep, why in targets if not why]
+    for path in paths:
+        for runtime, ep in available:
+            for batch in batches:
+                config = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
+                          "threads": threads, "warmup": warmup, "iterations": iterations, "exact": exact,
+                          "calib": calib}
+                row = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
+                       **_run_child(config, timeout)}
+                report["results"].append(row)
+    base = {(r["runtime"], r["provider"], r["batch"]): r for r in report["results"]
+            if r["model"] == paths[0] and r["status"] == "ok"}
+    for row in report["results"]:
+        ref = base.get((row["runtime"], row["provider"], row["batch"]))
+        ok = row["status"] == "ok" and ref is not None
+        row["latency_ratio"] = row["latency_ms"]["p50"] / ref["latency_ms"]["p50"] \
+            if ok and ref["latency_ms"]["p50"] > 0 else None
+        row["memory_ratio"] = row["peak_rss_mib"] / ref["peak_rss_mib"] if ok and ref["peak_rss_mib"] > 0 else None
+    for row in list(report["results"]):
+        if row["status"] == "skipped":  # a provider that is installed but has no device
+            report["skipped"].append({"runtime": row["runtime"], "provider": row["provider"],
+                                      "reason": row["reason"], "model": row["model"], "batch": row["batch"]})
+    return report
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        values = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"--batch values must be >= 1, got {text!r}")
+    return values
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        sys.exit(_child_main(sys.argv[2]))
+    sys.exit("usage: python -m bq_onnx.bench --one CONFIG_JSON (internal; use `bq-onnx bench`)")

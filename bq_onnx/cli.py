@@ -251,7 +251,7 @@ def _print_optimize(report: dict, elapsed: float) -> None:
         [
             r["name"],
             "x".join(map(str, r["shape"])),
-            r["bits"],
+            _bits(r["bits"]),
             r["method"],
             r["block_size"],
             human_bytes(r["original_bytes"]),
@@ -350,6 +350,11 @@ def _save_atomic(out: Path, write) -> None:
         raise
 
 
+def _bits(bits: float) -> str:
+    """Whole widths as they are, mixed ones (several slices) as a 2-decimal average."""
+    return str(int(bits)) if float(bits).is_integer() else f"{bits:.2f}"
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from bq_onnx.inspect import inspect
 
@@ -361,7 +366,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         [
             r["name"],
             "x".join(map(str, r["shape"])),
-            r["bits"],
+            _bits(r["bits"]),
             r["kind"] if not r["method"] else r["method"],
             r["format"],
             r["block_size"] or "-",

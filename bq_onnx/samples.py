@@ -18,7 +18,8 @@ _FLOAT_TYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, 
 def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """One feed per graph input that has no initializer; symbolic dimensions become ``batch``.
 
-    Integer inputs get small non-negative values (valid token ids and indices for any realistic table).
+    Integer inputs get small non-negative values (valid token ids and indices for any realistic table). A
+    symbolic dimension that a directly consuming MatMul/Gemm/Conv weight pins down takes the weight's size.
     """
     rng = np.random.default_rng(seed)
     initializers = set(model.graph.initializers)
@@ -26,7 +27,8 @@ def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0) -> dict[str, np
     for value in model.graph.inputs:
         if value.name in initializers:
             continue
-        shape = [d if isinstance(d, int) else batch for d in (value.shape or [])]
+        pinned = _pinned_dims(model, value)
+        shape = [d if isinstance(d, int) else pinned.get(axis, batch) for axis, d in enumerate(value.shape or [])]
         dtype = value.dtype
         if dtype in _FLOAT_TYPES:
             feeds[value.name] = rng.standard_normal(shape).astype(_FLOAT_TYPES[dtype])
@@ -37,3 +39,29 @@ def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0) -> dict[str, np
         else:
             feeds[value.name] = np.zeros(shape, dtype=np.float32)
     return feeds
+
+
+def _pinned_dims(model: ir.Model, value: ir.Value) -> dict[int, int]:
+    """Axes of an input whose size a directly consuming weight fixes (MatMul K, Gemm K, Conv channels)."""
+    rank = len(value.shape or [])
+    pinned: dict[int, int] = {}
+    for use in value.uses():
+        node, idx = use.node, use.idx
+        other = node.inputs[1 - idx] if node.op_type in ("MatMul", "Gemm") and idx in (0, 1) else None
+        if node.op_type == "Conv" and idx == 0:
+            other = node.inputs[1]
+        # an initializer, or a decoded weight (quantized models keep its static shape on the value)
+        shape = other.shape if other is not None else None
+        if shape is None or rank == 0 or not all(isinstance(d, int) for d in shape):
+            continue
+        if other.const_value is None and other.producer() is None:
+            continue  # a graph input, not a weight
+        w = [int(d) for d in shape]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if node.op_type == "MatMul" and idx == 0 and len(w) >= 2:
+            pinned[rank - 1] = w[-2]
+        elif node.op_type == "Gemm" and idx == 0 and len(w) == 2 and rank == 2:
+            pinned[0 if attrs.get("transA", 0) else 1] = w[1] if attrs.get("transB", 0) else w[0]
+        elif node.op_type == "Conv" and len(w) >= 3 and rank >= 2:
+            pinned[1] = w[1] * int(attrs.get("group", 1))
+    return pinned

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bq_onnx.errors import ModelError, UsageError
+from bq_onnx.errors import DataError, ModelError, UsageError
 from bq_onnx.runtimes.base import Capabilities, Runtime, Session
 
 #: ``--ep`` short names -> onnxruntime execution provider names (full provider names are accepted as well).
@@ -48,7 +48,11 @@ class OrtSession(Session):
         self.output_names = [o.name for o in session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self._session.run(None, dict(feeds))
+        try:
+            return self._session.run(None, dict(feeds))
+        except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"onnxruntime could not run the model on these inputs: {first}") from None
 
 
 class OnnxRuntime(Runtime):

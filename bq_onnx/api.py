@@ -14,7 +14,7 @@ import onnx_ir as ir
 from bq_onnx import __version__
 from bq_onnx.calibration import CalibrationSource
 from bq_onnx.context import Context, Settings
-from bq_onnx.errors import UsageError
+from bq_onnx.errors import UnsupportedError, UsageError
 from bq_onnx.model_io import check_output_path, load_model, save_model
 from bq_onnx.pipeline import optimize_passes, run_passes
 from bq_onnx.posterior import Posterior
@@ -34,6 +34,16 @@ class OptimizeResult:
     report: dict
     context: Context
     source: ModelSource
+    calibration: CalibrationSource | None = None
+
+    def sample_feeds(self) -> dict[str, np.ndarray]:
+        """Inputs for the post-write check: the first calibration samples when there are some (their shapes are
+        real), else seeded random inputs (symbolic dimensions set to 2)."""
+        if self.calibration is not None:
+            from bq_onnx.calibration import load_calibration
+
+            return dict(load_calibration(self.calibration, self.model, max_samples=8).arrays)
+        return random_feeds(self.model, seed=self.context.settings.seed)
 
     def save(
         self,
@@ -50,7 +60,7 @@ class OptimizeResult:
         if verify:
             from bq_onnx.verify import verify_written
 
-            feeds = dict(feeds) if feeds is not None else random_feeds(self.model, seed=self.context.settings.seed)
+            feeds = dict(feeds) if feeds is not None else self.sample_feeds()
             try:
                 checks = verify_written(out, self.source, self.context, feeds)
             except BaseException:
@@ -186,6 +196,8 @@ def optimize(
     distill_steps: int = 0,
     distill_lr: float = 1e-3,
     tables: str = "closed",
+    target: str | None = None,
+    strict_size: bool = False,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
@@ -204,6 +216,10 @@ def optimize(
     ``tables="mc"`` (needs ``calib``) measures each block's KL at each width instead of the closed form.
     ``distill_steps`` > 0 (needs ``calib``) tunes scales, offsets and codebooks on the calibration data with the
     codes fixed, minimizing the KL to the FP32 model (step size ``distill_lr`` relative to each tensor's RMS).
+    ``target`` (``onnxruntime``, ``tensorrt``, ``rocm``/``migraphx``, ``openvino``; see
+    :mod:`bq_onnx.runtimes.profiles`) legalizes the output for that runtime (:mod:`bq_onnx.targets`) and checks
+    it with :func:`bq_onnx.validate.validate`; ``strict_size`` keeps only the widths the target executes natively
+    (otherwise e.g. 3-bit weights are kept and stored in int4, as the report's messages say).
     """
     settings = _settings(
         bits=bits,
@@ -221,7 +237,20 @@ def optimize(
         min_bits=parse_min_bits(min_bits),
         tables=tables,
     )
+    profile = None
+    target_notes: list[str] = []
+    if target is not None:
+        from bq_onnx.runtimes.profiles import get_profile
+        from bq_onnx.targets import legalize_settings
+
+        profile = get_profile(target)
+        explicit = frozenset(k for k, v in (("quantizer", quantizer), ("group_size", group_size), ("format", format))
+                             if v != Settings.__dataclass_fields__[k].default)
+        settings, target_notes = legalize_settings(settings, profile, explicit=explicit, strict_size=strict_size)
+    elif strict_size:
+        raise UsageError("--strict-size needs --target")
     ctx = Context(settings, progress=progress)
+    ctx.messages.extend(target_notes)
     posterior_passes: list = []
     if calib is not None and posterior is None:
         from bq_onnx.estimate import PosteriorOptions
@@ -251,9 +280,23 @@ def optimize(
     loaded = load_model(model)
     if isinstance(model, ir.Model):  # the caller's object stays untouched
         loaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    legalize = []
+    if profile is not None:
+        from bq_onnx.targets import LegalizeWeightsPass
+
+        legalize.append(LegalizeWeightsPass(ctx, profile))
     passes = optimize_passes(ctx, posterior_passes, dict(allocator_options or {}), distill, calibration=calib,
-                             output=dict(posterior_options or {}).get("output"))
+                             output=dict(posterior_options or {}).get("output"), legalize=legalize)
     result = run_passes(loaded, passes)
+    if profile is not None:
+        from bq_onnx.targets import container_notes
+        from bq_onnx.validate import validate
+
+        ctx.messages.extend(container_notes(ctx, profile))
+        violations = validate(result, profile)
+        if violations:  # legalization should have prevented every one: a bug, reported with the first
+            raise UnsupportedError(f"the output breaks target {profile.name} ({len(violations)} violation(s)); "
+                                   f"first: {violations[0]}")
     report = {
         "tool": "bq-onnx",
         "version": __version__,
@@ -277,4 +320,4 @@ def optimize(
         }
     if isinstance(model, (str, os.PathLike)):
         report["input_file_bytes"] = Path(model).stat().st_size
-    return OptimizeResult(result, report, ctx, model)
+    return OptimizeResult(result, report, ctx, model, calib)

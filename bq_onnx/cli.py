@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from bq_onnx import __version__
-from bq_onnx.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, BqError, exit_code_table
+from bq_onnx.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, BqError, exit_code_table
 from bq_onnx.table import human_bytes, render
 
 EPILOG = "exit codes:\n" + exit_code_table()
@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    o.add_argument("--target", metavar="NAME", help="legalize the output for a runtime: onnxruntime, tensorrt, "
+                   "rocm (migraphx), openvino; the written model is then checked by `bq-onnx validate`")
+    o.add_argument("--strict-size", action="store_true", help="with --target: allow only the widths the target "
+                   "executes natively (e.g. 4 and 8), not 3 bits stored in int4")
     from bq_onnx.allocation import METHODS as ALLOCATORS
 
     a = o.add_argument_group("bit allocation")
@@ -111,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", help=".onnx file")
     i.add_argument("--min-size", type=int, default=128, help="smallest float tensor listed (default 128)")
     _common(i)
+
+    va = sub.add_parser(
+        "validate",
+        help="check a model against a target runtime's constraints (no runtime needed)",
+        description="List every way MODEL breaks the target's profile (containers, zero points, block sizes and "
+        "axes, int4 consumers, even last dimension, local functions, domains, opsets, codebook decodes). "
+        "Exits 0 when there is none, 4 when there are some.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    va.add_argument("model", help=".onnx file")
+    va.add_argument("--target", required=True, metavar="NAME", help="onnxruntime, tensorrt, rocm, openvino")
+    _common(va)
 
     v = sub.add_parser(
         "verify",
@@ -232,6 +249,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         min_bits=args.min_bits,
         distill_steps=args.distill_steps,
         tables=args.tables,
+        target=args.target,
+        strict_size=args.strict_size,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
     if args.plot:
@@ -387,6 +406,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from bq_onnx.runtimes.profiles import get_profile
+    from bq_onnx.validate import validate
+
+    profile = get_profile(args.target)
+    violations = validate(args.model, profile)
+    if args.json:
+        print(json.dumps({"model": args.model, "target": profile.name, "passed": not violations,
+                          "violations": [dataclasses.asdict(v) for v in violations]}, indent=2, sort_keys=True))
+    elif not args.quiet:
+        for v in violations:
+            print(v)
+        print(f"{args.model}: {len(violations) or 'no'} violation(s) for target {profile.name}")
+    return EXIT_UNSUPPORTED if violations else EXIT_OK
+
+
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -492,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "posterior": _cmd_posterior,
-               "verify": _cmd_verify, "bench": _cmd_bench}[args.command]
+               "verify": _cmd_verify, "bench": _cmd_bench, "validate": _cmd_validate}[args.command]
     try:
         return handler(args)
     except BqError as exc:

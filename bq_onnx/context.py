@@ -36,6 +36,19 @@ class Settings:
     size_mb: float | None = None
     min_bits: tuple[tuple[str, int], ...] = ()
     tables: str = "closed"  # closed form from the posterior, or "mc": measured KL per block and width
+    target: str | None = None  # a runtime profile (runtimes/profiles.py) the output is legalized for
+    # set by target legalization (bq_onnx.targets), exact weight names: floors and group sizes per weight
+    weight_min_bits: tuple[tuple[str, int], ...] = ()
+    weight_group_size: tuple[tuple[str, int], ...] = ()
+
+    def group_size_for(self, weight: str | None) -> int:
+        """The group size of one weight (a legalized per-weight value, else ``group_size``)."""
+        found = [g for name, g in self.weight_group_size if name == weight]
+        return found[-1] if found else self.group_size
+
+    def weight_floor(self, weight: str) -> int:
+        """The legalized minimum width of one weight (0: none)."""
+        return max((b for name, b in self.weight_min_bits if name == weight), default=0)
 
     @property
     def fixed(self) -> bool:
@@ -81,7 +94,7 @@ class Context:
         pieces = sorted((t.columns[0], t.columns[1], self.bits[t.name]) for t in self.tables
                         if t.weight == weight and t.name in self.bits)
         if not pieces:
-            return [(0, columns, int(self.settings.bits))]
+            return [(0, columns, max(int(self.settings.bits), self.settings.weight_floor(weight)))]
         merged = [list(pieces[0])]
         for start, stop, bits in pieces[1:]:
             if bits == merged[-1][2] and start == merged[-1][1]:

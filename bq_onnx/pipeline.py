@@ -34,6 +34,7 @@ def optimize_passes(
     distill: Sequence[ir.passes.PassBase] = (),
     calibration=None,
     output: str | None = None,
+    legalize: Sequence[ir.passes.PassBase] = (),
 ) -> list[ir.passes.PassBase]:
     """Prepare, find weights, (posterior), tables + allocation (unless fixed width), quantize, rewrite."""
     s = ctx.settings
@@ -48,6 +49,7 @@ def optimize_passes(
     return [
         *prepare_passes(ctx),
         FindWeightsPass(ctx),
+        *legalize,
         *posterior,
         *allocate,
         QuantizeWeightsPass(ctx),

@@ -21,7 +21,7 @@ from bq_onnx.errors import UnsupportedError, UsageError
 
 def _min_bits(ctx: Context, weight: str) -> int:
     found = [bits for pattern, bits in ctx.settings.min_bits if fnmatch.fnmatchcase(weight, pattern)]
-    return max(found) if found else 0
+    return max([*found, ctx.settings.weight_floor(weight)])
 
 
 class AllocatePass(ir.passes.InPlacePass):
@@ -83,11 +83,14 @@ class AllocatePass(ir.passes.InPlacePass):
         if method == "quantile-inform":
             return {"informativeness": {name: np.abs(wp.mean) / wp.std for name, wp in posterior.weights.items()}}
         if method == "random-bits":
-            block = None if ctx.settings.group_size <= 0 else ctx.settings.group_size
+            def block(name: str) -> int | None:
+                group = ctx.settings.group_size_for(name)
+                return None if group <= 0 else group
+
             return {
                 "layers": {
                     name: allocation.LayerStats(
-                        layouts[name].to_view(wp.mean), layouts[name].to_view(wp.std), block_size=block
+                        layouts[name].to_view(wp.mean), layouts[name].to_view(wp.std), block_size=block(name)
                     )
                     for name, wp in posterior.weights.items()
                     if name in layouts

@@ -42,10 +42,13 @@ def weight_view(ctx: Context, info: WeightInfo) -> tuple[np.ndarray, np.ndarray 
     )
 
 
-def design(ctx: Context, view: np.ndarray, importance: np.ndarray | None, bits: int) -> QuantizedTensor:
+def design(
+    ctx: Context, view: np.ndarray, importance: np.ndarray | None, bits: int, weight: str | None = None
+) -> QuantizedTensor:
     """The quantizer of a whole weight at ``bits`` (the tables and the final model use this one function)."""
     s = ctx.settings
-    block = view.shape[0] if s.group_size <= 0 else s.group_size
+    group = s.group_size_for(weight)
+    block = view.shape[0] if group <= 0 else group
     return quantizers.quantize(view, bits, s.quantizer, block, importance, seed=s.seed)
 
 
@@ -63,7 +66,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             view, importance = weight_view(self.ctx, info)
             pieces = self.ctx.pieces_for(info.name, view.shape[1])
             widths = sorted({bits for _, _, bits in pieces})
-            designs = {bits: design(self.ctx, view, importance, bits) for bits in widths}
+            designs = {bits: design(self.ctx, view, importance, bits, info.name) for bits in widths}
             if len(pieces) == 1:
                 self.ctx.quantized[info.name] = designs[pieces[0][2]]
             else:

@@ -88,7 +88,7 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
             meta = np.zeros_like(loss)
             view, importance = weight_view(self.ctx, info)
             for j, bits in enumerate(self.allowed_bits):
-                qt = design(self.ctx, view, importance, bits)
+                qt = design(self.ctx, view, importance, bits, info.name)
                 per_column = self._column_losses(info, view, qt.dequantize(), importance)
                 measured = measure.block_losses(info, view, qt.dequantize(), ranges) if measure else None
                 for i, (start, stop) in enumerate(ranges):

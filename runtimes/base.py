@@ -29,6 +29,15 @@ class Capabilities:
     divisible_blocks: bool  # the blocked axis must be a multiple of the block size
     local_functions: bool  # reads model-local functions without inlining
     opsets: tuple[int, int]
+    # Fields below: target legalization and static validation (runtimes/profiles.py, bq_onnx/validate.py).
+    native_bits: frozenset[int] = frozenset(range(9))  # widths stored without a larger container (--strict-size)
+    int4_ops: frozenset[str] | None = None  # ops an int4 DequantizeLinear may feed (None: any)
+    int4_blocked_only: bool = False  # int4 needs block_size (no per-axis int4)
+    int8_per_channel: bool = False  # weights that cannot be int4 become int8 per output channel (group size 0)
+    even_last_dim: bool = False  # int4 code tensors need an even last dimension
+    codebooks: bool = True  # Gather-based codebook decodes
+    domains: frozenset[str] = frozenset({"", "ai.onnx"})  # op domains read (model-local functions aside)
+    description: str = ""
 
 
 class Session(abc.ABC):

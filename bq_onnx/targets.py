@@ -1,0 +1,113 @@
+"""Target legalization: constrain what ``optimize`` may produce so a target's runtime executes it.
+
+Two steps. :func:`legalize_settings` runs before the pipeline: symmetric-only targets get ``uniform-sym``
+(an explicit codebook quantizer is an error), a group size the target does not accept becomes the nearest one it
+does, compact (local functions) is refused where the target cannot read them, and ``strict_size`` keeps only
+the widths the target executes natively. :class:`LegalizeWeightsPass` runs after the weights are found: on
+targets that run int4 only into some ops (TensorRT: MatMul/Gemm), need an even last dimension or blocked int4,
+each weight that cannot be int4 gets a per-weight floor of the smallest allowed width >= 5 (int8 container) and,
+on ``int8_per_channel`` targets, group size 0 (one scale per output channel). TensorRT Conv weights thus become
+int8 per channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from bq_onnx.context import Context, Settings
+from bq_onnx.errors import UsageError
+from bq_onnx.runtimes.base import Capabilities
+
+UNIFORM_QUANTIZERS = ("uniform", "uniform-sym", "percentile")
+
+
+def legalize_settings(
+    s: Settings, p: Capabilities, *, explicit: frozenset[str] = frozenset(), strict_size: bool = False
+) -> tuple[Settings, list[str]]:
+    """Settings the target can execute, and one message per change. ``explicit``: keywords the user set."""
+    notes: list[str] = []
+    changes: dict = {"target": p.name}
+    if p.symmetric_only and s.quantizer != "uniform-sym":
+        if s.quantizer not in UNIFORM_QUANTIZERS:
+            raise UsageError(f"--quantizer {s.quantizer}: target {p.name} needs symmetric uniform weights "
+                             f"(use uniform-sym or leave --quantizer out)")
+        changes["quantizer"] = "uniform-sym"
+        notes.append(f"target {p.name}: quantizer {s.quantizer} -> uniform-sym (symmetric, zero point 0)")
+    if not p.codebooks and s.quantizer not in UNIFORM_QUANTIZERS:
+        raise UsageError(f"--quantizer {s.quantizer}: target {p.name} does not run codebook decodes")
+    if p.block_sizes is not None and s.group_size not in p.block_sizes:
+        allowed = sorted(p.block_sizes)
+        group = min(allowed, key=lambda b: (abs(b - s.group_size), b)) if s.group_size > 0 else allowed[0]
+        if "group_size" in explicit:
+            notes.append(f"target {p.name}: --group-size {s.group_size} is not accepted "
+                         f"({'/'.join(map(str, allowed))}); using {group}")
+        else:
+            notes.append(f"target {p.name}: group size {s.group_size} -> {group} (accepted: "
+                         f"{'/'.join(map(str, allowed))})")
+        changes["group_size"] = group
+    if s.format == "compact" and not p.local_functions:
+        raise UsageError(f"--format compact stores model-local functions, which target {p.name} cannot read; "
+                         f"use --format native")
+    if strict_size:
+        kept = tuple(b for b in s.allowed_bits if b == 0 or b in p.native_bits)  # 0: mean only, no codes
+        if not any(kept):
+            raise UsageError(f"--strict-size: none of the allowed widths {list(s.allowed_bits)} is executed "
+                             f"natively by {p.name} ({sorted(p.native_bits)})")
+        if kept != tuple(s.allowed_bits):
+            notes.append(f"target {p.name} --strict-size: allowed widths {list(s.allowed_bits)} -> {list(kept)}")
+        changes["allowed_bits"] = kept
+    return dataclasses.replace(s, **changes), notes
+
+
+def container_notes(ctx: Context, p: Capabilities) -> list[str]:
+    """Which allocated widths the target stores (and executes) in a larger container."""
+    widths = set(ctx.bits.values()) if ctx.bits else {int(ctx.settings.bits)}
+    widths |= {b for _, b in ctx.settings.weight_min_bits}
+    notes = []
+    for w in sorted(b for b in widths if b > 0 and b not in p.native_bits):
+        box = "int4" if w <= 4 else "int8"
+        notes.append(f"target {p.name}: {w}-bit weights are stored and executed in an {box} container "
+                     f"(the {w}-bit grid is kept; --strict-size allows only {sorted(p.native_bits)})")
+    return notes
+
+
+def _ops(consumers: tuple[str, ...]) -> set[str]:
+    return {c.split(":", 1)[0] for c in consumers}
+
+
+class LegalizeWeightsPass(ir.passes.InPlacePass):
+    """Per-weight floors and group sizes for weights the target cannot run in int4 (after FindWeightsPass)."""
+
+    def __init__(self, ctx: Context, profile: Capabilities) -> None:
+        self.ctx = ctx
+        self.profile = profile
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx, p = self.ctx, self.profile
+        s = ctx.settings
+        floors, groups = list(s.weight_min_bits), list(s.weight_group_size)
+        wide = [b for b in s.allowed_bits if b >= 5]
+        for info in ctx.weights:
+            k, n = info.layout.view_shape
+            ops = _ops(info.consumers)
+            why = []
+            if p.int4_ops is not None and not ops <= p.int4_ops:
+                why.append(f"consumed by {', '.join(sorted(ops - p.int4_ops))}")
+            if p.even_last_dim and n % 2:
+                why.append(f"odd last dimension {n}")
+            if p.int4_blocked_only and (s.group_size <= 0 or k <= s.group_size):
+                why.append(f"{k} rows fit one block of {s.group_size}: stored per axis, not blocked")
+            if not why:
+                continue
+            if not wide:
+                raise UsageError(f"target {p.name}: weight '{info.name}' cannot be int4 ({'; '.join(why)}) and "
+                                 f"no allowed width >= 5 is left ({list(s.allowed_bits)})")
+            floors.append((info.name, wide[0]))
+            if p.int8_per_channel:
+                groups.append((info.name, 0))
+            ctx.messages.append(f"target {p.name}: '{info.name}' at >= {wide[0]} bits in int8"
+                                f"{' per channel' if p.int8_per_channel else ''} ({'; '.join(why)})")
+        s.weight_min_bits, s.weight_group_size = tuple(floors), tuple(groups)
+        return ir.passes.PassResult(model, modified=False)

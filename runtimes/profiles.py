@@ -1,0 +1,91 @@
+"""Capability profiles of deployment targets, for legalization (``optimize(target=...)``) and the validator.
+
+These describe what each runtime *executes* from a native-format model, from the runtimes' documentation and
+source (see DESIGN.md "Target constraints"): only onnxruntime and OpenVINO are measured here (CPU, no GPU).
+``native_bits`` are the widths a target executes without widening (``--strict-size`` keeps only those).
+"""
+
+from __future__ import annotations
+
+from bq_onnx.errors import UsageError
+from bq_onnx.runtimes.base import Capabilities
+
+_STANDARD = frozenset({"", "ai.onnx"})
+
+PROFILES: dict[str, Capabilities] = {
+    "onnxruntime": Capabilities(
+        name="onnxruntime",
+        containers=frozenset({"int4", "uint4", "int8", "uint8", "int2", "uint2"}),
+        compressed_bits=frozenset({2, 4, 8}),
+        symmetric_only=False,
+        block_sizes=None,
+        block_axes=frozenset({0, 1}),
+        divisible_blocks=False,
+        local_functions=True,
+        opsets=(7, 25),
+        native_bits=frozenset(range(9)),
+        domains=_STANDARD | {"com.microsoft"},
+        description="onnxruntime CPU: any container and width, asymmetric, codebooks and local functions",
+    ),
+    "tensorrt": Capabilities(
+        name="tensorrt",
+        containers=frozenset({"int4", "int8"}),
+        compressed_bits=frozenset({4, 8}),
+        symmetric_only=True,
+        block_sizes=frozenset({64, 128}),
+        block_axes=frozenset({0, 1}),
+        divisible_blocks=False,
+        local_functions=True,
+        opsets=(9, 22),
+        native_bits=frozenset({4, 8}),
+        int4_ops=frozenset({"MatMul", "Gemm"}),
+        int4_blocked_only=True,
+        int8_per_channel=True,
+        even_last_dim=True,
+        codebooks=False,
+        description="TensorRT 10: symmetric int4 blocked (64/128) into MatMul/Gemm, int8 per channel elsewhere",
+    ),
+    "rocm": Capabilities(
+        name="rocm",
+        containers=frozenset({"int4", "uint4", "int8", "uint8"}),
+        compressed_bits=frozenset({4}),
+        symmetric_only=False,
+        block_sizes=None,
+        block_axes=frozenset({0, 1}),
+        divisible_blocks=False,
+        local_functions=False,
+        opsets=(7, 23),
+        native_bits=frozenset({4, 8}),
+        description="ROCm / MIGraphX EP: int8 QDQ, MatMulNBits 4-bit only, no local functions, no int2",
+    ),
+    "openvino": Capabilities(
+        name="openvino",
+        containers=frozenset({"int4", "uint4", "int8", "uint8"}),
+        compressed_bits=frozenset({2, 4, 8}),
+        symmetric_only=False,
+        block_sizes=None,
+        block_axes=frozenset({0}),
+        divisible_blocks=True,
+        local_functions=False,
+        opsets=(7, 23),
+        native_bits=frozenset({4, 8}),
+        description="OpenVINO: int4/int8 DQ blocked on axis 0 dividing the dimension, local functions inlined "
+                    "first, no int2",
+    ),
+}
+ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "migraphx": "rocm", "ov": "openvino"}
+
+
+def profile_names() -> list[str]:
+    return list(PROFILES)
+
+
+def get_profile(name: str | Capabilities) -> Capabilities:
+    """The profile of a target name (or alias: ort, trt, migraphx, ov); a Capabilities is returned as is."""
+    if isinstance(name, Capabilities):
+        return name
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in PROFILES:
+        raise UsageError(f"unknown target '{name}' (known: {', '.join(PROFILES)}; aliases: "
+                         f"{', '.join(f'{a}={t}' for a, t in ALIASES.items())})")
+    return PROFILES[key]

@@ -1,0 +1,98 @@
+"""Native-format latency against FP32 in onnxruntime and OpenVINO, and how many MatMuls onnxruntime fuses.
+
+Usage:  python -m benchmarks.runtime_latency [--width 2048] [--layers 4] [--out benchmarks/runtime_latency.md]
+
+A MatMul-heavy model (``--layers`` MatMul+Relu layers of ``--width`` squared, seeded weights) is generated into
+``benchmarks/.cache/`` (not committed), quantized to native 4 bits (uniform) and to a mixed 3-bit allocation,
+and benchmarked with ``bq-onnx bench``'s machinery at batch 1 and 8 (fast runtime settings). The script also
+saves onnxruntime's optimized graph and counts the ``MatMulNBits`` nodes its DequantizeLinear+MatMul fusion made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import bq_onnx
+from bq_onnx.bench import benchmark
+from bq_onnx.table import render
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def mlp(width: int, layers: int) -> Path:
+    path = CACHE / f"mlp_{layers}x{width}.onnx"
+    if path.exists():
+        return path
+    CACHE.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"layer{i}.weight"))
+        nodes += [helper.make_node("MatMul", [x, f"layer{i}.weight"], [f"h{i}"], name=f"matmul{i}"),
+                  helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def fused_ops(path: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return dict(collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    fp32 = mlp(args.width, args.layers)
+    q4 = CACHE / f"{fp32.stem}.native4.onnx"
+    q3 = CACHE / f"{fp32.stem}.mixed3.onnx"
+    bq_onnx.optimize(fp32, bits=4, allocator="uniform").save(q4, force=True)
+    bq_onnx.optimize(fp32, bits=3).save(q3, force=True)
+    report = benchmark([fp32, q4, q3], runtimes=("onnxruntime", "openvino"), batches=(1, 8),
+                       iterations=args.iterations, warmup=5)
+    rows = []
+    for r in report["results"]:
+        if r.get("status", "ok") != "ok":
+            continue
+        rows.append([Path(r["model"]).name, r["runtime"], r["batch"], f"{r['latency_ms']['p50']:.3f}",
+                     f"{r.get('latency_ratio') or float('nan'):.2f}", f"{r['session_create_s']:.3f}"])
+    table = render(["model", "runtime", "batch", "p50 ms", "p50 / fp32", "session s"], rows)
+    fusion = {path.name: fused_ops(path) for path in (q4, q3)}
+    lines = [f"# Native-format latency ({args.layers} MatMul layers of {args.width}x{args.width})", "",
+             f"`python -m benchmarks.runtime_latency --width {args.width} --layers {args.layers}`", "",
+             f"onnxruntime {ort.__version__}; fast runtime settings; {args.iterations} timed runs.", "",
+             "```", table, "```", "", "Ops in onnxruntime's optimized graph (DequantizeLinear + MatMul -> MatMulNBits "
+             "fusion):", ""]
+    lines += [f"- {name}: {ops}" for name, ops in fusion.items()]
+    lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("status", "ok") != "ok":
             continue
         rows.append([Path(r["model"]).name, r["runtime"], r["batch"], f"{r['latency_ms']['p50']:.3f}",
-                     f"{r.get('latency_ratio') or float('nan'):.2f}", f"{r['session_create_s']:.3f}"])
-    table = render(["model", "runtime", "batch", "p50 ms", "p50 / fp32", "session s"], rows)
+                     f"{r.get('latency_ratio') or float('nan'):.2f}", f"{r['session_create_s']:.3f}",
+                     f"{r['peak_rss_mib']:.0f}"])
+    table = render(["model", "runtime", "batch", "p50 ms", "p50 / fp32", "session s", "peak RSS MiB"], rows)
     fusion = {path.name: fused_ops(path) for path in (q4, q3)}
     lines = [f"# Native-format latency ({args.layers} MatMul layers of {args.width}x{args.width})", "",
              f"`python -m benchmarks.runtime_latency --width {args.width} --layers {args.layers}`", "",

@@ -29,6 +29,15 @@ _FLOAT = {"float32", "float16", "float64"}
 
 
 def _rss_peak_mib() -> float:
+    """Peak resident memory of this process. On Linux ``ru_maxrss`` survives ``execve`` (a child started by a big
+    parent reports the parent's peak), so read ``VmHWM``, which belongs to the new address space."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -6,6 +6,7 @@ A MatMul-heavy model (``--layers`` MatMul+Relu layers of ``--width`` squared, se
 ``benchmarks/.cache/`` (not committed), quantized to native 4 bits (uniform) and to a mixed 3-bit allocation,
 and benchmarked with ``bq-onnx bench``'s machinery at batch 1 and 8 (fast runtime settings). The script also
 saves onnxruntime's optimized graph and counts the ``MatMulNBits`` nodes its DequantizeLinear+MatMul fusion made.
+The ``ort4``/``ort3`` models are the same with ``--target onnxruntime`` (MatMulNBits written directly).
 """
 
 from __future__ import annotations
@@ -68,10 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = mlp(args.width, args.layers)
     q4 = CACHE / f"{fp32.stem}.native4.onnx"
     q3 = CACHE / f"{fp32.stem}.mixed3.onnx"
+    o4 = CACHE / f"{fp32.stem}.ort4.onnx"
+    o3 = CACHE / f"{fp32.stem}.ort3.onnx"
     bq_onnx.optimize(fp32, bits=4, allocator="uniform").save(q4, force=True)
     bq_onnx.optimize(fp32, bits=3).save(q3, force=True)
+    bq_onnx.optimize(fp32, bits=4, allocator="uniform", target="onnxruntime").save(o4, force=True)
+    bq_onnx.optimize(fp32, bits=3, target="onnxruntime").save(o3, force=True)
     report = benchmark([fp32, q4, q3], runtimes=("onnxruntime", "openvino"), batches=(1, 8),
                        iterations=args.iterations, warmup=5)
+    report["results"] += [r for r in benchmark([fp32, o4, o3], runtimes=("onnxruntime",), batches=(1, 8),
+                                               iterations=args.iterations, warmup=5)["results"]
+                          if Path(r["model"]).name != fp32.name]
     rows = []
     for r in report["results"]:
         if r.get("status", "ok") != "ok":
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r.get('latency_ratio') or float('nan'):.2f}", f"{r['session_create_s']:.3f}",
                      f"{r['peak_rss_mib']:.0f}"])
     table = render(["model", "runtime", "batch", "p50 ms", "p50 / fp32", "session s", "peak RSS MiB"], rows)
-    fusion = {path.name: fused_ops(path) for path in (q4, q3)}
+    fusion = {path.name: fused_ops(path) for path in (q4, q3, o4, o3)}
     lines = [f"# Native-format latency ({args.layers} MatMul layers of {args.width}x{args.width})", "",
              f"`python -m benchmarks.runtime_latency --width {args.width} --layers {args.layers}`", "",
              f"onnxruntime {ort.__version__}; fast runtime settings; {args.iterations} timed runs.", "",

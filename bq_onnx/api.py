@@ -280,13 +280,17 @@ def optimize(
     loaded = load_model(model)
     if isinstance(model, ir.Model):  # the caller's object stays untouched
         loaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    legalize = []
+    legalize, lower = [], []
     if profile is not None:
         from bq_onnx.targets import LegalizeWeightsPass
 
         legalize.append(LegalizeWeightsPass(ctx, profile))
+        if profile.name == "onnxruntime" and settings.format == "native":
+            from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
+
+            lower.append(LowerMatMulNBitsPass())
     passes = optimize_passes(ctx, posterior_passes, dict(allocator_options or {}), distill, calibration=calib,
-                             output=dict(posterior_options or {}).get("output"), legalize=legalize)
+                             output=dict(posterior_options or {}).get("output"), legalize=legalize, lower=lower)
     result = run_passes(loaded, passes)
     if profile is not None:
         from bq_onnx.targets import container_notes

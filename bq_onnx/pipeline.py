@@ -35,6 +35,7 @@ def optimize_passes(
     calibration=None,
     output: str | None = None,
     legalize: Sequence[ir.passes.PassBase] = (),
+    lower: Sequence[ir.passes.PassBase] = (),
 ) -> list[ir.passes.PassBase]:
     """Prepare, find weights, (posterior), tables + allocation (unless fixed width), quantize, rewrite."""
     s = ctx.settings
@@ -55,6 +56,7 @@ def optimize_passes(
         QuantizeWeightsPass(ctx),
         *distill,
         rewrite(ctx),
+        *lower,
         TopologicalSortPass(),
     ]
 

@@ -175,3 +175,31 @@ def test_input_model_object_is_not_modified():
     model = ir.serde.deserialize_model(mixed_model())
     bq_onnx.optimize(model, bits=3)
     assert "W1" in model.graph.initializers and model.graph.initializers["W1"].dtype == ir.DataType.FLOAT
+
+
+@pytest.mark.parametrize("fmt", ["native", "compact"])
+def test_grouped_and_depthwise_convolutions(tmp_path, fmt):
+    """Depthwise Conv (group = channels), grouped Conv and grouped ConvTranspose weights, both runtimes."""
+    rng = np.random.default_rng(6)
+    depthwise = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    grouped = rng.standard_normal((16, 4, 3, 3)).astype(np.float32)
+    deconv = rng.standard_normal((16, 4, 2, 2)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["img", "DW"], ["a"], group=8, pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["a", "G"], ["b"], group=2),
+            helper.make_node("ConvTranspose", ["b", "T"], ["y"], group=2, strides=[2, 2]),
+        ],
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 8, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 10, 10])],
+        [numpy_helper.from_array(depthwise, "DW"), numpy_helper.from_array(grouped, "G"),
+         numpy_helper.from_array(deconv, "T")],
+    )
+    result = bq_onnx.optimize(model, bits=4, format=fmt, min_size=64, allocator="uniform")
+    assert sorted(r["name"] for r in result.report["layers"]) == ["DW", "G", "T"]
+    out = tmp_path / "c.onnx"
+    assert result.save(out)["verification"]["passed"]
+    x = np.random.default_rng(7).standard_normal((2, 8, 7, 7)).astype(np.float32)
+    a = get_runtime("onnxruntime").session(out).run({"img": x})[0]
+    b = get_runtime("openvino").session(out).run({"img": x})[0]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * np.abs(a).max())

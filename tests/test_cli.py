@@ -84,7 +84,8 @@ def test_same_input_gives_byte_identical_output(model_file, tmp_path, capsys):
 
 
 def test_help_lists_exit_codes():
-    for argv in (["--help"], ["optimize", "--help"], ["inspect", "--help"]):
+    commands = ["optimize", "inspect", "posterior", "verify", "bench", "validate"]
+    for argv in (["--help"], *([c, "--help"] for c in commands)):
         proc = subprocess.run([sys.executable, "-m", "bq_onnx", *argv], capture_output=True, text=True)
         assert proc.returncode == 0 and "exit codes:" in proc.stdout and "verification failed" in proc.stdout
 

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from bq_onnx.errors import DataError, ModelError, UsageError
-from bq_onnx.runtimes.base import Capabilities, Runtime, Session
+from bq_onnx.runtimes.base import Runtime, Session
+from bq_onnx.runtimes.profiles import PROFILES
 
 #: ``--ep`` short names -> onnxruntime execution provider names (full provider names are accepted as well).
 EP_NAMES = {
@@ -57,17 +58,7 @@ class OrtSession(Session):
 
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
-    capabilities = Capabilities(
-        name="onnxruntime",
-        containers=frozenset({"int4", "uint4", "int8", "uint8"}),
-        compressed_bits=frozenset({2, 4, 8}),
-        symmetric_only=False,
-        block_sizes=None,
-        block_axes=frozenset({0, 1}),
-        divisible_blocks=False,
-        local_functions=True,
-        opsets=(7, 23),
-    )
+    capabilities = PROFILES["onnxruntime"]  # one source of truth: runtimes/profiles.py
 
     def __init__(self, providers: str | list[str] | None = None) -> None:
         self.providers = provider_names(providers)

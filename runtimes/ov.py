@@ -12,7 +12,8 @@ import onnx
 import onnx.inliner
 
 from bq_onnx.errors import ModelError
-from bq_onnx.runtimes.base import Capabilities, Runtime, Session
+from bq_onnx.runtimes.base import Runtime, Session
+from bq_onnx.runtimes.profiles import PROFILES
 
 #: f32 compute and no dynamic activation quantization: OpenVINO's CPU defaults are bf16 and int8 activations.
 EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
@@ -37,17 +38,7 @@ class OvSession(Session):
 
 class OpenVinoRuntime(Runtime):
     name = "openvino"
-    capabilities = Capabilities(
-        name="openvino",
-        containers=frozenset({"int4", "uint4", "int8", "uint8"}),
-        compressed_bits=frozenset({2, 4, 8}),
-        symmetric_only=False,
-        block_sizes=None,
-        block_axes=frozenset({0}),
-        divisible_blocks=True,
-        local_functions=False,
-        opsets=(7, 23),
-    )
+    capabilities = PROFILES["openvino"]  # one source of truth: runtimes/profiles.py
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -42,7 +42,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     if isinstance(source, onnx.ModelProto):
         _validate_tensors(source, base_dir=None, where="<ModelProto>")
         _check_graph(source, "<ModelProto>")
-        return ir.serde.deserialize_model(source)
+        return _deserialize(source, "<ModelProto>")
     path = Path(source)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -57,9 +57,20 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     base_dir = path.resolve().parent
     _validate_tensors(proto, base_dir=base_dir, where=str(path))
     _check_graph(proto, str(path))
-    model = ir.serde.deserialize_model(proto)
+    model = _deserialize(proto, str(path))
     ir.external_data.set_base_dir(model.graph, base_dir)
     return model
+
+
+def _deserialize(proto: onnx.ModelProto, where: str) -> ir.Model:
+    """The IR of a checked proto; what the checker lets through but the IR cannot represent is a model error."""
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as exc:  # noqa: BLE001  onnx-ir wraps the cause in SerdeError chains
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise ModelError(f"{where}: invalid model ({_first_line(root)})") from None
 
 
 def _first_line(exc: BaseException) -> str:

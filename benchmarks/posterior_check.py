@@ -24,15 +24,15 @@ from scipy.stats import spearmanr
 import bq_onnx
 from bq_onnx.calibration import load_calibration
 from bq_onnx.estimate import (
-    _copy,
+    TempSessions,
     _forward,
     _gradient_graph,
-    _Sessions,
-    _softmax,
     estimate_posterior,
     prepare,
+    softmax,
     specialise,
 )
+from bq_onnx.model_io import copy_model
 from bq_onnx.passes.loss import TARGET
 from bq_onnx.table import render
 
@@ -43,15 +43,15 @@ def per_sample_cost(model_path: Path, calib_path: Path, count: int) -> tuple[flo
     """Median seconds of one batch-1 forward and one batch-1 forward+gradient run."""
     prepared = prepare(model_path)
     calib = load_calibration(calib_path, prepared.model, count)
-    sessions = _Sessions()
+    sessions = TempSessions()
     try:
         outputs = _forward(sessions, prepared, None, calib)
-        model = specialise(_copy(prepared.model), next(calib.batches(1)))
+        model = specialise(copy_model(prepared.model), next(calib.batches(1)))
         graph = _gradient_graph(prepared, "kl", None, [w.name for w in prepared.weights], as_inputs=False,
                                 model=model)
         grad = sessions.open(graph.model)
         fwd_model = sessions.open(prepared.model)
-        targets = _softmax(outputs)
+        targets = softmax(outputs)
         fwd, bwd = [], []
         for i, feeds in enumerate(calib.batches(1)):
             t = time.perf_counter()

@@ -277,9 +277,7 @@ def optimize(
         popts = dict(posterior_options or {})
         distill.append(DistillPass(ctx, calib, distill_steps, lr=distill_lr, output=popts.get("output"),
                                    max_samples=popts.get("calib_samples")))
-    loaded = load_model(model)
-    if isinstance(model, ir.Model):  # the caller's object stays untouched
-        loaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    loaded = load_model(model)  # an IR model is copied: the caller's object stays untouched
     legalize, lower = [], []
     if profile is not None:
         from bq_onnx.targets import LegalizeWeightsPass

@@ -28,7 +28,7 @@ import onnx_ir as ir
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.context import Context, Settings, WeightInfo
 from bq_onnx.errors import DataError, UsageError
-from bq_onnx.model_io import load_model, save_model
+from bq_onnx.model_io import copy_model, load_model, save_model
 from bq_onnx.passes.find_weights import FindWeightsPass
 from bq_onnx.passes.loss import LOSS, LOSS_KINDS, TARGET, AppendLossPass, output_value
 from bq_onnx.pipeline import prepare_passes, run_passes
@@ -57,18 +57,22 @@ class Prepared:
 
 def prepare(source, min_size: int = 128, keep_fp: Sequence[str] = ()) -> Prepared:
     ctx = Context(Settings(min_size=min_size, keep_fp=tuple(keep_fp)))
-    model = load_model(source)
-    if isinstance(source, ir.Model):
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(source))
-    model = run_passes(model, [*prepare_passes(ctx), FindWeightsPass(ctx)])
+    model = run_passes(load_model(source), [*prepare_passes(ctx), FindWeightsPass(ctx)])
     return Prepared(model, ctx.weights, source)
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+def forward_model(model: ir.Model, outputs: Sequence[str | None]) -> ir.Model:
+    """A copy of ``model`` whose outputs are the named values (``None``: the first graph output)."""
+    copy = copy_model(model)
+    values = {v.name: v for v in _all_values(copy)} | {v.name: v for v in copy.graph.outputs}
+    chosen = [output_value(copy, name) if name is None or name in {v.name for v in copy.graph.outputs}
+              else values[name] for name in outputs]
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(chosen)
+    return copy
 
 
-class _Sessions:
+class TempSessions:
     """Sessions over temporary files (sessions are created from paths; models over 2 GB need it)."""
 
     def __init__(self) -> None:
@@ -85,16 +89,12 @@ class _Sessions:
         self._tmp.cleanup()
 
 
-def _forward(sessions: _Sessions, prepared: Prepared, output: str | None, calib: Calibration, batch: int = 64):
-    model = _copy(prepared.model)
-    y = output_value(model, output)
-    model.graph.outputs.clear()
-    model.graph.outputs.append(y)
-    session = sessions.open(model)
+def _forward(sessions: TempSessions, prepared: Prepared, output: str | None, calib: Calibration, batch: int = 64):
+    session = sessions.open(forward_model(prepared.model, [output]))
     return np.concatenate([session.run(feeds)[0] for feeds in calib.batches(batch)]).astype(np.float32)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -137,7 +137,7 @@ def _targets(method: str, loss: str, outputs: np.ndarray, labels: np.ndarray | N
         if labels is not None and method == "laplace":
             return labels
         return outputs + rng.standard_normal(outputs.shape).astype(np.float32)
-    probs = _softmax(outputs)
+    probs = softmax(outputs)
     classes = outputs.shape[-1]
     if method == "hutchinson":
         return probs if labels is None else _one_hot(labels, classes)
@@ -153,7 +153,7 @@ def _gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list
                     model: ir.Model | None = None):
     from bq_onnx.passes.autodiff import build_gradient_model
 
-    model = run_passes(model if model is not None else _copy(prepared.model), [AppendLossPass(loss, output)])
+    model = run_passes(model if model is not None else copy_model(prepared.model), [AppendLossPass(loss, output)])
     return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs)
 
 
@@ -181,14 +181,14 @@ def gradients(
     if missing:
         raise UsageError(f"not an initializer of the model: {', '.join(missing)}")
     calib = load_calibration(dict(feeds), prepared.model)
-    sessions = _Sessions()
+    sessions = TempSessions()
     try:
         outputs = _forward(sessions, prepared, output, calib, batch=calib.num_samples)
         if loss == "ce" and labels is None:
             raise UsageError("loss 'ce' needs labels")
         labels = _check_labels(labels, outputs, loss)
         if loss == "kl":
-            target = _softmax(outputs)
+            target = softmax(outputs)
         elif loss == "ce":
             target = _one_hot(labels, outputs.shape[-1])
         else:
@@ -265,7 +265,7 @@ def estimate_prepared(
     method, loss = opts.method, opts.loss
     notes: list[str] = []
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    sessions = _Sessions()
+    sessions = TempSessions()
     try:
         curvature: dict[str, np.ndarray] = {}
         sources: dict[str, str] = {}
@@ -277,11 +277,11 @@ def estimate_prepared(
             if method == "kfac":
                 from bq_onnx.kfac import add_probes
 
-                grad_model = _copy(prepared.model)
+                grad_model = copy_model(prepared.model)
                 first = next(calib.batches(1))
                 sites = add_probes(grad_model, [w for w in _weights_of(grad_model, prepared)], first)
             elif method in ("laplace", "fisher-mc"):
-                grad_model = specialise(_copy(prepared.model), next(calib.batches(1)))
+                grad_model = specialise(copy_model(prepared.model), next(calib.batches(1)))
             probes = [site.probe for site in sites]
             graph = _gradient_graph(prepared, loss, opts.output, names + probes, as_inputs=method == "hutchinson",
                                     model=grad_model)
@@ -393,11 +393,7 @@ def _kfac(sessions, session, graph, prepared, sites, wrt, calib, outputs, labels
     covered = {site.weight for site in sites}
     layouts = {w.name: w.layout for w in prepared.weights}
     # A: layer inputs, from batched forward runs of the plain model
-    capture = _copy(prepared.model)
-    values = {v.name: v for v in _all_values(capture)}
-    capture.graph.outputs.clear()
-    for name in sorted({site.activation for site in sites}):
-        capture.graph.outputs.append(values[name])
+    capture = forward_model(prepared.model, sorted({site.activation for site in sites}))
     stats = KfacStats()
     if sites:
         forward = sessions.open(capture)
@@ -471,19 +467,13 @@ def _activation_site(weight: ir.Value):
 
 
 def _activation_curvature(sessions, prepared: Prepared, infos: list[WeightInfo], calib, batch_size, bar):
-    model = _copy(prepared.model)
     sites = {}
     for info in infos:
-        value, how = _activation_site(model.graph.initializers[info.name])
+        value, how = _activation_site(prepared.model.graph.initializers[info.name])
         if value is None:
             raise DataError(f"weight '{info.name}': cannot find the activation that feeds it")
         sites[info.name] = (value.name, how)
-    wanted = sorted({name for name, _ in sites.values()})
-    values = {v.name: v for v in _all_values(model)}
-    model.graph.outputs.clear()
-    for name in wanted:
-        model.graph.outputs.append(values[name])
-    session = sessions.open(model)
+    session = sessions.open(forward_model(prepared.model, sorted({name for name, _ in sites.values()})))
     acc = SumAccumulator()
     for feeds in progress(list(calib.batches(batch_size)), "activations", bar):
         out = dict(zip(session.output_names, session.run(feeds)))

@@ -36,9 +36,12 @@ if hasattr(onnx.TensorProto, "INT2"):
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
-    """Load and validate a model from a path, a ModelProto or an IR model (external data stays lazy)."""
+    """Load and validate a model from a path, a ModelProto or an IR model (external data stays lazy).
+
+    An IR model is copied: passes change models in place, and a caller's object is never modified.
+    """
     if isinstance(source, ir.Model):
-        return source
+        return copy_model(source)
     if isinstance(source, onnx.ModelProto):
         _validate_tensors(source, base_dir=None, where="<ModelProto>")
         _check_graph(source, "<ModelProto>")
@@ -71,6 +74,11 @@ def _deserialize(proto: onnx.ModelProto, where: str) -> ir.Model:
         while root.__cause__ is not None:
             root = root.__cause__
         raise ModelError(f"{where}: invalid model ({_first_line(root)})") from None
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent copy (external tensors stay references to their files)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,8 +36,7 @@ class OutputCheck:
 
 def reference_model(source, ctx: Context) -> ir.Model:
     """The input model, prepared like the pipeline does, with dequantized weights in place of the floats."""
-    model = run_passes(load_model(source if not isinstance(source, ir.Model) else _copy(source)),
-                       prepare_passes(ctx))
+    model = run_passes(load_model(source), prepare_passes(ctx))
     for name, qt in ctx.quantized.items():
         value = model.graph.initializers[name]
         info = ctx.weight(name)
@@ -46,10 +45,6 @@ def reference_model(source, ctx: Context) -> ir.Model:
         np_dtype = dtype.numpy() if dtype is not None else np.float32
         value.const_value = ir.tensor(restored.astype(np_dtype), name=name)
     return model
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def compare(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> list[OutputCheck]:

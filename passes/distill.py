@@ -18,9 +18,10 @@ import onnx_ir as ir
 
 from bq_onnx.calibration import CalibrationSource, load_calibration
 from bq_onnx.context import Context
-from bq_onnx.estimate import _copy, _Sessions, _softmax
+from bq_onnx.estimate import TempSessions, forward_model, softmax
+from bq_onnx.model_io import copy_model
 from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, restore_layout
-from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass, output_value
+from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass
 from bq_onnx.pipeline import run_passes
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, to_fp16_exact
@@ -63,14 +64,10 @@ class DistillPass(ir.passes.InPlacePass):
         n = calib.num_samples
         held = max(1, n // 5) if n > 1 else 0
         train_idx, held_idx = np.arange(n - held), np.arange(n - held, n)
-        sessions = _Sessions()
+        sessions = TempSessions()
         try:
-            fp32 = _copy(model)
-            y = output_value(fp32, self.output)
-            fp32.graph.outputs.clear()
-            fp32.graph.outputs.append(y)
-            forward = sessions.open(fp32)
-            targets = np.concatenate([_softmax(forward.run(b)[0]) for b in calib.batches(64)])
+            forward = sessions.open(forward_model(model, [self.output]))
+            targets = np.concatenate([softmax(forward.run(b)[0]) for b in calib.batches(64)])
             training, params = self._training_model(model)
             training = run_passes(training, [AppendLossPass("kl", self.output)])
             graph = build_gradient_model(training, LOSS, list(params), weights_as_inputs=True)
@@ -124,7 +121,7 @@ class DistillPass(ir.passes.InPlacePass):
     def _training_model(self, model: ir.Model) -> tuple[ir.Model, dict[str, np.ndarray]]:
         """A copy whose quantized weights are decoded from trainable metadata initializers."""
         ctx = self.ctx
-        training = _copy(model)
+        training = copy_model(model)
         graph = training.graph
         params: dict[str, np.ndarray] = {}
         shared: dict = {}

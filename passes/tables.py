@@ -129,18 +129,14 @@ class _MonteCarlo:
 
     def __init__(self, ctx: Context, model: ir.Model, calibration, max_samples: int, output: str | None) -> None:
         from bq_onnx.calibration import load_calibration
-        from bq_onnx.estimate import _copy, _Sessions
-        from bq_onnx.passes.loss import output_value
+        from bq_onnx.estimate import TempSessions, forward_model
 
         self.ctx = ctx
         self.calib = load_calibration(calibration, model, max_samples)
-        copy = _copy(model)
-        y = output_value(copy, output)
-        copy.graph.outputs.clear()
-        copy.graph.outputs.append(y)
+        copy = forward_model(model, [output])
         for info in ctx.weights:  # overridable initializers: fed per measurement
             copy.graph.inputs.append(copy.graph.initializers[info.name])
-        self.sessions = _Sessions()
+        self.sessions = TempSessions()
         self.session = self.sessions.open(copy)
         self.reference = self._log_probs({})
 

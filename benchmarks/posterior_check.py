@@ -1,11 +1,11 @@
 """Posterior estimators on a reference model: per-layer curvature, ranking agreement, cost.
 
-Usage:  python benchmarks/posterior_check.py [--model lenet] [--samples 500] [--out benchmarks/posterior_check.md]
+Usage:  python benchmarks/posterior_check.py [--model lenet] [--samples 500] [--batch 32] [--out FILE.md]
 
 Prints the mean curvature per layer for laplace, fisher-mc and hutchinson, the Spearman correlation of the
 per-layer ranking between laplace and hutchinson (and fisher-mc), the cost of one per-sample gradient relative
-to one forward pass (both at batch 1 in onnxruntime, exact settings), each estimator's wall time and the
-process's peak resident memory.
+to one forward pass (onnxruntime, exact settings; batched and one-sample-per-run forms, against a forward pass
+at batch 1 and at the same batch), each estimator's wall time and the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from scipy.stats import spearmanr
 import bq_onnx
 from bq_onnx.calibration import load_calibration
 from bq_onnx.estimate import (
+    BatchedFisher,
     TempSessions,
     _forward,
     _gradient_graph,
@@ -39,36 +40,54 @@ from bq_onnx.table import render
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-def per_sample_cost(model_path: Path, calib_path: Path, count: int) -> tuple[float, float]:
-    """Median seconds of one batch-1 forward and one batch-1 forward+gradient run."""
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def per_sample_cost(model_path: Path, calib_path: Path, count: int, batch: int) -> dict[str, float]:
+    """Median seconds per sample: forward at batch 1 and at ``batch``; per-sample gradient one sample per run
+    (the fallback loop) and batched (what laplace and fisher-mc use: ``BatchedFisher``)."""
     prepared = prepare(model_path)
     calib = load_calibration(calib_path, prepared.model, count)
     sessions = TempSessions()
     try:
         outputs = _forward(sessions, prepared, None, calib)
+        targets = softmax(outputs)
         model = specialise(copy_model(prepared.model), next(calib.batches(1)))
         graph = _gradient_graph(prepared, "kl", None, [w.name for w in prepared.weights], as_inputs=False,
                                 model=model)
-        grad = sessions.open(graph.model)
-        fwd_model = sessions.open(prepared.model)
-        targets = softmax(outputs)
-        fwd, bwd = [], []
-        for i, feeds in enumerate(calib.batches(1)):
-            t = time.perf_counter()
-            fwd_model.run(feeds)
-            fwd.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            grad.run({**feeds, TARGET: targets[i : i + 1]})
-            bwd.append(time.perf_counter() - t)
+        loop = sessions.open(graph.model)
+        forward = sessions.open(prepared.model)
+        fisher = BatchedFisher.build(sessions, prepared, calib, "kl", None, batch)
+        assert fisher is not None and len(fisher.sites) == len(prepared.weights), "not every weight is batched"
+        one = next(calib.batches(1))
+        many = next(calib.batches(batch))
+        for _ in range(20):  # warm-up
+            forward.run(one)
+            loop.run({**one, TARGET: targets[:1]})
+            fisher.add(calib, targets, 0)
+        repeats = count
+        return {
+            "forward_1": _median_seconds(lambda: forward.run(one), repeats),
+            "forward_b": _median_seconds(lambda: forward.run(many), max(repeats // 4, 10)) / batch,
+            "loop": _median_seconds(lambda: loop.run({**one, TARGET: targets[:1]}), repeats),
+            "batched": _median_seconds(lambda: fisher.add(calib, targets, 0), max(repeats // 4, 10)) / batch,
+        }
     finally:
         sessions.close()
-    return float(np.median(fwd)), float(np.median(bwd))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet")
     p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--batch", type=int, default=32, help="samples per batched gradient run (default 32, "
+                   "the estimators' default --batch-size)")
     p.add_argument("--out", help="also write the results as Markdown to this file")
     args = p.parse_args(argv)
     model = MODELS / f"{args.model}.onnx"
@@ -86,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     table = render(["layer", *methods], [[n, *(f"{curv[m][i]:.4g}" for m in methods)] for i, n in enumerate(names)])
     rho_h = spearmanr(curv["laplace"], curv["hutchinson"]).statistic
     rho_f = spearmanr(curv["fisher-mc"], curv["hutchinson"]).statistic
-    fwd, grad = per_sample_cost(model, calib, min(args.samples, 300))
+    cost = per_sample_cost(model, calib, min(args.samples, 300), args.batch)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
         f"# Posterior estimators on {args.model}",
         "",
-        f"`python benchmarks/posterior_check.py --model {args.model} --samples {args.samples}`",
+        f"`python benchmarks/posterior_check.py --model {args.model} --samples {args.samples} --batch {args.batch}`",
         "",
         f"bq-onnx {bq_onnx.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()}, {args.samples} calibration samples",
@@ -104,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- Spearman rank correlation of per-layer mean curvature, laplace vs hutchinson: {rho_h:.3f}",
         f"- Spearman rank correlation, fisher-mc vs hutchinson: {rho_f:.3f}",
-        f"- one forward pass at batch 1: {1e3 * fwd:.3f} ms; one per-sample gradient (forward + backward graph): "
-        f"{1e3 * grad:.3f} ms; ratio {grad / fwd:.2f}x",
+        f"- cost of one per-sample gradient (laplace, fisher-mc: batched, {args.batch} samples per run, each "
+        f"sample's weight gradients formed from its layer inputs and output gradients): "
+        f"{1e6 * cost['batched']:.1f} us per sample = **{cost['batched'] / cost['forward_1']:.2f}x one forward "
+        f"pass at batch 1** ({1e6 * cost['forward_1']:.1f} us) and {cost['batched'] / cost['forward_b']:.2f}x "
+        f"one sample's share of a forward pass at batch {args.batch} ({1e6 * cost['forward_b']:.1f} us)",
+        f"- one sample per run (the fallback for weights the batched form does not cover): "
+        f"{1e6 * cost['loop']:.1f} us = {cost['loop'] / cost['forward_1']:.2f}x one forward pass at batch 1",
         "- wall time: " + ", ".join(f"{m} {t:.2f} s" for m, t in times.items()),
         f"- peak resident memory of this process: {peak_mib:.0f} MiB",
         "",

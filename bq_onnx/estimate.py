@@ -281,14 +281,21 @@ def estimate_prepared(
                 first = next(calib.batches(1))
                 sites = add_probes(grad_model, [w for w in _weights_of(grad_model, prepared)], first)
             elif method in ("laplace", "fisher-mc"):
+                batched = _batched_squared_gradients(sessions, prepared, calib, outputs, labels, opts, rng,
+                                                     progress_bar)
+                curvature.update(batched)
+                sources.update({w: method for w in batched})
+                names = [w for w in names if w not in batched]
                 grad_model = specialise(copy_model(prepared.model), next(calib.batches(1)))
             probes = [site.probe for site in sites]
             graph = _gradient_graph(prepared, loss, opts.output, names + probes, as_inputs=method == "hutchinson",
-                                    model=grad_model)
-            for weight, ops in graph.unsupported.items():
+                                    model=grad_model) if names or probes else None
+            if graph is None:
+                names = []
+            for weight, ops in (graph.unsupported.items() if graph is not None else ()):
                 if weight in names:
                     notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations estimator")
-            wrt = [w for w in names if w in graph.gradients]
+            wrt = [w for w in names if w in graph.gradients] if graph is not None else []
             if method == "kfac":
                 sites = [site for site in sites if site.probe in graph.gradients]
                 session = sessions.open(graph.model)
@@ -335,6 +342,120 @@ def _squared_gradients(session, graph, wrt, calib, outputs, labels, loss, method
             by_name = dict(zip(session.output_names, result))
             acc.update({w: np.square(by_name[graph.gradients[w]]) for w in wrt})
     return acc.mean()
+
+
+def _batched_squared_gradients(sessions, prepared, calib, outputs, labels, opts, rng, bar) -> dict[str, np.ndarray]:
+    """Empirical (laplace) or sampled (fisher-mc) Fisher diagonals of the weights that ``bq_onnx.per_sample``
+    covers, from batched runs: each sample's weight gradient is formed from its layer input and output gradient.
+    """
+    n = calib.num_samples
+    batch = min(opts.batch_size, n)
+    fisher = BatchedFisher.build(sessions, prepared, calib, opts.loss, opts.output, batch) if batch > 1 else None
+    if fisher is None:
+        return {}
+    for draw in range(opts.mc_samples):
+        targets = _targets(opts.method, opts.loss, outputs, labels, rng)
+        starts = list(range(0, n, batch))
+        for start in progress(starts, f"{opts.method} {draw + 1}/{opts.mc_samples} (batched)", bar):
+            fisher.add(calib, targets, start)
+    return fisher.result(n * opts.mc_samples)
+
+
+@dataclasses.dataclass
+class BatchedFisher:
+    """A gradient graph with respect to output probes, run on ``batch`` samples at a time (see per_sample)."""
+
+    session: object
+    sites: list
+    gradients: dict[str, str]
+    layouts: dict
+    batch: int
+    sums: dict[str, np.ndarray]
+
+    @classmethod
+    def build(cls, sessions: TempSessions, prepared: Prepared, calib: Calibration, loss: str, output: str | None,
+              batch: int) -> BatchedFisher | None:
+        from bq_onnx.kfac import add_probes
+        from bq_onnx.per_sample import covers
+
+        batch_major = _batch_major_weights(prepared, calib)
+        if not batch_major:
+            return None
+        model = copy_model(prepared.model)
+        sites = add_probes(model, _weights_of(model, prepared), next(calib.batches(batch)))
+        sites = [s for s in sites if s.weight in batch_major and covers(s, batch_major[s.weight])]
+        if not sites:
+            return None
+        graph = _gradient_graph(prepared, loss, output, [s.probe for s in sites], as_inputs=False, model=model)
+        sites = [s for s in sites if s.probe in graph.gradients]
+        if not sites:
+            return None
+        values = {v.name: v for v in _all_values(graph.model)}
+        inputs = {v.name for v in graph.model.graph.inputs}
+        present = {v.name for v in graph.model.graph.outputs}
+        for name in sorted({s.activation for s in sites} - inputs - present):
+            graph.model.graph.outputs.append(values[name])
+        layouts = {w.name: w.layout for w in prepared.weights}
+        sums = {s.weight: np.zeros(layouts[s.weight].view_shape) for s in sites}
+        return cls(sessions.open(graph.model), sites, dict(graph.gradients), layouts, batch, sums)
+
+    def add(self, calib: Calibration, targets: np.ndarray, start: int) -> None:
+        """Add ``sum_n g_n^2`` of the samples ``start .. start + batch``."""
+        from bq_onnx.per_sample import squared_gradient_sum
+
+        count = min(self.batch, calib.num_samples - start)
+        rows = start + np.arange(self.batch) % count  # a short last batch is padded with its own samples
+        feeds = {k: v[rows] for k, v in calib.arrays.items()}
+        out = dict(zip(self.session.output_names, self.session.run({**feeds, TARGET: targets[rows]})))
+        for site in self.sites:
+            act = feeds[site.activation] if site.activation in feeds else out[site.activation]
+            grad = out[self.gradients[site.probe]]
+            layout = self.layouts[site.weight]
+            self.sums[site.weight] += squared_gradient_sum(site, layout.shape, layout.view_shape, act[:count],
+                                                           grad[:count])
+
+    def result(self, count: int) -> dict[str, np.ndarray]:
+        return {w: self.layouts[w].from_view(total / count) for w, total in self.sums.items()}
+
+
+def _batch_major_weights(prepared: Prepared, calib: Calibration) -> dict[str, int]:
+    """Weights whose single consumer reads and writes sample-major tensors (first axis = the calibration
+    sample axis, by shape inference with a symbolic batch), with their use counts. A model whose inputs have a
+    fixed first dimension is not batched at all."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    model = copy_model(prepared.model)
+    symbol = "bq_samples"
+    for value in model.graph.inputs:
+        if value.name not in calib.arrays:
+            continue
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
+            return {}
+        dims = list(calib.arrays[value.name].shape[1:])
+        value.shape = ir.Shape([symbol, *dims])
+    for node in model.graph:  # forget exported annotations so the symbol propagates
+        for out in node.outputs:
+            out.shape = None
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    except Exception:  # noqa: BLE001 - no inferred shapes: nothing is known to be sample-major
+        return {}
+
+    def sample_major(value: ir.Value | None) -> bool:
+        if value is None or value.shape is None or len(value.shape) < 2:
+            return False
+        dim = value.shape[0]
+        return isinstance(dim, ir.SymbolicDim) and dim.value == symbol
+
+    found = {}
+    for info in prepared.weights:
+        uses = list(model.graph.initializers[info.name].uses())
+        if not uses:
+            continue
+        node = uses[0].node
+        if sample_major(node.inputs[0]) and sample_major(node.outputs[0]):
+            found[info.name] = len(uses)
+    return found
 
 
 def _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, probes, batch_size, rng, bar):

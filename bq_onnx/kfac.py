@@ -82,7 +82,12 @@ def add_probes(model: ir.Model, weights: list[WeightInfo], sample: dict[str, np.
 
 
 def im2col(x: np.ndarray, weight_shape: tuple[int, ...], attrs: dict) -> np.ndarray:
-    """Patches of a 2-D convolution input ``[1, C, H, W]`` -> ``(groups, positions, C/g * kh * kw)``.
+    """Patches of one 2-D convolution input ``[1, C, H, W]`` -> ``(groups, positions, C/g * kh * kw)``."""
+    return im2col_batch(np.asarray(x[:1], dtype=np.float64), weight_shape, attrs)[0]
+
+
+def im2col_batch(x: np.ndarray, weight_shape: tuple[int, ...], attrs: dict) -> np.ndarray:
+    """Patches of a batch ``[B, C, H, W]`` -> ``(B, groups, positions, C/g * kh * kw)`` in ``x``'s dtype.
 
     Feature order ``(c, i, j)`` matches the weight's ``(K, N)`` view (``[M, C/g, kh, kw]`` -> ``K = C/g*kh*kw``).
     """
@@ -94,14 +99,13 @@ def im2col(x: np.ndarray, weight_shape: tuple[int, ...], attrs: dict) -> np.ndar
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
         raise ValueError("auto_pad SAME_* is not supported by the K-FAC estimator")
-    x = np.asarray(x[0], dtype=np.float64)
-    x = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
-    windows = sliding_window_view(x, (span_h, span_w), axis=(1, 2))[:, :: strides[0], :: strides[1]]
-    windows = windows[..., :: dilations[0], :: dilations[1]]  # (C, Ho, Wo, kh, kw)
-    c, ho, wo = windows.shape[:3]
-    per_group = windows.reshape(groups, c // groups, ho * wo, kh, kw)
-    return per_group.transpose(0, 2, 1, 3, 4).reshape(groups, ho * wo, c_local * kh * kw)
+    windows = sliding_window_view(x, (span_h, span_w), axis=(2, 3))[:, :, :: strides[0], :: strides[1]]
+    windows = windows[..., :: dilations[0], :: dilations[1]]  # (B, C, Ho, Wo, kh, kw)
+    b, c, ho, wo = windows.shape[:4]
+    per_group = windows.reshape(b, groups, c // groups, ho * wo, kh, kw)
+    return per_group.transpose(0, 1, 3, 2, 4, 5).reshape(b, groups, ho * wo, c_local * kh * kw)
 
 
 def input_rows(site: KfacSite, activation: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:

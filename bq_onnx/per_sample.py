@@ -1,0 +1,78 @@
+"""Per-sample squared gradients of layer weights from one batched run, not one run per sample.
+
+The empirical Fisher diagonal needs ``sum_n g_n^2`` for every weight, where ``g_n`` is the gradient of sample
+``n``'s loss. A batched gradient graph only gives ``sum_n g_n``. For a weight read by one MatMul, Gemm or Conv,
+``g_n`` factors exactly into the layer input ``a_n`` and the output gradient ``d_n`` of that sample:
+``g_n = a_n^T d_n`` summed over the sample's rows (tokens, or the patches a convolution sees). So a batched run
+of the gradient graph with respect to zero "probes" after each layer output (``bq_onnx.kfac.add_probes``) gives
+every ``d_n`` at once (the loss is a sum over samples, so each sample's rows only see its own loss), the same
+run returns the inputs ``a_n``, and one batched matrix product per layer forms the ``g_n``. Backward skips the
+weight gradients, so a per-sample gradient costs about what a batched forward and input-gradient pass costs.
+
+Weights this does not cover (shared by several nodes, other consumers, unknown output shapes) are left to the
+caller's one-sample-per-run loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bq_onnx.kfac import KfacSite
+
+#: Largest block of convolution patches (float32 elements) gathered at once; bigger batches are split.
+MAX_PATCH_ELEMENTS = 1 << 23
+
+
+def covers(site: KfacSite, uses: int) -> bool:
+    """Whether ``site``'s weight gradient is exactly the per-row product of its input and output gradient."""
+    if uses != 1:
+        return False
+    if site.op == "Conv":
+        attrs = site.attrs
+        return attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID", b"NOTSET", b"VALID")
+    return True
+
+
+def squared_gradient_sum(site: KfacSite, weight_shape: tuple[int, ...], view_shape: tuple[int, int],
+                         activation: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """``sum_n (a_n^T d_n)^2`` in the weight's ``(K, N)`` view, float64, for a batch of samples."""
+    a = np.asarray(activation, dtype=np.float32)
+    d = np.asarray(grad, dtype=np.float32)
+    if site.op == "Conv":
+        return _conv(site.attrs, weight_shape, a, d)
+    k, n = view_shape
+    b = a.shape[0]
+    x = np.moveaxis(a, site.in_axis, -1).reshape(b, -1, k)  # (B, R, K)
+    out = d.reshape(b, -1, n)  # (B, R, N)
+    if x.shape[1] == 1:  # one row per sample: g_n = a_n d_n^T, so sum_n g_n^2 = (a^2)^T (d^2)
+        return (np.square(x[:, 0]).T @ np.square(out[:, 0])).astype(np.float64)
+    grads = np.matmul(x.transpose(0, 2, 1), out)  # (B, K, N)
+    return np.square(grads).sum(axis=0).astype(np.float64)
+
+
+def _conv(attrs: dict, weight_shape: tuple[int, ...], x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Patches gathered by one strided copy per kernel offset (not a sliding-window transpose), then one batched
+    product with the output gradient per group."""
+    m, c_local, kh, kw = weight_shape
+    groups = int(attrs.get("group", 1))
+    sh, sw = list(attrs.get("strides", [1, 1]))
+    dh, dw = list(attrs.get("dilations", [1, 1]))
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    b = x.shape[0]
+    ho, wo = d.shape[2], d.shape[3]
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    out = d.reshape(b, groups, m // groups, ho * wo).transpose(0, 1, 3, 2)  # (B, G, L, M/G)
+    step = max(1, min(b, MAX_PATCH_ELEMENTS // max(x.shape[1] * kh * kw * ho * wo, 1)))
+    view = np.zeros((c_local * kh * kw, m), dtype=np.float64)
+    for start in range(0, b, step):
+        xs = x[start : start + step]
+        patches = np.empty((len(xs), x.shape[1], kh, kw, ho, wo), dtype=np.float32)
+        for i in range(kh):
+            for j in range(kw):
+                top, left = i * dh, j * dw
+                patches[:, :, i, j] = xs[:, :, top : top + sh * (ho - 1) + 1 : sh, left : left + sw * (wo - 1) + 1 : sw]
+        rows = patches.reshape(len(xs), groups, c_local * kh * kw, ho * wo)  # (B, G, K, L), K in (c, i, j) order
+        grads = np.matmul(rows, out[start : start + step])  # (B, G, K, M/G)
+        sq = np.square(grads).sum(axis=0)  # (G, K, M/G)
+        view += sq.transpose(1, 0, 2).reshape(c_local * kh * kw, m)
+    return view

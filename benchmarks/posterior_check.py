@@ -1,6 +1,7 @@
 """Posterior estimators on a reference model: per-layer curvature, ranking agreement, cost.
 
-Usage:  python benchmarks/posterior_check.py [--model lenet] [--samples 500] [--batch 32] [--out FILE.md]
+Usage:  OPENBLAS_NUM_THREADS=1 python benchmarks/posterior_check.py [--model lenet] [--samples 500] [--batch 32]
+        [--threads 1] [--out FILE.md]
 
 Prints the mean curvature per layer for laplace, fisher-mc and hutchinson, the Spearman correlation of the
 per-layer ranking between laplace and hutchinson (and fisher-mc), the cost of one per-sample gradient relative
@@ -49,12 +50,13 @@ def _median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def per_sample_cost(model_path: Path, calib_path: Path, count: int, batch: int) -> dict[str, float]:
+def per_sample_cost(model_path: Path, calib_path: Path, count: int, batch: int, threads: int | None
+                    ) -> dict[str, float]:
     """Median seconds per sample: forward at batch 1 and at ``batch``; per-sample gradient one sample per run
     (the fallback loop) and batched (what laplace and fisher-mc use: ``BatchedFisher``)."""
     prepared = prepare(model_path)
     calib = load_calibration(calib_path, prepared.model, count)
-    sessions = TempSessions()
+    sessions = TempSessions(threads)
     try:
         outputs = _forward(sessions, prepared, None, calib)
         targets = softmax(outputs)
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--batch", type=int, default=32, help="samples per batched gradient run (default 32, "
                    "the estimators' default --batch-size)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the cost measurement (default "
+                   "1: stable on a shared machine; 0 = onnxruntime's default); run with OPENBLAS_NUM_THREADS set "
+                   "to the same number so numpy matches")
     p.add_argument("--out", help="also write the results as Markdown to this file")
     args = p.parse_args(argv)
     model = MODELS / f"{args.model}.onnx"
@@ -105,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     table = render(["layer", *methods], [[n, *(f"{curv[m][i]:.4g}" for m in methods)] for i, n in enumerate(names)])
     rho_h = spearmanr(curv["laplace"], curv["hutchinson"]).statistic
     rho_f = spearmanr(curv["fisher-mc"], curv["hutchinson"]).statistic
-    cost = per_sample_cost(model, calib, min(args.samples, 300), args.batch)
+    cost = per_sample_cost(model, calib, min(args.samples, 300), args.batch, args.threads or None)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
         f"# Posterior estimators on {args.model}",
         "",
-        f"`python benchmarks/posterior_check.py --model {args.model} --samples {args.samples} --batch {args.batch}`",
+        f"`OPENBLAS_NUM_THREADS={args.threads} python benchmarks/posterior_check.py --model {args.model} "
+        f"--samples {args.samples} --batch {args.batch} --threads {args.threads}`",
         "",
         f"bq-onnx {bq_onnx.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()}, {args.samples} calibration samples",

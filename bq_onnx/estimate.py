@@ -75,15 +75,16 @@ def forward_model(model: ir.Model, outputs: Sequence[str | None]) -> ir.Model:
 class TempSessions:
     """Sessions over temporary files (sessions are created from paths; models over 2 GB need it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="bq-post-")
         self._count = 0
+        self.threads = threads
 
     def open(self, model: ir.Model):
         self._count += 1
         path = Path(self._tmp.name) / f"m{self._count}.onnx"
         save_model(model, path)
-        return get_runtime("onnxruntime").session(path, exact=True)
+        return get_runtime("onnxruntime").session(path, exact=True, threads=self.threads)
 
     def close(self) -> None:
         self._tmp.cleanup()

@@ -16,7 +16,15 @@ from typing import Literal
 
 import numpy as np
 
-Kind = Literal["uniform", "codebook", "mean"]
+Kind = Literal["uniform", "codebook", "vector", "mean"]
+
+OUTLIER_VALUE_BITS = 16
+"""Outlier values are stored in fp16."""
+
+
+def outlier_index_bits(numel: int) -> int:
+    """Bits of one stored outlier index: uint16 when every flat index fits, else int32."""
+    return 16 if numel <= (1 << 16) else 32
 
 
 def num_blocks(k: int, block_size: int) -> int:
@@ -44,7 +52,15 @@ class QuantizedTensor:
     * ``uniform``: ``w = (code - zero_point) * scale``. ``symmetric`` means the zero point is the implicit
       ``2**(bits-1)`` (stored as a signed container in the native format) and ``zero_point`` is None.
     * ``codebook``: ``w = codebook[code] * scale (+ offset)``; one codebook per tensor, per-block scales.
+    * ``vector``: ``vector_dim`` (``d``) consecutive rows of a column form one vector; ``codes`` ``(Kv, N)``
+      with ``Kv = ceil(K / d)`` index the rows of ``codebook`` ``(2**(bits*d), d)`` (one per tensor), and
+      ``w = codebook[code]`` laid back along the rows, cut to ``K`` (a ragged last vector), ``* scale``.
+      ``bits`` stays the cost per weight; an index takes ``bits * d`` bits (:attr:`index_bits`).
     * ``mean`` (0 bits): ``w = offset``, the block mean.
+
+    Any kind may carry sparse outliers: ``outlier_index`` (ascending flat indices into the row-major ``(K, N)``
+    view, int64) and ``outlier_value`` (float32, fp16-representable) are added back after the dense decode:
+    ``flat[idx] = flat[idx] + value`` (a Gather, an Add and a ScatterElements in the graph).
 
     Scales, offsets and codebook entries are float32 holding fp16-representable values, so fp16 and fp32
     storage decode to the same numbers.
@@ -61,18 +77,25 @@ class QuantizedTensor:
     codebook: np.ndarray | None = None
     offset: np.ndarray | None = None
     method: str = ""
+    vector_dim: int = 1
+    outlier_index: np.ndarray | None = None
+    outlier_value: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         k, n = self.shape
         nb = num_blocks(k, self.block_size)
         if not 0 <= self.bits <= 8:
             raise ValueError(f"bits must be in 0..8, got {self.bits}")
-        for name in ("scale", "offset", "codebook"):
+        for name in ("scale", "offset", "codebook", "outlier_value"):
             value = getattr(self, name)
             if value is not None and not np.isfinite(value).all():
                 raise ValueError(f"{name} must be finite (fp16 range)")
+        self._check_outliers(k * n)
         if self.kind == "mean":
             _check(self.offset, (nb, n), np.float32, "offset")
+            return
+        if self.kind == "vector":
+            self._check_vector(k, n, nb)
             return
         _check(self.codes, (k, n), np.uint8, "codes")
         _check(self.scale, (nb, n), np.float32, "scale")
@@ -93,6 +116,54 @@ class QuantizedTensor:
         else:
             raise ValueError(f"unknown kind {self.kind!r}")
 
+    def _check_outliers(self, numel: int) -> None:
+        if self.outlier_index is None and self.outlier_value is None:
+            return
+        if self.outlier_index is None or self.outlier_value is None:
+            raise ValueError("outlier_index and outlier_value go together")
+        m = self.outlier_index.shape
+        _check(self.outlier_index, m, np.int64, "outlier_index")
+        _check(self.outlier_value, m, np.float32, "outlier_value")
+        idx = self.outlier_index
+        if idx.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= numel or (np.diff(idx) <= 0).any())):
+            raise ValueError("outlier_index must be ascending, unique flat indices into the (K, N) view")
+
+    def _check_vector(self, k: int, n: int, nb: int) -> None:
+        d = self.vector_dim
+        if not 1 <= d <= 8 or self.bits < 1 or self.index_bits > 16:
+            raise ValueError(f"vector tensors need 1 <= d <= 8, bits >= 1 and bits * d <= 16, got d={d}, "
+                             f"bits={self.bits}")
+        if self.block_size < k and self.block_size % d:
+            raise ValueError(f"block_size {self.block_size} must be a multiple of the vector length {d}")
+        dtype = np.uint8 if self.index_bits <= 8 else np.uint16
+        _check(self.codes, (-(-k // d), n), dtype, "codes")
+        if self.codes.size and int(self.codes.max()) >= (1 << self.index_bits):
+            raise ValueError(f"codes exceed {self.index_bits} index bits")
+        _check(self.scale, (nb, n), np.float32, "scale")
+        _check(self.codebook, (1 << self.index_bits, d), np.float32, "codebook")
+        if self.offset is not None:
+            raise ValueError("vector tensors have no offset")
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of one code: ``bits`` per weight, ``bits * d`` per vector index."""
+        return self.bits * (self.vector_dim if self.kind == "vector" else 1)
+
+    @property
+    def num_outliers(self) -> int:
+        return 0 if self.outlier_index is None else int(self.outlier_index.size)
+
+    @property
+    def outlier_bits(self) -> int:
+        """Stored bits of the sparse outliers: an index (uint16 or int32) and an fp16 value each."""
+        k, n = self.shape
+        return self.num_outliers * (outlier_index_bits(k * n) + OUTLIER_VALUE_BITS)
+
+    @property
+    def payload_bits(self) -> int:
+        """Per-weight data: ``bits`` per weight plus the outliers (indices and values)."""
+        return self.shape[0] * self.shape[1] * self.bits + self.outlier_bits
+
     @property
     def num_blocks(self) -> int:
         return num_blocks(self.shape[0], self.block_size)
@@ -102,13 +173,24 @@ class QuantizedTensor:
         return 1 << (self.bits - 1)
 
     def dequantize(self) -> np.ndarray:
-        """float32 ``(K, N)`` reconstruction, in the graph's operation order."""
-        k, _ = self.shape
+        """float32 ``(K, N)`` reconstruction, in the graph's operation order (outliers added last)."""
+        w = self._dense()
+        if self.outlier_index is not None:
+            flat = w.reshape(-1)
+            flat[self.outlier_index] = flat[self.outlier_index] + self.outlier_value
+        return w
+
+    def _dense(self) -> np.ndarray:
+        k, n = self.shape
         g = self.block_size
         if self.kind == "mean":
             return expand_blocks(self.offset, k, g).copy()
-        codes = self.codes.astype(np.float32)
         scale = expand_blocks(self.scale, k, g)
+        if self.kind == "vector":
+            kv, d = self.codes.shape[0], self.vector_dim
+            rows = self.codebook[self.codes].transpose(0, 2, 1).reshape(kv * d, n)[:k]
+            return np.ascontiguousarray((rows * scale).astype(np.float32))
+        codes = self.codes.astype(np.float32)
         if self.kind == "uniform":
             if self.symmetric:
                 zp = np.float32(self.implicit_zero_point)
@@ -119,6 +201,10 @@ class QuantizedTensor:
         if self.offset is not None:
             w = w + expand_blocks(self.offset, k, g)
         return w.astype(np.float32)
+
+    def without_outliers(self) -> QuantizedTensor:
+        """The dense part alone."""
+        return dataclasses.replace(self, outlier_index=None, outlier_value=None)
 
 
 def _check(arr: np.ndarray | None, shape: tuple[int, ...], dtype: type, name: str) -> None:
@@ -134,6 +220,15 @@ def take_columns(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
     def cols(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else np.ascontiguousarray(a[:, start:stop])
 
+    index, value = qt.outlier_index, qt.outlier_value
+    if index is not None:
+        n = qt.shape[1]
+        row, col = index // n, index % n
+        keep = (col >= start) & (col < stop)
+        index = row[keep] * (stop - start) + (col[keep] - start)
+        value = value[keep]
+        if index.size == 0:
+            index = value = None
     return dataclasses.replace(
         qt,
         shape=(qt.shape[0], stop - start),
@@ -141,6 +236,8 @@ def take_columns(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
         scale=cols(qt.scale),
         zero_point=cols(qt.zero_point),
         offset=cols(qt.offset),
+        outlier_index=index,
+        outlier_value=value,
     )
 
 
@@ -172,4 +269,4 @@ class QuantizedPieces:
 
     @property
     def payload_bits(self) -> int:
-        return sum(qt.shape[0] * qt.shape[1] * qt.bits for _, _, qt in self.pieces)
+        return sum(qt.payload_bits for _, _, qt in self.pieces)

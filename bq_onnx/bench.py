@@ -69,19 +69,11 @@ def make_feeds(model_path: str, batch: int, calib: str | None = None, seed: int 
     return feeds
 
 
-def _make_runtime(name: str, ep: str | None):
-    from bq_onnx.runtimes import get_runtime
-
-    if name == "onnxruntime":
-        from bq_onnx.runtimes.ort import OnnxRuntime
-
-        return OnnxRuntime(providers=[ep] if ep else None)
-    return get_runtime(name)
-
-
 def measure_one(config: dict) -> dict:
     """Measure one configuration in this process (called in the child)."""
-    rt = _make_runtime(config["runtime"], config.get("provider"))
+    from bq_onnx.runtimes import get_runtime
+
+    rt = get_runtime(config["runtime"], config.get("provider"))
     feeds = make_feeds(config["model"], config["batch"], config.get("calib"))
     before = _rss_peak_mib()
     start = time.perf_counter()
@@ -184,7 +176,7 @@ def benchmark(
         rt = get_runtime(name)
         if rt.name == "onnxruntime":
             for ep in eps:
-                ok, why = _make_runtime("onnxruntime", ep).available()
+                ok, why = get_runtime("onnxruntime", ep).available()
                 targets.append((rt.name, ep, "" if ok else why))
         else:
             ok, why = rt.available()

@@ -145,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--labels", metavar="FILE", help="class labels .npy/.npz (key 'labels'): report accuracies")
     v.add_argument("--runtime", default="onnxruntime", help="comma-separated: onnxruntime,openvino "
                    "(default onnxruntime)")
+    v.add_argument("--ep", help="onnxruntime execution providers, comma-separated, each checked separately: cpu, "
+                   "cuda, tensorrt, rocm, migraphx (default cpu); one not installed or without a device is "
+                   "skipped with the reason")
     v.add_argument("--output-name", help="compare only this output (default: every output of both models)")
     v.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
     v.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
@@ -443,6 +446,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         args.calib,
         labels=load_labels(args.labels) if args.labels else None,
         runtimes=_names(args.runtime),
+        providers=_names(args.ep) if args.ep else None,
         output=args.output_name,
         calib_samples=args.calib_samples,
         batch_size=args.batch_size,

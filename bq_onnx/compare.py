@@ -140,6 +140,7 @@ def verify_models(
     *,
     labels: np.ndarray | None = None,
     runtimes: Sequence[str] = ("onnxruntime",),
+    providers: Sequence[str] | None = None,
     output: str | None = None,
     calib_samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
@@ -152,10 +153,13 @@ def verify_models(
 ) -> dict:
     """Compare ``candidate`` with ``reference`` (paths) on ``calibration`` in each runtime; return the report.
 
+    ``providers``: onnxruntime execution providers (``--ep`` names: cpu, cuda, tensorrt, rocm, migraphx), each
+    checked as its own runtime entry; one that is not installed or has no device is skipped with the reason.
     The report has ``passed`` and ``failures`` (one line each); ``check=True`` raises
     :class:`~bq_onnx.errors.VerificationError` with the first failure instead of returning a failed report.
     """
     from bq_onnx.runtimes import get_runtime
+    from bq_onnx.runtimes.ort import provider_names
 
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
@@ -191,14 +195,18 @@ def verify_models(
         "skipped": [],
         "failures": [],
     }
-    for name in runtimes:
-        rt = get_runtime(name)
+    for name, provider, label in _targets(runtimes, providers):
+        rt = get_runtime(name, provider)
         ok, why = rt.available()
         if not ok:
-            report["skipped"].append({"runtime": rt.name, "reason": why})
+            report["skipped"].append({"runtime": label, "reason": why})
             continue
         ref_session = rt.session(reference, exact=True)
         cand_session = rt.session(candidate, exact=True)
+        used = getattr(cand_session, "providers", None)
+        if provider and used and provider_names([provider])[0] not in used:
+            report["skipped"].append({"runtime": label, "reason": f"onnxruntime fell back to {', '.join(used)}"})
+            continue
         names = [n for n in ref_session.output_names if n in cand_session.output_names]
         if output is not None:
             if output not in names:
@@ -227,9 +235,9 @@ def verify_models(
             metrics["passed"] = not fails
             metrics["failed"] = [metric for metric, _ in fails]
             for metric, detail in fails:
-                report["failures"].append(f"{metric} failed in {rt.name}, output '{n}': {detail}")
+                report["failures"].append(f"{metric} failed in {label}, output '{n}': {detail}")
             outputs.append(metrics)
-        report["runtimes"].append({"runtime": rt.name, "outputs": outputs})
+        report["runtimes"].append({"runtime": label, "outputs": outputs})
     if not report["runtimes"]:
         reasons = "; ".join(f"{s['runtime']}: {s['reason']}" for s in report["skipped"])
         raise UnsupportedError(f"no requested runtime is available ({reasons})")
@@ -237,6 +245,26 @@ def verify_models(
     if check and not report["passed"]:
         raise VerificationError(failure_message(report))
     return report
+
+
+def _targets(runtimes: Sequence[str], providers: Sequence[str] | None) -> list[tuple[str, str | None, str]]:
+    """(runtime, execution provider, label) to check; onnxruntime once per provider."""
+    from bq_onnx.runtimes import get_runtime
+    from bq_onnx.runtimes.ort import EP_NAMES, provider_names
+
+    short: dict[str, str] = {}
+    for name, full in EP_NAMES.items():
+        short.setdefault(full, name)
+    out = []
+    for name in runtimes:
+        canonical = get_runtime(name).name
+        if canonical == "onnxruntime" and providers:
+            for full in provider_names(list(providers)):
+                label = "onnxruntime" if full == "CPUExecutionProvider" else f"onnxruntime[{short.get(full, full)}]"
+                out.append((canonical, full, label))
+        else:
+            out.append((canonical, None, canonical))
+    return out
 
 
 def failure_message(report: dict) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bq_onnx.errors import UnsupportedError
+from bq_onnx.errors import UnsupportedError, UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +66,14 @@ def runtime_names() -> list[str]:
     return ["onnxruntime", "openvino"]
 
 
-def get_runtime(name: str) -> Runtime:
+def get_runtime(name: str, provider: str | None = None) -> Runtime:
+    """The adapter for ``name``; ``provider`` picks an onnxruntime execution provider (``--ep`` name)."""
     if name in ("onnxruntime", "ort"):
         from bq_onnx.runtimes.ort import OnnxRuntime
 
-        return OnnxRuntime()
+        return OnnxRuntime(providers=[provider] if provider else None)
+    if provider and provider.lower() not in ("cpu", "cpuexecutionprovider"):
+        raise UsageError(f"execution provider '{provider}' applies to onnxruntime only, not to {name}")
     if name in ("openvino", "ov"):
         from bq_onnx.runtimes.ov import OpenVinoRuntime
 

@@ -108,6 +108,28 @@ def test_verify_unavailable_runtime_is_skipped_unless_it_is_the_only_one(data, c
     _one_line_error(code, err, 4, "no requested runtime is available")
 
 
+def test_verify_execution_providers_each_checked_missing_ones_skipped(data, capsys):
+    """--ep cpu,cuda,tensorrt: CPU runs; GPU providers without onnxruntime-gpu are skipped with the reason."""
+    import onnxruntime
+
+    code, out, err = _run(["verify", LENET, data / "lenet4.onnx", "--calib", data / "calib.npz", "--calib-samples",
+                           "50", "--ep", "cpu,cuda,tensorrt", "--min-agreement", "0.9", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    have = set(onnxruntime.get_available_providers())
+    checked = [r["runtime"] for r in report["runtimes"]]
+    skipped = {s["runtime"]: s["reason"] for s in report["skipped"]}
+    assert checked[0] == "onnxruntime"
+    for ep, full in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")):
+        if full not in have:
+            assert f"onnxruntime[{ep}]" in skipped and full in skipped[f"onnxruntime[{ep}]"]
+    code, _, err = _run(["verify", LENET, LENET, "--calib", data / "calib.npz", "--ep", "rocm"], capsys)
+    if "ROCMExecutionProvider" not in have:
+        _one_line_error(code, err, 4, "no requested runtime is available")
+    code, _, err = _run(["verify", LENET, LENET, "--calib", data / "calib.npz", "--ep", "warp"], capsys)
+    _one_line_error(code, err, 2, "unknown execution provider 'warp'")
+
+
 def test_ort_providers_map_and_report_missing_ones():
     from bq_onnx.errors import UsageError
     from bq_onnx.runtimes.ort import OnnxRuntime, provider_names

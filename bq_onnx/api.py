@@ -18,7 +18,7 @@ from bq_onnx.errors import UnsupportedError, UsageError
 from bq_onnx.model_io import check_output_path, load_model, save_model
 from bq_onnx.pipeline import optimize_passes, run_passes
 from bq_onnx.posterior import Posterior
-from bq_onnx.quantizers import METHODS
+from bq_onnx.quantizers import QUANTIZERS
 from bq_onnx.samples import random_feeds
 from bq_onnx.sizes import totals
 
@@ -145,7 +145,27 @@ def parse_min_bits(items: Iterable[str] | Mapping[str, int]) -> tuple[tuple[str,
     return tuple(out)
 
 
+def parse_outliers(value: float | str | None) -> float | str:
+    """``--outliers``: a fraction in ``[0, 0.1]`` (``0.005`` or ``0.5%``), ``auto`` (the tables try none and
+    :data:`bq_onnx.outliers.FRACTIONS`), or None/``none`` = 0."""
+    from bq_onnx.outliers import MAX_FRACTION
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off", "")):
+        return 0.0
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    text = str(value).strip()
+    try:
+        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"--outliers takes a fraction (0.005 or 0.5%), auto or none, got {value!r}") from None
+    if isinstance(value, bool) or not 0.0 <= fraction <= MAX_FRACTION:
+        raise UsageError(f"--outliers must be a fraction in [0, {MAX_FRACTION}], got {value!r}")
+    return fraction
+
+
 def _settings(**kwargs) -> Settings:
+    kwargs["outliers"] = parse_outliers(kwargs.get("outliers"))
     s = Settings(**kwargs)
     if isinstance(s.bits, bool) or not isinstance(s.bits, (int, float)) or not 0 <= s.bits <= 8:
         raise UsageError(f"--bits must be a number in 0..8, got {s.bits!r}")
@@ -163,8 +183,9 @@ def _settings(**kwargs) -> Settings:
         raise UsageError(f"--size-mb must be > 0, got {s.size_mb}")
     if s.format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {s.format!r}")
-    if s.quantizer not in METHODS:
-        raise UsageError(f"--quantizer must be one of {', '.join(METHODS)}, got {s.quantizer!r}")
+    if s.quantizer not in QUANTIZERS:
+        raise UsageError(f"--quantizer must be one of {', '.join(QUANTIZERS)}, got {s.quantizer!r}")
+
     if s.group_size < 0:
         raise UsageError(f"--group-size must be >= 0 (0 = one block per output channel), got {s.group_size}")
     if s.min_size < 1:
@@ -178,6 +199,7 @@ def optimize(
     bits: int = 4,
     format: str = "native",
     quantizer: str = "uniform",
+    outliers: float | str | None = None,
     group_size: int = 32,
     min_size: int = 128,
     keep_fp: Iterable[str] = (),
@@ -202,6 +224,11 @@ def optimize(
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
     ``group_size`` rows per block along the reduction axis (0: one block per output channel).
+    ``quantizer``: a scalar method, ``vq`` (vector codebooks of every allowed length d = 2/4/8, the tables choosing
+    per tensor and width), ``vq2``/``vq4``/``vq8`` (one length) or ``auto`` (scalar uniform, scalar Lloyd codebook
+    and vector codebooks, the tables choosing). ``outliers``: fraction of each tensor's weights kept as sparse fp16
+    outliers (counted in the payload), ``"auto"`` (the tables choose none or one of
+    :data:`bq_onnx.outliers.FRACTIONS` per tensor and width), default none (``auto`` with ``quantizer="auto"``).
     ``calib`` (calibration data, see :func:`bq_onnx.calibration.load_calibration`) estimates a posterior with
     ``posterior_options`` (fields of :class:`bq_onnx.estimate.PosteriorOptions`: method, loss, labels, ...);
     ``posterior`` gives one instead (a file from ``bq-onnx posterior`` or an external Bayesian network's); with
@@ -225,6 +252,7 @@ def optimize(
         bits=bits,
         format=format,
         quantizer=quantizer,
+        outliers=("auto" if quantizer == "auto" else 0.0) if outliers is None else outliers,
         group_size=group_size,
         min_size=min_size,
         keep_fp=tuple(keep_fp),
@@ -247,6 +275,9 @@ def optimize(
         explicit = frozenset(k for k, v in (("quantizer", quantizer), ("group_size", group_size), ("format", format))
                              if v != Settings.__dataclass_fields__[k].default)
         settings, target_notes = legalize_settings(settings, profile, explicit=explicit, strict_size=strict_size)
+        if settings.outliers and not profile.codebooks:
+            raise UsageError(f"--outliers: target {profile.name} runs weights only as DequantizeLinear into the "
+                             f"consumer; a sparse add in between breaks that (leave --outliers out)")
     elif strict_size:
         raise UsageError("--strict-size needs --target")
     ctx = Context(settings, progress=progress)

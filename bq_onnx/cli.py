@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bq_onnx.quantizers import METHODS
+    from bq_onnx.quantizers import QUANTIZERS
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = _Parser(
@@ -52,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         help="native: standard DequantizeLinear (int4/int8 containers, runs compressed); compact: exact b-bit "
         "packing decoded by a model-local function (smallest file). Default native.",
     )
-    o.add_argument("--quantizer", choices=METHODS, default="uniform", help="quantizer family (default uniform)")
+    o.add_argument("--quantizer", choices=QUANTIZERS, default="uniform",
+                   help="quantizer family (default uniform); vq = vector codebooks (d = 2/4/8, chosen per tensor and "
+                   "width), vq2/vq4/vq8 = one length, auto = the best of uniform, lloyd and vq per tensor and width")
+    o.add_argument("--outliers", metavar="FRACTION|auto", default=None,
+                   help="keep this fraction of each tensor's weights (e.g. 0.005 or 0.5%%) as sparse fp16 outliers, "
+                   "counted in the payload; auto = the tables choose none, 0.25%% or 1%% per tensor and width "
+                   "(default: none; auto with --quantizer auto)")
     o.add_argument(
         "--group-size", type=int, default=32, help="rows per block along the reduction axis; 0 = per channel"
     )
@@ -236,6 +242,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         bits=args.bits,
         format=args.format,
         quantizer=args.quantizer,
+        outliers=args.outliers,
         group_size=args.group_size,
         min_size=args.min_size,
         keep_fp=args.keep_fp,

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from bq_onnx.layout import WeightLayout
 from bq_onnx.posterior import Posterior
 from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.quantizers import Spec
 
 Format = Literal["native", "compact"]
 
@@ -24,7 +25,8 @@ class Settings:
 
     bits: float = 4  # fixed width, or the average-bits budget of the allocation
     format: Format = "native"
-    quantizer: str = "uniform"
+    quantizer: str = "uniform"  # a scalar method, a vector family (vq, vq2, vq4, vq8) or auto
+    outliers: float | str = 0.0  # fraction of each tensor kept as sparse fp16 outliers, or "auto" (tables choose)
     group_size: int = 32
     min_size: int = 128
     seed: int = 0
@@ -51,12 +53,17 @@ class Settings:
         return max((b for name, b in self.weight_min_bits if name == weight), default=0)
 
     @property
+    def chooses_design(self) -> bool:
+        """Several designs per tensor and width (``vq``, ``auto``, ``--outliers auto``): the tables choose."""
+        return self.quantizer in ("vq", "auto") or self.outliers == "auto"
+
+    @property
     def fixed(self) -> bool:
         """Same width everywhere without tables: uniform allocation of a whole number of payload bits."""
         return (
             self.allocator == "uniform" and float(self.bits).is_integer() and self.size_mb is None
             and not self.include_metadata and not self.min_bits and int(self.bits) in self.allowed_bits
-            and self.tables == "closed"
+            and self.tables == "closed" and not self.chooses_design and not self.outliers
         )
 
 
@@ -82,6 +89,7 @@ class Context:
     posterior: Posterior | None = None
     tables: list = dataclasses.field(default_factory=list)  # BlockTable per allocation block
     bits: dict[str, int] = dataclasses.field(default_factory=dict)  # block name -> allocated width
+    designs: dict[tuple[str, int], Spec] = dataclasses.field(default_factory=dict)  # (weight, width) -> chosen design
     allocation: object | None = None
     distillation: dict | None = None
     quantized: dict[str, QuantizedTensor] = dataclasses.field(default_factory=dict)

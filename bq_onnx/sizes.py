@@ -1,7 +1,9 @@
 """Size accounting: payload bits, metadata bits and bytes on disk, per layer and in total.
 
-*Payload* is what the bit width promises (``bits`` per weight). *Metadata* is everything else a layer stores
-(scales, zero points, codebooks, offsets). *Stored* bytes are what the written initializers really take,
+*Payload* is what the bit width promises (``bits`` per weight) plus sparse outliers (an index and an fp16 value
+each: per-weight data, so they count against ``--bits``). *Metadata* is everything else a layer stores (scales,
+zero points, codebooks, offsets); a vector codebook is ``2**(bits*d)`` fp16 vectors of length ``d``, stored once
+per tensor and width however many slices share it. *Stored* bytes are what the written initializers really take,
 container waste included (3-bit codes in an int4 container take 4 bits in the native format).
 """
 
@@ -14,6 +16,20 @@ from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 def metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
     """Bits of per-block and per-tensor metadata, as each format stores them."""
+    return block_metadata_bits(qt, fmt) + codebook_bits(qt)
+
+
+def codebook_bits(qt: QuantizedTensor) -> int:
+    """Bits of the per-tensor codebook (0 for uniform and mean): shared by every column of the tensor."""
+    if qt.kind == "codebook":
+        return 16 * (1 << qt.bits)
+    if qt.kind == "vector":
+        return 16 * int(qt.codebook.size)
+    return 0
+
+
+def block_metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
+    """Bits of the per-block metadata (scales, zero points, offsets), as each format stores them."""
     nb, n = qt.num_blocks, qt.shape[1]
     blocks = nb * n
     if qt.kind == "mean":
@@ -25,7 +41,7 @@ def metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
             container = (4 if qt.bits <= 4 else 8) if fmt == "native" else qt.bits
             bits += container * blocks
     else:
-        bits += 16 * blocks + 16 * (1 << qt.bits)
+        bits += 16 * blocks
         if qt.offset is not None:
             bits += 16 * blocks
     return bits
@@ -42,8 +58,9 @@ def layer_record(
     """One row of the report: everything about one quantized weight, JSON-ready."""
     pieces = q.pieces if isinstance(q, QuantizedPieces) else ((0, q.shape[1], q),)
     numel = int(np.prod(q.shape))
-    payload = sum(int(np.prod(p.shape)) * p.bits for _, _, p in pieces)
-    meta = sum(metadata_bits(p, fmt) for _, _, p in pieces)
+    payload = sum(p.payload_bits for _, _, p in pieces)
+    books = {p.codebook.tobytes(): codebook_bits(p) for _, _, p in pieces if p.codebook is not None}
+    meta = sum(block_metadata_bits(p, fmt) for _, _, p in pieces) + sum(books.values())
     stored_bytes = int(sum(stored.values()))
     first = pieces[0][2]
     kinds = sorted({p.kind for _, _, p in pieces})
@@ -51,9 +68,10 @@ def layer_record(
         "name": name,
         "shape": list(shape),
         "view": list(q.shape),
-        "bits": payload / numel if len(pieces) > 1 else first.bits,
+        "bits": sum(p.shape[0] * p.shape[1] * p.bits for _, _, p in pieces) / numel if len(pieces) > 1 else first.bits,
         "kind": kinds[0] if len(kinds) == 1 else "+".join(kinds),
-        "method": first.method,
+        "method": "+".join(dict.fromkeys(p.method for _, _, p in pieces))
+        + ("+outliers" if any(p.num_outliers for _, _, p in pieces) else ""),
         "symmetric": bool(first.symmetric),
         "block_size": first.block_size,
         "format": fmt,
@@ -66,6 +84,9 @@ def layer_record(
         "bits_per_weight_with_metadata": (payload + meta) / numel,
         "stored_bits_per_weight": 8 * stored_bytes / numel,
         "pieces": [[start, stop, p.bits] for start, stop, p in pieces],
+        "vector_dim": max(p.vector_dim if p.kind == "vector" else 1 for _, _, p in pieces),
+        "outliers": sum(p.num_outliers for _, _, p in pieces),
+        "outlier_bits": sum(p.outlier_bits for _, _, p in pieces),
         "tensors": dict(sorted(stored.items())),
     }
 

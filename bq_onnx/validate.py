@@ -179,7 +179,8 @@ def _check_dq(node: ir.Node, p: Capabilities) -> list[Violation]:
 
 
 def _is_codebook(node: ir.Node) -> bool:
-    """Gather(float table initializer, Cast(integer code initializer)): a codebook decode."""
+    """Gather(float table initializer, Cast(integer code initializer)): a codebook decode, scalar or vector
+    (vector indices wider than 8 bits are uint16)."""
     if node.op_type != "Gather" or len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return False
     table, index = node.inputs[0], node.inputs[1]
@@ -188,7 +189,7 @@ def _is_codebook(node: ir.Node) -> bool:
     src = index.producer()
     if src is not None and src.op_type == "Cast" and src.inputs[0] is not None:
         index = src.inputs[0]
-    return index.const_value is not None and _dtype(index) in INT_CODES
+    return index.const_value is not None and _dtype(index) in INT_CODES | {ir.DataType.UINT16}
 
 
 def validate(model: str | os.PathLike | onnx.ModelProto | ir.Model, target: str | Capabilities) -> list[Violation]:

@@ -1,9 +1,10 @@
 """Model-local decode functions of the ``compact`` format, in the custom domain ``bq``.
 
-One function per (decode kind, bit width) actually used, built from standard ops only (see decode_ops), with
-the model's own opset. Inputs: the packed codes, the metadata, and a ``layout = [K, N, nb, G]`` int64 vector;
-output: the float32 ``(K, N)`` view. onnxruntime inlines and constant-folds them at session creation;
-OpenVINO needs them inlined first (the OpenVINO runtime adapter does that).
+One function per (decode kind, bit width) actually used, built from standard ops only (see decode_ops), with the
+model's own opset; vector codebooks get one per (vector length, index bits), and sparse outliers one ``AddOutliers``
+applied to the dense decode. Inputs: the packed codes, the metadata, and a ``layout = [K, N, nb, G]`` int64 vector;
+output: the float32 ``(K, N)`` view. onnxruntime inlines and constant-folds them at session creation; OpenVINO needs
+them inlined first (the OpenVINO runtime adapter does that).
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, unpack_codes
+from bq_onnx.passes.decode_ops import (
+    BlockDims,
+    Emitter,
+    add_outliers,
+    expand_blocks,
+    i64,
+    layout_vector,
+    unpack_codes,
+    vector_rows,
+)
 
 DOMAIN = "bq"
 DOMAIN_VERSION = 1
@@ -65,3 +75,51 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
         list(inputs.values()), [out], nodes=em.tape.nodes, opset_imports={"": opset}, name=name
     )
     return ir.Function(DOMAIN, name, graph=graph, attributes=[])
+
+
+OUTLIER_FUNCTION = "AddOutliers"
+
+
+def vector_function_name(dim: int, index_bits: int) -> str:
+    return f"DecodeVector{dim}x{index_bits}"
+
+
+def vector_layout(k: int, n: int, block_size: int, dim: int) -> np.ndarray:
+    """``[K, N, nb, G, Kv]``: the scalar layout plus the number of vectors per column."""
+    return np.append(layout_vector(k, n, block_size), -(-k // dim)).astype(np.int64)
+
+
+def build_vector_function(dim: int, index_bits: int, opset: int) -> ir.Function:
+    """Decode of a vector codebook: packed indices (low 8 bits, then the high ``index_bits - 8`` bits in a second
+    stream when wider), the fp16 codebook ``(2**index_bits, dim)``, fp16 scales and ``[K, N, nb, G, Kv]``."""
+    name = vector_function_name(dim, index_bits)
+    em = Emitter("", in_function=True)
+    names = ["packed"] + (["packed_high"] if index_bits > 8 else []) + ["codebook", "scale", "layout"]
+    inputs = {n: ir.Value(name=n) for n in names}
+    dims = BlockDims.from_layout(em, inputs["layout"])
+    kv = em.op("Slice", [inputs["layout"], em.const(i64(4)), em.const(i64(5))], "dim")
+    n = em.op("Slice", [inputs["layout"], em.const(i64(1)), em.const(i64(2))], "dim")
+    count = em.op("Mul", [kv, n], "count")
+    codes = unpack_codes(em, inputs["packed"], min(index_bits, 8), count)
+    if index_bits > 8:
+        high = unpack_codes(em, inputs["packed_high"], index_bits - 8, count)
+        codes = em.op("Add", [codes, em.op("Mul", [high, em.const(np.array(256.0, dtype=np.float32), "byte")])])
+    index = em.op("Reshape", [em.op("Cast", [codes], to=ir.DataType.INT32), em.op("Concat", [kv, n], axis=0)])
+    table = em.op("Cast", [inputs["codebook"]], to=ir.DataType.FLOAT)
+    rows = vector_rows(em, index, table, dims.rows_n, dims.k)
+    scale = expand_blocks(em, em.op("Cast", [inputs["scale"]], to=ir.DataType.FLOAT), dims)
+    out = em.op("Mul", [rows, scale])
+    out.name = "weight"
+    graph = ir.Graph(list(inputs.values()), [out], nodes=em.tape.nodes, opset_imports={"": opset}, name=name)
+    return ir.Function(DOMAIN, name, graph=graph, attributes=[])
+
+
+def build_outlier_function(opset: int) -> ir.Function:
+    """The sparse add: ``(weight, index, value) -> weight`` with ``flat[index] += value``."""
+    em = Emitter("", in_function=True)
+    inputs = {n: ir.Value(name=n) for n in ("dense", "index", "value")}
+    out = add_outliers(em, inputs["dense"], inputs["index"], inputs["value"])
+    out.name = "weight"
+    graph = ir.Graph(list(inputs.values()), [out], nodes=em.tape.nodes, opset_imports={"": opset},
+                     name=OUTLIER_FUNCTION)
+    return ir.Function(DOMAIN, OUTLIER_FUNCTION, graph=graph, attributes=[])

@@ -29,6 +29,7 @@ class Emitter:
         self.in_function = in_function
         self.shared = {} if shared is None else shared
         self._count = 0
+        self._stored: dict = {}
 
     def _name(self, label: str) -> str:
         self._count += 1
@@ -54,10 +55,17 @@ class Emitter:
             self.shared[key] = ir.Value(name=name, const_value=ir.tensor(array, name=name))
         return self.shared[key]
 
-    def tensor(self, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
-        """A stored initializer of this weight (main graph only)."""
+    def tensor(self, array: np.ndarray, name: str, dtype: ir.DataType | None = None, *, reuse: bool = False
+               ) -> ir.Value:
+        """A stored initializer of this weight (main graph only). ``reuse``: an identical array this emitter
+        already stored with ``reuse`` is returned instead (slices of one tensor share its codebook)."""
+        key = (array.dtype.str, array.shape, array.tobytes()) if reuse else None
+        if key is not None and key in self._stored:
+            return self._stored[key]
         value = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
         self.tape._initializers.append(value)  # the tape records what the rewrite must register
+        if key is not None:
+            self._stored[key] = value
         return value
 
 
@@ -159,3 +167,37 @@ def restore_layout(em: Emitter, view: ir.Value, layout: WeightLayout) -> ir.Valu
     if layout.needs_transpose:
         x = em.op("Transpose", [x], perm=list(layout.inverse_perm))
     return x
+
+
+def vector_rows(em: Emitter, index: ir.Value, table: ir.Value, rows_n: ir.Value, k: ir.Value | None) -> ir.Value:
+    """Vector decode: int32 indices ``(Kv, N)`` into a ``(C, d)`` codebook -> float rows ``(K, N)``.
+
+    ``Gather`` gives ``(Kv, N, d)``; the ``d`` coordinates of a vector are consecutive rows, so the transpose to
+    ``(Kv, d, N)`` and a reshape to ``(Kv*d, N)`` lay them out; ``k`` (int64 ``[K]``) slices a ragged last vector.
+    """
+    vectors = em.op("Gather", [table, index], "vectors", axis=0)
+    if vectors.dtype != ir.DataType.FLOAT:
+        vectors = em.op("Cast", [vectors], to=ir.DataType.FLOAT)
+    rows = em.op("Reshape", [em.op("Transpose", [vectors], perm=[0, 2, 1]), rows_n], "rows")
+    if k is not None:
+        rows = em.op("Slice", [rows, em.const(i64(0)), k, em.const(i64(0))], "rows")
+    return rows
+
+
+def add_outliers(em: Emitter, base: ir.Value, index: ir.Value, value: ir.Value, shape: ir.Value | None = None
+                 ) -> ir.Value:
+    """Sparse add: ``flat[idx] = flat[idx] + value`` (Gather, Add, ScatterElements; int32 indices, float32
+    arithmetic), reshaped back to ``shape`` (default ``Shape(base)``)."""
+    shape = em.op("Shape", [base]) if shape is None else shape
+    flat = em.op("Reshape", [base, em.const(i64(-1), "shape")], "flat")
+    idx = em.op("Cast", [index], to=ir.DataType.INT32)
+    add = em.op("Cast", [value], to=ir.DataType.FLOAT)
+    updated = em.op("Add", [em.op("Gather", [flat, idx], axis=0), add], "outliers")
+    out = em.op("ScatterElements", [flat, idx, updated], "scatter", axis=0)
+    return em.op("Reshape", [out, shape])
+
+
+def outlier_arrays(index: np.ndarray, value: np.ndarray, numel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stored outlier arrays: uint16 indices when every flat index fits (else int32), fp16 values."""
+    dtype = np.uint16 if numel <= (1 << 16) else np.int32
+    return index.astype(dtype), value.astype(np.float16)

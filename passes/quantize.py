@@ -43,13 +43,25 @@ def weight_view(ctx: Context, info: WeightInfo) -> tuple[np.ndarray, np.ndarray 
 
 
 def design(
-    ctx: Context, view: np.ndarray, importance: np.ndarray | None, bits: int, weight: str | None = None
+    ctx: Context,
+    view: np.ndarray,
+    importance: np.ndarray | None,
+    bits: int,
+    weight: str | None = None,
+    spec: quantizers.Spec | None = None,
+    base: QuantizedTensor | None = None,
 ) -> QuantizedTensor:
-    """The quantizer of a whole weight at ``bits`` (the tables and the final model use this one function)."""
+    """The quantizer of a whole weight at ``bits`` (the tables and the final model use this one function).
+
+    ``spec``: the design; default the one the tables chose for ``(weight, bits)``, else the first candidate of
+    ``--quantizer``/``--outliers``. ``base``: the same design without outliers, when already computed.
+    """
     s = ctx.settings
     group = s.group_size_for(weight)
     block = view.shape[0] if group <= 0 else group
-    return quantizers.quantize(view, bits, s.quantizer, block, importance, seed=s.seed)
+    if spec is None:
+        spec = ctx.designs.get((weight, bits)) or quantizers.candidates(s.quantizer, s.outliers, bits, view.size)[0]
+    return quantizers.quantize_spec(view, bits, spec, block, importance, seed=s.seed, base=base)
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):

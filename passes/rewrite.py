@@ -20,7 +20,7 @@ from bq_onnx.sizes import layer_record
 METADATA_KEY = "bq_onnx"
 _META_KEYS = (
     "name", "bits", "kind", "method", "block_size", "shape", "view", "symmetric", "numel", "payload_bits",
-    "metadata_bits", "pieces",
+    "metadata_bits", "pieces", "vector_dim", "outliers",
 )
 
 
@@ -36,7 +36,15 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
 
     @abc.abstractmethod
     def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
-        """Store ``qt`` (via ``em.tensor``) and return the decoded ``(K, N)`` float value."""
+        """Store ``qt``'s dense part (via ``em.tensor``) and return the decoded ``(K, N)`` float value."""
+
+    @abc.abstractmethod
+    def emit_outliers(self, em: Emitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        """Store ``qt``'s sparse outliers and return ``x`` with them added back."""
+
+    def _emit_one(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        x = self.emit(em, qt, name, model)
+        return x if qt.outlier_index is None else self.emit_outliers(em, x, qt, name, model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -74,11 +82,11 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
 
     def _emit_any(self, em: Emitter, q: QuantizedTensor | QuantizedPieces, name: str, model: ir.Model) -> ir.Value:
         if isinstance(q, QuantizedTensor):
-            return self.emit(em, q, name, model)
+            return self._emit_one(em, q, name, model)
         merged = self.merge(q)
         if merged is not None:
-            return self.emit(em, merged, name, model)
-        views = [self.emit(em, qt, f"{name}.p{i}", model) for i, (_, _, qt) in enumerate(q.pieces)]
+            return self._emit_one(em, merged, name, model)
+        views = [self._emit_one(em, qt, f"{name}.p{i}", model) for i, (_, _, qt) in enumerate(q.pieces)]
         return em.op("Concat", views, "columns", axis=1)
 
     @staticmethod
@@ -98,6 +106,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         meta = {
             "format": self.format,
             "quantizer": s.quantizer,
+            "outliers": s.outliers,
             "group_size": s.group_size,
             "layers": [
                 {k: r[k] for k in _META_KEYS}

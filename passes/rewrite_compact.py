@@ -11,8 +11,18 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.packing import pack_bits
-from bq_onnx.passes.compact_functions import DOMAIN, DOMAIN_VERSION, build_function, function_name
-from bq_onnx.passes.decode_ops import Emitter, layout_vector
+from bq_onnx.passes.compact_functions import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    OUTLIER_FUNCTION,
+    build_function,
+    build_outlier_function,
+    build_vector_function,
+    function_name,
+    vector_function_name,
+    vector_layout,
+)
+from bq_onnx.passes.decode_ops import Emitter, layout_vector, outlier_arrays
 from bq_onnx.passes.rewrite import RewritePass
 from bq_onnx.qtensor import QuantizedTensor
 
@@ -20,7 +30,37 @@ from bq_onnx.qtensor import QuantizedTensor
 class RewriteCompactPass(RewritePass):
     format = "compact"
 
+    @staticmethod
+    def _function(model: ir.Model, fname: str, build) -> None:
+        if (DOMAIN, fname, "") not in model.functions:
+            fn = build(model.opset_imports[""])
+            model.functions[fn.identifier()] = fn
+        model.opset_imports[DOMAIN] = DOMAIN_VERSION
+
+    def emit_outliers(self, em: Emitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        self._function(model, OUTLIER_FUNCTION, build_outlier_function)
+        index, value = outlier_arrays(qt.outlier_index, qt.outlier_value, qt.shape[0] * qt.shape[1])
+        inputs = [x, em.tensor(index, f"{name}.bq_outlier_index"), em.tensor(value, f"{name}.bq_outlier_value")]
+        return em.op(OUTLIER_FUNCTION, inputs, OUTLIER_FUNCTION, domain=DOMAIN)
+
+    def _vector(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        """Indices packed at exactly ``bits * d`` bits: the low 8 in one stream, the rest in a second."""
+        k, n = qt.shape
+        d, ib = qt.vector_dim, qt.index_bits
+        fname = vector_function_name(d, ib)
+        self._function(model, fname, lambda opset: build_vector_function(d, ib, opset))
+        codes = qt.codes.astype(np.uint16)
+        inputs = [em.tensor(pack_bits(codes & 0xFF, min(ib, 8)), f"{name}.bq_packed")]
+        if ib > 8:
+            inputs.append(em.tensor(pack_bits(codes >> 8, ib - 8), f"{name}.bq_packed_high"))
+        inputs.append(em.tensor(qt.codebook.astype(np.float16), f"{name}.bq_codebook", reuse=True))
+        inputs.append(em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale"))
+        layout = em.const(vector_layout(k, n, qt.block_size, d), "layout")
+        return em.op(fname, [*inputs, layout], fname, domain=DOMAIN)
+
     def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        if qt.kind == "vector":
+            return self._vector(em, qt, name, model)
         k, n = qt.shape
         has_offset = qt.kind == "codebook" and qt.offset is not None
         fname = function_name(qt.kind, qt.bits, qt.symmetric, has_offset)

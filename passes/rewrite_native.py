@@ -1,9 +1,11 @@
 """The ``native`` format: standard DequantizeLinear (opset 21) that runtimes execute on compressed weights.
 
-Uniform grids become ``DequantizeLinear`` with ``block_size`` on axis 0 (per-axis when a column is one block),
-codes in an int4 container for <= 4 bits and int8 for 5..8 (the allocated grid is kept; the container only
-sets storage). Ragged blocks are padded to whole blocks and sliced after decoding, so every runtime's
-divisibility rule holds. Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation.
+Uniform grids become ``DequantizeLinear`` with ``block_size`` on axis 0 (per-axis when a column is one block), codes
+in an int4 container for <= 4 bits and int8 for 5..8 (the allocated grid is kept; the container only sets storage).
+Ragged blocks are padded to whole blocks and sliced after decoding, so every runtime's divisibility rule holds.
+Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation; so do vector codebooks (Gather of
+codebook rows, Transpose, Reshape, Mul) and sparse outliers (Gather, Add, ScatterElements after the dense decode),
+which onnxruntime constant-folds and OpenVINO folds at load: they save disk, not RAM.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, i64
+from bq_onnx.passes.decode_ops import BlockDims, Emitter, add_outliers, expand_blocks, i64, outlier_arrays, vector_rows
 from bq_onnx.passes.rewrite import RewritePass
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
@@ -31,7 +33,7 @@ class RewriteNativePass(RewritePass):
         onnxruntime still fuses it into MatMulNBits); 0-bit slices become code 0 with scale -mean."""
         qts = [qt for _, _, qt in pieces.pieces]
         uniform = [q for q in qts if q.kind == "uniform"]
-        if not uniform or any(q.kind not in ("uniform", "mean") for q in qts):
+        if not uniform or any(q.kind not in ("uniform", "mean") or q.num_outliers for q in qts):
             return None
         symmetric = uniform[0].symmetric
         if any(q.symmetric != symmetric for q in uniform) or len({q.block_size for q in qts}) > 1:
@@ -70,6 +72,8 @@ class RewriteNativePass(RewritePass):
         if qt.kind == "uniform":
             return self._dequantize_linear(em, qt, name)
         dims = BlockDims.constant(em, k, n, g)
+        if qt.kind == "vector":
+            return self._vector(em, qt, name, dims)
         if qt.kind == "mean":
             offset = em.tensor(qt.offset.astype(np.float16), f"{name}.bq_mean")
             x = expand_blocks(em, em.op("Cast", [offset], to=ir.DataType.FLOAT), dims)
@@ -86,6 +90,28 @@ class RewriteNativePass(RewritePass):
             offset = em.tensor(qt.offset.astype(np.float16), f"{name}.bq_offset")
             x = em.op("Add", [x, expand_blocks(em, em.op("Cast", [offset], to=ir.DataType.FLOAT), dims)])
         return x
+
+    def emit_outliers(self, em: Emitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        k, n = qt.shape
+        index, value = outlier_arrays(qt.outlier_index, qt.outlier_value, k * n)
+        return add_outliers(em, x, em.tensor(index, f"{name}.bq_outlier_index"),
+                            em.tensor(value, f"{name}.bq_outlier_value"), em.const(i64(k, n), "shape"))
+
+    @staticmethod
+    def _vector(em: Emitter, qt: QuantizedTensor, name: str, dims: BlockDims) -> ir.Value:
+        k, n = qt.shape
+        ib = qt.index_bits
+        if ib <= 8:
+            dtype, np_dtype = container(ib, signed=False)
+        else:
+            dtype, np_dtype = ir.DataType.UINT16, np.uint16
+        codes = em.tensor(qt.codes.astype(np_dtype), f"{name}.bq_codes", dtype)
+        table = em.tensor(qt.codebook.astype(np.float16), f"{name}.bq_codebook", reuse=True)
+        scale = em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale")
+        index = em.op("Cast", [codes], to=ir.DataType.INT32)
+        ragged = qt.codes.shape[0] * qt.vector_dim != k
+        rows = vector_rows(em, index, table, dims.rows_n, dims.k if ragged else None)
+        return em.op("Mul", [rows, expand_blocks(em, em.op("Cast", [scale], to=ir.DataType.FLOAT), dims)])
 
     @staticmethod
     def _dequantize_linear(em: Emitter, qt: QuantizedTensor, name: str) -> ir.Value:

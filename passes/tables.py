@@ -10,6 +10,16 @@ to the FP32 model on calibration data with only that block quantized (slow; vali
 Blocks are whole tensors or slices of output channels (``rows:N``), so one tensor can mix widths. Quantizing
 a whole tensor once per width and summing per-column errors is exact for per-column quantizers; the Lloyd
 codebook is per tensor, so its slices share one codebook in the table and in the final model alike.
+
+Several designs per width (``--quantizer vq``/``auto``, ``--outliers auto``): for every tensor and width each
+candidate (scalar uniform, scalar Lloyd codebook, vector codebooks of each allowed length, each without and with
+outliers) is designed and scored, and the one with the least ``loss + lambda * stored bits`` is the table's entry
+at that width (recorded in ``ctx.designs`` for the quantize pass). ``lambda`` is the tensor's own exchange rate
+of loss for stored bits around that width (the slope of the first candidate's curve between the neighbouring
+widths), the rate at which the allocator would trade there: a design that is better but costs more bits (a
+larger codebook, outliers) is taken only when its gain pays for them at that rate. Outliers are payload (they
+count against ``--bits``); a per-tensor codebook is shared by the tensor's slices, so each slice's metadata
+carries its share by columns.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ from bq_onnx.errors import UsageError
 from bq_onnx.passes.quantize import design, weight_view
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
-from bq_onnx.sizes import metadata_bits
+from bq_onnx.quantizers import Spec, candidates
+from bq_onnx.sizes import block_metadata_bits, codebook_bits
 
 
 @dataclasses.dataclass
@@ -83,18 +94,22 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
         for info in progress(self.ctx.weights, "loss tables", self.ctx.progress):
             k, n = info.layout.view_shape
             ranges = slices(n, self.granularity)
+            view, importance = weight_view(self.ctx, info)
+            scored = [self._score(info, view, importance, bits, ranges, fmt) for bits in self.allowed_bits]
+            chosen = _choose(scored)
             loss = np.zeros((len(ranges), len(self.allowed_bits)))
             payload = np.zeros_like(loss)
             meta = np.zeros_like(loss)
-            view, importance = weight_view(self.ctx, info)
-            for j, bits in enumerate(self.allowed_bits):
-                qt = design(self.ctx, view, importance, bits, info.name)
-                per_column = self._column_losses(info, view, qt.dequantize(), importance)
-                measured = measure.block_losses(info, view, qt.dequantize(), ranges) if measure else None
-                for i, (start, stop) in enumerate(ranges):
-                    loss[i, j] = measured[i] if measured is not None else per_column[start:stop].sum()
-                    payload[i, j] = k * (stop - start) * bits
-                    meta[i, j] = metadata_bits(take_columns(qt, start, stop), fmt)
+            for j, (bits, option) in enumerate(zip(self.allowed_bits, chosen)):
+                if len(scored[j]) > 1:
+                    self.ctx.designs[(info.name, bits)] = option.spec
+                measured = None
+                if measure is not None:
+                    decoded = design(self.ctx, view, importance, bits, info.name, option.spec).dequantize()
+                    measured = measure.block_losses(info, view, decoded, ranges)
+                loss[:, j] = measured if measured is not None else option.loss
+                payload[:, j] = option.payload
+                meta[:, j] = option.meta
             for i, columns in enumerate(ranges):
                 cost = payload[i] + meta[i] if self.include_metadata else payload[i]
                 tables.append(
@@ -105,6 +120,28 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
             measure.close()
         self.ctx.tables = tables
         return ir.passes.PassResult(model, modified=False)
+
+    def _score(self, info, view: np.ndarray, importance, bits: int, ranges, fmt: str) -> list[_Option]:
+        """Every candidate design of one tensor at one width: per-slice loss, payload and metadata."""
+        s = self.ctx.settings
+        n = view.shape[1]
+        options = []
+        plain: dict[tuple[str, int], object] = {}
+        for spec in candidates(s.quantizer, s.outliers, bits, view.size):
+            key = (spec.method, spec.dim)
+            qt = design(self.ctx, view, importance, bits, info.name, spec, base=plain.get(key))
+            if not spec.outliers:
+                plain[key] = qt
+            per_column = self._column_losses(info, view, qt.dequantize(), importance)
+            shared = codebook_bits(qt)
+            parts = [take_columns(qt, a, b) for a, b in ranges]
+            options.append(_Option(
+                spec,
+                np.array([per_column[a:b].sum() for a, b in ranges]),
+                np.array([float(p.payload_bits) for p in parts]),
+                np.array([block_metadata_bits(p, fmt) + shared * (b - a) / n for p, (a, b) in zip(parts, ranges)]),
+            ))
+        return options
 
     def _column_losses(self, info, view: np.ndarray, decoded: np.ndarray, importance) -> np.ndarray:
         """Expected loss per output column: ``delta^T H delta`` with H diagonal (the posterior precision) or,
@@ -122,6 +159,40 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
         if importance is not None:
             err *= importance
         return err.sum(axis=0)
+
+
+@dataclasses.dataclass
+class _Option:
+    """One candidate design of a tensor at one width, per slice of output channels."""
+
+    spec: Spec
+    loss: np.ndarray
+    payload: np.ndarray
+    meta: np.ndarray
+
+    @property
+    def stored(self) -> float:
+        return float(self.payload.sum() + self.meta.sum())
+
+
+def _choose(scored: list[list[_Option]]) -> list[_Option]:
+    """Per width the option with the least ``loss + lambda * (stored - stored of the first option)``.
+
+    ``lambda`` = loss saved per stored bit along the first option's curve between the neighbouring widths (one
+    side at the ends). With a single width there is no rate: options costing more than the first are left out.
+    """
+    base_loss = [float(opts[0].loss.sum()) for opts in scored]
+    base_bits = [opts[0].stored for opts in scored]
+    out = []
+    for j, opts in enumerate(scored):
+        lo, hi = max(j - 1, 0), min(j + 1, len(scored) - 1)
+        if lo == hi:
+            fits = [o for o in opts if o.stored <= base_bits[j]] or opts[:1]
+            out.append(min(fits, key=lambda o: float(o.loss.sum())))
+            continue
+        rate = max(base_loss[lo] - base_loss[hi], 0.0) / max(base_bits[hi] - base_bits[lo], 1e-12)
+        out.append(min(opts, key=lambda o: float(o.loss.sum()) + rate * (o.stored - base_bits[j])))
+    return out
 
 
 class _MonteCarlo:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from bq_onnx.errors import ModelError, OutputError
+from bq_onnx.progress import memtrace
 
 #: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
 PROTO_LIMIT = 2**31 - 1
@@ -62,7 +64,69 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     _check_graph(proto, str(path))
     model = _deserialize(proto, str(path))
     ir.external_data.set_base_dir(model.graph, base_dir)
+    stream_external_tensors(model)
     return model
+
+
+class StreamedExternalTensor(ir.ExternalTensor):
+    """An external tensor read from its file on every access and never kept mapped.
+
+    onnx-ir maps the data file and keeps the mapping: every page a pass reads stays resident until the model is
+    gone, so reading each weight once costs the whole model in resident memory. Here each read returns a fresh
+    array and unmaps the file at once; a pass that drops a weight's array after using it holds one weight.
+    """
+
+    __slots__ = ()
+
+    def numpy(self) -> np.ndarray:
+        self._check_validity()
+        if self._array is None:
+            self._load()
+        try:
+            return np.array(self._array, copy=True)
+        finally:
+            self.release()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def tobytes(self) -> bytes:
+        self._check_validity()
+        self._check_path_containment()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset or 0)
+            return f.read(self.length if self.length is not None else self.nbytes)
+
+    def release(self) -> None:
+        self._array = None
+        if self.raw is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with it
+                self.raw.close()
+            self.raw = None
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from (t for t in attr.value if isinstance(t, ir.ExternalTensor))
+
+
+def stream_external_tensors(model: ir.Model, base_dirs: dict[str, str | os.PathLike] | None = None) -> None:
+    """Make every external tensor a :class:`StreamedExternalTensor` (same object, so every reference to it
+    follows); ``base_dirs`` (by tensor name) restores the folders a serialized copy lost."""
+    for tensor in external_tensors(model):
+        if base_dirs is not None and tensor.name in base_dirs and not tensor.base_dir:
+            tensor.base_dir = base_dirs[tensor.name]
+        if type(tensor) is ir.ExternalTensor:
+            tensor.__class__ = StreamedExternalTensor
 
 
 def _deserialize(proto: onnx.ModelProto, where: str) -> ir.Model:
@@ -77,8 +141,10 @@ def _deserialize(proto: onnx.ModelProto, where: str) -> ir.Model:
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    """An independent copy (external tensors stay references to their files)."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """An independent copy (external tensors stay references to their files, streamed like the original's)."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    stream_external_tensors(copy, {t.name: t.base_dir for t in external_tensors(model) if t.base_dir})
+    return copy
 
 
 def _first_line(exc: BaseException) -> str:
@@ -243,18 +309,57 @@ def model_nbytes(model: ir.Model) -> int:
     return total
 
 
-def save_model(model: ir.Model, path: str | os.PathLike) -> None:
-    """Write atomically: temp file in the destination folder, then rename. Large models get external data."""
+def external_data_threshold() -> int:
+    """Bytes of tensor data above which outputs get external data (``BQ_ONNX_EXTERNAL_DATA_THRESHOLD``
+    overrides it, so tests can exercise the large-model path on small models)."""
+    value = os.environ.get("BQ_ONNX_EXTERNAL_DATA_THRESHOLD")
+    try:
+        return int(value) if value else EXTERNAL_DATA_THRESHOLD
+    except ValueError:
+        return EXTERNAL_DATA_THRESHOLD
+
+
+def external_data_name(path: str | os.PathLike) -> str:
+    """The external data file of an output: ``<output name>.data`` beside it (a plain relative name)."""
+    return f"{Path(path).name}.data"
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_threshold: int | None = None) -> None:
+    """Write atomically: temp file in the destination folder, then rename. Large models get external data.
+
+    A model over ``external_threshold`` bytes (default :func:`external_data_threshold`) is written with its
+    tensors in ``<name>.data`` beside it. Both files are first written complete inside a temporary folder in the
+    destination folder, then renamed into place, data first: a model file never points at partial data, and a
+    failure leaves neither file (nor the previous output's data) changed.
+    """
     out = Path(path)
+    threshold = external_data_threshold() if external_threshold is None else external_threshold
+    if model_nbytes(model) > threshold:
+        _save_external(model, out)
+        memtrace(f"saved {out.name} (external data)")
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        if model_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
-            ir.save(model, tmp, external_data=f"{out.name}.data")
-        else:
-            ir.save(model, tmp)
+        ir.save(model, tmp)
         os.replace(tmp, out)
+        memtrace(f"saved {out.name}")
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _save_external(model: ir.Model, out: Path) -> None:
+    data_name = external_data_name(out)
+    data = out.parent / data_name
+    if data.is_symlink() or (data.exists() and not data.is_file()):
+        raise OutputError(f"{data}: exists and is not a regular file; remove it or choose another output")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        # page-aligned offsets: runtimes can memory-map the tensors
+        ir.save(model, staging / out.name, external_data=data_name, alignment=65536)
+        os.replace(staging / data_name, data)
+        os.replace(staging / out.name, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

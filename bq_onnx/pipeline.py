@@ -16,6 +16,7 @@ from bq_onnx.passes.quantize import QuantizeWeightsPass
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
 from bq_onnx.passes.tables import ExpectedLossTablesPass
+from bq_onnx.progress import memtrace
 
 
 def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
@@ -66,6 +67,7 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Mode
     for pass_ in passes:
         try:
             model = pass_(model).model
+            memtrace(type(pass_).__name__)
         except ir.passes.InvariantError as exc:
             if isinstance(exc.__cause__, BqError):
                 raise exc.__cause__ from None

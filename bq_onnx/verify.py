@@ -6,6 +6,8 @@ The reference is the input model with every quantized weight replaced by ``Quant
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import os
 import tempfile
@@ -15,15 +17,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 
 from bq_onnx.context import Context
 from bq_onnx.errors import ModelError, VerificationError
-from bq_onnx.model_io import load_model, save_model
+from bq_onnx.model_io import copy_model, load_model
 from bq_onnx.pipeline import prepare_passes, run_passes
+from bq_onnx.progress import memtrace
 
 #: Outputs may differ by summation order (fused MatMulNBits vs MatMul), nothing more: relative to the output's
 #: magnitude, 1e-4 for float32 and a few units in the last place for float16.
 RTOL = 1e-4
+#: Reference tensors up to this size stay inside the reference model file; bigger ones go to its data file.
+INLINE_BYTES = 1 << 20
+#: Full-precision reference weights per verification session: bigger models are verified segment by segment.
+SEGMENT_BYTES = 512 << 20
 
 
 @dataclasses.dataclass
@@ -45,6 +53,153 @@ def reference_model(source, ctx: Context) -> ir.Model:
         np_dtype = dtype.numpy() if dtype is not None else np.float32
         value.const_value = ir.tensor(restored.astype(np_dtype), name=name)
     return model
+
+
+def write_reference(model: ir.Model, ctx: Context, folder: str | os.PathLike, name: str = "reference") -> Path:
+    """Write ``model`` (prepared like the pipeline does) as the reference, one weight at a time: each dequantized
+    weight (and each external tensor of the input) goes straight to the data file and is dropped, so the
+    reference never exists in memory as a whole (:func:`reference_model` builds it in memory, for tests)."""
+    folder = Path(folder)
+    data_name = f"{name}.onnx.data"
+    with open(folder / data_name, "wb") as data:
+        for graph in model.graphs():
+            for key, value in graph.initializers.items():
+                tensor = value.const_value
+                if tensor is None:
+                    continue
+                if graph is model.graph and key in ctx.quantized:
+                    restored = ctx.weight(key).layout.from_view(ctx.quantized[key].dequantize())
+                    np_dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+                    payload = np.ascontiguousarray(restored.astype(np_dtype, copy=False))
+                    del restored
+                elif isinstance(tensor, ir.ExternalTensor):  # its folder is not ours: copy the bytes
+                    if tensor.nbytes <= INLINE_BYTES:  # shape tensors must be inline for shape inference
+                        value.const_value = ir.tensor(tensor.numpy(), dtype=tensor.dtype, name=key)
+                        continue
+                    payload = np.frombuffer(tensor.tobytes(), dtype=np.uint8)
+                else:
+                    continue
+                if payload.nbytes <= INLINE_BYTES:
+                    value.const_value = ir.tensor(payload, name=key)
+                    continue
+                data.write(b"\0" * (-data.tell() % 4096))
+                offset = data.tell()
+                payload.tofile(data)
+                value.const_value = ir.ExternalTensor(data_name, offset, payload.nbytes, tensor.dtype,
+                                                      shape=ir.Shape(tensor.shape), name=key, base_dir=folder)
+                del payload
+    path = folder / f"{name}.onnx"
+    ir.save(model, path)
+    memtrace(f"verify: {name} written")
+    return path
+
+
+def segments(model: ir.Model, segment_bytes: int) -> list[list[ir.Node]]:
+    """The main graph's nodes (topologically sorted) cut into runs that read at most ``segment_bytes`` of
+    initializers each (a single larger one gets a run of its own); one run when the graph has subgraphs, whose
+    reads of outer values a cut could not see."""
+    nodes = list(model.graph)
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in nodes for a in n.attributes.values()):
+        return [nodes]
+    runs: list[list[ir.Node]] = [[]]
+    size, seen = 0, set()
+    for node in nodes:
+        weights = [v for v in node.inputs if v is not None and v.const_value is not None and v.name not in seen]
+        nbytes = sum(v.const_value.nbytes for v in weights)
+        if runs[-1] and size + nbytes > segment_bytes:
+            runs.append([])
+            size = 0
+        runs[-1].append(node)
+        size += nbytes
+        seen.update(v.name for v in weights)
+    return runs
+
+
+def reference_outputs(source, ctx: Context, feeds: Mapping[str, np.ndarray], rt, folder: str | os.PathLike,
+                      segment_bytes: int | None = None) -> list[np.ndarray]:
+    """The reference's outputs on ``feeds``, computed by consecutive segments of the graph, each in its own
+    session that is dropped before the next is built: peak memory holds ``segment_bytes`` of full-precision
+    weights (default :data:`SEGMENT_BYTES`), not the whole model; intermediate activations pass between them."""
+    model = run_passes(load_model(source), [*prepare_passes(ctx), TopologicalSortPass()])
+    runs = segments(model, SEGMENT_BYTES if segment_bytes is None else segment_bytes)
+    outputs = [v.name for v in model.graph.outputs]
+    if len(runs) > 1:
+        for value in model.graph.inputs:
+            if value.name in feeds:
+                value.shape = ir.Shape(list(np.shape(feeds[value.name])))
+        ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    if len(runs) == 1 or not _typed_boundaries(model, runs):
+        session = rt.session(write_reference(model, ctx, folder), exact=True)
+        memtrace("verify: reference session")
+        return session.run(feeds)
+    values: dict[str, np.ndarray] = dict(feeds)
+    for i in range(len(runs)):
+        part = _segment_model(model, runs, i)
+        session = rt.session(write_reference(part, ctx, folder, f"reference{i}"), exact=True)
+        wanted = {k: values[k] for k in session.input_names}
+        values.update(zip(session.output_names, session.run(wanted)))
+        del session, part
+        release_freed_memory()
+        for f in Path(folder).glob(f"reference{i}.onnx*"):
+            f.unlink()
+        memtrace(f"verify: reference segment {i + 1}/{len(runs)}")
+    return [values[name] for name in outputs]
+
+
+def _boundaries(model: ir.Model, runs: list[list[ir.Node]], i: int) -> tuple[list[ir.Value], list[ir.Value]]:
+    """Values segment ``i`` reads from outside (graph inputs, earlier segments) and must hand on."""
+    inside = {id(n) for n in runs[i]}
+    later = {id(n) for run in runs[i + 1:] for n in run}
+    graph_outputs = {id(v) for v in model.graph.outputs}
+    ins: dict[int, ir.Value] = {}
+    outs: dict[int, ir.Value] = {}
+    for node in runs[i]:
+        for v in node.inputs:
+            if v is not None and v.const_value is None and (v.producer() is None or id(v.producer()) not in inside):
+                ins.setdefault(id(v), v)
+        for v in node.outputs:
+            if id(v) in graph_outputs or any(id(u.node) in later for u in v.uses()):
+                outs.setdefault(id(v), v)
+    return list(ins.values()), list(outs.values())
+
+
+def _typed_boundaries(model: ir.Model, runs: list[list[ir.Node]]) -> bool:
+    for i in range(len(runs)):
+        ins, outs = _boundaries(model, runs, i)
+        if any(v.dtype is None for v in ins + outs):
+            return False
+    return True
+
+
+def _segment_model(model: ir.Model, runs: list[list[ir.Node]], i: int) -> ir.Model:
+    """A model of segment ``i`` alone: a copy whose inputs and outputs are the segment's boundary values."""
+    ins, outs = _boundaries(model, runs, i)
+    in_names, out_names = {v.name for v in ins}, {v.name for v in outs}
+    start = sum(len(run) for run in runs[:i])  # runs are consecutive slices of the sorted nodes; a copy keeps order
+    part = copy_model(model)
+    graph = part.graph
+    values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
+    drop = [n for j, n in enumerate(graph) if not start <= j < start + len(runs[i])]
+    graph.outputs.clear()
+    graph.outputs.extend(values[name] for name in sorted(out_names))
+    graph.inputs.clear()
+    for name in sorted(in_names):  # an earlier segment's value becomes a fresh graph input of this one
+        old = values[name]
+        new = old if old.producer() is None else ir.Value(name=name, type=old.type, shape=old.shape)
+        if new is not old:
+            ir.convenience.replace_all_uses_with(old, new)
+        graph.inputs.append(new)
+    graph.remove(drop, safe=False)
+    for name in [n for n, v in graph.initializers.items() if not v.uses()]:
+        graph.initializers.pop(name)
+    return part
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a dropped session back to the system (glibc keeps freed heap pages otherwise, and
+    the next session would stack on top of them)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def compare(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> list[OutputCheck]:
@@ -74,19 +229,22 @@ def verify_written(
         onnx.checker.check_model(os.fspath(path))
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"{path}: written model fails the onnx checker: {str(exc).splitlines()[0]}") from None
+    memtrace("verify: checker")
     rt = get_runtime(runtime)
+    # one session at a time: the candidate runs and is dropped before the full-precision reference is built
     try:
         candidate_session = rt.session(path, exact=True)
     except ModelError as exc:
         raise VerificationError(str(exc)) from None
-    reference = reference_model(source, ctx)
-    with tempfile.TemporaryDirectory(prefix="bq-ref-") as tmp:
-        ref_path = Path(tmp) / "reference.onnx"
-        save_model(reference, ref_path)
-        del reference
-        ref_out = rt.session(ref_path, exact=True).run(feeds)
     out = candidate_session.run(feeds)
-    checks = compare(ref_out, out, candidate_session.output_names)
+    names = candidate_session.output_names
+    del candidate_session
+    release_freed_memory()
+    memtrace("verify: candidate run")
+    with tempfile.TemporaryDirectory(prefix="bq-ref-") as tmp:
+        ref_out = reference_outputs(source, ctx, feeds, rt, tmp)
+        memtrace("verify: reference run")
+    checks = compare(ref_out, out, names)
     bad = [c for c in checks if not c.ok]
     if bad:
         c = bad[0]

@@ -7,6 +7,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from bq_onnx.errors import ModelError
+from bq_onnx.model_io import external_tensors, stream_external_tensors
 
 #: DequantizeLinear with block_size and int4 containers need opset 21.
 MIN_OPSET = 21
@@ -45,21 +46,11 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
                 msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise ModelError(f"cannot convert the model from opset {current} to {self.target}: {msg}") from None
         new = ir.serde.deserialize_model(proto)
-        base = _external_base_dir(model)
-        if base is not None:
-            ir.external_data.set_base_dir(new.graph, base)
+        stream_external_tensors(new, {t.name: t.base_dir for t in external_tensors(model) if t.base_dir})
         return ir.passes.PassResult(new, modified=current < self.target)
 
     def ensures(self, model: ir.Model) -> None:
         assert model.opset_imports[""] >= self.target
-
-
-def _external_base_dir(model: ir.Model) -> str | None:
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            return tensor.base_dir
-    return None
 
 
 class SetIrVersionPass(ir.passes.InPlacePass):

@@ -1,8 +1,9 @@
 """Calibration-only distillation (BayesQ): tune the stored metadata with the integer codes fixed.
 
 Each quantized weight is rebuilt in a training copy of the model as a function of its metadata:
-``W = (codes - zp) * scale`` (uniform), ``codebook[codes] * scale + offset`` (codebooks), ``offset`` (0 bits),
-with the codes and zero points as constants and scales, offsets and codebook entries as trainable
+``W = (codes - zp) * scale`` (uniform), ``codebook[codes] * scale + offset`` (codebooks, vector codebooks laid
+out along the rows), ``offset`` (0 bits), plus sparse outliers as a constant, with the codes and zero points as
+constants and scales, offsets and codebook entries as trainable
 initializers. The KL to the FP32 model's output distribution on the calibration data is differentiated by
 the autodiff pass (standard ops, run by onnxruntime) and minimized by Adam. Tuned values are rounded to fp16
 (what both formats store) and written back into ``ctx.quantized``; the step with the lowest loss on a held-out
@@ -20,7 +21,7 @@ from bq_onnx.calibration import CalibrationSource, load_calibration
 from bq_onnx.context import Context
 from bq_onnx.estimate import TempSessions, forward_model, softmax
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, restore_layout
+from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, restore_layout, vector_rows
 from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass
 from bq_onnx.pipeline import run_passes
 from bq_onnx.progress import progress
@@ -38,6 +39,15 @@ def _rebuild(q, pieces: list[tuple[int, int, QuantizedTensor]]):
     if isinstance(q, QuantizedPieces):
         return QuantizedPieces(q.shape, tuple(pieces))
     return pieces[0][2]
+
+
+def _with_outliers(em: Emitter, x: ir.Value, qt: QuantizedTensor) -> ir.Value:
+    """``x`` plus the sparse outliers as a dense constant (kept fixed; equal to the stored sparse add)."""
+    if qt.outlier_index is None:
+        return x
+    dense = np.zeros(qt.shape, dtype=np.float32)
+    dense.reshape(-1)[qt.outlier_index] = qt.outlier_value
+    return em.op("Add", [x, em.const(dense, "outliers")])
 
 
 class DistillPass(ir.passes.InPlacePass):
@@ -141,23 +151,30 @@ class DistillPass(ir.passes.InPlacePass):
 
                 if qt.kind == "mean":
                     x = expand_blocks(em, trainable("offset", qt.offset), dims)
-                    views.append(em.op("Expand", [x, dims.kn]) if dims.single_block else x)
+                    views.append(_with_outliers(em, em.op("Expand", [x, dims.kn]) if dims.single_block else x, qt))
                     continue
                 scale = expand_blocks(em, trainable("scale", qt.scale), dims)
+                if qt.kind == "vector":
+                    index = em.const(qt.codes.astype(np.int64), "codes")
+                    ragged = qt.codes.shape[0] * qt.vector_dim != k
+                    rows = vector_rows(em, index, trainable("codebook", qt.codebook), dims.rows_n,
+                                       dims.k if ragged else None)
+                    views.append(_with_outliers(em, em.op("Mul", [rows, scale]), qt))
+                    continue
                 if qt.kind == "uniform":
                     if qt.symmetric:
                         zp = np.float32(qt.implicit_zero_point)
                     else:
                         zp = expand_rows(qt.zero_point.astype(np.float32), k, qt.block_size)
                     centered = qt.codes.astype(np.float32) - zp
-                    views.append(em.op("Mul", [em.const(centered, "codes"), scale]))
+                    views.append(_with_outliers(em, em.op("Mul", [em.const(centered, "codes"), scale]), qt))
                 else:
                     table = trainable("codebook", qt.codebook)
                     levels = em.op("Gather", [table, em.const(qt.codes.astype(np.int64), "codes")], axis=0)
                     x = em.op("Mul", [levels, scale])
                     if qt.offset is not None:
                         x = em.op("Add", [x, expand_blocks(em, trainable("offset", qt.offset), dims)])
-                    views.append(x)
+                    views.append(_with_outliers(em, x, qt))
             view = views[0] if len(views) == 1 else em.op("Concat", views, axis=1)
             decoded = restore_layout(em, view, info.layout)
             if info.value.dtype != ir.DataType.FLOAT:

@@ -43,6 +43,8 @@ def inspect(model: str | os.PathLike, min_size: int = 128) -> dict:
                     "payload_bits": layer["payload_bits"],
                     "metadata_bits": layer["metadata_bits"],
                     "stored_bytes": stored,
+                    "vector_dim": layer.get("vector_dim", 1),
+                    "outliers": layer.get("outliers", 0),
                 }
             )
     else:
@@ -64,6 +66,8 @@ def inspect(model: str | os.PathLike, min_size: int = 128) -> dict:
                     "payload_bits": bits * w.numel,
                     "metadata_bits": 0,
                     "stored_bytes": _nbytes(m, w.name),
+                    "vector_dim": 1,
+                    "outliers": 0,
                 }
             )
     numel = sum(r["numel"] for r in layers)

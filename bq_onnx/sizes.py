@@ -87,6 +87,10 @@ def layer_record(
         "vector_dim": max(p.vector_dim if p.kind == "vector" else 1 for _, _, p in pieces),
         "outliers": sum(p.num_outliers for _, _, p in pieces),
         "outlier_bits": sum(p.outlier_bits for _, _, p in pieces),
+        # runtimes run only plain DequantizeLinear (native uniform) on compressed weights; every other decode
+        # (codebooks, vector codebooks, outliers, 0-bit means, compact functions) is folded to float at load
+        "dequantized_at_load": fmt != "native"
+        or any(p.kind != "uniform" or p.num_outliers for _, _, p in pieces),
         "tensors": dict(sorted(stored.items())),
     }
 

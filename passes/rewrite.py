@@ -74,6 +74,12 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         else:
             graph.extend(new_nodes)
         self._record_metadata(model)
+        special = [r["name"] for r in self.ctx.layers if r["vector_dim"] > 1 or r["outliers"]]
+        if special and self.format == "native":
+            self.ctx.messages.append(
+                f"{len(special)} layer(s) with vector codebooks or outliers ({', '.join(special[:3])}"
+                f"{', ...' if len(special) > 3 else ''}) are decoded to float when the runtime loads the model "
+                f"(smaller file, not less RAM)")
         return ir.passes.PassResult(model, modified=True)
 
     def merge(self, pieces: QuantizedPieces) -> QuantizedTensor | None:

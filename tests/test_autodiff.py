@@ -566,6 +566,7 @@ def test_conv_transpose(tmp_path, name):
 
 POOLS = {
     "max-2d": ("MaxPool", (2, 3, 6, 7), {"kernel_shape": [2, 3], "strides": [2, 2]}),
+    "max-2d-tiles": ("MaxPool", (2, 3, 6, 9), {"kernel_shape": [2, 3], "strides": [2, 3]}),
     "max-2d-pads-dil-ceil": (
         "MaxPool",
         (1, 2, 7, 7),
@@ -607,6 +608,37 @@ def test_pools(tmp_path, name):
     rng = np.random.default_rng(sorted(POOLS).index(name))
     x = rng.permutation(np.linspace(-3, 3, int(np.prod(shape)))).reshape(shape).astype(np.float32)  # no ties
     check(make_case([node(op, ["X"], "y", **attrs)], "y", {"X": x}), tmp_path, dtype="f32")
+
+
+def test_max_pool_ties_route_to_the_first_maximum_like_indices():
+    """Tiled MaxPool (ArgMax one-hot) and MaxPool whose windows leave rows over (Indices + scatter) send each
+    window's gradient to the first maximum in row-major window order, also when all its values are equal."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bq_onnx.estimate import gradients
+    from tests.conftest import make_model
+
+    x = np.array([[1, 1, 0, 2], [1, 1, 2, 2], [3, 0, 5, 5], [0, 3, 5, 5]], dtype=np.float32)
+    scale = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32).reshape(1, 1, 2, 2)
+    for rows in (4, 5):  # 5: a leftover row, so the tiled form does not apply
+        w = np.concatenate([x, np.full((rows - 4, 4), -9, np.float32)]).reshape(1, 1, rows, 4)
+        model = make_model(
+            [helper.make_node("MaxPool", ["W"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Mul", ["p", "x"], ["y"]),
+             helper.make_node("MatMul", ["z", "V"], ["u"])],  # a quantizable weight, so the model is accepted
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2]),
+             helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 16])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2]),
+             helper.make_tensor_value_info("u", TensorProto.FLOAT, [1, 16])],
+            [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.eye(16, dtype=np.float32), "V")],
+        )
+        feeds = {"x": scale, "z": np.zeros((1, 16), np.float32)}
+        grad = gradients(model, feeds, loss="mse", labels=np.zeros((1, 1, 2, 2), np.float32), wrt=["W"],
+                         output="y")["W"]
+        want = np.zeros((rows, 4), np.float32)
+        for (r, c), p, s in zip([(0, 0), (0, 3), (2, 0), (2, 2)], [1, 2, 3, 5], scale.reshape(-1)):
+            want[r, c] = (p * s) * s  # d/dW of (p * s)^2 / 2 (the mse loss is half the squared error)
+        np.testing.assert_allclose(grad.reshape(rows, 4), want, rtol=1e-6, err_msg=f"{rows} rows")
 
 
 # ----------------------------------------------------------------------------------------------- symbolic shapes

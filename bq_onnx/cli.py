@@ -206,6 +206,8 @@ def _posterior_options(p, include_calib: bool) -> None:
                    help=f"precision of the Gaussian prior per weight (default {DEFAULT_PRIOR_PRECISION:g})")
     p.add_argument("--probes", type=int, default=4, help="Rademacher probes per batch (hutchinson; default 4)")
     p.add_argument("--mc-samples", type=int, default=1, help="sampled labels per input (fisher-mc; default 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="calibration samples per gradient or forward run "
+                   "(default 32; laplace/fisher-mc form per-sample gradients from batched runs where exact)")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -220,6 +222,7 @@ def _options(args: argparse.Namespace) -> dict:
         "prior_precision": args.prior_precision,
         "probes": args.probes,
         "mc_samples": args.mc_samples,
+        "batch_size": args.batch_size,
     }
 
 

@@ -230,7 +230,7 @@ class PosteriorOptions:
         if self.loss == "ce" and self.labels is None:
             raise UsageError("--loss ce needs labels (--labels)")
         if self.probes < 1 or self.mc_samples < 1 or self.batch_size < 1:
-            raise UsageError("--probes, --mc-samples and the batch size must be >= 1")
+            raise UsageError("--probes, --mc-samples and --batch-size must be >= 1")
         if not self.prior_precision > 0:
             raise UsageError(f"--prior-precision must be > 0, got {self.prior_precision}")
 

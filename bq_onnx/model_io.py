@@ -327,14 +327,23 @@ def external_data_name(path: str | os.PathLike) -> str:
 def save_model(model: ir.Model, path: str | os.PathLike, external_threshold: int | None = None) -> None:
     """Write atomically: temp file in the destination folder, then rename. Large models get external data.
 
-    A model over ``external_threshold`` bytes (default :func:`external_data_threshold`) is written with its
-    tensors in ``<name>.data`` beside it. Both files are first written complete inside a temporary folder in the
-    destination folder, then renamed into place, data first: a model file never points at partial data, and a
-    failure leaves neither file (nor the previous output's data) changed.
+    A model over ``external_threshold`` bytes (default :func:`external_data_threshold`), or one that still
+    references external data, is written with its tensors in ``<name>.data`` beside it. Both files are first
+    written complete inside a temporary folder in the destination folder, then renamed into place, data first:
+    a model file never points at partial data, and a failure while writing leaves neither file (nor a previous
+    output's data) changed.
     """
     out = Path(path)
-    threshold = external_data_threshold() if external_threshold is None else external_threshold
-    if model_nbytes(model) > threshold:
+    try:
+        _save(model, out, external_data_threshold() if external_threshold is None else external_threshold)
+    except OSError as exc:  # disk full, no permission, ...: a documented output error, not a bug
+        raise OutputError(f"{out}: cannot write the output ({exc.strerror or _first_line(exc)})") from None
+
+
+def _save(model: ir.Model, out: Path, threshold: int) -> None:
+    # a tensor still in the input's data file is copied into the output's own: a relative reference would
+    # point at nothing (another folder) or at the input's file (the same folder)
+    if model_nbytes(model) > threshold or any(True for _ in external_tensors(model)):
         _save_external(model, out)
         memtrace(f"saved {out.name} (external data)")
         return
@@ -348,6 +357,21 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_threshold: int
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_output(path: str | os.PathLike) -> None:
+    """Delete a written output and the external data file it refers to (a failed verification leaves neither)."""
+    out = Path(path)
+    data = out.parent / external_data_name(out)
+    try:
+        proto = onnx.load(str(out), load_external_data=False)
+        owns_data = any(e.key == "location" and e.value == data.name
+                        for t in _iter_tensors(proto.graph) for e in t.external_data)
+    except Exception:  # noqa: BLE001  unreadable or gone: its data file is not known to be ours
+        owns_data = False
+    out.unlink(missing_ok=True)
+    if owns_data:
+        data.unlink(missing_ok=True)
 
 
 def _save_external(model: ir.Model, out: Path) -> None:

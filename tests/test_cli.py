@@ -232,3 +232,107 @@ def test_external_data_model_through_opset_conversion_and_external_output(tmp_pa
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
     loaded = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)
+
+
+def _external_locations(path) -> set[str]:
+    proto = onnx.load(str(path), load_external_data=False)
+    return {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+@pytest.fixture
+def big_output(tmp_path, monkeypatch):
+    """An input folder and an empty output folder; outputs over 2 kB count as big (external data)."""
+    monkeypatch.setenv("BQ_ONNX_EXTERNAL_DATA_THRESHOLD", "2000")
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(mixed_model(), str(src / "model.onnx"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    return src / "model.onnx", out_dir
+
+
+def test_big_output_gets_external_data_under_a_safe_name_and_loads_back(big_output, capsys):
+    import onnxruntime as ort
+
+    src, out_dir = big_output
+    before = _sha(src)
+    out = out_dir / "q.onnx"
+    code, _, err = _run(["optimize", src, "-o", out, "--min-size", "64", "-q"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["q.onnx", "q.onnx.data"]  # no staging leftovers
+    assert _external_locations(out) == {"q.onnx.data"}  # relative, beside the model, no folder part
+    onnx.checker.check_model(str(out))
+    loaded = onnx.load(str(out))  # external data read back
+    assert all(t.data_location != TensorProto.EXTERNAL for t in loaded.graph.initializer)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ids = np.zeros((2, 5), dtype=np.int64)
+    img = np.ones((2, 3, 6, 6), dtype=np.float32)
+    assert all(np.isfinite(o).all() for o in session.run(None, {"ids": ids, "img": img}))
+    assert _sha(src) == before and sorted(p.name for p in src.parent.iterdir()) == ["model.onnx"]
+
+
+def test_failed_write_of_big_output_changes_nothing(big_output, capsys, monkeypatch):
+    """A write that dies half-way (disk full) leaves the previous output and its data exactly as they were."""
+    from bq_onnx import model_io
+
+    src, out_dir = big_output
+    out = out_dir / "q.onnx"
+    assert _run(["optimize", src, "-o", out, "--min-size", "64", "-q"], capsys)[0] == 0
+    before = {p.name: _sha(p) for p in out_dir.iterdir()}
+    real_save = model_io.ir.save
+
+    def dies_half_way(model, path, **kwargs):
+        data = os.path.join(os.path.dirname(path), kwargs["external_data"])
+        with open(data, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_io.ir, "save", dies_half_way)
+    code, _, err = _run(["optimize", src, "-o", out, "--min-size", "64", "--bits", "3", "--force", "-q"], capsys)
+    monkeypatch.setattr(model_io.ir, "save", real_save)
+    _assert_one_line_error(code, err, 7, "No space left on device")
+    assert {p.name: _sha(p) for p in out_dir.iterdir()} == before
+
+
+def test_failed_verification_removes_the_output_and_its_data(big_output, capsys, monkeypatch):
+    from bq_onnx import verify
+
+    src, out_dir = big_output
+    monkeypatch.setattr(verify, "compare", lambda ref, out, names: [verify.OutputCheck(names[0], 1.0, 1.0, False)])
+    code, _, err = _run(["optimize", src, "-o", out_dir / "q.onnx", "--min-size", "64", "-q"], capsys)
+    _assert_one_line_error(code, err, 6, "differs from the numpy-dequantized reference")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_segmented_reference_equals_the_whole_reference(tmp_path):
+    """Big models are verified segment by segment; the segments compute exactly what the whole graph does."""
+    import bq_onnx
+    from bq_onnx import verify
+    from bq_onnx.runtimes import get_runtime
+
+    path = tmp_path / "model.onnx"
+    onnx.save(mixed_model(), str(path))
+    result = bq_onnx.optimize(path, bits=3, min_size=64)
+    feeds = result.sample_feeds()
+    rt = get_runtime("onnxruntime")
+    whole = verify.reference_outputs(path, result.context, feeds, rt, tmp_path, segment_bytes=1 << 40)
+    model = verify.run_passes(verify.load_model(path), verify.prepare_passes(result.context))
+    assert len(verify.segments(model, 1000)) > 3
+    parts = verify.reference_outputs(path, result.context, feeds, rt, tmp_path, segment_bytes=1000)
+    for a, b in zip(whole, parts, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_external_weights_are_read_without_staying_mapped(tmp_path):
+    """Reading a weight of an external-data model leaves no mapping behind: resident memory holds one weight."""
+    from bq_onnx.model_io import StreamedExternalTensor, load_model
+
+    onnx.save(mixed_model(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    model = load_model(tmp_path / "m.onnx")
+    tensor = model.graph.initializers["W1"].const_value
+    assert isinstance(tensor, StreamedExternalTensor)
+    a, b = tensor.numpy(), tensor.numpy()
+    assert tensor.raw is None and a is not b
+    w1 = next(t for t in mixed_model().graph.initializer if t.name == "W1")
+    np.testing.assert_array_equal(a, numpy_helper.to_array(w1))

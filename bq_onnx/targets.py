@@ -97,8 +97,8 @@ class LegalizeWeightsPass(ir.passes.InPlacePass):
                 why.append(f"consumed by {', '.join(sorted(ops - p.int4_ops))}")
             if p.even_last_dim and n % 2:
                 why.append(f"odd last dimension {n}")
-            if p.int4_blocked_only and (s.group_size <= 0 or k <= s.group_size):
-                why.append(f"{k} rows fit one block of {s.group_size}: stored per axis, not blocked")
+            if p.int4_blocked_only and (s.group_size <= 0 or k < s.group_size):
+                why.append(f"{k} rows, fewer than one block of {s.group_size}: int4 needs whole blocks")
             if not why:
                 continue
             if not wide:

@@ -1,6 +1,7 @@
 """The ``native`` format: standard DequantizeLinear (opset 21) that runtimes execute on compressed weights.
 
-Uniform grids become ``DequantizeLinear`` with ``block_size`` on axis 0 (per-axis when a column is one block), codes
+Uniform grids become ``DequantizeLinear`` with ``block_size`` on axis 0 (per-axis when a column is one block,
+except int4 on targets that run int4 only blocked, where K == block size stays one block), codes
 in an int4 container for <= 4 bits and int8 for 5..8 (the allocated grid is kept; the container only sets storage).
 Ragged blocks are padded to whole blocks and sliced after decoding, so every runtime's divisibility rule holds.
 Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation; so do vector codebooks (Gather of
@@ -70,7 +71,7 @@ class RewriteNativePass(RewritePass):
         k, n = qt.shape
         g, _nb = qt.block_size, qt.num_blocks
         if qt.kind == "uniform":
-            return self._dequantize_linear(em, qt, name)
+            return self._dequantize_linear(em, qt, name, self._blocked_int4())
         dims = BlockDims.constant(em, k, n, g)
         if qt.kind == "vector":
             return self._vector(em, qt, name, dims)
@@ -113,8 +114,17 @@ class RewriteNativePass(RewritePass):
         rows = vector_rows(em, index, table, dims.rows_n, dims.k if ragged else None)
         return em.op("Mul", [rows, expand_blocks(em, em.op("Cast", [scale], to=ir.DataType.FLOAT), dims)])
 
+    def _blocked_int4(self) -> bool:
+        """Whether the target runs int4 only blocked (TensorRT): then a single whole block stays blocked."""
+        target = self.ctx.settings.target
+        if not target:
+            return False
+        from bq_onnx.runtimes.profiles import get_profile
+
+        return get_profile(target).int4_blocked_only
+
     @staticmethod
-    def _dequantize_linear(em: Emitter, qt: QuantizedTensor, name: str) -> ir.Value:
+    def _dequantize_linear(em: Emitter, qt: QuantizedTensor, name: str, blocked_int4: bool = False) -> ir.Value:
         k, n = qt.shape
         g, nb = qt.block_size, qt.num_blocks
         signed = qt.symmetric
@@ -122,7 +132,7 @@ class RewriteNativePass(RewritePass):
         codes = qt.codes.astype(np.int16)
         if signed:
             codes = codes - qt.implicit_zero_point
-        per_axis = nb == 1
+        per_axis = nb == 1 and not (blocked_int4 and qt.bits <= 4 and k == g)
         padded = not per_axis and nb * g != k
         if padded:
             codes = np.concatenate([codes, np.zeros((nb * g - k, n), dtype=codes.dtype)])

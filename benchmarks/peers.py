@@ -90,7 +90,7 @@ PEERS: list[tuple[str, str, dict[str, Any]]] = [
     ("bq-uniform8-g128", "bq", {"allocator": "uniform", "bits": 8, "group_size": 128, "format": "native"}),
 ]
 #: bq-onnx greedy budgets (stored bits per weight incl. metadata) swept on every model besides the peers' sizes.
-SWEEP = (2.5, 3.0, 3.5)
+SWEEP = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 BQ_GREEDY = {"allocator": "greedy", "group_size": 64, "format": "compact"}
 TIMING_CALIB = 128  # calibration samples for the optimize-time comparison (all-MiniLM-L6-v2: 128 sentences)
 

@@ -324,6 +324,12 @@ def estimate_prepared(
             sources.update({w.name: "activations" for w in rest})
     finally:
         sessions.close()
+    for info in prepared.weights:
+        filled = fill_unseen_rows(info, curvature[info.name])
+        if filled is not None:
+            curvature[info.name], count = filled
+            notes.append(f"'{info.name}': {count} embedding row(s) never read by the calibration data were given "
+                         f"the mean curvature of the rows that were")
     weights = {}
     for info in prepared.weights:
         mean = np.asarray(info.value.const_value.numpy(), dtype=np.float32)
@@ -457,6 +463,24 @@ def _batch_major_weights(prepared: Prepared, calib: Calibration) -> dict[str, in
         if sample_major(node.inputs[0]) and sample_major(node.outputs[0]):
             found[info.name] = len(uses)
     return found
+
+
+def fill_unseen_rows(info: WeightInfo, curvature: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Rows of a Gather table (token embeddings) that no calibration sample reads get the mean curvature of the
+    rows that were read: the data say nothing about them, but a deployed model will meet those tokens, so they are
+    treated as exchangeable with the seen ones rather than as unimportant (which would store them at 0 bits)."""
+    uses = list(info.value.uses())
+    if not uses or any(u.node.op_type != "Gather" or u.idx != 0 for u in uses):
+        return None
+    if any(int(a.value) != 0 for u in uses for k, a in u.node.attributes.items() if k == "axis"):
+        return None
+    rows = np.asarray(curvature, dtype=np.float64).reshape(curvature.shape[0], -1)
+    seen = rows.sum(axis=1) > 0
+    if seen.all() or not seen.any():
+        return None
+    filled = rows.copy()
+    filled[~seen] = rows[seen].mean(axis=0)
+    return filled.reshape(curvature.shape), int((~seen).sum())
 
 
 def _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, probes, batch_size, rng, bar):

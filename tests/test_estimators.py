@@ -127,3 +127,22 @@ def test_kfac_factors_on_softmax_regression(softmax_regression):
     np.testing.assert_allclose(g, expected_g, atol=0.02)
     np.testing.assert_allclose(post.weights["W"].curvature, np.outer(np.diag(a), np.diag(g)), rtol=1e-6)
     assert post.weights["W"].source == "kfac"
+
+
+def test_embedding_rows_unseen_in_calibration_get_the_mean_curvature_of_seen_rows():
+    """A token the calibration never contains is not unimportant: its rows get the seen rows' mean curvature."""
+    from bq_onnx.estimate import estimate_posterior
+    from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION
+    from tests.conftest import MODELS
+
+    with np.load(MODELS / "tiny_transformer_calib.npz") as data:
+        ids = data["ids"][:4]
+    post = estimate_posterior(MODELS / "tiny_transformer.onnx", {"ids": ids}, "laplace")
+    table = post.weights["embed.weight"]
+    curvature = (table.precision - DEFAULT_PRIOR_PRECISION) / post.samples
+    seen = np.zeros(table.precision.shape[0], dtype=bool)
+    seen[np.unique(ids)] = True
+    assert 0 < seen.sum() < len(seen)
+    np.testing.assert_allclose(curvature[~seen], np.broadcast_to(curvature[seen].mean(axis=0), curvature[~seen].shape),
+                               rtol=1e-4, atol=1e-9)
+    assert any("never read by the calibration data" in note for note in post.notes)

@@ -193,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"Calibration samples (`--calib`, laplace posterior, `--allocator uniform` so the closed-form "
                   f"tables, which do not depend on the samples, do not hide the per-sample cost; "
                   f"{args.calib_size:g} GiB model, bound {(1.5 * params * 4 + GIB) / GIB:.2f} GiB):", "",
-                  "| samples | wall (s) | peak RSS (GiB) | exit |", "|---|---|---|---|"]
+                  "| samples | wall (s) | peak RSS (GiB) | within bound | exit |", "|---|---|---|---|---|"]
         base = run_optimize(model, ["--allocator", "uniform"])
         srows = []
         for n in counts:
             result = run_optimize(model, ["--allocator", "uniform", "--calib", str(calibration(model.parent, n))])
             srows.append((n, result["seconds"]))
-            lines.append(f"| {n} | {result['seconds']:.1f} | {result['peak'] / GIB:.2f} | {result['rc']} |")
+            ok = "yes" if result["peak"] < 1.5 * params * 4 + GIB else "**no**"
+            lines.append(f"| {n} | {result['seconds']:.1f} | {result['peak'] / GIB:.2f} | {ok} | {result['rc']} |")
             print(lines[-1], flush=True)
             if result["rc"] != 0:
                 print(result["output"][-2000:], file=sys.stderr)

@@ -15,7 +15,7 @@ from bq_onnx import __version__
 from bq_onnx.calibration import CalibrationSource
 from bq_onnx.context import Context, Settings
 from bq_onnx.errors import UnsupportedError, UsageError
-from bq_onnx.model_io import check_output_path, load_model, save_model
+from bq_onnx.model_io import check_output_path, load_model, remove_output, save_model
 from bq_onnx.pipeline import optimize_passes, run_passes
 from bq_onnx.posterior import Posterior
 from bq_onnx.quantizers import QUANTIZERS
@@ -64,7 +64,7 @@ class OptimizeResult:
             try:
                 checks = verify_written(out, self.source, self.context, feeds)
             except BaseException:
-                out.unlink(missing_ok=True)  # never leave an unverified model behind
+                remove_output(out)  # never leave an unverified model (or its external data) behind
                 raise
             self.report["verification"] = {
                 "runtime": "onnxruntime",

@@ -259,40 +259,12 @@ def max_pool(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     if int(cx.attr("storage_order", 0)):
         raise RuleUnavailable("MaxPool storage_order=1")
     x = node.inputs[0]
-    tiles = _max_pool_tiles(cx, x, gy[0])
-    if tiles is not None:
-        return [tiles]
     if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].name:
         indices = node.outputs[1]
     else:
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         indices = cx.ops("MaxPool", [x], 2, **attrs)[1]
     return [_scatter_add_flat(cx, x, indices, gy[0])]
-
-
-def _max_pool_tiles(cx: Vjp, x: ir.Value, g: ir.Value) -> ir.Value | None:
-    """Non-overlapping 2-D windows that tile x exactly (kernel == strides, no pads or dilations): route g by a
-    one-hot of ArgMax over each window (first maximum in row-major window order, as MaxPool's Indices) instead
-    of MaxPool-with-Indices + ScatterElements, which onnxruntime runs several times slower than the pool."""
-    kernel = cx.ints("kernel_shape")
-    spatial = cx.static_dims(x, 2) if x.shape is not None and len(x.shape) == 4 else None
-    if kernel is None or len(kernel) != 2 or spatial is None:
-        return None
-    if cx.ints("strides", [1, 1]) != kernel or cx.ints("dilations", [1, 1]) != [1, 1]:
-        return None
-    if any(cx.ints("pads", [0, 0, 0, 0])) or cx.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        return None
-    (h, w), (kh, kw) = spatial, kernel
-    if h % kh or w % kw:
-        return None
-    ho, wo = h // kh, w // kw
-    windows = cx.op("Transpose", [cx.op("Reshape", [x, cx.ints_const(0, 0, ho, kh, wo, kw)])], perm=[0, 1, 2, 4, 3, 5])
-    flat = cx.op("Reshape", [windows, cx.ints_const(0, 0, ho, wo, kh * kw)])
-    first = cx.op("ArgMax", [flat], axis=4, keepdims=1, select_last_index=0)
-    hot = cx.op("CastLike", [cx.op("Equal", [first, cx.em.const(np.arange(kh * kw, dtype=np.int64))]), g])
-    routed = cx.op("Mul", [hot, cx.op("Unsqueeze", [g, cx.ints_const(4)])])
-    back = cx.op("Reshape", [routed, cx.ints_const(0, 0, ho, wo, kh, kw)])
-    return cx.op("Reshape", [cx.op("Transpose", [back], perm=[0, 1, 2, 4, 3, 5]), cx.ints_const(0, 0, h, w)])
 
 
 @register("AveragePool")

@@ -611,8 +611,8 @@ def test_pools(tmp_path, name):
 
 
 def test_max_pool_ties_route_to_the_first_maximum_like_indices():
-    """Tiled MaxPool (ArgMax one-hot) and MaxPool whose windows leave rows over (Indices + scatter) send each
-    window's gradient to the first maximum in row-major window order, also when all its values are equal."""
+    """MaxPool's gradient goes to each window's first maximum in row-major window order (its Indices), also
+    when all the window's values are equal, with windows that tile the input and with a row left over."""
     from onnx import TensorProto, helper, numpy_helper
 
     from bq_onnx.estimate import gradients
@@ -620,7 +620,7 @@ def test_max_pool_ties_route_to_the_first_maximum_like_indices():
 
     x = np.array([[1, 1, 0, 2], [1, 1, 2, 2], [3, 0, 5, 5], [0, 3, 5, 5]], dtype=np.float32)
     scale = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32).reshape(1, 1, 2, 2)
-    for rows in (4, 5):  # 5: a leftover row, so the tiled form does not apply
+    for rows in (4, 5):  # 5: a row left over, outside every window
         w = np.concatenate([x, np.full((rows - 4, 4), -9, np.float32)]).reshape(1, 1, rows, 4)
         model = make_model(
             [helper.make_node("MaxPool", ["W"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),

@@ -389,7 +389,7 @@ class BatchedFisher:
         if not batch_major:
             return None
         model = copy_model(prepared.model)
-        sites = add_probes(model, _weights_of(model, prepared), next(calib.batches(batch)))
+        sites = add_probes(model, _weights_of(model, prepared), next(calib.batches(batch)), gather=True)
         sites = [s for s in sites if s.weight in batch_major and covers(s, batch_major[s.weight])]
         if not sites:
             return None
@@ -460,7 +460,8 @@ def _batch_major_weights(prepared: Prepared, calib: Calibration) -> dict[str, in
         if not uses:
             continue
         node = uses[0].node
-        if sample_major(node.inputs[0]) and sample_major(node.outputs[0]):
+        reads = node.inputs[1] if node.op_type == "Gather" and len(node.inputs) > 1 else node.inputs[0]
+        if sample_major(reads) and sample_major(node.outputs[0]):
             found[info.name] = len(uses)
     return found
 

@@ -40,8 +40,10 @@ def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
     return tuple(int(d) for d in value.shape)
 
 
-def add_probes(model: ir.Model, weights: list[WeightInfo], sample: dict[str, np.ndarray]) -> list[KfacSite]:
-    """Specialise ``model`` (in place) to ``sample``'s shapes and add a zero probe after each K-FAC layer."""
+def add_probes(model: ir.Model, weights: list[WeightInfo], sample: dict[str, np.ndarray],
+               gather: bool = False) -> list[KfacSite]:
+    """Specialise ``model`` (in place) to ``sample``'s shapes and add a zero probe after each K-FAC layer
+    (and, with ``gather``, after each embedding lookup: its site's activation is the index tensor)."""
     from bq_onnx.estimate import specialise
 
     specialise(model, sample)
@@ -58,11 +60,14 @@ def add_probes(model: ir.Model, weights: list[WeightInfo], sample: dict[str, np.
             axis = 0 if attrs.get("transA", 0) else 1
         elif node.op_type == "Conv" and idx == 1 and len(info.layout.shape) == 4:
             axis = 1
+        elif gather and node.op_type == "Gather" and idx == 0 and int(attrs.get("axis", 0)) == 0:
+            axis = 0
         else:
             continue
         out = node.outputs[0]
         shape = _static_shape(out)
-        if shape is None or node.inputs[0] is None or node.inputs[0].name is None:
+        reads = node.inputs[1] if node.op_type == "Gather" else node.inputs[0]
+        if shape is None or reads is None or reads.name is None:
             continue
         probe = ir.Value(name=info.name + PROBE_SUFFIX, const_value=ir.tensor(np.zeros(shape, np.float32)))
         model.graph.register_initializer(probe)
@@ -77,7 +82,7 @@ def add_probes(model: ir.Model, weights: list[WeightInfo], sample: dict[str, np.
         if was_output:  # keep the graph's output name
             old_name = out.name
             out.name, probed.name = old_name + ".bq_raw", old_name
-        sites.append(KfacSite(info.name, node.op_type, node.inputs[0].name, probe.name, attrs, axis))
+        sites.append(KfacSite(info.name, node.op_type, reads.name, probe.name, attrs, axis))
     return sites
 
 

@@ -9,8 +9,9 @@ every ``d_n`` at once (the loss is a sum over samples, so each sample's rows onl
 run returns the inputs ``a_n``, and one batched matrix product per layer forms the ``g_n``. Backward skips the
 weight gradients, so a per-sample gradient costs about what a batched forward and input-gradient pass costs.
 
-Weights this does not cover (shared by several nodes, other consumers, unknown output shapes) are left to the
-caller's one-sample-per-run loop.
+Embedding lookups (Gather) are covered too: their per-sample gradient is the output gradient added into the
+rows of the tokens the sample reads. Weights this does not cover (shared by several nodes, other consumers,
+unknown output shapes) are left to the caller's one-sample-per-run loop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ MAX_PATCH_ELEMENTS = 1 << 23
 
 
 def covers(site: KfacSite, uses: int) -> bool:
-    """Whether ``site``'s weight gradient is exactly the per-row product of its input and output gradient."""
+    """Whether ``site``'s weight gradient is exactly the per-row product of its input and output gradient (or,
+    for an embedding lookup, the scatter of its output gradient into the looked-up rows)."""
     if uses != 1:
         return False
     if site.op == "Conv":
@@ -36,6 +38,9 @@ def covers(site: KfacSite, uses: int) -> bool:
 def squared_gradient_sum(site: KfacSite, weight_shape: tuple[int, ...], view_shape: tuple[int, int],
                          activation: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """``sum_n (a_n^T d_n)^2`` in the weight's ``(K, N)`` view, float64, for a batch of samples."""
+    if site.op == "Gather":
+        table = _gather(weight_shape, np.asarray(activation), np.asarray(grad, dtype=np.float32))
+        return table if table.shape == tuple(view_shape) else table.T  # (K, N) view of a 2-D table
     a = np.asarray(activation, dtype=np.float32)
     d = np.asarray(grad, dtype=np.float32)
     if site.op == "Conv":
@@ -76,3 +81,20 @@ def _conv(attrs: dict, weight_shape: tuple[int, ...], x: np.ndarray, d: np.ndarr
         sq = np.square(grads).sum(axis=0)  # (G, K, M/G)
         view += sq.transpose(1, 0, 2).reshape(c_local * kh * kw, m)
     return view
+
+
+def _gather(table_shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """An embedding table's per-sample gradient adds the output gradients of a sample's positions into the rows
+    of the tokens there: sum them per (sample, token), square, and add per token (no (samples x vocabulary)
+    array, only one row per distinct pair)."""
+    rows, width = table_shape[0], int(np.prod(table_shape[1:]))
+    b = ids.shape[0]
+    index = np.asarray(ids, dtype=np.int64).reshape(b, -1)
+    index = np.where(index < 0, index + rows, index)  # Gather's negative indices count from the end
+    d = d.reshape(b, index.shape[1], -1).reshape(-1, width)
+    pairs, inverse = np.unique((np.arange(b)[:, None] * rows + index).reshape(-1), return_inverse=True)
+    sums = np.zeros((len(pairs), width), dtype=np.float64)
+    np.add.at(sums, inverse, d)
+    out = np.zeros((rows, width), dtype=np.float64)
+    np.add.at(out, pairs % rows, np.square(sums))
+    return out

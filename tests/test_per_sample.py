@@ -134,3 +134,38 @@ def test_fixed_batch_models_are_not_batched():
     x = rng.standard_normal((10, 6)).astype(np.float32)
     prepared = prepare(model, min_size=1)
     assert _batch_major_weights(prepared, load_calibration({"x": x}, prepared.model)) == {}
+
+
+def test_gather_squared_gradients_match_explicit_per_sample_gradients():
+    """Repeated tokens within a sample add up before squaring; negative ids count from the end."""
+    rng = np.random.default_rng(5)
+    vocab, dim, b, t = 7, 3, 4, 5
+    ids = rng.integers(-vocab, vocab, size=(b, t))
+    ids[0, :3] = 2  # a token three times in one sample
+    d = rng.standard_normal((b, t, dim)).astype(np.float32)
+    site = KfacSite("E", "Gather", "ids", "p", {}, 0)
+    got = squared_gradient_sum(site, (vocab, dim), (vocab, dim), ids, d)
+    want = np.zeros((vocab, dim))
+    for n in range(b):
+        g = np.zeros((vocab, dim))
+        for pos in range(t):
+            g[ids[n, pos] % vocab] += d[n, pos]
+        want += np.square(g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(squared_gradient_sum(site, (vocab, dim), (dim, vocab), ids, d), want.T, rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_every_tiny_transformer_weight_is_batched_embedding_included():
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.estimate import BatchedFisher, TempSessions, prepare
+    from tests.conftest import MODELS
+
+    prepared = prepare(MODELS / "tiny_transformer.onnx")
+    calib = load_calibration(MODELS / "tiny_transformer_calib.npz", prepared.model, 16)
+    sessions = TempSessions()
+    try:
+        fisher = BatchedFisher.build(sessions, prepared, calib, "kl", None, 8)
+        assert {s.weight for s in fisher.sites} == {w.name for w in prepared.weights}
+    finally:
+        sessions.close()

@@ -604,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="one point per tool (smoke test)")
     ap.add_argument("--report-only", action="store_true",
-                    help="rewrite RESULTS.md and the PNGs from the last run's per-model results in benchmarks/.cache")
+                    help="rewrite RESULTS.md and the PNGs from the last run's per-model results in benchmarks/.cache "
+                         "(a normal run also reports every model with cached results, not only --models)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -614,18 +615,33 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in names if m not in MODELS]
     if unknown:
         ap.error(f"unknown model(s): {', '.join(unknown)}")
-    results = []
+    fresh: dict[str, dict] = {}
     for name in names:
-        if args.report_only:
-            res = json.loads((OUT_CACHE / f"{name}.json").read_text())
-            res["spec"] = MODELS[name]
-        else:
+        if not args.report_only:
             res = bench_model(MODELS[name], args.quick)
             (OUT_CACHE / f"{name}.json").write_text(json.dumps({**res, "spec": name}, indent=1, default=str))
-        results.append(res)
-        plot(res, args.out.parent / f"peers_{name}.png")
-        report(results, args.out)
+            fresh[name] = res
+            plot(res, args.out.parent / f"peers_{name}.png")
+        report(_all_results(fresh), args.out)  # every model with results so far, not only this run's
+    if args.report_only:
+        for res in _all_results(fresh):
+            plot(res, args.out.parent / f"peers_{res['spec'].name}.png")
     print(f"wrote {args.out}")
+
+
+def _all_results(fresh: dict[str, dict]) -> list[dict]:
+    """This run's results plus the cached ones of every other model, in MODELS order."""
+    results = []
+    for name, spec in MODELS.items():
+        if name in fresh:
+            results.append(fresh[name])
+            continue
+        cached = OUT_CACHE / f"{name}.json"
+        if cached.exists():
+            res = json.loads(cached.read_text())
+            res["spec"] = spec
+            results.append(res)
+    return results
 
 
 if __name__ == "__main__":

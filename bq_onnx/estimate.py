@@ -385,10 +385,11 @@ class BatchedFisher:
         from bq_onnx.kfac import add_probes
         from bq_onnx.per_sample import covers
 
-        batch_major = _batch_major_weights(prepared, calib)
+        model = copy_model(prepared.model)  # one copy serves the batch check and the gradient graph
+        batch_major = _batch_major_weights(prepared, calib, model)
         if not batch_major:
             return None
-        model = copy_model(prepared.model)
+        _forget_shapes(model)  # the symbolic shapes give way to the batch's static ones
         sites = add_probes(model, _weights_of(model, prepared), next(calib.batches(batch)), gather=True)
         sites = [s for s in sites if s.weight in batch_major and covers(s, batch_major[s.weight])]
         if not sites:
@@ -425,13 +426,14 @@ class BatchedFisher:
         return {w: self.layouts[w].from_view(total / count) for w, total in self.sums.items()}
 
 
-def _batch_major_weights(prepared: Prepared, calib: Calibration) -> dict[str, int]:
+def _batch_major_weights(prepared: Prepared, calib: Calibration, model: ir.Model | None = None) -> dict[str, int]:
     """Weights whose single consumer reads and writes sample-major tensors (first axis = the calibration
     sample axis, by shape inference with a symbolic batch), with their use counts. A model whose inputs have a
-    fixed first dimension is not batched at all."""
+    fixed first dimension is not batched at all. ``model``: a copy of the prepared model whose shapes this may
+    rewrite (default: a fresh copy)."""
     from onnx_ir.passes.common import ShapeInferencePass
 
-    model = copy_model(prepared.model)
+    model = copy_model(prepared.model) if model is None else model
     symbol = "bq_samples"
     for value in model.graph.inputs:
         if value.name not in calib.arrays:
@@ -440,9 +442,7 @@ def _batch_major_weights(prepared: Prepared, calib: Calibration) -> dict[str, in
             return {}
         dims = list(calib.arrays[value.name].shape[1:])
         value.shape = ir.Shape([symbol, *dims])
-    for node in model.graph:  # forget exported annotations so the symbol propagates
-        for out in node.outputs:
-            out.shape = None
+    _forget_shapes(model)  # exported annotations would stop the symbol from propagating
     try:
         ShapeInferencePass(check_type=False, strict_mode=False)(model)
     except Exception:  # noqa: BLE001 - no inferred shapes: nothing is known to be sample-major
@@ -482,6 +482,12 @@ def fill_unseen_rows(info: WeightInfo, curvature: np.ndarray) -> tuple[np.ndarra
     filled = rows.copy()
     filled[~seen] = rows[seen].mean(axis=0)
     return filled.reshape(curvature.shape), int((~seen).sum())
+
+
+def _forget_shapes(model: ir.Model) -> None:
+    for node in model.graph:
+        for out in node.outputs:
+            out.shape = None
 
 
 def _hutchinson(session, graph, prepared, wrt, calib, outputs, labels, loss, probes, batch_size, rng, bar):

@@ -56,31 +56,68 @@ def squared_gradient_sum(site: KfacSite, weight_shape: tuple[int, ...], view_sha
 
 
 def _conv(attrs: dict, weight_shape: tuple[int, ...], x: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Patches gathered by one strided copy per kernel offset (not a sliding-window transpose), then one batched
-    product with the output gradient per group."""
+    """``sum_n g_n^2`` of a Conv weight in its ``(K, N)`` view: patches of the padded input, one batched float32
+    product with the output gradient per group, squared and summed over the samples (float64 across chunks).
+
+    With unit column stride the patches are gathered on the padded width: the patch of kernel offset ``(i, j)``
+    is then a slice of each flattened input channel (whole rows, one contiguous copy per offset instead of one
+    short row at a time), and the output gradient gets zero columns there, so the extra positions add nothing.
+    """
     m, c_local, kh, kw = weight_shape
     groups = int(attrs.get("group", 1))
     sh, sw = list(attrs.get("strides", [1, 1]))
     dh, dw = list(attrs.get("dilations", [1, 1]))
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    b = x.shape[0]
+    b, c, h, w = x.shape
     ho, wo = d.shape[2], d.shape[3]
-    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    out = d.reshape(b, groups, m // groups, ho * wo).transpose(0, 1, 3, 2)  # (B, G, L, M/G)
-    step = max(1, min(b, MAX_PATCH_ELEMENTS // max(x.shape[1] * kh * kw * ho * wo, 1)))
-    view = np.zeros((c_local * kh * kw, m), dtype=np.float64)
+    wp = w + pads[1] + pads[3]
+    k = c_local * kh * kw
+    rows = sw == 1 and wp <= 2 * wo  # contiguous patch rows, at most twice the products
+    length = ho * wp if rows else ho * wo  # patch positions per sample (rows: every padded column)
+    step = max(1, min(b, MAX_PATCH_ELEMENTS // max(c * kh * kw * length, 1)))
+    total = np.zeros((groups, k, m // groups), dtype=np.float64)
+    if rows:
+        d = _widen(d, wp)  # zero gradient at the extra columns: their patches add nothing
+        flat = _flat_padded(x, pads, (kh - 1) * dh * wp + (kw - 1) * dw + ho * sh * wp)
+    else:
+        flat = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    out = d.reshape(b, groups, m // groups, length)
     for start in range(0, b, step):
-        xs = x[start : start + step]
-        patches = np.empty((len(xs), x.shape[1], kh, kw, ho, wo), dtype=np.float32)
+        xs = flat[start : start + step]
+        n = len(xs)
+        patches = np.empty((n, c, kh, kw, length), dtype=np.float32)
         for i in range(kh):
             for j in range(kw):
-                top, left = i * dh, j * dw
-                patches[:, :, i, j] = xs[:, :, top : top + sh * (ho - 1) + 1 : sh, left : left + sw * (wo - 1) + 1 : sw]
-        rows = patches.reshape(len(xs), groups, c_local * kh * kw, ho * wo)  # (B, G, K, L), K in (c, i, j) order
-        grads = np.matmul(rows, out[start : start + step])  # (B, G, K, M/G)
-        sq = np.square(grads).sum(axis=0)  # (G, K, M/G)
-        view += sq.transpose(1, 0, 2).reshape(c_local * kh * kw, m)
-    return view
+                if rows:  # the patch of offset (i, j) is one slice of the flattened padded input (per output row)
+                    offset = i * dh * wp + j * dw
+                    window = xs[:, :, offset : offset + ho * sh * wp]
+                    patches[:, :, i, j] = window if sh == 1 else window.reshape(n, c, ho, sh * wp)[..., :wp].reshape(
+                        n, c, length)
+                else:
+                    top, left = i * dh, j * dw
+                    patches[:, :, i, j] = xs[:, :, top : top + sh * (ho - 1) + 1 : sh,
+                                             left : left + sw * (wo - 1) + 1 : sw].reshape(n, c, length)
+        cols = patches.reshape(n, groups, k, length)  # (B, G, K, L), K in (c, i, j) order
+        grads = np.matmul(cols, out[start : start + step].transpose(0, 1, 3, 2))  # (B, G, K, M/G)
+        np.square(grads, out=grads)
+        total += grads.sum(axis=0)
+    return total.transpose(1, 0, 2).reshape(k, m)
+
+
+def _widen(d: np.ndarray, width: int) -> np.ndarray:
+    """The output gradient ``[B, M, Ho, Wo]`` with zero columns up to ``width``."""
+    wide = np.zeros((*d.shape[:3], width), dtype=np.float32)
+    wide[..., : d.shape[3]] = d
+    return wide
+
+
+def _flat_padded(x: np.ndarray, pads: list[int], length: int) -> np.ndarray:
+    """The zero-padded input, each channel flattened to ``length`` elements (zeros past the padded image)."""
+    b, c, h, w = x.shape
+    hp, wp = h + pads[0] + pads[2], w + pads[1] + pads[3]
+    flat = np.zeros((b, c, max(length, hp * wp)), dtype=np.float32)
+    flat[:, :, : hp * wp].reshape(b, c, hp, wp)[:, :, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x
+    return flat
 
 
 def _gather(table_shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ Convolutions use the two adjoint identities (DESIGN.md, "Runtime facts"):
 
 ConvTranspose is the adjoint of Conv, so its input gradient is a Conv and its weight gradient the same
 weight-gradient Conv with the roles of input and output swapped. AveragePool is a depthwise Conv with a constant
-kernel; MaxPool routes g to the positions its ``Indices`` output names.
+kernel; MaxPool routes g to each window's first maximum (the position its ``Indices`` output names): found with
+elementwise ops when the windows tile the input, through the Indices and a scatter otherwise.
 """
 
 from __future__ import annotations
@@ -249,16 +250,78 @@ def _scatter_add_flat(cx: Vjp, x: ir.Value, positions: ir.Value, g: ir.Value) ->
     return cx.reshape_like(scattered, x)
 
 
+def _tiling_pool(cx: Vjp, x: ir.Value) -> tuple[int, int, int, int, int] | None:
+    """``(C, H, W, kh, kw)`` of a 2-D MaxPool whose windows tile the input: kernel = strides, no dilation, no
+    padding, no partial window (``ceil_mode`` only where the windows fit), static channels and spatial dims."""
+    kernel = cx.ints("kernel_shape")
+    dims = cx.static_dims(x, 1)
+    if kernel is None or len(kernel) != 2 or dims is None or len(dims) != 3:
+        return None
+    win = _window(cx, x, kernel)
+    if win.strides != kernel or any(d != 1 for d in win.dilations) or any(win.pads):
+        return None
+    c, h, w = dims
+    (kh, kw), partial = kernel, h % kernel[0] or w % kernel[1]
+    if h < kh or w < kw or (partial and int(cx.attr("ceil_mode", 0))):
+        return None
+    return c, h, w, kh, kw
+
+
+def _max_pool_tiles(cx: Vjp, x: ir.Value, y: ir.Value, g: ir.Value, dims: tuple[int, int, int, int, int]
+                    ) -> ir.Value:
+    """dx for windows that tile x, without MaxPool's ``Indices`` (onnxruntime computes those ~10x slower than
+    the pool itself, and then scatters one element at a time).
+
+    In a window-major layout ``[N, K, C*Ho*Wo]`` (``K = kh*kw`` window positions in row-major order; SpaceToDepth
+    for square windows) ``e = (x == y)`` marks every maximum of a window and ``relu(e - exclusive_cumsum(e))``
+    keeps the first one, the element MaxPool's Indices name (ties included: after a Relu many windows hold
+    several equal values). Times g, moved to ``[N*C, K, Ho, Wo]`` (whole ``Ho*Wo`` blocks), a ConvTranspose with
+    one-hot kernels and stride = kernel puts each window position back in place, zero in rows and columns no
+    window covers. Exact for finite gradients: every element of dx is one product ``1 * g`` plus zeros.
+    """
+    c, h, w, kh, kw = dims
+    k, ho, wo = kh * kw, h // kh, w // kw
+    if (h, w) != (ho * kh, wo * kw):
+        x = cx.op("Slice", [x, cx.ints_const(0, 0), cx.ints_const(ho * kh, wo * kw), cx.ints_const(2, 3)])
+    if kh == kw:  # channel q*C + c of SpaceToDepth holds window position q of channel c
+        windows = cx.op("SpaceToDepth", [x], blocksize=kh)
+    else:
+        windows = cx.op("Reshape", [x, cx.ints_const(0, c, ho, kh, wo, kw)])
+        windows = cx.op("Transpose", [windows], perm=[0, 3, 5, 1, 2, 4])
+    windows = cx.op("Reshape", [windows, cx.ints_const(0, k, c * ho * wo)])
+    per_window = cx.ints_const(0, 1, c * ho * wo)
+    is_max = cx.op("Equal", [windows, cx.op("Reshape", [y, per_window])])
+    is_max = cx.op("CastLike", [is_max, g]) if g.dtype is None else cx.op("Cast", [is_max], to=g.dtype)
+    earlier = cx.op("CumSum", [is_max, cx.ints_const(1)], exclusive=1)
+    first = cx.op("Relu", [cx.op("Sub", [is_max, earlier])])
+    routed = cx.op("Mul", [first, cx.op("Reshape", [g, per_window])])
+    routed = cx.op("Transpose", [cx.op("Reshape", [routed, cx.ints_const(0, k, c, ho * wo)])], perm=[0, 2, 1, 3])
+    routed = cx.op("Reshape", [routed, cx.ints_const(-1, k, ho, wo)])
+    dtype = g.dtype.numpy() if g.dtype is not None else np.float32
+    one_hot = cx.em.const(np.eye(k, dtype=dtype).reshape(k, 1, kh, kw))
+    if g.dtype is None:
+        one_hot = cx.op("CastLike", [one_hot, g])
+    extra = [h - ho * kh, w - wo * kw]
+    full = cx.op("ConvTranspose", [routed, one_hot], strides=[kh, kw], output_padding=extra if any(extra) else None)
+    return cx.op("Reshape", [full, cx.ints_const(-1, c, h, w)])
+
+
 @register("MaxPool")
 def max_pool(cx: Vjp, node: ir.Node, gy: list) -> Grads:
-    """dx = g added at each window's argmax; MaxPool's ``Indices`` output (flat positions in x) names them.
+    """dx = g added at each window's argmax: the first maximum in row-major window order, the position
+    MaxPool's ``Indices`` output names.
 
-    The pool is re-run with two outputs when the model did not ask for indices; ties route to the one position
-    MaxPool reports. Column-major indices (``storage_order=1``) are refused.
+    Windows that tile the input (kernel = strides, no padding or dilation, static dims: :func:`_max_pool_tiles`)
+    find it with elementwise ops. Otherwise the Indices route it (the pool is re-run with two outputs when the
+    model did not ask for them) and a ScatterElements adds g there (overlapping windows share positions).
+    Column-major indices (``storage_order=1``) are refused.
     """
     if int(cx.attr("storage_order", 0)):
         raise RuleUnavailable("MaxPool storage_order=1")
     x = node.inputs[0]
+    dims = _tiling_pool(cx, x)
+    if dims is not None:
+        return [_max_pool_tiles(cx, x, node.outputs[0], gy[0], dims)]
     if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].name:
         indices = node.outputs[1]
     else:

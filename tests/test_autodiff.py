@@ -641,6 +641,78 @@ def test_max_pool_ties_route_to_the_first_maximum_like_indices():
         np.testing.assert_allclose(grad.reshape(rows, 4), want, rtol=1e-6, err_msg=f"{rows} rows")
 
 
+#: MaxPool cases for the rule's two paths: windows that tile the input (kernel = strides, no padding or dilation;
+#: elementwise first-maximum search) and the Indices + ScatterElements fallback. Name -> (shape, attrs, tiles).
+MAX_POOLS = {
+    "tiles-2x2": ((2, 3, 8, 6), {"kernel_shape": [2, 2], "strides": [2, 2]}, True),
+    "tiles-2x2-leftover": ((2, 3, 7, 9), {"kernel_shape": [2, 2], "strides": [2, 2]}, True),
+    "tiles-3x3-leftover": ((1, 2, 10, 9), {"kernel_shape": [3, 3], "strides": [3, 3]}, True),
+    "tiles-1x2": ((2, 2, 5, 8), {"kernel_shape": [1, 2], "strides": [1, 2]}, True),
+    "tiles-3x2-leftover": ((1, 3, 7, 7), {"kernel_shape": [3, 2], "strides": [3, 2]}, True),
+    "tiles-valid": ((1, 2, 6, 6), {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "VALID"}, True),
+    "tiles-same-fits": ((1, 2, 6, 4), {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, True),
+    "tiles-ceil-fits": ((1, 2, 6, 4), {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, True),
+    "overlap": ((2, 2, 7, 7), {"kernel_shape": [3, 3], "strides": [2, 2]}, False),
+    "padded": ((1, 2, 6, 6), {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1]}, False),
+    "dilated": ((1, 2, 8, 8), {"kernel_shape": [2, 2], "strides": [2, 2], "dilations": [2, 2]}, False),
+    "ceil-partial": ((1, 2, 7, 6), {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, False),
+    "same-padded": ((1, 2, 7, 6), {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, False),
+}
+
+
+def _ties(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Values full of exact ties: Relu'd small integers (many all-zero windows), a constant block (all-equal
+    windows), negative windows and signed zeros."""
+    x = np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float32)
+    x[..., :2, :] = 1.5
+    x[0, 0, -3:, -3:] = -1.0
+    x[-1, -1, -2:, :2] = np.array([[-0.0, 0.0], [0.0, -0.0]], dtype=np.float32)
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(MAX_POOLS))
+def test_max_pool_gradient_is_indices_scatter_exactly(name):
+    """dx of sum(MaxPool(X) * R) equals, bit for bit, R added at the positions onnxruntime's own MaxPool Indices
+    name (its gradient: ties go to the first maximum), on inputs full of ties; the tiling path is taken exactly
+    where the windows tile the input (no Indices, no scatter), the Indices + scatter path elsewhere."""
+    shape, attrs, tiles = MAX_POOLS[name]
+    rng = np.random.default_rng(sorted(MAX_POOLS).index(name))
+    for trial in range(3):
+        x = _ties(rng, shape) if trial else np.zeros(shape, np.float32)  # trial 0: every window all zero
+        case = make_case([node("MaxPool", ["X"], "y", **attrs)], "y", {"X": x}, seed=trial)
+        result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
+        ops = [n.op_type for n in result.model.graph]
+        assert (ops.count("MaxPool"), "ScatterElements" in ops) == ((1, False) if tiles else (2, True)), ops
+        got = run_gradient_model(result, {})[result.gradients["X"]]
+        with_indices = make_case([node("MaxPool", ["X"], ["y", "i"], **attrs)], "i", {"X": x}, project=False)
+        indices = _session(with_indices.proto).run(["i"], {})[0]
+        r = numpy_helper.to_array(next(i for i in case.proto.graph.initializer if i.name == "R"))
+        want = np.zeros(x.size, np.float32)
+        np.add.at(want, indices.reshape(-1), r.reshape(-1))
+        np.testing.assert_array_equal(got, want.reshape(shape), err_msg=f"trial {trial}")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, _, tiles) in MAX_POOLS.items() if tiles))
+def test_max_pool_tiles_finite_differences(tmp_path, name):
+    """The tiling path against finite differences (no ties) and OpenVINO."""
+    shape, attrs, _ = MAX_POOLS[name]
+    rng = np.random.default_rng(40 + sorted(MAX_POOLS).index(name))
+    x = rng.permutation(np.linspace(-3, 3, int(np.prod(shape)))).reshape(shape).astype(np.float32)
+    check(make_case([node("MaxPool", ["X"], "y", **attrs)], "y", {"X": x}), tmp_path, dtype="f32")
+
+
+def test_max_pool_tiles_with_symbolic_batch(tmp_path):
+    """The tiling path with a symbolic batch dim (static channels and spatial dims), between a Mul and a Conv."""
+    rng = np.random.default_rng(41)
+    nodes = [node("Mul", ["inp", "S"], "x"), node("MaxPool", ["x"], "p", kernel_shape=[2, 2], strides=[2, 2]),
+             node("Conv", ["p", "W"], "y")]
+    weights = {"S": rand(rng, 3, 1, 1, dtype=np.float32, low=0.5), "W": rand(rng, 2, 3, 2, 2, dtype=np.float32)}
+    inp = rng.permutation(np.linspace(-2, 2, 2 * 3 * 6 * 5)).reshape(2, 3, 6, 5).astype(np.float32)
+    case = make_case(nodes, "y", weights, inputs={"inp": inp}, symbolic={"inp": ["b", 3, 6, 5]})
+    result, _ = check(case, tmp_path, dtype="f32")
+    assert "ScatterElements" not in [n.op_type for n in result.model.graph]
+
+
 # ----------------------------------------------------------------------------------------------- symbolic shapes
 
 

@@ -58,6 +58,35 @@ def test_conv_squared_gradients_match_explicit_per_sample_gradients(group, strid
     np.testing.assert_allclose(layout.from_view(got), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("strides", "dilations", "pads", "width", "group"), [
+    ((2, 1), (1, 1), (1, 0, 0, 2), 9, 1),  # contiguous patch rows, every second row
+    ((1, 2), (1, 1), (0, 1, 2, 0), 9, 2),  # column stride: one strided copy per kernel offset
+    ((1, 1), (2, 3), (2, 1, 0, 3), 11, 1),  # rows with dilation and uneven pads
+    ((3, 1), (1, 2), (0, 0, 0, 0), 12, 4),
+    ((1, 1), (1, 1), (3, 4, 3, 4), 3, 1),  # padded width more than twice the output width: per-offset copies
+])
+@pytest.mark.parametrize("chunk", [None, 200])  # 200: patches gathered a few samples at a time
+def test_conv_patch_layouts_match_explicit_per_sample_gradients(monkeypatch, strides, dilations, pads, width, group,
+                                                                 chunk):
+    import bq_onnx.per_sample as per_sample
+
+    if chunk:
+        monkeypatch.setattr(per_sample, "MAX_PATCH_ELEMENTS", chunk)
+    rng = np.random.default_rng(sum(strides) + 7 * width + group)
+    b, c, m, h = 6, 4, 8, 7
+    shape = (m, c // group, 3, 2)
+    attrs = {"group": group, "strides": list(strides), "pads": list(pads), "dilations": list(dilations)}
+    ho = (h + pads[0] + pads[2] - dilations[0] * 2 - 1) // strides[0] + 1
+    wo = (width + pads[1] + pads[3] - dilations[1] - 1) // strides[1] + 1
+    x = rng.standard_normal((b, c, h, width)).astype(np.float32)
+    d = rng.standard_normal((b, m, ho, wo)).astype(np.float32)
+    layout = WeightLayout(shape, (1, 2, 3))
+    site = KfacSite("W", "Conv", "x", "p", attrs, 1)
+    got = squared_gradient_sum(site, shape, layout.view_shape, x, d)
+    want = sum(np.square(_conv_weight_grad(x[n], d[n], shape, attrs)) for n in range(b))
+    np.testing.assert_allclose(layout.from_view(got), want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("rows", [1, 7])
 def test_matmul_squared_gradients_match_explicit_per_sample_gradients(rows):
     rng = np.random.default_rng(rows)

@@ -275,9 +275,10 @@ def _max_pool_tiles(cx: Vjp, x: ir.Value, y: ir.Value, g: ir.Value, dims: tuple[
     In a window-major layout ``[N, K, C*Ho*Wo]`` (``K = kh*kw`` window positions in row-major order; SpaceToDepth
     for square windows) ``e = (x == y)`` marks every maximum of a window and ``relu(e - exclusive_cumsum(e))``
     keeps the first one, the element MaxPool's Indices name (ties included: after a Relu many windows hold
-    several equal values). Times g, moved to ``[N*C, K, Ho, Wo]`` (whole ``Ho*Wo`` blocks), a ConvTranspose with
-    one-hot kernels and stride = kernel puts each window position back in place, zero in rows and columns no
-    window covers. Exact for finite gradients: every element of dx is one product ``1 * g`` plus zeros.
+    several equal values). Times g, the layout is N images ``[K, C*Ho, Wo]``, and a ConvTranspose with one-hot
+    kernels and stride = kernel puts each window position back in place (``[N, 1, C*Ho*kh, W]``, that is x's
+    layout), zero in rows and columns no window covers. Exact for finite gradients: every element of dx is one
+    product ``1 * g`` plus zeros.
     """
     c, h, w, kh, kw = dims
     k, ho, wo = kh * kw, h // kh, w // kw
@@ -295,15 +296,18 @@ def _max_pool_tiles(cx: Vjp, x: ir.Value, y: ir.Value, g: ir.Value, dims: tuple[
     earlier = cx.op("CumSum", [is_max, cx.ints_const(1)], exclusive=1)
     first = cx.op("Relu", [cx.op("Sub", [is_max, earlier])])
     routed = cx.op("Mul", [first, cx.op("Reshape", [g, per_window])])
-    routed = cx.op("Transpose", [cx.op("Reshape", [routed, cx.ints_const(0, k, c, ho * wo)])], perm=[0, 2, 1, 3])
-    routed = cx.op("Reshape", [routed, cx.ints_const(-1, k, ho, wo)])
+    # [N, K, C*Ho, Wo] is N images of K channels: one ConvTranspose with one-hot kernels gives [N, 1, C*Ho*kh, W]
+    routed = cx.op("Reshape", [routed, cx.ints_const(0, k, c * ho, wo)])
     dtype = g.dtype.numpy() if g.dtype is not None else np.float32
     one_hot = cx.em.const(np.eye(k, dtype=dtype).reshape(k, 1, kh, kw))
     if g.dtype is None:
         one_hot = cx.op("CastLike", [one_hot, g])
-    extra = [h - ho * kh, w - wo * kw]
-    full = cx.op("ConvTranspose", [routed, one_hot], strides=[kh, kw], output_padding=extra if any(extra) else None)
-    return cx.op("Reshape", [full, cx.ints_const(-1, c, h, w)])
+    extra_w = w - wo * kw  # columns no window covers: output_padding adds them to every row
+    full = cx.op("ConvTranspose", [routed, one_hot], strides=[kh, kw], output_padding=[0, extra_w] if extra_w else None)
+    if h == ho * kh:
+        return cx.op("Reshape", [full, cx.ints_const(0, c, h, w)])
+    full = cx.op("Reshape", [full, cx.ints_const(0, c, ho * kh, w)])  # rows no window covers, per channel
+    return cx.op("Pad", [full, cx.ints_const(0, 0, 0, 0, 0, 0, h - ho * kh, 0)])
 
 
 @register("MaxPool")

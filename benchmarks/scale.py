@@ -1,8 +1,8 @@
 """Memory and time at scale: peak resident memory of ``bq-onnx optimize`` on a model with 2.5 GiB of fp32
 weights in external data, and how time grows with parameters and calibration samples.
 
-Usage:  python -m benchmarks.scale [--sizes 0.25,0.5,1,2.5] [--samples 8,16,32] [--out benchmarks/scale.md]
-        [--keep] [--calib-size 0.125] [--big-calib]
+Usage:  python -m benchmarks.scale [--sizes 0.25,0.5,1,2.5] [--samples 64,256,1024] [--out benchmarks/scale.md]
+        [--keep] [--calib-size 0.125] [--big-calib [--big-calib-size 1] [--big-calib-samples 64]] [--calib-only]
 
 Models are generated into ``benchmarks/.cache/`` (git-ignored; deleted after the run unless ``--keep``): a stack
 of transformer-MLP blocks (d_model 2048, d_ff 8192; up-projection ``MatMul`` with a ``(2048, 8192)`` weight,
@@ -13,9 +13,14 @@ data file, so it never holds more than one layer.
 Each ``bq-onnx optimize`` runs in its own subprocess (default options: greedy allocation at 4 bits, native
 format, verification on); peak memory is the child's ``ru_maxrss`` (the kernel's high-water mark of resident
 memory, file-backed pages included) and is checked against the bound ``1.5 x model size + 1 GiB``. The run at
-the largest size is repeated with ``BQ_ONNX_MEMTRACE=1`` so the report shows memory per pipeline step.
+the largest size has ``BQ_ONNX_MEMTRACE=1`` so the report shows memory per pipeline step.
+
 Calibration-sample scaling is measured on the ``--calib-size`` model (``--calib``, laplace posterior, with
-``--allocator uniform``: the closed-form tables cost the same for any sample count and would hide the slope).
+``--allocator uniform``: the closed-form tables cost the same for any sample count and would hide the slope);
+each run is traced, and the posterior step's own time (``FindWeightsPass`` to ``EstimatePosteriorPass`` in the
+trace) is reported beside the wall time. ``--big-calib`` adds one ``--calib`` run with default options on the
+``--big-calib-size`` model. ``--calib-only`` skips the size series (about 35 minutes) and, with ``--out`` naming
+an existing report, replaces only the part below its calibration marker.
 """
 
 from __future__ import annotations
@@ -136,18 +141,48 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return float(a), float(b), float(dev)
 
 
+MARKER = "<!-- calibration: everything below is written by --calib-only -->"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="0.25,0.5,1,2.5", help="model sizes in GiB of fp32 weights (multiples of 1/8)")
-    p.add_argument("--samples", default="8,16,32", help="calibration sample counts for the --calib runs")
+    p.add_argument("--samples", default="64,256,1024", help="calibration sample counts for the --calib runs")
     p.add_argument("--calib-size", type=float, default=0.125, help="model size (GiB) of the calibration-count runs")
-    p.add_argument("--big-calib", action="store_true", help="also run --calib on the largest model")
+    p.add_argument("--big-calib", action="store_true", help="also run --calib (default options) on a big model")
+    p.add_argument("--big-calib-size", type=float, help="model size (GiB) of the --big-calib run (default: the "
+                   "largest of --sizes)")
+    p.add_argument("--big-calib-samples", type=int, default=64, help="calibration samples of the --big-calib run")
+    p.add_argument("--calib-only", action="store_true", help="skip the size series: run the calibration series "
+                   "(and --big-calib); with --out, replace the calibration part of an existing report")
     p.add_argument("--out", type=Path, help="write the results as markdown here")
     p.add_argument("--keep", action="store_true", help="keep the generated models in benchmarks/.cache/scale")
     args = p.parse_args(argv)
 
     sizes = [float(s) for s in args.sizes.split(",")]
     counts = [int(s) for s in args.samples.split(",")]
+    big_size = args.big_calib_size if args.big_calib_size is not None else max(sizes)
+    lines: list[str] = []
+    try:
+        if not args.calib_only:
+            lines += size_series(args, sizes, big_size)
+        lines += [MARKER, ""] + calibration_series(args, counts, big_size)
+    finally:
+        if not args.keep:
+            shutil.rmtree(CACHE, ignore_errors=True)
+    if args.calib_only and args.out is not None and args.out.exists() and MARKER in args.out.read_text():
+        head = args.out.read_text().split(MARKER)[0]
+        lines = [head.rstrip("\n"), "", *lines]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def size_series(args, sizes: list[float], big_size: float) -> list[str]:
+    """Default options at each size (memory traced at the largest); the report's first part."""
     lines = ["# Scale: peak memory and time of `bq-onnx optimize`", "",
              f"Command: `python -m benchmarks.scale --sizes {args.sizes} --samples {args.samples}"
              f"{' --big-calib' if args.big_calib else ''} --out benchmarks/scale.md`", "",
@@ -161,65 +196,86 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     rows: list[tuple[float, int, float]] = []
     trace: list[str] = []
-    try:
-        for size in sizes:
-            blocks = max(1, round(size * GIB / BLOCK_BYTES))
-            model = generate(blocks)
-            params = blocks * 2 * D_MODEL * D_FF
-            model_bytes = params * 4
-            bound = 1.5 * model_bytes + GIB
-            big = size == max(sizes)
-            result = run_optimize(model, [], trace=big)
-            if big:
-                trace = result["trace"]
-            rows.append((size, params, result["seconds"]))
-            lines.append(_row(model_bytes, params, "default", result, bound))
-            print(lines[-1], flush=True)
-            if big and args.big_calib:
-                calib = calibration(model.parent, counts[0])
-                result = run_optimize(model, ["--calib", str(calib)], trace=True)
-                lines.append(_row(model_bytes, params, f"--calib ({counts[0]} samples)", result, bound))
-                print(lines[-1], flush=True)
-                trace += ["(--calib run)"] + result["trace"]
-        a, b, dev = fit([r[1] for r in rows], [r[2] for r in rows])
-        lines += ["", f"Time vs parameters: least-squares fit t = {a:.1f} s + {b * 1e9:.1f} s per 1e9 parameters; "
-                  f"worst point {dev:.0%} off the line; time per 1e9 parameters at each size: "
-                  + ", ".join(f"{r[0]:g} GiB {r[2] / r[1] * 1e9:.1f} s" for r in rows) + "."]
+    for size in sizes:
+        model, params = _model(size)
+        model_bytes = params * 4
+        big = size == max(sizes)
+        result = run_optimize(model, [], trace=big)
+        if big:
+            trace = result["trace"]
+        rows.append((size, params, result["seconds"]))
+        lines.append(_row(model_bytes, params, "default", result, 1.5 * model_bytes + GIB))
         print(lines[-1], flush=True)
+    a, b, dev = fit([r[1] for r in rows], [r[2] for r in rows])
+    lines += ["", f"Time vs parameters: least-squares fit t = {a:.1f} s + {b * 1e9:.1f} s per 1e9 parameters; "
+              f"worst point {dev:.0%} off the line; time per 1e9 parameters at each size: "
+              + ", ".join(f"{r[0]:g} GiB {r[2] / r[1] * 1e9:.1f} s" for r in rows) + "."]
+    print(lines[-1], flush=True)
+    if trace:
+        lines += ["", f"Memory per step at {max(sizes):g} GiB (`BQ_ONNX_MEMTRACE=1`, MiB; anon = heap, file = "
+                  "memory-mapped model data):", "", "```", *trace, "```"]
+    return lines + [""]
 
-        blocks = max(1, round(args.calib_size * GIB / BLOCK_BYTES))
-        model = generate(blocks)
-        params = blocks * 2 * D_MODEL * D_FF
-        lines += ["", f"Calibration samples (`--calib`, laplace posterior, `--allocator uniform` so the closed-form "
-                  f"tables, which do not depend on the samples, do not hide the per-sample cost; "
-                  f"{args.calib_size:g} GiB model, bound {(1.5 * params * 4 + GIB) / GIB:.2f} GiB):", "",
-                  "| samples | wall (s) | peak RSS (GiB) | within bound | exit |", "|---|---|---|---|---|"]
-        base = run_optimize(model, ["--allocator", "uniform"])
-        srows = []
-        for n in counts:
-            result = run_optimize(model, ["--allocator", "uniform", "--calib", str(calibration(model.parent, n))])
-            srows.append((n, result["seconds"]))
-            ok = "yes" if result["peak"] < 1.5 * params * 4 + GIB else "**no**"
-            lines.append(f"| {n} | {result['seconds']:.1f} | {result['peak'] / GIB:.2f} | {ok} | {result['rc']} |")
-            print(lines[-1], flush=True)
-            if result["rc"] != 0:
-                print(result["output"][-2000:], file=sys.stderr)
-        a, b, dev = fit([r[0] for r in srows], [r[1] for r in srows])
-        lines += ["", f"Time vs samples: t = {a:.1f} s + {b:.2f} s per sample (same model without --calib: "
-                  f"{base['seconds']:.1f} s); worst point {dev:.0%} off the line."]
+
+def calibration_series(args, counts: list[int], big_size: float) -> list[str]:
+    """``--calib`` at several sample counts on a small model, and (``--big-calib``) once on a big one."""
+    model, params = _model(args.calib_size)
+    bound = 1.5 * params * 4 + GIB
+    command = (f"python -m benchmarks.scale --calib-only --calib-size {args.calib_size:g} --samples {args.samples}"
+               + (f" --big-calib --big-calib-size {big_size:g} --big-calib-samples {args.big_calib_samples}"
+                  if args.big_calib else "") + " --out benchmarks/scale.md")
+    lines = ["## Calibration", "", f"Command: `{command}`" + (" (run alone)" if args.calib_only else ""), "",
+             f"Machine: {os.cpu_count()} cores, {_total_memory() / GIB:.0f} GiB RAM; numpy {np.__version__}, "
+             f"onnx {onnx.__version__}.", "",
+             f"Calibration samples (`--calib`, laplace posterior, `--allocator uniform` so the closed-form tables, "
+             f"which do not depend on the samples, do not hide the per-sample cost; {args.calib_size:g} GiB model, "
+             f"{params / 1e6:.0f} M parameters, bound {bound / GIB:.2f} GiB). `posterior` = the posterior step "
+             "alone (from the memory trace: forward outputs, per-sample gradients, curvature).", "",
+             "| samples | wall (s) | posterior (s) | peak RSS (GiB) | within bound | exit |",
+             "|---|---|---|---|---|---|"]
+    base = run_optimize(model, ["--allocator", "uniform"])
+    srows = []
+    for n in counts:
+        result = run_optimize(model, ["--allocator", "uniform", "--calib", str(calibration(model.parent, n))],
+                              trace=True)
+        step = _between(result["trace"], "FindWeightsPass", "EstimatePosteriorPass")
+        srows.append((n, result["seconds"], step))
+        ok = "yes" if result["peak"] < bound else "**no**"
+        lines.append(f"| {n} | {result['seconds']:.1f} | {step:.1f} | {result['peak'] / GIB:.2f} | {ok} | "
+                     f"{result['rc']} |")
         print(lines[-1], flush=True)
-        if trace:
-            lines += ["", f"Memory per step at {max(sizes):g} GiB (`BQ_ONNX_MEMTRACE=1`, MiB; anon = heap, file = "
-                      "memory-mapped model data):", "", "```", *trace, "```"]
-    finally:
-        if not args.keep:
-            shutil.rmtree(CACHE, ignore_errors=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
-    return 0
+        if result["rc"] != 0:
+            print(result["output"][-2000:], file=sys.stderr)
+    a, b, dev = fit([r[0] for r in srows], [r[1] for r in srows])
+    pa, pb, pdev = fit([r[0] for r in srows], [r[2] for r in srows])
+    lines += ["", f"Time vs samples: wall t = {a:.1f} s + {b * 1000:.1f} ms per sample (worst point {dev:.0%} off "
+              f"the line; same model without --calib: {base['seconds']:.1f} s); posterior step t = {pa:.1f} s + "
+              f"{pb * 1000:.1f} ms per sample (worst point {pdev:.0%} off the line)."]
+    print(lines[-1], flush=True)
+    if args.big_calib:
+        model, params = _model(big_size)
+        model_bytes = params * 4
+        n = args.big_calib_samples
+        result = run_optimize(model, ["--calib", str(calibration(model.parent, n))], trace=True)
+        lines += ["", f"`--calib` with default options (greedy allocation over the closed-form tables) on the "
+                  f"{big_size:g} GiB model, {n} samples:", "",
+                  "| weights (GiB) | parameters | options | wall (s) | peak RSS (GiB) | bound (GiB) | within | exit |",
+                  "|---|---|---|---|---|---|---|---|",
+                  _row(model_bytes, params, f"--calib ({n} samples)", result, 1.5 * model_bytes + GIB)]
+        print(lines[-1], flush=True)
+        lines += ["", "Memory per step of that run (`BQ_ONNX_MEMTRACE=1`, MiB):", "", "```", *result["trace"], "```"]
+    return lines
+
+
+def _model(size: float) -> tuple[Path, int]:
+    blocks = max(1, round(size * GIB / BLOCK_BYTES))
+    return generate(blocks), blocks * 2 * D_MODEL * D_FF
+
+
+def _between(trace: list[str], start: str, stop: str) -> float:
+    """Seconds from the memory-trace line of step ``start`` to that of step ``stop``."""
+    times = {line.split()[2]: float(line.split()[1].rstrip("s")) for line in trace}
+    return times[stop] - times[start] if start in times and stop in times else float("nan")
 
 
 def _row(model_bytes: int, params: int, options: str, result: dict, bound: float) -> str:

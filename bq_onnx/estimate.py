@@ -18,8 +18,9 @@ onnxruntime), with a loss appended by ``bq_onnx.passes.loss``:
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ import onnx_ir as ir
 
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.context import Context, Settings, WeightInfo
-from bq_onnx.errors import DataError, UsageError
-from bq_onnx.model_io import copy_model, load_model, save_model
+from bq_onnx.errors import DataError, ModelError, UsageError
+from bq_onnx.model_io import copy_model, load_model, model_nbytes, save_model
 from bq_onnx.passes.find_weights import FindWeightsPass
 from bq_onnx.passes.loss import LOSS, LOSS_KINDS, TARGET, AppendLossPass, output_value
 from bq_onnx.pipeline import prepare_passes, run_passes
@@ -36,8 +37,9 @@ from bq_onnx.posterior import (
     DEFAULT_PRIOR_PRECISION,
     METHODS,
     Posterior,
+    Spill,
     SumAccumulator,
-    posterior_from_curvature,
+    WeightPosterior,
 )
 from bq_onnx.progress import progress
 from bq_onnx.runtimes import get_runtime
@@ -84,10 +86,46 @@ class TempSessions:
         self._count += 1
         path = Path(self._tmp.name) / f"m{self._count}.onnx"
         save_model(model, path)
+        if model_nbytes(model) > UNPACKED_SESSION_BYTES:
+            return unpacked_session(path, self.threads)
         return get_runtime("onnxruntime").session(path, exact=True, threads=self.threads)
 
     def close(self) -> None:
         self._tmp.cleanup()
+
+
+#: Models with more bytes of initializers than this get :func:`unpacked_session` sessions.
+UNPACKED_SESSION_BYTES = 512 * 2**20
+
+
+def unpacked_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session (as ``get_runtime("onnxruntime").session(path, exact=True)``) that holds no
+    copy of the weights: onnxruntime memory-maps the external data file and reads the weights from there.
+
+    Two optimizations would copy them. Pre-packing copies every MatMul/Gemm weight into a packed buffer while
+    the mapping is still open (measured on the 128 MiB scale-benchmark model: gradient session peak +150 MiB
+    unpacked, +290 MiB packed). Constant folding stores ``Transpose(W)`` of every weight a gradient graph reads
+    transposed as a new initializer (measured on the 1 GiB model: +450 MiB resident with folding, +40 MiB
+    without). Neither changes the speed of these graphs measurably (3 batches of 32: 1.54 s / 1.56 s).
+    Unpacked kernels round differently from packed ones (float32 sums in another order: per-element curvatures
+    differ by up to 0.5 % where a sample's output gradients nearly cancel), so models up to
+    :data:`UNPACKED_SESSION_BYTES` keep the runtime's usual sessions and their results."""
+    import onnxruntime as ort
+
+    from bq_onnx.runtimes.ort import OrtSession
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
+                                               disabled_optimizers=["ConstantFolding"]))
+    except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: onnxruntime cannot load the model: {first}") from None
 
 
 def _forward(sessions: TempSessions, prepared: Prepared, output: str | None, calib: Calibration, batch: int = 64):
@@ -267,8 +305,9 @@ def estimate_prepared(
     notes: list[str] = []
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     sessions = TempSessions()
+    spill = Spill()  # every weight's curvature goes to disk as soon as it is known; the posterior reads it back
     try:
-        curvature: dict[str, np.ndarray] = {}
+        curvature = SpilledArrays(spill)
         sources: dict[str, str] = {}
         names = [w.name for w in prepared.weights]
         if method != "activations":
@@ -283,7 +322,7 @@ def estimate_prepared(
                 sites = add_probes(grad_model, [w for w in _weights_of(grad_model, prepared)], first)
             elif method in ("laplace", "fisher-mc"):
                 batched = _batched_squared_gradients(sessions, prepared, calib, outputs, labels, opts, rng,
-                                                     progress_bar)
+                                                     progress_bar, spill)
                 curvature.update(batched)
                 sources.update({w: method for w in batched})
                 names = [w for w in names if w not in batched]
@@ -324,17 +363,17 @@ def estimate_prepared(
             sources.update({w.name: "activations" for w in rest})
     finally:
         sessions.close()
-    for info in prepared.weights:
-        filled = fill_unseen_rows(info, curvature[info.name])
+    weights = {}
+    for info in prepared.weights:  # one weight at a time: read its curvature, finish it, write it back
+        raw = curvature[info.name]
+        filled = fill_unseen_rows(info, raw)
         if filled is not None:
-            curvature[info.name], count = filled
+            raw, count = filled
             notes.append(f"'{info.name}': {count} embedding row(s) never read by the calibration data were given "
                          f"the mean curvature of the rows that were")
-    weights = {}
-    for info in prepared.weights:
-        mean = np.asarray(info.value.const_value.numpy(), dtype=np.float32)
-        weights[info.name] = posterior_from_curvature(mean, curvature[info.name], n, opts.prior_precision,
-                                                      sources[info.name])
+        weights[info.name] = spilled_posterior(info.value.const_value, raw, n, opts.prior_precision,
+                                               sources[info.name], spill, curvature.path(info.name))
+        del raw, filled
         if method == "kfac" and info.name in factors:
             weights[info.name].kfac = factors[info.name]
     return Posterior(method, n, opts.prior_precision, weights, notes)
@@ -351,15 +390,20 @@ def _squared_gradients(session, graph, wrt, calib, outputs, labels, loss, method
     return acc.mean()
 
 
-def _batched_squared_gradients(sessions, prepared, calib, outputs, labels, opts, rng, bar) -> dict[str, np.ndarray]:
+def _batched_squared_gradients(sessions, prepared, calib, outputs, labels, opts, rng, bar,
+                               spill: Spill | None = None) -> Mapping[str, np.ndarray]:
     """Empirical (laplace) or sampled (fisher-mc) Fisher diagonals of the weights that ``bq_onnx.per_sample``
     covers, from batched runs: each sample's weight gradient is formed from its layer input and output gradient.
+    With ``spill``, layers whose inputs and output gradients take less room than their sum are summed one
+    weight at a time when the result is read (see :meth:`BatchedFisher.spill_to`).
     """
     n = calib.num_samples
     batch = min(opts.batch_size, n)
     fisher = BatchedFisher.build(sessions, prepared, calib, opts.loss, opts.output, batch) if batch > 1 else None
     if fisher is None:
         return {}
+    if spill is not None:
+        fisher.spill_to(spill, opts.mc_samples * -(-n // batch))
     for draw in range(opts.mc_samples):
         targets = _targets(opts.method, opts.loss, outputs, labels, rng)
         starts = list(range(0, n, batch))
@@ -378,6 +422,16 @@ class BatchedFisher:
     layouts: dict
     batch: int
     sums: dict[str, np.ndarray]
+    spill: Spill | None = None
+    batches: int = 0  # how many batches the caller will add (decides which sites go to disk)
+    stored: dict[str, list[tuple[object, object]]] = dataclasses.field(default_factory=dict)
+
+    def spill_to(self, spill: Spill, batches: int) -> None:
+        """Keep each batch's layer inputs and output gradients on disk rather than summing ``g_n^2`` in memory,
+        for every site where ``batches`` of them take less room than its float64 ``(K, N)`` sum (a wide layer
+        and a few hundred samples: megabytes instead of twice the weight). :meth:`result` then forms each sum
+        when it is read, from the same batches in the same order, so the numbers are the same."""
+        self.spill, self.batches = spill, batches
 
     @classmethod
     def build(cls, sessions: TempSessions, prepared: Prepared, calib: Calibration, loss: str, output: str | None,
@@ -419,11 +473,100 @@ class BatchedFisher:
             act = feeds[site.activation] if site.activation in feeds else out[site.activation]
             grad = out[self.gradients[site.probe]]
             layout = self.layouts[site.weight]
+            if self.spill is not None and site.weight in self.sums and site.weight not in self.stored:
+                kept = (act.nbytes + grad.nbytes) * self.batches
+                if kept < 8 * int(np.prod(layout.view_shape)):
+                    del self.sums[site.weight]
+                    self.stored[site.weight] = []
+            if site.weight in self.stored:
+                self.stored[site.weight].append((self.spill.put(act[:count]), self.spill.put(grad[:count])))
+                continue
             self.sums[site.weight] += squared_gradient_sum(site, layout.shape, layout.view_shape, act[:count],
                                                            grad[:count])
 
-    def result(self, count: int) -> dict[str, np.ndarray]:
-        return {w: self.layouts[w].from_view(total / count) for w, total in self.sums.items()}
+    def result(self, count: int) -> Mapping[str, np.ndarray]:
+        """Per weight, the mean of ``g_n^2`` over ``count`` samples; a site kept on disk is summed when read."""
+        names = [s.weight for s in self.sites if s.weight in self.sums or s.weight in self.stored]
+        return LazyArrays(names, lambda w: self.layouts[w].from_view(self._total(w) / count))
+
+    def _total(self, weight: str) -> np.ndarray:
+        from bq_onnx.per_sample import squared_gradient_sum
+
+        if weight in self.sums:
+            return self.sums[weight]
+        site = next(s for s in self.sites if s.weight == weight)
+        layout = self.layouts[weight]
+        total = np.zeros(layout.view_shape)
+        for act, grad in self.stored[weight]:
+            total += squared_gradient_sum(site, layout.shape, layout.view_shape, np.load(act), np.load(grad))
+        return total
+
+
+class LazyArrays(Mapping):
+    """A read-only mapping whose values are computed when read (and not kept)."""
+
+    def __init__(self, names: Sequence[str], compute: Callable[[str], np.ndarray]) -> None:
+        self._names = list(names)
+        self._compute = compute
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class SpilledArrays(MutableMapping):
+    """Arrays by name, each written to a :class:`Spill` when set and read back whole when got: a mapping of
+    every weight's curvature that holds none of them in memory."""
+
+    def __init__(self, spill: Spill) -> None:
+        self.spill = spill
+        self._paths: dict[str, object] = {}
+
+    def path(self, name: str):
+        return self._paths[name]
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self._paths[name] = self.spill.put(np.asarray(value), self._paths.get(name))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.load(self._paths[name], allow_pickle=False)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths
+
+    def __delitem__(self, name: str) -> None:
+        del self._paths[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+def spilled_posterior(tensor, curvature: np.ndarray, samples: int, prior_precision: float, source: str,
+                      spill: Spill, path=None) -> WeightPosterior:
+    """:func:`bq_onnx.posterior.posterior_from_curvature` with nothing held: the clipped curvature is written to
+    ``spill`` (over ``path`` when given), the precision is derived from it when read, and the mean is read from
+    the model's own tensor (``tensor``: external data is read from its file, never copied)."""
+    clipped = np.maximum(np.asarray(curvature, dtype=np.float64), 0.0)
+    path = spill.put(clipped, path)
+    del clipped
+
+    def mean() -> np.ndarray:
+        return np.asarray(tensor.numpy(), dtype=np.float32)
+
+    return WeightPosterior(mean, None, spill.reader(path), source, samples=samples, prior_precision=prior_precision)
 
 
 def _batch_major_weights(prepared: Prepared, calib: Calibration, model: ir.Model | None = None) -> dict[str, int]:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,69 @@ DEFAULT_PRIOR_PRECISION = 1e-4
 METHODS = ("laplace", "fisher-mc", "hutchinson", "kfac", "activations", "external")
 
 
-@dataclasses.dataclass
-class WeightPosterior:
-    """Diagonal Gaussian over one weight tensor (arrays in the tensor's own shape)."""
+#: An array, or a function that reads it (a posterior too big to hold is read back one weight at a time).
+ArraySource = np.ndarray | Callable[[], np.ndarray]
 
-    mean: np.ndarray
-    precision: np.ndarray
-    curvature: np.ndarray  # per-sample curvature (precision = samples * curvature + prior)
-    source: str  # estimator that produced it (a fallback says so)
-    kfac: tuple[np.ndarray, np.ndarray] | None = None  # (A, G) factors of the (K, N) view, when estimated
+
+class WeightPosterior:
+    """Diagonal Gaussian over one weight tensor (arrays in the tensor's own shape).
+
+    Each of ``mean``, ``precision`` and ``curvature`` is held as an array or as a function that reads it on every
+    access (from the model's own data, or from a spill folder on disk), so a big model's posterior is never in
+    memory at once: a pass that uses one weight's arrays and drops them holds one weight. A ``precision`` of
+    ``None`` is derived from the curvature on access, ``samples * curvature + prior_precision``.
+    """
+
+    def __init__(self, mean: ArraySource, precision: ArraySource | None, curvature: ArraySource, source: str,
+                 kfac: tuple[np.ndarray, np.ndarray] | None = None, *, samples: int = 1,
+                 prior_precision: float = DEFAULT_PRIOR_PRECISION) -> None:
+        self._mean = mean
+        self._precision = precision
+        self._curvature = curvature
+        self.source = source  # estimator that produced it (a fallback says so)
+        self.kfac = kfac  # (A, G) factors of the (K, N) view, when estimated
+        self._samples = samples
+        self._prior = prior_precision
+
+    @staticmethod
+    def _get(source: ArraySource) -> np.ndarray:
+        return source() if callable(source) else source
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._get(self._mean)
+
+    @mean.setter
+    def mean(self, value: ArraySource) -> None:
+        self._mean = value
+
+    @property
+    def curvature(self) -> np.ndarray:
+        """Per-sample curvature (precision = samples * curvature + prior)."""
+        return self._get(self._curvature)
+
+    @curvature.setter
+    def curvature(self, value: ArraySource) -> None:
+        self._curvature = value
+
+    @property
+    def precision(self) -> np.ndarray:
+        if self._precision is not None:
+            return self._get(self._precision)
+        fresh = callable(self._curvature)  # read for this call: scaled in place, no second copy
+        out = np.asarray(self.curvature, dtype=np.float64) if fresh else np.array(self.curvature, dtype=np.float64)
+        out *= self._samples
+        out += self._prior
+        return out
+
+    @precision.setter
+    def precision(self, value: ArraySource) -> None:
+        self._precision = value
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the arrays are read on access rather than held."""
+        return any(callable(s) for s in (self._mean, self._precision, self._curvature))
 
     @property
     def variance(self) -> np.ndarray:
@@ -45,6 +100,37 @@ class WeightPosterior:
     @property
     def std(self) -> np.ndarray:
         return 1.0 / np.sqrt(self.precision)
+
+
+class Spill:
+    """A temporary folder of ``.npy`` arrays written once and read back whole on every access (never kept
+    mapped: a mapping would keep every page read resident). Removed when the object is garbage-collected."""
+
+    def __init__(self, prefix: str = "bq-posterior-") -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        self.folder = Path(self._tmp.name)
+        self._count = 0
+
+    def put(self, array: np.ndarray, path: Path | None = None) -> Path:
+        """Write ``array`` (a new file, or over ``path``); returns its path."""
+        if path is None:
+            self._count += 1
+            path = self.folder / f"a{self._count}.npy"
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+        return path
+
+    def reader(self, path: Path) -> Callable[[], np.ndarray]:
+        spill = self  # the reader keeps the folder alive
+
+        def read() -> np.ndarray:
+            assert spill.folder  # the reader's reference keeps the folder until the posterior is gone
+            return np.load(path, allow_pickle=False)
+
+        return read
+
+    def cleanup(self) -> None:
+        self._tmp.cleanup()
 
 
 @dataclasses.dataclass
@@ -59,31 +145,29 @@ class Posterior:
         """Per layer: size, mean curvature, mean informativeness |mu|/sigma (paper 001 eq. 1), source."""
         rows = []
         for name, wp in self.weights.items():
-            info = np.abs(wp.mean) / wp.std
+            curvature = wp.curvature
+            std = wp.std
             rows.append(
                 {
                     "name": name,
-                    "numel": int(wp.mean.size),
+                    "numel": int(std.size),
                     "source": wp.source,
-                    "mean_curvature": float(np.mean(wp.curvature)),
-                    "trace_curvature": float(np.sum(wp.curvature, dtype=np.float64)),
-                    "mean_std": float(np.mean(wp.std)),
-                    "mean_informativeness": float(np.mean(info)),
+                    "mean_curvature": float(np.mean(curvature)),
+                    "trace_curvature": float(np.sum(curvature, dtype=np.float64)),
+                    "mean_std": float(np.mean(std)),
+                    "mean_informativeness": float(np.mean(np.abs(wp.mean) / std)),
                 }
             )
+            del curvature, std
         return rows
 
     def save(self, path: str | os.PathLike) -> None:
-        """One ``.npz``: ``mean/<w>``, ``precision/<w>``, ``curvature/<w>`` (+ K-FAC factors) and a JSON header."""
-        arrays: dict[str, np.ndarray] = {}
-        sources = {}
-        for name, wp in self.weights.items():
-            arrays[f"mean/{name}"] = wp.mean
-            arrays[f"precision/{name}"] = wp.precision
-            arrays[f"curvature/{name}"] = wp.curvature
-            sources[name] = wp.source
-            if wp.kfac is not None:
-                arrays[f"kfac_a/{name}"], arrays[f"kfac_g/{name}"] = wp.kfac
+        """One ``.npz``: ``mean/<w>``, ``precision/<w>``, ``curvature/<w>`` (+ K-FAC factors) and a JSON header.
+
+        Written one array at a time (the archive ``np.savez`` writes, member by member), so saving holds one
+        weight's arrays, not the whole posterior.
+        """
+        sources = {name: wp.source for name, wp in self.weights.items()}
         header = {
             "method": self.method,
             "samples": self.samples,
@@ -91,8 +175,20 @@ class Posterior:
             "sources": sources,
             "notes": self.notes,
         }
-        arrays["__header__"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
-        np.savez(path, **arrays)
+        with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+
+            def put(key: str, array: np.ndarray) -> None:
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+            for name, wp in self.weights.items():
+                put(f"mean/{name}", wp.mean)
+                put(f"precision/{name}", wp.precision)
+                put(f"curvature/{name}", wp.curvature)
+                if wp.kfac is not None:
+                    put(f"kfac_a/{name}", wp.kfac[0])
+                    put(f"kfac_g/{name}", wp.kfac[1])
+            put("__header__", np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8))
 
     @classmethod
     def load(cls, path: str | os.PathLike, prior_precision: float | None = None) -> Posterior:
@@ -100,48 +196,94 @@ class Posterior:
 
         External files (models trained as Bayesian networks, paper 001) give ``mean/<name>`` and either
         ``std/<name>`` or ``precision/<name>`` per weight; ``curvature`` is then derived from the precision.
+        Every array is checked here, one weight at a time; a file over :data:`LAZY_LOAD_BYTES` is then read
+        again weight by weight when the passes ask for it (the file must stay in place), a smaller one is held.
         """
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: cannot read posterior (not an .npz archive)")
+            with data:
+                files = set(data.files)
+                header = {}
+                if "__header__" in files:
+                    header = json.loads(data["__header__"].tobytes().decode())
+                prior = header.get("prior_precision",
+                                   DEFAULT_PRIOR_PRECISION if prior_precision is None else prior_precision)
+                samples = int(header.get("samples", 1))
+                names = sorted({k.split("/", 1)[1] for k in files if k.startswith("mean/")})
+                if not names:
+                    raise DataError(f"{path}: no 'mean/<weight>' arrays in the posterior file")
+                lazy = path.stat().st_size > LAZY_LOAD_BYTES
+                weights = {name: _load_weight(data, files, path, name, header, prior, samples, lazy)
+                           for name in names}
+        except DataError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
             raise DataError(f"{path}: cannot read posterior ({str(exc).splitlines()[0][:200]})") from None
-        header = {}
-        if "__header__" in arrays:
-            header = json.loads(arrays.pop("__header__").tobytes().decode())
-        prior = header.get("prior_precision", DEFAULT_PRIOR_PRECISION if prior_precision is None else prior_precision)
-        samples = int(header.get("samples", 1))
-        weights = {}
-        names = sorted({k.split("/", 1)[1] for k in arrays if k.startswith("mean/")})
-        if not names:
-            raise DataError(f"{path}: no 'mean/<weight>' arrays in the posterior file")
-        for name in names:
-            mean = arrays[f"mean/{name}"]
-            if f"precision/{name}" in arrays:
-                precision = arrays[f"precision/{name}"]
-            elif f"std/{name}" in arrays:
-                std = arrays[f"std/{name}"].astype(np.float64)
-                if np.any(std <= 0) or not np.isfinite(std).all():
-                    raise DataError(f"{path}: std of '{name}' must be finite and positive")
-                precision = 1.0 / std**2
-            else:
-                raise DataError(f"{path}: weight '{name}' has a mean but neither 'std/' nor 'precision/'")
-            if precision.shape != mean.shape:
-                raise DataError(f"{path}: '{name}': mean {mean.shape} and precision {precision.shape} differ")
-            if not np.isfinite(mean).all() or not np.isfinite(precision).all() or np.any(precision <= 0):
-                raise DataError(f"{path}: '{name}' has NaN/Inf or non-positive precision")
-            curvature = arrays.get(f"curvature/{name}")
-            if curvature is None:
-                curvature = np.maximum(precision - prior, 0.0) / max(samples, 1)
-            kfac = None
-            if f"kfac_a/{name}" in arrays:
-                kfac = (arrays[f"kfac_a/{name}"], arrays[f"kfac_g/{name}"])
-            source = header.get("sources", {}).get(name, "external")
-            weights[name] = WeightPosterior(mean.astype(np.float32), precision.astype(np.float64),
-                                            curvature.astype(np.float64), source, kfac)
         method = header.get("method", "external")
         return cls(method, samples, float(prior), weights, list(header.get("notes", [])))
+
+
+#: Posterior files bigger than this are read weight by weight on demand rather than held in memory.
+LAZY_LOAD_BYTES = 256 * 2**20
+
+
+def _member(path: Path, key: str, convert: Callable[[np.ndarray], np.ndarray]) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        with np.load(path, allow_pickle=False) as data:
+            return convert(data[key])
+
+    return read
+
+
+def _load_weight(data, files: set[str], path: Path, name: str, header: dict, prior: float, samples: int,
+                 lazy: bool) -> WeightPosterior:
+    """Check one weight's arrays in an open ``.npz``; the posterior holds them, or (``lazy``) readers of them."""
+    mean = data[f"mean/{name}"]
+    if f"precision/{name}" in files:
+        key = f"precision/{name}"
+
+        def to_precision(raw: np.ndarray) -> np.ndarray:
+            return raw
+    elif f"std/{name}" in files:
+        key = f"std/{name}"
+
+        def to_precision(raw: np.ndarray) -> np.ndarray:
+            return 1.0 / raw.astype(np.float64) ** 2
+
+        std = data[key].astype(np.float64)
+        if np.any(std <= 0) or not np.isfinite(std).all():
+            raise DataError(f"{path}: std of '{name}' must be finite and positive")
+        del std
+    else:
+        raise DataError(f"{path}: weight '{name}' has a mean but neither 'std/' nor 'precision/'")
+    precision = to_precision(data[key])
+    if precision.shape != mean.shape:
+        raise DataError(f"{path}: '{name}': mean {mean.shape} and precision {precision.shape} differ")
+    if not np.isfinite(mean).all() or not np.isfinite(precision).all() or np.any(precision <= 0):
+        raise DataError(f"{path}: '{name}' has NaN/Inf or non-positive precision")
+    has_curvature = f"curvature/{name}" in files
+
+    def to_curvature(raw: np.ndarray) -> np.ndarray:
+        if has_curvature:
+            return raw.astype(np.float64)
+        return (np.maximum(to_precision(raw) - prior, 0.0) / max(samples, 1)).astype(np.float64)
+
+    curvature_key = f"curvature/{name}" if has_curvature else key
+    kfac = None
+    if f"kfac_a/{name}" in files:
+        kfac = (data[f"kfac_a/{name}"], data[f"kfac_g/{name}"])
+    source = header.get("sources", {}).get(name, "external")
+    if lazy:
+        return WeightPosterior(_member(path, f"mean/{name}", lambda m: m.astype(np.float32)),
+                               _member(path, key, lambda p: to_precision(p).astype(np.float64)),
+                               _member(path, curvature_key, to_curvature), source, kfac,
+                               samples=samples, prior_precision=prior)
+    curvature = to_curvature(data[curvature_key] if has_curvature else data[key])
+    return WeightPosterior(mean.astype(np.float32), precision.astype(np.float64), curvature, source, kfac,
+                           samples=samples, prior_precision=prior)
 
 
 # --- accumulators --------------------------------------------------------------------------------------------

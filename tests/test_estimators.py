@@ -146,3 +146,71 @@ def test_embedding_rows_unseen_in_calibration_get_the_mean_curvature_of_seen_row
     np.testing.assert_allclose(curvature[~seen], np.broadcast_to(curvature[seen].mean(axis=0), curvature[~seen].shape),
                                rtol=1e-4, atol=1e-9)
     assert any("never read by the calibration data" in note for note in post.notes)
+
+
+# --- memory: layers summed one at a time, sessions without weight copies -----------------------------------
+
+
+@pytest.mark.parametrize(("model_name", "forced"), [("tiny_transformer", False), ("tiny_transformer", True),
+                                                   ("lenet", True)])
+def test_batched_fisher_on_disk_gives_the_same_numbers_as_in_memory(model_name, forced):
+    """Layer inputs and output gradients kept on disk and summed per weight when read: bit for bit the sums
+    (``forced``: every site on disk, whatever it would cost)."""
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.estimate import BatchedFisher, TempSessions, _targets, prepare
+    from bq_onnx.posterior import Spill
+    from tests.conftest import MODELS
+
+    prepared = prepare(MODELS / f"{model_name}.onnx")
+    calib = load_calibration(MODELS / f"{model_name}_calib.npz", prepared.model, 21)
+    sessions = TempSessions()
+    try:
+        out = sessions.open(prepared.model).run(dict(next(calib.batches(21))))[0]
+        targets = [_targets("fisher-mc", "kl", out, None, np.random.default_rng(s)) for s in range(2)]
+        results = []
+        for spill in (None, Spill()):
+            fisher = BatchedFisher.build(sessions, prepared, calib, "kl", None, 8)
+            if spill is not None:
+                fisher.spill_to(spill, 0 if forced else 3 * 2)
+            for t in targets:
+                for start in range(0, 21, 8):  # 8 + 8 + 5 (a short last batch)
+                    fisher.add(calib, t, start)
+            if spill is not None:
+                assert set(fisher.sums) | set(fisher.stored) == {s.weight for s in fisher.sites}
+                assert all(len(v) == 6 for v in fisher.stored.values())
+                if forced:
+                    assert not fisher.sums
+            results.append(dict(fisher.result(42).items()))
+    finally:
+        sessions.close()
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        np.testing.assert_array_equal(results[0][name], results[1][name])
+
+
+def test_estimated_posterior_reads_means_from_the_model_and_holds_no_arrays(softmax_regression, tmp_path):
+    model, x, _, _ = softmax_regression
+    post = estimate_posterior(model, {"input": x[:40]}, "laplace", min_size=1, seed=1)
+    wp = post.weights["W"]
+    assert wp.lazy
+    np.testing.assert_array_equal(wp.mean, numpy_helper.to_array(model.graph.initializer[0]))
+    np.testing.assert_array_equal(wp.precision, post.samples * wp.curvature + post.prior_precision)
+
+
+def test_big_models_get_sessions_without_weight_copies_and_nearly_the_same_posterior(monkeypatch):
+    """Over UNPACKED_SESSION_BYTES sessions skip pre-packing and constant folding (onnxruntime memory-maps the
+    weights); the kernels then round differently, and nothing else changes."""
+    import bq_onnx.estimate as estimate_module
+    from tests.conftest import MODELS
+
+    path = MODELS / "digits_mlp.onnx"
+    calib = MODELS / "digits_mlp_calib.npz"
+    packed = estimate_posterior(path, calib, "laplace", calib_samples=24, batch_size=8)
+    opened = []
+    real = estimate_module.unpacked_session
+    monkeypatch.setattr(estimate_module, "UNPACKED_SESSION_BYTES", 0)
+    monkeypatch.setattr(estimate_module, "unpacked_session", lambda *a: opened.append(a) or real(*a))
+    unpacked = estimate_posterior(path, calib, "laplace", calib_samples=24, batch_size=8)
+    assert opened
+    for name, wp in packed.weights.items():
+        np.testing.assert_allclose(unpacked.weights[name].precision, wp.precision, rtol=1e-3)

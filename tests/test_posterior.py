@@ -152,3 +152,92 @@ def test_allocation_report_and_plot(tmp_path, capsys):
     assert set(alloc["layers"]) == {r["name"] for r in report["layers"]}
     for row in alloc["layers"].values():
         assert row["loss_one_bit_less"] >= row["loss"] >= row["loss_one_bit_more"] >= 0
+
+
+# --- memory: posteriors that are read back one weight at a time ----------------------------------------------
+
+
+def test_spilled_posterior_reads_what_the_eager_one_holds_and_frees_its_folder(tmp_path):
+    import gc
+
+    from bq_onnx.estimate import spilled_posterior
+    from bq_onnx.posterior import Spill
+
+    rng = np.random.default_rng(5)
+    mean = rng.standard_normal((7, 5)).astype(np.float32)
+    curvature = rng.random((7, 5)) - 0.2  # some negative: clipped as in posterior_from_curvature
+    eager = posterior_from_curvature(mean, curvature, samples=13, prior_precision=1e-3, source="laplace")
+
+    class Tensor:  # what the estimator hands over: the model's tensor, read on access
+        def numpy(self):
+            return mean
+
+    spill = Spill()
+    folder = spill.folder
+    lazy = spilled_posterior(Tensor(), curvature, 13, 1e-3, "laplace", spill)
+    del spill
+    assert lazy.lazy and not eager.lazy
+    for field in ("mean", "precision", "curvature", "variance", "std"):
+        got, want = getattr(lazy, field), getattr(eager, field)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    a = lazy.precision
+    a += 1  # a fresh array per access: changing one changes nothing stored
+    np.testing.assert_array_equal(lazy.precision, eager.precision)
+    post = Posterior("laplace", 13, 1e-3, {"W": lazy})
+    post.save(tmp_path / "p.npz")
+    assert post.summary() == Posterior("laplace", 13, 1e-3, {"W": eager}).summary()
+    assert folder.exists()
+    del lazy, post
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_streamed_save_writes_what_np_savez_writes(tmp_path):
+    rng = np.random.default_rng(6)
+    weights = {name: posterior_from_curvature(rng.standard_normal(shape).astype(np.float32), rng.random(shape), 9,
+                                              1e-4, "kfac" if name == "a" else "laplace")
+               for name, shape in (("a", (4, 3)), ("b/c", (2, 5, 3)))}
+    weights["a"].kfac = (rng.random((4, 4)), rng.random((3, 3)))
+    Posterior("kfac", 9, 1e-4, weights, ["n"]).save(tmp_path / "p.npz")
+    with np.load(tmp_path / "p.npz") as data:
+        keys = list(data.files)
+        header = data["__header__"]
+    assert keys == ["mean/a", "precision/a", "curvature/a", "kfac_a/a", "kfac_g/a", "mean/b/c", "precision/b/c",
+                    "curvature/b/c", "__header__"]
+    assert header.dtype == np.uint8
+    back = Posterior.load(tmp_path / "p.npz")
+    for name, wp in weights.items():
+        for field in ("mean", "precision", "curvature"):
+            np.testing.assert_array_equal(getattr(back.weights[name], field), getattr(wp, field))
+    np.testing.assert_array_equal(back.weights["a"].kfac[1], weights["a"].kfac[1])
+
+
+@pytest.mark.parametrize("kind", ["ours", "std", "precision"])
+def test_big_posterior_files_are_read_weight_by_weight_with_the_same_numbers(tmp_path, monkeypatch, kind):
+    import bq_onnx.posterior as posterior_module
+
+    rng = np.random.default_rng(7)
+    mean = rng.standard_normal((6, 4)).astype(np.float32)
+    path = tmp_path / "p.npz"
+    if kind == "ours":
+        wp = posterior_from_curvature(mean, rng.random((6, 4)), samples=7, prior_precision=1e-3, source="laplace")
+        Posterior("laplace", 7, 1e-3, {"W": wp}).save(path)
+    elif kind == "std":
+        np.savez(path, **{"mean/W": mean, "std/W": rng.random((6, 4)) + 0.1})
+    else:
+        np.savez(path, **{"mean/W": mean, "precision/W": (rng.random((6, 4)) + 0.1).astype(np.float32)})
+    eager = Posterior.load(path)
+    monkeypatch.setattr(posterior_module, "LAZY_LOAD_BYTES", 0)
+    lazy = Posterior.load(path)
+    assert lazy.weights["W"].lazy and not eager.weights["W"].lazy
+    for field in ("mean", "precision", "curvature", "std"):
+        got, want = getattr(lazy.weights["W"], field), getattr(eager.weights["W"], field)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    np.savez(tmp_path / "bad.npz", **{"mean/W": mean, "std/W": -np.ones((6, 4))})
+    with pytest.raises(DataError, match="finite and positive"):  # checked at load, lazy or not
+        Posterior.load(tmp_path / "bad.npz")
+    with pytest.raises(DataError, match="cannot read posterior"):
+        np.save(tmp_path / "one.npy", mean)
+        Posterior.load(tmp_path / "one.npy")

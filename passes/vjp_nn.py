@@ -272,20 +272,23 @@ def _max_pool_tiles(cx: Vjp, x: ir.Value, y: ir.Value, g: ir.Value, dims: tuple[
     """dx for windows that tile x, without MaxPool's ``Indices`` (onnxruntime computes those ~10x slower than
     the pool itself, and then scatters one element at a time).
 
-    In a window-major layout ``[N, K, C*Ho*Wo]`` (``K = kh*kw`` window positions in row-major order; SpaceToDepth
-    for square windows) ``e = (x == y)`` marks every maximum of a window and ``relu(e - exclusive_cumsum(e))``
-    keeps the first one, the element MaxPool's Indices name (ties included: after a Relu many windows hold
-    several equal values). Times g, the layout is N images ``[K, C*Ho, Wo]``, and a ConvTranspose with one-hot
-    kernels and stride = kernel puts each window position back in place (``[N, 1, C*Ho*kh, W]``, that is x's
-    layout), zero in rows and columns no window covers. Exact for finite gradients: every element of dx is one
-    product ``1 * g`` plus zeros.
+    In a window-major layout ``[N, K, C*Ho*Wo]`` (``K = kh*kw`` window positions in row-major order; for square
+    windows SpaceToDepth of x seen as N one-channel images ``[C*Ho*kh, Wo*kw]``), ``e = (x == y)`` marks every
+    maximum of a window and ``relu(e - exclusive_cumsum(e))`` keeps the first one, the element MaxPool's Indices
+    name (ties included: after a Relu many windows hold several equal values). Times g, the layout is N images
+    ``[K, C*Ho, Wo]``, and a ConvTranspose with one-hot kernels and stride = kernel puts each window position
+    back in place (``[N, 1, C*Ho*kh, W]``, that is x's layout), zero in rows and columns no window covers. Exact
+    for finite gradients: every element of dx is one product ``1 * g`` plus zeros. Measured on LeNet's pools at
+    batch 32 (onnxruntime, one thread): 240 instead of 480 us and 110 instead of 170 us; at batch 1 the Indices
+    path is 2-3 us faster (fewer ops).
     """
     c, h, w, kh, kw = dims
     k, ho, wo = kh * kw, h // kh, w // kw
     if (h, w) != (ho * kh, wo * kw):
         x = cx.op("Slice", [x, cx.ints_const(0, 0), cx.ints_const(ho * kh, wo * kw), cx.ints_const(2, 3)])
-    if kh == kw:  # channel q*C + c of SpaceToDepth holds window position q of channel c
-        windows = cx.op("SpaceToDepth", [x], blocksize=kh)
+    if kh == kw:  # x as N images [1, C*Ho*kh, Wo*kw]: SpaceToDepth makes channel q window position q
+        single = cx.op("Reshape", [x, cx.ints_const(0, 1, c * ho * kh, wo * kw)])
+        windows = cx.op("SpaceToDepth", [single], blocksize=kh)
     else:
         windows = cx.op("Reshape", [x, cx.ints_const(0, c, ho, kh, wo, kw)])
         windows = cx.op("Transpose", [windows], perm=[0, 3, 5, 1, 2, 4])

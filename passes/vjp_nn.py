@@ -251,11 +251,12 @@ def _scatter_add_flat(cx: Vjp, x: ir.Value, positions: ir.Value, g: ir.Value) ->
 
 
 def _tiling_pool(cx: Vjp, x: ir.Value) -> tuple[int, int, int, int, int] | None:
-    """``(C, H, W, kh, kw)`` of a 2-D MaxPool whose windows tile the input: kernel = strides, no dilation, no
-    padding, no partial window (``ceil_mode`` only where the windows fit), static channels and spatial dims."""
+    """``(C, H, W, kh, kw)`` of a float32 2-D MaxPool whose windows tile the input: kernel = strides, no
+    dilation, no padding, no partial window (``ceil_mode`` only where the windows fit), static channels and
+    spatial dims (onnxruntime's CPU ConvTranspose is float32 only)."""
     kernel = cx.ints("kernel_shape")
     dims = cx.static_dims(x, 1)
-    if kernel is None or len(kernel) != 2 or dims is None or len(dims) != 3:
+    if x.dtype != ir.DataType.FLOAT or kernel is None or len(kernel) != 2 or dims is None or len(dims) != 3:
         return None
     win = _window(cx, x, kernel)
     if win.strides != kernel or any(d != 1 for d in win.dilations) or any(win.pads):
@@ -295,16 +296,13 @@ def _max_pool_tiles(cx: Vjp, x: ir.Value, y: ir.Value, g: ir.Value, dims: tuple[
     windows = cx.op("Reshape", [windows, cx.ints_const(0, k, c * ho * wo)])
     per_window = cx.ints_const(0, 1, c * ho * wo)
     is_max = cx.op("Equal", [windows, cx.op("Reshape", [y, per_window])])
-    is_max = cx.op("CastLike", [is_max, g]) if g.dtype is None else cx.op("Cast", [is_max], to=g.dtype)
+    is_max = cx.op("Cast", [is_max], to=ir.DataType.FLOAT)
     earlier = cx.op("CumSum", [is_max, cx.ints_const(1)], exclusive=1)
     first = cx.op("Relu", [cx.op("Sub", [is_max, earlier])])
     routed = cx.op("Mul", [first, cx.op("Reshape", [g, per_window])])
     # [N, K, C*Ho, Wo] is N images of K channels: one ConvTranspose with one-hot kernels gives [N, 1, C*Ho*kh, W]
     routed = cx.op("Reshape", [routed, cx.ints_const(0, k, c * ho, wo)])
-    dtype = g.dtype.numpy() if g.dtype is not None else np.float32
-    one_hot = cx.em.const(np.eye(k, dtype=dtype).reshape(k, 1, kh, kw))
-    if g.dtype is None:
-        one_hot = cx.op("CastLike", [one_hot, g])
+    one_hot = cx.em.const(np.eye(k, dtype=np.float32).reshape(k, 1, kh, kw))
     extra_w = w - wo * kw  # columns no window covers: output_padding adds them to every row
     full = cx.op("ConvTranspose", [routed, one_hot], strides=[kh, kw], output_padding=[0, extra_w] if extra_w else None)
     if h == ho * kh:

@@ -701,6 +701,26 @@ def test_max_pool_tiles_finite_differences(tmp_path, name):
     check(make_case([node("MaxPool", ["X"], "y", **attrs)], "y", {"X": x}), tmp_path, dtype="f32")
 
 
+def test_max_pool_float64_takes_the_indices_path(tmp_path):
+    """Tiling windows in float64 (onnxruntime has no float64 ConvTranspose) go through Indices + ScatterElements,
+    against finite differences, and route ties like the Indices."""
+    shape, attrs, _ = MAX_POOLS["tiles-2x2-leftover"]
+    rng = np.random.default_rng(42)
+    x = rng.permutation(np.linspace(-3, 3, int(np.prod(shape)))).reshape(shape)
+    result, _ = check(make_case([node("MaxPool", ["X"], "y", **attrs)], "y", {"X": x}), tmp_path)
+    assert "ScatterElements" in [n.op_type for n in result.model.graph]
+    x = _ties(rng, shape).astype(np.float64)
+    case = make_case([node("MaxPool", ["X"], "y", **attrs)], "y", {"X": x})
+    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
+    got = run_gradient_model(result, {})[result.gradients["X"]]
+    with_indices = make_case([node("MaxPool", ["X"], ["y", "i"], **attrs)], "i", {"X": x}, project=False)
+    indices = _session(with_indices.proto).run(["i"], {})[0]
+    r = numpy_helper.to_array(next(i for i in case.proto.graph.initializer if i.name == "R"))
+    want = np.zeros(x.size)
+    np.add.at(want, indices.reshape(-1), r.reshape(-1))
+    np.testing.assert_array_equal(got, want.reshape(shape))
+
+
 def test_max_pool_tiles_with_symbolic_batch(tmp_path):
     """The tiling path with a symbolic batch dim (static channels and spatial dims), between a Mul and a Conv."""
     rng = np.random.default_rng(41)

@@ -164,8 +164,26 @@ def parse_outliers(value: float | str | None) -> float | str:
     return fraction
 
 
+AUTO_GROUPS = (32, 64, 128)
+"""``--group-size auto``: the block sizes the tables choose from per tensor and width (64 is the nominal size)."""
+
+
+def parse_group_size(value: int | str) -> tuple[int, tuple[int, ...]]:
+    """``--group-size``: rows per block (0: one block per output channel) or ``auto``; returns (size, choices)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 64, AUTO_GROUPS
+    try:
+        if isinstance(value, (bool, float)):
+            raise ValueError
+        size = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--group-size takes a number of rows (0 = per channel) or auto, got {value!r}") from None
+    return size, ()
+
+
 def _settings(**kwargs) -> Settings:
     kwargs["outliers"] = parse_outliers(kwargs.get("outliers"))
+    kwargs["group_size"], kwargs["group_choices"] = parse_group_size(kwargs.get("group_size", 32))
     s = Settings(**kwargs)
     if isinstance(s.bits, bool) or not isinstance(s.bits, (int, float)) or not 0 <= s.bits <= 8:
         raise UsageError(f"--bits must be a number in 0..8, got {s.bits!r}")
@@ -200,7 +218,7 @@ def optimize(
     format: str = "native",
     quantizer: str = "uniform",
     outliers: float | str | None = None,
-    group_size: int = 32,
+    group_size: int | str = 32,
     min_size: int = 128,
     keep_fp: Iterable[str] = (),
     seed: int = 0,
@@ -223,7 +241,8 @@ def optimize(
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
-    ``group_size`` rows per block along the reduction axis (0: one block per output channel).
+    ``group_size`` rows per block along the reduction axis (0: one block per output channel), or ``"auto"``: the
+    tables choose 32, 64 or 128 per tensor and width by expected loss against stored bits (scales included).
     ``quantizer``: a scalar method, ``vq`` (vector codebooks of every allowed length d = 2/4/8, the tables choosing
     per tensor and width), ``vq2``/``vq4``/``vq8`` (one length) or ``auto`` (scalar uniform, scalar Lloyd codebook
     and vector codebooks, the tables choosing). ``outliers``: fraction of each tensor's weights kept as sparse fp16

@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                    "counted in the payload; auto = the tables choose none, 0.25%% or 1%% per tensor and width "
                    "(default: none; auto with --quantizer auto)")
     o.add_argument(
-        "--group-size", type=int, default=32, help="rows per block along the reduction axis; 0 = per channel"
+        "--group-size", default="32", metavar="ROWS|auto",
+        help="rows per block along the reduction axis (default 32); 0 = per channel; auto = the tables choose 32, "
+        "64 or 128 per tensor and width (expected loss against stored bits, scales included)",
     )
     o.add_argument("--min-size", type=int, default=128, help="leave tensors with fewer elements in float")
     o.add_argument("--keep-fp", action="append", default=[], metavar="PATTERN", help="glob of weights to keep")
@@ -246,7 +248,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         format=args.format,
         quantizer=args.quantizer,
         outliers=args.outliers,
-        group_size=args.group_size,
+        group_size=int(args.group_size) if args.group_size.lstrip("-").isdigit() else args.group_size,
         min_size=args.min_size,
         keep_fp=args.keep_fp,
         seed=args.seed,

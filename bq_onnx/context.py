@@ -28,6 +28,7 @@ class Settings:
     quantizer: str = "uniform"  # a scalar method, a vector family (vq, vq2, vq4, vq8) or auto
     outliers: float | str = 0.0  # fraction of each tensor kept as sparse fp16 outliers, or "auto" (tables choose)
     group_size: int = 32
+    group_choices: tuple[int, ...] = ()  # --group-size auto: block sizes the tables choose from per tensor and width
     min_size: int = 128
     seed: int = 0
     keep_fp: tuple[str, ...] = ()
@@ -48,6 +49,18 @@ class Settings:
         found = [g for name, g in self.weight_group_size if name == weight]
         return found[-1] if found else self.group_size
 
+    def block_choices_for(self, weight: str | None, rows: int) -> tuple[int, ...]:
+        """Block sizes offered for one weight of ``rows`` reduction rows (empty: its one group size).
+
+        Sizes at or past ``rows`` all mean one block per column; only the smallest of them is kept. A weight whose
+        group size a target legalized keeps that one.
+        """
+        if not self.group_choices or any(name == weight for name, _ in self.weight_group_size):
+            return ()
+        whole = [g for g in self.group_choices if g >= rows]
+        sizes = sorted({g for g in self.group_choices if 0 < g < rows} | ({min(whole)} if whole else set()))
+        return tuple(sizes) if len(sizes) > 1 else ()
+
     def weight_floor(self, weight: str) -> int:
         """The legalized minimum width of one weight (0: none)."""
         return max((b for name, b in self.weight_min_bits if name == weight), default=0)
@@ -55,7 +68,7 @@ class Settings:
     @property
     def chooses_design(self) -> bool:
         """Several designs per tensor and width (``vq``, ``auto``, ``--outliers auto``): the tables choose."""
-        return self.quantizer in ("vq", "auto") or self.outliers == "auto"
+        return self.quantizer in ("vq", "auto") or self.outliers == "auto" or bool(self.group_choices)
 
     @property
     def fixed(self) -> bool:

@@ -25,6 +25,7 @@ Non-finite inputs, bad shapes and out-of-range arguments raise :class:`ValueErro
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import norm
@@ -92,25 +93,31 @@ def quantize(
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """One quantizer design: a scalar ``method`` (``dim == 1``) or a vector codebook (``method == "vq"``, ``dim``
-    in 2/4/8), with ``outliers`` = the fraction of weights isolated as sparse fp16 values."""
+    in 2/4/8), with ``outliers`` = the fraction of weights isolated as sparse fp16 values and ``block`` = the rows
+    per block (0: the run's group size)."""
 
     method: str
     dim: int = 1
     outliers: float = 0.0
+    block: int = 0
 
     @property
     def label(self) -> str:
         name = f"vq{self.dim}" if self.method == "vq" else self.method
-        return name + (f"+outliers{100 * self.outliers:g}%" if self.outliers else "")
+        return (name + (f"+outliers{100 * self.outliers:g}%" if self.outliers else "")
+                + (f"/g{self.block}" if self.block else ""))
 
 
-def candidates(quantizer: str, outliers: float | str, bits: int, numel: int) -> list[Spec]:
+def candidates(
+    quantizer: str, outliers: float | str, bits: int, numel: int, blocks: Sequence[int] = ()
+) -> list[Spec]:
     """The designs offered for a tensor of ``numel`` weights at ``bits``; the first is the plain reference.
 
     ``quantizer`` is one of :data:`QUANTIZERS`. Vector families offer the lengths :func:`vector_dims` allows
     at that width; where none is (e.g. 8 bits, or a codebook too large for the tensor) the scalar Lloyd codebook
     stands in. ``outliers``: a fraction (every design carries it) or ``"auto"`` (each design without and with
-    each of :data:`bq_onnx.outliers.FRACTIONS`). 0 bits is always the mean (with the outliers asked for).
+    each of :data:`bq_onnx.outliers.FRACTIONS`). ``blocks``: block sizes to offer each design at (the first is
+    the reference; empty: the run's group size only). 0 bits is always the mean (with the outliers asked for).
     """
     from bq_onnx.outliers import FRACTIONS
     from bq_onnx.vector import vector_dims
@@ -130,7 +137,8 @@ def candidates(quantizer: str, outliers: float | str, bits: int, numel: int) -> 
     else:
         base = [Spec(quantizer)]
     fractions = (0.0, *FRACTIONS) if outliers == "auto" else (float(outliers),)
-    return [dataclasses.replace(b, outliers=f) for b in base for f in fractions]
+    sizes = tuple(blocks) if blocks and bits > 0 else (0,)
+    return [dataclasses.replace(b, outliers=f, block=g) for g in sizes for b in base for f in fractions]
 
 
 def quantize_spec(

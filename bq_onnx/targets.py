@@ -47,6 +47,14 @@ def legalize_settings(
             notes.append(f"target {p.name}: group size {s.group_size} -> {group} (accepted: "
                          f"{'/'.join(map(str, allowed))})")
         changes["group_size"] = group
+    if s.group_choices:
+        fits = tuple(g for g in s.group_choices if p.block_sizes is None or g in p.block_sizes)
+        if p.int4_blocked_only:  # int4 there needs whole blocks of one size per tensor: keep the single group size
+            fits = ()
+        if fits != s.group_choices:
+            notes.append(f"target {p.name}: --group-size auto chooses among {list(fits)}" if len(fits) > 1
+                         else f"target {p.name}: --group-size auto -> {changes.get('group_size', s.group_size)}")
+        changes["group_choices"] = fits if len(fits) > 1 else ()
     if s.format == "compact" and not p.local_functions:
         raise UsageError(f"--format compact stores model-local functions, which target {p.name} cannot read; "
                          f"use --format native")

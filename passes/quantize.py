@@ -57,10 +57,10 @@ def design(
     ``--quantizer``/``--outliers``. ``base``: the same design without outliers, when already computed.
     """
     s = ctx.settings
-    group = s.group_size_for(weight)
-    block = view.shape[0] if group <= 0 else group
     if spec is None:
         spec = ctx.designs.get((weight, bits)) or quantizers.candidates(s.quantizer, s.outliers, bits, view.size)[0]
+    group = spec.block or s.group_size_for(weight)
+    block = view.shape[0] if group <= 0 else group
     return quantizers.quantize_spec(view, bits, spec, block, importance, seed=s.seed, base=base)
 
 

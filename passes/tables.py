@@ -126,9 +126,10 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
         s = self.ctx.settings
         n = view.shape[1]
         options = []
-        plain: dict[tuple[str, int], object] = {}
-        for spec in candidates(s.quantizer, s.outliers, bits, view.size):
-            key = (spec.method, spec.dim)
+        plain: dict[tuple[str, int, int], object] = {}
+        blocks = s.block_choices_for(info.name, view.shape[0])
+        for spec in candidates(s.quantizer, s.outliers, bits, view.size, blocks):
+            key = (spec.method, spec.dim, spec.block)
             qt = design(self.ctx, view, importance, bits, info.name, spec, base=plain.get(key))
             if not spec.outliers:
                 plain[key] = qt

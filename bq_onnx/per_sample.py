@@ -52,7 +52,8 @@ def squared_gradient_sum(site: KfacSite, weight_shape: tuple[int, ...], view_sha
     if x.shape[1] == 1:  # one row per sample: g_n = a_n d_n^T, so sum_n g_n^2 = (a^2)^T (d^2)
         return (np.square(x[:, 0]).T @ np.square(out[:, 0])).astype(np.float64)
     grads = np.matmul(x.transpose(0, 2, 1), out)  # (B, K, N)
-    return np.square(grads).sum(axis=0).astype(np.float64)
+    np.square(grads, out=grads)
+    return grads.sum(axis=0).astype(np.float64)
 
 
 def _conv(attrs: dict, weight_shape: tuple[int, ...], x: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -123,15 +124,21 @@ def _flat_padded(x: np.ndarray, pads: list[int], length: int) -> np.ndarray:
 def _gather(table_shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray) -> np.ndarray:
     """An embedding table's per-sample gradient adds the output gradients of a sample's positions into the rows
     of the tokens there: sum them per (sample, token), square, and add per token (no (samples x vocabulary)
-    array, only one row per distinct pair)."""
+    array, only one row per distinct pair). Both sums run over sorted segments (``np.add.reduceat``; ``np.add.at``
+    on rows is ~6x slower), in float64."""
     rows, width = table_shape[0], int(np.prod(table_shape[1:]))
     b = ids.shape[0]
     index = np.asarray(ids, dtype=np.int64).reshape(b, -1)
     index = np.where(index < 0, index + rows, index)  # Gather's negative indices count from the end
-    d = d.reshape(b, index.shape[1], -1).reshape(-1, width)
-    pairs, inverse = np.unique((np.arange(b)[:, None] * rows + index).reshape(-1), return_inverse=True)
-    sums = np.zeros((len(pairs), width), dtype=np.float64)
-    np.add.at(sums, inverse, d)
+    key = (np.arange(b)[:, None] * rows + index).reshape(-1)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    sums = np.add.reduceat(d.reshape(-1, width)[order].astype(np.float64), first, axis=0)  # per (sample, token)
+    tokens = key[first] % rows
+    order = np.argsort(tokens, kind="stable")
+    tokens = tokens[order]
+    first = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
     out = np.zeros((rows, width), dtype=np.float64)
-    np.add.at(out, pairs % rows, np.square(sums))
+    out[tokens[first]] = np.add.reduceat(np.square(sums)[order], first, axis=0)
     return out

@@ -185,6 +185,23 @@ def test_gather_squared_gradients_match_explicit_per_sample_gradients():
                                atol=1e-7)
 
 
+def test_gather_squared_gradients_of_a_3d_table_with_unread_rows():
+    """A table [rows, 2, 3] read by ids [B, 2, 3]: rows no sample reads stay zero, repeats add up per sample."""
+    rng = np.random.default_rng(6)
+    vocab, b = 9, 6
+    ids = rng.integers(0, 4, size=(b, 2, 3))  # rows 4.. are never read
+    d = rng.standard_normal((b, 2, 3, 2, 3)).astype(np.float32)
+    site = KfacSite("E", "Gather", "ids", "p", {}, 0)
+    got = squared_gradient_sum(site, (vocab, 2, 3), (vocab, 6), ids, d)
+    want = np.zeros((vocab, 6))
+    for n in range(b):
+        g = np.zeros((vocab, 6))
+        np.add.at(g, ids[n].reshape(-1), d[n].reshape(-1, 6).astype(np.float64))
+        want += np.square(g)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert not got[4:].any()
+
+
 def test_every_tiny_transformer_weight_is_batched_embedding_included():
     from bq_onnx.calibration import load_calibration
     from bq_onnx.estimate import BatchedFisher, TempSessions, prepare

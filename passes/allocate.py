@@ -63,13 +63,36 @@ class AllocatePass(ir.passes.InPlacePass):
         method = ctx.settings.allocator
         options = dict(self.options)
         options.update(self._method_inputs(method))
-        try:
-            result = allocation.allocate(method, blocks, budget, **options)
-        except ValueError as exc:
-            raise UsageError(f"allocation ({method}): {exc}") from None
-        ctx.allocation = result
-        ctx.bits = dict(result.bits)
+        counts_layouts = ctx.settings.format == "compact" and (
+            ctx.settings.include_metadata or ctx.settings.size_mb is not None)
+        reserve = 0.0
+        for _ in range(8):  # the compact format's layout constants depend on the pieces the allocation makes
+            try:
+                result = allocation.allocate(method, blocks, budget - reserve, **options)
+            except ValueError as exc:
+                raise UsageError(f"allocation ({method}): {exc}") from None
+            ctx.allocation = result
+            ctx.bits = dict(result.bits)
+            excess = result.cost + (self.layout_bits() if counts_layouts else 0) - budget
+            if excess <= 0:
+                break
+            reserve += excess
         return ir.passes.PassResult(model, modified=False)
+
+    def layout_bits(self) -> int:
+        """Bits of the int64 layout vectors the compact format stores per distinct piece shape (``[K, N, nb, G]``,
+        one more entry for vector codebooks), as the rewrite will deduplicate them."""
+        ctx = self.ctx
+        layouts = set()
+        for info in ctx.weights:
+            k, n = info.layout.view_shape
+            for start, stop, bits in ctx.pieces_for(info.name, n):
+                spec = ctx.designs.get((info.name, bits))
+                group = (spec.block if spec is not None and spec.block else 0) or ctx.settings.group_size_for(info.name)
+                dim = spec.dim if spec is not None and spec.method == "vq" and bits > 0 else 1
+                block = k if group <= 0 else -(-group // dim) * dim
+                layouts.add((k, stop - start, block, dim))
+        return sum(64 * (4 if dim == 1 else 5) for *_, dim in layouts)
 
     def _method_inputs(self, method: str) -> dict:
         """What Quantile Inform, Random Bits and selective encoding need from the posterior."""

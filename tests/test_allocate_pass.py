@@ -82,3 +82,24 @@ def test_same_input_and_seed_give_identical_bytes_through_the_bayesian_path(tmp_
         result.save(tmp_path / name)
         paths.append(tmp_path / name)
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 4.0])
+def test_compact_stored_bits_never_exceed_the_budget(budget, tmp_path):
+    """With metadata counted, every stored bit a decoder reads (codes, scales, zero points and the compact format's
+    int64 layout vectors) fits the budget; the digits MLP is small enough for the layouts to matter."""
+    import onnx
+
+    model = MODELS / "digits_mlp.onnx"
+    post = estimate_posterior(model, MODELS / "digits_mlp_calib.npz", "activations")
+    result = bq_onnx.optimize(model, bits=budget, posterior=post, format="compact", group_size="auto",
+                              bits_include_metadata=True)
+    out = tmp_path / "m.onnx"
+    result.save(out)
+    saved = onnx.load(str(out))
+    inits = {t.name: t for t in saved.graph.initializer}
+    read = {name for node in saved.graph.node if node.domain == "bq" for name in node.input if name in inits}
+    stored = sum(onnx.numpy_helper.to_array(inits[name]).nbytes * 8 for name in read)
+    numel = sum(layer["numel"] for layer in result.report["layers"])
+    assert stored <= budget * numel
+    assert stored >= (budget - 0.15) * numel  # and the budget is still used

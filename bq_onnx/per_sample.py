@@ -23,9 +23,11 @@ from bq_onnx.kfac import KfacSite
 #: Largest block of convolution patches (float32 elements) gathered at once; bigger batches are split.
 MAX_PATCH_ELEMENTS = 1 << 23
 
-#: Batched products of at most this many multiply-adds run as one single-threaded onnxruntime MatMul (its MLAS
-#: kernels: 1.5-2.4x faster than numpy's OpenBLAS on LeNet's and the tiny transformer's per-sample products,
-#: which are too small for threads to help); bigger ones stay in numpy, whose BLAS may use several threads.
+#: A convolution's batched patch products of at most this many multiply-adds run as one single-threaded
+#: onnxruntime MatMul (its MLAS kernels: 1.5-2.4x faster than numpy's OpenBLAS on LeNet's per-sample products,
+#: which are too small for threads to help; LeNet's batched per-sample gradient 57-62 instead of 64-70 us);
+#: bigger ones stay in numpy, whose BLAS may use several threads. MatMul/Gemm sites stay in numpy: on the tiny
+#: transformer the sessions gained nothing and added 17 MiB of peak memory.
 SMALL_PRODUCT_MACS = 1 << 25
 
 _SESSIONS: dict[tuple, object] = {}
@@ -58,7 +60,9 @@ def squared_gradient_sum(site: KfacSite, weight_shape: tuple[int, ...], view_sha
     out = d.reshape(b, -1, n)  # (B, R, N)
     if x.shape[1] == 1:  # one row per sample: g_n = a_n d_n^T, so sum_n g_n^2 = (a^2)^T (d^2)
         return (np.square(x[:, 0]).T @ np.square(out[:, 0])).astype(np.float64)
-    return _square_sum(x[:, None], out[:, None], True, False)[0]  # sum_n (x_n^T out_n)^2, (K, N)
+    grads = np.matmul(x.transpose(0, 2, 1), out)  # (B, K, N)
+    np.square(grads, out=grads)
+    return grads.sum(axis=0).astype(np.float64)
 
 
 def _conv(attrs: dict, weight_shape: tuple[int, ...], x: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -104,41 +108,31 @@ def _conv(attrs: dict, weight_shape: tuple[int, ...], x: np.ndarray, d: np.ndarr
                     patches[:, :, i, j] = xs[:, :, top : top + sh * (ho - 1) + 1 : sh,
                                              left : left + sw * (wo - 1) + 1 : sw].reshape(n, c, length)
         cols = patches.reshape(n, groups, k, length)  # (B, G, K, L), K in (c, i, j) order
-        total += _square_sum(cols, out[start : start + step], False, True)  # (G, K, M/G)
+        total += _square_sum(cols, out[start : start + step])  # (G, K, M/G)
     return total.transpose(1, 0, 2).reshape(k, m)
 
 
-def _square_sum(a: np.ndarray, b: np.ndarray, a_t: bool, b_t: bool) -> np.ndarray:
-    """``sum_n (op(a_n) @ op(b_n))^2`` over the first axis of ``(B, G, ., .)`` float32 arrays, ``op`` swapping the
-    last two axes where ``a_t`` / ``b_t``: float32 products and sum, returned as float64 ``(G, K, M)``."""
-    rows = a.shape[3] if a_t else a.shape[2]
-    inner = a.shape[2] if a_t else a.shape[3]
-    cols = b.shape[2] if b_t else b.shape[3]
-    if a.shape[0] * a.shape[1] * rows * inner * cols <= SMALL_PRODUCT_MACS:
+def _square_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_n (a_n @ b_n^T)^2`` for float32 ``a`` ``(B, G, K, L)`` and ``b`` ``(B, G, M, L)``: float32 products
+    and sum, returned as float64 ``(G, K, M)``."""
+    if a.shape[0] * a.shape[1] * a.shape[2] * a.shape[3] * b.shape[2] <= SMALL_PRODUCT_MACS:
         a, b = np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
-        session = _product_session(a.shape[1:], b.shape[1:], a_t, b_t)
-        return session.run(None, {"a": a, "b": b})[0].astype(np.float64)
-    products = np.matmul(a.swapaxes(2, 3) if a_t else a, b.swapaxes(2, 3) if b_t else b)
+        return _product_session(a.shape[1:], b.shape[1:]).run(None, {"a": a, "b": b})[0].astype(np.float64)
+    products = np.matmul(a, b.swapaxes(2, 3))
     np.square(products, out=products)
     return products.sum(axis=0).astype(np.float64)
 
 
-def _product_session(a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_t: bool, b_t: bool):
+def _product_session(a_shape: tuple[int, ...], b_shape: tuple[int, ...]):
     """A cached one-thread onnxruntime session computing :func:`_square_sum` for any number of samples."""
-    key = (a_shape, b_shape, a_t, b_t)
+    key = (a_shape, b_shape)
     if key not in _SESSIONS:
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
-        nodes, a_in, b_in = [], "a", "b"
-        if a_t:
-            nodes.append(helper.make_node("Transpose", ["a"], ["at"], perm=[0, 1, 3, 2]))
-            a_in = "at"
-        if b_t:
-            nodes.append(helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 1, 3, 2]))
-            b_in = "bt"
-        nodes += [
-            helper.make_node("MatMul", [a_in, b_in], ["p"]),
+        nodes = [
+            helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", ["a", "bt"], ["p"]),
             helper.make_node("Mul", ["p", "p"], ["sq"]),
             helper.make_node("ReduceSum", ["sq", "axis"], ["sum"], keepdims=0),
         ]

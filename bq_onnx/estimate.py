@@ -47,6 +47,50 @@ from bq_onnx.runtimes import get_runtime
 #: Relative size of the finite-difference step for Hessian-vector products (times the weight's RMS).
 HVP_STEP = 1e-3
 
+#: Default cap, in MiB, on the intermediate tensors of one batched gradient run (see :func:`activation_budget`).
+ACTIVATION_BUDGET_MB = 1024
+
+
+def activation_budget() -> int:
+    """Bytes that the forward activations and their gradients of one batched gradient run may take: 1 GiB by
+    default, ``BQ_ONNX_ACTIVATION_BUDGET_MB`` (MiB) overrides it. The batched Fisher runs
+    ``clamp(budget // bytes_per_sample, 1, batch_size)`` samples at a time, so memory follows the model's
+    activation size rather than a fixed batch (EfficientNet-Lite0 at 224x224: ~100 MiB a sample); the requested
+    ``batch_size`` stays the upper bound, and the result is the same up to float summation order."""
+    value = os.environ.get("BQ_ONNX_ACTIVATION_BUDGET_MB")
+    try:
+        return max(int(float(value) * 2**20), 1) if value else ACTIVATION_BUDGET_MB * 2**20
+    except ValueError:
+        return ACTIVATION_BUDGET_MB * 2**20
+
+
+def _activation_bytes_per_sample(model: ir.Model, calib: Calibration) -> int | None:
+    """Bytes of the float node outputs of ``model`` at one sample, times 2 (each one's gradient): the
+    intermediate tensors that a gradient graph holds per sample. Shape inference on ``model`` (a copy whose node
+    shapes this rewrites); None when shapes cannot be inferred."""
+    _forget_shapes(model)
+    try:
+        specialise(model, next(calib.batches(1)))
+    except Exception:  # noqa: BLE001 - unknown size: the caller keeps the requested batch
+        return None
+    total = 0
+    for node in model.graph:
+        for out in node.outputs:
+            if out.shape is None or out.dtype is None or not out.dtype.is_floating_point():
+                continue
+            if not all(isinstance(d, int) for d in out.shape):
+                continue
+            total += int(np.prod(out.shape, dtype=np.int64) * out.dtype.itemsize)
+    return 2 * total if total else None
+
+
+def adapted_batch(bytes_per_sample: int | None, requested: int, budget: int | None = None) -> int:
+    """``clamp(budget // bytes_per_sample, 1, requested)`` (budget: :func:`activation_budget`)."""
+    if not bytes_per_sample:
+        return requested
+    budget = activation_budget() if budget is None else budget
+    return int(min(max(budget // bytes_per_sample, 1), requested))
+
 
 @dataclasses.dataclass
 class Prepared:
@@ -402,6 +446,7 @@ def _batched_squared_gradients(sessions, prepared, calib, outputs, labels, opts,
     fisher = BatchedFisher.build(sessions, prepared, calib, opts.loss, opts.output, batch) if batch > 1 else None
     if fisher is None:
         return {}
+    batch = fisher.batch  # at most the requested one: fewer when a batch's activations exceed the budget
     if spill is not None:
         fisher.spill_to(spill, opts.mc_samples * -(-n // batch))
     for draw in range(opts.mc_samples):
@@ -436,6 +481,8 @@ class BatchedFisher:
     @classmethod
     def build(cls, sessions: TempSessions, prepared: Prepared, calib: Calibration, loss: str, output: str | None,
               batch: int) -> BatchedFisher | None:
+        """The gradient graph at ``batch`` samples, or fewer where that many samples' activations and gradients
+        would exceed :func:`activation_budget`."""
         from bq_onnx.kfac import add_probes
         from bq_onnx.per_sample import covers
 
@@ -443,6 +490,7 @@ class BatchedFisher:
         batch_major = _batch_major_weights(prepared, calib, model)
         if not batch_major:
             return None
+        batch = adapted_batch(_activation_bytes_per_sample(model, calib), batch)
         _forget_shapes(model)  # the symbolic shapes give way to the batch's static ones
         sites = add_probes(model, _weights_of(model, prepared), next(calib.batches(batch)), gather=True)
         sites = [s for s in sites if s.weight in batch_major and covers(s, batch_major[s.weight])]

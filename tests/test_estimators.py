@@ -214,3 +214,42 @@ def test_big_models_get_sessions_without_weight_copies_and_nearly_the_same_poste
     assert opened
     for name, wp in packed.weights.items():
         np.testing.assert_allclose(unpacked.weights[name].precision, wp.precision, rtol=1e-3)
+
+
+def test_batched_fisher_batch_shrinks_to_the_activation_budget(monkeypatch):
+    """The batch follows the activation budget (``BQ_ONNX_ACTIVATION_BUDGET_MB``), never above the request."""
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.estimate import BatchedFisher, TempSessions, adapted_batch, prepare
+    from tests.conftest import MODELS
+
+    assert adapted_batch(100, 32, budget=1000) == 10
+    assert adapted_batch(100, 32, budget=10) == 1
+    assert adapted_batch(100, 8, budget=10**6) == 8
+    assert adapted_batch(None, 8, budget=10) == 8
+    prepared = prepare(MODELS / "lenet.onnx")
+    calib = load_calibration(MODELS / "lenet_calib.npz", prepared.model, 32)
+    sessions = TempSessions()
+    try:
+        assert BatchedFisher.build(sessions, prepared, calib, "kl", None, 32).batch == 32  # 1 GiB: no change
+        monkeypatch.setenv("BQ_ONNX_ACTIVATION_BUDGET_MB", "0.25")  # LeNet: ~0.11 MiB a sample
+        small = BatchedFisher.build(sessions, prepared, calib, "kl", None, 32).batch
+        assert 1 <= small < 32
+        monkeypatch.setenv("BQ_ONNX_ACTIVATION_BUDGET_MB", "0.0001")
+        assert BatchedFisher.build(sessions, prepared, calib, "kl", None, 32).batch == 1
+    finally:
+        sessions.close()
+
+
+def test_adapted_batch_gives_the_same_posterior_up_to_summation_order(monkeypatch):
+    from tests.conftest import MODELS
+
+    calib = MODELS / "lenet_calib.npz"
+    full = estimate_posterior(MODELS / "lenet.onnx", calib, "fisher-mc", calib_samples=40, batch_size=32)
+    monkeypatch.setenv("BQ_ONNX_ACTIVATION_BUDGET_MB", "0.25")
+    small = [estimate_posterior(MODELS / "lenet.onnx", calib, "fisher-mc", calib_samples=40, batch_size=32)
+             for _ in range(2)]
+    assert full.weights.keys() == small[0].weights.keys()
+    for name, weight in full.weights.items():
+        a, b = np.asarray(weight.curvature), np.asarray(small[0].weights[name].curvature)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name
+        np.testing.assert_array_equal(b, small[1].weights[name].curvature)  # deterministic

@@ -224,7 +224,8 @@ def calibration_series(args, counts: list[int], big_size: float) -> list[str]:
     command = (f"python -m benchmarks.scale --calib-only --calib-size {args.calib_size:g} --samples {args.samples}"
                + (f" --big-calib --big-calib-size {big_size:g} --big-calib-samples {args.big_calib_samples}"
                   if args.big_calib else "") + " --out benchmarks/scale.md")
-    lines = ["## Calibration", "", f"Command: `{command}`" + (" (run alone)" if args.calib_only else ""), "",
+    separate = " (a separate --calib-only run)" if args.calib_only else ""
+    lines = ["## Calibration", "", f"Command: `{command}`{separate}", "",
              f"Machine: {os.cpu_count()} cores, {_total_memory() / GIB:.0f} GiB RAM; numpy {np.__version__}, "
              f"onnx {onnx.__version__}.", "",
              f"Calibration samples (`--calib`, laplace posterior, `--allocator uniform` so the closed-form tables, "

@@ -490,7 +490,7 @@ def bench_model(spec: ModelSpec, quick: bool) -> dict[str, Any]:
     budgets: dict[tuple[float, tuple[str, ...]], str] = {}
     candidates = _bq_candidates(spec)
     for r in rows:
-        if r["tool"] in ("ort", "nncf") and "bpw" in r:
+        if "bpw" in r and (r["tool"] in ("ort", "nncf") or r["config"].startswith("bq-uniform")):
             # exactly the peer's tensors (out-of-scope ones too, e.g. NNCF's int8 embeddings): same set, same bpw
             tensors = tuple(sorted(set(r["quantized"]) & set(candidates)))
             # the budget rounds down, so a point that meets its budget is never larger than the peer's

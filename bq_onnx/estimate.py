@@ -51,6 +51,11 @@ HVP_STEP = 1e-3
 ACTIVATION_BUDGET_MB = 1024
 
 
+#: Bytes a gradient graph holds per byte of forward node outputs: each output's gradient, the backward rules'
+#: own intermediates and onnxruntime's arena (EfficientNet-Lite0's peaks at batch 32 and 10 put it at 3 to 4).
+GRADIENT_GRAPH_FACTOR = 4
+
+
 def activation_budget() -> int:
     """Bytes that the forward activations and their gradients of one batched gradient run may take: 1 GiB by
     default, ``BQ_ONNX_ACTIVATION_BUDGET_MB`` (MiB) overrides it. The batched Fisher runs
@@ -65,7 +70,7 @@ def activation_budget() -> int:
 
 
 def _activation_bytes_per_sample(model: ir.Model, calib: Calibration) -> int | None:
-    """Bytes of the float node outputs of ``model`` at one sample, times 2 (each one's gradient): the
+    """Bytes of the float node outputs of ``model`` at one sample, times :data:`GRADIENT_GRAPH_FACTOR`: the
     intermediate tensors that a gradient graph holds per sample. Shape inference on ``model`` (a copy whose node
     shapes this rewrites); None when shapes cannot be inferred."""
     _forget_shapes(model)
@@ -81,7 +86,7 @@ def _activation_bytes_per_sample(model: ir.Model, calib: Calibration) -> int | N
             if not all(isinstance(d, int) for d in out.shape):
                 continue
             total += int(np.prod(out.shape, dtype=np.int64) * out.dtype.itemsize)
-    return 2 * total if total else None
+    return GRADIENT_GRAPH_FACTOR * total if total else None
 
 
 def adapted_batch(bytes_per_sample: int | None, requested: int, budget: int | None = None) -> int:

@@ -17,6 +17,8 @@ import onnx_ir as ir
 from bq_onnx import allocation
 from bq_onnx.context import Context
 from bq_onnx.errors import UnsupportedError, UsageError
+from bq_onnx.passes.compact_functions import vector_layout
+from bq_onnx.passes.decode_ops import layout_vector
 
 
 def _min_bits(ctx: Context, weight: str) -> int:
@@ -80,8 +82,8 @@ class AllocatePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=False)
 
     def layout_bits(self) -> int:
-        """Bits of the int64 layout vectors the compact format stores per distinct piece shape (``[K, N, nb, G]``,
-        one more entry for vector codebooks), as the rewrite will deduplicate them."""
+        """Bits of the int64 layout vectors the compact format stores per distinct piece shape (the rewrite's own
+        ``layout_vector``/``vector_layout``, deduplicated by content as the rewrite does)."""
         ctx = self.ctx
         layouts = set()
         for info in ctx.weights:
@@ -91,8 +93,9 @@ class AllocatePass(ir.passes.InPlacePass):
                 group = (spec.block if spec is not None and spec.block else 0) or ctx.settings.group_size_for(info.name)
                 dim = spec.dim if spec is not None and spec.method == "vq" and bits > 0 else 1
                 block = k if group <= 0 else -(-group // dim) * dim
-                layouts.add((k, stop - start, block, dim))
-        return sum(64 * (4 if dim == 1 else 5) for *_, dim in layouts)
+                vec = layout_vector(k, stop - start, block) if dim == 1 else vector_layout(k, stop - start, block, dim)
+                layouts.add(tuple(int(v) for v in vec))
+        return sum(64 * len(v) for v in layouts)
 
     def _method_inputs(self, method: str) -> dict:
         """What Quantile Inform, Random Bits and selective encoding need from the posterior."""

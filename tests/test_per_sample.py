@@ -39,6 +39,15 @@ def _conv_weight_grad(x: np.ndarray, d: np.ndarray, shape, attrs) -> np.ndarray:
     return out
 
 
+def _assert_conv_sum_matches(x: np.ndarray, d: np.ndarray, shape: tuple, attrs: dict) -> None:
+    """The batched sum of squared Conv weight gradients equals the explicit per-sample sum."""
+    layout = WeightLayout(shape, (1, 2, 3))
+    site = KfacSite("W", "Conv", "x", "p", attrs, 1)
+    got = squared_gradient_sum(site, shape, layout.view_shape, x, d)
+    want = sum(np.square(_conv_weight_grad(x[n], d[n], shape, attrs)) for n in range(len(x)))
+    np.testing.assert_allclose(layout.from_view(got), want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(("group", "stride", "pad", "dilation"), [(1, 1, 0, 1), (1, 2, 1, 1), (2, 1, 2, 2),
                                                                    (4, 2, 1, 1)])
 def test_conv_squared_gradients_match_explicit_per_sample_gradients(group, stride, pad, dilation):
@@ -51,11 +60,7 @@ def test_conv_squared_gradients_match_explicit_per_sample_gradients(group, strid
     wo = (h + 2 * pad + 1 - dilation - 1) // stride + 1
     x = rng.standard_normal((b, c, h, h)).astype(np.float32)
     d = rng.standard_normal((b, m, ho, wo)).astype(np.float32)
-    layout = WeightLayout(shape, (1, 2, 3))
-    site = KfacSite("W", "Conv", "x", "p", attrs, 1)
-    got = squared_gradient_sum(site, shape, layout.view_shape, x, d)
-    want = sum(np.square(_conv_weight_grad(x[n], d[n], shape, attrs)) for n in range(b))
-    np.testing.assert_allclose(layout.from_view(got), want, rtol=1e-4, atol=1e-6)
+    _assert_conv_sum_matches(x, d, shape, attrs)
 
 
 @pytest.mark.parametrize(("strides", "dilations", "pads", "width", "group"), [
@@ -80,11 +85,7 @@ def test_conv_patch_layouts_match_explicit_per_sample_gradients(monkeypatch, str
     wo = (width + pads[1] + pads[3] - dilations[1] - 1) // strides[1] + 1
     x = rng.standard_normal((b, c, h, width)).astype(np.float32)
     d = rng.standard_normal((b, m, ho, wo)).astype(np.float32)
-    layout = WeightLayout(shape, (1, 2, 3))
-    site = KfacSite("W", "Conv", "x", "p", attrs, 1)
-    got = squared_gradient_sum(site, shape, layout.view_shape, x, d)
-    want = sum(np.square(_conv_weight_grad(x[n], d[n], shape, attrs)) for n in range(b))
-    np.testing.assert_allclose(layout.from_view(got), want, rtol=1e-4, atol=1e-6)
+    _assert_conv_sum_matches(x, d, shape, attrs)
 
 
 @pytest.mark.parametrize("op", ["Conv", "Conv-groups-strided"])

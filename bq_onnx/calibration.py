@@ -60,7 +60,12 @@ class Calibration:
     def batches(self, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
         n = self.num_samples
         for start in range(0, n, batch_size):
-            yield {k: v[start : start + batch_size] for k, v in self.arrays.items()}
+            yield self.select(slice(start, start + batch_size))
+
+    def select(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """Feeds of the samples ``rows`` (a slice or an index array): the one way consumers take samples, so
+        where each input keeps its samples stays this object's business."""
+        return {k: v[rows] for k, v in self.arrays.items()}
 
     def take(self, count: int) -> Calibration:
         return Calibration({k: v[:count] for k, v in self.arrays.items()}, self.source)

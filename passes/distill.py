@@ -88,7 +88,7 @@ class DistillPass(ir.passes.InPlacePass):
             session = sessions.open(graph.model)
 
             def run(values: dict, idx: np.ndarray) -> tuple[float, dict]:
-                feeds = {k: v[idx] for k, v in calib.arrays.items()}
+                feeds = calib.select(idx)
                 out = dict(zip(session.output_names, session.run({**feeds, TARGET: targets[idx], **values})))
                 return float(out[graph.loss]), {p: out[graph.gradients[p]] for p in params}
 

@@ -80,3 +80,63 @@ def test_bad_files(tmp_path, lenet):
         load_calibration(empty, lenet)
     with pytest.raises(DataError, match="no calibration samples"):
         load_calibration([], lenet)
+
+
+def _state_model() -> ir.Model:
+    """A recurrent-style signature: a state whose batch is axis 1, a scalar rate, a batch-major feature."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["state"], ["s"], keepdims=0, axes=None)],
+        "state",
+        [helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 4]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+    )
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]))
+
+
+def test_sample_axes_follow_the_graph():
+    from bq_onnx.calibration import input_specs, sample_axes
+
+    model = _state_model()
+    assert sample_axes(input_specs(model)) == {"state": 1, "sr": None, "x": 0}
+    assert sample_axes(input_specs(model), {"state": 2})["state"] == 2
+    with pytest.raises(DataError, match="unknown input 'nope'"):
+        sample_axes(input_specs(model), {"nope": 0})
+    with pytest.raises(DataError, match="sample axis 5 is outside its rank 3"):
+        sample_axes(input_specs(model), {"state": 5})
+
+
+def test_samples_are_taken_along_each_inputs_axis():
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=(2, 10, 4)).astype(np.float32)
+    x = rng.normal(size=(10, 3)).astype(np.float32)
+    sr = np.array(16000, dtype=np.int64)
+    model = _state_model()
+    calib = load_calibration({"state": state, "sr": sr, "x": x}, model)
+    assert calib.num_samples == 10 and calib.sample_shape("state") == (2, 4) and calib.sample_shape("sr") == ()
+    rows = np.array([7, 2, 2])
+    feeds = calib.select(rows)
+    np.testing.assert_array_equal(feeds["state"], state[:, rows])
+    np.testing.assert_array_equal(feeds["x"], x[rows])
+    assert feeds["sr"] is sr or np.array_equal(feeds["sr"], sr)
+    assert [b["state"].shape for b in calib.batches(4)] == [(2, 4, 4), (2, 4, 4), (2, 2, 4)]
+    first = calib.take(3)
+    assert first.num_samples == 3 and first.arrays["state"].shape == (2, 3, 4)
+    # batches from a reader stack along the sample axis; the shared scalar must agree across batches
+    batches = [{"state": state[:, :6], "sr": sr, "x": x[:6]}, {"state": state[:, 6:], "sr": sr, "x": x[6:]}]
+    again = load_calibration(iter(batches), model)
+    np.testing.assert_array_equal(again.arrays["state"], state)
+    assert again.num_samples == 10
+    # a loaded Calibration passes through unchanged, axes kept
+    assert load_calibration(again, model, max_samples=4).arrays["state"].shape == (2, 4, 4)
+    bad = [batches[0], {**batches[1], "sr": np.array(8000, dtype=np.int64)}]
+    with pytest.raises(DataError, match="input 'sr' has no sample axis, yet batches give different values"):
+        load_calibration(iter(bad), model)
+    with pytest.raises(DataError, match="different sample counts"):
+        load_calibration({"state": state, "sr": sr, "x": x[:9]}, model)
+    with pytest.raises(DataError, match=r"input 'state' has shape \[3, 10, 4\].*\(axis 0\)"):
+        load_calibration({"state": np.zeros((3, 10, 4), np.float32), "sr": sr, "x": x}, model)

@@ -67,6 +67,10 @@ class Calibration:
         where each input keeps its samples stays this object's business."""
         return {k: v[rows] for k, v in self.arrays.items()}
 
+    def sample_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of one sample of input ``name`` (None: this data has no such input)."""
+        return tuple(self.arrays[name].shape[1:]) if name in self.arrays else None
+
     def take(self, count: int) -> Calibration:
         return Calibration({k: v[:count] for k, v in self.arrays.items()}, self.source)
 

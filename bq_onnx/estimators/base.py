@@ -15,19 +15,23 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
+import onnx_ir as ir
 
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
 from bq_onnx.estimators.loss_targets import check_labels
-from bq_onnx.estimators.options import PosteriorOptions
 from bq_onnx.estimators.prepared import Prepared, fp32_outputs, gradient_graph
 from bq_onnx.layout import WeightLayout
 from bq_onnx.posterior import Spill
 from bq_onnx.progress import progress
 from bq_onnx.runtimes.sessions import TempSessions
+
+if TYPE_CHECKING:
+    from bq_onnx.estimators.options import PosteriorOptions  # options checks names against the registry
+    from bq_onnx.passes.autodiff import GradientGraph
 
 
 @dataclasses.dataclass
@@ -137,7 +141,7 @@ class GradientEstimator(Estimator):
         self.labels = check_labels(opts.labels, self.outputs, opts.loss)
 
     def gradient_graph(self, names: list[str], probes: Sequence[str] = (), as_inputs: bool = False,
-                       model=None):
+                       model: ir.Model | None = None) -> GradientGraph:
         """The gradient graph for weights ``names`` and ``probes``; weights without a gradient rule get a note
         (the activations estimator takes them)."""
         opts = self.problem.options

@@ -5,7 +5,7 @@ gradient), for ``laplace`` and ``fisher-mc``."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +79,8 @@ class BatchedFisher:
     from the same batches in the same order, so the numbers are the same.
     """
 
-    def __init__(self, graph: BatchedGraph, calib: Calibration, targets: TargetDraws, source: str,
-                 spill: Spill | None = None, batches: int = 0) -> None:
+    def __init__(self, graph: BatchedGraph, calib: Calibration, targets: TargetDraws | Sequence[np.ndarray],
+                 source: str, spill: Spill | None = None, batches: int = 0) -> None:
         self.graph, self.calib, self.targets, self.source = graph, calib, targets, source
         self.spill, self.batches = spill, batches
         self.sums = {s.weight: np.zeros(graph.layouts[s.weight].view_shape) for s in graph.sites}

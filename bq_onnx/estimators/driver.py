@@ -13,7 +13,7 @@ from bq_onnx.context import WeightInfo
 from bq_onnx.estimators.activations import Activations
 from bq_onnx.estimators.base import Estimator, Problem
 from bq_onnx.estimators.options import PosteriorOptions
-from bq_onnx.estimators.prepared import Prepared, prepare
+from bq_onnx.estimators.prepared import ModelSource, Prepared, prepare
 from bq_onnx.estimators.registry import REGISTRY
 from bq_onnx.posterior import Posterior, Spill
 from bq_onnx.runtimes.sessions import TempSessions
@@ -21,14 +21,14 @@ from bq_onnx.spilling import SpilledArrays, spilled_posterior
 
 
 def estimate_posterior(
-    model,
+    model: ModelSource,
     calibration: CalibrationSource | Calibration,
     method: str = "laplace",
     *,
     min_size: int = 128,
     keep_fp: Sequence[str] = (),
     progress_bar: bool = False,
-    **options,
+    **options: object,
 ) -> Posterior:
     """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data.
 

@@ -9,14 +9,14 @@ import numpy as np
 from bq_onnx.calibration import load_calibration
 from bq_onnx.errors import UsageError
 from bq_onnx.estimators.loss_targets import check_labels
-from bq_onnx.estimators.prepared import fp32_outputs, gradient_graph, prepare
+from bq_onnx.estimators.prepared import ModelSource, fp32_outputs, gradient_graph, prepare
 from bq_onnx.passes.loss import LOSS_KINDS, TARGET
 from bq_onnx.probabilities import one_hot, softmax
 from bq_onnx.runtimes.sessions import TempSessions
 
 
 def gradients(
-    model,
+    model: ModelSource,
     feeds: Mapping[str, np.ndarray],
     *,
     loss: str = "kl",

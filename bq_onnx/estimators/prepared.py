@@ -4,10 +4,12 @@ extended by a loss and its gradient graph."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from bq_onnx.calibration import Calibration
@@ -19,6 +21,9 @@ from bq_onnx.passes.loss import LOSS, AppendLossPass
 from bq_onnx.pipeline import prepare_passes, run_passes
 from bq_onnx.runtimes.sessions import TempSessions
 
+#: What :func:`bq_onnx.model_io.load_model` reads.
+ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
+
 if TYPE_CHECKING:
     from bq_onnx.passes.autodiff import GradientGraph
 
@@ -29,10 +34,10 @@ class Prepared:
 
     model: ir.Model
     weights: list[WeightInfo]
-    source: object
+    source: ModelSource | None
 
 
-def prepare(source: object, min_size: int = 128, keep_fp: Sequence[str] = ()) -> Prepared:
+def prepare(source: ModelSource, min_size: int = 128, keep_fp: Sequence[str] = ()) -> Prepared:
     """Load ``source`` and run the pipeline's prepare passes and weight finder on it."""
     ctx = Context(Settings(min_size=min_size, keep_fp=tuple(keep_fp)))
     model = run_passes(load_model(source), [*prepare_passes(ctx), FindWeightsPass(ctx)])

@@ -77,6 +77,17 @@ def test_gradients_api_matches_closed_form(softmax_regression):
     assert np.abs(g).max() < 1e-5
 
 
+def test_an_already_loaded_calibration_gives_the_same_posterior(softmax_regression):
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.estimators import prepare
+
+    model, x, _, _ = softmax_regression
+    calib = load_calibration({"input": x[:30]}, prepare(model, min_size=1).model)
+    loaded = estimate_posterior(model, calib, "fisher-mc", min_size=1, seed=2)
+    raw = estimate_posterior(model, {"input": x[:30]}, "fisher-mc", min_size=1, seed=2)
+    np.testing.assert_array_equal(loaded.weights["W"].precision, raw.weights["W"].precision)
+
+
 def test_estimators_are_deterministic_with_the_seed(softmax_regression):
     model, x, _, _ = softmax_regression
     a = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", min_size=1, seed=3)

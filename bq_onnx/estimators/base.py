@@ -5,9 +5,9 @@ An accumulator is the seam for sharded posteriors: ``update(batch)`` adds one ba
 squared per-sample gradients, K-FAC factor sums, activation second moments, and their sample counts),
 ``merge(other)`` adds another accumulator's, ``finalize()`` turns the sums into per-sample curvatures. Two
 accumulators of one stage, fed disjoint sample ranges and merged, give what one accumulator fed both gives, up to
-float64 summation order. Everything random (labels drawn for ``fisher-mc`` and ``kfac``, Hutchinson's probe
-vectors) belongs to the stage, not to the accumulator: loss targets are drawn once per draw over all samples,
-so shards of one stage see the same targets as one pass.
+summation order (``tests/test_estimator_shards.py`` states the tolerances). Everything random (labels drawn for
+``fisher-mc`` and ``kfac``, Hutchinson's probe vectors) belongs to the stage, not to the accumulator: loss
+targets are drawn once per draw over all samples, so shards of one stage see the same targets as one pass.
 """
 
 from __future__ import annotations

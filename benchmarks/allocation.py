@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime
 
 import bq_onnx
-from bq_onnx.estimate import estimate_posterior
+from bq_onnx.estimators import estimate_posterior
 from bq_onnx.runtimes import get_runtime
 from bq_onnx.table import render
 

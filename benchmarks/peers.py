@@ -526,7 +526,7 @@ def bench_model(spec: ModelSpec, quick: bool) -> dict[str, Any]:
 
 def _bq_candidates(spec: ModelSpec) -> list[str]:
     """Weights bq-onnx would quantize (its own finder), so ``keep_fp`` can pin everything outside the scope."""
-    from bq_onnx.estimate import prepare
+    from bq_onnx.estimators import prepare
 
     return [w.name for w in prepare(str(spec.path)).weights]
 

@@ -29,18 +29,15 @@ from scipy.stats import spearmanr
 
 import bq_onnx
 from bq_onnx.calibration import load_calibration
-from bq_onnx.estimate import (
-    BatchedFisher,
-    TempSessions,
-    _forward,
-    _gradient_graph,
-    estimate_posterior,
-    prepare,
-    softmax,
-    specialise,
-)
+from bq_onnx.estimators import estimate_posterior, prepare
+from bq_onnx.estimators.base import Batch
+from bq_onnx.estimators.batched import BatchedFisher, BatchedGraph
+from bq_onnx.estimators.prepared import fp32_outputs, gradient_graph
+from bq_onnx.graph import specialise
 from bq_onnx.model_io import copy_model
 from bq_onnx.passes.loss import TARGET
+from bq_onnx.probabilities import softmax
+from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.table import render
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -82,29 +79,30 @@ def per_sample_cost(model_path: Path, calib_path: Path, count: int, batch: int, 
     calib = load_calibration(calib_path, prepared.model, count)
     sessions = TempSessions(threads)
     try:
-        outputs = _forward(sessions, prepared, None, calib)
+        outputs = fp32_outputs(sessions, prepared, None, calib)
         targets = softmax(outputs)
         model = specialise(copy_model(prepared.model), next(calib.batches(1)))
-        graph = _gradient_graph(prepared, "kl", None, [w.name for w in prepared.weights], as_inputs=False,
+        graph = gradient_graph(prepared, "kl", None, [w.name for w in prepared.weights], as_inputs=False,
                                 model=model)
         loop = sessions.open(graph.model)
         forward = sessions.open(prepared.model)
-        fisher = BatchedFisher.build(sessions, prepared, calib, "kl", None, batch)
-        assert fisher is not None, "no weight can be batched"
-        covered = {site.weight for site in fisher.sites}
+        batched = BatchedGraph.build(sessions, prepared, calib, "kl", None, batch)
+        assert batched is not None, "no weight can be batched"
+        fisher = BatchedFisher(batched, calib, [targets], "laplace")
+        covered = set(batched.covered)
         rest = [w.name for w in prepared.weights if w.name not in covered]
         rest_loop = None
         if rest:  # what the estimator runs one sample at a time besides the batched graph
             model = specialise(copy_model(prepared.model), next(calib.batches(1)))
-            rest_loop = sessions.open(_gradient_graph(prepared, "kl", None, rest, as_inputs=False, model=model).model)
+            rest_loop = sessions.open(gradient_graph(prepared, "kl", None, rest, as_inputs=False, model=model).model)
         one = next(calib.batches(1))
         many = next(calib.batches(batch))
 
         def batched_step() -> None:
-            fisher.add(calib, targets, 0)
+            fisher.update(Batch(slice(0, batch), 0))
             if rest_loop is not None:
                 for i in range(batch):
-                    rest_loop.run({**{k: v[i : i + 1] for k, v in calib.arrays.items()}, TARGET: targets[i : i + 1]})
+                    rest_loop.run({**calib.select(slice(i, i + 1)), TARGET: targets[i : i + 1]})
 
         for _ in range(20):  # warm-up
             forward.run(one)

@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 
 import bq_onnx
 from bq_onnx import allocation
-from bq_onnx.estimate import estimate_posterior
+from bq_onnx.estimators import estimate_posterior
 from bq_onnx.table import render
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -27,7 +27,7 @@ import onnxruntime
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bq_onnx  # noqa: E402
-from bq_onnx.estimate import estimate_posterior  # noqa: E402
+from bq_onnx.estimators import estimate_posterior  # noqa: E402
 from bq_onnx.runtimes import get_runtime  # noqa: E402
 from bq_onnx.table import render  # noqa: E402
 

@@ -303,7 +303,7 @@ def optimize(
     ctx.messages.extend(target_notes)
     posterior_passes: list = []
     if calib is not None and posterior is None:
-        from bq_onnx.estimate import PosteriorOptions
+        from bq_onnx.estimators import PosteriorOptions
         from bq_onnx.passes.posterior import EstimatePosteriorPass
 
         options = PosteriorOptions(seed=seed, **dict(posterior_options or {}))

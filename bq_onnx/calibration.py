@@ -111,6 +111,10 @@ class Calibration:
         where each input keeps its samples stays this object's business."""
         return {k: _along(v, self.axis(k), rows) for k, v in self.arrays.items()}
 
+    def sample_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of one sample of input ``name`` (None: this data has no such input)."""
+        return tuple(self.arrays[name].shape[1:]) if name in self.arrays else None
+
     def take(self, count: int) -> Calibration:
         return Calibration(self.select(slice(0, count)), self.source, dict(self.axes))
 

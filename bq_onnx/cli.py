@@ -194,8 +194,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _posterior_options(p, include_calib: bool) -> None:
+    from bq_onnx.estimators.registry import METHODS
     from bq_onnx.passes.loss import LOSS_KINDS
-    from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION, METHODS
+    from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION
 
     p.add_argument("--method", choices=[m for m in METHODS if m != "external"], default="laplace",
                    help="posterior estimator (default laplace)")
@@ -329,7 +330,7 @@ def _print_optimize(report: dict, elapsed: float) -> None:
 
 
 def _cmd_posterior(args: argparse.Namespace) -> int:
-    from bq_onnx.estimate import estimate_posterior
+    from bq_onnx.estimators import estimate_posterior
     from bq_onnx.model_io import check_output_path
 
     out = check_output_path(args.output, [args.model], args.force)

@@ -26,9 +26,6 @@ from bq_onnx.errors import DataError
 #: against N * curvature for any weight the data informs; it bounds the variance of weights it does not.
 DEFAULT_PRIOR_PRECISION = 1e-4
 
-METHODS = ("laplace", "fisher-mc", "hutchinson", "kfac", "activations", "external")
-
-
 #: An array, or a function that reads it (a posterior too big to hold is read back one weight at a time).
 ArraySource = np.ndarray | Callable[[], np.ndarray]
 

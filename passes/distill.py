@@ -19,14 +19,16 @@ import onnx_ir as ir
 
 from bq_onnx.calibration import CalibrationSource, load_calibration
 from bq_onnx.context import Context
-from bq_onnx.estimate import TempSessions, forward_model, softmax
+from bq_onnx.graph import forward_model
 from bq_onnx.model_io import copy_model
 from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, restore_layout, vector_rows
 from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass
 from bq_onnx.pipeline import run_passes
+from bq_onnx.probabilities import softmax
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, to_fp16_exact
 from bq_onnx.qtensor import expand_blocks as expand_rows
+from bq_onnx.runtimes.sessions import TempSessions
 
 TRAINABLE = ("scale", "offset", "codebook")
 

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from bq_onnx.calibration import CalibrationSource
 from bq_onnx.context import Context
 from bq_onnx.errors import DataError
-from bq_onnx.estimate import PosteriorOptions, Prepared, estimate_prepared
+from bq_onnx.estimators import PosteriorOptions, Prepared, estimate_prepared
 from bq_onnx.posterior import Posterior
 
 

@@ -201,7 +201,8 @@ class _MonteCarlo:
 
     def __init__(self, ctx: Context, model: ir.Model, calibration, max_samples: int, output: str | None) -> None:
         from bq_onnx.calibration import load_calibration
-        from bq_onnx.estimate import TempSessions, forward_model
+        from bq_onnx.graph import forward_model
+        from bq_onnx.runtimes.sessions import TempSessions
 
         self.ctx = ctx
         self.calib = load_calibration(calibration, model, max_samples)

@@ -7,7 +7,7 @@ import pytest
 
 import bq_onnx
 from bq_onnx.errors import UnsupportedError, UsageError
-from bq_onnx.estimate import estimate_posterior
+from bq_onnx.estimators import estimate_posterior
 from tests.conftest import MODELS
 
 LENET = MODELS / "lenet.onnx"

@@ -615,7 +615,7 @@ def test_max_pool_ties_route_to_the_first_maximum_like_indices():
     when all the window's values are equal, with windows that tile the input and with a row left over."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from bq_onnx.estimate import gradients
+    from bq_onnx.estimators import gradients
     from tests.conftest import make_model
 
     x = np.array([[1, 1, 0, 2], [1, 1, 2, 2], [3, 0, 5, 5], [0, 3, 5, 5]], dtype=np.float32)

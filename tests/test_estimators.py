@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bq_onnx.estimate import estimate_posterior, gradients
+from bq_onnx.estimators import estimate_posterior, gradients
 from tests.conftest import make_model
 
 K, C, N = 12, 4, 300
@@ -77,6 +77,17 @@ def test_gradients_api_matches_closed_form(softmax_regression):
     assert np.abs(g).max() < 1e-5
 
 
+def test_an_already_loaded_calibration_gives_the_same_posterior(softmax_regression):
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.estimators import prepare
+
+    model, x, _, _ = softmax_regression
+    calib = load_calibration({"input": x[:30]}, prepare(model, min_size=1).model)
+    loaded = estimate_posterior(model, calib, "fisher-mc", min_size=1, seed=2)
+    raw = estimate_posterior(model, {"input": x[:30]}, "fisher-mc", min_size=1, seed=2)
+    np.testing.assert_array_equal(loaded.weights["W"].precision, raw.weights["W"].precision)
+
+
 def test_estimators_are_deterministic_with_the_seed(softmax_regression):
     model, x, _, _ = softmax_regression
     a = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", min_size=1, seed=3)
@@ -89,7 +100,8 @@ def test_estimators_are_deterministic_with_the_seed(softmax_regression):
 )
 def test_im2col_patches_times_the_weight_view_is_the_convolution(group, stride, pad, dilation):
     """The K-FAC input rows of a Conv are its patches in the weight view's feature order."""
-    from bq_onnx.kfac import KfacSite, im2col
+    from bq_onnx.estimators.kfac import im2col
+    from bq_onnx.estimators.probes import ProbeSite
     from bq_onnx.layout import WeightLayout
     from bq_onnx.runtimes import get_runtime
 
@@ -115,7 +127,7 @@ def test_im2col_patches_times_the_weight_view_is_the_convolution(group, stride, 
         cols = slice(g * per_group, (g + 1) * per_group)
         got = patches[g] @ view[:, cols]
         np.testing.assert_allclose(got.T.reshape(per_group, *y.shape[1:]), y[cols], rtol=1e-4, atol=1e-4)
-    assert KfacSite("W", "Conv", "x", "p", attrs, 1).op == "Conv"
+    assert ProbeSite("W", "Conv", "x", "p", attrs, 1).op == "Conv"
 
 
 def test_kfac_factors_on_softmax_regression(softmax_regression):
@@ -131,7 +143,6 @@ def test_kfac_factors_on_softmax_regression(softmax_regression):
 
 def test_embedding_rows_unseen_in_calibration_get_the_mean_curvature_of_seen_rows():
     """A token the calibration never contains is not unimportant: its rows get the seen rows' mean curvature."""
-    from bq_onnx.estimate import estimate_posterior
     from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION
     from tests.conftest import MODELS
 
@@ -157,8 +168,11 @@ def test_batched_fisher_on_disk_gives_the_same_numbers_as_in_memory(model_name, 
     """Layer inputs and output gradients kept on disk and summed per weight when read: bit for bit the sums
     (``forced``: every site on disk, whatever it would cost)."""
     from bq_onnx.calibration import load_calibration
-    from bq_onnx.estimate import BatchedFisher, TempSessions, _targets, prepare
+    from bq_onnx.estimators import Batch, prepare
+    from bq_onnx.estimators.batched import BatchedFisher, BatchedGraph
+    from bq_onnx.estimators.loss_targets import targets as loss_targets
     from bq_onnx.posterior import Spill
+    from bq_onnx.runtimes.sessions import TempSessions
     from tests.conftest import MODELS
 
     prepared = prepare(MODELS / f"{model_name}.onnx")
@@ -166,21 +180,21 @@ def test_batched_fisher_on_disk_gives_the_same_numbers_as_in_memory(model_name, 
     sessions = TempSessions()
     try:
         out = sessions.open(prepared.model).run(dict(next(calib.batches(21))))[0]
-        targets = [_targets("fisher-mc", "kl", out, None, np.random.default_rng(s)) for s in range(2)]
+        targets = [loss_targets("fisher-mc", "kl", out, None, np.random.default_rng(s)) for s in range(2)]
+        graph = BatchedGraph.build(sessions, prepared, calib, "kl", None, 8)
         results = []
         for spill in (None, Spill()):
-            fisher = BatchedFisher.build(sessions, prepared, calib, "kl", None, 8)
-            if spill is not None:
-                fisher.spill_to(spill, 0 if forced else 3 * 2)
-            for t in targets:
+            fisher = BatchedFisher(graph, calib, targets, "fisher-mc", spill, 0 if forced else 3 * 2)
+            for draw in range(2):
                 for start in range(0, 21, 8):  # 8 + 8 + 5 (a short last batch)
-                    fisher.add(calib, t, start)
+                    fisher.update(Batch(slice(start, min(start + 8, 21)), draw))
             if spill is not None:
-                assert set(fisher.sums) | set(fisher.stored) == {s.weight for s in fisher.sites}
+                assert set(fisher.sums) | set(fisher.stored) == set(graph.covered)
                 assert all(len(v) == 6 for v in fisher.stored.values())
                 if forced:
                     assert not fisher.sums
-            results.append(dict(fisher.result(42).items()))
+            assert fisher.count == 42
+            results.append(dict(fisher.finalize().curvature.items()))
     finally:
         sessions.close()
     assert results[0].keys() == results[1].keys()
@@ -200,16 +214,16 @@ def test_estimated_posterior_reads_means_from_the_model_and_holds_no_arrays(soft
 def test_big_models_get_sessions_without_weight_copies_and_nearly_the_same_posterior(monkeypatch):
     """Over UNPACKED_SESSION_BYTES sessions skip pre-packing and constant folding (onnxruntime memory-maps the
     weights); the kernels then round differently, and nothing else changes."""
-    import bq_onnx.estimate as estimate_module
+    import bq_onnx.runtimes.sessions as sessions_module
     from tests.conftest import MODELS
 
     path = MODELS / "digits_mlp.onnx"
     calib = MODELS / "digits_mlp_calib.npz"
     packed = estimate_posterior(path, calib, "laplace", calib_samples=24, batch_size=8)
     opened = []
-    real = estimate_module.unpacked_session
-    monkeypatch.setattr(estimate_module, "UNPACKED_SESSION_BYTES", 0)
-    monkeypatch.setattr(estimate_module, "unpacked_session", lambda *a: opened.append(a) or real(*a))
+    real = sessions_module.unpacked_session
+    monkeypatch.setattr(sessions_module, "UNPACKED_SESSION_BYTES", 0)
+    monkeypatch.setattr(sessions_module, "unpacked_session", lambda *a: opened.append(a) or real(*a))
     unpacked = estimate_posterior(path, calib, "laplace", calib_samples=24, batch_size=8)
     assert opened
     for name, wp in packed.weights.items():
@@ -219,7 +233,10 @@ def test_big_models_get_sessions_without_weight_copies_and_nearly_the_same_poste
 def test_batched_fisher_batch_shrinks_to_the_activation_budget(monkeypatch):
     """The batch follows the activation budget (``BQ_ONNX_ACTIVATION_BUDGET_MB``), never above the request."""
     from bq_onnx.calibration import load_calibration
-    from bq_onnx.estimate import BatchedFisher, TempSessions, adapted_batch, prepare
+    from bq_onnx.estimators import prepare
+    from bq_onnx.estimators.batched import BatchedGraph
+    from bq_onnx.estimators.memory import adapted_batch
+    from bq_onnx.runtimes.sessions import TempSessions
     from tests.conftest import MODELS
 
     assert adapted_batch(100, 32, budget=1000) == 10
@@ -230,12 +247,12 @@ def test_batched_fisher_batch_shrinks_to_the_activation_budget(monkeypatch):
     calib = load_calibration(MODELS / "lenet_calib.npz", prepared.model, 32)
     sessions = TempSessions()
     try:
-        assert BatchedFisher.build(sessions, prepared, calib, "kl", None, 32).batch == 32  # 1 GiB: no change
+        assert BatchedGraph.build(sessions, prepared, calib, "kl", None, 32).batch == 32  # 1 GiB: no change
         monkeypatch.setenv("BQ_ONNX_ACTIVATION_BUDGET_MB", "0.25")  # LeNet: ~0.11 MiB a sample
-        small = BatchedFisher.build(sessions, prepared, calib, "kl", None, 32).batch
+        small = BatchedGraph.build(sessions, prepared, calib, "kl", None, 32).batch
         assert 1 <= small < 32
         monkeypatch.setenv("BQ_ONNX_ACTIVATION_BUDGET_MB", "0.0001")
-        assert BatchedFisher.build(sessions, prepared, calib, "kl", None, 32).batch == 1
+        assert BatchedGraph.build(sessions, prepared, calib, "kl", None, 32).batch == 1
     finally:
         sessions.close()
 

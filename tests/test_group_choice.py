@@ -12,7 +12,7 @@ from bq_onnx.api import AUTO_GROUPS, parse_group_size
 from bq_onnx.cli import main
 from bq_onnx.context import Settings
 from bq_onnx.errors import UsageError
-from bq_onnx.estimate import estimate_posterior
+from bq_onnx.estimators import estimate_posterior
 from bq_onnx.quantizers import Spec, candidates
 from tests.conftest import MODELS
 

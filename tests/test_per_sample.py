@@ -1,4 +1,4 @@
-"""Batched per-sample squared gradients (bq_onnx.per_sample) against independent references.
+"""Batched per-sample squared gradients (bq_onnx.estimators.per_sample) against independent references.
 
 The numpy routine is checked against explicit per-sample weight gradients in float64 (a direct convolution
 written as loops over kernel offsets, and plain matrix products), and the batched estimator against the
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bq_onnx.estimate import estimate_posterior
-from bq_onnx.kfac import KfacSite
+from bq_onnx.estimators import estimate_posterior
+from bq_onnx.estimators.per_sample import squared_gradient_sum
+from bq_onnx.estimators.probes import ProbeSite
 from bq_onnx.layout import WeightLayout
-from bq_onnx.per_sample import squared_gradient_sum
 from tests.conftest import make_model
 
 
@@ -42,7 +42,7 @@ def _conv_weight_grad(x: np.ndarray, d: np.ndarray, shape, attrs) -> np.ndarray:
 def _assert_conv_sum_matches(x: np.ndarray, d: np.ndarray, shape: tuple, attrs: dict) -> None:
     """The batched sum of squared Conv weight gradients equals the explicit per-sample sum."""
     layout = WeightLayout(shape, (1, 2, 3))
-    site = KfacSite("W", "Conv", "x", "p", attrs, 1)
+    site = ProbeSite("W", "Conv", "x", "p", attrs, 1)
     got = squared_gradient_sum(site, shape, layout.view_shape, x, d)
     want = sum(np.square(_conv_weight_grad(x[n], d[n], shape, attrs)) for n in range(len(x)))
     np.testing.assert_allclose(layout.from_view(got), want, rtol=1e-4, atol=1e-6)
@@ -73,7 +73,7 @@ def test_conv_squared_gradients_match_explicit_per_sample_gradients(group, strid
 @pytest.mark.parametrize("chunk", [None, 200])  # 200: patches gathered a few samples at a time
 def test_conv_patch_layouts_match_explicit_per_sample_gradients(monkeypatch, strides, dilations, pads, width, group,
                                                                  chunk):
-    import bq_onnx.per_sample as per_sample
+    import bq_onnx.estimators.per_sample as per_sample
 
     if chunk:
         monkeypatch.setattr(per_sample, "MAX_PATCH_ELEMENTS", chunk)
@@ -92,14 +92,14 @@ def test_conv_patch_layouts_match_explicit_per_sample_gradients(monkeypatch, str
 def test_conv_products_in_numpy_and_in_onnxruntime_match_explicit_per_sample_gradients(monkeypatch, op):
     """Patch products run in numpy (big) or in a one-thread onnxruntime MatMul (small): both paths, with a short
     batch after a full one (the cached session has a symbolic sample axis), against float64 references."""
-    import bq_onnx.per_sample as per_sample
+    import bq_onnx.estimators.per_sample as per_sample
 
     rng = np.random.default_rng(7)
     group, stride = (1, 1) if op == "Conv" else (2, 2)
     shape = (4, 6 // group, 3, 3)
     attrs = {"group": group, "strides": [stride, 1], "pads": [1, 1, 1, 1]}
     layout = WeightLayout(shape, (1, 2, 3))
-    site = KfacSite("W", "Conv", "x", "p", attrs, 1)
+    site = ProbeSite("W", "Conv", "x", "p", attrs, 1)
     data = {b: (rng.standard_normal((b, 6, 7, 8)).astype(np.float32),
                 rng.standard_normal((b, 4, (7 - 1) // stride + 1, 8)).astype(np.float32)) for b in (6, 3)}
     results = {}
@@ -123,7 +123,7 @@ def test_matmul_squared_gradients_match_explicit_per_sample_gradients(rows):
     d = rng.standard_normal((b, rows, n)).astype(np.float32)
     if rows == 1:
         a, d = a[:, 0], d[:, 0]
-    site = KfacSite("W", "MatMul", "a", "p", {}, -1)
+    site = ProbeSite("W", "MatMul", "a", "p", {}, -1)
     got = squared_gradient_sum(site, (k, n), (k, n), a, d)
     a64, d64 = a.reshape(b, -1, k).astype(np.float64), d.reshape(b, -1, n).astype(np.float64)
     want = sum(np.square(a64[i].T @ d64[i]) for i in range(b))
@@ -163,11 +163,14 @@ def mixed_model():
 @pytest.mark.parametrize("method", ["laplace", "fisher-mc"])
 def test_batched_estimator_equals_one_sample_per_run(mixed_model, method):
     from bq_onnx.calibration import load_calibration
-    from bq_onnx.estimate import _batch_major_weights, prepare
+    from bq_onnx.estimators import prepare
+    from bq_onnx.graph import batch_major_weights
+    from bq_onnx.model_io import copy_model
 
     model, feeds = mixed_model
     prepared = prepare(model, min_size=1)
-    assert _batch_major_weights(prepared, load_calibration(feeds, prepared.model)) == {"W1": 1, "W2": 1, "W3": 1}
+    calib = load_calibration(feeds, prepared.model)
+    assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {"W1": 1, "W2": 1, "W3": 1}
     batched = estimate_posterior(model, feeds, method, min_size=1, batch_size=8, seed=1)
     loop = estimate_posterior(model, feeds, method, min_size=1, batch_size=1, seed=1)
     assert set(batched.weights) == {"W1", "W2", "W3"}
@@ -186,11 +189,14 @@ def test_fixed_batch_models_are_not_batched():
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
                        [numpy_helper.from_array(w, "W")])
     from bq_onnx.calibration import load_calibration
-    from bq_onnx.estimate import _batch_major_weights, prepare
+    from bq_onnx.estimators import prepare
+    from bq_onnx.graph import batch_major_weights
+    from bq_onnx.model_io import copy_model
 
     x = rng.standard_normal((10, 6)).astype(np.float32)
     prepared = prepare(model, min_size=1)
-    assert _batch_major_weights(prepared, load_calibration({"x": x}, prepared.model)) == {}
+    calib = load_calibration({"x": x}, prepared.model)
+    assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {}
 
 
 def test_gather_squared_gradients_match_explicit_per_sample_gradients():
@@ -200,7 +206,7 @@ def test_gather_squared_gradients_match_explicit_per_sample_gradients():
     ids = rng.integers(-vocab, vocab, size=(b, t))
     ids[0, :3] = 2  # a token three times in one sample
     d = rng.standard_normal((b, t, dim)).astype(np.float32)
-    site = KfacSite("E", "Gather", "ids", "p", {}, 0)
+    site = ProbeSite("E", "Gather", "ids", "p", {}, 0)
     got = squared_gradient_sum(site, (vocab, dim), (vocab, dim), ids, d)
     want = np.zeros((vocab, dim))
     for n in range(b):
@@ -219,7 +225,7 @@ def test_gather_squared_gradients_of_a_3d_table_with_unread_rows():
     vocab, b = 9, 6
     ids = rng.integers(0, 4, size=(b, 2, 3))  # rows 4.. are never read
     d = rng.standard_normal((b, 2, 3, 2, 3)).astype(np.float32)
-    site = KfacSite("E", "Gather", "ids", "p", {}, 0)
+    site = ProbeSite("E", "Gather", "ids", "p", {}, 0)
     got = squared_gradient_sum(site, (vocab, 2, 3), (vocab, 6), ids, d)
     want = np.zeros((vocab, 6))
     for n in range(b):
@@ -232,14 +238,16 @@ def test_gather_squared_gradients_of_a_3d_table_with_unread_rows():
 
 def test_every_tiny_transformer_weight_is_batched_embedding_included():
     from bq_onnx.calibration import load_calibration
-    from bq_onnx.estimate import BatchedFisher, TempSessions, prepare
+    from bq_onnx.estimators import prepare
+    from bq_onnx.estimators.batched import BatchedGraph
+    from bq_onnx.runtimes.sessions import TempSessions
     from tests.conftest import MODELS
 
     prepared = prepare(MODELS / "tiny_transformer.onnx")
     calib = load_calibration(MODELS / "tiny_transformer_calib.npz", prepared.model, 16)
     sessions = TempSessions()
     try:
-        fisher = BatchedFisher.build(sessions, prepared, calib, "kl", None, 8)
-        assert {s.weight for s in fisher.sites} == {w.name for w in prepared.weights}
+        graph = BatchedGraph.build(sessions, prepared, calib, "kl", None, 8)
+        assert {s.weight for s in graph.sites} == {w.name for w in prepared.weights}
     finally:
         sessions.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bq_onnx.errors import DataError
-from bq_onnx.estimate import estimate_posterior
+from bq_onnx.estimators import estimate_posterior
 from bq_onnx.posterior import KfacAccumulator, Posterior, SumAccumulator, kfac_diagonal, posterior_from_curvature
 from tests.conftest import MODELS
 
@@ -160,8 +160,8 @@ def test_allocation_report_and_plot(tmp_path, capsys):
 def test_spilled_posterior_reads_what_the_eager_one_holds_and_frees_its_folder(tmp_path):
     import gc
 
-    from bq_onnx.estimate import spilled_posterior
     from bq_onnx.posterior import Spill
+    from bq_onnx.spilling import spilled_posterior
 
     rng = np.random.default_rng(5)
     mean = rng.standard_normal((7, 5)).astype(np.float32)

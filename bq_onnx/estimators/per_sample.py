@@ -4,21 +4,24 @@ The empirical Fisher diagonal needs ``sum_n g_n^2`` for every weight, where ``g_
 ``n``'s loss. A batched gradient graph only gives ``sum_n g_n``. For a weight read by one MatMul, Gemm or Conv,
 ``g_n`` factors exactly into the layer input ``a_n`` and the output gradient ``d_n`` of that sample:
 ``g_n = a_n^T d_n`` summed over the sample's rows (tokens, or the patches a convolution sees). So a batched run
-of the gradient graph with respect to zero "probes" after each layer output (``bq_onnx.kfac.add_probes``) gives
-every ``d_n`` at once (the loss is a sum over samples, so each sample's rows only see its own loss), the same
+of the gradient graph with respect to zero "probes" after each layer output (:mod:`bq_onnx.estimators.probes`)
+gives every ``d_n`` at once (the loss is a sum over samples, so each sample's rows only see its own loss), the same
 run returns the inputs ``a_n``, and one batched matrix product per layer forms the ``g_n``. Backward skips the
 weight gradients, so a per-sample gradient costs about what a batched forward and input-gradient pass costs.
 
 Embedding lookups (Gather) are covered too: their per-sample gradient is the output gradient added into the
 rows of the tokens the sample reads. Weights this does not cover (shared by several nodes, other consumers,
 unknown output shapes) are left to the caller's one-sample-per-run loop.
+
+The maths is numpy, except that small convolution products run as a cached one-node-chain onnxruntime graph
+(:func:`_product_session`), which is faster there than numpy's BLAS.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from bq_onnx.kfac import KfacSite
+from bq_onnx.estimators.probes import ProbeSite
 
 #: Largest block of convolution patches (float32 elements) gathered at once; bigger batches are split.
 MAX_PATCH_ELEMENTS = 1 << 23
@@ -33,7 +36,7 @@ SMALL_PRODUCT_MACS = 1 << 25
 _SESSIONS: dict[tuple, object] = {}
 
 
-def covers(site: KfacSite, uses: int) -> bool:
+def covers(site: ProbeSite, uses: int) -> bool:
     """Whether ``site``'s weight gradient is exactly the per-row product of its input and output gradient (or,
     for an embedding lookup, the scatter of its output gradient into the looked-up rows)."""
     if uses != 1:
@@ -44,7 +47,7 @@ def covers(site: KfacSite, uses: int) -> bool:
     return True
 
 
-def squared_gradient_sum(site: KfacSite, weight_shape: tuple[int, ...], view_shape: tuple[int, int],
+def squared_gradient_sum(site: ProbeSite, weight_shape: tuple[int, ...], view_shape: tuple[int, int],
                          activation: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """``sum_n (a_n^T d_n)^2`` in the weight's ``(K, N)`` view, float64, for a batch of samples."""
     if site.op == "Gather":

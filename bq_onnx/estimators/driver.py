@@ -1,0 +1,112 @@
+"""One estimation from start to finish: load the calibration data, run the chosen estimator's stages, give the
+weights none covered to the activations estimator, and finish each weight's posterior on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
+from bq_onnx.context import WeightInfo
+from bq_onnx.estimators.activations import Activations
+from bq_onnx.estimators.base import Estimator, Problem
+from bq_onnx.estimators.options import PosteriorOptions
+from bq_onnx.estimators.prepared import ModelSource, Prepared, prepare
+from bq_onnx.estimators.registry import REGISTRY
+from bq_onnx.posterior import Posterior, Spill
+from bq_onnx.runtimes.sessions import TempSessions
+from bq_onnx.spilling import SpilledArrays, spilled_posterior
+
+
+def estimate_posterior(
+    model: ModelSource,
+    calibration: CalibrationSource | Calibration,
+    method: str = "laplace",
+    *,
+    min_size: int = 128,
+    keep_fp: Sequence[str] = (),
+    progress_bar: bool = False,
+    **options: object,
+) -> Posterior:
+    """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data.
+
+    ``options`` are the fields of :class:`PosteriorOptions` (loss, labels, output, prior_precision, probes,
+    mc_samples, calib_samples, batch_size, seed).
+    """
+    opts = PosteriorOptions(method=method, **options)
+    opts.check()
+    return estimate_prepared(prepare(model, min_size=min_size, keep_fp=keep_fp), calibration, opts, progress_bar)
+
+
+def estimate_prepared(
+    prepared: Prepared, calibration: CalibrationSource | Calibration, opts: PosteriorOptions, progress_bar: bool
+) -> Posterior:
+    """The estimator on a model already prepared by the pipeline (used by ``optimize --calib``)."""
+    opts.check()
+    calib = load_calibration(calibration, prepared.model, opts.calib_samples)
+    sessions = TempSessions()
+    spill = Spill()  # every weight's curvature goes to disk as soon as it is known; the posterior reads it back
+    problem = Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed), progress_bar, spill)
+    found = _Found(SpilledArrays(spill))
+    try:
+        estimator = REGISTRY[opts.method](problem)
+        found.run(estimator, progress_bar)
+        rest = [w for w in prepared.weights if w.name not in found.curvature]
+        if rest:
+            found.run(Activations(problem, rest), progress_bar)
+    finally:
+        sessions.close()
+    curvature, sources, factors, notes = found.curvature, found.sources, found.factors, found.notes
+    weights = {}
+    for info in prepared.weights:  # one weight at a time: read its curvature, finish it, write it back
+        raw = curvature[info.name]
+        filled = fill_unseen_rows(info, raw)
+        if filled is not None:
+            raw, count = filled
+            notes.append(f"'{info.name}': {count} embedding row(s) never read by the calibration data were given "
+                         f"the mean curvature of the rows that were")
+        weights[info.name] = spilled_posterior(info.value.const_value, raw, calib.num_samples, opts.prior_precision,
+                                               sources[info.name], spill, curvature.path(info.name))
+        del raw, filled
+        if info.name in factors:
+            weights[info.name].kfac = factors[info.name]
+    return Posterior(opts.method, calib.num_samples, opts.prior_precision, weights, notes)
+
+
+@dataclasses.dataclass
+class _Found:
+    """What the estimators found so far: curvatures (on disk), their sources, K-FAC factors, notes."""
+
+    curvature: SpilledArrays
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def run(self, estimator: Estimator, bar: bool) -> None:
+        """Run ``estimator``'s stages in turn; each stage's curvatures go to disk before the next stage starts."""
+        for stage in estimator.stages():
+            part = stage.run(bar=bar).finalize()
+            self.curvature.update(part.curvature)
+            self.sources.update(part.sources)
+            self.factors.update(part.factors)
+        self.notes.extend(estimator.notes)
+
+
+def fill_unseen_rows(info: WeightInfo, curvature: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Rows of a Gather table (token embeddings) that no calibration sample reads get the mean curvature of the
+    rows that were read: the data say nothing about them, but a deployed model will meet those tokens, so they are
+    treated as exchangeable with the seen ones rather than as unimportant (which would store them at 0 bits)."""
+    uses = list(info.value.uses())
+    if not uses or any(u.node.op_type != "Gather" or u.idx != 0 for u in uses):
+        return None
+    if any(int(a.value) != 0 for u in uses for k, a in u.node.attributes.items() if k == "axis"):
+        return None
+    rows = np.asarray(curvature, dtype=np.float64).reshape(curvature.shape[0], -1)
+    seen = rows.sum(axis=1) > 0
+    if seen.all() or not seen.any():
+        return None
+    filled = rows.copy()
+    filled[~seen] = rows[seen].mean(axis=0)
+    return filled.reshape(curvature.shape), int((~seen).sum())

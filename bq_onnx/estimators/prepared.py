@@ -1,0 +1,62 @@
+"""The model an estimator works on: prepared by the pipeline's own passes, run forward for the FP32 outputs, and
+extended by a loss and its gradient graph."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bq_onnx.calibration import Calibration
+from bq_onnx.context import Context, Settings, WeightInfo
+from bq_onnx.graph import forward_model
+from bq_onnx.model_io import copy_model, load_model
+from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.passes.loss import LOSS, AppendLossPass
+from bq_onnx.pipeline import prepare_passes, run_passes
+from bq_onnx.runtimes.sessions import TempSessions
+
+#: What :func:`bq_onnx.model_io.load_model` reads.
+ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
+
+if TYPE_CHECKING:
+    from bq_onnx.passes.autodiff import GradientGraph
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The model as the pipeline sees it, and the weights it would quantize."""
+
+    model: ir.Model
+    weights: list[WeightInfo]
+    source: ModelSource | None
+
+
+def prepare(source: ModelSource, min_size: int = 128, keep_fp: Sequence[str] = ()) -> Prepared:
+    """Load ``source`` and run the pipeline's prepare passes and weight finder on it."""
+    ctx = Context(Settings(min_size=min_size, keep_fp=tuple(keep_fp)))
+    model = run_passes(load_model(source), [*prepare_passes(ctx), FindWeightsPass(ctx)])
+    return Prepared(model, ctx.weights, source)
+
+
+def fp32_outputs(sessions: TempSessions, prepared: Prepared, output: str | None, calib: Calibration,
+                 batch: int = 64) -> np.ndarray:
+    """The model's output ``output`` (None: the first) on every calibration sample, as float32."""
+    session = sessions.open(forward_model(prepared.model, [output]))
+    return np.concatenate([session.run(feeds)[0] for feeds in calib.batches(batch)]).astype(np.float32)
+
+
+def gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list[str], as_inputs: bool,
+                   model: ir.Model | None = None) -> GradientGraph:
+    """The gradient graph of ``loss`` on ``output`` with respect to ``wrt`` (weights or probes), fed the target
+    at ``bq_onnx.passes.loss.TARGET``; ``as_inputs``: the weights become inputs (Hessian-vector products).
+    ``model``: a copy of the prepared model to extend (default: a fresh copy)."""
+    from bq_onnx.passes.autodiff import build_gradient_model
+
+    model = run_passes(model if model is not None else copy_model(prepared.model), [AppendLossPass(loss, output)])
+    return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs)

@@ -1,0 +1,79 @@
+"""Output probes: a zero tensor added after a layer's output, so that the gradient with respect to the probe is
+the gradient with respect to that output. K-FAC reads its ``G`` factor from them, the batched per-sample
+gradients their ``d_n``. Probes need static output shapes, so the model is specialised to one calibration
+batch's input shapes and shape-inferred; a layer whose output shape stays unknown gets no probe."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.context import WeightInfo
+from bq_onnx.graph import specialise
+
+PROBE_SUFFIX = ".bq_probe"
+
+
+@dataclasses.dataclass
+class ProbeSite:
+    """Where one weight's layer input and output gradient are read."""
+
+    weight: str
+    op: str
+    activation: str  # value name of the layer input
+    probe: str  # probe initializer name (its gradient = dL/d output)
+    attrs: dict
+    in_axis: int  # channel/feature axis of the activation (MatMul/Gemm)
+
+
+def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    if value.shape is None or any(not isinstance(d, int) for d in value.shape):
+        return None
+    return tuple(int(d) for d in value.shape)
+
+
+def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[str, np.ndarray],
+               gather: bool = False) -> list[ProbeSite]:
+    """Specialise ``model`` (in place) to ``sample``'s shapes and add a zero probe after each MatMul, Gemm and
+    Conv layer (and, with ``gather``, after each embedding lookup: its site's activation is the index tensor)."""
+    specialise(model, sample)
+    sites = []
+    for info in weights:
+        use = next(iter(info.value.uses()), None)
+        if use is None:
+            continue
+        node, idx = use.node, use.idx
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if node.op_type == "MatMul" and idx == 1 and len(info.layout.shape) == 2:
+            axis = -1
+        elif node.op_type == "Gemm" and idx == 1:
+            axis = 0 if attrs.get("transA", 0) else 1
+        elif node.op_type == "Conv" and idx == 1 and len(info.layout.shape) == 4:
+            axis = 1
+        elif gather and node.op_type == "Gather" and idx == 0 and int(attrs.get("axis", 0)) == 0:
+            axis = 0
+        else:
+            continue
+        out = node.outputs[0]
+        shape = _static_shape(out)
+        reads = node.inputs[1] if node.op_type == "Gather" else node.inputs[0]
+        if shape is None or reads is None or reads.name is None:
+            continue
+        probe = ir.Value(name=info.name + PROBE_SUFFIX, const_value=ir.tensor(np.zeros(shape, np.float32)))
+        model.graph.register_initializer(probe)
+        add = ir.Node("", "Add", [out, probe], num_outputs=1, name=info.name + ".bq_probe_add")
+        probed = add.outputs[0]
+        probed.name = out.name + PROBE_SUFFIX
+        probed.shape, probed.type = out.shape, out.type
+        model.graph.insert_after(node, add)
+        was_output = out.is_graph_output()
+        out.replace_all_uses_with(probed, replace_graph_outputs=True)
+        add.replace_input_with(0, out)
+        if was_output:  # keep the graph's output name
+            old_name = out.name
+            out.name, probed.name = old_name + ".bq_raw", old_name
+        sites.append(ProbeSite(info.name, node.op_type, reads.name, probe.name, attrs, axis))
+    return sites

@@ -1,0 +1,102 @@
+"""``laplace`` and ``fisher-mc``: the mean of squared per-sample gradients, the one method differing from the
+other only in the loss targets (``laplace``: labels, or the FP32 model's top-1 class: the empirical Fisher;
+``fisher-mc``: labels drawn from the model's predictive distribution: the true Fisher; for ``mse`` outputs
+without labels both use the FP32 output plus unit Gaussian noise, the Gauss-Newton diagonal).
+
+Weights :mod:`~bq_onnx.estimators.batched` covers are summed from batched runs; the rest one sample per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+
+from bq_onnx.calibration import Calibration
+from bq_onnx.estimators.base import Batch, GradientEstimator, PosteriorPart, Stage
+from bq_onnx.estimators.batched import BatchedFisherStage, BatchedGraph
+from bq_onnx.estimators.loss_targets import TargetDraws
+from bq_onnx.graph import specialise
+from bq_onnx.model_io import copy_model
+from bq_onnx.passes.loss import TARGET
+from bq_onnx.posterior import SumAccumulator
+from bq_onnx.runtimes.base import Session
+
+
+class SquaredGradientSums:
+    """Sums of squared per-sample weight gradients from one-sample runs of a gradient graph."""
+
+    def __init__(self, stage: PerSampleStage) -> None:
+        self.stage = stage
+        self.sums = SumAccumulator()
+
+    def update(self, batch: Batch) -> None:
+        s = self.stage
+        result = s.session.run({**s.calib.select(batch.rows), TARGET: s.targets[batch.draw][batch.rows]})
+        by_name = dict(zip(s.session.output_names, result))
+        self.sums.update({w: np.square(by_name[s.gradients[w]]) for w in s.wrt}, samples=batch.count)
+
+    def merge(self, other: SquaredGradientSums) -> SquaredGradientSums:
+        self.sums.merge(other.sums)
+        return self
+
+    def finalize(self) -> PosteriorPart:
+        return PosteriorPart(self.sums.mean(), {w: self.stage.source for w in self.stage.wrt})
+
+
+@dataclasses.dataclass
+class PerSampleStage(Stage):
+    """Every draw, every sample on its own through a gradient graph specialised to batch 1."""
+
+    session: Session
+    gradients: dict[str, str]
+    wrt: list[str]
+    calib: Calibration
+    targets: TargetDraws
+    draws: int
+    source: str
+
+    def __post_init__(self) -> None:
+        self.desc = self.source
+
+    def accumulator(self) -> SquaredGradientSums:
+        return SquaredGradientSums(self)
+
+    def batches(self, samples: range) -> Iterator[Batch]:
+        for draw in range(self.draws):
+            for i in samples:
+                yield Batch(slice(i, i + 1), draw)
+
+
+class SquaredGradients(GradientEstimator):
+    """Mean squared per-sample gradients against this estimator's targets (``name``)."""
+
+    def stages(self) -> Iterator[Stage]:
+        p, opts = self.problem, self.problem.options
+        self.reference()
+        names = [w.name for w in self.weights]
+        batch = min(opts.batch_size, p.calib.num_samples)
+        graph = (BatchedGraph.build(p.sessions, p.prepared, p.calib, opts.loss, opts.output, batch)
+                 if batch > 1 else None)
+        if graph is not None:
+            targets = TargetDraws(self.name, opts.loss, self.outputs, self.labels, p.rng)
+            yield BatchedFisherStage(graph, p.calib, targets, opts.mc_samples, self.name, p.spill)
+            names = [w for w in names if w not in graph.covered]
+        if not names:
+            return
+        model = specialise(copy_model(p.prepared.model), next(p.calib.batches(1)))
+        loop = self.gradient_graph(names, model=model)
+        wrt = [w for w in names if w in loop.gradients]
+        if wrt:
+            targets = TargetDraws(self.name, opts.loss, self.outputs, self.labels, p.rng)
+            yield PerSampleStage(p.sessions.open(loop.model), dict(loop.gradients), wrt, p.calib, targets,
+                                 opts.mc_samples, self.name)
+
+
+class Laplace(SquaredGradients):
+    name = "laplace"
+
+
+class FisherMC(SquaredGradients):
+    name = "fisher-mc"

@@ -1,0 +1,123 @@
+"""Graph surgery the estimators and measured passes share: which values a model outputs, fixed or forgotten
+shapes, and where a weight's layer reads its input. Each function works on a copy the caller owns."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.calibration import Calibration
+from bq_onnx.context import WeightInfo
+from bq_onnx.model_io import copy_model
+from bq_onnx.passes.loss import output_value
+
+
+def forward_model(model: ir.Model, outputs: Sequence[str | None]) -> ir.Model:
+    """A copy of ``model`` whose outputs are the named values (``None``: the first graph output)."""
+    copy = copy_model(model)
+    values = {v.name: v for v in all_values(copy)} | {v.name: v for v in copy.graph.outputs}
+    chosen = [output_value(copy, name) if name is None or name in {v.name for v in copy.graph.outputs}
+              else values[name] for name in outputs]
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(chosen)
+    return copy
+
+
+def all_values(model: ir.Model) -> Iterator[ir.Value]:
+    """The graph inputs and every node output (the values a forward model can return)."""
+    yield from model.graph.inputs
+    for node in model.graph:
+        yield from node.outputs
+
+
+def forget_shapes(model: ir.Model) -> None:
+    """Drop every node output's shape (exported annotations would stop inferred shapes from propagating)."""
+    for node in model.graph:
+        for out in node.outputs:
+            out.shape = None
+
+
+def specialise(model: ir.Model, sample: Mapping[str, np.ndarray]) -> ir.Model:
+    """Fix the inputs to one sample's shapes and infer the rest: per-sample gradient graphs run at batch 1, and
+    static shapes let the autodiff use its direct Conv weight-gradient form (2-3x faster than the unfold form
+    that symbolic shapes need)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    for value in model.graph.inputs:
+        if value.name in sample:
+            value.shape = ir.Shape(list(sample[value.name].shape))
+    ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    return model
+
+
+def weights_of(model: ir.Model, weights: Sequence[WeightInfo]) -> list[WeightInfo]:
+    """``weights`` re-pointed at the same-named initializers of ``model`` (a copy of theirs)."""
+    return [dataclasses.replace(w, value=model.graph.initializers[w.name]) for w in weights]
+
+
+def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: Calibration) -> dict[str, int]:
+    """Weights whose single consumer reads and writes sample-major tensors (first axis = the calibration
+    sample axis, by shape inference with a symbolic batch), with their use counts. A model whose inputs have a
+    fixed first dimension is not batched at all. ``model``: a copy whose shapes this rewrites."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    symbol = "bq_samples"
+    for value in model.graph.inputs:
+        dims = calib.sample_shape(value.name)
+        if dims is None:
+            continue
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
+            return {}
+        value.shape = ir.Shape([symbol, *dims])
+    forget_shapes(model)
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    except Exception:  # noqa: BLE001 - no inferred shapes: nothing is known to be sample-major
+        return {}
+
+    def sample_major(value: ir.Value | None) -> bool:
+        if value is None or value.shape is None or len(value.shape) < 2:
+            return False
+        dim = value.shape[0]
+        return isinstance(dim, ir.SymbolicDim) and dim.value == symbol
+
+    found = {}
+    for info in weights:
+        uses = list(model.graph.initializers[info.name].uses())
+        if not uses:
+            continue
+        node = uses[0].node
+        reads = node.inputs[1] if node.op_type == "Gather" and len(node.inputs) > 1 else node.inputs[0]
+        if sample_major(reads) and sample_major(node.outputs[0]):
+            found[info.name] = len(uses)
+    return found
+
+
+#: How a layer reads its input channels: ``(kind, argument)`` (see :func:`activation_site`).
+Reduction = tuple[str, int | None]
+
+
+def activation_site(weight: ir.Value) -> tuple[ir.Value | None, Reduction | None]:
+    """(activation value, how to reduce it) for the first consumer that reads the weight as a weight."""
+    for use in weight.uses():
+        node, idx = use.node, use.idx
+        op = node.op_type
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if op == "MatMul" and idx == 1:
+            return node.inputs[0], ("last", None)
+        if op == "MatMul" and idx == 0:
+            return node.inputs[1], ("second_last", None)
+        if op == "Gemm" and idx == 1:
+            return node.inputs[0], ("axis", 0 if attrs.get("transA", 0) else 1)
+        if op == "Gemm" and idx == 0:
+            return node.inputs[1], ("axis", 1 if attrs.get("transB", 0) else 0)
+        if op == "Conv" and idx == 1:
+            return node.inputs[0], ("channels", int(attrs.get("group", 1)))
+        if op == "ConvTranspose" and idx == 1:
+            return node.inputs[0], ("in_channels", None)
+        if op == "Gather" and idx == 0:
+            return node.inputs[1], ("tokens", None)
+    return None, None

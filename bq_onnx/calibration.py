@@ -95,8 +95,10 @@ class Calibration:
                 return value.shape[axis]
         return 1  # every input is shared: one sample
 
-    def sample_shape(self, name: str) -> tuple[int, ...]:
-        """The shape of one sample of an input (its sample axis removed)."""
+    def sample_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of one sample of input ``name``, its sample axis removed (None: no such input here)."""
+        if name not in self.arrays:
+            return None
         shape = self.arrays[name].shape
         axis = self.axis(name)
         return shape if axis is None else shape[:axis] + shape[axis + 1 :]
@@ -110,10 +112,6 @@ class Calibration:
         """Feeds of the samples ``rows`` (a slice or an index array): the one way consumers take samples, so
         where each input keeps its samples stays this object's business."""
         return {k: _along(v, self.axis(k), rows) for k, v in self.arrays.items()}
-
-    def sample_shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape of one sample of input ``name`` (None: this data has no such input)."""
-        return tuple(self.arrays[name].shape[1:]) if name in self.arrays else None
 
     def take(self, count: int) -> Calibration:
         return Calibration(self.select(slice(0, count)), self.source, dict(self.axes))

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from bq_onnx import allocation as al
 from bq_onnx.allocation import Block, LayerStats
+from bq_onnx.allocation.random_bits import _block_percentiles
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -493,7 +494,7 @@ def test_random_bits_subsampling_seed_and_blocked_ranges():
 def test_block_percentiles_match_numpy():
     x = np.random.default_rng(2).standard_normal((70, 5))  # blocks of 32, 32 and a ragged 6 rows
     qs = (0.0, 100.0, 5.0, 95.0, 50.0)
-    got = al._block_percentiles(x, 32, qs).reshape(len(qs), 3, 5)
+    got = _block_percentiles(x, 32, qs).reshape(len(qs), 3, 5)
     for i, q in enumerate(qs):
         for b, (r0, r1) in enumerate([(0, 32), (32, 64), (64, 70)]):
             np.testing.assert_allclose(got[i, b], np.percentile(x[r0:r1], q, axis=0), rtol=1e-12)

@@ -20,7 +20,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from bq_onnx.passes.vjp_common import Emitter, Vjp, is_float
+from bq_onnx.emitter import GradientEmitter
+from bq_onnx.passes.vjp_common import Vjp, is_float
 from bq_onnx.passes.vjp_rules import NON_DIFFERENTIABLE, RULES, RuleUnavailable, rule_for
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def build_gradient_model(
         weights[name] = value
 
     taken = set(values) | {node.name for node in graph if node.name}
-    em = Emitter(_free_prefix(taken, "grad/"))
+    em = GradientEmitter(_free_prefix(taken, "grad/"))
     loss_value = values[loss]
     if not is_float(loss_value):
         raise ValueError(f"loss '{loss}' is not a float value")
@@ -232,7 +233,7 @@ def _path_to_loss(
     return path, needed
 
 
-def _total(em: Emitter, parts: list[ir.Value]) -> ir.Value | None:
+def _total(em: GradientEmitter, parts: list[ir.Value]) -> ir.Value | None:
     """Sum of the gradient contributions reaching one value (several consumers: accumulate with Add)."""
     if not parts:
         return None
@@ -243,7 +244,7 @@ def _total(em: Emitter, parts: list[ir.Value]) -> ir.Value | None:
 
 
 def _backward(
-    em: Emitter,
+    em: GradientEmitter,
     path: list[ir.Node],
     loss: ir.Value,
     deps: dict[ir.Value, frozenset[str]],

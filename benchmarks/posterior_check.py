@@ -28,6 +28,7 @@ import onnxruntime
 from scipy.stats import spearmanr
 
 import bq_onnx
+from bq_onnx.autodiff.loss import TARGET
 from bq_onnx.calibration import load_calibration
 from bq_onnx.estimate import (
     BatchedFisher,
@@ -40,7 +41,6 @@ from bq_onnx.estimate import (
     specialise,
 )
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.loss import TARGET
 from bq_onnx.table import render
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

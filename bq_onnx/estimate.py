@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import LOSS, LOSS_KINDS, TARGET, output_value
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.context import Context, Settings, WeightInfo
 from bq_onnx.errors import DataError, ModelError, UsageError
 from bq_onnx.model_io import copy_model, load_model, model_nbytes, save_model
 from bq_onnx.passes.find_weights import FindWeightsPass
-from bq_onnx.passes.loss import LOSS, LOSS_KINDS, TARGET, AppendLossPass, output_value
+from bq_onnx.passes.loss import AppendLossPass
 from bq_onnx.pipeline import prepare_passes, run_passes
 from bq_onnx.posterior import (
     DEFAULT_PRIOR_PRECISION,
@@ -239,7 +240,7 @@ def _targets(method: str, loss: str, outputs: np.ndarray, labels: np.ndarray | N
 
 def _gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list[str], as_inputs: bool,
                     model: ir.Model | None = None):
-    from bq_onnx.passes.autodiff import build_gradient_model
+    from bq_onnx.autodiff.gradient import build_gradient_model
 
     model = run_passes(model if model is not None else copy_model(prepared.model), [AppendLossPass(loss, output)])
     return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs)

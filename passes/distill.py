@@ -17,14 +17,14 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.gradient import build_gradient_model
+from bq_onnx.autodiff.loss import LOSS, TARGET, append_loss
 from bq_onnx.calibration import CalibrationSource, load_calibration
 from bq_onnx.context import Context
+from bq_onnx.decode.ops import BlockDims, expand_blocks, restore_layout, vector_rows
 from bq_onnx.emitter import GraphEmitter
 from bq_onnx.estimate import TempSessions, forward_model, softmax
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.decode_ops import BlockDims, expand_blocks, restore_layout, vector_rows
-from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass
-from bq_onnx.pipeline import run_passes
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, to_fp16_exact
 from bq_onnx.qtensor import expand_blocks as expand_rows
@@ -68,8 +68,6 @@ class DistillPass(ir.passes.InPlacePass):
         assert self.ctx.quantized, "QuantizeWeightsPass must run first"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from bq_onnx.passes.autodiff import build_gradient_model
-
         ctx = self.ctx
         calib = load_calibration(self.calibration, model, self.max_samples)
         n = calib.num_samples
@@ -80,7 +78,7 @@ class DistillPass(ir.passes.InPlacePass):
             forward = sessions.open(forward_model(model, [self.output]))
             targets = np.concatenate([softmax(forward.run(b)[0]) for b in calib.batches(64)])
             training, params = self._training_model(model)
-            training = run_passes(training, [AppendLossPass("kl", self.output)])
+            append_loss(training, "kl", self.output)
             graph = build_gradient_model(training, LOSS, list(params), weights_as_inputs=True)
             missing = [p for p in params if p not in graph.gradients]
             if missing:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.emitter import GraphEmitter
-from bq_onnx.packing import pack_bits
-from bq_onnx.passes.compact_functions import (
+from bq_onnx.decode.functions import (
     DOMAIN,
     DOMAIN_VERSION,
     OUTLIER_FUNCTION,
@@ -23,8 +21,10 @@ from bq_onnx.passes.compact_functions import (
     vector_function_name,
     vector_layout,
 )
-from bq_onnx.passes.decode_ops import layout_vector, outlier_arrays
-from bq_onnx.passes.rewrite import RewritePass
+from bq_onnx.decode.ops import layout_vector, outlier_arrays
+from bq_onnx.decode.rewrite import RewritePass
+from bq_onnx.emitter import GraphEmitter
+from bq_onnx.packing import pack_bits
 from bq_onnx.qtensor import QuantizedTensor
 
 

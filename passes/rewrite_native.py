@@ -15,9 +15,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.decode.ops import BlockDims, add_outliers, expand_blocks, outlier_arrays, vector_rows
+from bq_onnx.decode.rewrite import RewritePass
 from bq_onnx.emitter import GraphEmitter, i64
-from bq_onnx.passes.decode_ops import BlockDims, add_outliers, expand_blocks, outlier_arrays, vector_rows
-from bq_onnx.passes.rewrite import RewritePass
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 

@@ -13,8 +13,8 @@ import json
 import onnx_ir as ir
 
 from bq_onnx.context import Context, WeightInfo
+from bq_onnx.decode.ops import restore_layout
 from bq_onnx.emitter import GraphEmitter
-from bq_onnx.passes.decode_ops import restore_layout
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 from bq_onnx.sizes import layer_record
 

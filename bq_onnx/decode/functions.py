@@ -1,6 +1,6 @@
 """Model-local decode functions of the ``compact`` format, in the custom domain ``bq``.
 
-One function per (decode kind, bit width) actually used, built from standard ops only (see decode_ops), with the
+One function per (decode kind, bit width) actually used, built from standard ops only (see :mod:`.ops`), with the
 model's own opset; vector codebooks get one per (vector length, index bits), and sparse outliers one ``AddOutliers``
 applied to the dense decode. Inputs: the packed codes, the metadata, and a ``layout = [K, N, nb, G]`` int64 vector;
 output: the float32 ``(K, N)`` view. onnxruntime inlines and constant-folds them at session creation; OpenVINO needs
@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.emitter import FunctionEmitter, i64
-from bq_onnx.passes.decode_ops import (
+from bq_onnx.decode.ops import (
     BlockDims,
     add_outliers,
     expand_blocks,
@@ -21,6 +20,7 @@ from bq_onnx.passes.decode_ops import (
     unpack_codes,
     vector_rows,
 )
+from bq_onnx.emitter import FunctionEmitter, i64
 
 DOMAIN = "bq"
 DOMAIN_VERSION = 1

@@ -207,6 +207,15 @@ def test_bad_input_raises(method):
         al.allocate(method, [one()], float("nan"), **opts)
 
 
+def test_registry_gives_the_methods_in_the_clis_order_and_dispatches_by_name():
+    assert al.METHODS == ("uniform", "greedy", "dp", "quantile-inform", "random-bits", "selective")
+    assert tuple(al.ALLOCATORS) == al.METHODS
+    blocks = [one(), one("b")]
+    assert al.allocate("GREEDY", blocks, 6.0) == al.ALLOCATORS["greedy"](blocks, 6.0)
+    layers = {"a": LayerStats(np.ones(3), 1.0), "b": LayerStats(np.ones(3), 1.0)}
+    assert al.allocate("random_bits", blocks, 6.0, layers=layers, steps=5).method == "random-bits"
+
+
 def test_bad_options_raise():
     blocks = [one(), one("b")]
     with pytest.raises(ValueError, match="unknown allocation method"):

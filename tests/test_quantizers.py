@@ -650,3 +650,11 @@ def test_weights_steer_the_uniform_search():
     plain = q.quantize(w, 3, "uniform", 32)
     steered = q.quantize(w, 3, "uniform", 32, weights)
     assert q.quantization_error(w, steered, weights) < q.quantization_error(w, plain, weights)
+
+
+def test_registry_gives_the_methods_in_the_clis_order():
+    assert q.METHODS == ("uniform", "uniform-sym", "percentile", "gaussian", "nf", "lloyd", "lloyd-l1")
+    assert tuple(q.SCALAR_QUANTIZERS) == q.METHODS
+    assert (*q.METHODS, "vq", "vq2", "vq4", "vq8", "auto") == q.QUANTIZERS
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        q.quantize(np.ones((4, 2)), 2, "kmeans")

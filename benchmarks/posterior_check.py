@@ -28,6 +28,7 @@ import onnxruntime
 from scipy.stats import spearmanr
 
 import bq_onnx
+from bq_onnx.autodiff.loss import TARGET
 from bq_onnx.calibration import load_calibration
 from bq_onnx.estimators import estimate_posterior, prepare
 from bq_onnx.estimators.base import Batch
@@ -35,7 +36,6 @@ from bq_onnx.estimators.batched import BatchedFisher, BatchedGraph
 from bq_onnx.estimators.prepared import fp32_outputs, gradient_graph
 from bq_onnx.graph import specialise
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.loss import TARGET
 from bq_onnx.probabilities import softmax
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.table import render

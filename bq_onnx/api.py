@@ -249,7 +249,7 @@ def optimize(
     outliers (counted in the payload), ``"auto"`` (the tables choose none or one of
     :data:`bq_onnx.outliers.FRACTIONS` per tensor and width), default none (``auto`` with ``quantizer="auto"``).
     ``calib`` (calibration data, see :func:`bq_onnx.calibration.load_calibration`) estimates a posterior with
-    ``posterior_options`` (fields of :class:`bq_onnx.estimate.PosteriorOptions`: method, loss, labels, ...);
+    ``posterior_options`` (fields of :class:`bq_onnx.estimators.PosteriorOptions`: method, loss, labels, ...);
     ``posterior`` gives one instead (a file from ``bq-onnx posterior`` or an external Bayesian network's); with
     both, ``calib`` only serves ``tables="mc"`` and distillation.
     The posterior precision weights each quantizer's error and the expected-loss tables.

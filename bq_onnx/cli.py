@@ -194,8 +194,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _posterior_options(p, include_calib: bool) -> None:
+    from bq_onnx.autodiff.loss import LOSS_KINDS
     from bq_onnx.estimators.registry import METHODS
-    from bq_onnx.passes.loss import LOSS_KINDS
     from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION
 
     p.add_argument("--method", choices=[m for m in METHODS if m != "external"], default="laplace",

@@ -9,10 +9,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import output_value
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.loss import output_value
 
 
 def forward_model(model: ir.Model, outputs: Sequence[str | None]) -> ir.Model:

@@ -11,10 +11,10 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bq_onnx.context import Context, Settings
+from bq_onnx.decode.rewrite import METADATA_KEY
 from bq_onnx.errors import UnsupportedError
 from bq_onnx.model_io import load_model
 from bq_onnx.passes.find_weights import FindWeightsPass
-from bq_onnx.passes.rewrite import METADATA_KEY
 
 
 def _nbytes(model: ir.Model, name: str) -> int:

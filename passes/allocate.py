@@ -16,9 +16,9 @@ import onnx_ir as ir
 
 from bq_onnx import allocation
 from bq_onnx.context import Context
+from bq_onnx.decode.functions import vector_layout
+from bq_onnx.decode.ops import layout_vector
 from bq_onnx.errors import UnsupportedError, UsageError
-from bq_onnx.passes.compact_functions import vector_layout
-from bq_onnx.passes.decode_ops import layout_vector
 
 
 def _min_bits(ctx: Context, weight: str) -> int:

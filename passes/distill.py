@@ -17,13 +17,14 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.gradient import build_gradient_model
+from bq_onnx.autodiff.loss import LOSS, TARGET, append_loss
 from bq_onnx.calibration import CalibrationSource, load_calibration
 from bq_onnx.context import Context
+from bq_onnx.decode.ops import BlockDims, expand_blocks, restore_layout, vector_rows
+from bq_onnx.emitter import GraphEmitter
 from bq_onnx.graph import forward_model
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.decode_ops import BlockDims, Emitter, expand_blocks, restore_layout, vector_rows
-from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass
-from bq_onnx.pipeline import run_passes
 from bq_onnx.probabilities import softmax
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, to_fp16_exact
@@ -43,7 +44,7 @@ def _rebuild(q, pieces: list[tuple[int, int, QuantizedTensor]]):
     return pieces[0][2]
 
 
-def _with_outliers(em: Emitter, x: ir.Value, qt: QuantizedTensor) -> ir.Value:
+def _with_outliers(em: GraphEmitter, x: ir.Value, qt: QuantizedTensor) -> ir.Value:
     """``x`` plus the sparse outliers as a dense constant (kept fixed; equal to the stored sparse add)."""
     if qt.outlier_index is None:
         return x
@@ -69,8 +70,6 @@ class DistillPass(ir.passes.InPlacePass):
         assert self.ctx.quantized, "QuantizeWeightsPass must run first"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from bq_onnx.passes.autodiff import build_gradient_model
-
         ctx = self.ctx
         calib = load_calibration(self.calibration, model, self.max_samples)
         n = calib.num_samples
@@ -81,7 +80,7 @@ class DistillPass(ir.passes.InPlacePass):
             forward = sessions.open(forward_model(model, [self.output]))
             targets = np.concatenate([softmax(forward.run(b)[0]) for b in calib.batches(64)])
             training, params = self._training_model(model)
-            training = run_passes(training, [AppendLossPass("kl", self.output)])
+            append_loss(training, "kl", self.output)
             graph = build_gradient_model(training, LOSS, list(params), weights_as_inputs=True)
             missing = [p for p in params if p not in graph.gradients]
             if missing:
@@ -139,14 +138,14 @@ class DistillPass(ir.passes.InPlacePass):
         shared: dict = {}
         nodes: list[ir.Node] = []
         for info in ctx.weights:
-            em = Emitter(f"{info.name}.distill/", in_function=False, shared=shared)
+            em = GraphEmitter(f"{info.name}.distill/", shared)
             views = []
             for i, (_, _, qt) in enumerate(_pieces(ctx.quantized[info.name])):
                 prefix = f"{info.name}.p{i}"
                 k, n = qt.shape
                 dims = BlockDims.constant(em, k, n, qt.block_size)
 
-                def trainable(name: str, array: np.ndarray, prefix: str = prefix, em: Emitter = em) -> ir.Value:
+                def trainable(name: str, array: np.ndarray, prefix: str = prefix, em: GraphEmitter = em) -> ir.Value:
                     full = f"{prefix}.{name}"
                     params[full] = np.asarray(array, dtype=np.float32).copy()
                     return em.tensor(params[full], full)

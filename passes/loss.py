@@ -1,30 +1,12 @@
-"""Append a scalar loss to a model so the autodiff pass can differentiate it.
-
-One graph serves every classification use: ``loss = -sum(target * LogSoftmax(logits))`` with the target fed
-at run time. Feeding the FP32 model's own probabilities gives the label-free KL (up to the constant entropy,
-which has no gradient); one-hot labels give cross-entropy; one-hot pseudo-labels or labels sampled from the
-predictive distribution give the empirical and the Monte-Carlo Fisher. ``mse`` (``0.5 * sum((y - target)^2)``)
-serves regression and embedding outputs.
-"""
+"""Append a scalar loss to a model so the autodiff pass can differentiate it (the loss itself:
+:mod:`bq_onnx.autodiff.loss`)."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import LOSS_KINDS, append_loss
 from bq_onnx.errors import UsageError
-
-LOSS = "bq_loss"
-TARGET = "bq_target"
-LOSS_KINDS = ("kl", "ce", "mse")
-
-
-def output_value(model: ir.Model, output: str | None) -> ir.Value:
-    outputs = {v.name: v for v in model.graph.outputs}
-    if output is None:
-        return model.graph.outputs[0]
-    if output not in outputs:
-        raise UsageError(f"output '{output}' is not a graph output (outputs: {', '.join(outputs)})")
-    return outputs[output]
 
 
 class AppendLossPass(ir.passes.InPlacePass):
@@ -38,27 +20,5 @@ class AppendLossPass(ir.passes.InPlacePass):
         self.axis = axis
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        y = output_value(model, self.output)
-        target = ir.Value(name=TARGET, type=ir.TensorType(ir.DataType.FLOAT), shape=y.shape)
-        tape = ir.tape.Tape()
-        if self.kind == "mse":
-            diff = tape.op("Sub", [y, target])
-            total = tape.op("ReduceSum", [tape.op("Mul", [diff, diff])], attributes={"keepdims": 0})
-            half = tape.initializer(ir.tensor(0.5, dtype=ir.DataType.FLOAT, name="bq_half"))
-            loss = tape.op("Mul", [total, half])
-        else:
-            log_q = tape.op("LogSoftmax", [y], attributes={"axis": self.axis})
-            loss = tape.op(
-                "Neg", [tape.op("ReduceSum", [tape.op("Mul", [target, log_q])], attributes={"keepdims": 0})]
-            )
-        loss.name = LOSS
-        loss.type = ir.TensorType(ir.DataType.FLOAT)
-        loss.shape = ir.Shape([])
-        graph.inputs.append(target)
-        for value in tape.initializers:
-            graph.register_initializer(value)
-        graph.extend(tape.nodes)
-        graph.outputs.clear()
-        graph.outputs.append(loss)
+        append_loss(model, self.kind, self.output, self.axis)
         return ir.passes.PassResult(model, modified=True)

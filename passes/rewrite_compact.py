@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.packing import pack_bits
-from bq_onnx.passes.compact_functions import (
+from bq_onnx.decode.functions import (
     DOMAIN,
     DOMAIN_VERSION,
     OUTLIER_FUNCTION,
@@ -22,8 +21,10 @@ from bq_onnx.passes.compact_functions import (
     vector_function_name,
     vector_layout,
 )
-from bq_onnx.passes.decode_ops import Emitter, layout_vector, outlier_arrays
-from bq_onnx.passes.rewrite import RewritePass
+from bq_onnx.decode.ops import layout_vector, outlier_arrays
+from bq_onnx.decode.rewrite import RewritePass
+from bq_onnx.emitter import GraphEmitter
+from bq_onnx.packing import pack_bits
 from bq_onnx.qtensor import QuantizedTensor
 
 
@@ -37,13 +38,13 @@ class RewriteCompactPass(RewritePass):
             model.functions[fn.identifier()] = fn
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
 
-    def emit_outliers(self, em: Emitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def emit_outliers(self, em: GraphEmitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         self._function(model, OUTLIER_FUNCTION, build_outlier_function)
         index, value = outlier_arrays(qt.outlier_index, qt.outlier_value, qt.shape[0] * qt.shape[1])
         inputs = [x, em.tensor(index, f"{name}.bq_outlier_index"), em.tensor(value, f"{name}.bq_outlier_value")]
         return em.op(OUTLIER_FUNCTION, inputs, OUTLIER_FUNCTION, domain=DOMAIN)
 
-    def _vector(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def _vector(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         """Indices packed at exactly ``bits * d`` bits: the low 8 in one stream, the rest in a second."""
         k, n = qt.shape
         d, ib = qt.vector_dim, qt.index_bits
@@ -58,7 +59,7 @@ class RewriteCompactPass(RewritePass):
         layout = em.const(vector_layout(k, n, qt.block_size, d), "layout")
         return em.op(fname, [*inputs, layout], fname, domain=DOMAIN)
 
-    def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         if qt.kind == "vector":
             return self._vector(em, qt, name, model)
         k, n = qt.shape

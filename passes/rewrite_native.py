@@ -15,8 +15,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.passes.decode_ops import BlockDims, Emitter, add_outliers, expand_blocks, i64, outlier_arrays, vector_rows
-from bq_onnx.passes.rewrite import RewritePass
+from bq_onnx.decode.ops import BlockDims, add_outliers, expand_blocks, outlier_arrays, vector_rows
+from bq_onnx.decode.rewrite import RewritePass
+from bq_onnx.emitter import GraphEmitter, i64
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 
@@ -67,7 +68,7 @@ class RewriteNativePass(RewritePass):
             method=uniform[0].method,
         )
 
-    def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         k, n = qt.shape
         g, _nb = qt.block_size, qt.num_blocks
         if qt.kind == "uniform":
@@ -92,14 +93,14 @@ class RewriteNativePass(RewritePass):
             x = em.op("Add", [x, expand_blocks(em, em.op("Cast", [offset], to=ir.DataType.FLOAT), dims)])
         return x
 
-    def emit_outliers(self, em: Emitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def emit_outliers(self, em: GraphEmitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         k, n = qt.shape
         index, value = outlier_arrays(qt.outlier_index, qt.outlier_value, k * n)
         return add_outliers(em, x, em.tensor(index, f"{name}.bq_outlier_index"),
                             em.tensor(value, f"{name}.bq_outlier_value"), em.const(i64(k, n), "shape"))
 
     @staticmethod
-    def _vector(em: Emitter, qt: QuantizedTensor, name: str, dims: BlockDims) -> ir.Value:
+    def _vector(em: GraphEmitter, qt: QuantizedTensor, name: str, dims: BlockDims) -> ir.Value:
         k, n = qt.shape
         ib = qt.index_bits
         if ib <= 8:
@@ -124,7 +125,7 @@ class RewriteNativePass(RewritePass):
         return get_profile(target).int4_blocked_only
 
     @staticmethod
-    def _dequantize_linear(em: Emitter, qt: QuantizedTensor, name: str, blocked_int4: bool = False) -> ir.Value:
+    def _dequantize_linear(em: GraphEmitter, qt: QuantizedTensor, name: str, blocked_int4: bool = False) -> ir.Value:
         k, n = qt.shape
         g, nb = qt.block_size, qt.num_blocks
         signed = qt.symmetric

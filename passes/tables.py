@@ -31,11 +31,11 @@ import onnx_ir as ir
 
 from bq_onnx.context import Context
 from bq_onnx.errors import UsageError
-from bq_onnx.passes.quantize import design, weight_view
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
 from bq_onnx.quantizers import Spec, candidates
 from bq_onnx.sizes import block_metadata_bits, codebook_bits
+from bq_onnx.weights import design, weight_view
 
 
 @dataclasses.dataclass

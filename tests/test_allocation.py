@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from bq_onnx import allocation as al
 from bq_onnx.allocation import Block, LayerStats
+from bq_onnx.allocation.random_bits import _block_percentiles
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -204,6 +205,15 @@ def test_bad_input_raises(method):
         al.allocate(method, [one(loss=(np.nan, 1.0))], 10.0, **opts)
     with pytest.raises(ValueError, match="budget"):
         al.allocate(method, [one()], float("nan"), **opts)
+
+
+def test_registry_gives_the_methods_in_the_clis_order_and_dispatches_by_name():
+    assert al.METHODS == ("uniform", "greedy", "dp", "quantile-inform", "random-bits", "selective")
+    assert tuple(al.ALLOCATORS) == al.METHODS
+    blocks = [one(), one("b")]
+    assert al.allocate("GREEDY", blocks, 6.0) == al.ALLOCATORS["greedy"](blocks, 6.0)
+    layers = {"a": LayerStats(np.ones(3), 1.0), "b": LayerStats(np.ones(3), 1.0)}
+    assert al.allocate("random_bits", blocks, 6.0, layers=layers, steps=5).method == "random-bits"
 
 
 def test_bad_options_raise():
@@ -493,7 +503,7 @@ def test_random_bits_subsampling_seed_and_blocked_ranges():
 def test_block_percentiles_match_numpy():
     x = np.random.default_rng(2).standard_normal((70, 5))  # blocks of 32, 32 and a ragged 6 rows
     qs = (0.0, 100.0, 5.0, 95.0, 50.0)
-    got = al._block_percentiles(x, 32, qs).reshape(len(qs), 3, 5)
+    got = _block_percentiles(x, 32, qs).reshape(len(qs), 3, 5)
     for i, q in enumerate(qs):
         for b, (r0, r1) in enumerate([(0, 32), (32, 64), (64, 70)]):
             np.testing.assert_allclose(got[i, b], np.percentile(x[r0:r1], q, axis=0), rtol=1e-12)

@@ -35,7 +35,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bq_onnx.passes.autodiff import AutodiffPass, GradientGraph, build_gradient_model, supported_ops
+from bq_onnx.autodiff.gradient import GradientGraph, build_gradient_model, supported_ops
+from bq_onnx.passes.autodiff import AutodiffPass
 from bq_onnx.runtimes.ov import EXACT_CONFIG
 from tests.conftest import MODELS
 

@@ -16,6 +16,7 @@ from scipy.stats import norm
 
 from bq_onnx import quantizers as q
 from bq_onnx.qtensor import QuantizedTensor, expand_blocks, num_blocks, to_fp16_exact
+from bq_onnx.quantizers import blocked, lloyd
 
 METHODS = q.METHODS
 PAPER003_V = np.array([3.2, -1.4, 2.5, -0.9, 1.8, -3.7, 0.0, 4.0, 2.2, -1.3])
@@ -320,9 +321,9 @@ def test_chunking_does_not_change_results(method, monkeypatch):
     for bits in (1, 3, 8):
         ref = q.quantize(w, bits, method, 8, weights)
         with monkeypatch.context() as mp:
-            mp.setattr(q, "_CHUNK", 5)  # chunks of one block row
+            mp.setattr(blocked, "_CHUNK", 5)  # chunks of one block row
             assert same(ref, q.quantize(w, bits, method, 8, weights))
-            mp.setattr(q, "_CHUNK", 40)  # several rows, last chunk short
+            mp.setattr(blocked, "_CHUNK", 40)  # several rows, last chunk short
             assert same(ref, q.quantize(w, bits, method, 8, weights))
 
 
@@ -524,7 +525,7 @@ def test_lloyd_codebook_degenerate_inputs():
 
 
 def test_lloyd_subsample_is_seeded(monkeypatch):
-    monkeypatch.setattr(q, "LLOYD_FIT_SAMPLE", 50)
+    monkeypatch.setattr(lloyd, "LLOYD_FIT_SAMPLE", 50)
     w = make_data(np.random.default_rng(4), "outliers", 64, 8)
     for method in ("lloyd", "lloyd-l1"):
         a = q.quantize(w, 3, method, 16, seed=1)
@@ -649,3 +650,11 @@ def test_weights_steer_the_uniform_search():
     plain = q.quantize(w, 3, "uniform", 32)
     steered = q.quantize(w, 3, "uniform", 32, weights)
     assert q.quantization_error(w, steered, weights) < q.quantization_error(w, plain, weights)
+
+
+def test_registry_gives_the_methods_in_the_clis_order():
+    assert q.METHODS == ("uniform", "uniform-sym", "percentile", "gaussian", "nf", "lloyd", "lloyd-l1")
+    assert tuple(q.SCALAR_QUANTIZERS) == q.METHODS
+    assert (*q.METHODS, "vq", "vq2", "vq4", "vq8", "auto") == q.QUANTIZERS
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        q.quantize(np.ones((4, 2)), 2, "kmeans")

@@ -30,8 +30,8 @@ from bq_onnx.progress import progress
 from bq_onnx.runtimes.sessions import TempSessions
 
 if TYPE_CHECKING:
+    from bq_onnx.autodiff.gradient import GradientGraph
     from bq_onnx.estimators.options import PosteriorOptions  # options checks names against the registry
-    from bq_onnx.passes.autodiff import GradientGraph
 
 
 @dataclasses.dataclass

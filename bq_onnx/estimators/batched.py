@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bq_onnx.autodiff.loss import TARGET
 from bq_onnx.calibration import Calibration
 from bq_onnx.estimators.base import Batch, PosteriorPart, Stage, sample_batches
 from bq_onnx.estimators.loss_targets import TargetDraws
@@ -20,7 +21,6 @@ from bq_onnx.estimators.probes import ProbeSite, add_probes
 from bq_onnx.graph import all_values, batch_major_weights, forget_shapes, weights_of
 from bq_onnx.layout import WeightLayout
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.loss import TARGET
 from bq_onnx.posterior import Spill
 from bq_onnx.runtimes.base import Session
 from bq_onnx.runtimes.sessions import TempSessions

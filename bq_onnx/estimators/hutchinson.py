@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from bq_onnx.autodiff.loss import TARGET
 from bq_onnx.calibration import Calibration
 from bq_onnx.estimators.base import Batch, GradientEstimator, PosteriorPart, Stage, sample_batches
 from bq_onnx.estimators.loss_targets import targets
 from bq_onnx.layout import WeightLayout
-from bq_onnx.passes.loss import TARGET
 from bq_onnx.posterior import SumAccumulator
 from bq_onnx.runtimes.base import Session
 

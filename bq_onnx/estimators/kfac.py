@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from bq_onnx.autodiff.loss import TARGET
 from bq_onnx.calibration import Calibration
 from bq_onnx.estimators.base import Batch, GradientEstimator, PosteriorPart, Stage, sample_batches
 from bq_onnx.estimators.loss_targets import TargetDraws
@@ -25,7 +26,6 @@ from bq_onnx.estimators.probes import ProbeSite, add_probes
 from bq_onnx.graph import forward_model, weights_of
 from bq_onnx.layout import WeightLayout
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.loss import TARGET
 from bq_onnx.posterior import SumAccumulator
 from bq_onnx.runtimes.base import Session
 

@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from bq_onnx.autodiff.loss import LOSS_KINDS, TARGET
 from bq_onnx.calibration import load_calibration
 from bq_onnx.errors import UsageError
 from bq_onnx.estimators.loss_targets import check_labels
 from bq_onnx.estimators.prepared import ModelSource, fp32_outputs, gradient_graph, prepare
-from bq_onnx.passes.loss import LOSS_KINDS, TARGET
 from bq_onnx.probabilities import one_hot, softmax
 from bq_onnx.runtimes.sessions import TempSessions
 

@@ -7,8 +7,8 @@ import dataclasses
 
 import numpy as np
 
+from bq_onnx.autodiff.loss import LOSS_KINDS
 from bq_onnx.errors import UsageError
-from bq_onnx.passes.loss import LOSS_KINDS
 from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION
 
 

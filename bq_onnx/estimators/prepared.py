@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import LOSS
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context, Settings, WeightInfo
 from bq_onnx.graph import forward_model
 from bq_onnx.model_io import copy_model, load_model
 from bq_onnx.passes.find_weights import FindWeightsPass
-from bq_onnx.passes.loss import LOSS, AppendLossPass
+from bq_onnx.passes.loss import AppendLossPass
 from bq_onnx.pipeline import prepare_passes, run_passes
 from bq_onnx.runtimes.sessions import TempSessions
 
@@ -25,7 +26,7 @@ from bq_onnx.runtimes.sessions import TempSessions
 ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
 
 if TYPE_CHECKING:
-    from bq_onnx.passes.autodiff import GradientGraph
+    from bq_onnx.autodiff.gradient import GradientGraph
 
 
 @dataclasses.dataclass
@@ -54,9 +55,9 @@ def fp32_outputs(sessions: TempSessions, prepared: Prepared, output: str | None,
 def gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list[str], as_inputs: bool,
                    model: ir.Model | None = None) -> GradientGraph:
     """The gradient graph of ``loss`` on ``output`` with respect to ``wrt`` (weights or probes), fed the target
-    at ``bq_onnx.passes.loss.TARGET``; ``as_inputs``: the weights become inputs (Hessian-vector products).
+    at ``bq_onnx.autodiff.loss.TARGET``; ``as_inputs``: the weights become inputs (Hessian-vector products).
     ``model``: a copy of the prepared model to extend (default: a fresh copy)."""
-    from bq_onnx.passes.autodiff import build_gradient_model
+    from bq_onnx.autodiff.gradient import build_gradient_model
 
     model = run_passes(model if model is not None else copy_model(prepared.model), [AppendLossPass(loss, output)])
     return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs)

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from bq_onnx.autodiff.loss import TARGET
 from bq_onnx.calibration import Calibration
 from bq_onnx.estimators.base import Batch, GradientEstimator, PosteriorPart, Stage
 from bq_onnx.estimators.batched import BatchedFisherStage, BatchedGraph
 from bq_onnx.estimators.loss_targets import TargetDraws
 from bq_onnx.graph import specialise
 from bq_onnx.model_io import copy_model
-from bq_onnx.passes.loss import TARGET
 from bq_onnx.posterior import SumAccumulator
 from bq_onnx.runtimes.base import Session
 

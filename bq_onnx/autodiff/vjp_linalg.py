@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from bq_onnx.passes.vjp_common import Grads, Vjp, register
+from bq_onnx.autodiff.vjp_common import Grads, Vjp, register
 
 
 @register("MatMul")

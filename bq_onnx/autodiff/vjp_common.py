@@ -1,4 +1,4 @@
-"""What every vector-Jacobian-product rule needs: the rule registry, a node emitter, and shape helpers.
+"""What every vector-Jacobian-product rule needs: the rule registry and shape helpers.
 
 A rule receives a :class:`Vjp` (the node being differentiated, which inputs want a gradient, and an emitter
 that appends standard opset-21 nodes to the backward tape) and the gradients arriving at the node's outputs.
@@ -11,11 +11,12 @@ Only ops that onnxruntime CPU and OpenVINO both run are emitted; shape arithmeti
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
+
+from bq_onnx.emitter import GradientEmitter, i64
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
@@ -41,10 +42,6 @@ def register(*op_types: str) -> Callable[[Rule], Rule]:
     return wrap
 
 
-def i64(*values: int) -> np.ndarray:
-    return np.array(values, dtype=np.int64)
-
-
 def is_float(value: ir.Value) -> bool:
     """Float-typed, or of unknown type (then it may carry a gradient; a rule decides)."""
     return value.dtype is None or value.dtype in FLOAT_TYPES
@@ -58,49 +55,10 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
-class Emitter:
-    """Appends nodes to a tape with unique names; constants become deduplicated initializers."""
-
-    def __init__(self, prefix: str) -> None:
-        self.tape = ir.tape.Tape()
-        self.prefix = prefix
-        self.initializers: list[ir.Value] = []
-        self._consts: dict[tuple, ir.Value] = {}
-        self._count = 0
-
-    def name(self, label: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{label}_{self._count}"
-
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], **attrs) -> ir.Value:
-        return self.ops(op_type, inputs, 1, **attrs)[0]
-
-    def ops(self, op_type: str, inputs: Sequence[ir.Value | None], num_outputs: int, **attrs) -> Sequence[ir.Value]:
-        name = self.name(op_type)
-        attrs = {k: v for k, v in attrs.items() if v is not None}
-        outs = self.tape.op_multi_out(op_type, inputs, attributes=attrs or None, num_outputs=num_outputs, name=name)
-        for i, out in enumerate(outs):
-            out.name = name if num_outputs == 1 else f"{name}.{i}"
-        return outs
-
-    def const(self, array: np.ndarray | float | int, dtype: ir.DataType | None = None) -> ir.Value:
-        array = np.asarray(array, dtype=None if dtype is None else dtype.numpy())
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._consts:
-            digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
-            name = f"{self.prefix}const.{digest}"
-            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-            value.dtype = ir.DataType.from_numpy(array.dtype)
-            value.shape = ir.Shape(array.shape)
-            self._consts[key] = value
-            self.initializers.append(value)
-        return self._consts[key]
-
-
 class Vjp:
     """The context of one rule call: the node, which inputs want gradients, and helpers that emit ops."""
 
-    def __init__(self, em: Emitter, node: ir.Node, wants: Sequence[bool]) -> None:
+    def __init__(self, em: GradientEmitter, node: ir.Node, wants: Sequence[bool]) -> None:
         self.em = em
         self.node = node
         self.wants = list(wants)

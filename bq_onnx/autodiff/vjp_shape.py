@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.passes.vjp_common import Grads, Vjp, const_array, register
+from bq_onnx.autodiff.vjp_common import Grads, Vjp, const_array, register
 
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")

@@ -13,7 +13,8 @@ import json
 import onnx_ir as ir
 
 from bq_onnx.context import Context, WeightInfo
-from bq_onnx.passes.decode_ops import Emitter, restore_layout
+from bq_onnx.decode.ops import restore_layout
+from bq_onnx.emitter import GraphEmitter
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 from bq_onnx.sizes import layer_record
 
@@ -35,14 +36,14 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         assert self.ctx.quantized, "QuantizeWeightsPass must run first"
 
     @abc.abstractmethod
-    def emit(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         """Store ``qt``'s dense part (via ``em.tensor``) and return the decoded ``(K, N)`` float value."""
 
     @abc.abstractmethod
-    def emit_outliers(self, em: Emitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def emit_outliers(self, em: GraphEmitter, x: ir.Value, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         """Store ``qt``'s sparse outliers and return ``x`` with them added back."""
 
-    def _emit_one(self, em: Emitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+    def _emit_one(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         x = self.emit(em, qt, name, model)
         return x if qt.outlier_index is None else self.emit_outliers(em, x, qt, name, model)
 
@@ -53,7 +54,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         self.ctx.layers = []
         for info in self.ctx.weights:
             qt = self.ctx.quantized[info.name]
-            em = Emitter(f"{info.name}.bq/", in_function=False, shared=shared)
+            em = GraphEmitter(f"{info.name}.bq/", shared)
             view = self._emit_any(em, qt, info.name, model)
             decoded = restore_layout(em, view, info.layout)
             if info.value.dtype != ir.DataType.FLOAT:
@@ -86,7 +87,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         """One stored tensor for all pieces, where the format can hold them together (native overrides)."""
         return None
 
-    def _emit_any(self, em: Emitter, q: QuantizedTensor | QuantizedPieces, name: str, model: ir.Model) -> ir.Value:
+    def _emit_any(self, em: GraphEmitter, q: QuantizedTensor | QuantizedPieces, name: str, model: ir.Model) -> ir.Value:
         if isinstance(q, QuantizedTensor):
             return self._emit_one(em, q, name, model)
         merged = self.merge(q)

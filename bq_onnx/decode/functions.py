@@ -1,6 +1,6 @@
 """Model-local decode functions of the ``compact`` format, in the custom domain ``bq``.
 
-One function per (decode kind, bit width) actually used, built from standard ops only (see decode_ops), with the
+One function per (decode kind, bit width) actually used, built from standard ops only (see :mod:`.ops`), with the
 model's own opset; vector codebooks get one per (vector length, index bits), and sparse outliers one ``AddOutliers``
 applied to the dense decode. Inputs: the packed codes, the metadata, and a ``layout = [K, N, nb, G]`` int64 vector;
 output: the float32 ``(K, N)`` view. onnxruntime inlines and constant-folds them at session creation; OpenVINO needs
@@ -12,16 +12,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.passes.decode_ops import (
+from bq_onnx.decode.ops import (
     BlockDims,
-    Emitter,
     add_outliers,
     expand_blocks,
-    i64,
     layout_vector,
     unpack_codes,
     vector_rows,
 )
+from bq_onnx.emitter import FunctionEmitter, i64
 
 DOMAIN = "bq"
 DOMAIN_VERSION = 1
@@ -45,7 +44,7 @@ def input_names(kind: str, symmetric: bool, has_offset: bool) -> list[str]:
 
 def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int) -> ir.Function:
     name = function_name(kind, bits, symmetric, has_offset)
-    em = Emitter("", in_function=True)
+    em = FunctionEmitter("")
     inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset)}
     dims = BlockDims.from_layout(em, inputs["layout"])
 
@@ -93,7 +92,7 @@ def build_vector_function(dim: int, index_bits: int, opset: int) -> ir.Function:
     """Decode of a vector codebook: packed indices (low 8 bits, then the high ``index_bits - 8`` bits in a second
     stream when wider), the fp16 codebook ``(2**index_bits, dim)``, fp16 scales and ``[K, N, nb, G, Kv]``."""
     name = vector_function_name(dim, index_bits)
-    em = Emitter("", in_function=True)
+    em = FunctionEmitter("")
     names = ["packed"] + (["packed_high"] if index_bits > 8 else []) + ["codebook", "scale", "layout"]
     inputs = {n: ir.Value(name=n) for n in names}
     dims = BlockDims.from_layout(em, inputs["layout"])
@@ -116,7 +115,7 @@ def build_vector_function(dim: int, index_bits: int, opset: int) -> ir.Function:
 
 def build_outlier_function(opset: int) -> ir.Function:
     """The sparse add: ``(weight, index, value) -> weight`` with ``flat[index] += value``."""
-    em = Emitter("", in_function=True)
+    em = FunctionEmitter("")
     inputs = {n: ir.Value(name=n) for n in ("dense", "index", "value")}
     out = add_outliers(em, inputs["dense"], inputs["index"], inputs["value"])
     out.name = "weight"

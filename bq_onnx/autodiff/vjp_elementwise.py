@@ -10,7 +10,7 @@ import math
 
 import onnx_ir as ir
 
-from bq_onnx.passes.vjp_common import Grads, RuleUnavailable, Vjp, const_array, is_float, register
+from bq_onnx.autodiff.vjp_common import Grads, RuleUnavailable, Vjp, const_array, is_float, register
 
 
 def _out_shape(node: ir.Node) -> ir.Shape | None:

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.passes.vjp_common import Grads, RuleUnavailable, Vjp, register
+from bq_onnx.autodiff.vjp_common import Grads, RuleUnavailable, Vjp, register
 
 
 @dataclasses.dataclass

@@ -9,8 +9,8 @@ derivative is zero almost everywhere).
 
 from __future__ import annotations
 
-from bq_onnx.passes import vjp_elementwise, vjp_linalg, vjp_nn, vjp_shape  # noqa: F401  (register their rules)
-from bq_onnx.passes.vjp_common import RULES, Rule, RuleUnavailable, Vjp
+from bq_onnx.autodiff import vjp_elementwise, vjp_linalg, vjp_nn, vjp_shape  # noqa: F401  (register their rules)
+from bq_onnx.autodiff.vjp_common import RULES, Rule, RuleUnavailable, Vjp
 
 NON_DIFFERENTIABLE = frozenset(
     {

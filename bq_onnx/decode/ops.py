@@ -4,73 +4,21 @@ Only ops that onnxruntime and OpenVINO both compute exactly are used: ``BitwiseA
 ``Mul``/``Sub``/``Add``, ``MatMul`` of 0/1 bits by powers of two, ``Gather``, ``Reshape``/``Expand``/``Slice``.
 No ``BitShift``, no integer ``Div``, no 64-bit arithmetic on data (DESIGN.md: OpenVINO gets those wrong).
 
-An :class:`Emitter` writes nodes either into the main graph (constants become shared initializers) or into a
-function body (constants become ``Constant`` nodes), so the same builder serves both.
+Every builder takes an :class:`~bq_onnx.emitter.Emitter`: a ``GraphEmitter`` writes into the main graph
+(constants become shared initializers), a ``FunctionEmitter`` into a function body (constants become
+``Constant`` nodes), so the same builder serves both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.emitter import Emitter, i64
 from bq_onnx.layout import WeightLayout
 from bq_onnx.qtensor import num_blocks
-
-
-class Emitter:
-    """Appends nodes to a tape; ``const`` makes initializers (main graph) or Constant nodes (functions)."""
-
-    def __init__(self, prefix: str, *, in_function: bool, shared: dict | None = None) -> None:
-        self.tape = ir.tape.Tape()
-        self.prefix = prefix
-        self.in_function = in_function
-        self.shared = {} if shared is None else shared
-        self._count = 0
-        self._stored: dict = {}
-
-    def _name(self, label: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{label}_{self._count}"
-
-    def op(self, op_type: str, inputs: list[ir.Value | None], label: str = "", *, domain: str = "", **attrs):
-        name = self._name(label or op_type)
-        out = self.tape.op(op_type, inputs, attributes=attrs or None, name=name, domain=domain)
-        out.name = name
-        return out
-
-    def const(self, array: np.ndarray, label: str = "const") -> ir.Value:
-        array = np.asarray(array)
-        if self.in_function:
-            name = self._name(label)
-            out = self.tape.op("Constant", [], attributes={"value": ir.tensor(array)}, name=name)
-            out.name = name
-            return out
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self.shared:
-            digest = hashlib.sha1(repr(key).encode()).hexdigest()[:10]
-            name = f"bq.const.{label}.{digest}"
-            self.shared[key] = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        return self.shared[key]
-
-    def tensor(self, array: np.ndarray, name: str, dtype: ir.DataType | None = None, *, reuse: bool = False
-               ) -> ir.Value:
-        """A stored initializer of this weight (main graph only). ``reuse``: an identical array this emitter
-        already stored with ``reuse`` is returned instead (slices of one tensor share its codebook)."""
-        key = (array.dtype.str, array.shape, array.tobytes()) if reuse else None
-        if key is not None and key in self._stored:
-            return self._stored[key]
-        value = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
-        self.tape._initializers.append(value)  # the tape records what the rewrite must register
-        if key is not None:
-            self._stored[key] = value
-        return value
-
-
-def i64(*values: int) -> np.ndarray:
-    return np.array(values, dtype=np.int64)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,110 @@
+"""Quantizer designs: what ``--quantizer``/``--outliers`` offer a tensor (:func:`candidates`), and how one
+design is applied (:func:`quantize_spec`) and scored (:func:`quantization_error`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.quantizers.registry import QUANTIZERS, VECTOR_FAMILIES, quantize
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One quantizer design: a scalar ``method`` (``dim == 1``) or a vector codebook (``method == "vq"``, ``dim``
+    in 2/4/8), with ``outliers`` = the fraction of weights isolated as sparse fp16 values and ``block`` = the rows
+    per block (0: the run's group size)."""
+
+    method: str
+    dim: int = 1
+    outliers: float = 0.0
+    block: int = 0
+
+    @property
+    def label(self) -> str:
+        name = f"vq{self.dim}" if self.method == "vq" else self.method
+        return (name + (f"+outliers{100 * self.outliers:g}%" if self.outliers else "")
+                + (f"/g{self.block}" if self.block else ""))
+
+
+def candidates(
+    quantizer: str, outliers: float | str, bits: int, numel: int, blocks: Sequence[int] = ()
+) -> list[Spec]:
+    """The designs offered for a tensor of ``numel`` weights at ``bits``; the first is the plain reference.
+
+    ``quantizer`` is one of :data:`QUANTIZERS`. Vector families offer the lengths :func:`vector_dims` allows
+    at that width; where none is (e.g. 8 bits, or a codebook too large for the tensor) the scalar Lloyd codebook
+    stands in. ``outliers``: a fraction (every design carries it) or ``"auto"`` (each design without and with
+    each of :data:`bq_onnx.outliers.FRACTIONS`). ``blocks``: block sizes to offer each design at (the first is
+    the reference; empty: the run's group size only). 0 bits is always the mean (with the outliers asked for).
+    """
+    from bq_onnx.outliers import FRACTIONS
+    from bq_onnx.vector import vector_dims
+
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {quantizer!r}; expected one of {QUANTIZERS}")
+    dims = vector_dims(bits, numel)
+    if bits == 0:
+        base = [Spec("uniform" if quantizer in VECTOR_FAMILIES or quantizer == "auto" else quantizer)]
+    elif quantizer == "auto":
+        base = [Spec("uniform"), Spec("lloyd"), *(Spec("vq", d) for d in dims)]
+    elif quantizer == "vq":
+        base = [Spec("vq", d) for d in dims] or [Spec("lloyd")]
+    elif quantizer in VECTOR_FAMILIES:  # forced length: allowed up to a codebook as large as the codes
+        d = int(quantizer[2:])
+        base = [Spec("vq", d)] if d in vector_dims(bits, numel, share=1.0) else [Spec("lloyd")]
+    else:
+        base = [Spec(quantizer)]
+    fractions = (0.0, *FRACTIONS) if outliers == "auto" else (float(outliers),)
+    sizes = tuple(blocks) if blocks and bits > 0 else (0,)
+    return [dataclasses.replace(b, outliers=f, block=g) for g in sizes for b in base for f in fractions]
+
+
+def quantize_spec(
+    w: np.ndarray,
+    bits: int,
+    spec: Spec,
+    block_size: int = 32,
+    weights: np.ndarray | None = None,
+    *,
+    seed: int = 0,
+    base: QuantizedTensor | None = None,
+) -> QuantizedTensor:
+    """Quantize with one :class:`Spec`; ``base`` is the same spec without outliers when already computed.
+
+    Vector codebooks need blocks in whole vectors: ``block_size`` is rounded up to a multiple of ``dim``.
+    """
+    from bq_onnx.outliers import isolate_outliers
+    from bq_onnx.vector import quantize_vector
+
+    if spec.method == "vq" and bits > 0:
+        block = -(-block_size // spec.dim) * spec.dim
+        fitted: list[QuantizedTensor] = [] if base is None else [base]
+
+        def design(x: np.ndarray, h: np.ndarray | None) -> QuantizedTensor:
+            init = fitted[0].codebook if fitted else None  # the refit without outliers starts from the plain fit
+            qt = quantize_vector(x, bits, spec.dim, block, h, seed=seed, init=init)
+            fitted.append(qt)
+            return qt
+    else:
+        method = "uniform" if spec.method == "vq" else spec.method
+
+        def design(x: np.ndarray, h: np.ndarray | None) -> QuantizedTensor:
+            return quantize(x, bits, method, block_size, h, seed=seed)
+
+    return isolate_outliers(w, weights, spec.outliers, design, base)
+
+
+def quantization_error(w: np.ndarray, qt: QuantizedTensor, weights: np.ndarray | None = None) -> float:
+    """Weighted squared error ``sum(weights * (qt.dequantize() - w) ** 2)``, in float64."""
+    w64 = np.asarray(w, dtype=np.float64)
+    if w64.shape != tuple(qt.shape):
+        raise ValueError(f"w has shape {w64.shape}, the quantized tensor {tuple(qt.shape)}")
+    d = qt.dequantize().astype(np.float64) - w64
+    d *= d
+    if weights is not None:
+        d *= np.asarray(weights, dtype=np.float64)
+    return float(d.sum())

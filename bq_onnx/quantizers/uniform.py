@@ -1,0 +1,255 @@
+"""Uniform grids: asymmetric and symmetric range searches, percentile ranges, and the paper's reference
+grid index :func:`uniform_codes`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.quantizers.blocked import (
+    _block_percentile,
+    _Blocked,
+    _check_bits,
+    _fp16,
+    _mean_result,
+    _prepare,
+    _row_chunks,
+)
+from bq_onnx.quantizers.grid import _Grid, _nearest_codes, _weighted_sse
+
+UNIFORM_SHRINK = 1.0 - 0.7 * (np.arange(21) / 20.0) ** 1.5
+"""Joint shrink factors ``p`` (1.0 down to 0.3, finer near 1) of the uniform range searches."""
+
+UNIFORM_SIDE_SHRINK = np.linspace(0.95, 0.7, 6)
+"""Second stage of the asymmetric search: shrink only ``lo`` or only ``hi`` of the best joint candidate."""
+
+
+def quantize_uniform(
+    w: np.ndarray, bits: int, block_size: int = 32, weights: np.ndarray | None = None
+) -> QuantizedTensor:
+    """Asymmetric uniform: ``w = (code - zp) * scale``, integer ``zp`` and codes in ``[0, 2**bits - 1]``.
+
+    The range starts from the block's ``[lo, hi] = [min(w, 0), max(w, 0)]`` (it holds 0: the zero point is an
+    integer code). ``scale = (hi - lo) / (2**bits - 1)`` (fp16) and ``zp = clip(round(-lo / scale))``. Per
+    block the candidates ``[lo*p, hi*p]``, ``p`` in :data:`UNIFORM_SHRINK`, are scored by weighted squared
+    error; the best is refined by shrinking only ``lo`` or only ``hi`` (:data:`UNIFORM_SIDE_SHRINK`). The
+    winner's exact error is then compared with plain min/max (``p = 1``), so the result is never worse than
+    min/max round-to-nearest; a non-zero constant block ``c`` also tries ``scale = fp16(|c|)``, which decodes
+    it to ``fp16(c)``.
+    """
+    bl = _prepare(w, bits, block_size, weights)
+    if bits == 0:
+        return _mean_result(bl, "uniform")
+    m = 1 << bits
+    lo0 = np.minimum(bl.x.min(axis=1), 0).astype(np.float64)
+    hi0 = np.maximum(bl.x.max(axis=1), 0).astype(np.float64)
+    best_lo, best_hi = lo0.copy(), hi0.copy()
+    for rows in _row_chunks(bl.nrows, bl.g):
+        best_lo[rows], best_hi[rows] = _search_asymmetric(_Search(bl, rows), lo0[rows], hi0[rows], m)
+    cands = [_uniform_meta(best_lo, best_hi, m), _uniform_meta(lo0, hi0, m)]
+    return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, False), bits, False, "uniform")
+
+
+def quantize_uniform_sym(
+    w: np.ndarray, bits: int, block_size: int = 32, weights: np.ndarray | None = None
+) -> QuantizedTensor:
+    """Symmetric uniform: ``w = (code - 2**(bits-1)) * scale`` (implicit zero point, ``symmetric=True``).
+
+    ``bits >= 2``: restricted range, codes in ``[1, 2**bits - 1]`` (code 0 unused) so the grid is symmetric
+    under negation; ``scale = amax * p / (2**(bits-1) - 1)`` with ``p`` chosen per block from
+    :data:`UNIFORM_SHRINK` by weighted squared error (never worse than ``p = 1``; constant blocks as in
+    :func:`quantize_uniform`).
+
+    ``bits == 1``: codes ``{0, 1}`` decode to ``{-scale, 0}`` with ``scale = p * max(-min(w), 0)``. This is
+    weak (there is no positive level at all) and only provided for completeness.
+    """
+    bl = _prepare(w, bits, block_size, weights)
+    if bits == 0:
+        return _mean_result(bl, "uniform-sym")
+    m = 1 << bits
+    if bits == 1:
+        base, denom, qmin = np.maximum(-bl.x.min(axis=1), 0).astype(np.float64), 1.0, 0
+    else:
+        base, denom, qmin = np.abs(bl.x).max(axis=1).astype(np.float64), float((m >> 1) - 1), 1
+    zp = np.full(bl.nrows, float(m >> 1))
+    best_p = np.ones(bl.nrows)
+    for rows in _row_chunks(bl.nrows, bl.g):
+        search, bp, b = _Search(bl, rows), best_p[rows], base[rows]
+        for p in UNIFORM_SHRINK:
+            bp[search.consider(_fp16(b * p / denom).astype(np.float64), zp[rows], qmin, m - 1)] = p
+    cands = [(_fp16(base * best_p / denom).astype(np.float64), zp), (_fp16(base / denom).astype(np.float64), zp)]
+    return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, True), bits, True, "uniform-sym")
+
+
+def quantize_percentile(
+    w: np.ndarray,
+    bits: int,
+    block_size: int = 32,
+    weights: np.ndarray | None = None,
+    *,
+    lower: float = 5.0,
+    upper: float = 95.0,
+) -> QuantizedTensor:
+    """Uniform asymmetric on the block's ``[lower, upper]`` percentiles (paper 001 §3.2: 5th and 95th).
+
+    Percentiles are unweighted (``np.percentile``, linear interpolation) and the range is widened to hold 0
+    (the zero point is an integer code); values outside clip to the end levels; constant blocks as in
+    :func:`quantize_uniform`. ``weights`` only matter for ``bits == 0``.
+    """
+    bl = _prepare(w, bits, block_size, weights)
+    if bits == 0:
+        return _mean_result(bl, "percentile")
+    m = 1 << bits
+    lo = np.minimum(_block_percentile(bl, lower), 0.0)
+    hi = np.maximum(_block_percentile(bl, upper), 0.0)
+    cands = _add_constant_candidate(bl, [_uniform_meta(lo, hi, m)], m, False)
+    return _uniform_pick(bl, cands, bits, False, "percentile")
+
+
+def uniform_codes(w: np.ndarray, lo: float, hi: float, bits: int, rounding: str = "nearest") -> np.ndarray:
+    """Index (uint8) of the grid point ``lo + i * (hi - lo) / (2**bits - 1)`` for each element of ``w``.
+
+    Paper 003, example 1.1: ``z = (w - lo) * (2**bits - 1) / (hi - lo)`` (float64), clipped to
+    ``[0, 2**bits - 1]``, then
+
+    * ``"nearest"``: the closest grid point, ties to the lower index (the paper's rule: ``floor(z) + 1`` if
+      ``z - floor(z) > 0.5``, else ``floor(z)``), i.e. its definition (1.1);
+    * ``"floor"``: ``floor(z)``, which is what the paper's notebook actually computes (its rounding step is
+      overwritten) and which reproduces its published vector ``(6, 2, 5, 2, 5, 0, 3, 7, 5, 2)``.
+
+    Such a grid need not contain 0, so it has no integer zero point: a reference helper, not a quantizer.
+    """
+    _check_bits(bits, low=1)
+    if rounding not in ("nearest", "floor"):
+        raise ValueError(f"rounding must be 'nearest' or 'floor', got {rounding!r}")
+    x = np.asarray(w, dtype=np.float64)
+    lo, hi = float(lo), float(hi)
+    if not (np.isfinite(x).all() and np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
+        raise ValueError("need finite values and lo <= hi")
+    top = (1 << bits) - 1
+    if hi == lo:
+        return np.zeros(x.shape, dtype=np.uint8)
+    z = np.clip((x - lo) * top / (hi - lo), 0, top)
+    f = np.floor(z)
+    q = f if rounding == "floor" else np.where(z - f > 0.5, f + 1, f)
+    return q.astype(np.uint8)
+
+
+def _uniform_meta(lo: np.ndarray, hi: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 scale and integer zero point (both float64 arrays) for the range ``[lo, hi]``, ``lo <= 0 <= hi``."""
+    s = _fp16((hi - lo) / (m - 1)).astype(np.float64)
+    pos = s > 0
+    zp = np.zeros_like(s)
+    zp[pos] = np.clip(np.rint(-lo[pos] / s[pos]), 0, m - 1)
+    return s, zp
+
+
+class _Search:
+    """Per-block argmin of the approximate weighted squared error of round-to-nearest over candidate grids.
+
+    Works in float32 on each block divided by its absmax (a per-block factor does not change the per-block
+    argmin), so any magnitude is safe; earlier candidates win ties. Covers the block rows ``rows``.
+    """
+
+    def __init__(self, bl: _Blocked, rows: slice) -> None:
+        x = bl.x[rows]
+        amax = np.abs(x).max(axis=1).astype(np.float64)
+        self.norm = np.where(amax > 0, amax, 1.0)
+        self.u = x / self.norm[:, None].astype(np.float32)
+        wt = bl.eff_wt
+        self.wt = None if wt is None else wt[rows].astype(np.float32)
+        self.best_err = np.full(x.shape[0], np.inf)
+        self.t = np.empty_like(self.u)
+
+    def consider(self, s: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+        """Score the grids ``(code - zp) * s`` (codes in ``[qmin, qmax]``); returns the blocks they improve."""
+        sn = (s / self.norm).astype(np.float32)
+        inv = np.zeros_like(sn)
+        np.divide(np.float32(1), sn, out=inv, where=sn > 0)
+        t = np.multiply(self.u, inv[:, None], out=self.t)
+        np.rint(t, out=t)
+        np.maximum(t, (qmin - zp).astype(np.float32)[:, None], out=t)  # np.clip is slower
+        np.minimum(t, (qmax - zp).astype(np.float32)[:, None], out=t)
+        t *= sn[:, None]
+        t -= self.u
+        if self.wt is None:
+            err = np.einsum("ij,ij->i", t, t)
+        else:
+            t *= t
+            err = np.einsum("ij,ij->i", t, self.wt)
+        win = err < self.best_err
+        self.best_err[win] = err[win]
+        return win
+
+
+def _search_asymmetric(
+    search: _Search, lo0: np.ndarray, hi0: np.ndarray, m: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The asymmetric range search of :func:`quantize_uniform` for one chunk of blocks: best ``(lo, hi)``."""
+    best_lo, best_hi = lo0.copy(), hi0.copy()
+
+    def consider(lo: np.ndarray, hi: np.ndarray) -> None:
+        win = search.consider(*_uniform_meta(lo, hi, m), 0, m - 1)
+        best_lo[win] = lo[win]
+        best_hi[win] = hi[win]
+
+    for p in UNIFORM_SHRINK:
+        consider(lo0 * p, hi0 * p)
+    lo1, hi1 = best_lo.copy(), best_hi.copy()
+    for q in UNIFORM_SIDE_SHRINK:
+        consider(lo1 * q, hi1)
+        consider(lo1, hi1 * q)
+    return best_lo, best_hi
+
+
+def _add_constant_candidate(
+    bl: _Blocked, cands: list[tuple[np.ndarray, np.ndarray]], m: int, symmetric: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Append, if some block is a non-zero constant ``c``, the first candidate with those blocks changed to
+    ``scale = fp16(|c|)`` and a zero point one step from ``c``, so they can decode to ``fp16(c)`` exactly
+    (the exact comparison keeps whichever is better; other blocks tie and keep the first candidate)."""
+    c = bl.x[:, 0].astype(np.float64)
+    const = (bl.x.min(axis=1) == bl.x.max(axis=1)) & (c != 0)
+    if not const.any():
+        return cands
+    s, zp = cands[0][0].copy(), np.array(cands[0][1], dtype=np.float64)
+    s[const] = _fp16(np.abs(c[const]))
+    if not symmetric:
+        zp[const] = np.where(c[const] > 0, 0, m - 1)
+    return [*cands, (s, zp)]
+
+
+def _uniform_pick(
+    bl: _Blocked, cands: list[tuple[np.ndarray, np.ndarray]], bits: int, symmetric: bool, method: str
+) -> QuantizedTensor:
+    """Exact nearest codes for each candidate ``(scale, zp)``; per block the smallest exact weighted error wins
+    (earlier candidates win ties)."""
+    m = 1 << bits
+    qmin = 1 if symmetric and bits >= 2 else 0
+    zp_implicit = np.float32(m >> 1)
+    s, zp = cands[0]
+    s = np.asarray(s, dtype=np.float32).copy()
+    zp = np.asarray(zp, dtype=np.float64).copy()
+    grid = _Grid(s, zp=zp_implicit if symmetric else zp)
+    codes = _nearest_codes(bl.x, grid, qmin, m - 1, may_tie=False)
+    if len(cands) > 1:
+        err = _weighted_sse(bl.x, bl.eff_wt, grid.dense(codes))
+    for s_c, zp_c in cands[1:]:
+        s_c = np.asarray(s_c, dtype=np.float32)
+        rows = np.flatnonzero((s_c != s) | (zp_c != zp))  # only blocks where this candidate differs
+        if rows.size == 0:
+            continue
+        x = bl.x[rows]
+        sub = _Grid(s_c[rows], zp=zp_implicit if symmetric else zp_c[rows])
+        c = _nearest_codes(x, sub, qmin, m - 1, may_tie=False)
+        wt = bl.eff_wt
+        e = _weighted_sse(x, None if wt is None else wt[rows], sub.dense(c))
+        win = e < err[rows]
+        rows, c, e = rows[win], c[win], e[win]
+        s[rows], zp[rows], codes[rows], err[rows] = s_c[rows], zp_c[rows], c, e
+    return QuantizedTensor(
+        kind="uniform", bits=bits, shape=bl.shape, block_size=bl.block_size,
+        codes=bl.unblock(codes.astype(np.uint8)), scale=bl.per_block(s),
+        zero_point=None if symmetric else bl.per_block(zp).astype(np.uint8),
+        symmetric=symmetric, method=method,
+    )

@@ -3,8 +3,8 @@
 A cycle makes import order matter (a module half-initialised when the other reads it) and ties modules that
 should be replaceable alone. The graph is read from the source with ``ast``, so nothing is imported: module-level
 and function-level imports both count (a deferred import still couples the two modules), imports under
-``if TYPE_CHECKING:`` do not (they never run). ``from pkg import name`` points at ``pkg.name`` when that is a
-module, else at ``pkg`` itself.
+``if TYPE_CHECKING:`` do not (they never run), and so do ``importlib.import_module`` calls with a constant name
+(lazy registries). ``from pkg import name`` points at ``pkg.name`` when that is a module, else at ``pkg`` itself.
 """
 
 from __future__ import annotations
@@ -39,15 +39,28 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _import_module_name(node: ast.AST) -> str | None:
+    """The constant module name of an ``importlib.import_module("...")`` / ``import_module("...")`` call."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    arg = node.args[0]
+    if name == "import_module" and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    return None
+
+
 def _imports(tree: ast.AST):
-    """Every import statement that runs (anywhere in the module), skipping ``if TYPE_CHECKING:`` bodies."""
+    """Every import statement or constant ``import_module`` call that runs (anywhere in the module), skipping
+    ``if TYPE_CHECKING:`` bodies."""
     stack = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             stack.extend(node.orelse)
             continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) or _import_module_name(node) is not None:
             yield node
         stack.extend(ast.iter_child_nodes(node))
 
@@ -62,6 +75,27 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
+def _absolute(module: str, is_package: bool, level: int, name: str) -> str:
+    """``name`` imported with ``level`` leading dots from ``module``: one package up per dot after the first."""
+    if not level:
+        return name
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    package = package[: len(package) - (level - 1)]
+    return ".".join([*package, name] if name else package)
+
+
+def _targets(node: ast.AST, module: str, is_package: bool, modules: dict[str, Path]) -> list[str]:
+    """The dotted names one import statement or ``import_module`` call brings in."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = _absolute(module, is_package, node.level, node.module or "")
+        return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+    name = _import_module_name(node)  # relative names: relative to the calling module's package
+    level = len(name) - len(name.lstrip("."))
+    return [_absolute(module, is_package, level, name[level:])]
+
+
 def import_graph(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
     """module -> {imported first-party module: line of the first such import}."""
     graph: dict[str, dict[str, int]] = {}
@@ -69,22 +103,10 @@ def import_graph(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
         edges: dict[str, int] = {}
         is_package = path.name == "__init__.py"
         for node in _imports(ast.parse(path.read_text(), filename=str(path))):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            else:
-                base = node.module or ""
-                if node.level:  # relative: from the module's own package, one level up per extra dot
-                    package = module.split(".") if is_package else module.split(".")[:-1]
-                    package = package[: len(package) - (node.level - 1)]
-                    base = ".".join([*package, base] if base else package)
-                for alias in node.names:
-                    sub = f"{base}.{alias.name}"
-                    targets.append(sub if sub in modules else base)
-            for target in targets:
+            for target in _targets(node, module, is_package, modules):
                 found = _resolve(target, modules)
                 if found is not None and found != module:
-                    edges.setdefault(found, node.lineno)
+                    edges[found] = min(edges.get(found, node.lineno), node.lineno)
         graph[module] = edges
     return graph
 
@@ -167,16 +189,19 @@ def test_finder_sees_function_level_relative_and_from_package_imports(tmp_path):
     (pkg / "__init__.py").write_text("VERSION = '1'\n")
     (pkg / "a.py").write_text("from pkg import VERSION\nfrom pkg.sub import c\n")
     (pkg / "sub" / "__init__.py").write_text("")
-    (pkg / "sub" / "c.py").write_text("def f():\n    from pkg import b\n")
+    (pkg / "sub" / "c.py").write_text("def f():\n    from pkg import b\nimport pkg.b\n")
     (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"
                               "from .sub.c import f\nimport pkg.a as alias\n")
-    (pkg / "d.py").write_text("if TYPE_CHECKING:\n    import pkg.a\n")
+    (pkg / "d.py").write_text("if TYPE_CHECKING:\n    import pkg.a\nimport importlib\n"
+                              "def g():\n    return importlib.import_module('.sub.c', __name__)\n")
+    (pkg / "sub" / "e.py").write_text("from importlib import import_module\nimport_module('pkg.b')\n")
     modules = module_files(tmp_path, {"pkg": "pkg"})
     graph = import_graph(modules)
     assert graph["pkg.a"] == {"pkg": 1, "pkg.sub.c": 2}
     assert graph["pkg.sub.c"] == {"pkg.b": 2}
     assert graph["pkg.b"] == {"pkg.sub.c": 4, "pkg.a": 5}
-    assert graph["pkg.d"] == {}
+    assert graph["pkg.d"] == {"pkg.sub.c": 5}
+    assert graph["pkg.sub.e"] == {"pkg.b": 2}
     assert strongly_connected(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
     assert shortest_cycle(graph, "pkg.b", {"pkg.a", "pkg.b", "pkg.sub.c"}) == ["pkg.b", "pkg.sub.c", "pkg.b"]
     text = describe(graph, modules, tmp_path)

@@ -10,6 +10,7 @@ and function-level imports both count (a deferred import still couples the two m
 from __future__ import annotations
 
 import ast
+import functools
 from collections import deque
 from pathlib import Path
 
@@ -181,6 +182,13 @@ def describe(graph: dict[str, dict[str, int]], modules: dict[str, Path], repo: P
     return "\n".join(lines)
 
 
+@functools.cache
+def repo_graph() -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
+    """The repository's modules and import graph, parsed once for the tests below."""
+    modules = module_files(REPO, ROOTS)
+    return modules, import_graph(modules)
+
+
 def test_finder_sees_function_level_relative_and_from_package_imports(tmp_path):
     """The machinery itself: a cycle closed only by a deferred ``from pkg import sub`` and a relative import is
     found; ``TYPE_CHECKING`` imports and attribute imports of the package are told apart."""
@@ -210,17 +218,15 @@ def test_finder_sees_function_level_relative_and_from_package_imports(tmp_path):
 
 def test_every_first_party_module_is_in_the_graph():
     """The roots are the installed packages: a module missed here would hide its cycles."""
-    modules = module_files(REPO, ROOTS)
+    modules, graph = repo_graph()
     assert {"bq_onnx", "bq_onnx.api", "bq_onnx.passes", "bq_onnx.runtimes"} <= set(modules)
     assert any(m.startswith("bq_onnx.passes.") for m in modules)
     assert any(m.startswith("bq_onnx.runtimes.") for m in modules)
-    graph = import_graph(modules)
     assert sum(len(edges) for edges in graph.values()) > len(modules)  # imports were found, not silently skipped
 
 
 @pytest.mark.xfail(strict=True, reason="cycles removed at integration (issue 13)")
 def test_no_import_cycles_between_first_party_modules():
-    modules = module_files(REPO, ROOTS)
-    graph = import_graph(modules)
+    modules, graph = repo_graph()
     cycles = strongly_connected(graph)
     assert not cycles, "first-party import cycles:\n" + describe(graph, modules, REPO)

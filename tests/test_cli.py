@@ -14,7 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bq_onnx.cli import main
+from bq_onnx.model_io import load_model
+from bq_onnx.samples import random_feeds
 from tests.conftest import make_model, mixed_model
+from tests.written import check_result, check_written, quantization_rtol
 
 
 @pytest.fixture
@@ -52,7 +55,9 @@ def test_optimize_writes_verified_model_and_json_report(model_file, tmp_path, ca
     code, stdout, _ = _run(["optimize", model_file, "-o", out, "--bits", "3", "--min-size", "64", "--json"], capsys)
     assert code == 0
     report = json.loads(stdout)
-    assert report["verification"]["passed"] and report["output"]["path"] == str(out)
+    assert report["output"]["path"] == str(out)
+    check_written(out, model_file, random_feeds(load_model(out), seed=11), report=report, rtol=quantization_rtol(3),
+                  ops=["DequantizeLinear"])
     assert report["totals"]["bits_per_weight"] == 3.0
     assert {r["name"] for r in report["layers"]} == {"C", "D", "E", "W1", "W2"}
     code, stdout, _ = _run(["inspect", out, "--json"], capsys)
@@ -228,7 +233,7 @@ def test_external_data_model_through_opset_conversion_and_external_output(tmp_pa
     out.parent.mkdir()
     result = bq_onnx.optimize(src / "m.onnx", bits=4, min_size=64)
     report = result.save(out)
-    assert report["verification"]["passed"]
+    check_result(result, out, report, ops=["DequantizeLinear"], float_rtol=quantization_rtol(4))
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
     loaded = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)

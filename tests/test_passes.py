@@ -13,6 +13,7 @@ from bq_onnx.runtimes import get_runtime
 from bq_onnx.samples import random_feeds
 from bq_onnx.verify import reference_model
 from tests.conftest import make_model, mixed_model, ort_run
+from tests.written import check_result, quantization_rtol
 
 
 def _ops(path) -> list[str]:
@@ -27,7 +28,8 @@ def test_every_layout_matches_reference_in_both_runtimes(tmp_path, fmt, bits):
     assert sorted(r["name"] for r in result.report["layers"]) == ["C", "D", "E", "W1", "W2"]
     out = tmp_path / "m.onnx"
     report = result.save(out)  # built-in verification in onnxruntime
-    assert report["verification"]["passed"]
+    check_result(result, out, report, ops=["DequantizeLinear"] if fmt == "native" else [],
+                 domain="bq" if fmt == "compact" else None, float_rtol=quantization_rtol(bits))
     saved = onnx.load(str(out))
     assert saved.opset_import[0].version >= 21 and saved.ir_version == 10
     feeds = random_feeds(result.model, seed=3)
@@ -198,7 +200,9 @@ def test_grouped_and_depthwise_convolutions(tmp_path, fmt):
     result = bq_onnx.optimize(model, bits=4, format=fmt, min_size=64, allocator="uniform")
     assert sorted(r["name"] for r in result.report["layers"]) == ["DW", "G", "T"]
     out = tmp_path / "c.onnx"
-    assert result.save(out)["verification"]["passed"]
+    report = result.save(out)
+    check_result(result, out, report, ops=["DequantizeLinear"] if fmt == "native" else [],
+                 domain="bq" if fmt == "compact" else None, float_rtol=quantization_rtol(4))
     x = np.random.default_rng(7).standard_normal((2, 8, 7, 7)).astype(np.float32)
     a = get_runtime("onnxruntime").session(out).run({"img": x})[0]
     b = get_runtime("openvino").session(out).run({"img": x})[0]

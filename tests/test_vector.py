@@ -24,6 +24,7 @@ from bq_onnx.quantizers import Spec, candidates, quantization_error, quantize, q
 from bq_onnx.runtimes import get_runtime
 from bq_onnx.sizes import layer_record, metadata_bits
 from tests.conftest import matmul_readout
+from tests.written import check_result
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -210,7 +211,7 @@ def test_auto_quantizer_end_to_end(tmp_path):
     result = bq_onnx.optimize(matmul_readout(w), bits=2.0, quantizer="auto", granularity="rows:16", min_size=1,
                               format="compact", allowed_bits=[1, 2, 3, 4])
     report = result.save(tmp_path / "auto.onnx")
-    assert report["verification"]["passed"]
+    check_result(result, tmp_path / "auto.onnx", report, domain="bq")
     assert result.report["totals"]["bits_per_weight"] <= 2.0
     qt = result.context.quantized["W"]
     decoded = get_runtime("openvino").session(tmp_path / "auto.onnx", exact=True).run(

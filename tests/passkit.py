@@ -1,0 +1,135 @@
+"""Every pass, Context and settings construction the per-pass tests need, in one place.
+
+Issue 13 replaces ``Settings``/``Context.settings`` by typed configs, turns analyses into functions and moves
+helper modules: when that lands, this file is the one the tests need changed. Each helper runs one pass (or the
+minimum it requires) on an ``ir.Model`` and returns the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.context import Context, Settings
+from bq_onnx.model_io import load_model
+from bq_onnx.passes.distill import DistillPass
+from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass
+from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
+from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass
+from bq_onnx.passes.quantize import QuantizeWeightsPass
+from bq_onnx.passes.rewrite_compact import RewriteCompactPass
+from bq_onnx.passes.rewrite_native import RewriteNativePass
+from bq_onnx.pipeline import prepare_passes, run_passes
+from bq_onnx.runtimes.profiles import get_profile
+from bq_onnx.targets import LegalizeWeightsPass
+
+__all__ = ["LOSS", "TARGET"]
+
+
+def context(**settings) -> Context:
+    """A context with these settings (``bits``, ``format``, ``quantizer``, ``group_size``, ``min_size`` ...)."""
+    return Context(Settings(**settings))
+
+
+def load(model) -> ir.Model:
+    """A fresh ``ir.Model`` of a ModelProto or path (the input is never changed)."""
+    return load_model(model)
+
+
+def upgrade_opset(model: ir.Model, target: int = 21) -> tuple[ir.Model, bool]:
+    result = UpgradeOpsetPass(target)(model)
+    return result.model, result.modified
+
+
+def set_ir_version(model: ir.Model) -> tuple[ir.Model, bool]:
+    result = SetIrVersionPass()(model)
+    return result.model, result.modified
+
+
+def prepare(model: ir.Model, ctx: Context) -> ir.Model:
+    """What every later pass requires: constants lifted, opset >= 21, a runtime-readable IR version."""
+    return run_passes(model, prepare_passes(ctx))
+
+
+def find_weights(model: ir.Model, ctx: Context) -> ir.Model:
+    return run_passes(model, [FindWeightsPass(ctx)])
+
+
+def quantize_weights(model: ir.Model, ctx: Context) -> ir.Model:
+    return run_passes(model, [QuantizeWeightsPass(ctx)])
+
+
+def rewrite(model: ir.Model, ctx: Context) -> ir.Model:
+    """The storage rewrite of the context's format."""
+    cls = RewriteNativePass if ctx.settings.format == "native" else RewriteCompactPass
+    return run_passes(model, [cls(ctx)])
+
+
+def quantized_model(proto, **settings) -> tuple[ir.Model, Context]:
+    """Prepare, find and quantize the weights (no rewrite yet): what the rewrites and distillation start from."""
+    ctx = context(**settings)
+    model = quantize_weights(find_weights(prepare(load(proto), ctx), ctx), ctx)
+    return model, ctx
+
+
+def lower_matmulnbits(model: ir.Model) -> tuple[ir.Model, bool]:
+    result = LowerMatMulNBitsPass()(model)
+    return result.model, result.modified
+
+
+def append_loss(model: ir.Model, kind: str, output: str | None = None, axis: int = -1) -> ir.Model:
+    return run_passes(model, [AppendLossPass(kind, output, axis)])
+
+
+def legalize_weights(model: ir.Model, ctx: Context, target: str) -> ir.Model:
+    return run_passes(model, [LegalizeWeightsPass(ctx, get_profile(target))])
+
+
+def distill(model: ir.Model, ctx: Context, calibration, steps: int, **options) -> ir.Model:
+    return run_passes(model, [DistillPass(ctx, calibration, steps, **options)])
+
+
+# What the passes leave in the context, read through one place.
+
+
+def weight_names(ctx: Context) -> list[str]:
+    return [w.name for w in ctx.weights]
+
+
+def weight_consumers(ctx: Context) -> dict[str, tuple[str, ...]]:
+    return {w.name: w.consumers for w in ctx.weights}
+
+
+def view_shapes(ctx: Context) -> dict[str, tuple[int, int]]:
+    """Each weight's ``(K, N)`` view: K the reduction axis the blocks run along."""
+    return {w.name: w.layout.view_shape for w in ctx.weights}
+
+
+def quantized(ctx: Context):
+    """Weight name -> its quantized form (``QuantizedTensor`` or ``QuantizedPieces``)."""
+    return ctx.quantized
+
+
+def dequantized(ctx: Context) -> dict[str, np.ndarray]:
+    """Weight name -> the numpy-dequantized tensor in the weight's own layout (the verification reference)."""
+    return {w.name: w.layout.from_view(ctx.quantized[w.name].dequantize()) for w in ctx.weights}
+
+
+def weight_floors(ctx: Context) -> dict[str, int]:
+    """Per-weight minimum widths set by target legalization."""
+    return dict(ctx.settings.weight_min_bits)
+
+
+def weight_groups(ctx: Context) -> dict[str, int]:
+    """Per-weight group sizes set by target legalization (0: one scale per output channel)."""
+    return dict(ctx.settings.weight_group_size)
+
+
+def messages(ctx: Context) -> list[str]:
+    return ctx.messages
+
+
+def distillation(ctx: Context) -> dict:
+    """What distillation reports: steps, held-out samples, KL before and after."""
+    return ctx.distillation

@@ -1,0 +1,66 @@
+"""UpgradeOpsetPass and SetIrVersionPass (passes/prepare.py): the graph the rewrite needs, numbers unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bq_onnx.errors import ModelError
+from tests import passkit
+from tests.conftest import make_model
+from tests.written import run
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((6, 4)).astype(np.float32)
+X = RNG.standard_normal((3, 6)).astype(np.float32)
+
+
+def _model(opset: int, ir_version: int):
+    """MatMul then ReduceMean with ``axes`` as an attribute (opset < 18) or as an input (opset >= 18)."""
+    if opset < 18:
+        reduce = helper.make_node("ReduceMean", ["h"], ["y"], axes=[1], keepdims=0)
+        inits = [numpy_helper.from_array(W, "W")]
+    else:
+        reduce = helper.make_node("ReduceMean", ["h", "axes"], ["y"], keepdims=0)
+        inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    return make_model([helper.make_node("MatMul", ["x", "W"], ["h"]), reduce],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b"])], inits,
+                      opset=opset, ir_version=ir_version)
+
+
+def _reference() -> np.ndarray:
+    return (X.astype(np.float64) @ W.astype(np.float64)).mean(axis=1)
+
+
+def test_upgrade_converts_old_opsets_and_keeps_the_numbers():
+    """Opset 13's ReduceMean ``axes`` attribute becomes the input opset 18+ needs; outputs stay the same."""
+    model, modified = passkit.upgrade_opset(passkit.load(_model(13, 7)))
+    assert modified and model.opset_imports[""] == 21
+    reduce = next(n for n in model.graph if n.op_type == "ReduceMean")
+    assert len(reduce.inputs) == 2 and "axes" not in reduce.attributes
+    model, _ = passkit.set_ir_version(model)
+    np.testing.assert_allclose(run(model, {"x": X})[0], _reference(), rtol=1e-6)
+
+
+def test_upgrade_leaves_a_new_enough_model_alone():
+    model, modified = passkit.upgrade_opset(passkit.load(_model(21, 10)))
+    assert not modified and model.opset_imports[""] == 21
+    assert [n.op_type for n in model.graph] == ["MatMul", "ReduceMean"]
+
+
+def test_upgrade_refuses_opsets_onnx_does_not_know():
+    proto = _model(21, 10)
+    proto.opset_import[0].version = 99
+    with pytest.raises((ModelError, ir.passes.PreconditionError)):
+        passkit.upgrade_opset(passkit.load(proto))
+
+
+@pytest.mark.parametrize(("before", "after"), [(14, 10), (7, 10), (10, 10)])
+def test_ir_version_is_what_the_opset_needs_and_onnxruntime_reads(before, after):
+    """onnx 1.23 writes IR 14 that onnxruntime refuses; opset 21 needs at least IR 10."""
+    model, modified = passkit.set_ir_version(passkit.load(_model(21, before)))
+    assert model.ir_version == after and modified == (before != after)
+    np.testing.assert_allclose(run(model, {"x": X})[0], _reference(), rtol=1e-6)

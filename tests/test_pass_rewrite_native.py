@@ -1,0 +1,56 @@
+"""RewriteNativePass (passes/rewrite_native.py): quantized weights become standard decode ops, numbers exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from tests import passkit, tiny
+from tests.written import run
+
+INT = ir.DataType
+
+
+def _rewritten(**settings):
+    model, ctx = passkit.quantized_model(tiny.layouts_model(), format="native", group_size=16, min_size=64,
+                                         **settings)
+    return passkit.rewrite(model, ctx), ctx
+
+
+def _check_numbers(model: ir.Model, ctx) -> None:
+    """onnxruntime on the rewritten graph computes the float64 forward pass of the numpy-dequantized weights."""
+    feeds = tiny.feeds()
+    expected = tiny.forward(passkit.dequantized(ctx), feeds)
+    np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(("quantizer", "bits", "container"), [
+    ("uniform", 3, INT.UINT4), ("uniform-sym", 4, INT.INT4), ("uniform", 8, INT.UINT8), ("uniform-sym", 6, INT.INT8),
+])
+def test_uniform_weights_become_blocked_dequantize_linear(quantizer, bits, container):
+    model, ctx = _rewritten(bits=bits, quantizer=quantizer)
+    graph = model.graph
+    assert not {"E", "W", "G"} & set(graph.initializers)
+    dqs = [n for n in graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 3
+    assert all(n.attributes["axis"].value == 0 and n.attributes["block_size"].value == 16 for n in dqs)
+    assert {n.inputs[0].const_value.dtype for n in dqs} == {container}
+    assert all((len(n.inputs) == 2) == (quantizer == "uniform-sym") for n in dqs)  # symmetric: no zero point
+    assert any(n.op_type == "Slice" for n in graph)  # K = 40 is padded to 48 and sliced back
+    _check_numbers(model, ctx)
+
+
+def test_codebook_weights_decode_by_gather_without_dequantize_linear():
+    model, ctx = _rewritten(bits=3, quantizer="nf")
+    ops = [n.op_type for n in model.graph]
+    assert "DequantizeLinear" not in ops and ops.count("Gather") >= 4  # one per codebook, plus the model's own
+    assert not {"E", "W", "G"} & set(model.graph.initializers)
+    _check_numbers(model, ctx)
+
+
+def test_rewrite_needs_quantized_weights():
+    ctx = passkit.context(min_size=64)
+    model = passkit.find_weights(passkit.prepare(passkit.load(tiny.layouts_model()), ctx), ctx)
+    with pytest.raises(ir.passes.PreconditionError):
+        passkit.rewrite(model, ctx)

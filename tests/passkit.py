@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import LOSS, TARGET
 from bq_onnx.context import Context, Settings
 from bq_onnx.model_io import load_model
 from bq_onnx.passes.distill import DistillPass
 from bq_onnx.passes.find_weights import FindWeightsPass
-from bq_onnx.passes.loss import LOSS, TARGET, AppendLossPass
+from bq_onnx.passes.loss import AppendLossPass
 from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
 from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass
 from bq_onnx.passes.quantize import QuantizeWeightsPass

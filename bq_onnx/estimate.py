@@ -27,7 +27,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
-from bq_onnx.context import Context, Settings, WeightInfo
+from bq_onnx.config import OptimizeConfig
+from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import DataError, ModelError, UsageError
 from bq_onnx.model_io import copy_model, load_model, model_nbytes, save_model
 from bq_onnx.passes.find_weights import FindWeightsPass
@@ -107,7 +108,7 @@ class Prepared:
 
 
 def prepare(source, min_size: int = 128, keep_fp: Sequence[str] = ()) -> Prepared:
-    ctx = Context(Settings(min_size=min_size, keep_fp=tuple(keep_fp)))
+    ctx = Context(OptimizeConfig.from_options(min_size=min_size, keep_fp=tuple(keep_fp)))
     model = run_passes(load_model(source), [*prepare_passes(ctx), FindWeightsPass(ctx)])
     return Prepared(model, ctx.weights, source)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from bq_onnx.config import OptimizeConfig, parse_group_size
+from bq_onnx.config import OptimizeConfig, QuantizerConfig, parse_group_size
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -32,7 +32,7 @@ class Derived:
     legalization (:mod:`bq_onnx.targets`) sets, by exact weight name.
     """
 
-    group_size: int = 32
+    group_size: int = QuantizerConfig.group_size
     group_choices: tuple[int, ...] = ()
     outliers: float | str = 0.0
     weight_min_bits: tuple[tuple[str, int], ...] = ()

@@ -46,9 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
-    c = add_group(o, "calibration (for the posterior, --tables mc and distillation) and seed", shared_options())
+    c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
     c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
     c.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
+    add_group(o, c.title, shared_options(), group=c)
     for concern in concern_types().values():
         add_concern(o, concern)
     _common(o)

@@ -236,7 +236,8 @@ def _widths(v: tuple[int, ...]) -> str | None:
 
 # --- options more than one concern reads: one declaration each ---------------------------------------------
 
-SEED = Option(0, "seed for every random choice: probes, sampled labels, random allocations, distillation batches")
+SEED = Option(0, "seed for the random choices of the quantizers, the posterior estimator (probes, sampled labels) "
+               "and distillation")
 OUTPUT = Option(None, "model output the loss reads (default: the first)", flag="--output-name",
                 parse=lambda v, f: None if v is None else _text(v, f))
 CALIB_SAMPLES = Option(None, "use only the first N calibration samples", check=at_least(1), metavar="N",

@@ -26,10 +26,10 @@ def add_concern(parser: argparse.ArgumentParser, concern: type[Concern], only: I
     add_group(parser, title or concern.title, options)
 
 
-def add_group(parser: argparse.ArgumentParser, title: str, options: dict[str, Option]) -> Any:
-    """An argument group with the flags of ``options`` not yet on ``parser``; returns the group."""
+def add_group(parser: argparse.ArgumentParser, title: str, options: dict[str, Option], group: Any = None) -> Any:
+    """The flags of ``options`` not yet on ``parser``, in a new argument group (or ``group``); returns it."""
     seen: set[str] = parser.__dict__.setdefault("_bq_options", set())
-    group = parser.add_argument_group(title)
+    group = group or parser.add_argument_group(title)
     for name, opt in options.items():
         if opt.flag is not None and name not in seen:
             seen.add(name)

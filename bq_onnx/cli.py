@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 from bq_onnx import __version__
-from bq_onnx.config import PosteriorConfig, VerificationConfig, WeightsConfig, concern_types, shared_options
+from bq_onnx.config import (
+    BenchConfig,
+    PosteriorConfig,
+    VerificationConfig,
+    WeightsConfig,
+    concern_types,
+    shared_options,
+)
 from bq_onnx.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, BqError, exit_code_table
 from bq_onnx.flags import add_concern, add_group, given
 from bq_onnx.table import human_bytes, render
@@ -134,11 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ep", default="cpu", help="onnxruntime execution providers, comma-separated, each measured "
                    "separately: cpu, cuda, tensorrt, rocm, migraphx (default cpu)")
     b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
-    b.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
-    b.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    b.add_argument("--iterations", type=int, default=50, help="timed runs (default 50)")
-    b.add_argument("--exact", action="store_true", help="exact precision settings instead of the fast defaults")
     b.add_argument("--calib", metavar="DATA", help="use these inputs instead of random ones")
+    add_concern(b, BenchConfig)
     _common(b)
     return p
 
@@ -383,16 +387,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from bq_onnx.bench import benchmark, parse_batches
 
     report = benchmark(
         args.models,
         runtimes=_names(args.runtime),
         batches=parse_batches(args.batch),
-        threads=args.threads,
-        warmup=args.warmup,
-        iterations=args.iterations,
-        exact=args.exact,
+        **dataclasses.asdict(BenchConfig(**given(args, BenchConfig))),
         providers=_names(args.ep),
         calib=args.calib,
     )

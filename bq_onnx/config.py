@@ -420,6 +420,17 @@ class VerificationConfig(Concern):
                                              "(default: not checked)")
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(Concern):
+    """How ``bq-onnx bench`` measures each configuration."""
+
+    title: ClassVar[str] = "measurement"
+    threads: int | None = option(None, "intra-op threads (default: the runtime's choice)", check=at_least(1))
+    warmup: int = option(10, "untimed runs first", check=at_least(0))
+    iterations: int = option(50, "timed runs", check=at_least(1))
+    exact: bool = option(False, "exact precision settings instead of the fast defaults")
+
+
 # --- the composite ----------------------------------------------------------------------------------------------
 
 

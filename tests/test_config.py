@@ -21,7 +21,7 @@ from tests.conftest import MODELS
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("bq_onnx", "passes", "runtimes")
-CONCERNS = (*cfg.concern_types().values(), cfg.VerificationConfig)
+CONCERNS = (*cfg.concern_types().values(), cfg.VerificationConfig, cfg.BenchConfig)
 
 # Second declarations that stay for now, as (file, name, default), each as often as it occurs. Exactly these.
 ALLOWED = [

@@ -1,10 +1,10 @@
 """Every user option, declared once: its type, default, check and help, grouped by concern.
 
 The CLI's flags (:mod:`bq_onnx.cli`), the API's keywords (:func:`bq_onnx.optimize`) and the pipeline's reads all
-come from the frozen dataclasses here. A field's :class:`Option` (in its metadata) says how CLI text or an API
-value becomes the typed value, how it is checked and what ``--help`` says. An option several concerns read (the
-seed, the model output the loss reads, the number of calibration samples) is one :class:`Option` object held by
-each of them; :class:`OptimizeConfig` keeps their values equal.
+come from the frozen dataclasses here. A field's :class:`bq_onnx.options.Option` (in its metadata) says how CLI
+text or an API value becomes the typed value, how it is checked and what ``--help`` says. An option several
+concerns read (the seed, the model output the loss reads, the number of calibration samples) is one
+:class:`Option` object held by each of them; :class:`OptimizeConfig` keeps their values equal.
 
 Standard library only at module level: the CLI builds its parser from these classes without numpy or onnx.
 """
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 from bq_onnx.errors import UsageError
+from bq_onnx.options import Concern, Option, above, at_least, number, option, text
 
 FORMATS: tuple[str, ...] = ("native", "compact")
 QUANTIZERS: tuple[str, ...] = ("uniform", "uniform-sym", "percentile", "gaussian", "nf", "lloyd", "lloyd-l1",
@@ -33,82 +34,7 @@ AUTO_GROUPS: tuple[int, ...] = (32, 64, 128)
 MAX_OUTLIERS = 0.1
 """The largest ``--outliers`` fraction: beyond it a wider grid is cheaper than the sparse list."""
 
-Parse = Callable[[Any, str], Any]
-"""CLI text or an API value, and the flag for messages -> the typed value (a :class:`UsageError` if bad)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """One user option. ``flag``: ``""`` derives ``--name-with-dashes``, None keeps it API-only. ``check``
-    returns what is wrong with a typed value (``"must be >= 1"``) or None. ``repeat``: the flag may be given
-    several times. ``show``: the default as ``--help`` writes it."""
-
-    default: Any
-    help: str
-    parse: Parse | None = None
-    check: Callable[[Any], str | None] | None = None
-    choices: tuple[str, ...] | None = None
-    flag: str | None = ""
-    metavar: str | None = None
-    repeat: bool = False
-    show: str | None = None
-
-    def field(self) -> Any:
-        """The dataclass field that carries this option."""
-        return dataclasses.field(default=self.default, metadata={"option": self})
-
-    def shown_default(self) -> str | None:
-        """The default as ``--help`` shows it; None when there is nothing to show (off, absent, empty)."""
-        if self.show is not None:
-            return self.show
-        if self.default is None or self.default is False or self.default == ():
-            return None
-        if isinstance(self.default, tuple):
-            return ",".join(map(str, self.default))
-        return format(self.default, "g") if isinstance(self.default, float) else str(self.default)
-
-
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """Declare a field: default, help text and (optionally) parse, check, choices, flag, metavar, repeat, show."""
-    return Option(default, help, **kwargs).field()
-
-
-def flag_of(name: str, opt: Option) -> str:
-    return opt.flag or "--" + name.replace("_", "-")
-
-
-# --- parsing: CLI text or API values -> typed values --------------------------------------------------------
-
-
-def _number(kind: type) -> Parse:
-    word = "an integer" if kind is int else "a number"
-
-    def parse(value: Any, flag: str) -> Any:
-        if isinstance(value, str):
-            try:
-                return kind(value.strip())
-            except ValueError:
-                raise UsageError(f"{flag} takes {word}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
-            raise UsageError(f"{flag} must be {word}, got {value!r}")
-        return value
-
-    return parse
-
-
-def _text(value: Any, flag: str) -> str:
-    if not isinstance(value, str):
-        raise UsageError(f"{flag} takes a string, got {value!r}")
-    return value
-
-
-def _switch(value: Any, flag: str) -> bool:
-    if not isinstance(value, bool):
-        raise UsageError(f"{flag} is on or off (True/False), got {value!r}")
-    return value
-
-
-_BY_ANNOTATION: dict[str, Parse] = {"int": _number(int), "float": _number(float), "str": _text, "bool": _switch}
+# --- the parsing of CLI strings, with the fields that take them ----------------------------------------------
 
 
 def _patterns(value: Any, flag: str) -> tuple[str, ...]:
@@ -218,14 +144,6 @@ def _mapping(value: Any, flag: str) -> Mapping | None:
     return MappingProxyType(dict(value))
 
 
-def at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None or v >= low else f"must be >= {low:g}"
-
-
-def above(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None or v > low else f"must be > {low:g}"
-
-
 def _bits(v: float) -> str | None:
     return None if 0 <= v <= 8 else "must be a number in 0..8"
 
@@ -239,66 +157,13 @@ def _widths(v: tuple[int, ...]) -> str | None:
 SEED = Option(0, "seed for the random choices of the quantizers, the posterior estimator (probes, sampled labels) "
                "and distillation")
 OUTPUT = Option(None, "model output the loss reads (default: the first)", flag="--output-name",
-                parse=lambda v, f: None if v is None else _text(v, f))
+                parse=lambda v, f: None if v is None else text(v, f))
 CALIB_SAMPLES = Option(None, "use only the first N calibration samples", check=at_least(1), metavar="N",
-                       parse=lambda v, f: None if v is None else _number(int)(v, f))
+                       parse=lambda v, f: None if v is None else number(int)(v, f))
 LABELS = Option(None, "labels .npy/.npz (key 'labels') for --loss ce/mse", metavar="FILE", parse=_labels)
 
 
 # --- the concerns ---------------------------------------------------------------------------------------------
-
-
-class Concern:
-    """Base of the option groups: parses and checks every field after construction (frozen afterwards)."""
-
-    title: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            opt = f.metadata.get("option")
-            if opt is None:
-                continue
-            object.__setattr__(self, f.name, parse_value(f.name, opt, str(f.type), getattr(self, f.name)))
-        self.validate()
-
-    def validate(self) -> None:
-        """Checks across fields (none by default)."""
-
-    @classmethod
-    def options(cls) -> dict[str, Option]:
-        return {f.name: f.metadata["option"] for f in dataclasses.fields(cls) if "option" in f.metadata}
-
-    def to_report(self) -> dict:
-        """JSON-ready values."""
-        return {name: _jsonable(getattr(self, name)) for name in self.options()}
-
-
-def parse_value(name: str, opt: Option, annotation: str, value: Any) -> Any:
-    """One field's typed value from CLI text or an API value, checked."""
-    flag = flag_of(name, opt)
-    if value is None and (opt.default is None or annotation.endswith("| None")):
-        parsed = None
-    else:
-        parse = opt.parse or _BY_ANNOTATION.get(annotation.removesuffix(" | None"))
-        if parse is None:
-            raise TypeError(f"option {name}: no parser for {annotation}")
-        parsed = parse(value, flag)
-    if opt.choices is not None and parsed not in opt.choices:
-        raise UsageError(f"{flag} must be one of {', '.join(opt.choices)}, got {parsed!r}")
-    problem = opt.check(parsed) if opt.check is not None and parsed is not None else None
-    if problem:
-        raise UsageError(f"{flag} {problem}, got {parsed!r}")
-    return parsed
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return f"<{type(value).__name__}>"  # e.g. labels given as an array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,13 +349,19 @@ class OptimizeConfig:
     def explicit(self) -> frozenset[str]:
         """The options whose value differs from the default."""
         return frozenset(name for concern in self.concerns() for name, opt in concern.options().items()
-                         if getattr(concern, name) != opt.default)
+                         if _differs(getattr(concern, name), opt.default))
 
     def concerns(self) -> list[Concern]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]
 
     def to_report(self) -> dict:
         return {f.name: getattr(self, f.name).to_report() for f in dataclasses.fields(self)}
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if default is None:  # labels may be an array: compare nothing elementwise
+        return value is not None
+    return bool(value != default)
 
 
 def concern_types(cls: type = OptimizeConfig) -> dict[str, type[Concern]]:
@@ -519,8 +390,3 @@ def option_names(cls: type = OptimizeConfig) -> dict[str, Option]:
     for kind in concern_types(cls).values():
         out.update(kind.options())
     return out
-
-
-def collect(values: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The options among ``values`` that were given (not None): what a parsed command line asked for."""
-    return {name: values[name] for name in names if values.get(name) is not None}

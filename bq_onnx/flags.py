@@ -1,4 +1,4 @@
-"""Command-line flags generated from the option declarations in :mod:`bq_onnx.config`.
+"""Command-line flags generated from the option declarations in :mod:`bq_onnx.config` (:mod:`bq_onnx.options`).
 
 One flag per option, in an argument group per concern; argparse only collects the text (every default is None:
 "not given"), and the config classes parse and check it, so a flag means exactly what the API keyword means.
@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Iterable
 from typing import Any
 
-from bq_onnx.config import Concern, Option, flag_of
+from bq_onnx.options import Concern, Option, flag_of
 
 PREFIX = "opt_"
 """Namespace attributes of generated flags (``opt_bits``), apart from a command's own arguments (``output``)."""

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bq_onnx.config import BenchConfig
 from bq_onnx.errors import BqError, UsageError
 
 OTHER_SYMBOLIC_DIM = 16
@@ -137,10 +138,10 @@ def benchmark(
     models: Sequence[str | os.PathLike],
     runtimes: Sequence[str] = ("onnxruntime",),
     batches: Sequence[int] = (1,),
-    threads: int | None = None,
-    warmup: int = 10,
-    iterations: int = 50,
-    exact: bool = False,
+    threads: int | None = BenchConfig.threads,
+    warmup: int = BenchConfig.warmup,
+    iterations: int = BenchConfig.iterations,
+    exact: bool = BenchConfig.exact,
     providers: Sequence[str] | None = None,
     calib: str | os.PathLike | None = None,
     timeout: float | None = 600,

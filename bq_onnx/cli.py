@@ -9,7 +9,16 @@ import time
 from pathlib import Path
 
 from bq_onnx import __version__
+from bq_onnx.config import (
+    BenchConfig,
+    PosteriorConfig,
+    VerificationConfig,
+    WeightsConfig,
+    concern_types,
+    shared_options,
+)
 from bq_onnx.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, BqError, exit_code_table
+from bq_onnx.flags import add_concern, add_group, given
 from bq_onnx.table import human_bytes, render
 
 EPILOG = "exit codes:\n" + exit_code_table()
@@ -21,8 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from bq_onnx.quantizers import QUANTIZERS
-
     fmt = argparse.RawDescriptionHelpFormatter
     p = _Parser(
         prog="bq-onnx",
@@ -43,57 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     o.add_argument("model", help="input .onnx file (never modified)")
     o.add_argument("-o", "--output", help="output path (default: MODEL with .bq.onnx suffix)")
-    o.add_argument("--bits", type=float, default=4,
-                   help="average payload bits per quantized weight, the budget the allocator spends (default 4)")
-    o.add_argument(
-        "--format",
-        choices=("native", "compact"),
-        default="native",
-        help="native: standard DequantizeLinear (int4/int8 containers, runs compressed); compact: exact b-bit "
-        "packing decoded by a model-local function (smallest file). Default native.",
-    )
-    o.add_argument("--quantizer", choices=QUANTIZERS, default="uniform",
-                   help="quantizer family (default uniform); vq = vector codebooks (d = 2/4/8, chosen per tensor and "
-                   "width), vq2/vq4/vq8 = one length, auto = the best of uniform, lloyd and vq per tensor and width")
-    o.add_argument("--outliers", metavar="FRACTION|auto", default=None,
-                   help="keep this fraction of each tensor's weights (e.g. 0.005 or 0.5%%) as sparse fp16 outliers, "
-                   "counted in the payload; auto = the tables choose none, 0.25%% or 1%% per tensor and width "
-                   "(default: none; auto with --quantizer auto)")
-    o.add_argument(
-        "--group-size", default="32", metavar="ROWS|auto",
-        help="rows per block along the reduction axis (default 32); 0 = per channel; auto = the tables choose 32, "
-        "64 or 128 per tensor and width (expected loss against stored bits, scales included)",
-    )
-    o.add_argument("--min-size", type=int, default=128, help="leave tensors with fewer elements in float")
-    o.add_argument("--keep-fp", action="append", default=[], metavar="PATTERN", help="glob of weights to keep")
-    o.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    o.add_argument("--target", metavar="NAME", help="legalize the output for a runtime: onnxruntime, tensorrt, "
-                   "rocm (migraphx), openvino; the written model is then checked by `bq-onnx validate`")
-    o.add_argument("--strict-size", action="store_true", help="with --target: allow only the widths the target "
-                   "executes natively (e.g. 4 and 8), not 3 bits stored in int4")
-    from bq_onnx.allocation import METHODS as ALLOCATORS
-
-    a = o.add_argument_group("bit allocation")
-    a.add_argument("--allocator", choices=ALLOCATORS, default="greedy",
-                   help="how the budget is spent (default greedy); uniform = the same width everywhere")
-    a.add_argument("--granularity", default="rows:8",
-                   help="allocation block: slices of N output channels (rows:N, default rows:8) or tensor")
-    a.add_argument("--allowed-bits", default="0,1,2,3,4,5,6,7,8", help="widths the allocator may use")
-    a.add_argument("--bits-include-metadata", action="store_true", help="count scales/codebooks in --bits")
-    a.add_argument("--size-mb", type=float, help="file-size budget in MB instead of --bits")
-    a.add_argument("--min-bits", action="append", default=[], metavar="PATTERN=N", help="per-layer minimum bits")
-    a.add_argument("--tables", choices=("closed", "mc"), default="closed",
-                   help="expected-loss tables: closed form from the posterior (default) or mc: measured KL per "
-                   "block and width on --calib (slow; validates the closed form)")
-    a.add_argument("--distill-steps", type=int, default=0,
-                   help="after quantizing, tune scales/codebooks for N steps on --calib (codes fixed)")
-    a.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
-    g = o.add_argument_group("posterior (optional: weights each quantizer's error by the posterior precision)")
-    g.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
-    g.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
-    _posterior_options(g, include_calib=False)
+    o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
+    c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
+    c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
+    c.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
+    add_group(o, c.title, shared_options(), group=c)
+    for concern in concern_types().values():
+        add_concern(o, concern)
     _common(o)
 
     q = sub.add_parser(
@@ -107,10 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="input .onnx file")
     q.add_argument("--calib", metavar="DATA", required=True, help="calibration data (.npz keyed by input name)")
     q.add_argument("-o", "--output", default="posterior.npz", help="output .npz (default posterior.npz)")
-    q.add_argument("--min-size", type=int, default=128, help="tensors with fewer elements are not weights")
-    q.add_argument("--seed", type=int, default=0, help="seed for probes and sampled labels")
     q.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    _posterior_options(q, include_calib=True)
+    add_concern(q, WeightsConfig, only=("min_size",))
+    add_concern(q, PosteriorConfig)
     _common(q)
 
     i = sub.add_parser(
@@ -121,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     i.add_argument("model", help=".onnx file")
-    i.add_argument("--min-size", type=int, default=128, help="smallest float tensor listed (default 128)")
+    add_concern(i, WeightsConfig, only=("min_size",))
     _common(i)
 
     va = sub.add_parser(
@@ -159,14 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--output-name", help="compare only this output (default: every output of both models)")
     v.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
     v.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
-    th = v.add_argument_group("thresholds (a failing one exits 6)")
-    th.add_argument("--min-agreement", type=float, default=0.99,
-                    help="minimum top-1 agreement, fraction (default 0.99; classification outputs only)")
-    th.add_argument("--max-kl", type=float, help="maximum mean KL(reference || candidate) (default: not checked)")
-    th.add_argument("--max-rel-error", type=float, help="maximum ||c - r|| / ||r|| (default: not checked)")
-    th.add_argument("--min-cosine", type=float, help="minimum mean per-sample cosine (default: not checked)")
-    th.add_argument("--max-accuracy-drop", type=float,
-                    help="maximum accuracy drop in percentage points, needs --labels (default: not checked)")
+    add_concern(v, VerificationConfig)
     _common(v)
 
     b = sub.add_parser(
@@ -184,49 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ep", default="cpu", help="onnxruntime execution providers, comma-separated, each measured "
                    "separately: cpu, cuda, tensorrt, rocm, migraphx (default cpu)")
     b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
-    b.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's choice)")
-    b.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    b.add_argument("--iterations", type=int, default=50, help="timed runs (default 50)")
-    b.add_argument("--exact", action="store_true", help="exact precision settings instead of the fast defaults")
     b.add_argument("--calib", metavar="DATA", help="use these inputs instead of random ones")
+    add_concern(b, BenchConfig)
     _common(b)
     return p
-
-
-def _posterior_options(p, include_calib: bool) -> None:
-    from bq_onnx.autodiff.loss import LOSS_KINDS
-    from bq_onnx.estimators.registry import METHODS
-    from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION
-
-    p.add_argument("--method", choices=[m for m in METHODS if m != "external"], default="laplace",
-                   help="posterior estimator (default laplace)")
-    p.add_argument("--loss", choices=LOSS_KINDS, default="kl",
-                   help="kl: to the FP32 output distribution, no labels (default); ce: labels; mse: regression")
-    p.add_argument("--labels", metavar="FILE", help="labels .npy/.npz (key 'labels') for --loss ce/mse")
-    p.add_argument("--output-name", help="model output the loss reads (default: the first)")
-    p.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
-    p.add_argument("--prior-precision", type=float, default=DEFAULT_PRIOR_PRECISION,
-                   help=f"precision of the Gaussian prior per weight (default {DEFAULT_PRIOR_PRECISION:g})")
-    p.add_argument("--probes", type=int, default=4, help="Rademacher probes per batch (hutchinson; default 4)")
-    p.add_argument("--mc-samples", type=int, default=1, help="sampled labels per input (fisher-mc; default 1)")
-    p.add_argument("--batch-size", type=int, default=32, help="calibration samples per gradient or forward run "
-                   "(default 32; laplace/fisher-mc form per-sample gradients from batched runs where exact)")
-
-
-def _options(args: argparse.Namespace) -> dict:
-    from bq_onnx.calibration import load_labels
-
-    return {
-        "method": args.method,
-        "loss": args.loss,
-        "labels": load_labels(args.labels) if args.labels else None,
-        "output": args.output_name,
-        "calib_samples": args.calib_samples,
-        "prior_precision": args.prior_precision,
-        "probes": args.probes,
-        "mc_samples": args.mc_samples,
-        "batch_size": args.batch_size,
-    }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -243,30 +161,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".bq.onnx")
     check_output_path(out, [src], args.force)  # fail before the work, not after
     start = time.perf_counter()
+    options: dict = {}
+    for concern in concern_types().values():
+        options.update(given(args, concern))
     result = optimize(
         src,
-        bits=args.bits,
-        format=args.format,
-        quantizer=args.quantizer,
-        outliers=args.outliers,
-        group_size=int(args.group_size) if args.group_size.lstrip("-").isdigit() else args.group_size,
-        min_size=args.min_size,
-        keep_fp=args.keep_fp,
-        seed=args.seed,
-        progress=not (args.quiet or args.json) and sys.stderr.isatty(),
         calib=args.calib,
         posterior=args.posterior,
-        posterior_options=_options(args),
-        allocator=args.allocator,
-        granularity=args.granularity,
-        allowed_bits=_bit_list(args.allowed_bits),
-        bits_include_metadata=args.bits_include_metadata,
-        size_mb=args.size_mb,
-        min_bits=args.min_bits,
-        distill_steps=args.distill_steps,
-        tables=args.tables,
-        target=args.target,
-        strict_size=args.strict_size,
+        progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+        **options,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
     if args.plot:
@@ -322,7 +225,7 @@ def _print_optimize(report: dict, elapsed: float) -> None:
     out = report["output"]
     size_in = report.get("input_file_bytes")
     ratio = f" ({size_in / out['file_bytes']:.2f}x smaller)" if size_in else ""
-    print(f"wrote {out['path']}: {human_bytes(out['file_bytes'])}{ratio} [{report['settings']['format']}]")
+    print(f"wrote {out['path']}: {human_bytes(out['file_bytes'])}{ratio} [{report['settings']['storage']['format']}]")
     if "verification" in report:
         worst = max((c["max_abs_error"] for c in report["verification"]["outputs"]), default=0.0)
         print(f"verified in onnxruntime against the numpy reference (max abs error {worst:.2g})")
@@ -330,21 +233,15 @@ def _print_optimize(report: dict, elapsed: float) -> None:
 
 
 def _cmd_posterior(args: argparse.Namespace) -> int:
-    from bq_onnx.estimators import estimate_posterior
+    from bq_onnx.estimators import estimate_prepared, prepare
     from bq_onnx.model_io import check_output_path
 
     out = check_output_path(args.output, [args.model], args.force)
     start = time.perf_counter()
-    options = _options(args)
-    posterior = estimate_posterior(
-        args.model,
-        args.calib,
-        options.pop("method"),
-        min_size=args.min_size,
-        progress_bar=not (args.quiet or args.json) and sys.stderr.isatty(),
-        seed=args.seed,
-        **options,
-    )
+    config = PosteriorConfig(**given(args, PosteriorConfig))
+    prepared = prepare(args.model, WeightsConfig(**given(args, WeightsConfig)))
+    posterior = estimate_prepared(prepared, args.calib, config,
+                                  progress_bar=not (args.quiet or args.json) and sys.stderr.isatty())
     _save_atomic(out, posterior.save)
     elapsed = time.perf_counter() - start
     rows = posterior.summary()
@@ -360,15 +257,6 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         print(f"wrote {out} ({posterior.method}, {posterior.samples} samples) in {elapsed:.1f} s")
     return EXIT_OK
-
-
-def _bit_list(text: str) -> list[int]:
-    from bq_onnx.errors import UsageError
-
-    try:
-        return [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise UsageError(f"--allowed-bits takes comma-separated integers, got {text!r}") from None
 
 
 def _save_atomic(out: Path, write) -> None:
@@ -393,7 +281,7 @@ def _bits(bits: float) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from bq_onnx.inspect import inspect
 
-    info = inspect(args.model, min_size=args.min_size)
+    info = inspect(args.model, min_size=WeightsConfig(**given(args, WeightsConfig)).min_size)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
@@ -449,6 +337,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from bq_onnx.calibration import load_labels
     from bq_onnx.compare import failure_message, verify_models
     from bq_onnx.errors import VerificationError
@@ -463,11 +353,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         output=args.output_name,
         calib_samples=args.calib_samples,
         batch_size=args.batch_size,
-        min_agreement=args.min_agreement,
-        max_kl=args.max_kl,
-        max_rel_error=args.max_rel_error,
-        min_cosine=args.min_cosine,
-        max_accuracy_drop=args.max_accuracy_drop,
+        **dataclasses.asdict(VerificationConfig(**given(args, VerificationConfig))),
     )
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -487,8 +373,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                       "acc cand %", "status"], rows))
         for s in report["skipped"]:
             print(f"skipped {s['runtime']}: {s['reason']}")
-        given = ", ".join(f"{k} {v:g}" for k, v in report["thresholds"].items() if v is not None) or "none"
-        print(f"{report['samples']} samples, {report['settings']}; thresholds: {given}; "
+        limits = ", ".join(f"{k} {v:g}" for k, v in report["thresholds"].items() if v is not None) or "none"
+        print(f"{report['samples']} samples, {report['settings']}; thresholds: {limits}; "
               f"{'passed' if report['passed'] else 'FAILED'}")
     if not report["passed"]:
         raise VerificationError(failure_message(report))
@@ -496,16 +382,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from bq_onnx.bench import benchmark, parse_batches
 
     report = benchmark(
         args.models,
         runtimes=_names(args.runtime),
         batches=parse_batches(args.batch),
-        threads=args.threads,
-        warmup=args.warmup,
-        iterations=args.iterations,
-        exact=args.exact,
+        **dataclasses.asdict(BenchConfig(**given(args, BenchConfig))),
         providers=_names(args.ep),
         calib=args.calib,
     )

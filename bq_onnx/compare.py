@@ -24,10 +24,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from bq_onnx.calibration import Calibration, load_calibration
+from bq_onnx.config import VerificationConfig
 from bq_onnx.errors import DataError, UnsupportedError, UsageError, VerificationError
 from bq_onnx.model_io import load_model
 
-DEFAULT_MIN_AGREEMENT = 0.99
+DEFAULT_MIN_AGREEMENT = VerificationConfig.min_agreement
 DEFAULT_BATCH = 64
 
 

@@ -1,48 +1,49 @@
-"""The typed values passes hand to each other, and the settings they read.
+"""The typed values passes hand to each other: the options they read, the values derived from those, the results.
 
 Passes never reach into each other: what one produces for a later one lives here (the weights found, their
-quantized forms, the report), so a pipeline is just a list of passes over one model and one context.
+quantized forms, the report), so a pipeline is just a list of passes over one model and one context. The options
+are :class:`bq_onnx.config.OptimizeConfig` (declared there, once); :class:`Derived` holds what is computed from
+them and from the model, never asked for by the user.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING
 
-import onnx_ir as ir
+from bq_onnx.config import OptimizeConfig, QuantizerConfig, parse_group_size
 
-from bq_onnx.layout import WeightLayout
-from bq_onnx.posterior import Posterior
-from bq_onnx.qtensor import QuantizedTensor
-from bq_onnx.quantizers import Spec
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
-Format = Literal["native", "compact"]
+    from bq_onnx.layout import WeightLayout
+    from bq_onnx.posterior import Posterior
+    from bq_onnx.qtensor import QuantizedTensor
+    from bq_onnx.quantizers import Spec
 
 
 @dataclasses.dataclass
-class Settings:
-    """What the user asked for (CLI flags and API keywords map onto these one to one)."""
+class Derived:
+    """Values computed from the options, not options themselves.
 
-    bits: float = 4  # fixed width, or the average-bits budget of the allocation
-    format: Format = "native"
-    quantizer: str = "uniform"  # a scalar method, a vector family (vq, vq2, vq4, vq8) or auto
-    outliers: float | str = 0.0  # fraction of each tensor kept as sparse fp16 outliers, or "auto" (tables choose)
-    group_size: int = 32
-    group_choices: tuple[int, ...] = ()  # --group-size auto: block sizes the tables choose from per tensor and width
-    min_size: int = 128
-    seed: int = 0
-    keep_fp: tuple[str, ...] = ()
-    allocator: str = "greedy"
-    granularity: int | None = None  # None: a block is a tensor; N: slices of N output channels
-    allowed_bits: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
-    include_metadata: bool = False
-    size_mb: float | None = None
-    min_bits: tuple[tuple[str, int], ...] = ()
-    tables: str = "closed"  # closed form from the posterior, or "mc": measured KL per block and width
-    target: str | None = None  # a runtime profile (runtimes/profiles.py) the output is legalized for
-    # set by target legalization (bq_onnx.targets), exact weight names: floors and group sizes per weight
+    ``group_size``: the working block size (``--group-size auto`` works at 64 and offers ``group_choices``; a
+    target may move it to a size it accepts). ``outliers``: the resolved ``--outliers`` (its default depends on the
+    quantizer). ``weight_min_bits`` / ``weight_group_size``: per-weight floors and group sizes that target
+    legalization (:mod:`bq_onnx.targets`) sets, by exact weight name.
+    """
+
+    group_size: int = QuantizerConfig.group_size
+    group_choices: tuple[int, ...] = ()
+    outliers: float | str = 0.0
     weight_min_bits: tuple[tuple[str, int], ...] = ()
     weight_group_size: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def from_config(cls, config: OptimizeConfig) -> Derived:
+        q = config.quantization
+        size, choices = parse_group_size(q.group_size)
+        outliers = ("auto" if q.quantizer == "auto" else 0.0) if q.outliers is None else q.outliers
+        return cls(group_size=size, group_choices=choices, outliers=outliers)
 
     def group_size_for(self, weight: str | None) -> int:
         """The group size of one weight (a legalized per-weight value, else ``group_size``)."""
@@ -65,19 +66,25 @@ class Settings:
         """The legalized minimum width of one weight (0: none)."""
         return max((b for name, b in self.weight_min_bits if name == weight), default=0)
 
-    @property
-    def chooses_design(self) -> bool:
-        """Several designs per tensor and width (``vq``, ``auto``, ``--outliers auto``): the tables choose."""
-        return self.quantizer in ("vq", "auto") or self.outliers == "auto" or bool(self.group_choices)
+    def to_report(self) -> dict:
+        return {"group_size": self.group_size, "group_choices": list(self.group_choices), "outliers": self.outliers,
+                "weight_min_bits": [list(p) for p in self.weight_min_bits],
+                "weight_group_size": [list(p) for p in self.weight_group_size]}
 
-    @property
-    def fixed(self) -> bool:
-        """Same width everywhere without tables: uniform allocation of a whole number of payload bits."""
-        return (
-            self.allocator == "uniform" and float(self.bits).is_integer() and self.size_mb is None
-            and not self.include_metadata and not self.min_bits and int(self.bits) in self.allowed_bits
-            and self.tables == "closed" and not self.chooses_design and not self.outliers
-        )
+
+def chooses_design(config: OptimizeConfig, derived: Derived) -> bool:
+    """Several designs per tensor and width (``vq``, ``auto``, ``--outliers auto``): the tables choose."""
+    return config.quantization.quantizer in ("vq", "auto") or derived.outliers == "auto" or bool(derived.group_choices)
+
+
+def is_fixed(config: OptimizeConfig, derived: Derived) -> bool:
+    """Same width everywhere without tables: uniform allocation of a whole number of payload bits."""
+    a = config.allocation
+    return (
+        a.allocator == "uniform" and float(a.bits).is_integer() and a.size_mb is None
+        and not a.bits_include_metadata and not a.min_bits and int(a.bits) in a.allowed_bits
+        and a.tables == "closed" and not chooses_design(config, derived) and not derived.outliers
+    )
 
 
 @dataclasses.dataclass
@@ -97,7 +104,8 @@ class WeightInfo:
 
 @dataclasses.dataclass
 class Context:
-    settings: Settings
+    config: OptimizeConfig = dataclasses.field(default_factory=OptimizeConfig)
+    derived: Derived | None = None  # None: Derived.from_config(config)
     weights: list[WeightInfo] = dataclasses.field(default_factory=list)
     posterior: Posterior | None = None
     tables: list = dataclasses.field(default_factory=list)  # BlockTable per allocation block
@@ -110,12 +118,24 @@ class Context:
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        if self.derived is None:
+            self.derived = Derived.from_config(self.config)
+
+    @property
+    def fixed(self) -> bool:
+        return is_fixed(self.config, self.derived)
+
+    @property
+    def chooses_design(self) -> bool:
+        return chooses_design(self.config, self.derived)
+
     def pieces_for(self, weight: str, columns: int) -> list[tuple[int, int, int]]:
         """``(start, stop, bits)`` column ranges of one weight: its allocated blocks, else the fixed ``--bits``."""
         pieces = sorted((t.columns[0], t.columns[1], self.bits[t.name]) for t in self.tables
                         if t.weight == weight and t.name in self.bits)
         if not pieces:
-            return [(0, columns, max(int(self.settings.bits), self.settings.weight_floor(weight)))]
+            return [(0, columns, max(int(self.config.allocation.bits), self.derived.weight_floor(weight)))]
         merged = [list(pieces[0])]
         for start, stop, bits in pieces[1:]:
             if bits == merged[-1][2] and start == merged[-1][1]:

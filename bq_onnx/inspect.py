@@ -10,7 +10,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bq_onnx.context import Context, Settings
+from bq_onnx.config import OptimizeConfig, WeightsConfig
+from bq_onnx.context import Context
 from bq_onnx.decode.rewrite import METADATA_KEY
 from bq_onnx.errors import UnsupportedError
 from bq_onnx.model_io import load_model
@@ -22,7 +23,7 @@ def _nbytes(model: ir.Model, name: str) -> int:
     return value.const_value.nbytes if value is not None and value.const_value is not None else 0
 
 
-def inspect(model: str | os.PathLike, min_size: int = 128) -> dict:
+def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) -> dict:
     """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it)."""
     m = load_model(model)
     meta = json.loads(m.metadata_props[METADATA_KEY]) if METADATA_KEY in m.metadata_props else None
@@ -48,7 +49,7 @@ def inspect(model: str | os.PathLike, min_size: int = 128) -> dict:
                 }
             )
     else:
-        ctx = Context(Settings(min_size=min_size))
+        ctx = Context(OptimizeConfig.from_options(min_size=min_size))
         with contextlib.suppress(UnsupportedError):
             FindWeightsPass(ctx)(m)
         for w in ctx.weights:

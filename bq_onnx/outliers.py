@@ -15,13 +15,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bq_onnx.config import MAX_OUTLIERS
 from bq_onnx.qtensor import QuantizedTensor, to_fp16_exact
 
 FRACTIONS: tuple[float, ...] = (0.0025, 0.01)
 """Outlier fractions the allocation tables try with ``outliers="auto"`` (besides none)."""
 
-MAX_FRACTION = 0.1
-"""Largest fraction accepted: beyond it a wider grid is cheaper than the sparse list."""
+MAX_FRACTION = MAX_OUTLIERS
+"""Largest fraction accepted (declared with ``--outliers``)."""
 
 FP16_MAX = 65504.0
 

@@ -22,7 +22,7 @@ from bq_onnx.progress import memtrace
 def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
     """Constants to initializers, opset >= 21, a runtime-readable IR version."""
     return [
-        LiftConstantsToInitializersPass(size_limit=ctx.settings.min_size),
+        LiftConstantsToInitializersPass(size_limit=ctx.config.weights.min_size),
         UpgradeOpsetPass(),
         SetIrVersionPass(),
     ]
@@ -39,13 +39,13 @@ def optimize_passes(
     lower: Sequence[ir.passes.PassBase] = (),
 ) -> list[ir.passes.PassBase]:
     """Prepare, find weights, (posterior), tables + allocation (unless fixed width), quantize, rewrite."""
-    s = ctx.settings
-    rewrite = RewriteNativePass if s.format == "native" else RewriteCompactPass
+    a = ctx.config.allocation
+    rewrite = RewriteNativePass if ctx.config.storage.format == "native" else RewriteCompactPass
     allocate: list[ir.passes.PassBase] = []
-    if not s.fixed:
+    if not ctx.fixed:
         allocate = [
-            ExpectedLossTablesPass(ctx, s.allowed_bits, s.granularity, s.include_metadata or s.size_mb is not None,
-                                   mode=s.tables, calibration=calibration, output=output),
+            ExpectedLossTablesPass(ctx, a.allowed_bits, a.granularity, a.bits_include_metadata or a.size_mb is not None,
+                                   mode=a.tables, calibration=calibration, output=output),
             AllocatePass(ctx, allocator_options),
         ]
     return [

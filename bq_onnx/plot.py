@@ -28,7 +28,7 @@ def plot_allocation(report: dict, path: str | os.PathLike) -> None:
     ax.set_ylim(0, 8.5)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    title = f"{report['settings']['allocator']} allocation"
+    title = f"{report['settings']['allocation']['allocator']} allocation"
     if "allocation" in report:
         title += f": {report['allocation']['achieved_bits']:.3f} bits/weight"
     ax.set_title(title)

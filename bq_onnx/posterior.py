@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bq_onnx.config import PosteriorConfig
 from bq_onnx.errors import DataError
 
 #: Prior precision lambda of the Gaussian prior N(0, 1/lambda) on each weight (the Laplace damping). Small
 #: against N * curvature for any weight the data informs; it bounds the variance of weights it does not.
-DEFAULT_PRIOR_PRECISION = 1e-4
+DEFAULT_PRIOR_PRECISION = PosteriorConfig.prior_precision
 
 #: An array, or a function that reads it (a posterior too big to hold is read back one weight at a time).
 ArraySource = np.ndarray | Callable[[], np.ndarray]

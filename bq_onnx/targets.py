@@ -1,6 +1,6 @@
 """Target legalization: constrain what ``optimize`` may produce so a target's runtime executes it.
 
-Two steps. :func:`legalize_settings` runs before the pipeline: symmetric-only targets get ``uniform-sym``
+Two steps. :func:`legalize_config` runs before the pipeline: symmetric-only targets get ``uniform-sym``
 (an explicit codebook quantizer is an error), a group size the target does not accept becomes the nearest one it
 does, compact (local functions) is refused where the target cannot read them, and ``strict_size`` keeps only
 the widths the target executes natively. :class:`LegalizeWeightsPass` runs after the weights are found: on
@@ -16,63 +16,69 @@ import dataclasses
 
 import onnx_ir as ir
 
-from bq_onnx.context import Context, Settings
+from bq_onnx.config import OptimizeConfig
+from bq_onnx.context import Context, Derived
 from bq_onnx.errors import UsageError
 from bq_onnx.runtimes.base import Capabilities
 
 UNIFORM_QUANTIZERS = ("uniform", "uniform-sym", "percentile")
 
 
-def legalize_settings(
-    s: Settings, p: Capabilities, *, explicit: frozenset[str] = frozenset(), strict_size: bool = False
-) -> tuple[Settings, list[str]]:
-    """Settings the target can execute, and one message per change. ``explicit``: keywords the user set."""
+def legalize_config(
+    config: OptimizeConfig, derived: Derived, p: Capabilities
+) -> tuple[OptimizeConfig, Derived, list[str]]:
+    """Options and derived values the target can execute, and one message per change."""
+    explicit = config.explicit()
+    strict_size = config.target.strict_size
+    q, a = config.quantization, config.allocation
     notes: list[str] = []
     changes: dict = {"target": p.name}
-    if p.symmetric_only and s.quantizer != "uniform-sym":
-        if s.quantizer not in UNIFORM_QUANTIZERS:
-            raise UsageError(f"--quantizer {s.quantizer}: target {p.name} needs symmetric uniform weights "
+    derive: dict = {}
+    if p.symmetric_only and q.quantizer != "uniform-sym":
+        if q.quantizer not in UNIFORM_QUANTIZERS:
+            raise UsageError(f"--quantizer {q.quantizer}: target {p.name} needs symmetric uniform weights "
                              f"(use uniform-sym or leave --quantizer out)")
         changes["quantizer"] = "uniform-sym"
-        notes.append(f"target {p.name}: quantizer {s.quantizer} -> uniform-sym (symmetric, zero point 0)")
-    if not p.codebooks and s.quantizer not in UNIFORM_QUANTIZERS:
-        raise UsageError(f"--quantizer {s.quantizer}: target {p.name} does not run codebook decodes")
-    if p.block_sizes is not None and s.group_size not in p.block_sizes:
+        notes.append(f"target {p.name}: quantizer {q.quantizer} -> uniform-sym (symmetric, zero point 0)")
+    if not p.codebooks and q.quantizer not in UNIFORM_QUANTIZERS:
+        raise UsageError(f"--quantizer {q.quantizer}: target {p.name} does not run codebook decodes")
+    size = derived.group_size
+    if p.block_sizes is not None and size not in p.block_sizes:
         allowed = sorted(p.block_sizes)
-        group = min(allowed, key=lambda b: (abs(b - s.group_size), b)) if s.group_size > 0 else allowed[0]
+        group = min(allowed, key=lambda b: (abs(b - size), b)) if size > 0 else allowed[0]
         if "group_size" in explicit:
-            notes.append(f"target {p.name}: --group-size {s.group_size} is not accepted "
+            notes.append(f"target {p.name}: --group-size {size} is not accepted "
                          f"({'/'.join(map(str, allowed))}); using {group}")
         else:
-            notes.append(f"target {p.name}: group size {s.group_size} -> {group} (accepted: "
+            notes.append(f"target {p.name}: group size {size} -> {group} (accepted: "
                          f"{'/'.join(map(str, allowed))})")
-        changes["group_size"] = group
-    if s.group_choices:
-        fits = tuple(g for g in s.group_choices if p.block_sizes is None or g in p.block_sizes)
+        derive["group_size"] = group
+    if derived.group_choices:
+        fits = tuple(g for g in derived.group_choices if p.block_sizes is None or g in p.block_sizes)
         if p.int4_blocked_only:  # int4 there needs whole blocks of one size per tensor: keep the single group size
             fits = ()
-        if fits != s.group_choices:
+        if fits != derived.group_choices:
             notes.append(f"target {p.name}: --group-size auto chooses among {list(fits)}" if len(fits) > 1
-                         else f"target {p.name}: --group-size auto -> {changes.get('group_size', s.group_size)}")
-        changes["group_choices"] = fits if len(fits) > 1 else ()
-    if s.format == "compact" and not p.local_functions:
+                         else f"target {p.name}: --group-size auto -> {derive.get('group_size', size)}")
+        derive["group_choices"] = fits if len(fits) > 1 else ()
+    if config.storage.format == "compact" and not p.local_functions:
         raise UsageError(f"--format compact stores model-local functions, which target {p.name} cannot read; "
                          f"use --format native")
     if strict_size:
-        kept = tuple(b for b in s.allowed_bits if b == 0 or b in p.native_bits)  # 0: mean only, no codes
+        kept = tuple(b for b in a.allowed_bits if b == 0 or b in p.native_bits)  # 0: mean only, no codes
         if not any(kept):
-            raise UsageError(f"--strict-size: none of the allowed widths {list(s.allowed_bits)} is executed "
+            raise UsageError(f"--strict-size: none of the allowed widths {list(a.allowed_bits)} is executed "
                              f"natively by {p.name} ({sorted(p.native_bits)})")
-        if kept != tuple(s.allowed_bits):
-            notes.append(f"target {p.name} --strict-size: allowed widths {list(s.allowed_bits)} -> {list(kept)}")
+        if kept != tuple(a.allowed_bits):
+            notes.append(f"target {p.name} --strict-size: allowed widths {list(a.allowed_bits)} -> {list(kept)}")
         changes["allowed_bits"] = kept
-    return dataclasses.replace(s, **changes), notes
+    return config.replace(**changes), dataclasses.replace(derived, **derive), notes
 
 
 def container_notes(ctx: Context, p: Capabilities) -> list[str]:
     """Which allocated widths the target stores (and executes) in a larger container."""
-    widths = set(ctx.bits.values()) if ctx.bits else {int(ctx.settings.bits)}
-    widths |= {b for _, b in ctx.settings.weight_min_bits}
+    widths = set(ctx.bits.values()) if ctx.bits else {int(ctx.config.allocation.bits)}
+    widths |= {b for _, b in ctx.derived.weight_min_bits}
     notes = []
     for w in sorted(b for b in widths if b > 0 and b not in p.native_bits):
         box = "int4" if w <= 4 else "int8"
@@ -94,9 +100,9 @@ class LegalizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         ctx, p = self.ctx, self.profile
-        s = ctx.settings
-        floors, groups = list(s.weight_min_bits), list(s.weight_group_size)
-        wide = [b for b in s.allowed_bits if b >= 5]
+        d, allowed = ctx.derived, ctx.config.allocation.allowed_bits
+        floors, groups = list(d.weight_min_bits), list(d.weight_group_size)
+        wide = [b for b in allowed if b >= 5]
         for info in ctx.weights:
             k, n = info.layout.view_shape
             ops = _ops(info.consumers)
@@ -105,17 +111,17 @@ class LegalizeWeightsPass(ir.passes.InPlacePass):
                 why.append(f"consumed by {', '.join(sorted(ops - p.int4_ops))}")
             if p.even_last_dim and n % 2:
                 why.append(f"odd last dimension {n}")
-            if p.int4_blocked_only and (s.group_size <= 0 or k < s.group_size):
-                why.append(f"{k} rows, fewer than one block of {s.group_size}: int4 needs whole blocks")
+            if p.int4_blocked_only and (d.group_size <= 0 or k < d.group_size):
+                why.append(f"{k} rows, fewer than one block of {d.group_size}: int4 needs whole blocks")
             if not why:
                 continue
             if not wide:
                 raise UsageError(f"target {p.name}: weight '{info.name}' cannot be int4 ({'; '.join(why)}) and "
-                                 f"no allowed width >= 5 is left ({list(s.allowed_bits)})")
+                                 f"no allowed width >= 5 is left ({list(allowed)})")
             floors.append((info.name, wide[0]))
             if p.int8_per_channel:
                 groups.append((info.name, 0))
             ctx.messages.append(f"target {p.name}: '{info.name}' at >= {wide[0]} bits in int8"
                                 f"{' per channel' if p.int8_per_channel else ''} ({'; '.join(why)})")
-        s.weight_min_bits, s.weight_group_size = tuple(floors), tuple(groups)
+        d.weight_min_bits, d.weight_group_size = tuple(floors), tuple(groups)
         return ir.passes.PassResult(model, modified=False)

@@ -51,9 +51,9 @@ def design(
     ``spec``: the design; default the one the tables chose for ``(weight, bits)``, else the first candidate of
     ``--quantizer``/``--outliers``. ``base``: the same design without outliers, when already computed.
     """
-    s = ctx.settings
+    q, d = ctx.config.quantization, ctx.derived
     if spec is None:
-        spec = ctx.designs.get((weight, bits)) or quantizers.candidates(s.quantizer, s.outliers, bits, view.size)[0]
-    group = spec.block or s.group_size_for(weight)
+        spec = ctx.designs.get((weight, bits)) or quantizers.candidates(q.quantizer, d.outliers, bits, view.size)[0]
+    group = spec.block or d.group_size_for(weight)
     block = view.shape[0] if group <= 0 else group
-    return quantizers.quantize_spec(view, bits, spec, block, importance, seed=s.seed, base=base)
+    return quantizers.quantize_spec(view, bits, spec, block, importance, seed=q.seed, base=base)

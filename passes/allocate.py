@@ -22,8 +22,8 @@ from bq_onnx.errors import UnsupportedError, UsageError
 
 
 def _min_bits(ctx: Context, weight: str) -> int:
-    found = [bits for pattern, bits in ctx.settings.min_bits if fnmatch.fnmatchcase(weight, pattern)]
-    return max([*found, ctx.settings.weight_floor(weight)])
+    found = [bits for pattern, bits in ctx.config.allocation.min_bits if fnmatch.fnmatchcase(weight, pattern)]
+    return max([*found, ctx.derived.weight_floor(weight)])
 
 
 class AllocatePass(ir.passes.InPlacePass):
@@ -37,7 +37,7 @@ class AllocatePass(ir.passes.InPlacePass):
         assert self.ctx.tables, "ExpectedLossTablesPass must run first"
 
     def budget(self, model: ir.Model) -> float:
-        s = self.ctx.settings
+        s = self.ctx.config.allocation
         numel = sum(t.numel for t in self.ctx.tables)
         if s.size_mb is None:
             return float(s.bits) * numel
@@ -62,11 +62,11 @@ class AllocatePass(ir.passes.InPlacePass):
                                  min_bits=floor, layer=t.weight)
             )
         budget = self.budget(model)
-        method = ctx.settings.allocator
+        method = ctx.config.allocation.allocator
         options = dict(self.options)
         options.update(self._method_inputs(method))
-        counts_layouts = ctx.settings.format == "compact" and (
-            ctx.settings.include_metadata or ctx.settings.size_mb is not None)
+        counts_layouts = ctx.config.storage.format == "compact" and (
+            ctx.config.allocation.bits_include_metadata or ctx.config.allocation.size_mb is not None)
         reserve = 0.0
         for _ in range(8):  # the compact format's layout constants depend on the pieces the allocation makes
             try:
@@ -90,7 +90,7 @@ class AllocatePass(ir.passes.InPlacePass):
             k, n = info.layout.view_shape
             for start, stop, bits in ctx.pieces_for(info.name, n):
                 spec = ctx.designs.get((info.name, bits))
-                group = (spec.block if spec is not None and spec.block else 0) or ctx.settings.group_size_for(info.name)
+                group = (spec.block if spec is not None and spec.block else 0) or ctx.derived.group_size_for(info.name)
                 dim = spec.dim if spec is not None and spec.method == "vq" and bits > 0 else 1
                 block = k if group <= 0 else -(-group // dim) * dim
                 vec = layout_vector(k, stop - start, block) if dim == 1 else vector_layout(k, stop - start, block, dim)
@@ -110,7 +110,7 @@ class AllocatePass(ir.passes.InPlacePass):
             return {"informativeness": {name: np.abs(wp.mean) / wp.std for name, wp in posterior.weights.items()}}
         if method == "random-bits":
             def block(name: str) -> int | None:
-                group = ctx.settings.group_size_for(name)
+                group = ctx.derived.group_size_for(name)
                 return None if group <= 0 else group
 
             return {

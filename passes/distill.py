@@ -102,7 +102,7 @@ class DistillPass(ir.passes.InPlacePass):
             start_loss, best = best_loss, {p: v.copy() for p, v in values.items()}
             m = {p: np.zeros_like(v) for p, v in values.items()}
             v2 = {p: np.zeros_like(v) for p, v in values.items()}
-            rng = np.random.default_rng(ctx.settings.seed)
+            rng = np.random.default_rng(ctx.config.distillation.seed)
             for step in progress(range(1, self.steps + 1), "distill", ctx.progress):
                 idx = rng.choice(train_idx, size=min(self.batch_size, len(train_idx)), replace=False)
                 _, grads = run(values, np.sort(idx))

@@ -40,7 +40,7 @@ class FindWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        settings = self.ctx.settings
+        settings = self.ctx.config.weights
         quantized_ops: dict[str, int] = {}
         for node in ir.traversal.RecursiveGraphIterator(graph):
             if node.op_type in QUANTIZED_OPS:

@@ -12,14 +12,15 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.calibration import CalibrationSource
+from bq_onnx.config import PosteriorConfig
 from bq_onnx.context import Context
 from bq_onnx.errors import DataError
-from bq_onnx.estimators import PosteriorOptions, Prepared, estimate_prepared
+from bq_onnx.estimators import Prepared, estimate_prepared
 from bq_onnx.posterior import Posterior
 
 
 class EstimatePosteriorPass(ir.passes.InPlacePass):
-    def __init__(self, ctx: Context, calibration: CalibrationSource, options: PosteriorOptions) -> None:
+    def __init__(self, ctx: Context, calibration: CalibrationSource, options: PosteriorConfig) -> None:
         self.ctx = ctx
         self.calibration = calibration
         self.options = options

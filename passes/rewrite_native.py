@@ -117,7 +117,7 @@ class RewriteNativePass(RewritePass):
 
     def _blocked_int4(self) -> bool:
         """Whether the target runs int4 only blocked (TensorRT): then a single whole block stays blocked."""
-        target = self.ctx.settings.target
+        target = self.ctx.config.target.target
         if not target:
             return False
         from bq_onnx.runtimes.profiles import get_profile

@@ -87,7 +87,7 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
         assert self.ctx.weights, "FindWeightsPass must run first"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        fmt = self.ctx.settings.format
+        fmt = self.ctx.config.storage.format
         tables: list[BlockTable] = []
         measure = _MonteCarlo(self.ctx, model, self.calibration, self.max_samples, self.output) \
             if self.mode == "mc" else None
@@ -123,12 +123,12 @@ class ExpectedLossTablesPass(ir.passes.InPlacePass):
 
     def _score(self, info, view: np.ndarray, importance, bits: int, ranges, fmt: str) -> list[_Option]:
         """Every candidate design of one tensor at one width: per-slice loss, payload and metadata."""
-        s = self.ctx.settings
+        q, d = self.ctx.config.quantization, self.ctx.derived
         n = view.shape[1]
         options = []
         plain: dict[tuple[str, int, int], object] = {}
-        blocks = s.block_choices_for(info.name, view.shape[0])
-        for spec in candidates(s.quantizer, s.outliers, bits, view.size, blocks):
+        blocks = d.block_choices_for(info.name, view.shape[0])
+        for spec in candidates(q.quantizer, d.outliers, bits, view.size, blocks):
             key = (spec.method, spec.dim, spec.block)
             qt = design(self.ctx, view, importance, bits, info.name, spec, base=plain.get(key))
             if not spec.outliers:

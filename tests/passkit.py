@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.autodiff.loss import LOSS, TARGET
-from bq_onnx.context import Context, Settings
+from bq_onnx.config import OptimizeConfig
+from bq_onnx.context import Context
 from bq_onnx.model_io import load_model
 from bq_onnx.passes.distill import DistillPass
 from bq_onnx.passes.find_weights import FindWeightsPass
@@ -30,7 +31,7 @@ __all__ = ["LOSS", "TARGET"]
 
 def context(**settings) -> Context:
     """A context with these settings (``bits``, ``format``, ``quantizer``, ``group_size``, ``min_size`` ...)."""
-    return Context(Settings(**settings))
+    return Context(OptimizeConfig.from_options(**settings))
 
 
 def load(model) -> ir.Model:
@@ -63,7 +64,7 @@ def quantize_weights(model: ir.Model, ctx: Context) -> ir.Model:
 
 def rewrite(model: ir.Model, ctx: Context) -> ir.Model:
     """The storage rewrite of the context's format."""
-    cls = RewriteNativePass if ctx.settings.format == "native" else RewriteCompactPass
+    cls = RewriteNativePass if ctx.config.storage.format == "native" else RewriteCompactPass
     return run_passes(model, [cls(ctx)])
 
 
@@ -119,12 +120,12 @@ def dequantized(ctx: Context) -> dict[str, np.ndarray]:
 
 def weight_floors(ctx: Context) -> dict[str, int]:
     """Per-weight minimum widths set by target legalization."""
-    return dict(ctx.settings.weight_min_bits)
+    return dict(ctx.derived.weight_min_bits)
 
 
 def weight_groups(ctx: Context) -> dict[str, int]:
     """Per-weight group sizes set by target legalization (0: one scale per output channel)."""
-    return dict(ctx.settings.weight_group_size)
+    return dict(ctx.derived.weight_group_size)
 
 
 def messages(ctx: Context) -> list[str]:

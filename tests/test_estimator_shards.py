@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from bq_onnx.calibration import load_calibration
-from bq_onnx.estimators import REGISTRY, PosteriorOptions, PosteriorPart, Problem, prepare
+from bq_onnx.config import PosteriorConfig
+from bq_onnx.estimators import REGISTRY, PosteriorPart, Problem, prepare
 from bq_onnx.estimators.batched import BatchedFisherStage
 from bq_onnx.posterior import Spill
 from bq_onnx.runtimes.sessions import TempSessions
@@ -26,7 +27,7 @@ SAMPLES = 24
 EXACT, BATCH_SPLIT = 1e-12, 1e-6
 
 
-def _problem(model: str, opts: PosteriorOptions, sessions: TempSessions) -> Problem:
+def _problem(model: str, opts: PosteriorConfig, sessions: TempSessions) -> Problem:
     prepared = prepare(MODELS / f"{model}.onnx")
     calib = load_calibration(MODELS / f"{model}_calib.npz", prepared.model, SAMPLES)
     return Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed))
@@ -54,7 +55,7 @@ def _assert_close(whole: PosteriorPart, merged: PosteriorPart, tolerance: float)
     ("lenet", "hutchinson", {"batch_size": 8, "probes": 1}, 16, EXACT),  # one generator, batch boundary
 ])
 def test_two_merged_shards_give_the_one_pass_posterior(model, method, options, split, tolerance):
-    opts = PosteriorOptions(method=method, seed=5, **options)
+    opts = PosteriorConfig(method=method, seed=5, **options)
     sessions = TempSessions(), TempSessions()
     try:
         one, two = (REGISTRY[method](_problem(model, opts, s)) for s in sessions)  # same seed: same draws
@@ -74,7 +75,7 @@ def test_two_merged_shards_give_the_one_pass_posterior(model, method, options, s
 def test_a_shard_on_disk_merges_with_one_in_memory():
     """The batched Fisher keeps some layers' inputs and output gradients on disk; merging such a shard with one
     that summed in memory gives the same sums."""
-    opts = PosteriorOptions(method="fisher-mc", batch_size=8, mc_samples=2)
+    opts = PosteriorConfig(method="fisher-mc", batch_size=8, mc_samples=2)
     sessions = TempSessions()
     try:
         stage = next(REGISTRY["fisher-mc"](_problem("lenet", opts, sessions)).stages())

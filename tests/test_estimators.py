@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bq_onnx.config import WeightsConfig
 from bq_onnx.estimators import estimate_posterior, gradients
 from tests.conftest import make_model
 
@@ -40,14 +41,14 @@ def softmax_regression():
 
 def test_laplace_is_the_empirical_fisher(softmax_regression):
     model, x, p, labels = softmax_regression
-    post = estimate_posterior(model, {"input": x}, "laplace", loss="ce", labels=labels, min_size=1,
-                              prior_precision=0.25)
+    post = estimate_posterior(model, {"input": x}, "laplace", loss="ce", labels=labels,
+                              weights=WeightsConfig(min_size=1), prior_precision=0.25)
     y = np.eye(C)[labels]
     expected = (x.astype(np.float64) ** 2).T @ ((p - y) ** 2) / N
     np.testing.assert_allclose(post.weights["W"].curvature, expected, rtol=2e-4)
     np.testing.assert_allclose(post.weights["W"].precision, N * expected + 0.25, rtol=2e-4)
     # without labels: the FP32 model's top-1 class is the pseudo-label
-    post = estimate_posterior(model, {"input": x}, "laplace", min_size=1)
+    post = estimate_posterior(model, {"input": x}, "laplace", weights=WeightsConfig(min_size=1))
     y = np.eye(C)[p.argmax(1)]
     np.testing.assert_allclose(post.weights["W"].curvature, (x.astype(np.float64) ** 2).T @ ((p - y) ** 2) / N,
                                rtol=2e-4)
@@ -60,7 +61,7 @@ def test_laplace_is_the_empirical_fisher(softmax_regression):
 ])
 def test_fisher_estimators_converge_to_the_true_fisher(softmax_regression, method, options, tolerance, correlation):
     model, x, p, _ = softmax_regression
-    post = estimate_posterior(model, {"input": x}, method, min_size=1, **options)
+    post = estimate_posterior(model, {"input": x}, method, weights=WeightsConfig(min_size=1), **options)
     exact = (x.astype(np.float64) ** 2).T @ (p * (1 - p)) / N
     got = post.weights["W"].curvature
     assert abs(got.sum() / exact.sum() - 1) < tolerance
@@ -69,11 +70,11 @@ def test_fisher_estimators_converge_to_the_true_fisher(softmax_regression, metho
 
 def test_gradients_api_matches_closed_form(softmax_regression):
     model, x, p, labels = softmax_regression
-    g = gradients(model, {"input": x[:10]}, loss="ce", labels=labels[:10], min_size=1)["W"]
+    g = gradients(model, {"input": x[:10]}, loss="ce", labels=labels[:10], weights=WeightsConfig(min_size=1))["W"]
     y = np.eye(C)[labels[:10]]
     np.testing.assert_allclose(g, x[:10].T.astype(np.float64) @ (p[:10] - y), rtol=1e-4, atol=1e-5)
     # the KL to the model's own output has zero gradient at the trained weights
-    g = gradients(model, {"input": x[:10]}, min_size=1)["W"]
+    g = gradients(model, {"input": x[:10]}, weights=WeightsConfig(min_size=1))["W"]
     assert np.abs(g).max() < 1e-5
 
 
@@ -82,16 +83,16 @@ def test_an_already_loaded_calibration_gives_the_same_posterior(softmax_regressi
     from bq_onnx.estimators import prepare
 
     model, x, _, _ = softmax_regression
-    calib = load_calibration({"input": x[:30]}, prepare(model, min_size=1).model)
-    loaded = estimate_posterior(model, calib, "fisher-mc", min_size=1, seed=2)
-    raw = estimate_posterior(model, {"input": x[:30]}, "fisher-mc", min_size=1, seed=2)
+    calib = load_calibration({"input": x[:30]}, prepare(model, WeightsConfig(min_size=1)).model)
+    loaded = estimate_posterior(model, calib, "fisher-mc", weights=WeightsConfig(min_size=1), seed=2)
+    raw = estimate_posterior(model, {"input": x[:30]}, "fisher-mc", weights=WeightsConfig(min_size=1), seed=2)
     np.testing.assert_array_equal(loaded.weights["W"].precision, raw.weights["W"].precision)
 
 
 def test_estimators_are_deterministic_with_the_seed(softmax_regression):
     model, x, _, _ = softmax_regression
-    a = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", min_size=1, seed=3)
-    b = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", min_size=1, seed=3)
+    a = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", weights=WeightsConfig(min_size=1), seed=3)
+    b = estimate_posterior(model, {"input": x[:50]}, "fisher-mc", weights=WeightsConfig(min_size=1), seed=3)
     np.testing.assert_array_equal(a.weights["W"].precision, b.weights["W"].precision)
 
 
@@ -132,7 +133,7 @@ def test_im2col_patches_times_the_weight_view_is_the_convolution(group, stride, 
 
 def test_kfac_factors_on_softmax_regression(softmax_regression):
     model, x, p, _ = softmax_regression
-    post = estimate_posterior(model, {"input": x}, "kfac", min_size=1, mc_samples=64)
+    post = estimate_posterior(model, {"input": x}, "kfac", weights=WeightsConfig(min_size=1), mc_samples=64)
     a, g = post.weights["W"].kfac
     np.testing.assert_allclose(a, x.T.astype(np.float64) @ x / N, rtol=1e-5)
     expected_g = np.mean([np.diag(pi) - np.outer(pi, pi) for pi in p], axis=0)  # E_y[(p - y)(p - y)^T]
@@ -204,7 +205,7 @@ def test_batched_fisher_on_disk_gives_the_same_numbers_as_in_memory(model_name, 
 
 def test_estimated_posterior_reads_means_from_the_model_and_holds_no_arrays(softmax_regression, tmp_path):
     model, x, _, _ = softmax_regression
-    post = estimate_posterior(model, {"input": x[:40]}, "laplace", min_size=1, seed=1)
+    post = estimate_posterior(model, {"input": x[:40]}, "laplace", weights=WeightsConfig(min_size=1), seed=1)
     wp = post.weights["W"]
     assert wp.lazy
     np.testing.assert_array_equal(wp.mean, numpy_helper.to_array(model.graph.initializer[0]))

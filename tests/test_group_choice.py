@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 
 import bq_onnx
-from bq_onnx.api import AUTO_GROUPS, parse_group_size
 from bq_onnx.cli import main
-from bq_onnx.context import Settings
+from bq_onnx.config import AUTO_GROUPS, parse_group_size
+from bq_onnx.context import Derived
 from bq_onnx.errors import UsageError
 from bq_onnx.estimators import estimate_posterior
 from bq_onnx.quantizers import Spec, candidates
@@ -34,14 +34,14 @@ def test_candidates_offer_each_design_at_each_block_reference_first():
 
 
 def test_block_choices_drop_sizes_that_mean_the_same_and_legalized_weights():
-    s = Settings(group_size=64, group_choices=AUTO_GROUPS)
+    s = Derived(group_size=64, group_choices=AUTO_GROUPS)
     assert s.block_choices_for("w", 384) == (32, 64, 128)
     assert s.block_choices_for("w", 100) == (32, 64, 128)  # 128 >= 100 rows: one block per column
     assert s.block_choices_for("w", 50) == (32, 64)  # 64 and 128 both mean one block: the smaller stays
     assert s.block_choices_for("w", 20) == ()  # every size is one block per column
-    legal = Settings(group_size=64, group_choices=AUTO_GROUPS, weight_group_size=(("w", 128),))
+    legal = Derived(group_size=64, group_choices=AUTO_GROUPS, weight_group_size=(("w", 128),))
     assert legal.block_choices_for("w", 384) == () and legal.block_choices_for("v", 384) == (32, 64, 128)
-    assert Settings().block_choices_for("w", 384) == ()
+    assert Derived().block_choices_for("w", 384) == ()
 
 
 def test_parse_group_size():

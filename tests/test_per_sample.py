@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bq_onnx.config import WeightsConfig
 from bq_onnx.estimators import estimate_posterior
 from bq_onnx.estimators.per_sample import squared_gradient_sum
 from bq_onnx.estimators.probes import ProbeSite
@@ -168,11 +169,11 @@ def test_batched_estimator_equals_one_sample_per_run(mixed_model, method):
     from bq_onnx.model_io import copy_model
 
     model, feeds = mixed_model
-    prepared = prepare(model, min_size=1)
+    prepared = prepare(model, WeightsConfig(min_size=1))
     calib = load_calibration(feeds, prepared.model)
     assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {"W1": 1, "W2": 1, "W3": 1}
-    batched = estimate_posterior(model, feeds, method, min_size=1, batch_size=8, seed=1)
-    loop = estimate_posterior(model, feeds, method, min_size=1, batch_size=1, seed=1)
+    batched = estimate_posterior(model, feeds, method, weights=WeightsConfig(min_size=1), batch_size=8, seed=1)
+    loop = estimate_posterior(model, feeds, method, weights=WeightsConfig(min_size=1), batch_size=1, seed=1)
     assert set(batched.weights) == {"W1", "W2", "W3"}
     for name, post in batched.weights.items():
         assert post.source == method
@@ -194,7 +195,7 @@ def test_fixed_batch_models_are_not_batched():
     from bq_onnx.model_io import copy_model
 
     x = rng.standard_normal((10, 6)).astype(np.float32)
-    prepared = prepare(model, min_size=1)
+    prepared = prepare(model, WeightsConfig(min_size=1))
     calib = load_calibration({"x": x}, prepared.model)
     assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {}
 

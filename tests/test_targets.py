@@ -144,9 +144,10 @@ def test_legalization_refusals():
 def test_tensorrt_legalization_choices():
     result = optimize(MODELS / "lenet.onnx", target="tensorrt", group_size=100, quantizer="percentile",
                       strict_size=True)
-    s = result.context.settings
-    assert s.quantizer == "uniform-sym" and s.group_size == 128 and s.allowed_bits == (0, 4, 8)
-    groups = dict(s.weight_group_size)  # Conv weights, and fc2/fc3 whose 120/84 rows fit one block of 128
+    config, derived = result.context.config, result.context.derived
+    assert config.quantization.quantizer == "uniform-sym" and derived.group_size == 128
+    assert config.allocation.allowed_bits == (0, 4, 8)
+    groups = dict(derived.weight_group_size)  # Conv weights, and fc2/fc3 whose 120/84 rows fit one block of 128
     assert set(groups) == {"conv1.weight", "conv2.weight", "fc2.weight", "fc3.weight"} and set(groups.values()) == {0}
     msgs = " ".join(result.report["messages"])
     assert "uniform-sym" in msgs and "100 is not accepted" in msgs and "int8 per channel" in msgs
@@ -206,5 +207,5 @@ def test_cli_optimize_target(tmp_path, capsys):
                "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["settings"]["target"] == "tensorrt"
+    assert report["settings"]["target"]["target"] == "tensorrt"
     assert main(["validate", str(out), "--target", "tensorrt", "-q"]) == 0

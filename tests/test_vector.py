@@ -10,8 +10,8 @@ from onnx import numpy_helper
 
 import bq_onnx
 from bq_onnx import vector
-from bq_onnx.api import parse_outliers
-from bq_onnx.context import Context, Settings
+from bq_onnx.config import OptimizeConfig, parse_outliers
+from bq_onnx.context import Context
 from bq_onnx.errors import UsageError
 from bq_onnx.model_io import load_model, save_model
 from bq_onnx.outliers import isolate_outliers, outlier_count
@@ -156,7 +156,7 @@ def test_vector_cost_accounting():
 
 
 def _rewrite(tmp_path, w, qt, fmt):
-    ctx = Context(Settings(min_size=1, format=fmt))
+    ctx = Context(OptimizeConfig.from_options(min_size=1, format=fmt))
     model = run_passes(load_model(matmul_readout(w)), [*prepare_passes(ctx), FindWeightsPass(ctx)])
     ctx.quantized["W"] = qt
     model = run_passes(model, [(RewriteNativePass if fmt == "native" else RewriteCompactPass)(ctx)])

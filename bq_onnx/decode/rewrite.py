@@ -109,12 +109,12 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         decoded.shape = ir.Shape(list(info.layout.shape))
 
     def _record_metadata(self, model: ir.Model) -> None:
-        s = self.ctx.settings
+        q, d = self.ctx.config.quantization, self.ctx.derived
         meta = {
             "format": self.format,
-            "quantizer": s.quantizer,
-            "outliers": s.outliers,
-            "group_size": s.group_size,
+            "quantizer": q.quantizer,
+            "outliers": d.outliers,
+            "group_size": d.group_size,
             "layers": [
                 {k: r[k] for k in _META_KEYS}
                 | {"tensors": sorted(r["tensors"])}

@@ -6,7 +6,6 @@ from __future__ import annotations
 from bq_onnx.estimators.base import Accumulator, Batch, Estimator, PosteriorPart, Problem, Stage
 from bq_onnx.estimators.driver import estimate_posterior, estimate_prepared
 from bq_onnx.estimators.loss_gradients import gradients
-from bq_onnx.estimators.options import PosteriorOptions
 from bq_onnx.estimators.prepared import Prepared, prepare
 from bq_onnx.estimators.registry import METHODS, REGISTRY
 
@@ -16,7 +15,6 @@ __all__ = [
     "Accumulator",
     "Batch",
     "Estimator",
-    "PosteriorOptions",
     "PosteriorPart",
     "Prepared",
     "Problem",

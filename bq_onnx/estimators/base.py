@@ -31,7 +31,7 @@ from bq_onnx.runtimes.sessions import TempSessions
 
 if TYPE_CHECKING:
     from bq_onnx.autodiff.gradient import GradientGraph
-    from bq_onnx.estimators.options import PosteriorOptions  # options checks names against the registry
+    from bq_onnx.config import PosteriorConfig
 
 
 @dataclasses.dataclass
@@ -40,7 +40,7 @@ class Problem:
 
     prepared: Prepared
     calib: Calibration
-    options: PosteriorOptions
+    options: PosteriorConfig
     sessions: TempSessions
     rng: np.random.Generator
     progress: bool = False

@@ -4,15 +4,14 @@ weights none covered to the activations estimator, and finish each weight's post
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
+from bq_onnx.config import PosteriorConfig, WeightsConfig
 from bq_onnx.context import WeightInfo
 from bq_onnx.estimators.activations import Activations
 from bq_onnx.estimators.base import Estimator, Problem
-from bq_onnx.estimators.options import PosteriorOptions
 from bq_onnx.estimators.prepared import ModelSource, Prepared, prepare
 from bq_onnx.estimators.registry import REGISTRY
 from bq_onnx.posterior import Posterior, Spill
@@ -23,28 +22,25 @@ from bq_onnx.spilling import SpilledArrays, spilled_posterior
 def estimate_posterior(
     model: ModelSource,
     calibration: CalibrationSource | Calibration,
-    method: str = "laplace",
+    method: str | None = None,
     *,
-    min_size: int = 128,
-    keep_fp: Sequence[str] = (),
+    weights: WeightsConfig | None = None,
     progress_bar: bool = False,
     **options: object,
 ) -> Posterior:
     """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data.
 
-    ``options`` are the fields of :class:`PosteriorOptions` (loss, labels, output, prior_precision, probes,
-    mc_samples, calib_samples, batch_size, seed).
+    ``options`` are the fields of :class:`bq_onnx.config.PosteriorConfig` (loss, labels, output, prior_precision,
+    probes, mc_samples, calib_samples, batch_size, seed); ``weights`` chooses which tensors are weights.
     """
-    opts = PosteriorOptions(method=method, **options)
-    opts.check()
-    return estimate_prepared(prepare(model, min_size=min_size, keep_fp=keep_fp), calibration, opts, progress_bar)
+    opts = PosteriorConfig(**({"method": method} if method is not None else {}), **options)
+    return estimate_prepared(prepare(model, weights), calibration, opts, progress_bar)
 
 
 def estimate_prepared(
-    prepared: Prepared, calibration: CalibrationSource | Calibration, opts: PosteriorOptions, progress_bar: bool
+    prepared: Prepared, calibration: CalibrationSource | Calibration, opts: PosteriorConfig, progress_bar: bool
 ) -> Posterior:
     """The estimator on a model already prepared by the pipeline (used by ``optimize --calib``)."""
-    opts.check()
     calib = load_calibration(calibration, prepared.model, opts.calib_samples)
     sessions = TempSessions()
     spill = Spill()  # every weight's curvature goes to disk as soon as it is known; the posterior reads it back

@@ -8,6 +8,7 @@ import numpy as np
 
 from bq_onnx.autodiff.loss import LOSS_KINDS, TARGET
 from bq_onnx.calibration import load_calibration
+from bq_onnx.config import PosteriorConfig, WeightsConfig
 from bq_onnx.errors import UsageError
 from bq_onnx.estimators.loss_targets import check_labels
 from bq_onnx.estimators.prepared import ModelSource, fp32_outputs, gradient_graph, prepare
@@ -19,11 +20,11 @@ def gradients(
     model: ModelSource,
     feeds: Mapping[str, np.ndarray],
     *,
-    loss: str = "kl",
+    loss: str | None = None,
     labels: np.ndarray | None = None,
     wrt: Sequence[str] | None = None,
     output: str | None = None,
-    min_size: int = 128,
+    weights: WeightsConfig | None = None,
 ) -> dict[str, np.ndarray]:
     """Gradients of the loss over the batch ``feeds`` with respect to weights (default: all quantizable ones).
 
@@ -31,9 +32,10 @@ def gradients(
     perturbed ones), ``ce`` (cross-entropy to integer ``labels``), ``mse`` (to ``labels``, or to the FP32
     output without labels).
     """
+    loss = PosteriorConfig.loss if loss is None else loss
     if loss not in LOSS_KINDS:
         raise UsageError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
-    prepared = prepare(model, min_size=min_size)
+    prepared = prepare(model, weights)
     names = list(wrt) if wrt is not None else [w.name for w in prepared.weights]
     missing = [n for n in names if n not in prepared.model.graph.initializers]
     if missing:

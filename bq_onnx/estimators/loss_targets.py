@@ -3,8 +3,11 @@ outputs, pseudo-labels, labels drawn from the predictive distribution, or noisy 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from bq_onnx.calibration import load_labels
 from bq_onnx.errors import DataError
 from bq_onnx.probabilities import one_hot, softmax
 
@@ -13,6 +16,8 @@ def check_labels(labels: np.ndarray | None, outputs: np.ndarray, loss: str) -> n
     """``labels`` cut to the calibration samples and checked against the FP32 ``outputs`` for ``loss``."""
     if labels is None:
         return None
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
     labels = np.asarray(labels)
     n = outputs.shape[0]
     if labels.shape[0] < n:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,7 +13,8 @@ import onnx_ir as ir
 
 from bq_onnx.autodiff.loss import LOSS
 from bq_onnx.calibration import Calibration
-from bq_onnx.context import Context, Settings, WeightInfo
+from bq_onnx.config import OptimizeConfig, WeightsConfig
+from bq_onnx.context import Context, WeightInfo
 from bq_onnx.graph import forward_model
 from bq_onnx.model_io import copy_model, load_model
 from bq_onnx.passes.find_weights import FindWeightsPass
@@ -38,9 +38,10 @@ class Prepared:
     source: ModelSource | None
 
 
-def prepare(source: ModelSource, min_size: int = 128, keep_fp: Sequence[str] = ()) -> Prepared:
-    """Load ``source`` and run the pipeline's prepare passes and weight finder on it."""
-    ctx = Context(Settings(min_size=min_size, keep_fp=tuple(keep_fp)))
+def prepare(source: ModelSource, weights: WeightsConfig | None = None) -> Prepared:
+    """Load ``source`` and run the pipeline's prepare passes and weight finder on it (``weights``: which tensors
+    are weights; default the options' defaults)."""
+    ctx = Context(OptimizeConfig(weights=weights or WeightsConfig()))
     model = run_passes(load_model(source), [*prepare_passes(ctx), FindWeightsPass(ctx)])
     return Prepared(model, ctx.weights, source)
 

@@ -1,0 +1,396 @@
+"""Every user option, declared once: its type, default, check and help, grouped by concern.
+
+The CLI's flags (:mod:`bq_onnx.cli`), the API's keywords (:func:`bq_onnx.optimize`) and the pipeline's reads all
+come from the frozen dataclasses here. A field's :class:`bq_onnx.options.Option` (in its metadata) says how CLI
+text or an API value becomes the typed value, how it is checked and what ``--help`` says. An option several
+concerns read (the seed, the model output the loss reads, the number of calibration samples) is one
+:class:`Option` object held by each of them; :class:`OptimizeConfig` keeps their values equal.
+
+Standard library only at module level: the CLI builds its parser from these classes without numpy or onnx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from bq_onnx.errors import UsageError
+from bq_onnx.options import Concern, Option, above, at_least, number, option, text
+
+FORMATS: tuple[str, ...] = ("native", "compact")
+QUANTIZERS: tuple[str, ...] = ("uniform", "uniform-sym", "percentile", "gaussian", "nf", "lloyd", "lloyd-l1",
+                               "vq", "vq2", "vq4", "vq8", "auto")
+"""The names ``--quantizer`` accepts (the registry in :mod:`bq_onnx.quantizers` implements them; a test checks
+that the two agree)."""
+ALLOCATORS: tuple[str, ...] = ("uniform", "greedy", "dp", "quantile-inform", "random-bits", "selective")
+POSTERIOR_METHODS: tuple[str, ...] = ("laplace", "fisher-mc", "hutchinson", "kfac", "activations")
+LOSS_KINDS: tuple[str, ...] = ("kl", "ce", "mse")
+TABLES: tuple[str, ...] = ("closed", "mc")
+AUTO_GROUPS: tuple[int, ...] = (32, 64, 128)
+"""``--group-size auto``: the block sizes the tables choose from per tensor and width (64 is the nominal size)."""
+MAX_OUTLIERS = 0.1
+"""The largest ``--outliers`` fraction: beyond it a wider grid is cheaper than the sparse list."""
+
+# --- the parsing of CLI strings, with the fields that take them ----------------------------------------------
+
+
+def _patterns(value: Any, flag: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in items):
+        raise UsageError(f"{flag} takes glob patterns, got {value!r}")
+    return tuple(items)
+
+
+def parse_bit_list(value: Any, flag: str = "--allowed-bits") -> tuple[int, ...]:
+    """``"2,3,4"`` or ``[4, 2, 3]`` -> the sorted distinct widths."""
+    try:
+        items = [int(b) for b in value.split(",") if b.strip()] if isinstance(value, str) else [int(b) for b in value]
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} takes comma-separated integers, got {value!r}") from None
+    return tuple(sorted(set(items)))
+
+
+def parse_granularity(value: Any, flag: str = "--granularity") -> int | None:
+    """``tensor`` (or None/0) -> None; ``rows:N`` or N -> N output channels per block."""
+    if value is None or value == "tensor" or value == 0:
+        return None
+    text = str(value)
+    if text.startswith("rows:"):
+        text = text[5:]
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} must be 'tensor' or 'rows:N', got {value!r}") from None
+    if n < 1:
+        raise UsageError(f"{flag} rows:N needs N >= 1, got {n}")
+    return n
+
+
+def parse_min_bits(value: Any, flag: str = "--min-bits") -> tuple[tuple[str, int], ...]:
+    """``["fc1*=4", ...]``, ``{"fc1*": 4}`` or ``(("fc1*", 4), ...)`` -> ((pattern, bits), ...)."""
+    pairs: list = list(value.items()) if isinstance(value, Mapping) else []
+    if not isinstance(value, Mapping):
+        for item in [value] if isinstance(value, str) else value:
+            if isinstance(item, (tuple, list)) and len(item) == 2:
+                pairs.append(tuple(item))
+                continue
+            pattern, sep, bits = str(item).rpartition("=")
+            if not sep or not pattern:
+                raise UsageError(f"{flag} takes PATTERN=BITS, got {item!r}")
+            pairs.append((pattern, bits))
+    out = []
+    for pattern, bits in pairs:
+        try:
+            width = int(bits)
+        except ValueError:
+            raise UsageError(f"{flag} {pattern}: bits must be an integer, got {bits!r}") from None
+        if not 0 <= width <= 8:
+            raise UsageError(f"{flag} {pattern}: bits must be in 0..8, got {width}")
+        out.append((pattern, width))
+    return tuple(out)
+
+
+def parse_outliers(value: Any, flag: str = "--outliers") -> float | str:
+    """A fraction in ``[0, MAX_OUTLIERS]`` (``0.005`` or ``0.5%``), ``auto`` (the tables try none and
+    :data:`bq_onnx.outliers.FRACTIONS`), or None/``none`` = 0."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off", "")):
+        return 0.0
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    text = str(value).strip()
+    try:
+        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"{flag} takes a fraction (0.005 or 0.5%), auto or none, got {value!r}") from None
+    if isinstance(value, bool) or not 0.0 <= fraction <= MAX_OUTLIERS:
+        raise UsageError(f"{flag} must be a fraction in [0, {MAX_OUTLIERS}], got {value!r}")
+    return fraction
+
+
+def _outliers_or_default(value: Any, flag: str) -> float | str | None:
+    return None if value is None else parse_outliers(value, flag)
+
+
+def _group(value: Any, flag: str) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        if isinstance(value, (bool, float)):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} takes a number of rows (0 = per channel) or auto, got {value!r}") from None
+
+
+def parse_group_size(value: int | str) -> tuple[int, tuple[int, ...]]:
+    """``--group-size``: rows per block (0: one block per output channel) or ``auto``; returns (size, choices)."""
+    size = _group(value, "--group-size")
+    return (64, AUTO_GROUPS) if size == "auto" else (size, ())
+
+
+def _labels(value: Any, flag: str) -> Any:
+    """A labels file (.npy/.npz, read when the estimator needs it) or the labels themselves (an array)."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _mapping(value: Any, flag: str) -> Mapping | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{flag} takes a mapping, got {value!r}")
+    return MappingProxyType(dict(value))
+
+
+def _bits(v: float) -> str | None:
+    return None if 0 <= v <= 8 else "must be a number in 0..8"
+
+
+def _widths(v: tuple[int, ...]) -> str | None:
+    return None if v and all(0 <= b <= 8 for b in v) else "must be widths in 0..8"
+
+
+# --- options more than one concern reads: one declaration each ---------------------------------------------
+
+SEED = Option(0, "seed for the random choices of the quantizers, the posterior estimator (probes, sampled labels) "
+               "and distillation")
+OUTPUT = Option(None, "model output the loss reads (default: the first)", flag="--output-name",
+                parse=lambda v, f: None if v is None else text(v, f))
+CALIB_SAMPLES = Option(None, "use only the first N calibration samples", check=at_least(1), metavar="N",
+                       parse=lambda v, f: None if v is None else number(int)(v, f))
+LABELS = Option(None, "labels .npy/.npz (key 'labels') for --loss ce/mse", metavar="FILE", parse=_labels)
+
+
+# --- the concerns ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsConfig(Concern):
+    """Which tensors are weights."""
+
+    title: ClassVar[str] = "weights"
+    min_size: int = option(128, "tensors with fewer elements are not weights (they stay in float)", check=at_least(1))
+    keep_fp: tuple[str, ...] = option((), "glob of weights to keep in float (repeatable)", parse=_patterns,
+                                      metavar="PATTERN", repeat=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerConfig(Concern):
+    """How each block of weights becomes codes: the quantizer family, outliers, block size."""
+
+    title: ClassVar[str] = "quantizer"
+    quantizer: str = option(
+        "uniform", "quantizer family; vq = vector codebooks (d = 2/4/8, chosen per tensor and width), vq2/vq4/vq8 = "
+        "one length, auto = the best of uniform, lloyd and vq per tensor and width", choices=QUANTIZERS)
+    outliers: float | str | None = option(
+        None, "keep this fraction of each tensor's weights (e.g. 0.005 or 0.5%) as sparse fp16 outliers, counted in "
+        "the payload; auto = the tables choose none, 0.25% or 1% per tensor and width", parse=_outliers_or_default,
+        metavar="FRACTION|auto", show="none; auto with --quantizer auto")
+    group_size: int | str = option(
+        32, "rows per block along the reduction axis; 0 = per channel; auto = the tables choose 32, 64 or 128 per "
+        "tensor and width (expected loss against stored bits, scales included)", parse=_group, metavar="ROWS|auto",
+        check=lambda v: "must be >= 0 (0 = one block per output channel)" if v != "auto" and v < 0 else None)
+    seed: int = SEED.field()
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatConfig(Concern):
+    """How the codes are stored in the written model."""
+
+    title: ClassVar[str] = "storage format"
+    format: str = option(
+        "native", "native: standard DequantizeLinear (int4/int8 containers, runs compressed); compact: exact b-bit "
+        "packing decoded by a model-local function (smallest file)", choices=FORMATS)
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationConfig(Concern):
+    """How the bit budget is spent over blocks, and the expected-loss tables it is spent on."""
+
+    title: ClassVar[str] = "bit allocation"
+    bits: float = option(4, "average payload bits per quantized weight, the budget the allocator spends",
+                         check=_bits)
+    allocator: str = option("greedy", "how the budget is spent; uniform = the same width everywhere",
+                            choices=ALLOCATORS)
+    granularity: int | None = option(8, "allocation block: slices of N output channels (rows:N) or tensor",
+                                     parse=parse_granularity, show="rows:8", metavar="rows:N|tensor")
+    allowed_bits: tuple[int, ...] = option((0, 1, 2, 3, 4, 5, 6, 7, 8), "widths the allocator may use",
+                                           parse=parse_bit_list, check=_widths, metavar="B,B,...")
+    bits_include_metadata: bool = option(False, "count scales/codebooks in --bits")
+    size_mb: float | None = option(None, "file-size budget in MB instead of --bits", check=above(0))
+    min_bits: tuple[tuple[str, int], ...] = option((), "per-layer minimum bits (repeatable)", parse=parse_min_bits,
+                                                   metavar="PATTERN=N", repeat=True)
+    tables: str = option("closed", "expected-loss tables: closed form from the posterior, or mc: measured KL per "
+                         "block and width on --calib (slow; validates the closed form)", choices=TABLES)
+    output: str | None = OUTPUT.field()
+    allocator_options: Mapping | None = option(None, "extra keywords for the allocation method (API only)",
+                                               parse=_mapping, flag=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PosteriorConfig(Concern):
+    """How the posterior is estimated from calibration data (the fields of the estimator's options)."""
+
+    title: ClassVar[str] = "posterior (optional: weights each quantizer's error by the posterior precision)"
+    method: str = option("laplace", "posterior estimator", choices=POSTERIOR_METHODS)
+    loss: str = option("kl", "kl: to the FP32 output distribution, no labels; ce: labels; mse: regression",
+                       choices=LOSS_KINDS)
+    labels: Any = LABELS.field()
+    output: str | None = OUTPUT.field()
+    prior_precision: float = option(1e-4, "precision of the Gaussian prior per weight", check=above(0))
+    probes: int = option(4, "Rademacher probes per batch (hutchinson)", check=at_least(1))
+    mc_samples: int = option(1, "sampled labels per input (fisher-mc)", check=at_least(1))
+    calib_samples: int | None = CALIB_SAMPLES.field()
+    batch_size: int = option(32, "calibration samples per gradient or forward run (laplace/fisher-mc form "
+                             "per-sample gradients from batched runs where exact)", check=at_least(1))
+    seed: int = SEED.field()
+
+    def validate(self) -> None:
+        if self.loss == "ce" and self.labels is None:
+            raise UsageError("--loss ce needs labels (--labels)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(Concern):
+    """Tuning scales and codebooks on calibration data after quantizing (codes fixed)."""
+
+    title: ClassVar[str] = "distillation"
+    distill_steps: int = option(0, "after quantizing, tune scales/codebooks for N steps on --calib (codes fixed)",
+                                check=at_least(0), metavar="N")
+    distill_lr: float = option(1e-3, "step size relative to each tensor's RMS", check=above(0), flag=None)
+    output: str | None = OUTPUT.field()
+    calib_samples: int | None = CALIB_SAMPLES.field()
+    seed: int = SEED.field()
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig(Concern):
+    """The runtime the output is legalized for."""
+
+    title: ClassVar[str] = "target runtime"
+    target: str | None = option(None, "legalize the output for a runtime: onnxruntime, tensorrt, rocm (migraphx), "
+                                "openvino; the written model is then checked by `bq-onnx validate`", metavar="NAME")
+    strict_size: bool = option(False, "with --target: allow only the widths the target executes natively (e.g. 4 "
+                               "and 8), not 3 bits stored in int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationConfig(Concern):
+    """Thresholds a candidate model must meet against its reference (``bq-onnx verify``)."""
+
+    title: ClassVar[str] = "thresholds (a failing one exits 6)"
+    min_agreement: float | None = option(0.99, "minimum top-1 agreement, fraction (classification outputs only)")
+    max_kl: float | None = option(None, "maximum mean KL(reference || candidate) (default: not checked)")
+    max_rel_error: float | None = option(None, "maximum ||c - r|| / ||r|| (default: not checked)")
+    min_cosine: float | None = option(None, "minimum mean per-sample cosine (default: not checked)")
+    max_accuracy_drop: float | None = option(None, "maximum accuracy drop in percentage points, needs --labels "
+                                             "(default: not checked)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(Concern):
+    """How ``bq-onnx bench`` measures each configuration."""
+
+    title: ClassVar[str] = "measurement"
+    threads: int | None = option(None, "intra-op threads (default: the runtime's choice)", check=at_least(1))
+    warmup: int = option(10, "untimed runs first", check=at_least(0))
+    iterations: int = option(50, "timed runs", check=at_least(1))
+    exact: bool = option(False, "exact precision settings instead of the fast defaults")
+
+
+# --- the composite ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything ``optimize`` is asked to do, one concern per field.
+
+    An option several concerns hold (``seed``, ``output``, ``calib_samples``) has one value: set in any one
+    concern (or by keyword), it is copied to the others; two different values are a :class:`UsageError`.
+    """
+
+    weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
+    quantization: QuantizerConfig = dataclasses.field(default_factory=QuantizerConfig)
+    storage: FormatConfig = dataclasses.field(default_factory=FormatConfig)
+    allocation: AllocationConfig = dataclasses.field(default_factory=AllocationConfig)
+    posterior: PosteriorConfig = dataclasses.field(default_factory=PosteriorConfig)
+    distillation: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+
+    def __post_init__(self) -> None:
+        for name, holders in _shared(type(self)).items():
+            values = {getattr(getattr(self, c), name) for c in holders}
+            default = concern_types(type(self))[holders[0]].options()[name].default
+            given = values - {default}
+            if len(given) > 1:
+                raise UsageError(f"option {name} has different values in {', '.join(holders)}: {sorted(given)}")
+            if given:
+                value = given.pop()
+                for c in holders:
+                    object.__setattr__(self, c, dataclasses.replace(getattr(self, c), **{name: value}))
+
+    @classmethod
+    def from_options(cls, **options: Any) -> OptimizeConfig:
+        """Build from keywords named as the flags (``bits=3``, ``allocator="dp"``, ``group_size="auto"``)."""
+        return cls().replace(**options)
+
+    def replace(self, **options: Any) -> OptimizeConfig:
+        """A copy with these options changed; each goes to every concern that declares it."""
+        known = option_names(type(self))
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UsageError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+        parts = {}
+        for concern in dataclasses.fields(self):
+            part = getattr(self, concern.name)
+            mine = {k: v for k, v in options.items() if k in part.options()}
+            parts[concern.name] = dataclasses.replace(part, **mine) if mine else part
+        return type(self)(**parts)
+
+    def explicit(self) -> frozenset[str]:
+        """The options whose value differs from the default."""
+        return frozenset(name for concern in self.concerns() for name, opt in concern.options().items()
+                         if _differs(getattr(concern, name), opt.default))
+
+    def concerns(self) -> list[Concern]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    def to_report(self) -> dict:
+        return {f.name: getattr(self, f.name).to_report() for f in dataclasses.fields(self)}
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if default is None:  # labels may be an array: compare nothing elementwise
+        return value is not None
+    return bool(value != default)
+
+
+def concern_types(cls: type = OptimizeConfig) -> dict[str, type[Concern]]:
+    """Attribute name -> concern class of a composite config, in declaration order."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls)}  # type: ignore[misc]
+
+
+def _shared(cls: type) -> dict[str, list[str]]:
+    """Option name -> the concerns that hold it, for names held by more than one."""
+    holders: dict[str, list[str]] = {}
+    for concern, kind in concern_types(cls).items():
+        for name in kind.options():
+            holders.setdefault(name, []).append(concern)
+    return {name: where for name, where in holders.items() if len(where) > 1}
+
+
+def shared_options(cls: type = OptimizeConfig) -> dict[str, Option]:
+    """The options more than one concern of a composite config holds (seed, output, calib_samples)."""
+    every = option_names(cls)
+    return {name: every[name] for name in _shared(cls)}
+
+
+def option_names(cls: type = OptimizeConfig) -> dict[str, Option]:
+    """Every option of a composite config, once each."""
+    out: dict[str, Option] = {}
+    for kind in concern_types(cls).values():
+        out.update(kind.options())
+    return out

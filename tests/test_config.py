@@ -1,0 +1,187 @@
+"""Options are declared once (bq_onnx/config.py): the CLI, the API and the pipeline follow that one declaration."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import bq_onnx
+from bq_onnx import config as cfg
+from bq_onnx.cli import _parser
+from bq_onnx.errors import UsageError
+from bq_onnx.flags import PREFIX, given
+from tests.conftest import MODELS
+
+REPO = Path(__file__).resolve().parent.parent
+FIRST_PARTY = ("bq_onnx", "passes", "runtimes")
+CONCERNS = (*cfg.concern_types().values(), cfg.VerificationConfig, cfg.BenchConfig)
+
+# Second declarations that stay for now, as (file, name, default), each as often as it occurs. Exactly these.
+ALLOWED = [
+    # not the option: distillation's own batch size (--batch-size is the posterior estimator's)
+    ("passes/distill.py", "batch_size", 32),
+]
+HELPER_PARAMETERS_NOT_SCANNED = {"seed"}
+"""``seed=0`` is every random helper's conventional default (quantizers, vector, allocation, samples); the
+pipeline always passes the option's value. Dataclass fields and argparse defaults named ``seed`` are scanned."""
+
+
+def _defaults() -> dict[str, set]:
+    """Option name -> the values that would repeat its default (the typed default and its CLI text)."""
+    out: dict[str, set] = {}
+    for concern in CONCERNS:
+        for name, opt in concern.options().items():
+            if opt.default is None or opt.default is False or opt.default == ():
+                continue  # "absent" is not a choice worth declaring
+            out.setdefault(name, set()).add(opt.default)
+            out[name].add(opt.shown_default())
+    return out
+
+
+def _literal(node: ast.AST):
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError):
+        return _literal  # not a literal: never equal to a default
+
+
+def _declarations(tree: ast.AST):
+    """(name, default value) for every parameter default, class-body field, DEFAULT_X constant and argparse
+    ``default=`` in a module."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            positional = a.posonlyargs + a.args
+            pairs = [*zip(positional[len(positional) - len(a.defaults):], a.defaults),
+                     *zip(a.kwonlyargs, a.kw_defaults)]
+            for arg, default in pairs:
+                if default is not None and arg.arg not in HELPER_PARAMETERS_NOT_SCANNED:
+                    yield arg.arg, _literal(default)
+        elif isinstance(node, ast.ClassDef):
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
+                    yield stmt.target.id, _literal(stmt.value)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.startswith("DEFAULT_"):
+                yield name.removeprefix("DEFAULT_").lower(), _literal(node.value)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            flags = [_literal(x) for x in node.args]
+            long = [f for f in flags if isinstance(f, str) and f.startswith("--")]
+            keywords = {k.arg: k.value for k in node.keywords}
+            if long and "default" in keywords:
+                dest = _literal(keywords["dest"]) if "dest" in keywords else long[0][2:].replace("-", "_")
+                yield dest, _literal(keywords["default"])
+
+
+def test_no_option_default_is_declared_twice():
+    defaults = _defaults()
+    found = []
+    for package in FIRST_PARTY:
+        for path in sorted((REPO / package).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel == "bq_onnx/config.py":
+                continue
+            for name, value in _declarations(ast.parse(path.read_text())):
+                if name in defaults and value is not _literal and value in defaults[name] \
+                        and value is not None and value is not False:
+                    found.append((rel, name, value))
+    found_n, allowed_n = Counter(found), Counter(ALLOWED)
+    assert found_n == allowed_n, (f"defaults declared again outside bq_onnx/config.py: {found_n - allowed_n}; "
+                                  f"allowed but no longer there (shorten ALLOWED): {allowed_n - found_n}")
+
+
+def test_optimize_declares_no_option_of_its_own():
+    params = inspect.signature(bq_onnx.optimize).parameters
+    assert set(params) == {"model", "config", "calib", "posterior", "progress", "options"}
+    assert not set(params) & set(cfg.option_names())
+    assert params["options"].kind is inspect.Parameter.VAR_KEYWORD
+
+
+def test_cli_parser_imports_no_numeric_or_runtime_library():
+    code = ("import sys, bq_onnx.cli as c; p = c._parser(); "
+            "[a.choices[n].format_help() for a in p._subparsers._group_actions for n in a.choices]; "
+            "print(','.join(m for m in ('numpy', 'onnx', 'onnx_ir', 'onnxruntime', 'openvino') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert proc.stdout.strip() == ""
+
+
+def test_option_names_match_the_registries():
+    from bq_onnx import allocation, quantizers
+    from bq_onnx.autodiff.loss import LOSS_KINDS
+    from bq_onnx.estimators.registry import METHODS
+
+    assert cfg.QUANTIZERS == quantizers.QUANTIZERS
+    assert cfg.ALLOCATORS == allocation.METHODS
+    assert tuple(m for m in METHODS if m != "external") == cfg.POSTERIOR_METHODS
+    assert cfg.LOSS_KINDS == LOSS_KINDS
+
+
+def test_every_option_has_help_and_a_parser():
+    for concern in CONCERNS:
+        assert concern.title and concern.__doc__
+        for f in dataclasses.fields(concern):
+            opt = f.metadata["option"]
+            assert opt.help and not opt.help.endswith("."), f.name
+            assert getattr(concern(), f.name) == opt.default  # the default parses to itself
+
+
+def test_flags_parse_to_the_same_config_as_keywords():
+    args = _parser().parse_args(["optimize", "m.onnx", "--bits", "3", "--granularity", "tensor", "--min-bits",
+                                 "fc*=5", "--min-bits", "conv1*=6", "--allowed-bits", "4,2,3", "--outliers", "0.5%",
+                                 "--group-size", "auto", "--keep-fp", "*emb*", "--calib-samples", "64", "--seed", "2",
+                                 "--bits-include-metadata", "--method", "kfac"])
+    options = {}
+    for concern in cfg.concern_types().values():
+        options.update(given(args, concern))
+    from_flags = cfg.OptimizeConfig.from_options(**options)
+    from_keywords = cfg.OptimizeConfig.from_options(
+        bits=3, granularity=None, min_bits={"fc*": 5, "conv1*": 6}, allowed_bits=[2, 3, 4, 4], outliers=0.005,
+        group_size="auto", keep_fp=["*emb*"], calib_samples=64, seed=2, bits_include_metadata=True, method="kfac")
+    assert from_flags == from_keywords
+    assert from_flags.distillation.calib_samples == 64 and from_flags.quantization.seed == 2
+    unset = _parser().parse_args(["optimize", "m.onnx"])
+    assert all(getattr(unset, k) is None for k in vars(unset) if k.startswith(PREFIX))  # defaults live in config
+
+
+def test_shared_options_have_one_value():
+    c = cfg.OptimizeConfig(posterior=cfg.PosteriorConfig(output="logits", seed=3))
+    assert c.allocation.output == c.distillation.output == "logits"
+    assert c.quantization.seed == c.distillation.seed == 3
+    with pytest.raises(UsageError, match="different values"):
+        cfg.OptimizeConfig(posterior=cfg.PosteriorConfig(seed=3), quantization=cfg.QuantizerConfig(seed=4))
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    ({"bitz": 3}, "unknown option bitz"),
+    ({"bits": "x"}, "--bits takes a number"),
+    ({"bits": 9}, "--bits must be a number in 0..8"),
+    ({"granularity": "rows:0"}, "--granularity rows:N needs N >= 1"),
+    ({"allocator": "magic"}, "--allocator must be one of"),
+    ({"min_size": 0}, "--min-size must be >= 1"),
+    ({"group_size": -1}, "--group-size must be >= 0"),
+    ({"min_bits": ["fc"]}, "--min-bits takes PATTERN=BITS"),
+])
+def test_bad_options_are_one_line_usage_errors(options, fragment):
+    with pytest.raises(UsageError, match=fragment) as info:
+        bq_onnx.optimize(MODELS / "lenet.onnx", **options)
+    assert "\n" not in str(info.value)
+
+
+def test_config_object_and_keywords_give_the_same_model():
+    import onnx_ir as ir
+
+    by_keywords = bq_onnx.optimize(MODELS / "lenet.onnx", bits=3, allocator="dp", granularity="tensor")
+    config = cfg.OptimizeConfig(allocation=cfg.AllocationConfig(bits=3, allocator="dp", granularity="tensor"))
+    by_config = bq_onnx.optimize(MODELS / "lenet.onnx", config=config)
+    assert ir.serde.serialize_model(by_keywords.model) == ir.serde.serialize_model(by_config.model)
+    settings = by_config.report["settings"]
+    assert settings["allocation"]["allocator"] == "dp" and settings["derived"]["group_size"] == 32
+    assert by_config.context.config == config

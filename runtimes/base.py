@@ -15,8 +15,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bq_onnx.errors import UnsupportedError, UsageError
-
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
@@ -60,22 +58,3 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None) -> Session: ...
-
-
-def runtime_names() -> list[str]:
-    return ["onnxruntime", "openvino"]
-
-
-def get_runtime(name: str, provider: str | None = None) -> Runtime:
-    """The adapter for ``name``; ``provider`` picks an onnxruntime execution provider (``--ep`` name)."""
-    if name in ("onnxruntime", "ort"):
-        from bq_onnx.runtimes.ort import OnnxRuntime
-
-        return OnnxRuntime(providers=[provider] if provider else None)
-    if provider and provider.lower() not in ("cpu", "cpuexecutionprovider"):
-        raise UsageError(f"execution provider '{provider}' applies to onnxruntime only, not to {name}")
-    if name in ("openvino", "ov"):
-        from bq_onnx.runtimes.ov import OpenVinoRuntime
-
-        return OpenVinoRuntime()
-    raise UnsupportedError(f"unknown runtime '{name}' (known: {', '.join(runtime_names())})")

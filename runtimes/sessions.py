@@ -11,7 +11,8 @@ import onnx_ir as ir
 
 from bq_onnx.errors import ModelError
 from bq_onnx.model_io import model_nbytes, save_model
-from bq_onnx.runtimes.base import Session, get_runtime
+from bq_onnx.runtimes.base import Session
+from bq_onnx.runtimes.registry import get_runtime
 
 #: Models with more bytes of initializers than this get :func:`unpacked_session` sessions.
 UNPACKED_SESSION_BYTES = 512 * 2**20

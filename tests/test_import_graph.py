@@ -14,8 +14,6 @@ import functools
 from collections import deque
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO
 
 #: Source folders and the package names they install as (pyproject's ``package-dir``).
@@ -225,7 +223,6 @@ def test_every_first_party_module_is_in_the_graph():
     assert sum(len(edges) for edges in graph.values()) > len(modules)  # imports were found, not silently skipped
 
 
-@pytest.mark.xfail(strict=True, reason="cycles removed at integration (issue 13)")
 def test_no_import_cycles_between_first_party_modules():
     modules, graph = repo_graph()
     cycles = strongly_connected(graph)

@@ -17,7 +17,7 @@ the largest size has ``BQ_ONNX_MEMTRACE=1`` so the report shows memory per pipel
 
 Calibration-sample scaling is measured on the ``--calib-size`` model (``--calib``, laplace posterior, with
 ``--allocator uniform``: the closed-form tables cost the same for any sample count and would hide the slope);
-each run is traced, and the posterior step's own time (``FindWeightsPass`` to ``EstimatePosteriorPass`` in the
+each run is traced, and the posterior step's own time (``find weights`` to ``posterior`` in the
 trace) is reported beside the wall time. ``--big-calib`` adds one ``--calib`` run with default options on the
 ``--big-calib-size`` model. ``--calib-only`` skips the size series (about 35 minutes) and, with ``--out`` naming
 an existing report, replaces only the part below its calibration marker.
@@ -239,7 +239,7 @@ def calibration_series(args, counts: list[int], big_size: float) -> list[str]:
     for n in counts:
         result = run_optimize(model, ["--allocator", "uniform", "--calib", str(calibration(model.parent, n))],
                               trace=True)
-        step = _between(result["trace"], "FindWeightsPass", "EstimatePosteriorPass")
+        step = _between(result["trace"], "find weights", "posterior")
         srows.append((n, result["seconds"], step))
         ok = "yes" if result["peak"] < bound else "**no**"
         lines.append(f"| {n} | {result['seconds']:.1f} | {step:.1f} | {result['peak'] / GIB:.2f} | {ok} | "

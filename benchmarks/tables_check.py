@@ -28,7 +28,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 def tables(model: Path, posterior, calib: Path, mode: str, granularity: str):
     result = bq_onnx.optimize(model, bits=4, posterior=posterior, calib=calib, tables=mode, granularity=granularity)
-    return result.context.tables
+    return result.context.tables.blocks
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,12 +13,12 @@ import onnx
 import onnx_ir as ir
 
 from bq_onnx import __version__
-from bq_onnx.calibration import CalibrationSource
+from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.config import OptimizeConfig
 from bq_onnx.context import Context, Derived, is_fixed
 from bq_onnx.errors import UnsupportedError, UsageError
 from bq_onnx.model_io import check_output_path, load_model, remove_output, save_model
-from bq_onnx.pipeline import optimize_passes, run_passes
+from bq_onnx.pipeline import optimize_model
 from bq_onnx.posterior import Posterior
 from bq_onnx.samples import random_feeds
 from bq_onnx.sizes import totals
@@ -34,14 +34,12 @@ class OptimizeResult:
     report: dict
     context: Context
     source: ModelSource
-    calibration: CalibrationSource | None = None
+    calibration: Calibration | None = None  # as loaded once by optimize (a one-shot reader is not read again)
 
     def sample_feeds(self) -> dict[str, np.ndarray]:
         """Inputs for the post-write check: the first calibration samples when there are some (their shapes are
         real), else seeded random inputs (symbolic dimensions set to 2)."""
         if self.calibration is not None:
-            from bq_onnx.calibration import load_calibration
-
             return dict(load_calibration(self.calibration, self.model, max_samples=8).arrays)
         return random_feeds(self.model, seed=self.context.config.quantization.seed)
 
@@ -76,11 +74,11 @@ class OptimizeResult:
 
 def allocation_report(ctx: Context) -> dict:
     """The budget achieved, the method and its details, and per layer the expected loss around its width."""
-    a = ctx.allocation
-    numel = sum(t.numel for t in ctx.tables)
+    a, bits = ctx.allocation, ctx.bits
+    numel = sum(t.numel for t in ctx.tables.blocks)
     per_layer: dict[str, dict] = {}
-    for t in ctx.tables:
-        chosen = t.bits.index(ctx.bits[t.name])
+    for t in ctx.tables.blocks:
+        chosen = t.bits.index(bits[t.name])
         row = per_layer.setdefault(t.weight, {"loss": 0.0, "loss_one_bit_less": 0.0, "loss_one_bit_more": 0.0,
                                               "numel": 0, "blocks": 0})
         row["loss"] += float(t.loss[chosen])
@@ -91,8 +89,8 @@ def allocation_report(ctx: Context) -> dict:
     for row in per_layer.values():
         # loss added per weight if the layer lost one bit: how much a bit is worth here
         row["sensitivity"] = (row["loss_one_bit_less"] - row["loss"]) / row["numel"]
-    payload = sum(t.payload[t.bits.index(ctx.bits[t.name])] for t in ctx.tables)
-    meta = sum(t.metadata[t.bits.index(ctx.bits[t.name])] for t in ctx.tables)
+    payload = sum(t.payload[t.bits.index(bits[t.name])] for t in ctx.tables.blocks)
+    meta = sum(t.metadata[t.bits.index(bits[t.name])] for t in ctx.tables.blocks)
     return {
         "method": a.method,
         "budget": a.budget,
@@ -102,7 +100,7 @@ def allocation_report(ctx: Context) -> dict:
         "achieved_bits": payload / numel,
         "achieved_bits_with_metadata": (payload + meta) / numel,
         "granularity": f"rows:{ctx.config.allocation.granularity}" if ctx.config.allocation.granularity else "tensor",
-        "blocks": len(ctx.tables),
+        "blocks": len(ctx.tables.blocks),
         "details": a.details,
         "layers": per_layer,
     }
@@ -155,42 +153,15 @@ def optimize(
         raise UsageError("--strict-size needs --target")
     ctx = Context(config, derived, progress=progress)
     ctx.messages.extend(target_notes)
-    posterior_passes: list = []
-    if calib is not None and posterior is None:
-        from bq_onnx.passes.posterior import EstimatePosteriorPass
-
-        posterior_passes.append(EstimatePosteriorPass(ctx, calib, config.posterior))
-    elif isinstance(posterior, Posterior):
-        ctx.posterior = posterior
-        from bq_onnx.passes.posterior import CheckPosteriorPass
-
-        posterior_passes.append(CheckPosteriorPass(ctx, "<Posterior>"))
-    elif posterior is not None:
-        from bq_onnx.passes.posterior import LoadPosteriorPass
-
-        posterior_passes.append(LoadPosteriorPass(ctx, posterior))
-    distill = []
     d = config.distillation
-    if d.distill_steps:
-        if calib is None:
-            raise UsageError("--distill-steps needs --calib and a positive number of steps")
-        from bq_onnx.passes.distill import DistillPass
-
-        distill.append(DistillPass(ctx, calib, d.distill_steps, lr=d.distill_lr, output=d.output,
-                                   max_samples=d.calib_samples))
+    if d.distill_steps and calib is None:
+        raise UsageError("--distill-steps needs --calib and a positive number of steps")
+    if a.tables == "mc" and calib is None:
+        raise UsageError("--tables mc needs calibration data (--calib)")
     loaded = load_model(model)  # an IR model is copied: the caller's object stays untouched
-    legalize, lower = [], []
-    if profile is not None:
-        from bq_onnx.targets import LegalizeWeightsPass
-
-        legalize.append(LegalizeWeightsPass(ctx, profile))
-        if profile.name == "onnxruntime" and config.storage.format == "native":
-            from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
-
-            lower.append(LowerMatMulNBitsPass())
-    passes = optimize_passes(ctx, posterior_passes, dict(a.allocator_options or {}), distill, calibration=calib,
-                             output=a.output, legalize=legalize, lower=lower)
-    result = run_passes(loaded, passes)
+    # read once (a one-shot reader or generator included) and handed to every stage that needs samples
+    calibration = load_calibration(calib, loaded) if calib is not None else None
+    result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
     if profile is not None:
         from bq_onnx.targets import container_notes
         from bq_onnx.validate import validate
@@ -222,4 +193,4 @@ def optimize(
         }
     if isinstance(model, (str, os.PathLike)):
         report["input_file_bytes"] = Path(model).stat().st_size
-    return OptimizeResult(result, report, ctx, model, calib)
+    return OptimizeResult(result, report, ctx, model, calibration)

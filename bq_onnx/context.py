@@ -1,9 +1,11 @@
-"""The typed values passes hand to each other: the options they read, the values derived from those, the results.
+"""The typed values the stages hand to each other: the options they read, the values derived from those, the
+results.
 
-Passes never reach into each other: what one produces for a later one lives here (the weights found, their
-quantized forms, the report), so a pipeline is just a list of passes over one model and one context. The options
-are :class:`bq_onnx.config.OptimizeConfig` (declared there, once); :class:`Derived` holds what is computed from
-them and from the model, never asked for by the user.
+Each analysis stage (:mod:`bq_onnx.stages`) returns a typed value (the weights found, a :class:`Posterior`, the
+:class:`Tables`, an :class:`Allocation`, the quantized forms) and :func:`bq_onnx.pipeline.optimize_model` keeps it
+here for the later stages and the report; the passes that change the model read what they need from here. The
+options are :class:`bq_onnx.config.OptimizeConfig` (declared there, once); :class:`Derived` holds what is computed
+from them and from the model, never asked for by the user.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from bq_onnx.config import OptimizeConfig, QuantizerConfig, parse_group_size
 if TYPE_CHECKING:
     import onnx_ir as ir
 
+    from bq_onnx.allocation import Allocation
     from bq_onnx.layout import WeightLayout
     from bq_onnx.posterior import Posterior
-    from bq_onnx.qtensor import QuantizedTensor
+    from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
     from bq_onnx.quantizers import Spec
+    from bq_onnx.stages.tables import Tables
 
 
 @dataclasses.dataclass
@@ -108,12 +112,10 @@ class Context:
     derived: Derived | None = None  # None: Derived.from_config(config)
     weights: list[WeightInfo] = dataclasses.field(default_factory=list)
     posterior: Posterior | None = None
-    tables: list = dataclasses.field(default_factory=list)  # BlockTable per allocation block
-    bits: dict[str, int] = dataclasses.field(default_factory=dict)  # block name -> allocated width
-    designs: dict[tuple[str, int], Spec] = dataclasses.field(default_factory=dict)  # (weight, width) -> chosen design
-    allocation: object | None = None
+    tables: Tables | None = None  # None: a fixed width, no tables
+    allocation: Allocation | None = None
     distillation: dict | None = None
-    quantized: dict[str, QuantizedTensor] = dataclasses.field(default_factory=dict)
+    quantized: dict[str, QuantizedTensor | QuantizedPieces] = dataclasses.field(default_factory=dict)
     layers: list[dict] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
@@ -130,10 +132,23 @@ class Context:
     def chooses_design(self) -> bool:
         return chooses_design(self.config, self.derived)
 
-    def pieces_for(self, weight: str, columns: int) -> list[tuple[int, int, int]]:
-        """``(start, stop, bits)`` column ranges of one weight: its allocated blocks, else the fixed ``--bits``."""
-        pieces = sorted((t.columns[0], t.columns[1], self.bits[t.name]) for t in self.tables
-                        if t.weight == weight and t.name in self.bits)
+    @property
+    def bits(self) -> dict[str, int]:
+        """Block name -> allocated width (empty without an allocation)."""
+        return dict(self.allocation.bits) if self.allocation is not None else {}
+
+    @property
+    def designs(self) -> dict[tuple[str, int], Spec]:
+        """(weight, width) -> the design the tables chose, where they chose among several."""
+        return self.tables.designs if self.tables is not None else {}
+
+    def pieces_for(self, weight: str, columns: int, bits: dict[str, int] | None = None) -> list[tuple[int, int, int]]:
+        """``(start, stop, bits)`` column ranges of one weight: its allocated blocks (``bits``: block widths other
+        than the allocation's), else the fixed ``--bits``."""
+        bits = self.bits if bits is None else bits
+        blocks = self.tables.blocks if self.tables is not None else ()
+        pieces = sorted((t.columns[0], t.columns[1], bits[t.name]) for t in blocks
+                        if t.weight == weight and t.name in bits)
         if not pieces:
             return [(0, columns, max(int(self.config.allocation.bits), self.derived.weight_floor(weight)))]
         merged = [list(pieces[0])]

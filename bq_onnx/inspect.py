@@ -10,12 +10,11 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bq_onnx.config import OptimizeConfig, WeightsConfig
-from bq_onnx.context import Context
+from bq_onnx.config import WeightsConfig
 from bq_onnx.decode.rewrite import METADATA_KEY
 from bq_onnx.errors import UnsupportedError
 from bq_onnx.model_io import load_model
-from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.stages.weights import find_weights
 
 
 def _nbytes(model: ir.Model, name: str) -> int:
@@ -49,10 +48,10 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) ->
                 }
             )
     else:
-        ctx = Context(OptimizeConfig.from_options(min_size=min_size))
+        found = []
         with contextlib.suppress(UnsupportedError):
-            FindWeightsPass(ctx)(m)
-        for w in ctx.weights:
+            found = find_weights(m, WeightsConfig(min_size=min_size)).weights
+        for w in found:
             bits = w.value.dtype.itemsize * 8
             layers.append(
                 {

@@ -1,75 +1,84 @@
-"""The pipeline: the list of passes ``optimize`` runs, and the runner that applies them in order."""
+"""The pipeline: the order of the stages ``optimize`` runs.
+
+Passes that change the model (prepare, rewrite, lowering, sort) are onnx-ir passes run by its ``PassManager``; the
+analyses between them (weights, posterior, tables, allocation, quantizers, distillation; :mod:`bq_onnx.stages`)
+are functions that return typed values, kept on the :class:`Context` for the stages after them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
 
 import onnx_ir as ir
-from onnx_ir.passes.common import LiftConstantsToInitializersPass, TopologicalSortPass
+from onnx_ir.passes.common import TopologicalSortPass
 
+from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
-from bq_onnx.errors import BqError
-from bq_onnx.passes.allocate import AllocatePass
-from bq_onnx.passes.find_weights import FindWeightsPass
-from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass
-from bq_onnx.passes.quantize import QuantizeWeightsPass
+from bq_onnx.pass_manager import run_passes
+from bq_onnx.passes.prepare import prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
-from bq_onnx.passes.tables import ExpectedLossTablesPass
+from bq_onnx.posterior import Posterior
 from bq_onnx.progress import memtrace
+from bq_onnx.runtimes.base import Capabilities
+from bq_onnx.stages import posterior as posterior_stage
+from bq_onnx.stages.allocate import allocate_bits
+from bq_onnx.stages.distill import distill
+from bq_onnx.stages.quantize import quantize_weights
+from bq_onnx.stages.tables import expected_loss_tables
+from bq_onnx.stages.weights import find_weights
 
 
-def prepare_passes(ctx: Context) -> list[ir.passes.PassBase]:
-    """Constants to initializers, opset >= 21, a runtime-readable IR version."""
-    return [
-        LiftConstantsToInitializersPass(size_limit=ctx.config.weights.min_size),
-        UpgradeOpsetPass(),
-        SetIrVersionPass(),
-    ]
-
-
-def optimize_passes(
+def optimize_model(
+    model: ir.Model,
     ctx: Context,
-    posterior: Sequence[ir.passes.PassBase] = (),
-    allocator_options: dict | None = None,
-    distill: Sequence[ir.passes.PassBase] = (),
-    calibration=None,
-    output: str | None = None,
-    legalize: Sequence[ir.passes.PassBase] = (),
-    lower: Sequence[ir.passes.PassBase] = (),
-) -> list[ir.passes.PassBase]:
-    """Prepare, find weights, (posterior), tables + allocation (unless fixed width), quantize, rewrite."""
-    a = ctx.config.allocation
-    rewrite = RewriteNativePass if ctx.config.storage.format == "native" else RewriteCompactPass
-    allocate: list[ir.passes.PassBase] = []
+    *,
+    calibration: Calibration | None = None,
+    posterior: str | os.PathLike | Posterior | None = None,
+    profile: Capabilities | None = None,
+) -> ir.Model:
+    """Quantize every weight of ``model`` (in place) as ``ctx.config`` says; the stages' values land on ``ctx``.
+
+    ``calibration`` estimates the posterior unless ``posterior`` (a file or a :class:`Posterior`) is given, and
+    serves the measured tables and distillation; ``profile`` legalizes the weights for a target runtime.
+    """
+    config = ctx.config
+    model = run_passes(model, prepare_passes(config.weights))
+    found = find_weights(model, config.weights)
+    ctx.weights = found.weights
+    ctx.messages.extend(found.messages)
+    memtrace("find weights")
+    if profile is not None:
+        from bq_onnx.targets import legalize_weights
+
+        ctx.derived, notes = legalize_weights(ctx.weights, config, ctx.derived, profile)
+        ctx.messages.extend(notes)
+    if isinstance(posterior, Posterior):
+        ctx.posterior = posterior_stage.matched(posterior, ctx.weights)
+    elif posterior is not None:
+        ctx.posterior = posterior_stage.load(posterior, ctx.weights)
+    elif calibration is not None:
+        ctx.posterior = posterior_stage.estimate(model, ctx.weights, calibration, config.posterior, ctx.progress)
+        ctx.messages.extend(ctx.posterior.notes)
+    memtrace("posterior")
     if not ctx.fixed:
-        allocate = [
-            ExpectedLossTablesPass(ctx, a.allowed_bits, a.granularity, a.bits_include_metadata or a.size_mb is not None,
-                                   mode=a.tables, calibration=calibration, output=output),
-            AllocatePass(ctx, allocator_options),
-        ]
-    return [
-        *prepare_passes(ctx),
-        FindWeightsPass(ctx),
-        *legalize,
-        *posterior,
-        *allocate,
-        QuantizeWeightsPass(ctx),
-        *distill,
-        rewrite(ctx),
-        *lower,
-        TopologicalSortPass(),
-    ]
+        ctx.tables = expected_loss_tables(model, ctx, calibration)
+        memtrace("tables")
+        ctx.allocation = allocate_bits(model, ctx, ctx.tables)
+        memtrace("allocate")
+    ctx.quantized = quantize_weights(ctx)
+    memtrace("quantize")
+    if config.distillation.distill_steps:
+        distilled = distill(model, ctx, calibration)
+        ctx.quantized, ctx.distillation = distilled.quantized, distilled.report
+        ctx.messages.extend(distilled.messages)
+        memtrace("distill")
+    rewrite = RewriteNativePass if config.storage.format == "native" else RewriteCompactPass
+    lower: list[ir.passes.PassBase] = []
+    if profile is not None and profile.name == "onnxruntime" and config.storage.format == "native":
+        from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
 
-
-def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
-    """Run passes in order; a user-facing error raised inside a pass surfaces as itself."""
-    for pass_ in passes:
-        try:
-            model = pass_(model).model
-            memtrace(type(pass_).__name__)
-        except ir.passes.InvariantError as exc:
-            if isinstance(exc.__cause__, BqError):
-                raise exc.__cause__ from None
-            raise
+        lower.append(LowerMatMulNBitsPass())
+    model = run_passes(model, [rewrite(ctx), *lower, TopologicalSortPass()])
+    memtrace("rewrite")
     return model

@@ -3,7 +3,7 @@
 Two steps. :func:`legalize_config` runs before the pipeline: symmetric-only targets get ``uniform-sym``
 (an explicit codebook quantizer is an error), a group size the target does not accept becomes the nearest one it
 does, compact (local functions) is refused where the target cannot read them, and ``strict_size`` keeps only
-the widths the target executes natively. :class:`LegalizeWeightsPass` runs after the weights are found: on
+the widths the target executes natively. :func:`legalize_weights` runs after the weights are found: on
 targets that run int4 only into some ops (TensorRT: MatMul/Gemm), need an even last dimension or blocked int4,
 each weight that cannot be int4 gets a per-weight floor of the smallest allowed width >= 5 (int8 container) and,
 on ``int8_per_channel`` targets, group size 0 (one scale per output channel). TensorRT Conv weights thus become
@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import onnx_ir as ir
-
 from bq_onnx.config import OptimizeConfig
-from bq_onnx.context import Context, Derived
+from bq_onnx.context import Context, Derived, WeightInfo
 from bq_onnx.errors import UsageError
 from bq_onnx.runtimes.base import Capabilities
 
@@ -91,37 +89,31 @@ def _ops(consumers: tuple[str, ...]) -> set[str]:
     return {c.split(":", 1)[0] for c in consumers}
 
 
-class LegalizeWeightsPass(ir.passes.InPlacePass):
-    """Per-weight floors and group sizes for weights the target cannot run in int4 (after FindWeightsPass)."""
-
-    def __init__(self, ctx: Context, profile: Capabilities) -> None:
-        self.ctx = ctx
-        self.profile = profile
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ctx, p = self.ctx, self.profile
-        d, allowed = ctx.derived, ctx.config.allocation.allowed_bits
-        floors, groups = list(d.weight_min_bits), list(d.weight_group_size)
-        wide = [b for b in allowed if b >= 5]
-        for info in ctx.weights:
-            k, n = info.layout.view_shape
-            ops = _ops(info.consumers)
-            why = []
-            if p.int4_ops is not None and not ops <= p.int4_ops:
-                why.append(f"consumed by {', '.join(sorted(ops - p.int4_ops))}")
-            if p.even_last_dim and n % 2:
-                why.append(f"odd last dimension {n}")
-            if p.int4_blocked_only and (d.group_size <= 0 or k < d.group_size):
-                why.append(f"{k} rows, fewer than one block of {d.group_size}: int4 needs whole blocks")
-            if not why:
-                continue
-            if not wide:
-                raise UsageError(f"target {p.name}: weight '{info.name}' cannot be int4 ({'; '.join(why)}) and "
-                                 f"no allowed width >= 5 is left ({list(allowed)})")
-            floors.append((info.name, wide[0]))
-            if p.int8_per_channel:
-                groups.append((info.name, 0))
-            ctx.messages.append(f"target {p.name}: '{info.name}' at >= {wide[0]} bits in int8"
-                                f"{' per channel' if p.int8_per_channel else ''} ({'; '.join(why)})")
-        d.weight_min_bits, d.weight_group_size = tuple(floors), tuple(groups)
-        return ir.passes.PassResult(model, modified=False)
+def legalize_weights(weights: list[WeightInfo], config: OptimizeConfig, derived: Derived, p: Capabilities
+                     ) -> tuple[Derived, list[str]]:
+    """Per-weight floors and group sizes for the weights the target cannot run in int4, and one note each."""
+    floors, groups = list(derived.weight_min_bits), list(derived.weight_group_size)
+    notes: list[str] = []
+    allowed_bits = config.allocation.allowed_bits
+    wide = [b for b in allowed_bits if b >= 5]
+    for info in weights:
+        k, n = info.layout.view_shape
+        ops = _ops(info.consumers)
+        why = []
+        if p.int4_ops is not None and not ops <= p.int4_ops:
+            why.append(f"consumed by {', '.join(sorted(ops - p.int4_ops))}")
+        if p.even_last_dim and n % 2:
+            why.append(f"odd last dimension {n}")
+        if p.int4_blocked_only and (derived.group_size <= 0 or k < derived.group_size):
+            why.append(f"{k} rows, fewer than one block of {derived.group_size}: int4 needs whole blocks")
+        if not why:
+            continue
+        if not wide:
+            raise UsageError(f"target {p.name}: weight '{info.name}' cannot be int4 ({'; '.join(why)}) and "
+                             f"no allowed width >= 5 is left ({list(allowed_bits)})")
+        floors.append((info.name, wide[0]))
+        if p.int8_per_channel:
+            groups.append((info.name, 0))
+        notes.append(f"target {p.name}: '{info.name}' at >= {wide[0]} bits in int8"
+                     f"{' per channel' if p.int8_per_channel else ''} ({'; '.join(why)})")
+    return dataclasses.replace(derived, weight_min_bits=tuple(floors), weight_group_size=tuple(groups)), notes

@@ -22,7 +22,8 @@ from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 from bq_onnx.context import Context
 from bq_onnx.errors import ModelError, VerificationError
 from bq_onnx.model_io import copy_model, load_model
-from bq_onnx.pipeline import prepare_passes, run_passes
+from bq_onnx.pass_manager import run_passes
+from bq_onnx.passes.prepare import prepare_passes
 from bq_onnx.progress import memtrace
 
 #: Outputs may differ by summation order (fused MatMulNBits vs MatMul), nothing more: relative to the output's
@@ -44,7 +45,7 @@ class OutputCheck:
 
 def reference_model(source, ctx: Context) -> ir.Model:
     """The input model, prepared like the pipeline does, with dequantized weights in place of the floats."""
-    model = run_passes(load_model(source), prepare_passes(ctx))
+    model = run_passes(load_model(source), prepare_passes(ctx.config.weights))
     for name, qt in ctx.quantized.items():
         value = model.graph.initializers[name]
         info = ctx.weight(name)
@@ -120,7 +121,7 @@ def reference_outputs(source, ctx: Context, feeds: Mapping[str, np.ndarray], rt,
     """The reference's outputs on ``feeds``, computed by consecutive segments of the graph, each in its own
     session that is dropped before the next is built: peak memory holds ``segment_bytes`` of full-precision
     weights (default :data:`SEGMENT_BYTES`), not the whole model; intermediate activations pass between them."""
-    model = run_passes(load_model(source), [*prepare_passes(ctx), TopologicalSortPass()])
+    model = run_passes(load_model(source), [*prepare_passes(ctx.config.weights), TopologicalSortPass()])
     runs = segments(model, SEGMENT_BYTES if segment_bytes is None else segment_bytes)
     outputs = [v.name for v in model.graph.outputs]
     if len(runs) > 1:

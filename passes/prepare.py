@@ -5,7 +5,9 @@ from __future__ import annotations
 import onnx
 import onnx.version_converter
 import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
+from bq_onnx.config import WeightsConfig
 from bq_onnx.errors import ModelError
 from bq_onnx.model_io import external_tensors, stream_external_tensors
 
@@ -62,3 +64,12 @@ class SetIrVersionPass(ir.passes.InPlacePass):
         modified = target != model.ir_version
         model.ir_version = target
         return ir.passes.PassResult(model, modified)
+
+
+def prepare_passes(config: WeightsConfig) -> list[ir.passes.PassBase]:
+    """Constants to initializers, opset >= 21, a runtime-readable IR version."""
+    return [
+        LiftConstantsToInitializersPass(size_limit=config.min_size),
+        UpgradeOpsetPass(),
+        SetIrVersionPass(),
+    ]

@@ -14,17 +14,17 @@ from bq_onnx.autodiff.loss import LOSS, TARGET
 from bq_onnx.config import OptimizeConfig
 from bq_onnx.context import Context
 from bq_onnx.model_io import load_model
-from bq_onnx.passes.distill import DistillPass
-from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.loss import AppendLossPass
 from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
-from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass
-from bq_onnx.passes.quantize import QuantizeWeightsPass
+from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass, prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
-from bq_onnx.pipeline import prepare_passes, run_passes
 from bq_onnx.runtimes.profiles import get_profile
-from bq_onnx.targets import LegalizeWeightsPass
+from bq_onnx.stages import distill as distill_stage
+from bq_onnx.stages.quantize import quantize_weights as quantize_stage
+from bq_onnx.stages.weights import find_weights as find_weights_stage
+from bq_onnx.targets import legalize_weights as legalize_stage
 
 __all__ = ["LOSS", "TARGET"]
 
@@ -51,15 +51,19 @@ def set_ir_version(model: ir.Model) -> tuple[ir.Model, bool]:
 
 def prepare(model: ir.Model, ctx: Context) -> ir.Model:
     """What every later pass requires: constants lifted, opset >= 21, a runtime-readable IR version."""
-    return run_passes(model, prepare_passes(ctx))
+    return run_passes(model, prepare_passes(ctx.config.weights))
 
 
 def find_weights(model: ir.Model, ctx: Context) -> ir.Model:
-    return run_passes(model, [FindWeightsPass(ctx)])
+    found = find_weights_stage(model, ctx.config.weights)
+    ctx.weights = found.weights
+    ctx.messages.extend(found.messages)
+    return model
 
 
 def quantize_weights(model: ir.Model, ctx: Context) -> ir.Model:
-    return run_passes(model, [QuantizeWeightsPass(ctx)])
+    ctx.quantized = quantize_stage(ctx)
+    return model
 
 
 def rewrite(model: ir.Model, ctx: Context) -> ir.Model:
@@ -85,11 +89,20 @@ def append_loss(model: ir.Model, kind: str, output: str | None = None, axis: int
 
 
 def legalize_weights(model: ir.Model, ctx: Context, target: str) -> ir.Model:
-    return run_passes(model, [LegalizeWeightsPass(ctx, get_profile(target))])
+    ctx.derived, notes = legalize_stage(ctx.weights, ctx.config, ctx.derived, get_profile(target))
+    ctx.messages.extend(notes)
+    return model
 
 
 def distill(model: ir.Model, ctx: Context, calibration, steps: int, **options) -> ir.Model:
-    return run_passes(model, [DistillPass(ctx, calibration, steps, **options)])
+    from bq_onnx.calibration import load_calibration
+
+    ctx.config = ctx.config.replace(distill_steps=steps, **({"distill_lr": options.pop("lr")} if "lr" in options
+                                                              else {}))
+    distilled = distill_stage.distill(model, ctx, load_calibration(calibration, model), **options)
+    ctx.quantized, ctx.distillation = distilled.quantized, distilled.report
+    ctx.messages.extend(distilled.messages)
+    return model
 
 
 # What the passes leave in the context, read through one place.

@@ -26,7 +26,6 @@ CONCERNS = (*cfg.concern_types().values(), cfg.VerificationConfig, cfg.BenchConf
 # Second declarations that stay for now, as (file, name, default), each as often as it occurs. Exactly these.
 ALLOWED = [
     # not the option: distillation's own batch size (--batch-size is the posterior estimator's)
-    ("passes/distill.py", "batch_size", 32),
 ]
 HELPER_PARAMETERS_NOT_SCANNED = {"seed"}
 """``seed=0`` is every random helper's conventional default (quantizers, vector, allocation, samples); the

@@ -39,7 +39,7 @@ MODULES = sorted(p for p in PASSES.glob("*.py") if p.name != "__init__.py")
 
 
 def test_passes_directory_is_found():
-    assert len(MODULES) >= 10, f"expected the pass modules under {PASSES}"
+    assert len(MODULES) >= 6, f"expected the pass modules under {PASSES}"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[p.stem for p in MODULES])

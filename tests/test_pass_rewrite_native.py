@@ -52,5 +52,5 @@ def test_codebook_weights_decode_by_gather_without_dequantize_linear():
 def test_rewrite_needs_quantized_weights():
     ctx = passkit.context(min_size=64)
     model = passkit.find_weights(passkit.prepare(passkit.load(tiny.layouts_model()), ctx), ctx)
-    with pytest.raises(ir.passes.PreconditionError):
+    with pytest.raises(AssertionError, match="must be quantized first"):
         passkit.rewrite(model, ctx)

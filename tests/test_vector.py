@@ -15,14 +15,15 @@ from bq_onnx.context import Context
 from bq_onnx.errors import UsageError
 from bq_onnx.model_io import load_model, save_model
 from bq_onnx.outliers import isolate_outliers, outlier_count
-from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.pass_manager import run_passes
+from bq_onnx.passes.prepare import prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
-from bq_onnx.pipeline import prepare_passes, run_passes
 from bq_onnx.qtensor import QuantizedPieces, take_columns
 from bq_onnx.quantizers import Spec, candidates, quantization_error, quantize, quantize_spec
 from bq_onnx.runtimes import get_runtime
 from bq_onnx.sizes import layer_record, metadata_bits
+from bq_onnx.stages.weights import find_weights
 from tests.conftest import matmul_readout
 from tests.written import check_result
 
@@ -157,7 +158,8 @@ def test_vector_cost_accounting():
 
 def _rewrite(tmp_path, w, qt, fmt):
     ctx = Context(OptimizeConfig.from_options(min_size=1, format=fmt))
-    model = run_passes(load_model(matmul_readout(w)), [*prepare_passes(ctx), FindWeightsPass(ctx)])
+    model = run_passes(load_model(matmul_readout(w)), prepare_passes(ctx.config.weights))
+    ctx.weights = find_weights(model, ctx.config.weights).weights
     ctx.quantized["W"] = qt
     model = run_passes(model, [(RewriteNativePass if fmt == "native" else RewriteCompactPass)(ctx)])
     path = tmp_path / f"{fmt}.onnx"

@@ -33,7 +33,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
 
     def requires(self, model: ir.Model) -> None:
         assert model.opset_imports.get("", 0) >= 21, "run UpgradeOpsetPass first"
-        assert self.ctx.quantized, "QuantizeWeightsPass must run first"
+        assert self.ctx.quantized, "the weights must be quantized first (bq_onnx.stages.quantize)"
 
     @abc.abstractmethod
     def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:

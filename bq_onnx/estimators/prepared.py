@@ -13,14 +13,15 @@ import onnx_ir as ir
 
 from bq_onnx.autodiff.loss import LOSS
 from bq_onnx.calibration import Calibration
-from bq_onnx.config import OptimizeConfig, WeightsConfig
-from bq_onnx.context import Context, WeightInfo
+from bq_onnx.config import WeightsConfig
+from bq_onnx.context import WeightInfo
 from bq_onnx.graph import forward_model
 from bq_onnx.model_io import copy_model, load_model
-from bq_onnx.passes.find_weights import FindWeightsPass
+from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.loss import AppendLossPass
-from bq_onnx.pipeline import prepare_passes, run_passes
+from bq_onnx.passes.prepare import prepare_passes
 from bq_onnx.runtimes.sessions import TempSessions
+from bq_onnx.stages.weights import find_weights
 
 #: What :func:`bq_onnx.model_io.load_model` reads.
 ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
@@ -41,9 +42,9 @@ class Prepared:
 def prepare(source: ModelSource, weights: WeightsConfig | None = None) -> Prepared:
     """Load ``source`` and run the pipeline's prepare passes and weight finder on it (``weights``: which tensors
     are weights; default the options' defaults)."""
-    ctx = Context(OptimizeConfig(weights=weights or WeightsConfig()))
-    model = run_passes(load_model(source), [*prepare_passes(ctx), FindWeightsPass(ctx)])
-    return Prepared(model, ctx.weights, source)
+    weights = weights or WeightsConfig()
+    model = run_passes(load_model(source), prepare_passes(weights))
+    return Prepared(model, find_weights(model, weights).weights, source)
 
 
 def fp32_outputs(sessions: TempSessions, prepared: Prepared, output: str | None, calib: Calibration,

@@ -1,4 +1,4 @@
-"""FindWeightsPass (passes/find_weights.py): which initializers are weights, in which (K, N) view; model untouched."""
+"""find_weights (bq_onnx/stages/weights.py): which initializers are weights, in which (K, N) view; model untouched."""
 
 from __future__ import annotations
 

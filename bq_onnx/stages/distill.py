@@ -6,8 +6,8 @@ out along the rows), ``offset`` (0 bits), plus sparse outliers as a constant, wi
 constants and scales, offsets and codebook entries as trainable
 initializers. The KL to the FP32 model's output distribution on the calibration data is differentiated by
 the autodiff pass (standard ops, run by onnxruntime) and minimized by Adam. Tuned values are rounded to fp16
-(what both formats store) and written back into ``ctx.quantized``; the step with the lowest loss on a held-out
-part of the calibration data is kept, so distillation never makes that loss worse.
+(what both formats store) and returned as new quantized forms; the step with the lowest loss on a held-out part of
+the calibration data is kept, so distillation never makes that loss worse.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from bq_onnx.autodiff.gradient import build_gradient_model
 from bq_onnx.autodiff.loss import LOSS, TARGET, append_loss
-from bq_onnx.calibration import CalibrationSource, load_calibration
+from bq_onnx.calibration import Calibration, load_calibration
 from bq_onnx.context import Context
 from bq_onnx.decode.ops import BlockDims, expand_blocks, restore_layout, vector_rows
 from bq_onnx.emitter import GraphEmitter
@@ -53,11 +53,28 @@ def _with_outliers(em: GraphEmitter, x: ir.Value, qt: QuantizedTensor) -> ir.Val
     return em.op("Add", [x, em.const(dense, "outliers")])
 
 
-class DistillPass(ir.passes.InPlacePass):
-    """Tune ``ctx.quantized`` metadata on calibration data (the model itself is not changed)."""
+@dataclasses.dataclass
+class Distilled:
+    """The tuned quantized forms, and what the report says (None when distillation was skipped)."""
 
-    def __init__(self, ctx: Context, calibration: CalibrationSource, steps: int, lr: float = 1e-3,
-                 batch_size: int = 32, output: str | None = None, max_samples: int | None = None) -> None:
+    quantized: dict[str, QuantizedTensor | QuantizedPieces]
+    report: dict | None
+    messages: list[str]
+
+
+BATCH_SIZE = 32
+"""Calibration samples per distillation step (distillation's own; ``--batch-size`` is the estimator's)."""
+
+
+def distill(model: ir.Model, ctx: Context, calibration: Calibration, batch_size: int = BATCH_SIZE) -> Distilled:
+    """Tune the metadata of ``ctx.quantized`` on ``calibration`` (``--distill-steps``); the model is not changed."""
+    d = ctx.config.distillation
+    return _Distiller(ctx, calibration, d.distill_steps, d.distill_lr, batch_size, d.output, d.calib_samples).run(model)
+
+
+class _Distiller:
+    def __init__(self, ctx: Context, calibration: Calibration, steps: int, lr: float, batch_size: int,
+                 output: str | None, max_samples: int | None) -> None:
         self.ctx = ctx
         self.calibration = calibration
         self.steps = steps
@@ -66,10 +83,7 @@ class DistillPass(ir.passes.InPlacePass):
         self.output = output
         self.max_samples = max_samples
 
-    def requires(self, model: ir.Model) -> None:
-        assert self.ctx.quantized, "QuantizeWeightsPass must run first"
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def run(self, model: ir.Model) -> Distilled:
         ctx = self.ctx
         calib = load_calibration(self.calibration, model, self.max_samples)
         n = calib.num_samples
@@ -84,8 +98,7 @@ class DistillPass(ir.passes.InPlacePass):
             graph = build_gradient_model(training, LOSS, list(params), weights_as_inputs=True)
             missing = [p for p in params if p not in graph.gradients]
             if missing:
-                ctx.messages.append(f"distillation skipped: no gradient for {missing[0]}")
-                return ir.passes.PassResult(model, modified=False)
+                return Distilled(dict(ctx.quantized), None, [f"distillation skipped: no gradient for {missing[0]}"])
             session = sessions.open(graph.model)
 
             def run(values: dict, idx: np.ndarray) -> tuple[float, dict]:
@@ -117,17 +130,15 @@ class DistillPass(ir.passes.InPlacePass):
                 loss, _ = run(rounded, eval_idx)
                 if loss < best_loss:
                     best_loss, best = loss, rounded
-            self._write_back(best)
             count = len(eval_idx)
-            ctx.distillation = {
+            return Distilled(self._written_back(best), {
                 "steps": self.steps,
                 "held_out_samples": int(count),
                 "kl_before": (start_loss - entropy) / count,
                 "kl_after": (best_loss - entropy) / count,
-            }
+            }, [])
         finally:
             sessions.close()
-        return ir.passes.PassResult(model, modified=False)
 
     def _training_model(self, model: ir.Model) -> tuple[ir.Model, dict[str, np.ndarray]]:
         """A copy whose quantized weights are decoded from trainable metadata initializers."""
@@ -191,11 +202,13 @@ class DistillPass(ir.passes.InPlacePass):
         graph.insert_before(graph[0], nodes)
         return training, params
 
-    def _write_back(self, values: dict[str, np.ndarray]) -> None:
+    def _written_back(self, values: dict[str, np.ndarray]) -> dict[str, QuantizedTensor | QuantizedPieces]:
+        quantized = dict(self.ctx.quantized)
         for info in self.ctx.weights:
             q = self.ctx.quantized[info.name]
             pieces = []
             for i, (start, stop, qt) in enumerate(_pieces(q)):
                 changes = {f: values[f"{info.name}.p{i}.{f}"] for f in TRAINABLE if f"{info.name}.p{i}.{f}" in values}
                 pieces.append((start, stop, dataclasses.replace(qt, **changes)))
-            self.ctx.quantized[info.name] = _rebuild(q, pieces)
+            quantized[info.name] = _rebuild(q, pieces)
+        return quantized

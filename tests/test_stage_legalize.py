@@ -1,4 +1,4 @@
-"""LegalizeWeightsPass (bq_onnx/targets.py): weights a target cannot run in int4 get an int8 floor, per channel."""
+"""legalize_weights (bq_onnx/targets.py): weights a target cannot run in int4 get an int8 floor, per channel."""
 
 from __future__ import annotations
 

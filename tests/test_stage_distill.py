@@ -1,4 +1,4 @@
-"""DistillPass (passes/distill.py): tunes scales with the codes fixed; the held-out KL never gets worse."""
+"""distill (bq_onnx/stages/distill.py): tunes scales with the codes fixed; the held-out KL never gets worse."""
 
 from __future__ import annotations
 

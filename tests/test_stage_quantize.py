@@ -1,9 +1,8 @@
-"""QuantizeWeightsPass (passes/quantize.py): every weight gets a quantized form of the asked width; model untouched."""
+"""quantize_weights (bq_onnx/stages/quantize.py): every weight gets a quantized form of the asked width."""
 
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -38,9 +37,3 @@ def test_each_block_holds_at_most_two_to_the_bits_levels_within_one_step(bits):
     x = RNG.standard_normal((5, 64)).astype(np.float32)
     expected = x.astype(np.float64) @ deq["W"].astype(np.float64) @ deq["G"].astype(np.float64).T
     np.testing.assert_allclose(run(with_weights(model, deq), {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
-
-
-def test_quantize_needs_the_weights_found_first():
-    ctx = passkit.context(bits=4, min_size=32)
-    with pytest.raises(ir.passes.PreconditionError):
-        passkit.quantize_weights(passkit.prepare(passkit.load(MODEL), ctx), ctx)

@@ -14,7 +14,7 @@ codebook is per tensor, so its slices share one codebook in the table and in the
 Several designs per width (``--quantizer vq``/``auto``, ``--outliers auto``): for every tensor and width each
 candidate (scalar uniform, scalar Lloyd codebook, vector codebooks of each allowed length, each without and with
 outliers) is designed and scored, and the one with the least ``loss + lambda * stored bits`` is the table's entry
-at that width (recorded in ``ctx.designs`` for the quantize pass). ``lambda`` is the tensor's own exchange rate
+at that width (recorded in :attr:`Tables.designs` for the quantize stage). ``lambda`` is the tensor's own exchange rate
 of loss for stored bits around that width (the slope of the first candidate's curve between the neighbouring
 widths), the rate at which the allocator would trade there: a design that is better but costs more bits (a
 larger codebook, outliers) is taken only when its gain pays for them at that rate. Outliers are payload (they
@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
 from bq_onnx.errors import UsageError
 from bq_onnx.progress import progress
@@ -36,6 +37,9 @@ from bq_onnx.qtensor import take_columns
 from bq_onnx.quantizers import Spec, candidates
 from bq_onnx.sizes import block_metadata_bits, codebook_bits
 from bq_onnx.weights import design, weight_view
+
+MC_SAMPLES = 128
+"""Calibration samples the measured (``--tables mc``) tables run on: the first ones."""
 
 
 @dataclasses.dataclass
@@ -53,6 +57,15 @@ class BlockTable:
     metadata: np.ndarray
 
 
+@dataclasses.dataclass
+class Tables:
+    """The expected-loss tables of every block, and the design chosen per (weight, width) where several were
+    scored (``--quantizer vq``/``auto``, ``--outliers auto``, ``--group-size auto``)."""
+
+    blocks: list[BlockTable]
+    designs: dict[tuple[str, int], Spec]
+
+
 def slices(n: int, granularity: int | None) -> list[tuple[int, int]]:
     """Column ranges of one tensor: the whole tensor, or runs of ``granularity`` output channels."""
     if not granularity or granularity >= n:
@@ -64,64 +77,57 @@ def block_name(weight: str, columns: tuple[int, int], n: int) -> str:
     return weight if columns == (0, n) else f"{weight}[{columns[0]}:{columns[1]}]"
 
 
-class ExpectedLossTablesPass(ir.passes.InPlacePass):
-    """Fill ``ctx.tables`` with one :class:`BlockTable` per block (the model is not changed)."""
+def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration | None = None) -> Tables:
+    """One :class:`BlockTable` per block of every weight at every allowed width (closed form, or measured with
+    ``--tables mc`` on ``calibration``); the model is not changed."""
+    a = ctx.config.allocation
+    allowed = tuple(sorted(a.allowed_bits))
+    include_metadata = a.bits_include_metadata or a.size_mb is not None
+    if a.tables == "mc" and calibration is None:
+        raise UsageError("--tables mc needs calibration data (--calib)")
+    fmt = ctx.config.storage.format
+    scorer = _Scorer(ctx)
+    blocks: list[BlockTable] = []
+    designs: dict[tuple[str, int], Spec] = {}
+    measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output) \
+        if a.tables == "mc" else None
+    for info in progress(ctx.weights, "loss tables", ctx.progress):
+        k, n = info.layout.view_shape
+        ranges = slices(n, a.granularity)
+        view, importance = weight_view(ctx, info)
+        scored = [scorer.score(info, view, importance, bits, ranges, fmt) for bits in allowed]
+        chosen = _choose(scored)
+        loss = np.zeros((len(ranges), len(allowed)))
+        payload = np.zeros_like(loss)
+        meta = np.zeros_like(loss)
+        for j, (bits, option) in enumerate(zip(allowed, chosen)):
+            if len(scored[j]) > 1:
+                designs[(info.name, bits)] = option.spec
+            measured = None
+            if measure is not None:
+                decoded = design(ctx, view, importance, bits, info.name, option.spec).dequantize()
+                measured = measure.block_losses(info, view, decoded, ranges)
+            loss[:, j] = measured if measured is not None else option.loss
+            payload[:, j] = option.payload
+            meta[:, j] = option.meta
+        for i, columns in enumerate(ranges):
+            cost = payload[i] + meta[i] if include_metadata else payload[i]
+            blocks.append(
+                BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
+                           allowed, loss[i], cost, payload[i], meta[i])
+            )
+    if measure is not None:
+        measure.close()
+    return Tables(blocks, designs)
 
-    def __init__(self, ctx: Context, allowed_bits: tuple[int, ...], granularity: int | None,
-                 include_metadata: bool, mode: str = "closed", calibration=None, max_samples: int = 128,
-                 output: str | None = None) -> None:
+
+class _Scorer:
+    """Scores every candidate design of a tensor at a width by the closed-form expected loss."""
+
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.allowed_bits = tuple(sorted(allowed_bits))
-        self.granularity = granularity
-        self.include_metadata = include_metadata
-        if mode not in ("closed", "mc"):
-            raise UsageError(f"--tables must be closed or mc, got {mode!r}")
-        if mode == "mc" and calibration is None:
-            raise UsageError("--tables mc needs calibration data (--calib)")
-        self.mode = mode
-        self.calibration = calibration
-        self.max_samples = max_samples
-        self.output = output
 
-    def requires(self, model: ir.Model) -> None:
-        assert self.ctx.weights, "FindWeightsPass must run first"
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        fmt = self.ctx.config.storage.format
-        tables: list[BlockTable] = []
-        measure = _MonteCarlo(self.ctx, model, self.calibration, self.max_samples, self.output) \
-            if self.mode == "mc" else None
-        for info in progress(self.ctx.weights, "loss tables", self.ctx.progress):
-            k, n = info.layout.view_shape
-            ranges = slices(n, self.granularity)
-            view, importance = weight_view(self.ctx, info)
-            scored = [self._score(info, view, importance, bits, ranges, fmt) for bits in self.allowed_bits]
-            chosen = _choose(scored)
-            loss = np.zeros((len(ranges), len(self.allowed_bits)))
-            payload = np.zeros_like(loss)
-            meta = np.zeros_like(loss)
-            for j, (bits, option) in enumerate(zip(self.allowed_bits, chosen)):
-                if len(scored[j]) > 1:
-                    self.ctx.designs[(info.name, bits)] = option.spec
-                measured = None
-                if measure is not None:
-                    decoded = design(self.ctx, view, importance, bits, info.name, option.spec).dequantize()
-                    measured = measure.block_losses(info, view, decoded, ranges)
-                loss[:, j] = measured if measured is not None else option.loss
-                payload[:, j] = option.payload
-                meta[:, j] = option.meta
-            for i, columns in enumerate(ranges):
-                cost = payload[i] + meta[i] if self.include_metadata else payload[i]
-                tables.append(
-                    BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
-                               self.allowed_bits, loss[i], cost, payload[i], meta[i])
-                )
-        if measure is not None:
-            measure.close()
-        self.ctx.tables = tables
-        return ir.passes.PassResult(model, modified=False)
-
-    def _score(self, info, view: np.ndarray, importance, bits: int, ranges, fmt: str) -> list[_Option]:
+    def score(self, info, view: np.ndarray, importance, bits: int, ranges, fmt: str) -> list[_Option]:
         """Every candidate design of one tensor at one width: per-slice loss, payload and metadata."""
         q, d = self.ctx.config.quantization, self.ctx.derived
         n = view.shape[1]
@@ -199,7 +205,8 @@ def _choose(scored: list[list[_Option]]) -> list[_Option]:
 class _MonteCarlo:
     """The measured table: mean KL to the FP32 output on calibration samples with one block quantized."""
 
-    def __init__(self, ctx: Context, model: ir.Model, calibration, max_samples: int, output: str | None) -> None:
+    def __init__(self, ctx: Context, model: ir.Model, calibration: Calibration, max_samples: int,
+                 output: str | None) -> None:
         from bq_onnx.calibration import load_calibration
         from bq_onnx.graph import forward_model
         from bq_onnx.runtimes.sessions import TempSessions

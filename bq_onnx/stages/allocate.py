@@ -1,0 +1,128 @@
+"""Spend the bit budget: choose a width per block from the expected-loss tables; returns the allocation.
+
+The budget is average payload bits per quantized weight (``--bits``), optionally counting metadata
+(``--bits-include-metadata``), or a file size (``--size-mb``: every stored byte counts, the tensors left in
+float included). The allocator is one of :mod:`bq_onnx.allocation`'s; what it needs beyond the tables comes
+from the posterior (informativeness |mu|/sigma for Quantile Inform, mean and sigma for Random Bits, Fisher
+information over variance for selective encoding).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx import allocation
+from bq_onnx.allocation import Allocation
+from bq_onnx.context import Context
+from bq_onnx.decode.functions import vector_layout
+from bq_onnx.decode.ops import layout_vector
+from bq_onnx.errors import UnsupportedError, UsageError
+from bq_onnx.stages.tables import Tables
+
+
+def _min_bits(ctx: Context, weight: str) -> int:
+    found = [bits for pattern, bits in ctx.config.allocation.min_bits if fnmatch.fnmatchcase(weight, pattern)]
+    return max([*found, ctx.derived.weight_floor(weight)])
+
+
+def allocate_bits(model: ir.Model, ctx: Context, tables: Tables) -> Allocation:
+    """A width per block of ``tables`` (``ctx.tables``) under the budget (``--bits``, ``--bits-include-metadata``,
+    ``--size-mb``)."""
+    blocks = []
+    for t in tables.blocks:
+        floor = _min_bits(ctx, t.weight)
+        keep = [i for i, b in enumerate(t.bits) if b >= floor]
+        if not keep:
+            raise UsageError(f"--min-bits {floor} for '{t.weight}' leaves no allowed width")
+        blocks.append(
+            allocation.Block(t.name, t.numel, tuple(t.bits[i] for i in keep), t.loss[keep], t.cost[keep],
+                             min_bits=floor, layer=t.weight)
+        )
+    a = ctx.config.allocation
+    budget = _budget(model, ctx, tables)
+    options = dict(a.allocator_options or {})
+    options.update(_method_inputs(ctx, tables, a.allocator))
+    counts_layouts = ctx.config.storage.format == "compact" and (a.bits_include_metadata or a.size_mb is not None)
+    reserve = 0.0
+    for _ in range(8):  # the compact format's layout constants depend on the pieces the allocation makes
+        try:
+            result = allocation.allocate(a.allocator, blocks, budget - reserve, **options)
+        except ValueError as exc:
+            raise UsageError(f"allocation ({a.allocator}): {exc}") from None
+        excess = result.cost + (_layout_bits(ctx, tables, result.bits) if counts_layouts else 0) - budget
+        if excess <= 0:
+            break
+        reserve += excess
+    return result
+
+
+def _budget(model: ir.Model, ctx: Context, tables: Tables) -> float:
+    s = ctx.config.allocation
+    numel = sum(t.numel for t in tables.blocks)
+    if s.size_mb is None:
+        return float(s.bits) * numel
+    quantized = {w.name for w in ctx.weights}
+    other = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                if v.const_value is not None and v.name not in quantized)
+    budget = s.size_mb * 8e6 - 8 * other
+    if budget <= 0:
+        raise UsageError(f"--size-mb {s.size_mb}: the tensors kept in float alone take {other / 1e6:.3f} MB")
+    return budget
+
+
+def _layout_bits(ctx: Context, tables: Tables, bits: dict[str, int]) -> int:
+    """Bits of the int64 layout vectors the compact format stores per distinct piece shape (the rewrite's own
+    ``layout_vector``/``vector_layout``, deduplicated by content as the rewrite does)."""
+    layouts = set()
+    for info in ctx.weights:
+        k, n = info.layout.view_shape
+        for start, stop, width in ctx.pieces_for(info.name, n, bits):
+            spec = tables.designs.get((info.name, width))
+            group = (spec.block if spec is not None and spec.block else 0) or ctx.derived.group_size_for(info.name)
+            dim = spec.dim if spec is not None and spec.method == "vq" and width > 0 else 1
+            block = k if group <= 0 else -(-group // dim) * dim
+            vec = layout_vector(k, stop - start, block) if dim == 1 else vector_layout(k, stop - start, block, dim)
+            layouts.add(tuple(int(v) for v in vec))
+    return sum(64 * len(v) for v in layouts)
+
+
+def _method_inputs(ctx: Context, tables: Tables, method: str) -> dict:
+    """What Quantile Inform, Random Bits and selective encoding need from the posterior."""
+    if method not in ("quantile-inform", "random-bits", "selective"):
+        return {}
+    posterior = ctx.posterior
+    if posterior is None and method != "selective":
+        raise UnsupportedError(f"--allocator {method} needs a posterior: give --calib or --posterior")
+    layouts = {w.name: w.layout for w in ctx.weights}
+    if method == "quantile-inform":
+        return {"informativeness": {name: np.abs(wp.mean) / wp.std for name, wp in posterior.weights.items()}}
+    if method == "random-bits":
+        def block(name: str) -> int | None:
+            group = ctx.derived.group_size_for(name)
+            return None if group <= 0 else group
+
+        return {
+            "layers": {
+                name: allocation.LayerStats(
+                    layouts[name].to_view(wp.mean), layouts[name].to_view(wp.std), block_size=block(name)
+                )
+                for name, wp in posterior.weights.items()
+                if name in layouts
+            }
+        }
+    # selective: S = I / sigma^2 per block, I the Fisher information (curvature); without a posterior the
+    # expected loss of skipping the block (its 0-bit table entry) ranks blocks the same way.
+    importance = {}
+    for t in tables.blocks:
+        if posterior is not None:
+            wp = posterior.weights[t.weight]
+            layout = layouts[t.weight]
+            cols = slice(*t.columns)
+            info = layout.to_view(wp.curvature)[:, cols] * layout.to_view(wp.precision)[:, cols]
+            importance[t.name] = float(np.sum(info))
+        else:
+            importance[t.name] = float(t.loss[0])
+    return {"importance": importance}

@@ -148,3 +148,18 @@ def messages(ctx: Context) -> list[str]:
 def distillation(ctx: Context) -> dict:
     """What distillation reports: steps, held-out samples, KL before and after."""
     return ctx.distillation
+
+
+def tables(model: ir.Model, ctx: Context, calibration=None):
+    """The expected-loss tables stage (kept on the context, as the pipeline does)."""
+    from bq_onnx.stages.tables import expected_loss_tables
+
+    ctx.tables = expected_loss_tables(model, ctx, calibration)
+    return ctx.tables
+
+
+def allocate(model: ir.Model, ctx: Context):
+    from bq_onnx.stages.allocate import allocate_bits
+
+    ctx.allocation = allocate_bits(model, ctx, ctx.tables)
+    return ctx.allocation

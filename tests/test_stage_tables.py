@@ -1,0 +1,64 @@
+"""expected_loss_tables (bq_onnx/stages/tables.py): per block and width, the loss and the bits the budget counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bq_onnx.posterior import Posterior, WeightPosterior
+from bq_onnx.weights import design
+from tests import passkit, tiny
+
+
+def _prepared(**options):
+    ctx = passkit.context(min_size=64, group_size=16, **options)
+    model = passkit.find_weights(passkit.prepare(passkit.load(tiny.layouts_model()), ctx), ctx)
+    return model, ctx
+
+
+def test_closed_form_loss_is_the_squared_error_of_each_slice():
+    model, ctx = _prepared(bits=3, granularity="rows:5", allowed_bits=[0, 2, 4, 8])
+    tables = passkit.tables(model, ctx)
+    infos = {w.name: w for w in ctx.weights}
+    assert {t.weight for t in tables.blocks} == set(infos)
+    for t in tables.blocks:
+        info = infos[t.weight]
+        view = info.layout.to_view(tiny.WEIGHTS[t.weight].astype(np.float32))
+        a, b = t.columns
+        assert t.numel == view.shape[0] * (b - a) and t.bits == (0, 2, 4, 8)
+        for j, bits in enumerate(t.bits):
+            decoded = design(ctx, view, None, bits, t.weight).dequantize()
+            expected = np.sum((decoded[:, a:b].astype(np.float64) - view[:, a:b]) ** 2)
+            assert t.loss[j] == pytest.approx(expected, rel=1e-9)
+            assert t.payload[j] == bits * t.numel  # uniform codes: bits per weight, nothing else
+        assert np.all(np.diff(t.loss) < 0)  # each width here strictly better than the one before
+        np.testing.assert_array_equal(t.cost, t.payload)  # payload budget: metadata not counted
+
+
+def test_metadata_counts_when_the_budget_does_and_precision_weights_the_error():
+    model, ctx = _prepared(bits=3, granularity="tensor", bits_include_metadata=True, allowed_bits=[2, 4])
+    rng = np.random.default_rng(0)
+    weights = {}
+    for info in ctx.weights:
+        w = tiny.WEIGHTS[info.name]
+        curvature = rng.uniform(0.1, 10.0, size=w.shape)
+        weights[info.name] = WeightPosterior(w, curvature + 1e-4, curvature, "laplace")
+    ctx.posterior = Posterior("laplace", 10, 1e-4, weights)
+    tables = passkit.tables(model, ctx)
+    for t in tables.blocks:
+        info = next(w for w in ctx.weights if w.name == t.weight)
+        view = info.layout.to_view(tiny.WEIGHTS[t.weight])
+        h = info.layout.to_view(ctx.posterior.weights[t.weight].precision)
+        np.testing.assert_allclose(t.cost, t.payload + t.metadata)
+        assert np.all(t.metadata > 0)
+        for j, bits in enumerate(t.bits):
+            decoded = design(ctx, view, h, bits, t.weight).dequantize()
+            assert t.loss[j] == pytest.approx(np.sum(h * (decoded.astype(np.float64) - view) ** 2), rel=1e-9)
+
+
+def test_measured_tables_need_calibration():
+    from bq_onnx.errors import UsageError
+
+    model, ctx = _prepared(bits=3, tables="mc")
+    with pytest.raises(UsageError, match="needs calibration data"):
+        passkit.tables(model, ctx)

@@ -9,7 +9,18 @@ derivative is zero almost everywhere).
 
 from __future__ import annotations
 
-from bq_onnx.passes import vjp_elementwise, vjp_linalg, vjp_nn, vjp_shape  # noqa: F401  (register their rules)
+from bq_onnx.passes import (  # noqa: F401  (register their rules)
+    vjp_activations,
+    vjp_einsum,
+    vjp_elementwise,
+    vjp_linalg,
+    vjp_nn,
+    vjp_norm,
+    vjp_reduce,
+    vjp_resize,
+    vjp_select,
+    vjp_shape,
+)
 from bq_onnx.passes.vjp_common import RULES, Rule, RuleUnavailable, Vjp
 
 NON_DIFFERENTIABLE = frozenset(

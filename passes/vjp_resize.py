@@ -1,0 +1,192 @@
+"""VJP rules of spatial re-indexing ops: Resize, Pad, Tile, DepthToSpace, SpaceToDepth.
+
+Resize is linear in X and separable: y = A_1 ... A_k X, one matrix ``A_a`` (``[out_a, in_a]``) per resized axis,
+so dx = A_1^T ... A_k^T g. Each ``A_a^T`` is obtained by the runtime's own Resize applied to an identity matrix
+``I[in_a, in_a]`` along its second axis (same mode, coordinate transformation, nearest mode, cubic coefficient,
+exclude_outside, antialias, and that axis's scale or size; ``extrapolation_value`` 0 because it is the constant
+term, not part of the linear map). Every mode is then reproduced by construction, not re-derived, and with constant
+scales and static dims the matrices are constants both runtimes fold at load time. g is contracted with them by
+MatMul (batched, g reshaped so the axis is second to last), which both runtimes run for any dtype they run Resize
+in; a ScatterElements-add would serve nearest mode only and is serial per element in onnxruntime.
+
+Upsample (opset 7-9) is not a rule: autodiff needs opset >= 21, and onnx's version converter (the prepare pass)
+turns Upsample into Resize on the way there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.passes.vjp_common import Grads, RuleUnavailable, Vjp, const_array, register
+
+#: Resize attributes the identity-matrix Resize copies (the others are reset or handled here).
+_RESIZE_COPIED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a", "exclude_outside",
+                  "antialias")
+
+
+def _optional(cx: Vjp, i: int) -> tuple[ir.Value | None, np.ndarray | None]:
+    """An optional input and its constant value; an empty constant counts as absent."""
+    value = cx.input(i)
+    if value is None:
+        return None, None
+    array = const_array(value)
+    if array is not None and array.size == 0:
+        return None, None
+    return value, array
+
+
+def _identity(cx: Vjp, x: ir.Value, axis: int) -> ir.Value:
+    """``I[n, n]`` with n = x's length along ``axis``, in x's dtype (a constant when n is static)."""
+    dims = cx.static_dims(x)
+    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+    if dims is not None:
+        eye = cx.em.const(np.eye(dims[axis], dtype=dtype))
+    else:
+        n = cx.dim(x, axis)
+        zeros = cx.op("ConstantOfShape", [cx.op("Concat", [n, n], axis=0)], value=ir.tensor(np.zeros(1, dtype)))
+        eye = cx.op("EyeLike", [zeros])
+    return eye if x.dtype is not None else cx.op("CastLike", [eye, x])
+
+
+def _contract(cx: Vjp, g: ir.Value, matrix: ir.Value, axis: int, rank: int) -> ir.Value:
+    """out[..., j, ...] = sum_i matrix[j, i] g[..., i, ...] along ``axis``."""
+    if axis == rank - 1:
+        return cx.op("MatMul", [g, cx.op("Transpose", [matrix], perm=[1, 0])])
+    if axis == rank - 2:
+        return cx.op("MatMul", [matrix, g])
+    tail = cx.op("ReduceProd", [cx.shape(g, axis + 1)], keepdims=1)
+    folded = cx.op("Reshape", [g, cx.op("Concat", [cx.ints_const(-1), cx.dim(g, axis), tail], axis=0)])
+    product = cx.op("MatMul", [matrix, folded])
+    shape = cx.op("Concat", [cx.shape(g, 0, axis), cx.dim(matrix, 0), cx.shape(g, axis + 1)], axis=0)
+    return cx.op("Reshape", [product, shape])
+
+
+@register("Resize")
+def resize(cx: Vjp, node: ir.Node, gy: list) -> Grads:
+    """y = A_1 ... A_k x (separable, linear): dx = g contracted along each resized axis a with ``A_a^T = Resize(I)``.
+
+    Axes whose scale is a constant 1 (or whose output length equals the input length with ``sizes``) are the
+    identity in every mode but ``tf_crop_and_resize`` and are skipped. Refused: gradients for roi/scales,
+    ``keep_aspect_ratio_policy`` other than stretch with ``sizes`` (the scale would couple the axes).
+    """
+    if any(cx.needs(i) for i in (1, 2, 3)):
+        raise RuleUnavailable("gradient of Resize's roi or scales")
+    x, y, g = node.inputs[0], node.outputs[0], gy[0]
+    rank = cx.rank(x)
+    roi, _ = _optional(cx, 1)
+    scales, scales_c = _optional(cx, 2)
+    sizes, sizes_c = _optional(cx, 3)
+    if scales is None and sizes is None:
+        raise RuleUnavailable("Resize without scales or sizes")
+    if sizes is not None and scales is None and cx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise RuleUnavailable("Resize keep_aspect_ratio_policy other than stretch")
+    ctm = cx.attr("coordinate_transformation_mode", "half_pixel")
+    axes = cx.ints("axes") or list(range(rank))
+    axes = [a + rank if a < 0 else a for a in axes]
+    x_dims = list(x.shape)
+    y_dims = list(y.shape) if y.shape is not None and len(y.shape) == rank else [None] * rank
+    attrs = {name: cx.attr(name) for name in _RESIZE_COPIED if cx.attr(name) is not None}
+    dx = g
+    for k, axis in enumerate(axes):
+        if ctm != "tf_crop_and_resize":
+            if scales is not None and scales_c is not None and float(scales_c.reshape(-1)[k]) == 1.0:
+                continue
+            same = isinstance(x_dims[axis], int) and x_dims[axis] == y_dims[axis]
+            if scales is None and (same or (sizes_c is not None and int(sizes_c.reshape(-1)[k]) == x_dims[axis])):
+                continue
+        eye = _identity(cx, x, axis)
+        pick = (cx.ints_const(k), cx.ints_const(k + 1))
+        # The identity's first axis is kept (scale 1; OpenVINO's constant folding refuses the axes attribute)
+        if scales is not None:
+            one = cx.op("CastLike", [cx.em.const(np.ones(1, np.float32)), scales])
+            inputs = [eye, None, cx.op("Concat", [one, cx.op("Slice", [scales, *pick])], axis=0)]
+        else:
+            sizes_k = cx.op("Cast", [cx.op("Slice", [sizes, *pick])], to=ir.DataType.INT64)
+            inputs = [eye, None, None, cx.op("Concat", [cx.dim(x, axis), sizes_k], axis=0)]
+        if ctm == "tf_crop_and_resize":
+            if roi is None:
+                raise RuleUnavailable("tf_crop_and_resize without roi")
+            n = len(axes)
+            ends = (cx.ints_const(n + k), cx.ints_const(n + k + 1))
+            zero = cx.op("CastLike", [cx.em.const(np.zeros(1, np.float32)), roi])
+            one = cx.op("CastLike", [cx.em.const(np.ones(1, np.float32)), roi])
+            parts = [zero, cx.op("Slice", [roi, *pick]), one, cx.op("Slice", [roi, *ends])]
+            inputs[1] = cx.op("Concat", parts, axis=0)
+        matrix = cx.op("Resize", inputs, extrapolation_value=0.0, **attrs)  # [in, out] = A^T
+        dx = _contract(cx, dx, matrix, axis, rank)
+    return [dx, None, None, None]
+
+
+@register("Pad")
+def pad(cx: Vjp, node: ir.Node, gy: list) -> Grads:
+    """y = pad(x, pads) (negative pads crop).
+
+    constant: dx = pad(g, -pads) (the crop of g where x sits, zeros where x was cropped away); d value = sum of g
+    over the positions the constant filled. reflect/edge/wrap: every element of y copies one element of x, which
+    Pad applied to a map of x's flat positions names: dx = ScatterElements-add of g at those positions.
+    """
+    x, pads, g = node.inputs[0], node.inputs[1], gy[0]
+    value, axes = cx.input(2), cx.input(3)
+    mode = cx.attr("mode", "constant")
+    zero = cx.scalar(0.0, x)
+    grads: list[ir.Value | None] = [None, None, None, None]
+    if mode == "constant":
+        if cx.needs(0):
+            grads[0] = cx.op("Pad", [g, cx.op("Neg", [pads]), zero, axes], mode="constant")
+        if value is not None and cx.needs(2):
+            filled = cx.op("Pad", [cx.zeros_like(x), pads, cx.scalar(1.0, x), axes], mode="constant")
+            total = cx.op("ReduceSum", [cx.op("Mul", [g, filled])], keepdims=0)
+            grads[2] = cx.reshape_like(total, value)
+        return grads
+    if mode not in ("reflect", "edge", "wrap"):
+        raise RuleUnavailable(f"Pad mode {mode}")
+    if cx.needs(0):
+        size = cx.op("Size", [x])
+        positions = cx.op("Range", [cx.em.const(np.array(0, np.int64)), size, cx.em.const(np.array(1, np.int64))])
+        positions = cx.reshape_like(positions, x)
+        source = cx.op("Pad", [positions, pads, None, axes], mode=mode)
+        flat = cx.op("Expand", [zero, cx.op("Reshape", [size, cx.ints_const(1)])])
+        flat_g = cx.op("Reshape", [g, cx.ints_const(-1)])
+        flat_source = cx.op("Reshape", [source, cx.ints_const(-1)])
+        scattered = cx.op("ScatterElements", [flat, flat_source, flat_g], axis=0, reduction="add")
+        grads[0] = cx.reshape_like(scattered, x)
+    return grads
+
+
+@register("Tile")
+def tile(cx: Vjp, node: ir.Node, gy: list) -> Grads:
+    """y = tile(x, repeats): g seen as ``[r_0, d_0, r_1, d_1, ...]``, dx = its sum over the repeat axes."""
+    x, repeats = node.inputs
+    rank = cx.rank(x)
+    if rank == 0:
+        return [gy[0], None]
+    parts = []
+    for axis in range(rank):
+        parts += [cx.op("Slice", [repeats, cx.ints_const(axis), cx.ints_const(axis + 1)]), cx.dim(x, axis)]
+    split = cx.op("Reshape", [gy[0], cx.op("Concat", parts, axis=0)])
+    return [cx.reduce_sum(split, list(range(0, 2 * rank, 2)), keepdims=0), None]
+
+
+@register("DepthToSpace")
+def depth_to_space(cx: Vjp, node: ir.Node, gy: list) -> Grads:
+    """A permutation of the elements: dx = its inverse applied to g. DCR mode: SpaceToDepth; CRD mode: g as
+    ``[N, C, H, b, W, b]`` transposed to ``[N, C, b, b, H, W]``."""
+    x, g = node.inputs[0], gy[0]
+    b = int(cx.attr("blocksize"))
+    if cx.attr("mode", "DCR") == "DCR":
+        return [cx.op("SpaceToDepth", [g], blocksize=b)]
+    blocks = cx.op(
+        "Concat",
+        [cx.shape(x, 0, 1), cx.ints_const(-1), cx.shape(x, 2, 3), cx.ints_const(b), cx.shape(x, 3, 4),
+         cx.ints_const(b)],
+        axis=0,
+    )
+    moved = cx.op("Transpose", [cx.op("Reshape", [g, blocks])], perm=[0, 1, 3, 5, 2, 4])
+    return [cx.reshape_like(moved, x)]
+
+
+@register("SpaceToDepth")
+def space_to_depth(cx: Vjp, node: ir.Node, gy: list) -> Grads:
+    """The inverse permutation of DepthToSpace in DCR mode: dx = DepthToSpace(g, DCR)."""
+    return [cx.op("DepthToSpace", [gy[0]], blocksize=int(cx.attr("blocksize")), mode="DCR")]

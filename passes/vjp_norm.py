@@ -1,13 +1,14 @@
-"""VJP rules of per-instance normalizations: InstanceNormalization and GroupNormalization (opset 21 form).
+"""VJP rules of per-instance normalizations: InstanceNormalization, GroupNormalization (opset 21 form), LRN.
 
-Both normalize groups of elements: xhat = (x - mean) inv, inv = 1/sqrt(var + eps) over each group, then
-y = xhat scale_c + bias_c per channel. With gs = g scale_c, per group:
+InstanceNormalization and GroupNormalization normalize groups of elements: xhat = (x - mean) inv,
+inv = 1/sqrt(var + eps) over each group, then y = xhat scale_c + bias_c per channel. With gs = g scale_c, per group:
 dx = inv (gs - mean(gs) - xhat mean(gs xhat)); dscale_c = sum g xhat and dbias_c = sum g over batch and space.
-The statistics are recomputed with standard ops.
+The statistics are recomputed with standard ops. LRN's channel-window sums are Convs with a ones kernel.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.passes.vjp_common import Grads, RuleUnavailable, Vjp, register
@@ -73,3 +74,32 @@ def group_norm(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     if cx.needs(2):
         dbias = cx.reduce_sum(g, axes, keepdims=0)
     return [cx.reshape_like(dxg, x) if cx.needs(0) else None, dscale, dbias]
+
+
+def _channel_window_sum(cx: Vjp, v: ir.Value, size: int, before: int) -> ir.Value:
+    """out[n, c] = sum of v[n, c - before : c - before + size] over channels (zero outside), as a Conv of v seen
+    as ``[N, 1, C, rest]`` with a constant ones kernel ``[size, 1]``."""
+    folded = cx.op("Concat", [cx.shape(v, 0, 1), cx.ints_const(1), cx.shape(v, 1, 2), cx.ints_const(-1)], axis=0)
+    ones = cx.op("CastLike", [cx.em.const(np.ones((1, 1, size, 1), np.float32)), v])
+    summed = cx.op("Conv", [cx.op("Reshape", [v, folded]), ones], pads=[before, 0, size - 1 - before, 0])
+    return cx.reshape_like(summed, v)
+
+
+@register("LRN")
+def lrn(cx: Vjp, node: ir.Node, gy: list) -> Grads:
+    """y = x d^-beta, d = bias + alpha/size S, S_c = sum of x^2 over the channel window [c - lo, c + hi]
+    (lo = floor((size-1)/2), hi = size-1-lo; odd sizes only):
+    dx = g d^-beta - 2 alpha beta/size x W'(g x d^(-beta-1)), W' the transposed window [c - hi, c + lo]."""
+    x, g = node.inputs[0], gy[0]
+    size = int(cx.attr("size"))
+    if size % 2 == 0:
+        raise RuleUnavailable("LRN with an even size (onnxruntime refuses it; unchecked)")
+    alpha, beta, bias = float(cx.attr("alpha", 1e-4)), float(cx.attr("beta", 0.75)), float(cx.attr("bias", 1.0))
+    lo = (size - 1) // 2
+    square_sum = _channel_window_sum(cx, cx.op("Mul", [x, x]), size, lo)
+    d = cx.op("Add", [cx.scalar(bias, x), cx.op("Mul", [square_sum, cx.scalar(alpha / size, x)])])
+    d_beta = cx.op("Pow", [d, cx.scalar(-beta, x)])
+    inner = cx.op("Div", [cx.op("Mul", [cx.op("Mul", [g, x]), d_beta]), d])
+    spread = _channel_window_sum(cx, inner, size, size - 1 - lo)
+    correction = cx.op("Mul", [cx.op("Mul", [x, spread]), cx.scalar(2 * alpha * beta / size, x)])
+    return [cx.op("Sub", [cx.op("Mul", [g, d_beta]), correction])]

@@ -18,6 +18,7 @@ from bq_onnx.passes import (  # noqa: F401  (register their rules)
     vjp_norm,
     vjp_reduce,
     vjp_resize,
+    vjp_scatter,
     vjp_select,
     vjp_shape,
 )

@@ -198,6 +198,52 @@ def test_gather_elements(tmp_path, axis):
     check(make_case(nodes, "y", {"W": w}, consts={"idx": idx}), tmp_path)
 
 
+def test_gather_nd(tmp_path):
+    """Repeated and negative index tuples, partial depth (slices of the last axis)."""
+    rng = np.random.default_rng(52)
+    idx = np.array([[[0, -1], [2, 1]], [[0, 3], [0, -1]]], np.int64)
+    check(make_case([node("GatherND", ["W", "idx"], "y")], "y", {"W": rand(rng, 3, 4, 5)}, consts={"idx": idx}),
+          tmp_path)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add"])
+def test_scatter_nd(tmp_path, reduction):
+    rng = np.random.default_rng(53)
+    idx = np.array([[0, 1], [2, -1]], np.int64)
+    weights = {"W": rand(rng, 3, 4, 5), "U": rand(rng, 2, 5)}
+    nodes = [node("ScatterND", ["W", "idx", "U"], "y", reduction=reduction)]
+    check(make_case(nodes, "y", weights, consts={"idx": idx}), tmp_path)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add"])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_scatter_elements(tmp_path, reduction, axis):
+    rng = np.random.default_rng(54)
+    w = rand(rng, 4, 5)
+    if reduction == "add":  # repeated targets accumulate
+        idx = np.array([[0, 3, 0], [2, -1, 2]]) if axis else np.array([[0, 3, 1, 2, 0], [0, -1, 0, 1, 3]])
+    else:  # distinct targets: the overwrite order of duplicates is unspecified
+        idx = np.array([[0, 3, 1], [2, -1, 0]]) if axis else np.array([[0, 3, 1, 2, 0], [2, -2, 0, 1, 3]])
+    weights = {"W": w, "U": rand(rng, *idx.shape)}
+    nodes = [node("ScatterElements", ["W", "idx", "U"], "y", reduction=reduction, axis=axis)]
+    check(make_case(nodes, "y", weights, consts={"idx": idx}), tmp_path)
+
+
+@pytest.mark.parametrize("upper", [0, 1])
+def test_trilu(tmp_path, upper):
+    rng = np.random.default_rng(55)
+    nodes = [node("Trilu", ["W", "k"], "y", upper=upper)]
+    check(make_case(nodes, "y", {"W": rand(rng, 2, 4, 5)}, consts={"k": np.array(1, np.int64)}), tmp_path)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_lrn(tmp_path, size):
+    """float32 (onnxruntime has no float64 LRN, nor even sizes: those the rule refuses)."""
+    rng = np.random.default_rng(56)
+    nodes = [node("LRN", ["X"], "y", size=size, alpha=0.3, beta=0.7, bias=1.5)]
+    check(make_case(nodes, "y", {"X": rand(rng, 2, 6, 3, 2, dtype=F32)}), tmp_path, dtype="f32")
+
+
 # ----------------------------------------------------------------------------------------------- Resize
 
 #: name -> (attrs, scales or None, sizes or None, OpenVINO reads the forward and agrees with onnxruntime)
@@ -411,6 +457,7 @@ def test_supported_ops_cover_issue_14():
         "Max", "Min", "ReduceMax", "ReduceMin", "GlobalMaxPool", "Tile", "Pad", "Resize", "InstanceNormalization",
         "GroupNormalization", "Softplus", "Einsum", "CumSum", "Elu", "Selu", "PRelu", "Softsign", "Mish", "Sin",
         "Cos", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "DepthToSpace",
-        "SpaceToDepth", "GatherElements", "ThresholdedRelu", "Mean", "Where", "Expand", "HardSwish", "HardSigmoid",
+        "SpaceToDepth", "GatherElements", "GatherND", "ScatterND", "ScatterElements", "Trilu", "LRN",
+        "ThresholdedRelu", "Mean", "Where", "Expand", "HardSwish", "HardSigmoid",
     }
     assert required <= supported_ops()

@@ -461,3 +461,52 @@ def test_supported_ops_cover_issue_14():
         "ThresholdedRelu", "Mean", "Where", "Expand", "HardSwish", "HardSigmoid",
     }
     assert required <= supported_ops()
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def test_detector_like_model_gets_gradients_for_every_weight():
+    """Weights behind Resize, Max, GlobalMaxPool, Pad and InstanceNormalization used to fall back to the
+    activations estimator (issue 14); with the rules every weight of such a model gets the Laplace posterior
+    from gradients (symbolic batch, height and width)."""
+    from bq_onnx.estimate import estimate_posterior
+    from tests.conftest import make_model
+
+    rng = np.random.default_rng(57)
+
+    def w(*shape):
+        return numpy_helper.from_array((0.3 * rng.standard_normal(shape)).astype(F32), f"W{len(inits)}")
+
+    inits: list = []
+    for shape in ((8, 3, 3, 3), (8,), (8, 8, 3, 3), (8, 16, 1, 1), (8,), (8,), (16, 8), (16,)):
+        inits.append(w(*shape))
+    names = [i.name for i in inits]
+    nodes = [
+        helper.make_node("Pad", ["img", "pads"], ["padded"], mode="reflect"),
+        helper.make_node("Conv", ["padded", names[0], names[1]], ["c1"], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", names[2]], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c2", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Resize", ["r1", "", "scales"], ["skip"], mode="linear"),
+        helper.make_node("Concat", ["up", "skip"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", names[3]], ["c3"]),
+        helper.make_node("InstanceNormalization", ["c3", names[4], names[5]], ["n3"]),
+        helper.make_node("Max", ["n3", "up"], ["m"]),
+        helper.make_node("GlobalMaxPool", ["m"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", names[6], names[7]], ["logits"], transB=1),
+    ]
+    inits += [numpy_helper.from_array(i64(0, 0, 1, 1, 0, 0, 1, 1), "pads"),
+              numpy_helper.from_array(np.array([1, 1, 2, 2], F32), "scales")]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 16])],
+        inits,
+    )
+    calib = {"img": rng.standard_normal((6, 3, 8, 10)).astype(F32)}
+    posterior = estimate_posterior(ir.from_proto(model), calib, "laplace", min_size=1)
+    sources = {name: p.source for name, p in posterior.weights.items()}
+    assert sources and set(sources.values()) == {"laplace"}, sources
+    assert not [n for n in posterior.notes if "no gradient rule" in n]

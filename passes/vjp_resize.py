@@ -62,12 +62,65 @@ def _contract(cx: Vjp, g: ir.Value, matrix: ir.Value, axis: int, rank: int) -> i
     return cx.op("Reshape", [product, shape])
 
 
+def _producer(value: ir.Value, op_type: str) -> ir.Node | None:
+    node = value.producer()
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _shape_positions(value: ir.Value, x: ir.Value) -> list[int | None] | None:
+    """For a 1-D int64 value: per element, the axis of ``x`` whose length it provably is (else ``None``).
+
+    Reads the exporters' pattern ``Concat(Shape(x)[a:b] or Gather(Shape(x), idx) or Slice(Shape(x)), ...)``.
+    """
+    length = None if value.shape is None or len(value.shape) != 1 else value.shape[0]
+    if not isinstance(length, int):
+        return None
+    shape = _producer(value, "Shape")
+    if shape is not None and shape.inputs[0] is x:
+        start = int(shape.attributes.get_int("start", 0))
+        rank = len(x.shape) if x.shape is not None else None
+        if start < 0 and rank is None:
+            return [None] * length
+        start = start + rank if start < 0 else start
+        return [start + i for i in range(length)]
+    gather = _producer(value, "Gather")
+    if gather is not None and _producer(gather.inputs[0], "Shape") is not None:
+        inner = _shape_positions(gather.inputs[0], x)
+        idx = const_array(gather.inputs[1])
+        if inner is not None and idx is not None and idx.ndim == 1:
+            return [inner[int(i)] if -len(inner) <= int(i) < len(inner) else None for i in idx]
+    cut = _producer(value, "Slice")
+    if cut is not None and len(cut.inputs) >= 3:
+        inner = _shape_positions(cut.inputs[0], x)
+        bounds = [const_array(v) if v is not None else None for v in list(cut.inputs[1:]) + [None] * 2][:4]
+        if inner is not None and all(b is None or b.size == 1 for b in bounds) and bounds[0] is not None:
+            steps = bounds[3]
+            if steps is None or int(steps.reshape(-1)[0]) == 1:
+                begin = int(bounds[0].reshape(-1)[0])
+                begin = max(begin + len(inner), 0) if begin < 0 else begin
+                return inner[begin : begin + length]
+    concat = _producer(value, "Concat")
+    if concat is not None:
+        found: list[int | None] = []
+        for part in concat.inputs:
+            inner = _shape_positions(part, x) if part is not None else None
+            if inner is None:
+                n = None if part is None or part.shape is None or len(part.shape) != 1 else part.shape[0]
+                if not isinstance(n, int):
+                    return None
+                inner = [None] * n
+            found += inner
+        return found if len(found) == length else None
+    return [None] * length
+
+
 @register("Resize")
 def resize(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     """y = A_1 ... A_k x (separable, linear): dx = g contracted along each resized axis a with ``A_a^T = Resize(I)``.
 
-    Axes whose scale is a constant 1 (or whose output length equals the input length with ``sizes``) are the
-    identity in every mode but ``tf_crop_and_resize`` and are skipped. Refused: gradients for roi/scales,
+    Axes whose scale is a constant 1 (or whose output length equals the input length with ``sizes``: static, or
+    read from ``Shape(x)`` by the sizes' Concat) are the identity in every mode but ``tf_crop_and_resize`` and are
+    skipped. Refused: gradients for roi/scales,
     ``keep_aspect_ratio_policy`` other than stretch with ``sizes`` (the scale would couple the axes).
     """
     if any(cx.needs(i) for i in (1, 2, 3)):
@@ -87,6 +140,7 @@ def resize(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     x_dims = list(x.shape)
     y_dims = list(y.shape) if y.shape is not None and len(y.shape) == rank else [None] * rank
     attrs = {name: cx.attr(name) for name in _RESIZE_COPIED if cx.attr(name) is not None}
+    kept = _shape_positions(sizes, x) if sizes is not None and scales is None else None
     dx = g
     for k, axis in enumerate(axes):
         if ctm != "tf_crop_and_resize":
@@ -95,6 +149,8 @@ def resize(cx: Vjp, node: ir.Node, gy: list) -> Grads:
             same = isinstance(x_dims[axis], int) and x_dims[axis] == y_dims[axis]
             if scales is None and (same or (sizes_c is not None and int(sizes_c.reshape(-1)[k]) == x_dims[axis])):
                 continue
+            if kept is not None and k < len(kept) and kept[k] == axis:
+                continue  # the size is x's own length along the axis (Shape(x) in the sizes' Concat)
         eye = _identity(cx, x, axis)
         pick = (cx.ints_const(k), cx.ints_const(k + 1))
         # The identity's first axis is kept (scale 1; OpenVINO's constant folding refuses the axes attribute)

@@ -293,20 +293,28 @@ def test_resize(tmp_path, name):
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
 def test_resize_with_symbolic_spatial_dims(tmp_path, mode):
     """A detector-style upsample between convolutions with symbolic batch, height and width: the resize matrices
-    are built from run-time identities (EyeLike) and sizes taken from another tensor's shape."""
+    are built from run-time identities (EyeLike); the sizes are ``Concat(Shape(x)[:2], 2 * Shape(x)[2:])`` (by
+    Shape's start/end or by a Slice), so batch and channel axes are known to be kept and not contracted."""
     rng = np.random.default_rng(43)
+    if mode == "nearest":
+        head = [node("Shape", ["x"], "lead", start=0, end=2), node("Shape", ["x"], "hw", start=2)]
+    else:
+        head = [node("Shape", ["x"], "shp"), node("Slice", ["shp", "s0", "s2"], "lead"),
+                node("Slice", ["shp", "s2", "s4"], "hw")]
     nodes = [
         node("Conv", ["inp", "W0"], "x", pads=[1, 1, 1, 1]),
-        node("Shape", ["x"], "shp"),
-        node("Mul", ["shp", "two"], "sizes"),
+        *head,
+        node("Mul", ["hw", "two"], "hw2"),
+        node("Concat", ["lead", "hw2"], "sizes", axis=0),
         node("Resize", ["x", "", "", "sizes"], "u", mode=mode),
         node("Conv", ["u", "W1"], "y"),
     ]
     weights = {"W0": rand(rng, 3, 2, 3, 3, dtype=F32), "W1": rand(rng, 2, 3, 1, 1, dtype=F32)}
     inp = rand(rng, 2, 2, 4, 5, dtype=F32)
-    case = make_case(nodes, "y", weights, consts={"two": i64(1, 1, 2, 2)}, inputs={"inp": inp},
-                     symbolic={"inp": ["b", 2, "h", "w"]})
-    check(case, tmp_path, dtype="f32")
+    consts = {"two": i64(2, 2), "s0": i64(0), "s2": i64(2), "s4": i64(4)}
+    case = make_case(nodes, "y", weights, consts=consts, inputs={"inp": inp}, symbolic={"inp": ["b", 2, "h", "w"]})
+    result, _ = check(case, tmp_path, dtype="f32")
+    assert [n.op_type for n in result.model.graph].count("Resize") == 3  # the forward and one per spatial axis
 
 
 def test_upsample_is_upgraded_to_resize(tmp_path):

@@ -80,7 +80,8 @@ def _channel_window_sum(cx: Vjp, v: ir.Value, size: int, before: int) -> ir.Valu
     """out[n, c] = sum of v[n, c - before : c - before + size] over channels (zero outside), as a Conv of v seen
     as ``[N, 1, C, rest]`` with a constant ones kernel ``[size, 1]``."""
     folded = cx.op("Concat", [cx.shape(v, 0, 1), cx.ints_const(1), cx.shape(v, 1, 2), cx.ints_const(-1)], axis=0)
-    ones = cx.op("CastLike", [cx.em.const(np.ones((1, 1, size, 1), np.float32)), v])
+    ones = cx.em.const(np.ones((1, 1, size, 1), np.float32), v.dtype) if v.dtype is not None else None
+    ones = ones if ones is not None else cx.op("CastLike", [cx.em.const(np.ones((1, 1, size, 1), np.float32)), v])
     summed = cx.op("Conv", [cx.op("Reshape", [v, folded]), ones], pads=[before, 0, size - 1 - before, 0])
     return cx.reshape_like(summed, v)
 

@@ -36,6 +36,13 @@ def _optional(cx: Vjp, i: int) -> tuple[ir.Value | None, np.ndarray | None]:
     return value, array
 
 
+def _const_like(cx: Vjp, array: np.ndarray, like: ir.Value) -> ir.Value:
+    """A constant in ``like``'s dtype (a folded initializer; ``CastLike`` only when that dtype is unknown)."""
+    if like.dtype is not None:
+        return cx.em.const(array.astype(like.dtype.numpy()))
+    return cx.op("CastLike", [cx.em.const(array), like])
+
+
 def _identity(cx: Vjp, x: ir.Value, axis: int) -> ir.Value:
     """``I[n, n]`` with n = x's length along ``axis``, in x's dtype (a constant when n is static)."""
     dims = cx.static_dims(x)
@@ -155,7 +162,7 @@ def resize(cx: Vjp, node: ir.Node, gy: list) -> Grads:
         pick = (cx.ints_const(k), cx.ints_const(k + 1))
         # The identity's first axis is kept (scale 1; OpenVINO's constant folding refuses the axes attribute)
         if scales is not None:
-            one = cx.op("CastLike", [cx.em.const(np.ones(1, np.float32)), scales])
+            one = _const_like(cx, np.ones(1, np.float32), scales)
             inputs = [eye, None, cx.op("Concat", [one, cx.op("Slice", [scales, *pick])], axis=0)]
         else:
             sizes_k = cx.op("Cast", [cx.op("Slice", [sizes, *pick])], to=ir.DataType.INT64)
@@ -165,8 +172,7 @@ def resize(cx: Vjp, node: ir.Node, gy: list) -> Grads:
                 raise RuleUnavailable("tf_crop_and_resize without roi")
             n = len(axes)
             ends = (cx.ints_const(n + k), cx.ints_const(n + k + 1))
-            zero = cx.op("CastLike", [cx.em.const(np.zeros(1, np.float32)), roi])
-            one = cx.op("CastLike", [cx.em.const(np.ones(1, np.float32)), roi])
+            zero, one = _const_like(cx, np.zeros(1, np.float32), roi), _const_like(cx, np.ones(1, np.float32), roi)
             parts = [zero, cx.op("Slice", [roi, *pick]), one, cx.op("Slice", [roi, *ends])]
             inputs[1] = cx.op("Concat", parts, axis=0)
         matrix = cx.op("Resize", inputs, extrapolation_value=0.0, **attrs)  # [in, out] = A^T

@@ -8,6 +8,7 @@ zero, so the gradient is exact for finite inputs without ties and a valid subgra
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.passes.vjp_common import Grads, RuleUnavailable, Vjp, const_array, register
@@ -43,11 +44,28 @@ def first_extremum(cx: Vjp, x: ir.Value, y_kept: ir.Value, axes: list[int]) -> i
     """Boolean mask (x's shape) of the first element equal to ``y_kept`` in row-major order over ``axes``
     (sorted, non-negative; ``y_kept`` has length 1 along them).
 
-    Position p is first when x[p] == y and, for every reduced axis a (outer to inner), no slice along a before
-    p's (with the same indices on the outer reduced axes) holds an equal element: an exclusive CumSum along a of
-    "some equal element in this slice" (ReduceMax over the inner reduced axes) must be zero.
+    Contiguous reduced axes (GlobalMaxPool's) are merged into one; along a single axis the first equal element
+    is the one at the smallest position (ReduceMin of the positions where x == y). Otherwise position p is
+    first when x[p] == y and, for every reduced axis a (outer to inner), no slice along a before p's (with the
+    same indices on the outer reduced axes) holds an equal element: an exclusive CumSum along a of "some equal
+    element in this slice" (ReduceMax over the inner reduced axes) must be zero.
     """
     equal = cx.op("Equal", [x, y_kept])
+    shape, merged_axes = None, axes
+    if len(axes) > 1 and axes == list(range(axes[0], axes[-1] + 1)):  # contiguous: one merged axis
+        shape = cx.shape(x)
+        merged = cx.op("Concat", [cx.shape(x, 0, axes[0]), cx.ints_const(-1), cx.shape(x, axes[-1] + 1)], axis=0)
+        equal = cx.op("Reshape", [equal, merged])
+        merged_axes, axes = axes, [axes[0]]
+    if len(axes) == 1:  # the smallest position along the axis among the equal elements
+        axis, rank = axes[0], cx.rank(x) - len(merged_axes) + 1
+        n = cx.op("Reshape", [cx.dim(equal, axis), cx.em.const(np.zeros(0, np.int64))])
+        positions = cx.op("Range", [cx.em.const(np.array(0, np.int64)), n, cx.em.const(np.array(1, np.int64))])
+        positions = cx.op("Reshape", [positions, cx.ints_const(-1, *([1] * (rank - axis - 1)))])
+        candidates = cx.op("Where", [equal, positions, n])
+        first = cx.op("ReduceMin", [candidates, cx.ints_const(axis)], keepdims=1)
+        mask = cx.op("Equal", [positions, first])
+        return mask if shape is None else cx.op("Reshape", [mask, shape])
     flag = cx.op("Cast", [equal], to=ir.DataType.FLOAT)
     zero = cx.scalar(0.0, flag)
     mask = equal
@@ -56,7 +74,7 @@ def first_extremum(cx: Vjp, x: ir.Value, y_kept: ir.Value, axes: list[int]) -> i
         slices = cx.op("ReduceMax", [flag, cx.ints_const(*inner)], keepdims=1) if inner else flag
         before = cx.op("CumSum", [slices, cx.ints_const(axis)], exclusive=1)
         mask = cx.op("And", [mask, cx.op("Equal", [before, zero])])
-    return mask
+    return mask if shape is None else cx.op("Reshape", [mask, shape])
 
 
 def _route(cx: Vjp, x: ir.Value, y: ir.Value, g: ir.Value, axes: list[int], keepdims: bool) -> ir.Value:

@@ -86,27 +86,32 @@ def test_reduce_max_min(tmp_path, op, axes, attrs):
     check(make_case([node(op, inputs, "y", **attrs)], "y", {"W": rand(rng, 2, 3, 4)}, consts=consts), tmp_path)
 
 
-@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "GlobalMaxPool"])
-def test_reductions_route_ties_to_the_first_element_in_row_major_order(op):
+@pytest.mark.parametrize(
+    ("op", "axes"),
+    [("ReduceMax", (1, 3)), ("ReduceMax", (2, 3)), ("ReduceMin", (1,)), ("ReduceMin", (1, 3)),
+     ("GlobalMaxPool", (2, 3))],
+    ids=str,
+)
+def test_reductions_route_ties_to_the_first_element_in_row_major_order(op, axes):
     """Like MaxPool's Indices and ArgMax: the first extremum over the reduced axes (flattened row-major) gets
-    the whole gradient, also for all-equal slices."""
+    the whole gradient, also for all-equal slices; contiguous axes (a ReduceMin of positions) and others (an
+    exclusive CumSum per axis)."""
     rng = np.random.default_rng(31)
     x = rng.integers(0, 3, size=(2, 3, 4, 5)).astype(F32)
     x[0, 0] = 1.0  # one all-equal slice
     if op == "GlobalMaxPool":
         case = make_case([node(op, ["X"], "y")], "y", {"X": x})
-        axes = (2, 3)
     else:
-        axes = (1, 3)
         case = make_case([node(op, ["X", "axes"], "y", keepdims=0)], "y", {"X": x}, consts={"axes": i64(*axes)})
     r = _r(case)
     got = _gradients(case)["X"]
-    moved = np.moveaxis(x, axes, (-2, -1)).reshape(*[d for a, d in enumerate(x.shape) if a not in axes], -1)
+    ends = tuple(range(-len(axes), 0))
+    kept = [d for a, d in enumerate(x.shape) if a not in axes]
+    moved = np.moveaxis(x, axes, ends).reshape(*kept, -1)
     first = (np.argmin if op == "ReduceMin" else np.argmax)(moved, axis=-1)
     want = np.zeros_like(moved)
     np.put_along_axis(want, first[..., None], r.reshape(first.shape)[..., None], axis=-1)
-    kept = [d for a, d in enumerate(x.shape) if a not in axes]
-    want = np.moveaxis(want.reshape(*kept, *(x.shape[a] for a in axes)), (-2, -1), axes)
+    want = np.moveaxis(want.reshape(*kept, *(x.shape[a] for a in axes)), ends, axes)
     np.testing.assert_array_equal(got, want)
 
 

@@ -57,9 +57,9 @@ def group_norm(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     r = cx.rank(x)
     groups = int(cx.attr("num_groups"))
     eps = float(cx.attr("epsilon", 1e-5))
-    channels = cx.static_dims(x, 1)
+    channels = list(x.shape)[1] if r >= 2 else None
     scale_dims = cx.static_dims(scale)
-    if r < 2 or scale_dims is None or channels is None or scale_dims != channels[:1]:
+    if not isinstance(channels, int) or scale_dims != [channels]:
         raise RuleUnavailable("GroupNormalization scale not known to be per channel")
     per_channel = cx.op("Reshape", [scale, cx.ints_const(-1, *([1] * (r - 2)))])
     grouped = cx.ints_const(0, groups, -1)

@@ -412,6 +412,18 @@ def test_group_normalization(tmp_path, groups):
     check(make_case(nodes, "y", weights), tmp_path, dtype="f32")
 
 
+def test_group_normalization_with_symbolic_spatial_dims(tmp_path):
+    """The rule needs only the channel count. onnxruntime only: onnx's shape inference leaves the output of a
+    GroupNormalization with symbolic spatial dims without a shape, so the harness's ``y * R`` is unbroadcast with
+    run-time axes, which OpenVINO's reader refuses (not this rule's doing)."""
+    rng = np.random.default_rng(58)
+    weights = {"S": rand(rng, 4, dtype=F32), "B": rand(rng, 4, dtype=F32), "W": rand(rng, 4, 1, 1, dtype=F32)}
+    nodes = [node("Mul", ["inp", "W"], "x"), node("GroupNormalization", ["x", "S", "B"], "y", num_groups=2)]
+    case = make_case(nodes, "y", weights, inputs={"inp": rand(rng, 2, 4, 3, 5, dtype=F32)},
+                     symbolic={"inp": ["n", 4, "h", "w"]})
+    check(case, tmp_path, dtype="f32", openvino=False)
+
+
 # ----------------------------------------------------------------------------------------------- Einsum
 
 EINSUMS = {

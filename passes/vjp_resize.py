@@ -20,6 +20,9 @@ import onnx_ir as ir
 
 from bq_onnx.passes.vjp_common import Grads, RuleUnavailable, Vjp, const_array, register
 
+#: Largest resize matrix (elements, in x out along one axis) the rule builds; longer axes are refused.
+MAX_MATRIX = 1 << 24
+
 #: Resize attributes the identity-matrix Resize copies (the others are reset or handled here).
 _RESIZE_COPIED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a", "exclude_outside",
                   "antialias")
@@ -158,6 +161,8 @@ def resize(cx: Vjp, node: ir.Node, gy: list) -> Grads:
                 continue
             if kept is not None and k < len(kept) and kept[k] == axis:
                 continue  # the size is x's own length along the axis (Shape(x) in the sizes' Concat)
+        if isinstance(x_dims[axis], int) and isinstance(y_dims[axis], int) and x_dims[axis] * y_dims[axis] > MAX_MATRIX:
+            raise RuleUnavailable(f"Resize axis of {x_dims[axis]} -> {y_dims[axis]}: resize matrix too large")
         eye = _identity(cx, x, axis)
         pick = (cx.ints_const(k), cx.ints_const(k + 1))
         # The identity's first axis is kept (scale 1; OpenVINO's constant folding refuses the axes attribute)
@@ -185,8 +190,10 @@ def pad(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     """y = pad(x, pads) (negative pads crop).
 
     constant: dx = pad(g, -pads) (the crop of g where x sits, zeros where x was cropped away); d value = sum of g
-    over the positions the constant filled. reflect/edge/wrap: every element of y copies one element of x, which
-    Pad applied to a map of x's flat positions names: dx = ScatterElements-add of g at those positions.
+    over the positions the constant filled. reflect/edge/wrap with constant non-negative pads and static lengths:
+    g's borders folded back per axis (:func:`_fold_pad`, elementwise cost). Otherwise (cropping, run-time pads):
+    every element of y copies one element of x, which Pad applied to a map of x's flat positions names:
+    dx = ScatterElements-add of g at those positions (onnxruntime runs it serially, ~20x the forward).
     """
     x, pads, g = node.inputs[0], node.inputs[1], gy[0]
     value, axes = cx.input(2), cx.input(3)
@@ -204,6 +211,10 @@ def pad(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     if mode not in ("reflect", "edge", "wrap"):
         raise RuleUnavailable(f"Pad mode {mode}")
     if cx.needs(0):
+        folded = _fold_pad(cx, x, pads, axes, mode, g)
+        if folded is not None:
+            grads[0] = folded
+            return grads
         size = cx.op("Size", [x])
         positions = cx.op("Range", [cx.em.const(np.array(0, np.int64)), size, cx.em.const(np.array(1, np.int64))])
         positions = cx.reshape_like(positions, x)
@@ -214,6 +225,73 @@ def pad(cx: Vjp, node: ir.Node, gy: list) -> Grads:
         scattered = cx.op("ScatterElements", [flat, flat_source, flat_g], axis=0, reduction="add")
         grads[0] = cx.reshape_like(scattered, x)
     return grads
+
+
+def _fold_pad(cx: Vjp, x: ir.Value, pads: ir.Value, axes: ir.Value | None, mode: str, g: ir.Value
+              ) -> ir.Value | None:
+    """dx of a reflect/edge/wrap Pad with constant non-negative pads and static lengths, one axis at a time
+    (the forward is the composition of one-axis pads): g's middle part plus its two borders folded back onto
+    the positions they copied (reversed for reflect, summed onto the end element for edge). ``None`` when the
+    form does not fit (the scatter form serves it)."""
+    pads_c = const_array(pads)
+    rank = len(x.shape) if x.shape is not None else None
+    if pads_c is None or rank is None or (pads_c < 0).any():
+        return None
+    if axes is None:
+        axes_list = list(range(rank))
+    else:
+        axes_c = const_array(axes)
+        if axes_c is None:
+            return None
+        axes_list = [int(a) + rank if a < 0 else int(a) for a in axes_c.reshape(-1)]
+    pads_c = [int(p) for p in pads_c.reshape(-1)]
+    k = len(axes_list)
+    dims = list(x.shape)
+    zero = cx.scalar(0.0, x)
+
+    def cut(v: ir.Value, axis: int, start: int, end: int) -> ir.Value:
+        return cx.op("Slice", [v, cx.ints_const(start), cx.ints_const(end), cx.ints_const(axis)])
+
+    def pick(v: ir.Value, axis: int, positions: range) -> ir.Value:
+        """Reversed borders by a Gather (OpenVINO 2026.4 does not return from compiling a float64 graph with a
+        negative-step Slice there)."""
+        return cx.op("Gather", [v, cx.ints_const(*positions)], axis=axis)
+
+    def place(v: ir.Value, axis: int, before: int, after: int) -> ir.Value:
+        amounts = [0] * (2 * rank)
+        amounts[axis], amounts[rank + axis] = before, after
+        return cx.op("Pad", [v, cx.ints_const(*amounts), zero], mode="constant")
+
+    for i, axis in enumerate(axes_list):
+        pb, pe, n = pads_c[i], pads_c[k + i], dims[axis]
+        if not pb and not pe:
+            continue
+        if not isinstance(n, int) or (mode == "reflect" and max(pb, pe) > n - 1) or max(pb, pe) > n:
+            return None
+    for i, axis in enumerate(axes_list):
+        pb, pe, n = pads_c[i], pads_c[k + i], dims[axis]
+        if not pb and not pe:
+            continue
+        parts = [cut(g, axis, pb, pb + n)]
+        if pb:
+            if mode == "reflect":  # y[j] = x[pb - j]: reversed, the border lands on x[1 : pb + 1]
+                parts.append(place(pick(g, axis, range(pb - 1, -1, -1)), axis, 1, n - 1 - pb))
+            elif mode == "edge":
+                parts.append(place(cx.reduce_sum(cut(g, axis, 0, pb), [axis], keepdims=1), axis, 0, n - 1))
+            else:  # wrap: y[j] = x[n - pb + j]
+                parts.append(place(cut(g, axis, 0, pb), axis, n - pb, 0))
+        if pe:
+            end = pb + n + pe
+            if mode == "reflect":  # y[pb + n + j] = x[n - 2 - j]: reversed, it lands on x[n - 1 - pe : n - 1]
+                parts.append(place(pick(g, axis, range(end - 1, pb + n - 1, -1)), axis, n - 1 - pe, 1))
+            elif mode == "edge":
+                parts.append(place(cx.reduce_sum(cut(g, axis, pb + n, end), [axis], keepdims=1), axis, n - 1, 0))
+            else:  # wrap: y[pb + n + j] = x[j]
+                parts.append(place(cut(g, axis, pb + n, end), axis, 0, n - pe))
+        g = parts[0]
+        for part in parts[1:]:
+            g = cx.op("Add", [g, part])
+    return g
 
 
 @register("Tile")

@@ -471,6 +471,10 @@ def test_unsupported_forms_are_reported_not_wrong():
             [node("Resize", ["X", "", "", "sizes"], "y", keep_aspect_ratio_policy="not_larger")],
             "y", {"X": rand(rng, 1, 1, 4, 4, dtype=F32)}, consts={"sizes": i64(1, 1, 3, 2)}
         ),
+        "huge resize matrix": make_case(
+            [node("Resize", ["X", "", "scales"], "y", mode="nearest")], "y", {"X": rand(rng, 1, 1, 5000, dtype=F32)},
+            consts={"scales": np.array([1, 1, 4], F32)}
+        ),
     }
     for label, case in cases.items():
         blocked = _unsupported(case)

@@ -1,15 +1,31 @@
 """The VJP rule table: op type -> rule, gathered from the ``vjp_*`` family modules.
 
-Families: :mod:`vjp_elementwise` (arithmetic, activations), :mod:`vjp_linalg` (MatMul, Gemm), :mod:`vjp_nn`
-(Conv, ConvTranspose, pools, normalizations, softmax), :mod:`vjp_shape` (reshapes, slicing, gathering,
-reductions). :data:`NON_DIFFERENTIABLE` ops are treated as constants: their outputs carry no gradient (shape
-computations, comparisons, random generators, and the piecewise-constant Floor/Ceil/Round/Sign whose
-derivative is zero almost everywhere).
+Families: :mod:`vjp_elementwise` (arithmetic, activations), :mod:`vjp_activations` (Softplus, Mish, Elu, Selu,
+PRelu, trigonometric, Mean), :mod:`vjp_linalg` (MatMul, Gemm), :mod:`vjp_einsum`, :mod:`vjp_nn` (Conv,
+ConvTranspose, pools, normalizations, softmax), :mod:`vjp_norm` (Instance/Group normalization, LRN),
+:mod:`vjp_shape` (reshapes, slicing, gathering, reductions), :mod:`vjp_reduce` (L1/L2/LogSum reductions),
+:mod:`vjp_select` (Max/Min, ReduceMax/Min, GlobalMaxPool, CumSum, GatherElements), :mod:`vjp_resize` (Resize, Pad,
+Tile, DepthToSpace/SpaceToDepth), :mod:`vjp_scatter` (GatherND, ScatterND/Elements, Trilu).
+:data:`NON_DIFFERENTIABLE` ops are treated as constants: their outputs carry no gradient (shape computations,
+comparisons, random generators, and the piecewise-constant Floor/Ceil/Round/Sign whose derivative is zero almost
+everywhere).
 """
 
 from __future__ import annotations
 
-from bq_onnx.autodiff import vjp_elementwise, vjp_linalg, vjp_nn, vjp_shape  # noqa: F401  (register their rules)
+from bq_onnx.autodiff import (  # noqa: F401  (register their rules)
+    vjp_activations,
+    vjp_einsum,
+    vjp_elementwise,
+    vjp_linalg,
+    vjp_nn,
+    vjp_norm,
+    vjp_reduce,
+    vjp_resize,
+    vjp_scatter,
+    vjp_select,
+    vjp_shape,
+)
 from bq_onnx.autodiff.vjp_common import RULES, Rule, RuleUnavailable, Vjp
 
 NON_DIFFERENTIABLE = frozenset(

@@ -101,7 +101,7 @@ class Hutchinson(GradientEstimator):
         wrt = [w for w in names if w in graph.gradients] if graph is not None else []
         if not wrt:
             return
-        fixed = targets("hutchinson", opts.loss, self.outputs, self.labels, p.rng)
+        fixed = targets("hutchinson", self.plan, self.outputs, self.labels, p.rng)
         initializers = p.prepared.model.graph.initializers
         base = {w: np.asarray(initializers[w].const_value.numpy(), dtype=np.float32) for w in wrt}
         yield HutchinsonStage(p.sessions.open(graph.model), dict(graph.gradients), wrt, p.calib, fixed, base,

@@ -199,6 +199,6 @@ class Kfac(GradientEstimator):
         forward = None
         if sites:  # A: layer inputs, from batched forward runs of the plain model
             forward = p.sessions.open(forward_model(p.prepared.model, sorted({site.activation for site in sites})))
-        targets = TargetDraws("fisher-mc", opts.loss, self.outputs, self.labels, p.rng)
+        targets = TargetDraws("fisher-mc", self.plan, self.outputs, self.labels, p.rng)
         yield KfacStage(forward, session, dict(graph.gradients), sites, wrt, p.calib, targets, p.layouts,
                         opts.mc_samples, opts.batch_size)

@@ -77,10 +77,10 @@ class SquaredGradients(GradientEstimator):
         self.reference()
         names = [w.name for w in self.weights]
         batch = min(opts.batch_size, p.calib.num_samples)
-        graph = (BatchedGraph.build(p.sessions, p.prepared, p.calib, opts.loss, opts.output, batch)
+        graph = (BatchedGraph.build(p.sessions, p.prepared, p.calib, self.plan, opts.output, batch)
                  if batch > 1 else None)
         if graph is not None:
-            targets = TargetDraws(self.name, opts.loss, self.outputs, self.labels, p.rng)
+            targets = TargetDraws(self.name, self.plan, self.outputs, self.labels, p.rng)
             yield BatchedFisherStage(graph, p.calib, targets, opts.mc_samples, self.name, p.spill)
             names = [w for w in names if w not in graph.covered]
         if not names:
@@ -89,7 +89,7 @@ class SquaredGradients(GradientEstimator):
         loop = self.gradient_graph(names, model=model)
         wrt = [w for w in names if w in loop.gradients]
         if wrt:
-            targets = TargetDraws(self.name, opts.loss, self.outputs, self.labels, p.rng)
+            targets = TargetDraws(self.name, self.plan, self.outputs, self.labels, p.rng)
             yield PerSampleStage(p.sessions.open(loop.model), dict(loop.gradients), wrt, p.calib, targets,
                                  opts.mc_samples, self.name)
 

@@ -96,6 +96,7 @@ def reference_plan(sessions: TempSessions, model: ir.Model, spec: Sequence[LossT
 def resolve(model: ir.Model, spec: Sequence[LossTerm] | None, output: str | None,
             values: dict[str, np.ndarray]) -> tuple[LossPlan, list[np.ndarray]]:
     """Each term bound to its output, slice and kind (``auto`` by the rule above), with its FP32 values."""
+    outputs_needed(model, spec, output)  # every output exists and is float
     terms, outs = [], []
     for term in spec or (LossTerm("auto"),):
         name = term.output if term.output is not None else default_output(model, output)

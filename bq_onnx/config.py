@@ -156,7 +156,7 @@ def _widths(v: tuple[int, ...]) -> str | None:
 
 SEED = Option(0, "seed for the random choices of the quantizers, the posterior estimator (probes, sampled labels) "
                "and distillation")
-OUTPUT = Option(None, "model output the loss reads (default: the first)", flag="--output-name",
+OUTPUT = Option(None, "model output a plain --loss KIND reads (default: the first float output)", flag="--output-name",
                 parse=lambda v, f: None if v is None else text(v, f))
 CALIB_SAMPLES = Option(None, "use only the first N calibration samples", check=at_least(1), metavar="N",
                        parse=lambda v, f: None if v is None else number(int)(v, f))
@@ -230,8 +230,8 @@ class AllocationConfig(Concern):
     size_mb: float | None = option(None, "file-size budget in MB instead of --bits", check=above(0))
     min_bits: tuple[tuple[str, int], ...] = option((), "per-layer minimum bits (repeatable)", parse=parse_min_bits,
                                                    metavar="PATTERN=N", repeat=True)
-    tables: str = option("closed", "expected-loss tables: closed form from the posterior, or mc: measured KL per "
-                         "block and width on --calib (slow; validates the closed form)", choices=TABLES)
+    tables: str = option("closed", "expected-loss tables: closed form from the posterior, or mc: the --loss "
+                         "measured per block and width on --calib (slow; validates the closed form)", choices=TABLES)
     output: str | None = OUTPUT.field()
     loss: tuple[LossTerm, ...] | None = LOSS.field()
     allocator_options: Mapping | None = option(None, "extra keywords for the allocation method (API only)",

@@ -1,7 +1,8 @@
 """``laplace`` and ``fisher-mc``: the mean of squared per-sample gradients, the one method differing from the
 other only in the loss targets (``laplace``: labels, or the FP32 model's top-1 class: the empirical Fisher;
-``fisher-mc``: labels drawn from the model's predictive distribution: the true Fisher; for ``mse`` outputs
-without labels both use the FP32 output plus unit Gaussian noise, the Gauss-Newton diagonal).
+``fisher-mc``: labels drawn from the model's predictive distribution: the true Fisher; for ``mse``/``smse``
+terms without labels both use the FP32 output plus Gaussian noise of each channel's spread, the Gauss-Newton
+diagonal; :func:`bq_onnx.estimators.loss_targets.term_targets` per loss term).
 
 Weights :mod:`~bq_onnx.estimators.batched` covers are summed from batched runs; the rest one sample per run.
 """

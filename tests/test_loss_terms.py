@@ -372,3 +372,31 @@ def test_gradients_api_takes_a_loss_spec():
     assert np.abs(at_minimum["W2"]).max() < 1e-5  # the target is the model's own FP32 output
     with pytest.raises(UsageError, match="'ids' is int64"):
         bq_onnx.gradients(proto, {"x": x}, loss="ids=mse")
+
+
+def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_the_small_units(tmp_path):
+    """Box channels in pixels beside class scores near 0.02: plain mse spends the bits on the pixels and leaves
+    the scores as noise (relative error ~1); the default's smse keeps every channel's error alike."""
+    rng = np.random.default_rng(0)
+    units = np.array([300, 300, 50, 1, 0.02, 0.02], np.float32).reshape(1, 6, 1)
+    w1 = (rng.standard_normal((32, 64)) / np.sqrt(32)).astype(np.float32)
+    w2 = (rng.standard_normal((64, 300)) / np.sqrt(64)).astype(np.float32)
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Tanh", ["h"], ["a"]),
+         helper.make_node("MatMul", ["a", "W2"], ["f"]), helper.make_node("Reshape", ["f", "s"], ["r"]),
+         helper.make_node("Mul", ["r", "u"], ["det"])],
+        [V("x", TensorProto.FLOAT, ["b", 32])], [V("det", TensorProto.FLOAT, ["b", 6, 50])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+         numpy_helper.from_array(np.array([-1, 6, 50], np.int64), "s"), numpy_helper.from_array(units, "u")])
+    calib = {"x": rng.standard_normal((64, 32)).astype(np.float32)}
+    test = rng.standard_normal((256, 32)).astype(np.float32)
+    ref = run(proto, {"x": test})[0]
+    errors = {}
+    for name, loss in (("mse", "det=mse"), ("default", None)):
+        result = bq_onnx.optimize(proto, calib=calib, bits=2.5, loss=loss)
+        path = tmp_path / f"{name}.onnx"
+        result.save(path)
+        got = run(path, {"x": test})[0]
+        errors[name] = np.sqrt(((got - ref) ** 2).mean(axis=(0, 2))) / ref.std(axis=(0, 2))
+    assert errors["mse"][4:].min() > 0.7  # the class scores are lost
+    assert errors["default"].max() < 0.5 and errors["default"].max() < 2 * errors["default"].min()

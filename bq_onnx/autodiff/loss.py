@@ -75,6 +75,8 @@ class LossPlan:
     def single(cls, kind: str, output: str | None = None) -> LossPlan:
         if kind not in LOSS_KINDS:
             raise UsageError(f"--loss must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+        if kind == "smse":  # its spreads come from FP32 outputs
+            raise ValueError("smse needs the FP32 spreads: resolve it with bq_onnx.estimators.loss_plan.resolve")
         return cls((Term(kind, output),))
 
     @property

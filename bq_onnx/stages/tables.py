@@ -31,6 +31,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import LossPlan
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
 from bq_onnx.errors import UsageError
@@ -231,7 +232,8 @@ class _MonteCarlo:
         if self.classic:
             self.reference = self._log_probs({})
 
-    def _resolve(self):
+    def _resolve(self) -> tuple[LossPlan, list[np.ndarray]]:
+        """The loss and each term's FP32 output on the measured samples."""
         from bq_onnx.estimators.loss_plan import resolve
 
         runs = [self.session.run(b) for b in self.calib.batches(64)]

@@ -189,6 +189,7 @@ def optimize(
             "method": ctx.posterior.method,
             "samples": ctx.posterior.samples,
             "prior_precision": ctx.posterior.prior_precision,
+            "loss": ctx.posterior.loss,
             "layers": ctx.posterior.summary(),
         }
     if isinstance(model, (str, os.PathLike)):

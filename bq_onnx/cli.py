@@ -213,10 +213,13 @@ def _print_optimize(report: dict, elapsed: float) -> None:
     print(render(headers, rows, footer))
     for msg in report["messages"]:
         print(f"note: {msg}")
+    if report.get("posterior", {}).get("loss"):
+        print(f"loss: {_loss_text(report['posterior']['loss'])}")
     if "distillation" in report:
         d = report["distillation"]
-        print(f"distillation: {d['steps']} steps, mean KL to FP32 on {d['held_out_samples']} held-out samples "
-              f"{d['kl_before']:.4g} -> {d['kl_after']:.4g}")
+        what = "KL" if "kl_before" in d else "loss"
+        print(f"distillation: {d['steps']} steps, mean {what} to FP32 on {d['held_out_samples']} held-out samples "
+              f"{d[what.lower() + '_before']:.4g} -> {d[what.lower() + '_after']:.4g}")
     if "allocation" in report:
         al = report["allocation"]
         target = f" (budget {al['target_bits']:g})" if al["target_bits"] is not None else ""
@@ -230,6 +233,18 @@ def _print_optimize(report: dict, elapsed: float) -> None:
         worst = max((c["max_abs_error"] for c in report["verification"]["outputs"]), default=0.0)
         print(f"verified in onnxruntime against the numpy reference (max abs error {worst:.2g})")
     print(f"done in {elapsed:.1f} s")
+
+
+def _loss_text(terms: list[dict]) -> str:
+    """The loss per output in one line: ``logits=kl (logits: a linear layer's output over 10 classes)``."""
+    parts = []
+    for t in terms:
+        where = t["output"] + (f"@{t['last_axis_slice']}" if "last_axis_slice" in t else "")
+        weight = f":{t['weight']:g}" if t["weight"] != 1.0 else ""
+        reads = f"{t['reads']}; " if "reads" in t else ""
+        axis = f"channel axis {t['channel_axis']}; " if t.get("channel_axis") is not None else ""
+        parts.append(f"{where}={t['kind']}{weight} ({reads}{axis}{t.get('why', '')})")
+    return " + ".join(parts)
 
 
 def _cmd_posterior(args: argparse.Namespace) -> int:
@@ -248,6 +263,7 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"output": str(out), "method": posterior.method, "samples": posterior.samples,
                           "prior_precision": posterior.prior_precision, "notes": posterior.notes,
+                          "loss": posterior.loss,
                           "layers": rows}, indent=2, sort_keys=True))
     elif not args.quiet:
         table = [[r["name"], r["numel"], r["source"], f"{r['mean_curvature']:.4g}", f"{r['mean_std']:.4g}",
@@ -255,6 +271,8 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
         print(render(["weight", "numel", "estimator", "mean curvature", "mean std", "mean |mu|/sigma"], table))
         for note in posterior.notes:
             print(f"note: {note}")
+        if posterior.loss:
+            print(f"loss: {_loss_text(posterior.loss)}")
         print(f"wrote {out} ({posterior.method}, {posterior.samples} samples) in {elapsed:.1f} s")
     return EXIT_OK
 

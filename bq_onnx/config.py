@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from bq_onnx.errors import UsageError
+from bq_onnx.loss_spec import FORMS, LossTerm, parse_loss
 from bq_onnx.options import Concern, Option, above, at_least, number, option, text
 
 FORMATS: tuple[str, ...] = ("native", "compact")
@@ -27,7 +28,6 @@ QUANTIZERS: tuple[str, ...] = ("uniform", "uniform-sym", "percentile", "gaussian
 that the two agree)."""
 ALLOCATORS: tuple[str, ...] = ("uniform", "greedy", "dp", "quantile-inform", "random-bits", "selective")
 POSTERIOR_METHODS: tuple[str, ...] = ("laplace", "fisher-mc", "hutchinson", "kfac", "activations")
-LOSS_KINDS: tuple[str, ...] = ("kl", "ce", "mse")
 TABLES: tuple[str, ...] = ("closed", "mc")
 AUTO_GROUPS: tuple[int, ...] = (32, 64, 128)
 """``--group-size auto``: the block sizes the tables choose from per tensor and width (64 is the nominal size)."""
@@ -156,10 +156,18 @@ def _widths(v: tuple[int, ...]) -> str | None:
 
 SEED = Option(0, "seed for the random choices of the quantizers, the posterior estimator (probes, sampled labels) "
                "and distillation")
-OUTPUT = Option(None, "model output the loss reads (default: the first)", flag="--output-name",
+OUTPUT = Option(None, "model output a plain --loss KIND reads (default: the first float output)", flag="--output-name",
                 parse=lambda v, f: None if v is None else text(v, f))
 CALIB_SAMPLES = Option(None, "use only the first N calibration samples", check=at_least(1), metavar="N",
                        parse=lambda v, f: None if v is None else number(int)(v, f))
+LOSS = Option(
+    None, "the loss the posterior, --tables mc and distillation fit: KIND (on --output-name, default the first float "
+    "output) or OUTPUT=KIND[:WEIGHT] per output, repeatable (a weighted sum), OUTPUT@START:STOP=KIND[:WEIGHT] on a "
+    "slice of the output's last axis (e.g. scores@4:=kl). Kinds: kl (to the FP32 distribution over the last axis), "
+    "ce (labels), mse (0.5|y-t|^2), smse (each channel divided by its FP32 std), cosine (1-cos per last-axis row), "
+    "auto. Default auto: kl where the FP32 output is a distribution or a linear layer's class logits, cosine for "
+    "unit-norm rows, else smse (see bq_onnx/estimators/loss_plan.py)", parse=lambda v, f: parse_loss(v, f),
+    metavar=FORMS.replace(" or ", "|").replace(" ", ""), repeat=True, show="auto")
 LABELS = Option(None, "labels .npy/.npz (key 'labels') for --loss ce/mse", metavar="FILE", parse=_labels)
 
 
@@ -222,9 +230,10 @@ class AllocationConfig(Concern):
     size_mb: float | None = option(None, "file-size budget in MB instead of --bits", check=above(0))
     min_bits: tuple[tuple[str, int], ...] = option((), "per-layer minimum bits (repeatable)", parse=parse_min_bits,
                                                    metavar="PATTERN=N", repeat=True)
-    tables: str = option("closed", "expected-loss tables: closed form from the posterior, or mc: measured KL per "
-                         "block and width on --calib (slow; validates the closed form)", choices=TABLES)
+    tables: str = option("closed", "expected-loss tables: closed form from the posterior, or mc: the --loss "
+                         "measured per block and width on --calib (slow; validates the closed form)", choices=TABLES)
     output: str | None = OUTPUT.field()
+    loss: tuple[LossTerm, ...] | None = LOSS.field()
     allocator_options: Mapping | None = option(None, "extra keywords for the allocation method (API only)",
                                                parse=_mapping, flag=None)
 
@@ -235,8 +244,7 @@ class PosteriorConfig(Concern):
 
     title: ClassVar[str] = "posterior (optional: weights each quantizer's error by the posterior precision)"
     method: str = option("laplace", "posterior estimator", choices=POSTERIOR_METHODS)
-    loss: str = option("kl", "kl: to the FP32 output distribution, no labels; ce: labels; mse: regression",
-                       choices=LOSS_KINDS)
+    loss: tuple[LossTerm, ...] | None = LOSS.field()
     labels: Any = LABELS.field()
     output: str | None = OUTPUT.field()
     prior_precision: float = option(1e-4, "precision of the Gaussian prior per weight", check=above(0))
@@ -248,8 +256,11 @@ class PosteriorConfig(Concern):
     seed: int = SEED.field()
 
     def validate(self) -> None:
-        if self.loss == "ce" and self.labels is None:
+        kinds = [t.kind for t in self.loss or ()]
+        if "ce" in kinds and self.labels is None:
             raise UsageError("--loss ce needs labels (--labels)")
+        if self.labels is not None and len(kinds) > 1:
+            raise UsageError("--labels go with one --loss term, got several")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +272,7 @@ class DistillConfig(Concern):
                                 check=at_least(0), metavar="N")
     distill_lr: float = option(1e-3, "step size relative to each tensor's RMS", check=above(0), flag=None)
     output: str | None = OUTPUT.field()
+    loss: tuple[LossTerm, ...] | None = LOSS.field()
     calib_samples: int | None = CALIB_SAMPLES.field()
     seed: int = SEED.field()
 

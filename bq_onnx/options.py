@@ -144,4 +144,6 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value):  # a parsed option value (a --loss term): as the user writes it
+        return str(value)
     return f"<{type(value).__name__}>"  # e.g. labels given as an array

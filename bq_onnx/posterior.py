@@ -138,6 +138,9 @@ class Posterior:
     prior_precision: float
     weights: dict[str, WeightPosterior]
     notes: list[str] = dataclasses.field(default_factory=list)
+    loss: list[dict] | None = None
+    """The loss the estimator fitted, per term (:meth:`bq_onnx.autodiff.loss.LossPlan.describe`; None: none was
+    read, as for the activations estimator or a loaded file). Reported, not saved."""
 
     def summary(self) -> list[dict]:
         """Per layer: size, mean curvature, mean informativeness |mu|/sigma (paper 001 eq. 1), source."""

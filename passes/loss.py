@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from bq_onnx.autodiff.loss import LOSS_KINDS, append_loss
-from bq_onnx.errors import UsageError
+from bq_onnx.autodiff.loss import LossPlan, append_loss
 
 
 class AppendLossPass(ir.passes.InPlacePass):
-    """Replace the graph outputs by ``bq_loss``; add the input ``bq_target`` shaped like the chosen output."""
+    """Replace the graph outputs by ``bq_loss``; add the input ``bq_target`` (a resolved :class:`LossPlan`, or
+    one kind on ``output``)."""
 
-    def __init__(self, kind: str, output: str | None = None, axis: int = -1) -> None:
-        if kind not in LOSS_KINDS:
-            raise UsageError(f"--loss must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
-        self.kind = kind
+    def __init__(self, kind: str | LossPlan, output: str | None = None, axis: int = -1) -> None:
+        self.kind = LossPlan.single(kind, output) if isinstance(kind, str) else kind
         self.output = output
         self.axis = axis
 

@@ -113,14 +113,14 @@ def test_cli_parser_imports_no_numeric_or_runtime_library():
 
 
 def test_option_names_match_the_registries():
-    from bq_onnx import allocation, quantizers
+    from bq_onnx import allocation, loss_spec, quantizers
     from bq_onnx.autodiff.loss import LOSS_KINDS
     from bq_onnx.estimators.registry import METHODS
 
     assert cfg.QUANTIZERS == quantizers.QUANTIZERS
     assert cfg.ALLOCATORS == allocation.METHODS
     assert tuple(m for m in METHODS if m != "external") == cfg.POSTERIOR_METHODS
-    assert cfg.LOSS_KINDS == LOSS_KINDS
+    assert tuple(k for k in loss_spec.KINDS if k != "auto") == LOSS_KINDS
 
 
 def test_every_option_has_help_and_a_parser():

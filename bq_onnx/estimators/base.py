@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import LossPlan
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
+from bq_onnx.estimators.loss_plan import reference_plan
 from bq_onnx.estimators.loss_targets import check_labels
-from bq_onnx.estimators.prepared import Prepared, fp32_outputs, gradient_graph
+from bq_onnx.estimators.prepared import Prepared, gradient_graph
 from bq_onnx.layout import WeightLayout
 from bq_onnx.posterior import Spill
 from bq_onnx.progress import progress
@@ -45,6 +47,7 @@ class Problem:
     rng: np.random.Generator
     progress: bool = False
     spill: Spill | None = None  # where big intermediate sums may go (the batched Fisher)
+    plan: LossPlan | None = None  # the loss the gradient estimators fit, once one has resolved it
 
     @property
     def layouts(self) -> dict[str, WeightLayout]:
@@ -132,20 +135,23 @@ class Estimator(abc.ABC):
 class GradientEstimator(Estimator):
     """An estimator that differentiates the loss: it needs the FP32 outputs and the checked labels."""
 
-    outputs: np.ndarray
+    plan: LossPlan
+    outputs: list[np.ndarray]  # per loss term, its FP32 (sliced) output on every calibration sample
     labels: np.ndarray | None
 
     def reference(self) -> None:
+        """Resolve the loss (``--loss``, or the default rule) on the FP32 outputs; check the labels."""
         p, opts = self.problem, self.problem.options
-        self.outputs = fp32_outputs(p.sessions, p.prepared, opts.output, p.calib)
-        self.labels = check_labels(opts.labels, self.outputs, opts.loss)
+        self.plan, self.outputs = reference_plan(p.sessions, p.prepared.model, opts.loss, opts.output, p.calib)
+        p.plan = self.plan
+        self.labels = check_labels(opts.labels, self.outputs[0], self.plan.terms[0].kind)
 
     def gradient_graph(self, names: list[str], probes: Sequence[str] = (), as_inputs: bool = False,
                        model: ir.Model | None = None) -> GradientGraph:
         """The gradient graph for weights ``names`` and ``probes``; weights without a gradient rule get a note
         (the activations estimator takes them)."""
         opts = self.problem.options
-        graph = gradient_graph(self.problem.prepared, opts.loss, opts.output, [*names, *probes], as_inputs, model)
+        graph = gradient_graph(self.problem.prepared, self.plan, opts.output, [*names, *probes], as_inputs, model)
         for weight, ops in graph.unsupported.items():
             if weight in names:
                 self.notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bq_onnx.autodiff.loss import TARGET
+from bq_onnx.autodiff.loss import TARGET, LossPlan
 from bq_onnx.calibration import Calibration
 from bq_onnx.estimators.base import Batch, PosteriorPart, Stage, sample_batches
 from bq_onnx.estimators.loss_targets import TargetDraws
@@ -39,8 +39,8 @@ class BatchedGraph:
     batch: int
 
     @classmethod
-    def build(cls, sessions: TempSessions, prepared: Prepared, calib: Calibration, loss: str, output: str | None,
-              batch: int) -> BatchedGraph | None:
+    def build(cls, sessions: TempSessions, prepared: Prepared, calib: Calibration, loss: LossPlan | str,
+              output: str | None, batch: int) -> BatchedGraph | None:
         """The gradient graph at ``batch`` samples, or fewer where that many samples' activations and gradients
         would exceed :func:`~bq_onnx.estimators.memory.activation_budget`; None when no weight is covered."""
         model = copy_model(prepared.model)  # one copy serves the batch check and the gradient graph

@@ -68,7 +68,8 @@ def estimate_prepared(
         del raw, filled
         if info.name in factors:
             weights[info.name].kfac = factors[info.name]
-    return Posterior(opts.method, calib.num_samples, opts.prior_precision, weights, notes)
+    loss = problem.plan.describe() if problem.plan is not None else None
+    return Posterior(opts.method, calib.num_samples, opts.prior_precision, weights, notes, loss)
 
 
 @dataclasses.dataclass

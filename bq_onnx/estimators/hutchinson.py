@@ -1,6 +1,7 @@
 """``hutchinson``: diag(H) ~ E[v * Hv] with Rademacher ``v`` and Hv by central finite differences of gradients of
-the loss against fixed targets (KL to the FP32 output by default: its Hessian at the trained weights is the
-Fisher, so this estimates the same matrix with a different estimator), then a rank-1 fit per weight.
+the loss against fixed targets (the ``--loss`` terms against the FP32 outputs: the KL to the FP32 distribution
+on a classifier, whose Hessian at the trained weights is the Fisher, so this estimates the same matrix with a
+different estimator), then a rank-1 fit per weight.
 
 Shards: the probe vectors come from the stage's generator as batches are updated, so two shards of one stage
 give one pass's numbers (up to float64 summation order) only when they run one after the other on that
@@ -101,7 +102,7 @@ class Hutchinson(GradientEstimator):
         wrt = [w for w in names if w in graph.gradients] if graph is not None else []
         if not wrt:
             return
-        fixed = targets("hutchinson", opts.loss, self.outputs, self.labels, p.rng)
+        fixed = targets("hutchinson", self.plan, self.outputs, self.labels, p.rng)
         initializers = p.prepared.model.graph.initializers
         base = {w: np.asarray(initializers[w].const_value.numpy(), dtype=np.float32) for w in wrt}
         yield HutchinsonStage(p.sessions.open(graph.model), dict(graph.gradients), wrt, p.calib, fixed, base,

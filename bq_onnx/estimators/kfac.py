@@ -6,8 +6,9 @@ layer's input rows (positions ``t``: tokens, or the patches a convolution sees) 
 over the gradients of the loss at its output (Grosse & Martens' KFC convention for convolutions). Output
 gradients come from zero "probe" tensors added after each layer output: the gradient with respect to a probe
 is the gradient with respect to that output (:mod:`bq_onnx.estimators.probes`, specialised to batch 1); a layer
-whose output shape stays unknown is left to the diagonal estimator. Labels are drawn from the model's predictive
-distribution, so ``G`` is the true Fisher's.
+whose output shape stays unknown is left to the diagonal estimator. Targets are drawn as ``fisher-mc`` draws
+them per loss term (labels from the model's predictive distribution for kl terms, so ``G`` is the true
+Fisher's; noisy FP32 outputs for mse/smse/cosine terms).
 """
 
 from __future__ import annotations
@@ -199,6 +200,6 @@ class Kfac(GradientEstimator):
         forward = None
         if sites:  # A: layer inputs, from batched forward runs of the plain model
             forward = p.sessions.open(forward_model(p.prepared.model, sorted({site.activation for site in sites})))
-        targets = TargetDraws("fisher-mc", opts.loss, self.outputs, self.labels, p.rng)
+        targets = TargetDraws("fisher-mc", self.plan, self.outputs, self.labels, p.rng)
         yield KfacStage(forward, session, dict(graph.gradients), sites, wrt, p.calib, targets, p.layouts,
                         opts.mc_samples, opts.batch_size)

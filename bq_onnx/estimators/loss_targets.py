@@ -4,9 +4,11 @@ outputs, pseudo-labels, labels drawn from the predictive distribution, or noisy 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
+from bq_onnx.autodiff.loss import LossPlan, Term
 from bq_onnx.calibration import load_labels
 from bq_onnx.errors import DataError
 from bq_onnx.probabilities import one_hot, softmax
@@ -23,7 +25,7 @@ def check_labels(labels: np.ndarray | None, outputs: np.ndarray, loss: str) -> n
     if labels.shape[0] < n:
         raise DataError(f"labels: {labels.shape[0]} labels for {n} calibration samples")
     labels = labels[:n]
-    if loss == "mse":
+    if loss in ("mse", "smse", "cosine"):
         if labels.shape != outputs.shape:
             raise DataError(f"labels: shape {list(labels.shape)} differs from the output's {list(outputs.shape)}")
         return labels.astype(np.float32)
@@ -37,17 +39,34 @@ def check_labels(labels: np.ndarray | None, outputs: np.ndarray, loss: str) -> n
     return labels
 
 
-def targets(method: str, loss: str, outputs: np.ndarray, labels: np.ndarray | None,
-            rng: np.random.Generator) -> np.ndarray:
-    """Per calibration sample, the target fed to the loss graph for one gradient draw of ``method``."""
-    if loss == "mse":
-        if method == "hutchinson":
+def term_targets(method: str, term: Term, outputs: np.ndarray, labels: np.ndarray | None,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Per calibration sample, one term's target for one gradient draw of ``method`` (``reference``: the FP32
+    output's own target, as hutchinson uses).
+
+    kl/ce: labels, the FP32 top-1 class (``laplace``), a class drawn from the FP32 distribution (``fisher-mc``)
+    or the distribution itself (``hutchinson``); mse/smse: the FP32 output plus Gaussian noise of the channel's
+    spread (unit for mse), so the squared gradients average to the Gauss-Newton diagonal of the Gaussian
+    likelihood the loss is; cosine: the FP32 output plus Gaussian noise of the row's RMS, a Monte-Carlo
+    surrogate (the cosine is no likelihood: its curvature is right up to a factor common to every weight)."""
+    if term.kind in ("mse", "smse", "cosine"):
+        if method in ("hutchinson", "reference"):
             return outputs if labels is None else labels
         if labels is not None and method == "laplace":
             return labels
-        return outputs + rng.standard_normal(outputs.shape).astype(np.float32)
-    probs = softmax(outputs)
+        if term.kind == "mse":
+            return outputs + rng.standard_normal(outputs.shape).astype(np.float32)
+        if term.kind == "smse":
+            spread = 1.0 / np.asarray(term.scale, dtype=np.float64)
+            if term.axis is not None:
+                spread = spread.reshape([len(spread)] + [1] * (outputs.ndim - 1 - term.axis))
+            return (outputs + rng.standard_normal(outputs.shape) * spread).astype(np.float32)
+        rms = np.sqrt(np.mean(np.square(outputs.astype(np.float64)), axis=-1, keepdims=True))
+        return (outputs + rng.standard_normal(outputs.shape) * rms).astype(np.float32)
+    probs = _distribution(outputs) if term.probabilities else softmax(outputs)
     classes = outputs.shape[-1]
+    if method == "reference":  # the FP32 distribution; labels only for ce
+        return one_hot(labels, classes) if term.kind == "ce" and labels is not None else probs
     if method == "hutchinson":
         return probs if labels is None else one_hot(labels, classes)
     if method == "fisher-mc":
@@ -58,13 +77,34 @@ def targets(method: str, loss: str, outputs: np.ndarray, labels: np.ndarray | No
     return one_hot(pseudo, classes)
 
 
+def _distribution(y: np.ndarray) -> np.ndarray:
+    """Probabilities as given, clipped at zero and renormalized (float rounding)."""
+    p = np.clip(y.astype(np.float64), 0.0, None)
+    return (p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-30)).astype(np.float32)
+
+
+def targets(method: str, plan: LossPlan | str, outputs: Sequence[np.ndarray] | np.ndarray,
+            labels: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Per calibration sample, the target fed to the loss graph for one gradient draw of ``method``: the one
+    term's target, or every term's flattened target side by side (:func:`pack`). ``plan`` may be one kind."""
+    if isinstance(plan, str):
+        plan, outputs = LossPlan.single(plan), [outputs]
+    per = [term_targets(method, t, y, labels, rng) for t, y in zip(plan.terms, outputs)]
+    return pack(per) if plan.packed else per[0]
+
+
+def pack(per_term: Sequence[np.ndarray]) -> np.ndarray:
+    """Several terms' targets ``[N, ...]`` as one ``[N, D_1 + D_2 + ...]`` (the loss graph slices them back)."""
+    return np.concatenate([np.asarray(p, np.float32).reshape(len(p), -1) for p in per_term], axis=1)
+
+
 class TargetDraws:
     """The targets of each Monte Carlo draw over all calibration samples, drawn from ``rng`` in draw order the
     first time a draw is asked for (so a stage's draws come where they always came in the generator's stream,
     and every shard of the stage reads the same targets)."""
 
-    def __init__(self, method: str, loss: str, outputs: np.ndarray, labels: np.ndarray | None,
-                 rng: np.random.Generator) -> None:
+    def __init__(self, method: str, loss: LossPlan | str, outputs: Sequence[np.ndarray] | np.ndarray,
+                 labels: np.ndarray | None, rng: np.random.Generator) -> None:
         self.method, self.loss, self.outputs, self.labels, self.rng = method, loss, outputs, labels, rng
         self._drawn: list[np.ndarray] = []
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bq_onnx.autodiff.loss import LOSS
+from bq_onnx.autodiff.loss import LOSS, LossPlan
 from bq_onnx.calibration import Calibration
 from bq_onnx.config import WeightsConfig
 from bq_onnx.context import WeightInfo
@@ -54,9 +54,10 @@ def fp32_outputs(sessions: TempSessions, prepared: Prepared, output: str | None,
     return np.concatenate([session.run(feeds)[0] for feeds in calib.batches(batch)]).astype(np.float32)
 
 
-def gradient_graph(prepared: Prepared, loss: str, output: str | None, wrt: list[str], as_inputs: bool,
+def gradient_graph(prepared: Prepared, loss: LossPlan | str, output: str | None, wrt: list[str], as_inputs: bool,
                    model: ir.Model | None = None) -> GradientGraph:
-    """The gradient graph of ``loss`` on ``output`` with respect to ``wrt`` (weights or probes), fed the target
+    """The gradient graph of ``loss`` (a resolved plan, or one kind on ``output``) with respect to ``wrt``
+    (weights or probes), fed the target
     at ``bq_onnx.autodiff.loss.TARGET``; ``as_inputs``: the weights become inputs (Hessian-vector products).
     ``model``: a copy of the prepared model to extend (default: a fresh copy)."""
     from bq_onnx.autodiff.gradient import build_gradient_model

@@ -1,7 +1,8 @@
 """``laplace`` and ``fisher-mc``: the mean of squared per-sample gradients, the one method differing from the
 other only in the loss targets (``laplace``: labels, or the FP32 model's top-1 class: the empirical Fisher;
-``fisher-mc``: labels drawn from the model's predictive distribution: the true Fisher; for ``mse`` outputs
-without labels both use the FP32 output plus unit Gaussian noise, the Gauss-Newton diagonal).
+``fisher-mc``: labels drawn from the model's predictive distribution: the true Fisher; for ``mse``/``smse``
+terms without labels both use the FP32 output plus Gaussian noise of each channel's spread, the Gauss-Newton
+diagonal; :func:`bq_onnx.estimators.loss_targets.term_targets` per loss term).
 
 Weights :mod:`~bq_onnx.estimators.batched` covers are summed from batched runs; the rest one sample per run.
 """
@@ -77,10 +78,10 @@ class SquaredGradients(GradientEstimator):
         self.reference()
         names = [w.name for w in self.weights]
         batch = min(opts.batch_size, p.calib.num_samples)
-        graph = (BatchedGraph.build(p.sessions, p.prepared, p.calib, opts.loss, opts.output, batch)
+        graph = (BatchedGraph.build(p.sessions, p.prepared, p.calib, self.plan, opts.output, batch)
                  if batch > 1 else None)
         if graph is not None:
-            targets = TargetDraws(self.name, opts.loss, self.outputs, self.labels, p.rng)
+            targets = TargetDraws(self.name, self.plan, self.outputs, self.labels, p.rng)
             yield BatchedFisherStage(graph, p.calib, targets, opts.mc_samples, self.name, p.spill)
             names = [w for w in names if w not in graph.covered]
         if not names:
@@ -89,7 +90,7 @@ class SquaredGradients(GradientEstimator):
         loop = self.gradient_graph(names, model=model)
         wrt = [w for w in names if w in loop.gradients]
         if wrt:
-            targets = TargetDraws(self.name, opts.loss, self.outputs, self.labels, p.rng)
+            targets = TargetDraws(self.name, self.plan, self.outputs, self.labels, p.rng)
             yield PerSampleStage(p.sessions.open(loop.model), dict(loop.gradients), wrt, p.calib, targets,
                                  opts.mc_samples, self.name)
 

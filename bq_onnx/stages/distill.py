@@ -4,26 +4,32 @@ Each quantized weight is rebuilt in a training copy of the model as a function o
 ``W = (codes - zp) * scale`` (uniform), ``codebook[codes] * scale + offset`` (codebooks, vector codebooks laid
 out along the rows), ``offset`` (0 bits), plus sparse outliers as a constant, with the codes and zero points as
 constants and scales, offsets and codebook entries as trainable
-initializers. The KL to the FP32 model's output distribution on the calibration data is differentiated by
-the autodiff pass (standard ops, run by onnxruntime) and minimized by Adam. Tuned values are rounded to fp16
-(what both formats store) and returned as new quantized forms; the step with the lowest loss on a held-out part of
-the calibration data is kept, so distillation never makes that loss worse.
+initializers. The loss the posterior fits (``--loss`` or its default rule; on a classifier the KL to the FP32
+model's output distribution), against the FP32 outputs on the calibration data, is differentiated by the
+autodiff pass (standard ops, run by onnxruntime) and minimized by Adam; ce terms fit the FP32 distribution too
+(distillation reads no labels: it keeps the FP32 model's behaviour, not a labelled accuracy). Tuned values are
+rounded to fp16 (what both formats store) and returned as new quantized forms; the step with the lowest loss on a
+held-out part of the calibration data is kept, so distillation never makes that loss worse.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.autodiff.gradient import build_gradient_model
-from bq_onnx.autodiff.loss import LOSS, TARGET, append_loss
+from bq_onnx.autodiff.loss import LOSS, TARGET, LossPlan, append_loss
 from bq_onnx.calibration import Calibration, load_calibration
 from bq_onnx.context import Context
 from bq_onnx.decode.ops import BlockDims, expand_blocks, restore_layout, vector_rows
 from bq_onnx.emitter import GraphEmitter
+from bq_onnx.estimators.loss_plan import outputs_needed, resolve
+from bq_onnx.estimators.loss_targets import pack, term_targets
 from bq_onnx.graph import forward_model
+from bq_onnx.loss_spec import LossTerm
 from bq_onnx.model_io import copy_model
 from bq_onnx.probabilities import softmax
 from bq_onnx.progress import progress
@@ -69,12 +75,13 @@ BATCH_SIZE = 32
 def distill(model: ir.Model, ctx: Context, calibration: Calibration, batch_size: int = BATCH_SIZE) -> Distilled:
     """Tune the metadata of ``ctx.quantized`` on ``calibration`` (``--distill-steps``); the model is not changed."""
     d = ctx.config.distillation
-    return _Distiller(ctx, calibration, d.distill_steps, d.distill_lr, batch_size, d.output, d.calib_samples).run(model)
+    return _Distiller(ctx, calibration, d.distill_steps, d.distill_lr, batch_size, d.output, d.calib_samples,
+                      d.loss).run(model)
 
 
 class _Distiller:
     def __init__(self, ctx: Context, calibration: Calibration, steps: int, lr: float, batch_size: int,
-                 output: str | None, max_samples: int | None) -> None:
+                 output: str | None, max_samples: int | None, loss: tuple[LossTerm, ...] | None = None) -> None:
         self.ctx = ctx
         self.calibration = calibration
         self.steps = steps
@@ -82,6 +89,7 @@ class _Distiller:
         self.batch_size = batch_size
         self.output = output
         self.max_samples = max_samples
+        self.loss = loss
 
     def run(self, model: ir.Model) -> Distilled:
         ctx = self.ctx
@@ -91,10 +99,9 @@ class _Distiller:
         train_idx, held_idx = np.arange(n - held), np.arange(n - held, n)
         sessions = TempSessions()
         try:
-            forward = sessions.open(forward_model(model, [self.output]))
-            targets = np.concatenate([softmax(forward.run(b)[0]) for b in calib.batches(64)])
+            plan, targets, entropy_of = self._targets(sessions, model, calib)
             training, params = self._training_model(model)
-            append_loss(training, "kl", self.output)
+            append_loss(training, plan)
             graph = build_gradient_model(training, LOSS, list(params), weights_as_inputs=True)
             missing = [p for p in params if p not in graph.gradients]
             if missing:
@@ -108,9 +115,7 @@ class _Distiller:
 
             values = {p: v.copy() for p, v in params.items()}
             eval_idx = held_idx if held else train_idx
-            # the loss graph is the cross-entropy to the FP32 targets; minus their entropy it is the KL
-            held_targets = targets[eval_idx].astype(np.float64)
-            entropy = float(-np.sum(held_targets * np.log(np.clip(held_targets, 1e-30, None))))
+            entropy = entropy_of(eval_idx)
             best_loss, _ = run(values, eval_idx)
             start_loss, best = best_loss, {p: v.copy() for p, v in values.items()}
             m = {p: np.zeros_like(v) for p, v in values.items()}
@@ -131,14 +136,43 @@ class _Distiller:
                 if loss < best_loss:
                     best_loss, best = loss, rounded
             count = len(eval_idx)
+            what = "kl" if all(t.kind in ("kl", "ce") for t in plan.terms) else "loss"
             return Distilled(self._written_back(best), {
                 "steps": self.steps,
                 "held_out_samples": int(count),
-                "kl_before": (start_loss - entropy) / count,
-                "kl_after": (best_loss - entropy) / count,
+                f"{what}_before": (start_loss - entropy) / count,
+                f"{what}_after": (best_loss - entropy) / count,
+                "loss": plan.describe(),
             }, [])
         finally:
             sessions.close()
+
+    def _targets(self, sessions: TempSessions, model: ir.Model, calib: Calibration
+                 ) -> tuple[LossPlan, np.ndarray, Callable[[np.ndarray], float]]:
+        """The loss, the FP32 targets it is fed, and the constant that turns the loss graph's value on samples
+        ``idx`` into the divergence: the loss graph's kl terms are the cross-entropy to the FP32 distribution,
+        which minus its entropy is the KL (mse, smse and cosine terms are zero at the FP32 outputs already)."""
+        names = outputs_needed(model, self.loss, self.output)
+        forward = sessions.open(forward_model(model, names))
+        runs = [forward.run(b) for b in calib.batches(64)]
+        values = {n: np.concatenate([r[i] for r in runs]).astype(np.float32) for i, n in enumerate(names)}
+        plan, fp32 = resolve(model, self.loss, self.output, values)
+        term = plan.terms[0]
+        if len(plan.terms) == 1 and term.kind in ("kl", "ce") and not term.probabilities and term.start is None:
+            per = [np.concatenate([softmax(r[0]) for r in runs])]  # batch by batch, as always
+        else:
+            rng = np.random.default_rng(0)  # the reference targets draw nothing
+            per = [term_targets("reference", t, y, None, rng) for t, y in zip(plan.terms, fp32)]
+
+        def entropy(idx: np.ndarray) -> float:
+            total = 0.0
+            for t, p in zip(plan.terms, per):
+                if t.kind in ("kl", "ce"):
+                    held = p[idx].astype(np.float64)
+                    total += t.weight * float(-np.sum(held * np.log(np.clip(held, 1e-30, None))))
+            return total
+
+        return plan, pack(per) if plan.packed else per[0], entropy
 
     def _training_model(self, model: ir.Model) -> tuple[ir.Model, dict[str, np.ndarray]]:
         """A copy whose quantized weights are decoded from trainable metadata initializers."""

@@ -4,8 +4,10 @@ Closed form (BayesQ eqs. 5-8): with a Gaussian posterior ``w ~ N(mu, Sigma)`` an
 ``E[(Q(mu) - w)^T H (Q(mu) - w)] = (Q(mu) - mu)^T H (Q(mu) - mu) + tr(H Sigma)``; the trace does not depend on
 the width, so the table holds ``sum_i h_i (Q(mu)_i - mu_i)^2`` with ``h`` the posterior precision (diagonal),
 where the quantizer for each width is itself designed to minimize that weighted error (weighted range search,
-weighted Lloyd). Without a posterior ``h = 1`` (plain squared error). The ``mc`` table instead measures the KL
-to the FP32 model on calibration data with only that block quantized (slow; validates the closed form).
+weighted Lloyd). Without a posterior ``h = 1`` (plain squared error). The ``mc`` table instead measures the loss
+the posterior fits (``--loss``, or its default rule: the KL to the FP32 distribution on a classifier; ce terms
+measure that KL too, the tables read no labels) against the FP32 model on calibration data with only that block
+quantized (slow; validates the closed form).
 
 Blocks are whole tensors or slices of output channels (``rows:N``), so one tensor can mix widths. Quantizing
 a whole tensor once per width and summing per-column errors is exact for per-column quantizers; the Lloyd
@@ -29,9 +31,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.autodiff.loss import LossPlan
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
 from bq_onnx.errors import UsageError
+from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
 from bq_onnx.quantizers import Spec, candidates
@@ -89,8 +93,7 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
     scorer = _Scorer(ctx)
     blocks: list[BlockTable] = []
     designs: dict[tuple[str, int], Spec] = {}
-    measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output) \
-        if a.tables == "mc" else None
+    measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output, a.loss) if a.tables == "mc" else None
     for info in progress(ctx.weights, "loss tables", ctx.progress):
         k, n = info.layout.view_shape
         ranges = slices(n, a.granularity)
@@ -203,22 +206,48 @@ def _choose(scored: list[list[_Option]]) -> list[_Option]:
 
 
 class _MonteCarlo:
-    """The measured table: mean KL to the FP32 output on calibration samples with one block quantized."""
+    """The measured table: the mean loss against the FP32 outputs on calibration samples with one block quantized
+    (:func:`bq_onnx.estimators.loss_plan.divergence`; one kl term on logits: the KL computed as it always was)."""
 
     def __init__(self, ctx: Context, model: ir.Model, calibration: Calibration, max_samples: int,
-                 output: str | None) -> None:
+                 output: str | None, loss: tuple[LossTerm, ...] | None = None) -> None:
         from bq_onnx.calibration import load_calibration
+        from bq_onnx.estimators.loss_plan import outputs_needed
         from bq_onnx.graph import forward_model
         from bq_onnx.runtimes.sessions import TempSessions
 
         self.ctx = ctx
         self.calib = load_calibration(calibration, model, max_samples)
-        copy = forward_model(model, [output])
+        self.model, self.output, self.spec = model, output, loss
+        self.names = outputs_needed(model, loss, output)
+        copy = forward_model(model, self.names)
         for info in ctx.weights:  # overridable initializers: fed per measurement
             copy.graph.inputs.append(copy.graph.initializers[info.name])
         self.sessions = TempSessions()
         self.session = self.sessions.open(copy)
-        self.reference = self._log_probs({})
+        self.plan, self.fp32 = self._resolve()
+        term = self.plan.terms[0]
+        self.classic = len(self.plan.terms) == 1 and term.kind in ("kl", "ce") and not term.probabilities \
+            and term.start is None and term.weight == 1.0
+        if self.classic:
+            self.reference = self._log_probs({})
+
+    def _resolve(self) -> tuple[LossPlan, list[np.ndarray]]:
+        """The loss and each term's FP32 output on the measured samples."""
+        from bq_onnx.estimators.loss_plan import resolve
+
+        runs = [self.session.run(b) for b in self.calib.batches(64)]
+        values = {name: np.concatenate([r[i] for r in runs]).astype(np.float32) for i, name in enumerate(self.names)}
+        return resolve(self.model, self.spec, self.output, values)
+
+    def _terms(self, weights: dict) -> list[np.ndarray]:
+        """Each loss term's (sliced) output with ``weights`` swapped in."""
+        runs = [self.session.run({**b, **weights}) for b in self.calib.batches(64)]
+        out = []
+        for t in self.plan.terms:
+            y = np.concatenate([r[self.names.index(t.output)] for r in runs])
+            out.append(y[..., t.start:t.stop] if t.start is not None else y)
+        return out
 
     def _log_probs(self, weights: dict) -> np.ndarray:
         z = np.concatenate([self.session.run({**b, **weights})[0] for b in self.calib.batches(64)])
@@ -226,6 +255,16 @@ class _MonteCarlo:
         return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
     def block_losses(self, info, view: np.ndarray, decoded: np.ndarray, ranges) -> list[float]:
+        if not self.classic:
+            from bq_onnx.estimators.loss_plan import divergence
+
+            losses = []
+            for start, stop in ranges:
+                mixed = view.copy()
+                mixed[:, start:stop] = decoded[:, start:stop]
+                weight = info.layout.from_view(mixed).astype(info.value.dtype.numpy())
+                losses.append(float(np.mean(divergence(self.plan, self.fp32, self._terms({info.name: weight})))))
+            return losses
         losses = []
         p = np.exp(self.reference)
         for start, stop in ranges:

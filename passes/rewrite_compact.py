@@ -22,7 +22,7 @@ from bq_onnx.decode.functions import (
     vector_layout,
 )
 from bq_onnx.decode.ops import layout_vector, outlier_arrays
-from bq_onnx.decode.rewrite import RewritePass
+from bq_onnx.decode.rewrite import RewritePass, reads_as_constant
 from bq_onnx.emitter import GraphEmitter
 from bq_onnx.packing import pack_bits
 from bq_onnx.qtensor import QuantizedTensor
@@ -64,9 +64,10 @@ class RewriteCompactPass(RewritePass):
             return self._vector(em, qt, name, model)
         k, n = qt.shape
         has_offset = qt.kind == "codebook" and qt.offset is not None
-        fname = function_name(qt.kind, qt.bits, qt.symmetric, has_offset)
+        foldable = self.current is not None and reads_as_constant(self.current)
+        fname = function_name(qt.kind, qt.bits, qt.symmetric, has_offset, foldable)
         if (DOMAIN, fname, "") not in model.functions:
-            fn = build_function(qt.kind, qt.bits, qt.symmetric, has_offset, model.opset_imports[""])
+            fn = build_function(qt.kind, qt.bits, qt.symmetric, has_offset, model.opset_imports[""], foldable)
             model.functions[fn.identifier()] = fn
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
         layout = em.const(layout_vector(k, n, qt.block_size), "layout")

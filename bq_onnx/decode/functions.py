@@ -26,12 +26,14 @@ DOMAIN = "bq"
 DOMAIN_VERSION = 1
 
 
-def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool) -> str:
+def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool, foldable: bool = False) -> str:
+    """``foldable`` decodes (float-only unpacking, for weights OpenVINO must fold to constants) end in ``F``."""
     if kind == "mean":
         return "DecodeMean"
+    suffix = "F" if foldable else ""
     if kind == "uniform":
-        return f"DecodeUniform{'Sym' if symmetric else ''}{bits}"
-    return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}"
+        return f"DecodeUniform{'Sym' if symmetric else ''}{bits}{suffix}"
+    return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}{suffix}"
 
 
 def input_names(kind: str, symmetric: bool, has_offset: bool) -> list[str]:
@@ -42,8 +44,9 @@ def input_names(kind: str, symmetric: bool, has_offset: bool) -> list[str]:
     return ["packed", "codebook", "scale"] + (["offset"] if has_offset else []) + ["layout"]
 
 
-def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int) -> ir.Function:
-    name = function_name(kind, bits, symmetric, has_offset)
+def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int, foldable: bool = False
+                   ) -> ir.Function:
+    name = function_name(kind, bits, symmetric, has_offset, foldable)
     em = FunctionEmitter("")
     inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset)}
     dims = BlockDims.from_layout(em, inputs["layout"])
@@ -54,13 +57,13 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
     if kind == "mean":
         out = per_row(inputs["mean"])
     else:
-        codes = unpack_codes(em, inputs["packed"], bits, dims.count)
+        codes = unpack_codes(em, inputs["packed"], bits, dims.count, foldable)
         if kind == "uniform":
             codes = em.op("Reshape", [codes, dims.kn])
             if symmetric:
                 zero = em.const(np.array(1 << (bits - 1), dtype=np.float32), "zero_point")
             else:
-                zero = expand_blocks(em, unpack_codes(em, inputs["zero"], bits, dims.block_count), dims)
+                zero = expand_blocks(em, unpack_codes(em, inputs["zero"], bits, dims.block_count, foldable), dims)
             out = em.op("Mul", [em.op("Sub", [codes, zero]), per_row(inputs["scale"])])
         else:
             index = em.op("Cast", [codes], to=ir.DataType.INT32)

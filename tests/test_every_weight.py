@@ -319,3 +319,16 @@ def test_inspect_lists_every_candidate_with_its_readers_and_why_skipped(tmp_path
     assert "W_then (in If:branch/then_branch)" in out and "read as scales by Resize:resize" in out
     assert main(["inspect", str(path), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["candidates"]) == 4
+
+
+def test_measured_tables_and_distillation_leave_subgraph_weights_to_their_first_design(tmp_path):
+    """``--tables mc`` measures only the weights it can feed; distillation trains only main-graph ones."""
+    proto = if_model(data_cond=True)
+    proto.graph.node[-1].output[0] = "y_if"
+    proto.graph.node.append(helper.make_node("MatMul", ["y_if", "W_main"], ["y"], name="head"))
+    proto.graph.initializer.append(numpy_helper.from_array(_w(16, 16), "W_main"))
+    calib = {"x": _floats(16, 32)}
+    result = optimize(proto, calib=calib, bits=3, tables="mc", calib_samples=16, distill_steps=2)
+    assert {w.name for w in result.context.weights} == {"W_then", "W_else", "W_main"}
+    assert result.context.distillation is not None
+    result.save(tmp_path / "m.onnx")

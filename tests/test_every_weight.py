@@ -74,6 +74,51 @@ def loop_model() -> onnx.ModelProto:
                       [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", 32])], inits)
 
 
+def nested_model() -> onnx.ModelProto:
+    """Depth 2: a Loop body holds a Constant weight ``W_mid`` and an If whose then-branch owns ``W_deep``; the
+    else-branch reads ``W_mid`` from the Loop body (trip 0 takes the else-branch, trips 1-2 the then-branch)."""
+    h = ["b", 32]
+    then = helper.make_graph([helper.make_node("MatMul", ["h_in", "W_deep"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, h)],
+                             initializer=[numpy_helper.from_array(_w(32, 32), "W_deep")])
+    other = helper.make_graph([helper.make_node("MatMul", ["h_in", "W_mid"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, h)])
+    body = helper.make_graph(
+        [_const("W_mid", _w(32, 32)), _const("zero_i", np.array(0, np.int64)),
+         helper.make_node("Greater", ["i", "zero_i"], ["later"]),
+         helper.make_node("If", ["later"], ["m"], name="inner", then_branch=then, else_branch=other),
+         helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Tanh", ["m"], ["h_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, h)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, h)],
+    )
+    nodes = [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="loop", body=body)]
+    inits = [numpy_helper.from_array(np.array(3, np.int64), "trips")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, h)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, h)], inits)
+
+
+def scan_model() -> onnx.ModelProto:
+    """A Scan over ``x [6, 32]`` whose body multiplies each row by its own Constant weight and sums the rows."""
+    body = helper.make_graph(
+        [_const("W_scan", _w(32, 16)), helper.make_node("MatMul", ["x_t", "W_scan"], ["y_t"]),
+         helper.make_node("Add", ["s_in", "y_t"], ["s_out"]), helper.make_node("Identity", ["y_t"], ["y_copy"])],
+        "body",
+        [helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [16]),
+         helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [32])],
+        [helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [16]),
+         helper.make_tensor_value_info("y_copy", TensorProto.FLOAT, [16])],
+    )
+    nodes = [helper.make_node("Scan", ["s0", "x"], ["s", "ys"], name="scan", body=body, num_scan_inputs=1)]
+    inits = [numpy_helper.from_array(np.zeros(16, np.float32), "s0")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 32])],
+                      [helper.make_tensor_value_info("s", TensorProto.FLOAT, [16]),
+                       helper.make_tensor_value_info("ys", TensorProto.FLOAT, [6, 16])], inits)
+
+
 def recurrent_model(op: str, directions: int = 2, batch_first: bool = False) -> onnx.ModelProto:
     """One bidirectional LSTM/GRU over ``x [seq 5, batch 2, 24]`` with hidden 16, reading W, R, B initializers
     (``batch_first``: ``x [batch, 5, 24]`` with a symbolic batch, as calibration wants it, transposed around)."""
@@ -169,6 +214,7 @@ def _check(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path, fmt: 
     match the numpy-dequantized reference (1e-4 of the output scale), in every graph of the model."""
     result = optimize(proto, bits=4, allocator="uniform", format=fmt, group_size=16, **options)
     assert {w.name for w in result.context.weights} == expect
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{fmt}.onnx"
     result.save(path)
     onnx.checker.check_model(str(path), full_check=True)
@@ -214,6 +260,12 @@ def test_if_branch_weights_initializer_and_constant_are_quantized(tmp_path, fmt,
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_loop_body_reads_an_outer_weight_that_is_quantized(tmp_path, fmt):
     _check(loop_model(), {"x": _floats(2, 32)}, tmp_path, fmt, {"W_outer"})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weights_at_depth_two_and_in_scan_bodies_are_quantized(tmp_path, fmt):
+    _check(nested_model(), {"x": _floats(2, 32)}, tmp_path / "nested", fmt, {"W_mid", "W_deep"})
+    _check(scan_model(), {"x": _floats(6, 32)}, tmp_path / "scan", fmt, {"W_scan"})
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

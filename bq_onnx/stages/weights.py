@@ -86,6 +86,7 @@ def _reader(use: ir.Usage, paths: dict[int, str]) -> str:
 def _layout(value: ir.Value, shape: tuple[int, ...], paths: dict[int, str]) -> tuple[tuple[int, ...] | None, str]:
     """The reduction axes every reader agrees on, or None and why the tensor is not a weight."""
     found: dict[tuple[int, ...], str] = {}
+    unknown: list[str] = []
     for use in value.uses():
         node = use.node
         reader = _reader(use, paths)
@@ -101,8 +102,12 @@ def _layout(value: ir.Value, shape: tuple[int, ...], paths: dict[int, str]) -> t
         if node.domain in ("", "ai.onnx"):
             axes = reduction_axes_for(node.op_type, use.idx, len(shape), attrs)
         if axes is None:
-            return None, f"unsupported layout: no known reduction axis for {reader} input {use.idx}"
-        found.setdefault(axes, reader)
+            unknown.append(f"{reader} input {use.idx}")
+        else:
+            found.setdefault(axes, reader)
+    if unknown:
+        also = f" (also read as a weight by {', '.join(found.values())})" if found else ""
+        return None, f"unsupported layout: no known reduction axis for {', '.join(unknown)}{also}"
     if not found:
         return None, "read only for its shape" if value.uses() else "unused"
     if len(found) > 1:
@@ -147,7 +152,7 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
                 axes, why = _layout(value, shape, paths)
                 if why.startswith("read as"):
                     messages.append(f"'{name}' is not a weight: {why}; left in float")
-                elif why.startswith("unsupported layout: its readers"):
+                elif why.startswith("unsupported layout: its readers") or "also read as a weight" in why:
                     messages.append(f"'{name}' kept in float: {why}")
             candidates.append(Candidate(name, path, shape, str(value.dtype.name).lower(), readers, why))
             if not why:

@@ -48,8 +48,9 @@ class RewriteCompactPass(RewritePass):
         """Indices packed at exactly ``bits * d`` bits: the low 8 in one stream, the rest in a second."""
         k, n = qt.shape
         d, ib = qt.vector_dim, qt.index_bits
-        fname = vector_function_name(d, ib)
-        self._function(model, fname, lambda opset: build_vector_function(d, ib, opset))
+        foldable = self.current is not None and reads_as_constant(self.current)
+        fname = vector_function_name(d, ib, foldable)
+        self._function(model, fname, lambda opset: build_vector_function(d, ib, opset, foldable))
         codes = qt.codes.astype(np.uint16)
         inputs = [em.tensor(pack_bits(codes & 0xFF, min(ib, 8)), f"{name}.bq_packed")]
         if ib > 8:

@@ -277,6 +277,14 @@ def test_recurrent_weights_quantized_along_their_own_layout(tmp_path, fmt, op):
     assert views == {"W": [24, 2 * gates * 16], "R": [16, 2 * gates * 16]}  # K: the reduced last axis
 
 
+@pytest.mark.parametrize("options", [{"quantizer": "vq"}, {"quantizer": "lloyd"}, {"outliers": 0.01}])
+def test_recurrent_weights_in_every_compact_decode_fold_for_openvino(tmp_path, options):
+    """OpenVINO's LSTM takes constant weights only: every compact decode of one must fold (no BitwiseAnd)."""
+    _check(recurrent_model("LSTM"), {"x": _floats(5, 2, 24)}, tmp_path, "compact", {"W", "R"}, **options)
+    written = onnx.load(str(tmp_path / "compact.onnx"))
+    assert not any(n.op_type == "BitwiseAnd" for f in written.functions for n in f.node)
+
+
 def test_recurrent_layout_reduces_the_last_axis():
     ctx = passkit.context(min_size=64)
     passkit.find_weights(passkit.prepare(passkit.load(recurrent_model("LSTM")), ctx), ctx)

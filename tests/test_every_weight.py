@@ -327,6 +327,18 @@ def test_shared_weights_are_found_once_and_every_reader_reads_the_decode(tmp_pat
     assert passkit.weight_consumers(ctx) == {"E": ("Gather:embed", "Gemm:head"), "W": ("MatMul:mm1", "MatMul:mm2")}
 
 
+def test_shared_weights_under_calibration_are_estimated_from_every_reader(tmp_path):
+    """K-FAC's one probe per layer would see one of ``W``'s two MatMuls: it takes the squared-gradient diagonal."""
+    proto = tied_model()
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"]))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 40]))
+    calib = {"ids": np.arange(16) % 40}
+    kfac = optimize(proto, calib=calib, bits=3, method="kfac")
+    assert {k: v.source for k, v in kfac.context.posterior.weights.items()} == {"E": "fisher-mc", "W": "fisher-mc"}
+    assert kfac.context.posterior.weights["W"].kfac is None
+    kfac.save(tmp_path / "kfac.onnx")
+
+
 def test_a_weight_whose_readers_disagree_on_the_layout_is_skipped_with_a_note():
     """``E`` as a Gather table (blocks along D) and a plain MatMul B (blocks along V): no layout suits both."""
     proto = tied_model()

@@ -250,6 +250,8 @@ def _floats(*shape: int, seed: int = 3) -> np.ndarray:
 def test_if_branch_weights_initializer_and_constant_are_quantized(tmp_path, fmt, branch):
     feeds = {"x": _floats(2, 32), "cond": np.array(branch)}
     _check(if_model(), feeds, tmp_path, fmt, {"W_then", "W_else"})
+    layers = {r["name"]: r for r in inspect(tmp_path / f"{fmt}.onnx")["layers"]}
+    assert set(layers) == {"W_then", "W_else"} and all(r["stored_bytes"] > 0 for r in layers.values())
     written = onnx.load(str(tmp_path / f"{fmt}.onnx"))
     branch_graph = written.graph.node[-1].attribute  # the decode lives in the branch that owned the weight
     then = next(a.g for a in branch_graph if a.name == "then_branch")

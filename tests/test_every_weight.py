@@ -406,3 +406,22 @@ def test_measured_tables_and_distillation_leave_subgraph_weights_to_their_first_
     assert {w.name for w in result.context.weights} == {"W_then", "W_else", "W_main"}
     assert result.context.distillation is not None
     result.save(tmp_path / "m.onnx")
+
+
+def test_same_named_weights_of_two_branches_get_unique_names(tmp_path):
+    """Both branches hold a Constant ``W``: the prepare passes rename the second, so each is quantized under its
+    own name."""
+    proto = if_model()
+    branches = {a.name: a.g for a in proto.graph.node[0].attribute}
+    then, other = branches["then_branch"], branches["else_branch"]
+    other.node[0].output[0] = other.node[1].input[1] = "W"
+    then.ClearField("initializer")
+    then.node.insert(0, _const("W", _w(32, 16)))
+    then.node[1].input[1] = "W"
+    result = optimize(proto, bits=8, allocator="uniform")
+    assert sorted(w.name for w in result.context.weights) == ["W", "W.1"]
+    result.save(tmp_path / "m.onnx")  # verified against the numpy-dequantized reference by save itself
+    for branch in (True, False):
+        feeds = {"x": _floats(2, 32), "cond": np.array(branch)}
+        got, want = run(tmp_path / "m.onnx", feeds)[0], run(proto, feeds)[0]
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()

@@ -271,10 +271,10 @@ def test_weights_at_depth_two_and_in_scan_bodies_are_quantized(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
 def test_recurrent_weights_quantized_along_their_own_layout(tmp_path, fmt, op):
-    report = _check(recurrent_model(op), {"x": _floats(5, 2, 24)}, tmp_path, fmt, {"W", "R"})
-    gates = {"LSTM": 4, "GRU": 3}[op]
+    report = _check(recurrent_model(op), {"x": _floats(5, 2, 24)}, tmp_path, fmt, {"W", "R"}, min_size=64)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
     views = {r["name"]: r["view"] for r in report["layers"]}
     assert views == {"W": [24, 2 * gates * 16], "R": [16, 2 * gates * 16]}  # K: the reduced last axis
 

@@ -319,6 +319,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     footer = [f"total ({t['layers']} layers)", "", f"{t['bits_per_weight']:.2f}", "", "", "",
               human_bytes(t["stored_bytes"])]
     print(render(["weight", "shape", "bits", "quantizer", "format", "block", "bytes"], rows, footer))
+    if info["candidates"]:
+        found = [[c["name"] + (f" (in {c['scope']})" if c["scope"] else ""), "x".join(map(str, c["shape"])),
+                  ", ".join(c["read_by"]) or "-", "weight" if c["weight"] else c["skipped"]]
+                 for c in info["candidates"]]
+        print(render(["float tensor", "shape", "read by", "status"], found))
     who = f"quantized by bq-onnx ({info['format']})" if info["quantized_by"] else "not quantized by bq-onnx"
     print(
         f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "

@@ -98,7 +98,8 @@ class WeightInfo:
     name: str
     value: ir.Value
     layout: WeightLayout
-    consumers: tuple[str, ...]  # "OpType:node_name" for reports
+    consumers: tuple[str, ...]  # "OpType:node_name" for reports (" in <subgraph path>" for a subgraph reader)
+    scope: str = ""  # the graph that owns the initializer: "" main, else its subgraph path
 
     @property
     def numel(self) -> int:

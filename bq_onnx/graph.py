@@ -12,6 +12,7 @@ import onnx_ir as ir
 from bq_onnx.autodiff.loss import output_value
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
+from bq_onnx.layout import RECURRENT_OPS
 from bq_onnx.model_io import copy_model
 
 
@@ -120,4 +121,8 @@ def activation_site(weight: ir.Value) -> tuple[ir.Value | None, Reduction | None
             return node.inputs[0], ("in_channels", None)
         if op == "Gather" and idx == 0:
             return node.inputs[1], ("tokens", None)
+        if op in RECURRENT_OPS and idx == 1:  # W reads the sequence input's features
+            return node.inputs[0], ("recurrent", None)
+        if op in RECURRENT_OPS and idx == 2 and node.outputs and node.outputs[0].name:  # R reads h(t-1) ~ Y
+            return node.outputs[0], ("recurrent", None)
     return None, None

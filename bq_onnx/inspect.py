@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
 import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from bq_onnx.config import WeightsConfig
+from bq_onnx.context import WeightInfo
 from bq_onnx.decode.rewrite import METADATA_KEY
-from bq_onnx.errors import UnsupportedError
 from bq_onnx.model_io import load_model
-from bq_onnx.stages.weights import find_weights
+from bq_onnx.pass_manager import run_passes
+from bq_onnx.passes.prepare import UniqueInitializerNamesPass
+from bq_onnx.stages.weights import survey
 
 
 def _nbytes(model: ir.Model, name: str) -> int:
-    value = model.graph.initializers.get(name)
-    return value.const_value.nbytes if value is not None and value.const_value is not None else 0
+    for graph in model.graphs():  # a subgraph's weight is stored in that subgraph
+        value = graph.initializers.get(name)
+        if value is not None:
+            return value.const_value.nbytes if value.const_value is not None else 0
+    return 0
+
+
+def candidates(model: ir.Model, min_size: int) -> tuple[list[WeightInfo], list[dict]]:
+    """The weights of a float model and every float tensor considered, with what reads it and why it is kept
+    in float (Constant nodes are lifted first, on this copy, as ``optimize`` does)."""
+    model = run_passes(model, [LiftConstantsToInitializersPass(size_limit=min_size), UniqueInitializerNamesPass()])
+    found = survey(model, WeightsConfig(min_size=min_size))
+    rows = [{"name": c.name, "scope": c.scope, "shape": list(c.shape), "dtype": c.dtype, "read_by": list(c.readers),
+             "weight": not c.skipped, "skipped": c.skipped} for c in found.candidates]
+    return found.weights, rows
 
 
 def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) -> dict:
@@ -27,6 +42,7 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) ->
     m = load_model(model)
     meta = json.loads(m.metadata_props[METADATA_KEY]) if METADATA_KEY in m.metadata_props else None
     layers = []
+    considered: list[dict] = []
     if meta is not None:
         for layer in meta["layers"]:
             stored = sum(_nbytes(m, t) for t in layer["tensors"])
@@ -48,9 +64,7 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) ->
                 }
             )
     else:
-        found = []
-        with contextlib.suppress(UnsupportedError):
-            found = find_weights(m, WeightsConfig(min_size=min_size)).weights
+        found, considered = candidates(m, min_size)
         for w in found:
             bits = w.value.dtype.itemsize * 8
             layers.append(
@@ -72,7 +86,8 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) ->
             )
     numel = sum(r["numel"] for r in layers)
     stored = sum(r["stored_bytes"] for r in layers)
-    all_init = sum(v.const_value.nbytes for v in m.graph.initializers.values() if v.const_value is not None)
+    all_init = sum(v.const_value.nbytes for g in m.graphs() for v in g.initializers.values()
+                   if v.const_value is not None)
     ops = Counter(
         (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in m.graph
     )
@@ -96,6 +111,7 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) ->
             "stored_bits_per_weight": 8 * stored / max(numel, 1),
             "other_initializer_bytes": all_init - stored,
         },
+        "candidates": considered,
         "ops": dict(sorted(ops.items())),
         "functions": sorted(f"{d}.{n}" for d, n, _ in m.functions),
     }

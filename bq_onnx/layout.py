@@ -2,7 +2,8 @@
 
 Blocks are cut along the reduction axis, whatever the consumer: a MatMul weight ``[K, N]`` is already in
 view; a Gemm ``transB`` weight ``[N, K]`` is transposed; a Conv weight ``[M, C, kh, kw]`` reduces over
-``C*kh*kw``; an embedding table ``[V, D]`` is read row by row, so its blocks run along ``D``.
+``C*kh*kw``; an embedding table ``[V, D]`` is read row by row, so its blocks run along ``D``; a recurrent layer's
+``W [D, G*H, I]`` / ``R [D, G*H, H]`` reduces over its last axis, each direction's gate row an output channel.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class WeightLayout:
         return np.ascontiguousarray(np.transpose(view.reshape(self.transposed_shape), self.inverse_perm))
 
 
+#: Recurrent layers whose inputs 1 (``W``) and 2 (``R``) are weights ``[num_directions, gates*hidden, reduced]``.
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+
+
 def reduction_axes_for(op_type: str, input_index: int, rank: int, attrs: dict) -> tuple[int, ...] | None:
     """Which axes of a weight the consumer reduces over, or None when the weight is not a quantizable input."""
     if rank == 0:
@@ -74,4 +79,6 @@ def reduction_axes_for(op_type: str, input_index: int, rank: int, attrs: dict) -
         return (0,) + tuple(range(2, rank))
     elif op_type == "Gather" and input_index == 0 and rank == 2 and attrs.get("axis", 0) == 0:
         return (1,)
+    elif op_type in RECURRENT_OPS and input_index in (1, 2) and rank == 3:
+        return (2,)
     return None

@@ -46,8 +46,9 @@ class OutputCheck:
 def reference_model(source, ctx: Context) -> ir.Model:
     """The input model, prepared like the pipeline does, with dequantized weights in place of the floats."""
     model = run_passes(load_model(source), prepare_passes(ctx.config.weights))
+    owned = {name: v for g in model.graphs() for name, v in g.initializers.items()}  # subgraphs' weights too
     for name, qt in ctx.quantized.items():
-        value = model.graph.initializers[name]
+        value = owned[name]
         info = ctx.weight(name)
         restored = info.layout.from_view(qt.dequantize())
         dtype = value.dtype
@@ -68,7 +69,7 @@ def write_reference(model: ir.Model, ctx: Context, folder: str | os.PathLike, na
                 tensor = value.const_value
                 if tensor is None:
                     continue
-                if graph is model.graph and key in ctx.quantized:
+                if key in ctx.quantized:  # names are unique across graphs (UniqueInitializerNamesPass)
                     restored = ctx.weight(key).layout.from_view(ctx.quantized[key].dequantize())
                     np_dtype = value.dtype.numpy() if value.dtype is not None else np.float32
                     payload = np.ascontiguousarray(restored.astype(np_dtype, copy=False))

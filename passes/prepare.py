@@ -66,10 +66,35 @@ class SetIrVersionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+class UniqueInitializerNamesPass(ir.passes.InPlacePass):
+    """Give subgraph initializers names no other graph's initializer has: weights are keyed by name (two ``If``
+    branches may each hold a ``W``, and lifted ``Constant`` nodes keep their output names)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        seen: set[str] = set()
+        modified = False
+        for graph in model.graphs():
+            for name, value in list(graph.initializers.items()):
+                if name not in seen:
+                    seen.add(name)
+                    continue
+                n = 1
+                while f"{name}.{n}" in seen:
+                    n += 1
+                graph.initializers.pop(name)
+                value.name = f"{name}.{n}"
+                graph.register_initializer(value)
+                seen.add(value.name)
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 def prepare_passes(config: WeightsConfig) -> list[ir.passes.PassBase]:
-    """Constants to initializers, opset >= 21, a runtime-readable IR version."""
+    """Constants to initializers (in whichever graph holds them), unique initializer names, opset >= 21, a
+    runtime-readable IR version."""
     return [
         LiftConstantsToInitializersPass(size_limit=config.min_size),
+        UniqueInitializerNamesPass(),
         UpgradeOpsetPass(),
         SetIrVersionPass(),
     ]

@@ -1,4 +1,5 @@
-"""UpgradeOpsetPass and SetIrVersionPass (passes/prepare.py): the graph the rewrite needs, numbers unchanged."""
+"""UpgradeOpsetPass, SetIrVersionPass, constant lifting and UniqueInitializerNamesPass (passes/prepare.py): the graph
+the rewrite needs, numbers unchanged."""
 
 from __future__ import annotations
 
@@ -64,3 +65,26 @@ def test_ir_version_is_what_the_opset_needs_and_onnxruntime_reads(before, after)
     model, modified = passkit.set_ir_version(passkit.load(_model(21, before)))
     assert model.ir_version == after and modified == (before != after)
     np.testing.assert_allclose(run(model, {"x": X})[0], _reference(), rtol=1e-6)
+
+
+def test_subgraph_constants_become_that_subgraph_initializers_with_unique_names():
+    """LiftConstantsToInitializersPass registers a branch's Constant in the branch; two branches' ``W`` become
+    ``W`` and ``W.1`` (UniqueInitializerNamesPass), and both branches compute what they did."""
+    w = {True: RNG.standard_normal((6, 4)).astype(np.float32), False: RNG.standard_normal((6, 4)).astype(np.float32)}
+
+    def branch(taken: bool):
+        const = helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w[taken], "W"))
+        return helper.make_graph([const, helper.make_node("MatMul", ["x", "W"], [f"y{int(taken)}"])], "b", [],
+                                 [helper.make_tensor_value_info(f"y{int(taken)}", TensorProto.FLOAT, ["b", 4])])
+
+    proto = make_model([helper.make_node("If", ["cond"], ["y"], then_branch=branch(True), else_branch=branch(False))],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6]),
+                        helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], [])
+    model = passkit.prepare(passkit.load(proto), passkit.context(min_size=16))
+    subgraphs = list(model.graph.subgraphs())
+    assert sorted(name for g in subgraphs for name in g.initializers) == ["W", "W.1"]
+    assert not model.graph.initializers and not any(n.op_type == "Constant" for g in subgraphs for n in g)
+    for taken in (True, False):
+        got = run(model, {"x": X, "cond": np.array(taken)})[0]
+        np.testing.assert_allclose(got, X @ w[taken], rtol=1e-5, atol=1e-5)

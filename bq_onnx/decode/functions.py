@@ -26,12 +26,14 @@ DOMAIN = "bq"
 DOMAIN_VERSION = 1
 
 
-def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool) -> str:
+def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool, foldable: bool = False) -> str:
+    """``foldable`` decodes (float-only unpacking, for weights OpenVINO must fold to constants) end in ``F``."""
     if kind == "mean":
         return "DecodeMean"
+    suffix = "F" if foldable else ""
     if kind == "uniform":
-        return f"DecodeUniform{'Sym' if symmetric else ''}{bits}"
-    return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}"
+        return f"DecodeUniform{'Sym' if symmetric else ''}{bits}{suffix}"
+    return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}{suffix}"
 
 
 def input_names(kind: str, symmetric: bool, has_offset: bool) -> list[str]:
@@ -42,8 +44,9 @@ def input_names(kind: str, symmetric: bool, has_offset: bool) -> list[str]:
     return ["packed", "codebook", "scale"] + (["offset"] if has_offset else []) + ["layout"]
 
 
-def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int) -> ir.Function:
-    name = function_name(kind, bits, symmetric, has_offset)
+def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int, foldable: bool = False
+                   ) -> ir.Function:
+    name = function_name(kind, bits, symmetric, has_offset, foldable)
     em = FunctionEmitter("")
     inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset)}
     dims = BlockDims.from_layout(em, inputs["layout"])
@@ -54,13 +57,13 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
     if kind == "mean":
         out = per_row(inputs["mean"])
     else:
-        codes = unpack_codes(em, inputs["packed"], bits, dims.count)
+        codes = unpack_codes(em, inputs["packed"], bits, dims.count, foldable)
         if kind == "uniform":
             codes = em.op("Reshape", [codes, dims.kn])
             if symmetric:
                 zero = em.const(np.array(1 << (bits - 1), dtype=np.float32), "zero_point")
             else:
-                zero = expand_blocks(em, unpack_codes(em, inputs["zero"], bits, dims.block_count), dims)
+                zero = expand_blocks(em, unpack_codes(em, inputs["zero"], bits, dims.block_count, foldable), dims)
             out = em.op("Mul", [em.op("Sub", [codes, zero]), per_row(inputs["scale"])])
         else:
             index = em.op("Cast", [codes], to=ir.DataType.INT32)
@@ -79,8 +82,8 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
 OUTLIER_FUNCTION = "AddOutliers"
 
 
-def vector_function_name(dim: int, index_bits: int) -> str:
-    return f"DecodeVector{dim}x{index_bits}"
+def vector_function_name(dim: int, index_bits: int, foldable: bool = False) -> str:
+    return f"DecodeVector{dim}x{index_bits}{'F' if foldable else ''}"
 
 
 def vector_layout(k: int, n: int, block_size: int, dim: int) -> np.ndarray:
@@ -88,10 +91,10 @@ def vector_layout(k: int, n: int, block_size: int, dim: int) -> np.ndarray:
     return np.append(layout_vector(k, n, block_size), -(-k // dim)).astype(np.int64)
 
 
-def build_vector_function(dim: int, index_bits: int, opset: int) -> ir.Function:
+def build_vector_function(dim: int, index_bits: int, opset: int, foldable: bool = False) -> ir.Function:
     """Decode of a vector codebook: packed indices (low 8 bits, then the high ``index_bits - 8`` bits in a second
     stream when wider), the fp16 codebook ``(2**index_bits, dim)``, fp16 scales and ``[K, N, nb, G, Kv]``."""
-    name = vector_function_name(dim, index_bits)
+    name = vector_function_name(dim, index_bits, foldable)
     em = FunctionEmitter("")
     names = ["packed"] + (["packed_high"] if index_bits > 8 else []) + ["codebook", "scale", "layout"]
     inputs = {n: ir.Value(name=n) for n in names}
@@ -99,9 +102,9 @@ def build_vector_function(dim: int, index_bits: int, opset: int) -> ir.Function:
     kv = em.op("Slice", [inputs["layout"], em.const(i64(4)), em.const(i64(5))], "dim")
     n = em.op("Slice", [inputs["layout"], em.const(i64(1)), em.const(i64(2))], "dim")
     count = em.op("Mul", [kv, n], "count")
-    codes = unpack_codes(em, inputs["packed"], min(index_bits, 8), count)
+    codes = unpack_codes(em, inputs["packed"], min(index_bits, 8), count, foldable)
     if index_bits > 8:
-        high = unpack_codes(em, inputs["packed_high"], index_bits - 8, count)
+        high = unpack_codes(em, inputs["packed_high"], index_bits - 8, count, foldable)
         codes = em.op("Add", [codes, em.op("Mul", [high, em.const(np.array(256.0, dtype=np.float32), "byte")])])
     index = em.op("Reshape", [em.op("Cast", [codes], to=ir.DataType.INT32), em.op("Concat", [kv, n], axis=0)])
     table = em.op("Cast", [inputs["codebook"]], to=ir.DataType.FLOAT)

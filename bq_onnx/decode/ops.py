@@ -92,14 +92,26 @@ def expand_blocks(em: Emitter, per_block: ir.Value, dims: BlockDims) -> ir.Value
     return x
 
 
-def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value) -> ir.Value:
-    """Packed uint8 stream (8 values per ``bits`` bytes, LSB first) -> float codes ``[count]``."""
+def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value, foldable: bool = False) -> ir.Value:
+    """Packed uint8 stream (8 values per ``bits`` bytes, LSB first) -> float codes ``[count]``.
+
+    ``foldable``: bits by float arithmetic only (``floor(x / 2^i) - 2 floor(x / 2^(i+1))``, exact for bytes)
+    instead of ``BitwiseAnd``, which OpenVINO never constant-folds: its recurrent layers accept constant weights
+    only, so a decode feeding one must fold away at load.
+    """
     groups = em.op("Reshape", [packed, em.const(i64(-1, bits, 1), "shape")])
-    masks = em.const((1 << np.arange(8, dtype=np.uint8)).astype(np.uint8).reshape(1, 1, 8), "masks")
-    set_bits = em.op("BitwiseAnd", [groups, masks])
-    as_float = em.op("Cast", [set_bits], to=ir.DataType.FLOAT)
-    inv = em.const((1.0 / (1 << np.arange(8))).astype(np.float32).reshape(1, 1, 8), "inv_masks")
-    bit_values = em.op("Mul", [as_float, inv], "bits")  # exact 0/1
+    if foldable:
+        as_float = em.op("Cast", [groups], to=ir.DataType.FLOAT)
+        shifts = (1.0 / (1 << np.arange(9))).astype(np.float32)
+        low = em.op("Floor", [em.op("Mul", [as_float, em.const(shifts[:8].reshape(1, 1, 8), "inv_masks")])])
+        high = em.op("Floor", [em.op("Mul", [as_float, em.const(shifts[1:].reshape(1, 1, 8), "inv_masks")])])
+        bit_values = em.op("Sub", [low, em.op("Mul", [high, em.const(np.array(2.0, np.float32), "two")])], "bits")
+    else:
+        masks = em.const((1 << np.arange(8, dtype=np.uint8)).astype(np.uint8).reshape(1, 1, 8), "masks")
+        set_bits = em.op("BitwiseAnd", [groups, masks])
+        as_float = em.op("Cast", [set_bits], to=ir.DataType.FLOAT)
+        inv = em.const((1.0 / (1 << np.arange(8))).astype(np.float32).reshape(1, 1, 8), "inv_masks")
+        bit_values = em.op("Mul", [as_float, inv], "bits")  # exact 0/1
     per_value = em.op("Reshape", [bit_values, em.const(i64(-1, 8, bits), "shape")])
     powers = em.const((1 << np.arange(bits)).astype(np.float32), "powers")
     codes = em.op("MatMul", [per_value, powers], "codes")  # small integers, exact in float32

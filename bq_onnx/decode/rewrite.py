@@ -8,6 +8,7 @@ value (so consumers and tools see the same name), drops the float initializer an
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 
 import onnx_ir as ir
@@ -15,6 +16,7 @@ import onnx_ir as ir
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.decode.ops import restore_layout
 from bq_onnx.emitter import GraphEmitter
+from bq_onnx.layout import RECURRENT_OPS
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 from bq_onnx.sizes import layer_record
 
@@ -25,11 +27,23 @@ _META_KEYS = (
 )
 
 
+def scope_tag(scope: str) -> str:
+    """A short tag of a subgraph path, for the names of the decode constants that subgraph owns."""
+    return "s" + hashlib.sha1(scope.encode()).hexdigest()[:8]
+
+
+def reads_as_constant(info: WeightInfo) -> bool:
+    """Whether a reader of the weight needs it as a constant in OpenVINO (recurrent layers), so its decode must
+    constant-fold there."""
+    return any(c.split(":", 1)[0] in RECURRENT_OPS for c in info.consumers)
+
+
 class RewritePass(ir.passes.InPlacePass, abc.ABC):
     format: str = ""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.current: WeightInfo | None = None  # the weight being emitted
 
     def requires(self, model: ir.Model) -> None:
         assert model.opset_imports.get("", 0) >= 21, "run UpgradeOpsetPass first"
@@ -48,13 +62,18 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         return x if qt.outlier_index is None else self.emit_outliers(em, x, qt, name, model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        shared: dict = {}
-        new_nodes: list[ir.Node] = []
+        main = model.graph
+        shared: dict = {}  # the main graph's constants; each subgraph that owns a weight gets its own
+        sub_shared: dict[int, dict] = {}
+        scopes: dict[int, str] = {}
+        new_nodes: dict[int, tuple[ir.Graph, list[ir.Node]]] = {id(main): (main, [])}
         self.ctx.layers = []
         for info in self.ctx.weights:
             qt = self.ctx.quantized[info.name]
-            em = GraphEmitter(f"{info.name}.bq/", shared)
+            self.current = info
+            graph = info.value.graph or main  # the decode goes where the initializer lives
+            scopes[id(graph)] = info.scope
+            em = GraphEmitter(f"{info.name}.bq/", shared if graph is main else sub_shared.setdefault(id(graph), {}))
             view = self._emit_any(em, qt, info.name, model)
             decoded = restore_layout(em, view, info.layout)
             if info.value.dtype != ir.DataType.FLOAT:
@@ -62,18 +81,26 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
             self._replace(graph, info, decoded)
             for value in em.tape.initializers:
                 graph.register_initializer(value)
-            new_nodes.extend(em.tape.nodes)
+            new_nodes.setdefault(id(graph), (graph, []))[1].extend(em.tape.nodes)
             stored = {v.name: v.const_value.nbytes for v in em.tape.initializers}
             original = info.value.const_value.nbytes if info.value.const_value is not None else 0
             self.ctx.layers.append(
                 layer_record(info.name, qt, self.format, stored, info.layout.shape, original)
             )
         for value in sorted(shared.values(), key=lambda v: v.name):
-            graph.register_initializer(value)
-        if len(graph):
-            graph.insert_before(graph[0], new_nodes)
-        else:
-            graph.extend(new_nodes)
+            main.register_initializer(value)
+        for graph, _ in new_nodes.values():
+            if graph is main:
+                continue
+            suffix = f".{scope_tag(scopes[id(graph)])}"
+            for value in sorted(sub_shared.get(id(graph), {}).values(), key=lambda v: v.name):
+                value.name += suffix  # a subgraph's constants never take an outer graph's names
+                graph.register_initializer(value)
+        for graph, nodes in new_nodes.values():
+            if len(graph):
+                graph.insert_before(graph[0], nodes)
+            else:
+                graph.extend(nodes)
         self._record_metadata(model)
         special = [r["name"] for r in self.ctx.layers if r["vector_dim"] > 1 or r["outliers"]]
         if special and self.format == "native":
@@ -125,4 +152,5 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
 
     def ensures(self, model: ir.Model) -> None:
         for info in self.ctx.weights:
-            assert info.name not in model.graph.initializers, f"float weight '{info.name}' is still stored"
+            for graph in model.graphs():
+                assert info.name not in graph.initializers, f"float weight '{info.name}' is still stored"

@@ -11,7 +11,6 @@ import numpy as np
 
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
-from bq_onnx.errors import DataError
 from bq_onnx.estimators.base import Batch, Estimator, PosteriorPart, Stage, sample_batches
 from bq_onnx.graph import Reduction, activation_site, forward_model
 from bq_onnx.posterior import SumAccumulator
@@ -68,14 +67,19 @@ class Activations(Estimator):
 
     def stages(self) -> Iterator[Stage]:
         p = self.problem
-        sites = {}
+        main = p.prepared.model.graph
+        sites, seen = {}, []
         for info in self.weights:
-            value, how = activation_site(p.prepared.model.graph.initializers[info.name])
-            if value is None:
-                raise DataError(f"weight '{info.name}': cannot find the activation that feeds it")
+            value, how = activation_site(info.value)
+            if value is None or value.graph is not main or not value.name:  # read inside a subgraph, or no input
+                self.notes.append(f"'{info.name}': no layer input of the main graph feeds it; no activations")
+                continue
             sites[info.name] = (value.name, how)
+            seen.append(info)
+        if not seen:
+            return
         session = p.sessions.open(forward_model(p.prepared.model, sorted({name for name, _ in sites.values()})))
-        yield ActivationsStage(session, self.weights, sites, p.calib, p.options.batch_size)
+        yield ActivationsStage(session, seen, sites, p.calib, p.options.batch_size)
 
 
 def channel_energy(x: np.ndarray, how: Reduction, info: WeightInfo) -> np.ndarray:
@@ -85,7 +89,8 @@ def channel_energy(x: np.ndarray, how: Reduction, info: WeightInfo) -> np.ndarra
         vocab = info.layout.shape[0]
         return np.bincount(x.reshape(-1).astype(np.int64) % vocab, minlength=vocab).astype(np.float64)
     x = np.asarray(x, dtype=np.float64)
-    axis = {"last": x.ndim - 1, "second_last": x.ndim - 2, "axis": arg, "channels": 1, "in_channels": 1}[kind]
+    axis = {"last": x.ndim - 1, "recurrent": x.ndim - 1, "second_last": x.ndim - 2, "axis": arg, "channels": 1,
+            "in_channels": 1}[kind]
     other = tuple(a for a in range(x.ndim) if a != axis)
     return np.sum(np.square(x), axis=other)
 
@@ -96,7 +101,7 @@ def expand_channels(energy: np.ndarray, how: Reduction, info: WeightInfo) -> np.
     shape = info.layout.shape
     if kind == "tokens":  # table [V, D]: every element of row v is read as often as token v
         return np.broadcast_to(energy[:, None], shape).astype(np.float64)
-    if kind in ("last", "axis", "second_last") and len(shape) == 2:
+    if kind in ("last", "axis", "second_last") and len(shape) == 2 or kind == "recurrent":
         k, n = info.layout.view_shape
         view = np.broadcast_to(energy[:k, None], (k, n))
         return info.layout.from_view(np.ascontiguousarray(view))

@@ -46,14 +46,22 @@ def estimate_prepared(
     spill = Spill()  # every weight's curvature goes to disk as soon as it is known; the posterior reads it back
     problem = Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed), progress_bar, spill)
     found = _Found(SpilledArrays(spill))
+    # weights owned by a subgraph are no initializer of the graph a gradient is taken in: activations take them
+    main = [w for w in prepared.weights if not w.scope]
+    main_problem = dataclasses.replace(problem, prepared=dataclasses.replace(prepared, weights=main))
     try:
-        estimator = REGISTRY[opts.method](problem)
-        found.run(estimator, progress_bar)
+        estimator = REGISTRY[opts.method](main_problem) if main else None
+        if estimator is not None:
+            found.run(estimator, progress_bar)
         rest = [w for w in prepared.weights if w.name not in found.curvature]
+        if opts.method != Activations.name:
+            found.notes.extend(f"'{w.name}' (inside {w.scope}): {opts.method} does not reach into subgraphs; used "
+                               f"the activations estimator" for w in rest if w.scope)
         if rest:
             found.run(Activations(problem, rest), progress_bar)
     finally:
         sessions.close()
+    fill_uncovered(prepared.weights, found)
     curvature, sources, factors, notes = found.curvature, found.sources, found.factors, found.notes
     weights = {}
     for info in prepared.weights:  # one weight at a time: read its curvature, finish it, write it back
@@ -68,7 +76,8 @@ def estimate_prepared(
         del raw, filled
         if info.name in factors:
             weights[info.name].kfac = factors[info.name]
-    loss = problem.plan.describe() if problem.plan is not None else None
+    plan = main_problem.plan or problem.plan  # the estimator resolved the loss on the main graph's problem
+    loss = plan.describe() if plan is not None else None
     return Posterior(opts.method, calib.num_samples, opts.prior_precision, weights, notes, loss)
 
 
@@ -89,6 +98,22 @@ class _Found:
             self.sources.update(part.sources)
             self.factors.update(part.factors)
         self.notes.extend(estimator.notes)
+
+
+def fill_uncovered(weights: list[WeightInfo], found: _Found) -> None:
+    """Weights no estimator could see (inside a subgraph, or behind a layer whose input is not observable) get
+    the mean curvature of those that were seen: the data say nothing about them, so they count as average."""
+    left = [w for w in weights if w.name not in found.curvature]
+    if not left:
+        return
+    means = [(float(np.mean(found.curvature[w.name])), w.numel) for w in weights if w.name in found.curvature]
+    level = sum(m * n for m, n in means) / sum(n for _, n in means) if means else 1.0
+    found.curvature.update({w.name: np.full(w.layout.shape, level, dtype=np.float64) for w in left})
+    for w in left:
+        found.sources[w.name] = "mean"
+        where = f" (inside {w.scope})" if w.scope else ""
+        found.notes.append(f"'{w.name}'{where}: no estimator sees this weight; given the mean curvature of the "
+                           f"others")
 
 
 def fill_unseen_rows(info: WeightInfo, curvature: np.ndarray) -> tuple[np.ndarray, int] | None:

@@ -189,7 +189,9 @@ class Kfac(GradientEstimator):
         self.reference()
         names = [w.name for w in self.weights]
         model = copy_model(p.prepared.model)
-        sites = add_probes(model, weights_of(model, self.weights), next(p.calib.batches(1)))
+        # a weight read by several layers has a sum of Kronecker products for a Fisher: one probe would see one
+        single = [w for w in weights_of(model, self.weights) if len(w.value.uses()) == 1]
+        sites = add_probes(model, single, next(p.calib.batches(1)))
         probes = [site.probe for site in sites]
         if not names and not probes:
             return

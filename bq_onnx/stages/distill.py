@@ -183,6 +183,8 @@ class _Distiller:
         shared: dict = {}
         nodes: list[ir.Node] = []
         for info in ctx.weights:
+            if info.scope:  # no gradient reaches into a subgraph: its weights keep their first design
+                continue
             em = GraphEmitter(f"{info.name}.distill/", shared)
             views = []
             for i, (_, _, qt) in enumerate(_pieces(ctx.quantized[info.name])):

@@ -221,8 +221,9 @@ class _MonteCarlo:
         self.model, self.output, self.spec = model, output, loss
         self.names = outputs_needed(model, loss, output)
         copy = forward_model(model, self.names)
-        for info in ctx.weights:  # overridable initializers: fed per measurement
-            copy.graph.inputs.append(copy.graph.initializers[info.name])
+        self.fed = {info.name for info in ctx.weights if not info.scope}  # a subgraph's weights cannot be fed
+        for name in sorted(self.fed):  # overridable initializers: fed per measurement
+            copy.graph.inputs.append(copy.graph.initializers[name])
         self.sessions = TempSessions()
         self.session = self.sessions.open(copy)
         self.plan, self.fp32 = self._resolve()
@@ -254,7 +255,10 @@ class _MonteCarlo:
         z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
-    def block_losses(self, info, view: np.ndarray, decoded: np.ndarray, ranges) -> list[float]:
+    def block_losses(self, info, view: np.ndarray, decoded: np.ndarray, ranges) -> list[float] | None:
+        """Measured loss per block range; None for a weight that cannot be fed (the closed form stands)."""
+        if info.name not in self.fed:
+            return None
         if not self.classic:
             from bq_onnx.estimators.loss_plan import divergence
 

@@ -179,7 +179,7 @@ class Calibration:
 def _along(value: np.ndarray, axis: int | None, rows: slice | np.ndarray) -> np.ndarray:
     if axis is None:
         return value
-    return value[(slice(None),) * axis + (rows,)]
+    return np.ascontiguousarray(value[(slice(None),) * axis + (rows,)])  # runtimes read C order
 
 
 def load_calibration(
@@ -202,7 +202,7 @@ def load_calibration(
         sample_axis = sample_axes(specs, axes)
         ranks = {s.name: len(s.shape) for s in specs if s.rank_known}
         if isinstance(source, (str, os.PathLike)):
-            arrays, where, spilled = *_read_path(Path(source), sample_axis, ranks), os.fspath(source)
+            (arrays, spilled), where = _read_path(Path(source), sample_axis, ranks), os.fspath(source)
         elif isinstance(source, Mapping):
             arrays, where = {k: np.asarray(v) for k, v in source.items()}, "<dict>"
         elif hasattr(source, "get_next"):

@@ -11,6 +11,7 @@ from pathlib import Path
 from bq_onnx import __version__
 from bq_onnx.config import (
     BenchConfig,
+    InputsConfig,
     PosteriorConfig,
     VerificationConfig,
     WeightsConfig,
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite an existing output file")
     add_concern(q, WeightsConfig, only=("min_size",))
     add_concern(q, PosteriorConfig)
+    add_concern(q, InputsConfig, only=("batch_axis",))
     _common(q)
 
     i = sub.add_parser(
@@ -233,6 +235,7 @@ def _print_optimize(report: dict, elapsed: float) -> None:
 
 
 def _cmd_posterior(args: argparse.Namespace) -> int:
+    from bq_onnx.calibration import load_calibration
     from bq_onnx.estimators import estimate_prepared, prepare
     from bq_onnx.model_io import check_output_path
 
@@ -240,7 +243,9 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = PosteriorConfig(**given(args, PosteriorConfig))
     prepared = prepare(args.model, WeightsConfig(**given(args, WeightsConfig)))
-    posterior = estimate_prepared(prepared, args.calib, config,
+    axes = dict(InputsConfig(**given(args, InputsConfig)).batch_axis)
+    calib = load_calibration(args.calib, prepared.model, axes=axes)
+    posterior = estimate_prepared(prepared, calib, config,
                                   progress_bar=not (args.quiet or args.json) and sys.stderr.isatty())
     _save_atomic(out, posterior.save)
     elapsed = time.perf_counter() - start

@@ -75,7 +75,7 @@ class Activations(Estimator):
                 raise DataError(f"weight '{info.name}': cannot find the activation that feeds it")
             sites[info.name] = (value.name, how)
         session = p.sessions.open(forward_model(p.prepared.model, sorted({name for name, _ in sites.values()})))
-        yield ActivationsStage(session, self.weights, sites, p.calib, p.options.batch_size)
+        yield ActivationsStage(session, self.weights, sites, p.calib, p.calib.run_size(p.options.batch_size))
 
 
 def channel_energy(x: np.ndarray, how: Reduction, info: WeightInfo) -> np.ndarray:

@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
     c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
-    c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
+    c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name (samples stacked "
+                   "along each input's batch axis; N samples of a fixed-batch [1, ...] input: [N, ...]), or a folder "
+                   "of .npz files (batches, or single samples without the batch axis)")
     c.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
     add_group(o, c.title, shared_options(), group=c)
     for concern in concern_types().values():
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--output-name", help="compare only this output (default: every output of both models)")
     v.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
     v.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
+    add_concern(v, InputsConfig, only=("batch_axis",))
     add_concern(v, VerificationConfig)
     _common(v)
 
@@ -357,6 +360,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         providers=_names(args.ep) if args.ep else None,
         output=args.output_name,
         calib_samples=args.calib_samples,
+        batch_axis=dict(InputsConfig(**given(args, InputsConfig)).batch_axis),
         batch_size=args.batch_size,
         **dataclasses.asdict(VerificationConfig(**given(args, VerificationConfig))),
     )

@@ -196,6 +196,9 @@ def test_scalar_and_state_from_per_sample_files_and_dicts(tmp_path, capsys):
     code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--calib", str(folder), "--bits", "3", "-o", str(out),
                       "-q"], capsys)
     assert code == EXIT_OK, err
+    code, err = _run(["verify", str(tmp_path / "vad.onnx"), str(out), "--calib", str(folder), "--min-agreement",
+                      "0", "-q"], capsys)
+    assert code == EXIT_OK, err
     a = bq_onnx.optimize(vad_model(), calib=iter(samples), bits=3)
     b = bq_onnx.optimize(vad_model(), calib=str(folder), bits=3)
     np.testing.assert_allclose(a.context.posterior.weights["W1"].precision,

@@ -173,7 +173,7 @@ class Calibration:
         """The first ``count`` samples (rounded up to whole runs of a fixed batch)."""
         size = self.run_size(1)
         count = -(-count // size) * size
-        return Calibration(self.select(slice(0, count)), self.source, dict(self.axes), self.fixed_batch)
+        return Calibration(self.select(slice(0, count)), self.source, dict(self.axes), self.fixed_batch, self.spilled)
 
 
 def _along(value: np.ndarray, axis: int | None, rows: slice | np.ndarray) -> np.ndarray:
@@ -219,7 +219,6 @@ def load_calibration(
         if max_samples < 1:
             raise DataError(f"--calib-samples must be >= 1, got {max_samples}")
         calib = calib.take(max_samples)
-        calib.spilled = spilled
     _validate(calib.arrays, specs, where, sample_axis, fixed)
     return calib
 

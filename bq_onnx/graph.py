@@ -70,7 +70,7 @@ def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: C
     symbol = "bq_samples"
     for value in model.graph.inputs:
         dims = calib.sample_shape(value.name)
-        if dims is None:
+        if dims is None or calib.axis(value.name) is None:  # absent, or shared by every sample: as it is
             continue
         if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
             return {}

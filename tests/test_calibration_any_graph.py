@@ -315,3 +315,33 @@ def test_quantized_fixed_batch_model_matches_its_reference_exactly(tmp_path):
     for i in range(4):
         feeds = {"x": images[i:i + 1]}
         np.testing.assert_allclose(q.run(None, feeds)[0], r.run(None, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def rate_model() -> onnx.ModelProto:
+    """``input [batch, 64]`` beside a shared scalar rate ``sr`` that only 15999 and 16000 are valid for."""
+    w = (np.random.default_rng(4).standard_normal((64, 32)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["input", "W1"], ["h"]),
+             helper.make_node("Sub", ["sr", "base"], ["idx"]),
+             helper.make_node("Gather", ["rates", "idx"], ["scale"]),
+             helper.make_node("Mul", ["h", "scale"], ["output"])]
+    return make_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64]),
+                              helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                      [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 32])],
+                      [numpy_helper.from_array(w, "W1"), numpy_helper.from_array(np.array(15999, np.int64), "base"),
+                       numpy_helper.from_array(np.ones(2, np.float32), "rates")])
+
+
+def test_shared_scalar_keeps_the_batched_gradient_path():
+    """A scalar given once does not stop per-sample gradients from batched runs, and they agree with the
+    one-sample-per-run path."""
+    from bq_onnx.graph import batch_major_weights
+    from bq_onnx.model_io import load_model
+
+    rng = np.random.default_rng(6)
+    samples = [{"input": rng.standard_normal(64).astype(np.float32), "sr": np.array(16000, np.int64)}
+               for _ in range(8)]
+    batched = bq_onnx.optimize(rate_model(), calib=samples, bits=3)
+    assert batch_major_weights(load_model(rate_model()), batched.context.weights, batched.calibration) == {"W1": 1}
+    single = bq_onnx.optimize(rate_model(), calib=samples, bits=3, batch_size=1)
+    np.testing.assert_allclose(batched.context.posterior.weights["W1"].precision,
+                               single.context.posterior.weights["W1"].precision, rtol=1e-4)

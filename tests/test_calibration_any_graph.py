@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bq_onnx
 from bq_onnx.calibration import input_specs, load_calibration, sample_axes
 from bq_onnx.cli import main
-from bq_onnx.errors import EXIT_DATA, EXIT_INPUTS, EXIT_OK, EXIT_USAGE, DataError
+from bq_onnx.errors import EXIT_DATA, EXIT_INPUTS, EXIT_OK, EXIT_USAGE, DataError, InputsError
 from tests.conftest import make_model, ort_run
 
 
@@ -253,6 +253,10 @@ def test_random_inputs_the_fp32_model_rejects_exit_8_and_write_nothing(tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "FP32 model itself fails on random verification inputs" in err and "--calib" in err
     assert "--verify-inputs" in err and not out.exists()
+    result = bq_onnx.optimize(vad_model(), bits=3)
+    with pytest.raises(InputsError, match="FP32 model itself fails"):
+        result.save(out)
+    assert not out.exists() and not list(tmp_path.glob("vad.bq.onnx*"))
     np.savez(tmp_path / "verify.npz", input=np.ones((3, 64), np.float32), state=np.ones((2, 3, 16), np.float32),
              sr=np.array(16000, np.int64))
     code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--bits", "3", "-o", str(out), "-q",

@@ -7,11 +7,17 @@ not pay for numpy, onnx and onnxruntime.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# onnx-ir logs what it recovers from (a failed shape inference, with its traceback) as warnings; with no handler
+# configured, Python would print them on stderr. bq-onnx reports its own errors in one line: a null handler keeps
+# them off the terminal, and an application that configures logging still receives them.
+logging.getLogger("onnx_ir").addHandler(logging.NullHandler())
 
 _PUBLIC = {
     "OptimizeConfig": "bq_onnx.config",

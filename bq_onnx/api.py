@@ -25,6 +25,9 @@ from bq_onnx.sizes import totals
 
 ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
 
+#: Samples the post-write check runs (the first ones of ``--verify-inputs`` or of the calibration data).
+VERIFY_SAMPLES = 8
+
 
 @dataclasses.dataclass
 class OptimizeResult:
@@ -37,11 +40,22 @@ class OptimizeResult:
     calibration: Calibration | None = None  # as loaded once by optimize (a one-shot reader is not read again)
 
     def sample_feeds(self) -> dict[str, np.ndarray]:
-        """Inputs for the post-write check: the first calibration samples when there are some (their shapes are
-        real), else seeded random inputs (symbolic dimensions set to 2)."""
-        if self.calibration is not None:
-            return dict(load_calibration(self.calibration, self.model, max_samples=8).arrays)
-        return random_feeds(self.model, seed=self.context.config.quantization.seed)
+        """The first run's inputs of the post-write check (see :meth:`verification_runs`)."""
+        return self.verification_runs()[0][0]
+
+    def verification_runs(self) -> tuple[list[dict[str, np.ndarray]], bool]:
+        """Inputs for the post-write check, one dict per run (runs of a fixed batch), and whether they are random:
+        ``--verify-inputs`` when given, else the first calibration samples (their shapes are real), else seeded
+        random inputs (symbolic dimensions set to 2, or to ``--input-shape``)."""
+        inputs = self.context.config.inputs
+        data = self.calibration
+        if inputs.verify_inputs is not None:
+            data = load_calibration(inputs.verify_inputs, self.model, axes=dict(inputs.batch_axis))
+        if data is not None:
+            first = load_calibration(data, self.model, max_samples=VERIFY_SAMPLES)
+            return list(first.batches(first.num_samples)), False
+        feeds = random_feeds(self.model, seed=self.context.config.quantization.seed, shapes=dict(inputs.input_shape))
+        return [feeds], True
 
     def save(
         self,
@@ -53,14 +67,15 @@ class OptimizeResult:
     ) -> dict:
         inputs = [self.source] if isinstance(self.source, (str, os.PathLike)) else []
         out = check_output_path(path, inputs, force)
+        if verify:  # read before anything is written: bad inputs leave no file behind
+            runs, random_inputs = ([dict(feeds)], False) if feeds is not None else self.verification_runs()
         save_model(self.model, out)
         self.report["output"] = {"path": os.fspath(out), "file_bytes": out.stat().st_size}
         if verify:
             from bq_onnx.verify import verify_written
 
-            feeds = dict(feeds) if feeds is not None else self.sample_feeds()
             try:
-                checks = verify_written(out, self.source, self.context, feeds)
+                checks = verify_written(out, self.source, self.context, runs, random_inputs=random_inputs)
             except BaseException:
                 remove_output(out)  # never leave an unverified model (or its external data) behind
                 raise
@@ -160,7 +175,8 @@ def optimize(
         raise UsageError("--tables mc needs calibration data (--calib)")
     loaded = load_model(model)  # an IR model is copied: the caller's object stays untouched
     # read once (a one-shot reader or generator included) and handed to every stage that needs samples
-    calibration = load_calibration(calib, loaded) if calib is not None else None
+    axes = dict(config.inputs.batch_axis)
+    calibration = load_calibration(calib, loaded, axes=axes) if calib is not None else None
     result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
     if profile is not None:
         from bq_onnx.targets import container_notes

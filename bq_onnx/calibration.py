@@ -6,17 +6,28 @@ concatenated in file-name order) or of ``<input name>.npy`` files; a Python iter
 static dimensions are validated against the model's inputs, and NaN/Inf or empty data is refused, each with a
 one-line error naming the input.
 
-Each input has a *sample axis* (:func:`sample_axes`): where its samples are stacked, the model's batch axis. It is
-the first symbolic dimension of the input (axis 0 for most models, axis 1 for a recurrent state ``[2, batch,
-128]``); a scalar input has none and is given once, shared by every sample. The loaded :class:`Calibration` is the
-one object every consumer (posterior, measured tables, distillation, verification) receives; they take samples only
-through :meth:`Calibration.select` and :meth:`Calibration.batches`, so the axis stays its business.
+Each input has a *sample axis* (:func:`sample_axes`): where its samples are stacked, the model's batch axis (axis 0
+for most models, axis 1 for a recurrent state ``[2, batch, 128]``); a scalar input has none and is given once,
+shared by every sample (``--batch-axis INPUT=none`` makes any input shared). A model whose sample axis has a fixed
+size B (``[1, 1, 64, W]``) runs B samples per run (:attr:`Calibration.fixed_batch`); its samples are given
+*concatenated along that axis*: N samples of a ``[1, 1, 64, W]`` input are one ``[N, 1, 64, W]`` array (N*B rows
+for a fixed batch B, N*B a multiple of B), never an extra leading axis.
+
+A source made of parts (a folder of ``.npz`` files, an iterable of dicts, a reader) may give each part with its
+sample axis (a batch) or without it (one sample: the part's array has one dimension fewer than the input, and a
+new sample axis is added); the parts are then concatenated along the sample axis. A part set larger than
+:data:`SPILL_BYTES` is kept in a temporary memory-mapped ``.npy`` per input instead of in memory.
+
+The loaded :class:`Calibration` is the one object every consumer (posterior, measured tables, distillation,
+verification) receives; they take samples only through :meth:`Calibration.select`, :meth:`Calibration.batches`
+and :meth:`Calibration.runs`, so the axis and the fixed batch stay its business.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -27,6 +38,10 @@ import onnx_ir as ir
 from bq_onnx.errors import DataError
 
 CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
+
+#: Sources made of parts (folders, iterables, readers) whose arrays together exceed this many bytes are kept on
+#: disk, one memory-mapped temporary ``.npy`` per input; ``BQ_ONNX_CALIB_SPILL_MB`` (MiB) overrides it.
+SPILL_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +68,16 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
 
 
 def sample_axes(specs: list[InputSpec], overrides: Mapping[str, int | None] | None = None) -> dict[str, int | None]:
-    """The sample axis of each input: an override, else its first symbolic dimension, else 0 (None for a scalar,
-    which is given once and shared by every sample)."""
+    """The sample axis of each input: an override; None for a scalar (given once, shared by every sample); else
+    the first axis named by a symbol that is another input's leading symbolic dimension (the batch symbol); else
+    axis 0 when it is symbolic or a fixed 1 (a fixed batch of one: later symbolic dimensions are lengths, such as
+    an image width); else the first symbolic dimension (a state ``[2, batch, 128]``); else axis 0 (a fixed batch)."""
     overrides = dict(overrides or {})
     names = {s.name for s in specs}
     for name in overrides:
         if name not in names:
             raise DataError(f"sample axis given for unknown input '{name}' (model inputs: {', '.join(sorted(names))})")
+    batch_symbols = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
     axes: dict[str, int | None] = {}
     for spec in specs:
         if spec.name in overrides:
@@ -70,19 +88,42 @@ def sample_axes(specs: list[InputSpec], overrides: Mapping[str, int | None] | No
         elif spec.rank_known and not spec.shape:
             axes[spec.name] = None
         else:
+            named = [i for i, d in enumerate(spec.shape) if isinstance(d, str) and d in batch_symbols]
             symbolic = [i for i, d in enumerate(spec.shape) if not isinstance(d, int)]
-            axes[spec.name] = symbolic[0] if symbolic else 0
+            if named:
+                axes[spec.name] = named[0]
+            elif not spec.shape or not isinstance(spec.shape[0], int) or spec.shape[0] == 1 or not symbolic:
+                axes[spec.name] = 0
+            else:
+                axes[spec.name] = symbolic[0]
     return axes
+
+
+def fixed_batch(specs: list[InputSpec], axes: Mapping[str, int | None]) -> int | None:
+    """The number of samples every run must take: the fixed size of the inputs' sample axes (None: any)."""
+    sizes = {}
+    for spec in specs:
+        axis = axes.get(spec.name, 0)
+        if axis is not None and spec.rank_known and axis < len(spec.shape) and isinstance(spec.shape[axis], int):
+            sizes[spec.name] = spec.shape[axis]
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"'{name}': {size}" for name, size in sizes.items())
+        raise DataError(f"inputs have different fixed batch sizes on their sample axes ({detail}); set the sample "
+                        f"axes with --batch-axis INPUT=AXIS")
+    return next(iter(sizes.values()), None)
 
 
 @dataclasses.dataclass
 class Calibration:
     """Validated calibration samples: ``{input name: array}``, each stacked along its sample axis (``axes``;
-    missing = 0, None = one value shared by every sample)."""
+    missing = 0, None = one value shared by every sample); ``fixed_batch``: the samples every run must take (a
+    model with a fixed batch), None: any number."""
 
     arrays: dict[str, np.ndarray]
     source: str
     axes: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    fixed_batch: int | None = None
+    spilled: object = dataclasses.field(default=None, repr=False, compare=False)  # keeps spilled files alive
 
     def axis(self, name: str) -> int | None:
         return self.axes.get(name, 0)
@@ -103,10 +144,25 @@ class Calibration:
         axis = self.axis(name)
         return shape if axis is None else shape[:axis] + shape[axis + 1 :]
 
+    def run_size(self, requested: int) -> int:
+        """Samples per run: the model's fixed batch, else ``requested``."""
+        return self.fixed_batch or requested
+
     def batches(self, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of consecutive runs of ``batch_size`` samples (of the fixed batch, for a fixed-batch model)."""
         n = self.num_samples
-        for start in range(0, n, batch_size):
-            yield self.select(slice(start, start + batch_size))
+        size = self.run_size(batch_size)
+        for start in range(0, n, size):
+            yield self.select(slice(start, start + size))
+
+    def runs(self, rows: np.ndarray) -> list[np.ndarray]:
+        """``rows`` (sample indices) cut into runs the model accepts: one run, or runs of the fixed batch (the last
+        padded with its own first rows)."""
+        rows = np.asarray(rows)
+        if not self.fixed_batch:
+            return [rows]
+        size = self.fixed_batch
+        return [np.resize(rows[i:i + size], size) for i in range(0, len(rows), size)]
 
     def select(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
         """Feeds of the samples ``rows`` (a slice or an index array): the one way consumers take samples, so
@@ -114,13 +170,16 @@ class Calibration:
         return {k: _along(v, self.axis(k), rows) for k, v in self.arrays.items()}
 
     def take(self, count: int) -> Calibration:
-        return Calibration(self.select(slice(0, count)), self.source, dict(self.axes))
+        """The first ``count`` samples (rounded up to whole runs of a fixed batch)."""
+        size = self.run_size(1)
+        count = -(-count // size) * size
+        return Calibration(self.select(slice(0, count)), self.source, dict(self.axes), self.fixed_batch, self.spilled)
 
 
 def _along(value: np.ndarray, axis: int | None, rows: slice | np.ndarray) -> np.ndarray:
     if axis is None:
         return value
-    return value[(slice(None),) * axis + (rows,)]
+    return np.ascontiguousarray(value[(slice(None),) * axis + (rows,)])  # runtimes read C order
 
 
 def load_calibration(
@@ -129,33 +188,38 @@ def load_calibration(
     max_samples: int | None = None,
     axes: Mapping[str, int | None] | None = None,
 ) -> Calibration:
-    """Read and validate calibration data for ``model``; ``max_samples`` keeps the first N samples; ``axes``
-    overrides the sample axis of named inputs (None: given once, shared). A loaded :class:`Calibration` is checked
-    against ``model`` and kept (a one-shot reader is read once, then reused through the object)."""
+    """Read and validate calibration data for ``model``; ``max_samples`` keeps the first N samples (whole runs of
+    a fixed batch); ``axes`` overrides the sample axis of named inputs (None: given once, shared). A loaded
+    :class:`Calibration` is checked against ``model`` and kept (a one-shot reader is read once, then reused
+    through the object)."""
     specs = input_specs(model)
+    spilled = None
     if isinstance(source, Calibration):
-        arrays, where = dict(source.arrays), source.source
+        arrays, where, spilled = dict(source.arrays), source.source, source.spilled
         known = {s.name for s in specs}
         sample_axis = sample_axes(specs, {k: source.axis(k) for k in arrays if k in known} | dict(axes or {}))
     else:
         sample_axis = sample_axes(specs, axes)
+        ranks = {s.name: len(s.shape) for s in specs if s.rank_known}
         if isinstance(source, (str, os.PathLike)):
-            arrays, where = _read_path(Path(source), sample_axis), os.fspath(source)
+            (arrays, spilled), where = _read_path(Path(source), sample_axis, ranks), os.fspath(source)
         elif isinstance(source, Mapping):
             arrays, where = {k: np.asarray(v) for k, v in source.items()}, "<dict>"
         elif hasattr(source, "get_next"):
             where = "<CalibrationDataReader>"
-            arrays = _concat(_reader_batches(source), where, sample_axis)
+            arrays, spilled = _concat(_reader_batches(source), where, sample_axis, ranks)
         elif isinstance(source, Iterable):
-            arrays, where = _concat(iter(source), "<iterable>", sample_axis), "<iterable>"
+            arrays, spilled = _concat(iter(source), "<iterable>", sample_axis, ranks)
+            where = "<iterable>"
         else:
             raise DataError(f"unsupported calibration source of type {type(source).__name__}")
-    calib = Calibration(arrays, where, {k: v for k, v in sample_axis.items() if v != 0})
+    fixed = fixed_batch(specs, sample_axis)
+    calib = Calibration(arrays, where, {k: v for k, v in sample_axis.items() if v != 0}, fixed, spilled)
     if max_samples is not None:
         if max_samples < 1:
             raise DataError(f"--calib-samples must be >= 1, got {max_samples}")
-        calib = Calibration(calib.select(slice(0, max_samples)), where, calib.axes)
-    _validate(calib.arrays, specs, where, sample_axis)
+        calib = calib.take(max_samples)
+    _validate(calib.arrays, specs, where, sample_axis, fixed)
     return calib
 
 
@@ -165,16 +229,26 @@ def _reader_batches(reader) -> Iterator[Mapping[str, np.ndarray]]:
 
 
 def _concat(
-    batches: Iterator[Mapping[str, np.ndarray]], where: str, axes: Mapping[str, int | None]
-) -> dict[str, np.ndarray]:
+    batches: Iterator[Mapping[str, np.ndarray]], where: str, axes: Mapping[str, int | None],
+    ranks: Mapping[str, int],
+) -> tuple[dict[str, np.ndarray], object]:
+    """The parts concatenated along each input's sample axis (a part without the axis is one sample); kept in
+    memory-mapped temporary files once they exceed :func:`spill_bytes`. Returns the arrays and what keeps the
+    files alive (None when in memory)."""
     parts: dict[str, list[np.ndarray]] = {}
+    store = _PartStore(spill_bytes())
     for i, batch in enumerate(batches):
         if not isinstance(batch, Mapping):
             raise DataError(f"{where}: batch {i} is a {type(batch).__name__}, expected a dict of arrays")
         if parts and set(batch) != set(parts):
             raise DataError(f"{where}: batch {i} has inputs {sorted(batch)}, earlier batches {sorted(parts)}")
         for name, value in batch.items():
-            parts.setdefault(name, []).append(np.asarray(value))
+            value = np.asarray(value)
+            axis = axes.get(name, 0)
+            if axis is not None and name in ranks and value.ndim == ranks[name] - 1:
+                value = np.expand_dims(value, axis)  # one sample given without its sample axis
+            chunks = parts.setdefault(name, [])
+            chunks.append(value if axis is None and chunks else store.keep(value))
     if not parts:
         raise DataError(f"{where}: no calibration samples")
     out = {}
@@ -182,15 +256,71 @@ def _concat(
         axis = axes.get(name, 0)
         if axis is None:  # shared by every sample: each batch must carry the same value
             if any(c.shape != chunks[0].shape or not np.array_equal(c, chunks[0]) for c in chunks[1:]):
-                raise DataError(f"{where}: input '{name}' has no sample axis, yet batches give different values")
-            out[name] = chunks[0]
+                raise DataError(f"{where}: input '{name}' has no sample axis, yet batches give different values "
+                                f"(give it once, or set its axis with --batch-axis {name}=AXIS)")
+            out[name] = np.asarray(chunks[0])
             continue
         try:
-            out[name] = np.concatenate(chunks, axis=axis)
+            out[name] = store.concatenate(name, chunks, axis)
         except (ValueError, np.exceptions.AxisError) as exc:
+            shapes = sorted({tuple(c.shape) for c in chunks})[:3]
             raise DataError(f"{where}: input '{name}': batches do not stack along its sample axis {axis} "
-                            f"({str(exc).splitlines()[0]})") from None
-    return out
+                            f"(shapes {', '.join(str(list(s)) for s in shapes)}; {str(exc).splitlines()[0]}); "
+                            f"give every part with or without the sample axis, or set it with "
+                            f"--batch-axis {name}=AXIS") from None
+    return out, store.folder
+
+
+def spill_bytes() -> int:
+    """:data:`SPILL_BYTES`, or ``BQ_ONNX_CALIB_SPILL_MB`` MiB."""
+    value = os.environ.get("BQ_ONNX_CALIB_SPILL_MB")
+    try:
+        return int(float(value) * 2**20) if value else SPILL_BYTES
+    except ValueError:
+        return SPILL_BYTES
+
+
+class _PartStore:
+    """Where the parts of a source wait to be concatenated: in memory until they exceed ``limit`` bytes, then each
+    in its own temporary ``.npy`` (memory-mapped when read back), and the result in one ``.npy`` per input."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self.count = limit, 0, 0
+        self.folder: tempfile.TemporaryDirectory | None = None
+
+    def keep(self, value: np.ndarray) -> np.ndarray:
+        self.total += value.nbytes
+        if self.folder is None and self.total <= self.limit:
+            return value
+        if self.folder is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="bq-calib-")
+        return self._save(value)
+
+    def _save(self, value: np.ndarray) -> np.ndarray:
+        self.count += 1
+        path = Path(self.folder.name) / f"part{self.count}.npy"
+        np.save(path, value, allow_pickle=False)
+        return np.load(path, mmap_mode="r")
+
+    def concatenate(self, name: str, chunks: list[np.ndarray], axis: int) -> np.ndarray:
+        if self.folder is None:
+            return np.concatenate(chunks, axis=axis)
+        first = chunks[0]
+        if any(c.ndim != first.ndim or c.dtype != first.dtype or
+               c.shape[:axis] + c.shape[axis + 1:] != first.shape[:axis] + first.shape[axis + 1:] for c in chunks):
+            np.concatenate([c[(slice(None),) * axis + (slice(0, 1),)] for c in chunks], axis=axis)  # its error
+        shape = list(first.shape)
+        shape[axis] = sum(c.shape[axis] for c in chunks)
+        self.count += 1
+        path = Path(self.folder.name) / f"input{self.count}.npy"
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=first.dtype, shape=tuple(shape))
+        start = 0
+        for c in chunks:
+            out[(slice(None),) * axis + (slice(start, start + c.shape[axis]),)] = c
+            start += c.shape[axis]
+        out.flush()
+        del out
+        return np.load(path, mmap_mode="r")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -205,13 +335,15 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: cannot read calibration data ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _read_path(path: Path, axes: Mapping[str, int | None]) -> dict[str, np.ndarray]:
+def _read_path(
+    path: Path, axes: Mapping[str, int | None], ranks: Mapping[str, int]
+) -> tuple[dict[str, np.ndarray], object]:
     if not path.exists():
         raise DataError(f"{path}: calibration data not found")
     if path.is_file():
         if path.suffix == ".npy":
             raise DataError(f"{path}: a single .npy has no input name; use .npz keyed by input name or a folder")
-        return _read_npz(path)
+        return _read_npz(path), None
     files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
     if not files:
         raise DataError(f"{path}: folder has no .npz or .npy files")
@@ -222,14 +354,15 @@ def _read_path(path: Path, axes: Mapping[str, int | None]) -> dict[str, np.ndarr
                 arrays[p.stem] = np.load(p, allow_pickle=False)
             except (OSError, ValueError, EOFError) as exc:
                 raise DataError(f"{p}: cannot read ({str(exc).splitlines()[0][:200]})") from None
-        return arrays
+        return arrays, None
     if any(p.suffix == ".npy" for p in files):
         raise DataError(f"{path}: mixes .npy and .npz files; use one kind")
-    return _concat((_read_npz(p) for p in files), os.fspath(path), axes)
+    return _concat((_read_npz(p) for p in files), os.fspath(path), axes, ranks)
 
 
 def _validate(
-    arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str, axes: Mapping[str, int | None]
+    arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str, axes: Mapping[str, int | None],
+    fixed: int | None = None,
 ) -> None:
     names = {s.name for s in specs}
     for spec in specs:
@@ -247,7 +380,7 @@ def _validate(
         if spec.shape and arr.ndim != len(spec.shape):
             raise DataError(
                 f"{where}: input '{spec.name}' has rank {arr.ndim} (shape {list(arr.shape)}), "
-                f"the model expects rank {len(spec.shape)} {list(spec.shape)}"
+                f"the model expects rank {len(spec.shape)} {list(spec.shape)}{_how_to_stack(spec, sample_axis)}"
             )
         if sample_axis is not None and (arr.ndim <= sample_axis or arr.shape[sample_axis] == 0):
             side = "first axis" if sample_axis == 0 else f"its sample axis {sample_axis}"
@@ -256,13 +389,12 @@ def _validate(
             if isinstance(want, int) and axis != sample_axis and have != want:
                 raise DataError(
                     f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
-                    f"{list(spec.shape)} (axis {axis})"
+                    f"{list(spec.shape)} (axis {axis}){_how_to_stack(spec, sample_axis)}"
                 )
-        if sample_axis is not None and spec.shape and isinstance(spec.shape[sample_axis], int) \
-                and spec.shape[sample_axis] != 1:
+        if fixed and sample_axis is not None and arr.shape[sample_axis] % fixed:
             raise DataError(
-                f"{where}: input '{spec.name}' has a fixed batch of {spec.shape[sample_axis]}; calibration needs "
-                "batch 1 or a symbolic batch dimension"
+                f"{where}: input '{spec.name}' has {arr.shape[sample_axis]} rows along its sample axis "
+                f"{sample_axis}, not a multiple of the model's fixed batch {fixed}{_how_to_stack(spec, sample_axis)}"
             )
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int(arr.size - np.isfinite(arr).sum())
@@ -271,7 +403,20 @@ def _validate(
             counts[spec.name] = arr.shape[sample_axis]
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"'{name}': {count}" for name, count in counts.items())
-        raise DataError(f"{where}: inputs have different sample counts ({detail})")
+        raise DataError(f"{where}: inputs have different sample counts ({detail}); an input given once for every "
+                        f"sample needs --batch-axis INPUT=none")
+
+
+def _how_to_stack(spec: InputSpec, axis: int | None) -> str:
+    """The rule for this input's data, said in an error: the shape expected and the option that changes it."""
+    if axis is None:
+        return f"; '{spec.name}' is given once for every sample (give it a sample axis: --batch-axis {spec.name}=AXIS)"
+    dims = [str(d) if d is not None else "?" for d in spec.shape]
+    if dims:
+        size = spec.shape[axis]
+        dims[axis] = f"N*{size}" if isinstance(size, int) and size != 1 else "N"
+    return (f"; give samples concatenated along its sample axis {axis} (shape [{', '.join(dims)}]) or one sample "
+            f"per file of a folder, or set the axis with --batch-axis {spec.name}=AXIS|none")
 
 
 def load_labels(path: str | os.PathLike) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 from bq_onnx import __version__
 from bq_onnx.config import (
     BenchConfig,
+    InputsConfig,
     PosteriorConfig,
     VerificationConfig,
     WeightsConfig,
@@ -54,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
     c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
-    c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name, or a folder")
+    c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name (samples stacked "
+                   "along each input's batch axis; N samples of a fixed-batch [1, ...] input: [N, ...]), or a folder "
+                   "of .npz files (batches, or single samples without the batch axis)")
     c.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
     add_group(o, c.title, shared_options(), group=c)
     for concern in concern_types().values():
@@ -75,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite an existing output file")
     add_concern(q, WeightsConfig, only=("min_size",))
     add_concern(q, PosteriorConfig)
+    add_concern(q, InputsConfig, only=("batch_axis",))
     _common(q)
 
     i = sub.add_parser(
@@ -123,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--output-name", help="compare only this output (default: every output of both models)")
     v.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
     v.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
+    add_concern(v, InputsConfig, only=("batch_axis",))
     add_concern(v, VerificationConfig)
     _common(v)
 
@@ -248,6 +253,7 @@ def _loss_text(terms: list[dict]) -> str:
 
 
 def _cmd_posterior(args: argparse.Namespace) -> int:
+    from bq_onnx.calibration import load_calibration
     from bq_onnx.estimators import estimate_prepared, prepare
     from bq_onnx.model_io import check_output_path
 
@@ -255,7 +261,9 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = PosteriorConfig(**given(args, PosteriorConfig))
     prepared = prepare(args.model, WeightsConfig(**given(args, WeightsConfig)))
-    posterior = estimate_prepared(prepared, args.calib, config,
+    axes = dict(InputsConfig(**given(args, InputsConfig)).batch_axis)
+    calib = load_calibration(args.calib, prepared.model, axes=axes)
+    posterior = estimate_prepared(prepared, calib, config,
                                   progress_bar=not (args.quiet or args.json) and sys.stderr.isatty())
     _save_atomic(out, posterior.save)
     elapsed = time.perf_counter() - start
@@ -375,6 +383,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         providers=_names(args.ep) if args.ep else None,
         output=args.output_name,
         calib_samples=args.calib_samples,
+        batch_axis=dict(InputsConfig(**given(args, InputsConfig)).batch_axis),
         batch_size=args.batch_size,
         **dataclasses.asdict(VerificationConfig(**given(args, VerificationConfig))),
     )

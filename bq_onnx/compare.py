@@ -19,11 +19,11 @@ that is not installed is reported as skipped, not failed, unless no requested ru
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bq_onnx.calibration import Calibration, load_calibration
+from bq_onnx.calibration import load_calibration
 from bq_onnx.config import VerificationConfig
 from bq_onnx.errors import DataError, UnsupportedError, UsageError, VerificationError
 from bq_onnx.model_io import load_model
@@ -144,6 +144,7 @@ def verify_models(
     providers: Sequence[str] | None = None,
     output: str | None = None,
     calib_samples: int | None = None,
+    batch_axis: Mapping[str, int | None] | None = None,
     batch_size: int = DEFAULT_BATCH,
     min_agreement: float | None = DEFAULT_MIN_AGREEMENT,
     max_kl: float | None = None,
@@ -166,8 +167,8 @@ def verify_models(
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     ref_model = load_model(reference)
     cand_model = load_model(candidate)
-    calib = load_calibration(calibration, ref_model, max_samples=calib_samples)
-    calib = load_calibration(Calibration(calib.arrays, calib.source), cand_model)
+    calib = load_calibration(calibration, ref_model, max_samples=calib_samples, axes=batch_axis)
+    calib = load_calibration(calib, cand_model)  # the same samples, sample axes kept
     del ref_model, cand_model
     if labels is not None:
         labels = np.asarray(labels)

@@ -144,6 +144,57 @@ def _mapping(value: Any, flag: str) -> Mapping | None:
     return MappingProxyType(dict(value))
 
 
+def _pairs(value: Any, flag: str, form: str) -> list[tuple[str, Any]]:
+    """``["a=1", ...]``, ``{"a": 1}`` or ``(("a", 1), ...)`` -> [(name, raw value), ...]."""
+    if isinstance(value, Mapping):
+        return list(value.items())
+    out = []
+    for item in [value] if isinstance(value, str) else value:
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append((item[0], item[1]))
+            continue
+        name, sep, raw = str(item).rpartition("=")
+        if not sep or not name:
+            raise UsageError(f"{flag} takes {form}, got {item!r}")
+        out.append((name, raw))
+    return out
+
+
+def parse_batch_axes(value: Any, flag: str = "--batch-axis") -> tuple[tuple[str, int | None], ...]:
+    """``["state=1", "sr=none"]`` or ``{"state": 1, "sr": None}`` -> ((input, axis or None), ...)."""
+    out = []
+    for name, raw in _pairs(value, flag, "INPUT=AXIS or INPUT=none"):
+        if raw is None or str(raw).strip().lower() == "none":
+            out.append((str(name), None))
+            continue
+        try:
+            axis = int(raw)
+        except (TypeError, ValueError):
+            raise UsageError(f"{flag} {name}: the axis must be an integer or none, got {raw!r}") from None
+        if axis < 0:
+            raise UsageError(f"{flag} {name}: the axis must be >= 0, got {axis}")
+        out.append((str(name), axis))
+    return tuple(out)
+
+
+def parse_input_shapes(value: Any, flag: str = "--input-shape") -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``["images=1,3,640,640"]`` or ``{"images": (1, 3, 640, 640)}`` -> ((input, dims), ...)."""
+    out = []
+    for name, raw in _pairs(value, flag, "NAME=D,D,..."):
+        try:
+            dims = tuple(int(d) for d in (raw.split(",") if isinstance(raw, str) else raw) if str(d).strip())
+        except (TypeError, ValueError):
+            raise UsageError(f"{flag} {name}: dimensions must be comma-separated integers, got {raw!r}") from None
+        if any(d < 1 for d in dims):
+            raise UsageError(f"{flag} {name}: dimensions must be >= 1, got {raw!r}")
+        out.append((str(name), dims))
+    return tuple(out)
+
+
+def _path(value: Any, flag: str) -> str | None:
+    return None if value is None else os.fspath(value)
+
+
 def _bits(v: float) -> str | None:
     return None if 0 <= v <= 8 else "must be a number in 0..8"
 
@@ -172,6 +223,23 @@ LABELS = Option(None, "labels .npy/.npz (key 'labels') for --loss ce/mse", metav
 
 
 # --- the concerns ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InputsConfig(Concern):
+    """How the model's inputs are read from data: sample axes, and the inputs the post-write check runs on."""
+
+    title: ClassVar[str] = "model inputs"
+    batch_axis: tuple[tuple[str, int | None], ...] = option(
+        (), "the axis along which INPUT's calibration samples are stacked (default: the batch dimension found in "
+        "the graph); none = given once and shared by every sample (repeatable)", parse=parse_batch_axes,
+        metavar="INPUT=AXIS|none", repeat=True)
+    verify_inputs: str | None = option(None, "inputs for the post-write check only (.npz keyed by input name, or a "
+                                       "folder), instead of the calibration samples or random inputs",
+                                       parse=_path, metavar="FILE")
+    input_shape: tuple[tuple[str, tuple[int, ...]], ...] = option(
+        (), "the shape of input NAME's random verification inputs (sets its symbolic dimensions; repeatable)",
+        parse=parse_input_shapes, metavar="NAME=D,D,...", repeat=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +398,7 @@ class OptimizeConfig:
     posterior: PosteriorConfig = dataclasses.field(default_factory=PosteriorConfig)
     distillation: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    inputs: InputsConfig = dataclasses.field(default_factory=InputsConfig)
 
     def __post_init__(self) -> None:
         for name, holders in _shared(type(self)).items():

@@ -14,6 +14,7 @@ EXIT_UNSUPPORTED = 4
 EXIT_DATA = 5
 EXIT_VERIFY = 6
 EXIT_OUTPUT = 7
+EXIT_INPUTS = 8
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -24,6 +25,8 @@ EXIT_CODES = {
     EXIT_DATA: "bad numbers: NaN/Inf weights, bad calibration or sample data",
     EXIT_VERIFY: "verification failed: the written model does not match the reference",
     EXIT_OUTPUT: "the output cannot be written: same as the input, exists without --force, not writable",
+    EXIT_INPUTS: "no valid verification inputs: the FP32 model itself fails on random inputs (give --calib or "
+                 "--verify-inputs)",
 }
 
 
@@ -55,6 +58,12 @@ class VerificationError(BqError):
 
 class OutputError(BqError):
     exit_code = EXIT_OUTPUT
+
+
+class InputsError(BqError):
+    """The inputs made up for a check are invalid for the model itself: real ones are needed."""
+
+    exit_code = EXIT_INPUTS
 
 
 def exit_code_table() -> str:

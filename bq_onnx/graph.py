@@ -62,13 +62,16 @@ def weights_of(model: ir.Model, weights: Sequence[WeightInfo]) -> list[WeightInf
 def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: Calibration) -> dict[str, int]:
     """Weights whose single consumer reads and writes sample-major tensors (first axis = the calibration
     sample axis, by shape inference with a symbolic batch), with their use counts. A model whose inputs have a
-    fixed first dimension is not batched at all. ``model``: a copy whose shapes this rewrites."""
+    fixed first dimension, a fixed batch or a sample axis other than the first is not batched at all (its
+    estimators run one sample per run). ``model``: a copy whose shapes this rewrites."""
     from onnx_ir.passes.common import ShapeInferencePass
 
+    if calib.fixed_batch or any(axis not in (0, None) for axis in calib.axes.values()):
+        return {}
     symbol = "bq_samples"
     for value in model.graph.inputs:
         dims = calib.sample_shape(value.name)
-        if dims is None:
+        if dims is None or calib.axis(value.name) is None:  # absent, or shared by every sample: as it is
             continue
         if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
             return {}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import onnx_ir as ir
+
+from bq_onnx.errors import UsageError
 
 _INT_TYPES = {
     ir.DataType.INT64: np.int64,
@@ -15,20 +19,30 @@ _INT_TYPES = {
 _FLOAT_TYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64}
 
 
-def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """One feed per graph input that has no initializer; symbolic dimensions become ``batch``.
+def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0,
+                 shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """One feed per graph input that has no initializer; symbolic dimensions become ``batch``, or what
+    ``shapes`` (``--input-shape``) gives for the input.
 
     Integer inputs get small non-negative values (valid token ids and indices for any realistic table). A
     symbolic dimension that a directly consuming MatMul/Gemm/Conv weight pins down takes the weight's size.
     """
     rng = np.random.default_rng(seed)
     initializers = set(model.graph.initializers)
+    inputs = [v for v in model.graph.inputs if v.name not in initializers]
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {v.name for v in inputs})
+    if unknown:
+        raise UsageError(f"--input-shape: unknown input '{unknown[0]}' (model inputs: "
+                         f"{', '.join(v.name for v in inputs)})")
     feeds = {}
-    for value in model.graph.inputs:
-        if value.name in initializers:
-            continue
-        pinned = _pinned_dims(model, value)
-        shape = [d if isinstance(d, int) else pinned.get(axis, batch) for axis, d in enumerate(value.shape or [])]
+    for value in inputs:
+        if value.name in shapes:
+            shape = _given_shape(value, shapes[value.name])
+        else:
+            pinned = _pinned_dims(model, value)
+            shape = [d if isinstance(d, int) else pinned.get(axis, batch)
+                     for axis, d in enumerate(value.shape or [])]
         dtype = value.dtype
         if dtype in _FLOAT_TYPES:
             feeds[value.name] = rng.standard_normal(shape).astype(_FLOAT_TYPES[dtype])
@@ -39,6 +53,16 @@ def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0) -> dict[str, np
         else:
             feeds[value.name] = np.zeros(shape, dtype=np.float32)
     return feeds
+
+
+def _given_shape(value: ir.Value, dims: Sequence[int]) -> list[int]:
+    """``dims`` checked against the input's rank and fixed dimensions."""
+    want = [d if isinstance(d, int) else str(d) for d in (value.shape or [])]
+    bad = value.shape is not None and (len(dims) != len(want) or any(
+        isinstance(w, int) and w != d for w, d in zip(want, dims)))
+    if bad:
+        raise UsageError(f"--input-shape {value.name}={','.join(map(str, dims))}: the model expects shape {want}")
+    return list(dims)
 
 
 def _pinned_dims(model: ir.Model, value: ir.Value) -> dict[int, int]:

@@ -11,7 +11,7 @@ import ctypes
 import dataclasses
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 
 from bq_onnx.context import Context
-from bq_onnx.errors import ModelError, VerificationError
+from bq_onnx.errors import DataError, InputsError, ModelError, VerificationError
 from bq_onnx.model_io import copy_model, load_model
 from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.prepare import prepare_passes
@@ -122,30 +122,38 @@ def reference_outputs(source, ctx: Context, feeds: Mapping[str, np.ndarray], rt,
     """The reference's outputs on ``feeds``, computed by consecutive segments of the graph, each in its own
     session that is dropped before the next is built: peak memory holds ``segment_bytes`` of full-precision
     weights (default :data:`SEGMENT_BYTES`), not the whole model; intermediate activations pass between them."""
+    return reference_runs(source, ctx, [feeds], rt, folder, segment_bytes)[0]
+
+
+def reference_runs(source, ctx: Context, runs: Sequence[Mapping[str, np.ndarray]], rt, folder: str | os.PathLike,
+                   segment_bytes: int | None = None) -> list[list[np.ndarray]]:
+    """:func:`reference_outputs` of each of ``runs`` (feeds of the same shapes: runs of a fixed batch), every
+    session built once."""
     model = run_passes(load_model(source), [*prepare_passes(ctx.config.weights), TopologicalSortPass()])
-    runs = segments(model, SEGMENT_BYTES if segment_bytes is None else segment_bytes)
+    pieces = segments(model, SEGMENT_BYTES if segment_bytes is None else segment_bytes)
     outputs = [v.name for v in model.graph.outputs]
-    if len(runs) > 1:
+    if len(pieces) > 1:
         for value in model.graph.inputs:
-            if value.name in feeds:
-                value.shape = ir.Shape(list(np.shape(feeds[value.name])))
+            if value.name in runs[0]:
+                value.shape = ir.Shape(list(np.shape(runs[0][value.name])))
         ShapeInferencePass(check_type=False, strict_mode=False)(model)
-    if len(runs) == 1 or not _typed_boundaries(model, runs):
+    if len(pieces) == 1 or not _typed_boundaries(model, pieces):
         session = rt.session(write_reference(model, ctx, folder), exact=True)
         memtrace("verify: reference session")
-        return session.run(feeds)
-    values: dict[str, np.ndarray] = dict(feeds)
-    for i in range(len(runs)):
-        part = _segment_model(model, runs, i)
+        return [session.run(feeds) for feeds in runs]
+    values: list[dict[str, np.ndarray]] = [dict(feeds) for feeds in runs]
+    for i in range(len(pieces)):
+        part = _segment_model(model, pieces, i)
         session = rt.session(write_reference(part, ctx, folder, f"reference{i}"), exact=True)
-        wanted = {k: values[k] for k in session.input_names}
-        values.update(zip(session.output_names, session.run(wanted)))
+        for known in values:
+            wanted = {k: known[k] for k in session.input_names}
+            known.update(zip(session.output_names, session.run(wanted)))
         del session, part
         release_freed_memory()
         for f in Path(folder).glob(f"reference{i}.onnx*"):
             f.unlink()
-        memtrace(f"verify: reference segment {i + 1}/{len(runs)}")
-    return [values[name] for name in outputs]
+        memtrace(f"verify: reference segment {i + 1}/{len(pieces)}")
+    return [[known[name] for name in outputs] for known in values]
 
 
 def _boundaries(model: ir.Model, runs: list[list[ir.Node]], i: int) -> tuple[list[ir.Value], list[ir.Value]]:
@@ -220,12 +228,26 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], names: lis
     return checks
 
 
+def combine(per_run: list[list[OutputCheck]]) -> list[OutputCheck]:
+    """Per output, the worst of its checks over several runs."""
+    out = []
+    for checks in zip(*per_run):
+        out.append(OutputCheck(checks[0].name, max(c.max_abs_error for c in checks),
+                               max(c.max_abs_reference for c in checks), all(c.ok for c in checks)))
+    return out
+
+
 def verify_written(
-    path: str | os.PathLike, source, ctx: Context, feeds: Mapping[str, np.ndarray], runtime: str = "onnxruntime"
+    path: str | os.PathLike, source, ctx: Context, feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+    runtime: str = "onnxruntime", random_inputs: bool = False,
 ) -> list[OutputCheck]:
-    """Reload ``path``, check it by path, run it and the reference on ``feeds``; raise on a mismatch."""
+    """Reload ``path``, check it by path, run it and the reference on ``feeds`` (one run's feeds, or a list of
+    runs: a fixed-batch model's samples); raise on a mismatch. ``random_inputs``: the feeds are made up, and a
+    model that cannot run on them is checked in FP32 first, so that invalid inputs are not reported as a bad
+    model (:class:`~bq_onnx.errors.InputsError`)."""
     from bq_onnx.runtimes import get_runtime
 
+    runs = [feeds] if isinstance(feeds, Mapping) else list(feeds)
     path = Path(path)
     try:
         onnx.checker.check_model(os.fspath(path))
@@ -238,15 +260,21 @@ def verify_written(
         candidate_session = rt.session(path, exact=True)
     except ModelError as exc:
         raise VerificationError(str(exc)) from None
-    out = candidate_session.run(feeds)
+    try:
+        out = [candidate_session.run(run) for run in runs]
+    except DataError:
+        if random_inputs:
+            del candidate_session
+            fp32_runs(source, runs, rt)  # raises InputsError when the FP32 model fails on them too
+        raise
     names = candidate_session.output_names
     del candidate_session
     release_freed_memory()
     memtrace("verify: candidate run")
     with tempfile.TemporaryDirectory(prefix="bq-ref-") as tmp:
-        ref_out = reference_outputs(source, ctx, feeds, rt, tmp)
+        ref_out = reference_runs(source, ctx, runs, rt, tmp)
         memtrace("verify: reference run")
-    checks = compare(ref_out, out, names)
+    checks = combine([compare(r, o, names) for r, o in zip(ref_out, out)])
     bad = [c for c in checks if not c.ok]
     if bad:
         c = bad[0]
@@ -255,3 +283,26 @@ def verify_written(
             f"(max abs error {c.max_abs_error:.3g}, reference magnitude {c.max_abs_reference:.3g})"
         )
     return checks
+
+
+def fp32_runs(source, runs: Sequence[Mapping[str, np.ndarray]], rt) -> None:
+    """Run the input model itself on ``runs``; a failure there means the inputs, not the quantized model, are
+    wrong: an :class:`~bq_onnx.errors.InputsError` that asks for real inputs."""
+    with tempfile.TemporaryDirectory(prefix="bq-fp32-") as tmp:
+        if isinstance(source, (str, os.PathLike)):
+            where, path = os.fspath(source), source
+        else:
+            where, path = "<in-memory model>", Path(tmp) / "fp32.onnx"
+            ir.save(load_model(source), path)
+        session = rt.session(path, exact=True)
+        try:
+            for run in runs:
+                session.run(run)
+        except DataError as exc:
+            reason = str(exc).removeprefix("onnxruntime could not run the model on these inputs: ")
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in runs[0].items())
+            raise InputsError(
+                f"{where}: the FP32 model itself fails on random verification inputs ({shapes}): {reason}; give "
+                f"real inputs with --calib DATA or --verify-inputs FILE, or their shapes with --input-shape "
+                f"NAME=D,D,... (nothing was written)"
+            ) from None

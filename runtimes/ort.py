@@ -79,7 +79,7 @@ class OnnxRuntime(Runtime):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors come back as exceptions, never as log lines
         if exact:
             # Fused MatMulNBits otherwise quantizes activations to int8 (about 5e-3 relative error).
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")

@@ -55,7 +55,7 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Ses
     from bq_onnx.runtimes.ort import OrtSession
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, never as log lines
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:

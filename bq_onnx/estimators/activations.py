@@ -79,7 +79,7 @@ class Activations(Estimator):
         if not seen:
             return
         session = p.sessions.open(forward_model(p.prepared.model, sorted({name for name, _ in sites.values()})))
-        yield ActivationsStage(session, seen, sites, p.calib, p.options.batch_size)
+        yield ActivationsStage(session, seen, sites, p.calib, p.calib.run_size(p.options.batch_size))
 
 
 def channel_energy(x: np.ndarray, how: Reduction, info: WeightInfo) -> np.ndarray:

@@ -106,7 +106,7 @@ class Hutchinson(GradientEstimator):
         initializers = p.prepared.model.graph.initializers
         base = {w: np.asarray(initializers[w].const_value.numpy(), dtype=np.float32) for w in wrt}
         yield HutchinsonStage(p.sessions.open(graph.model), dict(graph.gradients), wrt, p.calib, fixed, base,
-                              p.layouts, opts.probes, opts.batch_size, p.rng)
+                              p.layouts, opts.probes, p.calib.run_size(opts.batch_size), p.rng)
 
 
 def rank_one_smooth(raw: np.ndarray, layout: WeightLayout) -> np.ndarray:

@@ -176,9 +176,8 @@ class KfacStage(Stage):
     def batches(self, samples: range) -> Iterator[Batch]:
         if self.sites:
             yield from sample_batches(samples, self.batch_size)
-        for draw in range(self.draws):
-            for i in samples:
-                yield Batch(slice(i, i + 1), draw)
+        for draw in range(self.draws):  # one sample per run (one fixed batch, for a fixed-batch model)
+            yield from sample_batches(samples, self.calib.run_size(1), draw)
 
 
 class Kfac(GradientEstimator):
@@ -204,4 +203,4 @@ class Kfac(GradientEstimator):
             forward = p.sessions.open(forward_model(p.prepared.model, sorted({site.activation for site in sites})))
         targets = TargetDraws("fisher-mc", self.plan, self.outputs, self.labels, p.rng)
         yield KfacStage(forward, session, dict(graph.gradients), sites, wrt, p.calib, targets, p.layouts,
-                        opts.mc_samples, opts.batch_size)
+                        opts.mc_samples, p.calib.run_size(opts.batch_size))

@@ -151,7 +151,7 @@ def _product_session(a_shape: tuple[int, ...], b_shape: tuple[int, ...]):
         model.ir_version = 10
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return _SESSIONS[key]
 

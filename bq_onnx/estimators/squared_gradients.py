@@ -16,7 +16,7 @@ import numpy as np
 
 from bq_onnx.autodiff.loss import TARGET
 from bq_onnx.calibration import Calibration
-from bq_onnx.estimators.base import Batch, GradientEstimator, PosteriorPart, Stage
+from bq_onnx.estimators.base import Batch, GradientEstimator, PosteriorPart, Stage, sample_batches
 from bq_onnx.estimators.batched import BatchedFisherStage, BatchedGraph
 from bq_onnx.estimators.loss_targets import TargetDraws
 from bq_onnx.graph import specialise
@@ -65,9 +65,8 @@ class PerSampleStage(Stage):
         return SquaredGradientSums(self)
 
     def batches(self, samples: range) -> Iterator[Batch]:
-        for draw in range(self.draws):
-            for i in samples:
-                yield Batch(slice(i, i + 1), draw)
+        for draw in range(self.draws):  # one sample per run (one fixed batch, for a fixed-batch model)
+            yield from sample_batches(samples, self.calib.run_size(1), draw)
 
 
 class SquaredGradients(GradientEstimator):
@@ -77,7 +76,7 @@ class SquaredGradients(GradientEstimator):
         p, opts = self.problem, self.problem.options
         self.reference()
         names = [w.name for w in self.weights]
-        batch = min(opts.batch_size, p.calib.num_samples)
+        batch = min(opts.batch_size, p.calib.num_samples) if not p.calib.fixed_batch else 1  # per run
         graph = (BatchedGraph.build(p.sessions, p.prepared, p.calib, self.plan, opts.output, batch)
                  if batch > 1 else None)
         if graph is not None:

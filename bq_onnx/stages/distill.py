@@ -109,9 +109,15 @@ class _Distiller:
             session = sessions.open(graph.model)
 
             def run(values: dict, idx: np.ndarray) -> tuple[float, dict]:
-                feeds = calib.select(idx)
-                out = dict(zip(session.output_names, session.run({**feeds, TARGET: targets[idx], **values})))
-                return float(out[graph.loss]), {p: out[graph.gradients[p]] for p in params}
+                loss, grads = 0.0, {}
+                for rows in calib.runs(idx):  # one run, or runs of a fixed batch whose sums add up
+                    feeds = calib.select(rows)
+                    out = dict(zip(session.output_names, session.run({**feeds, TARGET: targets[rows], **values})))
+                    loss += float(out[graph.loss])
+                    for p in params:
+                        g = out[graph.gradients[p]]
+                        grads[p] = g if p not in grads else grads[p] + g
+                return loss, grads
 
             values = {p: v.copy() for p, v in params.items()}
             eval_idx = held_idx if held else train_idx

@@ -221,7 +221,8 @@ def _print_optimize(report: dict, elapsed: float) -> None:
         al = report["allocation"]
         target = f" (budget {al['target_bits']:g})" if al["target_bits"] is not None else ""
         print(f"allocation: {al['method']} over {al['blocks']} blocks ({al['granularity']}): "
-              f"{al['achieved_bits']:.3f} bits/weight{target}, {al['achieved_bits_with_metadata']:.3f} with metadata")
+              f"{al['achieved_bits']:.3f} stored bits/weight{target} (payload {al['achieved_payload_bits']:.3f}, "
+              f"metadata {al['achieved_metadata_bits']:.3f}; budget counts {al['budget_counts']})")
     out = report["output"]
     size_in = report.get("input_file_bytes")
     ratio = f" ({size_in / out['file_bytes']:.2f}x smaller)" if size_in else ""

@@ -19,6 +19,7 @@ from bq_onnx.decode.ops import BlockDims, add_outliers, expand_blocks, outlier_a
 from bq_onnx.decode.rewrite import RewritePass
 from bq_onnx.emitter import GraphEmitter, i64
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
+from bq_onnx.sizes import container_bits
 
 
 def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
@@ -30,26 +31,42 @@ def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
 class RewriteNativePass(RewritePass):
     format = "native"
 
-    def merge(self, pieces: QuantizedPieces) -> QuantizedTensor | None:
-        """Uniform slices of any widths share one DequantizeLinear in the container of the widest (so
-        onnxruntime still fuses it into MatMulNBits); 0-bit slices become code 0 with scale -mean."""
-        qts = [qt for _, _, qt in pieces.pieces]
-        uniform = [q for q in qts if q.kind == "uniform"]
-        if not uniform or any(q.kind not in ("uniform", "mean") or q.num_outliers for q in qts):
-            return None
-        symmetric = uniform[0].symmetric
-        if any(q.symmetric != symmetric for q in uniform) or len({q.block_size for q in qts}) > 1:
-            return None
+    def groups(self, pieces: QuantizedPieces) -> list[QuantizedTensor]:
+        """Runs of adjacent uniform pieces stored in the same container share one DequantizeLinear (so onnxruntime
+        still fuses a single run into MatMulNBits); a run in another container, a 0-bit block (its fp16 mean) and
+        any other kind are stored on their own and the decoded runs concatenated: no piece pays for a wider
+        container than its own, as the tables count it."""
+        out: list[QuantizedTensor] = []
+        run: list[QuantizedTensor] = []
+
+        def key(q: QuantizedTensor) -> tuple | None:
+            if q.kind != "uniform" or q.num_outliers:
+                return None
+            return container_bits(q.bits), q.symmetric, q.block_size
+
+        for _, _, qt in pieces.pieces:
+            if run and (key(qt) is None or key(qt) != key(run[-1])):
+                out.append(self.merge(run))
+                run = []
+            if key(qt) is None:
+                out.append(qt)
+            else:
+                run.append(qt)
+        if run:
+            out.append(self.merge(run))
+        return out
+
+    @staticmethod
+    def merge(qts: list[QuantizedTensor]) -> QuantizedTensor:
+        """Uniform slices of one container, symmetry and block size as one tensor at the widest grid."""
+        if len(qts) == 1:
+            return qts[0]
+        symmetric = qts[0].symmetric
         bits = max(q.bits for q in qts)
         zp_all = 1 << (bits - 1)
         codes, scales, zeros = [], [], []
         for q in qts:
-            k, n = q.shape
-            if q.kind == "mean":  # (c - zp) * s == mean with c - zp == -1 and s == -mean
-                codes.append(np.full((k, n), zp_all - 1 if symmetric else 0, dtype=np.uint8))
-                scales.append(-q.offset)
-                zeros.append(np.ones((q.num_blocks, n), dtype=np.uint8))
-            elif symmetric:
+            if symmetric:
                 codes.append((q.codes.astype(np.int16) - q.implicit_zero_point + zp_all).astype(np.uint8))
                 scales.append(q.scale)
             else:
@@ -59,13 +76,13 @@ class RewriteNativePass(RewritePass):
         return QuantizedTensor(
             "uniform",
             bits,
-            pieces.shape,
+            (qts[0].shape[0], sum(q.shape[1] for q in qts)),
             qts[0].block_size,
             codes=np.concatenate(codes, axis=1),
             scale=np.concatenate(scales, axis=1).astype(np.float32),
             zero_point=None if symmetric else np.concatenate(zeros, axis=1),
             symmetric=symmetric,
-            method=uniform[0].method,
+            method=qts[0].method,
         )
 
     def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:

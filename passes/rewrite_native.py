@@ -54,19 +54,33 @@ class RewriteNativePass(RewritePass):
                 run.append(qt)
         if run:
             out.append(self.merge(run))
+        if len(out) > 1 and self._int4_into_consumer_only() and any(
+                q.kind == "uniform" and container_bits(q.bits) == 4 for q in out):
+            whole = self.merge([qt for _, _, qt in pieces.pieces])  # int4 cannot feed a Concat there
+            return [whole] if whole is not None else out
         return out
 
     @staticmethod
-    def merge(qts: list[QuantizedTensor]) -> QuantizedTensor:
-        """Uniform slices of one container, symmetry and block size as one tensor at the widest grid."""
+    def merge(qts: list[QuantizedTensor]) -> QuantizedTensor | None:
+        """Uniform slices of one symmetry and block size as one tensor at the widest grid (in the widest
+        container); 0-bit slices become code ``zp - 1`` with scale ``-mean``. None if they cannot share one."""
         if len(qts) == 1:
             return qts[0]
-        symmetric = qts[0].symmetric
+        uniform = [q for q in qts if q.kind == "uniform"]
+        if not uniform or any(q.kind not in ("uniform", "mean") or q.num_outliers for q in qts):
+            return None
+        symmetric = uniform[0].symmetric
+        if any(q.symmetric != symmetric for q in uniform) or len({q.block_size for q in qts}) > 1:
+            return None
         bits = max(q.bits for q in qts)
         zp_all = 1 << (bits - 1)
         codes, scales, zeros = [], [], []
         for q in qts:
-            if symmetric:
+            if q.kind == "mean":  # (c - zp) * s == mean with c - zp == -1 and s == -mean
+                codes.append(np.full(q.shape, zp_all - 1 if symmetric else 0, dtype=np.uint8))
+                scales.append(-q.offset)
+                zeros.append(np.ones((q.num_blocks, q.shape[1]), dtype=np.uint8))
+            elif symmetric:
                 codes.append((q.codes.astype(np.int16) - q.implicit_zero_point + zp_all).astype(np.uint8))
                 scales.append(q.scale)
             else:
@@ -131,6 +145,16 @@ class RewriteNativePass(RewritePass):
         ragged = qt.codes.shape[0] * qt.vector_dim != k
         rows = vector_rows(em, index, table, dims.rows_n, dims.k if ragged else None)
         return em.op("Mul", [rows, expand_blocks(em, em.op("Cast", [scale], to=ir.DataType.FLOAT), dims)])
+
+    def _int4_into_consumer_only(self) -> bool:
+        """Whether the target runs int4 only straight into its consumer (TensorRT): then one DequantizeLinear
+        per weight, in the widest piece's container (the budget stage counts the padding that costs)."""
+        target = self.ctx.config.target.target
+        if not target:
+            return False
+        from bq_onnx.runtimes.profiles import get_profile
+
+        return get_profile(target).int4_ops is not None
 
     def _blocked_int4(self) -> bool:
         """Whether the target runs int4 only blocked (TensorRT): then a single whole block stays blocked."""

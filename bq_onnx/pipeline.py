@@ -26,7 +26,7 @@ from bq_onnx.progress import memtrace
 from bq_onnx.runtimes.base import Capabilities
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits
-from bq_onnx.stages.budget import StoredBudget, other_bytes
+from bq_onnx.stages.budget import StoredBudget, other_bytes, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import expected_loss_tables
@@ -81,7 +81,7 @@ def optimize_model(
         memtrace("rewrite")
         if budget is None:
             ctx.stored_bytes = ir_stored_bytes(out) - other
-            return out
+            return _noted(out, ctx)
         better, reserve = budget.next_reserve(out, ctx)
         if better:
             best = (out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers)
@@ -90,6 +90,13 @@ def optimize_model(
         ctx.allocation = allocate_bits(model, ctx, ctx.tables, reserve)
     out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers = best
     ctx.stored_bytes = ir_stored_bytes(out) - other
+    return _noted(out, ctx)
+
+
+def _noted(out: ir.Model, ctx: Context) -> ir.Model:
+    note = zero_bit_note(ctx)
+    if note is not None:
+        ctx.messages.append(note)
     return out
 
 

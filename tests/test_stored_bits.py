@@ -95,6 +95,13 @@ def test_zero_bit_blocks_leave_no_unused_initializers(tmp_path):
     assert _dead(out) == ([], [])
 
 
+def test_a_budget_below_the_cheapest_native_width_is_noted():
+    low = bq_onnx.optimize(MODELS / "digits_mlp.onnx", bits=3)
+    assert any("stored as their block mean (0 bits)" in m for m in low.report["messages"])
+    high = bq_onnx.optimize(MODELS / "digits_mlp.onnx", bits=6)
+    assert not any("block mean" in m for m in high.report["messages"])
+
+
 def test_inspect_counts_a_foreign_quantized_model(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

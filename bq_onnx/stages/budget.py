@@ -20,6 +20,8 @@ from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.errors import UsageError
 
 MAX_TRIES = 6
+ZERO_BIT_NOTE = 0.1
+"""Share of the weights at 0 bits above which the report says so."""
 SLACK = 0.005
 """Stop refining once the output is within this fraction of the budget."""
 
@@ -96,6 +98,24 @@ class StoredBudget:
         numel = sum(t.numel for t in ctx.tables.blocks)
         raise UsageError(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
                          f"{math.ceil(smallest / numel * 100) / 100:g} bits per weight")
+
+
+def zero_bit_note(ctx: Context) -> str | None:
+    """A note when the budget left many weights at 0 bits (their block mean), far outside what the expected-loss
+    tables model well (DESIGN.md, Heads): in the native format the cheapest stored width (int4 codes plus fp32
+    scales) costs well over 4 bits, so a lower budget drops whole blocks to their mean."""
+    if ctx.tables is None or ctx.allocation is None:
+        return None
+    bits = ctx.bits
+    numel = sum(t.numel for t in ctx.tables.blocks)
+    zero = sum(t.numel for t in ctx.tables.blocks if bits.get(t.name) == 0)
+    if zero <= ZERO_BIT_NOTE * numel:
+        return None
+    cheapest = min((t.stored[i] / t.numel for t in ctx.tables.blocks for i, b in enumerate(t.bits) if b > 0),
+                   default=0.0)
+    return (f"{100 * zero / numel:.0f}% of the weights are stored as their block mean (0 bits): the cheapest "
+            f"non-zero width stores about {cheapest:.2f} bits per weight in the {ctx.config.storage.format} format; "
+            f"a larger --bits, --group-size auto (fewer scales) or --format compact keeps them")
 
 
 def other_bytes(model: ir.Model, ctx: Context) -> int:

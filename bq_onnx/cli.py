@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     i.add_argument("model", help=".onnx file")
+    i.add_argument("--reference", metavar="FP32.onnx",
+                   help="the float model it was made from: count stored bits per weight of any quantizer's output "
+                        "(onnxruntime's, NNCF's) on equal terms (bq-onnx outputs need none)")
     add_concern(i, WeightsConfig, only=("min_size",))
     _common(i)
 
@@ -229,7 +232,8 @@ def _print_optimize(report: dict, elapsed: float) -> None:
         al = report["allocation"]
         target = f" (budget {al['target_bits']:g})" if al["target_bits"] is not None else ""
         print(f"allocation: {al['method']} over {al['blocks']} blocks ({al['granularity']}): "
-              f"{al['achieved_bits']:.3f} bits/weight{target}, {al['achieved_bits_with_metadata']:.3f} with metadata")
+              f"{al['achieved_bits']:.3f} stored bits/weight{target} (payload {al['achieved_payload_bits']:.3f}, "
+              f"metadata {al['achieved_metadata_bits']:.3f}; budget counts {al['budget_counts']})")
     out = report["output"]
     size_in = report.get("input_file_bytes")
     ratio = f" ({size_in / out['file_bytes']:.2f}x smaller)" if size_in else ""
@@ -307,7 +311,8 @@ def _bits(bits: float) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from bq_onnx.inspect import inspect
 
-    info = inspect(args.model, min_size=WeightsConfig(**given(args, WeightsConfig)).min_size)
+    info = inspect(args.model, min_size=WeightsConfig(**given(args, WeightsConfig)).min_size,
+                   reference=args.reference)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
@@ -338,6 +343,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"{t['bits_per_weight_with_metadata']:.2f} bits/weight with metadata; "
         f"other tensors {human_bytes(t['other_initializer_bytes'])}"
     )
+    c = info["counted"]
+    if c is not None:
+        print(f"stored: {c['bits_per_weight']:.3f} bits per weight ({human_bytes(c['weight_bytes'])} for "
+              f"{c['weight_numel']} weights: every stored tensor, counted independently, less the float model's "
+              f"non-weight tensors)")
     return EXIT_OK
 
 

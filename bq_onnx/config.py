@@ -286,15 +286,19 @@ class AllocationConfig(Concern):
     """How the bit budget is spent over blocks, and the expected-loss tables it is spent on."""
 
     title: ClassVar[str] = "bit allocation"
-    bits: float = option(4, "average payload bits per quantized weight, the budget the allocator spends",
-                         check=_bits)
+    bits: float = option(4, "average stored bits per quantized weight, the budget the allocator spends: codes as "
+                         "the format stores them (int4/int8 containers in native, packed in compact) plus scales, "
+                         "zero points and codebooks", check=_bits)
     allocator: str = option("greedy", "how the budget is spent; uniform = the same width everywhere",
                             choices=ALLOCATORS)
     granularity: int | None = option(8, "allocation block: slices of N output channels (rows:N) or tensor",
                                      parse=parse_granularity, show="rows:8", metavar="rows:N|tensor")
     allowed_bits: tuple[int, ...] = option((0, 1, 2, 3, 4, 5, 6, 7, 8), "widths the allocator may use",
                                            parse=parse_bit_list, check=_widths, metavar="B,B,...")
-    bits_include_metadata: bool = option(False, "count scales/codebooks in --bits")
+    bits_payload: bool = option(False, "--bits counts payload bits only (the grid's width per weight, the papers' "
+                                "reading): no container padding, no scales")
+    bits_include_metadata: bool = option(False, "kept for old scripts: --bits counts stored bits, metadata "
+                                         "included, by default now (no effect)")
     size_mb: float | None = option(None, "file-size budget in MB instead of --bits", check=above(0))
     min_bits: tuple[tuple[str, int], ...] = option((), "per-layer minimum bits (repeatable)", parse=parse_min_bits,
                                                    metavar="PATTERN=N", repeat=True)

@@ -118,6 +118,7 @@ class Context:
     distillation: dict | None = None
     quantized: dict[str, QuantizedTensor | QuantizedPieces] = dataclasses.field(default_factory=dict)
     layers: list[dict] = dataclasses.field(default_factory=list)
+    stored_bytes: int | None = None  # what the quantized weights take in the output, shared constants included
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
 

@@ -37,8 +37,10 @@ def candidates(model: ir.Model, min_size: int) -> tuple[list[WeightInfo], list[d
     return found.weights, rows
 
 
-def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) -> dict:
-    """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it)."""
+def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
+            reference: str | os.PathLike | None = None) -> dict:
+    """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it); ``counted`` is
+    :mod:`bq_onnx.counting`'s figure against ``reference`` (for a bq-onnx output, against its own metadata)."""
     m = load_model(model)
     meta = json.loads(m.metadata_props[METADATA_KEY]) if METADATA_KEY in m.metadata_props else None
     layers = []
@@ -112,6 +114,24 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size) ->
             "other_initializer_bytes": all_init - stored,
         },
         "candidates": considered,
+        "counted": _counted(model, m, meta, reference, min_size),
         "ops": dict(sorted(ops.items())),
         "functions": sorted(f"{d}.{n}" for d, n, _ in m.functions),
     }
+
+
+def _counted(path: str | os.PathLike, m: ir.Model, meta: dict | None, reference: str | os.PathLike | None,
+             min_size: int) -> dict | None:
+    """Stored bits per weight: against the float reference when given; for a bq-onnx output without one, the
+    tensors its layers and shared decode constants store (``bq.`` names) over the weights it records."""
+    from bq_onnx.counting import Count, count, file_bytes, ir_stored_bytes
+
+    if reference is not None:
+        return count(path, reference, min_size).to_report()
+    if meta is None:
+        return None
+    ours = {t for layer in meta["layers"] for t in layer["tensors"]}
+    original = sum(v.const_value.nbytes for v in m.graph.initializers.values()
+                   if v.const_value is not None and v.name not in ours and not v.name.startswith("bq."))
+    numel = sum(layer["numel"] for layer in meta["layers"])
+    return Count(ir_stored_bytes(m), original, numel, file_bytes(path)).to_report()

@@ -7,13 +7,16 @@ are functions that return typed values, kept on the :class:`Context` for the sta
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass as RemoveUnusedPass
 from onnx_ir.passes.common import TopologicalSortPass
 
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
+from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.prepare import prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
@@ -23,6 +26,7 @@ from bq_onnx.progress import memtrace
 from bq_onnx.runtimes.base import Capabilities
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits
+from bq_onnx.stages.budget import StoredBudget, other_bytes, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import expected_loss_tables
@@ -66,19 +70,54 @@ def optimize_model(
         memtrace("tables")
         ctx.allocation = allocate_bits(model, ctx, ctx.tables)
         memtrace("allocate")
+    budget = StoredBudget.of(model, ctx)
+    weights, best, other = ctx.weights, None, other_bytes(model, ctx)
+    while True:
+        _quantize(model, ctx, calibration)
+        trial = model.clone() if budget is not None else model
+        if budget is not None:
+            # the clone's own values, found as in the model (subgraph weights live in their subgraph's initializers)
+            values = {w.name: w.value for w in find_weights(trial, config.weights).weights}
+            ctx.weights = [dataclasses.replace(w, value=values[w.name]) for w in weights]
+        out = _rewrite(trial, ctx, profile)
+        memtrace("rewrite")
+        if budget is None:
+            ctx.stored_bytes = ir_stored_bytes(out) - other
+            return _noted(out, ctx)
+        better, reserve = budget.next_reserve(out, ctx)
+        if better:
+            best = (out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers)
+        if reserve is None:
+            break
+        ctx.allocation = allocate_bits(model, ctx, ctx.tables, reserve)
+    out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers = best
+    ctx.stored_bytes = ir_stored_bytes(out) - other
+    return _noted(out, ctx)
+
+
+def _noted(out: ir.Model, ctx: Context) -> ir.Model:
+    note = zero_bit_note(ctx)
+    if note is not None:
+        ctx.messages.append(note)
+    return out
+
+
+def _quantize(model: ir.Model, ctx: Context, calibration: Calibration | None) -> None:
     ctx.quantized = quantize_weights(ctx)
     memtrace("quantize")
-    if config.distillation.distill_steps:
+    if ctx.config.distillation.distill_steps:
         distilled = distill(model, ctx, calibration)
         ctx.quantized, ctx.distillation = distilled.quantized, distilled.report
         ctx.messages.extend(distilled.messages)
         memtrace("distill")
+
+
+def _rewrite(model: ir.Model, ctx: Context, profile: Capabilities | None) -> ir.Model:
+    config = ctx.config
     rewrite = RewriteNativePass if config.storage.format == "native" else RewriteCompactPass
     lower: list[ir.passes.PassBase] = []
     if profile is not None and profile.name == "onnxruntime" and config.storage.format == "native":
         from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
 
         lower.append(LowerMatMulNBitsPass())
-    model = run_passes(model, [rewrite(ctx), *lower, TopologicalSortPass()])
-    memtrace("rewrite")
-    return model
+    return run_passes(model, [rewrite(ctx), *lower, RemoveUnusedPass(), TopologicalSortPass()])

@@ -14,6 +14,26 @@ import numpy as np
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 
+def container_bits(bits: int) -> int:
+    """Bits one code takes in the native format's ``DequantizeLinear`` container: int4 for 1..4, int8 for 5..8
+    (int2 is not used: OpenVINO does not read it, DESIGN.md), uint16 above (vector indices)."""
+    return 0 if bits <= 0 else 4 if bits <= 4 else 8 if bits <= 8 else 16
+
+
+def stored_payload_bits(qt: QuantizedTensor, fmt: str) -> int:
+    """Bits the format stores for the codes and outliers of ``qt``: the container in native (ragged blocks
+    padded to whole ones), the packed width in compact (a whole number of bytes)."""
+    k, n = qt.shape
+    if qt.kind == "mean":
+        return 0
+    if fmt != "native":
+        return 8 * -(-qt.codes.size // 8) * qt.index_bits + qt.outlier_bits  # pack_bits pads to 8 codes
+    rows = qt.codes.shape[0]
+    if qt.kind == "uniform" and qt.num_blocks > 1 and qt.num_blocks * qt.block_size != k:
+        rows = qt.num_blocks * qt.block_size
+    return container_bits(qt.index_bits) * rows * n + qt.outlier_bits
+
+
 def metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
     """Bits of per-block and per-tensor metadata, as each format stores them."""
     return block_metadata_bits(qt, fmt) + codebook_bits(qt)

@@ -19,6 +19,7 @@ from bq_onnx.decode.ops import BlockDims, add_outliers, expand_blocks, outlier_a
 from bq_onnx.decode.rewrite import RewritePass
 from bq_onnx.emitter import GraphEmitter, i64
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
+from bq_onnx.sizes import container_bits
 
 
 def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
@@ -30,10 +31,41 @@ def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
 class RewriteNativePass(RewritePass):
     format = "native"
 
-    def merge(self, pieces: QuantizedPieces) -> QuantizedTensor | None:
-        """Uniform slices of any widths share one DequantizeLinear in the container of the widest (so
-        onnxruntime still fuses it into MatMulNBits); 0-bit slices become code 0 with scale -mean."""
-        qts = [qt for _, _, qt in pieces.pieces]
+    def groups(self, pieces: QuantizedPieces) -> list[QuantizedTensor]:
+        """Runs of adjacent uniform pieces stored in the same container share one DequantizeLinear (so onnxruntime
+        still fuses a single run into MatMulNBits); a run in another container, a 0-bit block (its fp16 mean) and
+        any other kind are stored on their own and the decoded runs concatenated: no piece pays for a wider
+        container than its own, as the tables count it."""
+        out: list[QuantizedTensor] = []
+        run: list[QuantizedTensor] = []
+
+        def key(q: QuantizedTensor) -> tuple | None:
+            if q.kind != "uniform" or q.num_outliers:
+                return None
+            return container_bits(q.bits), q.symmetric, q.block_size
+
+        for _, _, qt in pieces.pieces:
+            if run and (key(qt) is None or key(qt) != key(run[-1])):
+                out.append(self.merge(run))
+                run = []
+            if key(qt) is None:
+                out.append(qt)
+            else:
+                run.append(qt)
+        if run:
+            out.append(self.merge(run))
+        if len(out) > 1 and self._int4_into_consumer_only() and any(
+                q.kind == "uniform" and container_bits(q.bits) == 4 for q in out):
+            whole = self.merge([qt for _, _, qt in pieces.pieces])  # int4 cannot feed a Concat there
+            return [whole] if whole is not None else out
+        return out
+
+    @staticmethod
+    def merge(qts: list[QuantizedTensor]) -> QuantizedTensor | None:
+        """Uniform slices of one symmetry and block size as one tensor at the widest grid (in the widest
+        container); 0-bit slices become code ``zp - 1`` with scale ``-mean``. None if they cannot share one."""
+        if len(qts) == 1:
+            return qts[0]
         uniform = [q for q in qts if q.kind == "uniform"]
         if not uniform or any(q.kind not in ("uniform", "mean") or q.num_outliers for q in qts):
             return None
@@ -44,11 +76,10 @@ class RewriteNativePass(RewritePass):
         zp_all = 1 << (bits - 1)
         codes, scales, zeros = [], [], []
         for q in qts:
-            k, n = q.shape
             if q.kind == "mean":  # (c - zp) * s == mean with c - zp == -1 and s == -mean
-                codes.append(np.full((k, n), zp_all - 1 if symmetric else 0, dtype=np.uint8))
+                codes.append(np.full(q.shape, zp_all - 1 if symmetric else 0, dtype=np.uint8))
                 scales.append(-q.offset)
-                zeros.append(np.ones((q.num_blocks, n), dtype=np.uint8))
+                zeros.append(np.ones((q.num_blocks, q.shape[1]), dtype=np.uint8))
             elif symmetric:
                 codes.append((q.codes.astype(np.int16) - q.implicit_zero_point + zp_all).astype(np.uint8))
                 scales.append(q.scale)
@@ -59,13 +90,13 @@ class RewriteNativePass(RewritePass):
         return QuantizedTensor(
             "uniform",
             bits,
-            pieces.shape,
+            (qts[0].shape[0], sum(q.shape[1] for q in qts)),
             qts[0].block_size,
             codes=np.concatenate(codes, axis=1),
             scale=np.concatenate(scales, axis=1).astype(np.float32),
             zero_point=None if symmetric else np.concatenate(zeros, axis=1),
             symmetric=symmetric,
-            method=uniform[0].method,
+            method=qts[0].method,
         )
 
     def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
@@ -114,6 +145,16 @@ class RewriteNativePass(RewritePass):
         ragged = qt.codes.shape[0] * qt.vector_dim != k
         rows = vector_rows(em, index, table, dims.rows_n, dims.k if ragged else None)
         return em.op("Mul", [rows, expand_blocks(em, em.op("Cast", [scale], to=ir.DataType.FLOAT), dims)])
+
+    def _int4_into_consumer_only(self) -> bool:
+        """Whether the target runs int4 only straight into its consumer (TensorRT): then one DequantizeLinear
+        per weight, in the widest piece's container (the budget stage counts the padding that costs)."""
+        target = self.ctx.config.target.target
+        if not target:
+            return False
+        from bq_onnx.runtimes.profiles import get_profile
+
+        return get_profile(target).int4_ops is not None
 
     def _blocked_int4(self) -> bool:
         """Whether the target runs int4 only blocked (TensorRT): then a single whole block stays blocked."""

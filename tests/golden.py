@@ -47,7 +47,7 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lenet-distill", ("optimize", M + "lenet.onnx", "--calib", M + "lenet_calib.npz", "--bits", "3",
                        "--distill-steps", "3", "--calib-samples", "64")),
     ("lenet-mc-tables", ("optimize", M + "lenet.onnx", "--calib", M + "lenet_calib.npz", "--bits", "3",
-                         "--tables", "mc", "--calib-samples", "32", "--allowed-bits", "2,3,4")),
+                         "--tables", "mc", "--calib-samples", "32", "--allowed-bits", "2,3,4", "--bits-payload")),
     ("tiny-auto-compact", ("optimize", M + "tiny_transformer.onnx", "--calib", M + "tiny_transformer_calib.npz",
                            "--bits", "3", "--quantizer", "auto", "--format", "compact", "--calib-samples", "64")),
     ("tiny-target-ort", ("optimize", M + "tiny_transformer.onnx", "--calib", M + "tiny_transformer_calib.npz",

@@ -144,8 +144,8 @@ def test_fixed_batch_runs_every_estimator(method):
 
 
 def test_fixed_batch_distillation_and_measured_tables(tmp_path):
-    result = bq_onnx.optimize(fixed_model(), calib={"x": _images(10)}, bits=3, distill_steps=2, tables="mc",
-                              allowed_bits="2,3,4")
+    result = bq_onnx.optimize(fixed_model(), calib={"x": _images(10)}, bits=3, bits_payload=True, distill_steps=2,
+                              tables="mc", allowed_bits="2,3,4")
     assert result.report["distillation"]["steps"] == 2
     assert result.save(tmp_path / "d.onnx")["verification"]["passed"]
 
@@ -156,7 +156,7 @@ def test_a_fixed_batch_of_two_runs_two_samples_per_run(tmp_path, capsys):
     onnx.save(fixed_model(batch=2), tmp_path / "two.onnx")
     np.savez(tmp_path / "calib.npz", x=_images(8))
     args = ["optimize", str(tmp_path / "two.onnx"), "--calib", str(tmp_path / "calib.npz"), "-o",
-            str(tmp_path / "o.onnx"), "-q", "--bits", "3"]
+            str(tmp_path / "o.onnx"), "-q", "--bits", "3", "--bits-payload"]
     code, err = _run(args, capsys)
     assert code == EXIT_DATA and len(err.strip().splitlines()) == 1
     assert "input 'x'" in err and "[2, 3, 8, 'W']" in err and "--batch-axis x=AXIS" in err
@@ -234,7 +234,7 @@ def test_batch_axis_override(tmp_path, capsys):
     code, err = _run(["posterior", str(tmp_path / "tm.onnx"), "--calib", str(folder), "--batch-axis", "x=1", "-o",
                       str(tmp_path / "p.npz"), "--json"], capsys)
     assert code == EXIT_OK, err
-    result = bq_onnx.optimize(time_major_model(), calib=str(folder), batch_axis={"x": 1}, bits=3)
+    result = bq_onnx.optimize(time_major_model(), calib=str(folder), batch_axis={"x": 1}, bits=3, bits_payload=True)
     assert result.report["posterior"]["samples"] == 6 and result.calibration.axis("x") == 1
     code, err = _run(["optimize", str(tmp_path / "tm.onnx"), "-o", str(out), "--force", "--batch-axis", "x=a"],
                      capsys)

@@ -52,7 +52,8 @@ def _no_output_left(folder, keep):
 
 def test_optimize_writes_verified_model_and_json_report(model_file, tmp_path, capsys):
     out = tmp_path / "out.onnx"
-    code, stdout, _ = _run(["optimize", model_file, "-o", out, "--bits", "3", "--min-size", "64", "--json"], capsys)
+    code, stdout, _ = _run(["optimize", model_file, "-o", out, "--bits", "3", "--bits-payload", "--min-size", "64",
+                                "--json"], capsys)
     assert code == 0
     report = json.loads(stdout)
     assert report["output"]["path"] == str(out)
@@ -231,7 +232,7 @@ def test_external_data_model_through_opset_conversion_and_external_output(tmp_pa
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
-    result = bq_onnx.optimize(src / "m.onnx", bits=4, min_size=64)
+    result = bq_onnx.optimize(src / "m.onnx", bits=4, min_size=64, bits_payload=True)
     report = result.save(out)
     check_result(result, out, report, ops=["DequantizeLinear"], float_rtol=quantization_rtol(4))
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]

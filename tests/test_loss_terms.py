@@ -327,7 +327,7 @@ def test_several_terms_through_estimators_tables_and_distillation(tmp_path):
     proto = onnx.load_from_string(_ids_and_embedding())
     calib = {"x": np.random.default_rng(2).standard_normal((20, 16)).astype(np.float32)}
     spec = ["embedding@:8=cosine", "embedding@8:=smse:0.5"]
-    result = bq_onnx.optimize(proto, calib=calib, bits=3, loss=spec, tables="mc", distill_steps=2,
+    result = bq_onnx.optimize(proto, calib=calib, bits=3, bits_payload=True, loss=spec, tables="mc", distill_steps=2,
                               allowed_bits=(2, 3, 4))
     loss = result.report["posterior"]["loss"]
     assert [(t["kind"], t.get("last_axis_slice"), t["weight"]) for t in loss] == [("cosine", "0:8", 1.0),
@@ -393,7 +393,7 @@ def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_t
     ref = run(proto, {"x": test})[0]
     errors = {}
     for name, loss in (("mse", "det=mse"), ("default", None)):
-        result = bq_onnx.optimize(proto, calib=calib, bits=2.5, loss=loss)
+        result = bq_onnx.optimize(proto, calib=calib, bits=2.5, bits_payload=True, loss=loss)
         path = tmp_path / f"{name}.onnx"
         result.save(path)
         got = run(path, {"x": test})[0]

@@ -24,7 +24,7 @@ def _ops(path) -> list[str]:
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_every_layout_matches_reference_in_both_runtimes(tmp_path, fmt, bits):
     """Gather table, MatMul, Gemm(transB), Conv and ConvTranspose weights, opset 18 input raised to 21."""
-    result = bq_onnx.optimize(mixed_model(), bits=bits, format=fmt, min_size=64)
+    result = bq_onnx.optimize(mixed_model(), bits=bits, format=fmt, min_size=64, bits_payload=True)
     assert sorted(r["name"] for r in result.report["layers"]) == ["C", "D", "E", "W1", "W2"]
     out = tmp_path / "m.onnx"
     report = result.save(out)  # built-in verification in onnxruntime
@@ -57,7 +57,7 @@ def test_native_matmul_uses_dequantize_linear_and_fuses_in_onnxruntime(tmp_path)
         [numpy_helper.from_array(w, "W")],
     )
     out = tmp_path / "n.onnx"
-    bq_onnx.optimize(model, bits=4, group_size=32).save(out)
+    bq_onnx.optimize(model, bits=4, group_size=32, bits_payload=True).save(out)
     assert _ops(out) == ["DequantizeLinear", "MatMul"]
     dq = onnx.load(str(out)).graph.node[0]
     assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 0, "block_size": 32}
@@ -76,7 +76,7 @@ def test_constant_node_weights_are_promoted_and_quantized(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])],
         [],
     )
-    result = bq_onnx.optimize(model, bits=4, min_size=16)
+    result = bq_onnx.optimize(model, bits=4, min_size=16, bits_payload=True)
     assert [r["name"] for r in result.report["layers"]] == ["W"]
     out = tmp_path / "c.onnx"
     result.save(out)
@@ -92,7 +92,7 @@ def test_shared_initializer_is_quantized_once(tmp_path):
         [numpy_helper.from_array(w, "W")],
     )
     out = tmp_path / "s.onnx"
-    result = bq_onnx.optimize(model, bits=4, min_size=16)
+    result = bq_onnx.optimize(model, bits=4, min_size=16, bits_payload=True)
     result.save(out)
     names = [t.name for t in onnx.load(str(out)).graph.initializer]
     assert names.count("W.bq_codes") == 1 and "W" not in names

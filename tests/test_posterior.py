@@ -101,7 +101,7 @@ def test_posterior_command_and_optimize_with_it(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and post.exists() and out["samples"] == 500 and len(out["layers"]) == 5
     code = main(["optimize", str(MODELS / "lenet.onnx"), "--posterior", str(post), "-o", str(tmp_path / "q.onnx"),
-                 "--bits", "3", "--json"])
+                 "--bits", "3", "--bits-payload", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["posterior"]["method"] == "activations"
     with np.load(MODELS / "lenet_data.npz") as data:  # real digits: the float model's outputs are meaningful
@@ -131,8 +131,8 @@ def test_wrong_calibration_for_the_model_is_one_line(tmp_path, capsys):
 def test_optimize_with_calibration_uses_the_posterior():
     import bq_onnx
 
-    plain = bq_onnx.optimize(MODELS / "lenet.onnx", bits=2)
-    weighted = bq_onnx.optimize(MODELS / "lenet.onnx", bits=2, calib=MODELS / "lenet_calib.npz",
+    plain = bq_onnx.optimize(MODELS / "lenet.onnx", bits=2, bits_payload=True)
+    weighted = bq_onnx.optimize(MODELS / "lenet.onnx", bits=2, bits_payload=True, calib=MODELS / "lenet_calib.npz",
                                 posterior_options={"method": "activations"})
     assert weighted.report["posterior"]["samples"] == 500
     # the posterior-weighted quantizer designs differ from the unweighted ones

@@ -31,7 +31,7 @@ def test_recorded_fp32_accuracy_reproduces(name):
 
 
 def test_lenet_compact_4bit_is_within_6_percent_of_the_payload_bound(tmp_path):
-    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=4, format="compact")
+    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=4, format="compact", bits_payload=True)
     result.save(tmp_path / "lenet.onnx")
     t = result.report["totals"]
     bound = t["original_bytes"] * 4 / 32 + t["metadata_bits"] / 8
@@ -60,6 +60,6 @@ def test_both_runtimes_match_the_numpy_reference(tmp_path, name, fmt):
 
 def test_optimize_accepts_an_ir_model_and_keeps_it():
     model = ir.load(MODELS / "lenet.onnx")
-    result = bq_onnx.optimize(model, bits=3)
+    result = bq_onnx.optimize(model, bits=3, bits_payload=True)
     assert result.report["totals"]["bits_per_weight"] == 3.0
     assert all(v.dtype == ir.DataType.FLOAT for v in model.graph.initializers.values())

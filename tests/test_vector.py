@@ -211,7 +211,7 @@ def test_auto_quantizer_end_to_end(tmp_path):
     rng = np.random.default_rng(8)
     w = (rng.standard_t(3, size=(128, 48)) * 0.05).astype(np.float32)
     result = bq_onnx.optimize(matmul_readout(w), bits=2.0, quantizer="auto", granularity="rows:16", min_size=1,
-                              format="compact", allowed_bits=[1, 2, 3, 4])
+                              format="compact", allowed_bits=[1, 2, 3, 4], bits_payload=True)
     report = result.save(tmp_path / "auto.onnx")
     check_result(result, tmp_path / "auto.onnx", report, domain="bq")
     assert result.report["totals"]["bits_per_weight"] <= 2.0

@@ -110,17 +110,18 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
                 f"(smaller file, not less RAM)")
         return ir.passes.PassResult(model, modified=True)
 
-    def merge(self, pieces: QuantizedPieces) -> QuantizedTensor | None:
-        """One stored tensor for all pieces, where the format can hold them together (native overrides)."""
-        return None
+    def groups(self, pieces: QuantizedPieces) -> list[QuantizedTensor]:
+        """The stored tensors of a weight's pieces, covering its columns in order: one per piece here; a format
+        may join pieces it stores together at no extra cost (native overrides)."""
+        return [qt for _, _, qt in pieces.pieces]
 
     def _emit_any(self, em: GraphEmitter, q: QuantizedTensor | QuantizedPieces, name: str, model: ir.Model) -> ir.Value:
         if isinstance(q, QuantizedTensor):
             return self._emit_one(em, q, name, model)
-        merged = self.merge(q)
-        if merged is not None:
-            return self._emit_one(em, merged, name, model)
-        views = [self._emit_one(em, qt, f"{name}.p{i}", model) for i, (_, _, qt) in enumerate(q.pieces)]
+        groups = self.groups(q)
+        if len(groups) == 1:
+            return self._emit_one(em, groups[0], name, model)
+        views = [self._emit_one(em, qt, f"{name}.p{i}", model) for i, qt in enumerate(groups)]
         return em.op("Concat", views, "columns", axis=1)
 
     @staticmethod

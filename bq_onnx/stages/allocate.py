@@ -1,8 +1,8 @@
 """Spend the bit budget: choose a width per block from the expected-loss tables; returns the allocation.
 
-The budget is average payload bits per quantized weight (``--bits``), optionally counting metadata
-(``--bits-include-metadata``), or a file size (``--size-mb``: every stored byte counts, the tensors left in
-float included). The allocator is one of :mod:`bq_onnx.allocation`'s; what it needs beyond the tables comes
+The budget is average stored bits per quantized weight (``--bits``: codes as the format stores them, metadata
+included; payload bits alone with ``--bits-payload``), or a file size (``--size-mb``: every byte of the written
+file counts). The allocator is one of :mod:`bq_onnx.allocation`'s; what it needs beyond the tables comes
 from the posterior (informativeness |mu|/sigma for Quantile Inform, mean and sigma for Random Bits, Fisher
 information over variance for selective encoding).
 """
@@ -28,9 +28,10 @@ def _min_bits(ctx: Context, weight: str) -> int:
     return max([*found, ctx.derived.weight_floor(weight)])
 
 
-def allocate_bits(model: ir.Model, ctx: Context, tables: Tables) -> Allocation:
-    """A width per block of ``tables`` (``ctx.tables``) under the budget (``--bits``, ``--bits-include-metadata``,
-    ``--size-mb``)."""
+def allocate_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float = 0.0) -> Allocation:
+    """A width per block of ``tables`` (``ctx.tables``) under the budget (``--bits``, ``--bits-payload``,
+    ``--size-mb``) less ``reserve`` bits (what the rewrite stored beyond the tables, :mod:`bq_onnx.stages.budget`).
+    A budget below the cheapest allocation gives the cheapest: the budget stage then refuses it with its size."""
     blocks = []
     for t in tables.blocks:
         floor = _min_bits(ctx, t.weight)
@@ -42,20 +43,23 @@ def allocate_bits(model: ir.Model, ctx: Context, tables: Tables) -> Allocation:
                              min_bits=floor, layer=t.weight)
         )
     a = ctx.config.allocation
-    budget = _budget(model, ctx, tables)
+    cheapest = sum(float(min(b.cost)) for b in blocks) + 1e-6
+    budget = max(_budget(model, ctx, tables) - reserve, cheapest)
     options = dict(a.allocator_options or {})
     options.update(_method_inputs(ctx, tables, a.allocator))
-    counts_layouts = ctx.config.storage.format == "compact" and (a.bits_include_metadata or a.size_mb is not None)
-    reserve = 0.0
+    counts_layouts = ctx.config.storage.format == "compact" and (not a.bits_payload or a.size_mb is not None)
+    layouts = 0.0
     for _ in range(8):  # the compact format's layout constants depend on the pieces the allocation makes
         try:
-            result = allocation.allocate(a.allocator, blocks, budget - reserve, **options)
+            result = allocation.allocate(a.allocator, blocks, max(budget - layouts, cheapest), **options)
         except ValueError as exc:
             raise UsageError(f"allocation ({a.allocator}): {exc}") from None
         excess = result.cost + (_layout_bits(ctx, tables, result.bits) if counts_layouts else 0) - budget
-        if excess <= 0:
+        if excess <= 0 or budget - layouts <= cheapest:
             break
-        reserve += excess
+        layouts += excess
+    if budget - layouts <= cheapest:
+        result.details["at_cheapest"] = True  # nothing cheaper exists: the budget stage may refuse it
     return result
 
 
@@ -67,10 +71,7 @@ def _budget(model: ir.Model, ctx: Context, tables: Tables) -> float:
     quantized = {w.name for w in ctx.weights}
     other = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                 if v.const_value is not None and v.name not in quantized)
-    budget = s.size_mb * 8e6 - 8 * other
-    if budget <= 0:
-        raise UsageError(f"--size-mb {s.size_mb}: the tensors kept in float alone take {other / 1e6:.3f} MB")
-    return budget
+    return s.size_mb * 8e6 - 8 * other  # a first guess: the budget stage measures the file and corrects it
 
 
 def _layout_bits(ctx: Context, tables: Tables, bits: dict[str, int]) -> int:

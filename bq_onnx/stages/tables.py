@@ -39,7 +39,7 @@ from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
 from bq_onnx.quantizers import Spec, candidates
-from bq_onnx.sizes import block_metadata_bits, codebook_bits
+from bq_onnx.sizes import block_metadata_bits, codebook_bits, stored_payload_bits
 from bq_onnx.weights import design, weight_view
 
 MC_SAMPLES = 128
@@ -56,9 +56,10 @@ class BlockTable:
     numel: int
     bits: tuple[int, ...]
     loss: np.ndarray
-    cost: np.ndarray  # payload bits (plus metadata bits when the budget counts them)
-    payload: np.ndarray
+    cost: np.ndarray  # stored bits (payload bits alone with --bits-payload)
+    payload: np.ndarray  # the grid's bits per weight plus outliers (the papers' reading)
     metadata: np.ndarray
+    stored: np.ndarray  # what the format stores: codes in their container (native) or packed, plus metadata
 
 
 @dataclasses.dataclass
@@ -86,7 +87,7 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
     ``--tables mc`` on ``calibration``); the model is not changed."""
     a = ctx.config.allocation
     allowed = tuple(sorted(a.allowed_bits))
-    include_metadata = a.bits_include_metadata or a.size_mb is not None
+    payload_only = a.bits_payload and a.size_mb is None
     if a.tables == "mc" and calibration is None:
         raise UsageError("--tables mc needs calibration data (--calib)")
     fmt = ctx.config.storage.format
@@ -103,6 +104,7 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
         loss = np.zeros((len(ranges), len(allowed)))
         payload = np.zeros_like(loss)
         meta = np.zeros_like(loss)
+        stored = np.zeros_like(loss)
         for j, (bits, option) in enumerate(zip(allowed, chosen)):
             if len(scored[j]) > 1:
                 designs[(info.name, bits)] = option.spec
@@ -113,11 +115,12 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
             loss[:, j] = measured if measured is not None else option.loss
             payload[:, j] = option.payload
             meta[:, j] = option.meta
+            stored[:, j] = option.stored_payload + option.meta
         for i, columns in enumerate(ranges):
-            cost = payload[i] + meta[i] if include_metadata else payload[i]
             blocks.append(
                 BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
-                           allowed, loss[i], cost, payload[i], meta[i])
+                           allowed, loss[i], payload[i] if payload_only else stored[i], payload[i], meta[i],
+                           stored[i])
             )
     if measure is not None:
         measure.close()
@@ -150,6 +153,7 @@ class _Scorer:
                 np.array([per_column[a:b].sum() for a, b in ranges]),
                 np.array([float(p.payload_bits) for p in parts]),
                 np.array([block_metadata_bits(p, fmt) + shared * (b - a) / n for p, (a, b) in zip(parts, ranges)]),
+                np.array([float(stored_payload_bits(p, fmt)) for p in parts]),
             ))
         return options
 
@@ -179,10 +183,11 @@ class _Option:
     loss: np.ndarray
     payload: np.ndarray
     meta: np.ndarray
+    stored_payload: np.ndarray
 
     @property
     def stored(self) -> float:
-        return float(self.payload.sum() + self.meta.sum())
+        return float(self.stored_payload.sum() + self.meta.sum())
 
 
 def _choose(scored: list[list[_Option]]) -> list[_Option]:

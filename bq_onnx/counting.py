@@ -1,0 +1,172 @@
+"""An independent count of what a file stores per weight, for any model, whoever quantized it.
+
+Read with plain ``onnx`` (not the IR bq-onnx rewrites with) so that it checks the rewrite rather than repeats it:
+every stored tensor (initializers, ``Constant`` node values, in subgraphs too) counts its packed size (int4 two
+per byte, int2 four), external data included. The figure is
+
+    8 * (stored bytes of the model - stored bytes of the reference's non-weight tensors) / weights of the reference
+
+with the *weights* of the FP32 reference what a weight quantizer quantizes (:func:`reference_weights`). Graph
+constants a quantizer adds (shapes, indices, decode functions) and the weights it left in float count as stored;
+the reference's other tensors (biases, norms, shapes) do not. The same figure for bq-onnx's output and
+onnxruntime's or NNCF's compares them on equal terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bq_onnx.config import WeightsConfig
+
+_PACKED_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.FLOAT4E2M1: 4,
+    **{getattr(onnx.TensorProto, n): 2 for n in ("INT2", "UINT2") if hasattr(onnx.TensorProto, n)},
+}
+_ATTR_TENSORS = {"value_float": (onnx.TensorProto.FLOAT, 1), "value_int": (onnx.TensorProto.INT64, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """The independent count of one model against its FP32 reference."""
+
+    stored_bytes: int  # every stored tensor of the model
+    reference_other_bytes: int  # the reference's tensors that are not weights (biases, shapes)
+    weight_numel: int  # weight elements of the reference
+    file_bytes: int  # the .onnx file and its external data files
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.stored_bytes - self.reference_other_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.weight_bytes / max(self.weight_numel, 1)
+
+    def to_report(self) -> dict:
+        return dataclasses.asdict(self) | {"weight_bytes": self.weight_bytes, "bits_per_weight": self.bits_per_weight}
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Stored bytes of a tensor from its type and shape (sub-byte types packed)."""
+    numel = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    if t.data_type in _PACKED_BITS:
+        return -(-numel * _PACKED_BITS[t.data_type] // 8)
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graph_tensors(g)
+            elif node.op_type == "Constant" and attr.name in ("value_floats", "value_ints"):
+                dtype = onnx.TensorProto.FLOAT if attr.name == "value_floats" else onnx.TensorProto.INT64
+                values = attr.floats if attr.name == "value_floats" else attr.ints
+                yield onnx.helper.make_tensor(attr.name, dtype, [len(values)], [])
+            elif node.op_type == "Constant" and attr.name in _ATTR_TENSORS:
+                yield onnx.helper.make_tensor(attr.name, _ATTR_TENSORS[attr.name][0], [], [])
+
+
+def stored_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor the model stores: initializers and ``Constant`` values, in subgraphs and functions too."""
+    out = list(_graph_tensors(model.graph))
+    for fn in model.functions:
+        out.extend(_graph_tensors(onnx.helper.make_graph(list(fn.node), fn.name, [], [])))
+    return out
+
+
+def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(os.fspath(model), load_external_data=False)
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """The file and the external data files it names."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    folder = os.path.dirname(os.fspath(path))
+    files = {e.value for t in stored_tensors(model) for e in t.external_data if e.key == "location"}
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+
+
+def _named(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Stored tensors by name (a ``Constant`` node's by its output), for matching against weights."""
+    out = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = attr.t
+    return out
+
+
+def reference_weights(reference: str | os.PathLike | onnx.ModelProto, min_size: int) -> set[str]:
+    """The names of the reference's weights: what a weight quantizer quantizes (bq-onnx's own finder, whose
+    rule is the usual one: float tensors of at least ``min_size`` elements read as MatMul/Gemm/Conv/Gather
+    weights; biases and norms are not weights)."""
+    from bq_onnx.config import WeightsConfig
+    from bq_onnx.stages.weights import find_weights
+
+    model = ir.serde.deserialize_model(_load(reference))
+    return {w.name for w in find_weights(model, WeightsConfig(min_size=min_size)).weights}
+
+
+def count(model: str | os.PathLike | onnx.ModelProto, reference: str | os.PathLike | onnx.ModelProto,
+          min_size: int = WeightsConfig.min_size) -> Count:
+    """Count ``model``'s stored bytes per weight of the FP32 ``reference`` (see the module docstring)."""
+    m, ref = _load(model), _load(reference)
+    names = reference_weights(ref, min_size)
+    named = _named(ref)
+    weights = sum(int(np.prod(named[n].dims, dtype=np.int64)) for n in names)
+    other = sum(tensor_bytes(t) for t in stored_tensors(ref)) - sum(tensor_bytes(named[n]) for n in names)
+    size = file_bytes(model) if isinstance(model, (str, os.PathLike)) else m.ByteSize()
+    return Count(sum(tensor_bytes(t) for t in stored_tensors(m)), other, weights, size)
+
+
+def ir_stored_bytes(model: ir.Model) -> int:
+    """Every tensor an IR model stores, as :func:`stored_tensors` counts a proto (without serializing it)."""
+    total = 0
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        if isinstance(graph, ir.Graph):
+            total += _ir_initializer_bytes(graph)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR:
+                    total += attr.value.nbytes
+                elif attr.type == ir.AttributeType.TENSORS:
+                    total += sum(t.nbytes for t in attr.value)
+                elif attr.type == ir.AttributeType.GRAPH:
+                    total += _ir_initializer_bytes(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    total += sum(_ir_initializer_bytes(g) for g in attr.value)
+                elif node.op_type == "Constant" and attr.name in ("value_floats", "value_ints"):
+                    total += (4 if attr.name == "value_floats" else 8) * len(attr.value)
+                elif node.op_type == "Constant" and attr.name in ("value_float", "value_int"):
+                    total += 4 if attr.name == "value_float" else 8
+    return total
+
+
+def _ir_initializer_bytes(graph: ir.Graph) -> int:
+    return sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)

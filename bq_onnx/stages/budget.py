@@ -1,0 +1,129 @@
+"""The budget checked on the rewritten model: what the file stores, not what the tables predicted.
+
+The tables count each block's codes and metadata; the rewrite adds what no block owns (shape and index
+constants, compact decode functions, the graph and the report metadata in the file). After a rewrite the stored
+figure is measured (:func:`bq_onnx.counting.ir_stored_bytes`, or the serialized size for ``--size-mb``); while it
+is over the budget, the allocation is redone with the excess reserved, then the reserve is narrowed while that
+leaves much of the budget unused (at most :data:`MAX_TRIES` rewrites). A budget that the cheapest allocation
+cannot meet is a one-line :class:`UsageError` giving the smallest size that can be met.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import onnx_ir as ir
+
+from bq_onnx.context import Context
+from bq_onnx.counting import ir_stored_bytes
+from bq_onnx.errors import UsageError
+
+MAX_TRIES = 6
+ZERO_BIT_NOTE = 0.1
+"""Share of the weights at 0 bits above which the report says so."""
+SLACK = 0.005
+"""Stop refining once the output is within this fraction of the budget."""
+
+
+@dataclasses.dataclass
+class StoredBudget:
+    """``--bits`` (stored bits per weight) or ``--size-mb`` (file bytes), checked after each rewrite."""
+
+    limit_bits: float  # the budget in bits: stored tensors of the weights, or the whole file
+    other_bytes: int  # --bits: the stored bytes that are not the weights' before the rewrite
+    size_mb: float | None
+    reserve: float = 0.0
+    tries: int = 0
+    good: float = math.inf  # the smallest reserve whose output fit
+    bad: float = 0.0  # the largest reserve whose output did not
+    best: float = -math.inf  # the largest measured figure that fit
+
+    @classmethod
+    def of(cls, model: ir.Model, ctx: Context) -> StoredBudget | None:
+        """The budget to check, or None where none binds (a fixed width, ``--bits-payload``)."""
+        a = ctx.config.allocation
+        if ctx.fixed or ctx.tables is None or (a.bits_payload and a.size_mb is None):
+            return None
+        other = other_bytes(model, ctx)
+        if a.size_mb is not None:
+            return cls(a.size_mb * 8e6, other, a.size_mb)
+        numel = sum(t.numel for t in ctx.tables.blocks)
+        return cls(float(a.bits) * numel, other, None)
+
+    def measure_bits(self, out: ir.Model) -> float:
+        """Bits the budget covers in the rewritten model."""
+        if self.size_mb is not None:
+            return 8.0 * serialized_bytes(out)
+        return 8.0 * (ir_stored_bytes(out) - self.other_bytes)
+
+    def next_reserve(self, out: ir.Model, ctx: Context) -> tuple[bool, float | None]:
+        """Whether ``out`` fits and fills more of the budget than any output before, and the reserve to allocate
+        with next (None: stop). Over the budget, the reserve grows by the excess; once one fits, it is bisected
+        between the largest that failed and the smallest that fit while the slack is over :data:`SLACK` of the
+        budget (the overhead shrinks with fewer pieces, so the first fit can waste room)."""
+        measured = self.measure_bits(out)
+        fits = measured <= self.limit_bits
+        self.tries += 1
+        best = fits and measured > self.best
+        if fits:
+            self.good = min(self.good, self.reserve)
+            self.best = max(self.best, measured)
+        else:
+            self.bad = max(self.bad, self.reserve)
+            if math.isinf(self.good) and (self.tries > MAX_TRIES or self._at_minimum(ctx)):
+                self._refuse(measured, ctx)
+        if self.tries > MAX_TRIES or (fits and self.limit_bits - measured <= SLACK * self.limit_bits):
+            return best, None
+        if math.isinf(self.good):
+            # the allocator may spend its whole budget: leave room for the overhead this output showed
+            overhead = measured - ctx.allocation.cost
+            shrink = ctx.allocation.budget - (self.limit_bits - overhead)
+            self.reserve += max(measured - self.limit_bits, shrink) + 8
+        else:
+            if self.good - self.bad <= 64:
+                return best, None
+            self.reserve = (self.good + self.bad) / 2
+        return best, self.reserve
+
+    @staticmethod
+    def _at_minimum(ctx: Context) -> bool:
+        return bool(ctx.allocation.details.get("at_cheapest"))
+
+    def _refuse(self, measured: float, ctx: Context) -> None:
+        smallest = measured  # the cheapest allocation's output, or (tries spent) the last one's
+        if self.size_mb is not None:
+            mb = math.ceil(smallest / 8e6 * 1e4) / 1e4
+            raise UsageError(f"--size-mb {self.size_mb:g} cannot be met: the smallest file is about {mb:g} MB")
+        numel = sum(t.numel for t in ctx.tables.blocks)
+        raise UsageError(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
+                         f"{math.ceil(smallest / numel * 100) / 100:g} bits per weight")
+
+
+def zero_bit_note(ctx: Context) -> str | None:
+    """A note when the budget left many weights at 0 bits (their block mean), far outside what the expected-loss
+    tables model well (DESIGN.md, Heads): in the native format the cheapest stored width (int4 codes plus fp32
+    scales) costs well over 4 bits, so a lower budget drops whole blocks to their mean."""
+    if ctx.tables is None or ctx.allocation is None:
+        return None
+    bits = ctx.bits
+    numel = sum(t.numel for t in ctx.tables.blocks)
+    zero = sum(t.numel for t in ctx.tables.blocks if bits.get(t.name) == 0)
+    if zero <= ZERO_BIT_NOTE * numel:
+        return None
+    cheapest = min((t.stored[i] / t.numel for t in ctx.tables.blocks for i, b in enumerate(t.bits) if b > 0),
+                   default=0.0)
+    return (f"{100 * zero / numel:.0f}% of the weights are stored as their block mean (0 bits): the cheapest "
+            f"non-zero width stores about {cheapest:.2f} bits per weight in the {ctx.config.storage.format} format; "
+            f"a larger --bits, --group-size auto (fewer scales) or --format compact keeps them")
+
+
+def other_bytes(model: ir.Model, ctx: Context) -> int:
+    """Stored bytes of ``model`` (before the rewrite) that are not the weights."""
+    return ir_stored_bytes(model) - sum(w.value.const_value.nbytes for w in ctx.weights
+                                        if w.value.const_value is not None)
+
+
+def serialized_bytes(model: ir.Model) -> int:
+    """Bytes of the file ``save_model`` writes for ``model`` (a protobuf under 2 GB)."""
+    return ir.serde.serialize_model(model).ByteSize()

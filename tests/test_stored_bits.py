@@ -1,0 +1,130 @@
+"""Issue 16: ``--bits`` is what the file stores, ``--size-mb`` is the file, counted independently of the rewrite."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+import bq_onnx
+from bq_onnx.counting import count, stored_tensors, tensor_bytes
+from bq_onnx.errors import UsageError
+from bq_onnx.inspect import inspect
+from tests.conftest import MODELS
+
+MODELS_3 = ["lenet", "digits_mlp", "tiny_transformer"]
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                used |= _used_names(g)
+    return used
+
+
+def _dead(path) -> tuple[list[str], list[str]]:
+    """Unused initializers, and nodes none of whose outputs is read (nor a graph output)."""
+    m = onnx.load(str(path))
+    used = _used_names(m.graph)
+    unused = [t.name for t in m.graph.initializer if t.name not in used]
+    dead = [n.name or n.op_type for n in m.graph.node if not any(o in used for o in n.output if o)]
+    return unused, dead
+
+
+@pytest.mark.parametrize("fmt", ["native", "compact"])
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("name", MODELS_3)
+def test_counted_bits_per_weight_are_within_the_budget(tmp_path, name, bits, fmt):
+    model = MODELS / f"{name}.onnx"
+    result = bq_onnx.optimize(model, bits=bits, format=fmt)
+    out = tmp_path / "m.onnx"
+    report = result.save(out)
+    counted = count(out, model).bits_per_weight
+    assert bits - 0.25 <= counted <= bits  # within the budget, and the budget is spent
+    assert report["allocation"]["achieved_bits"] == pytest.approx(counted)
+    assert inspect(out)["counted"]["bits_per_weight"] == pytest.approx(counted)
+    assert _dead(out) == ([], [])
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt", "rocm"])
+def test_counted_bits_per_weight_are_within_the_budget_for_every_target(tmp_path, target):
+    model = MODELS / "tiny_transformer.onnx"
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(model, bits=4, target=target).save(out)
+    assert count(out, model).bits_per_weight <= 4
+    assert _dead(out) == ([], [])
+
+
+def test_calibrated_allocation_stays_within_the_budget(tmp_path):
+    model = MODELS / "lenet.onnx"
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(model, bits=3, calib=MODELS / "lenet_calib.npz", calib_samples=64).save(out)
+    assert 2.8 <= count(out, model).bits_per_weight <= 3
+
+
+def test_payload_reading_counts_the_grid_only():
+    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=3, bits_payload=True)
+    al = result.report["allocation"]
+    assert al["budget_counts"] == "payload" and al["achieved_payload_bits"] <= 3 < al["achieved_bits"]
+
+
+@pytest.mark.parametrize("fmt", ["native", "compact"])
+def test_size_mb_bounds_the_written_file(tmp_path, fmt):
+    out = tmp_path / "m.onnx"
+    report = bq_onnx.optimize(MODELS / "lenet.onnx", size_mb=0.03, format=fmt).save(out)
+    assert 0.9 * 30_000 <= out.stat().st_size <= 30_000
+    assert report["output"]["file_bytes"] == out.stat().st_size
+
+
+def test_size_mb_that_cannot_be_met_says_the_smallest(tmp_path):
+    with pytest.raises(UsageError, match=r"--size-mb 0.01 cannot be met: the smallest file is about ([\d.]+) MB") as e:
+        bq_onnx.optimize(MODELS / "lenet.onnx", size_mb=0.01)
+    smallest = float(str(e.value).split("about ")[1].split()[0])
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(MODELS / "lenet.onnx", size_mb=smallest).save(out)  # the size it names can be met
+    assert out.stat().st_size <= smallest * 1e6
+
+
+def test_zero_bit_blocks_leave_no_unused_initializers(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=1)
+    assert any(b == 0 for layer in result.report["layers"] for _, _, b in layer["pieces"])
+    result.save(out)
+    assert _dead(out) == ([], [])
+
+
+def test_a_budget_below_the_cheapest_native_width_is_noted():
+    low = bq_onnx.optimize(MODELS / "digits_mlp.onnx", bits=3)
+    assert any("stored as their block mean (0 bits)" in m for m in low.report["messages"])
+    high = bq_onnx.optimize(MODELS / "digits_mlp.onnx", bits=6)
+    assert not any("block mean" in m for m in high.report["messages"])
+
+
+def test_inspect_counts_a_foreign_quantized_model(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = MODELS / "digits_mlp.onnx"
+    q = MatMulNBitsQuantizer(onnx.load(str(model)), block_size=32, is_symmetric=True)
+    q.process()
+    nbits = tmp_path / "nbits.onnx"
+    q.model.save_model_to_file(str(nbits))
+    dyn = tmp_path / "dyn.onnx"
+    quantize_dynamic(str(model), str(dyn), weight_type=QuantType.QInt8)
+    # 4-bit codes plus one fp32 scale per 32 weights; int8 codes plus per-tensor scales and zero points
+    assert inspect(nbits, reference=model)["counted"]["bits_per_weight"] == pytest.approx(5.0, abs=0.01)
+    assert inspect(dyn, reference=model)["counted"]["bits_per_weight"] == pytest.approx(8.0, abs=0.01)
+    assert inspect(model, reference=model)["counted"]["bits_per_weight"] == pytest.approx(32.0)
+
+
+def test_count_reads_constant_nodes_and_subgraphs():
+    w = onnx.numpy_helper.from_array(__import__("numpy").zeros((4, 4), "float32"), "w")
+    inner = onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["c"], value=w)], "g", [],
+                                   [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [4, 4])])
+    node = onnx.helper.make_node("If", ["cond"], ["y"], then_branch=inner, else_branch=inner)
+    g = onnx.helper.make_graph([node], "m", [onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4])])
+    tensors = stored_tensors(onnx.helper.make_model(g))
+    assert sum(tensor_bytes(t) for t in tensors) == 2 * 64

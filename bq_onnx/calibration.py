@@ -62,7 +62,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
         dims: tuple[int | str | None, ...] = ()
         if value.shape is not None:
-            dims = tuple(d if isinstance(d, int) else (str(d) if d is not None else None) for d in value.shape)
+            # a negative size (paddle2onnx writes an unknown batch as -1) is symbolic, not a size
+            dims = tuple(d if isinstance(d, int) and d >= 0 else (str(d) if d is not None else None)
+                         for d in value.shape)
         specs.append(InputSpec(value.name, dtype, dims, value.shape is not None))
     return specs
 

@@ -41,8 +41,7 @@ def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0,
             shape = _given_shape(value, shapes[value.name])
         else:
             pinned = _pinned_dims(model, value)
-            shape = [d if isinstance(d, int) else pinned.get(axis, batch)
-                     for axis, d in enumerate(value.shape or [])]
+            shape = [d if _static(d) else pinned.get(axis, batch) for axis, d in enumerate(value.shape or [])]
         dtype = value.dtype
         if dtype in _FLOAT_TYPES:
             feeds[value.name] = rng.standard_normal(shape).astype(_FLOAT_TYPES[dtype])
@@ -55,9 +54,14 @@ def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0,
     return feeds
 
 
+def _static(dim: object) -> bool:
+    """A known size; exporters such as paddle2onnx write an unknown (batch) dimension as -1."""
+    return isinstance(dim, int) and dim >= 0
+
+
 def _given_shape(value: ir.Value, dims: Sequence[int]) -> list[int]:
     """``dims`` checked against the input's rank and fixed dimensions."""
-    want = [d if isinstance(d, int) else str(d) for d in (value.shape or [])]
+    want = [d if _static(d) else str(d) for d in (value.shape or [])]
     bad = value.shape is not None and (len(dims) != len(want) or any(
         isinstance(w, int) and w != d for w, d in zip(want, dims)))
     if bad:

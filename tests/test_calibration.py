@@ -140,3 +140,23 @@ def test_samples_are_taken_along_each_inputs_axis():
         load_calibration({"state": state, "sr": sr, "x": x[:9]}, model)
     with pytest.raises(DataError, match=r"input 'state' has shape \[3, 10, 4\].*\(axis 0\)"):
         load_calibration({"state": np.zeros((3, 10, 4), np.float32), "sr": sr, "x": x}, model)
+
+
+def test_a_negative_dimension_is_symbolic():
+    """paddle2onnx writes an unknown batch as -1: it is the sample axis, and random inputs give it a size."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bq_onnx.calibration import input_specs, sample_axes
+    from bq_onnx.samples import random_feeds
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "neg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "h", "w"])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]))
+    assert sample_axes(input_specs(model)) == {"x": 0}
+    images = np.zeros((5, 3, 8, 6), np.float32)
+    assert load_calibration({"x": images}, model).num_samples == 5
+    feeds = random_feeds(model, seed=0)
+    assert feeds["x"].shape[1] == 3 and min(feeds["x"].shape) > 0

@@ -44,7 +44,8 @@ def main() -> int:
         x, y = d["test_input"], d["test_labels"]
     lines = [f"`python benchmarks/lenet_budgets.py` (bq-onnx {bq_onnx.__version__}); FP32 accuracy "
              f"{accuracy(MODEL, x, y):.4f} on {len(y)} test images", "",
-             "| options | test accuracy | stored bits/weight | payload bits/weight | file bytes |", "|---|---|---|---|---|"]
+             "| options | test accuracy | stored bits/weight | payload bits/weight | file bytes |",
+             "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for options in RUNS:
             result = bq_onnx.optimize(MODEL, calib=str(CALIB), **options)

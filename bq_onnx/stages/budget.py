@@ -71,8 +71,12 @@ class StoredBudget:
             self.best = max(self.best, measured)
         else:
             self.bad = max(self.bad, self.reserve)
-            if math.isinf(self.good) and (self.tries > MAX_TRIES or self._at_minimum(ctx)):
-                self._refuse(measured, ctx)
+            if math.isinf(self.good):
+                if self._at_minimum(ctx):
+                    self._refuse(measured, ctx)
+                if self.tries > MAX_TRIES:  # out of tries without a fit: the cheapest allocation decides
+                    self.reserve = math.inf
+                    return best, self.reserve
         if self.tries > MAX_TRIES or (fits and self.limit_bits - measured <= SLACK * self.limit_bits):
             return best, None
         if math.isinf(self.good):

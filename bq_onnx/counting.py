@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from bq_onnx.config import WeightsConfig
+from bq_onnx.model_io import iter_graphs
 
 _PACKED_BITS = {
     onnx.TensorProto.INT4: 4,
@@ -65,27 +66,23 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graph_tensors(g)
-            elif node.op_type == "Constant" and attr.name in ("value_floats", "value_ints"):
-                dtype = onnx.TensorProto.FLOAT if attr.name == "value_floats" else onnx.TensorProto.INT64
-                values = attr.floats if attr.name == "value_floats" else attr.ints
-                yield onnx.helper.make_tensor(attr.name, dtype, [len(values)], [])
-            elif node.op_type == "Constant" and attr.name in _ATTR_TENSORS:
-                yield onnx.helper.make_tensor(attr.name, _ATTR_TENSORS[attr.name][0], [], [])
+    for g in iter_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif node.op_type == "Constant" and attr.name in ("value_floats", "value_ints"):
+                    dtype = onnx.TensorProto.FLOAT if attr.name == "value_floats" else onnx.TensorProto.INT64
+                    values = attr.floats if attr.name == "value_floats" else attr.ints
+                    yield onnx.helper.make_tensor(attr.name, dtype, [len(values)], [])
+                elif node.op_type == "Constant" and attr.name in _ATTR_TENSORS:
+                    yield onnx.helper.make_tensor(attr.name, _ATTR_TENSORS[attr.name][0], [], [])
 
 
 def stored_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -177,19 +177,20 @@ def _check_graph(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where}: invalid model ({_first_line(exc)})") from None
 
 
-def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph of its nodes' attributes, at any depth."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attr.g)
+                yield from iter_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _iter_graphs(g)
+                    yield from iter_graphs(g)
 
 
 def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in _iter_graphs(graph):
+    for g in iter_graphs(graph):
         yield from g.initializer
         for sparse in g.sparse_initializer:
             yield sparse.values

@@ -28,7 +28,7 @@ KNOWN = {
     ("ppocr-cls", False): "save verification: ValueError: negative dimensions are not allowed (the -1 batch dim)",
     ("magika", True): "accuracy 0.0 at 4 bits with calibration (214-way head barely exercised by the calib set)",
     ("magika", False): "accuracy 0.125 at 4.0 stored bits in the native format: int4 + scales cost 5.1 bits, so the "
-                       "budget is met by 0-bit blocks (1.0 at 4.5; issue 15's guard and 2..8 default widths)",
+                       "budget is met by 0-bit blocks (issue 15's guard and 2..8 default widths)",
     ("silero-vad", True): "UnsupportedError: no quantizable weights (all weights inside If branches, LSTM)",
     ("silero-vad", False): "UnsupportedError: no quantizable weights (all weights inside If branches, LSTM)",
     ("silero-vad-seq", True): "DataError: inputs have different sample counts (h/c [1, 1, 128] have no sample axis)",

@@ -360,6 +360,29 @@ class TargetConfig(Concern):
                                "and 8), not 3 bits stored in int4")
 
 
+def _share(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be a fraction in [0, 1)"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig(Concern):
+    """The measured check of the allocation on held-out calibration data, against uniform at the same budget."""
+
+    title: ClassVar[str] = "guard (the allocation measured on held-out data; a missed target exits 9)"
+    no_guard: bool = option(False, "skip the held-out check of the allocation against the uniform one the budget "
+                            "buys (and its repairs)")
+    holdout: float = option(0.25, "share of the --calib samples held out for the guard (never used by the "
+                            "posterior, the tables or distillation); 0 = measure on the calibration samples",
+                            check=_share, metavar="FRACTION")
+    max_loss: float | None = option(None, "exit 9, nothing written, when the mean held-out loss (the --loss "
+                                    "against FP32) is above this", check=at_least(0))
+    min_cosine: float | None = option(None, "exit 9, nothing written, when an output's mean cosine to FP32 on "
+                                      "held-out data is below this")
+    min_agreement: float | None = option(None, "exit 9, nothing written, when an output's top-1 agreement with "
+                                         "FP32 on held-out data is below this (classification outputs)")
+    seed: int = SEED.field()
+
+
 @dataclasses.dataclass(frozen=True)
 class VerificationConfig(Concern):
     """Thresholds a candidate model must meet against its reference (``bq-onnx verify``)."""
@@ -403,6 +426,7 @@ class OptimizeConfig:
     distillation: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
     inputs: InputsConfig = dataclasses.field(default_factory=InputsConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         for name, holders in _shared(type(self)).items():

@@ -121,6 +121,8 @@ class Context:
     stored_bytes: int | None = None  # what the quantized weights take in the output, shared constants included
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
+    floors: dict[str, int] = dataclasses.field(default_factory=dict)  # block -> least width (heads, guard repairs)
+    guard: dict | None = None  # the held-out check's report (bq_onnx.stages.guard)
 
     def __post_init__(self) -> None:
         if self.derived is None:

@@ -15,6 +15,7 @@ EXIT_DATA = 5
 EXIT_VERIFY = 6
 EXIT_OUTPUT = 7
 EXIT_INPUTS = 8
+EXIT_QUALITY = 9
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -27,6 +28,8 @@ EXIT_CODES = {
     EXIT_OUTPUT: "the output cannot be written: same as the input, exists without --force, not writable",
     EXIT_INPUTS: "no valid verification inputs: the FP32 model itself fails on random inputs (give --calib or "
                  "--verify-inputs)",
+    EXIT_QUALITY: "quality target missed: the held-out loss, cosine or agreement is past --max-loss, --min-cosine "
+                  "or --min-agreement (nothing written)",
 }
 
 
@@ -64,6 +67,12 @@ class InputsError(BqError):
     """The inputs made up for a check are invalid for the model itself: real ones are needed."""
 
     exit_code = EXIT_INPUTS
+
+
+class QualityError(BqError):
+    """The optimized model measures worse on held-out data than a quality target the user set."""
+
+    exit_code = EXIT_QUALITY
 
 
 def exit_code_table() -> str:

@@ -28,32 +28,49 @@ def _min_bits(ctx: Context, weight: str) -> int:
     return max([*found, ctx.derived.weight_floor(weight)])
 
 
-def allocate_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float = 0.0) -> Allocation:
-    """A width per block of ``tables`` (``ctx.tables``) under the budget (``--bits``, ``--bits-payload``,
-    ``--size-mb``) less ``reserve`` bits (what the rewrite stored beyond the tables, :mod:`bq_onnx.stages.budget`).
-    A budget below the cheapest allocation gives the cheapest: the budget stage then refuses it with its size."""
+def allocation_blocks(ctx: Context, tables: Tables, floors: bool = True) -> list[allocation.Block]:
+    """The allocator's blocks: each table's widths at or above its floor (``--min-bits``, the tensor's own floor,
+    and with ``floors`` the context's: heads and the guard's repairs)."""
     blocks = []
     for t in tables.blocks:
-        floor = _min_bits(ctx, t.weight)
+        floor = max(_min_bits(ctx, t.weight), ctx.floors.get(t.name, 0) if floors else 0)
         keep = [i for i, b in enumerate(t.bits) if b >= floor]
         if not keep:
-            raise UsageError(f"--min-bits {floor} for '{t.weight}' leaves no allowed width")
+            keep = [len(t.bits) - 1]  # a floor above every allowed width: the widest there is
+            if _min_bits(ctx, t.weight) > t.bits[-1]:
+                raise UsageError(f"--min-bits {floor} for '{t.weight}' leaves no allowed width")
         blocks.append(
             allocation.Block(t.name, t.numel, tuple(t.bits[i] for i in keep), t.loss[keep], t.cost[keep],
-                             min_bits=floor, layer=t.weight)
+                             min_bits=t.bits[keep[0]], layer=t.weight)
         )
+    return blocks
+
+
+def budget_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float = 0.0) -> float:
+    """The budget the allocator spends, in the tables' cost unit, less ``reserve``."""
+    return _budget(model, ctx, tables) - reserve
+
+
+def allocate_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float = 0.0,
+                  method: str | None = None) -> Allocation:
+    """A width per block of ``tables`` (``ctx.tables``) under the budget (``--bits``, ``--bits-payload``,
+    ``--size-mb``) less ``reserve`` bits (what the rewrite stored beyond the tables, :mod:`bq_onnx.stages.budget`),
+    by ``method`` (default ``--allocator``; the guard's fallback asks for ``uniform``).
+    A budget below the cheapest allocation gives the cheapest: the budget stage then refuses it with its size."""
+    blocks = allocation_blocks(ctx, tables, floors=method != "uniform")
     a = ctx.config.allocation
+    method = method or a.allocator
     cheapest = sum(float(min(b.cost)) for b in blocks) + 1e-6
     budget = max(_budget(model, ctx, tables) - reserve, cheapest)
-    options = dict(a.allocator_options or {})
-    options.update(_method_inputs(ctx, tables, a.allocator))
+    options = dict(a.allocator_options or {}) if method == a.allocator else {}
+    options.update(_method_inputs(ctx, tables, method))
     counts_layouts = ctx.config.storage.format == "compact" and (not a.bits_payload or a.size_mb is not None)
     layouts = 0.0
     for _ in range(8):  # the compact format's layout constants depend on the pieces the allocation makes
         try:
-            result = allocation.allocate(a.allocator, blocks, max(budget - layouts, cheapest), **options)
+            result = allocation.allocate(method, blocks, max(budget - layouts, cheapest), **options)
         except ValueError as exc:
-            raise UsageError(f"allocation ({a.allocator}): {exc}") from None
+            raise UsageError(f"allocation ({method}): {exc}") from None
         excess = result.cost + (_layout_bits(ctx, tables, result.bits) if counts_layouts else 0) - budget
         if excess <= 0 or budget - layouts <= cheapest:
             break

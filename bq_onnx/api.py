@@ -206,6 +206,8 @@ def optimize(
         report["allocation"] = allocation_report(ctx)
     if ctx.distillation is not None:
         report["distillation"] = ctx.distillation
+    if ctx.guard is not None:
+        report["guard"] = ctx.guard
     if ctx.posterior is not None:
         report["posterior"] = {
             "method": ctx.posterior.method,

@@ -234,6 +234,8 @@ def _print_optimize(report: dict, elapsed: float) -> None:
         print(f"allocation: {al['method']} over {al['blocks']} blocks ({al['granularity']}): "
               f"{al['achieved_bits']:.3f} stored bits/weight{target} (payload {al['achieved_payload_bits']:.3f}, "
               f"metadata {al['achieved_metadata_bits']:.3f}; budget counts {al['budget_counts']})")
+    if "guard" in report:
+        _print_guard(report["guard"])
     out = report["output"]
     size_in = report.get("input_file_bytes")
     ratio = f" ({size_in / out['file_bytes']:.2f}x smaller)" if size_in else ""
@@ -242,6 +244,32 @@ def _print_optimize(report: dict, elapsed: float) -> None:
         worst = max((c["max_abs_error"] for c in report["verification"]["outputs"]), default=0.0)
         print(f"verified in onnxruntime against the numpy reference (max abs error {worst:.2g})")
     print(f"done in {elapsed:.1f} s")
+
+
+def _print_guard(g: dict) -> None:
+    """The held-out check in a few lines: measured against predicted and uniform, repairs, fidelity per output."""
+    where = f"{g['samples']} {g['data']} sample{'s' if g['samples'] != 1 else ''}"
+    if "measured_loss" not in g:
+        print(f"guard: {g['result']} ({g['why']})")
+        return
+    line = f"guard: loss measured {g['measured_loss']:.4g} on {where}"
+    if g.get("predicted_loss_scaled") is not None:
+        line += f" (tables predicted {g['predicted_loss_scaled']:.4g})"
+    u = g.get("uniform")
+    if u is not None:
+        line += f"; uniform {u['width']}-bit ({u['stored_bits']:.2f} stored bits) {u['measured_loss']:.4g}"
+    elif "uniform" in g:
+        line += "; no uniform width fits the budget"
+    print(f"{line}: {g['result']}")
+    for step in g["repairs"]:
+        result = (f"{step['measured_loss']:.4g} ({step['stored_bits']:.2f} stored bits)" if "measured_loss" in step
+                  else step["result"])
+        print(f"  repair {step['step']}: {len(step['raised'])} tensor(s) raised to {step['to_bits']} bits "
+              f"({', '.join(step['raised'][:3])}{', ...' if len(step['raised']) > 3 else ''}) -> {result}")
+    for name, f in g["fidelity"].items():
+        parts = [f"{k.replace('_', ' ')} {f[k]:.4f}" for k in ("agreement", "cosine", "rel_error")
+                 if f.get(k) is not None]
+        print(f"held-out fidelity of {name}: {', '.join(parts) or f.get('error', '')}")
 
 
 def _loss_text(terms: list[dict]) -> str:

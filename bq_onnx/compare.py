@@ -32,8 +32,8 @@ DEFAULT_MIN_AGREEMENT = VerificationConfig.min_agreement
 DEFAULT_BATCH = 64
 
 
-class _Accumulator:
-    """Streaming sums for one output in one runtime."""
+class OutputStats:
+    """Streaming sums for one output in one runtime (also the guard's held-out fidelity)."""
 
     def __init__(self) -> None:
         self.samples = 0
@@ -219,7 +219,7 @@ def verify_models(
             raise UnsupportedError("the reference and the candidate have no output name in common")
         ref_index = [ref_session.output_names.index(n) for n in names]
         cand_index = [cand_session.output_names.index(n) for n in names]
-        acc = {n: _Accumulator() for n in names}
+        acc = {n: OutputStats() for n in names}
         start = 0
         for batch in calib.batches(batch_size):
             count = len(next(iter(batch.values())))

@@ -24,10 +24,12 @@ from bq_onnx.passes.rewrite_native import RewriteNativePass
 from bq_onnx.posterior import Posterior
 from bq_onnx.progress import memtrace
 from bq_onnx.runtimes.base import Capabilities
+from bq_onnx.stages import guard
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits
 from bq_onnx.stages.budget import StoredBudget, other_bytes, zero_bit_note
 from bq_onnx.stages.distill import distill
+from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import expected_loss_tables
 from bq_onnx.stages.weights import find_weights
@@ -44,7 +46,9 @@ def optimize_model(
     """Quantize every weight of ``model`` (in place) as ``ctx.config`` says; the stages' values land on ``ctx``.
 
     ``calibration`` estimates the posterior unless ``posterior`` (a file or a :class:`Posterior`) is given, and
-    serves the measured tables and distillation; ``profile`` legalizes the weights for a target runtime.
+    serves the measured tables and distillation; ``profile`` legalizes the weights for a target runtime. The
+    guard (:mod:`bq_onnx.stages.guard`) holds out part of ``calibration`` and measures the allocation on it
+    before anything is written.
     """
     config = ctx.config
     model = run_passes(model, prepare_passes(config.weights))
@@ -57,42 +61,73 @@ def optimize_model(
 
         ctx.derived, notes = legalize_weights(ctx.weights, config, ctx.derived, profile)
         ctx.messages.extend(notes)
+    fit, held = calibration, None
+    if calibration is not None and guard.wants_measurement(ctx):
+        fit, held = guard.split(calibration, config.guard.holdout, config.guard.seed)
     if isinstance(posterior, Posterior):
         ctx.posterior = posterior_stage.matched(posterior, ctx.weights)
     elif posterior is not None:
         ctx.posterior = posterior_stage.load(posterior, ctx.weights)
-    elif calibration is not None:
-        ctx.posterior = posterior_stage.estimate(model, ctx.weights, calibration, config.posterior, ctx.progress)
+    elif fit is not None:
+        ctx.posterior = posterior_stage.estimate(model, ctx.weights, fit, config.posterior, ctx.progress)
         ctx.messages.extend(ctx.posterior.notes)
     memtrace("posterior")
     if not ctx.fixed:
-        ctx.tables = expected_loss_tables(model, ctx, calibration)
+        ctx.tables = expected_loss_tables(model, ctx, fit)
         memtrace("tables")
-        ctx.allocation = allocate_bits(model, ctx, ctx.tables)
+    weights = ctx.weights
+
+    def spend(method: str | None = None) -> Spent:
+        ctx.weights = weights
+        return _spend(model, ctx, fit, profile, method)
+
+    spent = spend()
+    if guard.wants_measurement(ctx):
+        data = guard.held_out_data(model, ctx, held, calibration)
+        if guard.guards(ctx):
+            spent = guard.guard_allocation(model, ctx, spent, spend, data)
+        else:
+            guard.measure_only(model, ctx, spent, data)
+        memtrace("guard")
+        guard.check_targets(ctx)
+    spent.apply(ctx)
+    return _noted(spent.out, ctx)
+
+
+def _spend(model: ir.Model, ctx: Context, calibration: Calibration | None, profile: Capabilities | None,
+           method: str | None = None) -> Spent:
+    """Allocate (by ``method``, default ``--allocator``), quantize and rewrite a copy of ``model``; while a stored
+    budget binds, re-allocate with a reserve until the rewritten model fits (:class:`StoredBudget`)."""
+    config = ctx.config
+    if ctx.tables is not None:
+        ctx.allocation = allocate_bits(model, ctx, ctx.tables, method=method)
         memtrace("allocate")
     budget = StoredBudget.of(model, ctx)
     weights, best, other = ctx.weights, None, other_bytes(model, ctx)
     while True:
         _quantize(model, ctx, calibration)
-        trial = model.clone() if budget is not None else model
-        if budget is not None:
+        if budget is None and not guard.wants_measurement(ctx):
+            out = _rewrite(model, ctx, profile)  # spent once: the model itself is rewritten, no second copy
+        else:
+            trial = model.clone()
             # the clone's own values, found as in the model (subgraph weights live in their subgraph's initializers)
             values = {w.name: w.value for w in find_weights(trial, config.weights).weights}
             ctx.weights = [dataclasses.replace(w, value=values[w.name]) for w in weights]
-        out = _rewrite(trial, ctx, profile)
+            out = _rewrite(trial, ctx, profile)
+            ctx.weights = weights
         memtrace("rewrite")
         if budget is None:
             ctx.stored_bytes = ir_stored_bytes(out) - other
-            return _noted(out, ctx)
+            return Spent.of(out, ctx)
         better, reserve = budget.next_reserve(out, ctx)
         if better:
-            best = (out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers)
+            best = Spent(out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers, None)
         if reserve is None:
             break
-        ctx.allocation = allocate_bits(model, ctx, ctx.tables, reserve)
-    out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers = best
-    ctx.stored_bytes = ir_stored_bytes(out) - other
-    return _noted(out, ctx)
+        ctx.allocation = allocate_bits(model, ctx, ctx.tables, reserve, method=method)
+    best.stored_bytes = ir_stored_bytes(best.out) - other
+    best.apply(ctx)
+    return best
 
 
 def _noted(out: ir.Model, ctx: Context) -> ir.Model:

@@ -1,0 +1,424 @@
+"""The guard: the allocation measured on held-out data before it is written, against uniform at the same budget.
+
+The expected-loss tables are a local, quadratic model of the loss around the trained weights (diagonal Laplace or
+Fisher curvature). Far from the weights (a block at 0 or 1 bit, classes the calibration data never shows, a
+weight whose curvature had to be guessed) they can call a block free that is not. So before anything is written,
+the chosen model is run on samples the posterior, the tables and distillation never saw (``--holdout``, a
+quarter of ``--calib`` by default, chosen with ``--seed``) and its loss (the ``--loss`` against FP32) is
+compared with that of the uniform allocation the same budget buys (``--allocator uniform``: one width
+everywhere, the largest whose stored size fits).
+
+Where the allocation measures worse than uniform, or its measured loss exceeds its prediction by more than
+:data:`PREDICTION_FACTOR` times what uniform's does (the tables' scale is calibrated by uniform's own
+measured/predicted ratio), it is repaired: every tensor stored below the uniform width is measured alone (the
+others FP32), those whose measured damage most exceeds their scaled prediction (the fewest that make up half the
+total excess) get at least the uniform width, and the budget is spent again around them. At most
+:data:`MAX_REPAIRS` rounds; the best measured candidate is kept, and where even that is worse than uniform, the
+uniform allocation is written instead (with a note). Without calibration data (random inputs or
+``--verify-inputs``) nothing is repaired on data that do not represent the task: the allocation is kept when it
+measures no worse than uniform, else uniform is written with a note saying why.
+
+The same measurement checks the user's quality targets (``--max-loss``, ``--min-cosine``, ``--min-agreement``):
+a missed one is a :class:`QualityError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.allocation import Allocation
+from bq_onnx.calibration import Calibration, load_calibration
+from bq_onnx.compare import OutputStats
+from bq_onnx.context import Context
+from bq_onnx.errors import BqError, QualityError, UsageError
+from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
+from bq_onnx.graph import forward_model
+from bq_onnx.progress import progress
+from bq_onnx.runtimes.sessions import TempSessions
+from bq_onnx.samples import random_feeds
+
+PREDICTION_FACTOR = 2.0
+"""How far the allocation's measured/predicted loss ratio may exceed uniform's before it is repaired: the tables
+may be off by a constant (their scale is calibrated on uniform), not by a factor that only the allocation's
+own choices (the blocks it took bits from) would show."""
+MAX_REPAIRS = 4
+"""Rounds of repair (each: probe, raise, re-spend the budget, measure) before falling back to uniform."""
+MAX_HELD = 256
+"""Held-out samples measured at most (the rest of the split goes back to the posterior)."""
+RUN = 32
+"""Samples per measured run (a fixed-batch model runs its own batch)."""
+DATA_FREE_RUNS = 4
+"""Random runs measured without calibration data or ``--verify-inputs``."""
+MAX_PROBES = 64
+"""Tensors measured one at a time per repair round at most (the largest bit deficits first)."""
+
+
+@dataclasses.dataclass
+class Spent:
+    """One spending of the budget: the rewritten model and what the stages left on the context for it."""
+
+    out: ir.Model
+    allocation: Allocation | None
+    quantized: dict
+    distillation: dict | None
+    layers: list[dict]
+    stored_bytes: int | None
+
+    @classmethod
+    def of(cls, out: ir.Model, ctx: Context) -> Spent:
+        return cls(out, ctx.allocation, ctx.quantized, ctx.distillation, ctx.layers, ctx.stored_bytes)
+
+    def apply(self, ctx: Context) -> None:
+        ctx.allocation, ctx.quantized, ctx.distillation = self.allocation, self.quantized, self.distillation
+        ctx.layers, ctx.stored_bytes = self.layers, self.stored_bytes
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """The samples the guard measures on, as runs the model accepts, and what they are."""
+
+    runs: list[dict[str, np.ndarray]]
+    kind: str  # held-out | calibration | verify-inputs | random
+    samples: int
+
+    @property
+    def task_data(self) -> bool:
+        """Samples of the task (held out of --calib): repairs may be steered by them."""
+        return self.kind in ("held-out", "calibration")
+
+
+def split(calibration: Calibration, share: float, seed: int) -> tuple[Calibration, Calibration | None]:
+    """``calibration`` as (fit, held out): ``share`` of its runs (whole runs of a fixed batch), at least one and
+    never all, at most :data:`MAX_HELD` samples, chosen with ``seed``; (all, None) when it cannot be split."""
+    n = calibration.num_samples
+    size = calibration.run_size(1)
+    units = -(-n // size)
+    held = min(round(units * share), max(MAX_HELD // size, 1)) if share > 0 else 0
+    held = min(max(held, 1), units - 1) if share > 0 else 0
+    if held <= 0:
+        return calibration, None
+    chosen = np.zeros(units, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(units, held, replace=False)] = True
+    rows = np.arange(n)
+    held_rows = rows[chosen[rows // size]]
+    fit_rows = rows[~chosen[rows // size]]
+
+    def part(rows: np.ndarray) -> Calibration:
+        return Calibration(calibration.select(rows), calibration.source, dict(calibration.axes),
+                           calibration.fixed_batch, calibration.spilled)
+
+    return part(fit_rows), part(held_rows)
+
+
+def held_out_data(model: ir.Model, ctx: Context, held: Calibration | None, calibration: Calibration | None
+                  ) -> HeldOut:
+    """What the guard measures on: the held-out split, else the calibration samples themselves, else
+    ``--verify-inputs``, else seeded random inputs."""
+    if held is not None:
+        return HeldOut(list(held.batches(RUN)), "held-out", held.num_samples)
+    if calibration is not None:
+        data = calibration.take(min(calibration.num_samples, MAX_HELD))
+        return HeldOut(list(data.batches(RUN)), "calibration", data.num_samples)
+    inputs = ctx.config.inputs
+    if inputs.verify_inputs is not None:
+        data = load_calibration(inputs.verify_inputs, model, MAX_HELD, axes=dict(inputs.batch_axis))
+        return HeldOut(list(data.batches(RUN)), "verify-inputs", data.num_samples)
+    seed = ctx.config.guard.seed
+    runs = [random_feeds(model, seed=seed + i, shapes=dict(inputs.input_shape)) for i in range(DATA_FREE_RUNS)]
+    return HeldOut(runs, "random", DATA_FREE_RUNS)
+
+
+@dataclasses.dataclass
+class _Try:
+    """A candidate as measured: its loss on the held-out samples and its output fidelity."""
+
+    label: str
+    spent: Spent
+    loss: float
+    fidelity: dict[str, dict]
+    predicted: float | None
+
+    def row(self, numel: int) -> dict:
+        return {"label": self.label, "measured_loss": self.loss, "predicted_loss": self.predicted,
+                "stored_bits": 8 * self.spent.stored_bytes / numel if self.spent.stored_bytes else None}
+
+
+class _Measure:
+    """Runs models on the held-out samples and scores them against FP32: the loss the posterior fits and, per
+    float output, agreement, cosine and relative error."""
+
+    def __init__(self, model: ir.Model, ctx: Context, held: HeldOut) -> None:
+        a = ctx.config.allocation
+        self.model, self.ctx, self.held = model, ctx, held
+        self.loss_names = outputs_needed(model, a.loss, a.output)
+        floats = [v.name for v in model.graph.outputs if v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16,
+                                                                      ir.DataType.DOUBLE, ir.DataType.BFLOAT16)]
+        self.names = list(dict.fromkeys(self.loss_names + floats))
+        self.sessions = TempSessions()
+        self._fed = None
+        self.reference = self._run(model)
+        values = {name: self._stack(name, self.reference) for name in self.loss_names}
+        self.plan, self.fp32 = resolve(model, a.loss, a.output, values)
+
+    def _run(self, model: ir.Model, weights: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
+        session = self.sessions.open(forward_model(model, self.names)) if weights is None else self._fed_session()
+        return [session.run({**feeds, **(weights or {})}) for feeds in self.held.runs]
+
+    def _fed_session(self):
+        """The FP32 model with every main-graph weight also an input, so one tensor can be swapped in."""
+        if self._fed is None:
+            copy = forward_model(self.model, self.names)
+            for info in self.ctx.weights:
+                if not info.scope and info.name in copy.graph.initializers:
+                    copy.graph.inputs.append(copy.graph.initializers[info.name])
+            self._fed = self.sessions.open(copy)
+        return self._fed
+
+    def _stack(self, name: str, runs: list[list[np.ndarray]]) -> np.ndarray:
+        i = self.names.index(name)
+        return np.concatenate([np.asarray(r[i], dtype=np.float32) for r in runs])
+
+    def loss(self, runs: list[list[np.ndarray]]) -> float:
+        terms = []
+        for t in self.plan.terms:
+            y = self._stack(t.output, runs)
+            terms.append(y[..., t.start:t.stop] if t.start is not None else y)
+        return float(np.mean(divergence(self.plan, self.fp32, terms)))
+
+    def fidelity(self, runs: list[list[np.ndarray]]) -> dict[str, dict]:
+        out = {}
+        for i, name in enumerate(self.names):
+            stats = OutputStats()
+            for ref, cand in zip(self.reference, runs):
+                stats.update(ref[i], cand[i], None)
+            r = stats.result()
+            out[name] = {k: r.get(k) for k in ("agreement", "cosine", "rel_error")} if "error" not in r else r
+        return out
+
+    def model_try(self, label: str, spent: Spent) -> _Try:
+        runs = self._run(spent.out)
+        predicted = spent.allocation.loss if spent.allocation is not None else None
+        return _Try(label, spent, self.loss(runs), self.fidelity(runs), predicted)
+
+    def tensor_loss(self, name: str, spent: Spent) -> float | None:
+        """The loss with only ``name`` quantized as in ``spent`` (None: a subgraph's weight cannot be fed)."""
+        info = self.ctx.weight(name)
+        if info.scope or name not in spent.quantized:
+            return None
+        decoded = info.layout.from_view(spent.quantized[name].dequantize()).astype(info.value.dtype.numpy())
+        return self.loss(self._run(self.model, {name: decoded}))
+
+    def close(self) -> None:
+        self.sessions.close()
+
+
+def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> None:
+    """The held-out loss and fidelity of ``spent`` alone (a fixed width, ``--allocator uniform``, ``--no-guard``):
+    what the quality targets are checked on."""
+    measure = _Measure(model, ctx, held)
+    try:
+        chosen = measure.model_try("allocation", spent)
+    finally:
+        measure.close()
+    ctx.guard = _report(ctx, held, chosen, None, [], "measured", compared=False)
+
+
+def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | None], Spent],
+                     held: HeldOut) -> Spent:
+    """The allocation in ``first`` checked against uniform on ``held`` and repaired where it measures worse (the
+    module's docstring); returns what to write, applied to ``ctx``. ``spend(method)`` re-spends the budget
+    (``"uniform"``, or None: the configured allocator with ``ctx.floors``)."""
+    try:
+        measure = _Measure(model, ctx, held)
+    except BqError as exc:
+        if held.task_data:
+            raise
+        return _fall_back(ctx, first, spend, held, f"the FP32 model does not run on {held.kind} inputs ({exc})")
+    try:
+        return _guard(model, ctx, first, spend, held, measure)
+    finally:
+        measure.close()
+
+
+def _fall_back(ctx: Context, first: Spent, spend: Callable[[str | None], Spent], held: HeldOut, why: str) -> Spent:
+    uniform = spend("uniform")
+    uniform.apply(ctx)
+    ctx.messages.append(f"guard: wrote the uniform allocation: {why}; --calib lets the allocation be measured "
+                        f"and repaired")
+    ctx.guard = {"data": held.kind, "samples": held.samples, "result": "uniform", "why": why, "repairs": []}
+    return uniform
+
+
+def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | None], Spent], held: HeldOut,
+           measure: _Measure) -> Spent:
+    tables = ctx.tables
+    chosen = measure.model_try("allocation", first)
+    tries = [chosen]
+    try:
+        uniform = measure.model_try("uniform", spend("uniform"))
+    except UsageError:
+        uniform = None  # no single width fits the budget: nothing to compare with
+    first.apply(ctx)
+    width = uniform.spent.allocation.details.get("width") if uniform is not None else None
+    scale = _scale(uniform) or _scale(chosen)
+    steps: list[dict] = []
+    probed: dict[tuple[str, tuple[int, ...]], float] = {}
+    current = chosen
+    while (held.task_data and uniform is not None and width is not None and len(steps) < MAX_REPAIRS
+           and _needs_repair(current, uniform)):
+        current.spent.apply(ctx)
+        raised, excess = _culprits(ctx, current.spent, int(width), scale, measure, probed)
+        if not raised:
+            break
+        for t in tables.blocks:
+            if t.weight in raised:
+                ctx.floors[t.name] = max(ctx.floors.get(t.name, 0), int(width))
+        try:
+            spent = spend(None)
+        except UsageError:  # the raised floors no longer fit the budget
+            steps.append({"step": len(steps) + 1, "raised": sorted(raised), "to_bits": int(width),
+                          "excess": excess, "result": "does not fit the budget"})
+            break
+        current = measure.model_try(f"repair {len(steps) + 1}", spent)
+        tries.append(current)
+        steps.append({"step": len(steps) + 1, "raised": sorted(raised), "to_bits": int(width), "excess": excess,
+                      **current.row(_numel(ctx))})
+    best = min(tries, key=lambda t: t.loss)
+    if not held.task_data and uniform is not None and best.loss > uniform.loss:
+        ctx.messages.append(f"guard: the allocation measured worse than uniform {width}-bit on {held.kind} inputs "
+                            f"({best.loss:.4g} against {uniform.loss:.4g}): wrote uniform; --calib lets it be "
+                            f"measured and repaired")
+        result, final = "uniform", uniform
+    elif uniform is not None and best.loss > uniform.loss:
+        ctx.messages.append(f"guard: after {len(steps)} repair(s) the allocation still measured worse than uniform "
+                            f"{width}-bit on {held.samples} {held.kind} samples ({best.loss:.4g} against "
+                            f"{uniform.loss:.4g}): wrote uniform")
+        result, final = "uniform", uniform
+    else:
+        result, final = ("repaired" if best is not chosen else "kept"), best
+    final.spent.apply(ctx)
+    ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=scale)
+    return final.spent
+
+
+def _scale(t: _Try | None) -> float | None:
+    """Measured loss per unit of the tables' predicted loss."""
+    if t is None or not t.predicted or t.predicted <= 0 or not math.isfinite(t.loss):
+        return None
+    return t.loss / t.predicted
+
+
+def _needs_repair(current: _Try, uniform: _Try) -> bool:
+    if current.loss > uniform.loss:
+        return True
+    ours, theirs = _scale(current), _scale(uniform)
+    return ours is not None and theirs is not None and ours > PREDICTION_FACTOR * theirs
+
+
+def _culprits(ctx: Context, spent: Spent, width: int, scale: float | None, measure: _Measure,
+              probed: dict) -> tuple[set[str], dict[str, float]]:
+    """The tensors below ``width`` whose measured damage (alone, the rest FP32) most exceeds the scaled
+    prediction: the fewest that make up half the total excess (the most damaging one when none exceeds it)."""
+    bits = spent.allocation.bits
+    below: dict[str, list] = {}
+    for t in ctx.tables.blocks:
+        below.setdefault(t.weight, []).append(t)
+    candidates = []
+    for name, blocks in below.items():
+        deficit = sum(t.numel * max(width - bits[t.name], 0) for t in blocks)
+        if deficit > 0 and not ctx.weight(name).scope:
+            candidates.append((deficit, name))
+    candidates = [name for _, name in sorted(candidates, reverse=True)[:MAX_PROBES]]
+    damage, excess = {}, {}
+    for name in progress(candidates, "guard probes", ctx.progress):
+        key = (name, tuple(bits[t.name] for t in below[name]))
+        if key not in probed:
+            probed[key] = measure.tensor_loss(name, spent)
+        if probed[key] is None:
+            continue
+        damage[name] = probed[key]
+        predicted = sum(float(t.loss[t.bits.index(bits[t.name])]) for t in below[name])
+        excess[name] = probed[key] - (scale or 0.0) * predicted
+    if not damage:
+        return set(), {}
+    positive = sorted(((e, n) for n, e in excess.items() if e > 0), reverse=True)
+    if not positive:
+        worst = max(damage, key=damage.get)
+        return {worst}, {worst: excess[worst]}
+    total, raised, taken = sum(e for e, _ in positive), set(), 0.0
+    for e, n in positive:
+        raised.add(n)
+        taken += e
+        if taken >= total / 2:
+            break
+    return raised, {n: excess[n] for n in sorted(raised)}
+
+
+def _numel(ctx: Context) -> int:
+    if ctx.tables is not None:
+        return sum(t.numel for t in ctx.tables.blocks)
+    return sum(w.numel for w in ctx.weights)
+
+
+def _report(ctx: Context, held: HeldOut, final: _Try, uniform: _Try | None, steps: list[dict], result: str,
+            compared: bool, first: _Try | None = None, scale: float | None = None) -> dict:
+    numel = _numel(ctx)
+    report = {
+        "data": held.kind,
+        "samples": held.samples,
+        "loss": measure_kind(ctx),
+        "result": result,
+        "measured_loss": final.loss,
+        "predicted_loss": final.predicted,
+        "predicted_loss_scaled": final.predicted * scale if final.predicted is not None and scale else None,
+        "stored_bits": final.row(numel)["stored_bits"],
+        "fidelity": final.fidelity,
+        "repairs": steps,
+        "prediction_factor": PREDICTION_FACTOR,
+    }
+    if compared:
+        report["uniform"] = ({**uniform.row(numel), "width": uniform.spent.allocation.details.get("width")}
+                             if uniform is not None else None)
+        report["first"] = first.row(numel) if first is not None else None
+    return report
+
+
+def measure_kind(ctx: Context) -> str:
+    """The loss measured, in words."""
+    terms = ctx.config.allocation.loss
+    return "+".join(t.kind for t in terms) if terms else "auto (--loss default)"
+
+
+def check_targets(ctx: Context) -> None:
+    """Raise :class:`QualityError` when the held-out measurement misses ``--max-loss``, ``--min-cosine`` or
+    ``--min-agreement`` (checked before anything is written)."""
+    g, report = ctx.config.guard, ctx.guard
+    if report is None or "measured_loss" not in report:
+        return
+    where = f"on {report['samples']} {report['data']} samples"
+    if g.max_loss is not None and report["measured_loss"] > g.max_loss:
+        raise QualityError(f"held-out loss {report['measured_loss']:.4g} is above --max-loss {g.max_loss:g} {where}; "
+                           f"nothing written")
+    for name, f in report["fidelity"].items():
+        if g.min_cosine is not None and f.get("cosine") is not None and f["cosine"] < g.min_cosine:
+            raise QualityError(f"output '{name}': cosine to FP32 {f['cosine']:.4f} is below --min-cosine "
+                               f"{g.min_cosine:g} {where}; nothing written")
+        if g.min_agreement is not None and f.get("agreement") is not None and f["agreement"] < g.min_agreement:
+            raise QualityError(f"output '{name}': top-1 agreement with FP32 {f['agreement']:.4f} is below "
+                               f"--min-agreement {g.min_agreement:g} {where}; nothing written")
+
+
+def wants_measurement(ctx: Context) -> bool:
+    """Whether any held-out measurement is needed: the guard compares, or a quality target is set."""
+    g = ctx.config.guard
+    return guards(ctx) or any(v is not None for v in (g.max_loss, g.min_cosine, g.min_agreement))
+
+
+def guards(ctx: Context) -> bool:
+    """Whether the guard compares the allocation with uniform: an allocation other than uniform exists."""
+    return not ctx.config.guard.no_guard and not ctx.fixed and ctx.config.allocation.allocator != "uniform"

@@ -1,0 +1,138 @@
+"""The guard: the allocation is measured on held-out data against uniform, repaired or replaced where it is worse,
+and the user's quality targets stop optimize before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bq_onnx
+from bq_onnx.calibration import Calibration
+from bq_onnx.errors import EXIT_QUALITY, QualityError
+from bq_onnx.stages.guard import split
+from tests.conftest import MODELS
+
+LENET = MODELS / "lenet.onnx"
+CALIB = MODELS / "lenet_calib.npz"
+ALL_WIDTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+
+
+@pytest.fixture(scope="module")
+def calib() -> dict[str, np.ndarray]:
+    return {"input": np.load(CALIB)["input"][:160]}
+
+
+@pytest.fixture(scope="module")
+def lying_posterior(calib):
+    """A real posterior of LeNet whose fc1 (the largest layer, not a head) is said to be free: curvature and
+    precision a billionth of what the data show, as the local model says of weights the data never exercise."""
+    posterior = bq_onnx.estimate_posterior(LENET, calib)
+    wp = posterior.weights["fc1.weight"]
+    wp.curvature = wp.curvature * 1e-9
+    wp.precision = wp.precision * 1e-9
+    return posterior
+
+
+def _optimize(**kw):
+    return bq_onnx.optimize(LENET, format="compact", allowed_bits=ALL_WIDTHS, **kw)
+
+
+def test_split_is_disjoint_deterministic_and_keeps_fixed_batches():
+    x = np.arange(40, dtype=np.float32).reshape(40, 1)
+    calib = Calibration({"x": x}, "<test>")
+    fit, held = split(calib, 0.25, seed=3)
+    assert held.num_samples == 10 and fit.num_samples == 30
+    got = np.sort(np.concatenate([fit.arrays["x"][:, 0], held.arrays["x"][:, 0]]))
+    assert np.array_equal(got, x[:, 0])
+    again = split(calib, 0.25, seed=3)[1]
+    assert np.array_equal(again.arrays["x"], held.arrays["x"])
+    assert not np.array_equal(split(calib, 0.25, seed=4)[1].arrays["x"], held.arrays["x"])
+    fixed = Calibration({"x": x}, "<test>", fixed_batch=4)
+    fit, held = split(fixed, 0.25, seed=0)
+    assert held.num_samples % 4 == 0 and fit.num_samples % 4 == 0
+    starts = held.arrays["x"][::4, 0]
+    assert np.all(starts % 4 == 0)  # whole runs of the fixed batch
+    assert split(Calibration({"x": x[:1]}, "<test>"), 0.25, 0)[1] is None  # one sample: nothing to hold out
+    assert split(calib, 0.0, 0)[1] is None
+
+
+def test_posterior_never_sees_the_held_out_samples(calib):
+    result = _optimize(bits=3, calib=calib)
+    assert result.context.posterior.samples == 120
+    g = result.report["guard"]
+    assert g["data"] == "held-out" and g["samples"] == 40
+
+
+def test_a_sound_allocation_is_kept_and_measures_no_worse_than_uniform(calib):
+    result = bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib)
+    g = result.report["guard"]
+    assert g["result"] == "kept"
+    assert g["measured_loss"] <= g["uniform"]["measured_loss"]
+    assert g["stored_bits"] <= 3.0
+    fid = g["fidelity"]["logits"]
+    assert 0.9 < fid["agreement"] <= 1.0 and 0.9 < fid["cosine"] <= 1.0 and fid["rel_error"] > 0
+
+
+def test_a_block_the_posterior_calls_free_is_caught_and_repaired(calib, lying_posterior):
+    result = _optimize(bits=3, calib=calib, posterior=lying_posterior)
+    g = result.report["guard"]
+    first, uniform = g["first"], g["uniform"]
+    assert first["measured_loss"] > uniform["measured_loss"]  # the lie hurts: fc1 went to 0 bits
+    assert g["repairs"] and "fc1.weight" in g["repairs"][0]["raised"]
+    assert g["result"] in ("repaired", "uniform")
+    assert g["measured_loss"] <= uniform["measured_loss"]
+    fc1 = [b for name, b in result.context.allocation.bits.items() if name.startswith("fc1.weight")]
+    assert min(fc1) >= uniform["width"]
+    assert g["stored_bits"] <= 3.0
+
+
+def test_without_calibration_a_worse_allocation_falls_back_to_uniform(lying_posterior):
+    result = _optimize(bits=3, posterior=lying_posterior)
+    g = result.report["guard"]
+    assert g["data"] == "random"
+    assert g["result"] == "uniform" and not g["repairs"]
+    assert result.context.allocation.method == "uniform"
+    assert any("wrote uniform" in m and "--calib" in m for m in result.report["messages"])
+
+
+def test_no_guard_skips_the_measurement(calib, lying_posterior):
+    result = _optimize(bits=3, calib=calib, posterior=lying_posterior, no_guard=True)
+    assert "guard" not in result.report
+    assert result.context.posterior.samples == 160  # nothing held out
+    fc1 = [b for name, b in result.context.allocation.bits.items() if name.startswith("fc1.weight")]
+    assert min(fc1) == 0  # what the guard would have caught
+
+
+def test_quality_targets_stop_optimize(calib):
+    with pytest.raises(QualityError, match="--max-loss"):
+        bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib, max_loss=1e-9)
+    with pytest.raises(QualityError, match="--min-cosine"):
+        bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib, min_cosine=0.99999)
+    # a target is measured even where nothing is allocated (a fixed width)
+    with pytest.raises(QualityError, match="--min-agreement"):
+        bq_onnx.optimize(LENET, bits=2, allocator="uniform", format="compact", calib=calib, min_agreement=0.9999)
+    ok = bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib, max_loss=10.0, min_cosine=0.5)
+    assert ok.report["guard"]["measured_loss"] <= 10.0
+
+
+def test_cli_quality_target_exits_9_and_writes_nothing(tmp_path):
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "bq_onnx", "optimize", str(LENET), "--calib", str(CALIB),
+                           "--bits", "3", "--format", "compact", "--max-loss", "1e-9", "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == EXIT_QUALITY, proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "--max-loss" in proc.stderr
+
+
+def test_cli_summary_shows_the_guard(tmp_path):
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "bq_onnx", "optimize", str(LENET), "--calib", str(CALIB),
+                           "--bits", "3", "--format", "compact", "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "guard: loss measured" in proc.stdout and "uniform 2-bit" in proc.stdout
+    assert "held-out fidelity of logits: agreement" in proc.stdout

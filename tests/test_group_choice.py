@@ -55,10 +55,9 @@ def test_parse_group_size():
 @pytest.mark.parametrize("fmt", ["native", "compact"])
 def test_auto_groups_hold_the_budget_and_decode_exactly(posterior, fmt, tmp_path):
     budget = 3.0
-    fixed = bq_onnx.optimize(TINY, bits=budget, posterior=posterior, bits_include_metadata=True, format=fmt,
-                             group_size=32)
-    auto = bq_onnx.optimize(TINY, bits=budget, posterior=posterior, bits_include_metadata=True, format=fmt,
-                            group_size="auto")
+    # the allocations themselves (--no-guard): the guard could write uniform instead of either
+    fixed = bq_onnx.optimize(TINY, bits=budget, posterior=posterior, format=fmt, group_size=32, no_guard=True)
+    auto = bq_onnx.optimize(TINY, bits=budget, posterior=posterior, format=fmt, group_size="auto", no_guard=True)
     blocks = {layer["block_size"] for layer in auto.report["layers"]}
     assert blocks <= set(AUTO_GROUPS) and blocks - {32}, blocks  # the 64x64 tensors take larger blocks at 3 bits
     assert auto.report["totals"]["bits_per_weight_with_metadata"] <= budget + 1e-9

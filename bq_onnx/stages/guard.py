@@ -54,6 +54,8 @@ RUN = 32
 """Samples per measured run (a fixed-batch model runs its own batch)."""
 DATA_FREE_RUNS = 4
 """Random runs measured without calibration data or ``--verify-inputs``."""
+MIN_UNIFORM = 2
+"""The narrowest uniform width that is a reference: below it (every block its mean, or 1 bit) nothing compares."""
 MAX_PROBES = 64
 """Tensors measured one at a time per repair round at most (the largest bit deficits first)."""
 
@@ -246,7 +248,16 @@ def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callabl
 
 
 def _fall_back(ctx: Context, first: Spent, spend: Callable[[str | None], Spent], held: HeldOut, why: str) -> Spent:
-    uniform = spend("uniform")
+    try:
+        uniform = spend("uniform")
+    except UsageError:
+        uniform = None
+    if uniform is None or uniform.allocation.details.get("width", 0) < MIN_UNIFORM:
+        first.apply(ctx)
+        ctx.messages.append(f"guard: the allocation is not measured: {why}, and no uniform width of at least "
+                            f"{MIN_UNIFORM} bits fits the budget; --calib lets it be measured")
+        ctx.guard = {"data": held.kind, "samples": held.samples, "result": "unmeasured", "why": why, "repairs": []}
+        return first
     uniform.apply(ctx)
     ctx.messages.append(f"guard: wrote the uniform allocation: {why}; --calib lets the allocation be measured "
                         f"and repaired")
@@ -265,6 +276,8 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         uniform = None  # no single width fits the budget: nothing to compare with
     first.apply(ctx)
     width = uniform.spent.allocation.details.get("width") if uniform is not None else None
+    if width is not None and width < MIN_UNIFORM:
+        uniform = width = None  # every block at its mean (or 1 bit) is no model to fall back to
     scale = _scale(uniform) or _scale(chosen)
     steps: list[dict] = []
     probed: dict[tuple[str, tuple[int, ...]], float] = {}

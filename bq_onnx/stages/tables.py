@@ -270,11 +270,13 @@ class _OneScale:
             if t.weight in factors:
                 t.loss = t.loss * factors[t.weight]
         if self.ratios:
+            how = (f"calibrated on {len(self.anchors)} gradient-covered weight(s) measured the same way (measured "
+                   f"over closed-form loss: {bias:.3g})" if self.anchor_ratios else "no gradient-covered weight to "
+                   "calibrate on")
             self.ctx.messages.append(
                 f"{len(self.ratios)} weight(s) without gradients got loss tables measured on calibration data "
-                f"(widths {', '.join(map(str, measured_widths(self.allowed)))}, the rest interpolated), put on the "
-                f"closed-form scale of the others (measured over closed-form loss of {len(self.anchors)} "
-                f"gradient-covered weight(s): {bias:.3g})")
+                f"(widths {', '.join(map(str, measured_widths(self.allowed)))}, the rest interpolated) on the "
+                f"closed-form scale ({KL_TO_CLOSED_FORM:g} N x the mean loss; {how})")
         if self.pending:
             self.ctx.messages.append(
                 f"{len(self.pending)} weight(s) without gradients that cannot be measured (inside subgraphs) had "

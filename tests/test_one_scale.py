@@ -170,3 +170,45 @@ def test_unexercised_classifier_columns_get_a_floored_curvature_and_no_longer_ze
     passkit.tables(model, ctx, calib)
     bits = passkit.allocate(model, ctx).bits
     assert max(b for name, b in bits.items() if name.startswith("Head[") and int(name[5:].split(":")[0]) >= C) == 0
+
+
+def branch_model() -> onnx.ModelProto:
+    """``logits = If(sum(x) > 0, x @ W_then, x @ W_else) @ Wout``: the branch weights cannot be fed to a session
+    (inside a subgraph) and have no gradient (no rule for If); ``Wout`` has one. The branch weights are small, so
+    ``h`` and the Fisher of ``Wout`` are too, while their own ``E[x^2]`` is 1: the two scales differ."""
+    rng = np.random.default_rng(2)
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("MatMul", ["x", name], [f"y_{name}"])], name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["b", H])],
+                                 initializer=[numpy_helper.from_array(_w(D, H, rng) * 0.2, name)])
+
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["h"], then_branch=branch("W_then"), else_branch=branch("W_else")),
+             helper.make_node("MatMul", ["h", "Wout"], ["logits"])]
+    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(_w(H, C, rng) * 4, "Wout")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", D])],
+                      [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", C])], inits)
+
+
+def test_weights_that_cannot_be_fed_keep_the_closed_form_rescaled_to_the_gradient_level():
+    calib = _calib()
+    model, ctx = _estimated(branch_model(), calib, **SETTINGS)
+    post = ctx.posterior
+    sources = {k: w.source for k, w in post.weights.items()}
+    assert sources["Wout"] == "laplace" and {sources["W_then"], sources["W_else"]} <= {"activations", "mean"}
+    inside = [w.name for w in ctx.weights if w.scope]
+    assert sorted(inside) == ["W_else", "W_then"]
+    closed = {name: _table(passkit.tables(model, ctx), name) for name in inside}
+    tables = passkit.tables(model, ctx, calib)
+    level = float(np.mean(post.weights["Wout"].curvature))
+    n, prior = post.samples, post.prior_precision
+    for name in inside:
+        mean = float(np.mean(post.weights[name].curvature))
+        factor = (n * level + prior) / (n * mean + prior)
+        assert not 0.5 < factor < 2  # E[x^2] is not the Fisher's level: the rescale does something here
+        np.testing.assert_allclose(_table(tables, name), closed[name] * factor, rtol=1e-9)
+    np.testing.assert_array_equal(_table(tables, "Wout"), _table(passkit.tables(model, ctx), "Wout"))
+    assert any(m.startswith("2 weight(s) without gradients that cannot be measured") for m in ctx.messages)

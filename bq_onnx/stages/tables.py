@@ -207,6 +207,7 @@ class _OneScale:
         self.anchors = {w.name for w in fed[:ANCHORS]} if any(not w.scope for w in ctx.weights
                                                               if w.name in self.targets) else set()
         self.mc: _MonteCarlo | None = None
+        self.broken = False  # the measuring session could not be built
         self.ratios: dict[str, float] = {}  # measured targets: geometric mean of measured / closed form
         self.anchor_ratios: list[float] = []  # every measured width of every anchor: measured / closed form
         self.pending: dict[str, float] = {}  # weights that cannot be fed -> their mean curvature
@@ -242,9 +243,17 @@ class _OneScale:
     def _measure(self, info, view: np.ndarray, importance, chosen: list[_Option]) -> dict[int, float]:
         """The tensor alone quantized at each of :func:`measured_widths`: ``KL_TO_CLOSED_FORM * N`` times the
         mean measured loss against FP32."""
+        if self.broken:
+            return {}
         if self.mc is None:
             a = self.ctx.config.allocation
-            self.mc = _MonteCarlo(self.ctx, self.model, self.calibration, MC_SAMPLES, a.output, a.loss)
+            try:
+                self.mc = _MonteCarlo(self.ctx, self.model, self.calibration, MC_SAMPLES, a.output, a.loss)
+            except Exception as exc:  # noqa: BLE001 - the closed form is what the tables had before: keep it
+                self.broken = True
+                self.ctx.messages.append(f"could not measure loss tables for the weights without gradients "
+                                         f"({exc}); their closed form (E[x^2]) stands")
+                return {}
         measured = {}
         for bits in measured_widths(self.allowed):
             decoded = design(self.ctx, view, importance, bits, info.name, chosen[self.allowed.index(bits)].spec)

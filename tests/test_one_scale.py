@@ -212,3 +212,29 @@ def test_weights_that_cannot_be_fed_keep_the_closed_form_rescaled_to_the_gradien
         np.testing.assert_allclose(_table(tables, name), closed[name] * factor, rtol=1e-9)
     np.testing.assert_array_equal(_table(tables, "Wout"), _table(passkit.tables(model, ctx), "Wout"))
     assert any(m.startswith("2 weight(s) without gradients that cannot be measured") for m in ctx.messages)
+
+
+def test_twice_n_times_the_measured_kl_is_the_closed_form_under_the_true_fisher():
+    """The conversion the measured tables use (``KL_TO_CLOSED_FORM``): on gradient-covered weights with the
+    true Fisher (``fisher-mc``), ``2 N`` times the measured mean KL matches the closed form, in the mean over
+    tensors and widths; single measurements scatter (the diagonal misses correlated errors)."""
+    from bq_onnx.stages.tables import KL_TO_CLOSED_FORM
+
+    calib = _calib(128)
+    model, ctx = _estimated(asinh_model(True), calib, method="fisher-mc", mc_samples=8, **SETTINGS)
+    tables = passkit.tables(model, ctx)
+    mc = _MonteCarlo(ctx, model, calib, MC_SAMPLES, None, None)
+    ratios = []
+    try:
+        for info in ctx.weights:
+            view, importance = weight_view(ctx, info)
+            closed = _table(tables, info.name)
+            for j, b in enumerate(SETTINGS["allowed_bits"]):
+                kl = mc.block_losses(info, view, design(ctx, view, importance, b, info.name).dequantize(),
+                                     [(0, view.shape[1])])[0]
+                ratios.append(KL_TO_CLOSED_FORM * ctx.posterior.samples * kl / closed[j])
+    finally:
+        mc.close()
+    assert len(ratios) == 3 * 7 and KL_TO_CLOSED_FORM == 2.0
+    assert 1 / 1.6 < np.exp(np.mean(np.log(ratios))) < 1.6, ratios
+    assert min(ratios) > 1 / 10 and max(ratios) < 10, ratios

@@ -374,9 +374,14 @@ def test_gradients_api_takes_a_loss_spec():
         bq_onnx.gradients(proto, {"x": x}, loss="ids=mse")
 
 
-def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_the_small_units(tmp_path):
+def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_the_small_units(tmp_path,
+                                                                                                monkeypatch):
     """Box channels in pixels beside class scores near 0.02: plain mse spends the bits on the pixels and leaves
-    the scores as noise (relative error ~1); the default's smse keeps every channel's error alike."""
+    the scores as noise (relative error ~1); the default's smse keeps every channel's error alike. (The floor on
+    output channels' curvature, ``driver.CHANNEL_FLOOR``, keeps plain mse from losing them outright: it is
+    switched off for plain mse here, to show what the loss alone does.)"""
+    from bq_onnx.estimators import driver
+
     rng = np.random.default_rng(0)
     units = np.array([300, 300, 50, 1, 0.02, 0.02], np.float32).reshape(1, 6, 1)
     w1 = (rng.standard_normal((32, 64)) / np.sqrt(32)).astype(np.float32)
@@ -392,7 +397,9 @@ def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_t
     test = rng.standard_normal((256, 32)).astype(np.float32)
     ref = run(proto, {"x": test})[0]
     errors = {}
-    for name, loss in (("mse", "det=mse"), ("default", None)):
+    floor = driver.CHANNEL_FLOOR
+    for name, loss in (("mse", "det=mse"), ("default", None), ("mse-floored", "det=mse")):
+        monkeypatch.setattr(driver, "CHANNEL_FLOOR", 0.0 if name == "mse" else floor)
         result = bq_onnx.optimize(proto, calib=calib, bits=2.5, bits_payload=True, loss=loss)
         path = tmp_path / f"{name}.onnx"
         result.save(path)
@@ -400,3 +407,4 @@ def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_t
         errors[name] = np.sqrt(((got - ref) ** 2).mean(axis=(0, 2))) / ref.std(axis=(0, 2))
     assert errors["mse"][4:].min() > 0.7  # the class scores are lost
     assert errors["default"].max() < 0.5 and errors["default"].max() < 2 * errors["default"].min()
+    assert errors["mse-floored"][4:].max() < 0.7 and errors["mse-floored"][4:].min() > errors["default"].max()

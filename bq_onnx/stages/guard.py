@@ -315,7 +315,8 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     else:
         result, final = ("repaired" if best is not chosen else "kept"), best
     final.spent.apply(ctx)
-    ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=scale)
+    # the tables' scale is known only against uniform's measurement: without it no prediction is shown
+    ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
     return final.spent
 
 

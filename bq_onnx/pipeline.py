@@ -25,7 +25,7 @@ from bq_onnx.posterior import Posterior
 from bq_onnx.progress import memtrace
 from bq_onnx.runtimes.base import Capabilities
 from bq_onnx.stages import posterior as posterior_stage
-from bq_onnx.stages.allocate import allocate_bits
+from bq_onnx.stages.allocate import allocate_bits, head_floors
 from bq_onnx.stages.budget import StoredBudget, other_bytes, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.quantize import quantize_weights
@@ -67,6 +67,7 @@ def optimize_model(
     memtrace("posterior")
     if not ctx.fixed:
         ctx.tables = expected_loss_tables(model, ctx, calibration)
+        ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
         memtrace("tables")
         ctx.allocation = allocate_bits(model, ctx, ctx.tables)
         memtrace("allocate")

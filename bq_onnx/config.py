@@ -310,16 +310,13 @@ class AllocationConfig(Concern):
     loss: tuple[LossTerm, ...] | None = LOSS.field()
     allocator_options: Mapping | None = option(None, "extra keywords for the allocation method (API only)",
                                                parse=_mapping, flag=None)
-    zero_implied: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
-    """``allowed_bits`` is the default with 0 added by ``selective`` (re-derived when the allocator changes)."""
 
     def validate(self) -> None:
         default = type(self).options()["allowed_bits"].default
         if self.allocator == "selective" and self.allowed_bits == default:
             # selective encoding (papers/000) skips unimportant blocks, stored as their mean: it needs 0 bits,
             # not 1 (an encoded block is quantized as any other)
-            object.__setattr__(self, "allowed_bits", tuple(sorted({0, *default})))
-            object.__setattr__(self, "zero_implied", True)
+            object.__setattr__(self, "allowed_bits", selective_widths(default))
         low = min(self.allowed_bits)
         if self.size_mb is None and self.bits < low:
             raise UsageError(
@@ -490,10 +487,18 @@ class OptimizeConfig:
         return {f.name: getattr(self, f.name).to_report() for f in dataclasses.fields(self)}
 
 
+def selective_widths(default: tuple[int, ...]) -> tuple[int, ...]:
+    """The widths ``--allocator selective`` uses without ``--allowed-bits``: the default and 0."""
+    return tuple(sorted({0, *default}))
+
+
 def _replaced(part: Concern, **changes: Any) -> Concern:
-    """``dataclasses.replace`` that re-derives the widths selective implied (another allocator drops its 0)."""
-    if getattr(part, "zero_implied", False) and "allowed_bits" not in changes:
-        changes["allowed_bits"] = type(part).options()["allowed_bits"].default
+    """``dataclasses.replace`` that re-derives the widths selective implied: another allocator drops its 0."""
+    if isinstance(part, AllocationConfig) and part.allocator == "selective" and "allowed_bits" not in changes \
+            and changes.get("allocator", "selective") != "selective":
+        default = AllocationConfig.options()["allowed_bits"].default
+        if part.allowed_bits == selective_widths(default):
+            changes["allowed_bits"] = default
     return dataclasses.replace(part, **changes)
 
 

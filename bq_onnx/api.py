@@ -122,6 +122,7 @@ def allocation_report(ctx: Context) -> dict:
         else "payload" if ctx.config.allocation.bits_payload else "stored",
         "granularity": f"rows:{ctx.config.allocation.granularity}" if ctx.config.allocation.granularity else "tensor",
         "blocks": len(ctx.tables.blocks),
+        "heads": sorted(ctx.heads),
         "details": a.details,
         "layers": per_layer,
     }

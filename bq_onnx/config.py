@@ -286,15 +286,17 @@ class AllocationConfig(Concern):
     """How the bit budget is spent over blocks, and the expected-loss tables it is spent on."""
 
     title: ClassVar[str] = "bit allocation"
-    bits: float = option(4, "average stored bits per quantized weight, the budget the allocator spends: codes as "
+    bits: float = option(6, "average stored bits per quantized weight, the budget the allocator spends: codes as "
                          "the format stores them (int4/int8 containers in native, packed in compact) plus scales, "
                          "zero points and codebooks", check=_bits)
     allocator: str = option("greedy", "how the budget is spent; uniform = the same width everywhere",
                             choices=ALLOCATORS)
     granularity: int | None = option(8, "allocation block: slices of N output channels (rows:N) or tensor",
                                      parse=parse_granularity, show="rows:8", metavar="rows:N|tensor")
-    allowed_bits: tuple[int, ...] = option((0, 1, 2, 3, 4, 5, 6, 7, 8), "widths the allocator may use",
-                                           parse=parse_bit_list, check=_widths, metavar="B,B,...")
+    allowed_bits: tuple[int, ...] = option(
+        (2, 3, 4, 5, 6, 7, 8), "widths the allocator may use; 0 (a block stored as its mean) and 1 only when listed "
+        "here (--allocator selective adds 0 when this is not given): far outside what the expected-loss tables "
+        "model, so the guard measures them", parse=parse_bit_list, check=_widths, metavar="B,B,...")
     bits_payload: bool = option(False, "--bits counts payload bits only (the grid's width per weight, the papers' "
                                 "reading): no container padding, no scales")
     bits_include_metadata: bool = option(False, "kept for old scripts: --bits counts stored bits, metadata "
@@ -308,6 +310,20 @@ class AllocationConfig(Concern):
     loss: tuple[LossTerm, ...] | None = LOSS.field()
     allocator_options: Mapping | None = option(None, "extra keywords for the allocation method (API only)",
                                                parse=_mapping, flag=None)
+
+    def validate(self) -> None:
+        default = type(self).options()["allowed_bits"].default
+        if self.allocator == "selective" and self.allowed_bits == default:
+            # selective encoding (papers/000) skips unimportant blocks, stored as their mean: it needs 0 bits,
+            # not 1 (an encoded block is quantized as any other)
+            object.__setattr__(self, "allowed_bits", selective_widths(default))
+        low = min(self.allowed_bits)
+        if self.size_mb is None and self.bits < low:
+            raise UsageError(
+                f"--bits {self.bits:g} is below the smallest allowed width ({low}): 0 and 1 bit are far outside "
+                f"what the loss tables model, so they are opt-in; give --bits {low} or more, or list them in "
+                f"--allowed-bits (e.g. 0,{','.join(map(str, default))}) to let blocks be dropped, measured by the "
+                f"guard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,7 +454,7 @@ class OptimizeConfig:
             if given:
                 value = given.pop()
                 for c in holders:
-                    object.__setattr__(self, c, dataclasses.replace(getattr(self, c), **{name: value}))
+                    object.__setattr__(self, c, _replaced(getattr(self, c), **{name: value}))
 
     @classmethod
     def from_options(cls, **options: Any) -> OptimizeConfig:
@@ -456,7 +472,7 @@ class OptimizeConfig:
         for concern in dataclasses.fields(self):
             part = getattr(self, concern.name)
             mine = {k: v for k, v in options.items() if k in part.options()}
-            parts[concern.name] = dataclasses.replace(part, **mine) if mine else part
+            parts[concern.name] = _replaced(part, **mine) if mine else part
         return type(self)(**parts)
 
     def explicit(self) -> frozenset[str]:
@@ -469,6 +485,21 @@ class OptimizeConfig:
 
     def to_report(self) -> dict:
         return {f.name: getattr(self, f.name).to_report() for f in dataclasses.fields(self)}
+
+
+def selective_widths(default: tuple[int, ...]) -> tuple[int, ...]:
+    """The widths ``--allocator selective`` uses without ``--allowed-bits``: the default and 0."""
+    return tuple(sorted({0, *default}))
+
+
+def _replaced(part: Concern, **changes: Any) -> Concern:
+    """``dataclasses.replace`` that re-derives the widths selective implied: another allocator drops its 0."""
+    if isinstance(part, AllocationConfig) and part.allocator == "selective" and "allowed_bits" not in changes \
+            and changes.get("allocator", "selective") != "selective":
+        default = AllocationConfig.options()["allowed_bits"].default
+        if part.allowed_bits == selective_widths(default):
+            changes["allowed_bits"] = default
+    return dataclasses.replace(part, **changes)
 
 
 def _differs(value: Any, default: Any) -> bool:

@@ -122,6 +122,7 @@ class Context:
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
     floors: dict[str, int] = dataclasses.field(default_factory=dict)  # block -> least width (heads, guard repairs)
+    heads: set[str] = dataclasses.field(default_factory=set)  # weights feeding an output directly (bq_onnx.heads)
     guard: dict | None = None  # the held-out check's report (bq_onnx.stages.guard)
 
     def __post_init__(self) -> None:

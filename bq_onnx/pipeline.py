@@ -26,7 +26,7 @@ from bq_onnx.progress import memtrace
 from bq_onnx.runtimes.base import Capabilities
 from bq_onnx.stages import guard
 from bq_onnx.stages import posterior as posterior_stage
-from bq_onnx.stages.allocate import allocate_bits
+from bq_onnx.stages.allocate import allocate_bits, head_floors
 from bq_onnx.stages.budget import StoredBudget, other_bytes, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.guard import Spent
@@ -74,6 +74,7 @@ def optimize_model(
     memtrace("posterior")
     if not ctx.fixed:
         ctx.tables = expected_loss_tables(model, ctx, fit)
+        ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
         memtrace("tables")
     weights = ctx.weights
 

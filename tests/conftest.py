@@ -11,6 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
+ALL_WIDTHS = tuple(range(9))
+"""``allowed_bits`` with 0 and 1: they are opt-in (the default is 2..8); for tests about 0-bit blocks."""
 
 
 def make_model(nodes, inputs, outputs, initializers, opset: int = 21, ir_version: int = 10) -> onnx.ModelProto:

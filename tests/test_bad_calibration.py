@@ -160,7 +160,7 @@ def test_calibration_for_a_model_with_external_data(tmp_path, capsys):
     calib = _npz(_good())(tmp_path)
     out = tmp_path / "q.onnx"
     code = main(["optimize", str(src / "m.onnx"), "--calib", str(calib), "-o", str(out), "--min-size", "64",
-                 "--method", "activations", "-q"])
+                 "--method", "activations", "-q", "--bits", "6"])
     _, err = capsys.readouterr()
     assert code == 0, err
     assert sorted(p.name for p in src.iterdir()) == ["m.data", "m.onnx"]

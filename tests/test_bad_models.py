@@ -81,6 +81,6 @@ def test_fully_dynamic_shapes_quantize_and_verify(tmp_path, capsys):
     model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "k"])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], [_weights(24, 8)])
-    code, err, out = _run(tmp_path, model, capsys)
+    code, err, out = _run(tmp_path, model, capsys, "--bits", "4", "--bits-payload")  # 192 weights: grid bits
     assert code == 0, err
     assert out.exists()

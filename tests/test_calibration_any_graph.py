@@ -118,12 +118,12 @@ def test_fixed_batch_model_is_calibrated_and_verified_end_to_end(tmp_path, capsy
     np.savez(tmp_path / "calib.npz", x=images)
     out = tmp_path / "fixed.bq.onnx"
     code, err = _run(["optimize", str(tmp_path / "fixed.onnx"), "--calib", str(tmp_path / "calib.npz"), "--bits",
-                      "3", "-o", str(out), "-q"], capsys)
+                      "3", "--bits-payload", "-o", str(out), "-q"], capsys)
     assert code == EXIT_OK, err
     assert ort_run(out, {"x": images[:1]})[0].shape == (1, 10)
 
-    fixed = bq_onnx.optimize(fixed_model(), calib={"x": images}, bits=3)
-    free = bq_onnx.optimize(fixed_model(batch="N"), calib={"x": images}, bits=3)
+    fixed = bq_onnx.optimize(fixed_model(), calib={"x": images}, bits=3, bits_payload=True)
+    free = bq_onnx.optimize(fixed_model(batch="N"), calib={"x": images}, bits=3, bits_payload=True)
     assert fixed.calibration.fixed_batch == 1 and free.calibration.fixed_batch is None
     # the guard holds a quarter out (whole runs of the fixed batch); the posterior sees the rest
     assert fixed.report["guard"]["samples"] == 3 and fixed.report["posterior"]["samples"] == 9
@@ -140,7 +140,7 @@ def test_fixed_batch_model_is_calibrated_and_verified_end_to_end(tmp_path, capsy
 
 @pytest.mark.parametrize("method", ["fisher-mc", "hutchinson", "kfac", "activations"])
 def test_fixed_batch_runs_every_estimator(method):
-    result = bq_onnx.optimize(fixed_model(), calib={"x": _images(6)}, bits=3, method=method)
+    result = bq_onnx.optimize(fixed_model(), calib={"x": _images(6)}, bits=3, bits_payload=True, method=method)
     assert result.report["posterior"]["samples"] == 6 - result.report["guard"]["samples"] == 4
 
 
@@ -194,14 +194,14 @@ def test_scalar_and_state_from_per_sample_files_and_dicts(tmp_path, capsys):
         assert calib.arrays["state"].shape == (2, 10, 16)
         np.testing.assert_array_equal(calib.arrays["state"][:, 3], samples[3]["state"])
     out = tmp_path / "vad.bq.onnx"
-    code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--calib", str(folder), "--bits", "3", "-o", str(out),
-                      "-q"], capsys)
+    code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--calib", str(folder), "--bits", "3", "--bits-payload",
+                      "-o", str(out), "-q"], capsys)
     assert code == EXIT_OK, err
     code, err = _run(["verify", str(tmp_path / "vad.onnx"), str(out), "--calib", str(folder), "--min-agreement",
                       "0", "-q"], capsys)
     assert code == EXIT_OK, err
-    a = bq_onnx.optimize(vad_model(), calib=iter(samples), bits=3)
-    b = bq_onnx.optimize(vad_model(), calib=str(folder), bits=3)
+    a = bq_onnx.optimize(vad_model(), calib=iter(samples), bits=3, bits_payload=True)
+    b = bq_onnx.optimize(vad_model(), calib=str(folder), bits=3, bits_payload=True)
     np.testing.assert_allclose(a.context.posterior.weights["W1"].precision,
                                b.context.posterior.weights["W1"].precision, rtol=1e-6)
     assert a.save(tmp_path / "a.onnx")["verification"]["passed"]
@@ -230,7 +230,7 @@ def test_batch_axis_override(tmp_path, capsys):
     assert calib.arrays["x"].shape == (5, 6, 8) and calib.num_samples == 6 and calib.sample_shape("x") == (5, 8)
     out = tmp_path / "tm.bq.onnx"
     code, err = _run(["optimize", str(tmp_path / "tm.onnx"), "--calib", str(folder), "--batch-axis", "x=1", "-o",
-                      str(out), "-q", "--json"], capsys)
+                      str(out), "-q", "--json", "--bits", "3", "--bits-payload"], capsys)
     assert code == EXIT_OK, err
     code, err = _run(["posterior", str(tmp_path / "tm.onnx"), "--calib", str(folder), "--batch-axis", "x=1", "-o",
                       str(tmp_path / "p.npz"), "--json"], capsys)
@@ -249,19 +249,20 @@ def test_batch_axis_override(tmp_path, capsys):
 def test_random_inputs_the_fp32_model_rejects_exit_8_and_write_nothing(tmp_path, capsys):
     onnx.save(vad_model(), tmp_path / "vad.onnx")
     out = tmp_path / "vad.bq.onnx"
-    code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--bits", "3", "-o", str(out), "-q"], capsys)
+    code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--bits", "3", "--bits-payload", "-o", str(out), "-q"],
+                     capsys)
     assert code == EXIT_INPUTS
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "FP32 model itself fails on random verification inputs" in err and "--calib" in err
     assert "--verify-inputs" in err and not out.exists()
-    result = bq_onnx.optimize(vad_model(), bits=3)
+    result = bq_onnx.optimize(vad_model(), bits=3, bits_payload=True)
     with pytest.raises(InputsError, match="FP32 model itself fails"):
         result.save(out)
     assert not out.exists() and not list(tmp_path.glob("vad.bq.onnx*"))
     np.savez(tmp_path / "verify.npz", input=np.ones((3, 64), np.float32), state=np.ones((2, 3, 16), np.float32),
              sr=np.array(16000, np.int64))
-    code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--bits", "3", "-o", str(out), "-q",
+    code, err = _run(["optimize", str(tmp_path / "vad.onnx"), "--bits", "3", "--bits-payload", "-o", str(out), "-q",
                       "--verify-inputs", str(tmp_path / "verify.npz")], capsys)
     assert code == EXIT_OK, err
     assert out.exists()
@@ -270,12 +271,12 @@ def test_random_inputs_the_fp32_model_rejects_exit_8_and_write_nothing(tmp_path,
 def test_input_shape_sets_symbolic_dimensions_of_random_inputs(tmp_path, capsys):
     onnx.save(detector_model(), tmp_path / "det.onnx")
     out = tmp_path / "det.bq.onnx"
-    args = ["optimize", str(tmp_path / "det.onnx"), "--bits", "4", "-o", str(out), "-q"]
+    args = ["optimize", str(tmp_path / "det.onnx"), "--bits", "4", "--bits-payload", "-o", str(out), "-q"]
     code, err = _run(args, capsys)
     assert code == EXIT_INPUTS and "images [2, 3, 2, 2]" in err and not out.exists()
     code, err = _run([*args, "--input-shape", "images=1,3,16,20"], capsys)
     assert code == EXIT_OK, err
-    result = bq_onnx.optimize(detector_model(), bits=4, input_shape={"images": (1, 3, 16, 20)})
+    result = bq_onnx.optimize(detector_model(), bits=4, bits_payload=True, input_shape={"images": (1, 3, 16, 20)})
     assert result.sample_feeds()["images"].shape == (1, 3, 16, 20)
     code, err = _run([*args, "--force", "--input-shape", "images=1,3,16"], capsys)
     assert code == EXIT_USAGE and "the model expects shape ['N', 3, 'H', 'W']" in err
@@ -287,18 +288,19 @@ def test_generator_source_is_kept_for_verification_and_spilled_when_large(tmp_pa
     """A generator is read once: ``save()`` verifies on the same samples afterwards. Past the spill threshold the
     samples live in memory-mapped temporary files, with the same values."""
     samples = _vad_samples(12, seed=3)
-    kept = bq_onnx.optimize(vad_model(), calib=(s for s in samples), bits=3)
+    kept = bq_onnx.optimize(vad_model(), calib=(s for s in samples), bits=3, bits_payload=True)
     assert kept.calibration.spilled is None
     assert kept.save(tmp_path / "kept.onnx")["verification"]["passed"]
     monkeypatch.setenv("BQ_ONNX_CALIB_SPILL_MB", "0.001")
-    spilled = bq_onnx.optimize(vad_model(), calib=(s for s in samples), bits=3)
+    spilled = bq_onnx.optimize(vad_model(), calib=(s for s in samples), bits=3, bits_payload=True)
     state = spilled.calibration.arrays["state"]
     assert isinstance(state, np.memmap) and spilled.calibration.spilled is not None
     np.testing.assert_array_equal(state, kept.calibration.arrays["state"])
     np.testing.assert_array_equal(spilled.context.posterior.weights["W2"].precision,
                                   kept.context.posterior.weights["W2"].precision)
     assert spilled.save(tmp_path / "spilled.onnx")["verification"]["passed"]
-    fixed = bq_onnx.optimize(fixed_model(), calib=({"x": x} for x in _images(5)), bits=3)  # per-sample, no axis
+    fixed = bq_onnx.optimize(fixed_model(), calib=({"x": x} for x in _images(5)), bits=3,
+                             bits_payload=True)  # per-sample, no axis
     assert fixed.calibration.arrays["x"].shape == (5, 3, 8, 12)
     assert fixed.save(tmp_path / "fixed.onnx")["verification"]["passed"]
 
@@ -346,8 +348,8 @@ def test_shared_scalar_keeps_the_batched_gradient_path():
     rng = np.random.default_rng(6)
     samples = [{"input": rng.standard_normal(64).astype(np.float32), "sr": np.array(16000, np.int64)}
                for _ in range(8)]
-    batched = bq_onnx.optimize(rate_model(), calib=samples, bits=3)
+    batched = bq_onnx.optimize(rate_model(), calib=samples, bits=3, bits_payload=True)
     assert batch_major_weights(load_model(rate_model()), batched.context.weights, batched.calibration) == {"W1": 1}
-    single = bq_onnx.optimize(rate_model(), calib=samples, bits=3, batch_size=1)
+    single = bq_onnx.optimize(rate_model(), calib=samples, bits=3, bits_payload=True, batch_size=1)
     np.testing.assert_allclose(batched.context.posterior.weights["W1"].precision,
                                single.context.posterior.weights["W1"].precision, rtol=1e-4)

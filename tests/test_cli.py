@@ -77,15 +77,16 @@ def test_human_summary_and_inspect_table(model_file, tmp_path, capsys):
 
 def test_default_output_name_and_force(model_file, capsys):
     default = model_file.with_name("model.bq.onnx")
-    assert _run(["optimize", model_file, "-q"], capsys)[0] == 0 and default.exists()
-    code, _, err = _run(["optimize", model_file, "-q"], capsys)
+    assert _run(["optimize", model_file, "-q", "--bits", "6"], capsys)[0] == 0 and default.exists()
+    code, _, err = _run(["optimize", model_file, "-q", "--bits", "6"], capsys)
     _assert_one_line_error(code, err, 7, "pass --force")
-    assert _run(["optimize", model_file, "-q", "--force"], capsys)[0] == 0
+    assert _run(["optimize", model_file, "-q", "--force", "--bits", "6"], capsys)[0] == 0
 
 
 def test_same_input_gives_byte_identical_output(model_file, tmp_path, capsys):
     for name in ("a.onnx", "b.onnx"):
-        assert _run(["optimize", model_file, "-o", tmp_path / name, "-q", "--quantizer", "lloyd"], capsys)[0] == 0
+        assert _run(["optimize", model_file, "-o", tmp_path / name, "-q", "--quantizer", "lloyd", "--bits", "6"],
+                    capsys)[0] == 0
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
@@ -172,7 +173,7 @@ def test_valid_external_data_is_read(tmp_path, capsys):
     w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
     (tmp_path / "weights.bin").write_bytes(w.tobytes())
     path = _external_model(tmp_path, "weights.bin")
-    code, _, err = _run(["optimize", path, "-o", tmp_path / "out.onnx", "-q"], capsys)
+    code, _, err = _run(["optimize", path, "-o", tmp_path / "out.onnx", "-q", "--bits", "6"], capsys)
     assert code == 0, err
 
 
@@ -263,7 +264,7 @@ def test_big_output_gets_external_data_under_a_safe_name_and_loads_back(big_outp
     src, out_dir = big_output
     before = _sha(src)
     out = out_dir / "q.onnx"
-    code, _, err = _run(["optimize", src, "-o", out, "--min-size", "64", "-q"], capsys)
+    code, _, err = _run(["optimize", src, "-o", out, "--min-size", "64", "-q", "--bits", "6"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["q.onnx", "q.onnx.data"]  # no staging leftovers
     assert _external_locations(out) == {"q.onnx.data"}  # relative, beside the model, no folder part
@@ -283,7 +284,7 @@ def test_failed_write_of_big_output_changes_nothing(big_output, capsys, monkeypa
 
     src, out_dir = big_output
     out = out_dir / "q.onnx"
-    assert _run(["optimize", src, "-o", out, "--min-size", "64", "-q"], capsys)[0] == 0
+    assert _run(["optimize", src, "-o", out, "--min-size", "64", "-q", "--bits", "6"], capsys)[0] == 0
     before = {p.name: _sha(p) for p in out_dir.iterdir()}
     real_save = model_io.ir.save
 
@@ -296,7 +297,7 @@ def test_failed_write_of_big_output_changes_nothing(big_output, capsys, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(model_io.ir, "save", dies_half_way)
-    code, _, err = _run(["optimize", src, "-o", out, "--min-size", "64", "--bits", "3", "--force", "-q"], capsys)
+    code, _, err = _run(["optimize", src, "-o", out, "--min-size", "64", "--bits", "7", "--force", "-q"], capsys)
     monkeypatch.setattr(model_io.ir, "save", real_save)
     _assert_one_line_error(code, err, 7, "No space left on device")
     assert {p.name: _sha(p) for p in out_dir.iterdir()} == before
@@ -307,7 +308,8 @@ def test_failed_verification_removes_the_output_and_its_data(big_output, capsys,
 
     src, out_dir = big_output
     monkeypatch.setattr(verify, "compare", lambda ref, out, names: [verify.OutputCheck(names[0], 1.0, 1.0, False)])
-    code, _, err = _run(["optimize", src, "-o", out_dir / "q.onnx", "--min-size", "64", "-q"], capsys)
+    code, _, err = _run(["optimize", src, "-o", out_dir / "q.onnx", "--min-size", "64", "-q", "--bits", "6"],
+                        capsys)
     _assert_one_line_error(code, err, 6, "differs from the numpy-dequantized reference")
     assert list(out_dir.iterdir()) == []
 
@@ -320,7 +322,7 @@ def test_segmented_reference_equals_the_whole_reference(tmp_path):
 
     path = tmp_path / "model.onnx"
     onnx.save(mixed_model(), str(path))
-    result = bq_onnx.optimize(path, bits=3, min_size=64)
+    result = bq_onnx.optimize(path, bits=6, min_size=64)
     feeds = result.sample_feeds()
     rt = get_runtime("onnxruntime")
     whole = verify.reference_outputs(path, result.context, feeds, rt, tmp_path, segment_bytes=1 << 40)

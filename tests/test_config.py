@@ -177,8 +177,8 @@ def test_bad_options_are_one_line_usage_errors(options, fragment):
 def test_config_object_and_keywords_give_the_same_model():
     import onnx_ir as ir
 
-    by_keywords = bq_onnx.optimize(MODELS / "lenet.onnx", bits=3, allocator="dp", granularity="tensor")
-    config = cfg.OptimizeConfig(allocation=cfg.AllocationConfig(bits=3, allocator="dp", granularity="tensor"))
+    by_keywords = bq_onnx.optimize(MODELS / "lenet.onnx", bits=6, allocator="dp", granularity="tensor")
+    config = cfg.OptimizeConfig(allocation=cfg.AllocationConfig(bits=6, allocator="dp", granularity="tensor"))
     by_config = bq_onnx.optimize(MODELS / "lenet.onnx", config=config)
     assert ir.serde.serialize_model(by_keywords.model) == ir.serde.serialize_model(by_config.model)
     settings = by_config.report["settings"]

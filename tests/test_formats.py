@@ -19,14 +19,14 @@ import bq_onnx
 from bq_onnx.packing import unpack_bits
 from bq_onnx.quantizers import METHODS
 from bq_onnx.runtimes import get_runtime
-from tests.conftest import matmul_readout
+from tests.conftest import ALL_WIDTHS, matmul_readout
 
 FORMATS = ("native", "compact")
 
 
 def _readout(tmp_path, w, bits, method, group, fmt, runtime="onnxruntime"):
     result = bq_onnx.optimize(matmul_readout(w), bits=bits, quantizer=method, group_size=group, format=fmt,
-                              min_size=1, allocator="uniform")
+                              min_size=1, allocator="uniform", allowed_bits=ALL_WIDTHS)  # 1 bit is opt-in
     path = tmp_path / f"{fmt}-{method}-{bits}.onnx"
     result.save(path, verify=False, force=True)
     qt = result.context.quantized["W"]

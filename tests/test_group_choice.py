@@ -54,12 +54,12 @@ def test_parse_group_size():
 
 @pytest.mark.parametrize("fmt", ["native", "compact"])
 def test_auto_groups_hold_the_budget_and_decode_exactly(posterior, fmt, tmp_path):
-    budget = 3.0
+    budget = 5.5 if fmt == "native" else 3.0  # native at group 32: int4 plus scales is over 5 bits
     # the allocations themselves (--no-guard): the guard could write uniform instead of either
     fixed = bq_onnx.optimize(TINY, bits=budget, posterior=posterior, format=fmt, group_size=32, no_guard=True)
     auto = bq_onnx.optimize(TINY, bits=budget, posterior=posterior, format=fmt, group_size="auto", no_guard=True)
     blocks = {layer["block_size"] for layer in auto.report["layers"]}
-    assert blocks <= set(AUTO_GROUPS) and blocks - {32}, blocks  # the 64x64 tensors take larger blocks at 3 bits
+    assert blocks <= set(AUTO_GROUPS) and blocks - {32}, blocks  # the 64x64 tensors take larger blocks
     assert auto.report["totals"]["bits_per_weight_with_metadata"] <= budget + 1e-9
     # the choice is by expected loss against stored bits: at the same budget it is no worse than its reference
     assert auto.report["allocation"]["expected_loss"] <= fixed.report["allocation"]["expected_loss"]
@@ -73,7 +73,7 @@ def test_auto_groups_hold_the_budget_and_decode_exactly(posterior, fmt, tmp_path
 
 def test_cli_accepts_auto_and_rejects_garbage(tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    code = main(["optimize", str(TINY), "-o", str(out), "--group-size", "auto", "--bits", "3.5"])
+    code = main(["optimize", str(TINY), "-o", str(out), "--group-size", "auto", "--bits", "4.5"])
     assert code == 0 and out.exists()
     capsys.readouterr()
     bad = tmp_path / "bad.onnx"

@@ -17,7 +17,7 @@ from bq_onnx.errors import UsageError
 from bq_onnx.estimators.loss_plan import channel_axis, divergence, resolve
 from bq_onnx.estimators.loss_targets import targets
 from bq_onnx.loss_spec import LossTerm, parse_loss, parse_term
-from tests.conftest import make_model
+from tests.conftest import ALL_WIDTHS, make_model
 from tests.written import run, session
 
 RNG = np.random.default_rng(14)
@@ -313,7 +313,7 @@ def test_two_outputs_default_fits_the_float_output_without_output_name(method):
 
     proto = onnx.load_from_string(_ids_and_embedding())
     calib = {"x": np.random.default_rng(1).standard_normal((24, 16)).astype(np.float32)}
-    result = bq_onnx.optimize(proto, calib=calib, bits=4, method=method)
+    result = bq_onnx.optimize(proto, calib=calib, bits=4, bits_payload=True, method=method)
     loss = result.report["posterior"]["loss"]
     assert [(t["output"], t["kind"]) for t in loss] == [("embedding", "smse")]
     assert loss[0]["channel_axis"] == 1
@@ -345,7 +345,8 @@ def test_cli_prints_the_loss_and_refuses_an_integer_output(tmp_path, capsys):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(3).standard_normal((16, 16)).astype(np.float32))
     out = tmp_path / "two.bq.onnx"
-    assert main(["optimize", str(model), "--calib", str(calib), "--bits", "4", "-o", str(out), "--no-verify"]) == 0
+    assert main(["optimize", str(model), "--calib", str(calib), "--bits", "4", "--bits-payload", "-o", str(out),
+                 "--no-verify"]) == 0
     printed = capsys.readouterr().out
     assert "loss: embedding=smse (channel axis 1; no distribution" in printed
     code = main(["optimize", str(model), "--calib", str(calib), "--loss", "ids=kl", "-o", str(out), "--force"])
@@ -377,11 +378,14 @@ def test_gradients_api_takes_a_loss_spec():
 def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_the_small_units(tmp_path,
                                                                                                 monkeypatch):
     """Box channels in pixels beside class scores near 0.02: plain mse spends the bits on the pixels and leaves
-    the scores as noise (relative error ~1); the default's smse keeps every channel's error alike. (The floor on
-    output channels' curvature, ``driver.CHANNEL_FLOOR``, keeps plain mse from losing them outright: it is
-    switched off for plain mse here, to show what the loss alone does.)"""
+    the scores as noise (relative error ~1); the default's smse keeps every channel's error alike. The loss alone
+    is measured: W2 feeds the output, and the head floor (tests/test_safe_defaults.py) and the guard would mask
+    mse's choice. (The floor on output channels' curvature, ``driver.CHANNEL_FLOOR``, keeps plain mse from losing
+    them outright: it is switched off for plain mse here, to show what the loss alone does.)"""
+    import bq_onnx.pipeline
     from bq_onnx.estimators import driver
 
+    monkeypatch.setattr(bq_onnx.pipeline, "head_floors", lambda *args, **kwargs: {})
     rng = np.random.default_rng(0)
     units = np.array([300, 300, 50, 1, 0.02, 0.02], np.float32).reshape(1, 6, 1)
     w1 = (rng.standard_normal((32, 64)) / np.sqrt(32)).astype(np.float32)
@@ -400,7 +404,9 @@ def test_scale_free_default_keeps_every_detector_channel_where_plain_mse_loses_t
     floor = driver.CHANNEL_FLOOR
     for name, loss in (("mse", "det=mse"), ("default", None), ("mse-floored", "det=mse")):
         monkeypatch.setattr(driver, "CHANNEL_FLOOR", 0.0 if name == "mse" else floor)
-        result = bq_onnx.optimize(proto, calib=calib, bits=2.5, bits_payload=True, loss=loss)
+        # 0 bits allowed: plain mse drops the score blocks, which the 2-bit default floor would keep
+        result = bq_onnx.optimize(proto, calib=calib, bits=2.5, bits_payload=True, loss=loss, allowed_bits=ALL_WIDTHS,
+                                  no_guard=True)
         path = tmp_path / f"{name}.onnx"
         result.save(path)
         got = run(path, {"x": test})[0]

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from tests import passkit, tiny
+from tests.conftest import ALL_WIDTHS
 from tests.written import run
 
 
 @pytest.mark.parametrize(("quantizer", "bits"), [("uniform", 1), ("uniform", 3), ("uniform-sym", 5), ("lloyd", 2)])
 def test_weights_become_packed_bytes_and_bq_function_calls(quantizer, bits):
     model, ctx = passkit.quantized_model(tiny.layouts_model(), format="compact", quantizer=quantizer, bits=bits,
-                                         group_size=16, min_size=64)
+                                         group_size=16, min_size=64, allowed_bits=ALL_WIDTHS)  # 1 bit: opt-in
     model = passkit.rewrite(model, ctx)
     graph = model.graph
     calls = [n for n in graph if n.domain == "bq"]

@@ -148,7 +148,8 @@ def test_allocation_report_and_plot(tmp_path, capsys):
     from bq_onnx.cli import main
 
     plot = tmp_path / "alloc.png"
-    code = main(["optimize", str(MODELS / "lenet.onnx"), "--bits", "3", "--calib", str(MODELS / "lenet_calib.npz"),
+    code = main(["optimize", str(MODELS / "lenet.onnx"), "--bits", "3", "--format", "compact", "--calib",
+                 str(MODELS / "lenet_calib.npz"),
                  "--method", "activations", "-o", str(tmp_path / "q.onnx"), "--plot", str(plot), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

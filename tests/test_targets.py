@@ -143,10 +143,10 @@ def test_legalization_refusals():
 
 def test_tensorrt_legalization_choices():
     result = optimize(MODELS / "lenet.onnx", target="tensorrt", group_size=100, quantizer="percentile",
-                      strict_size=True)
+                      strict_size=True, bits_payload=True)  # 4 stored bits leave no room for int4's scales
     config, derived = result.context.config, result.context.derived
     assert config.quantization.quantizer == "uniform-sym" and derived.group_size == 128
-    assert config.allocation.allowed_bits == (0, 4, 8)
+    assert config.allocation.allowed_bits == (4, 8)  # 0 is opt-in
     groups = dict(derived.weight_group_size)  # Conv weights, and fc2/fc3 whose 120/84 rows fit one block of 128
     assert set(groups) == {"conv1.weight", "conv2.weight", "fc2.weight", "fc3.weight"} and set(groups.values()) == {0}
     msgs = " ".join(result.report["messages"])
@@ -163,8 +163,10 @@ def test_container_messages_without_strict_size():
 @pytest.mark.parametrize("model", ["lenet", "tiny_transformer"])
 @pytest.mark.parametrize("target", TARGETS)
 def test_optimize_for_target(tmp_path, model, target):
-    # TensorRT: 4 payload bits, so every int4 weight stays int4 (4 stored bits leave no room for its fp32 scales)
-    result = optimize(MODELS / f"{model}.onnx", target=target, bits_payload=target == "tensorrt")
+    # TensorRT: 4 payload bits, so every int4 weight stays int4 (4 stored bits leave no room for its fp32 scales);
+    # the others: 6 stored bits (int4 plus scales stores over 5)
+    result = optimize(MODELS / f"{model}.onnx", target=target, bits_payload=target == "tensorrt",
+                      bits=4 if target == "tensorrt" else 6)
     path = tmp_path / f"{model}.{target}.onnx"
     report = result.save(path)  # verified in onnxruntime CPU against the numpy reference
     check_result(result, path, report)
@@ -205,7 +207,7 @@ def test_cli_validate(tmp_path, capsys):
 def test_cli_optimize_target(tmp_path, capsys):
     out = tmp_path / "lenet.trt.onnx"
     rc = main(["optimize", str(MODELS / "lenet.onnx"), "-o", str(out), "--target", "tensorrt", "--strict-size",
-               "--json"])
+               "--bits-payload", "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["target"]["target"] == "tensorrt"

@@ -20,6 +20,7 @@ from bq_onnx.context import Context
 from bq_onnx.decode.functions import vector_layout
 from bq_onnx.decode.ops import layout_vector
 from bq_onnx.errors import UnsupportedError, UsageError
+from bq_onnx.heads import head_weights
 from bq_onnx.stages.tables import Tables
 
 
@@ -49,6 +50,31 @@ def allocation_blocks(ctx: Context, tables: Tables, floors: bool = True) -> list
 def budget_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float = 0.0) -> float:
     """The budget the allocator spends, in the tables' cost unit, less ``reserve``."""
     return _budget(model, ctx, tables) - reserve
+
+
+def head_floors(model: ir.Model, ctx: Context, tables: Tables) -> dict[str, int]:
+    """Block name -> least width for the blocks of head weights (:func:`bq_onnx.heads.head_weights`): the width
+    the uniform allocation of the same blocks and budget gives each. Why: a head's rows that calibration seldom
+    exercises look free in the tables, yet storing them coarsely destroys the output (DESIGN.md, Heads).
+    Records the heads on ``ctx.heads`` and a note on ``ctx.messages``; none where uniform itself fails (the budget
+    stage refuses that budget) or gives 0 bits (nothing to keep)."""
+    ctx.heads = head_weights(model, ctx.weights)
+    if not ctx.heads:
+        return {}
+    blocks = allocation_blocks(ctx, tables, floors=False)
+    try:
+        uniform = allocation.allocate("uniform", blocks, budget_bits(model, ctx, tables))
+    except ValueError:
+        return {}
+    floors = {t.name: uniform.bits[t.name] for t in tables.blocks
+              if t.weight in ctx.heads and uniform.bits.get(t.name, 0) > 0}
+    if floors:
+        floored = sorted({t.weight for t in tables.blocks if t.name in floors})
+        ctx.messages.append(
+            f"{len(floored)} head weight{'s' if len(floored) > 1 else ''} feeding a graph output directly "
+            f"({', '.join(floored[:3])}{', ...' if len(floored) > 3 else ''}) kept at >= "
+            f"{uniform.details['width']} bits, the width a uniform allocation of this budget gives them")
+    return floors
 
 
 def allocate_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float = 0.0,

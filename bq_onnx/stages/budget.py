@@ -98,16 +98,34 @@ class StoredBudget:
         smallest = measured  # the cheapest allocation's output, or (tries spent) the last one's
         if self.size_mb is not None:
             mb = math.ceil(smallest / 8e6 * 1e4) / 1e4
-            raise UsageError(f"--size-mb {self.size_mb:g} cannot be met: the smallest file is about {mb:g} MB")
+            raise UsageError(f"--size-mb {self.size_mb:g} cannot be met: the smallest file is about {mb:g} MB; "
+                             f"{alternatives(ctx, f'--size-mb {mb:g}')}")
         numel = sum(t.numel for t in ctx.tables.blocks)
+        least = math.ceil(smallest / numel * 100) / 100
         raise UsageError(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
-                         f"{math.ceil(smallest / numel * 100) / 100:g} bits per weight")
+                         f"{least:g} bits per weight; {alternatives(ctx, f'--bits {math.ceil(least * 10) / 10:g}')}")
+
+
+def alternatives(ctx: Context, larger: str) -> str:
+    """What would meet a budget below the cheapest allocation: one clause listing the options that store less."""
+    config = ctx.config
+    ways = [f"a larger budget ({larger})"]
+    if config.quantization.group_size != "auto" and config.quantization.group_size not in (0, 128):
+        ways.append("--group-size auto or 128 (fewer scales)")
+    if config.storage.format == "native":
+        ways.append("--format compact (exact b-bit codes, no int4 container)")
+    allowed = config.allocation.allowed_bits
+    if 0 not in allowed:
+        widths = ",".join(map(str, sorted({0, *allowed})))
+        ways.append(f"--allowed-bits {widths} to let blocks be dropped to their mean (measured by the guard)")
+    return "use " + ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
 
 
 def zero_bit_note(ctx: Context) -> str | None:
     """A note when the budget left many weights at 0 bits (their block mean), far outside what the expected-loss
-    tables model well (DESIGN.md, Heads): in the native format the cheapest stored width (int4 codes plus fp32
-    scales) costs well over 4 bits, so a lower budget drops whole blocks to their mean."""
+    tables model well (DESIGN.md, Heads). 0 bits are opt-in (``--allowed-bits`` with 0, or ``--allocator
+    selective``); in the native format the cheapest non-zero width (int4 codes plus fp32 scales) costs well over
+    4 bits, so a lower budget with 0 allowed drops whole blocks to their mean. Says what keeps them instead."""
     if ctx.tables is None or ctx.allocation is None:
         return None
     bits = ctx.bits
@@ -119,7 +137,8 @@ def zero_bit_note(ctx: Context) -> str | None:
                    default=0.0)
     return (f"{100 * zero / numel:.0f}% of the weights are stored as their block mean (0 bits): the cheapest "
             f"non-zero width stores about {cheapest:.2f} bits per weight in the {ctx.config.storage.format} format; "
-            f"a larger --bits, --group-size auto (fewer scales) or --format compact keeps them")
+            f"a larger --bits, --group-size auto (fewer scales), --format compact or --allowed-bits without 0 "
+            f"keeps them")
 
 
 def other_bytes(model: ir.Model, ctx: Context) -> int:

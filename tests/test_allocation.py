@@ -566,3 +566,9 @@ def test_dispatcher_aliases():
     a = al.allocate("quantile_inform", blocks, 6.0, informativeness={"a": np.ones(2), "b": np.zeros(2)})
     assert a.method == "quantile-inform" and a.bits == {"a": 4, "b": 2}
     assert al.allocate("GREEDY", blocks, 6.0).bits == {"a": 4, "b": 2}
+
+
+def test_dp_with_a_budget_so_small_its_cells_underflow():
+    """A subnormal budget above the cheapest cost (found by hypothesis): the grid step must not be 0."""
+    block = Block("b0", 1, (0, 1, 2), np.zeros(3), np.array([0.0, 0.5, 1.0]), 0, "L0")
+    assert al.allocate("dp", [block], 5e-324).bits == {"b0": 0}

@@ -47,7 +47,8 @@ def allocate_dp(
             units = offs.astype(np.int64) // g
             cap = int(math.floor(span)) // g  # integer offsets: sum <= span  <=>  sum <= floor(span)
         else:
-            res = span / (max_cells - 1) if span > 0 else 1.0  # span 0: only the cheapest widths fit anyway
+            # span 0 (or so small that its cells underflow): only the cheapest widths fit anyway
+            res = span / (max_cells - 1) if span / (max_cells - 1) > 0 else 1.0
     else:
         res = float(resolution)
         if not (math.isfinite(res) and res > 0):

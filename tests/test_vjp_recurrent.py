@@ -304,3 +304,24 @@ def test_unsupported_attributes_are_reported(attrs):
     proto.ir_version = 10
     result = build_gradient_model(ir.from_proto(proto), "loss", ["W", "R"])
     assert result.unsupported == {"W": ["LSTM 'rnn'"], "R": ["LSTM 'rnn'"]}
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def test_optimize_with_calibration_gives_lstm_weights_the_laplace_posterior(tmp_path, capsys):
+    """``bq-onnx optimize --calib`` on a bidirectional LSTM (batch-first around the op, symbolic batch): W and R
+    get the Laplace posterior from gradients, no longer the ``activations`` fallback (issue 14)."""
+    import json
+
+    from bq_onnx.cli import main
+    from tests.test_every_weight import recurrent_model
+
+    path, out, calib = tmp_path / "lstm.onnx", tmp_path / "lstm.bq.onnx", tmp_path / "calib.npz"
+    onnx.save(recurrent_model("LSTM", batch_first=True), str(path))
+    np.savez(calib, x=np.random.default_rng(5).standard_normal((8, 5, 24)).astype(np.float32))
+    code = main([str(a) for a in ["optimize", path, "-o", out, "--calib", calib, "--bits", "4", "--json", "-q"]])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    sources = {layer["name"]: layer["source"] for layer in report["posterior"]["layers"]}
+    assert sources == {"W": "laplace", "R": "laplace"}

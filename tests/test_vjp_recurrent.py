@@ -292,18 +292,21 @@ def test_recurrent_float32_onnxruntime_and_openvino(tmp_path, op, extra, symboli
 # ----------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("attrs", [{"clip": 1.0}, {"activations": ["Relu", "Tanh", "Tanh"]}, {"input_forget": 1}],
-                         ids=str)
-def test_unsupported_attributes_are_reported(attrs):
-    values = _values("LSTM", set(), {}, 3)
-    nodes = [helper.make_node("LSTM", ["X", "W", "R"], ["Y"], name="rnn", hidden_size=HIDDEN, **attrs),
+@pytest.mark.parametrize(("op", "attrs"), [
+    ("LSTM", {"clip": 1.0}), ("LSTM", {"activations": ["Relu", "Tanh", "Tanh"]}), ("LSTM", {"input_forget": 1}),
+    ("GRU", {"activations": ["Sigmoid", "Relu"]}), ("RNN", {"activations": ["Relu"]}), ("RNN", {"clip": 3.0}),
+], ids=str)
+def test_unsupported_attributes_are_reported(op, attrs):
+    """Refused attributes block the op's weights (reported with the node, so they fall back), no exception."""
+    values = _values(op, set(), {}, 3)
+    nodes = [helper.make_node(op, ["X", "W", "R"], ["Y"], name="rnn", hidden_size=HIDDEN, **attrs),
              helper.make_node("ReduceSum", ["Y"], ["loss"], keepdims=0)]
     graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", TensorProto.DOUBLE, [])],
                               initializer=[numpy_helper.from_array(v, k) for k, v in values.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     proto.ir_version = 10
     result = build_gradient_model(ir.from_proto(proto), "loss", ["W", "R"])
-    assert result.unsupported == {"W": ["LSTM 'rnn'"], "R": ["LSTM 'rnn'"]}
+    assert result.unsupported == {"W": [f"{op} 'rnn'"], "R": [f"{op} 'rnn'"]}
 
 
 # ----------------------------------------------------------------------------------------------- end to end

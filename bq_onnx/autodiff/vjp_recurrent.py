@@ -5,7 +5,9 @@ rule emits two standard ``Scan`` nodes: a forward one that recomputes the recurr
 initial states; the forward op's own outputs lack the LSTM cell states) and stacks per step what the backward
 needs (gate activations, previous states), and a backward one over the reversed stacks that carries the state
 gradients and stacks the gradient of every step's gate pre-activations. Everything that is not recurrent (the
-input projection, dX, dW, dR, dB, peepholes) is one batched op over all steps outside the Scans.
+input projection, dX, dW, dR, dB, peepholes) is one batched op over all steps outside the Scans. Values a step
+reads from outside (R, peepholes) enter each Scan as states carried unchanged: OpenVINO's Scan reads no
+outer-scope values. The rule needs no static shape.
 
 Processing order: a reverse direction runs over X flipped along time (``Slice`` with step -1); both Scans only
 ever run forward. ``sequence_lens`` is a mask per (step, batch): a masked step keeps the state and writes zeros
@@ -13,7 +15,7 @@ to Y, which reproduces the op for both directions (a reverse direction starts at
 initial state because every later step kept it).
 
 Refused (the weights fall back to another estimator with a note): other ``activations``, ``clip``, LSTM
-``input_forget``, and an unknown element type.
+``input_forget``, and element types other than float32/float64.
 """
 
 from __future__ import annotations
@@ -161,8 +163,8 @@ def recurrent(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     b, lens, h0 = cx.input(3), cx.input(4), cx.input(5)
     c0, p = (cx.input(6), cx.input(7)) if op == "LSTM" else (None, None)
     dtype = x.dtype or w.dtype
-    if dtype is None or dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16):
-        raise RuleUnavailable(f"{op} of element type {dtype}")
+    if dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+        raise RuleUnavailable(f"{op} of element type {dtype} (float32/float64 only)")
     batch_first = int(cx.attr("layout", 0)) == 1
 
     def seq_first(v: ir.Value) -> ir.Value:
@@ -257,9 +259,8 @@ def _differentiate(dn: _Direction) -> dict[str, ir.Value]:
     """The input projection of every step at once ([T, batch, gates * hidden], with the biases that add to it),
     then the op's own recurrence."""
     cx = dn.cx
-    # input projection of every step at once: [T, batch, gates * hidden]
     xw = cx.op("MatMul", [dn.x, cx.op("Transpose", [dn.w], perm=[1, 0])])
-    wb = rb = None
+    rb = None
     if dn.b is not None:
         wb, rb = _split(cx, dn.b, 2, 0)
         if dn.op == "GRU" and dn.linear_before_reset:

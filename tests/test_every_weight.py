@@ -301,12 +301,15 @@ def test_recurrent_layout_reduces_the_last_axis():
 
 @pytest.mark.parametrize("method", ["laplace", "kfac", "activations"])
 def test_recurrent_and_subgraph_weights_survive_calibration(tmp_path, method):
-    """No VJP rule for LSTM or If: those weights fall back (activations, else the mean curvature) with a note."""
+    """LSTM weights get gradients (its VJP rule; K-FAC has no Kronecker factors for them and takes the squared-
+    gradient diagonal); no VJP rule for If: those weights fall back (activations, else the mean curvature) with
+    a note."""
     lstm = optimize(recurrent_model("LSTM", batch_first=True), calib={"x": _floats(8, 5, 24)}, bits=3,
                     bits_payload=True, method=method)
     assert {w.name for w in lstm.context.weights} == {"W", "R"}
     assert set(lstm.context.posterior.weights) == {"W", "R"}
-    assert {w.source for w in lstm.context.posterior.weights.values()} == {"activations"}
+    expected = {"laplace": "laplace", "kfac": "fisher-mc", "activations": "activations"}[method]
+    assert {w.source for w in lstm.context.posterior.weights.values()} == {expected}
     lstm.save(tmp_path / "lstm.onnx")
     branch = optimize(if_model(data_cond=True), calib={"x": _floats(8, 32)}, bits=3, bits_payload=True,
                       method=method)

@@ -487,7 +487,7 @@ def test_supported_ops_cover_issue_14():
         "GroupNormalization", "Softplus", "Einsum", "CumSum", "Elu", "Selu", "PRelu", "Softsign", "Mish", "Sin",
         "Cos", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "DepthToSpace",
         "SpaceToDepth", "GatherElements", "GatherND", "ScatterND", "ScatterElements", "Trilu", "LRN",
-        "ThresholdedRelu", "Mean", "Where", "Expand", "HardSwish", "HardSigmoid",
+        "ThresholdedRelu", "Mean", "Where", "Expand", "HardSwish", "HardSigmoid", "LSTM", "GRU", "RNN",
     }
     assert required <= supported_ops()
 

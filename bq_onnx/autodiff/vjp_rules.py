@@ -5,7 +5,8 @@ PRelu, trigonometric, Mean), :mod:`vjp_linalg` (MatMul, Gemm), :mod:`vjp_einsum`
 ConvTranspose, pools, normalizations, softmax), :mod:`vjp_norm` (Instance/Group normalization, LRN),
 :mod:`vjp_shape` (reshapes, slicing, gathering, reductions), :mod:`vjp_reduce` (L1/L2/LogSum reductions),
 :mod:`vjp_select` (Max/Min, ReduceMax/Min, GlobalMaxPool, CumSum, GatherElements), :mod:`vjp_resize` (Resize, Pad,
-Tile, DepthToSpace/SpaceToDepth), :mod:`vjp_scatter` (GatherND, ScatterND/Elements, Trilu).
+Tile, DepthToSpace/SpaceToDepth), :mod:`vjp_scatter` (GatherND, ScatterND/Elements, Trilu), :mod:`vjp_recurrent`
+(LSTM, GRU, RNN).
 :data:`NON_DIFFERENTIABLE` ops are treated as constants: their outputs carry no gradient (shape computations,
 comparisons, random generators, and the piecewise-constant Floor/Ceil/Round/Sign whose derivative is zero almost
 everywhere).
@@ -20,6 +21,7 @@ from bq_onnx.autodiff import (  # noqa: F401  (register their rules)
     vjp_linalg,
     vjp_nn,
     vjp_norm,
+    vjp_recurrent,
     vjp_reduce,
     vjp_resize,
     vjp_scatter,

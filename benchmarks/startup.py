@@ -110,7 +110,7 @@ def main() -> None:
         f"Produced by `python benchmarks/startup.py{' --baseline ' + args.baseline if args.baseline else ''} "
         f"--out benchmarks/startup.md`: wall time of `python -m bq_onnx ARGS` (what `bq-onnx ARGS` runs) in a "
         f"fresh process, best of {args.repeat}, the trees interleaved. `lenet.bq.onnx` is `bq-onnx optimize "
-        "models/lenet.onnx --no-verify` (uniform 4 bits, native).",
+        "models/lenet.onnx --no-verify` (the defaults: 4 stored bits per weight, greedy, native).",
         "",
         f"Machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (absolute "
         f"times vary with the load; compare within a row). Python {platform.python_version()}.",

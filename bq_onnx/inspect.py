@@ -2,10 +2,11 @@
 
 A bq-onnx output carries its per-layer record in its metadata, so it is read with onnx's protobuf classes alone
 (:mod:`bq_onnx.onnx_proto`) and counted by :mod:`bq_onnx.counting`: ``bq-onnx inspect`` on it starts without
-numpy, the onnx package or onnx-ir (about a second less). A float model (or one with external data) needs the
-weight survey of :mod:`bq_onnx.stages.weights`, which works on the IR: only that path imports them, and it
-loads the model with :func:`bq_onnx.model_io.load_model`'s checks. Both paths give the same report for a bq-onnx
-output (a test compares them).
+numpy, the onnx package or onnx-ir (about a second less). That path parses the file and reads declared types and
+shapes only: it runs nothing and reads no tensor data, so it skips the onnx checker and the data-size checks of
+:func:`bq_onnx.model_io.load_model`. A float model (or one with external data) needs the weight survey of
+:mod:`bq_onnx.stages.weights`, which works on the IR: only that path imports them, with ``load_model``'s checks.
+Both paths give the same report for a bq-onnx output (``tests/test_fast_start.py`` compares them).
 """
 
 from __future__ import annotations

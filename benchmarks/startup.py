@@ -123,6 +123,11 @@ def main() -> None:
         lines.append(f"| `{c}` | " + " | ".join(f"{best[c, t]:.2f}" for t in names) + f" | {loaded} |")
     lines += ["", "`python -X importtime -c 'import bq_onnx.inspect'`, cumulative, best of 3: "
               + "; ".join(f"{t} {imports[t]:.0f} ms" for t in names) + "."]
+    lines += ["", "A bq-onnx output is read with onnx's protobuf classes alone (`bq_onnx/onnx_proto.py`: the generated "
+              "module loaded without `onnx/__init__.py`, which imports numpy and ml_dtypes) and counted by "
+              "`bq_onnx/counting.py`. A float model needs the weight survey (`bq_onnx/stages/weights.py`), which "
+              "works on onnx-ir, and onnx-ir imports onnx (with ml_dtypes), numpy and sympy at module level: that "
+              "start stays about a second until the survey runs without onnx-ir or onnx-ir imports lazily."]
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)

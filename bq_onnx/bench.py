@@ -13,12 +13,14 @@ unless ``exact=True`` (onnxruntime ``accuracy_level 0``, OpenVINO f32), and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -136,42 +138,37 @@ def _child_main(config_json: str) -> int:
 
 def benchmark(
     models: Sequence[str | os.PathLike],
-    runtimes: Sequence[str] = ("onnxruntime",),
-    batches: Sequence[int] = (1,),
-    threads: int | None = BenchConfig.threads,
-    warmup: int = BenchConfig.warmup,
-    iterations: int = BenchConfig.iterations,
-    exact: bool = BenchConfig.exact,
-    providers: Sequence[str] | None = None,
+    *,
+    config: BenchConfig | None = None,
     calib: str | os.PathLike | None = None,
     timeout: float | None = 600,
+    **options: Any,
 ) -> dict:
     """Measure every model x runtime (x onnxruntime provider) x batch; the first model is the baseline.
 
-    ``providers`` are ``--ep`` names (``cpu``, ``cuda``, ``tensorrt``, ``rocm``, ``migraphx`` or full
-    onnxruntime provider names) and apply to onnxruntime only; OpenVINO runs on CPU. Unavailable runtimes and
-    providers are reported under ``skipped`` with the reason.
+    What is measured and how is a :class:`~bq_onnx.config.BenchConfig` (``config``, or its fields as keywords:
+    ``runtimes``, ``providers``, ``batches``, ``threads``, ``warmup``, ``iterations``, ``exact``), parsed and
+    checked as the CLI's flags are. ``providers`` are ``--ep`` names (``cpu``, ``cuda``, ``tensorrt``, ``rocm``,
+    ``migraphx`` or full onnxruntime provider names) and apply to onnxruntime only; OpenVINO runs on CPU.
+    Unavailable runtimes and providers are reported under ``skipped`` with the reason.
     """
     from bq_onnx.calibration import load_calibration
     from bq_onnx.model_io import load_model
     from bq_onnx.runtimes import get_runtime
     from bq_onnx.runtimes.ort import provider_names
 
+    config = BenchConfig(**options) if config is None else dataclasses.replace(config, **options)
     if not models:
         raise UsageError("bench needs at least one model")
-    if not batches or any(b < 1 for b in batches):
-        raise UsageError(f"batch sizes must be >= 1, got {list(batches)}")
-    if warmup < 0 or iterations < 1:
-        raise UsageError(f"need --warmup >= 0 and --iterations >= 1, got {warmup} and {iterations}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
+    runtimes, batches, threads = config.runtimes, config.batches, config.threads
+    warmup, iterations, exact = config.warmup, config.iterations, config.exact
     paths = [os.fspath(m) for m in models]
     for path in paths:  # one-line errors for missing/bad models and calibration data before any measuring
         model = load_model(path)
         if calib is not None:
             load_calibration(calib, model)
     calib = os.fspath(calib) if calib is not None else None
-    eps = provider_names(list(providers) if providers else None)
+    eps = provider_names(list(config.providers) or None)
     targets = []  # (runtime name, provider or None, reason when unavailable)
     for name in runtimes:
         rt = get_runtime(name)
@@ -222,16 +219,6 @@ def benchmark(
             report["skipped"].append({"runtime": row["runtime"], "provider": row["provider"],
                                       "reason": row["reason"], "model": row["model"], "batch": row["batch"]})
     return report
-
-
-def parse_batches(text: str) -> list[int]:
-    try:
-        values = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise UsageError(f"--batch takes comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"--batch values must be >= 1, got {text!r}")
-    return values
 
 
 if __name__ == "__main__":

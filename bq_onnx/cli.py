@@ -121,17 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("reference", help="reference .onnx (e.g. the FP32 original)")
     v.add_argument("candidate", help="candidate .onnx (e.g. the quantized model)")
     v.add_argument("--calib", metavar="DATA", required=True, help="inputs: .npz keyed by input name, or a folder")
-    v.add_argument("--labels", metavar="FILE", help="class labels .npy/.npz (key 'labels'): report accuracies")
-    v.add_argument("--runtime", default="onnxruntime", help="comma-separated: onnxruntime,openvino "
-                   "(default onnxruntime)")
-    v.add_argument("--ep", help="onnxruntime execution providers, comma-separated, each checked separately: cpu, "
-                   "cuda, tensorrt, rocm, migraphx (default cpu); one not installed or without a device is "
-                   "skipped with the reason")
-    v.add_argument("--output-name", help="compare only this output (default: every output of both models)")
-    v.add_argument("--calib-samples", type=int, help="use only the first N calibration samples")
-    v.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
+    runs = tuple(n for n in VerificationConfig.options() if n not in VerificationConfig.THRESHOLDS)
+    add_concern(v, VerificationConfig, only=runs, title="what runs")
     add_concern(v, InputsConfig, only=("batch_axis",))
-    add_concern(v, VerificationConfig)
+    add_concern(v, VerificationConfig, only=VerificationConfig.THRESHOLDS)
     _common(v)
 
     b = sub.add_parser(
@@ -144,11 +137,6 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     b.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files; the first is the baseline")
-    b.add_argument("--runtime", default="onnxruntime", help="comma-separated: onnxruntime,openvino "
-                   "(default onnxruntime)")
-    b.add_argument("--ep", default="cpu", help="onnxruntime execution providers, comma-separated, each measured "
-                   "separately: cpu, cuda, tensorrt, rocm, migraphx (default cpu)")
-    b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     b.add_argument("--calib", metavar="DATA", help="use these inputs instead of random ones")
     add_concern(b, BenchConfig)
     _common(b)
@@ -397,18 +385,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_UNSUPPORTED if violations else EXIT_OK
 
 
-def _names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
-
-
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from bq_onnx.calibration import load_labels
     from bq_onnx.compare import failure_message, verify_models
     from bq_onnx.errors import VerificationError
 
@@ -416,14 +397,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         args.reference,
         args.candidate,
         args.calib,
-        labels=load_labels(args.labels) if args.labels else None,
-        runtimes=_names(args.runtime),
-        providers=_names(args.ep) if args.ep else None,
-        output=args.output_name,
-        calib_samples=args.calib_samples,
+        config=VerificationConfig(**given(args, VerificationConfig)),
         batch_axis=dict(InputsConfig(**given(args, InputsConfig)).batch_axis),
-        batch_size=args.batch_size,
-        **dataclasses.asdict(VerificationConfig(**given(args, VerificationConfig))),
     )
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -452,18 +427,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import dataclasses
+    from bq_onnx.bench import benchmark
 
-    from bq_onnx.bench import benchmark, parse_batches
-
-    report = benchmark(
-        args.models,
-        runtimes=_names(args.runtime),
-        batches=parse_batches(args.batch),
-        **dataclasses.asdict(BenchConfig(**given(args, BenchConfig))),
-        providers=_names(args.ep),
-        calib=args.calib,
-    )
+    report = benchmark(args.models, config=BenchConfig(**given(args, BenchConfig)), calib=args.calib)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     elif not args.quiet:

@@ -18,18 +18,17 @@ that is not installed is reported as skipped, not failed, unless no requested ru
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from bq_onnx.calibration import load_calibration
+from bq_onnx.calibration import load_calibration, load_labels
 from bq_onnx.config import VerificationConfig
 from bq_onnx.errors import DataError, UnsupportedError, UsageError, VerificationError
 from bq_onnx.model_io import load_model
-
-DEFAULT_MIN_AGREEMENT = VerificationConfig.min_agreement
-DEFAULT_BATCH = 64
 
 
 class OutputStats:
@@ -139,22 +138,16 @@ def verify_models(
     candidate: str | os.PathLike,
     calibration,
     *,
-    labels: np.ndarray | None = None,
-    runtimes: Sequence[str] = ("onnxruntime",),
-    providers: Sequence[str] | None = None,
-    output: str | None = None,
-    calib_samples: int | None = None,
+    config: VerificationConfig | None = None,
     batch_axis: Mapping[str, int | None] | None = None,
-    batch_size: int = DEFAULT_BATCH,
-    min_agreement: float | None = DEFAULT_MIN_AGREEMENT,
-    max_kl: float | None = None,
-    max_rel_error: float | None = None,
-    min_cosine: float | None = None,
-    max_accuracy_drop: float | None = None,
     check: bool = False,
+    **options: Any,
 ) -> dict:
     """Compare ``candidate`` with ``reference`` (paths) on ``calibration`` in each runtime; return the report.
 
+    What runs and the thresholds are a :class:`~bq_onnx.config.VerificationConfig` (``config``, or its fields as
+    keywords: ``runtimes``, ``providers``, ``labels`` (a file or an array), ``output``, ``calib_samples``,
+    ``batch_size``, ``min_agreement``, ``max_kl``, ...), parsed and checked as the CLI's flags are.
     ``providers``: onnxruntime execution providers (``--ep`` names: cpu, cuda, tensorrt, rocm, migraphx), each
     checked as its own runtime entry; one that is not installed or has no device is skipped with the reason.
     The report has ``passed`` and ``failures`` (one line each); ``check=True`` raises
@@ -163,13 +156,16 @@ def verify_models(
     from bq_onnx.runtimes import get_runtime
     from bq_onnx.runtimes.ort import provider_names
 
-    if batch_size < 1:
-        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    config = VerificationConfig(**options) if config is None else dataclasses.replace(config, **options)
+    output = config.output
     ref_model = load_model(reference)
     cand_model = load_model(candidate)
-    calib = load_calibration(calibration, ref_model, max_samples=calib_samples, axes=batch_axis)
+    calib = load_calibration(calibration, ref_model, max_samples=config.calib_samples, axes=batch_axis)
     calib = load_calibration(calib, cand_model)  # the same samples, sample axes kept
     del ref_model, cand_model
+    labels = config.labels
+    if isinstance(labels, str):
+        labels = load_labels(labels)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim == 0 or labels.shape[0] < calib.num_samples:
@@ -178,13 +174,7 @@ def verify_models(
         labels = labels[: calib.num_samples]
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"labels: expected integer class ids, got dtype {labels.dtype}")
-    thresholds = {
-        "min_agreement": min_agreement,
-        "max_kl": max_kl,
-        "max_rel_error": max_rel_error,
-        "min_cosine": min_cosine,
-        "max_accuracy_drop": max_accuracy_drop,
-    }
+    thresholds = {name: getattr(config, name) for name in VerificationConfig.THRESHOLDS}
     report: dict = {
         "reference": os.fspath(reference),
         "candidate": os.fspath(candidate),
@@ -197,7 +187,7 @@ def verify_models(
         "skipped": [],
         "failures": [],
     }
-    for name, provider, label in _targets(runtimes, providers):
+    for name, provider, label in _targets(config.runtimes, config.providers):
         rt = get_runtime(name, provider)
         ok, why = rt.available()
         if not ok:
@@ -221,7 +211,7 @@ def verify_models(
         cand_index = [cand_session.output_names.index(n) for n in names]
         acc = {n: OutputStats() for n in names}
         start = 0
-        for batch in calib.batches(batch_size):
+        for batch in calib.batches(config.batch_size):
             count = len(next(iter(batch.values())))
             batch_labels = labels[start : start + count] if labels is not None else None
             start += count

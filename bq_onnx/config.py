@@ -191,6 +191,23 @@ def parse_input_shapes(value: Any, flag: str = "--input-shape") -> tuple[tuple[s
     return tuple(out)
 
 
+def parse_names(value: Any, flag: str) -> tuple[str, ...]:
+    """``"onnxruntime,openvino"`` or ``["onnxruntime"]`` -> the names in order (None or "" -> none)."""
+    items = [] if value is None else value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(n, str) for n in items):
+        raise UsageError(f"{flag} takes comma-separated names, got {value!r}")
+    return tuple(n.strip() for n in items if n.strip())
+
+
+def parse_int_list(value: Any, flag: str) -> tuple[int, ...]:
+    """``"1,8"`` or ``[1, 8]`` -> the integers in order."""
+    try:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(int(b) for b in items if not isinstance(b, str) or b.strip())
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} takes comma-separated integers, got {value!r}") from None
+
+
 def _path(value: Any, flag: str) -> str | None:
     return None if value is None else os.fspath(value)
 
@@ -219,6 +236,11 @@ LOSS = Option(
     "auto. Default auto: kl where the FP32 output is a distribution or a linear layer's class logits, cosine for "
     "unit-norm rows, else smse (see bq_onnx/estimators/loss_plan.py)", parse=lambda v, f: parse_loss(v, f),
     metavar=FORMS.replace(" or ", "|").replace(" ", ""), repeat=True, show="auto")
+RUNTIMES = Option(("onnxruntime",), "comma-separated: onnxruntime,openvino", flag="--runtime", metavar="RUNTIME",
+                  parse=parse_names, check=lambda v: None if v else "needs at least one runtime")
+EPS = Option(("cpu",), "onnxruntime execution providers, comma-separated, each run separately: cpu, cuda, tensorrt, "
+             "rocm, migraphx (default cpu); one not installed or without a device is skipped with the reason",
+             flag="--ep", metavar="EP", parse=parse_names)
 LABELS = Option(None, "labels .npy/.npz (key 'labels') for --loss ce/mse", metavar="FILE", parse=_labels)
 
 
@@ -401,22 +423,41 @@ class GuardConfig(Concern):
 
 @dataclasses.dataclass(frozen=True)
 class VerificationConfig(Concern):
-    """Thresholds a candidate model must meet against its reference (``bq-onnx verify``)."""
+    """What ``bq-onnx verify`` runs (runtimes, providers, samples, labels) and the thresholds a candidate model
+    must meet against its reference."""
 
     title: ClassVar[str] = "thresholds (a failing one exits 6)"
+    THRESHOLDS: ClassVar[tuple[str, ...]] = ("min_agreement", "max_kl", "max_rel_error", "min_cosine",
+                                             "max_accuracy_drop")
+    """The fields that are thresholds (the report lists them); the others say what runs."""
+
     min_agreement: float | None = option(0.99, "minimum top-1 agreement, fraction (classification outputs only)")
     max_kl: float | None = option(None, "maximum mean KL(reference || candidate) (default: not checked)")
     max_rel_error: float | None = option(None, "maximum ||c - r|| / ||r|| (default: not checked)")
     min_cosine: float | None = option(None, "minimum mean per-sample cosine (default: not checked)")
     max_accuracy_drop: float | None = option(None, "maximum accuracy drop in percentage points, needs --labels "
                                              "(default: not checked)")
+    runtimes: tuple[str, ...] = RUNTIMES.field()
+    providers: tuple[str, ...] = EPS.field()
+    labels: Any = dataclasses.replace(LABELS, help="class labels .npy/.npz (key 'labels'): report accuracies"
+                                      ).field()  # LABELS' default and parsing, verify's reason
+    output: str | None = dataclasses.replace(OUTPUT, help="compare only this output (default: every output of "
+                                             "both models)").field()
+    calib_samples: int | None = CALIB_SAMPLES.field()
+    batch_size: int = option(64, "samples per run", check=at_least(1))
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig(Concern):
-    """How ``bq-onnx bench`` measures each configuration."""
+    """How ``bq-onnx bench`` measures each configuration, and which configurations (runtimes x providers x
+    batches)."""
 
     title: ClassVar[str] = "measurement"
+    runtimes: tuple[str, ...] = RUNTIMES.field()
+    providers: tuple[str, ...] = EPS.field()
+    batches: tuple[int, ...] = option((1,), "comma-separated batch sizes", flag="--batch", metavar="BATCH",
+                                      parse=parse_int_list,
+                                      check=lambda v: None if v and min(v) >= 1 else "values must be >= 1")
     threads: int | None = option(None, "intra-op threads (default: the runtime's choice)", check=at_least(1))
     warmup: int = option(10, "untimed runs first", check=at_least(0))
     iterations: int = option(50, "timed runs", check=at_least(1))

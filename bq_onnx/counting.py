@@ -1,6 +1,7 @@
 """An independent count of what a file stores per weight, for any model, whoever quantized it.
 
-Read with plain ``onnx`` (not the IR bq-onnx rewrites with) so that it checks the rewrite rather than repeats it:
+Read with onnx's protobuf classes alone (:mod:`bq_onnx.onnx_proto`; not the IR bq-onnx rewrites with, and
+without the onnx package's numpy start-up) so that it checks the rewrite rather than repeats it:
 every stored tensor (initializers, ``Constant`` node values, in subgraphs too) counts its packed size (int4 two
 per byte, int2 four), external data included. The figure is
 
@@ -15,23 +16,20 @@ onnxruntime's or NNCF's compares them on equal terms.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterator
-
-import numpy as np
-import onnx
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from bq_onnx.config import WeightsConfig
-from bq_onnx.model_io import iter_graphs
+from bq_onnx.onnx_proto import data_type_bits, iter_graphs, pb
+from bq_onnx.onnx_proto import tensor_bytes as _tensor_bytes
 
-_PACKED_BITS = {
-    onnx.TensorProto.INT4: 4,
-    onnx.TensorProto.UINT4: 4,
-    onnx.TensorProto.FLOAT4E2M1: 4,
-    **{getattr(onnx.TensorProto, n): 2 for n in ("INT2", "UINT2") if hasattr(onnx.TensorProto, n)},
-}
-_ATTR_TENSORS = {"value_float": (onnx.TensorProto.FLOAT, 1), "value_int": (onnx.TensorProto.INT64, 1)}
+if TYPE_CHECKING:  # the protobuf classes only at run time: no numpy, onnx package or onnx-ir to start
+    import onnx
+    import onnx_ir as ir
+
+_ATTR_TENSORS = {"value_float": "FLOAT", "value_int": "INT64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +55,11 @@ class Count:
 
 def tensor_bytes(t: onnx.TensorProto) -> int:
     """Stored bytes of a tensor from its type and shape (sub-byte types packed)."""
-    numel = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-    if t.data_type in _PACKED_BITS:
-        return -(-numel * _PACKED_BITS[t.data_type] // 8)
-    if t.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in t.string_data)
-    return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return _tensor_bytes(t)
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    tensor_proto, attribute = pb().TensorProto, pb().AttributeProto
     for g in iter_graphs(graph):
         yield from g.initializer
         for sparse in g.sparse_initializer:
@@ -73,35 +67,44 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             yield sparse.indices
         for node in g.node:
             for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
+                if attr.type == attribute.TENSOR:
                     yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
+                elif attr.type == attribute.TENSORS:
                     yield from attr.tensors
                 elif node.op_type == "Constant" and attr.name in ("value_floats", "value_ints"):
-                    dtype = onnx.TensorProto.FLOAT if attr.name == "value_floats" else onnx.TensorProto.INT64
+                    dtype = tensor_proto.FLOAT if attr.name == "value_floats" else tensor_proto.INT64
                     values = attr.floats if attr.name == "value_floats" else attr.ints
-                    yield onnx.helper.make_tensor(attr.name, dtype, [len(values)], [])
+                    yield tensor_proto(name=attr.name, data_type=dtype, dims=[len(values)])
                 elif node.op_type == "Constant" and attr.name in _ATTR_TENSORS:
-                    yield onnx.helper.make_tensor(attr.name, _ATTR_TENSORS[attr.name][0], [], [])
+                    yield tensor_proto(name=attr.name, data_type=tensor_proto.DataType.Value(_ATTR_TENSORS[attr.name]))
 
 
 def stored_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every tensor the model stores: initializers and ``Constant`` values, in subgraphs and functions too."""
     out = list(_graph_tensors(model.graph))
     for fn in model.functions:
-        out.extend(_graph_tensors(onnx.helper.make_graph(list(fn.node), fn.name, [], [])))
+        out.extend(_graph_tensors(pb().GraphProto(node=list(fn.node), name=fn.name)))
     return out
 
 
+def stored_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of :func:`stored_tensors`."""
+    bits = data_type_bits()
+    return sum(_tensor_bytes(t, bits) for t in stored_tensors(model))
+
+
 def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
+    if not isinstance(model, (str, os.PathLike)):
         return model
-    return onnx.load(os.fspath(model), load_external_data=False)
+    proto = pb().ModelProto()
+    with open(os.fspath(model), "rb") as f:  # as onnx.load(..., load_external_data=False) reads it
+        proto.ParseFromString(f.read())
+    return proto
 
 
-def file_bytes(path: str | os.PathLike) -> int:
-    """The file and the external data files it names."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
+def file_bytes(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> int:
+    """The file and the external data files it names (``model``: the file's proto, when already read)."""
+    model = _load(path) if model is None else model
     folder = os.path.dirname(os.fspath(path))
     files = {e.value for t in stored_tensors(model) for e in t.external_data if e.key == "location"}
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, f)) for f in files)
@@ -113,7 +116,7 @@ def _named(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
+                if attr.type == pb().AttributeProto.TENSOR:
                     out[node.output[0]] = attr.t
     return out
 
@@ -122,7 +125,8 @@ def reference_weights(reference: str | os.PathLike | onnx.ModelProto, min_size: 
     """The names of the reference's weights: what a weight quantizer quantizes (bq-onnx's own finder, whose
     rule is the usual one: float tensors of at least ``min_size`` elements read as MatMul/Gemm/Conv/Gather
     weights; biases and norms are not weights)."""
-    from bq_onnx.config import WeightsConfig
+    import onnx_ir as ir
+
     from bq_onnx.stages.weights import find_weights
 
     model = ir.serde.deserialize_model(_load(reference))
@@ -135,14 +139,16 @@ def count(model: str | os.PathLike | onnx.ModelProto, reference: str | os.PathLi
     m, ref = _load(model), _load(reference)
     names = reference_weights(ref, min_size)
     named = _named(ref)
-    weights = sum(int(np.prod(named[n].dims, dtype=np.int64)) for n in names)
-    other = sum(tensor_bytes(t) for t in stored_tensors(ref)) - sum(tensor_bytes(named[n]) for n in names)
-    size = file_bytes(model) if isinstance(model, (str, os.PathLike)) else m.ByteSize()
-    return Count(sum(tensor_bytes(t) for t in stored_tensors(m)), other, weights, size)
+    weights = sum(math.prod(named[n].dims) for n in names)
+    other = stored_bytes(ref) - sum(tensor_bytes(named[n]) for n in names)
+    size = file_bytes(model, m) if isinstance(model, (str, os.PathLike)) else m.ByteSize()
+    return Count(stored_bytes(m), other, weights, size)
 
 
 def ir_stored_bytes(model: ir.Model) -> int:
     """Every tensor an IR model stores, as :func:`stored_tensors` counts a proto (without serializing it)."""
+    import onnx_ir as ir
+
     total = 0
     graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
     for graph in graphs:

@@ -1,22 +1,30 @@
-"""Look inside a model: which weights are quantized, how, and what each costs on disk."""
+"""Look inside a model: which weights are quantized, how, and what each costs on disk.
+
+A bq-onnx output carries its per-layer record in its metadata, so it is read with onnx's protobuf classes alone
+(:mod:`bq_onnx.onnx_proto`) and counted by :mod:`bq_onnx.counting`: ``bq-onnx inspect`` on it starts without
+numpy, the onnx package or onnx-ir (about a second less). That path parses the file and reads declared types and
+shapes only: it runs nothing and reads no tensor data, so it skips the onnx checker and the data-size checks of
+:func:`bq_onnx.model_io.load_model`. A float model (or one with external data) needs the weight survey of
+:mod:`bq_onnx.stages.weights`, which works on the IR: only that path imports them, with ``load_model``'s checks.
+Both paths give the same report for a bq-onnx output (``tests/test_fast_start.py`` compares them).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import onnx_ir as ir
-from onnx_ir.passes.common import LiftConstantsToInitializersPass
+from typing import TYPE_CHECKING, Any
 
 from bq_onnx.config import WeightsConfig
-from bq_onnx.context import WeightInfo
-from bq_onnx.decode.rewrite import METADATA_KEY
-from bq_onnx.model_io import load_model
-from bq_onnx.pass_manager import run_passes
-from bq_onnx.passes.prepare import UniqueInitializerNamesPass
-from bq_onnx.stages.weights import survey
+from bq_onnx.onnx_proto import METADATA_KEY, data_type_bits, has_external_data, iter_graphs, read_model, tensor_bytes
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from bq_onnx.context import WeightInfo
 
 
 def _nbytes(model: ir.Model, name: str) -> int:
@@ -30,6 +38,12 @@ def _nbytes(model: ir.Model, name: str) -> int:
 def candidates(model: ir.Model, min_size: int) -> tuple[list[WeightInfo], list[dict]]:
     """The weights of a float model and every float tensor considered, with what reads it and why it is kept
     in float (Constant nodes are lifted first, on this copy, as ``optimize`` does)."""
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    from bq_onnx.pass_manager import run_passes
+    from bq_onnx.passes.prepare import UniqueInitializerNamesPass
+    from bq_onnx.stages.weights import survey
+
     model = run_passes(model, [LiftConstantsToInitializersPass(size_limit=min_size), UniqueInitializerNamesPass()])
     found = survey(model, WeightsConfig(min_size=min_size))
     rows = [{"name": c.name, "scope": c.scope, "shape": list(c.shape), "dtype": c.dtype, "read_by": list(c.readers),
@@ -41,31 +55,83 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
             reference: str | os.PathLike | None = None) -> dict:
     """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it); ``counted`` is
     :mod:`bq_onnx.counting`'s figure against ``reference`` (for a bq-onnx output, against its own metadata)."""
+    proto = read_model(model)
+    meta = _metadata(proto.metadata_props)
+    if meta is None or has_external_data(proto):
+        del proto  # the IR path reads the file again, with the checks of load_model: one copy at a time
+        return inspect_ir(model, min_size, reference)
+    return _inspect_proto(model, proto, meta, min_size, reference)
+
+
+def _metadata(props: Iterable[Any]) -> dict | None:
+    """bq-onnx's per-layer record from ``metadata_props`` (proto entries or the IR's mapping), or None."""
+    values = dict(props.items()) if hasattr(props, "items") else {p.key: p.value for p in props}
+    return json.loads(values[METADATA_KEY]) if METADATA_KEY in values else None
+
+
+def _inspect_proto(model: str | os.PathLike, proto: Any, meta: dict, min_size: int,
+                   reference: str | os.PathLike | None) -> dict:
+    """The report of a bq-onnx output from its protobuf: sizes from the declared types and shapes."""
+    from bq_onnx.counting import Count, count, file_bytes, stored_bytes
+
+    bits = data_type_bits()
+    sizes: dict[str, int] = {}
+    all_init = 0
+    for graph in iter_graphs(proto.graph):  # a subgraph's weight is stored in that subgraph; the first one counts
+        for t in graph.initializer:
+            nbytes = tensor_bytes(t, bits)
+            sizes.setdefault(t.name, nbytes)
+            all_init += nbytes
+    layers = _quantized_layers(meta, lambda name: sizes.get(name, 0))
+    if reference is not None:
+        counted = count(model, reference, min_size).to_report()
+    else:
+        ours = {t for layer in meta["layers"] for t in layer["tensors"]}
+        original = sum(tensor_bytes(t, bits) for t in proto.graph.initializer
+                       if t.name not in ours and not t.name.startswith("bq."))
+        numel = sum(layer["numel"] for layer in meta["layers"])
+        counted = Count(stored_bytes(proto), original, numel, file_bytes(model, proto)).to_report()
+    functions = dict.fromkeys((f.domain, f.name, f.overload) for f in proto.functions)
+    return _report(model, meta, layers, [], all_init, counted,
+                   opset={o.domain: o.version for o in proto.opset_import}.get(""),
+                   ir_version=proto.ir_version, nodes=((n.domain, n.op_type) for n in proto.graph.node),
+                   functions=functions)
+
+
+def _quantized_layers(meta: dict, stored: Callable[[str], int]) -> list[dict]:
+    """The layers of bq-onnx's record, each with the bytes its tensors store (``stored``: one tensor's)."""
+    return [
+        {
+            "name": layer["name"],
+            "shape": layer["shape"],
+            "bits": layer["bits"],
+            "kind": layer["kind"],
+            "method": layer["method"],
+            "block_size": layer["block_size"],
+            "format": meta["format"],
+            "numel": layer["numel"],
+            "payload_bits": layer["payload_bits"],
+            "metadata_bits": layer["metadata_bits"],
+            "stored_bytes": sum(stored(t) for t in layer["tensors"]),
+            "vector_dim": layer.get("vector_dim", 1),
+            "outliers": layer.get("outliers", 0),
+        }
+        for layer in meta["layers"]
+    ]
+
+
+def inspect_ir(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
+               reference: str | os.PathLike | None = None) -> dict:
+    """:func:`inspect` on the IR (any model): the weight survey for float models, the checks of ``load_model``."""
+    from bq_onnx.model_io import load_model
+
     m = load_model(model)
-    meta = json.loads(m.metadata_props[METADATA_KEY]) if METADATA_KEY in m.metadata_props else None
-    layers = []
+    meta = _metadata(m.metadata_props)
     considered: list[dict] = []
     if meta is not None:
-        for layer in meta["layers"]:
-            stored = sum(_nbytes(m, t) for t in layer["tensors"])
-            layers.append(
-                {
-                    "name": layer["name"],
-                    "shape": layer["shape"],
-                    "bits": layer["bits"],
-                    "kind": layer["kind"],
-                    "method": layer["method"],
-                    "block_size": layer["block_size"],
-                    "format": meta["format"],
-                    "numel": layer["numel"],
-                    "payload_bits": layer["payload_bits"],
-                    "metadata_bits": layer["metadata_bits"],
-                    "stored_bytes": stored,
-                    "vector_dim": layer.get("vector_dim", 1),
-                    "outliers": layer.get("outliers", 0),
-                }
-            )
+        layers = _quantized_layers(meta, lambda name: _nbytes(m, name))
     else:
+        layers = []
         found, considered = candidates(m, min_size)
         for w in found:
             bits = w.value.dtype.itemsize * 8
@@ -86,20 +152,27 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
                     "outliers": 0,
                 }
             )
-    numel = sum(r["numel"] for r in layers)
-    stored = sum(r["stored_bytes"] for r in layers)
     all_init = sum(v.const_value.nbytes for g in m.graphs() for v in g.initializers.values()
                    if v.const_value is not None)
-    ops = Counter(
-        (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in m.graph
-    )
+    return _report(model, meta, layers, considered, all_init, _counted(model, m, meta, reference, min_size),
+                   opset=m.opset_imports.get("", None), ir_version=m.ir_version,
+                   nodes=((n.domain, n.op_type) for n in m.graph), functions=m.functions)
+
+
+def _report(model: str | os.PathLike, meta: dict | None, layers: list[dict], considered: list[dict],
+            all_init: int, counted: dict | None, *, opset: int | None, ir_version: int,
+            nodes: Iterable[tuple[str, str]], functions: Iterable[tuple[str, str, str]]) -> dict:
+    """The JSON-ready report from what either path read (one place for its keys and totals)."""
+    numel = sum(r["numel"] for r in layers)
+    stored = sum(r["stored_bytes"] for r in layers)
+    ops = Counter((f"{domain}." if domain not in ("", "ai.onnx") else "") + op_type for domain, op_type in nodes)
     return {
         "model": os.fspath(model),
         "file_bytes": Path(model).stat().st_size,
         "quantized_by": "bq-onnx" if meta is not None else None,
         "format": meta["format"] if meta else None,
-        "opset": m.opset_imports.get("", None),
-        "ir_version": m.ir_version,
+        "opset": opset,
+        "ir_version": ir_version,
         "layers": layers,
         "totals": {
             "layers": len(layers),
@@ -114,9 +187,9 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
             "other_initializer_bytes": all_init - stored,
         },
         "candidates": considered,
-        "counted": _counted(model, m, meta, reference, min_size),
+        "counted": counted,
         "ops": dict(sorted(ops.items())),
-        "functions": sorted(f"{d}.{n}" for d, n, _ in m.functions),
+        "functions": sorted(f"{d}.{n}" for d, n, _ in functions),
     }
 
 

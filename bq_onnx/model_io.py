@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
 
 from bq_onnx.errors import ModelError, OutputError
+from bq_onnx.onnx_proto import iter_graphs, read_model
 from bq_onnx.progress import memtrace
 
 #: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
@@ -49,16 +49,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
         _check_graph(source, "<ModelProto>")
         return _deserialize(source, "<ModelProto>")
     path = Path(source)
-    if not path.exists():
-        raise ModelError(f"{path}: no such file")
-    if not path.is_file():
-        raise ModelError(f"{path}: not a regular file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not a valid ONNX model (protobuf parse failed: {_first_line(exc)})") from None
-    if not proto.HasField("graph"):
-        raise ModelError(f"{path}: not a valid ONNX model (no graph; empty or truncated file?)")
+    proto = read_model(path)
     base_dir = path.resolve().parent
     _validate_tensors(proto, base_dir=base_dir, where=str(path))
     _check_graph(proto, str(path))
@@ -175,18 +166,6 @@ def _check_graph(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where}: invalid model ({msg[:300]})") from None
     except Exception as exc:  # noqa: BLE001  the checker raises assorted C++ errors
         raise ModelError(f"{where}: invalid model ({_first_line(exc)})") from None
-
-
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph of its nodes' attributes, at any depth."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graphs(g)
 
 
 def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -184,3 +184,46 @@ def test_config_object_and_keywords_give_the_same_model():
     settings = by_config.report["settings"]
     assert settings["allocation"]["allocator"] == "dp" and settings["derived"]["group_size"] == 32
     assert by_config.context.config == config
+
+
+def _declared_dests(parser) -> dict[str, str]:
+    """Flag -> argparse destination, for every optional flag of a subcommand's parser."""
+    return {s: a.dest for a in parser._actions for s in a.option_strings if s.startswith("--")}
+
+
+def test_verify_and_bench_flags_come_from_the_declarations():
+    sub = next(a for a in _parser()._subparsers._group_actions).choices
+    verify, bench = _declared_dests(sub["verify"]), _declared_dests(sub["bench"])
+    for flag, field in {"--runtime": "runtimes", "--ep": "providers", "--batch-size": "batch_size",
+                        "--labels": "labels", "--output-name": "output", "--calib-samples": "calib_samples"}.items():
+        assert verify[flag] == PREFIX + field and field in cfg.VerificationConfig.options(), flag
+    for flag, field in {"--runtime": "runtimes", "--ep": "providers", "--batch": "batches"}.items():
+        assert bench[flag] == PREFIX + field and field in cfg.BenchConfig.options(), flag
+    # one declaration each: the runtimes and providers of both commands are the same Option objects
+    v, b = cfg.VerificationConfig.options(), cfg.BenchConfig.options()
+    assert v["runtimes"] is b["runtimes"] is cfg.RUNTIMES and v["providers"] is b["providers"] is cfg.EPS
+    assert v["calib_samples"] is cfg.CALIB_SAMPLES and v["labels"].parse is cfg.LABELS.parse
+    # the API takes the config or its fields, with no default of its own
+    from bq_onnx.bench import benchmark
+    from bq_onnx.compare import verify_models
+
+    for fn, names in ((verify_models, v), (benchmark, b)):
+        params = inspect.signature(fn).parameters
+        assert "config" in params and not set(params) & set(names), fn.__name__
+
+
+def test_verify_and_bench_flags_parse_to_the_same_config_as_keywords():
+    args = _parser().parse_args(["verify", "r.onnx", "c.onnx", "--calib", "d.npz", "--runtime", "onnxruntime,openvino",
+                                 "--ep", "cpu,cuda", "--batch-size", "8", "--labels", "l.npy", "--max-kl", "0.1"])
+    assert cfg.VerificationConfig(**given(args, cfg.VerificationConfig)) == cfg.VerificationConfig(
+        runtimes=["onnxruntime", "openvino"], providers=("cpu", "cuda"), batch_size=8, labels="l.npy", max_kl=0.1)
+    unset = _parser().parse_args(["verify", "r.onnx", "c.onnx", "--calib", "d.npz"])
+    assert cfg.VerificationConfig(**given(unset, cfg.VerificationConfig)) == cfg.VerificationConfig()
+    assert cfg.VerificationConfig().runtimes == ("onnxruntime",) and cfg.VerificationConfig().batch_size == 64
+    args = _parser().parse_args(["bench", "m.onnx", "--batch", "1,8", "--ep", "cuda", "--runtime", "openvino"])
+    assert cfg.BenchConfig(**given(args, cfg.BenchConfig)) == cfg.BenchConfig(
+        batches=(1, 8), providers=("cuda",), runtimes=("openvino",))
+    for bad, fragment in (({"batches": "0"}, "--batch values must be >= 1"), ({"batches": "x"}, "--batch takes"),
+                          ({"runtimes": ""}, "--runtime needs at least one runtime")):
+        with pytest.raises(UsageError, match=fragment):
+            cfg.BenchConfig(**bad)

@@ -81,6 +81,19 @@ def test_verify_api_and_check(data):
     assert report["passed"] and report["runtimes"][0]["runtime"] == "onnxruntime"
     with pytest.raises(VerificationError, match="rel_error failed in onnxruntime"):
         verify_models(LENET, data / "lenet2.onnx", data / "calib.npz", max_rel_error=1e-9, check=True)
+    # the config's fields as keywords, parsed as the flags are: a labels file, comma-separated names
+    from bq_onnx.config import VerificationConfig
+    from bq_onnx.errors import UsageError
+
+    report = verify_models(LENET, LENET, data / "calib.npz", labels=data / "labels.npy", runtimes="onnxruntime",
+                           providers="cpu", batch_size=50, calib_samples=100)
+    out = report["runtimes"][0]["outputs"][0]
+    assert report["samples"] == 100 and out["accuracy_reference"] == out["accuracy_candidate"] is not None
+    same = verify_models(LENET, LENET, data / "calib.npz", config=VerificationConfig(batch_size=50, calib_samples=100,
+                                                                                     labels=str(data / "labels.npy")))
+    assert same["runtimes"] == report["runtimes"]
+    with pytest.raises(UsageError, match="--batch-size must be >= 1"):
+        verify_models(LENET, LENET, data / "calib.npz", batch_size=0)
 
 
 def test_verify_bad_inputs_are_one_line_errors(data, tmp_path, capsys):

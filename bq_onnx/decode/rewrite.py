@@ -17,10 +17,10 @@ from bq_onnx.context import Context, WeightInfo
 from bq_onnx.decode.ops import restore_layout
 from bq_onnx.emitter import GraphEmitter
 from bq_onnx.layout import RECURRENT_OPS
+from bq_onnx.onnx_proto import METADATA_KEY  # declared beside the reader that needs it without onnx-ir
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 from bq_onnx.sizes import layer_record
 
-METADATA_KEY = "bq_onnx"
 _META_KEYS = (
     "name", "bits", "kind", "method", "block_size", "shape", "view", "symmetric", "numel", "payload_bits",
     "metadata_bits", "pieces", "vector_dim", "outliers",

@@ -15,12 +15,16 @@ for a fixed batch B, N*B a multiple of B), never an extra leading axis.
 
 A source made of parts (a folder of ``.npz`` files, an iterable of dicts, a reader) may give each part with its
 sample axis (a batch) or without it (one sample: the part's array has one dimension fewer than the input, and a
-new sample axis is added); the parts are then concatenated along the sample axis. A part set larger than
+new sample axis is added); the parts are then concatenated along the sample axis. Parts that do not stack (images
+of different widths, sequences of different lengths, inputs whose counts along their sample axes disagree, such as
+a sequence ``[T, 576]`` beside a state ``[1, 1, 128]``) are kept one per run (:class:`bq_onnx.runs.Runs`): each part
+is then one sample, run on its own as given. A part set larger than
 :data:`SPILL_BYTES` is kept in a temporary memory-mapped ``.npy`` per input instead of in memory.
 
 The loaded :class:`Calibration` is the one object every consumer (posterior, measured tables, distillation,
 verification) receives; they take samples only through :meth:`Calibration.select`, :meth:`Calibration.batches`
-and :meth:`Calibration.runs`, so the axis and the fixed batch stay its business.
+and :meth:`Calibration.runs` (and :meth:`Calibration.feeds` for what one run reads), so the axis, the fixed
+batch and parts kept per run stay its business.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.errors import DataError
+from bq_onnx.runs import Runs
 
 CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
 
@@ -118,10 +123,11 @@ def fixed_batch(specs: list[InputSpec], axes: Mapping[str, int | None]) -> int |
 @dataclasses.dataclass
 class Calibration:
     """Validated calibration samples: ``{input name: array}``, each stacked along its sample axis (``axes``;
-    missing = 0, None = one value shared by every sample); ``fixed_batch``: the samples every run must take (a
-    model with a fixed batch), None: any number."""
+    missing = 0, None = one value shared by every sample), or every input kept per run (:class:`Runs`: one part,
+    one sample, one run); ``fixed_batch``: the samples every run must take (a model with a fixed batch; 1 for parts
+    kept per run), None: any number."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray | Runs]
     source: str
     axes: dict[str, int | None] = dataclasses.field(default_factory=dict)
     fixed_batch: int | None = None
@@ -131,7 +137,15 @@ class Calibration:
         return self.axes.get(name, 0)
 
     @property
+    def per_run(self) -> bool:
+        """Whether the samples are parts kept one per run (they do not stack)."""
+        return any(isinstance(v, Runs) for v in self.arrays.values())
+
+    @property
     def num_samples(self) -> int:
+        for value in self.arrays.values():
+            if isinstance(value, Runs):
+                return len(value)
         for name, value in self.arrays.items():
             axis = self.axis(name)
             if axis is not None:
@@ -140,7 +154,7 @@ class Calibration:
 
     def sample_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of one sample of input ``name``, its sample axis removed (None: no such input here)."""
-        if name not in self.arrays:
+        if name not in self.arrays or isinstance(self.arrays[name], Runs):
             return None
         shape = self.arrays[name].shape
         axis = self.axis(name)
@@ -155,7 +169,16 @@ class Calibration:
         n = self.num_samples
         size = self.run_size(batch_size)
         for start in range(0, n, size):
-            yield self.select(slice(start, start + size))
+            yield self.feeds(slice(start, start + size))
+
+    def feeds(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """What one run over the samples ``rows`` reads (rows of one run, for parts kept per run)."""
+        return {k: v[rows] if isinstance(v, Runs) else _along(v, self.axis(k), rows) for k, v in self.arrays.items()}
+
+    def run_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """The shape of each input in one run, None where runs differ (parts of different widths)."""
+        first = self.feeds(slice(0, self.run_size(1)))
+        return {k: v.shape_template() if isinstance(v, Runs) else first[k].shape for k, v in self.arrays.items()}
 
     def runs(self, rows: np.ndarray) -> list[np.ndarray]:
         """``rows`` (sample indices) cut into runs the model accepts: one run, or runs of the fixed batch (the last
@@ -178,7 +201,9 @@ class Calibration:
         return Calibration(self.select(slice(0, count)), self.source, dict(self.axes), self.fixed_batch, self.spilled)
 
 
-def _along(value: np.ndarray, axis: int | None, rows: slice | np.ndarray) -> np.ndarray:
+def _along(value: np.ndarray | Runs, axis: int | None, rows: slice | np.ndarray) -> np.ndarray | Runs:
+    if isinstance(value, Runs):
+        return value.subset(rows)
     if axis is None:
         return value
     return np.ascontiguousarray(value[(slice(None),) * axis + (rows,)])  # runtimes read C order
@@ -215,7 +240,7 @@ def load_calibration(
             where = "<iterable>"
         else:
             raise DataError(f"unsupported calibration source of type {type(source).__name__}")
-    fixed = fixed_batch(specs, sample_axis)
+    fixed = 1 if any(isinstance(v, Runs) for v in arrays.values()) else fixed_batch(specs, sample_axis)
     calib = Calibration(arrays, where, {k: v for k, v in sample_axis.items() if v != 0}, fixed, spilled)
     if max_samples is not None:
         if max_samples < 1:
@@ -253,6 +278,8 @@ def _concat(
             chunks.append(value if axis is None and chunks else store.keep(value))
     if not parts:
         raise DataError(f"{where}: no calibration samples")
+    if not _stacks(parts, axes):  # each part is one run, as given
+        return {name: Runs(chunks) for name, chunks in parts.items()}, store.folder
     out = {}
     for name, chunks in parts.items():
         axis = axes.get(name, 0)
@@ -262,15 +289,24 @@ def _concat(
                                 f"(give it once, or set its axis with --batch-axis {name}=AXIS)")
             out[name] = np.asarray(chunks[0])
             continue
-        try:
-            out[name] = store.concatenate(name, chunks, axis)
-        except (ValueError, np.exceptions.AxisError) as exc:
-            shapes = sorted({tuple(c.shape) for c in chunks})[:3]
-            raise DataError(f"{where}: input '{name}': batches do not stack along its sample axis {axis} "
-                            f"(shapes {', '.join(str(list(s)) for s in shapes)}; {str(exc).splitlines()[0]}); "
-                            f"give every part with or without the sample axis, or set it with "
-                            f"--batch-axis {name}=AXIS") from None
+        out[name] = store.concatenate(name, chunks, axis)
     return out, store.folder
+
+
+def _stacks(parts: Mapping[str, list[np.ndarray]], axes: Mapping[str, int | None]) -> bool:
+    """Whether the parts concatenate along each input's sample axis into one sample count for every input (else
+    they are kept per run: different widths, or a sequence whose first axis is its length beside a state)."""
+    counts = set()
+    for name, chunks in parts.items():
+        axis = axes.get(name, 0)
+        if axis is None:
+            continue
+        first = chunks[0]
+        if any(c.ndim != first.ndim or c.ndim <= axis or
+               c.shape[:axis] + c.shape[axis + 1:] != first.shape[:axis] + first.shape[axis + 1:] for c in chunks):
+            return False
+        counts.add(sum(c.shape[axis] for c in chunks))
+    return len(counts) <= 1
 
 
 def spill_bytes() -> int:
@@ -363,7 +399,7 @@ def _read_path(
 
 
 def _validate(
-    arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str, axes: Mapping[str, int | None],
+    arrays: dict[str, np.ndarray | Runs], specs: list[InputSpec], where: str, axes: Mapping[str, int | None],
     fixed: int | None = None,
 ) -> None:
     names = {s.name for s in specs}
@@ -375,38 +411,47 @@ def _validate(
             raise DataError(f"{where}: unknown input '{name}' (model inputs: {', '.join(sorted(names))})")
     counts = {}
     for spec in specs:
-        arr = arrays[spec.name]
-        sample_axis = axes.get(spec.name, 0)
-        if arr.dtype != spec.dtype:
-            raise DataError(f"{where}: input '{spec.name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
-        if spec.shape and arr.ndim != len(spec.shape):
-            raise DataError(
-                f"{where}: input '{spec.name}' has rank {arr.ndim} (shape {list(arr.shape)}), "
-                f"the model expects rank {len(spec.shape)} {list(spec.shape)}{_how_to_stack(spec, sample_axis)}"
-            )
-        if sample_axis is not None and (arr.ndim <= sample_axis or arr.shape[sample_axis] == 0):
-            side = "first axis" if sample_axis == 0 else f"its sample axis {sample_axis}"
-            raise DataError(f"{where}: input '{spec.name}' is empty (no samples along the {side})")
-        for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
-            if isinstance(want, int) and axis != sample_axis and have != want:
-                raise DataError(
-                    f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
-                    f"{list(spec.shape)} (axis {axis}){_how_to_stack(spec, sample_axis)}"
-                )
-        if fixed and sample_axis is not None and arr.shape[sample_axis] % fixed:
-            raise DataError(
-                f"{where}: input '{spec.name}' has {arr.shape[sample_axis]} rows along its sample axis "
-                f"{sample_axis}, not a multiple of the model's fixed batch {fixed}{_how_to_stack(spec, sample_axis)}"
-            )
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            bad = int(arr.size - np.isfinite(arr).sum())
-            raise DataError(f"{where}: input '{spec.name}' contains {bad} NaN/Inf value(s)")
-        if sample_axis is not None:
-            counts[spec.name] = arr.shape[sample_axis]
+        value, stacked_axis = arrays[spec.name], axes.get(spec.name, 0)
+        for arr in value.parts if isinstance(value, Runs) else [value]:
+            # a part kept per run is a whole run: every static dimension must match, its sample axis too
+            sample_axis = None if isinstance(value, Runs) else stacked_axis
+            _check_array(arr, spec, where, sample_axis, stacked_axis, fixed)
+        if stacked_axis is not None and not isinstance(value, Runs):
+            counts[spec.name] = value.shape[stacked_axis]
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"'{name}': {count}" for name, count in counts.items())
         raise DataError(f"{where}: inputs have different sample counts ({detail}); an input given once for every "
                         f"sample needs --batch-axis INPUT=none")
+
+
+def _check_array(arr: np.ndarray, spec: InputSpec, where: str, sample_axis: int | None, stacked_axis: int | None,
+                 fixed: int | None) -> None:
+    """One input's array (or one run's part) against the model's input: dtype, rank, static dimensions (all but
+    ``sample_axis``), whole runs of a fixed batch, finite values."""
+    if arr.dtype != spec.dtype:
+        raise DataError(f"{where}: input '{spec.name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
+    if spec.shape and arr.ndim != len(spec.shape):
+        raise DataError(
+            f"{where}: input '{spec.name}' has rank {arr.ndim} (shape {list(arr.shape)}), "
+            f"the model expects rank {len(spec.shape)} {list(spec.shape)}{_how_to_stack(spec, stacked_axis)}"
+        )
+    if sample_axis is not None and (arr.ndim <= sample_axis or arr.shape[sample_axis] == 0):
+        side = "first axis" if sample_axis == 0 else f"its sample axis {sample_axis}"
+        raise DataError(f"{where}: input '{spec.name}' is empty (no samples along the {side})")
+    for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
+        if isinstance(want, int) and axis != sample_axis and have != want:
+            raise DataError(
+                f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects "
+                f"{list(spec.shape)} (axis {axis}){_how_to_stack(spec, stacked_axis)}"
+            )
+    if fixed and sample_axis is not None and arr.shape[sample_axis] % fixed:
+        raise DataError(
+            f"{where}: input '{spec.name}' has {arr.shape[sample_axis]} rows along its sample axis "
+            f"{sample_axis}, not a multiple of the model's fixed batch {fixed}{_how_to_stack(spec, sample_axis)}"
+        )
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise DataError(f"{where}: input '{spec.name}' contains {bad} NaN/Inf value(s)")
 
 
 def _how_to_stack(spec: InputSpec, axis: int | None) -> str:

@@ -41,15 +41,17 @@ def forget_shapes(model: ir.Model) -> None:
             out.shape = None
 
 
-def specialise(model: ir.Model, sample: Mapping[str, np.ndarray]) -> ir.Model:
-    """Fix the inputs to one sample's shapes and infer the rest: per-sample gradient graphs run at batch 1, and
-    static shapes let the autodiff use its direct Conv weight-gradient form (2-3x faster than the unfold form
-    that symbolic shapes need)."""
+def specialise(model: ir.Model, sample: Mapping[str, np.ndarray | Sequence[int | None]]) -> ir.Model:
+    """Fix the inputs to one sample's shapes (arrays, or shapes with None where runs differ, such as the widths
+    of calibration parts kept per run) and infer the rest: per-sample gradient graphs run at batch 1, and static
+    shapes let the autodiff use its direct Conv weight-gradient form (2-3x faster than the unfold form that
+    symbolic shapes need)."""
     from onnx_ir.passes.common import ShapeInferencePass
 
     for value in model.graph.inputs:
         if value.name in sample:
-            value.shape = ir.Shape(list(sample[value.name].shape))
+            given = sample[value.name]
+            value.shape = ir.Shape(list(given.shape if isinstance(given, np.ndarray) else given))
     ShapeInferencePass(check_type=False, strict_mode=False)(model)
     return model
 

@@ -103,6 +103,8 @@ def append_loss(model: ir.Model, loss: str | LossPlan, output: str | None = None
     plan = LossPlan.single(loss, output) if isinstance(loss, str) else loss
     graph = model.graph
     tape = ir.tape.Tape()
+    for t in plan.terms:
+        _trust_real_rank(output_value(model, t.output), t)
     ys = [_term_output(tape, output_value(model, t.output), t, f"bq_loss_{i}_") for i, t in enumerate(plan.terms)]
     if plan.packed:
         if any(t.dims is None for t in plan.terms):
@@ -119,7 +121,8 @@ def append_loss(model: ir.Model, loss: str | LossPlan, output: str | None = None
             targets.append(tape.op("Reshape", [part, _ints(tape, key + "shape", [-1, *t.dims])]))
             offset += size
     else:
-        target = ir.Value(name=TARGET, type=ir.TensorType(ir.DataType.FLOAT), shape=ys[0].shape)
+        shape = ys[0].shape if plan.terms[0].dims is None else _run_shape(ys[0].shape, plan.terms[0].dims)
+        target = ir.Value(name=TARGET, type=ir.TensorType(ir.DataType.FLOAT), shape=shape)
         targets = [target]
     loss = None
     for i, (t, y, tt) in enumerate(zip(plan.terms, ys, targets)):
@@ -137,6 +140,22 @@ def append_loss(model: ir.Model, loss: str | LossPlan, output: str | None = None
     graph.extend(tape.nodes)
     graph.outputs.clear()
     graph.outputs.append(loss)
+
+
+def _trust_real_rank(y: ir.Value, t: Term) -> None:
+    """Forget ``y``'s declared shape where its rank is not the FP32 output's (``t.dims``, from the values the
+    model really returns): a file may declare an output wrongly (``[1, seqlen]`` for a ``[T, 1, C]`` CTC head),
+    and a loss, target or gradient built on the declared shape would not fit the real one."""
+    if t.dims is not None and y.shape is not None and len(y.shape) != 1 + len(t.dims):
+        y.shape = ir.Shape([None] * (1 + len(t.dims)))
+
+
+def _run_shape(declared: ir.Shape | None, dims: tuple[int, ...]) -> ir.Shape:
+    """One run's target shape: the declared output shape where it has the real rank, else a first axis of any
+    size and the real per-sample dims' rank (dims themselves may differ between runs of different widths)."""
+    if declared is not None and len(declared) == 1 + len(dims):
+        return declared
+    return ir.Shape([None] * (1 + len(dims)))
 
 
 def _term_output(tape: ir.tape.Tape, y: ir.Value, t: Term, prefix: str) -> ir.Value:

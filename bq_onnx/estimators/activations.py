@@ -26,7 +26,7 @@ class ActivationSums:
 
     def update(self, batch: Batch) -> None:
         s = self.stage
-        out = dict(zip(s.session.output_names, s.session.run(s.calib.select(batch.rows))))
+        out = dict(zip(s.session.output_names, s.session.run(s.calib.feeds(batch.rows))))
         stats = {}
         for info in s.infos:
             name, how = s.sites[info.name]

@@ -92,7 +92,7 @@ class BatchedFisher:
         g = self.graph
         count = batch.count
         rows = batch.rows.start + np.arange(g.batch) % count
-        feeds = self.calib.select(rows)
+        feeds = self.calib.feeds(rows)
         out = dict(zip(g.session.output_names, g.session.run({**feeds, TARGET: self.targets[batch.draw][rows]})))
         for site in g.sites:
             act = feeds[site.activation] if site.activation in feeds else out[site.activation]

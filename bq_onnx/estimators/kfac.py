@@ -120,7 +120,7 @@ class KfacSums:
 
     def update(self, batch: Batch) -> None:
         s = self.stage
-        feeds = s.calib.select(batch.rows)
+        feeds = s.calib.feeds(batch.rows)
         if batch.draw is None:
             acts = dict(zip(s.forward.output_names, s.forward.run(feeds)))
             for site in s.sites:
@@ -190,7 +190,7 @@ class Kfac(GradientEstimator):
         model = copy_model(p.prepared.model)
         # a weight read by several layers has a sum of Kronecker products for a Fisher: one probe would see one
         single = [w for w in weights_of(model, self.weights) if len(w.value.uses()) == 1]
-        sites = add_probes(model, single, next(p.calib.batches(1)))
+        sites = add_probes(model, single, p.calib.run_shapes())
         probes = [site.probe for site in sites]
         if not names and not probes:
             return

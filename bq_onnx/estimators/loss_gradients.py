@@ -52,7 +52,7 @@ def gradients(
             first = next(iter(graph.unsupported.items()))
             raise UsageError(f"no gradient for '{first[0]}': no rule for {', '.join(first[1])}")
         session = sessions.open(graph.model)
-        result = session.run({**calib.select(slice(None)), TARGET: target})
+        result = session.run({**calib.feeds(slice(None)), TARGET: target})
         by_name = dict(zip(session.output_names, result))
         return {w: by_name[graph.gradients[w]] for w in names}
     finally:

@@ -32,6 +32,7 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.errors import UsageError
 from bq_onnx.graph import forward_model
 from bq_onnx.loss_spec import LossTerm
+from bq_onnx.runs import Runs, per_run
 from bq_onnx.runtimes.sessions import TempSessions
 
 ROW_TOLERANCE = 1e-3
@@ -78,11 +79,18 @@ def outputs_needed(model: ir.Model, spec: Sequence[LossTerm] | None, output: str
 
 
 def fp32_values(sessions: TempSessions, model: ir.Model, names: list[str], calib: Calibration,
-                batch: int = 64) -> dict[str, np.ndarray]:
-    """The FP32 values of outputs ``names`` on every calibration sample, as float32."""
+                batch: int = 64) -> dict[str, np.ndarray | Runs]:
+    """The FP32 values of outputs ``names`` on every calibration sample, as float32: stacked along the first
+    axis, or kept per run where that axis is not the samples (:func:`bq_onnx.runs.per_run`)."""
     session = sessions.open(forward_model(model, names))
     runs = [session.run(feeds) for feeds in calib.batches(batch)]
-    return {name: np.concatenate([r[i] for r in runs]).astype(np.float32) for i, name in enumerate(names)}
+    n, size = calib.num_samples, calib.run_size(batch)
+    sizes = [min(size, n - start) for start in range(0, n, size)]
+    out: dict[str, np.ndarray | Runs] = {}
+    for i, name in enumerate(names):
+        value = per_run([np.asarray(r[i], np.float32) for r in runs], sizes)
+        out[name] = value
+    return out
 
 
 def reference_plan(sessions: TempSessions, model: ir.Model, spec: Sequence[LossTerm] | None, output: str | None,
@@ -90,7 +98,15 @@ def reference_plan(sessions: TempSessions, model: ir.Model, spec: Sequence[LossT
     """The resolved loss and, per term, its FP32 (sliced) output on every calibration sample."""
     names = outputs_needed(model, spec, output)
     values = fp32_values(sessions, model, names, calib, batch)
-    return resolve(model, spec, output, values)
+    stacked = {k: v.stacked() if isinstance(v, Runs) else v for k, v in values.items()}
+    plan, outs = resolve(model, spec, output, stacked)
+    return plan, [_term_runs(t, values[t.output]) if isinstance(values[t.output], Runs) else y
+                  for t, y in zip(plan.terms, outs)]
+
+
+def _term_runs(t: Term, runs: Runs) -> Runs:
+    """A term's FP32 output kept per run: each run's output, sliced like the term."""
+    return runs.map(lambda y: y[..., t.start:t.stop]) if t.start is not None else runs
 
 
 def resolve(model: ir.Model, spec: Sequence[LossTerm] | None, output: str | None,

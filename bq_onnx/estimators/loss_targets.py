@@ -12,12 +12,16 @@ from bq_onnx.autodiff.loss import LossPlan, Term
 from bq_onnx.calibration import load_labels
 from bq_onnx.errors import DataError
 from bq_onnx.probabilities import one_hot, softmax
+from bq_onnx.runs import Runs
 
 
-def check_labels(labels: np.ndarray | None, outputs: np.ndarray, loss: str) -> np.ndarray | None:
+def check_labels(labels: np.ndarray | None, outputs: np.ndarray | Runs, loss: str) -> np.ndarray | None:
     """``labels`` cut to the calibration samples and checked against the FP32 ``outputs`` for ``loss``."""
     if labels is None:
         return None
+    if isinstance(outputs, Runs):
+        raise DataError("labels: the model's output is kept per run (its first axis is not the samples), so labels "
+                        "per sample cannot be matched to it; run without --labels")
     if isinstance(labels, (str, os.PathLike)):
         labels = load_labels(labels)
     labels = np.asarray(labels)
@@ -89,8 +93,22 @@ def targets(method: str, plan: LossPlan | str, outputs: Sequence[np.ndarray] | n
     term's target, or every term's flattened target side by side (:func:`pack`). ``plan`` may be one kind."""
     if isinstance(plan, str):
         plan, outputs = LossPlan.single(plan), [outputs]
+    if any(isinstance(y, Runs) for y in outputs):
+        return _run_targets(method, plan, outputs, rng)
     per = [term_targets(method, t, y, labels, rng) for t, y in zip(plan.terms, outputs)]
     return pack(per) if plan.packed else per[0]
+
+
+def _run_targets(method: str, plan: LossPlan, outputs: Sequence[np.ndarray | Runs],
+                 rng: np.random.Generator) -> Runs:
+    """The target of each run from that run's own output (outputs kept per run: their first axis is not the
+    samples, so a run's target has that run's shape)."""
+    if plan.packed:
+        raise DataError("a loss of several terms needs outputs whose first axis is the samples; this model's "
+                        "output is kept per run: give one --loss term")
+    y = outputs[0]
+    assert isinstance(y, Runs)
+    return Runs([term_targets(method, plan.terms[0], part, None, rng) for part in y.parts], y.per)
 
 
 def pack(per_term: Sequence[np.ndarray]) -> np.ndarray:

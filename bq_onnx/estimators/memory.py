@@ -38,7 +38,7 @@ def activation_bytes_per_sample(model: ir.Model, calib: Calibration) -> int | No
     shapes this rewrites); None when shapes cannot be inferred."""
     forget_shapes(model)
     try:
-        specialise(model, next(calib.batches(1)))
+        specialise(model, calib.run_shapes())
     except Exception:  # noqa: BLE001 - unknown size: the caller keeps the requested batch
         return None
     total = 0

@@ -35,7 +35,7 @@ def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
     return tuple(int(d) for d in value.shape)
 
 
-def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[str, np.ndarray],
+def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[str, np.ndarray | Sequence[int | None]],
                gather: bool = False) -> list[ProbeSite]:
     """Specialise ``model`` (in place) to ``sample``'s shapes and add a zero probe after each MatMul, Gemm and
     Conv layer (and, with ``gather``, after each embedding lookup: its site's activation is the index tensor)."""

@@ -34,7 +34,7 @@ class SquaredGradientSums:
 
     def update(self, batch: Batch) -> None:
         s = self.stage
-        result = s.session.run({**s.calib.select(batch.rows), TARGET: s.targets[batch.draw][batch.rows]})
+        result = s.session.run({**s.calib.feeds(batch.rows), TARGET: s.targets[batch.draw][batch.rows]})
         by_name = dict(zip(s.session.output_names, result))
         self.sums.update({w: np.square(by_name[s.gradients[w]]) for w in s.wrt}, samples=batch.count)
 
@@ -85,7 +85,7 @@ class SquaredGradients(GradientEstimator):
             names = [w for w in names if w not in graph.covered]
         if not names:
             return
-        model = specialise(copy_model(p.prepared.model), next(p.calib.batches(1)))
+        model = specialise(copy_model(p.prepared.model), p.calib.run_shapes())
         loop = self.gradient_graph(names, model=model)
         wrt = [w for w in names if w in loop.gradients]
         if wrt:

@@ -111,7 +111,7 @@ class _Distiller:
             def run(values: dict, idx: np.ndarray) -> tuple[float, dict]:
                 loss, grads = 0.0, {}
                 for rows in calib.runs(idx):  # one run, or runs of a fixed batch whose sums add up
-                    feeds = calib.select(rows)
+                    feeds = calib.feeds(rows)
                     out = dict(zip(session.output_names, session.run({**feeds, TARGET: targets[rows], **values})))
                     loss += float(out[graph.loss])
                     for p in params:

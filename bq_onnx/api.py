@@ -16,11 +16,11 @@ from bq_onnx import __version__
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.config import OptimizeConfig
 from bq_onnx.context import Context, Derived, is_fixed
-from bq_onnx.errors import UnsupportedError, UsageError
+from bq_onnx.errors import InputsError, UnsupportedError, UsageError
 from bq_onnx.model_io import check_output_path, load_model, remove_output, save_model
 from bq_onnx.pipeline import optimize_model
 from bq_onnx.posterior import Posterior
-from bq_onnx.samples import random_feeds
+from bq_onnx.samples import SYMBOLIC_SIZES, has_symbolic_dims, random_feeds
 from bq_onnx.sizes import totals
 
 ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
@@ -57,6 +57,25 @@ class OptimizeResult:
         feeds = random_feeds(self.model, seed=self.context.config.quantization.seed, shapes=dict(inputs.input_shape))
         return [feeds], True
 
+    def _verify(self, out: Path, runs: list[dict[str, np.ndarray]], random_inputs: bool) -> list:
+        """The post-write check; random inputs the FP32 model cannot run on are made again with larger symbolic
+        dimensions (:data:`~bq_onnx.samples.SYMBOLIC_SIZES`) before the first failure is reported."""
+        from bq_onnx.verify import verify_written
+
+        inputs = self.context.config.inputs
+        sizes = SYMBOLIC_SIZES[1:] if random_inputs and has_symbolic_dims(self.model, dict(inputs.input_shape)) else ()
+        first: InputsError | None = None
+        for size in (None, *sizes):
+            if size is not None:
+                runs = [random_feeds(self.model, batch=size, seed=self.context.config.quantization.seed,
+                                     shapes=dict(inputs.input_shape))]
+            try:
+                return verify_written(out, self.source, self.context, runs, random_inputs=random_inputs)
+            except InputsError as exc:
+                first = first or exc
+        assert first is not None
+        raise first
+
     def save(
         self,
         path: str | os.PathLike,
@@ -72,10 +91,8 @@ class OptimizeResult:
         save_model(self.model, out)
         self.report["output"] = {"path": os.fspath(out), "file_bytes": out.stat().st_size}
         if verify:
-            from bq_onnx.verify import verify_written
-
             try:
-                checks = verify_written(out, self.source, self.context, runs, random_inputs=random_inputs)
+                checks = self._verify(out, runs, random_inputs)
             except BaseException:
                 remove_output(out)  # never leave an unverified model (or its external data) behind
                 raise

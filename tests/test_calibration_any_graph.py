@@ -272,9 +272,9 @@ def test_input_shape_sets_symbolic_dimensions_of_random_inputs(tmp_path, capsys)
     onnx.save(detector_model(), tmp_path / "det.onnx")
     out = tmp_path / "det.bq.onnx"
     args = ["optimize", str(tmp_path / "det.onnx"), "--bits", "4", "--bits-payload", "-o", str(out), "-q"]
-    code, err = _run(args, capsys)
-    assert code == EXIT_INPUTS and "images [2, 3, 2, 2]" in err and not out.exists()
-    code, err = _run([*args, "--input-shape", "images=1,3,16,20"], capsys)
+    code, err = _run(args, capsys)  # 2x2 images fail inside the model; the check retries with 8x8 ones
+    assert code == EXIT_OK, err
+    code, err = _run([*args, "--force", "--input-shape", "images=1,3,16,20"], capsys)
     assert code == EXIT_OK, err
     result = bq_onnx.optimize(detector_model(), bits=4, bits_payload=True, input_shape={"images": (1, 3, 16, 20)})
     assert result.sample_feeds()["images"].shape == (1, 3, 16, 20)

@@ -1,6 +1,7 @@
 """Find the weights to quantize: large float initializers of the main graph and of every subgraph, read by
-MatMul, Gemm, Conv, ConvTranspose, Gather or a recurrent layer's W/R, in one layout all their readers share;
-a tensor any reader uses as a shape, scale or index is never one."""
+MatMul, Gemm, Conv, ConvTranspose, Gather or a recurrent layer's W/R (directly, or through Slice/Transpose/
+Reshape-like layout ops: :mod:`bq_onnx.chains`), in one layout all their readers share; a tensor any reader uses
+as a shape, scale or index is never one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
+from bq_onnx.chains import chain_axes, is_move
 from bq_onnx.config import WeightsConfig
 from bq_onnx.context import WeightInfo
 from bq_onnx.errors import UnsupportedError
@@ -99,7 +101,9 @@ def _layout(value: ir.Value, shape: tuple[int, ...], paths: dict[int, str]) -> t
             continue
         attrs = {k: a.value for k, a in node.attributes.items() if a.type == ir.AttributeType.INT}
         axes = None
-        if node.domain in ("", "ai.onnx"):
+        if is_move(node, use.idx):  # read through Slice/Transpose/...: its final consumers' layout
+            axes = chain_axes(node, use.idx, len(shape))
+        elif node.domain in ("", "ai.onnx"):
             axes = reduction_axes_for(node.op_type, use.idx, len(shape), attrs)
         if axes is None:
             unknown.append(f"{reader} input {use.idx}")

@@ -77,6 +77,17 @@ def _follow(node: ir.Node, rank: int, depth: int) -> tuple[int, ...] | None:
     return back or None
 
 
+def final_readers(node: ir.Node, depth: int = 0) -> list[ir.Node]:
+    """The nodes at the end of the layout-op chain that starts at ``node`` (what really reads the tensor)."""
+    out = node.outputs[0] if node.outputs else None
+    if out is None or depth > MAX_DEPTH:
+        return []
+    found: list[ir.Node] = []
+    for use in out.uses():
+        found += final_readers(use.node, depth + 1) if is_move(use.node, use.idx) else [use.node]
+    return list(dict.fromkeys(found))
+
+
 def _axis_map(node: ir.Node, rank: int) -> list[int | None] | None:
     """For each output axis, the input axis it comes from (None: an inserted axis of size 1); None when the op
     loses the mapping (Reshape, Flatten, or axes that are not constants)."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from bq_onnx.chains import chain_axes, is_move
+from bq_onnx.chains import chain_axes, final_readers, is_move
 from bq_onnx.config import WeightsConfig
 from bq_onnx.context import WeightInfo
 from bq_onnx.errors import UnsupportedError
@@ -85,6 +85,18 @@ def _reader(use: ir.Usage, paths: dict[int, str]) -> str:
     return f"{node.op_type}:{node.name or '?'}" + (f" in {where}" if where else "")
 
 
+def _readers(use: ir.Usage, paths: dict[int, str]) -> list[str]:
+    """Who reads the tensor at ``use``: its reader, or the consumers at the end of a layout-op chain (``LSTM:rnn
+    through Slice:s0``), so that what a reader needs (a recurrent layer's constant weights) is known."""
+    if not is_move(use.node, use.idx):
+        return [_reader(use, paths)]
+    through = f"{use.node.op_type}:{use.node.name or '?'}"
+    where = paths.get(id(use.node.graph), "")
+    ends = [f"{n.op_type}:{n.name or '?'} through {through}" + (f" in {where}" if where else "")
+            for n in final_readers(use.node)]
+    return ends or [_reader(use, paths)]
+
+
 def _layout(value: ir.Value, shape: tuple[int, ...], paths: dict[int, str]) -> tuple[tuple[int, ...] | None, str]:
     """The reduction axes every reader agrees on, or None and why the tensor is not a weight."""
     found: dict[tuple[int, ...], str] = {}
@@ -141,7 +153,7 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
             if tensor is None or value.dtype not in FLOAT_TYPES:
                 continue
             shape = tuple(int(d) for d in tensor.shape)
-            readers = tuple(dict.fromkeys(_reader(u, paths) for u in value.uses()))
+            readers = tuple(dict.fromkeys(r for u in value.uses() for r in _readers(u, paths)))
             why = ""
             if value.is_graph_input():
                 why = "a graph input (overridable at run time)"

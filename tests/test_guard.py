@@ -136,3 +136,19 @@ def test_cli_summary_shows_the_guard(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "guard: loss measured" in proc.stdout and "uniform 2-bit" in proc.stdout
     assert "held-out fidelity of logits: agreement" in proc.stdout
+
+
+def test_zero_bit_blocks_are_measured_even_without_a_uniform_reference(calib):
+    """Native --bits 4 with 0 bits on request: no single width of 2+ bits fits (int4 plus scales is over 5 bits),
+    so the 0-bit blocks are measured tensor by tensor against the others' measured/predicted ratio; the repair
+    is tried and the better measured candidate written."""
+    result = bq_onnx.optimize(LENET, bits=4, calib=calib, allowed_bits=ALL_WIDTHS)
+    g = result.report["guard"]
+    assert g["uniform"] is None and g["predicted_loss_scaled"] is None
+    assert g["repairs"] and g["repairs"][0]["to_bits"] == 2
+    tried = g["repairs"][0]
+    # each raised tensor had blocks below 2 bits: the floors the repair set are on exactly those blocks
+    floored = {n.split("[")[0] for n, b in result.context.floors.items() if b == 2}
+    assert tried["raised"] and set(tried["raised"]) <= floored
+    if "measured_loss" in tried:
+        assert g["measured_loss"] == min(g["first"]["measured_loss"], tried["measured_loss"])

@@ -139,3 +139,25 @@ def test_a_search_out_of_tries_measures_the_cheapest_before_refusing(monkeypatch
     assert result.report["allocation"]["achieved_bits"] <= 0.7
     with pytest.raises(UsageError, match=r"--bits 0.3 cannot be met: the smallest stored size is about 0.5\d"):
         bq_onnx.optimize(MODELS / "lenet.onnx", bits=0.3, allowed_bits=ALL_WIDTHS)
+
+
+@pytest.mark.parametrize("fmt", ["native", "compact"])
+def test_inspect_prints_one_stored_figure_whose_parts_add_up(tmp_path, capsys, fmt):
+    """One headline (the counted stored bits per weight, what --bits bounds), broken into codes, per-layer metadata
+    and the shared decode constants, which add up to it."""
+    import re
+
+    from bq_onnx.cli import main
+
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(MODELS / "lenet.onnx", bits=6 if fmt == "native" else 3, format=fmt).save(out)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "with metadata" not in text  # no second per-weight figure beside the headline
+    m = re.search(r"stored: ([\d.]+) bits per weight .* = codes ([\d.]+) \+ .* ([\d.]+) \+ .* ([\d.]+)$", text,
+                  re.MULTILINE)
+    assert m is not None, text
+    total, *parts = (float(v) for v in m.groups())
+    assert sum(parts) == pytest.approx(total, abs=2e-3)
+    assert total == pytest.approx(count(out, MODELS / "lenet.onnx").bits_per_weight, abs=1e-3)

@@ -323,7 +323,7 @@ def test_optimize_with_calibration_gives_lstm_weights_the_laplace_posterior(tmp_
     path, out, calib = tmp_path / "lstm.onnx", tmp_path / "lstm.bq.onnx", tmp_path / "calib.npz"
     onnx.save(recurrent_model("LSTM", batch_first=True), str(path))
     np.savez(calib, x=np.random.default_rng(5).standard_normal((8, 5, 24)).astype(np.float32))
-    code = main([str(a) for a in ["optimize", path, "-o", out, "--calib", calib, "--bits", "4", "--json", "-q"]])
+    code = main([str(a) for a in ["optimize", path, "-o", out, "--calib", calib, "--bits", "6", "--json", "-q"]])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     sources = {layer["name"]: layer["source"] for layer in report["posterior"]["layers"]}

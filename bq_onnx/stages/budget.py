@@ -102,8 +102,11 @@ class StoredBudget:
                              f"{alternatives(ctx, f'--size-mb {mb:g}')}")
         numel = sum(t.numel for t in ctx.tables.blocks)
         least = math.ceil(smallest / numel * 100) / 100
+        larger = math.ceil(least * 10) / 10
+        # --bits stops at 8: tensors so small that their scales alone cost more are budgeted as payload instead
+        larger_text = f"--bits {larger:g}" if larger <= 8 else "--bits-payload: tiny tensors' scales exceed 8 bits"
         raise UsageError(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
-                         f"{least:g} bits per weight; {alternatives(ctx, f'--bits {math.ceil(least * 10) / 10:g}')}")
+                         f"{least:g} bits per weight; {alternatives(ctx, larger_text)}")
 
 
 def alternatives(ctx: Context, larger: str) -> str:

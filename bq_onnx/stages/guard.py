@@ -16,7 +16,9 @@ total excess) get at least the uniform width, and the budget is spent again arou
 :data:`MAX_REPAIRS` rounds; the best measured candidate is kept, and where even that is worse than uniform, the
 uniform allocation is written instead (with a note). Without calibration data (random inputs or
 ``--verify-inputs``) nothing is repaired on data that do not represent the task: the allocation is kept when it
-measures no worse than uniform, else uniform is written with a note saying why.
+measures no worse than uniform, else uniform is written with a note saying why. Where no uniform width of at least
+2 bits fits the budget (0-bit blocks on request in the native format), blocks at 0 or 1 bit are still measured,
+tensor by tensor, against the typical measured/predicted ratio of the others (:func:`_far_repair`).
 
 The same measurement checks the user's quality targets (``--max-loss``, ``--min-cosine``, ``--min-agreement``):
 a missed one is a :class:`QualityError` before anything is written.
@@ -301,6 +303,10 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         tries.append(current)
         steps.append({"step": len(steps) + 1, "raised": sorted(raised), "to_bits": int(width), "excess": excess,
                       **current.row(_numel(ctx))})
+    if uniform is None and held.task_data:
+        far = _far_repair(ctx, chosen, measure, probed, spend, steps)
+        if far is not None:
+            tries.append(far)
     best = min(tries, key=lambda t: t.loss)
     if not held.task_data and uniform is not None and best.loss > uniform.loss:
         ctx.messages.append(f"guard: the allocation measured worse than uniform {width}-bit on {held.kind} inputs "
@@ -318,6 +324,58 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
     return final.spent
+
+
+def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, spend: Callable[[str | None], Spent],
+                steps: list[dict]) -> _Try | None:
+    """Without a uniform reference, blocks at 0 or 1 bit (far outside what the local model knows) are still
+    measured: each tensor holding some is measured alone and compared with the typical measured/predicted ratio
+    of the other tensors (measured alike, the largest first); those over :data:`PREDICTION_FACTOR` times it get
+    :data:`MIN_UNIFORM` bits in those blocks and the budget is spent again, once. None: nothing to repair."""
+    spent = current.spent
+    bits = spent.allocation.bits
+    blocks: dict[str, list] = {}
+    for t in ctx.tables.blocks:
+        blocks.setdefault(t.weight, []).append(t)
+    feedable = [name for name in blocks if not ctx.weight(name).scope]
+    far = [name for name in feedable if any(bits[t.name] < MIN_UNIFORM for t in blocks[name])]
+    if not far:
+        return None
+    others = sorted((n for n in feedable if n not in far), key=lambda n: -sum(t.numel for t in blocks[n]))
+
+    def damage(name: str) -> tuple[float | None, float]:
+        key = (name, tuple(bits[t.name] for t in blocks[name]))
+        if key not in probed:
+            probed[key] = measure.tensor_loss(name, spent)
+        return probed[key], sum(float(t.loss[t.bits.index(bits[t.name])]) for t in blocks[name])
+
+    ratios = []
+    for name in progress(others[:MAX_PROBES // 2], "guard probes", ctx.progress):
+        measured, predicted = damage(name)
+        if measured is not None and predicted > 0:
+            ratios.append(measured / predicted)
+    if not ratios:
+        return None
+    typical = float(np.median(ratios))
+    excess = {}
+    for name in progress(far[:MAX_PROBES], "guard probes", ctx.progress):
+        measured, predicted = damage(name)
+        if measured is not None and measured > PREDICTION_FACTOR * typical * predicted:
+            excess[name] = measured - typical * predicted
+    if not excess:
+        return None
+    for name in excess:
+        for t in blocks[name]:
+            if bits[t.name] < MIN_UNIFORM:
+                ctx.floors[t.name] = max(ctx.floors.get(t.name, 0), MIN_UNIFORM)
+    step = {"step": len(steps) + 1, "raised": sorted(excess), "to_bits": MIN_UNIFORM, "excess": excess}
+    try:
+        repaired = measure.model_try(f"repair {step['step']}", spend(None))
+    except UsageError:
+        steps.append({**step, "result": "does not fit the budget"})
+        return None
+    steps.append({**step, **repaired.row(_numel(ctx))})
+    return repaired
 
 
 def _scale(t: _Try | None) -> float | None:

@@ -49,7 +49,7 @@ def _lines(widths: list[int]) -> list[dict[str, np.ndarray]]:
     return [{"x": RNG.standard_normal((1, w, 8)).astype(np.float32)} for w in widths]
 
 
-def test_parts_of_different_widths_are_kept_one_per_run():
+def test_parts_of_different_widths_are_kept_one_per_run(tmp_path):
     parts = _lines([3, 5, 7, 4])
     calib = load_calibration(iter(parts), ctc_model())
     assert calib.per_run and calib.num_samples == 4 and calib.fixed_batch == 1
@@ -62,6 +62,10 @@ def test_parts_of_different_widths_are_kept_one_per_run():
     np.testing.assert_array_equal(again.feeds(slice(1, 2))["x"], parts[1]["x"])
     stacked = load_calibration(iter(_lines([5, 5])), ctc_model())  # parts that stack still stack
     assert not stacked.per_run and stacked.arrays["x"].shape == (2, 5, 8)
+    for i, part in enumerate(parts):  # a folder of per-sample .npz files, without the sample axis
+        np.savez(tmp_path / f"{i:02d}.npz", x=part["x"][0])
+    folder = load_calibration(tmp_path, ctc_model())
+    assert folder.per_run and [b["x"].shape[1] for b in folder.batches(1)] == [3, 5, 7, 4]
 
 
 def test_outputs_whose_first_axis_is_not_the_samples_are_kept_per_run():

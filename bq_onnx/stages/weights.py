@@ -87,10 +87,11 @@ def _reader(use: ir.Usage, paths: dict[int, str]) -> str:
 
 def _readers(use: ir.Usage, paths: dict[int, str]) -> list[str]:
     """Who reads the tensor at ``use``: its reader, or the consumers at the end of a layout-op chain (``LSTM:rnn
-    through Slice:s0``), so that what a reader needs (a recurrent layer's constant weights) is known."""
+    through Slice``: one entry however many slices lead there), so that what a reader needs (a recurrent layer's
+    constant weights) is known."""
     if not is_move(use.node, use.idx):
         return [_reader(use, paths)]
-    through = f"{use.node.op_type}:{use.node.name or '?'}"
+    through = use.node.op_type
     where = paths.get(id(use.node.graph), "")
     ends = [f"{n.op_type}:{n.name or '?'} through {through}" + (f" in {where}" if where else "")
             for n in final_readers(use.node)]

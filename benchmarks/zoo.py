@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_CACHE = ROOT / "benchmarks" / ".cache" / "zoo"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from peers import exact_session as session  # noqa: E402
 from zoo_models import ZOO, NotInstalled, ZooModel  # noqa: E402
 
 N_EVAL, N_CALIB = 96, 32
@@ -227,23 +228,6 @@ def effective_bpw(fp32_path: Path, path: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------------- scoring
-
-
-def session(path: Path):
-    """onnxruntime CPU with exact int4 MatMul (accuracy level 0), as in benchmarks/peers.py."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = 0
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    opts.log_severity_level = 4  # a refused output is reported as one line, not onnxruntime's log
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float, fmt: str = "compact"

@@ -326,43 +326,6 @@ class SumAccumulator:
         return {name: total / self.count for name, total in self.sums.items()}
 
 
-class KfacAccumulator:
-    """K-FAC factors per layer: ``A = E[a a^T]`` over layer inputs, ``G = E[g g^T]`` over output gradients."""
-
-    def __init__(self) -> None:
-        self.a: dict[str, np.ndarray] = {}
-        self.g: dict[str, np.ndarray] = {}
-        self.count = 0
-
-    def update(self, inputs: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], samples: int = 1) -> None:
-        """``inputs[w]``: rows of layer inputs ``(R, K)``; ``grads[w]``: rows of output gradients ``(R, N)``."""
-        for name, rows in inputs.items():
-            rows = np.asarray(rows, dtype=np.float64)
-            self.a[name] = self.a.get(name, 0) + rows.T @ rows
-        for name, rows in grads.items():
-            rows = np.asarray(rows, dtype=np.float64)
-            self.g[name] = self.g.get(name, 0) + rows.T @ rows
-        self.count += samples
-
-    def merge(self, other: KfacAccumulator) -> KfacAccumulator:
-        for name, value in other.a.items():
-            self.a[name] = self.a.get(name, 0) + value
-        for name, value in other.g.items():
-            self.g[name] = self.g.get(name, 0) + value
-        self.count += other.count
-        return self
-
-    def factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        if self.count == 0:
-            raise DataError("no calibration samples were accumulated")
-        return {name: (self.a[name] / self.count, self.g[name] / self.count) for name in self.a if name in self.g}
-
-
-def kfac_diagonal(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Diagonal of ``A (x) G`` laid out as the ``(K, N)`` view: ``F[k, n] = A[k, k] * G[n, n]``."""
-    return np.outer(np.diag(a), np.diag(g))
-
-
 def posterior_from_curvature(
     mean: np.ndarray, curvature: np.ndarray, samples: int, prior_precision: float, source: str
 ) -> WeightPosterior:

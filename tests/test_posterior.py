@@ -7,7 +7,8 @@ import pytest
 
 from bq_onnx.errors import DataError
 from bq_onnx.estimators import estimate_posterior
-from bq_onnx.posterior import KfacAccumulator, Posterior, SumAccumulator, kfac_diagonal, posterior_from_curvature
+from bq_onnx.estimators.kfac import KfacStats
+from bq_onnx.posterior import Posterior, SumAccumulator, posterior_from_curvature
 from tests.conftest import MODELS
 from tests.written import check_written, quantization_rtol
 
@@ -28,18 +29,26 @@ def test_sharded_accumulation_equals_one_pass():
         np.testing.assert_allclose(whole.mean()[name], np.mean([b[name] for b in batches], axis=0), rtol=1e-12)
 
 
-def test_kfac_factors_and_diagonal():
+def test_kfac_stats_merge_and_diagonal():
+    """The estimator's K-FAC sums: two shards merged equal one pass over both samples, and the diagonal it hands
+    the tables is diag(A kron G) in the (K, N) view (element (k, n) at k * N + n)."""
     rng = np.random.default_rng(1)
-    a_rows, g_rows = rng.standard_normal((50, 4)), rng.standard_normal((50, 3))
-    acc = KfacAccumulator()
-    acc.update({"w": a_rows[:20]}, {"w": g_rows[:20]}, samples=20)
-    other = KfacAccumulator()
-    other.update({"w": a_rows[20:]}, {"w": g_rows[20:]}, samples=30)
-    a, g = acc.merge(other).factors()["w"]
-    np.testing.assert_allclose(a, a_rows.T @ a_rows / 50)
-    np.testing.assert_allclose(g, g_rows.T @ g_rows / 50)
-    # diag(A kron G) in (K, N) view order: element (k, n) sits at k * N + n
-    np.testing.assert_allclose(kfac_diagonal(a, g).reshape(-1), np.diag(np.kron(a, g)))
+    a_rows, g_rows = rng.standard_normal((1, 50, 4)), rng.standard_normal((50, 3))
+    first, second, whole = KfacStats(), KfacStats(), KfacStats()
+    for stats, rows in ((first, slice(0, 20)), (second, slice(20, 50))):
+        stats.add_inputs("w", a_rows[:, rows])
+        stats.add_gradients("w", g_rows[rows])
+        stats.count = 1  # one sample each
+        whole.add_inputs("w", a_rows[:, rows])
+        whole.add_gradients("w", g_rows[rows])
+    whole.count = 2
+    a, g, diagonal = first.merge(second).result("w")
+    ref_a, ref_g, _ = whole.result("w")
+    np.testing.assert_allclose(a, ref_a, rtol=1e-12)
+    np.testing.assert_allclose(g, ref_g, rtol=1e-12)
+    np.testing.assert_allclose(a, a_rows[0].T @ a_rows[0] / 2)
+    np.testing.assert_allclose(g, (g_rows[:20].T @ g_rows[:20] / 20 + g_rows[20:].T @ g_rows[20:] / 30) / 2)
+    np.testing.assert_allclose(diagonal.reshape(-1), np.diag(np.kron(a, g)))
 
 
 def test_precision_is_n_times_curvature_plus_prior_and_never_negative():

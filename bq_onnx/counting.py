@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from bq_onnx.config import WeightsConfig
-from bq_onnx.onnx_proto import data_type_bits, iter_graphs, pb
+from bq_onnx.onnx_proto import data_type_bits, graph_tensors, iter_graphs, pb
 from bq_onnx.onnx_proto import tensor_bytes as _tensor_bytes
 
 if TYPE_CHECKING:  # the protobuf classes only at run time: no numpy, onnx package or onnx-ir to start
@@ -59,23 +59,19 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    tensor_proto, attribute = pb().TensorProto, pb().AttributeProto
+    """The graph's tensors, and the list-valued ``Constant`` attributes as the tensors they stand for."""
+    tensor_proto = pb().TensorProto
+    yield from graph_tensors(graph)
     for g in iter_graphs(graph):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
         for node in g.node:
+            if node.op_type != "Constant":
+                continue
             for attr in node.attribute:
-                if attr.type == attribute.TENSOR:
-                    yield attr.t
-                elif attr.type == attribute.TENSORS:
-                    yield from attr.tensors
-                elif node.op_type == "Constant" and attr.name in ("value_floats", "value_ints"):
+                if attr.name in ("value_floats", "value_ints"):
                     dtype = tensor_proto.FLOAT if attr.name == "value_floats" else tensor_proto.INT64
                     values = attr.floats if attr.name == "value_floats" else attr.ints
                     yield tensor_proto(name=attr.name, data_type=dtype, dims=[len(values)])
-                elif node.op_type == "Constant" and attr.name in _ATTR_TENSORS:
+                elif attr.name in _ATTR_TENSORS:
                     yield tensor_proto(name=attr.name, data_type=tensor_proto.DataType.Value(_ATTR_TENSORS[attr.name]))
 
 

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from bq_onnx.errors import ModelError, OutputError
-from bq_onnx.onnx_proto import iter_graphs, read_model
+from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
 
 #: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
@@ -148,12 +148,12 @@ def _check_graph(proto: onnx.ModelProto, where: str) -> None:
     if not proto.opset_import:
         raise ModelError(f"{where}: invalid model (no opset_import)")
     stripped = proto
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_tensors(proto.graph)):
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph_tensors(proto.graph)):
         # External tensors were validated above; give the checker empty stand-ins so it never reads them and
         # a model over 2 GB is checked in memory without loading its data.
         stripped = onnx.ModelProto()
         stripped.CopyFrom(proto)
-    for tensor in _iter_tensors(stripped.graph) if stripped is not proto else ():
+    for tensor in graph_tensors(stripped.graph) if stripped is not proto else ():
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
@@ -166,20 +166,6 @@ def _check_graph(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where}: invalid model ({msg[:300]})") from None
     except Exception as exc:  # noqa: BLE001  the checker raises assorted C++ errors
         raise ModelError(f"{where}: invalid model ({_first_line(exc)})") from None
-
-
-def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in iter_graphs(graph):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
 
 
 def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
@@ -199,7 +185,7 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
 
 
 def _validate_tensors(proto: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
-    for tensor in _iter_tensors(proto.graph):
+    for tensor in graph_tensors(proto.graph):
         name = tensor.name or "<unnamed>"
         expected = _expected_nbytes(tensor)
         if expected == -1:
@@ -346,7 +332,7 @@ def remove_output(path: str | os.PathLike) -> None:
     try:
         proto = onnx.load(str(out), load_external_data=False)
         owns_data = any(e.key == "location" and e.value == data.name
-                        for t in _iter_tensors(proto.graph) for e in t.external_data)
+                        for t in graph_tensors(proto.graph) for e in t.external_data)
     except Exception:  # noqa: BLE001  unreadable or gone: its data file is not known to be ours
         owns_data = False
     out.unlink(missing_ok=True)

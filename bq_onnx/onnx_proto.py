@@ -102,6 +102,23 @@ def iter_graphs(graph: Any) -> Iterator[Any]:
                     yield from iter_graphs(g)
 
 
+def graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every ``TensorProto`` a graph and its subgraphs hold: initializers, sparse values and indices, tensor
+    attributes (``Constant`` values included)."""
+    attribute = pb().AttributeProto
+    for g in iter_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == attribute.TENSOR:
+                    yield attr.t
+                elif attr.type == attribute.TENSORS:
+                    yield from attr.tensors
+
+
 def tensor_bytes(t: Any, bits: dict[int, int] | None = None) -> int:
     """Stored bytes of a ``TensorProto`` from its type and shape (sub-byte types packed; strings: their bytes)."""
     if t.data_type == pb().TensorProto.STRING:

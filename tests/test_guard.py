@@ -152,3 +152,22 @@ def test_zero_bit_blocks_are_measured_even_without_a_uniform_reference(calib):
     assert tried["raised"] and set(tried["raised"]) <= floored
     if "measured_loss" in tried:
         assert g["measured_loss"] == min(g["first"]["measured_loss"], tried["measured_loss"])
+
+
+def test_data_free_inputs_whose_fp32_outputs_are_not_finite_fall_back_to_uniform(tmp_path):
+    """Random inputs on which the FP32 model gives NaN (a Log of negative values) measure nothing: the guard says
+    so and writes uniform, instead of comparing NaN with NaN."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.conftest import make_model
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    proto = make_model([helper.make_node("Log", ["x"], ["l"]), helper.make_node("MatMul", ["l", "W"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+                       [numpy_helper.from_array(w, "W")])
+    result = bq_onnx.optimize(proto, bits=3, format="compact", bits_payload=True)
+    g = result.report["guard"]
+    assert g["result"] == "uniform" and "not finite" in g["why"]
+    assert result.context.allocation.method == "uniform"

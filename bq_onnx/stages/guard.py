@@ -37,7 +37,7 @@ from bq_onnx.allocation import Allocation
 from bq_onnx.calibration import Calibration, load_calibration
 from bq_onnx.compare import OutputStats
 from bq_onnx.context import Context
-from bq_onnx.errors import BqError, QualityError, UsageError
+from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
 from bq_onnx.graph import forward_model
 from bq_onnx.progress import progress
@@ -167,6 +167,9 @@ class _Measure:
         self._fed = None
         self.reference = self._run(model)
         values = {name: self._stack(name, self.reference) for name in self.loss_names}
+        bad = [name for name, v in values.items() if not np.all(np.isfinite(v))]
+        if bad:  # nothing compares with NaN: the guard cannot measure on these inputs
+            raise DataError(f"the FP32 output '{bad[0]}' is not finite on these inputs")
         self.plan, self.fp32 = resolve(model, a.loss, a.output, values)
 
     def _run(self, model: ir.Model, weights: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
@@ -242,7 +245,7 @@ def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callabl
     except BqError as exc:
         if held.task_data:
             raise
-        return _fall_back(ctx, first, spend, held, f"the FP32 model does not run on {held.kind} inputs ({exc})")
+        return _fall_back(ctx, first, spend, held, f"the FP32 model cannot be measured on {held.kind} inputs ({exc})")
     try:
         return _guard(model, ctx, first, spend, held, measure)
     finally:
@@ -277,6 +280,8 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     except UsageError:
         uniform = None  # no single width fits the budget: nothing to compare with
     first.apply(ctx)
+    if not math.isfinite(chosen.loss) and not held.task_data:
+        return _fall_back(ctx, first, spend, held, f"the allocation's loss on {held.kind} inputs is not finite")
     width = uniform.spent.allocation.details.get("width") if uniform is not None else None
     if width is not None and width < MIN_UNIFORM:
         uniform = width = None  # every block at its mean (or 1 bit) is no model to fall back to

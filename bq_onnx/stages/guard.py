@@ -331,6 +331,24 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     return final.spent
 
 
+def _weight_blocks(ctx: Context) -> dict[str, list]:
+    """Each weight's table blocks."""
+    blocks: dict[str, list] = {}
+    for t in ctx.tables.blocks:
+        blocks.setdefault(t.weight, []).append(t)
+    return blocks
+
+
+def _damage(name: str, blocks: list, spent: Spent, measure: _Measure, probed: dict) -> tuple[float | None, float]:
+    """The measured loss with ``name`` alone quantized as in ``spent`` (cached per widths; None: not feedable)
+    and the tables' prediction for it."""
+    bits = spent.allocation.bits
+    key = (name, tuple(bits[t.name] for t in blocks))
+    if key not in probed:
+        probed[key] = measure.tensor_loss(name, spent)
+    return probed[key], sum(float(t.loss[t.bits.index(bits[t.name])]) for t in blocks)
+
+
 def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, spend: Callable[[str | None], Spent],
                 steps: list[dict]) -> _Try | None:
     """Without a uniform reference, blocks at 0 or 1 bit (far outside what the local model knows) are still
@@ -339,24 +357,16 @@ def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, sp
     :data:`MIN_UNIFORM` bits in those blocks and the budget is spent again, once. None: nothing to repair."""
     spent = current.spent
     bits = spent.allocation.bits
-    blocks: dict[str, list] = {}
-    for t in ctx.tables.blocks:
-        blocks.setdefault(t.weight, []).append(t)
+    blocks = _weight_blocks(ctx)
     feedable = [name for name in blocks if not ctx.weight(name).scope]
     far = [name for name in feedable if any(bits[t.name] < MIN_UNIFORM for t in blocks[name])]
     if not far:
         return None
     others = sorted((n for n in feedable if n not in far), key=lambda n: -sum(t.numel for t in blocks[n]))
 
-    def damage(name: str) -> tuple[float | None, float]:
-        key = (name, tuple(bits[t.name] for t in blocks[name]))
-        if key not in probed:
-            probed[key] = measure.tensor_loss(name, spent)
-        return probed[key], sum(float(t.loss[t.bits.index(bits[t.name])]) for t in blocks[name])
-
     ratios = []
     for name in progress(others[:MAX_PROBES // 2], "guard probes", ctx.progress):
-        measured, predicted = damage(name)
+        measured, predicted = _damage(name, blocks[name], spent, measure, probed)
         if measured is not None and predicted > 0:
             ratios.append(measured / predicted)
     if not ratios:
@@ -364,7 +374,7 @@ def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, sp
     typical = float(np.median(ratios))
     excess = {}
     for name in progress(far[:MAX_PROBES], "guard probes", ctx.progress):
-        measured, predicted = damage(name)
+        measured, predicted = _damage(name, blocks[name], spent, measure, probed)
         if measured is not None and measured > PREDICTION_FACTOR * typical * predicted:
             excess[name] = measured - typical * predicted
     if not excess:
@@ -402,9 +412,7 @@ def _culprits(ctx: Context, spent: Spent, width: int, scale: float | None, measu
     """The tensors below ``width`` whose measured damage (alone, the rest FP32) most exceeds the scaled
     prediction: the fewest that make up half the total excess (the most damaging one when none exceeds it)."""
     bits = spent.allocation.bits
-    below: dict[str, list] = {}
-    for t in ctx.tables.blocks:
-        below.setdefault(t.weight, []).append(t)
+    below = _weight_blocks(ctx)
     candidates = []
     for name, blocks in below.items():
         deficit = sum(t.numel * max(width - bits[t.name], 0) for t in blocks)
@@ -413,14 +421,11 @@ def _culprits(ctx: Context, spent: Spent, width: int, scale: float | None, measu
     candidates = [name for _, name in sorted(candidates, reverse=True)[:MAX_PROBES]]
     damage, excess = {}, {}
     for name in progress(candidates, "guard probes", ctx.progress):
-        key = (name, tuple(bits[t.name] for t in below[name]))
-        if key not in probed:
-            probed[key] = measure.tensor_loss(name, spent)
-        if probed[key] is None:
+        measured, predicted = _damage(name, below[name], spent, measure, probed)
+        if measured is None:
             continue
-        damage[name] = probed[key]
-        predicted = sum(float(t.loss[t.bits.index(bits[t.name])]) for t in below[name])
-        excess[name] = probed[key] - (scale or 0.0) * predicted
+        damage[name] = measured
+        excess[name] = measured - (scale or 0.0) * predicted
     if not damage:
         return set(), {}
     positive = sorted(((e, n) for n, e in excess.items() if e > 0), reverse=True)

@@ -137,13 +137,11 @@ KL_TO_CLOSED_FORM = 2.0
 ``sum h (Q(mu) - mu)^2`` with ``h = N * curvature + prior`` and the curvature the per-sample Fisher (or
 Gauss-Newton) of the loss, while the loss against FP32 with the tensor perturbed by ``delta`` is
 ``1/2 delta^T F delta`` per sample (the KL, or half the squared error) to second order. So a table measured as
-the mean loss ``L`` is put on the closed-form scale as ``KL_TO_CLOSED_FORM * N * L``. Checked on every
-gradient-covered tensor of the repository's models at 2..8 bits (128 samples, the tensor alone quantized, ``2 N L``
-over its closed form; geometric mean, range over tensors and widths): with the true Fisher (``fisher-mc``) 1.16
-(0.10-6.7) on LeNet, 1.13 (0.42-7.8) on the digits MLP, 1.02 (0.58-2.2) on the tiny transformer, so the factor 2 is
-right and single tensors scatter by the correlated errors the diagonal misses; with the empirical Fisher
-(``laplace``, the default, which underestimates on a confident model) 2.7, 2.6 and 1.5. :class:`_OneScale` divides
-that estimator bias out by measuring a few gradient-covered weights as well."""
+the mean loss ``L`` is put on the closed-form scale as ``KL_TO_CLOSED_FORM * N * L``. With the true Fisher
+(``fisher-mc``) ``2 N L`` over the closed form is about 1 (``tests/test_one_scale.py`` checks it); single tensors
+scatter by the correlated errors the diagonal misses, and the empirical Fisher (``laplace``, the default) reads
+low on a confident model. :class:`_OneScale` divides that estimator bias out by measuring a few gradient-covered
+weights as well."""
 
 
 def measured_widths(allowed: tuple[int, ...]) -> tuple[int, ...]:

@@ -11,7 +11,8 @@ is listed as such in the report.
 
 Per model and per bit width (``--bits``, stored bits per weight, in ``--format``): bq-onnx with calibration (the
 ``calib`` split, disjoint from the ``eval`` split; bq-onnx's guard holds out a quarter of it), bq-onnx without
-calibration, bq-onnx ``--allocator uniform``; then onnxruntime
+calibration, bq-onnx ``--allocator uniform``; once per model bq-onnx uniform 8-bit (``bq-uniform-8``, the reference
+of issue 15's bar: within one point of FP32 at 4 bits wherever uniform 8-bit is); then onnxruntime
 ``quantize_dynamic`` (int8) and NNCF ``compress_weights`` (int4 group 128 without data, and int8), the modes these
 peers have. Each quantization runs in its own subprocess (``--worker``), so its time is its own and a crash is one
 cell. Errors are recorded as the one line the tool printed last.
@@ -63,6 +64,8 @@ def configs(bits: list[float], fmt: str = "compact") -> list[tuple[str, str, dic
         out += [(f"bq-calib-{b:g}", "bq", {"bits": b, "calib": True, "format": fmt}),
                 (f"bq-nocalib-{b:g}", "bq", {"bits": b, "calib": False, "format": fmt}),
                 (f"bq-uniform-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform", "format": fmt})]
+    # the 8-bit reference of issue 15's bar ("within 1 point of FP32 at 4 bits wherever uniform 8-bit is")
+    out += [("bq-uniform-8", "bq", {"bits": 8, "calib": False, "allocator": "uniform", "format": fmt})]
     out += [("ort-dynamic-int8", "ort", {}),
             ("nncf-int4-g128", "nncf", {"mode": "int4"}),
             ("nncf-int8", "nncf", {"mode": "int8"})]
@@ -292,6 +295,38 @@ def _loss(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
 
 
+POINT = 0.01
+"""One point of a metric on a 0..1 scale (accuracy, agreement, cosine, F1, IoU, CER)."""
+
+
+def within_point(row: dict[str, Any] | None, fp32: dict[str, Any], metric: str, higher: bool) -> str:
+    """Whether ``row``'s metric is within one point of FP32's, as the bar's cell: the gap in points and yes/no."""
+    if row is None or "error" in row or metric not in row:
+        return "not run"
+    gap = (fp32[metric] - row[metric]) if higher else (row[metric] - fp32[metric])
+    return f"{'yes' if gap <= POINT + 1e-12 else 'no'} ({gap / POINT:+.1f})"
+
+
+def bar(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 15's bar: at 4 stored bits with calibration, within one point of FP32 wherever uniform 8-bit is.
+
+    Gaps are in points worse than FP32 (negative: better)."""
+    lines = ["", "## The 4-bit bar (issue 15)", "",
+             "Within one point (0.01) of FP32 on the primary metric; in brackets how many points worse than FP32 "
+             "(negative: better).", "",
+             "| model | uniform 8-bit | bq-onnx 4 bits, calibration | bq-onnx 4 bits, no calibration | bar met |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        by = {row["config"]: row for row in r["rows"]}
+        m, hi = r["primary"], r["higher_is_better"]
+        u8, cal, free = (within_point(by.get(c), by["fp32"], m, hi)
+                         for c in ("bq-uniform-8", "bq-calib-4", "bq-nocalib-4"))
+        met = "n/a (8-bit is not within a point)" if not u8.startswith("yes") else (
+            "yes" if cal.startswith("yes") else "no")
+        lines.append(f"| {r['name']} | {u8} | {cal} | {free} | {met} |")
+    return lines
+
+
 def report(results: list[dict[str, Any]], missing: dict[str, str], out: Path, argv: list[str]) -> None:
     from peers import machine
 
@@ -328,6 +363,7 @@ def report(results: list[dict[str, Any]], missing: dict[str, str], out: Path, ar
             else:
                 cells.append(f"{row[r['primary']]:.3f} ({row['bpw']:.2f})")
         lines.append(f"| {r['name']} ({r['primary']}) | " + " | ".join(cells) + " |")
+    lines += bar(results)
     for r in results:
         metrics = [k for k in r["rows"][0] if k not in ("config", "bpw")]
         guard = ["guard_predicted", "guard_measured", "guard_uniform", "guard_repairs", "guard_result"]

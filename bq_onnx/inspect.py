@@ -1,7 +1,7 @@
 """Look inside a model: which weights are quantized, how, and what each costs on disk.
 
 ``bq-onnx inspect`` reads the file with onnx's protobuf classes alone (:mod:`bq_onnx.onnx_proto`) and checks
-it as loading it would (:func:`bq_onnx.onnx_proto.check_model`: onnx's C++ checker, tensor sizes, external
+it as loading it would (:func:`bq_onnx.onnx_proto.read_checked_model`: onnx's C++ checker, tensor sizes, external
 data), so it starts without numpy, the onnx package or onnx-ir (about a second less). A bq-onnx output carries
 its per-layer record in its metadata and is counted by :mod:`bq_onnx.counting`; a float model's weights are
 surveyed on the protobuf (:mod:`bq_onnx.proto_graph`) with the rules ``optimize`` applies on the IR. The IR path
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bq_onnx.config import WeightsConfig
-from bq_onnx.onnx_proto import METADATA_KEY, check_model, data_type_bits, iter_graphs, read_model, tensor_bytes
+from bq_onnx.onnx_proto import METADATA_KEY, data_type_bits, iter_graphs, read_checked_model, tensor_bytes
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -72,8 +72,7 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
             reference: str | os.PathLike | None = None) -> dict:
     """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it); ``counted`` is
     :mod:`bq_onnx.counting`'s figure against ``reference`` (for a bq-onnx output, against its own metadata)."""
-    proto = read_model(model)
-    check_model(proto, model)
+    proto = read_checked_model(model)
     meta = _metadata(proto.metadata_props)
     if meta is None:
         return _inspect_float_proto(model, proto, min_size, reference)

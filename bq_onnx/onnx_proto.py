@@ -71,6 +71,17 @@ def data_type_bits() -> dict[int, int]:
 
 def read_model(path: str | os.PathLike) -> Any:
     """The ``ModelProto`` of a file (external data not read), or a one-line :class:`ModelError`."""
+    return _read(path)[0]
+
+
+def read_checked_model(path: str | os.PathLike) -> Any:
+    """:func:`read_model` and :func:`check_model` (the checker reads the bytes already read: no re-serializing)."""
+    model, data = _read(path)
+    check_model(model, path, data)
+    return model
+
+
+def _read(path: str | os.PathLike) -> tuple[Any, bytes]:
     from google.protobuf.message import DecodeError
 
     path = Path(path)
@@ -79,15 +90,16 @@ def read_model(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise ModelError(f"{path}: not a regular file")
     proto = pb().ModelProto()
+    data = path.read_bytes()
     try:
-        proto.ParseFromString(path.read_bytes())
+        proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as exc:
         text = str(exc).strip() or type(exc).__name__
         raise ModelError(f"{path}: not a valid ONNX model (protobuf parse failed: {text.splitlines()[0][:300]})"
                          ) from None
     if not proto.HasField("graph"):
         raise ModelError(f"{path}: not a valid ONNX model (no graph; empty or truncated file?)")
-    return proto
+    return proto, data
 
 
 def iter_graphs(graph: Any) -> Iterator[Any]:
@@ -176,11 +188,11 @@ def _checker() -> ModuleType:
     return module
 
 
-def check_model(model: Any, path: str | os.PathLike) -> None:
+def check_model(model: Any, path: str | os.PathLike, data: bytes | None = None) -> None:
     """What loading a model for real checks, without loading it: every tensor's declared size against its data
     (external data inside the model's folder, a regular file long enough), then onnx's checker on the structure
     (external tensors given empty stand-ins, as :func:`bq_onnx.model_io.load_model` does). A one-line
-    :class:`ModelError` on the first problem."""
+    :class:`ModelError` on the first problem. ``data``: the file's bytes, when read already."""
     where = os.fspath(path)
     base_dir = Path(path).resolve().parent
     external = pb().TensorProto.EXTERNAL
@@ -200,8 +212,7 @@ def check_model(model: Any, path: str | os.PathLike) -> None:
                              f"but holds {len(tensor.raw_data)} bytes")
     if not model.opset_import:
         raise ModelError(f"{where}: invalid model (no opset_import)")
-    stripped = model
-    if has_external:
+    if has_external:  # the file's bytes name data elsewhere: check a copy with empty stand-ins instead
         stripped = pb().ModelProto()
         stripped.CopyFrom(model)
         for tensor in graph_tensors(stripped.graph):
@@ -210,9 +221,12 @@ def check_model(model: Any, path: str | os.PathLike) -> None:
                 tensor.data_location = pb().TensorProto.DEFAULT
                 del tensor.dims[:]
                 tensor.dims.append(0)
+        data = stripped.SerializeToString()
+    elif data is None:
+        data = model.SerializeToString()
     checker = _checker().checker
     try:
-        checker.check_model(stripped.SerializeToString(), False, False, False)
+        checker.check_model(data, False, False, False)
     except checker.ValidationError as exc:
         raise ModelError(f"{where}: invalid model ({' '.join(str(exc).split())[:300]})") from None
     except Exception as exc:  # noqa: BLE001  the checker raises assorted C++ errors

@@ -226,6 +226,8 @@ def optimize(
         report["distillation"] = ctx.distillation
     if ctx.guard is not None:
         report["guard"] = ctx.guard
+    if ctx.exclusions:
+        report["exclusions"] = ctx.exclusions
     if ctx.posterior is not None:
         report["posterior"] = {
             "method": ctx.posterior.method,

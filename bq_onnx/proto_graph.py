@@ -260,7 +260,7 @@ class Survey:
     nodes: list[tuple[str, str]]
 
 
-def survey(model: Any, min_size: int, keep_fp: tuple[str, ...] = ()) -> Survey:
+def survey(model: Any, min_size: int) -> Survey:
     """The weight survey of a ``ModelProto`` (the proto is not changed)."""
     main = build(model.graph)
     lift_constants(main, min_size)
@@ -285,7 +285,7 @@ def survey(model: Any, min_size: int, keep_fp: tuple[str, ...] = ()) -> Survey:
                 continue
             shape = tuple(int(d) for d in t.dims)
             candidate, axes = classify(name, value, path, shape, dtype.lower(), value.const_value.size, paths,
-                                       min_size, keep_fp, messages)
+                                       min_size, None, messages)
             candidates.append(candidate)
             if axes is not None:
                 weights.append(candidate)

@@ -11,10 +11,10 @@ onnx-ir). A graph view needs nodes with ``op_type``, ``domain``, ``name``, ``att
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any
 
 from bq_onnx.chains import INT_ATTRIBUTE, chain_axes, final_readers, is_move
+from bq_onnx.exclusions import Exclusions, Target
 from bq_onnx.layout import reduction_axes_for
 from bq_onnx.reads import SHAPE_ONLY, control_role
 
@@ -125,10 +125,21 @@ def layout(value: Any, shape: tuple[int, ...], paths: dict[int, str]) -> tuple[t
     return next(iter(found)), ""
 
 
+def reader_nodes(value: Any) -> tuple[tuple[str, str], ...]:
+    """(op type, node name) of every node reading ``value``, and of the nodes at the end of a layout-op chain."""
+    found: list[Any] = []
+    for use in value.uses():
+        found.append(use.node)
+        if is_move(use.node, use.idx):
+            found += final_readers(use.node)
+    return tuple(dict.fromkeys((n.op_type, n.name or "") for n in found))
+
+
 def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: str, size: int,
-             paths: dict[int, str], min_size: int, keep_fp: tuple[str, ...],
+             paths: dict[int, str], min_size: int, exclusions: Exclusions | None,
              messages: list[str]) -> tuple[Candidate, tuple[int, ...] | None]:
-    """One float initializer: its candidate row and, for a weight, its reduction axes (notes go to ``messages``)."""
+    """One float initializer: its candidate row and, for a weight, its reduction axes (notes go to ``messages``);
+    a weight that ``exclusions`` match stays in float with their reason."""
     found_readers = tuple(dict.fromkeys(r for u in value.uses() for r in readers(u, paths)))
     why = ""
     axes = None
@@ -138,13 +149,12 @@ def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: s
         why = "a graph output"
     elif size < min_size:
         why = f"too small ({size} < {min_size} elements)"
-    elif any(fnmatch.fnmatchcase(name, pattern) for pattern in keep_fp):
-        why = "kept in floating point (--keep-fp)"
-        messages.append(f"kept '{name}' in floating point (--keep-fp)")
     if not why:
         axes, why = layout(value, shape, paths)
         if why.startswith("read as"):
             messages.append(f"'{name}' is not a weight: {why}; left in float")
         elif why.startswith("unsupported layout: its readers") or "also read as a weight" in why:
             messages.append(f"'{name}' kept in float: {why}")
+    if not why and exclusions:
+        why = exclusions.reason(Target(name, scope, reader_nodes(value)))
     return Candidate(name, scope, shape, dtype, found_readers, why), (None if why else axes)

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from bq_onnx.config import WeightsConfig
 from bq_onnx.context import WeightInfo
 from bq_onnx.errors import UnsupportedError
+from bq_onnx.exclusions import Exclusions
 from bq_onnx.layout import WeightLayout
 from bq_onnx.weight_rules import QUANTIZED_OPS, Candidate, classify, quantized_ops_message, subgraph_label
 
@@ -29,6 +30,7 @@ class FoundWeights:
     weights: list[WeightInfo]
     messages: list[str]
     candidates: list[Candidate] = dataclasses.field(default_factory=list)
+    exclusions: list[dict] = dataclasses.field(default_factory=list)  # what each --exclude/--only/--keep-fp did
 
 
 def scoped_graphs(graph: ir.Graph, path: str = "") -> Iterator[tuple[str, ir.Graph]]:
@@ -48,12 +50,14 @@ def scoped_graphs(graph: ir.Graph, path: str = "") -> Iterator[tuple[str, ir.Gra
 
 
 def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
-    """Every float initializer of every graph, found a weight or skipped with why (the model is not changed)."""
+    """Every float initializer of every graph, found a weight or skipped with why (the model is not changed); a
+    ``--exclude``/``--only``/``--keep-fp`` pattern that matches no weight is a usage error."""
     messages = quantized_ops_message([n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)])
     graphs = list(scoped_graphs(model.graph))
     paths = {id(g): path for path, g in graphs}
     weights: list[WeightInfo] = []
     candidates: list[Candidate] = []
+    exclusions = Exclusions(config.exclude, config.only, config.keep_fp)
     for path, graph in graphs:
         for name, value in graph.initializers.items():
             tensor = value.const_value
@@ -61,11 +65,12 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
                 continue
             shape = tuple(int(d) for d in tensor.shape)
             candidate, axes = classify(name, value, path, shape, str(value.dtype.name).lower(), tensor.size, paths,
-                                       config.min_size, tuple(config.keep_fp), messages)
+                                       config.min_size, exclusions, messages)
             candidates.append(candidate)
             if axes is not None:
                 weights.append(WeightInfo(name, value, WeightLayout(shape, axes), candidate.readers, path))
-    return FoundWeights(weights, messages, candidates)
+    exclusions.check()
+    return FoundWeights(weights, messages + exclusions.messages(), candidates, exclusions.report())
 
 
 def find_weights(model: ir.Model, config: WeightsConfig) -> FoundWeights:
@@ -73,6 +78,8 @@ def find_weights(model: ir.Model, config: WeightsConfig) -> FoundWeights:
     found = survey(model, config)
     if not found.weights:
         detail = "; the model looks quantized already" if any("quantized ops" in m for m in found.messages) else ""
+        excluded = sum(len(r.get("excluded", [])) for r in found.exclusions)
+        detail += f"; --exclude/--only/--keep-fp kept all {excluded} in float" if excluded else ""
         raise UnsupportedError(
             f"no quantizable weights (float initializers of at least {config.min_size} elements read by "
             f"MatMul, Gemm, Conv, ConvTranspose, Gather, LSTM, GRU or RNN){detail}"

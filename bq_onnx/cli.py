@@ -12,6 +12,7 @@ from bq_onnx import __version__
 from bq_onnx.config import (
     BenchConfig,
     InputsConfig,
+    OptimizeConfig,
     PosteriorConfig,
     VerificationConfig,
     WeightsConfig,
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
+    o.add_argument("--config", metavar="RECIPE", help="a TOML recipe: options named as these flags without -- "
+                   "(group_size = \"auto\"); flags given here override it (README: Recipes)")
+    o.add_argument("--print-config", action="store_true",
+                   help="print the recipe this run would use (the --config file and the flags) and exit")
     c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
     c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name (samples stacked "
                    "along each input's batch axis; N samples of a fixed-batch [1, ...] input: [N, ...]), or a folder "
@@ -156,13 +161,22 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".bq.onnx")
-    check_output_path(out, [src], args.force)  # fail before the work, not after
-    start = time.perf_counter()
     options: dict = {}
     for concern in concern_types().values():
         options.update(given(args, concern))
+    config = None
+    if args.config or args.print_config:
+        from bq_onnx import recipe
+
+        config = recipe.config_from(args.config, **options) if args.config else OptimizeConfig().replace(**options)
+        if args.print_config:
+            print(recipe.dump(config), end="")
+            return EXIT_OK
+    check_output_path(out, [src], args.force)  # fail before the work, not after
+    start = time.perf_counter()
     result = optimize(
         src,
+        config,
         calib=args.calib,
         posterior=args.posterior,
         progress=not (args.quiet or args.json) and sys.stderr.isatty(),

@@ -156,7 +156,9 @@ def main() -> None:
               "protobuf (`bq_onnx/proto_graph.py`) with the rules `optimize` uses on onnx-ir "
               "(`bq_onnx/weight_rules.py`; `tests/test_fast_start.py` checks both give the same listing). What is "
               "left of a float model's time beyond the `--help` rows is parsing and checking the file, which grows "
-              "with its size."]
+              "with its size. The bq-onnx output row of this tree includes those checks, which the baseline skipped "
+              "there (issue 13 review); the load of the shared machine (load average over 20 during the last run) "
+              "makes each figure several times its idle value."]
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)

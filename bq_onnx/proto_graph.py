@@ -9,7 +9,7 @@ lift ``Constant`` nodes of at least ``min_size`` elements to initializers (onnx-
 ``LiftConstantsToInitializersPass``), give subgraph initializers unique names (``UniqueInitializerNamesPass``)
 and classify every float initializer. ``tests/test_fast_start.py`` checks both paths list the same rows.
 
-Standard library, protobuf and the survey's rules (numpy through :mod:`bq_onnx.layout`); no onnx-ir.
+Standard library, protobuf and the survey's rules; numpy only to read a Squeeze/Unsqueeze's axes input; no onnx-ir.
 """
 
 from __future__ import annotations

@@ -231,6 +231,15 @@ def test_protobuf_classes_are_onnx_classes_after_a_later_import_onnx():
     assert "onnx" in _loaded_after(code)
 
 
+def test_the_checker_loaded_without_onnx_is_the_one_a_later_import_onnx_uses():
+    code = (f"from bq_onnx.inspect import inspect\ninspect({str(LENET)!r})\nimport sys\n"
+            "assert 'onnx' not in sys.modules and 'onnx.onnx_cpp2py_export' in sys.modules\n"
+            "import onnx, onnx.checker, onnx.shape_inference\nm = onnx.load(" + repr(str(LENET)) + ")\n"
+            "onnx.checker.check_model(m)\nonnx.shape_inference.infer_shapes(m)\n"
+            "assert onnx.checker.C is sys.modules['onnx.onnx_cpp2py_export'].checker")
+    assert "onnx" in _loaded_after(code)
+
+
 def test_stored_widths_agree_with_onnx():
     packed = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
     bits = data_type_bits()

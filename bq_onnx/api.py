@@ -147,7 +147,7 @@ def allocation_report(ctx: Context) -> dict:
 
 def optimize(
     model: ModelSource,
-    config: OptimizeConfig | None = None,
+    config: OptimizeConfig | str | os.PathLike | None = None,
     *,
     calib: CalibrationSource | None = None,
     posterior: str | os.PathLike | Posterior | None = None,
@@ -156,7 +156,8 @@ def optimize(
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
 
-    The options are ``config`` (an :class:`bq_onnx.config.OptimizeConfig`) and/or keywords named as the CLI's flags
+    The options are ``config`` (an :class:`bq_onnx.config.OptimizeConfig`, or the path of a TOML recipe:
+    :mod:`bq_onnx.recipe`) and/or keywords named as the CLI's flags
     (``bits=3``, ``allocator="dp"``, ``group_size="auto"``, ``granularity="rows:8"``, ``method="kfac"``...), which
     override it; every option, its default and its meaning is declared once in :mod:`bq_onnx.config`. An unknown
     keyword is a :class:`UsageError`. ``posterior_options`` (a mapping of posterior options) is still accepted.
@@ -172,6 +173,10 @@ def optimize(
     clash = sorted(set(legacy) & set(options))
     if clash:
         raise UsageError(f"{', '.join(clash)} given both as keyword and in posterior_options")
+    if isinstance(config, (str, os.PathLike)):  # a recipe file (bq_onnx.recipe)
+        from bq_onnx.recipe import config_from
+
+        config = config_from(config)
     config = (config or OptimizeConfig()).replace(**legacy, **options)
     derived = Derived.from_config(config)
     a = config.allocation
@@ -226,6 +231,8 @@ def optimize(
         report["distillation"] = ctx.distillation
     if ctx.guard is not None:
         report["guard"] = ctx.guard
+    if ctx.exclusions:
+        report["exclusions"] = ctx.exclusions
     if ctx.posterior is not None:
         report["posterior"] = {
             "method": ctx.posterior.method,

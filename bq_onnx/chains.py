@@ -12,12 +12,17 @@ tensor itself, so the chain keeps reading the decoded tensor.
 
 from __future__ import annotations
 
-import onnx_ir as ir
+from typing import TYPE_CHECKING, Any
 
 from bq_onnx.layout import reduction_axes_for
 
+if TYPE_CHECKING:  # onnx-ir is imported only where a Constant node's tensor is read: the protobuf view runs here too
+    import onnx_ir as ir
+
 #: Ops that move or cut a tensor's data without computing on it, and the input they move (the data input).
 MOVES = frozenset({"Identity", "Slice", "Concat", "Transpose", "Unsqueeze", "Squeeze", "Reshape", "Flatten"})
+#: ``AttributeType.INT`` (onnx-ir's and the protobuf's value).
+INT_ATTRIBUTE = 2
 #: How deep a chain is followed.
 MAX_DEPTH = 8
 
@@ -60,7 +65,7 @@ def _follow(node: ir.Node, rank: int, depth: int) -> tuple[int, ...] | None:
             if is_move(reader, idx):
                 axes = _follow(reader, out_rank, depth + 1)
             else:
-                attrs = {k: a.value for k, a in reader.attributes.items() if a.type == ir.AttributeType.INT}
+                attrs = {k: a.value for k, a in reader.attributes.items() if a.type == INT_ATTRIBUTE}
                 axes = (reduction_axes_for(reader.op_type, idx, out_rank, attrs)
                         if reader.domain in ("", "ai.onnx") else None)
         except Lost:
@@ -118,5 +123,14 @@ def _axes(node: ir.Node) -> list[int] | None:
         return [int(a) for a in attr.value]
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None
-    tensor = ir.convenience.get_const_tensor(node.inputs[1])
+    tensor = _const_tensor(node.inputs[1])
     return None if tensor is None else [int(a) for a in tensor.numpy().reshape(-1)]
+
+
+def _const_tensor(value: Any) -> Any:
+    """The constant tensor behind ``value`` (an initializer's, or a ``Constant`` node's), or None."""
+    if value.const_value is not None:
+        return value.const_value
+    import onnx_ir as ir
+
+    return ir.convenience.get_const_tensor(value)

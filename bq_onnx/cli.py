@@ -12,6 +12,7 @@ from bq_onnx import __version__
 from bq_onnx.config import (
     BenchConfig,
     InputsConfig,
+    OptimizeConfig,
     PosteriorConfig,
     VerificationConfig,
     WeightsConfig,
@@ -19,6 +20,7 @@ from bq_onnx.config import (
     shared_options,
 )
 from bq_onnx.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, BqError, exit_code_table
+from bq_onnx.escape import escape
 from bq_onnx.flags import add_concern, add_group, given
 from bq_onnx.table import human_bytes, render
 
@@ -27,7 +29,7 @@ EPILOG = "exit codes:\n" + exit_code_table()
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, documented exit code
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {escape(message)}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
+    o.add_argument("--config", metavar="RECIPE", help="a TOML recipe: options named as these flags without -- "
+                   "(group_size = \"auto\"); flags given here override it (README: Recipes)")
+    o.add_argument("--print-config", action="store_true",
+                   help="print the recipe this run would use (the --config file and the flags) and exit")
     c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
     c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name (samples stacked "
                    "along each input's batch axis; N samples of a fixed-batch [1, ...] input: [N, ...]), or a folder "
@@ -155,13 +161,22 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".bq.onnx")
-    check_output_path(out, [src], args.force)  # fail before the work, not after
-    start = time.perf_counter()
     options: dict = {}
     for concern in concern_types().values():
         options.update(given(args, concern))
+    config = None
+    if args.config or args.print_config:
+        from bq_onnx import recipe
+
+        config = recipe.config_from(args.config, **options) if args.config else OptimizeConfig().replace(**options)
+        if args.print_config:
+            print(recipe.dump(config), end="")
+            return EXIT_OK
+    check_output_path(out, [src], args.force)  # fail before the work, not after
+    start = time.perf_counter()
     result = optimize(
         src,
+        config,
         calib=args.calib,
         posterior=args.posterior,
         progress=not (args.quiet or args.json) and sys.stderr.isatty(),
@@ -208,18 +223,18 @@ def _print_optimize(report: dict, elapsed: float) -> None:
     headers = ["weight", "shape", "bits", "quantizer", "block", "fp bytes", "stored", "bits/w+meta"]
     print(render(headers, rows, footer))
     for msg in report["messages"]:
-        print(f"note: {msg}")
+        _say(f"note: {msg}")
     if report.get("posterior", {}).get("loss"):
-        print(f"loss: {_loss_text(report['posterior']['loss'])}")
+        _say(f"loss: {_loss_text(report['posterior']['loss'])}")
     if "distillation" in report:
         d = report["distillation"]
         what = "KL" if "kl_before" in d else "loss"
-        print(f"distillation: {d['steps']} steps, mean {what} to FP32 on {d['held_out_samples']} held-out samples "
+        _say(f"distillation: {d['steps']} steps, mean {what} to FP32 on {d['held_out_samples']} held-out samples "
               f"{d[what.lower() + '_before']:.4g} -> {d[what.lower() + '_after']:.4g}")
     if "allocation" in report:
         al = report["allocation"]
         target = f" (budget {al['target_bits']:g})" if al["target_bits"] is not None else ""
-        print(f"allocation: {al['method']} over {al['blocks']} blocks ({al['granularity']}): "
+        _say(f"allocation: {al['method']} over {al['blocks']} blocks ({al['granularity']}): "
               f"{al['achieved_bits']:.3f} stored bits/weight{target} (payload {al['achieved_payload_bits']:.3f}, "
               f"metadata {al['achieved_metadata_bits']:.3f}; budget counts {al['budget_counts']})")
     if "guard" in report:
@@ -227,18 +242,18 @@ def _print_optimize(report: dict, elapsed: float) -> None:
     out = report["output"]
     size_in = report.get("input_file_bytes")
     ratio = f" ({size_in / out['file_bytes']:.2f}x smaller)" if size_in else ""
-    print(f"wrote {out['path']}: {human_bytes(out['file_bytes'])}{ratio} [{report['settings']['storage']['format']}]")
+    _say(f"wrote {out['path']}: {human_bytes(out['file_bytes'])}{ratio} [{report['settings']['storage']['format']}]")
     if "verification" in report:
         worst = max((c["max_abs_error"] for c in report["verification"]["outputs"]), default=0.0)
-        print(f"verified in onnxruntime against the numpy reference (max abs error {worst:.2g})")
-    print(f"done in {elapsed:.1f} s")
+        _say(f"verified in onnxruntime against the numpy reference (max abs error {worst:.2g})")
+    _say(f"done in {elapsed:.1f} s")
 
 
 def _print_guard(g: dict) -> None:
     """The held-out check in a few lines: measured against predicted and uniform, repairs, fidelity per output."""
     where = f"{g['samples']} {g['data']} sample{'s' if g['samples'] != 1 else ''}"
     if "measured_loss" not in g:
-        print(f"guard: {g['result']} ({g['why']})")
+        _say(f"guard: {g['result']} ({g['why']})")
         return
     line = f"guard: loss measured {g['measured_loss']:.4g} on {where}"
     if g.get("predicted_loss_scaled") is not None:
@@ -248,16 +263,16 @@ def _print_guard(g: dict) -> None:
         line += f"; uniform {u['width']}-bit ({u['stored_bits']:.2f} stored bits) {u['measured_loss']:.4g}"
     elif "uniform" in g:
         line += "; no uniform width fits the budget"
-    print(f"{line}: {g['result']}")
+    _say(f"{line}: {g['result']}")
     for step in g["repairs"]:
         result = (f"{step['measured_loss']:.4g} ({step['stored_bits']:.2f} stored bits)" if "measured_loss" in step
                   else step["result"])
-        print(f"  repair {step['step']}: {len(step['raised'])} tensor(s) raised to {step['to_bits']} bits "
+        _say(f"  repair {step['step']}: {len(step['raised'])} tensor(s) raised to {step['to_bits']} bits "
               f"({', '.join(step['raised'][:3])}{', ...' if len(step['raised']) > 3 else ''}) -> {result}")
     for name, f in g["fidelity"].items():
         parts = [f"{k.replace('_', ' ')} {f[k]:.4f}" for k in ("agreement", "cosine", "rel_error")
                  if f.get(k) is not None]
-        print(f"held-out fidelity of {name}: {', '.join(parts) or f.get('error', '')}")
+        _say(f"held-out fidelity of {name}: {', '.join(parts) or f.get('error', '')}")
 
 
 def _loss_text(terms: list[dict]) -> str:
@@ -298,10 +313,10 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
                   f"{r['mean_informativeness']:.4g}"] for r in rows]
         print(render(["weight", "numel", "estimator", "mean curvature", "mean std", "mean |mu|/sigma"], table))
         for note in posterior.notes:
-            print(f"note: {note}")
+            _say(f"note: {note}")
         if posterior.loss:
-            print(f"loss: {_loss_text(posterior.loss)}")
-        print(f"wrote {out} ({posterior.method}, {posterior.samples} samples) in {elapsed:.1f} s")
+            _say(f"loss: {_loss_text(posterior.loss)}")
+        _say(f"wrote {out} ({posterior.method}, {posterior.samples} samples) in {elapsed:.1f} s")
     return EXIT_OK
 
 
@@ -317,6 +332,11 @@ def _save_atomic(out: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _say(text: object) -> None:
+    """One line for people: names from the model escaped (:mod:`bq_onnx.escape`)."""
+    print(escape(text))
 
 
 def _bits(bits: float) -> str:
@@ -354,13 +374,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                  for c in info["candidates"]]
         print(render(["float tensor", "shape", "read by", "status"], found))
     who = f"quantized by bq-onnx ({info['format']})" if info["quantized_by"] else "not quantized by bq-onnx"
-    print(f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "
+    _say(f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "
           f"other tensors {human_bytes(t['other_initializer_bytes'])}")
     c = info["counted"]
     if c is not None:
         # one headline figure (what --bits bounds), and the parts it is made of, which add up to it
         codes, layers = t["bits_per_weight"], t["bits_per_weight_with_metadata"]
-        print(f"stored: {c['bits_per_weight']:.3f} bits per weight ({human_bytes(c['weight_bytes'])} for "
+        _say(f"stored: {c['bits_per_weight']:.3f} bits per weight ({human_bytes(c['weight_bytes'])} for "
               f"{c['weight_numel']} weights: every stored tensor, counted independently, less the float model's "
               f"non-weight tensors) = codes {codes:.3f} + scales, zero points and codebooks {layers - codes:.3f} + "
               f"shared decode constants {c['bits_per_weight'] - layers:.3f}")
@@ -380,8 +400,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                           "violations": [dataclasses.asdict(v) for v in violations]}, indent=2, sort_keys=True))
     elif not args.quiet:
         for v in violations:
-            print(v)
-        print(f"{args.model}: {len(violations) or 'no'} violation(s) for target {profile.name}")
+            _say(v)
+        _say(f"{args.model}: {len(violations) or 'no'} violation(s) for target {profile.name}")
     return EXIT_UNSUPPORTED if violations else EXIT_OK
 
 
@@ -417,9 +437,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(render(["runtime", "output", "samples", "agreement", "KL", "rel err", "cosine", "acc ref %",
                       "acc cand %", "status"], rows))
         for s in report["skipped"]:
-            print(f"skipped {s['runtime']}: {s['reason']}")
+            _say(f"skipped {s['runtime']}: {s['reason']}")
         limits = ", ".join(f"{k} {v:g}" for k, v in report["thresholds"].items() if v is not None) or "none"
-        print(f"{report['samples']} samples, {report['settings']}; thresholds: {limits}; "
+        _say(f"{report['samples']} samples, {report['settings']}; thresholds: {limits}; "
               f"{'passed' if report['passed'] else 'FAILED'}")
     if not report["passed"]:
         raise VerificationError(failure_message(report))
@@ -449,12 +469,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       "peak MiB", "lat/base", "mem/base", "status"], rows))
         for s in report["skipped"]:
             if "model" not in s:
-                print(f"skipped {s['runtime']}{' ' + s['provider'] if s['provider'] else ''}: {s['reason']}")
-        print(f"settings: {report['settings']}; inputs: {report['inputs']}; baseline {report['baseline']}; "
+                _say(f"skipped {s['runtime']}{' ' + s['provider'] if s['provider'] else ''}: {s['reason']}")
+        _say(f"settings: {report['settings']}; inputs: {report['inputs']}; baseline {report['baseline']}; "
               f"{report['warmup']} warm-up + {report['iterations']} timed runs per configuration")
     failed = [r for r in report["results"] if r["status"] == "failed"]
     if failed:
-        print(f"error: {Path(failed[0]['model']).name} in {failed[0]['runtime']}: {failed[0]['reason']}",
+        print(escape(f"error: {Path(failed[0]['model']).name} in {failed[0]['runtime']}: {failed[0]['reason']}"),
               file=sys.stderr)
         return failed[0].get("exit_code", EXIT_INTERNAL)
     return EXIT_OK
@@ -471,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except BqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {escape(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -479,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001  anything else is our bug: one line unless --debug
         if getattr(args, "debug", False):
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        print(f"internal error: {type(exc).__name__}: {escape(exc)} (rerun with --debug for a traceback)",
+              file=sys.stderr)
         return EXIT_INTERNAL
 
 

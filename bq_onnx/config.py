@@ -18,6 +18,8 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from bq_onnx.errors import UsageError
+from bq_onnx.exclusions import HELP as PATTERN_HELP
+from bq_onnx.exclusions import Pattern
 from bq_onnx.loss_spec import FORMS, LossTerm, parse_loss
 from bq_onnx.options import Concern, Option, above, at_least, number, option, text
 
@@ -42,6 +44,14 @@ def _patterns(value: Any, flag: str) -> tuple[str, ...]:
     if not all(isinstance(p, str) for p in items):
         raise UsageError(f"{flag} takes glob patterns, got {value!r}")
     return tuple(items)
+
+
+def _exclusion_patterns(value: Any, flag: str) -> tuple[str, ...]:
+    """Glob patterns with an optional ``weight:``/``node:``/``op:``/``graph:`` prefix (:mod:`bq_onnx.exclusions`)."""
+    patterns = _patterns(value, flag)
+    for p in patterns:
+        Pattern.parse(flag, p)
+    return patterns
 
 
 def parse_bit_list(value: Any, flag: str = "--allowed-bits") -> tuple[int, ...]:
@@ -270,8 +280,14 @@ class WeightsConfig(Concern):
 
     title: ClassVar[str] = "weights"
     min_size: int = option(128, "tensors with fewer elements are not weights (they stay in float)", check=at_least(1))
-    keep_fp: tuple[str, ...] = option((), "glob of weights to keep in float (repeatable)", parse=_patterns,
+    keep_fp: tuple[str, ...] = option((), "glob of weight names to keep in float (repeatable; the same as "
+                                      "--exclude weight:PATTERN)", parse=_patterns, metavar="PATTERN", repeat=True)
+    exclude: tuple[str, ...] = option((), f"keep the weights PATTERN matches in float (repeatable); {PATTERN_HELP}; "
+                                      "a pattern that matches no weight is an error", parse=_exclusion_patterns,
                                       metavar="PATTERN", repeat=True)
+    only: tuple[str, ...] = option((), "quantize only the weights some PATTERN matches (repeatable; the inverse of "
+                                   "--exclude, which still applies)", parse=_exclusion_patterns, metavar="PATTERN",
+                                   repeat=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,6 +124,7 @@ class Context:
     floors: dict[str, int] = dataclasses.field(default_factory=dict)  # block -> least width (heads, guard repairs)
     heads: set[str] = dataclasses.field(default_factory=set)  # weights feeding an output directly (bq_onnx.heads)
     guard: dict | None = None  # the held-out check's report (bq_onnx.stages.guard)
+    exclusions: list[dict] = dataclasses.field(default_factory=list)  # what each --exclude/--only matched
 
     def __post_init__(self) -> None:
         if self.derived is None:

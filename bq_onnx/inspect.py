@@ -1,17 +1,18 @@
 """Look inside a model: which weights are quantized, how, and what each costs on disk.
 
-A bq-onnx output carries its per-layer record in its metadata, so it is read with onnx's protobuf classes alone
-(:mod:`bq_onnx.onnx_proto`) and counted by :mod:`bq_onnx.counting`: ``bq-onnx inspect`` on it starts without
-numpy, the onnx package or onnx-ir (about a second less). That path parses the file and reads declared types and
-shapes only: it runs nothing and reads no tensor data, so it skips the onnx checker and the data-size checks of
-:func:`bq_onnx.model_io.load_model`. A float model (or one with external data) needs the weight survey of
-:mod:`bq_onnx.stages.weights`, which works on the IR: only that path imports them, with ``load_model``'s checks.
-Both paths give the same report for a bq-onnx output (``tests/test_fast_start.py`` compares them).
+``bq-onnx inspect`` reads the file with onnx's protobuf classes alone (:mod:`bq_onnx.onnx_proto`) and checks
+it as loading it would (:func:`bq_onnx.onnx_proto.read_checked_model`: onnx's C++ checker, tensor sizes, external
+data), so it starts without numpy, the onnx package or onnx-ir (about a second less). A bq-onnx output carries
+its per-layer record in its metadata and is counted by :mod:`bq_onnx.counting`; a float model's weights are
+surveyed on the protobuf (:mod:`bq_onnx.proto_graph`) with the rules ``optimize`` applies on the IR. The IR path
+(:func:`inspect_ir`, :func:`bq_onnx.model_io.load_model` and :mod:`bq_onnx.stages.weights`) stays as the
+reference: ``tests/test_fast_start.py`` checks both give the same report.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bq_onnx.config import WeightsConfig
-from bq_onnx.onnx_proto import METADATA_KEY, data_type_bits, has_external_data, iter_graphs, read_model, tensor_bytes
+from bq_onnx.onnx_proto import METADATA_KEY, data_type_bits, iter_graphs, read_checked_model, tensor_bytes
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
     from bq_onnx.context import WeightInfo
+    from bq_onnx.weight_rules import Candidate
 
 
 def _nbytes(model: ir.Model, name: str) -> int:
@@ -46,21 +48,54 @@ def candidates(model: ir.Model, min_size: int) -> tuple[list[WeightInfo], list[d
 
     model = run_passes(model, [LiftConstantsToInitializersPass(size_limit=min_size), UniqueInitializerNamesPass()])
     found = survey(model, WeightsConfig(min_size=min_size))
-    rows = [{"name": c.name, "scope": c.scope, "shape": list(c.shape), "dtype": c.dtype, "read_by": list(c.readers),
-             "weight": not c.skipped, "skipped": c.skipped} for c in found.candidates]
-    return found.weights, rows
+    return found.weights, [_candidate_row(c) for c in found.candidates]
+
+
+def _candidate_row(c: Candidate) -> dict:
+    return {"name": c.name, "scope": c.scope, "shape": list(c.shape), "dtype": c.dtype, "read_by": list(c.readers),
+            "weight": not c.skipped, "skipped": c.skipped}
+
+
+#: Bits per element of the float types a weight may have.
+_FLOAT_BITS = {"float": 32, "float16": 16, "bfloat16": 16, "double": 64}
+
+
+def _float_layer(name: str, shape: list[int], dtype: str, numel: int, stored: int) -> dict:
+    """A float model's weight as a report row (stored in ``dtype``, nothing quantized)."""
+    bits = _FLOAT_BITS[dtype]
+    return {"name": name, "shape": shape, "bits": bits, "kind": "float", "method": "", "block_size": 0,
+            "format": dtype, "numel": numel, "payload_bits": bits * numel, "metadata_bits": 0,
+            "stored_bytes": stored, "vector_dim": 1, "outliers": 0}
 
 
 def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
             reference: str | os.PathLike | None = None) -> dict:
     """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it); ``counted`` is
     :mod:`bq_onnx.counting`'s figure against ``reference`` (for a bq-onnx output, against its own metadata)."""
-    proto = read_model(model)
+    proto = read_checked_model(model)
     meta = _metadata(proto.metadata_props)
-    if meta is None or has_external_data(proto):
-        del proto  # the IR path reads the file again, with the checks of load_model: one copy at a time
-        return inspect_ir(model, min_size, reference)
+    if meta is None:
+        return _inspect_float_proto(model, proto, min_size, reference)
     return _inspect_proto(model, proto, meta, min_size, reference)
+
+
+def _inspect_float_proto(model: str | os.PathLike, proto: Any, min_size: int,
+                         reference: str | os.PathLike | None) -> dict:
+    """The report of a float model from its protobuf: the weight survey of :mod:`bq_onnx.proto_graph`."""
+    from bq_onnx.proto_graph import survey
+
+    found = survey(proto, min_size)
+    layers = [_float_layer(c.name, list(c.shape), c.dtype, math.prod(c.shape), found.initializer_bytes[c.name])
+              for c in found.weights]
+    counted = None
+    if reference is not None:
+        from bq_onnx.counting import count
+
+        counted = count(model, reference, min_size).to_report()
+    functions = dict.fromkeys((f.domain, f.name, f.overload) for f in proto.functions)
+    return _report(model, None, layers, [_candidate_row(c) for c in found.candidates], found.all_initializer_bytes,
+                   counted, opset={o.domain: o.version for o in proto.opset_import}.get(""),
+                   ir_version=proto.ir_version, nodes=found.nodes, functions=functions)
 
 
 def _metadata(props: Iterable[Any]) -> dict | None:
@@ -134,24 +169,8 @@ def inspect_ir(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
         layers = []
         found, considered = candidates(m, min_size)
         for w in found:
-            bits = w.value.dtype.itemsize * 8
-            layers.append(
-                {
-                    "name": w.name,
-                    "shape": list(w.layout.shape),
-                    "bits": bits,
-                    "kind": "float",
-                    "method": "",
-                    "block_size": 0,
-                    "format": str(w.value.dtype).lower().replace("datatype.", ""),
-                    "numel": w.numel,
-                    "payload_bits": bits * w.numel,
-                    "metadata_bits": 0,
-                    "stored_bytes": _nbytes(m, w.name),
-                    "vector_dim": 1,
-                    "outliers": 0,
-                }
-            )
+            dtype = str(w.value.dtype).lower().replace("datatype.", "")
+            layers.append(_float_layer(w.name, list(w.layout.shape), dtype, w.numel, _nbytes(m, w.name)))
     all_init = sum(v.const_value.nbytes for g in m.graphs() for v in g.initializers.values()
                    if v.const_value is not None)
     return _report(model, meta, layers, considered, all_init, _counted(model, m, meta, reference, min_size),

@@ -9,8 +9,11 @@ view; a Gemm ``transB`` weight ``[N, K]`` is transposed; a Conv weight ``[M, C, 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only where arrays are moved: the weight survey (``bq-onnx inspect``) starts without it
+    import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +30,8 @@ class WeightLayout:
 
     @property
     def view_shape(self) -> tuple[int, int]:
-        k = int(np.prod([self.shape[a] for a in self.reduction_axes], dtype=np.int64))
-        n = int(np.prod([self.shape[a] for a in self.perm[len(self.reduction_axes) :]], dtype=np.int64))
+        k = math.prod(int(self.shape[a]) for a in self.reduction_axes)
+        n = math.prod(int(self.shape[a]) for a in self.perm[len(self.reduction_axes) :])
         return k, n
 
     @property
@@ -46,12 +49,16 @@ class WeightLayout:
 
     @property
     def inverse_perm(self) -> tuple[int, ...]:
-        return tuple(int(i) for i in np.argsort(self.perm))
+        return tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
 
     def to_view(self, w: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         return np.ascontiguousarray(np.transpose(w, self.perm)).reshape(self.view_shape)
 
     def from_view(self, view: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         return np.ascontiguousarray(np.transpose(view.reshape(self.transposed_shape), self.inverse_perm))
 
 

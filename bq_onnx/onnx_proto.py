@@ -11,6 +11,7 @@ Standard library and protobuf only: no numpy, no onnx package, no onnx-ir.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -70,6 +71,17 @@ def data_type_bits() -> dict[int, int]:
 
 def read_model(path: str | os.PathLike) -> Any:
     """The ``ModelProto`` of a file (external data not read), or a one-line :class:`ModelError`."""
+    return _read(path)[0]
+
+
+def read_checked_model(path: str | os.PathLike) -> Any:
+    """:func:`read_model` and :func:`check_model` (the checker reads the bytes already read: no re-serializing)."""
+    model, data = _read(path)
+    check_model(model, path, data)
+    return model
+
+
+def _read(path: str | os.PathLike) -> tuple[Any, bytes]:
     from google.protobuf.message import DecodeError
 
     path = Path(path)
@@ -78,15 +90,16 @@ def read_model(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise ModelError(f"{path}: not a regular file")
     proto = pb().ModelProto()
+    data = path.read_bytes()
     try:
-        proto.ParseFromString(path.read_bytes())
+        proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as exc:
         text = str(exc).strip() or type(exc).__name__
         raise ModelError(f"{path}: not a valid ONNX model (protobuf parse failed: {text.splitlines()[0][:300]})"
                          ) from None
     if not proto.HasField("graph"):
         raise ModelError(f"{path}: not a valid ONNX model (no graph; empty or truncated file?)")
-    return proto
+    return proto, data
 
 
 def iter_graphs(graph: Any) -> Iterator[Any]:
@@ -142,3 +155,117 @@ def has_external_data(model: Any) -> bool:
                         (a.type == attr.TENSORS and any(t.data_location == external for t in a.tensors)):
                     return True
     return False
+
+
+def _checker() -> ModuleType:
+    """onnx's C++ checker (``onnx.onnx_cpp2py_export``), loaded like :func:`pb` without the onnx package."""
+    name = "onnx.onnx_cpp2py_export"
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    if "onnx" in sys.modules:
+        return importlib.import_module(name)
+    spec = importlib.util.find_spec("onnx")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("onnx is not installed")
+    folder = next(iter(spec.submodule_search_locations))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        source = os.path.join(folder, "onnx_cpp2py_export" + suffix)
+        if os.path.exists(source):
+            break
+    else:
+        raise ModuleNotFoundError(f"no onnx_cpp2py_export extension in {folder}")
+    loader = importlib.machinery.ExtensionFileLoader(name, source)
+    ext_spec = importlib.util.spec_from_file_location(name, source, loader=loader)
+    assert ext_spec is not None
+    module = importlib.util.module_from_spec(ext_spec)
+    sys.modules[name] = module
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def check_model(model: Any, path: str | os.PathLike, data: bytes | None = None) -> None:
+    """What loading a model for real checks, without loading it: every tensor's declared size against its data
+    (external data inside the model's folder, a regular file long enough), then onnx's checker on the structure
+    (external tensors given empty stand-ins, as :func:`bq_onnx.model_io.load_model` does). A one-line
+    :class:`ModelError` on the first problem. ``data``: the file's bytes, when read already."""
+    where = os.fspath(path)
+    base_dir = Path(path).resolve().parent
+    external = pb().TensorProto.EXTERNAL
+    bits = data_type_bits()
+    has_external = False
+    for tensor in graph_tensors(model.graph):
+        name = tensor.name or "<unnamed>"
+        if any(d < 0 for d in tensor.dims):
+            raise ModelError(f"{where}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
+        width = bits.get(tensor.data_type)
+        expected = None if width is None else -(-math.prod(tensor.dims) * width // 8)
+        if tensor.data_location == external:
+            has_external = True
+            _check_external(tensor, name, expected, base_dir, where)
+        elif expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
+            raise ModelError(f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({expected} bytes) "
+                             f"but holds {len(tensor.raw_data)} bytes")
+    if not model.opset_import:
+        raise ModelError(f"{where}: invalid model (no opset_import)")
+    if has_external:  # the file's bytes name data elsewhere: check a copy with empty stand-ins instead
+        stripped = pb().ModelProto()
+        stripped.CopyFrom(model)
+        for tensor in graph_tensors(stripped.graph):
+            if tensor.data_location == external:
+                del tensor.external_data[:]
+                tensor.data_location = pb().TensorProto.DEFAULT
+                del tensor.dims[:]
+                tensor.dims.append(0)
+        data = stripped.SerializeToString()
+    elif data is None:
+        data = model.SerializeToString()
+    checker = _checker().checker
+    try:
+        checker.check_model(data, False, False, False)
+    except checker.ValidationError as exc:
+        raise ModelError(f"{where}: invalid model ({' '.join(str(exc).split())[:300]})") from None
+    except Exception as exc:  # noqa: BLE001  the checker raises assorted C++ errors
+        text = str(exc).strip() or type(exc).__name__
+        raise ModelError(f"{where}: invalid model ({text.splitlines()[0][:300]})") from None
+
+
+def _check_external(tensor: Any, name: str, expected: int | None, base_dir: Path, where: str) -> None:
+    """One external tensor's reference: inside the model's folder, no link, a regular file holding its bytes."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise ModelError(f"{where}: tensor '{name}' has external data without a location")
+    rel = Path(location)
+    if rel.is_absolute() or ".." in rel.parts or location.startswith(("/", "\\")) or ":" in location:
+        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
+    candidate = base_dir / rel
+    if candidate.is_symlink() or any(p.is_symlink() for p in candidate.parents if base_dir in p.parents):
+        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' is a symbolic link")
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ModelError(f"{where}: tensor '{name}' external data file '{location}' is missing") from None
+    if base_dir not in resolved.parents:
+        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
+    if not resolved.is_file():
+        raise ModelError(f"{where}: tensor '{name}' external data '{location}' is not a regular file")
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ModelError(f"{where}: tensor '{name}' has a malformed external data offset/length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelError(f"{where}: tensor '{name}' has a negative external data offset/length")
+    if expected is not None and length is not None and length != expected:
+        raise ModelError(f"{where}: tensor '{name}' declares {expected} bytes but its external data length is "
+                         f"{length}")
+    need = length if length is not None else expected
+    size = resolved.stat().st_size
+    if need is not None and offset + need > size:
+        raise ModelError(f"{where}: tensor '{name}' external data '{location}' is shorter than declared "
+                         f"(needs {offset + need} bytes, file has {size})")

@@ -55,6 +55,7 @@ def optimize_model(
     found = find_weights(model, config.weights)
     ctx.weights = found.weights
     ctx.messages.extend(found.messages)
+    ctx.exclusions = found.exclusions
     memtrace("find weights")
     if profile is not None:
         from bq_onnx.targets import legalize_weights

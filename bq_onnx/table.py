@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from bq_onnx.escape import escape
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -14,8 +16,8 @@ def human_bytes(n: float) -> str:
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[object]], footer: Sequence[object] | None = None) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    all_rows = [list(headers), *cells] + ([[str(c) for c in footer]] if footer else [])
+    cells = [[escape(c) for c in r] for r in rows]  # cells hold names from the model: shown, never obeyed
+    all_rows = [list(headers), *cells] + ([[escape(c) for c in footer]] if footer else [])
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
     numeric = [all(_is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
 

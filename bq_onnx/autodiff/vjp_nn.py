@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.autodiff.vjp_common import Grads, RuleUnavailable, Vjp, register
+from bq_onnx.autodiff.vjp_norm import normalize
 
 
 @dataclasses.dataclass
@@ -417,22 +418,12 @@ def layer_norm(cx: Vjp, node: ir.Node, gy: list) -> Grads:
     axis = int(cx.attr("axis", -1))
     axes = list(range(axis, 0)) if axis < 0 else list(range(axis, cx.rank(x)))
     eps = float(cx.attr("epsilon", 1e-5))
-    axes_value = cx.ints_const(*axes)
-
-    def mean(v: ir.Value) -> ir.Value:
-        return cx.op("ReduceMean", [v, axes_value], keepdims=1)
-
-    centered = cx.op("Sub", [x, mean(x)])
-    var = mean(cx.op("Mul", [centered, centered]))
-    inv = cx.op("Reciprocal", [cx.op("Sqrt", [cx.op("Add", [var, cx.scalar(eps, x)])])])
-    xhat = cx.op("Mul", [centered, inv])
+    stats = normalize(cx, x, axes, eps)
     grads: list[ir.Value | None] = [None, None, None]
     if cx.needs(0):
-        gs = cx.op("Mul", [g, scale])
-        inner = cx.op("Add", [mean(gs), cx.op("Mul", [xhat, mean(cx.op("Mul", [gs, xhat]))])])
-        grads[0] = cx.op("Mul", [inv, cx.op("Sub", [gs, inner])])
+        grads[0] = stats.dx(cx, cx.op("Mul", [g, scale]))
     if cx.needs(1):
-        grads[1] = cx.unbroadcast(cx.op("Mul", [g, xhat]), y_shape, scale)
+        grads[1] = cx.unbroadcast(cx.op("Mul", [g, stats.xhat]), y_shape, scale)
     if bias is not None and cx.needs(2):
         grads[2] = cx.unbroadcast(g, y_shape, bias)
     return grads

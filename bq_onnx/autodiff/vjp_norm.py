@@ -8,27 +8,49 @@ The statistics are recomputed with standard ops. LRN's channel-window sums are C
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.autodiff.vjp_common import Grads, RuleUnavailable, Vjp, register
 
 
+@dataclasses.dataclass(frozen=True)
+class Normalized:
+    """``x`` normalized over some axes (``xhat = (x - mean) inv``, ``inv = 1/sqrt(var + eps)``), recomputed with
+    standard ops; LayerNormalization's rule (:mod:`bq_onnx.autodiff.vjp_nn`) and the ones here share it."""
+
+    xhat: ir.Value
+    inv: ir.Value
+    axes: ir.Value
+
+    def dx(self, cx: Vjp, gs: ir.Value) -> ir.Value:
+        """``inv (gs - mean(gs) - xhat mean(gs xhat))``, ``gs`` the output gradient times the scale."""
+        mean_gs = _mean(cx, gs, self.axes)  # emitted first: the order of ops is the graph's (golden hashes)
+        spread = _mean(cx, cx.op("Mul", [gs, self.xhat]), self.axes)
+        inner = cx.op("Add", [mean_gs, cx.op("Mul", [self.xhat, spread])])
+        return cx.op("Mul", [self.inv, cx.op("Sub", [gs, inner])])
+
+
+def _mean(cx: Vjp, v: ir.Value, axes: ir.Value) -> ir.Value:
+    return cx.op("ReduceMean", [v, axes], keepdims=1)
+
+
+def normalize(cx: Vjp, x: ir.Value, axes: list[int], eps: float) -> Normalized:
+    """The statistics of ``x`` over ``axes``, emitted in one fixed order (golden outputs depend on it)."""
+    axes_value = cx.ints_const(*axes)
+    centered = cx.op("Sub", [x, _mean(cx, x, axes_value)])
+    var = _mean(cx, cx.op("Mul", [centered, centered]), axes_value)
+    inv = cx.op("Reciprocal", [cx.op("Sqrt", [cx.op("Add", [var, cx.scalar(eps, x)])])])
+    return Normalized(cx.op("Mul", [centered, inv]), inv, axes_value)
+
+
 def _normalized_grads(cx: Vjp, x: ir.Value, g: ir.Value, scale_c: ir.Value, axes: list[int], eps: float
                       ) -> tuple[ir.Value, ir.Value]:
     """(dx, xhat) for xhat normalized over ``axes`` of ``x``; ``scale_c`` broadcasts against x."""
-    axes_value = cx.ints_const(*axes)
-
-    def mean(v: ir.Value) -> ir.Value:
-        return cx.op("ReduceMean", [v, axes_value], keepdims=1)
-
-    centered = cx.op("Sub", [x, mean(x)])
-    var = mean(cx.op("Mul", [centered, centered]))
-    inv = cx.op("Reciprocal", [cx.op("Sqrt", [cx.op("Add", [var, cx.scalar(eps, x)])])])
-    xhat = cx.op("Mul", [centered, inv])
-    gs = cx.op("Mul", [g, scale_c])
-    inner = cx.op("Add", [mean(gs), cx.op("Mul", [xhat, mean(cx.op("Mul", [gs, xhat]))])])
-    return cx.op("Mul", [inv, cx.op("Sub", [gs, inner])]), xhat
+    stats = normalize(cx, x, axes, eps)
+    return stats.dx(cx, cx.op("Mul", [g, scale_c])), stats.xhat
 
 
 @register("InstanceNormalization")

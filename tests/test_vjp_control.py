@@ -58,7 +58,8 @@ def _subgraph_case(flag: bool, seed: int = 2):
     graph = helper.make_graph(
         [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other),
          helper.make_node("Mul", ["y", "R"], ["z"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])], [helper.make_empty_tensor_value_info("z")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])],
+        [helper.make_empty_tensor_value_info("z")],
         initializer=[numpy_helper.from_array(np.array(flag), "flag"), numpy_helper.from_array(r, "R"),
                      numpy_helper.from_array(i64(0), "s0"), numpy_helper.from_array(i64(4), "s4"),
                      numpy_helper.from_array(i64(1), "s1")])
@@ -134,7 +135,8 @@ def _loop_body(weight: str) -> onnx.GraphProto:
              helper.make_node("Mul", ["s_out", "two"], ["scan_out"])]
     return helper.make_graph(
         nodes, "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("s_in", TensorProto.DOUBLE, None)],
         [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_empty_tensor_value_info("s_out"),
          helper.make_empty_tensor_value_info("scan_out")])

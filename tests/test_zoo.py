@@ -75,3 +75,22 @@ def test_zoo_model_at_4_bits(name: str, calib: bool, tmp_path: Path, request) ->
     drop = (fp32 - got) if model.higher_is_better else (got - fp32)
     assert np.isfinite(got) and drop <= SMALL[name], f"{model.primary}: FP32 {fp32:.4f}, 4 bits {got:.4f}"
     assert out.stat().st_size < 0.6 * model.path.stat().st_size, "the 4-bit file is not much smaller than FP32"
+
+
+def test_silero_vad_weights_get_gradients_by_the_branch_each_sample_takes():
+    """silero-vad's whole network sits in an ``If`` on the sample rate (16 kHz: then, 8 kHz: else). Its weights
+    get the gradient estimator (issue 14: before, every one had the mean fill): on 16 kHz frames the 16 kHz
+    branch's, the 8 kHz branch keeping the mean fill (no sample reaches it); with 8 kHz frames mixed in, both."""
+    import bq_onnx
+
+    model = _model("silero-vad")
+    feeds = model.calib_feeds(model.make("calib", 6))
+    post = bq_onnx.estimate_posterior(str(model.path), feeds, "laplace")
+    sources = {name: w.source for name, w in post.weights.items()}
+    assert len(sources) == 16
+    assert {s for n, s in sources.items() if "then_branch" in n} == {"laplace"}
+    assert {s for n, s in sources.items() if "else_branch" in n} == {"mean"}
+    mixed = [f if i % 2 == 0 else {**f, "input": f["input"][:, :288].copy(), "sr": np.array(8000, np.int64)}
+             for i, f in enumerate(feeds)]
+    post = bq_onnx.estimate_posterior(str(model.path), mixed, "laplace")
+    assert {w.source for w in post.weights.values()} == {"laplace"}

@@ -313,7 +313,7 @@ def _backward(
         rule = rule_for(node.op_type, node.domain)
         reason = None
         din: Sequence[ir.Value | None] = []
-        cx = Vjp(em, node, wants, outer=outer, outer_wants=[v in deps for v in outer])
+        cx = Vjp(em, node, wants, outer=outer, outer_wants=[v in deps for v in outer], differentiate=backward_scope)
         if rule is None or (any(v in deps for v in outer) and node.op_type not in OUTER_READING):
             reason = "no rule"
         else:

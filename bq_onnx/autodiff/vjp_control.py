@@ -80,8 +80,9 @@ def _backward_branch(
 ) -> tuple[ir.Graph, dict[str, tuple[set[str], str]]]:
     """One backward branch: the forward branch recomputed, then differentiated from ``gy`` (outer values) to
     ``wanted``; returns it and what it blocks (inner label -> (wanted names, why))."""
-    from bq_onnx.autodiff.gradient import backward_scope  # the scope machinery imports the rules
-
+    backward_scope = cx.differentiate
+    if backward_scope is None:
+        raise RuleUnavailable("no backward pass to differentiate its branches with")
     try:
         clone = branch.clone(allow_outer_scope_values=True)
     except (KeyError, ValueError) as exc:

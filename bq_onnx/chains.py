@@ -1,10 +1,13 @@
 """Weights read through layout ops: where a tensor's reduction axes are when it reaches its consumer through a
-chain of ``Identity``, ``Slice``, ``Concat``, ``Transpose``, ``Unsqueeze``, ``Squeeze``, ``Reshape`` or ``Flatten``.
+chain of ``Identity``, ``Slice``, ``Concat``, ``Transpose``, ``Unsqueeze``, ``Squeeze``, ``Expand``, ``Tile``,
+``Reshape`` or ``Flatten``.
 
 Exporters often keep one tensor and cut or turn it before use: PyTorch's LSTM export slices ``weight_ih``
 ``[4H, I]`` into its gates, re-concatenates them in ONNX's gate order and unsqueezes the direction axis before the
 ``LSTM``; a linear layer may be stored ``[N, K]`` and transposed before its ``MatMul``. Such a tensor is still a
-weight. Its reduction axes are its final consumers' (:func:`bq_onnx.layout.reduction_axes_for`), followed back
+weight; so is one broadcast (``Expand``: a batched MatMul over a shared weight) or repeated (``Tile``) before use,
+each of its axes being one of the output's. Its reduction axes are its final consumers'
+(:func:`bq_onnx.layout.reduction_axes_for`), followed back
 through each op's axis mapping; where a ``Reshape``/``Flatten`` loses that mapping (the chain only changes the
 shape), a 2-D tensor is taken as a plain ``(K, N)`` tensor, reduced along its first axis. The rewrite replaces the
 tensor itself, so the chain keeps reading the decoded tensor.
@@ -20,7 +23,8 @@ if TYPE_CHECKING:  # onnx-ir is imported only where a Constant node's tensor is 
     import onnx_ir as ir
 
 #: Ops that move or cut a tensor's data without computing on it, and the input they move (the data input).
-MOVES = frozenset({"Identity", "Slice", "Concat", "Transpose", "Unsqueeze", "Squeeze", "Reshape", "Flatten"})
+MOVES = frozenset({"Identity", "Slice", "Concat", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Reshape",
+                   "Flatten"})
 #: ``AttributeType.INT`` (onnx-ir's and the protobuf's value).
 INT_ATTRIBUTE = 2
 #: How deep a chain is followed.
@@ -97,8 +101,11 @@ def _axis_map(node: ir.Node, rank: int) -> list[int | None] | None:
     """For each output axis, the input axis it comes from (None: an inserted axis of size 1); None when the op
     loses the mapping (Reshape, Flatten, or axes that are not constants)."""
     op = node.op_type
-    if op in ("Identity", "Slice", "Concat"):
+    if op in ("Identity", "Slice", "Concat", "Tile"):
         return list(range(rank))
+    if op == "Expand":  # numpy broadcasting: leading axes may be added, each input axis keeps its place from the end
+        out_rank = _expanded_rank(node)
+        return None if out_rank is None else [None] * (out_rank - rank) + list(range(rank))
     if op == "Transpose":
         perm = node.attributes.get("perm")
         return [int(p) for p in perm.value] if perm is not None else list(reversed(range(rank)))
@@ -114,6 +121,18 @@ def _axis_map(node: ir.Node, rank: int) -> list[int | None] | None:
         removed = {a % rank for a in axes}
         return [a for a in range(rank) if a not in removed]
     return None
+
+
+def _expanded_rank(node: ir.Node) -> int | None:
+    """The rank of Expand's output: the inferred one, else the constant target shape's length (at least the
+    input's)."""
+    out, data = node.outputs[0], node.inputs[0]
+    if out.shape is not None:
+        return len(out.shape)
+    shape = _const_tensor(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if shape is None or data is None or data.shape is None:
+        return None
+    return max(len(data.shape), int(shape.numpy().size))
 
 
 def _axes(node: ir.Node) -> list[int] | None:

@@ -195,6 +195,20 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _estimators_text(layers: list[dict]) -> str:
+    """Which estimator gave each weight its curvature: ``laplace 12 weights; mean 2 (a, b)`` (names listed for
+    the estimators that cover fewer weights than the most used one)."""
+    by: dict[str, list[str]] = {}
+    for r in layers:
+        by.setdefault(r["source"], []).append(r["name"])
+    top = max(len(v) for v in by.values())
+    parts = []
+    for source, names in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        listed = f" ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if len(names) < top else ""
+        parts.append(f"{source} {len(names)} weight{'s' if len(names) != 1 else ''}{listed}")
+    return "; ".join(parts)
+
+
 def _print_optimize(report: dict, elapsed: float) -> None:
     rows = [
         [
@@ -226,6 +240,8 @@ def _print_optimize(report: dict, elapsed: float) -> None:
         _say(f"note: {msg}")
     if report.get("posterior", {}).get("loss"):
         _say(f"loss: {_loss_text(report['posterior']['loss'])}")
+    if report.get("posterior", {}).get("layers"):
+        _say(f"estimators: {_estimators_text(report['posterior']['layers'])}")
     if "distillation" in report:
         d = report["distillation"]
         what = "KL" if "kl_before" in d else "loss"

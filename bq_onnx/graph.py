@@ -48,11 +48,17 @@ def specialise(model: ir.Model, sample: Mapping[str, np.ndarray | Sequence[int |
     symbolic shapes need)."""
     from onnx_ir.passes.common import ShapeInferencePass
 
+    declared = {value: value.shape for value in model.graph.inputs}
     for value in model.graph.inputs:
         if value.name in sample:
             given = sample[value.name]
             value.shape = ir.Shape(list(given.shape if isinstance(given, np.ndarray) else given))
     ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    if any(node.op_type == "If" for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+        # onnxruntime's inference of If branches fails on some static inputs (silero-vad: "LSTM: first input
+        # must have rank 3"); the inputs keep their declared shapes, the values inside keep the inferred ones
+        for value, shape in declared.items():
+            value.shape = shape
     return model
 
 

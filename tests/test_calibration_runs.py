@@ -93,3 +93,66 @@ def test_whole_sequences_beside_a_fixed_state_run_one_per_run(tmp_path):
     result = bq_onnx.optimize(sequence_model(), calib=parts, bits=4, bits_payload=True, format="compact")
     assert result.report["posterior"]["samples"] + result.report["guard"]["samples"] == 6
     assert result.save(tmp_path / "seq.onnx")["verification"]["passed"]
+
+
+def two_output_ctc_model() -> ir.Model:
+    """:func:`ctc_model` plus ``pooled [1, 12]``, the logits averaged over the line (first axis: the sample)."""
+    model = ir.to_proto(ctc_model())
+    model.graph.node.append(helper.make_node("ReduceMean", ["z", "ax1"], ["pooled"], keepdims=0))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "ax1"))
+    model.graph.output.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [1, 12]))
+    return ir.serde.deserialize_model(model)
+
+
+def test_several_loss_terms_on_outputs_kept_per_run_cut_each_runs_target_at_its_outputs_sizes():
+    """Two runs of different widths: the loss graph reads each run's ``[1, L]`` target row back as the terms'
+    own targets (checked against numpy), and optimize estimates a posterior with both terms."""
+    import onnxruntime as ort
+
+    from bq_onnx.autodiff.loss import LOSS, TARGET, LossPlan, Term, append_loss
+    from bq_onnx.probabilities import softmax
+
+    model = two_output_ctc_model()  # (each call draws new weights: one model, copied)
+    forward = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    plan = LossPlan((Term("kl", "logits", dims=(1, 12)), Term("mse", "pooled", weight=0.5, dims=(12,))),
+                    per_run=True)
+    append_loss(model, plan)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    for width in (3, 7):
+        x = RNG.standard_normal((1, width, 8)).astype(np.float32)
+        logits, pooled = forward.run(None, {"x": x})
+        t_kl = softmax(RNG.standard_normal(logits.shape)).astype(np.float32)
+        t_mse = RNG.standard_normal(pooled.shape).astype(np.float32)
+        row = np.concatenate([t_kl.reshape(-1), t_mse.reshape(-1)])[None]
+        got = session.run([LOSS], {"x": x, TARGET: row})[0]
+        z = logits.astype(np.float64)
+        log_q = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        want = -np.sum(t_kl * log_q) + 0.5 * 0.5 * np.sum(np.square(pooled - t_mse))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    result = bq_onnx.optimize(two_output_ctc_model(), calib=_lines([3, 5, 7, 4, 6, 9, 2, 8]), bits=4,
+                              bits_payload=True, format="compact", method="fisher-mc",
+                              loss=["logits=kl", "pooled=mse"])
+    assert [t["output"] for t in result.report["posterior"]["loss"]] == ["logits", "pooled"]
+    assert {result.context.posterior.weights[n].source for n in ("W1", "W2")} == {"fisher-mc"}
+
+
+def test_labels_of_an_output_kept_per_run_are_given_per_run_or_stacked():
+    """Class labels for a ``[W, 1, 12]`` CTC head: one ``[W, 1]`` array per line, or the lines' rows stacked;
+    both give the same posterior; a run whose labels do not fit its output is named."""
+    from bq_onnx.errors import DataError
+
+    lines = _lines([3, 5, 7, 4, 6, 9, 2, 8])
+    labels = [RNG.integers(0, 12, size=(line["x"].shape[1], 1)) for line in lines]
+    options = {"bits": 4, "bits_payload": True, "format": "compact", "method": "laplace", "loss": "ce",
+               "no_guard": True}
+    model = ctc_model()  # (each call draws new weights)
+    per_run_labels = bq_onnx.optimize(model, calib=lines, labels=labels, **options).context.posterior
+    stacked = bq_onnx.optimize(model, calib=lines, labels=np.concatenate(labels), **options).context.posterior
+    for name in ("W1", "W2"):
+        assert per_run_labels.weights[name].source == "laplace"
+        np.testing.assert_array_equal(per_run_labels.weights[name].precision, stacked.weights[name].precision)
+    unlabelled = bq_onnx.optimize(model, calib=lines, **{**options, "loss": "kl"}).context.posterior
+    assert not np.array_equal(unlabelled.weights["W2"].precision, per_run_labels.weights["W2"].precision)
+    bad = labels[:2] + [labels[2][:-1]] + labels[3:]
+    with pytest.raises(DataError, match=r"run 2"):
+        bq_onnx.optimize(model, calib=lines, labels=bad, **options)

@@ -346,3 +346,15 @@ def test_external_weights_are_read_without_staying_mapped(tmp_path):
     assert tensor.raw is None and a is not b
     w1 = next(t for t in mixed_model().graph.initializer if t.name == "W1")
     np.testing.assert_array_equal(a, numpy_helper.to_array(w1))
+
+
+def test_optimize_says_which_estimator_each_weight_used(tmp_path, capsys):
+    """The summary names the estimators and, for the less used ones, their weights (issue 14, item 4)."""
+    from bq_onnx.cli import _estimators_text
+
+    layers = [{"name": n, "source": s} for n, s in (("a", "laplace"), ("b", "laplace"), ("c", "mean"))]
+    assert _estimators_text(layers) == "laplace 2 weights; mean 1 weight (c)"
+    out = tmp_path / "lenet.bq.onnx"
+    code, stdout, _ = _run(["optimize", "models/lenet.onnx", "--calib", "models/lenet_calib.npz", "-o", out,
+                            "--format", "compact", "--bits", "4", "--calib-samples", "32"], capsys)
+    assert code == 0 and "estimators: laplace 5 weights" in stdout

@@ -488,6 +488,7 @@ def test_supported_ops_cover_issue_14():
         "Cos", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "DepthToSpace",
         "SpaceToDepth", "GatherElements", "GatherND", "ScatterND", "ScatterElements", "Trilu", "LRN",
         "ThresholdedRelu", "Mean", "Where", "Expand", "HardSwish", "HardSigmoid", "LSTM", "GRU", "RNN",
+        "If", "Loop", "Scan",  # tests/test_vjp_control.py; Upsample: upgraded to Resize (test above)
     }
     assert required <= supported_ops()
 

@@ -63,6 +63,24 @@ def reshaped_model() -> onnx.ModelProto:
                       [numpy_helper.from_array(_w(32, 16), "Wr"), _ints("shape", [16, 32])])
 
 
+def expanded_model() -> onnx.ModelProto:
+    """A shared weight ``We [32, 16]`` broadcast to ``[b, 32, 16]`` for a batched MatMul (K: We's axis 0), and
+    ``Wt [16, 16]`` tiled to ``[32, 16]`` before a MatMul (K: its axis 0, each row repeated)."""
+    nodes = [helper.make_node("Shape", ["x"], ["xs"], name="s"),
+             helper.make_node("Slice", ["xs", "zero", "one"], ["b"], name="sb"),
+             helper.make_node("Concat", ["b", "dims"], ["target"], name="c", axis=0),
+             helper.make_node("Expand", ["We", "target"], ["W3"], name="e"),
+             helper.make_node("MatMul", ["x", "W3"], ["h"], name="mm"),
+             helper.make_node("Tile", ["Wt", "reps"], ["W2"], name="t"),
+             helper.make_node("MatMul", ["x2", "W2"], ["y"], name="mm2")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 32]),
+                              helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["n", 32])],
+                      [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", 4, 16]),
+                       helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+                      [numpy_helper.from_array(_w(32, 16), "We"), numpy_helper.from_array(_w(16, 16), "Wt"),
+                       _ints("zero", [0]), _ints("one", [1]), _ints("dims", [32, 16]), _ints("reps", [2, 1])])
+
+
 def _layouts(proto: onnx.ModelProto, **options) -> dict:
     ctx = passkit.context(**options)
     passkit.find_weights(passkit.prepare(passkit.load(proto), ctx), ctx)
@@ -75,6 +93,9 @@ def test_a_chain_maps_the_final_consumers_reduction_axes_back():
     assert {n: w.layout.reduction_axes for n, w in lstm.items()} == {"w_ih": (1,), "w_hh": (1,)}
     assert lstm["w_ih"].consumers == ("LSTM:rnn through Slice",)
     assert _layouts(reshaped_model())["Wr"].layout.reduction_axes == (0,)
+    broadcast = _layouts(expanded_model(), min_size=64)
+    assert {n: w.layout.reduction_axes for n, w in broadcast.items()} == {"We": (0,), "Wt": (0,)}
+    assert broadcast["We"].consumers == ("MatMul:mm through Expand",)
 
 
 def test_a_chain_that_ends_anywhere_but_a_weight_input_is_no_weight():
@@ -92,7 +113,8 @@ def test_a_chain_that_ends_anywhere_but_a_weight_input_is_no_weight():
     (transposed_model, {"x": _floats(4, 32)}, {"Wt"}, {"Transpose"}),
     (gate_sliced_lstm_model, {"x": _floats(5, 2, FEATURES)}, {"w_ih", "w_hh"}, {"Slice", "Concat", "Unsqueeze"}),
     (reshaped_model, {"x": _floats(4, 16)}, {"Wr"}, {"Reshape"}),
-], ids=["transpose", "lstm-gate-slices", "reshape"])
+    (expanded_model, {"x": _floats(3, 4, 32), "x2": _floats(5, 32)}, {"We", "Wt"}, {"Expand", "Tile"}),
+], ids=["transpose", "lstm-gate-slices", "reshape", "expand-tile"])
 def test_weights_behind_layout_ops_are_quantized_and_the_chain_reads_the_decode(tmp_path, fmt, model, feeds,
                                                                                weights, movers):
     proto = model()
@@ -105,3 +127,13 @@ def test_weights_behind_layout_ops_are_quantized_and_the_chain_reads_the_decode(
             assert node.input[0] in produced
     assert movers <= {n.op_type for n in written.graph.node}
     assert not weights & {t.name for t in written.graph.initializer}
+
+
+def test_weights_behind_expand_and_tile_get_gradients_under_calibration():
+    """The estimator differentiates through the chain (Expand and Tile rules): both weights get the gradient
+    estimator, not the activations fallback."""
+    from bq_onnx import optimize
+
+    calib = {"x": _floats(6, 4, 32), "x2": _floats(6, 32)}
+    result = optimize(expanded_model(), calib=calib, bits=4, bits_payload=True, min_size=64, method="laplace")
+    assert {n: w.source for n, w in result.context.posterior.weights.items()} == {"We": "laplace", "Wt": "laplace"}

@@ -25,8 +25,10 @@ N_EVAL, N_CALIB = 32, 8
 
 #: (model, calib) -> why bq-onnx fails today (issue 14 items 1-5); remove an entry once it passes
 KNOWN = {
-    ("ppocr-cls", True): "DataError: paddle2onnx declares the batch as -1, the sample axis is taken from the first '?'",
-    ("ppocr-cls", False): "save verification: ValueError: negative dimensions are not allowed (the -1 batch dim)",
+    # paddle2onnx's -1 batch is read as a symbolic batch now (no error); what is left is quality at this budget:
+    # accuracy 0.75 (calib) / 0.78 (no calib) at 3.76 stored bits against FP32 0.94 on these 32 lines; at 5 bits 0.91
+    ("ppocr-cls", True): "quality, not an error: accuracy 0.75 at 4 stored bits against FP32 0.94 (32 lines)",
+    ("ppocr-cls", False): "quality, not an error: accuracy 0.78 at 4 stored bits against FP32 0.94 (32 lines)",
     ("silero-vad", True): "quality, not an error: agree_fp32 0.948 with calibration, a 0.052 drop against 0.05 "
                           "(the STFT basis and LSTM get 2.6-3 bits)",
     ("silero-vad-seq", True): "quality, not an error: agree_fp32 0.876 with calibration (6 clips fit, the LSTM "
@@ -73,3 +75,22 @@ def test_zoo_model_at_4_bits(name: str, calib: bool, tmp_path: Path, request) ->
     drop = (fp32 - got) if model.higher_is_better else (got - fp32)
     assert np.isfinite(got) and drop <= SMALL[name], f"{model.primary}: FP32 {fp32:.4f}, 4 bits {got:.4f}"
     assert out.stat().st_size < 0.6 * model.path.stat().st_size, "the 4-bit file is not much smaller than FP32"
+
+
+def test_silero_vad_weights_get_gradients_by_the_branch_each_sample_takes():
+    """silero-vad's whole network sits in an ``If`` on the sample rate (16 kHz: then, 8 kHz: else). Its weights
+    get the gradient estimator (issue 14: before, every one had the mean fill): on 16 kHz frames the 16 kHz
+    branch's, the 8 kHz branch keeping the mean fill (no sample reaches it); with 8 kHz frames mixed in, both."""
+    import bq_onnx
+
+    model = _model("silero-vad")
+    feeds = model.calib_feeds(model.make("calib", 6))
+    post = bq_onnx.estimate_posterior(str(model.path), feeds, "laplace")
+    sources = {name: w.source for name, w in post.weights.items()}
+    assert len(sources) == 16
+    assert {s for n, s in sources.items() if "then_branch" in n} == {"laplace"}
+    assert {s for n, s in sources.items() if "else_branch" in n} == {"mean"}
+    mixed = [f if i % 2 == 0 else {**f, "input": f["input"][:, :288].copy(), "sr": np.array(8000, np.int64)}
+             for i, f in enumerate(feeds)]
+    post = bq_onnx.estimate_posterior(str(model.path), mixed, "laplace")
+    assert {w.source for w in post.weights.values()} == {"laplace"}

@@ -8,6 +8,11 @@ the gradient model returns the loss and all gradients; it runs in onnxruntime CP
 Only nodes on a path from some ``wrt`` weight to the loss are differentiated. A node on such a path without a
 rule (or whose rule refuses its attributes) makes every weight upstream of it unsupported: those weights are
 reported in :attr:`GradientGraph.unsupported` and get no gradient output, the others still do.
+
+Control flow (:mod:`vjp_control`): a weight stored inside a subgraph is moved to the main graph's initializers
+in the gradient model (the subgraph reads it from the outer scope, as ONNX allows), so every weight is a
+``wrt``; ``If`` is differentiated by the branch its condition takes on the run (each backward branch recomputes
+its forward branch), ``Loop``/``Scan`` with a small constant trip count are unrolled first.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from bq_onnx.autodiff.vjp_common import Vjp, is_float
+from bq_onnx.autodiff.vjp_control import OUTER_READING, unroll_loops
 from bq_onnx.autodiff.vjp_rules import NON_DIFFERENTIABLE, RULES, RuleUnavailable, rule_for
 from bq_onnx.emitter import GradientEmitter
 
@@ -43,6 +49,7 @@ class GradientGraph:
     loss: str  # name of the scalar loss output
     gradients: dict[str, str]  # weight (initializer) name -> name of its gradient output (same shape and dtype)
     unsupported: dict[str, list[str]]  # weight name -> ["OpType 'node_name'", ...] blocking its gradient
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # "OpType 'node_name'" -> why it blocks
 
 
 def supported_ops() -> frozenset[str]:
@@ -58,7 +65,7 @@ def build_gradient_model(
     Args:
         model: opset >= 21 model; it is cloned, never changed.
         loss: name of a float value; summed over all its elements when it is not a scalar.
-        wrt: float32/float64 initializer names.
+        wrt: float32/float64 initializer names, of the main graph or of any subgraph.
         weights_as_inputs: also make the ``wrt`` initializers graph inputs (their stored values stay the defaults),
             so one session can evaluate gradients at perturbed weights.
     """
@@ -66,11 +73,12 @@ def build_gradient_model(
     graph = new.graph
     if new.opset_imports.get("", 0) < MIN_OPSET:
         raise ValueError(f"autodiff needs default-domain opset >= {MIN_OPSET}; upgrade the model first")
-    try:
-        ShapeInferencePass(strict_mode=False)(new)
-    except Exception:  # noqa: BLE001  shapes only make rules cheaper; rules needing them refuse without
-        logger.warning("shape inference failed; rules that need static ranks will report their nodes")
+    hoist_initializers(graph, wrt)
+    _infer_shapes(new)
     graph.sort()
+    if unroll_loops(graph):
+        _infer_shapes(new)
+        graph.sort()
 
     values = _values_by_name(graph)
     if loss not in values:
@@ -92,9 +100,8 @@ def build_gradient_model(
     if loss_value.shape is None or len(loss_value.shape) != 0:
         loss_value = _append_sum(graph, loss_value, _unique(taken, f"{loss}.sum"))
 
-    deps = _dependencies(graph, weights)
-    path, on_path = _path_to_loss(graph, loss_value, deps)
-    grads, unsupported = _backward(em, path, loss_value, deps, on_path)
+    grads, unsupported, reasons = backward_scope(em, graph, {loss_value: [_seed(em, loss_value)]},
+                                                 {value: frozenset({name}) for name, value in weights.items()})
 
     outputs = [loss_value]
     names: dict[str, str] = {}
@@ -118,7 +125,27 @@ def build_gradient_model(
     if weights_as_inputs:
         graph.inputs.extend(w for w in weights.values() if w not in graph.inputs)
     RemoveUnusedNodesPass()(new)
-    return GradientGraph(new, loss_value.name, names, unsupported)
+    return GradientGraph(new, loss_value.name, names, unsupported, reasons)
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+    except Exception:  # noqa: BLE001  shapes only make rules cheaper; rules needing them refuse without
+        logger.warning("shape inference failed; rules that need static ranks will report their nodes")
+
+
+def hoist_initializers(graph: ir.Graph, names: Iterable[str]) -> None:
+    """Move the initializers ``names`` that live in a subgraph (any depth) to ``graph``: the subgraph then reads
+    them from the outer scope, which computes the same, and they can be differentiated like any weight."""
+    wanted = {name for name in names if name not in graph.initializers}
+    if not wanted:
+        return
+    for sub in graph.subgraphs():
+        for name in [n for n in sub.initializers if n in wanted]:
+            value = sub.initializers.pop(name)
+            graph.register_initializer(value)
+            wanted.discard(name)
 
 
 # ----- analysis -----
@@ -161,26 +188,61 @@ def _append_sum(graph: ir.Graph, value: ir.Value, name: str) -> ir.Value:
     return out
 
 
-def _inputs_of(node: ir.Node) -> list[ir.Value]:
-    """Explicit inputs plus outer-scope values that the node's subgraphs read."""
-    found = [v for v in node.inputs if v is not None]
-    graph = node.graph
+def outer_values(node: ir.Node) -> list[ir.Value]:
+    """The values the node's subgraphs (any depth) read from outside them, once each, in reading order."""
+    subgraphs: list[ir.Graph] = []
     for attr in node.attributes.values():
         if attr.type == ir.AttributeType.GRAPH:
-            subgraphs: Iterable[ir.Graph] = [attr.value]
+            subgraphs.append(attr.value)
         elif attr.type == ir.AttributeType.GRAPHS:
-            subgraphs = attr.value
-        else:
-            continue
-        for sub in subgraphs:
-            for inner in ir.traversal.RecursiveGraphIterator(sub):
-                found.extend(v for v in inner.inputs if v is not None and v.graph is graph)
-    return found
+            subgraphs.extend(attr.value)
+    if not subgraphs:
+        return []
+    inside: set[int] = set()
+    for sub in subgraphs:
+        inside.add(id(sub))
+        inside.update(id(g) for g in sub.subgraphs())
+    found: dict[ir.Value, None] = {}
+    for sub in subgraphs:
+        for inner in ir.traversal.RecursiveGraphIterator(sub):
+            for v in inner.inputs:
+                if v is not None and id(v.graph) not in inside:
+                    found[v] = None
+        for v in sub.outputs:  # a branch may return an outer value as it is
+            if id(v.graph) not in inside:
+                found[v] = None
+    return list(found)
 
 
-def _dependencies(graph: ir.Graph, weights: dict[str, ir.Value]) -> dict[ir.Value, frozenset[str]]:
-    """For every float value that depends on some weight: the names of those weights."""
-    deps: dict[ir.Value, frozenset[str]] = {value: frozenset({name}) for name, value in weights.items()}
+def _inputs_of(node: ir.Node) -> list[ir.Value]:
+    """Explicit inputs plus outer-scope values that the node's subgraphs read."""
+    return [*(v for v in node.inputs if v is not None), *outer_values(node)]
+
+
+def _seed(em: GradientEmitter, loss: ir.Value) -> ir.Value:
+    """d loss / d loss = 1, in the loss's float type."""
+    if loss.dtype is not None:
+        return em.const(np.array(1.0, loss.dtype.numpy()))
+    return em.op("CastLike", [em.const(np.array(1.0, np.float32)), loss])
+
+
+def backward_scope(
+    em: GradientEmitter,
+    graph: ir.Graph,
+    seeds: dict[ir.Value, list[ir.Value]],
+    sources: dict[ir.Value, frozenset[str]],
+) -> tuple[dict[ir.Value, list[ir.Value]], dict[str, list[str]], dict[str, str]]:
+    """Differentiate ``graph`` backwards from the gradients ``seeds`` (value -> gradients arriving at it) towards
+    the ``sources`` (value -> the names it stands for): the gradient contributions per value, the source names
+    whose gradient is blocked (with the blocking nodes' labels) and why each label blocks."""
+    deps = _dependencies(graph, sources)
+    path, on_path = _path_to_loss(graph, list(seeds), deps)
+    return _backward(em, path, seeds, deps, on_path)
+
+
+def _dependencies(graph: ir.Graph, sources: dict[ir.Value, frozenset[str]]) -> dict[ir.Value, frozenset[str]]:
+    """For every float value that depends on some source: the names of those sources."""
+    deps: dict[ir.Value, frozenset[str]] = dict(sources)
     for node in graph:
         sources: set[str] = set()
         for value in _inputs_of(node):
@@ -195,10 +257,11 @@ def _dependencies(graph: ir.Graph, weights: dict[str, ir.Value]) -> dict[ir.Valu
 
 
 def _path_to_loss(
-    graph: ir.Graph, loss: ir.Value, deps: dict[ir.Value, frozenset[str]]
+    graph: ir.Graph, ends: list[ir.Value], deps: dict[ir.Value, frozenset[str]]
 ) -> tuple[list[ir.Node], set[ir.Value]]:
-    """Nodes on a weight->loss path, last first, and the values the loss depends on."""
-    needed = {loss}
+    """Nodes on a weight->loss path (``ends``: the loss, or a subgraph's outputs), last first, and the values the
+    ends depend on."""
+    needed = set(ends)
     path = []
     for node in reversed(graph):
         if not any(out in needed for out in node.outputs):
@@ -223,42 +286,51 @@ def _total(em: GradientEmitter, parts: list[ir.Value]) -> ir.Value | None:
 def _backward(
     em: GradientEmitter,
     path: list[ir.Node],
-    loss: ir.Value,
+    seeds: dict[ir.Value, list[ir.Value]],
     deps: dict[ir.Value, frozenset[str]],
     needed: set[ir.Value],
-) -> tuple[dict[ir.Value, list[ir.Value]], dict[str, list[str]]]:
-    """Run the rules from the loss backwards; returns gradient contributions per value and blocked weights."""
-    if loss.dtype is not None:
-        seed = em.const(np.array(1.0, loss.dtype.numpy()))
-    else:
-        seed = em.op("CastLike", [em.const(np.array(1.0, np.float32)), loss])
-    grads: dict[ir.Value, list[ir.Value]] = {loss: [seed]}
+) -> tuple[dict[ir.Value, list[ir.Value]], dict[str, list[str]], dict[str, str]]:
+    """Run the rules from the seeds backwards; returns gradient contributions per value, blocked sources and why.
+
+    A node with subgraphs (``If``) gets the gradients of the outer values its subgraphs read after those of its
+    inputs (``Vjp.outer``); a rule may report sources it blocks inside a subgraph through ``Vjp.blocked``."""
+    grads: dict[ir.Value, list[ir.Value]] = {value: list(parts) for value, parts in seeds.items()}
     unsupported: dict[str, list[str]] = {}
+    reasons: dict[str, str] = {}
+
+    def block(names: Iterable[str], label: str) -> None:
+        for weight in names:
+            labels = unsupported.setdefault(weight, [])
+            if label not in labels:
+                labels.append(label)
+
     for node in path:
         gy = [_total(em, grads.get(out, [])) if out in needed else None for out in node.outputs]
         if all(g is None for g in gy):
             continue  # every route from its outputs to the loss is already blocked
         wants = [v is not None and v in deps for v in node.inputs]
-        implicit = [v for v in _inputs_of(node)[sum(v is not None for v in node.inputs) :] if v in deps]
+        outer = outer_values(node)
         rule = rule_for(node.op_type, node.domain)
         reason = None
-        if rule is None or implicit:
+        din: Sequence[ir.Value | None] = []
+        cx = Vjp(em, node, wants, outer=outer, outer_wants=[v in deps for v in outer], differentiate=backward_scope)
+        if rule is None or (any(v in deps for v in outer) and node.op_type not in OUTER_READING):
             reason = "no rule"
         else:
             try:
-                din = rule(Vjp(em, node, wants), node, gy)
+                din = rule(cx, node, gy)
             except RuleUnavailable as exc:
                 reason = str(exc)
+        label = f"{node.op_type} '{node.name}'"
         if reason is not None:
-            label = f"{node.op_type} '{node.name}'"
             logger.info("autodiff: %s blocks its weights (%s)", label, reason)
-            blocked = set().union(*(deps[v] for v in _inputs_of(node) if v in deps))
-            for weight in blocked:
-                labels = unsupported.setdefault(weight, [])
-                if label not in labels:
-                    labels.append(label)
+            reasons[label] = reason
+            block(set().union(*(deps[v] for v in _inputs_of(node) if v in deps)), label)
             continue
-        for value, want, grad in zip(node.inputs, wants, din):
+        for inner_label, (names, why) in cx.blocked.items():
+            reasons[f"{label} > {inner_label}"] = why
+            block(set().union(*(deps[v] for v in outer if v.name in names and v in deps)), f"{label} > {inner_label}")
+        for value, want, grad in zip([*node.inputs, *outer], [*wants, *cx.outer_wants], din):
             if want and grad is not None:
                 grads.setdefault(value, []).append(grad)
-    return grads, unsupported
+    return grads, unsupported, reasons

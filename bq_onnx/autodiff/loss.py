@@ -12,7 +12,9 @@ Per term, with ``t`` the target fed at run time:
 * ``cosine``: ``sum over last-axis rows of 1 - <y, t> / sqrt(|y|^2 |t|^2 + eps)``.
 
 One term reads ``bq_target`` shaped like its output; several terms read one ``[N, D_1 + D_2 + ...]`` target, each
-term's flattened per-sample target side by side (:func:`bq_onnx.estimators.loss_targets.pack`).
+term's flattened per-sample target side by side (:func:`bq_onnx.estimators.loss_targets.pack`). Where outputs are
+kept per run (their first axis is not the samples: :mod:`bq_onnx.runs`), several terms read one ``[1, L]`` row per
+run: each term's whole target for the run, flattened, side by side, cut back at the sizes of the run's outputs.
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ class Term:
 
 @dataclasses.dataclass(frozen=True)
 class LossPlan:
-    """The loss: its terms, summed with their weights."""
+    """The loss: its terms, summed with their weights. ``per_run``: some output is kept per run (the target of
+    several terms is then one row per run, cut at the outputs' run-time sizes)."""
 
     terms: tuple[Term, ...]
+    per_run: bool = False
 
     @classmethod
     def single(cls, kind: str, output: str | None = None) -> LossPlan:
@@ -106,7 +110,17 @@ def append_loss(model: ir.Model, loss: str | LossPlan, output: str | None = None
     for t in plan.terms:
         _trust_real_rank(output_value(model, t.output), t)
     ys = [_term_output(tape, output_value(model, t.output), t, f"bq_loss_{i}_") for i, t in enumerate(plan.terms)]
-    if plan.packed:
+    if plan.packed and plan.per_run:
+        target = ir.Value(name=TARGET, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, None]))
+        targets, offset = [], _ints(tape, "bq_target_offset", [0])
+        for i, y in enumerate(ys):
+            key = f"bq_target_{i}_"
+            size = tape.op("Reshape", [tape.op("Size", [y]), _ints(tape, key + "one", [1])])
+            stop = tape.op("Add", [offset, size])
+            part = tape.op("Slice", [target, offset, stop, _ints(tape, key + "axes", [1])])
+            targets.append(tape.op("Reshape", [part, tape.op("Shape", [y])]))
+            offset = stop
+    elif plan.packed:
         if any(t.dims is None for t in plan.terms):
             raise ValueError("a loss of several terms needs each term's per-sample shape")
         width = sum(int(np.prod(t.dims)) for t in plan.terms)

@@ -58,10 +58,20 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 class Vjp:
     """The context of one rule call: the node, which inputs want gradients, and helpers that emit ops."""
 
-    def __init__(self, em: GradientEmitter, node: ir.Node, wants: Sequence[bool]) -> None:
+    def __init__(self, em: GradientEmitter, node: ir.Node, wants: Sequence[bool], *,
+                 outer: Sequence[ir.Value] = (), outer_wants: Sequence[bool] = (),
+                 differentiate: Callable | None = None) -> None:
         self.em = em
         self.node = node
         self.wants = list(wants)
+        #: values the node's subgraphs read from outside (a control-flow rule returns their gradients after the
+        #: inputs'), whether each wants one, and what a subgraph blocks: inner label -> (outer names, why)
+        self.outer = list(outer)
+        self.outer_wants = list(outer_wants)
+        self.blocked: dict[str, tuple[set[str], str]] = {}
+        #: the autodiff's own backward pass over a graph (``gradient.backward_scope``), for rules that
+        #: differentiate a subgraph (passed in: the rules cannot import the pass that imports them)
+        self.differentiate = differentiate
 
     # ----- the node -----
     def needs(self, i: int) -> bool:

@@ -6,7 +6,7 @@ ConvTranspose, pools, normalizations, softmax), :mod:`vjp_norm` (Instance/Group 
 :mod:`vjp_shape` (reshapes, slicing, gathering, reductions), :mod:`vjp_reduce` (L1/L2/LogSum reductions),
 :mod:`vjp_select` (Max/Min, ReduceMax/Min, GlobalMaxPool, CumSum, GatherElements), :mod:`vjp_resize` (Resize, Pad,
 Tile, DepthToSpace/SpaceToDepth), :mod:`vjp_scatter` (GatherND, ScatterND/Elements, Trilu), :mod:`vjp_recurrent`
-(LSTM, GRU, RNN).
+(LSTM, GRU, RNN), :mod:`vjp_control` (If; Loop/Scan are unrolled before differentiation).
 :data:`NON_DIFFERENTIABLE` ops are treated as constants: their outputs carry no gradient (shape computations,
 comparisons, random generators, and the piecewise-constant Floor/Ceil/Round/Sign whose derivative is zero almost
 everywhere).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from bq_onnx.autodiff import (  # noqa: F401  (register their rules)
     vjp_activations,
+    vjp_control,
     vjp_einsum,
     vjp_elementwise,
     vjp_linalg,

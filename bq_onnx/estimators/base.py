@@ -154,6 +154,8 @@ class GradientEstimator(Estimator):
         graph = gradient_graph(self.problem.prepared, self.plan, opts.output, [*names, *probes], as_inputs, model)
         for weight, ops in graph.unsupported.items():
             if weight in names:
-                self.notes.append(f"'{weight}': no gradient rule for {', '.join(ops)}; used the activations "
+                why = [op if graph.reasons.get(op, "no rule") == "no rule" else f"{op} ({graph.reasons[op]})"
+                       for op in ops]
+                self.notes.append(f"'{weight}': no gradient rule for {', '.join(why)}; used the activations "
                                   f"estimator")
         return graph

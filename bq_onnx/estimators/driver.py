@@ -57,21 +57,24 @@ def estimate_prepared(
     spill = Spill()  # every weight's curvature goes to disk as soon as it is known; the posterior reads it back
     problem = Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed), progress_bar, spill)
     found = _Found(SpilledArrays(spill))
-    # weights owned by a subgraph are no initializer of the graph a gradient is taken in: activations take them
-    main = [w for w in prepared.weights if not w.scope]
-    main_problem = dataclasses.replace(problem, prepared=dataclasses.replace(prepared, weights=main))
+    # weights owned by a subgraph are read from the main graph in the estimators' copy (the gradient rules of If,
+    # and Loop/Scan unrolled, reach them there)
+    main_problem = dataclasses.replace(problem, prepared=hoisted(prepared))
     try:
-        estimator = REGISTRY[opts.method](main_problem) if main else None
+        estimator = REGISTRY[opts.method](main_problem) if prepared.weights else None
         if estimator is not None:
             found.run(estimator, progress_bar)
         rest = [w for w in prepared.weights if w.name not in found.curvature]
-        if opts.method != Activations.name:
-            found.notes.extend(f"'{w.name}' (inside {w.scope}): {opts.method} does not reach into subgraphs; used "
-                               f"the activations estimator" for w in rest if w.scope)
         if rest:
             found.run(Activations(problem, rest), progress_bar)
     finally:
         sessions.close()
+    for w in prepared.weights:  # a branch no calibration sample takes: the data say nothing about its weights
+        # (not "unimportant", which would store them at the fewest bits)
+        if w.scope and w.name in found.curvature and not np.any(found.curvature[w.name]):
+            del found.curvature[w.name]
+            found.notes.append(f"'{w.name}' (inside {w.scope}): its gradient is zero on every calibration sample "
+                               f"(a branch the data never take, or a state that is always zero)")
     fill_uncovered(prepared.weights, found)
     curvature, sources, factors, notes = found.curvature, found.sources, found.factors, found.notes
     weights = {}
@@ -95,6 +98,22 @@ def estimate_prepared(
     plan = main_problem.plan or problem.plan  # the estimator resolved the loss on the main graph's problem
     loss = plan.describe() if plan is not None else None
     return Posterior(opts.method, calib.num_samples, opts.prior_precision, weights, notes, loss)
+
+
+def hoisted(prepared: Prepared) -> Prepared:
+    """``prepared`` with the weights stored in subgraphs moved to the main graph's initializers (on a copy; the
+    subgraphs read them from the outer scope, which computes the same): the estimators find every weight there."""
+    scoped = [w.name for w in prepared.weights if w.scope]
+    if not scoped:
+        return prepared
+    from bq_onnx.autodiff.gradient import hoist_initializers
+    from bq_onnx.model_io import copy_model
+
+    model = copy_model(prepared.model)
+    hoist_initializers(model.graph, scoped)
+    inits = model.graph.initializers
+    return dataclasses.replace(prepared, model=model,
+                               weights=[dataclasses.replace(w, value=inits[w.name]) for w in prepared.weights])
 
 
 @dataclasses.dataclass

@@ -103,8 +103,8 @@ class Hutchinson(GradientEstimator):
         if not wrt:
             return
         fixed = targets("hutchinson", self.plan, self.outputs, self.labels, p.rng)
-        initializers = p.prepared.model.graph.initializers
-        base = {w: np.asarray(initializers[w].const_value.numpy(), dtype=np.float32) for w in wrt}
+        values = {w.name: w.value for w in self.weights}
+        base = {w: np.asarray(values[w].const_value.numpy(), dtype=np.float32) for w in wrt}
         yield HutchinsonStage(p.sessions.open(graph.model), dict(graph.gradients), wrt, p.calib, fixed, base,
                               p.layouts, opts.probes, p.calib.run_size(opts.batch_size), p.rng)
 

@@ -38,7 +38,8 @@ def gradients(
     PosteriorConfig(loss=spec, labels=labels)  # the same checks as the option (ce needs labels, ...)
     prepared = prepare(model, weights)
     names = list(wrt) if wrt is not None else [w.name for w in prepared.weights]
-    missing = [n for n in names if n not in prepared.model.graph.initializers]
+    known = {n for g in (prepared.model.graph, *prepared.model.graph.subgraphs()) for n in g.initializers}
+    missing = [n for n in names if n not in known]  # a subgraph's weight is differentiated too
     if missing:
         raise UsageError(f"not an initializer of the model: {', '.join(missing)}")
     calib = load_calibration(dict(feeds), prepared.model)

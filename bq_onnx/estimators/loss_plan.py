@@ -22,6 +22,7 @@ unscaled one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -100,6 +101,8 @@ def reference_plan(sessions: TempSessions, model: ir.Model, spec: Sequence[LossT
     values = fp32_values(sessions, model, names, calib, batch)
     stacked = {k: v.stacked() if isinstance(v, Runs) else v for k, v in values.items()}
     plan, outs = resolve(model, spec, output, stacked)
+    if any(isinstance(v, Runs) for v in values.values()):
+        plan = dataclasses.replace(plan, per_run=True)
     return plan, [_term_runs(t, values[t.output]) if isinstance(values[t.output], Runs) else y
                   for t, y in zip(plan.terms, outs)]
 
@@ -207,7 +210,12 @@ def channel_scale(y: np.ndarray) -> tuple[int | None, tuple[float, ...]]:
 
 def divergence(plan: LossPlan, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
     """Per sample, the loss of ``candidate`` outputs against the FP32 ``reference`` (float64): KL(ref || cand)
-    for kl/ce terms (no labels here), the (scaled) squared error, or 1 - cosine; weighted and summed."""
+    for kl/ce terms (no labels here), the (scaled) squared error, or 1 - cosine; weighted and summed.
+    Terms of different row counts (outputs kept per run, stacked) give one figure: the sum of each term's mean."""
+    rows = {len(r) for r in reference}
+    if len(rows) > 1:  # outputs kept per run stack to rows that are not the samples: one figure, each term's mean
+        return np.array([sum(float(np.mean(divergence(LossPlan((t,)), [r], [c])))
+                             for t, r, c in zip(plan.terms, reference, candidate))])
     total = np.zeros(len(reference[0]))
     for t, r, c in zip(plan.terms, reference, candidate):
         r, c = np.asarray(r, np.float64), np.asarray(c, np.float64)

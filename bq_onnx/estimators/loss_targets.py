@@ -19,11 +19,10 @@ def check_labels(labels: np.ndarray | None, outputs: np.ndarray | Runs, loss: st
     """``labels`` cut to the calibration samples and checked against the FP32 ``outputs`` for ``loss``."""
     if labels is None:
         return None
-    if isinstance(outputs, Runs):
-        raise DataError("labels: the model's output is kept per run (its first axis is not the samples), so labels "
-                        "per sample cannot be matched to it; run without --labels")
     if isinstance(labels, (str, os.PathLike)):
         labels = load_labels(labels)
+    if isinstance(outputs, Runs):
+        return _run_labels(labels, outputs, loss)
     labels = np.asarray(labels)
     n = outputs.shape[0]
     if labels.shape[0] < n:
@@ -41,6 +40,33 @@ def check_labels(labels: np.ndarray | None, outputs: np.ndarray | Runs, loss: st
     if labels.min() < 0 or labels.max() >= classes:
         raise DataError(f"labels: values must be in [0, {classes - 1}]")
     return labels
+
+
+def _run_labels(labels, outputs: Runs, loss: str) -> Runs:
+    """Labels of an output kept per run: one array per run (a list), or one array over the runs' outputs stacked
+    along their first axis (cut back at each run's length); each checked against its run's output."""
+    if isinstance(labels, Runs):
+        parts = labels.parts
+    elif isinstance(labels, (list, tuple)) or (isinstance(labels, np.ndarray) and labels.dtype == object):
+        parts = [np.asarray(p) for p in labels]
+    else:
+        labels = np.asarray(labels)
+        lengths = [len(p) for p in outputs.parts]
+        if labels.ndim == 0 or labels.shape[0] < sum(lengths):
+            got = labels.shape[0] if labels.ndim else 0
+            raise DataError(f"labels: the output is kept per run ({len(lengths)} runs, {sum(lengths)} rows along "
+                            f"its first axis together); got {got} rows: give one array per run, or the runs' "
+                            f"rows stacked")
+        parts = np.split(labels[: sum(lengths)], np.cumsum(lengths)[:-1])
+    if len(parts) < len(outputs.parts):
+        raise DataError(f"labels: {len(parts)} label arrays for {len(outputs.parts)} calibration runs")
+    checked = []
+    for i, (part, out) in enumerate(zip(parts, outputs.parts)):
+        try:
+            checked.append(check_labels(part, out, loss))
+        except DataError as exc:
+            raise DataError(f"{exc} (run {i})") from None
+    return Runs(checked, outputs.per)
 
 
 def term_targets(method: str, term: Term, outputs: np.ndarray, labels: np.ndarray | None,
@@ -88,27 +114,32 @@ def _distribution(y: np.ndarray) -> np.ndarray:
 
 
 def targets(method: str, plan: LossPlan | str, outputs: Sequence[np.ndarray] | np.ndarray,
-            labels: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+            labels: np.ndarray | Runs | None, rng: np.random.Generator) -> np.ndarray | Runs:
     """Per calibration sample, the target fed to the loss graph for one gradient draw of ``method``: the one
     term's target, or every term's flattened target side by side (:func:`pack`). ``plan`` may be one kind."""
     if isinstance(plan, str):
         plan, outputs = LossPlan.single(plan), [outputs]
     if any(isinstance(y, Runs) for y in outputs):
-        return _run_targets(method, plan, outputs, rng)
+        return _run_targets(method, plan, outputs, labels, rng)
     per = [term_targets(method, t, y, labels, rng) for t, y in zip(plan.terms, outputs)]
     return pack(per) if plan.packed else per[0]
 
 
-def _run_targets(method: str, plan: LossPlan, outputs: Sequence[np.ndarray | Runs],
+def _run_targets(method: str, plan: LossPlan, outputs: Sequence[np.ndarray | Runs], labels: np.ndarray | Runs | None,
                  rng: np.random.Generator) -> Runs:
-    """The target of each run from that run's own output (outputs kept per run: their first axis is not the
-    samples, so a run's target has that run's shape)."""
-    if plan.packed:
-        raise DataError("a loss of several terms needs outputs whose first axis is the samples; this model's "
-                        "output is kept per run: give one --loss term")
-    y = outputs[0]
-    assert isinstance(y, Runs)
-    return Runs([term_targets(method, plan.terms[0], part, None, rng) for part in y.parts], y.per)
+    """The target of each run from that run's own outputs (some kept per run: their first axis is not the
+    samples, so a run's target has that run's shape): one term's target as it is, several terms' flattened whole
+    and side by side in one ``[1, L]`` row (the loss graph cuts it at the outputs' sizes)."""
+    runs = next(y for y in outputs if isinstance(y, Runs))
+    per, parts = runs.per, []
+    for i in range(len(runs)):
+        rows = slice(i * per, (i + 1) * per)
+        here = [y.parts[i] if isinstance(y, Runs) else y[rows] for y in outputs]
+        label = None if labels is None else labels.parts[i] if isinstance(labels, Runs) else labels[rows]
+        per_term = [term_targets(method, t, y, label, rng) for t, y in zip(plan.terms, here)]
+        parts.append(np.concatenate([np.asarray(t, np.float32).reshape(-1) for t in per_term])[None]
+                     if plan.packed else per_term[0])
+    return Runs(parts, per)
 
 
 def pack(per_term: Sequence[np.ndarray]) -> np.ndarray:

@@ -1,0 +1,200 @@
+"""Control-flow gradients (issue 14, item 4): ``If`` by the branch taken, ``Loop``/``Scan`` unrolled, weights
+stored inside subgraphs; checked against float64 central finite differences like tests/test_autodiff.py (and
+OpenVINO where it runs the gradient model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bq_onnx.autodiff.gradient import build_gradient_model
+from bq_onnx.autodiff.vjp_control import MAX_UNROLL
+from tests.test_autodiff import F64_TOL, _session, check, i64, make_case, node, rand, run_gradient_model
+
+
+def _branch(name: str, nodes: list, out: str, inits: list | None = None) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, [], [helper.make_empty_tensor_value_info(out)], initializer=inits or [])
+
+
+@pytest.mark.parametrize("flag", [True, False], ids=["then", "else"])
+def test_if_follows_the_branch_taken(tmp_path, flag):
+    """Outer weights read by one branch, by both, by neither branch but after the If; a branch output that is
+    used twice downstream."""
+    rng = np.random.default_rng(1)
+    then = _branch("then", [helper.make_node("MatMul", ["x", "W"], ["t0"]), helper.make_node("Tanh", ["t0"], ["t"])],
+                   "t")
+    other = _branch("else", [helper.make_node("MatMul", ["x", "U"], ["e0"]),
+                             helper.make_node("Mul", ["e0", "W2"], ["e"])], "e")
+    nodes = [node("If", ["flag"], "y", then_branch=then, else_branch=other),
+             node("Mul", ["y", "V"], "z0"), node("Add", ["z0", "y"], "z")]
+    weights = {"W": rand(rng, 3, 4), "U": rand(rng, 3, 4), "W2": rand(rng, 4), "V": rand(rng, 4)}
+    case = make_case(nodes, "z", weights, consts={"flag": np.array(flag)}, inputs={"x": rand(rng, 2, 3)})
+    result, _ = check(case, tmp_path)
+    grads = run_gradient_model(result, case.feeds)
+    untaken = ["U", "W2"] if flag else ["W"]
+    for w in untaken:  # the branch not taken gives nothing
+        assert not np.any(grads[result.gradients[w]])
+
+
+def _subgraph_case(flag: bool, seed: int = 2):
+    """``z = sum(If(flag, then: relu(x @ A) @ B, else: x @ C) * R)`` with A, B, C stored inside the branches, the
+    then branch holding a nested If over the same flag."""
+    rng = np.random.default_rng(seed)
+    arrays = {"A": rand(rng, 3, 5), "B": rand(rng, 5, 4), "C": rand(rng, 3, 4)}
+    inner_then = _branch("inner_then", [helper.make_node("MatMul", ["h", "B"], ["it"])], "it",
+                         [numpy_helper.from_array(arrays["B"], "B")])
+    inner_else = _branch("inner_else", [helper.make_node("Identity", ["h4"], ["ie"])], "ie")
+    then = _branch("then", [helper.make_node("MatMul", ["x", "A"], ["h0"]), helper.make_node("Relu", ["h0"], ["h"]),
+                            helper.make_node("Slice", ["h", "s0", "s4", "s1"], ["h4"]),
+                            helper.make_node("If", ["flag"], ["t"], then_branch=inner_then, else_branch=inner_else)],
+                   "t", [numpy_helper.from_array(arrays["A"], "A")])
+    other = _branch("else", [helper.make_node("MatMul", ["x", "C"], ["e"])], "e",
+                    [numpy_helper.from_array(arrays["C"], "C")])
+    x = rand(rng, 2, 3)
+    r = rand(rng, 2, 4)
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other),
+         helper.make_node("Mul", ["y", "R"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])],
+        [helper.make_empty_tensor_value_info("z")],
+        initializer=[numpy_helper.from_array(np.array(flag), "flag"), numpy_helper.from_array(r, "R"),
+                     numpy_helper.from_array(i64(0), "s0"), numpy_helper.from_array(i64(4), "s4"),
+                     numpy_helper.from_array(i64(1), "s1")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    return proto, arrays, {"x": x}
+
+
+def _set_initializer(proto: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    stack = [out.graph]
+    while stack:
+        g = stack.pop()
+        for init in g.initializer:
+            if init.name == name:
+                init.CopyFrom(numpy_helper.from_array(array, name))
+        for n in g.node:
+            stack.extend(a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return out
+
+
+@pytest.mark.parametrize("flag", [True, False], ids=["then", "else"])
+def test_weights_stored_inside_branches_get_gradients(flag):
+    """Initializers of a branch (and of a nested branch) are differentiated: central differences in float64 on
+    every element, the model given unchanged."""
+    proto, arrays, feeds = _subgraph_case(flag)
+    model = ir.from_proto(proto)
+    before = ir.to_proto(model).SerializeToString()
+    result = build_gradient_model(model, "z", list(arrays))
+    assert ir.to_proto(model).SerializeToString() == before, "the input model was modified"
+    assert not result.unsupported and list(result.gradients) == list(arrays)
+    outs = run_gradient_model(result, feeds)
+    h = 1e-6
+    for name, w in arrays.items():
+        got = outs[result.gradients[name]]
+        assert got.shape == w.shape
+        fd = np.zeros_like(w)
+        for i in range(w.size):
+            plus, minus = w.copy(), w.copy()
+            plus.flat[i] += h
+            minus.flat[i] -= h
+            loss = [float(_session(_set_initializer(proto, name, v)).run(["z"], feeds)[0].sum()) for v in (plus, minus)]
+            fd.flat[i] = (loss[0] - loss[1]) / (2 * h)
+        scale = max(np.abs(fd).max(), 1e-12)
+        assert np.abs(fd - got).max() / scale <= F64_TOL, (name, fd, got)
+        taken = {"A", "B"} if flag else {"C"}
+        assert (np.abs(got).max() > 0) == (name in taken)
+
+
+def test_an_op_without_a_rule_inside_a_branch_blocks_only_what_it_reads():
+    rng = np.random.default_rng(3)
+    then = _branch("then", [helper.make_node("Mul", ["x", "W"], ["t0"]),
+                            helper.make_node("TopK", ["t0", "k"], ["t", "ti"], name="top", axis=-1)], "t")
+    other = _branch("else", [helper.make_node("Slice", ["x", "s0", "s2", "s0"], ["e"])], "e")
+    nodes = [node("If", ["flag"], "y", then_branch=then, else_branch=other), node("Mul", ["y", "V"], "z")]
+    consts = {"flag": np.array(True), "k": i64(2), "s0": i64(0), "s2": i64(2)}
+    case = make_case(nodes, "z", {"W": rand(rng, 3), "V": rand(rng, 2)}, consts=consts, inputs={"x": rand(rng, 3)})
+    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
+    label = "If 'If_y' > then_branch TopK 'top'"
+    assert result.unsupported == {"W": [label]}
+    assert "TopK" in result.reasons[label] or result.reasons[label] == "no rule"
+    assert list(result.gradients) == ["V"]
+
+
+def _loop_body(weight: str) -> onnx.GraphProto:
+    """state <- tanh(state @ W + i), scan output: state * 2."""
+    nodes = [helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0))),
+             helper.make_node("MatMul", ["s_in", weight], ["m"]),
+             helper.make_node("Cast", ["i"], ["fi"], to=TensorProto.DOUBLE),
+             helper.make_node("Add", ["m", "fi"], ["a"]), helper.make_node("Tanh", ["a"], ["s_out"]),
+             helper.make_node("Identity", ["c_in"], ["c_out"]),
+             helper.make_node("Mul", ["s_out", "two"], ["scan_out"])]
+    return helper.make_graph(
+        nodes, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_in", TensorProto.DOUBLE, None)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_empty_tensor_value_info("s_out"),
+         helper.make_empty_tensor_value_info("scan_out")])
+
+
+@pytest.mark.parametrize("trips", [1, 3])
+def test_loop_with_a_constant_trip_count_is_unrolled(tmp_path, trips):
+    """The final state and the stacked scan output both reach the loss; W (outer, read in the body) and S0."""
+    rng = np.random.default_rng(4)
+    nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=_loop_body("W")),
+             node("ReduceSum", ["st", "ax0"], "st0", keepdims=0), node("Add", ["sf", "st0"], "y")]
+    weights = {"W": rand(rng, 4, 4) * 0.5, "S0": rand(rng, 2, 4)}
+    case = make_case(nodes, "y", weights, consts={"M": i64(trips), "ax0": i64(0)})
+    check(case, tmp_path)
+
+
+def test_loop_beyond_the_unroll_limit_is_refused_naming_the_node():
+    rng = np.random.default_rng(5)
+    nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=_loop_body("W"))]
+    case = make_case(nodes, "sf", {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}, consts={"M": i64(MAX_UNROLL + 1)})
+    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
+    label = "Loop 'Loop_sf'"
+    assert result.unsupported == {"W": [label], "S0": [label]}
+    assert result.reasons[label] == f"a trip count of {MAX_UNROLL + 1}, over the unroll limit of {MAX_UNROLL} steps"
+
+
+def test_loop_with_a_data_dependent_condition_is_refused():
+    rng = np.random.default_rng(6)
+    body = _loop_body("W")
+    body.node[5].CopyFrom(helper.make_node("Identity", ["c_in"], ["c_mid"]))
+    body.node.append(helper.make_node("Not", ["c_mid"], ["c_out"]))
+    nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=body)]
+    case = make_case(nodes, "sf", {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}, consts={"M": i64(3)})
+    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
+    assert "depends on the data" in result.reasons["Loop 'Loop_sf'"]
+
+
+def _scan_body() -> onnx.GraphProto:
+    """h <- tanh(h @ Wr + x_t), output h * x_t's first column."""
+    nodes = [helper.make_node("MatMul", ["h_in", "Wr"], ["m"]), helper.make_node("Add", ["m", "x_t"], ["a"]),
+             helper.make_node("Tanh", ["a"], ["h_out"]), helper.make_node("Mul", ["h_out", "x_t"], ["o"])]
+    return helper.make_graph(
+        nodes, "scan_body",
+        [helper.make_tensor_value_info("h_in", TensorProto.DOUBLE, [2, 3]),
+         helper.make_tensor_value_info("x_t", TensorProto.DOUBLE, [2, 3])],
+        [helper.make_empty_tensor_value_info("h_out"), helper.make_empty_tensor_value_info("o")])
+
+
+@pytest.mark.parametrize(("in_axis", "in_dir", "out_axis", "out_dir"), [(0, 0, 0, 0), (1, 1, 1, 0), (0, 0, -1, 1)],
+                         ids=str)
+def test_scan_with_a_static_length_is_unrolled(tmp_path, in_axis, in_dir, out_axis, out_dir):
+    rng = np.random.default_rng(7)
+    xs = rand(rng, 4, 2, 3) if in_axis == 0 else rand(rng, 2, 4, 3)
+    nodes = [node("MatMul", ["X", "Wx"], "xw"),
+             node("Scan", ["H0", "xw"], ["hf", "ys"], body=_scan_body(), num_scan_inputs=1,
+                  scan_input_axes=[in_axis], scan_input_directions=[in_dir], scan_output_axes=[out_axis],
+                  scan_output_directions=[out_dir]),
+             node("ReduceSum", ["ys", "ax"], "ysum", keepdims=0), node("Add", ["hf", "ysum"], "y")]
+    weights = {"Wx": rand(rng, 3, 3), "Wr": rand(rng, 3, 3) * 0.5, "H0": rand(rng, 2, 3)}
+    ax = 0 if out_axis == 0 else (1 if out_axis == 1 else 2)
+    check(make_case(nodes, "y", weights, consts={"ax": i64(ax)}, inputs={"X": xs}), tmp_path)

@@ -33,6 +33,7 @@ class Storage:
     format: str
     int2: bool = False  # native: 1..2-bit grids in int2/uint2 containers (opset 25)
     scale_bits: int = 16  # native: fp16 scales (a Cast before DequantizeLinear), 32 where a target needs fp32
+    blocked_int4: bool = False  # native: int4 only blocked (TensorRT), so a ragged last block is padded
 
 
 def as_storage(fmt: str | Storage) -> Storage:
@@ -49,7 +50,8 @@ def storage_of(config) -> Storage:
     from bq_onnx.runtimes.profiles import get_profile
 
     p = get_profile(target)
-    return Storage(fmt, int2={"int2", "uint2"} <= p.containers, scale_bits=16 if p.fp16_scales else 32)
+    return Storage(fmt, int2={"int2", "uint2"} <= p.containers, scale_bits=16 if p.fp16_scales else 32,
+                   blocked_int4=p.int4_blocked_only)
 
 
 def container_bits(bits: int, int2: bool = False) -> int:
@@ -64,7 +66,8 @@ def container_bits(bits: int, int2: bool = False) -> int:
 
 def stored_payload_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     """Bits the format stores for the codes and outliers of ``qt``: the container in native (ragged blocks
-    padded to whole ones), the packed width in compact (a whole number of bytes)."""
+    stored as a per-axis tail, padded to whole ones only where int4 must stay blocked), the packed width in compact
+    (a whole number of bytes)."""
     k, n = qt.shape
     st = as_storage(fmt)
     if qt.kind == "mean":
@@ -72,10 +75,11 @@ def stored_payload_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     if st.format != "native":
         return 8 * -(-qt.codes.size // 8) * qt.index_bits + qt.outlier_bits  # pack_bits pads to 8 codes
     rows = qt.codes.shape[0]
-    if qt.kind == "uniform" and qt.num_blocks > 1 and qt.num_blocks * qt.block_size != k:
-        rows = qt.num_blocks * qt.block_size
     int2 = st.int2 and qt.kind == "uniform"  # codebook and vector indices stay in int4/int8 (Gather decodes)
-    return container_bits(qt.index_bits, int2) * rows * n + qt.outlier_bits
+    box = container_bits(qt.index_bits, int2)
+    if qt.kind == "uniform" and st.blocked_int4 and box == 4 and qt.num_blocks * qt.block_size != k:
+        rows = qt.num_blocks * qt.block_size
+    return box * rows * n + qt.outlier_bits
 
 
 def metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:

@@ -176,6 +176,9 @@ class RewriteNativePass(RewritePass):
     @staticmethod
     def _dequantize_linear(em: GraphEmitter, qt: QuantizedTensor, name: str, blocked_int4: bool = False,
                            int2: bool = False, scale_bits: int = 16) -> ir.Value:
+        """``DequantizeLinear`` blocked on axis 0 (per-axis for one block). A ragged last block is its own
+        per-axis ``DequantizeLinear`` concatenated below the whole blocks, so no code is stored twice and every
+        runtime's divisibility rule holds; where int4 must stay blocked (TensorRT) it is padded and sliced."""
         k, n = qt.shape
         g, nb = qt.block_size, qt.num_blocks
         signed = qt.symmetric
@@ -183,25 +186,36 @@ class RewriteNativePass(RewritePass):
         codes = qt.codes.astype(np.int16)
         if signed:
             codes = codes - qt.implicit_zero_point
-        per_axis = nb == 1 and not (blocked_int4 and qt.bits <= 4 and k == g)
-        padded = not per_axis and nb * g != k
-        if padded:
-            codes = np.concatenate([codes, np.zeros((nb * g - k, n), dtype=codes.dtype)])
-        scale = qt.scale.reshape(n) if per_axis else qt.scale  # fp16 values (qtensor), so fp16 storage is exact
-        if scale_bits == 16:
-            stored = em.tensor(scale.astype(np.float16), f"{name}.bq_scale")
-            scale = em.op("Cast", [stored], "scale", to=ir.DataType.FLOAT)
-            scale.dtype, scale.shape = ir.DataType.FLOAT, ir.Shape(stored.const_value.shape)
-        else:
-            scale = em.tensor(scale, f"{name}.bq_scale")
-        inputs = [em.tensor(codes.astype(np_dtype), f"{name}.bq_codes", dtype), scale]
-        if not signed:
-            zp = qt.zero_point.reshape(n) if per_axis else qt.zero_point
-            inputs.append(em.tensor(zp.astype(np_dtype), f"{name}.bq_zero", dtype))
-        if per_axis:
-            x = em.op("DequantizeLinear", inputs, axis=1)
-        else:
-            x = em.op("DequantizeLinear", inputs, axis=0, block_size=g)
-        if padded:
-            x = em.op("Slice", [x, em.const(i64(0)), em.const(i64(k), "k"), em.const(i64(0))], "rows")
-        return x
+        int4_blocked = blocked_int4 and container_bits(qt.bits, int2) == 4
+        per_axis = nb == 1 and not (int4_blocked and k == g)
+        ragged = not per_axis and nb * g != k
+        zp = None if signed else qt.zero_point
+
+        def dq(rows: slice, blocks: slice, suffix: str, blocked: bool, pad: int = 0) -> ir.Value:
+            c, s = codes[rows], qt.scale[blocks]
+            z = None if zp is None else zp[blocks]
+            if pad:
+                c = np.concatenate([c, np.zeros((pad, n), dtype=c.dtype)])
+            if not blocked:
+                s, z = s.reshape(n), None if z is None else z.reshape(n)
+            if scale_bits == 16:  # fp16 values (qtensor), so fp16 storage is exact
+                stored = em.tensor(s.astype(np.float16), f"{name}.bq_scale{suffix}")
+                scale = em.op("Cast", [stored], "scale", to=ir.DataType.FLOAT)
+                scale.dtype, scale.shape = ir.DataType.FLOAT, ir.Shape(stored.const_value.shape)
+            else:
+                scale = em.tensor(s, f"{name}.bq_scale{suffix}")
+            inputs = [em.tensor(c.astype(np_dtype), f"{name}.bq_codes{suffix}", dtype), scale]
+            if z is not None:
+                inputs.append(em.tensor(z.astype(np_dtype), f"{name}.bq_zero{suffix}", dtype))
+            if blocked:
+                return em.op("DequantizeLinear", inputs, axis=0, block_size=g)
+            return em.op("DequantizeLinear", inputs, axis=1)
+
+        if not ragged:
+            return dq(slice(None), slice(None), "", not per_axis)
+        if int4_blocked:
+            x = dq(slice(None), slice(None), "", True, pad=nb * g - k)
+            return em.op("Slice", [x, em.const(i64(0)), em.const(i64(k), "k"), em.const(i64(0))], "rows")
+        head = dq(slice(0, (nb - 1) * g), slice(0, nb - 1), "", True)
+        tail = dq(slice((nb - 1) * g, k), slice(nb - 1, nb), ".tail", False)
+        return em.op("Concat", [head, tail], "rows", axis=0)

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from bq_onnx.context import Context
 from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.errors import UsageError
+from bq_onnx.sizes import storage_of
 
 MAX_TRIES = 6
 ZERO_BIT_NOTE = 0.1
@@ -116,6 +117,8 @@ def alternatives(ctx: Context, larger: str) -> str:
     if config.quantization.group_size != "auto" and config.quantization.group_size not in (0, 128):
         ways.append("--group-size auto or 128 (fewer scales)")
     if config.storage.format == "native":
+        if not storage_of(config).int2:
+            ways.append("--target onnxruntime (int2 containers, which OpenVINO cannot read)")
         ways.append("--format compact (exact b-bit codes, no int4 container)")
     allowed = config.allocation.allowed_bits
     if 0 not in allowed:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
+from pathlib import Path
 
 import onnx_ir as ir
 
@@ -55,7 +57,7 @@ class StoredBudget:
     def measure_bits(self, out: ir.Model) -> float:
         """Bits the budget covers in the rewritten model."""
         if self.size_mb is not None:
-            return 8.0 * serialized_bytes(out)
+            return 8.0 * file_bytes(out)
         return 8.0 * (ir_stored_bytes(out) - self.other_bytes)
 
     def next_reserve(self, out: ir.Model, ctx: Context) -> tuple[bool, float | None]:
@@ -156,3 +158,20 @@ def other_bytes(model: ir.Model, ctx: Context) -> int:
 def serialized_bytes(model: ir.Model) -> int:
     """Bytes of the file ``save_model`` writes for ``model`` (a protobuf under 2 GB)."""
     return ir.serde.serialize_model(model).ByteSize()
+
+
+PLACEHOLDER_NAME = "m" * 231 + ".onnx"
+"""The output name a trial save uses: the longest ``save_model`` can write (checked: 236 characters; longer fail there
+with "File name too long"). Every external tensor repeats its data file's name, so no real output is larger."""
+
+
+def file_bytes(model: ir.Model) -> int:
+    """Bytes :func:`~bq_onnx.model_io.save_model` writes for ``model``: the serialized size where it writes one
+    file, else the model file and its external data (page-aligned), written once to a temporary folder."""
+    from bq_onnx.model_io import external_data_threshold, external_tensors, model_nbytes, save_model
+
+    if model_nbytes(model) <= external_data_threshold() and not any(True for _ in external_tensors(model)):
+        return serialized_bytes(model)
+    with tempfile.TemporaryDirectory(prefix="bq-size-") as folder:
+        save_model(model, Path(folder) / PLACEHOLDER_NAME)
+        return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())

@@ -72,6 +72,8 @@ def stored_payload_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     st = as_storage(fmt)
     if qt.kind == "mean":
         return 0
+    if qt.kind == "float16":
+        return 16 * k * n + qt.outlier_bits
     if st.format != "native":
         return 8 * -(-qt.codes.size // 8) * qt.index_bits + qt.outlier_bits  # pack_bits pads to 8 codes
     rows = qt.codes.shape[0]
@@ -103,6 +105,8 @@ def block_metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     blocks = nb * n
     if qt.kind == "mean":
         return 16 * blocks
+    if qt.kind == "float16":
+        return 0
     bits = 0
     if qt.kind == "uniform":
         bits += (st.scale_bits if st.format == "native" else 16) * blocks

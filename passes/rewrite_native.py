@@ -115,6 +115,8 @@ class RewriteNativePass(RewritePass):
         dims = BlockDims.constant(em, k, n, g)
         if qt.kind == "vector":
             return self._vector(em, qt, name, dims)
+        if qt.kind == "float16":
+            return em.op("Cast", [em.tensor(qt.offset.astype(np.float16), f"{name}.bq_fp16")], to=ir.DataType.FLOAT)
         if qt.kind == "mean":
             offset = em.tensor(qt.offset.astype(np.float16), f"{name}.bq_mean")
             x = expand_blocks(em, em.op("Cast", [offset], to=ir.DataType.FLOAT), dims)

@@ -129,3 +129,39 @@ def test_native_budgets_below_five_bits_are_met(tmp_path, target, bits, group):
 def test_a_native_budget_only_int2_meets_names_the_onnxruntime_target():
     with pytest.raises(UsageError, match=r"--bits 4 cannot be met: .*--target onnxruntime \(int2 containers"):
         bq_onnx.optimize(MODELS / "lenet.onnx", bits=4, group_size=128)
+
+
+@pytest.mark.parametrize("fmt", ["native", "compact"])
+def test_the_float16_width_round_trips_exactly_and_counts_16_bits(tmp_path, fmt):
+    """``--allowed-bits ...,16``: a tensor stored as fp16 values (a Cast, no codes, no scales) in both formats,
+    decoded exactly by both runtimes, counted at 16 bits (issue 18 item 2)."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((9, 16)) * 0.1).astype(np.float32)  # a depthwise 3x3 kernel's size
+    big = (rng.standard_normal((64, 64)) * 0.1).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["u", "B"], ["z"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 9]),
+                        helper.make_tensor_value_info("u", TensorProto.FLOAT, ["b", 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16]),
+                        helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 64])],
+                       [numpy_helper.from_array(w, "W"), numpy_helper.from_array(big, "B")])
+    result = bq_onnx.optimize(model, bits=6, allowed_bits=(2, 3, 4, 5, 6, 7, 8, 16), min_bits=(("W", 16),),
+                              format=fmt, min_size=1, no_guard=True)
+    path = tmp_path / "q.onnx"
+    result.save(path, verify=False)
+    qt = result.context.quantized["W"]
+    assert qt.kind == "float16" and qt.bits == 16
+    np.testing.assert_array_equal(qt.dequantize(), w.astype(np.float16).astype(np.float32))
+    assert stored_payload_bits(qt, fmt) == 16 * w.size and block_metadata_bits(qt, fmt) == 0
+    assert _initializers(path)["W.bq_fp16"].data_type == TensorProto.FLOAT16
+    assert count(path, model).bits_per_weight <= 6
+    feeds = {"x": np.eye(9, dtype=np.float32), "u": np.zeros((1, 64), np.float32)}
+    for runtime in ("onnxruntime", "openvino"):
+        decoded = get_runtime(runtime).session(path, exact=True).run(feeds)[0]
+        np.testing.assert_array_equal(decoded, qt.dequantize(), err_msg=runtime)
+
+
+def test_a_budget_with_the_float16_width_is_met(tmp_path):
+    model = MODELS / "lenet.onnx"
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(model, bits=5, allowed_bits=(2, 3, 4, 5, 6, 7, 8, 16), no_guard=True).save(out)
+    assert 4.7 <= count(out, model).bits_per_weight <= 5

@@ -195,3 +195,20 @@ def test_every_initializer_of_every_output_is_read(tmp_path, fmt, target):
     bq_onnx.optimize(mixed_model(), bits=bits, format=fmt, target=target, allowed_bits=ALL_WIDTHS, min_size=1,
                      no_guard=True).save(out)
     assert _dead(out) == ([], [])
+
+
+def test_count_finds_reference_weights_held_in_constant_nodes(tmp_path):
+    """paddle2onnx keeps every weight in a Constant node (ppocr-cls): the reference's weights are still found."""
+    import numpy as np
+
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    const = onnx.helper.make_node("Constant", [], ["W"], value=onnx.numpy_helper.from_array(w, "W"))
+    g = onnx.helper.make_graph([const, onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "m",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32])])
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(model, bits=5, no_guard=True).save(out)
+    c = count(out, model)
+    assert c.weight_numel == w.size and 4.5 <= c.bits_per_weight <= 5

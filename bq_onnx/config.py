@@ -97,8 +97,8 @@ def parse_min_bits(value: Any, flag: str = "--min-bits") -> tuple[tuple[str, int
             width = int(bits)
         except ValueError:
             raise UsageError(f"{flag} {pattern}: bits must be an integer, got {bits!r}") from None
-        if not 0 <= width <= 8:
-            raise UsageError(f"{flag} {pattern}: bits must be in 0..8, got {width}")
+        if not (0 <= width <= 8 or width == 16):
+            raise UsageError(f"{flag} {pattern}: bits must be in 0..8 or 16 (float16), got {width}")
         out.append((pattern, width))
     return tuple(out)
 
@@ -227,7 +227,7 @@ def _bits(v: float) -> str | None:
 
 
 def _widths(v: tuple[int, ...]) -> str | None:
-    return None if v and all(0 <= b <= 8 for b in v) else "must be widths in 0..8"
+    return None if v and all(0 <= b <= 8 or b == 16 for b in v) else "must be widths in 0..8 or 16 (float16)"
 
 
 # --- options more than one concern reads: one declaration each ---------------------------------------------
@@ -334,7 +334,9 @@ class AllocationConfig(Concern):
     allowed_bits: tuple[int, ...] = option(
         (2, 3, 4, 5, 6, 7, 8), "widths the allocator may use; 0 (a block stored as its mean) and 1 only when listed "
         "here (--allocator selective adds 0 when this is not given): far outside what the expected-loss tables "
-        "model, so the guard measures them", parse=parse_bit_list, check=_widths, metavar="B,B,...")
+        "model, so the guard measures them; 16 stores a tensor as fp16 (counted 16 bits; for tiny sensitive "
+        "tensors whose 8-bit scales cost more than the bits saved)",
+        parse=parse_bit_list, check=_widths, metavar="B,B,...")
     bits_payload: bool = option(False, "--bits counts payload bits only (the grid's width per weight, the papers' "
                                 "reading): no container padding, no scales")
     bits_include_metadata: bool = option(False, "kept for old scripts: --bits counts stored bits, metadata "

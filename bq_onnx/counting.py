@@ -122,10 +122,14 @@ def reference_weights(reference: str | os.PathLike | onnx.ModelProto, min_size: 
     rule is the usual one: float tensors of at least ``min_size`` elements read as MatMul/Gemm/Conv/Gather
     weights; biases and norms are not weights)."""
     import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
     from bq_onnx.stages.weights import find_weights
 
     model = ir.serde.deserialize_model(_load(reference))
+    # weights held in Constant nodes (paddle2onnx) are weights too; a lifted one keeps its output's name, which
+    # is how :func:`_named` finds it in the reference
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=min_size)(model)
     return {w.name for w in find_weights(model, WeightsConfig(min_size=min_size)).weights}
 
 

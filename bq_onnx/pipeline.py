@@ -18,12 +18,13 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
 from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.pass_manager import run_passes
-from bq_onnx.passes.prepare import prepare_passes
+from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass, prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
 from bq_onnx.posterior import Posterior
 from bq_onnx.progress import memtrace
 from bq_onnx.runtimes.base import Capabilities
+from bq_onnx.sizes import INT2_OPSET, storage_of
 from bq_onnx.stages import guard
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits, head_floors
@@ -52,6 +53,8 @@ def optimize_model(
     """
     config = ctx.config
     model = run_passes(model, prepare_passes(config.weights))
+    if storage_of(config).int2:  # int2 codes need DequantizeLinear-25; converted before the weights are found
+        model = run_passes(model, [UpgradeOpsetPass(INT2_OPSET), SetIrVersionPass()])
     found = find_weights(model, config.weights)
     ctx.weights = found.weights
     ctx.messages.extend(found.messages)

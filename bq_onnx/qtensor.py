@@ -16,7 +16,10 @@ from typing import Literal
 
 import numpy as np
 
-Kind = Literal["uniform", "codebook", "vector", "mean"]
+Kind = Literal["uniform", "codebook", "vector", "mean", "float16"]
+
+FLOAT16_BITS = 16
+"""The float16 width: the weight stored as fp16 values (``--allowed-bits ...,16``), no codes, no metadata."""
 
 OUTLIER_VALUE_BITS = 16
 """Outlier values are stored in fp16."""
@@ -57,6 +60,8 @@ class QuantizedTensor:
       ``w = codebook[code]`` laid back along the rows, cut to ``K`` (a ragged last vector), ``* scale``.
       ``bits`` stays the cost per weight; an index takes ``bits * d`` bits (:attr:`index_bits`).
     * ``mean`` (0 bits): ``w = offset``, the block mean.
+    * ``float16`` (16 bits): ``w = offset``, the ``(K, N)`` weights rounded to fp16 (one block; for tensors so
+      small that 8-bit codes plus their scales cost more, or so sensitive that 8 bits lose too much).
 
     Any kind may carry sparse outliers: ``outlier_index`` (ascending flat indices into the row-major ``(K, N)``
     view, int64) and ``outlier_value`` (float32, fp16-representable) are added back after the dense decode:
@@ -84,7 +89,10 @@ class QuantizedTensor:
     def __post_init__(self) -> None:
         k, n = self.shape
         nb = num_blocks(k, self.block_size)
-        if not 0 <= self.bits <= 8:
+        if self.kind == "float16" or self.bits == FLOAT16_BITS:
+            if self.kind != "float16" or self.bits != FLOAT16_BITS:
+                raise ValueError(f"16 bits are the float16 kind, got {self.kind} at {self.bits} bits")
+        elif not 0 <= self.bits <= 8:
             raise ValueError(f"bits must be in 0..8, got {self.bits}")
         for name in ("scale", "offset", "codebook", "outlier_value"):
             value = getattr(self, name)
@@ -93,6 +101,9 @@ class QuantizedTensor:
         self._check_outliers(k * n)
         if self.kind == "mean":
             _check(self.offset, (nb, n), np.float32, "offset")
+            return
+        if self.kind == "float16":
+            _check(self.offset, (k, n), np.float32, "offset")
             return
         if self.kind == "vector":
             self._check_vector(k, n, nb)
@@ -185,6 +196,8 @@ class QuantizedTensor:
         g = self.block_size
         if self.kind == "mean":
             return expand_blocks(self.offset, k, g).copy()
+        if self.kind == "float16":
+            return self.offset.copy()
         scale = expand_blocks(self.scale, k, g)
         if self.kind == "vector":
             kv, d = self.codes.shape[0], self.vector_dim
@@ -270,3 +283,12 @@ class QuantizedPieces:
     @property
     def payload_bits(self) -> int:
         return sum(qt.payload_bits for _, _, qt in self.pieces)
+
+
+def float16_tensor(w: np.ndarray) -> QuantizedTensor:
+    """``w`` (K, N) stored as fp16 values (clamped to the finite fp16 range), decoded by a Cast to float."""
+    w = np.asarray(w, dtype=np.float64)
+    fp16_max = float(np.finfo(np.float16).max)
+    values = to_fp16_exact(np.clip(w, -fp16_max, fp16_max))
+    return QuantizedTensor("float16", FLOAT16_BITS, (w.shape[0], w.shape[1]), max(w.shape[0], 1), offset=values,
+                           method="float16")

@@ -5,36 +5,86 @@ each: per-weight data, so they count against ``--bits``). *Metadata* is everythi
 zero points, codebooks, offsets); a vector codebook is ``2**(bits*d)`` fp16 vectors of length ``d``, stored once
 per tensor and width however many slices share it. *Stored* bytes are what the written initializers really take,
 container waste included (3-bit codes in an int4 container take 4 bits in the native format).
+
+What the native format stores depends on the target (:class:`Storage`, :func:`storage_of`): measured with
+onnxruntime 1.32 and OpenVINO 2026.4 (``tests/test_containers.py``), fp16 scales cast to float *before* the
+``DequantizeLinear`` decode exactly in both and keep onnxruntime's MatMulNBits fusion (a Cast after it does not:
+OpenVINO then rounds differently and onnxruntime stops fusing); ``int2``/``uint2`` codes (opset 25) run in
+onnxruntime only (OpenVINO's ONNX reader: "Unsupported data type INT2"), so only ``--target onnxruntime`` stores
+1..2-bit grids in them; the default output must run in both runtimes and keeps them in int4.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
-
-def container_bits(bits: int) -> int:
-    """Bits one code takes in the native format's ``DequantizeLinear`` container: int4 for 1..4, int8 for 5..8
-    (int2 is not used: OpenVINO does not read it, DESIGN.md), uint16 above (vector indices)."""
-    return 0 if bits <= 0 else 4 if bits <= 4 else 8 if bits <= 8 else 16
+INT2_OPSET = 25
+"""The first opset whose DequantizeLinear reads int2/uint2 codes."""
 
 
-def stored_payload_bits(qt: QuantizedTensor, fmt: str) -> int:
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """What one output stores per code and per scale: the format, and in native the target's containers."""
+
+    format: str
+    int2: bool = False  # native: 1..2-bit grids in int2/uint2 containers (opset 25)
+    scale_bits: int = 16  # native: fp16 scales (a Cast before DequantizeLinear), 32 where a target needs fp32
+    blocked_int4: bool = False  # native: int4 only blocked (TensorRT), so a ragged last block is padded
+
+
+def as_storage(fmt: str | Storage) -> Storage:
+    """A format name (the default target's storage) or a :class:`Storage` as it is."""
+    return fmt if isinstance(fmt, Storage) else Storage(fmt)
+
+
+def storage_of(config) -> Storage:
+    """The storage an :class:`~bq_onnx.config.OptimizeConfig` writes: the format, and in native what its target
+    runs (no target: what both onnxruntime and OpenVINO run)."""
+    fmt, target = config.storage.format, config.target.target
+    if fmt != "native" or not target:
+        return Storage(fmt)
+    from bq_onnx.runtimes.profiles import get_profile
+
+    p = get_profile(target)
+    return Storage(fmt, int2={"int2", "uint2"} <= p.containers, scale_bits=16 if p.fp16_scales else 32,
+                   blocked_int4=p.int4_blocked_only)
+
+
+def container_bits(bits: int, int2: bool = False) -> int:
+    """Bits one code takes in the native format's ``DequantizeLinear`` container: int2 for 1..2 where the target
+    runs it, int4 for 1..4, int8 for 5..8, uint16 above (vector indices)."""
+    if bits <= 0:
+        return 0
+    if bits <= 2 and int2:
+        return 2
+    return 4 if bits <= 4 else 8 if bits <= 8 else 16
+
+
+def stored_payload_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     """Bits the format stores for the codes and outliers of ``qt``: the container in native (ragged blocks
-    padded to whole ones), the packed width in compact (a whole number of bytes)."""
+    stored as a per-axis tail, padded to whole ones only where int4 must stay blocked), the packed width in compact
+    (a whole number of bytes)."""
     k, n = qt.shape
+    st = as_storage(fmt)
     if qt.kind == "mean":
         return 0
-    if fmt != "native":
+    if qt.kind == "float16":
+        return 16 * k * n + qt.outlier_bits
+    if st.format != "native":
         return 8 * -(-qt.codes.size // 8) * qt.index_bits + qt.outlier_bits  # pack_bits pads to 8 codes
     rows = qt.codes.shape[0]
-    if qt.kind == "uniform" and qt.num_blocks > 1 and qt.num_blocks * qt.block_size != k:
+    int2 = st.int2 and qt.kind == "uniform"  # codebook and vector indices stay in int4/int8 (Gather decodes)
+    box = container_bits(qt.index_bits, int2)
+    if qt.kind == "uniform" and st.blocked_int4 and box == 4 and qt.num_blocks * qt.block_size != k:
         rows = qt.num_blocks * qt.block_size
-    return container_bits(qt.index_bits) * rows * n + qt.outlier_bits
+    return box * rows * n + qt.outlier_bits
 
 
-def metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
+def metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     """Bits of per-block and per-tensor metadata, as each format stores them."""
     return block_metadata_bits(qt, fmt) + codebook_bits(qt)
 
@@ -48,17 +98,20 @@ def codebook_bits(qt: QuantizedTensor) -> int:
     return 0
 
 
-def block_metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
+def block_metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     """Bits of the per-block metadata (scales, zero points, offsets), as each format stores them."""
+    st = as_storage(fmt)
     nb, n = qt.num_blocks, qt.shape[1]
     blocks = nb * n
     if qt.kind == "mean":
         return 16 * blocks
+    if qt.kind == "float16":
+        return 0
     bits = 0
     if qt.kind == "uniform":
-        bits += (32 if fmt == "native" else 16) * blocks  # DequantizeLinear scales are fp32 in native
+        bits += (st.scale_bits if st.format == "native" else 16) * blocks
         if not qt.symmetric:
-            container = (4 if qt.bits <= 4 else 8) if fmt == "native" else qt.bits
+            container = container_bits(qt.bits, st.int2) if st.format == "native" else qt.bits
             bits += container * blocks
     else:
         bits += 16 * blocks
@@ -70,13 +123,14 @@ def block_metadata_bits(qt: QuantizedTensor, fmt: str) -> int:
 def layer_record(
     name: str,
     q: QuantizedTensor | QuantizedPieces,
-    fmt: str,
+    fmt: str | Storage,
     stored: dict[str, int],
     shape: tuple[int, ...],
     original_bytes: int,
 ) -> dict:
     """One row of the report: everything about one quantized weight, JSON-ready."""
     pieces = q.pieces if isinstance(q, QuantizedPieces) else ((0, q.shape[1], q),)
+    st = as_storage(fmt)
     numel = int(np.prod(q.shape))
     payload = sum(p.payload_bits for _, _, p in pieces)
     books = {p.codebook.tobytes(): codebook_bits(p) for _, _, p in pieces if p.codebook is not None}
@@ -94,7 +148,7 @@ def layer_record(
         + ("+outliers" if any(p.num_outliers for _, _, p in pieces) else ""),
         "symmetric": bool(first.symmetric),
         "block_size": first.block_size,
-        "format": fmt,
+        "format": st.format,
         "numel": numel,
         "payload_bits": payload,
         "metadata_bits": meta,
@@ -109,7 +163,7 @@ def layer_record(
         "outlier_bits": sum(p.outlier_bits for _, _, p in pieces),
         # runtimes run only plain DequantizeLinear (native uniform) on compressed weights; every other decode
         # (codebooks, vector codebooks, outliers, 0-bit means, compact functions) is folded to float at load
-        "dequantized_at_load": fmt != "native"
+        "dequantized_at_load": st.format != "native"
         or any(p.kind != "uniform" or p.num_outliers for _, _, p in pieces),
         "tensors": dict(sorted(stored.items())),
     }

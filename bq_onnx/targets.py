@@ -17,6 +17,7 @@ import dataclasses
 from bq_onnx.config import OptimizeConfig
 from bq_onnx.context import Context, Derived, WeightInfo
 from bq_onnx.errors import UsageError
+from bq_onnx.qtensor import FLOAT16_BITS
 from bq_onnx.runtimes.base import Capabilities
 
 UNIFORM_QUANTIZERS = ("uniform", "uniform-sym", "percentile")
@@ -63,7 +64,8 @@ def legalize_config(
         raise UsageError(f"--format compact stores model-local functions, which target {p.name} cannot read; "
                          f"use --format native")
     if strict_size:
-        kept = tuple(b for b in a.allowed_bits if b == 0 or b in p.native_bits)  # 0: mean only, no codes
+        # 0: mean only, no codes; 16: fp16 values, no container
+        kept = tuple(b for b in a.allowed_bits if b in (0, FLOAT16_BITS) or b in p.native_bits)
         if not any(kept):
             raise UsageError(f"--strict-size: none of the allowed widths {list(a.allowed_bits)} is executed "
                              f"natively by {p.name} ({sorted(p.native_bits)})")
@@ -78,7 +80,7 @@ def container_notes(ctx: Context, p: Capabilities) -> list[str]:
     widths = set(ctx.bits.values()) if ctx.bits else {int(ctx.config.allocation.bits)}
     widths |= {b for _, b in ctx.derived.weight_min_bits}
     notes = []
-    for w in sorted(b for b in widths if b > 0 and b not in p.native_bits):
+    for w in sorted(b for b in widths if 0 < b <= 8 and b not in p.native_bits):
         box = "int4" if w <= 4 else "int8"
         notes.append(f"target {p.name}: {w}-bit weights are stored and executed in an {box} container "
                      f"(the {w}-bit grid is kept; --strict-size allows only {sorted(p.native_bits)})")

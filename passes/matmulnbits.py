@@ -1,10 +1,14 @@
-"""Lower 4-bit DequantizeLinear -> MatMul pairs to onnxruntime's ``com.microsoft.MatMulNBits`` (target onnxruntime).
+"""Lower 4- and 2-bit DequantizeLinear -> MatMul pairs to ``com.microsoft.MatMulNBits`` (target onnxruntime).
 
 onnxruntime 1.31 fuses DequantizeLinear + MatMul into MatMulNBits for only one MatMul per graph (its own
-quantizer's QDQ output included; benchmarks/runtime_latency.md), and an unfused pair dequantizes the whole weight
-on every run: 8-9x slower than FP32 on a 4x2048^2 MLP. Writing MatMulNBits directly, as onnxruntime's own
-quantizer does by default, gives every layer the compressed kernel. Same numbers: ``(code - zp) * scale``
-with the stored codes, zero points and scales; only the layout changes (``B[N, blocks, G/2]``, low nibble first).
+quantizer's QDQ output included; benchmarks/runtime_latency.md; 1.32 too, measured ad hoc), and an unfused pair
+dequantizes the whole weight on every run: 8-9x slower than FP32 on a 4x2048^2 MLP. Writing MatMulNBits directly,
+as onnxruntime's own quantizer does by default, gives every layer the compressed kernel. Same numbers:
+``(code - zp) * scale`` with the stored codes, zero points and scales; only the layout changes
+(``B[N, blocks, G*bits/8]``, first code in the lowest bits; int2 codes, written for ``--target onnxruntime``,
+become ``bits=2``). fp16 scales (stored fp16, cast to float in front of the DequantizeLinear) become fp32:
+MatMulNBits takes scales of the activation's type, so these weights store 32-bit scales (the budget stage counts
+what is written).
 """
 
 from __future__ import annotations
@@ -15,10 +19,23 @@ import onnx_ir as ir
 DOMAIN = "com.microsoft"
 
 
-def _pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """Pairs along the last axis -> one byte, first value in the low nibble (last axis must be even)."""
+#: code type -> (bits, signed)
+_CODES = {ir.DataType.UINT4: (4, False), ir.DataType.INT4: (4, True), ir.DataType.UINT2: (2, False),
+          ir.DataType.INT2: (2, True)}
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """``8 // bits`` codes along the last axis -> one byte, first code in the lowest bits (the last axis is padded
+    with zeros to a whole byte)."""
+    per = 8 // bits
     v = values.astype(np.uint8)
-    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+    pad = -v.shape[-1] % per
+    if pad:
+        v = np.concatenate([v, np.zeros((*v.shape[:-1], pad), np.uint8)], axis=-1)
+    out = np.zeros((*v.shape[:-1], v.shape[-1] // per), np.uint8)
+    for i in range(per):
+        out |= (v[..., i::per] << (bits * i)).astype(np.uint8)
+    return out
 
 
 class LowerMatMulNBitsPass(ir.passes.InPlacePass):
@@ -44,10 +61,16 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
             return False
         codes_v, scale_v = dq.inputs[0], dq.inputs[1]
         zp_v = dq.inputs[2] if len(dq.inputs) > 2 else None
+        cast = scale_v.producer() if scale_v is not None else None
+        if cast is not None and cast.op_type == "Cast" and cast.domain in ("", "ai.onnx") and len(scale_v.uses()) == 1:
+            scale_v = cast.inputs[0]  # an fp16 scale cast to float: read the fp16 values
+        else:
+            cast = None
         if codes_v is None or codes_v.const_value is None or scale_v.const_value is None:
             return False
         codes_type, scale_type = codes_v.const_value.dtype, scale_v.const_value.dtype
-        if codes_type not in (ir.DataType.UINT4, ir.DataType.INT4) or scale_type != ir.DataType.FLOAT:
+        float_scale = ir.DataType.FLOAT16 if cast is not None else ir.DataType.FLOAT
+        if codes_type not in _CODES or scale_type != float_scale:
             return False
         if zp_v is not None and zp_v.const_value is None:
             return False
@@ -62,17 +85,16 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
         if k % g:
             return False
         blocks = k // g
+        bits, signed = _CODES[codes_type]
         codes = np.asarray(codes_v.const_value.numpy()).astype(np.int16)
-        if codes_type == ir.DataType.INT4:  # symmetric: signed codes, zero point 0 -> unsigned with zp 8
-            codes, zero = codes + 8, np.full((blocks, n), 8, np.int16)
+        if signed:  # symmetric: signed codes, zero point 0 -> unsigned with zp 2**(bits-1)
+            half = 1 << (bits - 1)
+            codes, zero = codes + half, np.full((blocks, n), half, np.int16)
         else:
             zero = np.asarray(zp_v.const_value.numpy()).astype(np.int16) if zp_v is not None \
                 else np.zeros((blocks, n), np.int16)
-        b = _pack_nibbles(codes.T.reshape(n, blocks, g))  # [N, blocks, G/2]
-        zp_cols = zero.T  # [N, blocks]
-        if blocks % 2:
-            zp_cols = np.concatenate([zp_cols, np.zeros((n, 1), np.int16)], axis=1)
-        zp_packed = _pack_nibbles(zp_cols)  # [N, ceil(blocks / 2)]
+        b = _pack(codes.T.reshape(n, blocks, g), bits)  # [N, blocks, G * bits / 8]
+        zp_packed = _pack(zero.T, bits)  # [N, ceil(blocks * bits / 8)]
         scales = np.ascontiguousarray(np.asarray(scale_v.const_value.numpy(), np.float32).T)  # [N, blocks]
         base = codes_v.name.removesuffix(".bq_codes")
         inits = [
@@ -83,7 +105,7 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
         for value in inits:
             graph.register_initializer(value)
         node = ir.Node(DOMAIN, "MatMulNBits", [matmul.inputs[0], *inits],
-                       attributes=[ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
+                       attributes=[ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
                                    ir.AttrInt64("block_size", g)],
                        num_outputs=1, name=(matmul.name or base) + ".nbits")
         graph.insert_before(matmul, node)
@@ -93,7 +115,7 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
         was_output = result.is_graph_output()
         result.replace_all_uses_with(new, replace_graph_outputs=True)
         name = result.name
-        graph.remove([matmul, dq], safe=True)
+        graph.remove([matmul, dq, *([cast] if cast is not None else [])], safe=True)
         new.name = name if was_output or name else new.name
         for value in (codes_v, scale_v, zp_v):
             if value is not None and not list(value.uses()) and value.name in graph.initializers:

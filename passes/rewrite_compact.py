@@ -61,6 +61,8 @@ class RewriteCompactPass(RewritePass):
         return em.op(fname, [*inputs, layout], fname, domain=DOMAIN)
 
     def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        if qt.kind == "float16":  # fp16 values need no decode function: a Cast, as in native
+            return em.op("Cast", [em.tensor(qt.offset.astype(np.float16), f"{name}.bq_fp16")], to=ir.DataType.FLOAT)
         if qt.kind == "vector":
             return self._vector(em, qt, name, model)
         k, n = qt.shape

@@ -2,7 +2,10 @@
 
 Uniform grids become ``DequantizeLinear`` with ``block_size`` on axis 0 (per-axis when a column is one block,
 except int4 on targets that run int4 only blocked, where K == block size stays one block), codes
-in an int4 container for <= 4 bits and int8 for 5..8 (the allocated grid is kept; the container only sets storage).
+in an int2 container for <= 2 bits where the target runs it (``--target onnxruntime``, opset 25), int4 for <= 4
+and int8 for 5..8 (the allocated grid is kept; the container only sets storage). Scales are stored fp16 and cast
+to float in front of the ``DequantizeLinear`` (exact in onnxruntime and OpenVINO, MatMulNBits fusion kept:
+:mod:`bq_onnx.sizes`), fp32 on targets whose profile does not say fp16 scales.
 Ragged blocks are padded to whole blocks and sliced after decoding, so every runtime's divisibility rule holds.
 Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation; so do vector codebooks (Gather of
 codebook rows, Transpose, Reshape, Mul) and sparse outliers (Gather, Add, ScatterElements after the dense decode),
@@ -22,7 +25,10 @@ from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 from bq_onnx.sizes import container_bits
 
 
-def container(bits: int, signed: bool) -> tuple[ir.DataType, np.dtype]:
+def container(bits: int, signed: bool, int2: bool = False) -> tuple[ir.DataType, np.dtype]:
+    """The ONNX code type of a ``bits``-wide grid and the numpy type its codes are written from."""
+    if bits <= 2 and int2:  # onnx-ir writes 2-bit types from int8/uint8 arrays
+        return (ir.DataType.INT2, np.int8) if signed else (ir.DataType.UINT2, np.uint8)
     if bits <= 4:
         return (ir.DataType.INT4, ml_dtypes.int4) if signed else (ir.DataType.UINT4, ml_dtypes.uint4)
     return (ir.DataType.INT8, np.int8) if signed else (ir.DataType.UINT8, np.uint8)
@@ -38,11 +44,12 @@ class RewriteNativePass(RewritePass):
         container than its own, as the tables count it."""
         out: list[QuantizedTensor] = []
         run: list[QuantizedTensor] = []
+        int2 = self.storage.int2
 
         def key(q: QuantizedTensor) -> tuple | None:
             if q.kind != "uniform" or q.num_outliers:
                 return None
-            return container_bits(q.bits), q.symmetric, q.block_size
+            return container_bits(q.bits, int2), q.symmetric, q.block_size
 
         for _, _, qt in pieces.pieces:
             if run and (key(qt) is None or key(qt) != key(run[-1])):
@@ -55,7 +62,7 @@ class RewriteNativePass(RewritePass):
         if run:
             out.append(self.merge(run))
         if len(out) > 1 and self._int4_into_consumer_only() and any(
-                q.kind == "uniform" and container_bits(q.bits) == 4 for q in out):
+                q.kind == "uniform" and container_bits(q.bits, int2) == 4 for q in out):
             whole = self.merge([qt for _, _, qt in pieces.pieces])  # int4 cannot feed a Concat there
             return [whole] if whole is not None else out
         return out
@@ -103,10 +110,13 @@ class RewriteNativePass(RewritePass):
         k, n = qt.shape
         g, _nb = qt.block_size, qt.num_blocks
         if qt.kind == "uniform":
-            return self._dequantize_linear(em, qt, name, self._blocked_int4())
+            st = self.storage
+            return self._dequantize_linear(em, qt, name, self._blocked_int4(), st.int2, st.scale_bits)
         dims = BlockDims.constant(em, k, n, g)
         if qt.kind == "vector":
             return self._vector(em, qt, name, dims)
+        if qt.kind == "float16":
+            return em.op("Cast", [em.tensor(qt.offset.astype(np.float16), f"{name}.bq_fp16")], to=ir.DataType.FLOAT)
         if qt.kind == "mean":
             offset = em.tensor(qt.offset.astype(np.float16), f"{name}.bq_mean")
             x = expand_blocks(em, em.op("Cast", [offset], to=ir.DataType.FLOAT), dims)
@@ -166,29 +176,48 @@ class RewriteNativePass(RewritePass):
         return get_profile(target).int4_blocked_only
 
     @staticmethod
-    def _dequantize_linear(em: GraphEmitter, qt: QuantizedTensor, name: str, blocked_int4: bool = False) -> ir.Value:
+    def _dequantize_linear(em: GraphEmitter, qt: QuantizedTensor, name: str, blocked_int4: bool = False,
+                           int2: bool = False, scale_bits: int = 16) -> ir.Value:
+        """``DequantizeLinear`` blocked on axis 0 (per-axis for one block). A ragged last block is its own
+        per-axis ``DequantizeLinear`` concatenated below the whole blocks, so no code is stored twice and every
+        runtime's divisibility rule holds; where int4 must stay blocked (TensorRT) it is padded and sliced."""
         k, n = qt.shape
         g, nb = qt.block_size, qt.num_blocks
         signed = qt.symmetric
-        dtype, np_dtype = container(qt.bits, signed)
+        dtype, np_dtype = container(qt.bits, signed, int2)
         codes = qt.codes.astype(np.int16)
         if signed:
             codes = codes - qt.implicit_zero_point
-        per_axis = nb == 1 and not (blocked_int4 and qt.bits <= 4 and k == g)
-        padded = not per_axis and nb * g != k
-        if padded:
-            codes = np.concatenate([codes, np.zeros((nb * g - k, n), dtype=codes.dtype)])
-        inputs = [
-            em.tensor(codes.astype(np_dtype), f"{name}.bq_codes", dtype),
-            em.tensor(qt.scale.reshape(n) if per_axis else qt.scale, f"{name}.bq_scale"),
-        ]
-        if not signed:
-            zp = qt.zero_point.reshape(n) if per_axis else qt.zero_point
-            inputs.append(em.tensor(zp.astype(np_dtype), f"{name}.bq_zero", dtype))
-        if per_axis:
-            x = em.op("DequantizeLinear", inputs, axis=1)
-        else:
-            x = em.op("DequantizeLinear", inputs, axis=0, block_size=g)
-        if padded:
-            x = em.op("Slice", [x, em.const(i64(0)), em.const(i64(k), "k"), em.const(i64(0))], "rows")
-        return x
+        int4_blocked = blocked_int4 and container_bits(qt.bits, int2) == 4
+        per_axis = nb == 1 and not (int4_blocked and k == g)
+        ragged = not per_axis and nb * g != k
+        zp = None if signed else qt.zero_point
+
+        def dq(rows: slice, blocks: slice, suffix: str, blocked: bool, pad: int = 0) -> ir.Value:
+            c, s = codes[rows], qt.scale[blocks]
+            z = None if zp is None else zp[blocks]
+            if pad:
+                c = np.concatenate([c, np.zeros((pad, n), dtype=c.dtype)])
+            if not blocked:
+                s, z = s.reshape(n), None if z is None else z.reshape(n)
+            if scale_bits == 16:  # fp16 values (qtensor), so fp16 storage is exact
+                stored = em.tensor(s.astype(np.float16), f"{name}.bq_scale{suffix}")
+                scale = em.op("Cast", [stored], "scale", to=ir.DataType.FLOAT)
+                scale.dtype, scale.shape = ir.DataType.FLOAT, ir.Shape(stored.const_value.shape)
+            else:
+                scale = em.tensor(s, f"{name}.bq_scale{suffix}")
+            inputs = [em.tensor(c.astype(np_dtype), f"{name}.bq_codes{suffix}", dtype), scale]
+            if z is not None:
+                inputs.append(em.tensor(z.astype(np_dtype), f"{name}.bq_zero{suffix}", dtype))
+            if blocked:
+                return em.op("DequantizeLinear", inputs, axis=0, block_size=g)
+            return em.op("DequantizeLinear", inputs, axis=1)
+
+        if not ragged:
+            return dq(slice(None), slice(None), "", not per_axis)
+        if int4_blocked:
+            x = dq(slice(None), slice(None), "", True, pad=nb * g - k)
+            return em.op("Slice", [x, em.const(i64(0)), em.const(i64(k), "k"), em.const(i64(0))], "rows")
+        head = dq(slice(0, (nb - 1) * g), slice(0, nb - 1), "", True)
+        tail = dq(slice((nb - 1) * g, k), slice(nb - 1, nb), ".tail", False)
+        return em.op("Concat", [head, tail], "rows", axis=0)

@@ -34,6 +34,7 @@ class Capabilities:
     int8_per_channel: bool = False  # weights that cannot be int4 become int8 per output channel (group size 0)
     even_last_dim: bool = False  # int4 code tensors need an even last dimension
     codebooks: bool = True  # Gather-based codebook decodes
+    fp16_scales: bool = False  # fp16 DequantizeLinear scales cast to float in front of it (bq_onnx/sizes.py)
     domains: frozenset[str] = frozenset({"", "ai.onnx"})  # op domains read (model-local functions aside)
     description: str = ""
 

@@ -3,6 +3,10 @@
 These describe what each runtime *executes* from a native-format model, from the runtimes' documentation and
 source (see DESIGN.md "Target constraints"): only onnxruntime and OpenVINO are measured here (CPU, no GPU).
 ``native_bits`` are the widths a target executes without widening (``--strict-size`` keeps only those).
+``containers`` with int2/uint2 make the native format store 1..2-bit grids in them (opset 25): onnxruntime 1.32
+runs them, OpenVINO 2026.4 does not read INT2 ("Unsupported data type INT2", ``tests/test_containers.py``), so only
+``--target onnxruntime`` writes them; the default target, which must run in both, stores them in int4.
+``fp16_scales``: measured exact in onnxruntime and OpenVINO; TensorRT and ROCm are not measured here, so fp32.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ PROFILES: dict[str, Capabilities] = {
         opsets=(7, 25),
         native_bits=frozenset(range(9)),
         domains=_STANDARD | {"com.microsoft"},
-        description="onnxruntime CPU: any container and width, asymmetric, codebooks and local functions",
+        fp16_scales=True,
+        description="onnxruntime CPU: any container and width (int2 at opset 25), asymmetric, codebooks and "
+                    "local functions",
     ),
     "tensorrt": Capabilities(
         name="tensorrt",
@@ -69,6 +75,7 @@ PROFILES: dict[str, Capabilities] = {
         local_functions=False,
         opsets=(7, 23),
         native_bits=frozenset({4, 8}),
+        fp16_scales=True,
         description="OpenVINO: int4/int8 DQ blocked on axis 0 dividing the dimension, local functions inlined "
                     "first, no int2",
     ),

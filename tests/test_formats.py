@@ -43,7 +43,9 @@ def _stored_codes(path, qt) -> np.ndarray:
         packed = numpy_helper.to_array(tensors["W.bq_packed"])
         return unpack_bits(packed, qt.bits, k * n).reshape(k, n)
     codes = numpy_helper.to_array(tensors["W.bq_codes"])
-    codes = codes.astype(np.int16)  # int4/uint4 (ml_dtypes) and int8/uint8 all widen exactly
+    if "W.bq_codes.tail" in tensors:  # a ragged last block, stored per axis below the whole blocks
+        codes = np.concatenate([codes, numpy_helper.to_array(tensors["W.bq_codes.tail"])])
+    codes = codes.astype(np.int16)  # int2/uint2/int4/uint4 (ml_dtypes) and int8/uint8 all widen exactly
     if qt.kind == "uniform" and qt.symmetric:
         codes = codes + qt.implicit_zero_point
     return codes[:k].astype(np.uint8)

@@ -161,3 +161,54 @@ def test_inspect_prints_one_stored_figure_whose_parts_add_up(tmp_path, capsys, f
     total, *parts = (float(v) for v in m.groups())
     assert sum(parts) == pytest.approx(total, abs=2e-3)
     assert total == pytest.approx(count(out, MODELS / "lenet.onnx").bits_per_weight, abs=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["native", "compact"])
+@pytest.mark.parametrize("how", ["input has external data", "output over the threshold"])
+def test_size_mb_counts_the_external_data_file_too(tmp_path, monkeypatch, fmt, how):
+    """An output written with external data (its input had some, or it is over the threshold: > 2 GB in real use)
+    is the model file plus its data file, page alignment and repeated location names included: both count."""
+    model = MODELS / "lenet.onnx"
+    if how == "input has external data":
+        model = tmp_path / "in" / "lenet.onnx"
+        model.parent.mkdir()
+        onnx.save(onnx.load(str(MODELS / "lenet.onnx")), str(model), save_as_external_data=True,
+                  location="lenet.data", size_threshold=0)
+    else:
+        monkeypatch.setenv("BQ_ONNX_EXTERNAL_DATA_THRESHOLD", "1000")
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(model, size_mb=0.05, format=fmt, no_guard=True).save(out)
+    data = tmp_path / "m.onnx.data"
+    assert data.is_file()
+    assert 0.8 * 50_000 <= out.stat().st_size + data.stat().st_size <= 50_000
+    assert _dead(out) == ([], [])
+
+
+@pytest.mark.parametrize(("fmt", "target"), [("native", None), ("native", "onnxruntime"), ("native", "openvino"),
+                                             ("native", "tensorrt"), ("native", "rocm"), ("compact", None)])
+def test_every_initializer_of_every_output_is_read(tmp_path, fmt, target):
+    """0-bit blocks, split runs, ragged tails and lowered MatMulNBits leave no stored tensor nobody reads."""
+    from tests.conftest import mixed_model
+
+    bits = 8 if target in ("tensorrt", "rocm") else 3
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(mixed_model(), bits=bits, format=fmt, target=target, allowed_bits=ALL_WIDTHS, min_size=1,
+                     no_guard=True).save(out)
+    assert _dead(out) == ([], [])
+
+
+def test_count_finds_reference_weights_held_in_constant_nodes(tmp_path):
+    """paddle2onnx keeps every weight in a Constant node (ppocr-cls): the reference's weights are still found."""
+    import numpy as np
+
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    const = onnx.helper.make_node("Constant", [], ["W"], value=onnx.numpy_helper.from_array(w, "W"))
+    g = onnx.helper.make_graph([const, onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "m",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32])])
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(model, bits=5, no_guard=True).save(out)
+    c = count(out, model)
+    assert c.weight_numel == w.size and 4.5 <= c.bits_per_weight <= 5

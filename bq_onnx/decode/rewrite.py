@@ -19,7 +19,7 @@ from bq_onnx.emitter import GraphEmitter
 from bq_onnx.layout import RECURRENT_OPS
 from bq_onnx.onnx_proto import METADATA_KEY  # declared beside the reader that needs it without onnx-ir
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
-from bq_onnx.sizes import layer_record
+from bq_onnx.sizes import Storage, layer_record, storage_of
 
 _META_KEYS = (
     "name", "bits", "kind", "method", "block_size", "shape", "view", "symmetric", "numel", "payload_bits",
@@ -44,6 +44,12 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.current: WeightInfo | None = None  # the weight being emitted
+
+    @property
+    def storage(self) -> Storage:
+        """What this output stores per code and scale (the target's containers in native)."""
+        st = storage_of(self.ctx.config)
+        return st if st.format == self.format else Storage(self.format)
 
     def requires(self, model: ir.Model) -> None:
         assert model.opset_imports.get("", 0) >= 21, "run UpgradeOpsetPass first"
@@ -85,7 +91,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
             stored = {v.name: v.const_value.nbytes for v in em.tape.initializers}
             original = info.value.const_value.nbytes if info.value.const_value is not None else 0
             self.ctx.layers.append(
-                layer_record(info.name, qt, self.format, stored, info.layout.shape, original)
+                layer_record(info.name, qt, self.storage, stored, info.layout.shape, original)
             )
         for value in sorted(shared.values(), key=lambda v: v.name):
             main.register_initializer(value)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.qtensor import FLOAT16_BITS, QuantizedTensor, float16_tensor
 from bq_onnx.quantizers.registry import QUANTIZERS, VECTOR_FAMILIES, quantize
 
 
@@ -46,6 +46,8 @@ def candidates(
 
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r}; expected one of {QUANTIZERS}")
+    if bits == FLOAT16_BITS:  # the float16 width: fp16 values, one design
+        return [Spec("float16")]
     dims = vector_dims(bits, numel)
     if bits == 0:
         base = [Spec("uniform" if quantizer in VECTOR_FAMILIES or quantizer == "auto" else quantizer)]
@@ -80,6 +82,8 @@ def quantize_spec(
     from bq_onnx.outliers import isolate_outliers
     from bq_onnx.vector import quantize_vector
 
+    if bits == FLOAT16_BITS:
+        return float16_tensor(w)
     if spec.method == "vq" and bits > 0:
         block = -(-block_size // spec.dim) * spec.dim
         fitted: list[QuantizedTensor] = [] if base is None else [base]

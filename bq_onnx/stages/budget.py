@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
+from pathlib import Path
 
 import onnx_ir as ir
 
 from bq_onnx.context import Context
 from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.errors import UsageError
+from bq_onnx.sizes import storage_of
 
 MAX_TRIES = 6
 ZERO_BIT_NOTE = 0.1
@@ -54,7 +57,7 @@ class StoredBudget:
     def measure_bits(self, out: ir.Model) -> float:
         """Bits the budget covers in the rewritten model."""
         if self.size_mb is not None:
-            return 8.0 * serialized_bytes(out)
+            return 8.0 * file_bytes(out)
         return 8.0 * (ir_stored_bytes(out) - self.other_bytes)
 
     def next_reserve(self, out: ir.Model, ctx: Context) -> tuple[bool, float | None]:
@@ -116,6 +119,8 @@ def alternatives(ctx: Context, larger: str) -> str:
     if config.quantization.group_size != "auto" and config.quantization.group_size not in (0, 128):
         ways.append("--group-size auto or 128 (fewer scales)")
     if config.storage.format == "native":
+        if not storage_of(config).int2:
+            ways.append("--target onnxruntime (int2 containers, which OpenVINO cannot read)")
         ways.append("--format compact (exact b-bit codes, no int4 container)")
     allowed = config.allocation.allowed_bits
     if 0 not in allowed:
@@ -153,3 +158,20 @@ def other_bytes(model: ir.Model, ctx: Context) -> int:
 def serialized_bytes(model: ir.Model) -> int:
     """Bytes of the file ``save_model`` writes for ``model`` (a protobuf under 2 GB)."""
     return ir.serde.serialize_model(model).ByteSize()
+
+
+PLACEHOLDER_NAME = "m" * 231 + ".onnx"
+"""The output name a trial save uses: the longest ``save_model`` can write (checked: 236 characters; longer fail there
+with "File name too long"). Every external tensor repeats its data file's name, so no real output is larger."""
+
+
+def file_bytes(model: ir.Model) -> int:
+    """Bytes :func:`~bq_onnx.model_io.save_model` writes for ``model``: the serialized size where it writes one
+    file, else the model file and its external data (page-aligned), written once to a temporary folder."""
+    from bq_onnx.model_io import external_data_threshold, external_tensors, model_nbytes, save_model
+
+    if model_nbytes(model) <= external_data_threshold() and not any(True for _ in external_tensors(model)):
+        return serialized_bytes(model)
+    with tempfile.TemporaryDirectory(prefix="bq-size-") as folder:
+        save_model(model, Path(folder) / PLACEHOLDER_NAME)
+        return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())

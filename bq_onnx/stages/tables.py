@@ -39,7 +39,7 @@ from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
 from bq_onnx.quantizers import Spec, candidates
-from bq_onnx.sizes import block_metadata_bits, codebook_bits, stored_payload_bits
+from bq_onnx.sizes import block_metadata_bits, codebook_bits, storage_of, stored_payload_bits
 from bq_onnx.weights import design, weight_view
 
 MC_SAMPLES = 128
@@ -90,7 +90,7 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
     payload_only = a.bits_payload and a.size_mb is None
     if a.tables == "mc" and calibration is None:
         raise UsageError("--tables mc needs calibration data (--calib)")
-    fmt = ctx.config.storage.format
+    fmt = storage_of(ctx.config)  # the target's containers and scale width (native)
     scorer = _Scorer(ctx)
     blocks: list[BlockTable] = []
     designs: dict[tuple[str, int], Spec] = {}

@@ -54,22 +54,23 @@ def gptq_round(
     precision: np.ndarray | None = None,
     *,
     damping: float = DAMPING,
+    metric: Metric | None = None,
 ) -> QuantizedTensor:
     """``qt`` (a design of ``w``, ``(K, N)``) with its codes (and outlier residuals) re-chosen GPTQ-style.
 
     ``a``: the input second moment ``(K, K)``, or ``(G, K, K)`` for a grouped convolution (output channels
     ``[g N/G, (g+1) N/G)`` read group ``g``). ``precision``: per-weight posterior precision ``(K, N)`` (None: plain
     GPTQ). Scales, zero points, codebooks and outlier positions are ``qt``'s; a 0-bit (mean) tensor is returned as
-    it is.
+    it is. ``metric``: ``Metric(a, precision, N, damping)`` when already built (it serves every width).
     """
     w64 = np.asarray(w, dtype=np.float64)
     k, n = w64.shape
     if tuple(qt.shape) != (k, n):
         raise ValueError(f"w has shape {w64.shape}, the design {tuple(qt.shape)}")
-    groups = _groups(a, k, n)
+    groups = grouped_moments(a, k, n)
     if qt.kind == "mean":
         return qt
-    metric = Metric(groups, precision, n, damping)
+    metric = Metric(groups, precision, n, damping) if metric is None else metric
     rounded = _Rounder(qt, w64, precision).run(metric)
     # per output channel, keep nearest's codes where compensation did not lower the undamped error
     err_gptq = metric.column_error(w64 - rounded.dequantize())
@@ -84,11 +85,11 @@ def output_error(
     """``sum_n e_n^T H_n e_n`` with ``e = decoded - w`` on the undamped metric (``tr(E^T A E)`` without a precision)."""
     w64 = np.asarray(w, dtype=np.float64)
     k, n = w64.shape
-    metric = Metric(_groups(a, k, n), precision, n, DAMPING)
+    metric = Metric(grouped_moments(a, k, n), precision, n, DAMPING)
     return float(metric.column_error(np.asarray(decoded, dtype=np.float64) - w64).sum())
 
 
-def _groups(a: np.ndarray, k: int, n: int) -> np.ndarray:
+def grouped_moments(a: np.ndarray, k: int, n: int) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     if a.ndim == 2:
         a = a[None]
@@ -186,7 +187,10 @@ class _Rounder:
                 v1 = min(v0 + d, b1)
                 q = self._round(v0, v1, x[v0:v1])
                 e = metric.grouped(s[v0:v1] * (x[v0:v1] - q))  # whitened error (G, |S|, c)
-                es = np.swapaxes(np.linalg.inv(u[:, v0:v1, v0:v1]), 1, 2) @ e  # U_SS^-T e
+                if d == 1:
+                    es = e / u[:, v0 : v0 + 1, v0 : v0 + 1]
+                else:
+                    es = np.swapaxes(np.linalg.inv(u[:, v0:v1, v0:v1]), 1, 2) @ e  # U_SS^-T e
                 err[v0 - b0 : v1 - b0] = metric.ungrouped(es)
                 if v1 < b1:
                     x[v1:b1] -= metric.ungrouped(np.swapaxes(u[:, v0:v1, v1:b1], 1, 2) @ es) / s[v1:b1]

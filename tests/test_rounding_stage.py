@@ -128,3 +128,15 @@ def test_data_free_falls_back_to_nearest_with_a_note(tmp_path):
         if rounding == "gptq":
             assert any("data-free" in m for m in result.context.messages)
     assert onnx.load(str(outs["gptq"])).SerializeToString() == onnx.load(str(outs["nearest"])).SerializeToString()
+
+
+def test_a_convolution_im2col_does_not_cover_gets_no_moment():
+    same = make_model(
+        [helper.make_node("Conv", ["img", "C"], ["z"], group=2, auto_pad="SAME_UPPER")],
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["b", 4, 5, 6])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 8, 5, 6])],
+        [numpy_helper.from_array(C, "C")],
+    )
+    ctx = passkit.context(bits=3, group_size=8, min_size=32, rounding="gptq")
+    model = passkit.find_weights(passkit.prepare(passkit.load(same), ctx), ctx)
+    assert input_moments(model, ctx, load_calibration({"img": _data()["img"]}, model)) == {}

@@ -70,12 +70,18 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
         calib = calibration.take(min(SAMPLES, calibration.num_samples))
         for feeds in calib.batches(BATCH):
             acts = dict(zip(names, session.run(feeds)))
-            for name, (info, (value, op, attrs)) in readers.items():
-                rows = _rows(acts[value.name], op, attrs, info)
-                if rows.shape[2] != info.layout.view_shape[0]:
+            for name, (info, (value, op, attrs)) in list(readers.items()):
+                try:
+                    rows = _rows(acts[value.name], op, attrs, info)
+                except ValueError:  # a convolution im2col does not cover (auto_pad SAME_*): nearest
+                    rows = None
+                if rows is None or rows.shape[2] != info.layout.view_shape[0]:
+                    readers.pop(name)
+                    sums.pop(name, None)
                     continue
                 sums[name] = sums.get(name, 0.0) + np.swapaxes(rows, 1, 2) @ rows
                 counts[name] = counts.get(name, 0) + rows.shape[1]
     finally:
         sessions.close()
-    return {name: s / max(counts[name], 1) for name, s in sums.items()}
+    moments = {name: s / max(counts[name], 1) for name, s in sums.items()}
+    return {name: a for name, a in moments.items() if np.isfinite(a).all()}  # a NaN/Inf input: nearest

@@ -33,6 +33,8 @@ POSTERIOR_METHODS: tuple[str, ...] = ("laplace", "fisher-mc", "hutchinson", "kfa
 TABLES: tuple[str, ...] = ("closed", "mc")
 AUTO_GROUPS: tuple[int, ...] = (32, 64, 128)
 """``--group-size auto``: the block sizes the tables choose from per tensor and width (64 is the nominal size)."""
+ROUNDINGS: tuple[str, ...] = ("nearest", "gptq", "gptq-plain")
+"""The names ``--rounding`` accepts (:mod:`bq_onnx.rounding`)."""
 MAX_OUTLIERS = 0.1
 """The largest ``--outliers`` fraction: beyond it a wider grid is cheaper than the sparse list."""
 
@@ -306,6 +308,11 @@ class QuantizerConfig(Concern):
         32, "rows per block along the reduction axis; 0 = per channel; auto = the tables choose 32, 64 or 128 per "
         "tensor and width (expected loss against stored bits, scales included)", parse=_group, metavar="ROWS|auto",
         check=lambda v: "must be >= 0 (0 = one block per output channel)" if v != "auto" and v < 0 else None)
+    rounding: str = option(
+        "nearest", "how weights are rounded onto the designed grid: nearest level; gptq = rows in order, each "
+        "row's rounding error compensated on the rows after it through the layer inputs' second moment, weighted "
+        "by the posterior precision; gptq-plain = the same without the posterior (GPTQ's own metric). MatMul, Gemm "
+        "and Conv weights; needs --calib, else nearest", choices=ROUNDINGS)
     seed: int = SEED.field()
 
 

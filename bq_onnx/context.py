@@ -125,6 +125,8 @@ class Context:
     heads: set[str] = dataclasses.field(default_factory=set)  # weights feeding an output directly (bq_onnx.heads)
     guard: dict | None = None  # the held-out check's report (bq_onnx.stages.guard)
     exclusions: list[dict] = dataclasses.field(default_factory=list)  # what each --exclude/--only matched
+    moments: dict | None = None  # weight -> input second moment A, for --rounding gptq (bq_onnx.stages.moments)
+    rounded: dict = dataclasses.field(default_factory=dict)  # (weight, bits) -> (design, GPTQ-rounded), a cache
 
     def __post_init__(self) -> None:
         if self.derived is None:

@@ -143,7 +143,7 @@ def _noted(out: ir.Model, ctx: Context) -> ir.Model:
 
 
 def _quantize(model: ir.Model, ctx: Context, calibration: Calibration | None) -> None:
-    ctx.quantized = quantize_weights(ctx)
+    ctx.quantized = quantize_weights(ctx, model, calibration)
     memtrace("quantize")
     if ctx.config.distillation.distill_steps:
         distilled = distill(model, ctx, calibration)

@@ -26,6 +26,8 @@ CONCERNS = (*cfg.concern_types().values(), cfg.VerificationConfig, cfg.BenchConf
 # Second declarations that stay for now, as (file, name, default), each as often as it occurs. Exactly these.
 ALLOWED = [
     # not the option: distillation's own batch size (--batch-size is the posterior estimator's)
+    # not the option: uniform_codes' paper-notebook rounding mode (nearest/floor), not --rounding (nearest/gptq)
+    ("bq_onnx/quantizers/uniform.py", "rounding", "nearest"),
 ]
 HELPER_PARAMETERS_NOT_SCANNED = {"seed"}
 """``seed=0`` is every random helper's conventional default (quantizers, vector, allocation, samples); the

@@ -3,24 +3,43 @@
 One weight at a time, so only one float copy of one tensor is ever materialised beside the (lazy) model. With
 an allocation, a weight whose output-channel slices got different widths becomes :class:`QuantizedPieces`; each
 piece is cut from the whole tensor quantized at that width, exactly as the expected-loss tables measured it.
+
+``--rounding gptq`` (``gptq-plain``: without the posterior): each width's design keeps its grid (scales, zero points,
+codebooks, outlier positions) and its codes are re-chosen by :func:`bq_onnx.rounding.gptq_round` with the layer's
+input second moment ``A`` (:mod:`bq_onnx.stages.moments`, measured once on the calibration samples the posterior
+saw) and the posterior precision; output channels are independent once the grid is fixed, so the pieces are cut
+from it as before. Weights without an ``A`` (no calibration data, or not read directly by one MatMul/Gemm/Conv)
+are rounded to nearest, with a note.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
 from bq_onnx.weights import design, weight_view
 
 
-def quantize_weights(ctx: Context) -> dict[str, QuantizedTensor]:
+def quantize_weights(
+    ctx: Context, model: ir.Model | None = None, calibration: Calibration | None = None
+) -> dict[str, QuantizedTensor]:
     """Each weight quantized at the widths the allocation (or the fixed ``--bits``) gives its blocks."""
+    moments = _moments(ctx, model, calibration)
+    plain = ctx.config.quantization.rounding == "gptq-plain"
     quantized: dict[str, QuantizedTensor] = {}
     for info in progress(ctx.weights, "quantize", enabled=ctx.progress):
         view, importance = weight_view(ctx, info)
         pieces = ctx.pieces_for(info.name, view.shape[1])
         widths = sorted({bits for _, _, bits in pieces})
         designs = {bits: design(ctx, view, importance, bits, info.name) for bits in widths}
+        if info.name in moments:
+            weighting = None if plain else importance
+            designs = {bits: _compensated(ctx, info.name, view, qt, moments[info.name], weighting)
+                       for bits, qt in designs.items()}
         if len(pieces) == 1:
             quantized[info.name] = designs[pieces[0][2]]
         else:
@@ -29,3 +48,50 @@ def quantize_weights(ctx: Context) -> dict[str, QuantizedTensor]:
                 tuple((start, stop, take_columns(designs[bits], start, stop)) for start, stop, bits in pieces),
             )
     return quantized
+
+
+_GRID = ("scale", "zero_point", "codebook", "offset", "outlier_index", "codes")
+
+
+def _compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,
+                 importance: np.ndarray | None) -> QuantizedTensor:
+    """``qt`` re-rounded by GPTQ; the guard and the stored-budget loop quantize again and again, so a result is
+    kept per (weight, width) and reused while the design (grid and nearest codes) is the same."""
+    from bq_onnx.rounding.gptq import DAMPING, Metric, gptq_round, grouped_moments
+
+    if qt.kind == "mean":
+        return qt
+    key = (name, qt.bits)
+    hit = ctx.rounded.get(key)
+    if hit is not None and all(_same(getattr(hit[0], f), getattr(qt, f)) for f in _GRID):
+        return hit[1]
+    metric = ctx.rounded.get(("metric", name))
+    if metric is None:
+        metric = Metric(grouped_moments(a, *view.shape), importance, view.shape[1], DAMPING)
+        ctx.rounded[("metric", name)] = metric
+    out = gptq_round(view, qt, a, importance, metric=metric)
+    ctx.rounded[key] = (qt, out)
+    return out
+
+
+def _same(x: np.ndarray | None, y: np.ndarray | None) -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+
+
+def _moments(ctx: Context, model: ir.Model | None, calibration: Calibration | None) -> dict[str, np.ndarray]:
+    """``A`` per weight for ``--rounding gptq`` (measured once per run and kept on the context), else empty."""
+    if ctx.config.quantization.rounding == "nearest":
+        return {}
+    if ctx.moments is None:
+        from bq_onnx.stages.moments import input_moments
+
+        ctx.moments = input_moments(model, ctx, calibration) if model is not None else {}
+        if not ctx.moments:
+            ctx.messages.append("--rounding gptq: no calibration data reaches a MatMul/Gemm/Conv weight's input "
+                                "(data-free); every weight is rounded to nearest")
+        else:
+            rest = [info.name for info in ctx.weights if info.name not in ctx.moments]
+            if rest:
+                ctx.messages.append(f"--rounding gptq: {len(rest)} weight(s) not read directly by one "
+                                    f"MatMul/Gemm/Conv (e.g. '{rest[0]}') are rounded to nearest")
+    return ctx.moments

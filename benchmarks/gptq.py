@@ -1,0 +1,194 @@
+"""Error-compensating rounding against rounding to nearest, and against GPTQ baselines, at equal stored bits.
+
+Usage: ``python -m benchmarks.gptq [--models lenet,digits_mlp,minilm-l6,efficientnet-lite0] [--budgets 3.0,3.5,4.0]
+[--calib N] [--eval N] [--out benchmarks/gptq.md]``
+
+Per model and stored-bits budget (codes + every scale, zero point and codebook, counted on the written model by
+``benchmarks.peers.stored_size``):
+
+* ``bq nearest`` / ``bq gptq`` / ``bq gptq-plain``: bq-onnx's default pipeline (posterior, greedy allocation, guard)
+  with ``--rounding nearest``, ``gptq`` (posterior-weighted compensation) or ``gptq-plain`` (GPTQ's own metric);
+* ``uniform gptq-plain``: the same width everywhere (``--allocator uniform`` under the same stored budget) with
+  GPTQ rounding: the GPTQ baseline through bq-onnx's own code (Conv models included);
+* ``ort gptq4``: onnxruntime's ``MatMulNBitsQuantizer`` with its GPTQ config, 4 bits, block 128 (MatMul weights
+  only; its own stored bits).
+
+Every bq-onnx run: ``--format compact --group-size 64``, the first ``--calib`` calibration samples, and one laplace
+posterior per model estimated on them with the model's loss (``benchmarks.peers.run_posterior``; the guard's held-out
+quarter is then not unseen by the posterior, the same for every row). Scored on evaluation inputs disjoint from
+calibration (``benchmarks.peers.eval_feeds``, the first ``--eval``): top-1 agreement with FP32 for classifiers (and
+test accuracy with labels), mean cosine to FP32 for sentence embeddings. MiniLM and EfficientNet-Lite0 are built
+into ``benchmarks/.cache`` as ``benchmarks/peers.py`` builds them (torch==2.13.0 CPU); a model that cannot be built
+is listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import peers
+
+DEFAULT_MODELS = ("lenet", "digits_mlp", "minilm-l6", "efficientnet-lite0")
+BUDGETS = (3.0, 3.5, 4.0)
+CONFIGS = (("bq nearest", "greedy", "nearest"), ("bq gptq", "greedy", "gptq"),
+           ("bq gptq-plain", "greedy", "gptq-plain"), ("uniform gptq-plain", "uniform", "gptq-plain"))
+
+
+def _bq(spec: peers.ModelSpec, out: Path, bits: float, allocator: str, rounding: str, n_calib: int,
+        posterior: Path) -> dict:
+    import bq_onnx
+
+    start = time.perf_counter()
+    result = bq_onnx.optimize(
+        str(spec.path), bits=bits, allocator=allocator, rounding=rounding, format="compact", group_size=64,
+        bits_include_metadata=True, calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior),
+    )
+    result.save(str(out), force=True, verify=False)
+    return {"seconds": time.perf_counter() - start}
+
+
+def _ort_gptq(spec: peers.ModelSpec, out: Path, n_calib: int) -> dict:
+    start = time.perf_counter()
+    peers.run_ort(spec, {"algo": "gptq", "bits": 4, "block": 128}, out, n_calib)
+    return {"seconds": time.perf_counter() - start}
+
+
+def _score(spec: peers.ModelSpec, path: Path, feeds: dict, labels, ref: np.ndarray) -> dict[str, float]:
+    return peers.metrics(spec.kind, ref, peers.predict(path, feeds), labels)
+
+
+def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int,
+                configs: tuple[tuple[str, str, str], ...] = CONFIGS, ort: bool = True) -> dict[str, Any]:
+    spec = peers.MODELS[name]
+    try:
+        peers.ensure_model(spec)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be built here is reported, not fatal
+        return {"model": name, "skipped": f"cannot build: {exc}"}
+    feeds, labels = peers.eval_feeds(spec)
+    feeds = {k: v[:n_eval] for k, v in feeds.items()}
+    labels = None if labels is None else labels[:n_eval]
+    ref = peers.predict(spec.path, feeds)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.onnx"
+        posterior = Path(tmp) / "posterior.npz"
+        start = time.perf_counter()
+        peers.run_posterior(spec, {}, posterior, n_calib)  # once per model, every bq-onnx run reuses it
+        print(f"[{name}] posterior {time.perf_counter() - start:.1f} s", flush=True)
+        for bits in budgets:
+            for label, allocator, rounding in configs:
+                try:
+                    info = _bq(spec, out, bits, allocator, rounding, n_calib, posterior)
+                except Exception as exc:  # noqa: BLE001 - e.g. a budget the format cannot meet: one line
+                    rows.append({"config": label, "budget": bits, "error": str(exc).splitlines()[0][:120]})
+                    continue
+                rows.append({"config": label, "budget": bits, **info, **peers.stored_size(spec.path, out),
+                             **_score(spec, out, feeds, labels, ref)})
+                rows[-1].pop("quantized", None)
+                print(f"[{name}] {bits} {label}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'config'})}",
+                      flush=True)
+        if ort and spec.kind != "imagenet":
+            try:
+                info = _ort_gptq(spec, out, n_calib)
+                rows.append({"config": "ort gptq4-b128", "budget": None, **info, **peers.stored_size(spec.path, out),
+                             **_score(spec, out, feeds, labels, ref)})
+                rows[-1].pop("quantized", None)
+                print(f"[{name}] - ort gptq4-b128: "
+                      f"{json.dumps({k: v for k, v in rows[-1].items() if k != 'config'})}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"config": "ort gptq4-b128", "budget": None, "error": str(exc).splitlines()[0][:120]})
+    return {"model": name, "kind": spec.kind, "eval": len(ref), "calib": n_calib, "rows": rows}
+
+
+def from_logs(paths: list[str], n_calib: int, n_eval: int) -> list[dict[str, Any]]:
+    """Results from the ``[model] budget config: {json}`` lines runs print as each row finishes."""
+    import re
+
+    found: dict[str, list[dict]] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            m = re.match(r"\[([\w.-]+)\] (\S+) (.+?): (\{.*\})$", line)
+            if m:
+                row = {"config": m.group(3), **json.loads(m.group(4))}
+                found.setdefault(m.group(1), []).append(row)
+    return [{"model": name, "kind": peers.MODELS[name].kind, "eval": n_eval, "calib": n_calib, "rows": rows}
+            for name, rows in found.items()]
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def report(results: list[dict[str, Any]], command: str) -> str:
+    lines = ["# GPTQ rounding: measured", "",
+             f"Command: `{command}` (numbers below come from it; `python -m benchmarks.gptq --help` says what each "
+             "row is).", ""]
+    for res in results:
+        lines += [f"## {res['model']}", ""]
+        if "skipped" in res:
+            lines += [f"skipped: {res['skipped']}", ""]
+            continue
+        primary = peers.PRIMARY[res["kind"]]
+        extra = {"labels": ("agreement", "kl"), "imagenet": ("kl", "top5_overlap"),
+                 "embedding": ("min_cosine", "nn10_overlap")}[res["kind"]]
+        lines += [f"{res['eval']} evaluation inputs (disjoint from the {res['calib']} calibration samples); "
+                  f"primary metric: {primary}.", "",
+                  f"| budget | config | stored bits/weight | {primary} | {' | '.join(extra)} | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            if "error" in r:
+                lines.append(f"| {_fmt(r['budget'], 1)} | {r['config']} | - | error: {r['error']} | | | |")
+                continue
+            bpw = "no MatMul weight" if not r["numel"] else _fmt(r["bpw"], 3)
+            lines.append(f"| {_fmt(r['budget'], 1)} | {r['config']} | {bpw} | {_fmt(r.get(primary))} | "
+                         + " | ".join(_fmt(r.get(e), 5) for e in extra) + f" | {_fmt(r['seconds'], 1)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
+    p.add_argument("--calib", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--eval", type=int, default=500, help="evaluation inputs, at most (default 500)")
+    p.add_argument("--configs", default=",".join(c[0].replace(" ", "_") for c in CONFIGS),
+                   help="bq-onnx rows to run (default all), and ort_gptq4 unless --no-ort")
+    p.add_argument("--no-ort", action="store_true", help="skip onnxruntime's GPTQ")
+    p.add_argument("--out", help="write the Markdown report here")
+    p.add_argument("--from-log", nargs="+", metavar="LOG",
+                   help="no run: rebuild the report from the per-row lines earlier runs printed (a run stopped early)")
+    args = p.parse_args(argv)
+    if args.from_log:
+        text = report(from_logs(args.from_log, args.calib, args.eval),
+                      "python -m benchmarks.gptq " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    wanted = set(args.configs.split(","))
+    configs = tuple(c for c in CONFIGS if c[0].replace(" ", "_") in wanted)
+    results = [bench_model(m, budgets, args.calib, args.eval, configs, not args.no_ort) for m in args.models.split(",")]
+    command = "python -m benchmarks.gptq " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    text = report(results, command.strip())
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Error-compensating rounding (GPTQ) on a fixed grid, weighted by the posterior. Plain numpy; no ONNX.
+
+A quantizer (:mod:`bq_onnx.quantizers`, :mod:`bq_onnx.vector`) designs a grid (scales, zero points, codebooks,
+outliers) and rounds every weight to its nearest level. Rounding to nearest ignores that a layer's output error is
+``tr((W - Q)^T A (W - Q))`` in the ``(K, N)`` view, with ``A = E[x x^T]`` the second moment of the layer's inputs
+along the reduction axis (im2col patches for a convolution): correlated inputs let the error of one row be cancelled
+by the rows after it. GPTQ (Frantar et al. 2023) rounds the rows ``k = 0..K-1`` in order and, after each, moves the
+not-yet-rounded rows by the least-squares correction of that row's rounding error, through the upper Cholesky factor
+``U`` of ``H^-1`` (``H^-1 = U^T U``): ``W[k+1:] -= U[k, k+1:]^T (w_k - q_k) / U[k, k]``. Vector codebooks round
+``d`` rows at once (``U[S, S]^-T`` in place of ``1 / U[k, k]``); the grid itself never changes, so the result
+decodes exactly as the design does.
+
+The Bayesian twist: output channel ``n`` is scored by ``H_n = D_n^1/2 C D_n^1/2`` where ``C`` is the correlation
+matrix of ``A`` (unit diagonal) and ``D_n = diag(h[:, n])`` the posterior precision of that channel's weights. Where
+the precision is ``diag(A) g_n`` (the K-FAC posterior) this is plain GPTQ on ``A`` up to a per-channel factor; where
+the data pin a weight down less (small ``h``), its error costs less, so the compensation of its neighbours' errors
+is pushed onto it (the update of ``w_kn`` is divided by ``sqrt(h_kn)``). In whitened coordinates ``x' = sqrt(h) x``
+every channel shares ``C``, so one Cholesky serves the tensor. Without a precision ``h = diag(A)``: plain GPTQ.
+
+Damping: ``A + 0.01 * mean(diag(A)) * I`` before the correlation is taken (GPTQ's ``percdamp``), so a singular
+``A`` (dead inputs, few calibration rows) still has a Cholesky factor. Precisions are floored at 1 % of their
+column's mean (a weight with no precision at all would otherwise absorb unbounded corrections).
+
+Never worse than nearest: per output channel (channels are independent once the grid is fixed) the codes with the
+smaller ``e^T H_n e`` on the *undamped* metric are kept, so rounding to nearest's codes stay where compensation
+does not pay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from bq_onnx.qtensor import QuantizedTensor, expand_blocks, to_fp16_exact
+from bq_onnx.quantizers.grid import _Grid, _nearest_codes
+
+DAMPING = 0.01
+"""Damping of ``A``: this fraction of the mean of its diagonal is added to the diagonal (GPTQ's ``percdamp``)."""
+
+PRECISION_FLOOR = 0.01
+"""Posterior precisions are floored at this fraction of their output channel's mean precision."""
+
+LAZY_ROWS = 128
+"""Rows rounded between two updates of the rows below them (GPTQ's lazy batch; changes nothing but speed)."""
+
+_FP16_MAX = 65504.0
+
+
+def gptq_round(
+    w: np.ndarray,
+    qt: QuantizedTensor,
+    a: np.ndarray,
+    precision: np.ndarray | None = None,
+    *,
+    damping: float = DAMPING,
+    metric: Metric | None = None,
+) -> QuantizedTensor:
+    """``qt`` (a design of ``w``, ``(K, N)``) with its codes (and outlier residuals) re-chosen GPTQ-style.
+
+    ``a``: the input second moment ``(K, K)``, or ``(G, K, K)`` for a grouped convolution (output channels
+    ``[g N/G, (g+1) N/G)`` read group ``g``). ``precision``: per-weight posterior precision ``(K, N)`` (None: plain
+    GPTQ). Scales, zero points, codebooks and outlier positions are ``qt``'s; a 0-bit (mean) tensor is returned as
+    it is. ``metric``: ``Metric(a, precision, N, damping)`` when already built (it serves every width).
+    """
+    w64 = np.asarray(w, dtype=np.float64)
+    k, n = w64.shape
+    if tuple(qt.shape) != (k, n):
+        raise ValueError(f"w has shape {w64.shape}, the design {tuple(qt.shape)}")
+    groups = grouped_moments(a, k, n)
+    if qt.kind == "mean":
+        return qt
+    metric = Metric(groups, precision, n, damping) if metric is None else metric
+    rounded = _Rounder(qt, w64, precision).run(metric)
+    # per output channel, keep nearest's codes where compensation did not lower the undamped error
+    err_gptq = metric.column_error(w64 - rounded.dequantize())
+    err_near = metric.column_error(w64 - qt.dequantize())
+    keep = err_near <= err_gptq
+    return _mix_columns(rounded, qt, keep) if keep.any() else rounded
+
+
+def output_error(
+    w: np.ndarray, decoded: np.ndarray, a: np.ndarray, precision: np.ndarray | None = None
+) -> float:
+    """``sum_n e_n^T H_n e_n`` with ``e = decoded - w`` on the undamped metric (``tr(E^T A E)`` without a precision)."""
+    w64 = np.asarray(w, dtype=np.float64)
+    k, n = w64.shape
+    metric = Metric(grouped_moments(a, k, n), precision, n, DAMPING)
+    return float(metric.column_error(np.asarray(decoded, dtype=np.float64) - w64).sum())
+
+
+def grouped_moments(a: np.ndarray, k: int, n: int) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1:] != (k, k) or n % a.shape[0]:
+        raise ValueError(f"A must be (K, K) or (G, K, K) with G dividing N = {n}, K = {k}; got {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("A contains NaN or Inf")
+    return a
+
+
+class Metric:
+    """The whitening of every output channel: ``s = sqrt(h)`` (``(K, N)``), the correlation ``C`` per group and the
+    upper Cholesky factor ``U`` of the damped ``C^-1``."""
+
+    def __init__(self, a: np.ndarray, precision: np.ndarray | None, n: int, damping: float) -> None:
+        g, k, _ = a.shape
+        self.groups, self.cols = g, n // g
+        diag = np.einsum("gkk->gk", a)
+        mean = diag.mean(axis=1)
+        level = np.where(mean > 0, mean, 1.0)
+        damped = a + (damping * level)[:, None, None] * np.eye(k)
+        dd = np.einsum("gkk->gk", damped)
+        inv_sqrt = 1.0 / np.sqrt(dd)
+        corr = damped * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
+        # undamped correlation on the same scale (the metric the result is judged by)
+        d0 = np.where(diag > 0, diag, 1.0)
+        self.exact = a / np.sqrt(d0[:, :, None] * d0[:, None, :])
+        cinv = np.linalg.inv(np.linalg.cholesky(corr))  # L^-1 with C = L L^T
+        cinv = np.swapaxes(cinv, 1, 2) @ cinv  # C^-1
+        cinv = 0.5 * (cinv + np.swapaxes(cinv, 1, 2))
+        self.u = np.swapaxes(np.linalg.cholesky(cinv), 1, 2)  # C^-1 = U^T U, U upper
+        if precision is None:  # H = the damped A itself: whiten by its diagonal; judge by A's
+            s = np.sqrt(np.repeat(dd, self.cols, axis=0).T)  # (K, N): each column's group
+            self.judge = np.sqrt(np.repeat(d0, self.cols, axis=0).T)
+        else:
+            h = np.asarray(precision, dtype=np.float64)
+            if h.shape != (k, n) or not np.isfinite(h).all() or (h < 0).any():
+                raise ValueError(f"precision must be finite, non-negative, shape {(k, n)}")
+            floor = PRECISION_FLOOR * h.mean(axis=0)
+            s = np.sqrt(np.maximum(h, floor[None, :]))
+            s[:, floor <= 0] = 1.0
+            self.judge = s
+        self.s = s
+
+    def grouped(self, x: np.ndarray) -> np.ndarray:
+        """``(R, N)`` -> ``(G, R, N/G)``."""
+        return x.reshape(x.shape[0], self.groups, self.cols).transpose(1, 0, 2)
+
+    def ungrouped(self, x: np.ndarray) -> np.ndarray:
+        """``(G, R, N/G)`` -> ``(R, N)``."""
+        return x.transpose(1, 0, 2).reshape(x.shape[1], self.groups * self.cols)
+
+    def column_error(self, e: np.ndarray) -> np.ndarray:
+        """Per output channel ``e^T H_n e`` on the undamped correlation (``e^T A e`` without a precision), ``(N,)``."""
+        z = self.grouped(self.judge * e)  # (G, K, c)
+        return self.ungrouped((self.exact @ z) * z).sum(axis=0)
+
+
+class _Rounder:
+    """The row loop: nearest level of the current (compensated) target, then the correction of the rows below."""
+
+    def __init__(self, qt: QuantizedTensor, w: np.ndarray, precision: np.ndarray | None) -> None:
+        self.qt, self.w = qt, w
+        k, n = qt.shape
+        self.out_mask = np.zeros((k, n), dtype=bool)
+        if qt.outlier_index is not None:
+            self.out_mask.reshape(-1)[qt.outlier_index] = True
+        self.codes = np.array(qt.codes, copy=True)
+        self.decoded = np.zeros((k, n), dtype=np.float32)  # dense levels (outliers not yet added)
+        self.outlier_target = np.zeros((k, n), dtype=np.float64)
+        if qt.kind == "vector":  # the weights the vector design's nearest codeword uses (zero on outliers)
+            hv = np.ones((k, n)) if precision is None else np.array(precision, dtype=np.float64)
+            hv[self.out_mask] = 0.0
+            top = hv.max()
+            self.hv = hv / top if top > 0 else hv
+            self.scale_rows = expand_blocks(qt.scale, k, qt.block_size)
+        else:
+            self.lo = 1 if qt.kind == "uniform" and qt.symmetric and qt.bits >= 2 else 0
+            self.hi = (1 << qt.bits) - 1
+            cb = qt.codebook
+            self.may_tie = qt.kind == "codebook" and (qt.offset is not None or bool((np.diff(cb) == 0).any()))
+
+    def run(self, metric: Metric) -> QuantizedTensor:
+        qt = self.qt
+        k, n = qt.shape
+        d = qt.vector_dim if qt.kind == "vector" else 1
+        step_rows = max(d, LAZY_ROWS // d * d)
+        s = metric.s
+        x = self.w.copy()  # targets, corrected as rows are rounded (kept unwhitened: no update, no change)
+        u = metric.u
+        for b0 in range(0, k, step_rows):
+            b1 = min(k, b0 + step_rows)
+            err = np.zeros((b1 - b0, n))
+            for v0 in range(b0, b1, d):
+                v1 = min(v0 + d, b1)
+                q = self._round(v0, v1, x[v0:v1])
+                e = metric.grouped(s[v0:v1] * (x[v0:v1] - q))  # whitened error (G, |S|, c)
+                if d == 1:
+                    es = e / u[:, v0 : v0 + 1, v0 : v0 + 1]
+                else:
+                    es = np.swapaxes(np.linalg.inv(u[:, v0:v1, v0:v1]), 1, 2) @ e  # U_SS^-T e
+                err[v0 - b0 : v1 - b0] = metric.ungrouped(es)
+                if v1 < b1:
+                    x[v1:b1] -= metric.ungrouped(np.swapaxes(u[:, v0:v1, v1:b1], 1, 2) @ es) / s[v1:b1]
+            if b1 < k:
+                x[b1:] -= metric.ungrouped(np.swapaxes(u[:, b0:b1, b1:], 1, 2) @ metric.grouped(err)) / s[b1:]
+        return self._result()
+
+    def _round(self, v0: int, v1: int, target: np.ndarray) -> np.ndarray:
+        """Codes of rows ``[v0, v1)`` for ``target``; returns their decoded values (outliers exact)."""
+        qt = self.qt
+        mask = self.out_mask[v0:v1]
+        if qt.kind == "vector":
+            cb = qt.codebook
+            scale = self.scale_rows[v0]
+            dlen = qt.vector_dim
+            t = np.zeros((dlen, target.shape[1]))
+            t[: v1 - v0] = target
+            h = np.zeros((dlen, target.shape[1]))
+            h[: v1 - v0] = self.hv[v0:v1]
+            from bq_onnx.vector import _nearest_vectors
+
+            codes = _nearest_vectors(t.T, h.T, scale.astype(np.float64), cb)
+            self.codes[v0 // dlen] = codes.astype(self.codes.dtype)
+            dense = (cb[codes] * scale[:, None]).astype(np.float32).T[: v1 - v0]
+        else:
+            kb = v0 // qt.block_size
+            zp = None
+            if qt.kind == "uniform":
+                zp = np.float32(qt.implicit_zero_point) if qt.symmetric else qt.zero_point[kb].astype(np.float32)
+            grid = _Grid(qt.scale[kb], zp=zp, codebook=qt.codebook,
+                         offset=None if qt.offset is None else qt.offset[kb])
+            codes = _nearest_codes(target.astype(np.float32).T, grid, self.lo, self.hi, self.may_tie)
+            codes = np.where(mask.T, self.codes[v0:v1].T, codes)  # outliers keep the design's dense code
+            self.codes[v0:v1] = codes.T.astype(np.uint8)
+            dense = grid.dense(codes.astype(np.int64)).T
+        self.decoded[v0:v1] = dense
+        q = dense.astype(np.float64)
+        if mask.any():  # an outlier stores target - dense in fp16: nearly exact
+            self.outlier_target[v0:v1][mask] = target[mask]
+            value = to_fp16_exact(np.clip(target[mask] - dense[mask], -_FP16_MAX, _FP16_MAX))
+            q[mask] = (dense[mask] + value).astype(np.float32)
+        return q
+
+    def _result(self) -> QuantizedTensor:
+        qt = self.qt
+        out = dataclasses.replace(qt, codes=self.codes)
+        if qt.outlier_index is None:
+            return out
+        idx = qt.outlier_index
+        dense = self.decoded.reshape(-1)[idx]
+        value = to_fp16_exact(np.clip(self.outlier_target.reshape(-1)[idx] - dense, -_FP16_MAX, _FP16_MAX))
+        return dataclasses.replace(out, outlier_value=value)
+
+
+def _mix_columns(a: QuantizedTensor, b: QuantizedTensor, take_b: np.ndarray) -> QuantizedTensor:
+    """``a`` with the codes (and outlier values) of ``b`` in the output channels ``take_b``."""
+    codes = np.where(take_b[None, :], b.codes, a.codes)
+    if a.outlier_index is None:
+        return dataclasses.replace(a, codes=codes)
+    col = a.outlier_index % a.shape[1]
+    value = np.where(take_b[col], b.outlier_value, a.outlier_value)
+    return dataclasses.replace(a, codes=codes, outlier_value=value)

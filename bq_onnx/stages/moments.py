@@ -1,0 +1,87 @@
+"""The input second moment ``A = E[x x^T]`` of each MatMul/Gemm/Conv weight's layer, in its ``(K, N)`` view's ``K``
+order, from calibration runs (what ``--rounding gptq`` compensates rounding errors with).
+
+A weight read directly by one MatMul (a 2-D ``[K, N]`` weight), Gemm (input B, either ``transB``) or 2-D Conv (im2col
+patches, one ``A`` per group, the K-FAC estimator's own :func:`bq_onnx.estimators.kfac.im2col_batch`) gets one;
+anything else (layout chains, several readers, subgraphs, embeddings, recurrent layers) gets none and is rounded to
+nearest. Rows are every position of every sample (tokens, patches), padding tokens included; ``A`` is their mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bq_onnx.calibration import Calibration
+from bq_onnx.context import Context, WeightInfo
+from bq_onnx.estimators.kfac import im2col_batch
+from bq_onnx.graph import forward_model
+
+SAMPLES = 128
+"""Calibration samples ``A`` is estimated from (GPTQ's usual 128)."""
+
+BATCH = 8
+"""Samples per forward run."""
+
+MAX_K = 8192
+"""Reduction sizes past this get no ``A`` (a ``K x K`` float64 matrix would pass 512 MiB)."""
+
+
+def _reader(info: WeightInfo) -> tuple[ir.Value, str, dict] | None:
+    """(layer input, op, attributes) of the one node reading the weight directly as a MatMul/Gemm/Conv weight."""
+    uses = list(info.value.uses())
+    if info.scope or len(uses) != 1:
+        return None
+    node, idx = uses[0].node, uses[0].idx
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    rank = len(info.layout.shape)
+    ok = ((node.op_type == "MatMul" and idx == 1 and rank == 2) or (node.op_type == "Gemm" and idx == 1)
+          or (node.op_type == "Conv" and idx == 1 and rank == 4))
+    if not ok or node.inputs[0] is None or not node.inputs[0].name or info.layout.view_shape[0] > MAX_K:
+        return None
+    return node.inputs[0], node.op_type, attrs
+
+
+def _rows(x: np.ndarray, op: str, attrs: dict, info: WeightInfo) -> np.ndarray:
+    """One run's layer-input rows per group, ``(groups, R, K)`` float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if op == "Conv":
+        patches = im2col_batch(x, info.layout.shape, attrs)  # (B, groups, P, K)
+        return patches.transpose(1, 0, 2, 3).reshape(patches.shape[1], -1, patches.shape[3])
+    axis = x.ndim - 1 if op == "MatMul" else (0 if attrs.get("transA", 0) else 1)
+    return np.moveaxis(x, axis, -1).reshape(1, -1, x.shape[axis])
+
+
+def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None) -> dict[str, np.ndarray]:
+    """Weight name -> ``A`` (``(groups, K, K)``, mean over rows) for every weight it can be measured for."""
+    if calibration is None:
+        return {}
+    readers = {info.name: (info, r) for info in ctx.weights if (r := _reader(info)) is not None}
+    if not readers:
+        return {}
+    from bq_onnx.runtimes.sessions import TempSessions
+
+    names = sorted({r[0].name for _, r in readers.values()})
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    sessions = TempSessions()
+    try:
+        session = sessions.open(forward_model(model, names))
+        calib = calibration.take(min(SAMPLES, calibration.num_samples))
+        for feeds in calib.batches(BATCH):
+            acts = dict(zip(names, session.run(feeds)))
+            for name, (info, (value, op, attrs)) in list(readers.items()):
+                try:
+                    rows = _rows(acts[value.name], op, attrs, info)
+                except ValueError:  # a convolution im2col does not cover (auto_pad SAME_*): nearest
+                    rows = None
+                if rows is None or rows.shape[2] != info.layout.view_shape[0]:
+                    readers.pop(name)
+                    sums.pop(name, None)
+                    continue
+                sums[name] = sums.get(name, 0.0) + np.swapaxes(rows, 1, 2) @ rows
+                counts[name] = counts.get(name, 0) + rows.shape[1]
+    finally:
+        sessions.close()
+    moments = {name: s / max(counts[name], 1) for name, s in sums.items()}
+    return {name: a for name, a in moments.items() if np.isfinite(a).all()}  # a NaN/Inf input: nearest

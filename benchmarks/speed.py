@@ -205,11 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_nncf(model, calib)
                 results.append({"model": name, "round": r, "tool": "nncf int4", **res})
                 print(json.dumps(results[-1]), flush=True)
-    text = report(results, args, started)
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
+        if args.out:  # after every model, so a long run that is stopped keeps what it measured
+            args.out.write_text(report(results, args, started))
+    if not args.out:
+        print(report(results, args, started))
     return 0
 
 

@@ -175,6 +175,46 @@ print("@@SECONDS", time.perf_counter() - start)
     return {"wall": wall, "rc": 0}
 
 
+POSTERIOR_CODE = r"""
+import json, sys, tempfile, time
+import numpy as np, onnxruntime as ort
+import bq_onnx
+model, calib, loss = sys.argv[1], sys.argv[2], sys.argv[3] or None
+data = np.load(calib)
+feeds = {k: data[k] for k in data.files}
+n = len(next(iter(feeds.values())))
+options = ort.SessionOptions()
+session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+session.run(None, {k: v[:1] for k, v in feeds.items()})  # warm-up
+start = time.perf_counter()
+for i in range(0, n, 32):
+    session.run(None, {k: v[i:i + 32] for k, v in feeds.items()})
+forward = time.perf_counter() - start
+out = {"samples": n, "forward": forward}
+with tempfile.TemporaryDirectory() as cache:
+    for run in ("first", "cold", "warm"):  # first: without the cache, the lazy imports of a first call included
+        start = time.perf_counter()
+        opts = {"loss": loss} if loss else {}
+        bq_onnx.estimate_posterior(model, calib, "laplace", **opts, **({} if run == "first" else {"cache": cache}))
+        out[run] = time.perf_counter() - start
+print("@@POSTERIOR " + json.dumps(out))
+"""
+
+
+def run_posterior(model: Path, calib: Path, extra: list[str]) -> dict:
+    """The posterior alone (laplace, as optimize runs it) on the calibration samples: once without a cache (the
+    first call of the process), then twice with ``--cache`` (cold:
+    the gradient graph built and stored; warm: read back), against one forward pass over the same samples in
+    onnxruntime (batches of 32, after a warm-up run)."""
+    loss = extra[extra.index("--loss") + 1] if "--loss" in extra else ""
+    proc = subprocess.run([sys.executable, "-c", POSTERIOR_CODE, str(model), str(calib), loss], capture_output=True,
+                          text=True, cwd=ROOT)
+    found = re.search(r"@@POSTERIOR (.*)", proc.stdout)
+    if proc.returncode or not found:
+        return {"rc": proc.returncode or 1, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
+    return {"rc": 0, **json.loads(found.group(1))}
+
+
 def _hash(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.parent.glob(path.name + "*")):
@@ -189,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="before/after/NNCF rounds per model (interleaved)")
     p.add_argument("--mlp-blocks", type=int, default=1, help="size of the generated MLP in 128 MiB blocks")
     p.add_argument("--no-nncf", action="store_true")
+    p.add_argument("--no-posterior", action="store_true", help="skip the posterior-cost runs")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     trees = {"before": before_tree(args.before), "after": ROOT}
@@ -205,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_nncf(model, calib)
                 results.append({"model": name, "round": r, "tool": "nncf int4", **res})
                 print(json.dumps(results[-1]), flush=True)
+        if not args.no_posterior and calib is not None:
+            res = run_posterior(model, calib, extra)
+            results.append({"model": name, "round": 0, "tool": "posterior alone", "wall": res.get("cold", 0.0),
+                            **res})
+            print(json.dumps(results[-1]), flush=True)
         if args.out:  # after every model, so a long run that is stopped keeps what it measured
             args.out.write_text(report(results, args, started))
     if not args.out:
@@ -246,7 +292,8 @@ def report(results: list[dict], args, started: str) -> str:
               "|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---|"]
     by_model: dict[str, list[dict]] = {}
     for r in results:
-        by_model.setdefault(r["model"], []).append(r)
+        if r["tool"] != "posterior alone":
+            by_model.setdefault(r["model"], []).append(r)
     for model, rows in by_model.items():
         nncf = [r["wall"] for r in rows if r["tool"] == "nncf int4" and r["rc"] == 0]
         ref = float(np.median(nncf)) if nncf else None
@@ -266,6 +313,22 @@ def report(results: list[dict], args, started: str) -> str:
                 out = ""
             lines.append(f"| {model} | {r['tool']} | {r['wall']:.1f} | {ratio} | " + " | ".join(cells) +
                          f" | {loss} | {out} |")
+    post = [r for r in results if r["tool"] == "posterior alone"]
+    if post:
+        lines += ["", "Posterior cost (`estimate_posterior`, laplace, in one process after the imports): cold = the "
+                  "gradient graph built and stored in a `--cache` folder, warm = the same call again, the graph read "
+                  "back (both after a first call without the cache, which pays the lazy imports); forward = one "
+                  "onnxruntime forward pass over the same samples (batches of 32). The ratio is "
+                  "per calibration sample, end to end (the FP32 reference run, the gradient runs and the curvature "
+                  "sums all included).", "",
+                  "| model | samples | forward (s) | posterior cold (s) | posterior warm (s) | cold / forward | "
+                  "warm / forward |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in post:
+            if r["rc"]:
+                lines.append(f"| {r['model']} | | | | | | exit {r['rc']}: {' '.join(r.get('error', []))[:100]} |")
+                continue
+            lines.append(f"| {r['model']} | {r['samples']} | {r['forward']:.2f} | {r['cold']:.1f} | {r['warm']:.1f} "
+                         f"| {r['cold'] / r['forward']:.1f} | {r['warm'] / r['forward']:.1f} |")
     lines += ["", "Raw results (JSON lines):", "", "```", *(json.dumps(r, sort_keys=True) for r in results), "```", ""]
     return "\n".join(lines)
 

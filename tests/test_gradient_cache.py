@@ -67,6 +67,15 @@ def test_built_once_then_read_back_with_the_same_gradients(tmp_path: Path, monke
             np.testing.assert_array_equal(got[name], want[name])
 
 
+def test_weights_in_any_order_read_back(tmp_path: Path, monkeypatch) -> None:
+    calls = _count_builds(monkeypatch)
+    first = build_gradient_model(_model(), "loss", ["w2", "w1"], cache=tmp_path)
+    second = build_gradient_model(_model(), "loss", ["w2", "w1"], cache=tmp_path)
+    assert len(calls) == 1
+    assert list(second.gradients) == list(first.gradients) == ["w2", "w1"]
+    assert [v.name for v in second.model.graph.outputs] == [first.loss, *first.gradients.values()]
+
+
 def test_other_weights_or_options_are_another_entry(tmp_path: Path, monkeypatch) -> None:
     calls = _count_builds(monkeypatch)
     build_gradient_model(_model(), "loss", ["w1", "w2"], cache=tmp_path)

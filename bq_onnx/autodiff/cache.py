@@ -90,7 +90,8 @@ def _store(path: Path, key: str, graph: GradientGraph, source: ir.Model) -> None
     borrowed = _shared(graph, source)
     inits = graph.model.graph.initializers
     kept = {name: inits[name].const_value for name in borrowed}
-    meta = {"key": key, "loss": graph.loss, "gradients": graph.gradients, "unsupported": graph.unsupported,
+    meta = {"key": key, "loss": graph.loss, "gradients": list(graph.gradients.items()),  # in output order
+            "unsupported": graph.unsupported,
             "borrowed": borrowed}
     try:
         for name in borrowed:
@@ -135,7 +136,7 @@ def _load(path: Path, key: str, source: ir.Model) -> GradientGraph | None:
             if isinstance(value.const_value, ir.ExternalTensor):
                 return None
         outputs = [v.name for v in model.graph.outputs]
-        gradients = {str(k): str(v) for k, v in meta["gradients"].items()}
+        gradients = {str(k): str(v) for k, v in meta["gradients"]}
         if outputs != [meta["loss"], *gradients.values()]:
             return None
         unsupported = {str(k): [str(x) for x in v] for k, v in meta["unsupported"].items()}

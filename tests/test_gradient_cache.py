@@ -114,7 +114,7 @@ def test_damaged_entry_is_rebuilt(tmp_path: Path, monkeypatch, damage: str) -> N
     for name, value in _gradients(got).items():
         np.testing.assert_array_equal(value, want[name])
     assert gradient_cache._load(entry, gradient_cache.model_key(_model(), "loss", ["w1", "w2"], False),
-                                _model()) is not None  # and written back whole
+                                _model(), gradient.GradientGraph) is not None  # and written back whole
     assert not list(tmp_path.glob("*.tmp"))
 
 

@@ -18,14 +18,14 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-if TYPE_CHECKING:
-    from bq_onnx.autodiff.gradient import GradientGraph
+GradientGraph = Any
+"""A :class:`bq_onnx.autodiff.gradient.GradientGraph` (not imported here: that module imports this one)."""
 
 KEY = "bq_onnx.gradient_cache"
 """Metadata entry of a cached gradient model: its key, loss, gradients, unsupported weights, borrowed tensors."""
@@ -63,11 +63,13 @@ def cached_gradient_model(
     wrt: Sequence[str],
     weights_as_inputs: bool,
     build: Callable[[], GradientGraph],
+    make: Callable[..., GradientGraph],
 ) -> GradientGraph:
-    """The gradient graph of ``model`` from ``folder`` when a valid entry is there, else ``build()``, stored."""
+    """The gradient graph of ``model`` from ``folder`` when a valid entry is there, else ``build()``, stored;
+    ``make(model, loss, gradients, unsupported)`` makes one from an entry read back."""
     key = model_key(model, loss, wrt, weights_as_inputs)
     path = Path(folder) / f"gradient-{key}.onnx"
-    found = _load(path, key, model) if path.is_file() else None
+    found = _load(path, key, model, make) if path.is_file() else None
     if found is not None:
         return found
     graph = build()
@@ -114,10 +116,8 @@ def _store(path: Path, key: str, graph: GradientGraph, source: ir.Model) -> None
         raise
 
 
-def _load(path: Path, key: str, source: ir.Model) -> GradientGraph | None:
+def _load(path: Path, key: str, source: ir.Model, make: Callable[..., GradientGraph]) -> GradientGraph | None:
     """The entry at ``path`` with the source's shared initializers put back; None if anything does not match."""
-    from bq_onnx.autodiff.gradient import GradientGraph
-
     try:
         proto = onnx.ModelProto.FromString(path.read_bytes())
         meta = json.loads({p.key: p.value for p in proto.metadata_props}[KEY])
@@ -140,6 +140,6 @@ def _load(path: Path, key: str, source: ir.Model) -> GradientGraph | None:
         if outputs != [meta["loss"], *gradients.values()]:
             return None
         unsupported = {str(k): [str(x) for x in v] for k, v in meta["unsupported"].items()}
-        return GradientGraph(model, str(meta["loss"]), gradients, unsupported)
+        return make(model, str(meta["loss"]), gradients, unsupported)
     except Exception:  # noqa: BLE001 - a damaged or foreign entry is rebuilt, never trusted
         return None

@@ -71,7 +71,8 @@ def build_gradient_model(
 
         return cached_gradient_model(cache, model, loss, wrt, weights_as_inputs,
                                      lambda: build_gradient_model(model, loss, wrt,
-                                                                  weights_as_inputs=weights_as_inputs))
+                                                                  weights_as_inputs=weights_as_inputs),
+                                     GradientGraph)
     new = model.clone()
     graph = new.graph
     if new.opset_imports.get("", 0) < MIN_OPSET:

@@ -389,6 +389,9 @@ class PosteriorConfig(Concern):
     batch_size: int = option(32, "calibration samples per gradient or forward run (laplace/fisher-mc form "
                              "per-sample gradients from batched runs where exact)", check=at_least(1))
     seed: int = SEED.field()
+    cache: str | None = option(None, "folder of gradient graphs kept between runs, keyed by a content hash of the "
+                               "model, loss, weights and bq-onnx version (a damaged entry is rebuilt); off without it",
+                               metavar="DIR", parse=lambda v, f: None if v is None else text(v, f))
 
     def validate(self) -> None:
         kinds = [t.kind for t in self.loss or ()]

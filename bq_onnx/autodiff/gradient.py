@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -58,7 +59,8 @@ def supported_ops() -> frozenset[str]:
 
 
 def build_gradient_model(
-    model: ir.Model, loss: str, wrt: Sequence[str], *, weights_as_inputs: bool = False
+    model: ir.Model, loss: str, wrt: Sequence[str], *, weights_as_inputs: bool = False,
+    cache: str | os.PathLike | None = None,
 ) -> GradientGraph:
     """Differentiate the value ``loss`` with respect to the initializers ``wrt``.
 
@@ -68,7 +70,16 @@ def build_gradient_model(
         wrt: float32/float64 initializer names, of the main graph or of any subgraph.
         weights_as_inputs: also make the ``wrt`` initializers graph inputs (their stored values stay the defaults),
             so one session can evaluate gradients at perturbed weights.
+        cache: a folder of gradient graphs keyed by content hash (:mod:`bq_onnx.autodiff.cache`): taken from
+            there when a valid entry is, else built and stored.
     """
+    if cache is not None:
+        from bq_onnx.autodiff.cache import cached_gradient_model
+
+        return cached_gradient_model(cache, model, loss, wrt, weights_as_inputs,
+                                     lambda: build_gradient_model(model, loss, wrt,
+                                                                  weights_as_inputs=weights_as_inputs),
+                                     GradientGraph)
     new = model.clone()
     graph = new.graph
     if new.opset_imports.get("", 0) < MIN_OPSET:

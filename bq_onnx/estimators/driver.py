@@ -53,6 +53,8 @@ def estimate_prepared(
 ) -> Posterior:
     """The estimator on a model already prepared by the pipeline (used by ``optimize --calib``)."""
     calib = load_calibration(calibration, prepared.model, opts.calib_samples)
+    if opts.cache is not None:
+        prepared = dataclasses.replace(prepared, cache=opts.cache)
     sessions = TempSessions()
     spill = Spill()  # every weight's curvature goes to disk as soon as it is known; the posterior reads it back
     problem = Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed), progress_bar, spill)

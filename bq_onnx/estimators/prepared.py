@@ -37,6 +37,7 @@ class Prepared:
     model: ir.Model
     weights: list[WeightInfo]
     source: ModelSource | None
+    cache: str | os.PathLike | None = None  # gradient graphs kept here (--cache)
 
 
 def prepare(source: ModelSource, weights: WeightsConfig | None = None) -> Prepared:
@@ -63,4 +64,4 @@ def gradient_graph(prepared: Prepared, loss: LossPlan | str, output: str | None,
     from bq_onnx.autodiff.gradient import build_gradient_model
 
     model = run_passes(model if model is not None else copy_model(prepared.model), [AppendLossPass(loss, output)])
-    return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs)
+    return build_gradient_model(model, LOSS, wrt, weights_as_inputs=as_inputs, cache=prepared.cache)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from bq_onnx.quantizers.blocked import _row_chunks
+from bq_onnx.quantizers.parallel import run_chunks
 
 
 class _Grid:
@@ -62,9 +63,12 @@ def _pick(a: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
 def _nearest_codes(x: np.ndarray, grid: _Grid, lo: int, hi: int, may_tie: bool) -> np.ndarray:
     """:func:`_nearest` over cache-sized chunks of block rows."""
     codes = np.empty(x.shape, dtype=np.int16)
-    for r in _row_chunks(x.shape[0], x.shape[1]):
+
+    def chunk(r: slice) -> None:
         sub = grid.rows(r)
         codes[r] = _nearest(x[r], sub, sub.guess(x[r], lo, hi), lo, hi, may_tie)
+
+    run_chunks(chunk, _row_chunks(x.shape[0], x.shape[1]))
     return codes
 
 
@@ -129,9 +133,15 @@ def _nearest(x: np.ndarray, grid: _Grid, j0: np.ndarray, lo: int, hi: int, may_t
 
 
 def _weighted_sse(x: np.ndarray, wt: np.ndarray | None, levels: np.ndarray) -> np.ndarray:
-    """Per-block-row ``sum(wt * (levels - x)**2)`` in float64 (``wt`` None: all ones)."""
-    d = np.subtract(levels, x, dtype=np.float64)
-    d *= d
-    if wt is not None:
-        d *= wt
-    return d.sum(axis=1)
+    """Per-block-row ``sum(wt * (levels - x)**2)`` in float64 (``wt`` None: all ones), by chunks of rows."""
+    out = np.empty(x.shape[0])
+
+    def chunk(r: slice) -> None:
+        d = np.subtract(levels[r], x[r], dtype=np.float64)
+        d *= d
+        if wt is not None:
+            d *= wt[r]
+        out[r] = d.sum(axis=1)
+
+    run_chunks(chunk, _row_chunks(x.shape[0], x.shape[1]))
+    return out

@@ -16,6 +16,7 @@ from bq_onnx.quantizers.blocked import (
     _row_chunks,
 )
 from bq_onnx.quantizers.grid import _Grid, _nearest_codes, _weighted_sse
+from bq_onnx.quantizers.parallel import run_chunks
 
 UNIFORM_SHRINK = 1.0 - 0.7 * (np.arange(21) / 20.0) ** 1.5
 """Joint shrink factors ``p`` (1.0 down to 0.3, finer near 1) of the uniform range searches."""
@@ -44,8 +45,11 @@ def quantize_uniform(
     lo0 = np.minimum(bl.x.min(axis=1), 0).astype(np.float64)
     hi0 = np.maximum(bl.x.max(axis=1), 0).astype(np.float64)
     best_lo, best_hi = lo0.copy(), hi0.copy()
-    for rows in _row_chunks(bl.nrows, bl.g):
+
+    def search(rows: slice) -> None:
         best_lo[rows], best_hi[rows] = _search_asymmetric(_Search(bl, rows), lo0[rows], hi0[rows], m)
+
+    run_chunks(search, _row_chunks(bl.nrows, bl.g))
     cands = [_uniform_meta(best_lo, best_hi, m), _uniform_meta(lo0, hi0, m)]
     return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, False), bits, False, "uniform")
 
@@ -73,10 +77,15 @@ def quantize_uniform_sym(
         base, denom, qmin = np.abs(bl.x).max(axis=1).astype(np.float64), float((m >> 1) - 1), 1
     zp = np.full(bl.nrows, float(m >> 1))
     best_p = np.ones(bl.nrows)
-    for rows in _row_chunks(bl.nrows, bl.g):
-        search, bp, b = _Search(bl, rows), best_p[rows], base[rows]
-        for p in UNIFORM_SHRINK:
-            bp[search.consider(_fp16(b * p / denom).astype(np.float64), zp[rows], qmin, m - 1)] = p
+
+    def search(rows: slice) -> None:
+        found, bp = _Search(bl, rows), best_p[rows]
+        scales = _fp16(base[rows][None, :] * UNIFORM_SHRINK[:, None] / denom).astype(np.float64)
+        for p, win in zip(UNIFORM_SHRINK, found.consider_all(scales, np.broadcast_to(zp[rows], scales.shape),
+                                                              qmin, m - 1)):
+            bp[win] = p
+
+    run_chunks(search, _row_chunks(bl.nrows, bl.g))
     cands = [(_fp16(base * best_p / denom).astype(np.float64), zp), (_fp16(base / denom).astype(np.float64), zp)]
     return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, True), bits, True, "uniform-sym")
 
@@ -163,13 +172,24 @@ class _Search:
 
     def consider(self, s: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
         """Score the grids ``(code - zp) * s`` (codes in ``[qmin, qmax]``); returns the blocks they improve."""
-        sn = (s / self.norm).astype(np.float32)
-        inv = np.zeros_like(sn)
-        np.divide(np.float32(1), sn, out=inv, where=sn > 0)
+        return next(self.consider_all(s[None, :], zp[None, :], qmin, qmax))
+
+    def consider_all(self, s: np.ndarray, zp: np.ndarray, qmin: int, qmax: int):
+        """:meth:`consider` for each row of the ``(C, B)`` candidates ``s``, ``zp`` in turn (yields the blocks each
+        improves); the per-candidate metadata is computed for all of them at once (the same elementwise values)."""
+        sn_all = (s / self.norm[None, :]).astype(np.float32)
+        inv_all = np.zeros_like(sn_all)
+        np.divide(np.float32(1), sn_all, out=inv_all, where=sn_all > 0)
+        low_all = (qmin - zp).astype(np.float32)
+        high_all = (qmax - zp).astype(np.float32)
+        for sn, inv, low, high in zip(sn_all, inv_all, low_all, high_all):
+            yield self._score(sn, inv, low, high)
+
+    def _score(self, sn: np.ndarray, inv: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
         t = np.multiply(self.u, inv[:, None], out=self.t)
         np.rint(t, out=t)
-        np.maximum(t, (qmin - zp).astype(np.float32)[:, None], out=t)  # np.clip is slower
-        np.minimum(t, (qmax - zp).astype(np.float32)[:, None], out=t)
+        np.maximum(t, low[:, None], out=t)  # np.clip is slower
+        np.minimum(t, high[:, None], out=t)
         t *= sn[:, None]
         t -= self.u
         if self.wt is None:
@@ -188,17 +208,20 @@ def _search_asymmetric(
     """The asymmetric range search of :func:`quantize_uniform` for one chunk of blocks: best ``(lo, hi)``."""
     best_lo, best_hi = lo0.copy(), hi0.copy()
 
-    def consider(lo: np.ndarray, hi: np.ndarray) -> None:
-        win = search.consider(*_uniform_meta(lo, hi, m), 0, m - 1)
-        best_lo[win] = lo[win]
-        best_hi[win] = hi[win]
+    def consider(lo: np.ndarray, hi: np.ndarray) -> None:  # (C, B) candidates, in the order they are tried
+        for c, win in enumerate(search.consider_all(*_uniform_meta(lo, hi, m), 0, m - 1)):
+            best_lo[win] = lo[c][win]
+            best_hi[win] = hi[c][win]
 
-    for p in UNIFORM_SHRINK:
-        consider(lo0 * p, hi0 * p)
+    shrink = UNIFORM_SHRINK[:, None]
+    consider(lo0[None, :] * shrink, hi0[None, :] * shrink)
     lo1, hi1 = best_lo.copy(), best_hi.copy()
-    for q in UNIFORM_SIDE_SHRINK:
-        consider(lo1 * q, hi1)
-        consider(lo1, hi1 * q)
+    side = UNIFORM_SIDE_SHRINK[:, None]
+    lo_side, hi_side = lo1[None, :] * side, hi1[None, :] * side
+    lo_fixed, hi_fixed = np.broadcast_to(lo1, lo_side.shape), np.broadcast_to(hi1, hi_side.shape)
+    # per factor q: shrink lo alone, then hi alone
+    consider(np.stack([lo_side, lo_fixed], axis=1).reshape(-1, lo1.size),
+             np.stack([hi_fixed, hi_side], axis=1).reshape(-1, hi1.size))
     return best_lo, best_hi
 
 

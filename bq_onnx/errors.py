@@ -75,6 +75,10 @@ class QualityError(BqError):
     exit_code = EXIT_QUALITY
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that clean-up runs (exit 143)."""
+
+
 def exit_code_table() -> str:
     """The exit codes as help text."""
     return "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())

@@ -239,27 +239,29 @@ def combine(per_run: list[list[OutputCheck]]) -> list[OutputCheck]:
 
 def verify_written(
     path: str | os.PathLike, source, ctx: Context, feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
-    runtime: str = "onnxruntime", random_inputs: bool = False,
+    runtime: str = "onnxruntime", random_inputs: bool = False, shown: str | os.PathLike | None = None,
 ) -> list[OutputCheck]:
     """Reload ``path``, check it by path, run it and the reference on ``feeds`` (one run's feeds, or a list of
     runs: a fixed-batch model's samples); raise on a mismatch. ``random_inputs``: the feeds are made up, and a
     model that cannot run on them is checked in FP32 first, so that invalid inputs are not reported as a bad
-    model (:class:`~bq_onnx.errors.InputsError`)."""
+    model (:class:`~bq_onnx.errors.InputsError`). ``shown``: the name messages give the file (the destination of
+    a staged output)."""
     from bq_onnx.runtimes import get_runtime
 
     runs = [feeds] if isinstance(feeds, Mapping) else list(feeds)
     path = Path(path)
+    where = Path(shown) if shown is not None else path
     try:
         onnx.checker.check_model(os.fspath(path))
     except onnx.checker.ValidationError as exc:
-        raise VerificationError(f"{path}: written model fails the onnx checker: {str(exc).splitlines()[0]}") from None
+        raise VerificationError(f"{where}: written model fails the onnx checker: {str(exc).splitlines()[0]}") from None
     memtrace("verify: checker")
     rt = get_runtime(runtime)
     # one session at a time: the candidate runs and is dropped before the full-precision reference is built
     try:
         candidate_session = rt.session(path, exact=True)
     except ModelError as exc:
-        raise VerificationError(str(exc)) from None
+        raise VerificationError(str(exc).replace(os.fspath(path), os.fspath(where))) from None
     try:
         out = [candidate_session.run(run) for run in runs]
     except DataError:
@@ -279,7 +281,7 @@ def verify_written(
     if bad:
         c = bad[0]
         raise VerificationError(
-            f"{path}: output '{c.name}' differs from the numpy-dequantized reference "
+            f"{where}: output '{c.name}' differs from the numpy-dequantized reference "
             f"(max abs error {c.max_abs_error:.3g}, reference magnitude {c.max_abs_reference:.3g})"
         )
     return checks

@@ -492,8 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = _terminate_as_exception()
     try:
         from bq_onnx.budgets import set_max_memory
+        from bq_onnx.limits import set_run_timeout
 
-        set_max_memory(LimitsConfig(**given(args, LimitsConfig)).max_memory)
+        limits = LimitsConfig(**given(args, LimitsConfig))
+        set_max_memory(limits.max_memory)
+        set_run_timeout(limits.run_timeout)
         return handler(args)
     except BqError as exc:
         print(f"error: {exc}", file=sys.stderr)

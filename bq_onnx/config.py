@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from bq_onnx.budgets import DEFAULT_FRACTION, parse_memory
 from bq_onnx.errors import UsageError
+from bq_onnx.limits import DEFAULT_RUN_TIMEOUT
 from bq_onnx.loss_spec import FORMS, LossTerm, parse_loss
 from bq_onnx.options import Concern, Option, above, at_least, number, option, text
 
@@ -475,6 +476,11 @@ class LimitsConfig(Concern):
         "K/M/G/T, KiB/MiB/GiB, KB/MB/GB) or N% of the memory available; a model or data set that needs more is "
         "refused before anything is allocated (exit 3 model, 5 data)", parse=parse_memory, metavar="SIZE|N%",
         show=f"{DEFAULT_FRACTION:.0%} of the memory available")
+    run_timeout: float = option(
+        DEFAULT_RUN_TIMEOUT, "seconds one onnxruntime/OpenVINO session creation or run may take (posterior, tables, "
+        "guard, verification, verify, bench); past it: one line, exit 10, nothing written. --max-memory also bounds "
+        "each run: the address space may grow by at most that much while a session is created or runs (exit 10)",
+        check=above(0), metavar="SECONDS")
 
 
 # --- the composite ----------------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
 
-from bq_onnx.errors import DataError, LimitError, ModelError, UsageError
+from bq_onnx.errors import BqError, DataError, LimitError, ModelError, UnsupportedError, UsageError
 from bq_onnx.limits import limited
 from bq_onnx.runtimes.base import Runtime, Session
 from bq_onnx.runtimes.profiles import PROFILES
@@ -40,6 +41,17 @@ def provider_names(eps: str | list[str] | None) -> list[str]:
         else:
             raise UsageError(f"unknown execution provider '{item}' (known: {', '.join(EP_NAMES)})")
     return out or ["CPUExecutionProvider"]
+
+
+def load_error(path: str | os.PathLike, first: str) -> BqError:
+    """The error for a session onnxruntime cannot create: an op it does not know (a custom op whose library is
+    not loaded) is not supported (exit 4, as the README says), anything else a model error (exit 3)."""
+    unknown = re.search(r"([\w.]*:?\w+)\(-?\d+\) is not a registered function/op", first) or \
+        re.search(r"Could not find an implementation for (\S+)", first)
+    if unknown:
+        return UnsupportedError(f"{path}: onnxruntime has no implementation of op {unknown.group(1)} (a custom op "
+                                f"needs its runtime library); not supported")
+    return ModelError(f"{path}: onnxruntime cannot load the model: {first}")
 
 
 class OrtSession(Session):
@@ -99,4 +111,4 @@ class OnnxRuntime(Runtime):
             raise
         except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: onnxruntime cannot load the model: {first}") from None
+            raise load_error(path, first) from None

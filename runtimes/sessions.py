@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bq_onnx.errors import LimitError, ModelError
+from bq_onnx.errors import LimitError
 from bq_onnx.limits import limited
 from bq_onnx.model_io import model_nbytes, save_model
 from bq_onnx.runtimes.base import Session
@@ -54,7 +54,7 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Ses
     :data:`UNPACKED_SESSION_BYTES` keep the runtime's usual sessions and their results."""
     import onnxruntime as ort
 
-    from bq_onnx.runtimes.ort import OrtSession
+    from bq_onnx.runtimes.ort import OrtSession, load_error
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions, never as log lines
@@ -70,4 +70,4 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Ses
         raise
     except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: onnxruntime cannot load the model: {first}") from None
+        raise load_error(path, first) from None

@@ -57,8 +57,8 @@ def huge_expand() -> onnx.ModelProto:
 
 
 def _bq(args, timeout=240) -> tuple[int, str, float]:
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
-            "from bq_onnx.cli import main; sys.exit(main(sys.argv[1:]))").format(SAFETY_BYTES)
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({SAFETY_BYTES}, {SAFETY_BYTES})); "
+            "from bq_onnx.cli import main; sys.exit(main(sys.argv[1:]))")
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))

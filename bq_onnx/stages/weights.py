@@ -16,7 +16,7 @@ from bq_onnx.config import WeightsConfig
 from bq_onnx.context import WeightInfo
 from bq_onnx.errors import UnsupportedError
 from bq_onnx.layout import WeightLayout, reduction_axes_for
-from bq_onnx.reads import SHAPE_ONLY, control_role
+from bq_onnx.reads import SHAPE_ONLY, control_role, structural_sources
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
@@ -146,6 +146,7 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
 
     graphs = list(scoped_graphs(model.graph))
     paths = {id(g): path for path, g in graphs}
+    structural = structural_sources(ir.traversal.RecursiveGraphIterator(model.graph))
     weights: list[WeightInfo] = []
     candidates: list[Candidate] = []
     for path, graph in graphs:
@@ -165,6 +166,9 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
             elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.keep_fp):
                 why = "kept in floating point (--keep-fp)"
                 messages.append(f"kept '{name}' in floating point (--keep-fp)")
+            if not why and id(value) in structural:  # e.g. also Resize's scales through a Mul: never a weight
+                why = f"read as {structural[id(value)]} (its values reach it)"
+                messages.append(f"'{name}' is not a weight: {why}; left in float")
             if not why:
                 axes, why = _layout(value, shape, paths)
                 if why.startswith("read as"):

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bq_onnx.errors import ModelError, OutputError
+from bq_onnx.errors import ModelError, OutputError, UnsupportedError
 from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
 
@@ -45,11 +45,13 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     if isinstance(source, ir.Model):
         return copy_model(source)
     if isinstance(source, onnx.ModelProto):
+        refuse_sparse(source, "<ModelProto>")
         _validate_tensors(source, base_dir=None, where="<ModelProto>")
         _check_graph(source, "<ModelProto>")
         return _deserialize(source, "<ModelProto>")
     path = Path(source)
     proto = read_model(path)
+    refuse_sparse(proto, str(path))
     base_dir = path.resolve().parent
     _validate_tensors(proto, base_dir=base_dir, where=str(path))
     _check_graph(proto, str(path))
@@ -57,6 +59,25 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     ir.external_data.set_base_dir(model.graph, base_dir)
     stream_external_tensors(model)
     return model
+
+
+def refuse_sparse(proto: onnx.ModelProto, where: str) -> None:
+    """Sparse tensors (``sparse_initializer``, a Constant's ``sparse_value``) are not read by the IR: refuse them
+    in one line (exit 4) instead of losing them."""
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        if graph.sparse_initializer:
+            name = graph.sparse_initializer[0].values.name or "<unnamed>"
+            raise UnsupportedError(f"{where}: sparse initializer '{name}' is not supported; store it dense "
+                                   f"(onnx.numpy_helper) and run again")
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.SPARSE_TENSOR or attr.sparse_tensors:
+                    raise UnsupportedError(f"{where}: node '{node.name or node.op_type}' holds a sparse tensor "
+                                           f"(attribute '{attr.name}'); not supported: store it dense")
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
 
 
 class StreamedExternalTensor(ir.ExternalTensor):

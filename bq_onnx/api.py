@@ -17,11 +17,12 @@ from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.config import OptimizeConfig
 from bq_onnx.context import Context, Derived, is_fixed
 from bq_onnx.errors import InputsError, UnsupportedError, UsageError
-from bq_onnx.model_io import check_output_path, load_model, remove_output, save_model
+from bq_onnx.model_io import load_model, write_output
 from bq_onnx.pipeline import optimize_model
 from bq_onnx.posterior import Posterior
 from bq_onnx.samples import SYMBOLIC_SIZES, has_symbolic_dims, random_feeds
 from bq_onnx.sizes import totals
+from bq_onnx.writing import Protected, check_output, resolve_output
 
 ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -38,6 +39,27 @@ class OptimizeResult:
     context: Context
     source: ModelSource
     calibration: Calibration | None = None  # as loaded once by optimize (a one-shot reader is not read again)
+    input_files: tuple[str, ...] = ()  # files the output must never replace (calibration, posterior, labels)
+
+    def protected(self) -> Protected:
+        """Every file this result was made from: the model and its external data, calibration, posterior, verify
+        inputs and labels (none of them may be written or deleted by :meth:`save`)."""
+        protected = Protected()
+        if isinstance(self.source, (str, os.PathLike)):
+            protected.add_model(self.source)
+        for path in (*self.input_files, self.context.config.inputs.verify_inputs):
+            protected.add(path)
+        labels = self.context.config.posterior.labels
+        if isinstance(labels, (str, os.PathLike)):
+            protected.add(labels)
+        return protected
+
+    def default_output(self) -> Path:
+        """``MODEL.bq.onnx`` beside a model file (``model.bq.onnx`` in the current folder for in-memory models)."""
+        if isinstance(self.source, (str, os.PathLike)):
+            src = Path(self.source)
+            return src.with_name(src.name.removesuffix(".onnx") + ".bq.onnx")
+        return Path("model.bq.onnx")
 
     def sample_feeds(self) -> dict[str, np.ndarray]:
         """The first run's inputs of the post-write check (see :meth:`verification_runs`)."""
@@ -57,7 +79,7 @@ class OptimizeResult:
         feeds = random_feeds(self.model, seed=self.context.config.quantization.seed, shapes=dict(inputs.input_shape))
         return [feeds], True
 
-    def _verify(self, out: Path, runs: list[dict[str, np.ndarray]], random_inputs: bool) -> list:
+    def _verify(self, out: Path, runs: list[dict[str, np.ndarray]], random_inputs: bool, shown: Path) -> list:
         """The post-write check; random inputs the FP32 model cannot run on are made again with larger symbolic
         dimensions (:data:`~bq_onnx.samples.SYMBOLIC_SIZES`) before the first failure is reported."""
         from bq_onnx.verify import verify_written
@@ -70,7 +92,7 @@ class OptimizeResult:
                 runs = [random_feeds(self.model, batch=size, seed=self.context.config.quantization.seed,
                                      shapes=dict(inputs.input_shape))]
             try:
-                return verify_written(out, self.source, self.context, runs, random_inputs=random_inputs)
+                return verify_written(out, self.source, self.context, runs, random_inputs=random_inputs, shown=shown)
             except InputsError as exc:
                 first = first or exc
         assert first is not None
@@ -84,18 +106,17 @@ class OptimizeResult:
         verify: bool = True,
         feeds: Mapping[str, np.ndarray] | None = None,
     ) -> dict:
-        inputs = [self.source] if isinstance(self.source, (str, os.PathLike)) else []
-        out = check_output_path(path, inputs, force)
+        """Write the model to ``path`` (a file, or a folder: ``<folder>/<model>.bq.onnx``) by the write protocol
+        (:mod:`bq_onnx.writing`): staged beside it, verified there, renamed into place only when verification
+        passed; ``force`` to replace an existing file. Returns the report."""
+        protected = self.protected()
+        out = check_output(resolve_output(path, self.default_output().name, Path.cwd()), protected, force)
         if verify:  # read before anything is written: bad inputs leave no file behind
             runs, random_inputs = ([dict(feeds)], False) if feeds is not None else self.verification_runs()
-        save_model(self.model, out)
+        check = (lambda staged: self._verify(staged, runs, random_inputs, out)) if verify else None
+        checks = write_output(self.model, out, protected, force, verify=check)
         self.report["output"] = {"path": os.fspath(out), "file_bytes": out.stat().st_size}
         if verify:
-            try:
-                checks = self._verify(out, runs, random_inputs)
-            except BaseException:
-                remove_output(out)  # never leave an unverified model (or its external data) behind
-                raise
             self.report["verification"] = {
                 "runtime": "onnxruntime",
                 "passed": True,
@@ -243,4 +264,5 @@ def optimize(
         }
     if isinstance(model, (str, os.PathLike)):
         report["input_file_bytes"] = Path(model).stat().st_size
-    return OptimizeResult(result, report, ctx, model, calibration)
+    files = tuple(os.fspath(p) for p in (calib, posterior) if isinstance(p, (str, os.PathLike)))
+    return OptimizeResult(result, report, ctx, model, calibration, files)

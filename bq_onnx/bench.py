@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bq_onnx.config import BenchConfig
-from bq_onnx.errors import BqError, UsageError
+from bq_onnx.errors import EXIT_CODES, EXIT_LIMIT, BqError, UsageError
 
 OTHER_SYMBOLIC_DIM = 16
 _FLOAT = {"float32", "float16", "float64"}
@@ -112,7 +112,7 @@ def _run_child(config: dict, timeout: float | None) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {timeout:g} s", "exit_code": 1}
+        return {"status": "failed", "reason": f"timed out after {timeout:g} s", "exit_code": EXIT_LIMIT}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -123,11 +123,17 @@ def _run_child(config: dict, timeout: float | None) -> dict:
             return json.loads(lines[-1])
         except json.JSONDecodeError:
             pass
-    return {"status": "failed", "reason": why[:300], "exit_code": 1}
+    code = proc.returncode if proc.returncode in EXIT_CODES and proc.returncode > 1 else 1  # the hard stop: 10
+    return {"status": "failed", "reason": why.removeprefix("error: ")[:300], "exit_code": code}
 
 
 def _child_main(config_json: str) -> int:
+    from bq_onnx.budgets import set_max_memory
+    from bq_onnx.limits import set_run_timeout
+
     config = json.loads(config_json)
+    set_run_timeout(config.get("run_timeout"))  # the parent's run limits hold in the child
+    set_max_memory(config.get("max_memory"))
     try:
         result = measure_one(config)
     except BqError as exc:
@@ -152,7 +158,9 @@ def benchmark(
     ``migraphx`` or full onnxruntime provider names) and apply to onnxruntime only; OpenVINO runs on CPU.
     Unavailable runtimes and providers are reported under ``skipped`` with the reason.
     """
+    from bq_onnx.budgets import memory_budget
     from bq_onnx.calibration import load_calibration
+    from bq_onnx.limits import run_timeout
     from bq_onnx.model_io import load_model
     from bq_onnx.runtimes import get_runtime
     from bq_onnx.runtimes.ort import provider_names
@@ -202,7 +210,7 @@ def benchmark(
             for batch in batches:
                 config = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
                           "threads": threads, "warmup": warmup, "iterations": iterations, "exact": exact,
-                          "calib": calib}
+                          "calib": calib, "run_timeout": run_timeout(), "max_memory": memory_budget()}
                 row = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
                        **_run_child(config, timeout)}
                 report["results"].append(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from bq_onnx import __version__
 from bq_onnx.config import (
     BenchConfig,
     InputsConfig,
+    LimitsConfig,
     OptimizeConfig,
     PosteriorConfig,
     VerificationConfig,
@@ -19,7 +21,16 @@ from bq_onnx.config import (
     concern_types,
     shared_options,
 )
-from bq_onnx.errors import EXIT_INTERNAL, EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, BqError, exit_code_table
+from bq_onnx.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_UNSUPPORTED,
+    EXIT_USAGE,
+    BqError,
+    Terminated,
+    UsageError,
+    exit_code_table,
+)
 from bq_onnx.escape import escape
 from bq_onnx.flags import add_concern, add_group, given
 from bq_onnx.table import human_bytes, render
@@ -52,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     o.add_argument("model", help="input .onnx file (never modified)")
-    o.add_argument("-o", "--output", help="output path (default: MODEL with .bq.onnx suffix)")
+    o.add_argument("-o", "--output", help="output path (default: MODEL with .bq.onnx suffix; a folder, or a path "
+                   "ending in /: FOLDER/<model>.bq.onnx)")
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
@@ -80,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("model", help="input .onnx file")
     q.add_argument("--calib", metavar="DATA", required=True, help="calibration data (.npz keyed by input name)")
-    q.add_argument("-o", "--output", default="posterior.npz", help="output .npz (default posterior.npz)")
+    q.add_argument("-o", "--output", help="output .npz (default posterior.npz; a folder: FOLDER/posterior.npz)")
     q.add_argument("--force", action="store_true", help="overwrite an existing output file")
     add_concern(q, WeightsConfig, only=("min_size",))
     add_concern(q, PosteriorConfig)
@@ -153,14 +165,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    add_concern(p, LimitsConfig)
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from bq_onnx.api import optimize
-    from bq_onnx.model_io import check_output_path
+    from bq_onnx.writing import Protected, check_output, resolve_output
 
     src = Path(args.model)
-    out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".bq.onnx")
     options: dict = {}
     for concern in concern_types().values():
         options.update(given(args, concern))
@@ -172,7 +184,24 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         if args.print_config:
             print(recipe.dump(config), end="")
             return EXIT_OK
-    check_output_path(out, [src], args.force)  # fail before the work, not after
+    out = resolve_output(args.output, src.name.removesuffix(".onnx") + ".bq.onnx", src.parent)
+    protected = Protected([args.calib, args.posterior, args.config])
+    protected.add_model(src)
+    for concern in (InputsConfig, PosteriorConfig):
+        for key in ("verify_inputs", "labels"):
+            value = given(args, concern).get(key)
+            if isinstance(value, str):
+                protected.add(value)
+    check_output(out, protected, args.force)  # fail before the work, not after
+    plot = None
+    if args.plot:  # refused before anything is written: no matplotlib, or a path that is an input or taken
+        from bq_onnx.plot import require_matplotlib
+
+        require_matplotlib()
+        plot = resolve_output(args.plot, out.name.removesuffix(".onnx") + ".png", out.parent)
+        if plot == out:
+            raise UsageError(f"--plot {plot}: is the model output; choose another path")
+        check_output(plot, protected, args.force)
     start = time.perf_counter()
     result = optimize(
         src,
@@ -183,10 +212,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         **options,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
-    if args.plot:
+    if plot is not None:
         from bq_onnx.plot import plot_allocation
+        from bq_onnx.writing import write_file
 
-        plot_allocation(report, args.plot)
+        write_file(plot, lambda tmp: plot_allocation(report, tmp), protected, args.force, suffix=".png")
     elapsed = time.perf_counter() - start
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -306,9 +336,14 @@ def _loss_text(terms: list[dict]) -> str:
 def _cmd_posterior(args: argparse.Namespace) -> int:
     from bq_onnx.calibration import load_calibration
     from bq_onnx.estimators import estimate_prepared, prepare
-    from bq_onnx.model_io import check_output_path
+    from bq_onnx.writing import Protected, check_output, resolve_output, write_file
 
-    out = check_output_path(args.output, [args.model], args.force)
+    protected = Protected([args.calib])
+    protected.add_model(args.model)
+    labels = given(args, PosteriorConfig).get("labels")
+    if isinstance(labels, str):
+        protected.add(labels)
+    out = check_output(resolve_output(args.output, "posterior.npz", Path.cwd()), protected, args.force)
     start = time.perf_counter()
     config = PosteriorConfig(**given(args, PosteriorConfig))
     prepared = prepare(args.model, WeightsConfig(**given(args, WeightsConfig)))
@@ -316,7 +351,7 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
     calib = load_calibration(args.calib, prepared.model, axes=axes)
     posterior = estimate_prepared(prepared, calib, config,
                                   progress_bar=not (args.quiet or args.json) and sys.stderr.isatty())
-    _save_atomic(out, posterior.save)
+    write_file(out, posterior.save, protected, args.force, suffix=".npz")
     elapsed = time.perf_counter() - start
     rows = posterior.summary()
     if args.json:
@@ -334,20 +369,6 @@ def _cmd_posterior(args: argparse.Namespace) -> int:
             _say(f"loss: {_loss_text(posterior.loss)}")
         _say(f"wrote {out} ({posterior.method}, {posterior.samples} samples) in {elapsed:.1f} s")
     return EXIT_OK
-
-
-def _save_atomic(out: Path, write) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npz", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _say(text: object) -> None:
@@ -504,13 +525,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "posterior": _cmd_posterior,
                "verify": _cmd_verify, "bench": _cmd_bench, "validate": _cmd_validate}[args.command]
+    previous = _terminate_as_exception()
     try:
+        from bq_onnx.budgets import set_max_memory
+        from bq_onnx.limits import set_run_timeout
+
+        limits = LimitsConfig(**given(args, LimitsConfig))
+        set_max_memory(limits.max_memory)
+        set_run_timeout(limits.run_timeout)
         return handler(args)
     except BqError as exc:
         print(f"error: {escape(exc)}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001  anything else is our bug: one line unless --debug
         if getattr(args, "debug", False):
@@ -518,6 +549,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {escape(exc)} (rerun with --debug for a traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_exception():
+    """SIGTERM unwinds like Ctrl-C (every ``finally`` runs: staging and scratch folders are removed) instead of
+    ending the process where it stands. Returns the previous handler (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def entry() -> None:

@@ -16,6 +16,7 @@ EXIT_VERIFY = 6
 EXIT_OUTPUT = 7
 EXIT_INPUTS = 8
 EXIT_QUALITY = 9
+EXIT_LIMIT = 10
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -30,6 +31,8 @@ EXIT_CODES = {
                  "--verify-inputs)",
     EXIT_QUALITY: "quality target missed: the held-out loss, cosine or agreement is past --max-loss, --min-cosine "
                   "or --min-agreement (nothing written)",
+    EXIT_LIMIT: "run limit hit: a session of the model ran past --run-timeout or past --max-memory (nothing "
+                "written)",
 }
 
 
@@ -73,6 +76,16 @@ class QualityError(BqError):
     """The optimized model measures worse on held-out data than a quality target the user set."""
 
     exit_code = EXIT_QUALITY
+
+
+class LimitError(BqError):
+    """A run of an untrusted graph passed the wall-time or memory limit (bq_onnx/limits.py)."""
+
+    exit_code = EXIT_LIMIT
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that clean-up runs (exit 143)."""
 
 
 def exit_code_table() -> str:

@@ -2,8 +2,8 @@
 
 Models are files from strangers: before anything is built from one, its protobuf must parse, its graph must
 pass the onnx checker, every tensor's declared size must match its data, and every external-data reference
-must stay inside the model's folder and point at a real file long enough to hold it. Outputs go to a temporary
-file beside the destination and are renamed into place, so a failure never leaves half a model behind.
+must stay inside the model's folder and point at a real file long enough to hold it. Outputs are written by the
+protocol of :mod:`bq_onnx.writing` (:func:`write_output`): staged, verified, then renamed into place.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bq_onnx.errors import ModelError, OutputError
+from bq_onnx.errors import ModelError, OutputError, UnsupportedError
 from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
 
@@ -45,11 +45,13 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     if isinstance(source, ir.Model):
         return copy_model(source)
     if isinstance(source, onnx.ModelProto):
+        refuse_sparse(source, "<ModelProto>")
         _validate_tensors(source, base_dir=None, where="<ModelProto>")
         _check_graph(source, "<ModelProto>")
         return _deserialize(source, "<ModelProto>")
     path = Path(source)
     proto = read_model(path)
+    refuse_sparse(proto, str(path))
     base_dir = path.resolve().parent
     _validate_tensors(proto, base_dir=base_dir, where=str(path))
     _check_graph(proto, str(path))
@@ -57,6 +59,25 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     ir.external_data.set_base_dir(model.graph, base_dir)
     stream_external_tensors(model)
     return model
+
+
+def refuse_sparse(proto: onnx.ModelProto, where: str) -> None:
+    """Sparse tensors (``sparse_initializer``, a Constant's ``sparse_value``) are not read by the IR: refuse them
+    in one line (exit 4) instead of losing them."""
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        if graph.sparse_initializer:
+            name = graph.sparse_initializer[0].values.name or "<unnamed>"
+            raise UnsupportedError(f"{where}: sparse initializer '{name}' is not supported; store it dense "
+                                   f"(onnx.numpy_helper) and run again")
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.SPARSE_TENSOR or attr.sparse_tensors:
+                    raise UnsupportedError(f"{where}: node '{node.name or node.op_type}' holds a sparse tensor "
+                                           f"(attribute '{attr.name}'); not supported: store it dense")
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
 
 
 class StreamedExternalTensor(ir.ExternalTensor):
@@ -242,31 +263,6 @@ def _validate_external(
         )
 
 
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.resolve() == pb.resolve():
-        return True
-    try:
-        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
-    except OSError:
-        return False
-
-
-def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
-    """Refuse to overwrite an input, or an existing file without ``force``; the folder must exist."""
-    out = Path(output)
-    for src in inputs:
-        if same_file(out, src):
-            raise OutputError(f"{out}: output path is the input model; choose another path")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: exists; pass --force to overwrite")
-    if out.exists() and not out.is_file():
-        raise OutputError(f"{out}: exists and is not a regular file")
-    if not out.parent.exists():
-        raise OutputError(f"{out.parent}: output folder does not exist")
-    return out
-
-
 def model_nbytes(model: ir.Model) -> int:
     total = 0
     for value in model.graph.initializers.values():
@@ -291,7 +287,8 @@ def external_data_name(path: str | os.PathLike) -> str:
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, external_threshold: int | None = None) -> None:
-    """Write atomically: temp file in the destination folder, then rename. Large models get external data.
+    """Write a working copy (sessions, references, tests): temp file in the destination folder, then rename;
+    large models get external data. Outputs the user named go through :func:`write_output` instead.
 
     A model over ``external_threshold`` bytes (default :func:`external_data_threshold`), or one that still
     references external data, is written with its tensors in ``<name>.data`` beside it. Both files are first
@@ -325,21 +322,6 @@ def _save(model: ir.Model, out: Path, threshold: int) -> None:
         raise
 
 
-def remove_output(path: str | os.PathLike) -> None:
-    """Delete a written output and the external data file it refers to (a failed verification leaves neither)."""
-    out = Path(path)
-    data = out.parent / external_data_name(out)
-    try:
-        proto = onnx.load(str(out), load_external_data=False)
-        owns_data = any(e.key == "location" and e.value == data.name
-                        for t in graph_tensors(proto.graph) for e in t.external_data)
-    except Exception:  # noqa: BLE001  unreadable or gone: its data file is not known to be ours
-        owns_data = False
-    out.unlink(missing_ok=True)
-    if owns_data:
-        data.unlink(missing_ok=True)
-
-
 def _save_external(model: ir.Model, out: Path) -> None:
     data_name = external_data_name(out)
     data = out.parent / data_name
@@ -353,3 +335,51 @@ def _save_external(model: ir.Model, out: Path) -> None:
         os.replace(staging / out.name, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_output(model: ir.Model, out: Path, protected, force: bool, verify=None,
+                 external_threshold: int | None = None):
+    """Write ``model`` to ``out`` by the write protocol (:mod:`bq_onnx.writing`): staged beside ``out``,
+    ``verify(staged_path)`` (when given) on the staged files, then renamed into place; returns what ``verify``
+    returned. Nothing at ``out`` (or its data file) changes unless every step passed."""
+    from bq_onnx import writing
+
+    threshold = external_data_threshold() if external_threshold is None else external_threshold
+    try:
+        writing.clean_stale(out.parent, out.name)
+        with writing.staging(out.parent) as folder:
+            staged = folder / out.name
+            data = _stage(model, staged, threshold)
+            writing.fault("staged")
+            result = None
+            if verify is not None:
+                writing.fault("verifying")
+                result = verify(staged)
+            writing.commit(staged, out, protected, force, data)
+            memtrace(f"saved {out.name}")
+            return result
+    except OSError as exc:  # disk full, no permission, ...: a documented output error, not a bug
+        raise OutputError(f"{out}: cannot write the output ({exc.strerror or _first_line(exc)})") from None
+
+
+def _stage(model: ir.Model, staged: Path, threshold: int) -> Path | None:
+    """Write ``model`` at ``staged``; a big one (or one still referencing external data) with its tensors in
+    ``<name>.<hash>.data`` beside it. Returns that data file, or None."""
+    from bq_onnx import writing
+
+    if not (model_nbytes(model) > threshold or any(True for _ in external_tensors(model))):
+        ir.save(model, staged)
+        return None
+    placeholder = external_data_name(staged)
+    # page-aligned offsets: runtimes can memory-map the tensors
+    ir.save(model, staged, external_data=placeholder, alignment=65536)
+    name = writing.hashed_data_name(staged.name, staged.parent / placeholder)
+    os.rename(staged.parent / placeholder, staged.parent / name)
+    proto = onnx.load(os.fspath(staged), load_external_data=False)
+    for tensor in graph_tensors(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == placeholder:
+                entry.value = name
+    with open(staged, "wb") as f:
+        f.write(proto.SerializeToString())
+    return staged.parent / name

@@ -7,15 +7,21 @@ import os
 from bq_onnx.errors import UnsupportedError
 
 
-def plot_allocation(report: dict, path: str | os.PathLike) -> None:
-    """Write ``path`` from an optimize report (needs the ``plot`` extra: matplotlib)."""
+def require_matplotlib() -> None:
+    """Refuse ``--plot`` before any work when matplotlib is missing (exit 4, nothing written)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot  # noqa: F401
     except ImportError:
-        raise UnsupportedError("--plot needs matplotlib: pip install 'bq-onnx[plot]'") from None
+        raise UnsupportedError("--plot needs matplotlib: pip install 'bq-onnx[plot]' (nothing was written)") from None
+
+
+def plot_allocation(report: dict, path: str | os.PathLike) -> None:
+    """Write ``path`` from an optimize report (needs the ``plot`` extra: matplotlib)."""
+    require_matplotlib()
+    import matplotlib.pyplot as plt
     layers = report["layers"]
     names = [r["name"] for r in layers]
     bits = [r["bits_per_weight"] for r in layers]

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bq_onnx.onnx_proto import data_type_bits, pb, tensor_bytes
+from bq_onnx.reads import structural_sources
 from bq_onnx.weight_rules import FLOAT_NAMES, Candidate, classify, subgraph_label
 
 _GRAPH, _GRAPHS, _INT, _INTS, _TENSOR = 5, 10, 2, 7, 4  # AttributeProto.AttributeType
@@ -87,9 +88,13 @@ class Value:
     graph_input: bool = False
     graph_output: bool = False
     used_by: list[Usage] = dataclasses.field(default_factory=list)
+    made_by: Node | None = None
 
     def uses(self) -> list[Usage]:
         return self.used_by
+
+    def producer(self) -> Node | None:
+        return self.made_by
 
     def is_graph_input(self) -> bool:
         return self.graph_input
@@ -162,6 +167,8 @@ def build(graph: Any, scopes: list[dict[str, Value]] | None = None) -> Graph:
         for idx, value in enumerate(inputs):
             if value is not None:
                 value.used_by.append(Usage(node, idx))
+        for value in node.outputs:
+            value.made_by = node
         if proto.op_type == "Constant" and proto.domain == "" and len(proto.attribute) == 1 and node.outputs:
             node.outputs[0].const_value = _constant(proto.attribute[0])  # what get_const_tensor finds there
         view.nodes.append(node)
@@ -274,6 +281,7 @@ def survey(model: Any, min_size: int) -> Survey:
     sizes: dict[str, int] = {}
     total = 0
     messages: list[str] = []
+    structural = structural_sources(node for _, graph in graphs for node in graph)
     for path, graph in graphs:
         for name, value in graph.initializers.items():
             t = value.const_value.proto
@@ -285,7 +293,7 @@ def survey(model: Any, min_size: int) -> Survey:
                 continue
             shape = tuple(int(d) for d in t.dims)
             candidate, axes = classify(name, value, path, shape, dtype.lower(), value.const_value.size, paths,
-                                       min_size, None, messages)
+                                       min_size, None, messages, structural)
             candidates.append(candidate)
             if axes is not None:
                 weights.append(candidate)

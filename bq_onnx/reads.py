@@ -65,3 +65,49 @@ def control_role(op_type: str, domain: str, input_index: int) -> str | None:
     if domain not in ("", "ai.onnx"):
         return None
     return CONTROL_INPUTS.get(op_type, {}).get(input_index)
+
+
+#: Roles whose value decides the graph's structure (what is computed where), not a number in a result: a tensor
+#: whose values reach one through value-carrying ops is never a weight. Data-like control inputs (NMS scores,
+#: Where's condition, Clip bounds) are not here: a whole detector feeds its NMS scores.
+STRUCTURAL_ROLES = frozenset({
+    "shape", "repeats", "roi", "scales", "sizes", "starts", "ends", "axes", "steps", "pads", "k", "split", "axis",
+    "depth", "start", "limit", "delta", "size", "frame step", "frame length", "dft length", "sequence lengths",
+})
+
+#: Ops that hand their inputs' values on (elementwise arithmetic, layout, casts): a value reaching a structural
+#: input through them is still the tensor's value. Reductions, matrix products and comparisons end the path.
+VALUE_CARRIERS = frozenset({
+    "Identity", "Cast", "CastLike", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Slice",
+    "Gather", "Split", "Expand", "Tile", "Mul", "Add", "Sub", "Div", "Neg", "Abs", "Floor", "Ceil", "Round", "Sqrt",
+    "Pow", "Max", "Min", "Clip", "Relu", "Reciprocal", "Exp", "Log",
+})
+
+
+def structural_sources(nodes) -> dict[int, str]:
+    """``id(value)`` -> ``"<role> of <op>"`` for every value whose numbers reach a structural input of one of
+    ``nodes`` (onnx-ir nodes, any graph) through :data:`VALUE_CARRIERS` only. One backward walk: linear time."""
+    found: dict[int, str] = {}
+    stack = []
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for idx, role in CONTROL_INPUTS.get(node.op_type, {}).items():
+            if role in STRUCTURAL_ROLES and idx < len(node.inputs) and node.inputs[idx] is not None:
+                value = node.inputs[idx]
+                if id(value) not in found:
+                    found[id(value)] = f"{role} of {node.op_type}"
+                    stack.append(value)
+    while stack:
+        value = stack.pop()
+        producer = value.producer()
+        if producer is None or producer.op_type not in VALUE_CARRIERS or producer.domain not in ("", "ai.onnx"):
+            continue
+        for idx, source in enumerate(producer.inputs):
+            if source is None or id(source) in found:
+                continue
+            if CONTROL_INPUTS.get(producer.op_type, {}).get(idx):  # e.g. Gather's indices: not carried on
+                continue
+            found[id(source)] = found[id(value)]
+            stack.append(source)
+    return found

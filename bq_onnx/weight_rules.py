@@ -137,9 +137,12 @@ def reader_nodes(value: Any) -> tuple[tuple[str, str], ...]:
 
 def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: str, size: int,
              paths: dict[int, str], min_size: int, exclusions: Exclusions | None,
-             messages: list[str]) -> tuple[Candidate, tuple[int, ...] | None]:
+             messages: list[str], structural: dict[int, str] | None = None
+             ) -> tuple[Candidate, tuple[int, ...] | None]:
     """One float initializer: its candidate row and, for a weight, its reduction axes (notes go to ``messages``);
-    a weight that ``exclusions`` match stays in float with their reason."""
+    a weight that ``exclusions`` match stays in float with their reason. ``structural`` is
+    :func:`bq_onnx.reads.structural_sources` of the graph: a tensor whose values reach a shape, scale or index
+    input (also through arithmetic) is never a weight."""
     found_readers = tuple(dict.fromkeys(r for u in value.uses() for r in readers(u, paths)))
     why = ""
     axes = None
@@ -149,6 +152,9 @@ def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: s
         why = "a graph output"
     elif size < min_size:
         why = f"too small ({size} < {min_size} elements)"
+    if not why and structural and id(value) in structural:  # e.g. also Resize's scales through a Mul
+        why = f"read as {structural[id(value)]} (its values reach it)"
+        messages.append(f"'{name}' is not a weight: {why}; left in float")
     if not why:
         axes, why = layout(value, shape, paths)
         if why.startswith("read as"):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
 
-from bq_onnx.errors import DataError, ModelError, UsageError
+from bq_onnx.errors import BqError, DataError, LimitError, ModelError, UnsupportedError, UsageError
+from bq_onnx.limits import limited
 from bq_onnx.runtimes.base import Runtime, Session
 from bq_onnx.runtimes.profiles import PROFILES
 
@@ -41,6 +43,17 @@ def provider_names(eps: str | list[str] | None) -> list[str]:
     return out or ["CPUExecutionProvider"]
 
 
+def load_error(path: str | os.PathLike, first: str) -> BqError:
+    """The error for a session onnxruntime cannot create: an op it does not know (a custom op whose library is
+    not loaded) is not supported (exit 4, as the README says), anything else a model error (exit 3)."""
+    unknown = re.search(r"([\w.]*:?\w+)\(-?\d+\) is not a registered function/op", first) or \
+        re.search(r"Could not find an implementation for (\S+)", first)
+    if unknown:
+        return UnsupportedError(f"{path}: onnxruntime has no implementation of op {unknown.group(1)} (a custom op "
+                                f"needs its runtime library); not supported")
+    return ModelError(f"{path}: onnxruntime cannot load the model: {first}")
+
+
 class OrtSession(Session):
     def __init__(self, session) -> None:
         self._session = session
@@ -49,8 +62,14 @@ class OrtSession(Session):
         self.output_names = [o.name for o in session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            return self._session.run(None, dict(feeds))
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        try:  # the run limits (bq_onnx/limits.py): cancelled through the terminate flag at the deadline
+            with limited("a run of the model in onnxruntime", cancel=lambda: setattr(options, "terminate", True)):
+                return self._session.run(None, dict(feeds), options)
+        except LimitError:
+            raise
         except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise DataError(f"onnxruntime could not run the model on these inputs: {first}") from None
@@ -86,7 +105,10 @@ class OnnxRuntime(Runtime):
         if threads:
             options.intra_op_num_threads = threads
         try:
-            return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=self.providers))
+            with limited("creating an onnxruntime session"):
+                return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=self.providers))
+        except LimitError:
+            raise
         except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: onnxruntime cannot load the model: {first}") from None
+            raise load_error(path, first) from None

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import onnx.inliner
 
-from bq_onnx.errors import ModelError
+from bq_onnx.errors import LimitError, ModelError
+from bq_onnx.limits import limited
 from bq_onnx.runtimes.base import Runtime, Session
 from bq_onnx.runtimes.profiles import PROFILES
 
@@ -32,8 +33,12 @@ class OvSession(Session):
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         # np.asarray keeps 0-d feeds 0-d (ascontiguousarray would make them 1-d, which OpenVINO rejects)
         by_position = {i: np.asarray(feeds[name], order="C") for i, name in enumerate(self.input_names)}
-        result = self._request.infer(by_position)
-        return [np.array(result[out]) for out in self._compiled.outputs]
+        # the run limits (bq_onnx/limits.py): OpenVINO cannot cancel a running request, so a run past the deadline
+        # ends in the hard stop
+        with limited("a run of the model in OpenVINO"):
+            self._request.start_async(by_position)
+            self._request.wait()
+        return [np.array(self._request.get_output_tensor(i).data) for i in range(len(self._compiled.outputs))]
 
 
 class OpenVinoRuntime(Runtime):
@@ -63,21 +68,27 @@ class OpenVinoRuntime(Runtime):
         input_names = [v.name for v in proto.graph.input if v.name not in initializers]
         output_names = [v.name for v in proto.graph.output]
         try:
-            if proto.functions:
-                with tempfile.TemporaryDirectory() as tmp:
-                    full = onnx.load(os.fspath(path))
-                    inlined = onnx.inliner.inline_local_functions(full)
-                    del inlined.functions[:]
-                    kept = [op for op in inlined.opset_import if op.domain in ("", "ai.onnx")]
-                    del inlined.opset_import[:]
-                    inlined.opset_import.extend(kept)
-                    tmp_path = Path(tmp) / path.name
-                    onnx.save(inlined, os.fspath(tmp_path))
-                    model = core.read_model(os.fspath(tmp_path))
-                    compiled = core.compile_model(model, "CPU", config)
-            else:
-                compiled = core.compile_model(core.read_model(os.fspath(path)), "CPU", config)
+            with limited("creating an OpenVINO session"):
+                compiled = self._compile(core, path, proto, config)
+        except LimitError:
+            raise
         except Exception as exc:  # noqa: BLE001  OpenVINO raises RuntimeError with long C++ traces
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{path}: OpenVINO cannot load the model: {first}") from None
         return OvSession(compiled, input_names, output_names)
+
+    @staticmethod
+    def _compile(core, path: Path, proto, config: dict):
+        """Read and compile ``path`` (local functions inlined first: OpenVINO's reader rejects them)."""
+        if not proto.functions:
+            return core.compile_model(core.read_model(os.fspath(path)), "CPU", config)
+        with tempfile.TemporaryDirectory() as tmp:
+            full = onnx.load(os.fspath(path))
+            inlined = onnx.inliner.inline_local_functions(full)
+            del inlined.functions[:]
+            kept = [op for op in inlined.opset_import if op.domain in ("", "ai.onnx")]
+            del inlined.opset_import[:]
+            inlined.opset_import.extend(kept)
+            tmp_path = Path(tmp) / path.name
+            onnx.save(inlined, os.fspath(tmp_path))
+            return core.compile_model(core.read_model(os.fspath(tmp_path)), "CPU", config)

@@ -1,5 +1,6 @@
 """onnxruntime sessions for the estimators and the measured passes: opened from temporary model files (sessions
-load from paths; models over 2 GB need one), and for big models without a copy of the weights."""
+load from paths; models over 2 GB need one), and for big models without a copy of the weights. Every session
+is created and run under the run limits (:mod:`bq_onnx.limits`: ``--run-timeout``, ``--max-memory``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bq_onnx.errors import ModelError
+from bq_onnx.errors import LimitError
+from bq_onnx.limits import limited
 from bq_onnx.model_io import model_nbytes, save_model
 from bq_onnx.runtimes.base import Session
 from bq_onnx.runtimes.registry import get_runtime
@@ -52,7 +54,7 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Ses
     :data:`UNPACKED_SESSION_BYTES` keep the runtime's usual sessions and their results."""
     import onnxruntime as ort
 
-    from bq_onnx.runtimes.ort import OrtSession
+    from bq_onnx.runtimes.ort import OrtSession, load_error
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions, never as log lines
@@ -61,8 +63,11 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Ses
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
-                                               disabled_optimizers=["ConstantFolding"]))
+        with limited("creating an onnxruntime session"):
+            return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
+                                                   disabled_optimizers=["ConstantFolding"]))
+    except LimitError:
+        raise
     except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: onnxruntime cannot load the model: {first}") from None
+        raise load_error(path, first) from None

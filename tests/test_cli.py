@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -236,9 +237,13 @@ def test_external_data_model_through_opset_conversion_and_external_output(tmp_pa
     result = bq_onnx.optimize(src / "m.onnx", bits=4, min_size=64, bits_payload=True)
     report = result.save(out)
     check_result(result, out, report, ops=["DequantizeLinear"], float_rtol=quantization_rtol(4))
-    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
+    assert [DATA_NAME.sub("<hash>", p.name) for p in sorted(out.parent.iterdir())] == ["q.onnx", "q.onnx.<hash>.data"]
     loaded = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)
+
+
+#: The hash part of an output's external data file name (``q.onnx.<16 hex>.data``).
+DATA_NAME = re.compile(r"(?<=\.onnx\.)[0-9a-f]{16}(?=\.data$)")
 
 
 def _external_locations(path) -> set[str]:
@@ -266,8 +271,9 @@ def test_big_output_gets_external_data_under_a_safe_name_and_loads_back(big_outp
     out = out_dir / "q.onnx"
     code, _, err = _run(["optimize", src, "-o", out, "--min-size", "64", "-q", "--bits", "6"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["q.onnx", "q.onnx.data"]  # no staging leftovers
-    assert _external_locations(out) == {"q.onnx.data"}  # relative, beside the model, no folder part
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert [DATA_NAME.sub("<hash>", n) for n in names] == ["q.onnx", "q.onnx.<hash>.data"]  # no staging leftovers
+    assert _external_locations(out) == {names[1]}  # relative, beside the model, no folder part
     onnx.checker.check_model(str(out))
     loaded = onnx.load(str(out))  # external data read back
     assert all(t.data_location != TensorProto.EXTERNAL for t in loaded.graph.initializer)

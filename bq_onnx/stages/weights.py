@@ -15,6 +15,7 @@ from bq_onnx.context import WeightInfo
 from bq_onnx.errors import UnsupportedError
 from bq_onnx.exclusions import Exclusions
 from bq_onnx.layout import WeightLayout
+from bq_onnx.reads import structural_sources
 from bq_onnx.weight_rules import QUANTIZED_OPS, Candidate, classify, quantized_ops_message, subgraph_label
 
 __all__ = ["QUANTIZED_OPS", "Candidate", "FoundWeights", "find_weights", "scoped_graphs", "survey"]
@@ -55,6 +56,7 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
     messages = quantized_ops_message([n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)])
     graphs = list(scoped_graphs(model.graph))
     paths = {id(g): path for path, g in graphs}
+    structural = structural_sources(ir.traversal.RecursiveGraphIterator(model.graph))
     weights: list[WeightInfo] = []
     candidates: list[Candidate] = []
     exclusions = Exclusions(config.exclude, config.only, config.keep_fp)
@@ -65,7 +67,7 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
                 continue
             shape = tuple(int(d) for d in tensor.shape)
             candidate, axes = classify(name, value, path, shape, str(value.dtype.name).lower(), tensor.size, paths,
-                                       config.min_size, exclusions, messages)
+                                       config.min_size, exclusions, messages, structural)
             candidates.append(candidate)
             if axes is not None:
                 weights.append(WeightInfo(name, value, WeightLayout(shape, axes), candidate.readers, path))

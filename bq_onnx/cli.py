@@ -12,6 +12,7 @@ from bq_onnx import __version__
 from bq_onnx.config import (
     BenchConfig,
     InputsConfig,
+    LimitsConfig,
     PosteriorConfig,
     VerificationConfig,
     WeightsConfig,
@@ -147,6 +148,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    add_concern(p, LimitsConfig)
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
@@ -469,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "posterior": _cmd_posterior,
                "verify": _cmd_verify, "bench": _cmd_bench, "validate": _cmd_validate}[args.command]
     try:
+        from bq_onnx.budgets import set_max_memory
+
+        set_max_memory(LimitsConfig(**given(args, LimitsConfig)).max_memory)
         return handler(args)
     except BqError as exc:
         print(f"error: {exc}", file=sys.stderr)

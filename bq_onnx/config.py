@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from bq_onnx.budgets import DEFAULT_FRACTION, parse_memory
 from bq_onnx.errors import UsageError
 from bq_onnx.loss_spec import FORMS, LossTerm, parse_loss
 from bq_onnx.options import Concern, Option, above, at_least, number, option, text
@@ -462,6 +463,18 @@ class BenchConfig(Concern):
     warmup: int = option(10, "untimed runs first", check=at_least(0))
     iterations: int = option(50, "timed runs", check=at_least(1))
     exact: bool = option(False, "exact precision settings instead of the fast defaults")
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsConfig(Concern):
+    """Resource limits for every command (one declaration; each command's flags include it)."""
+
+    title: ClassVar[str] = "limits"
+    max_memory: int | None = option(
+        None, "the most memory bq-onnx may allocate from what a model or data file declares, in bytes (suffix "
+        "K/M/G/T, KiB/MiB/GiB, KB/MB/GB) or N% of the memory available; a model or data set that needs more is "
+        "refused before anything is allocated (exit 3 model, 5 data)", parse=parse_memory, metavar="SIZE|N%",
+        show=f"{DEFAULT_FRACTION:.0%} of the memory available")
 
 
 # --- the composite ----------------------------------------------------------------------------------------------

@@ -19,22 +19,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from bq_onnx.budgets import require
 from bq_onnx.errors import ModelError, OutputError
 from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
+from bq_onnx.tensor_data import check_data_file, check_inline, declared_nbytes, external_keys, read_external
 
 #: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
 PROTO_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-_SUBBYTE_BITS = {
-    onnx.TensorProto.INT4: 4,
-    onnx.TensorProto.UINT4: 4,
-    onnx.TensorProto.FLOAT4E2M1: 4,
-}
-if hasattr(onnx.TensorProto, "INT2"):
-    _SUBBYTE_BITS[onnx.TensorProto.INT2] = 2
-    _SUBBYTE_BITS[onnx.TensorProto.UINT2] = 2
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
@@ -69,25 +62,37 @@ class StreamedExternalTensor(ir.ExternalTensor):
 
     __slots__ = ()
 
+    def _load(self) -> None:
+        self._check_validity()
+        self._array = self._read()
+
+    def _read(self) -> np.ndarray:
+        """The tensor from its file by plain reads (:func:`bq_onnx.tensor_data.read_external`, never mapped:
+        a file truncated meanwhile is a one-line error, not SIGBUS), unpacked like onnx-ir does."""
+        try:
+            self._check_path_containment()
+        except ValueError as exc:  # escapes, links: the file changed since the model was checked
+            raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
+        shape = self.shape.numpy()
+        if self.size == 0:
+            return np.empty(shape, dtype=self.dtype.numpy())
+        raw = read_external(self.path, self.offset or 0, self.nbytes, self.name or "<unnamed>")
+        bits = self.dtype.bitwidth
+        if bits in (2, 4, 6):
+            from onnx_ir import _type_casting
+
+            unpack = {4: _type_casting.unpack_4bitx2, 2: _type_casting.unpack_2bitx4, 6: _type_casting.unpack_6bit}
+            return unpack[bits](raw, shape).view(self.dtype.numpy())
+        return raw.view(np.dtype(self.dtype.numpy()).newbyteorder("<")).reshape(shape)
+
     def numpy(self) -> np.ndarray:
         self._check_validity()
-        if self._array is None:
-            self._load()
-        try:
-            return np.array(self._array, copy=True)
-        finally:
-            self.release()
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        arr = self.numpy()
-        return arr if dtype is None else arr.astype(dtype, copy=False)
+        array, self._array = (self._array if self._array is not None else self._read()), None
+        return array
 
     def tobytes(self) -> bytes:
         self._check_validity()
-        self._check_path_containment()
-        with open(self.path, "rb") as f:
-            f.seek(self.offset or 0)
-            return f.read(self.length if self.length is not None else self.nbytes)
+        return self.numpy().tobytes() if self.dtype.bitwidth in (2, 4, 6) else self._read().tobytes()
 
     def release(self) -> None:
         self._array = None
@@ -168,46 +173,30 @@ def _check_graph(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where}: invalid model ({_first_line(exc)})") from None
 
 
-def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the declared shape needs, or None for types without a fixed width (strings)."""
-    numel = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    if any(d < 0 for d in tensor.dims):
-        return -1
-    if tensor.data_type in _SUBBYTE_BITS:
-        return -(-numel * _SUBBYTE_BITS[tensor.data_type] // 8)
-    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return None
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
-    return numel * itemsize
-
-
 def _validate_tensors(proto: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+    """Every tensor's declared size is an exact integer within the memory budget (one tensor is materialized at
+    a time) and matches the data present: inline, or in an external file checked by :func:`_validate_external`."""
     for tensor in graph_tensors(proto.graph):
         name = tensor.name or "<unnamed>"
-        expected = _expected_nbytes(tensor)
-        if expected == -1:
-            raise ModelError(f"{where}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
+        expected = declared_nbytes(tensor, where)
+        if expected is not None:
+            require(expected, f"{where}: tensor '{name}' (shape {list(tensor.dims)})", ModelError)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _validate_external(tensor, name, expected, base_dir, where)
-        elif expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
-            raise ModelError(
-                f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({expected} bytes) "
-                f"but holds {len(tensor.raw_data)} bytes"
-            )
+        else:
+            check_inline(tensor, expected, where)
 
 
 def _validate_external(
     tensor: onnx.TensorProto, name: str, expected: int | None, base_dir: Path | None, where: str
 ) -> None:
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
+    location, offset, length = external_keys(tensor, where)
     if base_dir is None:
         raise ModelError(f"{where}: tensor '{name}' uses external data; load the model from its file path")
     if not location:
         raise ModelError(f"{where}: tensor '{name}' has external data without a location")
+    if expected is None:
+        raise ModelError(f"{where}: tensor '{name}' is a string tensor with external data (not supported)")
     rel = Path(location)
     if rel.is_absolute() or ".." in rel.parts or location.startswith(("/", "\\")) or ":" in location:
         raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
@@ -220,15 +209,7 @@ def _validate_external(
         raise ModelError(f"{where}: tensor '{name}' external data file '{location}' is missing") from None
     if base_dir not in resolved.parents:
         raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
-    if not resolved.is_file():
-        raise ModelError(f"{where}: tensor '{name}' external data '{location}' is not a regular file")
-    try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else None
-    except ValueError:
-        raise ModelError(f"{where}: tensor '{name}' has a malformed external data offset/length") from None
-    if offset < 0 or (length is not None and length < 0):
-        raise ModelError(f"{where}: tensor '{name}' has a negative external data offset/length")
+    check_data_file(resolved, name, location, where)
     need = length if length is not None else expected
     if expected is not None and length is not None and length != expected:
         raise ModelError(

@@ -46,6 +46,8 @@ def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[s
         if use is None:
             continue
         node, idx = use.node, use.idx
+        if node.graph is not model.graph:  # read inside a subgraph: no probe there (one sample per run instead)
+            continue
         attrs = {k: a.value for k, a in node.attributes.items()}
         if node.op_type == "MatMul" and idx == 1 and len(info.layout.shape) == 2:
             axis = -1

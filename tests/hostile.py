@@ -4,6 +4,7 @@ regression that allocates what a file declares fails the test instead of taking 
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -72,8 +73,24 @@ def _limit() -> None:  # runs in the child before exec
     resource.setrlimit(resource.RLIMIT_AS, (LIMIT_BYTES, LIMIT_BYTES))
 
 
-def run_limited(args: list[str], timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``bq-onnx ARGS`` in a subprocess limited to :data:`LIMIT_BYTES` of address space."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bq_onnx", *args], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_limit, env=full_env, cwd=REPO)
+_MANY = """
+import contextlib, io, json, sys
+from bq_onnx.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def run_limited(commands: list[list[str]], timeout: float = 120) -> list[tuple[int, str]]:
+    """``bq-onnx ARGS`` for each of ``commands`` in one subprocess limited to :data:`LIMIT_BYTES` of address
+    space (one interpreter start for all); (exit code, stderr) of each."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _MANY, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=_limit, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [tuple(r) for r in json.loads(done.stdout.splitlines()[-1])]

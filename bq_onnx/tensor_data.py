@@ -11,6 +11,7 @@ memory map gives when its pages vanish.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -23,11 +24,14 @@ from bq_onnx.budgets import nbytes, require
 from bq_onnx.errors import ModelError
 from bq_onnx.onnx_proto import data_type_bits, pb
 
+_bits = functools.cache(data_type_bits)  # one table for every tensor of a model
+
 _DECIMAL = re.compile(r"[0-9]{1,19}", re.ASCII)
 #: bytes read per ``readinto`` call (bounded, so a tensor's read never needs a second buffer)
 CHUNK = 64 << 20
 
 
+@functools.cache
 def _typed_fields() -> dict[int, tuple[str, int]]:
     """TensorProto data type -> (the repeated field that holds it inline, entries per element)."""
     t = pb().TensorProto
@@ -52,7 +56,7 @@ def declared_nbytes(tensor: Any, where: str) -> int | None:
         raise ModelError(f"{where}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
     if tensor.data_type == pb().TensorProto.STRING:
         return None
-    bits = data_type_bits().get(tensor.data_type)
+    bits = _bits().get(tensor.data_type)
     if bits is None:
         raise ModelError(f"{where}: tensor '{name}' has an unknown data type {tensor.data_type}")
     size = nbytes(tensor.dims, bits)
@@ -75,7 +79,7 @@ def check_inline(tensor: Any, expected: int | None, where: str) -> None:
         return
     field, per = _typed_fields().get(tensor.data_type, ("int32_data", 1))
     held = len(getattr(tensor, field))
-    bits = data_type_bits().get(tensor.data_type, 8)
+    bits = _bits().get(tensor.data_type, 8)
     packed = -(-numel * bits // 32) if bits < 8 else None  # sub-byte types may pack several per int32 entry
     if held != numel * per and held != packed:
         raise ModelError(f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({numel * per} values) but "

@@ -69,14 +69,10 @@ class StreamedExternalTensor(ir.ExternalTensor):
     def _read(self) -> np.ndarray:
         """The tensor from its file by plain reads (:func:`bq_onnx.tensor_data.read_external`, never mapped:
         a file truncated meanwhile is a one-line error, not SIGBUS), unpacked like onnx-ir does."""
-        try:
-            self._check_path_containment()
-        except ValueError as exc:  # escapes, links: the file changed since the model was checked
-            raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
         shape = self.shape.numpy()
         if self.size == 0:
             return np.empty(shape, dtype=self.dtype.numpy())
-        raw = read_external(self.path, self.offset or 0, self.nbytes, self.name or "<unnamed>")
+        raw = self._raw()
         bits = self.dtype.bitwidth
         if bits in (2, 4, 6):
             from onnx_ir import _type_casting
@@ -85,6 +81,14 @@ class StreamedExternalTensor(ir.ExternalTensor):
             return unpack[bits](raw, shape).view(self.dtype.numpy())
         return raw.view(np.dtype(self.dtype.numpy()).newbyteorder("<")).reshape(shape)
 
+    def _raw(self) -> np.ndarray:
+        """The stored bytes (sub-byte types packed), read now."""
+        try:
+            self._check_path_containment()
+        except ValueError as exc:  # escapes, links: the file changed since the model was checked
+            raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
+        return read_external(self.path, self.offset or 0, self.nbytes, self.name or "<unnamed>")
+
     def numpy(self) -> np.ndarray:
         self._check_validity()
         array, self._array = (self._array if self._array is not None else self._read()), None
@@ -92,7 +96,7 @@ class StreamedExternalTensor(ir.ExternalTensor):
 
     def tobytes(self) -> bytes:
         self._check_validity()
-        return self.numpy().tobytes() if self.dtype.bitwidth in (2, 4, 6) else self._read().tobytes()
+        return self._raw().tobytes() if self.nbytes else b""
 
     def release(self) -> None:
         self._array = None

@@ -384,3 +384,26 @@ def test_data_budget_counts_the_whole_source(tmp_path):
         read_npz(tmp_path / "a.npz")
     with budgets.memory_limit(9000):
         assert set(read_npz(tmp_path / "a.npz")) == {"x", "y"}
+
+
+@pytest.mark.parametrize("dtype, shape", [("INT4", (6, 8)), ("UINT4", (47,)), ("FLOAT", (3, 2)), ("FLOAT16", (12,)),
+                                          ("INT8", (4, 6)), ("FLOAT", (0, 3))])
+def test_reads_match_onnx_ir_mapped_reads(tmp_path, dtype, shape):
+    """The pread reader gives what onnx-ir's memory-mapped reader gives (values, dtype, packed bytes)."""
+    import onnx_ir as ir
+
+    from bq_onnx.model_io import StreamedExternalTensor
+
+    raw = np.random.default_rng(0).integers(0, 256, size=24, dtype=np.uint8)
+    (tmp_path / "d.bin").write_bytes(bytes(8) + raw.tobytes())
+
+    def tensor():
+        return ir.ExternalTensor("d.bin", 8, None, getattr(ir.DataType, dtype), shape=ir.Shape(shape), name="x",
+                                 base_dir=str(tmp_path))
+
+    mapped, streamed = tensor(), tensor()
+    streamed.__class__ = StreamedExternalTensor
+    want, got = mapped.numpy(), streamed.numpy()
+    assert want.dtype == got.dtype and want.shape == got.shape
+    assert np.array_equal(want.astype(np.float64), got.astype(np.float64))
+    assert streamed.tobytes() == (mapped.tobytes() if want.size else b"")

@@ -30,22 +30,26 @@ PROTO_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
+def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model, check_graph: bool = True) -> ir.Model:
     """Load and validate a model from a path, a ModelProto or an IR model (external data stays lazy).
 
     An IR model is copied: passes change models in place, and a caller's object is never modified.
+    ``check_graph=False`` skips the onnx checker (``bq-onnx validate`` reports what a target cannot read, such as
+    an opset, itself); every tensor is still checked against its data and the memory budget.
     """
     if isinstance(source, ir.Model):
         return copy_model(source)
     if isinstance(source, onnx.ModelProto):
         _validate_tensors(source, base_dir=None, where="<ModelProto>")
-        _check_graph(source, "<ModelProto>")
+        if check_graph:
+            _check_graph(source, "<ModelProto>")
         return _deserialize(source, "<ModelProto>")
     path = Path(source)
     proto = read_model(path)
     base_dir = path.resolve().parent
     _validate_tensors(proto, base_dir=base_dir, where=str(path))
-    _check_graph(proto, str(path))
+    if check_graph:
+        _check_graph(proto, str(path))
     model = _deserialize(proto, str(path))
     ir.external_data.set_base_dir(model.graph, base_dir)
     stream_external_tensors(model)

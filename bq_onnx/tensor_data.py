@@ -80,8 +80,8 @@ def check_inline(tensor: Any, expected: int | None, where: str) -> None:
     field, per = _typed_fields().get(tensor.data_type, ("int32_data", 1))
     held = len(getattr(tensor, field))
     bits = _bits().get(tensor.data_type, 8)
-    packed = -(-numel * bits // 32) if bits < 8 else None  # sub-byte types may pack several per int32 entry
-    if held != numel * per and held != packed:
+    packed = {-(-numel * bits // 8), -(-numel * bits // 32)} if bits < 8 else set()  # sub-byte types: packed
+    if held != numel * per and held not in packed:
         raise ModelError(f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({numel * per} values) but "
                          f"holds {held}")
 

@@ -71,10 +71,14 @@ def test_huge_declared_tensors_are_refused_before_allocation(tmp_path):
         sparse_file(folder / "w.bin", size)
         src = write_model(folder, matmul_model(external_weight(dims)))
         commands.append(["optimize", str(src), "-o", str(folder / "out.onnx"), "-q", "--min-size", "16"])
-    for (case, (_, _, words)), (code, err), argv in zip(HUGE.items(), run_limited(commands), commands):
-        assert code == 3, (case, err)
-        assert words in _one_line(err), case
-        assert not os.path.exists(argv[3])
+        commands.append(["validate", str(src), "--target", "onnxruntime"])
+        commands.append(["inspect", str(src)])
+    results = run_limited(commands)
+    for i, (case, (_, _, words)) in enumerate(HUGE.items()):
+        for code, err in results[3 * i:3 * i + 3]:
+            assert code == 3, (case, err)
+            assert words in _one_line(err), case
+        assert not (tmp_path / str(i) / "out.onnx").exists()
 
 
 def test_inline_tensor_without_its_data_is_refused(tmp_path, capsys):

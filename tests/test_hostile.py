@@ -411,3 +411,14 @@ def test_reads_match_onnx_ir_mapped_reads(tmp_path, dtype, shape):
     assert want.dtype == got.dtype and want.shape == got.shape
     assert np.array_equal(want.astype(np.float64), got.astype(np.float64))
     assert streamed.tobytes() == (mapped.tobytes() if want.size else b"")
+
+
+def test_random_inputs_of_a_huge_declared_input_shape(tmp_path, capsys):
+    model = matmul_model(good_weight())
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40  # x: [2^40, 16], static
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+    code, err = _optimize(write_model(tmp_path, model), capsys)
+    assert code == 3 and "random verification inputs" in _one_line(err)
+    code, err = _optimize(write_model(tmp_path, matmul_model(good_weight())), capsys,
+                          "--input-shape", f"x={2**62},16")
+    assert code == 2 and "C size" in _one_line(err)

@@ -29,17 +29,18 @@ batch and parts kept per run stay its business.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.errors import DataError
+from bq_onnx.data_files import Tally, check_regular, read_npy, read_npz
+from bq_onnx.errors import DataError, OutputError
 from bq_onnx.runs import Runs
 
 CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
@@ -47,6 +48,9 @@ CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapp
 #: Sources made of parts (folders, iterables, readers) whose arrays together exceed this many bytes are kept on
 #: disk, one memory-mapped temporary ``.npy`` per input; ``BQ_ONNX_CALIB_SPILL_MB`` (MiB) overrides it.
 SPILL_BYTES = 256 << 20
+#: The largest calibration value magnitude: squares of it summed over many samples stay finite in float32
+#: (values near 3e38 overflowed the posterior's squared sums to Inf)
+MAX_MAGNITUDE = 1e15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,13 +335,15 @@ class _PartStore:
         if self.folder is None and self.total <= self.limit:
             return value
         if self.folder is None:
-            self.folder = tempfile.TemporaryDirectory(prefix="bq-calib-")
+            with _temporary_files():
+                self.folder = tempfile.TemporaryDirectory(prefix="bq-calib-")
         return self._save(value)
 
     def _save(self, value: np.ndarray) -> np.ndarray:
         self.count += 1
         path = Path(self.folder.name) / f"part{self.count}.npy"
-        np.save(path, value, allow_pickle=False)
+        with _temporary_files():
+            np.save(path, value, allow_pickle=False)
         return np.load(path, mmap_mode="r")
 
     def concatenate(self, name: str, chunks: list[np.ndarray], axis: int) -> np.ndarray:
@@ -351,26 +357,31 @@ class _PartStore:
         shape[axis] = sum(c.shape[axis] for c in chunks)
         self.count += 1
         path = Path(self.folder.name) / f"input{self.count}.npy"
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=first.dtype, shape=tuple(shape))
-        start = 0
-        for c in chunks:
-            out[(slice(None),) * axis + (slice(start, start + c.shape[axis]),)] = c
-            start += c.shape[axis]
-        out.flush()
-        del out
+        with _temporary_files():
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=first.dtype, shape=tuple(shape))
+            with open(path, "r+b") as f:  # blocks reserved now: a full disk fails here, not as SIGBUS in a write
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            start = 0
+            for c in chunks:
+                out[(slice(None),) * axis + (slice(start, start + c.shape[axis]),)] = c
+                start += c.shape[axis]
+            out.flush()
+            del out
         return np.load(path, mmap_mode="r")
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+@contextlib.contextmanager
+def _temporary_files() -> Iterator[None]:
+    """Spilled parts live in TMPDIR: a full or unwritable one is a one-line output error (exit 7)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: expected an .npz archive keyed by input name")
-            return {k: data[k] for k in data.files}
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: cannot read calibration data ({str(exc).splitlines()[0][:200]})") from None
+        yield
+    except OSError as exc:
+        raise OutputError(f"{tempfile.gettempdir()}: cannot write temporary calibration files "
+                          f"({exc.strerror or exc}); free space or set TMPDIR") from None
+
+
+def _read_npz(path: Path, tally: Tally | None = None) -> dict[str, np.ndarray]:
+    return read_npz(path, tally)  # sizes checked before inflating: bq_onnx/data_files.py
 
 
 def _read_path(
@@ -378,24 +389,20 @@ def _read_path(
 ) -> tuple[dict[str, np.ndarray], object]:
     if not path.exists():
         raise DataError(f"{path}: calibration data not found")
-    if path.is_file():
+    tally = Tally(f"{path}: calibration data")
+    if not path.is_dir():
+        check_regular(path, "calibration data")
         if path.suffix == ".npy":
             raise DataError(f"{path}: a single .npy has no input name; use .npz keyed by input name or a folder")
-        return _read_npz(path), None
+        return _read_npz(path, tally), None
     files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
     if not files:
         raise DataError(f"{path}: folder has no .npz or .npy files")
     if all(p.suffix == ".npy" for p in files):
-        arrays = {}
-        for p in files:
-            try:
-                arrays[p.stem] = np.load(p, allow_pickle=False)
-            except (OSError, ValueError, EOFError) as exc:
-                raise DataError(f"{p}: cannot read ({str(exc).splitlines()[0][:200]})") from None
-        return arrays, None
+        return {p.stem: read_npy(p, tally) for p in files}, None
     if any(p.suffix == ".npy" for p in files):
         raise DataError(f"{path}: mixes .npy and .npz files; use one kind")
-    return _concat((_read_npz(p) for p in files), os.fspath(path), axes, ranks)
+    return _concat((_read_npz(p, tally) for p in files), os.fspath(path), axes, ranks)
 
 
 def _validate(
@@ -452,6 +459,9 @@ def _check_array(arr: np.ndarray, spec: InputSpec, where: str, sample_axis: int 
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         raise DataError(f"{where}: input '{spec.name}' contains {bad} NaN/Inf value(s)")
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.max(np.abs(arr))) > MAX_MAGNITUDE:
+        raise DataError(f"{where}: input '{spec.name}' has values up to {float(np.max(np.abs(arr))):.3g}, beyond "
+                        f"{MAX_MAGNITUDE:g} (their squares and sums overflow float32); scale the data")
 
 
 def _how_to_stack(spec: InputSpec, axis: int | None) -> str:
@@ -469,17 +479,13 @@ def _how_to_stack(spec: InputSpec, axis: int | None) -> str:
 def load_labels(path: str | os.PathLike) -> np.ndarray:
     """Labels from an ``.npy`` or an ``.npz`` (key ``labels``, or its only array)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: labels file not found")
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as data:
-            keys = data.files
-            if "labels" in keys:
-                return data["labels"]
-            if len(keys) == 1:
-                return data[keys[0]]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: cannot read labels ({str(exc).splitlines()[0][:200]})") from None
-    raise DataError(f"{path}: no 'labels' array (found: {', '.join(keys)})")
+    if path.suffix == ".npy":
+        return read_npy(path)
+    data = read_npz(path)
+    if "labels" in data:
+        return data["labels"]
+    if len(data) == 1:
+        return next(iter(data.values()))
+    raise DataError(f"{path}: no 'labels' array (found: {', '.join(data)})")

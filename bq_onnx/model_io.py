@@ -19,42 +19,39 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from bq_onnx.budgets import require
 from bq_onnx.errors import ModelError, OutputError, UnsupportedError
 from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
+from bq_onnx.tensor_data import check_data_file, check_inline, declared_nbytes, external_keys, read_external
 
 #: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
 PROTO_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
-_SUBBYTE_BITS = {
-    onnx.TensorProto.INT4: 4,
-    onnx.TensorProto.UINT4: 4,
-    onnx.TensorProto.FLOAT4E2M1: 4,
-}
-if hasattr(onnx.TensorProto, "INT2"):
-    _SUBBYTE_BITS[onnx.TensorProto.INT2] = 2
-    _SUBBYTE_BITS[onnx.TensorProto.UINT2] = 2
 
-
-def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
+def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model, check_graph: bool = True) -> ir.Model:
     """Load and validate a model from a path, a ModelProto or an IR model (external data stays lazy).
 
     An IR model is copied: passes change models in place, and a caller's object is never modified.
+    ``check_graph=False`` skips the onnx checker (``bq-onnx validate`` reports what a target cannot read, such as
+    an opset, itself); every tensor is still checked against its data and the memory budget.
     """
     if isinstance(source, ir.Model):
         return copy_model(source)
     if isinstance(source, onnx.ModelProto):
         refuse_sparse(source, "<ModelProto>")
         _validate_tensors(source, base_dir=None, where="<ModelProto>")
-        _check_graph(source, "<ModelProto>")
+        if check_graph:
+            _check_graph(source, "<ModelProto>")
         return _deserialize(source, "<ModelProto>")
     path = Path(source)
     proto = read_model(path)
     refuse_sparse(proto, str(path))
     base_dir = path.resolve().parent
     _validate_tensors(proto, base_dir=base_dir, where=str(path))
-    _check_graph(proto, str(path))
+    if check_graph:
+        _check_graph(proto, str(path))
     model = _deserialize(proto, str(path))
     ir.external_data.set_base_dir(model.graph, base_dir)
     stream_external_tensors(model)
@@ -90,25 +87,41 @@ class StreamedExternalTensor(ir.ExternalTensor):
 
     __slots__ = ()
 
+    def _load(self) -> None:
+        self._check_validity()
+        self._array = self._read()
+
+    def _read(self) -> np.ndarray:
+        """The tensor from its file by plain reads (:func:`bq_onnx.tensor_data.read_external`, never mapped:
+        a file truncated meanwhile is a one-line error, not SIGBUS), unpacked like onnx-ir does."""
+        shape = self.shape.numpy()
+        if self.size == 0:
+            return np.empty(shape, dtype=self.dtype.numpy())
+        raw = self._raw()
+        bits = self.dtype.bitwidth
+        if bits in (2, 4, 6):
+            from onnx_ir import _type_casting
+
+            unpack = {4: _type_casting.unpack_4bitx2, 2: _type_casting.unpack_2bitx4, 6: _type_casting.unpack_6bit}
+            return unpack[bits](raw, shape).view(self.dtype.numpy())
+        return raw.view(np.dtype(self.dtype.numpy()).newbyteorder("<")).reshape(shape)
+
+    def _raw(self) -> np.ndarray:
+        """The stored bytes (sub-byte types packed), read now."""
+        try:
+            self._check_path_containment()
+        except ValueError as exc:  # escapes, links: the file changed since the model was checked
+            raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
+        return read_external(self.path, self.offset or 0, self.nbytes, self.name or "<unnamed>")
+
     def numpy(self) -> np.ndarray:
         self._check_validity()
-        if self._array is None:
-            self._load()
-        try:
-            return np.array(self._array, copy=True)
-        finally:
-            self.release()
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        arr = self.numpy()
-        return arr if dtype is None else arr.astype(dtype, copy=False)
+        array, self._array = (self._array if self._array is not None else self._read()), None
+        return array
 
     def tobytes(self) -> bytes:
         self._check_validity()
-        self._check_path_containment()
-        with open(self.path, "rb") as f:
-            f.seek(self.offset or 0)
-            return f.read(self.length if self.length is not None else self.nbytes)
+        return self._raw().tobytes() if self.nbytes else b""
 
     def release(self) -> None:
         self._array = None
@@ -189,46 +202,30 @@ def _check_graph(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where}: invalid model ({_first_line(exc)})") from None
 
 
-def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the declared shape needs, or None for types without a fixed width (strings)."""
-    numel = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    if any(d < 0 for d in tensor.dims):
-        return -1
-    if tensor.data_type in _SUBBYTE_BITS:
-        return -(-numel * _SUBBYTE_BITS[tensor.data_type] // 8)
-    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return None
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
-    return numel * itemsize
-
-
 def _validate_tensors(proto: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
+    """Every tensor's declared size is an exact integer within the memory budget (one tensor is materialized at
+    a time) and matches the data present: inline, or in an external file checked by :func:`_validate_external`."""
     for tensor in graph_tensors(proto.graph):
         name = tensor.name or "<unnamed>"
-        expected = _expected_nbytes(tensor)
-        if expected == -1:
-            raise ModelError(f"{where}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
+        expected = declared_nbytes(tensor, where)
+        if expected is not None:
+            require(expected, f"{where}: tensor '{name}' (shape {list(tensor.dims)})", ModelError)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _validate_external(tensor, name, expected, base_dir, where)
-        elif expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
-            raise ModelError(
-                f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({expected} bytes) "
-                f"but holds {len(tensor.raw_data)} bytes"
-            )
+        else:
+            check_inline(tensor, expected, where)
 
 
 def _validate_external(
     tensor: onnx.TensorProto, name: str, expected: int | None, base_dir: Path | None, where: str
 ) -> None:
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
+    location, offset, length = external_keys(tensor, where)
     if base_dir is None:
         raise ModelError(f"{where}: tensor '{name}' uses external data; load the model from its file path")
     if not location:
         raise ModelError(f"{where}: tensor '{name}' has external data without a location")
+    if expected is None:
+        raise ModelError(f"{where}: tensor '{name}' is a string tensor with external data (not supported)")
     rel = Path(location)
     if rel.is_absolute() or ".." in rel.parts or location.startswith(("/", "\\")) or ":" in location:
         raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
@@ -241,15 +238,7 @@ def _validate_external(
         raise ModelError(f"{where}: tensor '{name}' external data file '{location}' is missing") from None
     if base_dir not in resolved.parents:
         raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
-    if not resolved.is_file():
-        raise ModelError(f"{where}: tensor '{name}' external data '{location}' is not a regular file")
-    try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else None
-    except ValueError:
-        raise ModelError(f"{where}: tensor '{name}' has a malformed external data offset/length") from None
-    if offset < 0 or (length is not None and length < 0):
-        raise ModelError(f"{where}: tensor '{name}' has a negative external data offset/length")
+    check_data_file(resolved, name, location, where)
     need = length if length is not None else expected
     if expected is not None and length is not None and length != expected:
         raise ModelError(

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.errors import UsageError
+from bq_onnx.budgets import nbytes, require
+from bq_onnx.errors import ModelError, UsageError
 
 _INT_TYPES = {
     ir.DataType.INT64: np.int64,
@@ -56,6 +57,7 @@ def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0,
             pinned = _pinned_dims(model, value)
             shape = [d if _static(d) else pinned.get(axis, batch) for axis, d in enumerate(value.shape or [])]
         dtype = value.dtype
+        _check_size(value, shape, value.name in shapes)
         if dtype in _FLOAT_TYPES:
             feeds[value.name] = rng.standard_normal(shape).astype(_FLOAT_TYPES[dtype])
         elif dtype in _INT_TYPES:
@@ -65,6 +67,17 @@ def random_feeds(model: ir.Model, batch: int = 2, seed: int = 0,
         else:
             feeds[value.name] = np.zeros(shape, dtype=np.float32)
     return feeds
+
+
+def _check_size(value: ir.Value, shape: Sequence[int], given: bool) -> None:
+    """A random input's size, computed exactly, within the memory budget (a model may declare any static shape:
+    ``[2^32, 2^32]`` would be 2^66 bytes)."""
+    size = nbytes(shape, 64)  # generated in float64 or int64 first
+    error = UsageError if given else ModelError
+    what = f"input '{value.name}' of shape {list(shape)}: random verification inputs"
+    if size is None:
+        raise error(f"{what} have more elements than a C size can count")
+    require(size, what, error)
 
 
 def _static(dim: object) -> bool:

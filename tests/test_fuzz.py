@@ -85,3 +85,100 @@ def test_mutated_models_give_documented_outcomes(ops):
             assert sorted(p.name for p in Path(tmp).iterdir()) == ["m.onnx"]  # no temporary files left
         else:
             onnx.checker.check_model(str(out))
+
+
+# --- calibration files and external-data keys (issue 21) ------------------------------------------------------
+
+
+def _calib_seed() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    np.savez(buf, x=rng.standard_normal((4, 16)).astype(np.float32))
+    return buf.getvalue()
+
+
+CALIB_SEED = _calib_seed()
+calib_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, len(CALIB_SEED) - 1), st.integers(0, 7)),
+    st.tuples(st.just("truncate"), st.integers(0, len(CALIB_SEED) - 1), st.just(0)),
+    st.tuples(st.just("byte"), st.integers(0, len(CALIB_SEED) - 1), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, len(CALIB_SEED) - 1), st.integers(1, 16)),
+)
+
+
+@settings(max_examples=int(os.environ.get("BQ_FUZZ_EXAMPLES", "150")), deadline=None,
+          derandomize="BQ_FUZZ_EXAMPLES" not in os.environ, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(calib_mutation, min_size=1, max_size=3), st.sampled_from(["file", "folder"]))
+def test_mutated_calibration_files_load_or_give_one_line_errors(ops, layout):
+    """A mutated ``.npz`` (alone, or beside a good one in a folder) loads and validates, or is a DataError: never
+    another exception, never an allocation of what a corrupted header declares (the budget is 64 MiB here)."""
+    import onnx_ir as ir
+
+    from bq_onnx import budgets
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.errors import BqError
+
+    data = _mutate(CALIB_SEED, ops)
+    model = ir.serde.deserialize_model(onnx.load_from_string(SEED))
+    with tempfile.TemporaryDirectory() as tmp, budgets.memory_limit(64 << 20):
+        if layout == "file":
+            source = Path(tmp) / "c.npz"
+            source.write_bytes(data)
+        else:
+            source = Path(tmp) / "calib"
+            source.mkdir()
+            (source / "a.npz").write_bytes(CALIB_SEED)
+            (source / "b.npz").write_bytes(data)
+        try:
+            calib = load_calibration(source, model)
+        except BqError as exc:
+            assert exc.exit_code in (5, 7) and "\n" not in str(exc), (ops, exc)
+        else:
+            assert calib.arrays["x"].shape[1:] == (16,)
+
+
+key_text = st.one_of(
+    st.integers(-2, 2**70).map(str),
+    st.text(alphabet=st.sampled_from(list("0123456789 +-_.xe\u0660\u0661\u06f1\uff11\t\n\0")), max_size=8),
+)
+
+
+@settings(max_examples=int(os.environ.get("BQ_FUZZ_EXAMPLES", "150")), deadline=None,
+          derandomize="BQ_FUZZ_EXAMPLES" not in os.environ, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.none(), key_text), st.one_of(st.none(), key_text),
+       st.sampled_from(["w.bin", "w\0.bin", "../w.bin", "sub/../w.bin", "w.bin\n", "", "W.BIN", "./w.bin"]),
+       st.lists(st.integers(0, 2**40), min_size=1, max_size=3))
+def test_external_data_keys_load_or_give_one_line_errors(offset, length, location, dims):
+    """Any offset, length, location and declared dims: the model loads and its weight reads back exactly what
+    the keys (ASCII decimal) say, or the load is one ModelError; nothing else."""
+    from bq_onnx import budgets
+    from bq_onnx.errors import ModelError
+    from bq_onnx.model_io import load_model
+
+    data = np.arange(256, dtype=np.float32)
+    t = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=dims, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        if value is not None:
+            e = t.external_data.add()
+            e.key, e.value = key, value
+    model = make_model([helper.make_node("Identity", ["W"], ["y"])], [],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [t])
+    with tempfile.TemporaryDirectory() as tmp, budgets.memory_limit(64 << 20):
+        (Path(tmp) / "w.bin").write_bytes(data.tobytes())
+        src = Path(tmp) / "m.onnx"
+        src.write_bytes(model.SerializeToString())
+        try:
+            loaded = load_model(src)
+        except ModelError as exc:
+            assert "\n" not in str(exc)
+            return
+        start = int(offset or "0")
+        assert offset is None or offset.isascii() and offset.isdigit()
+        assert length is None or length.isascii() and length.isdigit()
+        count = int(np.prod(dims, dtype=object))
+        got = loaded.graph.initializers["W"].const_value.numpy()
+        assert start % 4 == 0 or count == 0 or got.shape == tuple(dims)
+        if start % 4 == 0:
+            assert np.array_equal(got.reshape(-1), data[start // 4:start // 4 + count])

@@ -1,0 +1,122 @@
+"""Time and memory against graph size: every path that walks a graph must be linear in its nodes.
+
+Usage:  python -m benchmarks.graph_scale [--nodes 100000,1000000] [--out benchmarks/graph_scale.md]
+
+The graph (:func:`chain`) is one ``MatMul`` with a 64x64 weight (something to quantize) followed by a chain of
+``Add`` (a 64-element weight each: below ``--min-size``, so a weight the finder must look at and skip) and
+``Relu`` nodes, ``nodes`` in all. Each step runs in its own subprocess (``ru_maxrss`` is its peak resident
+memory): loading and validation (:func:`bq_onnx.model_io.load_model`), ``bq-onnx inspect``, ``bq-onnx validate
+--target onnxruntime`` and ``bq-onnx optimize --no-verify`` (verification runs the graph in onnxruntime, whose
+own session build is not ours to measure here). The report gives seconds and MiB per step and size, and the
+ratio of the largest size to the smallest against the node ratio: linear means a time ratio near the node ratio
+(the issue's bar: 1e6 nodes in at most 10x the time of 1e5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+
+STEPS = {
+    "load + validate": ["python", "-c", "import sys; from bq_onnx.model_io import load_model; load_model(sys.argv[1])"],
+    "inspect": ["bq", "inspect", "{model}", "--json"],
+    "validate": ["bq", "validate", "{model}", "--target", "onnxruntime", "--json"],
+    "optimize --no-verify": ["bq", "optimize", "{model}", "-o", "{out}", "--no-verify", "-q", "--bits", "8",
+                             "--allocator", "uniform", "--force"],
+}
+
+
+def chain(nodes: int) -> onnx.ModelProto:
+    """MatMul(x, W[64, 64]) then ``nodes - 1`` alternating Add(h, b_i[64]) / Relu nodes (shapes [n, 64]); the
+    64-element biases are below the default ``--min-size``: weights the finder looks at and skips."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")]
+    graph_nodes = [helper.make_node("MatMul", ["x", "W"], ["h0"], name="mm")]
+    bias = rng.standard_normal(64).astype(np.float32)
+    for i in range(1, nodes):
+        src, dst = f"h{i - 1}", f"h{i}" if i < nodes - 1 else "y"
+        if i % 2:
+            inits.append(numpy_helper.from_array(bias, f"b{i}"))
+            graph_nodes.append(helper.make_node("Add", [src, f"b{i}"], [dst], name=f"add{i}"))
+        else:
+            graph_nodes.append(helper.make_node("Relu", [src], [dst], name=f"relu{i}"))
+    graph = helper.make_graph(graph_nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def measure(step: str, model: Path, out: Path) -> tuple[float, float, int]:
+    """(seconds, peak MiB, exit code) of one step in a fresh subprocess."""
+    argv = [a.format(model=model, out=out) for a in STEPS[step]]
+    bq = argv[0] == "bq"
+    argv = [sys.executable, "-m", "bq_onnx", *argv[1:]] if bq else [sys.executable, *argv[1:], str(model)]
+    probe = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE); "
+             "print(json.dumps([time.perf_counter() - t, "
+             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode, r.stderr.decode()[-300:]]))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True)
+    seconds, maxrss, code, err = json.loads(done.stdout)
+    if code != 0:
+        print(f"  {step}: exit {code}: {err.strip()}", file=sys.stderr)
+    return seconds, maxrss / 1024, code
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", default="100000,1000000", help="comma-separated graph sizes (nodes)")
+    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated steps to run")
+    p.add_argument("--out", help="write the markdown report here")
+    args = p.parse_args(argv)
+    sizes = [int(float(s)) for s in args.nodes.split(",")]
+    steps = args.steps.split(",")
+    rows: dict[str, dict[int, tuple[float, float, int]]] = {s: {} for s in steps}
+    with tempfile.TemporaryDirectory(prefix="bq-graph-scale-") as tmp:
+        for n in sizes:
+            model = Path(tmp) / f"chain{n}.onnx"
+            t0 = time.perf_counter()
+            onnx.save(chain(n), str(model))
+            print(f"{n} nodes: built in {time.perf_counter() - t0:.1f} s, {model.stat().st_size / 2**20:.1f} MiB",
+                  file=sys.stderr)
+            for step in steps:
+                rows[step][n] = measure(step, model, Path(tmp) / "out.onnx")
+                s, mib, code = rows[step][n]
+                print(f"  {step}: {s:.2f} s, {mib:.0f} MiB, exit {code}", file=sys.stderr)
+    lo, hi = sizes[0], sizes[-1]
+    lines = ["# Time and memory against graph size", "",
+             f"`python -m benchmarks.graph_scale --nodes {args.nodes}` (`benchmarks/graph_scale.py`: one MatMul, "
+             "then a chain of Add (64-element weights) and Relu nodes; each step a fresh subprocess, wall seconds and "
+             "peak "
+             "resident MiB, interpreter start included). The last columns are the largest size's time and memory "
+             f"over the smallest's, for {hi / lo:g}x the nodes.", "",
+             "| step | " + " | ".join(f"{n:,} nodes: s / MiB" for n in sizes) + " | time ratio | memory ratio |",
+             "|---|" + "---|" * (len(sizes) + 2)]
+    for step in steps:
+        cells = [f"{rows[step][n][0]:.1f} / {rows[step][n][1]:.0f}" + ("" if rows[step][n][2] == 0 else
+                 f" (exit {rows[step][n][2]})") for n in sizes]
+        ratio_t = rows[step][hi][0] / max(rows[step][lo][0], 1e-9)
+        ratio_m = rows[step][hi][1] / max(rows[step][lo][1], 1e-9)
+        lines.append(f"| {step} | " + " | ".join(cells) + f" | {ratio_t:.1f} | {ratio_m:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

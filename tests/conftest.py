@@ -88,3 +88,28 @@ def lenet_path() -> Path:
 def lenet_data() -> dict:
     with np.load(MODELS / "lenet_data.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+def assert_written(result, path, min_cosine: float = 0.9) -> None:
+    """A saved model as a user gets it, which ``save()``'s own ``passed`` flag cannot show (it raises instead of
+    returning False): the file stores its weights behind dequantize ops, runs in onnxruntime on the post-write
+    check's first inputs, and each float output has the FP32 model's shape and a cosine to it of at least
+    ``min_cosine``."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    written = onnx.load(str(path))
+    nodes = list(written.graph.node) + [n for f in written.functions for n in f.node]
+    assert any(n.op_type == "DequantizeLinear" or n.domain == "bq" for n in nodes), "no weight stored quantized"
+    src = result.source
+    if isinstance(src, ir.Model):
+        src = ir.serde.serialize_model(src)
+    fp32 = src.SerializeToString() if isinstance(src, onnx.ModelProto) else str(src)
+    feeds = result.sample_feeds()
+    reference = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for ref, got in zip(reference, ort_run(path, feeds), strict=True):
+        assert got.shape == ref.shape
+        if np.issubdtype(ref.dtype, np.floating):
+            a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+            cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+            assert cosine >= min_cosine, cosine

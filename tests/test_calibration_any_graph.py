@@ -15,7 +15,7 @@ import bq_onnx
 from bq_onnx.calibration import input_specs, load_calibration, sample_axes
 from bq_onnx.cli import main
 from bq_onnx.errors import EXIT_DATA, EXIT_INPUTS, EXIT_OK, EXIT_USAGE, DataError, InputsError
-from tests.conftest import make_model, ort_run
+from tests.conftest import assert_written, make_model, ort_run
 
 
 def fixed_model(batch: int | str = 1, width: int | str = "W", seed: int = 0) -> onnx.ModelProto:
@@ -132,8 +132,8 @@ def test_fixed_batch_model_is_calibrated_and_verified_end_to_end(tmp_path, capsy
         b = free.context.posterior.weights[name]
         assert a.source == b.source == "laplace"
         np.testing.assert_allclose(a.precision, b.precision, rtol=1e-3)
-    report = fixed.save(tmp_path / "api.onnx")
-    assert report["verification"]["passed"]
+    fixed.save(tmp_path / "api.onnx")
+    assert_written(fixed, tmp_path / "api.onnx")
     with pytest.raises(DataError, match="different sample counts|not a multiple"):
         load_calibration({"x": images}, _ir(fixed_model(batch=5)), axes={"x": 0})
 
@@ -148,7 +148,8 @@ def test_fixed_batch_distillation_and_measured_tables(tmp_path):
     result = bq_onnx.optimize(fixed_model(), calib={"x": _images(10)}, bits=3, bits_payload=True, distill_steps=2,
                               tables="mc", allowed_bits="2,3,4")
     assert result.report["distillation"]["steps"] == 2
-    assert result.save(tmp_path / "d.onnx")["verification"]["passed"]
+    result.save(tmp_path / "d.onnx")
+    assert_written(result, tmp_path / "d.onnx")
 
 
 def test_a_fixed_batch_of_two_runs_two_samples_per_run(tmp_path, capsys):
@@ -204,7 +205,8 @@ def test_scalar_and_state_from_per_sample_files_and_dicts(tmp_path, capsys):
     b = bq_onnx.optimize(vad_model(), calib=str(folder), bits=3, bits_payload=True)
     np.testing.assert_allclose(a.context.posterior.weights["W1"].precision,
                                b.context.posterior.weights["W1"].precision, rtol=1e-6)
-    assert a.save(tmp_path / "a.onnx")["verification"]["passed"]
+    a.save(tmp_path / "a.onnx")
+    assert_written(a, tmp_path / "a.onnx")
 
 
 def time_major_model() -> onnx.ModelProto:
@@ -290,7 +292,8 @@ def test_generator_source_is_kept_for_verification_and_spilled_when_large(tmp_pa
     samples = _vad_samples(12, seed=3)
     kept = bq_onnx.optimize(vad_model(), calib=(s for s in samples), bits=3, bits_payload=True)
     assert kept.calibration.spilled is None
-    assert kept.save(tmp_path / "kept.onnx")["verification"]["passed"]
+    kept.save(tmp_path / "kept.onnx")
+    assert_written(kept, tmp_path / "kept.onnx")
     monkeypatch.setenv("BQ_ONNX_CALIB_SPILL_MB", "0.001")
     spilled = bq_onnx.optimize(vad_model(), calib=(s for s in samples), bits=3, bits_payload=True)
     state = spilled.calibration.arrays["state"]
@@ -298,11 +301,13 @@ def test_generator_source_is_kept_for_verification_and_spilled_when_large(tmp_pa
     np.testing.assert_array_equal(state, kept.calibration.arrays["state"])
     np.testing.assert_array_equal(spilled.context.posterior.weights["W2"].precision,
                                   kept.context.posterior.weights["W2"].precision)
-    assert spilled.save(tmp_path / "spilled.onnx")["verification"]["passed"]
+    spilled.save(tmp_path / "spilled.onnx")
+    assert_written(spilled, tmp_path / "spilled.onnx")
     fixed = bq_onnx.optimize(fixed_model(), calib=({"x": x} for x in _images(5)), bits=3,
                              bits_payload=True)  # per-sample, no axis
     assert fixed.calibration.arrays["x"].shape == (5, 3, 8, 12)
-    assert fixed.save(tmp_path / "fixed.onnx")["verification"]["passed"]
+    fixed.save(tmp_path / "fixed.onnx")
+    assert_written(fixed, tmp_path / "fixed.onnx")
 
 
 def test_quantized_fixed_batch_model_matches_its_reference_exactly(tmp_path):

@@ -166,11 +166,10 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
             elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.keep_fp):
                 why = "kept in floating point (--keep-fp)"
                 messages.append(f"kept '{name}' in floating point (--keep-fp)")
-            if not why and id(value) in structural:  # e.g. also Resize's scales through a Mul: never a weight
-                why = f"read as {structural[id(value)]} (its values reach it)"
-                messages.append(f"'{name}' is not a weight: {why}; left in float")
             if not why:
                 axes, why = _layout(value, shape, paths)
+                if not why and id(value) in structural:  # its values also reach a Resize's scales, a shape...
+                    why = f"read as {structural[id(value)]} (its values reach it through {_carriers(value)})"
                 if why.startswith("read as"):
                     messages.append(f"'{name}' is not a weight: {why}; left in float")
                 elif why.startswith("unsupported layout: its readers") or "also read as a weight" in why:
@@ -179,6 +178,12 @@ def survey(model: ir.Model, config: WeightsConfig) -> FoundWeights:
             if not why:
                 weights.append(WeightInfo(name, value, WeightLayout(shape, axes), readers, path))
     return FoundWeights(weights, messages, candidates)
+
+
+def _carriers(value: ir.Value) -> str:
+    """The ops that carry ``value`` on (for the message)."""
+    ops = sorted({u.node.op_type for u in value.uses()})
+    return ", ".join(ops) or "the graph"
 
 
 def find_weights(model: ir.Model, config: WeightsConfig) -> FoundWeights:

@@ -85,7 +85,7 @@ VALUE_CARRIERS = frozenset({
 
 
 def structural_sources(nodes) -> dict[int, str]:
-    """``id(value)`` -> ``"<role> of <op>"`` for every value whose numbers reach a structural input of one of
+    """``id(value)`` -> ``"<role> by <op>:<name>"`` for every value whose numbers reach a structural input of one of
     ``nodes`` (onnx-ir nodes, any graph) through :data:`VALUE_CARRIERS` only. One backward walk: linear time."""
     found: dict[int, str] = {}
     stack = []
@@ -96,7 +96,7 @@ def structural_sources(nodes) -> dict[int, str]:
             if role in STRUCTURAL_ROLES and idx < len(node.inputs) and node.inputs[idx] is not None:
                 value = node.inputs[idx]
                 if id(value) not in found:
-                    found[id(value)] = f"{role} of {node.op_type}"
+                    found[id(value)] = f"{role} by {node.op_type}:{node.name or '?'}"
                     stack.append(value)
     while stack:
         value = stack.pop()

@@ -152,11 +152,10 @@ def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: s
         why = "a graph output"
     elif size < min_size:
         why = f"too small ({size} < {min_size} elements)"
-    if not why and structural and id(value) in structural:  # e.g. also Resize's scales through a Mul
-        why = f"read as {structural[id(value)]} (its values reach it)"
-        messages.append(f"'{name}' is not a weight: {why}; left in float")
     if not why:
         axes, why = layout(value, shape, paths)
+        if not why and structural and id(value) in structural:  # its values also reach a Resize's scales, a shape
+            why = f"read as {structural[id(value)]} (its values reach it through {_carriers(value)})"
         if why.startswith("read as"):
             messages.append(f"'{name}' is not a weight: {why}; left in float")
         elif why.startswith("unsupported layout: its readers") or "also read as a weight" in why:
@@ -164,3 +163,8 @@ def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: s
     if not why and exclusions:
         why = exclusions.reason(Target(name, scope, reader_nodes(value)))
     return Candidate(name, scope, shape, dtype, found_readers, why), (None if why else axes)
+
+
+def _carriers(value: Any) -> str:
+    """The ops that carry ``value`` on (for the message)."""
+    return ", ".join(sorted({u.node.op_type for u in value.uses()})) or "the graph"

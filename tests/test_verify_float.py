@@ -58,9 +58,16 @@ def test_a_tensor_reaching_resize_scales_is_never_quantized(tmp_path, capsys):
     from bq_onnx.inspect import inspect
 
     src = resize_scales_also_weight(tmp_path)
+    import onnx_ir as ir
+
+    from bq_onnx.reads import structural_sources
+
     status = {c["name"]: c for c in inspect(src, min_size=1)["candidates"]}
-    assert not status["S"]["weight"] and "scales of Resize" in status["S"]["skipped"]
-    assert status["W"]["weight"]
+    assert not status["S"]["weight"] and status["W"]["weight"]
+    model = ir.load(src)
+    cone = structural_sources(list(model.graph))
+    assert cone[id(model.graph.initializers["S"])] == "scales by Resize:?"  # through Reshape and Mul
+    assert id(model.graph.initializers["W"]) not in cone
     out = tmp_path / "q.onnx"
     code, err = _run(["optimize", src, "-o", out, "--min-size", "1", "--bits", "3", "--bits-payload", "-q"],
                      capsys)

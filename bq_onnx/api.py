@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bq_onnx import __version__
+from bq_onnx import __version__, provenance
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.config import OptimizeConfig
 from bq_onnx.context import Context, Derived, is_fixed
@@ -125,6 +125,39 @@ class OptimizeResult:
         return self.report
 
 
+def _recipe(config: OptimizeConfig) -> str:
+    """The recipe recorded in the output; an option only the API can give (an array of labels) is named in a
+    comment instead (such a recipe does not re-run)."""
+    from bq_onnx.recipe import dump
+
+    try:
+        return dump(config)
+    except UsageError as exc:
+        return f"# not writable as a recipe: {exc}\n"
+
+
+def _check_recorded(recipe_from: str | os.PathLike, recorded: dict[str, str], model: ModelSource, model_sha: str,
+                    calib_sha: str | None, ctx: Context) -> None:
+    """``--recipe-from``: the model and calibration data must be those the output was made from."""
+    where = f"--recipe-from {os.fspath(recipe_from)}"
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
+    if recorded["model_sha256"] != model_sha:
+        raise UsageError(f"{where}: {name} has sha256 {model_sha[:16]}..., the output was made from "
+                         f"{recorded['model_sha256'][:16]}... (another model)")
+    want = recorded["calibration_sha256"]
+    if want == provenance.NONE and calib_sha is not None:
+        raise UsageError(f"{where}: the output was made without calibration data; leave --calib out")
+    if want != provenance.NONE and calib_sha is None:
+        raise UsageError(f"{where}: the output was made with calibration data (sha256 {want[:16]}...); give it "
+                         f"again with --calib")
+    if calib_sha is not None and calib_sha != want:
+        raise UsageError(f"{where}: the calibration data have sha256 {calib_sha[:16]}..., the output was made "
+                         f"from {want[:16]}... (other samples)")
+    if recorded["version"] != __version__:
+        ctx.messages.append(f"--recipe-from: the output was written by bq-onnx {recorded['version']}, this is "
+                            f"{__version__}: the bytes may differ")
+
+
 def allocation_report(ctx: Context) -> dict:
     """The budget achieved, the method and its details, and per layer the expected loss around its width."""
     a, bits = ctx.allocation, ctx.bits
@@ -173,6 +206,7 @@ def optimize(
     calib: CalibrationSource | None = None,
     posterior: str | os.PathLike | Posterior | None = None,
     progress: bool = False,
+    recipe_from: str | os.PathLike | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
@@ -189,7 +223,20 @@ def optimize(
     each quantizer's error and the expected-loss tables. ``distill_steps`` > 0 and ``tables="mc"`` need ``calib``.
     ``target`` legalizes the output for that runtime (:mod:`bq_onnx.targets`) and checks it with
     :func:`bq_onnx.validate.validate`.
+
+    The output's ``metadata_props`` record the version, the recipe and the sha256 of the model and of the
+    calibration samples (:mod:`bq_onnx.provenance`). ``recipe_from`` (an earlier output, instead of ``config``)
+    re-runs the recipe it records; the model and ``calib`` must hash as recorded (else a one-line
+    :class:`UsageError`), and the same version then writes the same bytes.
     """
+    recorded = None
+    if recipe_from is not None:
+        if config is not None:
+            raise UsageError("--recipe-from and --config: give one (flags still override either)")
+        from bq_onnx.recipe import config_from_text
+
+        recorded = provenance.recorded(recipe_from)
+        config = config_from_text(recorded["recipe"], f"--recipe-from {os.fspath(recipe_from)}")
     legacy = dict(options.pop("posterior_options", None) or {})
     clash = sorted(set(legacy) & set(options))
     if clash:
@@ -199,6 +246,7 @@ def optimize(
 
         config = config_from(config)
     config = (config or OptimizeConfig()).replace(**legacy, **options)
+    recipe_text = _recipe(config)  # what was asked, before a target legalizes it
     derived = Derived.from_config(config)
     a = config.allocation
     if is_fixed(config, derived) and not 1 <= a.bits <= 8:
@@ -224,9 +272,13 @@ def optimize(
     if a.tables == "mc" and calib is None:
         raise UsageError("--tables mc needs calibration data (--calib)")
     loaded = load_model(model)  # an IR model is copied: the caller's object stays untouched
+    model_sha = provenance.model_sha256(model)
     # read once (a one-shot reader or generator included) and handed to every stage that needs samples
     axes = dict(config.inputs.batch_axis)
     calibration = load_calibration(calib, loaded, axes=axes) if calib is not None else None
+    calib_sha = provenance.calibration_sha256(calibration) if calibration is not None else None
+    if recorded is not None:
+        _check_recorded(recipe_from, recorded, model, model_sha, calib_sha, ctx)
     result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
     if profile is not None:
         from bq_onnx.targets import container_notes
@@ -237,6 +289,7 @@ def optimize(
         if violations:  # legalization should have prevented every one: a bug, reported with the first
             raise UnsupportedError(f"the output breaks target {profile.name} ({len(violations)} violation(s)); "
                                    f"first: {violations[0]}")
+    result.metadata_props.update(provenance.entries(__version__, recipe_text, model_sha, calib_sha))
     report = {
         "tool": "bq-onnx",
         "version": __version__,

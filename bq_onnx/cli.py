@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(group_size = \"auto\"); flags given here override it (README: Recipes)")
     o.add_argument("--print-config", action="store_true",
                    help="print the recipe this run would use (the --config file and the flags) and exit")
+    o.add_argument("--recipe-from", metavar="OUT.onnx", help="re-run the recipe an earlier output records; the "
+                   "model (and --calib) must be the ones it was made from (README: Recipes)")
     c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
     c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name (samples stacked "
                    "along each input's batch axis; N samples of a fixed-batch [1, ...] input: [N, ...]), or a folder "
@@ -177,15 +179,23 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     for concern in concern_types().values():
         options.update(given(args, concern))
     config = None
+    if args.config and args.recipe_from:
+        raise UsageError("--recipe-from and --config: give one (flags still override either)")
     if args.config or args.print_config:
-        from bq_onnx import recipe
+        from bq_onnx import provenance, recipe
 
-        config = recipe.config_from(args.config, **options) if args.config else OptimizeConfig().replace(**options)
+        if args.recipe_from:
+            config = recipe.config_from_text(provenance.recorded(args.recipe_from)["recipe"],
+                                             f"--recipe-from {args.recipe_from}", **options)
+        elif args.config:
+            config = recipe.config_from(args.config, **options)
+        else:
+            config = OptimizeConfig().replace(**options)
         if args.print_config:
             print(recipe.dump(config), end="")
             return EXIT_OK
     out = resolve_output(args.output, src.name.removesuffix(".onnx") + ".bq.onnx", src.parent)
-    protected = Protected([args.calib, args.posterior, args.config])
+    protected = Protected([args.calib, args.posterior, args.config, args.recipe_from])
     protected.add_model(src)
     for concern in (InputsConfig, PosteriorConfig):
         for key in ("verify_inputs", "labels"):
@@ -209,6 +219,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         calib=args.calib,
         posterior=args.posterior,
         progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+        recipe_from=args.recipe_from,
         **options,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
@@ -421,6 +432,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
               f"{c['weight_numel']} weights: every stored tensor, counted independently, less the float model's "
               f"non-weight tensors) = codes {codes:.3f} + scales, zero points and codebooks {layers - codes:.3f} + "
               f"shared decode constants {c['bits_per_weight'] - layers:.3f}")
+    made = info.get("provenance")
+    if made:
+        _say(f"made by bq-onnx {made.get('version', '?')} from model sha256 {made.get('model_sha256', '?')}, "
+             f"calibration sha256 {made.get('calibration_sha256', '?')}; its recipe (re-run: bq-onnx optimize "
+             f"MODEL --recipe-from {info['model']}):")
+        for line in made.get("recipe", "").splitlines():
+            if line and not line.startswith("#"):
+                _say(f"  {line}")
     return EXIT_OK
 
 

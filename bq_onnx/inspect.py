@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bq_onnx import provenance
 from bq_onnx.config import WeightsConfig
 from bq_onnx.onnx_proto import METADATA_KEY, data_type_bits, iter_graphs, read_checked_model, tensor_bytes
 
@@ -75,8 +76,10 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
     proto = read_checked_model(model)
     meta = _metadata(proto.metadata_props)
     if meta is None:
-        return _inspect_float_proto(model, proto, min_size, reference)
-    return _inspect_proto(model, proto, meta, min_size, reference)
+        report = _inspect_float_proto(model, proto, min_size, reference)
+    else:
+        report = _inspect_proto(model, proto, meta, min_size, reference)
+    return report | {"provenance": provenance.read(proto.metadata_props)}
 
 
 def _inspect_float_proto(model: str | os.PathLike, proto: Any, min_size: int,
@@ -173,9 +176,10 @@ def inspect_ir(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
             layers.append(_float_layer(w.name, list(w.layout.shape), dtype, w.numel, _nbytes(m, w.name)))
     all_init = sum(v.const_value.nbytes for g in m.graphs() for v in g.initializers.values()
                    if v.const_value is not None)
-    return _report(model, meta, layers, considered, all_init, _counted(model, m, meta, reference, min_size),
-                   opset=m.opset_imports.get("", None), ir_version=m.ir_version,
-                   nodes=((n.domain, n.op_type) for n in m.graph), functions=m.functions)
+    report = _report(model, meta, layers, considered, all_init, _counted(model, m, meta, reference, min_size),
+                     opset=m.opset_imports.get("", None), ir_version=m.ir_version,
+                     nodes=((n.domain, n.op_type) for n in m.graph), functions=m.functions)
+    return report | {"provenance": provenance.read(m.metadata_props)}
 
 
 def _report(model: str | os.PathLike, meta: dict | None, layers: list[dict], considered: list[dict],

@@ -23,35 +23,48 @@ from bq_onnx.errors import UsageError
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """The options of a recipe file, as keywords for :meth:`OptimizeConfig.replace` (a bad file: one line,
     exit 2)."""
-    import tomllib
-
     path = Path(path)
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"--config {path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    return loads(text, f"--config {path}")
+
+
+def loads(text: bytes | str, where: str) -> dict[str, Any]:
+    """The options of a recipe's text; ``where`` starts each error line (``--config r.toml``)."""
+    import tomllib
+
     try:
-        table = tomllib.loads(text.decode("utf-8"))
+        table = tomllib.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--config {path}: not a TOML recipe ({' '.join(str(exc).split())})") from None
+        raise UsageError(f"{where}: not a TOML recipe ({' '.join(str(exc).split())})") from None
     if set(table) == {"optimize"} and isinstance(table["optimize"], Mapping):
         table = dict(table["optimize"])
     nested = sorted(k for k, v in table.items() if isinstance(v, Mapping) and k not in _MAPPING_OPTIONS)
     if nested:
-        raise UsageError(f"--config {path}: unexpected table [{nested[0]}] (a recipe is one table of options, "
+        raise UsageError(f"{where}: unexpected table [{nested[0]}] (a recipe is one table of options, "
                          f"or [optimize])")
     return table
 
 
 def config_from(path: str | os.PathLike, **overrides: Any) -> Any:
     """The :class:`OptimizeConfig` of a recipe, ``overrides`` (e.g. the flags given) applied on top."""
+    return _config(load(path), f"--config {path}", overrides)
+
+
+def config_from_text(text: str, where: str, **overrides: Any) -> Any:
+    """:func:`config_from` for a recipe's text (the one an output records: ``--recipe-from``)."""
+    return _config(loads(text, where), where, overrides)
+
+
+def _config(options: dict[str, Any], where: str, overrides: dict[str, Any]) -> Any:
     from bq_onnx.config import OptimizeConfig
 
-    options = load(path)
     try:
         config = OptimizeConfig().replace(**options)
     except UsageError as exc:
-        raise UsageError(f"--config {path}: {exc}") from None
+        raise UsageError(f"{where}: {exc}") from None
     return config.replace(**overrides)
 
 
@@ -70,10 +83,19 @@ def dump(config: Any) -> str:
             if name in seen or (value is None and opt.default is None):
                 continue
             seen.add(name)
+            if _is_float(concern, name) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # one spelling: 5 from a recipe and 5.0 from --bits 5 write the same recipe
             block.append(f"{name} = {_toml(_plain(value) if value is not None else _none_word(name, opt))}")
         if block:
             lines += ["", f"# {concern.title}", *block]
     return "\n".join(lines) + "\n"
+
+
+def _is_float(concern: Any, name: str) -> bool:
+    import dataclasses
+
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(concern)}
+    return kinds.get(name, "").removesuffix(" | None") == "float"
 
 
 def _none_word(name: str, opt: Any) -> Any:

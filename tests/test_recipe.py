@@ -84,3 +84,117 @@ def test_api_takes_a_recipe_path(tmp_path):
     b = optimize(LENET, bits=6, group_size=64)
     assert a.context.config == b.context.config
     assert optimize(LENET, config=path, bits=7).context.config.allocation.bits == 7
+
+
+# --- provenance in the output and --recipe-from (issue 20 item 1, the rest) ------------------------------------
+
+LENET_CALIB = LENET.with_name("lenet_calib.npz")
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def test_output_records_version_recipe_and_input_hashes(tmp_path):
+    import hashlib
+
+    import numpy as np
+
+    from bq_onnx import __version__
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.model_io import load_model
+    from bq_onnx.provenance import calibration_sha256
+
+    out = tmp_path / "a.onnx"
+    assert main(["optimize", str(LENET), "--calib", str(LENET_CALIB), "--bits", "5", "--quantizer", "lloyd",
+                 "-o", str(out), "--no-verify", "-q"]) == 0
+    meta = _metadata(out)
+    assert meta["bq_onnx.version"] == __version__
+    assert meta["bq_onnx.model_sha256"] == hashlib.sha256(LENET.read_bytes()).hexdigest()
+    assert recipe.config_from_text(meta["bq_onnx.recipe"], "x") == OptimizeConfig().replace(bits=5,
+                                                                                             quantizer="lloyd")
+    assert meta["bq_onnx.recipe"] == recipe.dump(OptimizeConfig().replace(bits=5, quantizer="lloyd"))
+    # the calibration hash covers the samples as loaded: the same samples as a folder of parts hash the same,
+    # one changed value does not
+    model = load_model(LENET)
+    loaded = load_calibration(LENET_CALIB, model)
+    assert meta["bq_onnx.calibration_sha256"] == calibration_sha256(loaded)
+    arrays = dict(np.load(LENET_CALIB))
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    n = next(iter(arrays.values())).shape[0]
+    np.savez(folder / "a.npz", **{k: v[: n // 2] for k, v in arrays.items()})
+    np.savez(folder / "b.npz", **{k: v[n // 2:] for k, v in arrays.items()})
+    assert calibration_sha256(load_calibration(folder, model)) == meta["bq_onnx.calibration_sha256"]
+    changed = {k: v.copy() for k, v in arrays.items()}
+    next(iter(changed.values())).flat[0] += 1
+    assert calibration_sha256(load_calibration(changed, model)) != meta["bq_onnx.calibration_sha256"]
+    # no paths, no times: the same model from another folder gives the same bytes
+    assert not any(str(tmp_path) in v or str(LENET.parent) in v for v in meta.values())
+    moved = tmp_path / "elsewhere" / "lenet.onnx"
+    moved.parent.mkdir()
+    moved.write_bytes(LENET.read_bytes())
+    again = tmp_path / "b.onnx"
+    assert main(["optimize", str(moved), "--calib", str(folder), "--bits", "5", "--quantizer", "lloyd",
+                 "-o", str(again), "--no-verify", "-q"]) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_without_calibration_the_record_says_none(tmp_path):
+    result = optimize(LENET, bits=6)
+    assert result.model.metadata_props["bq_onnx.calibration_sha256"] == "none"
+
+
+def test_inspect_shows_the_provenance_on_both_paths(tmp_path, capsys):
+    from bq_onnx.inspect import inspect, inspect_ir
+
+    out = tmp_path / "a.onnx"
+    assert main(["optimize", str(LENET), "--bits", "6", "-o", str(out), "--no-verify", "-q"]) == 0
+    meta = _metadata(out)
+    fast, slow = inspect(out), inspect_ir(out)
+    assert fast["provenance"] == slow["provenance"] == {
+        "version": meta["bq_onnx.version"], "recipe": meta["bq_onnx.recipe"],
+        "model_sha256": meta["bq_onnx.model_sha256"], "calibration_sha256": "none"}
+    assert inspect(LENET)["provenance"] is None
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"model sha256 {meta['bq_onnx.model_sha256']}" in text and "  bits = 6" in text
+
+
+def test_recipe_from_reproduces_the_bytes_and_refuses_other_inputs(tmp_path, capsys):
+    import numpy as np
+
+    first = tmp_path / "first.onnx"
+    assert main(["optimize", str(LENET), "--calib", str(LENET_CALIB), "--bits", "5.5", "--format", "compact",
+                 "--group-size", "64", "-o", str(first), "-q"]) == 0
+    again = tmp_path / "again.onnx"
+    assert main(["optimize", str(LENET), "--calib", str(LENET_CALIB), "--recipe-from", str(first),
+                 "-o", str(again), "-q"]) == 0
+    assert again.read_bytes() == first.read_bytes()
+    capsys.readouterr()
+    assert main(["optimize", str(LENET), "--recipe-from", str(first), "--print-config"]) == 0
+    assert capsys.readouterr().out == _metadata(first)["bq_onnx.recipe"]
+    # other calibration samples, none, another model, a file without a record: one line, exit 2, no output
+    arrays = {k: v.copy() for k, v in np.load(LENET_CALIB).items()}
+    next(iter(arrays.values())).flat[0] += 1
+    other = tmp_path / "other_calib.npz"
+    np.savez(other, **arrays)
+    never = tmp_path / "never.onnx"
+    cases = [(["--calib", str(other)], "the calibration data have sha256"),
+             ([], "give it again with --calib"),
+             (["--calib", str(LENET_CALIB), "--config", str(_write(tmp_path, "bits = 5\n"))], "give one")]
+    for extra, words in cases:
+        capsys.readouterr()
+        assert main(["optimize", str(LENET), "--recipe-from", str(first), "-o", str(never), *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+        assert not never.exists()
+    digits = LENET.with_name("digits_mlp.onnx")
+    assert main(["optimize", str(digits), "--recipe-from", str(first), "-o", str(never)]) == 2
+    assert "another model" in capsys.readouterr().err
+    assert main(["optimize", str(LENET), "--recipe-from", str(LENET), "-o", str(never)]) == 2
+    assert "no bq-onnx provenance" in capsys.readouterr().err
+    assert not never.exists()

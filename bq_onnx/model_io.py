@@ -1,9 +1,10 @@
 """Reading untrusted model files and writing outputs atomically.
 
-Models are files from strangers: before anything is built from one, its protobuf must parse, its graph must
-pass the onnx checker, every tensor's declared size must match its data, and every external-data reference
-must stay inside the model's folder and point at a real file long enough to hold it. Outputs are written by the
-protocol of :mod:`bq_onnx.writing` (:func:`write_output`): staged, verified, then renamed into place.
+Models are files from strangers: before anything is built from one, its protobuf must parse and it must pass
+the checks of :mod:`bq_onnx.model_checks` (the one validation, shared with inspect's fast path): tensor sizes
+against their data and the memory budget, external data inside the model's folder, the onnx checker. Outputs
+are written by the protocol of :mod:`bq_onnx.writing` (:func:`write_output`): staged, verified, then renamed into
+place.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bq_onnx.budgets import require
-from bq_onnx.errors import ModelError, OutputError, UnsupportedError
+from bq_onnx.errors import ModelError, OutputError
+from bq_onnx.model_checks import check_model
 from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
-from bq_onnx.tensor_data import check_data_file, check_inline, declared_nbytes, external_keys, read_external
+from bq_onnx.tensor_data import read_external
 
 #: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
 PROTO_LIMIT = 2**31 - 1
@@ -40,41 +41,16 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model, check_gra
     if isinstance(source, ir.Model):
         return copy_model(source)
     if isinstance(source, onnx.ModelProto):
-        refuse_sparse(source, "<ModelProto>")
-        _validate_tensors(source, base_dir=None, where="<ModelProto>")
-        if check_graph:
-            _check_graph(source, "<ModelProto>")
+        check_model(source, "<ModelProto>", None, check_graph=check_graph)
         return _deserialize(source, "<ModelProto>")
     path = Path(source)
     proto = read_model(path)
-    refuse_sparse(proto, str(path))
     base_dir = path.resolve().parent
-    _validate_tensors(proto, base_dir=base_dir, where=str(path))
-    if check_graph:
-        _check_graph(proto, str(path))
+    check_model(proto, str(path), base_dir, check_graph=check_graph)
     model = _deserialize(proto, str(path))
     ir.external_data.set_base_dir(model.graph, base_dir)
     stream_external_tensors(model)
     return model
-
-
-def refuse_sparse(proto: onnx.ModelProto, where: str) -> None:
-    """Sparse tensors (``sparse_initializer``, a Constant's ``sparse_value``) are not read by the IR: refuse them
-    in one line (exit 4) instead of losing them."""
-    graphs = [proto.graph]
-    while graphs:
-        graph = graphs.pop()
-        if graph.sparse_initializer:
-            name = graph.sparse_initializer[0].values.name or "<unnamed>"
-            raise UnsupportedError(f"{where}: sparse initializer '{name}' is not supported; store it dense "
-                                   f"(onnx.numpy_helper) and run again")
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.SPARSE_TENSOR or attr.sparse_tensors:
-                    raise UnsupportedError(f"{where}: node '{node.name or node.op_type}' holds a sparse tensor "
-                                           f"(attribute '{attr.name}'); not supported: store it dense")
-                graphs.extend([attr.g] if attr.HasField("g") else [])
-                graphs.extend(attr.graphs)
 
 
 class StreamedExternalTensor(ir.ExternalTensor):
@@ -175,81 +151,6 @@ def copy_model(model: ir.Model) -> ir.Model:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
-
-
-def _check_graph(proto: onnx.ModelProto, where: str) -> None:
-    """The onnx checker on the structure (external data was validated by us, not loaded)."""
-    if not proto.opset_import:
-        raise ModelError(f"{where}: invalid model (no opset_import)")
-    stripped = proto
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph_tensors(proto.graph)):
-        # External tensors were validated above; give the checker empty stand-ins so it never reads them and
-        # a model over 2 GB is checked in memory without loading its data.
-        stripped = onnx.ModelProto()
-        stripped.CopyFrom(proto)
-    for tensor in graph_tensors(stripped.graph) if stripped is not proto else ():
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.dims[:]
-            tensor.dims.append(0)  # an empty stand-in: the structure check needs no data
-    try:
-        onnx.checker.check_model(stripped, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        msg = " ".join(str(exc).split())
-        raise ModelError(f"{where}: invalid model ({msg[:300]})") from None
-    except Exception as exc:  # noqa: BLE001  the checker raises assorted C++ errors
-        raise ModelError(f"{where}: invalid model ({_first_line(exc)})") from None
-
-
-def _validate_tensors(proto: onnx.ModelProto, base_dir: Path | None, where: str) -> None:
-    """Every tensor's declared size is an exact integer within the memory budget (one tensor is materialized at
-    a time) and matches the data present: inline, or in an external file checked by :func:`_validate_external`."""
-    for tensor in graph_tensors(proto.graph):
-        name = tensor.name or "<unnamed>"
-        expected = declared_nbytes(tensor, where)
-        if expected is not None:
-            require(expected, f"{where}: tensor '{name}' (shape {list(tensor.dims)})", ModelError)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            _validate_external(tensor, name, expected, base_dir, where)
-        else:
-            check_inline(tensor, expected, where)
-
-
-def _validate_external(
-    tensor: onnx.TensorProto, name: str, expected: int | None, base_dir: Path | None, where: str
-) -> None:
-    location, offset, length = external_keys(tensor, where)
-    if base_dir is None:
-        raise ModelError(f"{where}: tensor '{name}' uses external data; load the model from its file path")
-    if not location:
-        raise ModelError(f"{where}: tensor '{name}' has external data without a location")
-    if expected is None:
-        raise ModelError(f"{where}: tensor '{name}' is a string tensor with external data (not supported)")
-    rel = Path(location)
-    if rel.is_absolute() or ".." in rel.parts or location.startswith(("/", "\\")) or ":" in location:
-        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
-    candidate = base_dir / rel
-    if candidate.is_symlink() or any(p.is_symlink() for p in candidate.parents if base_dir in p.parents):
-        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' is a symbolic link")
-    try:
-        resolved = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise ModelError(f"{where}: tensor '{name}' external data file '{location}' is missing") from None
-    if base_dir not in resolved.parents:
-        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
-    check_data_file(resolved, name, location, where)
-    need = length if length is not None else expected
-    if expected is not None and length is not None and length != expected:
-        raise ModelError(
-            f"{where}: tensor '{name}' declares {expected} bytes but its external data length is {length}"
-        )
-    size = resolved.stat().st_size
-    if need is not None and offset + need > size:
-        raise ModelError(
-            f"{where}: tensor '{name}' external data '{location}' is shorter than declared "
-            f"(needs {offset + need} bytes, file has {size})"
-        )
 
 
 def model_nbytes(model: ir.Model) -> int:

@@ -75,9 +75,12 @@ def read_model(path: str | os.PathLike) -> Any:
 
 
 def read_checked_model(path: str | os.PathLike) -> Any:
-    """:func:`read_model` and :func:`check_model` (the checker reads the bytes already read: no re-serializing)."""
+    """:func:`read_model` and the checks of loading it (:func:`bq_onnx.model_checks.check_model`, the one
+    implementation :func:`bq_onnx.model_io.load_model` runs too; the checker reads the bytes already read)."""
+    from bq_onnx.model_checks import check_model
+
     model, data = _read(path)
-    check_model(model, path, data)
+    check_model(model, str(Path(path)), Path(path).resolve().parent, data=data)
     return model
 
 
@@ -186,86 +189,3 @@ def _checker() -> ModuleType:
         del sys.modules[name]
         raise
     return module
-
-
-def check_model(model: Any, path: str | os.PathLike, data: bytes | None = None) -> None:
-    """What loading a model for real checks, without loading it: every tensor's declared size against its data
-    (external data inside the model's folder, a regular file long enough), then onnx's checker on the structure
-    (external tensors given empty stand-ins, as :func:`bq_onnx.model_io.load_model` does). A one-line
-    :class:`ModelError` on the first problem. ``data``: the file's bytes, when read already."""
-    where = os.fspath(path)
-    base_dir = Path(path).resolve().parent
-    external = pb().TensorProto.EXTERNAL
-    bits = data_type_bits()
-    has_external = False
-    for tensor in graph_tensors(model.graph):
-        name = tensor.name or "<unnamed>"
-        if any(d < 0 for d in tensor.dims):
-            raise ModelError(f"{where}: tensor '{name}' has a negative dimension {list(tensor.dims)}")
-        width = bits.get(tensor.data_type)
-        expected = None if width is None else -(-math.prod(tensor.dims) * width // 8)
-        if tensor.data_location == external:
-            has_external = True
-            _check_external(tensor, name, expected, base_dir, where)
-        elif expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
-            raise ModelError(f"{where}: tensor '{name}' declares shape {list(tensor.dims)} ({expected} bytes) "
-                             f"but holds {len(tensor.raw_data)} bytes")
-    if not model.opset_import:
-        raise ModelError(f"{where}: invalid model (no opset_import)")
-    if has_external:  # the file's bytes name data elsewhere: check a copy with empty stand-ins instead
-        stripped = pb().ModelProto()
-        stripped.CopyFrom(model)
-        for tensor in graph_tensors(stripped.graph):
-            if tensor.data_location == external:
-                del tensor.external_data[:]
-                tensor.data_location = pb().TensorProto.DEFAULT
-                del tensor.dims[:]
-                tensor.dims.append(0)
-        data = stripped.SerializeToString()
-    elif data is None:
-        data = model.SerializeToString()
-    checker = _checker().checker
-    try:
-        checker.check_model(data, False, False, False)
-    except checker.ValidationError as exc:
-        raise ModelError(f"{where}: invalid model ({' '.join(str(exc).split())[:300]})") from None
-    except Exception as exc:  # noqa: BLE001  the checker raises assorted C++ errors
-        text = str(exc).strip() or type(exc).__name__
-        raise ModelError(f"{where}: invalid model ({text.splitlines()[0][:300]})") from None
-
-
-def _check_external(tensor: Any, name: str, expected: int | None, base_dir: Path, where: str) -> None:
-    """One external tensor's reference: inside the model's folder, no link, a regular file holding its bytes."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
-    if not location:
-        raise ModelError(f"{where}: tensor '{name}' has external data without a location")
-    rel = Path(location)
-    if rel.is_absolute() or ".." in rel.parts or location.startswith(("/", "\\")) or ":" in location:
-        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
-    candidate = base_dir / rel
-    if candidate.is_symlink() or any(p.is_symlink() for p in candidate.parents if base_dir in p.parents):
-        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' is a symbolic link")
-    try:
-        resolved = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise ModelError(f"{where}: tensor '{name}' external data file '{location}' is missing") from None
-    if base_dir not in resolved.parents:
-        raise ModelError(f"{where}: tensor '{name}' external data path '{location}' escapes the model's folder")
-    if not resolved.is_file():
-        raise ModelError(f"{where}: tensor '{name}' external data '{location}' is not a regular file")
-    try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else None
-    except ValueError:
-        raise ModelError(f"{where}: tensor '{name}' has a malformed external data offset/length") from None
-    if offset < 0 or (length is not None and length < 0):
-        raise ModelError(f"{where}: tensor '{name}' has a negative external data offset/length")
-    if expected is not None and length is not None and length != expected:
-        raise ModelError(f"{where}: tensor '{name}' declares {expected} bytes but its external data length is "
-                         f"{length}")
-    need = length if length is not None else expected
-    size = resolved.stat().st_size
-    if need is not None and offset + need > size:
-        raise ModelError(f"{where}: tensor '{name}' external data '{location}' is shorter than declared "
-                         f"(needs {offset + need} bytes, file has {size})")

@@ -7,6 +7,9 @@ elements, external data keys are parsed strictly (ASCII decimal offsets and leng
 digits are refused, though Python's ``int`` takes them), and external data is read with ``pread``-style reads into
 a fresh array: a file truncated or replaced while the tool runs is a one-line error (exit 3), never the SIGBUS a
 memory map gives when its pages vanish.
+
+The checks are standard library and protobuf only (numpy is imported by :func:`read_external` alone): the one
+validation of a model (:mod:`bq_onnx.model_checks`) uses them on inspect's fast path too.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from bq_onnx.budgets import nbytes, require
 from bq_onnx.errors import ModelError
 from bq_onnx.onnx_proto import data_type_bits, pb
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _bits = functools.cache(data_type_bits)  # one table for every tensor of a model
 
@@ -130,6 +134,8 @@ def check_data_file(path: Path, name: str, location: str, where: str) -> os.stat
 def read_external(path: str | os.PathLike, offset: int, count: int, name: str) -> np.ndarray:
     """``count`` bytes of ``path`` from ``offset`` in a fresh uint8 array (read, never mapped); a file shorter
     than that now (truncated or replaced since it was checked) is a one-line :class:`ModelError`."""
+    import numpy as np  # here: the checks above serve inspect's fast start, which has no numpy
+
     require(count, f"tensor '{name}'", ModelError)
     out = np.empty(count, dtype=np.uint8)
     view = memoryview(out)

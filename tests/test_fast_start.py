@@ -4,6 +4,7 @@ refuses what loading the model for real refuses (onnx's checker, tensor sizes, e
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,16 @@ def _bad_models(tmp_path: Path) -> dict[str, tuple[Path, str]]:
          "not a regular file")
     edit("link", lambda d, p: ((d / "alias").symlink_to(d / "m.onnx.data"),
                                _set(_first_external(p), "location", "alias")), "symbolic link")
+    # the stricter rules of issue 21, one implementation for both paths (bq_onnx/model_checks.py)
+    edit("arabic_digits", lambda d, p: _set(_first_external(p), "offset", "\u0660"), "ASCII decimal digits only")
+    edit("padded", lambda d, p: _set(_first_external(p), "length", " 4 "), "ASCII decimal digits only")
+    edit("nul", lambda d, p: _set(_first_external(p), "location", "m.onnx.data\x00.txt"), "control character")
+    edit("hardlink", lambda d, p: (os.link(d / "m.onnx.data", d / "twin.data"),
+                                   _set(_first_external(p), "location", "twin.data")), "hard links")
+    edit("twice", lambda d, p: _first_external(p).external_data.add(key="offset", value="0"), "twice")
+    edit("uncountable", lambda d, p: _first_external(p).dims.extend([2**40, 2**40]), "more elements than a C size")
+    edit("over_budget", lambda d, p: (_first_external(p).dims.extend([2**20, 2**10]),
+                                      _set(_first_external(p), "length", str(150 * 2**32))), "memory budget")
     raw = onnx.load(str(LENET))
     del raw.graph.initializer[0].dims[:]
     raw.graph.initializer[0].dims.extend([3, 3])
@@ -257,3 +268,22 @@ def test_stored_bytes_of_a_proto_match_the_ir_count(outputs):
 
     for path in outputs.values():
         assert stored_bytes(onnx.load(str(path), load_external_data=False)) == ir_stored_bytes(load_model(path))
+
+
+def test_both_paths_refuse_a_sparse_tensor_alike(tmp_path):
+    """One validation (bq_onnx/model_checks.py): inspect's fast path refuses what loading refuses, exit 4 here."""
+    from bq_onnx.cli import main
+    from bq_onnx.errors import UnsupportedError
+
+    proto = onnx.load(str(LENET))
+    values = onnx.helper.make_tensor("s_values", onnx.TensorProto.FLOAT, [1], [1.0])
+    indices = onnx.helper.make_tensor("s_indices", onnx.TensorProto.INT64, [1], [0])
+    proto.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, [4]))
+    path = tmp_path / "sparse.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(UnsupportedError) as fast:
+        inspect(path)
+    with pytest.raises(UnsupportedError) as slow:
+        inspect_ir(path)
+    assert str(fast.value) == str(slow.value) and "sparse initializer 's_values'" in str(fast.value)
+    assert main(["inspect", str(path)]) == 4

@@ -173,13 +173,15 @@ def test_unexercised_classifier_columns_get_a_floored_curvature_and_no_longer_ze
 
 
 def branch_model() -> onnx.ModelProto:
-    """``logits = If(sum(x) > 0, x @ W_then, x @ W_else) @ Wout``: the branch weights cannot be fed to a session
-    (inside a subgraph) and have no gradient (no rule for If); ``Wout`` has one. The branch weights are small, so
-    ``h`` and the Fisher of ``Wout`` are too, while their own ``E[x^2]`` is 1: the two scales differ."""
+    """``logits = If(sum(x) > 0, asinh(x @ W_then), asinh(x @ W_else)) @ Wout``: the branch weights cannot be fed
+    to a session (inside a subgraph) and have no gradient (no rule for Asinh); ``Wout`` has one. The branch
+    weights are small, so ``h`` and the Fisher of ``Wout`` are too, while their own ``E[x^2]`` is 1: the two
+    scales differ."""
     rng = np.random.default_rng(2)
 
     def branch(name: str) -> onnx.GraphProto:
-        return helper.make_graph([helper.make_node("MatMul", ["x", name], [f"y_{name}"])], name, [],
+        return helper.make_graph([helper.make_node("MatMul", ["x", name], [f"m_{name}"]),
+                                  helper.make_node("Asinh", [f"m_{name}"], [f"y_{name}"])], name, [],
                                  [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["b", H])],
                                  initializer=[numpy_helper.from_array(_w(D, H, rng) * 0.2, name)])
 

@@ -4,9 +4,10 @@
 it with the validation loading runs (:mod:`bq_onnx.model_checks`: tensor sizes and budgets, external data,
 onnx's C++ checker; same lines, same exit codes), so it starts without numpy, the onnx package or onnx-ir (about
 a second less). A bq-onnx output carries its per-layer record in its metadata and is counted by
-:mod:`bq_onnx.counting`; a float model's weights are surveyed on the protobuf (:mod:`bq_onnx.proto_graph`) with the rules ``optimize`` applies on the IR. The IR path
-(:func:`inspect_ir`, :func:`bq_onnx.model_io.load_model` and :mod:`bq_onnx.stages.weights`) stays as the
-reference: ``tests/test_fast_start.py`` checks both give the same report.
+:mod:`bq_onnx.counting`; a float model's weights are surveyed on the protobuf (:mod:`bq_onnx.proto_graph`) with
+the rules ``optimize`` applies on the IR. The IR path (:func:`inspect_ir`, :func:`bq_onnx.model_io.load_model`
+and :mod:`bq_onnx.stages.weights`) stays as the reference: ``tests/test_fast_start.py`` checks both give the
+same report.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def _recipe(config: OptimizeConfig) -> str:
     from bq_onnx.recipe import dump
 
     try:
-        return dump(config)
+        return dump(config, leave_out=provenance.NOT_RECORDED)
     except UsageError as exc:
         return f"# not writable as a recipe: {exc}\n"
 

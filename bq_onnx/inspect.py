@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from bq_onnx import provenance
 from bq_onnx.config import WeightsConfig
-from bq_onnx.onnx_proto import METADATA_KEY, data_type_bits, iter_graphs, read_checked_model, tensor_bytes
+from bq_onnx.model_checks import read_checked_model
+from bq_onnx.onnx_proto import METADATA_KEY, data_type_bits, iter_graphs, tensor_bytes
 
 if TYPE_CHECKING:
     import onnx_ir as ir

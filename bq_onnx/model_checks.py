@@ -1,7 +1,7 @@
 """The one validation of an untrusted model file, for every command that reads one.
 
 ``optimize``, ``validate`` and the IR path (:func:`bq_onnx.model_io.load_model`) and ``inspect``'s fast path
-(:func:`bq_onnx.onnx_proto.read_checked_model`) all call :func:`check_model`, so a file is refused by each of them
+(:func:`read_checked_model`) all call :func:`check_model`, so a file is refused by each of them
 with the same line and the same exit code: sparse tensors (exit 4), then every tensor's declared size (an exact
 integer within the memory budget, :mod:`bq_onnx.budgets`) against its data, inline or external (inside the
 model's folder, no symbolic or hard link, strictly parsed keys, a regular file long enough:
@@ -14,12 +14,13 @@ Standard library and protobuf only (the checker is onnx's C++ extension, loaded 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from bq_onnx.budgets import require
 from bq_onnx.errors import ModelError, UnsupportedError
-from bq_onnx.onnx_proto import _checker, graph_tensors, pb
+from bq_onnx.onnx_proto import _checker, graph_tensors, pb, read_with_bytes
 from bq_onnx.tensor_data import check_data_file, check_inline, declared_nbytes, external_keys
 
 
@@ -35,6 +36,14 @@ def check_model(proto: Any, where: str, base_dir: Path | None, *, check_graph: b
     external = validate_tensors(proto, base_dir, where)
     if check_graph:
         check_structure(proto, where, None if external else data)
+
+
+def read_checked_model(path: str | os.PathLike) -> Any:
+    """The ``ModelProto`` of a file (external data not read) after :func:`check_model` (the checker reads the
+    bytes already read: no re-serializing)."""
+    model, data = read_with_bytes(path)
+    check_model(model, str(Path(path)), Path(path).resolve().parent, data=data)
+    return model
 
 
 def refuse_sparse(proto: Any, where: str) -> None:

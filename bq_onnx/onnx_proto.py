@@ -71,20 +71,11 @@ def data_type_bits() -> dict[int, int]:
 
 def read_model(path: str | os.PathLike) -> Any:
     """The ``ModelProto`` of a file (external data not read), or a one-line :class:`ModelError`."""
-    return _read(path)[0]
+    return read_with_bytes(path)[0]
 
 
-def read_checked_model(path: str | os.PathLike) -> Any:
-    """:func:`read_model` and the checks of loading it (:func:`bq_onnx.model_checks.check_model`, the one
-    implementation :func:`bq_onnx.model_io.load_model` runs too; the checker reads the bytes already read)."""
-    from bq_onnx.model_checks import check_model
-
-    model, data = _read(path)
-    check_model(model, str(Path(path)), Path(path).resolve().parent, data=data)
-    return model
-
-
-def _read(path: str | os.PathLike) -> tuple[Any, bytes]:
+def read_with_bytes(path: str | os.PathLike) -> tuple[Any, bytes]:
+    """:func:`read_model` and the file's bytes."""
     from google.protobuf.message import DecodeError
 
     path = Path(path)

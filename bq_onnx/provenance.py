@@ -3,7 +3,8 @@
 An output of ``optimize`` records four entries (README, "Recipes"):
 
 - ``bq_onnx.version``: the bq-onnx version that wrote it;
-- ``bq_onnx.recipe``: the full recipe of the run, as ``--print-config`` writes it (:func:`bq_onnx.recipe.dump`);
+- ``bq_onnx.recipe``: the full recipe of the run, as ``--print-config`` writes it (:func:`bq_onnx.recipe.dump`),
+  less :data:`NOT_RECORDED`;
 - ``bq_onnx.model_sha256``: sha256 of the input model file's bytes (what ``sha256sum MODEL`` prints; external
   data files are not covered); for an in-memory model, of its deterministic protobuf serialization;
 - ``bq_onnx.calibration_sha256``: sha256 of the calibration samples as loaded (:func:`calibration_sha256`), or
@@ -25,6 +26,9 @@ VERSION, RECIPE, MODEL_SHA256, CALIBRATION_SHA256 = (PREFIX + k for k in
                                                      ("version", "recipe", "model_sha256", "calibration_sha256"))
 KEYS = (VERSION, RECIPE, MODEL_SHA256, CALIBRATION_SHA256)
 NONE = "none"
+#: Options the recorded recipe leaves out: they never change the output's bytes and name local paths (the
+#: gradient cache folder, the inputs of the post-write check).
+NOT_RECORDED = frozenset({"cache", "verify_inputs"})
 _CHUNK = 1 << 20
 
 

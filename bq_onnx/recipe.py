@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,10 @@ def _config(options: dict[str, Any], where: str, overrides: dict[str, Any]) -> A
     return config.replace(**overrides)
 
 
-def dump(config: Any) -> str:
+def dump(config: Any, leave_out: Iterable[str] = ()) -> str:
     """The recipe of ``config`` (an :class:`OptimizeConfig`): one ``name = value`` line per option with a value,
-    concern by concern; :func:`load` reads it back to an equal configuration."""
+    concern by concern; :func:`load` reads it back to an equal configuration. ``leave_out``: options not written
+    (those an output's provenance does not record)."""
     from bq_onnx.config import concern_types
 
     lines = ["# bq-onnx optimize recipe: option names as the flags (--group-size -> group_size)"]
@@ -80,7 +81,7 @@ def dump(config: Any) -> str:
         block = []
         for name, opt in concern.options().items():
             value = getattr(values, name)
-            if name in seen or (value is None and opt.default is None):
+            if name in seen or name in leave_out or (value is None and opt.default is None):
                 continue
             seen.add(name)
             if _is_float(concern, name) and isinstance(value, int) and not isinstance(value, bool):

@@ -127,7 +127,9 @@ def test_data_free_falls_back_to_nearest_with_a_note(tmp_path):
         result.save(str(outs[rounding]), force=True, verify=False)
         if rounding == "gptq":
             assert any("data-free" in m for m in result.context.messages)
-    assert onnx.load(str(outs["gptq"])).SerializeToString() == onnx.load(str(outs["nearest"])).SerializeToString()
+    # the graphs (every weight) are the same; the metadata differ by the recipe each records (provenance)
+    graphs = {k: onnx.load(str(v)).graph.SerializeToString() for k, v in outs.items()}
+    assert graphs["gptq"] == graphs["nearest"]
 
 
 def test_a_convolution_im2col_does_not_cover_gets_no_moment():

@@ -1,4 +1,9 @@
-"""``bq-onnx``: the command line. Errors print one line and exit with a documented code."""
+"""``bq-onnx``: the command line. Errors print one line and exit with a documented code.
+
+Over 500 lines: one handler and one human-readable summary per command (optimize, inspect, posterior, verify,
+bench, validate) and the one error printer they share; the flags themselves are generated from
+:mod:`bq_onnx.config`, and the work is done in the modules each handler calls.
+"""
 
 from __future__ import annotations
 

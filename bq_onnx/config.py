@@ -7,6 +7,9 @@ concerns read (the seed, the model output the loss reads, the number of calibrat
 :class:`Option` object held by each of them; :class:`OptimizeConfig` keeps their values equal.
 
 Standard library only at module level: the CLI builds its parser from these classes without numpy or onnx.
+
+Over 500 lines on purpose: every option of every concern in one file is what lets a reader (and
+``tests/test_config.py``) see that each default is declared once.
 """
 
 from __future__ import annotations

@@ -313,7 +313,8 @@ def test_failed_verification_removes_the_output_and_its_data(big_output, capsys,
     from bq_onnx import verify
 
     src, out_dir = big_output
-    monkeypatch.setattr(verify, "compare", lambda ref, out, names, *_: [verify.OutputCheck(names[0], 1.0, 1.0, False)])
+    monkeypatch.setattr(verify, "compare",
+                        lambda ref, out, names, *rest: [verify.OutputCheck(names[0], 1.0, 1.0, False)])
     code, _, err = _run(["optimize", src, "-o", out_dir / "q.onnx", "--min-size", "64", "-q", "--bits", "6"],
                         capsys)
     _assert_one_line_error(code, err, 6, "differs from the numpy-dequantized reference")

@@ -83,7 +83,7 @@ def test_failed_verification_keeps_the_previous_output_byte_identical(tmp_path, 
         assert _run(["optimize", src, "-o", out, "--force", *ARGS], capsys)[0] == 0
         before = _tree(out.parent)
         with monkeypatch.context() as m:
-            m.setattr(verify, "compare", lambda ref, o, names, *_: [verify.OutputCheck(names[0], 1.0, 1.0, False)])
+            m.setattr(verify, "compare", lambda ref, o, names, *rest: [verify.OutputCheck(names[0], 1.0, 1.0, False)])
             code, err = _run(["optimize", src, "-o", out, "--force", "--bits", "7", "--min-size", "64", "-q"],
                              capsys)
         _one_line(code, err, 6, "differs from the numpy-dequantized reference")

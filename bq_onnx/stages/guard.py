@@ -22,6 +22,9 @@ tensor by tensor, against the typical measured/predicted ratio of the others (:f
 
 The same measurement checks the user's quality targets (``--max-loss``, ``--min-cosine``, ``--min-agreement``):
 a missed one is a :class:`QualityError` before anything is written.
+
+Over 500 lines on purpose: the split, the measurement, the repair rounds and the fallback share one held-out set,
+one FP32 reference and one way of spending the budget again; apart, each would need the others' state passed in.
 """
 
 from __future__ import annotations

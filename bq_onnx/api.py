@@ -279,6 +279,8 @@ def optimize(
     calib_sha = provenance.calibration_sha256(calibration) if calibration is not None else None
     if recorded is not None:
         _check_recorded(recipe_from, recorded, model, model_sha, calib_sha, ctx)
+    made = provenance.entries(__version__, recipe_text, model_sha, calib_sha)
+    loaded.metadata_props.update(made)  # before the rewrite: --size-mb measures the file with them
     result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
     if profile is not None:
         from bq_onnx.targets import container_notes
@@ -289,7 +291,7 @@ def optimize(
         if violations:  # legalization should have prevented every one: a bug, reported with the first
             raise UnsupportedError(f"the output breaks target {profile.name} ({len(violations)} violation(s)); "
                                    f"first: {violations[0]}")
-    result.metadata_props.update(provenance.entries(__version__, recipe_text, model_sha, calib_sha))
+    result.metadata_props.update(made)
     report = {
         "tool": "bq-onnx",
         "version": __version__,

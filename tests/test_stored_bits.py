@@ -177,13 +177,14 @@ def test_size_mb_counts_the_external_data_file_too(tmp_path, monkeypatch, fmt, h
     else:
         monkeypatch.setenv("BQ_ONNX_EXTERNAL_DATA_THRESHOLD", "1000")
     out = tmp_path / "m.onnx"
-    bq_onnx.optimize(model, size_mb=0.05, format=fmt, no_guard=True).save(out)
+    # 0.052 MB: the smallest native file is about 0.0506 MB since outputs record their provenance (about 1.2 KB)
+    bq_onnx.optimize(model, size_mb=0.052, format=fmt, no_guard=True).save(out)
     locations = {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
                  for e in t.external_data if e.key == "location"}
     assert len(locations) == 1  # one data file beside the model (named by the write protocol)
     data = tmp_path / locations.pop()
     assert data.is_file()
-    assert 0.8 * 50_000 <= out.stat().st_size + data.stat().st_size <= 50_000
+    assert 0.8 * 52_000 <= out.stat().st_size + data.stat().st_size <= 52_000
     assert _dead(out) == ([], [])
 
 

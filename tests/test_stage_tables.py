@@ -64,3 +64,17 @@ def test_measured_tables_need_calibration():
     model, ctx = _prepared(bits=3, tables="mc")
     with pytest.raises(UsageError, match="needs calibration data"):
         passkit.tables(model, ctx)
+
+
+@pytest.mark.parametrize(("n", "granularity"), [(8, 8), (100, 8), (8192, 8), (8193, 8), (2**22, 8), (30522, 16)])
+def test_slices_cover_the_tensor_in_at_most_max_slices_runs_of_whole_granules(n, granularity):
+    from bq_onnx.stages.tables import MAX_SLICES, slices
+
+    ranges = slices(n, granularity)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no gap or overlap
+    assert len(ranges) <= MAX_SLICES
+    widths = {b - a for a, b in ranges[:-1]}
+    assert len(widths) <= 1 and all(w % granularity == 0 for w in widths)
+    if n <= granularity * MAX_SLICES:  # the usual case is unchanged: runs of exactly the granularity
+        assert widths <= {granularity}

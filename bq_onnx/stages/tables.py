@@ -71,11 +71,19 @@ class Tables:
     designs: dict[tuple[str, int], Spec]
 
 
+MAX_SLICES = 1024
+"""Allocation blocks per tensor at most: a wider tensor's runs of output channels grow by whole multiples of the
+granularity (a ``[1, 2^22]`` weight at ``rows:8`` would otherwise be 524,288 blocks, each scored per width and
+candidate: minutes in the tables and the allocator for no measurable gain)."""
+
+
 def slices(n: int, granularity: int | None) -> list[tuple[int, int]]:
-    """Column ranges of one tensor: the whole tensor, or runs of ``granularity`` output channels."""
+    """Column ranges of one tensor: the whole tensor, or runs of ``granularity`` output channels (a multiple of it
+    where the tensor would have more than :data:`MAX_SLICES` runs)."""
     if not granularity or granularity >= n:
         return [(0, n)]
-    return [(start, min(start + granularity, n)) for start in range(0, n, granularity)]
+    step = granularity * -(-n // (granularity * MAX_SLICES))
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def block_name(weight: str, columns: tuple[int, int], n: int) -> str:

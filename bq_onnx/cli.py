@@ -549,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     handler = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "posterior": _cmd_posterior,
                "verify": _cmd_verify, "bench": _cmd_bench, "validate": _cmd_validate}[args.command]
-    previous = _terminate_as_exception()
+    signalled: list[int] = []
+    previous = _signals_as_exceptions(signalled)
     try:
         from bq_onnx.budgets import set_max_memory
         from bq_onnx.limits import set_run_timeout
@@ -558,38 +559,50 @@ def main(argv: list[str] | None = None) -> int:
         set_max_memory(limits.max_memory)
         set_run_timeout(limits.run_timeout)
         return handler(args)
+    except (Terminated, KeyboardInterrupt) as exc:
+        return _interrupted(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except BqError as exc:
+        if signalled:  # an interrupt some library turned into another error on its way up
+            return _interrupted(signalled[0])
         print(f"error: {escape(exc)}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
-        print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
     except Exception as exc:  # noqa: BLE001  anything else is our bug: one line unless --debug
+        if signalled:  # e.g. "ImportError: initialization failed" when the signal came inside a C extension's import
+            return _interrupted(signalled[0])
         if getattr(args, "debug", False):
             raise
         print(f"internal error: {type(exc).__name__}: {escape(exc)} (rerun with --debug for a traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
 
 
-def _terminate_as_exception():
+def _interrupted(signum: int) -> int:
+    """The one line and exit code of an interrupt: 143 for SIGTERM, 130 for SIGINT (Ctrl-C)."""
+    if signum == signal.SIGTERM:
+        print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    print("error: interrupted; nothing was written", file=sys.stderr)
+    return 130
+
+
+def _signals_as_exceptions(signalled: list[int]) -> dict:
     """SIGTERM unwinds like Ctrl-C (every ``finally`` runs: staging and scratch folders are removed) instead of
-    ending the process where it stands. Returns the previous handler (None off the main thread)."""
+    ending the process where it stands; both signals are noted in ``signalled``, so an interrupt that a library
+    turned into another exception (an import interrupted inside a C extension) still reads as one. Returns the
+    previous handlers (none off the main thread)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
-    def raise_terminated(signum, frame):
-        raise Terminated()
+    def on_signal(signum, frame):
+        signalled.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    return signal.signal(signal.SIGTERM, raise_terminated)
+    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 def entry() -> None:

@@ -247,11 +247,16 @@ def test_interrupt_leaves_the_previous_output_and_no_temporary_files(tmp_path, s
     # a posterior run (scratch folders in TMPDIR) interrupted while it works
     proc = _spawn(["optimize", src, "--calib", _calib(tmp_path), "-o", out, "--force", "--min-size", "64",
                    "--bits", "7", "-q", "--method", "hutchinson", "--probes", "64"], {"TMPDIR": str(scratch)})
-    time.sleep(4.0)
+    deadline = time.monotonic() + 120  # signal it once it works (its scratch folders exist), not after a fixed sleep
+    while not any(scratch.iterdir()):
+        assert proc.poll() is None, f"finished before it made any scratch folder: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no scratch folder after 120 s"
+        time.sleep(0.02)
     proc.send_signal(sig)
     code = proc.wait(timeout=60)
     err = proc.stderr.read()
     assert code == (130 if sig == signal.SIGINT else 143), err
     assert len(err.strip().splitlines()) == 1, err
     assert _tree(out.parent) == before
-    assert list(scratch.iterdir()) == []  # posterior and session scratch folders removed
+    # posterior and session scratch folders removed (OpenVINO's telemetry keeps its own `.ses` file there)
+    assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []

@@ -21,7 +21,7 @@ from typing import Any
 
 from bq_onnx.onnx_proto import data_type_bits, pb, tensor_bytes
 from bq_onnx.reads import structural_sources
-from bq_onnx.weight_rules import FLOAT_NAMES, Candidate, classify, subgraph_label
+from bq_onnx.weight_rules import FLOAT_NAMES, Candidate, classify, fresh_name, subgraph_label
 
 _GRAPH, _GRAPHS, _INT, _INTS, _TENSOR = 5, 10, 2, 7, 4  # AttributeProto.AttributeType
 
@@ -246,11 +246,8 @@ def unique_names(graphs: list[Graph]) -> None:
             if name not in seen:
                 seen.add(name)
                 continue
-            n = 1
-            while f"{name}.{n}" in seen:
-                n += 1
             del graph.initializers[name]
-            value.name = f"{name}.{n}"
+            value.name = fresh_name(name, seen)
             graph.initializers[value.name] = value
             seen.add(value.name)
 

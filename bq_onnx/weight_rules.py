@@ -168,3 +168,12 @@ def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: s
 def _carriers(value: Any) -> str:
     """The ops that carry ``value`` on (for the message)."""
     return ", ".join(sorted({u.node.op_type for u in value.uses()})) or "the graph"
+
+
+def fresh_name(name: str, seen: set[str]) -> str:
+    """``name.1`` (``.2`` ...): the first suffix ``seen`` does not hold; how a repeated subgraph initializer is
+    renamed, on onnx-ir (``UniqueInitializerNamesPass``) and on the protobuf view alike."""
+    n = 1
+    while f"{name}.{n}" in seen:
+        n += 1
+    return f"{name}.{n}"

@@ -10,6 +10,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from bq_onnx.config import WeightsConfig
 from bq_onnx.errors import ModelError
 from bq_onnx.model_io import external_tensors, stream_external_tensors
+from bq_onnx.weight_rules import fresh_name
 
 #: DequantizeLinear with block_size and int4 containers need opset 21.
 MIN_OPSET = 21
@@ -78,11 +79,8 @@ class UniqueInitializerNamesPass(ir.passes.InPlacePass):
                 if name not in seen:
                     seen.add(name)
                     continue
-                n = 1
-                while f"{name}.{n}" in seen:
-                    n += 1
                 graph.initializers.pop(name)
-                value.name = f"{name}.{n}"
+                value.name = fresh_name(name, seen)
                 graph.register_initializer(value)
                 seen.add(value.name)
                 modified = True

@@ -14,9 +14,10 @@ import onnx_ir as ir
 
 from bq_onnx import __version__, provenance
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
-from bq_onnx.config import OptimizeConfig
+from bq_onnx.config import LimitsConfig, OptimizeConfig
 from bq_onnx.context import Context, Derived, is_fixed
 from bq_onnx.errors import InputsError, UnsupportedError, UsageError
+from bq_onnx.limits import run_limits
 from bq_onnx.model_io import load_model, write_output
 from bq_onnx.pipeline import optimize_model
 from bq_onnx.posterior import Posterior
@@ -40,6 +41,7 @@ class OptimizeResult:
     source: ModelSource
     calibration: Calibration | None = None  # as loaded once by optimize (a one-shot reader is not read again)
     input_files: tuple[str, ...] = ()  # files the output must never replace (calibration, posterior, labels)
+    limits: tuple[float | None, int | None] = (None, None)  # optimize's run_timeout/max_memory (None: as set)
 
     def protected(self) -> Protected:
         """Every file this result was made from: the model and its external data, calibration, posterior, verify
@@ -108,7 +110,13 @@ class OptimizeResult:
     ) -> dict:
         """Write the model to ``path`` (a file, or a folder: ``<folder>/<model>.bq.onnx``) by the write protocol
         (:mod:`bq_onnx.writing`): staged beside it, verified there, renamed into place only when verification
-        passed; ``force`` to replace an existing file. Returns the report."""
+        passed; ``force`` to replace an existing file. The verification runs under the run limits ``optimize`` was
+        given (``run_timeout``, ``max_memory``). Returns the report."""
+        with run_limits(*self.limits):
+            return self._save(path, force, verify, feeds)
+
+    def _save(self, path: str | os.PathLike, force: bool, verify: bool,
+              feeds: Mapping[str, np.ndarray] | None) -> dict:
         protected = self.protected()
         out = check_output(resolve_output(path, self.default_output().name, Path.cwd()), protected, force)
         if verify:  # read before anything is written: bad inputs leave no file behind
@@ -207,6 +215,8 @@ def optimize(
     posterior: str | os.PathLike | Posterior | None = None,
     progress: bool = False,
     recipe_from: str | os.PathLike | None = None,
+    run_timeout: float | None = None,
+    max_memory: int | str | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
@@ -228,7 +238,27 @@ def optimize(
     calibration samples (:mod:`bq_onnx.provenance`). ``recipe_from`` (an earlier output, instead of ``config``)
     re-runs the recipe it records; the model and ``calib`` must hash as recorded (else a one-line
     :class:`UsageError`), and the same version then writes the same bytes.
+
+    ``run_timeout`` (seconds) and ``max_memory`` (bytes, ``"2G"``, ``"50%"``) are the CLI's ``--run-timeout`` and
+    ``--max-memory`` (:class:`bq_onnx.config.LimitsConfig`, same checks and defaults): they bound every
+    onnxruntime/OpenVINO session and run of this call and of the result's :meth:`OptimizeResult.save`, and what a
+    model or data file may make bq-onnx allocate; past one, a :class:`~bq_onnx.errors.BqError` with the CLI's exit
+    code (10 for a run, 3 or 5 for a file).
     """
+    given = {k: v for k, v in (("run_timeout", run_timeout), ("max_memory", max_memory)) if v is not None}
+    checked = LimitsConfig(**given)  # the flags' parsing and checks; what is not given stays as the caller set it
+    limits = (checked.run_timeout if run_timeout is not None else None,
+              checked.max_memory if max_memory is not None else None)
+    with run_limits(*limits):
+        result = _optimize(model, config, calib=calib, posterior=posterior, progress=progress,
+                           recipe_from=recipe_from, options=options)
+    result.limits = limits
+    return result
+
+
+def _optimize(model: ModelSource, config: OptimizeConfig | str | os.PathLike | None, *, calib: CalibrationSource | None,
+              posterior: str | os.PathLike | Posterior | None, progress: bool, recipe_from: str | os.PathLike | None,
+              options: dict[str, Any]) -> OptimizeResult:
     recorded = None
     if recipe_from is not None:
         if config is not None:

@@ -580,11 +580,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(signum: int) -> int:
-    """The one line and exit code of an interrupt: 143 for SIGTERM, 130 for SIGINT (Ctrl-C)."""
+    """The one line and exit code of an interrupt: 143 for SIGTERM, 130 for SIGINT (Ctrl-C). A signal held back
+    while an output was renamed into place arrives after it: the line then names what was written (complete and
+    verified) instead of claiming nothing was."""
+    writing = sys.modules.get("bq_onnx.writing")
+    committed = list(writing.COMMITTED) if writing is not None else []
+    done = (f"{escape(committed[-1])} was written (verified) before it arrived" if len(committed) == 1 else
+            f"{len(committed)} outputs were written (verified) before it arrived, the last {escape(committed[-1])}"
+            if committed else "nothing was written")
     if signum == signal.SIGTERM:
-        print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        print(f"error: terminated (SIGTERM); {done}", file=sys.stderr)
         return 143
-    print("error: interrupted; nothing was written", file=sys.stderr)
+    print(f"error: interrupted; {done}", file=sys.stderr)
     return 130
 
 

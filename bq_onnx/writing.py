@@ -48,12 +48,17 @@ _DATA_SUFFIX = re.compile(r"^\.[0-9a-f]{16}\.data$")
 
 #: Staging folders of this process, removed by :func:`remove_staging` (the hard stop of the run limits).
 _LIVE: set[Path] = set()
+#: Outputs this process has committed (renamed into place), in order: an interrupt that arrives during or after
+#: a commit must not be reported as "nothing was written".
+COMMITTED: list[Path] = []
 
 
 def fault(stage: str) -> None:
-    """Fault injection for the write tests: ``BQ_ONNX_FAULT=<stage>`` kills this process with SIGKILL there."""
-    if os.environ.get("BQ_ONNX_FAULT") == stage:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Fault injection for the write tests: ``BQ_ONNX_FAULT=<stage>`` kills this process with SIGKILL there;
+    ``<stage>:SIGTERM`` or ``<stage>:SIGINT`` sends that signal instead (held back inside a commit)."""
+    wanted, _, name = os.environ.get("BQ_ONNX_FAULT", "").partition(":")
+    if wanted == stage:
+        os.kill(os.getpid(), getattr(signal, name) if name in ("SIGTERM", "SIGINT") else signal.SIGKILL)
 
 
 # --- what must never be written ---------------------------------------------------------------------------------
@@ -227,8 +232,11 @@ def staging(folder: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
-        _LIVE.discard(path)
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:  # a signal held back during the commit may land inside the first removal and cut it short
+            shutil.rmtree(path, ignore_errors=True)
+            _LIVE.discard(path)
 
 
 def remove_staging() -> None:
@@ -240,15 +248,27 @@ def remove_staging() -> None:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block ends (the renames that commit an output are not cut in two)."""
-    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if held:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """SIGINT and SIGTERM wait until the block ends (the renames that commit an output are not cut in two).
+
+    Held at Python level, not by the thread's signal mask: the kernel gives a process-directed signal to any
+    thread that does not block it (onnxruntime's and the quantizer's worker threads), and Python then runs the
+    handler in the main thread at once. Here the handlers only note the signal; it is raised again when the block
+    ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: set outside Python, not restorable
+    for s in previous:
+        signal.signal(s, lambda signum, _frame: pending.append(signum))
     try:
         yield
     finally:
-        if held:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def _place(src: Path, dst: Path, force: bool) -> None:
@@ -308,6 +328,7 @@ def commit(staged: Path, out: Path, protected: Protected, force: bool, data: Pat
             if placed_data is not None:
                 placed_data.unlink(missing_ok=True)
             raise
+        COMMITTED.append(out)
         fault("model-renamed")
         keep = {data.name} if data is not None else set()
         for name in old_data:

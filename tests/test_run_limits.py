@@ -136,3 +136,28 @@ def test_a_cancelled_run_raises_a_limit_error_in_the_api(tmp_path):
     with limits.run_limits(timeout=1.0), pytest.raises(LimitError, match="did not finish within 1 s"):
         session.run({"x": np.ones((1, 16), np.float32)})
     assert limits.run_timeout() == limits.DEFAULT_RUN_TIMEOUT
+
+
+def test_optimize_keywords_bound_optimize_and_save(tmp_path):
+    """``optimize(run_timeout=, max_memory=)`` are the flags: checked the same way, applied to optimize's own runs
+    and to the result's ``save`` (its verification), restored afterwards."""
+    from bq_onnx import budgets, limits, optimize
+    from bq_onnx.errors import LimitError, UsageError
+
+    onnx.save(endless_loop(), str(tmp_path / "loop.onnx"))
+    model = tmp_path / "loop.onnx"
+    with pytest.raises(UsageError, match="--run-timeout must be > 0"):
+        optimize(model, run_timeout=-1)
+    with pytest.raises(UsageError, match="max-memory"):
+        optimize(model, max_memory="lots")
+    # without calibration optimize itself runs nothing; the limit then holds in save's verification
+    result = optimize(model, min_size=1, bits=8, run_timeout=1.0, max_memory="4G")
+    assert limits.run_timeout() == limits.DEFAULT_RUN_TIMEOUT and budgets.memory_budget() != 4 * 2**30
+    start = time.monotonic()
+    with pytest.raises(LimitError, match="did not finish within 1 s"):
+        result.save(tmp_path / "out.onnx")
+    assert time.monotonic() - start < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.onnx"]  # nothing written, no staging left
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 16), np.float32))
+    with pytest.raises(LimitError, match="did not finish within 1 s"):  # the posterior's runs
+        optimize(model, calib=tmp_path / "x.npz", min_size=1, bits=8, run_timeout=1.0)

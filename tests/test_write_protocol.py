@@ -234,6 +234,26 @@ def test_kill_9_at_each_stage_leaves_the_old_output_or_the_new_one(tmp_path, sta
     assert len(list(out_dir.iterdir())) == 2  # the model and the one data file it reads
 
 
+@pytest.mark.parametrize("stage", ["data-renamed", "model-renamed"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_commit_waits_and_says_what_was_written(tmp_path, stage, sig):
+    """A signal that arrives while the output is renamed into place is held until the commit is whole; the one
+    line then names the output that was written instead of claiming nothing was."""
+    src = tmp_path / "m.onnx"
+    onnx.save(mixed_model(), str(src))
+    out = tmp_path / "q.onnx"
+    proc = _spawn(["optimize", src, "-o", out, *ARGS],
+                  {"BQ_ONNX_EXTERNAL_DATA_THRESHOLD": "2000", "BQ_ONNX_FAULT": f"{stage}:{sig}"})
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == (143 if sig == "SIGTERM" else 130), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "was written (verified) before it arrived" in lines[0] and str(out) in lines[0], err
+    assert "nothing was written" not in err
+    onnx.checker.check_model(str(out))
+    assert onnx.load(str(out)).graph.node  # complete, with its data
+    _no_temporaries(tmp_path)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_the_previous_output_and_no_temporary_files(tmp_path, sig):
     src = tmp_path / "m.onnx"

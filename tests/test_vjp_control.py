@@ -1,6 +1,6 @@
-"""Control-flow gradients (issue 14, item 4): ``If`` by the branch taken, ``Loop``/``Scan`` unrolled, weights
-stored inside subgraphs; checked against float64 central finite differences like tests/test_autodiff.py (and
-OpenVINO where it runs the gradient model)."""
+"""Control-flow gradients (issue 14, item 4): ``If`` by the branch taken, ``Loop``/``Scan`` unrolled when small
+(the others: tests/test_vjp_loop.py), weights stored inside subgraphs; checked against float64 central finite
+differences like tests/test_autodiff.py (and OpenVINO where it runs the gradient model)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bq_onnx.autodiff.gradient import build_gradient_model
-from bq_onnx.autodiff.vjp_control import MAX_UNROLL
+from bq_onnx.autodiff.vjp_control import MAX_UNROLL, _refusal, unroll_loops
 from tests.test_autodiff import F64_TOL, _session, check, i64, make_case, node, rand, run_gradient_model
 
 
@@ -153,25 +153,35 @@ def test_loop_with_a_constant_trip_count_is_unrolled(tmp_path, trips):
     check(case, tmp_path)
 
 
-def test_loop_beyond_the_unroll_limit_is_refused_naming_the_node():
+def _not_unrolled_because(case) -> str | None:
+    """Why the case's Loop is left to the body rule (``vjp_loop``), or None when it is unrolled."""
+    model = ir.from_proto(case.proto)
+    loop = next(n for n in model.graph if n.op_type == "Loop")
+    why = _refusal(loop)
+    assert unroll_loops(model.graph) == (why is None)
+    return why
+
+
+def test_loop_beyond_the_unroll_limit_is_left_to_its_body_rule():
     rng = np.random.default_rng(5)
     nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=_loop_body("W"))]
-    case = make_case(nodes, "sf", {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}, consts={"M": i64(MAX_UNROLL + 1)})
+    weights = {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}
+    case = make_case(nodes, "sf", weights, consts={"M": i64(MAX_UNROLL + 1)})
+    why = f"a trip count of {MAX_UNROLL + 1}, over the unroll limit of {MAX_UNROLL} steps"
+    assert _not_unrolled_because(case) == why
+    assert _not_unrolled_because(make_case(nodes, "sf", weights, consts={"M": i64(MAX_UNROLL)})) is None
     result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
-    label = "Loop 'Loop_sf'"
-    assert result.unsupported == {"W": [label], "S0": [label]}
-    assert result.reasons[label] == f"a trip count of {MAX_UNROLL + 1}, over the unroll limit of {MAX_UNROLL} steps"
+    assert not result.unsupported and list(result.gradients) == ["W", "S0"]
 
 
-def test_loop_with_a_data_dependent_condition_is_refused():
+def test_loop_with_a_data_dependent_condition_is_left_to_its_body_rule():
     rng = np.random.default_rng(6)
     body = _loop_body("W")
     body.node[5].CopyFrom(helper.make_node("Identity", ["c_in"], ["c_mid"]))
     body.node.append(helper.make_node("Not", ["c_mid"], ["c_out"]))
     nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=body)]
     case = make_case(nodes, "sf", {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}, consts={"M": i64(3)})
-    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
-    assert "depends on the data" in result.reasons["Loop 'Loop_sf'"]
+    assert "depends on the data" in _not_unrolled_because(case)
 
 
 def _scan_body() -> onnx.GraphProto:

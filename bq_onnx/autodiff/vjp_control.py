@@ -11,8 +11,8 @@ sample's gradient follows its own branch. Nested ``If`` s recurse.
 differentiated) when their trip count is known: a ``Loop`` with a constant trip count and a condition that stays
 true (absent or constant, passed through the body unchanged), a ``Scan`` whose scanned axis has a static length.
 Unrolled, they are plain nodes every other rule handles. The limit is :data:`MAX_UNROLL` steps (and
-:data:`MAX_UNROLLED_NODES` copied nodes per loop); beyond it, or with a data-dependent trip count, the node's rule
-refuses with one line naming the node and why, and its weights fall back to another estimator.
+:data:`MAX_UNROLLED_NODES` copied nodes per loop); beyond it, or with a data-dependent trip count, the loop is
+differentiated by its body (:mod:`vjp_loop`: a reverse ``Loop`` over the iterations the forward one ran).
 """
 
 from __future__ import annotations
@@ -131,12 +131,6 @@ def _rename(graph: ir.Graph, em: Emitter) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- Loop / Scan
-
-
-@register("Loop", "Scan")
-def loop_rule(cx: Vjp, node: ir.Node, gy: list) -> Grads:
-    """Reached only by loops :func:`unroll_loops` could not unroll: say why."""
-    raise RuleUnavailable(_refusal(node) or f"{node.op_type} was not unrolled")
 
 
 def unroll_loops(graph: ir.Graph) -> bool:

@@ -1,0 +1,154 @@
+"""``Loop``/``Scan`` differentiated by their body (issue 14, item 4): trip counts given as inputs, conditions that
+exit early, more steps than the unroll limit, Scans of symbolic length in both directions, loops nested in ``If``
+and ``If`` in loops; each checked against float64 central finite differences in onnxruntime and against
+onnxruntime in OpenVINO (``check``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bq_onnx.autodiff.gradient import build_gradient_model
+from bq_onnx.autodiff.vjp_control import MAX_UNROLL
+from tests.test_autodiff import check, i64, make_case, node, rand
+from tests.test_vjp_control import _loop_body, _scan_body
+
+
+def _count(result, op: str) -> int:
+    return sum(1 for n in ir.traversal.RecursiveGraphIterator(result.model.graph) if n.op_type == op)
+
+
+def _loop_case(trips, *, feed_trips: bool = False, seed: int = 10, weights_outside: bool = False,
+               body: onnx.GraphProto | None = None, inputs: dict | None = None, cond: str = ""):
+    """``y = sum(final state) + sum(stacked outputs)`` of ``state <- tanh(state @ W + i)`` from ``S0`` (from
+    ``S0 @ W`` when ``weights_outside``: W read before the loop and inside it)."""
+    rng = np.random.default_rng(seed)
+    nodes = [node("MatMul", ["S0", "W"], "S1") if weights_outside else node("Identity", ["S0"], "S1"),
+             node("Loop", ["M", cond, "S1"], ["sf", "st"], body=body or _loop_body("W")),
+             node("ReduceSum", ["st", "ax0"], "st0", keepdims=0), node("Add", ["sf", "st0"], "y")]
+    weights = {"W": rand(rng, 4, 4) * 0.4, "S0": rand(rng, 2, 4)}
+    trip = np.array(trips, np.int64)
+    consts = {"ax0": i64(0)} if not cond else {"ax0": i64(0), cond: np.array(True)}
+    feeds = dict(inputs or {})
+    if feed_trips:
+        feeds["M"] = trip
+    else:
+        consts["M"] = trip
+    return make_case(nodes, "y", weights, consts=consts, inputs=feeds)
+
+
+def test_loop_with_a_trip_count_given_as_an_input(tmp_path):
+    result, _ = check(_loop_case(5, feed_trips=True), tmp_path)
+    assert _count(result, "Loop") == 3  # the forward, its saved copy, the reverse
+
+
+def test_loop_beyond_the_unroll_limit(tmp_path):
+    """100 steps: not unrolled (a few Loops, not 100 copies of the body), differentiated by the body."""
+    result, _ = check(_loop_case(MAX_UNROLL + 36), tmp_path)
+    assert _count(result, "Loop") == 3
+    assert _count(result, "Tanh") < 10
+
+
+def _early_exit_body() -> onnx.GraphProto:
+    """The body of ``_loop_body`` with ``cond_out = i < K``: the run stops after K+1 iterations (K an input)."""
+    body = _loop_body("W")
+    body.node[5].CopyFrom(helper.make_node("Cast", ["i"], ["fi2"], to=TensorProto.DOUBLE))
+    body.node.append(helper.make_node("Less", ["fi2", "K"], ["c_out"]))
+    return body
+
+
+@pytest.mark.parametrize("k", [6.0, 2.5, 0.0])
+def test_loop_with_a_condition_computed_in_the_body(tmp_path, k):
+    """The trip count (1000) is far above what runs: the body's condition ``i < K`` exits after a number of
+    iterations that depends on the input K (7, 3 and 1)."""
+    check(_loop_case(1000, body=_early_exit_body(), inputs={"K": np.array(k)}, cond="C"), tmp_path)
+
+
+def test_a_weight_read_inside_and_outside_the_loop(tmp_path):
+    check(_loop_case(70, weights_outside=True, seed=11), tmp_path)
+
+
+@pytest.mark.parametrize(("in_axis", "in_dir", "out_axis", "out_dir"),
+                         [(0, 0, 0, 0), (0, 1, 0, 1), (1, 1, 1, 0), (0, 0, -1, 1)], ids=str)
+def test_scan_of_symbolic_length(tmp_path, in_axis, in_dir, out_axis, out_dir):
+    """The scanned axis is symbolic (``T``): the Scan becomes a Loop, differentiated by its body; every
+    direction and axis, the scanned input itself differentiated (it is computed from the weight Wx)."""
+    rng = np.random.default_rng(12)
+    xs = rand(rng, 5, 2, 3) if in_axis == 0 else rand(rng, 2, 5, 3)
+    symbolic = {"X": ["T", 2, 3] if in_axis == 0 else [2, "T", 3]}
+    nodes = [node("MatMul", ["X", "Wx"], "xw"),
+             node("Scan", ["H0", "xw"], ["hf", "ys"], body=_scan_body(), num_scan_inputs=1,
+                  scan_input_axes=[in_axis], scan_input_directions=[in_dir], scan_output_axes=[out_axis],
+                  scan_output_directions=[out_dir]),
+             node("ReduceSum", ["ys", "ax"], "ysum", keepdims=0), node("Add", ["hf", "ysum"], "y")]
+    weights = {"Wx": rand(rng, 3, 3), "Wr": rand(rng, 3, 3) * 0.5, "H0": rand(rng, 2, 3)}
+    ax = {0: 0, 1: 1, -1: 2}[out_axis]
+    case = make_case(nodes, "y", weights, consts={"ax": i64(ax)}, inputs={"X": xs}, symbolic=symbolic)
+    result, _ = check(case, tmp_path)
+    assert _count(result, "Scan") == 0
+
+
+def test_scan_longer_than_the_unroll_limit(tmp_path):
+    rng = np.random.default_rng(13)
+    nodes = [node("Scan", ["H0", "X"], ["hf", "ys"], body=_scan_body(), num_scan_inputs=1,
+                  scan_input_directions=[1]),
+             node("ReduceSum", ["ys", "ax"], "ysum", keepdims=0), node("Add", ["hf", "ysum"], "y")]
+    weights = {"Wr": rand(rng, 3, 3) * 0.4, "H0": rand(rng, 2, 3), "X": rand(rng, MAX_UNROLL + 6, 2, 3)}
+    check(make_case(nodes, "y", weights, consts={"ax": i64(0)}), tmp_path)
+
+
+def test_a_loop_inside_an_if_branch(tmp_path):
+    """The then branch runs a loop whose trip count is an input; the else branch a plain MatMul."""
+    rng = np.random.default_rng(14)
+    then = helper.make_graph(
+        [helper.make_node("Loop", ["M", "", "S0"], ["sf", "st"], body=_loop_body("W")),
+         helper.make_node("ReduceSum", ["st", "ax0"], ["st0"], keepdims=0),
+         helper.make_node("Add", ["sf", "st0"], ["t"])], "then", [], [helper.make_empty_tensor_value_info("t")])
+    other = helper.make_graph([helper.make_node("MatMul", ["S0", "W"], ["e"])], "else", [],
+                              [helper.make_empty_tensor_value_info("e")])
+    for flag in (True, False):
+        nodes = [node("If", ["flag"], "y", then_branch=then, else_branch=other)]
+        weights = {"W": rand(rng, 4, 4) * 0.4, "S0": rand(rng, 2, 4)}
+        case = make_case(nodes, "y", weights, consts={"flag": np.array(flag), "ax0": i64(0)},
+                         inputs={"M": np.array(4, np.int64)})
+        check(case, tmp_path)
+
+
+def test_an_if_inside_a_loop_body(tmp_path):
+    """Each iteration takes one branch by the parity of its number: ``tanh(s @ W)`` or ``s * V``."""
+    rng = np.random.default_rng(15)
+    then = helper.make_graph([helper.make_node("MatMul", ["s_in", "W"], ["m"]), helper.make_node("Tanh", ["m"], ["t"])],
+                             "then", [], [helper.make_empty_tensor_value_info("t")])
+    other = helper.make_graph([helper.make_node("Mul", ["s_in", "V"], ["e"])], "else", [],
+                              [helper.make_empty_tensor_value_info("e")])
+    body = helper.make_graph(
+        [helper.make_node("Mod", ["i", "two"], ["r"]), helper.make_node("Equal", ["r", "zero"], ["even"]),
+         helper.make_node("If", ["even"], ["s_out"], then_branch=then, else_branch=other),
+         helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Identity", ["s_out"], ["scan_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_in", TensorProto.DOUBLE, None)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_empty_tensor_value_info("s_out"),
+         helper.make_empty_tensor_value_info("scan_out")])
+    nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=body),
+             node("ReduceSum", ["st", "ax0"], "st0", keepdims=0), node("Add", ["sf", "st0"], "y")]
+    weights = {"W": rand(rng, 4, 4) * 0.5, "V": rand(rng, 4), "S0": rand(rng, 2, 4)}
+    consts = {"ax0": i64(0), "two": np.array(2, np.int64), "zero": np.array(0, np.int64)}
+    check(make_case(nodes, "y", weights, consts=consts, inputs={"M": np.array(5, np.int64)}), tmp_path)
+
+
+def test_an_op_without_a_rule_on_a_carried_value_refuses_naming_it():
+    rng = np.random.default_rng(16)
+    body = _loop_body("W")
+    body.node[4].CopyFrom(helper.make_node("TopK", ["a", "k4"], ["s_out", "order"], name="top"))
+    body.initializer.append(numpy_helper.from_array(i64(4), "k4"))
+    case = make_case([node("Loop", ["M", "", "S0"], ["sf", "st"], body=body)], "sf",
+                     {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}, inputs={"M": np.array(3, np.int64)})
+    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
+    label = "Loop 'Loop_sf'"
+    assert set(result.unsupported) == {"W", "S0"}
+    assert "blocks carried value 0" in result.reasons[label] and "TopK 'top'" in result.reasons[label]

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.autodiff.loss import output_value
+from bq_onnx.autodiff.vjp_loop import exits_by_data
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
 from bq_onnx.layout import RECURRENT_OPS
@@ -70,11 +71,13 @@ def weights_of(model: ir.Model, weights: Sequence[WeightInfo]) -> list[WeightInf
 def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: Calibration) -> dict[str, int]:
     """Weights whose single consumer reads and writes sample-major tensors (first axis = the calibration
     sample axis, by shape inference with a symbolic batch), with their use counts. A model whose inputs have a
-    fixed first dimension, a fixed batch or a sample axis other than the first is not batched at all (its
-    estimators run one sample per run). ``model``: a copy whose shapes this rewrites."""
+    fixed first dimension, a fixed batch, a sample axis other than the first or a Loop that exits on the data
+    is not batched at all (its estimators run one sample per run). ``model``: a copy whose shapes this rewrites."""
     from onnx_ir.passes.common import ShapeInferencePass
 
     if calib.fixed_batch or any(axis not in (0, None) for axis in calib.axes.values()):
+        return {}
+    if exits_by_data(model):  # a batch runs until the whole batch stops: per-sample runs only (issue 14)
         return {}
     symbol = "bq_samples"
     for value in model.graph.inputs:

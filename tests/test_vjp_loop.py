@@ -152,3 +152,80 @@ def test_an_op_without_a_rule_on_a_carried_value_refuses_naming_it():
     label = "Loop 'Loop_sf'"
     assert set(result.unsupported) == {"W", "S0"}
     assert "blocks carried value 0" in result.reasons[label] and "TopK 'top'" in result.reasons[label]
+
+
+def _calibrated_loop_model(early_exit: bool) -> onnx.ModelProto:
+    """``y = Loop(trips, h0 = x @ W_in: h <- tanh(h @ W_rec)) @ W_out`` with the trip count an input; with
+    ``early_exit`` the body stops once ``i >= 30 * mean|h|`` (the per-sample test's samples after 7 to 12 steps
+    each, a batch of all 8 after 9)."""
+    rng = np.random.default_rng(17)
+    h = ["b", 32]
+
+    def w(*shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
+
+    cond = [helper.make_node("Identity", ["c_in"], ["c_out"])]
+    if early_exit:
+        cond = [helper.make_node("Abs", ["h_out"], ["ah"]), helper.make_node("ReduceMean", ["ah"], ["mh"], keepdims=0),
+                helper.make_node("Mul", ["mh", "scale"], ["lim"]), helper.make_node("Cast", ["i"], ["fi"], to=1),
+                helper.make_node("Less", ["fi", "lim"], ["c_out"])]
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "W_rec"], ["m"]), helper.make_node("Tanh", ["m"], ["h_out"]), *cond],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h_in", TensorProto.FLOAT, h)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, h)])
+    inits = [w(16, 32), w(32, 32), w(32, 8), numpy_helper.from_array(np.array(30.0, np.float32), "scale")]
+    for init, name in zip(inits, ["W_in", "W_rec", "W_out"]):
+        init.name = name
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W_in"], ["h0"]),
+         helper.make_node("Loop", ["trips", "", "h0"], ["hf"], name="loop", body=body),
+         helper.make_node("MatMul", ["hf", "W_out"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16]),
+         helper.make_tensor_value_info("trips", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    return proto
+
+
+def test_optimize_with_calibration_uses_laplace_for_loop_weights(tmp_path, capsys):
+    """End to end on a loop with an input trip count and a condition computed in its body: every weight (the
+    one its body reads included) gets its curvature from ``laplace``, no fallback."""
+    from bq_onnx.cli import main
+
+    onnx.save(_calibrated_loop_model(early_exit=True), tmp_path / "loop.onnx")
+    x = np.random.default_rng(18).standard_normal((24, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x, trips=np.array(100, np.int64))
+    out = tmp_path / "loop.bq.onnx"
+    code = main(["optimize", str(tmp_path / "loop.onnx"), "--calib", str(tmp_path / "calib.npz"), "-o", str(out),
+                 "--format", "compact", "--bits", "4", "--bits-payload"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "estimators: laplace 3 weights" in stdout, stdout
+    assert "no gradient rule" not in stdout and "used the activations estimator" not in stdout
+
+
+@pytest.mark.parametrize("early_exit", [False, True], ids=["trips-input", "early-exit"])
+def test_loop_weights_per_sample_curvature_matches_one_sample_runs(early_exit):
+    """The Fisher diagonal of every weight is the same from the default runs as from one sample per run; a loop
+    that exits on the data is never batched (a batch would run until the whole batch stops), one with a
+    trip count given once is."""
+    import bq_onnx
+    from bq_onnx.graph import batch_major_weights
+    from bq_onnx.model_io import load_model
+
+    proto = _calibrated_loop_model(early_exit)
+    rng = np.random.default_rng(19)
+    samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32), "trips": np.array(100, np.int64)}
+               for _ in range(8)]
+    default = bq_onnx.optimize(proto, calib=samples, bits=4, bits_payload=True)
+    single = bq_onnx.optimize(proto, calib=samples, bits=4, bits_payload=True, batch_size=1)
+    batched = batch_major_weights(load_model(proto), default.context.weights, default.calibration)
+    assert batched == ({} if early_exit else {"W_in": 1})
+    for name in ("W_in", "W_rec", "W_out"):
+        assert default.context.posterior.weights[name].source == "laplace"
+        np.testing.assert_allclose(default.context.posterior.weights[name].precision,
+                                   single.context.posterior.weights[name].precision, rtol=1e-4)

@@ -174,6 +174,12 @@ def _loop_trip_count(node: ir.Node, body: ir.Graph) -> int | str:
     trip = const_array(node.inputs[0] if node.inputs else None)
     if trip is None or trip.size != 1:
         return "a trip count that is not a constant"
+    return loop_condition(node, body) or int(trip.reshape(-1)[0])
+
+
+def loop_condition(node: ir.Node, body: ir.Graph) -> str | None:
+    """Why the Loop ``node`` may stop before its trip count (a condition given or computed from the data), or
+    None when its condition stays true."""
     cond = node.inputs[1] if len(node.inputs) > 1 else None
     if cond is not None:
         value = const_array(cond)
@@ -185,7 +191,7 @@ def _loop_trip_count(node: ir.Node, body: ir.Graph) -> int | str:
     value = const_array(out) if out is not cond_in else None
     if out is not cond_in and (value is None or not bool(np.all(value))):
         return "a condition computed in the body (the trip count depends on the data)"
-    return int(trip.reshape(-1)[0])
+    return None
 
 
 def _scan_length(node: ir.Node) -> int | str:

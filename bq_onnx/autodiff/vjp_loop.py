@@ -37,7 +37,7 @@ import onnx_ir as ir
 from onnx_ir._cloner import Cloner
 
 from bq_onnx.autodiff.vjp_common import FLOAT_TYPES, Grads, RuleUnavailable, Vjp, register
-from bq_onnx.autodiff.vjp_control import _BranchEmitter, _ints, _refusal, _rename
+from bq_onnx.autodiff.vjp_control import _BranchEmitter, _ints, _refusal, _rename, loop_condition
 
 #: The node metadata key under which :func:`scans_as_loops` says why it left a Scan as it is.
 _SCAN_REFUSAL = "bq_onnx.scan_refusal"
@@ -390,3 +390,18 @@ def _same(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return isinstance(a, int) and isinstance(b, int) and a == b
     return a.value is not None and a.value == b.value
+
+
+def exits_by_data(model: ir.Model) -> bool:
+    """Whether some Loop of ``model`` (any depth) stops on a condition computed from the data (in its body, or
+    given as a non-constant input): on a batch it runs until the condition of the whole batch says so, so its
+    per-sample gradients come only from one-sample runs, not from batched ones."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "Loop" or node.domain not in ("", "ai.onnx"):
+            continue
+        body_attr = node.attributes.get("body")
+        if body_attr is None or body_attr.type != ir.AttributeType.GRAPH:
+            continue
+        if len(body_attr.value.inputs) >= 2 and body_attr.value.outputs and loop_condition(node, body_attr.value):
+            return True
+    return False

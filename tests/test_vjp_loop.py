@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bq_onnx.autodiff.gradient import build_gradient_model
 from bq_onnx.autodiff.vjp_control import MAX_UNROLL
-from tests.test_autodiff import check, i64, make_case, node, rand
+from tests.test_autodiff import check, i64, make_case, node, rand, run_gradient_model
 from tests.test_vjp_control import _loop_body, _scan_body
 
 
@@ -50,6 +50,67 @@ def test_loop_beyond_the_unroll_limit(tmp_path):
     result, _ = check(_loop_case(MAX_UNROLL + 36), tmp_path)
     assert _count(result, "Loop") == 3
     assert _count(result, "Tanh") < 10
+
+
+def test_loop_that_runs_no_iteration(tmp_path):
+    """A trip count of 0: the final state is the initial one (its gradient passes through), W gets zeros."""
+    rng = np.random.default_rng(22)
+    nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=_loop_body("W")), node("Mul", ["sf", "V"], "y")]
+    weights = {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4), "V": rand(rng, 4)}
+    case = make_case(nodes, "y", weights, inputs={"M": np.array(0, np.int64)})
+    result, _ = check(case, tmp_path)
+    assert not np.any(run_gradient_model(result, case.feeds)[result.gradients["W"]])
+
+
+def test_loop_in_float32_with_an_input_trip_count(tmp_path):
+    case = _loop_case(5, feed_trips=True)
+    proto = case.proto
+    for init in proto.graph.initializer:
+        if init.data_type == TensorProto.DOUBLE:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    body = next(a.g for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    body.input[2].type.tensor_type.elem_type = TensorProto.FLOAT
+    for inner in body.node:
+        for attr in inner.attribute:
+            if attr.name == "to":
+                attr.i = TensorProto.FLOAT
+            if attr.name == "value":
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32)))
+    check(case, tmp_path, dtype="f32")
+
+
+def test_loop_with_only_stacked_outputs_and_an_integer_counter(tmp_path):
+    """``ys[i] = X[i] @ W`` for 70 steps, an int64 carried counter beside: X (read by the body from outside,
+    row by row) and W both get gradients."""
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["X", "i"], ["xi"], axis=0), helper.make_node("MatMul", ["xi", "W"], ["y"]),
+         helper.make_node("Add", ["k_in", "one"], ["k_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("k_in", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("k_out", TensorProto.INT64, []), helper.make_empty_tensor_value_info("y")])
+    rng = np.random.default_rng(20)
+    nodes = [node("Loop", ["M", "", "k0"], ["kf", "ys"], body=body)]
+    consts = {"k0": np.array(0, np.int64), "one": np.array(1, np.int64), "M": np.array(70, np.int64)}
+    check(make_case(nodes, "ys", {"W": rand(rng, 3, 2), "X": rand(rng, 70, 3)}, consts=consts), tmp_path)
+
+
+def test_a_loop_inside_a_loop_body(tmp_path):
+    """The outer loop (trip count an input) runs an inner loop of 3 steps (unrolled inside the outer body) and
+    scales its result by V."""
+    outer_body = helper.make_graph(
+        [helper.make_node("Loop", ["M2", "", "s_in"], ["s_mid", "st"], body=_loop_body("W")),
+         helper.make_node("Mul", ["s_mid", "V"], ["s_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "outer_body", [helper.make_tensor_value_info("j", TensorProto.INT64, []),
+                       helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                       helper.make_tensor_value_info("s_in", TensorProto.DOUBLE, None)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_empty_tensor_value_info("s_out")])
+    rng = np.random.default_rng(21)
+    nodes = [node("Loop", ["M", "", "S0"], ["sf"], body=outer_body)]
+    weights = {"W": rand(rng, 4, 4) * 0.5, "V": rand(rng, 4), "S0": rand(rng, 2, 4)}
+    check(make_case(nodes, "sf", weights, consts={"M2": np.array(3, np.int64)}, inputs={"M": np.array(3, np.int64)}),
+          tmp_path)
 
 
 def _early_exit_body() -> onnx.GraphProto:

@@ -92,7 +92,10 @@ def build_gradient_model(
     if unroll_loops(graph) | scans_as_loops(graph):
         _infer_shapes(new)
         graph.sort()
-    carried_shapes(graph)
+    for _ in range(4):  # each round reaches one level deeper into nested loops
+        if not carried_shapes(graph):
+            break
+        _infer_shapes(new)
 
     values = _values_by_name(graph)
     if loss not in values:

@@ -360,11 +360,14 @@ def _identity_in(graph: ir.Graph, value: ir.Value) -> ir.Value:
     return out
 
 
-def carried_shapes(graph: ir.Graph) -> None:
-    """Give each Loop's final carried values (``graph`` and its subgraphs) the shape their initial value and the
-    body's output agree on, where shape inference left none (ONNX's inference drops the shapes of carried values,
-    which may change between iterations): the rules downstream need their rank. Dims that differ or are unknown
-    on either side stay symbolic; a rank that differs, or a side of unknown shape, gives nothing."""
+def carried_shapes(graph: ir.Graph) -> bool:
+    """Shapes for the carried values of every Loop of ``graph`` (any depth) where shape inference left none
+    (ONNX's inference drops them, as a carried value may change shape between iterations), which the rules
+    need the ranks of: the body's carried inputs get the rank of the initial value (their dims where the body's
+    output agrees with it), the loop's final values the shape the initial value and the body's output agree
+    on (dims that differ stay unknown; ranks that differ give nothing). Whether any shape was set (shape
+    inference then fills the body from them)."""
+    changed = False
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.op_type != "Loop" or node.domain not in ("", "ai.onnx"):
             continue
@@ -373,17 +376,25 @@ def carried_shapes(graph: ir.Graph) -> None:
             continue
         body = body_attr.value
         n = len(node.inputs) - 2
-        if len(body.outputs) < 1 + n or len(node.outputs) < n:
+        if len(body.inputs) != 2 + n or len(body.outputs) < 1 + n or len(node.outputs) < n:
             continue
         for s in range(n):
-            out, first, last = node.outputs[s], node.inputs[2 + s], body.outputs[1 + s]
-            if out.shape is not None or first is None or first.shape is None or last.shape is None:
+            first, inner, last, out = node.inputs[2 + s], body.inputs[2 + s], body.outputs[1 + s], node.outputs[s]
+            if first is None or first.shape is None:
                 continue
-            if len(first.shape) != len(last.shape):
+            if last.shape is not None and len(last.shape) != len(first.shape):
                 continue
-            out.shape = ir.Shape([a if _same(a, b) else None for a, b in zip(first.shape, last.shape)])
-            if out.dtype is None:
-                out.dtype = first.dtype or last.dtype
+            agreed = ir.Shape([a if last.shape is not None and _same(a, b) else None
+                               for a, b in zip(first.shape, last.shape or first.shape)])
+            if inner.shape is None:
+                inner.shape = agreed
+                inner.dtype = inner.dtype or first.dtype
+                changed = True
+            if out.shape is None and last.shape is not None:
+                out.shape = agreed.copy()
+                out.dtype = out.dtype or first.dtype or last.dtype
+                changed = True
+    return changed
 
 
 def _same(a, b) -> bool:

@@ -290,3 +290,26 @@ def test_loop_weights_per_sample_curvature_matches_one_sample_runs(early_exit):
         assert default.context.posterior.weights[name].source == "laplace"
         np.testing.assert_allclose(default.context.posterior.weights[name].precision,
                                    single.context.posterior.weights[name].precision, rtol=1e-4)
+
+
+def test_a_carried_value_that_grows_is_refused_naming_the_loop():
+    """``seq <- Concat(seq, tanh(h @ W))``: its iterations have different lengths and cannot be stacked."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "W"], ["m"]), helper.make_node("Tanh", ["m"], ["h_out"]),
+         helper.make_node("Concat", ["seq_in", "h_out"], ["seq_out"], axis=0),
+         helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h_in", TensorProto.DOUBLE, [1, 4]),
+                 helper.make_tensor_value_info("seq_in", TensorProto.DOUBLE, ["n", 4])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.DOUBLE, [1, 4]),
+         helper.make_tensor_value_info("seq_out", TensorProto.DOUBLE, ["n1", 4])])
+    rng = np.random.default_rng(23)
+    nodes = [node("Loop", ["M", "", "H0", "Q0"], ["hf", "qf"], body=body)]
+    case = make_case(nodes, "qf", {"W": rand(rng, 4, 4), "H0": rand(rng, 1, 4)}, consts={"Q0": rand(rng, 1, 4)},
+                     inputs={"M": np.array(3, np.int64)})
+    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
+    assert set(result.unsupported) == {"W", "H0"}
+    assert result.reasons["Loop 'Loop_hf'"] == ("carried value 1 grows each iteration (a Concat of itself), so its "
+                                               "iterations cannot be stacked")

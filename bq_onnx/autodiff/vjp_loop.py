@@ -26,7 +26,8 @@ Per-sample gradients: weights read inside a subgraph get no batched probe, so th
 run and each sample's gradient follows its own trip count, as with ``If``.
 
 Limits (each refused with one line naming the node): a carried value whose type is unknown, or whose shape is
-known to change between iterations (saving it as a scan output needs one shape); a carried value blocked by an
+known to change between iterations or that grows by a ``Concat`` of itself (saving it as a scan output needs one
+shape; a change that neither shows fails when the gradient model runs); a carried value blocked by an
 op without a rule inside the body; a Scan output axis or a scanned input whose rank is unknown.
 """
 
@@ -81,6 +82,9 @@ class _Reverse:
         before, after = self.body.inputs[2 + s].shape, self.body.outputs[1 + s].shape
         if before is not None and after is not None and _differ(before, after):
             raise RuleUnavailable(f"carried value {s} changes shape between iterations ({before} -> {after})")
+        if _grows(self.body.inputs[2 + s], self.body.outputs[1 + s]):
+            raise RuleUnavailable(f"carried value {s} grows each iteration (a Concat of itself), so its iterations "
+                                  f"cannot be stacked")
         return dtype
 
     def _shape(self, s: int) -> ir.Shape | None:
@@ -211,6 +215,22 @@ def _sum(em: _BranchEmitter, parts: list[ir.Value]) -> ir.Value:
     for part in parts[1:]:
         total = em.op("Add", [total, part])
     return total
+
+
+def _grows(first: ir.Value, last: ir.Value) -> bool:
+    """Whether the body's output ``last`` is a ``Concat`` that reads the body's input ``first`` (through
+    ``Identity`` nodes): a sequence that gets longer each iteration."""
+    while last.producer() is not None and last.producer().op_type == "Identity":
+        last = last.producer().inputs[0]
+    node = last.producer()
+    if node is None or node.op_type != "Concat":
+        return False
+    for v in node.inputs:
+        while v is not None and v is not first and v.producer() is not None and v.producer().op_type == "Identity":
+            v = v.producer().inputs[0]
+        if v is first:
+            return True
+    return False
 
 
 def _differ(a: ir.Shape, b: ir.Shape) -> bool:

@@ -174,10 +174,10 @@ def _loop_trip_count(node: ir.Node, body: ir.Graph) -> int | str:
     trip = const_array(node.inputs[0] if node.inputs else None)
     if trip is None or trip.size != 1:
         return "a trip count that is not a constant"
-    return loop_condition(node, body) or int(trip.reshape(-1)[0])
+    return _loop_condition(node, body) or int(trip.reshape(-1)[0])
 
 
-def loop_condition(node: ir.Node, body: ir.Graph) -> str | None:
+def _loop_condition(node: ir.Node, body: ir.Graph) -> str | None:
     """Why the Loop ``node`` may stop before its trip count (a condition given or computed from the data), or
     None when its condition stays true."""
     cond = node.inputs[1] if len(node.inputs) > 1 else None
@@ -319,3 +319,67 @@ def _unroll_scan(node: ir.Node) -> None:
             scans[k].append(v)
     stacked = [_stack(u, parts[::-1] if out_dirs[k] else parts, out_axes[k]) for k, parts in enumerate(scans)]
     u.finish([*states, *stacked])
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def control_on_samples(graph: ir.Graph, per_sample: set[str]) -> str | None:
+    """The first ``If`` condition or ``Loop`` trip count / condition (given, or computed in the body) that
+    depends on the values of the inputs ``per_sample`` (those with a sample axis), as a line naming the node; None
+    when there is none. Such a node takes one branch, or runs one number of iterations, for a whole batch, so a
+    batched run does not compute what one-sample runs compute, and per-sample gradients need one-sample runs.
+    Dependence is followed through every node (a node with subgraphs: all its outputs when anything in them
+    depends) and into bodies (a carried value: its initial value, or its value after an iteration)."""
+    dep: set[ir.Value] = {v for v in graph.inputs if v.name in per_sample}
+    return _walk(graph, dep)
+
+
+def _walk(graph: ir.Graph, dep: set[ir.Value]) -> str | None:
+    for node in graph:
+        label = f"{node.op_type} '{node.name}'"
+        if node.op_type == "If" and node.inputs and node.inputs[0] in dep:
+            return f"{label}: its condition depends on the samples"
+        if node.op_type == "Loop" and any(v in dep for v in node.inputs[:2] if v is not None):
+            return f"{label}: its trip count or condition depends on the samples"
+        inner_dep = False
+        for attr in node.attributes.values():
+            subs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for sub in subs:
+                why = _walk_body(node, sub, dep)
+                if why is not None:
+                    return why
+                inner_dep = inner_dep or any(v in dep for g in [sub, *sub.subgraphs()] for n in g
+                                             for v in n.outputs) or any(v in dep for v in sub.outputs)
+        if inner_dep or any(v in dep for v in node.inputs if v is not None):
+            dep.update(node.outputs)
+    return None
+
+
+def _walk_body(node: ir.Node, body: ir.Graph, dep: set[ir.Value]) -> str | None:
+    """Dependence inside one subgraph of ``node``: its inputs from the node's (Loop: carried values, to a fixed
+    point over iterations; Scan: state and scanned inputs), then its nodes."""
+    if node.op_type == "Loop":
+        n = len(node.inputs) - 2
+        pairs = [(body.inputs[2 + s], node.inputs[2 + s], body.outputs[1 + s]) for s in range(n)
+                 if 2 + s < len(body.inputs) and 1 + s < len(body.outputs)]
+        for inner, first, _ in pairs:
+            if first is not None and first in dep:
+                dep.add(inner)
+        for _ in range(len(pairs) + 1):
+            why = _walk(body, dep)
+            if why is not None:
+                return why
+            grown = [inner for inner, _, last in pairs if last in dep and inner not in dep]
+            if not grown:
+                break
+            dep.update(grown)
+        if body.outputs and body.outputs[0] in dep:
+            return f"Loop '{node.name}': its condition, computed in the body, depends on the samples"
+        return None
+    if node.op_type == "Scan":
+        for inner, outer in zip(body.inputs, node.inputs):
+            if outer is not None and outer in dep:
+                dep.add(inner)
+    return _walk(body, dep)

@@ -23,7 +23,8 @@ unroll limit) are differentiated here, by their body:
   those that ran, and each ran with a true condition.
 
 Per-sample gradients: weights read inside a subgraph get no batched probe, so the estimators run one sample per
-run and each sample's gradient follows its own trip count, as with ``If``.
+run and each sample's gradient follows its own trip count, as with ``If``; a model whose trip count or loop
+condition depends on the samples is not batched at all (:func:`~bq_onnx.autodiff.vjp_control.control_on_samples`).
 
 Limits (each refused with one line naming the node): a carried value whose type is unknown, or whose shape is
 known to change between iterations or that grows by a ``Concat`` of itself (saving it as a scan output needs one
@@ -38,7 +39,7 @@ import onnx_ir as ir
 from onnx_ir._cloner import Cloner
 
 from bq_onnx.autodiff.vjp_common import FLOAT_TYPES, Grads, RuleUnavailable, Vjp, register
-from bq_onnx.autodiff.vjp_control import _BranchEmitter, _ints, _refusal, _rename, loop_condition
+from bq_onnx.autodiff.vjp_control import _BranchEmitter, _ints, _refusal, _rename
 
 #: The node metadata key under which :func:`scans_as_loops` says why it left a Scan as it is.
 _SCAN_REFUSAL = "bq_onnx.scan_refusal"
@@ -421,18 +422,3 @@ def _same(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return isinstance(a, int) and isinstance(b, int) and a == b
     return a.value is not None and a.value == b.value
-
-
-def exits_by_data(model: ir.Model) -> bool:
-    """Whether some Loop of ``model`` (any depth) stops on a condition computed from the data (in its body, or
-    given as a non-constant input): on a batch it runs until the condition of the whole batch says so, so its
-    per-sample gradients come only from one-sample runs, not from batched ones."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type != "Loop" or node.domain not in ("", "ai.onnx"):
-            continue
-        body_attr = node.attributes.get("body")
-        if body_attr is None or body_attr.type != ir.AttributeType.GRAPH:
-            continue
-        if len(body_attr.value.inputs) >= 2 and body_attr.value.outputs and loop_condition(node, body_attr.value):
-            return True
-    return False

@@ -313,3 +313,15 @@ def test_a_carried_value_that_grows_is_refused_naming_the_loop():
     assert set(result.unsupported) == {"W", "H0"}
     assert result.reasons["Loop 'Loop_hf'"] == ("carried value 1 grows each iteration (a Concat of itself), so its "
                                                "iterations cannot be stacked")
+
+
+def test_two_unnamed_scans_of_symbolic_length(tmp_path):
+    """Two Scans without node names, one after the other (each rewritten as a Loop with values of its own)."""
+    rng = np.random.default_rng(24)
+    scan = {"body": _scan_body(), "num_scan_inputs": 1}
+    nodes = [helper.make_node("Scan", ["H0", "X"], ["h1", "ys1"], **scan),
+             helper.make_node("Scan", ["h1", "ys1"], ["h2", "ys2"], scan_input_directions=[1], **scan),
+             node("ReduceSum", ["ys2", "ax"], "ysum", keepdims=0), node("Add", ["h2", "ysum"], "y")]
+    weights = {"Wr": rand(rng, 3, 3) * 0.5, "H0": rand(rng, 2, 3)}
+    check(make_case(nodes, "y", weights, consts={"ax": i64(0)}, inputs={"X": rand(rng, 4, 2, 3)},
+                    symbolic={"X": ["T", 2, 3]}), tmp_path)

@@ -256,7 +256,7 @@ def scans_as_loops(graph: ir.Graph) -> bool:
         if node is None:
             break
         seen.add(id(node))
-        why = _scan_as_loop(node)
+        why = _scan_as_loop(node, f"{node.name or 'Scan'}#{len(seen)}")
         if why is None:
             changed = True
         else:
@@ -267,9 +267,8 @@ def scans_as_loops(graph: ir.Graph) -> bool:
 class _Before:
     """Nodes to place before one node of its graph, named after it."""
 
-    def __init__(self, node: ir.Node) -> None:
-        self.node, self.nodes, self.count = node, [], 0
-        self.label = node.name or node.op_type
+    def __init__(self, node: ir.Node, label: str) -> None:
+        self.node, self.nodes, self.count, self.label = node, [], 0, label
 
     def add(self, op: str, inputs: list[ir.Value | None], dtype: ir.DataType | None = None,
             shape: ir.Shape | None = None, nodes: list[ir.Node] | None = None, **attrs) -> ir.Value:
@@ -288,8 +287,9 @@ class _Before:
         return self.const(np.array(values, np.int64))
 
 
-def _scan_as_loop(node: ir.Node) -> str | None:
-    """Replace one Scan by a Loop; the reason it cannot be, or None."""
+def _scan_as_loop(node: ir.Node, label: str) -> str | None:
+    """Replace one Scan by a Loop (its new values named after ``label``, unique per rewrite); the reason it cannot
+    be, or None."""
     body_attr = node.attributes.get("body")
     if body_attr is None or body_attr.type != ir.AttributeType.GRAPH:
         return "no body"
@@ -315,7 +315,7 @@ def _scan_as_loop(node: ir.Node) -> str | None:
             return f"scan output {kk} on axis {out_axes[kk]} with an unknown rank"
         ranks.append(rank)
 
-    b = _Before(node)
+    b = _Before(node, label)
     first, axis0 = scanned[0], in_axes[0]
     axis0 %= len(first.shape)
     length = b.add("Reshape", [b.add("Shape", [first], ir.DataType.INT64, ir.Shape([1]), start=axis0, end=axis0 + 1),
@@ -340,13 +340,16 @@ def _scan_as_loop(node: ir.Node) -> str | None:
         body.insert_before(body[0], inner_nodes)
     else:
         body.extend(inner_nodes)
-    body.outputs.insert(0, _identity_in(body, cond))
+    body.outputs.insert(0, _identity_in(body, cond, f"{label}/as_loop/cond_out"))
     loop = ir.node("Loop", [length, None, *node.inputs[:n]], attributes={"body": body},
                    num_outputs=len(node.outputs), name=f"{b.label}/as_loop")
     b.nodes.append(loop)
     finals = list(loop.outputs[:n])
+    for i, out in enumerate(loop.outputs):
+        out.name = f"{label}/as_loop.{i}"
     for s, out in enumerate(finals):
-        out.dtype, out.shape = node.outputs[s].dtype, node.outputs[s].shape
+        shape = node.outputs[s].shape
+        out.dtype, out.shape = node.outputs[s].dtype, None if shape is None else shape.copy()
     for kk in range(k):
         y = loop.outputs[n + kk]
         old = node.outputs[n + kk]
@@ -372,9 +375,9 @@ def _scan_as_loop(node: ir.Node) -> str | None:
     return None
 
 
-def _identity_in(graph: ir.Graph, value: ir.Value) -> ir.Value:
+def _identity_in(graph: ir.Graph, value: ir.Value, name: str) -> ir.Value:
     """``Identity(value)`` appended to ``graph``: the loop condition passed through."""
-    made = ir.node("Identity", [value], name=f"{graph.name or 'body'}/as_loop/cond_out")
+    made = ir.node("Identity", [value], name=name)
     out = made.outputs[0]
     out.name, out.dtype, out.shape = made.name, ir.DataType.BOOL, ir.Shape([])
     graph.append(made)

@@ -10,17 +10,16 @@ unroll limit) are differentiated here, by their body:
   axis) from the outer scope, and each stacked output is reversed (``Slice`` with step -1) and moved to its axis
   (``Transpose``) as ``scan_output_directions``/``scan_output_axes`` say. Only the Loop rule is then needed; a
   scanned input's gradient arrives through that ``Gather``.
-* **The Loop rule.** A copy of the forward loop, on the backward tape, also emits, as scan outputs, the
-  iteration number and every carried value at the start of each iteration (what each step's backward needs;
-  the forward loop itself is left as it is, so the loss stays the model's own). The number of iterations
-  actually run is the length of the saved iteration numbers. The backward is a ``Loop`` over that many steps
-  in reverse: step ``j`` takes iteration ``i = T-1-j``'s saved carried values and the slices ``i`` of the
-  stacked outputs' gradients (``Gather``), recomputes the body from them (its intermediate values were never
-  kept) and differentiates it with the autodiff's own backward pass. It carries the cotangents of the carried
-  values (from the gradients of the final values, zeros where none) and accumulates the gradients of the outer
-  values the body reads (weights), which it returns after the loop, with the carried cotangents as the gradients
-  of the initial values. A condition computed in the body needs nothing more: the saved iterations are exactly
-  those that ran, and each ran with a true condition.
+* **The Loop rule.** The forward loop (the gradient model's copy of it, so it still runs once) also emits, as
+  scan outputs, the iteration number and every carried value at the start of each iteration (what each step's
+  backward needs). The number of iterations actually run is the length of the saved iteration numbers. The
+  backward is a ``Loop`` over that many steps in reverse: step ``j`` takes iteration ``i = T-1-j``'s saved
+  carried values and the slices ``i`` of the stacked outputs' gradients (``Gather``), recomputes the body from
+  them (its intermediate values were never kept) and differentiates it with the autodiff's own backward pass.
+  It carries the cotangents of the carried values (from the gradients of the final values, zeros where none)
+  and accumulates the gradients of the outer values the body reads (weights), which it returns after the loop,
+  with the carried cotangents as the gradients of the initial values. A condition computed in the body needs
+  nothing more: the saved iterations are exactly those that ran, and each ran with a true condition.
 
 Per-sample gradients: weights read inside a subgraph get no batched probe, so the estimators run one sample per
 run and each sample's gradient follows its own trip count, as with ``If``; a model whose trip count or loop
@@ -68,6 +67,7 @@ class _Reverse:
         if len(body.inputs) != 2 + self.n or len(body.outputs) < 1 + self.n:
             raise RuleUnavailable("a body whose inputs or outputs do not match the loop's")
         self.k = len(body.outputs) - 1 - self.n
+        self.nodes = list(body)  # the body as the model has it (saved_forward adds to it)
         self.wanted = [v for v, want in zip(cx.outer, cx.outer_wants) if want]
         self.types = [self._state_type(s) for s in range(self.n)]
         #: carried values that carry a cotangent (float ones)
@@ -96,22 +96,23 @@ class _Reverse:
 
     # ----- the forward, saved
     def saved_forward(self) -> tuple[ir.Value, list[ir.Value]]:
-        """A copy of the loop that also stacks, per iteration, its number and its carried values at the start:
-        (the iteration numbers, the stacked carried values)."""
-        cx = self.cx
-        aug = self.body.clone(allow_outer_scope_values=True)
-        _rename(aug, cx.em)
+        """The forward loop made to also stack, per iteration, its number and its carried values at the start
+        (the gradient model's copy is changed in place, so the loop runs once): (the iteration numbers, the
+        stacked carried values)."""
+        cx, body, node = self.cx, self.body, self.node
         extra = []
-        for v in [aug.inputs[0], *aug.inputs[2:]]:
+        for v in [body.inputs[0], *body.inputs[2:]]:
             copy = ir.node("Identity", [v], name=cx.em.name("saved"))
             out = copy.outputs[0]
             out.name, out.dtype, out.shape = copy.name, v.dtype, None if v.shape is None else v.shape.copy()
-            aug.append(copy)
+            body.append(copy)
             extra.append(out)
-        aug.outputs.extend(extra)
-        aug.name = cx.em.name("saved_body")
-        outs = cx.ops("Loop", list(self.node.inputs), len(self.node.outputs) + len(extra), body=aug)
-        saved = list(outs[len(self.node.outputs):])
+        body.outputs.extend(extra)
+        count = len(node.outputs)
+        node.resize_outputs(count + len(extra))
+        saved = list(node.outputs[count:])
+        for v in saved:
+            v.name = cx.em.name("saved")
         saved[0].dtype = ir.DataType.INT64
         for s, v in enumerate(saved[1:]):
             v.dtype = self.types[s]
@@ -165,7 +166,7 @@ class _Reverse:
         for inner in body.initializers.values():  # constants of the body: main-graph constants
             bound[inner] = cx.em.const(inner.const_value.numpy(), "body_const")
         cloner = Cloner(attr_map={}, value_map=dict(bound), metadata_props={}, allow_outer_scope_values=True)
-        recomputed = [cloner.clone_node(inner) for inner in body]
+        recomputed = [cloner.clone_node(inner) for inner in self.nodes]
         mapped = cloner._value_map  # noqa: SLF001  the cloner's own map: body value -> its copy
         graph = ir.Graph([j, cond, *g_in.values(), *acc_in], [], nodes=[*pre.tape.nodes, *recomputed],
                          name=cx.em.name("reverse_body"))

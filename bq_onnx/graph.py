@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.autodiff.loss import output_value
+from bq_onnx.autodiff.vjp_control import control_on_samples
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
 from bq_onnx.layout import RECURRENT_OPS
@@ -35,8 +36,10 @@ def all_values(model: ir.Model) -> Iterator[ir.Value]:
 
 
 def forget_shapes(model: ir.Model) -> None:
-    """Drop every node output's shape (exported annotations would stop inferred shapes from propagating)."""
-    for node in model.graph:
+    """Drop every node output's shape, in subgraphs too (exported annotations, or those of an earlier
+    specialisation, would stop inferred shapes from propagating: a branch output left at batch 1 gave its If
+    output, and the loss target, a batch of 1)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for out in node.outputs:
             out.shape = None
 
@@ -70,11 +73,16 @@ def weights_of(model: ir.Model, weights: Sequence[WeightInfo]) -> list[WeightInf
 def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: Calibration) -> dict[str, int]:
     """Weights whose single consumer reads and writes sample-major tensors (first axis = the calibration
     sample axis, by shape inference with a symbolic batch), with their use counts. A model whose inputs have a
-    fixed first dimension, a fixed batch or a sample axis other than the first is not batched at all (its
-    estimators run one sample per run). ``model``: a copy whose shapes this rewrites."""
+    fixed first dimension, a fixed batch, a sample axis other than the first or an If/Loop whose condition or
+    trip count depends on the samples is not batched at all (its estimators run one sample per run). ``model``: a
+    copy whose shapes this rewrites."""
     from onnx_ir.passes.common import ShapeInferencePass
 
     if calib.fixed_batch or any(axis not in (0, None) for axis in calib.axes.values()):
+        return {}
+    per_sample = {v.name for v in model.graph.inputs
+                  if calib.sample_shape(v.name) is not None and calib.axis(v.name) is not None}
+    if control_on_samples(model.graph, per_sample):  # one branch or trip count for a whole batch (issue 14)
         return {}
     symbol = "bq_samples"
     for value in model.graph.inputs:

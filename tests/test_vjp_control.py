@@ -1,6 +1,6 @@
-"""Control-flow gradients (issue 14, item 4): ``If`` by the branch taken, ``Loop``/``Scan`` unrolled, weights
-stored inside subgraphs; checked against float64 central finite differences like tests/test_autodiff.py (and
-OpenVINO where it runs the gradient model)."""
+"""Control-flow gradients (issue 14, item 4): ``If`` by the branch taken, ``Loop``/``Scan`` unrolled when small
+(the others: tests/test_vjp_loop.py), weights stored inside subgraphs; checked against float64 central finite
+differences like tests/test_autodiff.py (and OpenVINO where it runs the gradient model)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bq_onnx.autodiff.gradient import build_gradient_model
-from bq_onnx.autodiff.vjp_control import MAX_UNROLL
+from bq_onnx.autodiff.vjp_control import MAX_UNROLL, _refusal, unroll_loops
 from tests.test_autodiff import F64_TOL, _session, check, i64, make_case, node, rand, run_gradient_model
 
 
@@ -153,25 +153,35 @@ def test_loop_with_a_constant_trip_count_is_unrolled(tmp_path, trips):
     check(case, tmp_path)
 
 
-def test_loop_beyond_the_unroll_limit_is_refused_naming_the_node():
+def _not_unrolled_because(case) -> str | None:
+    """Why the case's Loop is left to the body rule (``vjp_loop``), or None when it is unrolled."""
+    model = ir.from_proto(case.proto)
+    loop = next(n for n in model.graph if n.op_type == "Loop")
+    why = _refusal(loop)
+    assert unroll_loops(model.graph) == (why is None)
+    return why
+
+
+def test_loop_beyond_the_unroll_limit_is_left_to_its_body_rule():
     rng = np.random.default_rng(5)
     nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=_loop_body("W"))]
-    case = make_case(nodes, "sf", {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}, consts={"M": i64(MAX_UNROLL + 1)})
+    weights = {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}
+    case = make_case(nodes, "sf", weights, consts={"M": i64(MAX_UNROLL + 1)})
+    why = f"a trip count of {MAX_UNROLL + 1}, over the unroll limit of {MAX_UNROLL} steps"
+    assert _not_unrolled_because(case) == why
+    assert _not_unrolled_because(make_case(nodes, "sf", weights, consts={"M": i64(MAX_UNROLL)})) is None
     result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
-    label = "Loop 'Loop_sf'"
-    assert result.unsupported == {"W": [label], "S0": [label]}
-    assert result.reasons[label] == f"a trip count of {MAX_UNROLL + 1}, over the unroll limit of {MAX_UNROLL} steps"
+    assert not result.unsupported and list(result.gradients) == ["W", "S0"]
 
 
-def test_loop_with_a_data_dependent_condition_is_refused():
+def test_loop_with_a_data_dependent_condition_is_left_to_its_body_rule():
     rng = np.random.default_rng(6)
     body = _loop_body("W")
     body.node[5].CopyFrom(helper.make_node("Identity", ["c_in"], ["c_mid"]))
     body.node.append(helper.make_node("Not", ["c_mid"], ["c_out"]))
     nodes = [node("Loop", ["M", "", "S0"], ["sf", "st"], body=body)]
     case = make_case(nodes, "sf", {"W": rand(rng, 4, 4), "S0": rand(rng, 2, 4)}, consts={"M": i64(3)})
-    result = build_gradient_model(ir.from_proto(case.proto), case.loss, case.wrt)
-    assert "depends on the data" in result.reasons["Loop 'Loop_sf'"]
+    assert "depends on the data" in _not_unrolled_because(case)
 
 
 def _scan_body() -> onnx.GraphProto:
@@ -198,3 +208,82 @@ def test_scan_with_a_static_length_is_unrolled(tmp_path, in_axis, in_dir, out_ax
     weights = {"Wx": rand(rng, 3, 3), "Wr": rand(rng, 3, 3) * 0.5, "H0": rand(rng, 2, 3)}
     ax = 0 if out_axis == 0 else (1 if out_axis == 1 else 2)
     check(make_case(nodes, "y", weights, consts={"ax": i64(ax)}, inputs={"X": xs}), tmp_path)
+
+
+def _if_on_the_data_model(shared: bool) -> onnx.ModelProto:
+    """``h = x @ W_pre`` then an If on ``sum(x) > 0`` (``shared``: on a scalar input given once for every sample)
+    between two MatMuls."""
+    rng = np.random.default_rng(30)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])]
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "W_then"], ["yt"])], "then", [],
+                             [helper.make_tensor_value_info("yt", TensorProto.FLOAT, ["b", 8])])
+    other = helper.make_graph([helper.make_node("MatMul", ["h", "W_else"], ["ye"])], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, ["b", 8])])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])]
+    if shared:
+        inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    nodes = [helper.make_node("MatMul", ["x", "W_pre"], ["h"]),
+             helper.make_node("Greater", ["s" if shared else "t", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    if not shared:
+        nodes.insert(1, helper.make_node("ReduceSum", ["x"], ["t"], keepdims=0))
+    inits = [w("W_pre", 16, 32), w("W_then", 32, 8), w("W_else", 32, 8),
+             numpy_helper.from_array(np.array(0, np.float32), "zero")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", inputs, out, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    return proto
+
+
+def test_which_control_flow_depends_on_the_samples():
+    from bq_onnx.autodiff.vjp_control import control_on_samples
+
+    on_data = ir.from_proto(_if_on_the_data_model(shared=False))
+    assert control_on_samples(on_data.graph, {"x"}) == "If 'branch': its condition depends on the samples"
+    assert control_on_samples(on_data.graph, set()) is None
+    assert control_on_samples(ir.from_proto(_if_on_the_data_model(shared=True)).graph, {"x"}) is None
+    body = _loop_body("W")  # condition passed through: the trip count is the input M's
+    rng = np.random.default_rng(31)
+    loop = make_case([node("Loop", ["M", "", "S"], ["sf", "st"], body=body)], "sf", {"W": rand(rng, 4, 4)},
+                     inputs={"M": i64(3), "S": rand(rng, 2, 4)}, project=False)
+    assert control_on_samples(ir.from_proto(loop.proto).graph, {"S"}) is None
+    assert "trip count" in control_on_samples(ir.from_proto(loop.proto).graph, {"M"})
+    body.node[5].CopyFrom(helper.make_node("ReduceSum", ["s_in"], ["total"], keepdims=0))
+    body.node.append(helper.make_node("Greater", ["total", "zero"], ["c_out"]))
+    body.initializer.append(numpy_helper.from_array(np.array(0.0), "zero"))
+    exits = make_case([node("Loop", ["M", "", "S"], ["sf", "st"], body=body)], "sf", {"W": rand(rng, 4, 4)},
+                      inputs={"M": i64(3), "S": rand(rng, 2, 4)}, project=False)
+    assert control_on_samples(ir.from_proto(exits.proto).graph, {"S"}) == (
+        "Loop 'Loop_sf': its condition, computed in the body, depends on the samples")
+    assert control_on_samples(ir.from_proto(exits.proto).graph, {"M"}) is not None
+
+
+def test_an_if_on_the_samples_is_estimated_one_sample_per_run():
+    """Batched, the If would take one branch for the whole batch: the estimators run one sample per run, the same
+    numbers as ``batch_size=1``. On a shared scalar it stays batched, with the same numbers too (its batched
+    run failed before: a branch output kept the batch of 1 of an earlier specialisation)."""
+    import bq_onnx
+    from bq_onnx.graph import batch_major_weights
+    from bq_onnx.model_io import load_model
+
+    rng = np.random.default_rng(32)
+    samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(8)]
+    assert 0 < sum(float(s["x"].sum()) > 0 for s in samples) < 8
+    proto = _if_on_the_data_model(shared=False)
+    default = bq_onnx.optimize(proto, calib=samples, bits=4, bits_payload=True)
+    single = bq_onnx.optimize(proto, calib=samples, bits=4, bits_payload=True, batch_size=1)
+    assert batch_major_weights(load_model(proto), default.context.weights, default.calibration) == {}
+    for name in ("W_pre", "W_then", "W_else"):
+        np.testing.assert_allclose(default.context.posterior.weights[name].precision,
+                                   single.context.posterior.weights[name].precision, rtol=1e-4)
+    shared = _if_on_the_data_model(shared=True)
+    feeds = [{**s, "s": np.array(1.0, np.float32)} for s in samples]
+    default = bq_onnx.optimize(shared, calib=feeds, bits=4, bits_payload=True)
+    single = bq_onnx.optimize(shared, calib=feeds, bits=4, bits_payload=True, batch_size=1)
+    assert "W_pre" in batch_major_weights(load_model(shared), default.context.weights, default.calibration)
+    np.testing.assert_allclose(default.context.posterior.weights["W_pre"].precision,  # the batched one
+                               single.context.posterior.weights["W_pre"].precision, rtol=1e-4)

@@ -12,7 +12,8 @@ reported in :attr:`GradientGraph.unsupported` and get no gradient output, the ot
 Control flow (:mod:`vjp_control`): a weight stored inside a subgraph is moved to the main graph's initializers
 in the gradient model (the subgraph reads it from the outer scope, as ONNX allows), so every weight is a
 ``wrt``; ``If`` is differentiated by the branch its condition takes on the run (each backward branch recomputes
-its forward branch), ``Loop``/``Scan`` with a small constant trip count are unrolled first.
+its forward branch), ``Loop``/``Scan`` with a small constant trip count are unrolled first, the other Scans
+rewritten as Loops, and every Loop left differentiated by its body (:mod:`vjp_loop`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from bq_onnx.autodiff.vjp_common import Vjp, is_float
 from bq_onnx.autodiff.vjp_control import OUTER_READING, unroll_loops
+from bq_onnx.autodiff.vjp_loop import carried_shapes, scans_as_loops
 from bq_onnx.autodiff.vjp_rules import NON_DIFFERENTIABLE, RULES, RuleUnavailable, rule_for
 from bq_onnx.emitter import GradientEmitter
 
@@ -87,9 +89,13 @@ def build_gradient_model(
     hoist_initializers(graph, wrt)
     _infer_shapes(new)
     graph.sort()
-    if unroll_loops(graph):
+    if unroll_loops(graph) | scans_as_loops(graph):
         _infer_shapes(new)
         graph.sort()
+    for _ in range(4):  # each round reaches one level deeper into nested loops
+        if not carried_shapes(graph):
+            break
+        _infer_shapes(new)
 
     values = _values_by_name(graph)
     if loss not in values:

@@ -11,8 +11,8 @@ sample's gradient follows its own branch. Nested ``If`` s recurse.
 differentiated) when their trip count is known: a ``Loop`` with a constant trip count and a condition that stays
 true (absent or constant, passed through the body unchanged), a ``Scan`` whose scanned axis has a static length.
 Unrolled, they are plain nodes every other rule handles. The limit is :data:`MAX_UNROLL` steps (and
-:data:`MAX_UNROLLED_NODES` copied nodes per loop); beyond it, or with a data-dependent trip count, the node's rule
-refuses with one line naming the node and why, and its weights fall back to another estimator.
+:data:`MAX_UNROLLED_NODES` copied nodes per loop); beyond it, or with a data-dependent trip count, the loop is
+differentiated by its body (:mod:`vjp_loop`: a reverse ``Loop`` over the iterations the forward one ran).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from onnx_ir._cloner import Cloner
 from bq_onnx.autodiff.vjp_common import Grads, RuleUnavailable, Vjp, const_array, register
 from bq_onnx.emitter import Emitter, GradientEmitter
 
-#: Most steps a Loop or Scan is unrolled to.
+#: Most steps a Loop or Scan is unrolled to (below it the unrolled gradient runs 1.5-1.8x faster than the one
+#: by the body, benchmarks/loop_gradients.md; above it the node count outgrows the gain).
 MAX_UNROLL = 64
 #: Most nodes one unrolled loop may add (steps x body nodes).
 MAX_UNROLLED_NODES = 20000
@@ -133,12 +134,6 @@ def _rename(graph: ir.Graph, em: Emitter) -> None:
 # ----------------------------------------------------------------------------------------------- Loop / Scan
 
 
-@register("Loop", "Scan")
-def loop_rule(cx: Vjp, node: ir.Node, gy: list) -> Grads:
-    """Reached only by loops :func:`unroll_loops` could not unroll: say why."""
-    raise RuleUnavailable(_refusal(node) or f"{node.op_type} was not unrolled")
-
-
 def unroll_loops(graph: ir.Graph) -> bool:
     """Unroll, in place, every ``Loop`` and ``Scan`` of ``graph`` and its subgraphs (any depth) whose trip count
     is known and within the limits; whether any was."""
@@ -180,6 +175,12 @@ def _loop_trip_count(node: ir.Node, body: ir.Graph) -> int | str:
     trip = const_array(node.inputs[0] if node.inputs else None)
     if trip is None or trip.size != 1:
         return "a trip count that is not a constant"
+    return _loop_condition(node, body) or int(trip.reshape(-1)[0])
+
+
+def _loop_condition(node: ir.Node, body: ir.Graph) -> str | None:
+    """Why the Loop ``node`` may stop before its trip count (a condition given or computed from the data), or
+    None when its condition stays true."""
     cond = node.inputs[1] if len(node.inputs) > 1 else None
     if cond is not None:
         value = const_array(cond)
@@ -191,7 +192,7 @@ def _loop_trip_count(node: ir.Node, body: ir.Graph) -> int | str:
     value = const_array(out) if out is not cond_in else None
     if out is not cond_in and (value is None or not bool(np.all(value))):
         return "a condition computed in the body (the trip count depends on the data)"
-    return int(trip.reshape(-1)[0])
+    return None
 
 
 def _scan_length(node: ir.Node) -> int | str:
@@ -319,3 +320,67 @@ def _unroll_scan(node: ir.Node) -> None:
             scans[k].append(v)
     stacked = [_stack(u, parts[::-1] if out_dirs[k] else parts, out_axes[k]) for k, parts in enumerate(scans)]
     u.finish([*states, *stacked])
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def control_on_samples(graph: ir.Graph, per_sample: set[str]) -> str | None:
+    """The first ``If`` condition or ``Loop`` trip count / condition (given, or computed in the body) that
+    depends on the values of the inputs ``per_sample`` (those with a sample axis), as a line naming the node; None
+    when there is none. Such a node takes one branch, or runs one number of iterations, for a whole batch, so a
+    batched run does not compute what one-sample runs compute, and per-sample gradients need one-sample runs.
+    Dependence is followed through every node (a node with subgraphs: all its outputs when anything in them
+    depends) and into bodies (a carried value: its initial value, or its value after an iteration)."""
+    dep: set[ir.Value] = {v for v in graph.inputs if v.name in per_sample}
+    return _walk(graph, dep)
+
+
+def _walk(graph: ir.Graph, dep: set[ir.Value]) -> str | None:
+    for node in graph:
+        label = f"{node.op_type} '{node.name}'"
+        if node.op_type == "If" and node.inputs and node.inputs[0] in dep:
+            return f"{label}: its condition depends on the samples"
+        if node.op_type == "Loop" and any(v in dep for v in node.inputs[:2] if v is not None):
+            return f"{label}: its trip count or condition depends on the samples"
+        inner_dep = False
+        for attr in node.attributes.values():
+            subs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for sub in subs:
+                why = _walk_body(node, sub, dep)
+                if why is not None:
+                    return why
+                inner_dep = inner_dep or any(v in dep for g in [sub, *sub.subgraphs()] for n in g
+                                             for v in n.outputs) or any(v in dep for v in sub.outputs)
+        if inner_dep or any(v in dep for v in node.inputs if v is not None):
+            dep.update(node.outputs)
+    return None
+
+
+def _walk_body(node: ir.Node, body: ir.Graph, dep: set[ir.Value]) -> str | None:
+    """Dependence inside one subgraph of ``node``: its inputs from the node's (Loop: carried values, to a fixed
+    point over iterations; Scan: state and scanned inputs), then its nodes."""
+    if node.op_type == "Loop":
+        n = len(node.inputs) - 2
+        pairs = [(body.inputs[2 + s], node.inputs[2 + s], body.outputs[1 + s]) for s in range(n)
+                 if 2 + s < len(body.inputs) and 1 + s < len(body.outputs)]
+        for inner, first, _ in pairs:
+            if first is not None and first in dep:
+                dep.add(inner)
+        for _ in range(len(pairs) + 1):
+            why = _walk(body, dep)
+            if why is not None:
+                return why
+            grown = [inner for inner, _, last in pairs if last in dep and inner not in dep]
+            if not grown:
+                break
+            dep.update(grown)
+        if body.outputs and body.outputs[0] in dep:
+            return f"Loop '{node.name}': its condition, computed in the body, depends on the samples"
+        return None
+    if node.op_type == "Scan":
+        for inner, outer in zip(body.inputs, node.inputs):
+            if outer is not None and outer in dep:
+                dep.add(inner)
+    return _walk(body, dep)

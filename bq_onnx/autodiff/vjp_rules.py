@@ -6,7 +6,7 @@ ConvTranspose, pools, normalizations, softmax), :mod:`vjp_norm` (Instance/Group 
 :mod:`vjp_shape` (reshapes, slicing, gathering, reductions), :mod:`vjp_reduce` (L1/L2/LogSum reductions),
 :mod:`vjp_select` (Max/Min, ReduceMax/Min, GlobalMaxPool, CumSum, GatherElements), :mod:`vjp_resize` (Resize, Pad,
 Tile, DepthToSpace/SpaceToDepth), :mod:`vjp_scatter` (GatherND, ScatterND/Elements, Trilu), :mod:`vjp_recurrent`
-(LSTM, GRU, RNN), :mod:`vjp_control` (If; Loop/Scan are unrolled before differentiation).
+(LSTM, GRU, RNN), :mod:`vjp_control` (If; small Loop/Scan unrolled first), :mod:`vjp_loop` (Loop/Scan by their body).
 :data:`NON_DIFFERENTIABLE` ops are treated as constants: their outputs carry no gradient (shape computations,
 comparisons, random generators, and the piecewise-constant Floor/Ceil/Round/Sign whose derivative is zero almost
 everywhere).
@@ -20,6 +20,7 @@ from bq_onnx.autodiff import (  # noqa: F401  (register their rules)
     vjp_einsum,
     vjp_elementwise,
     vjp_linalg,
+    vjp_loop,
     vjp_nn,
     vjp_norm,
     vjp_recurrent,

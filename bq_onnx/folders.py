@@ -384,6 +384,7 @@ def optimize_folder(
     mapping model name -> source. ``shared_budget``: one ``--bits`` budget over every model's weights, spent where
     it buys the most (:func:`shared_split`); else each model has its own. A model without quantizable weights is
     copied unchanged (with a note); none with any is exit 4. :meth:`FolderResult.save` writes the output folder."""
+    from bq_onnx import provenance
     from bq_onnx.api import optimize
     from bq_onnx.config import OptimizeConfig
     from bq_onnx.context import Derived, is_fixed
@@ -429,5 +430,7 @@ def optimize_folder(
             # the posterior estimated once: the share is the only change
             results[name] = optimize(found.root / rel, config.replace(bits=bits), calib=calibs.get(name),
                                      posterior=first.context.posterior or posteriors.get(name), progress=progress)
+            if posteriors.get(name) is None:  # the reused posterior is the run's own estimate, not an input
+                results[name].model.metadata_props.pop(provenance.POSTERIOR_SHA256, None)
     files = tuple(os.fspath(v) for v in (*calibs.values(), *posteriors.values()) if isinstance(v, (str, os.PathLike)))
     return FolderResult(found, results, unchanged, shared_budget, split, files)

@@ -61,9 +61,11 @@ def _parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser(
         "optimize",
-        help="quantize a model's weights and write the smaller model",
+        help="quantize a model's weights (or every model of a folder) and write the smaller model",
         description="Quantize every weight (MatMul, Gemm, Conv, ConvTranspose, Gather tables) to low-bit storage, "
-        "write the model atomically, then verify it against the numpy-dequantized reference in onnxruntime.",
+        "write the model atomically, then verify it against the numpy-dequantized reference in onnxruntime. "
+        "MODEL may be a folder (an optimum export): every .onnx model in it is optimized into the output folder, "
+        "other files copied, the folder appearing only when every model verified.",
         epilog=EPILOG,
         formatter_class=fmt,
     )

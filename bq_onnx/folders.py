@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bq_onnx.errors import OutputError, UnsupportedError, UsageError
+from bq_onnx.errors import BqError, OutputError, UnsupportedError, UsageError
 
 #: The one error text of a model without quantizable weights (:func:`bq_onnx.stages.weights.find_weights`).
 NO_WEIGHTS = "no quantizable weights"
@@ -184,7 +184,10 @@ class FolderResult:
                     name = model_name(rel)
                     (staged / rel).parent.mkdir(parents=True, exist_ok=True)
                     if name in self.results:
-                        report = self.results[name].save(staged / rel, verify=verify)
+                        try:
+                            report = self.results[name].save(staged / rel, verify=verify)
+                        except BqError as exc:
+                            raise _named(exc, rel) from None
                         report["output"]["path"] = os.fspath(out / rel)
                     else:
                         _copy(root / rel, staged / rel)
@@ -283,6 +286,12 @@ def check_folder_output(found: Survey, out: str | os.PathLike | None, force: boo
             if (out / rel).parent.exists():
                 check_output(out / rel, protected, force)
     return out
+
+
+def _named(exc: BqError, rel: str) -> BqError:
+    """The same error (exit code) with the model's path in front, unless its message names it already."""
+    text = str(exc)
+    return exc if rel in text else type(exc)(f"{rel}: {text}")
 
 
 def _resolved(p: Path) -> Path:
@@ -413,10 +422,10 @@ def optimize_folder(
                                      posterior=posteriors.get(name), progress=progress)
         except UnsupportedError as exc:
             if not str(exc).startswith(NO_WEIGHTS):
-                raise UnsupportedError(f"{rel}: {exc}") from None
+                raise _named(exc, rel) from None
             unchanged.append(name)
-        except UsageError as exc:
-            raise UsageError(f"{rel}: {exc}") from None
+        except BqError as exc:
+            raise _named(exc, rel) from None
     if not results:
         raise UnsupportedError(f"{found.root}: {NO_WEIGHTS} in any of its {len(found.models)} model(s)")
     split = None

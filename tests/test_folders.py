@@ -250,3 +250,17 @@ def _empty(tmp_path: Path) -> Path:
     folder = tmp_path / "nothing"
     folder.mkdir()
     return folder
+
+
+def test_each_model_of_a_shared_budget_re_runs_alone_byte_identically(plain_folder, tmp_path):
+    calib = {"lenet": MODELS / "lenet_calib.npz", "head/digits": MODELS / "digits_mlp_calib.npz"}
+    out = tmp_path / "out"
+    result = optimize_folder(plain_folder, bits=5, calib=calib, shared_budget=True)
+    result.save(out, verify=False)
+    for name, data in calib.items():
+        again = tmp_path / f"{name.replace('/', '_')}.onnx"
+        assert main(["optimize", str(plain_folder / f"{name}.onnx"), "--calib", str(data), "--recipe-from",
+                     str(out / f"{name}.onnx"), "-o", str(again), "--no-verify", "-q"]) == 0
+        assert again.read_bytes() == (out / f"{name}.onnx").read_bytes(), name
+        meta = {p.key for p in onnx.load(str(again)).metadata_props}
+        assert "bq_onnx.posterior_sha256" not in meta  # the run's own posterior, reused, is not an input

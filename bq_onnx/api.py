@@ -238,6 +238,8 @@ def optimize(
     re-runs the recipe it records; the model and ``calib`` must hash as recorded (else a one-line
     :class:`UsageError`), and the same version then writes the same bytes.
     """
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        raise UsageError(f"{os.fspath(model)}: a folder; bq_onnx.optimize_folder optimizes every model in it")
     recorded = None
     if recipe_from is not None:
         if config is not None:

@@ -244,6 +244,10 @@ def test_api_folder_names_and_errors(plain_folder, tmp_path):
         result.save(plain_folder / "out")
     with pytest.raises(UnsupportedError, match="no .onnx model"):
         optimize_folder(_empty(tmp_path))
+    import bq_onnx
+
+    with pytest.raises(UsageError, match="optimize_folder"):
+        bq_onnx.optimize(plain_folder)
 
 
 def _empty(tmp_path: Path) -> Path:

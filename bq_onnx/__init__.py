@@ -21,23 +21,26 @@ logging.getLogger("onnx_ir").addHandler(logging.NullHandler())
 
 _PUBLIC = {
     "OptimizeConfig": "bq_onnx.config",
+    "FolderResult": "bq_onnx.folders",
     "OptimizeResult": "bq_onnx.api",
     "Posterior": "bq_onnx.posterior",
     "estimate_posterior": "bq_onnx.estimators",
     "gradients": "bq_onnx.estimators",
     "inspect": "bq_onnx.inspect",
     "optimize": "bq_onnx.api",
+    "optimize_folder": "bq_onnx.folders",
 }
 
 if TYPE_CHECKING:
     from bq_onnx.api import OptimizeResult, optimize
     from bq_onnx.config import OptimizeConfig
     from bq_onnx.estimate import estimate_posterior, gradients
+    from bq_onnx.folders import FolderResult, optimize_folder
     from bq_onnx.inspect import inspect
     from bq_onnx.posterior import Posterior
 
-__all__ = ["OptimizeConfig", "OptimizeResult", "Posterior", "__version__", "estimate_posterior", "gradients",
-           "inspect", "optimize"]
+__all__ = ["FolderResult", "OptimizeConfig", "OptimizeResult", "Posterior", "__version__", "estimate_posterior",
+           "gradients", "inspect", "optimize", "optimize_folder"]
 
 
 def __getattr__(name: str) -> Any:

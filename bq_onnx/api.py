@@ -141,11 +141,11 @@ def _recipe(config: OptimizeConfig) -> str:
     try:
         return dump(config, leave_out=provenance.NOT_RECORDED)
     except UsageError as exc:
-        return f"# not writable as a recipe: {exc}\n"
+        return f"{provenance.NOT_A_RECIPE} {exc}\n"
 
 
 def _check_recorded(recipe_from: str | os.PathLike, recorded: dict[str, str], model: ModelSource, model_sha: str,
-                    calib_sha: str | None, ctx: Context) -> None:
+                    calib_sha: str | None, ctx: Context, posterior_sha: str | None = None) -> None:
     """``--recipe-from``: the model and calibration data must be those the output was made from."""
     where = f"--recipe-from {os.fspath(recipe_from)}"
     name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the model"
@@ -161,6 +161,15 @@ def _check_recorded(recipe_from: str | os.PathLike, recorded: dict[str, str], mo
     if calib_sha is not None and calib_sha != want:
         raise UsageError(f"{where}: the calibration data have sha256 {calib_sha[:16]}..., the output was made "
                          f"from {want[:16]}... (other samples)")
+    had = recorded.get("posterior_sha256")
+    if had is None and posterior_sha is not None:
+        raise UsageError(f"{where}: the output was made without --posterior; leave it out")
+    if had is not None and posterior_sha is None:
+        raise UsageError(f"{where}: the output was made with a posterior (sha256 {had[:16]}...); give it again "
+                         f"with --posterior")
+    if had is not None and posterior_sha != had:
+        raise UsageError(f"{where}: the posterior has sha256 {posterior_sha[:16]}..., the output was made from "
+                         f"{had[:16]}... (another posterior)")
     if recorded["version"] != __version__:
         ctx.messages.append(f"--recipe-from: the output was written by bq-onnx {recorded['version']}, this is "
                             f"{__version__}: the bytes may differ")
@@ -245,6 +254,8 @@ def optimize(
     model or data file may make bq-onnx allocate; past one, a :class:`~bq_onnx.errors.BqError` with the CLI's exit
     code (10 for a run, 3 or 5 for a file).
     """
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        raise UsageError(f"{os.fspath(model)}: a folder; bq_onnx.optimize_folder optimizes every model in it")
     given = {k: v for k, v in (("run_timeout", run_timeout), ("max_memory", max_memory)) if v is not None}
     checked = LimitsConfig(**given)  # the flags' parsing and checks; what is not given stays as the caller set it
     limits = (checked.run_timeout if run_timeout is not None else None,
@@ -307,9 +318,10 @@ def _optimize(model: ModelSource, config: OptimizeConfig | str | os.PathLike | N
     axes = dict(config.inputs.batch_axis)
     calibration = load_calibration(calib, loaded, axes=axes) if calib is not None else None
     calib_sha = provenance.calibration_sha256(calibration) if calibration is not None else None
+    posterior_sha = provenance.posterior_sha256(posterior) if posterior is not None else None
     if recorded is not None:
-        _check_recorded(recipe_from, recorded, model, model_sha, calib_sha, ctx)
-    made = provenance.entries(__version__, recipe_text, model_sha, calib_sha)
+        _check_recorded(recipe_from, recorded, model, model_sha, calib_sha, ctx, posterior_sha)
+    made = provenance.entries(__version__, recipe_text, model_sha, calib_sha, posterior_sha)
     loaded.metadata_props.update(made)  # before the rewrite: --size-mb measures the file with them
     result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
     if profile is not None:

@@ -61,15 +61,21 @@ def _parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser(
         "optimize",
-        help="quantize a model's weights and write the smaller model",
+        help="quantize a model's weights (or every model of a folder) and write the smaller model",
         description="Quantize every weight (MatMul, Gemm, Conv, ConvTranspose, Gather tables) to low-bit storage, "
-        "write the model atomically, then verify it against the numpy-dequantized reference in onnxruntime.",
+        "write the model atomically, then verify it against the numpy-dequantized reference in onnxruntime. "
+        "MODEL may be a folder (an optimum export): every .onnx model in it is optimized into the output folder, "
+        "other files copied, the folder appearing only when every model verified.",
         epilog=EPILOG,
         formatter_class=fmt,
     )
-    o.add_argument("model", help="input .onnx file (never modified)")
+    o.add_argument("model", help="input .onnx file, or a folder (an optimum export): every .onnx model in it "
+                   "optimized, other files copied (never modified; README: Folders and optimum exports)")
     o.add_argument("-o", "--output", help="output path (default: MODEL with .bq.onnx suffix; a folder, or a path "
-                   "ending in /: FOLDER/<model>.bq.onnx)")
+                   "ending in /: FOLDER/<model>.bq.onnx); for a folder MODEL the output folder (default MODEL.bq), "
+                   "never inside MODEL")
+    o.add_argument("--shared-budget", action="store_true", help="MODEL is a folder: one --bits budget over the "
+                   "weights of all its models, spent where it buys the most (default: each model its own)")
     o.add_argument("--no-verify", action="store_true", help="skip the post-write check in onnxruntime")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--plot", metavar="PNG", help="write bits and sensitivity per layer as a PNG (needs matplotlib)")
@@ -80,10 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe-from", metavar="OUT.onnx", help="re-run the recipe an earlier output records; the "
                    "model (and --calib) must be the ones it was made from (README: Recipes)")
     c = o.add_argument_group("calibration (for the posterior, --tables mc and distillation) and seed")
-    c.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input name (samples stacked "
-                   "along each input's batch axis; N samples of a fixed-batch [1, ...] input: [N, ...]), or a folder "
-                   "of .npz files (batches, or single samples without the batch axis)")
-    c.add_argument("--posterior", metavar="FILE", help="a posterior .npz (from `bq-onnx posterior`, or external)")
+    c.add_argument("--calib", metavar="DATA", action="append", help="calibration data: .npz keyed by input name "
+                   "(samples stacked along each input's batch axis; N samples of a fixed-batch [1, ...] input: "
+                   "[N, ...]), or a folder of .npz files (batches, or single samples without the batch axis); for a "
+                   "folder MODEL: NAME=DATA per model (repeatable; NAME = the model's path without .onnx)")
+    c.add_argument("--posterior", metavar="FILE", action="append", help="a posterior .npz (from `bq-onnx "
+                   "posterior`, or external); for a folder MODEL: NAME=FILE per model (repeatable)")
     add_group(o, c.title, shared_options(), group=c)
     for concern in concern_types().values():
         add_concern(o, concern)
@@ -199,6 +207,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         if args.print_config:
             print(recipe.dump(config), end="")
             return EXIT_OK
+    if src.is_dir():
+        return _cmd_optimize_folder(args, config, options)
+    if args.shared_budget:
+        raise UsageError("--shared-budget: MODEL is one file; it shares a budget across the models of a folder")
+    for flag in ("calib", "posterior"):
+        values = getattr(args, flag) or [None]
+        if len(values) > 1:
+            raise UsageError(f"--{flag} given {len(values)} times; one model takes one (NAME=FILE is for folders)")
+        setattr(args, flag, values[0])
     out = resolve_output(args.output, src.name.removesuffix(".onnx") + ".bq.onnx", src.parent)
     protected = Protected([args.calib, args.posterior, args.config, args.recipe_from])
     protected.add_model(src)
@@ -239,6 +256,66 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     elif not args.quiet:
         _print_optimize(report, elapsed)
     return EXIT_OK
+
+
+def _cmd_optimize_folder(args: argparse.Namespace, config: OptimizeConfig | None, options: dict) -> int:
+    """``optimize DIR``: every model of the folder, one report (:mod:`bq_onnx.folders`)."""
+    from bq_onnx import folders
+
+    if args.recipe_from:
+        raise UsageError("--recipe-from re-runs one model; give each model of the folder with its own output")
+    if args.plot:
+        raise UsageError("--plot draws one model; give a model file")
+    found = folders.survey(args.model)
+    inputs = [v.partition("=")[2] if "=" in v and not Path(v).exists() else v
+              for v in (*(args.calib or ()), *(args.posterior or ()))]
+    protected = folders.protected_inputs(found, [*inputs, args.config])
+    folders.check_folder_output(found, args.output, args.force, protected)  # fail before the work, not after
+    start = time.perf_counter()
+    result = folders.optimize_folder(args.model, config, calib=args.calib, posterior=args.posterior,
+                             shared_budget=args.shared_budget, progress=not (args.quiet or args.json)
+                             and sys.stderr.isatty(), **options)
+    report = result.save(args.output, force=args.force, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif not args.quiet:
+        _print_folder(report, time.perf_counter() - start)
+    return EXIT_OK
+
+
+def _print_folder(report: dict, elapsed: float) -> None:
+    """One row per model, the totals, each model's notes, what was copied."""
+    rows = []
+    for name, r in report["models"].items():
+        t, al = r["totals"], r.get("allocation")
+        rows.append([name, t["layers"], t["numel"], f"{al['achieved_bits']:.3f}" if al else "-",
+                     human_bytes(t["original_bytes"]), human_bytes(t["stored_bytes"]),
+                     human_bytes(r["output"]["file_bytes"]) if "output" in r else "-",
+                     "yes" if r.get("verification", {}).get("passed") else "no"])
+    t = report["totals"]
+    footer = [f"total ({t['models']} models)", "", t["numel"],
+              f"{t['achieved_bits']:.3f}" if t["achieved_bits"] is not None else "-",
+              human_bytes(t["original_bytes"]), human_bytes(t["stored_bytes"]), "", ""]
+    print(render(["model", "weights", "numel", "stored bits/w", "fp bytes", "stored", "file", "verified"], rows,
+                 footer))
+    if report["split"]:
+        _say("shared budget: " + ", ".join(f"{n} {b:.3f}" for n, b in report["split"].items()) + " bits/weight")
+    for name, r in report["models"].items():
+        for msg in r["messages"]:
+            _say(f"note: {name}: {msg}")
+        if "guard" in r:
+            _say(f"{name}:")
+            _print_guard(r["guard"])
+    for msg in report["messages"]:
+        _say(f"note: {msg}")
+    if report["copied"]:
+        _say(f"copied {len(report['copied'])} file(s): {', '.join(report['copied'][:6])}"
+             f"{', ...' if len(report['copied']) > 6 else ''}")
+    for rel in report["skipped"]:
+        _say(f"note: skipped {rel} (not a regular file)")
+    out = report["output"]
+    ratio = f" ({t['input_model_bytes'] / out['model_bytes']:.2f}x smaller)" if out["model_bytes"] else ""
+    _say(f"wrote {out['path']}: models {human_bytes(out['model_bytes'])}{ratio} in {elapsed:.1f} s")
 
 
 def _estimators_text(layers: list[dict]) -> str:

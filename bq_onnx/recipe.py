@@ -86,7 +86,11 @@ def dump(config: Any, leave_out: Iterable[str] = ()) -> str:
             seen.add(name)
             if _is_float(concern, name) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # one spelling: 5 from a recipe and 5.0 from --bits 5 write the same recipe
-            block.append(f"{name} = {_toml(_plain(value) if value is not None else _none_word(name, opt))}")
+            plain = _plain(value) if value is not None else _none_word(name, opt)
+            if isinstance(plain, str) and plain.startswith("<") and plain.endswith(">") and not isinstance(value, str):
+                raise UsageError(f"{name} was given as {plain.strip('<>')} through the API, which a recipe cannot "
+                                 f"hold (give a file path to record it)")
+            block.append(f"{name} = {_toml(plain)}")
         if block:
             lines += ["", f"# {concern.title}", *block]
     return "\n".join(lines) + "\n"

@@ -198,3 +198,77 @@ def test_recipe_from_reproduces_the_bytes_and_refuses_other_inputs(tmp_path, cap
     assert main(["optimize", str(LENET), "--recipe-from", str(LENET), "-o", str(never)]) == 2
     assert "no bq-onnx provenance" in capsys.readouterr().err
     assert not never.exists()
+
+
+def test_the_model_hash_covers_its_external_data(tmp_path, capsys):
+    import hashlib
+
+    import onnx
+
+    model = tmp_path / "m" / "lenet.onnx"
+    model.parent.mkdir()
+    onnx.save(onnx.load(str(LENET)), str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="lenet.onnx_data", size_threshold=0)
+    first = tmp_path / "first.onnx"
+    assert main(["optimize", str(model), "--bits", "6", "-o", str(first), "--no-verify", "-q"]) == 0
+    data = model.with_name("lenet.onnx_data")
+    want = hashlib.sha256(model.read_bytes() + data.read_bytes()).hexdigest()
+    assert _metadata(first)["bq_onnx.model_sha256"] == want
+    # the same graph with other weights in its data file is another model
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    capsys.readouterr()
+    never = tmp_path / "never.onnx"
+    assert main(["optimize", str(model), "--recipe-from", str(first), "-o", str(never), "-q"]) == 2
+    assert "another model" in capsys.readouterr().err and not never.exists()
+
+
+def test_a_posterior_file_is_hashed_and_checked_on_rerun(tmp_path, capsys):
+    import hashlib
+
+    posterior = tmp_path / "p.npz"
+    assert main(["posterior", str(LENET), "--calib", str(LENET_CALIB), "-o", str(posterior), "-q"]) == 0
+    first = tmp_path / "first.onnx"
+    assert main(["optimize", str(LENET), "--posterior", str(posterior), "--bits", "5", "-o", str(first), "-q",
+                 "--no-verify"]) == 0
+    assert _metadata(first)["bq_onnx.posterior_sha256"] == hashlib.sha256(posterior.read_bytes()).hexdigest()
+    again = tmp_path / "again.onnx"
+    assert main(["optimize", str(LENET), "--posterior", str(posterior), "--recipe-from", str(first),
+                 "-o", str(again), "-q", "--no-verify"]) == 0
+    assert again.read_bytes() == first.read_bytes()
+    other = tmp_path / "other.npz"
+    assert main(["posterior", str(LENET), "--calib", str(LENET_CALIB), "--method", "activations", "-o", str(other),
+                 "-q"]) == 0
+    never = tmp_path / "never.onnx"
+    for extra, words in [([], "give it again with --posterior"),
+                         (["--posterior", str(other)], "another posterior")]:
+        capsys.readouterr()
+        assert main(["optimize", str(LENET), "--recipe-from", str(first), "-o", str(never), *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    plain = tmp_path / "plain.onnx"
+    assert main(["optimize", str(LENET), "--bits", "5", "-o", str(plain), "-q", "--no-verify"]) == 0
+    assert "bq_onnx.posterior_sha256" not in _metadata(plain)
+    capsys.readouterr()
+    assert main(["optimize", str(LENET), "--recipe-from", str(plain), "--posterior", str(posterior),
+                 "-o", str(never)]) == 2
+    assert "made without --posterior" in capsys.readouterr().err and not never.exists()
+
+
+def test_an_api_only_option_is_recorded_as_not_rerunnable(tmp_path, capsys):
+    import numpy as np
+
+    labels = np.load(LENET_CALIB.with_name("lenet_data.npz"))["calib_labels"]
+    out = tmp_path / "api.onnx"
+    optimize(LENET, bits=6, calib=LENET_CALIB, labels=labels, calib_samples=64).save(out, verify=False)
+    recorded = _metadata(out)["bq_onnx.recipe"]
+    assert recorded.startswith("# not writable as a recipe: labels was given as ndarray")
+    never = tmp_path / "never.onnx"
+    assert main(["optimize", str(LENET), "--calib", str(LENET_CALIB), "--recipe-from", str(out),
+                 "-o", str(never)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be repeated from the record (labels was given as ndarray" in err and err.count("\n") == 1
+    assert not never.exists()
+    with pytest.raises(UsageError, match="cannot be repeated"):
+        optimize(LENET, calib=LENET_CALIB, recipe_from=out)

@@ -18,6 +18,7 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
 from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.pass_manager import run_passes
+from bq_onnx.passes.fast_layout import FAST_LAYOUT_TARGETS, FastLayoutPass
 from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass, prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
@@ -160,4 +161,6 @@ def _rewrite(model: ir.Model, ctx: Context, profile: Capabilities | None) -> ir.
         from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
 
         lower.append(LowerMatMulNBitsPass())
+    if config.storage.format == "native" and (profile is None or profile.name in FAST_LAYOUT_TARGETS):
+        lower.append(FastLayoutPass())  # onnxruntime/OpenVINO run it at FP32 speed or faster (issue 17)
     return run_passes(model, [rewrite(ctx), *lower, RemoveUnusedPass(), TopologicalSortPass()])

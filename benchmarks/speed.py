@@ -102,7 +102,8 @@ def before_tree(commit: str) -> Path:
             f.seek(0)
             with tarfile.open(fileobj=f) as tar:
                 tar.extractall(folder, filter="data")
-        (folder / "bq_onnx" / "runtimes").symlink_to(folder / "runtimes")  # what pyproject's package-dir maps
+        for package in ("runtimes", "passes"):  # what pyproject's package-dir maps
+            (folder / "bq_onnx" / package).symlink_to(folder / package)
     return folder
 
 

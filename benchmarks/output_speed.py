@@ -6,8 +6,9 @@ Usage:  python -m benchmarks.output_speed [--models lenet,efficientnet-lite0,min
 Each model is optimized with default options (no calibration data; ``format="compact"`` for the compact column),
 then every session (model x variant x runtime x batch) is opened once in this process with ``bq-onnx bench``'s
 fast runtime settings and the same random feeds, and timed in rounds: each round runs every configuration
-``--iterations`` times (after 3 warm-up runs) and takes the median, so load on the machine falls on all variants
-alike. The table gives the median over rounds of each variant's p50 and of its ratio to FP32 in the same round.
+``--iterations`` times (after 5 warm-up runs; every session ran each batch size before the first round) and
+takes the median, so load on the machine falls on all variants alike. The table gives the median over rounds of
+each variant's p50 and of its ratio to FP32 in the same round.
 ``--before COMMIT`` adds the native output written by that commit's code (the layout before issue 17).
 
 Models: LeNet (``models/lenet.onnx``; Conv + Gemm), EfficientNet-Lite0 (``benchmarks/.cache/models``, built by
@@ -97,7 +98,7 @@ def ort_ops(path: Path) -> dict[str, int]:
 def time_runs(session, feeds: dict[str, np.ndarray], iterations: int) -> float:
     import time
 
-    for _ in range(3):
+    for _ in range(5):
         session.run(feeds)
     times = []
     for _ in range(iterations):
@@ -116,6 +117,9 @@ def measure(name: str, variants: dict[str, Path], rounds: int, iterations: int) 
         for variant, path in variants.items():
             sessions[(runtime, variant)] = rt.session(path, exact=False)
     feeds = {b: make_feeds(str(variants["fp32"]), b) for b in BATCHES}
+    for session in sessions.values():  # first runs at each shape compile kernels (OpenVINO: per input shape)
+        for batch in BATCHES:
+            time_runs(session, feeds[batch], 5)
     p50: dict[tuple, list[float]] = collections.defaultdict(list)
     ratio: dict[tuple, list[float]] = collections.defaultdict(list)
     for _ in range(rounds):

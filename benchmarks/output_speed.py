@@ -78,8 +78,8 @@ def outputs(name: str, fp32: Path, before: str | None) -> dict[str, Path]:
         tree = before_tree(before)
         path = CACHE / f"{name}.native-{before[:7]}.onnx"
         if not path.exists():  # a commit's output does not change: written once
-                subprocess.run([sys.executable, "-m", "bq_onnx", "optimize", str(fp32), "-o", str(path), "--force", "-q",
-                            "--no-verify"], cwd=tree, check=True, env={**os.environ, "PYTHONPATH": str(tree)})
+                subprocess.run([sys.executable, "-m", "bq_onnx", "optimize", str(fp32), "-o", str(path), "--force",
+                            "-q", "--no-verify"], cwd=tree, check=True, env={**os.environ, "PYTHONPATH": str(tree)})
         out[f"native@{before[:7]}"] = path
     return out
 

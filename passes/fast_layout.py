@@ -18,8 +18,9 @@ numbers bit for bit (small integers convert exactly; one subtraction and one mul
 DequantizeLinear kernels compute), the same stored tensors (codes, zero points and scales keep their bytes and
 names; blocked ones are stored with the block axis split, ``[K/B, B, N]`` and ``[K/B, 1, N]``, so that the decode
 is OpenVINO's ``Convert -> Subtract -> Multiply -> Reshape`` with nothing in between: a Reshape after the Convert
-made OpenVINO decompress a MiniLM embedding table on every call, 1.7x FP32 at batch 8). A Relu (or Clip) that alone consumes a fused MatMul and feeds another node
-becomes ``Max(x, 0)`` (``Min(Max(x, lo), hi)``), which does not block the fusion (NaN inputs aside, the same).
+made OpenVINO decompress a MiniLM embedding table on every call, 1.7x FP32 at batch 8). A Relu (or Clip) that
+alone consumes a fused MatMul and feeds another node becomes ``Max(x, 0)`` (``Min(Max(x, lo), hi)``), which does
+not block the fusion (NaN inputs aside, the same).
 """
 
 from __future__ import annotations

@@ -104,20 +104,7 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         memtrace("guard")
         guard.check_targets(ctx)
     spent.apply(ctx)
-    return _noted(_fast_layout(spent.out, ctx, profile), ctx)
-
-
-def _fast_layout(out: ir.Model, ctx: Context, profile: Capabilities | None) -> ir.Model:
-    """The chosen native output laid out for onnxruntime/OpenVINO speed (issue 17; passes/fast_layout.py). Once, after
-    the budget loop and the guard: its few shape constants do not move the allocation, and the numbers it runs are
-    the ones measured; the stored bytes count them."""
-    if ctx.config.storage.format != "native" or (profile is not None and profile.name not in FAST_LAYOUT_TARGETS):
-        return out
-    before = ir_stored_bytes(out)
-    out = run_passes(out, [FastLayoutPass(), RemoveUnusedPass(), TopologicalSortPass()])
-    if ctx.stored_bytes is not None:
-        ctx.stored_bytes += ir_stored_bytes(out) - before
-    return out
+    return _noted(spent.out, ctx)
 
 
 def _spend(model: ir.Model, ctx: Context, calibration: Calibration | None, profile: Capabilities | None,
@@ -181,4 +168,6 @@ def _rewrite(model: ir.Model, ctx: Context, profile: Capabilities | None) -> ir.
         from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
 
         lower.append(LowerMatMulNBitsPass())
+    if config.storage.format == "native" and (profile is None or profile.name in FAST_LAYOUT_TARGETS):
+        lower.append(FastLayoutPass())  # onnxruntime/OpenVINO run it at FP32 speed or faster (issue 17)
     return run_passes(model, [rewrite(ctx), *lower, RemoveUnusedPass(), TopologicalSortPass()])

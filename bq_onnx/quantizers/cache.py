@@ -18,6 +18,7 @@ import collections
 import contextlib
 import hashlib
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterator
 
 import numpy as np
@@ -32,12 +33,30 @@ _entries: collections.OrderedDict[tuple, tuple[QuantizedTensor, int]] = collecti
 _state = {"depth": 0, "bytes": 0, "hits": 0, "misses": 0}
 
 
+#: The digest of the arrays hashed last, by identity: the tables pass one weight's view and importance to every
+#: width and block size, so each is hashed once (3.3 s of 382 hashes on MiniLM-L3 otherwise). Callers never change
+#: an array in place after handing it to a quantizer.
+_recent: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
 def digest(array: np.ndarray | None) -> tuple | None:
     """A key for an array's content: dtype, shape and a 128-bit hash of its bytes."""
     if array is None:
         return None
+    seen = _recent.get(id(array))
+    if seen is not None and seen[0]() is array:
+        return seen[1]
     a = np.ascontiguousarray(array)
-    return a.dtype.str, a.shape, hashlib.blake2b(a.view(np.uint8).reshape(-1), digest_size=16).digest()
+    key = a.dtype.str, a.shape, hashlib.blake2b(a.view(np.uint8).reshape(-1), digest_size=16).digest()
+    try:
+        ref = weakref.ref(array)
+    except TypeError:
+        return key
+    with _lock:
+        if len(_recent) >= 8:
+            _recent.clear()
+        _recent[id(array)] = (ref, key)
+    return key
 
 
 def _nbytes(qt: QuantizedTensor) -> int:
@@ -95,4 +114,5 @@ def scope() -> Iterator[None]:
             _state["depth"] -= 1
             if not _state["depth"]:
                 _entries.clear()
+                _recent.clear()
                 _state["bytes"] = 0

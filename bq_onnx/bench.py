@@ -26,6 +26,7 @@ import numpy as np
 
 from bq_onnx.config import BenchConfig
 from bq_onnx.errors import EXIT_CODES, EXIT_LIMIT, BqError, UsageError
+from bq_onnx.progress import progress
 
 OTHER_SYMBOLIC_DIM = 16
 _FLOAT = {"float32", "float16", "float64"}
@@ -148,6 +149,7 @@ def benchmark(
     config: BenchConfig | None = None,
     calib: str | os.PathLike | None = None,
     timeout: float | None = 600,
+    progress_bar: bool = False,
     **options: Any,
 ) -> dict:
     """Measure every model x runtime (x onnxruntime provider) x batch; the first model is the baseline.
@@ -156,7 +158,8 @@ def benchmark(
     ``runtimes``, ``providers``, ``batches``, ``threads``, ``warmup``, ``iterations``, ``exact``), parsed and
     checked as the CLI's flags are. ``providers`` are ``--ep`` names (``cpu``, ``cuda``, ``tensorrt``, ``rocm``,
     ``migraphx`` or full onnxruntime provider names) and apply to onnxruntime only; OpenVINO runs on CPU.
-    Unavailable runtimes and providers are reported under ``skipped`` with the reason.
+    Unavailable runtimes and providers are reported under ``skipped`` with the reason. ``progress_bar``: a bar on
+    stderr counting the configurations measured, with the time left.
     """
     from bq_onnx.budgets import memory_budget
     from bq_onnx.calibration import load_calibration
@@ -205,15 +208,14 @@ def benchmark(
         if why:
             report["skipped"].append({"runtime": runtime, "provider": ep, "reason": why})
     available = [(r, ep) for r, ep, why in targets if not why]
-    for path in paths:
-        for runtime, ep in available:
-            for batch in batches:
-                config = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
-                          "threads": threads, "warmup": warmup, "iterations": iterations, "exact": exact,
-                          "calib": calib, "run_timeout": run_timeout(), "max_memory": memory_budget()}
-                row = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
-                       **_run_child(config, timeout)}
-                report["results"].append(row)
+    configurations = [(path, runtime, ep, batch) for path in paths for runtime, ep in available for batch in batches]
+    for path, runtime, ep, batch in progress(configurations, "bench", progress_bar, unit="configurations"):
+        config = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
+                  "threads": threads, "warmup": warmup, "iterations": iterations, "exact": exact,
+                  "calib": calib, "run_timeout": run_timeout(), "max_memory": memory_budget()}
+        row = {"model": path, "runtime": runtime, "provider": ep, "batch": int(batch),
+               **_run_child(config, timeout)}
+        report["results"].append(row)
     base = {(r["runtime"], r["provider"], r["batch"]): r for r in report["results"]
             if r["model"] == paths[0] and r["status"] == "ok"}
     for row in report["results"]:

@@ -587,7 +587,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bq_onnx.bench import benchmark
 
-    report = benchmark(args.models, config=BenchConfig(**given(args, BenchConfig)), calib=args.calib)
+    report = benchmark(args.models, config=BenchConfig(**given(args, BenchConfig)), calib=args.calib,
+                       progress_bar=not (args.quiet or args.json) and sys.stderr.isatty())
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     elif not args.quiet:

@@ -18,11 +18,13 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context
 from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.pass_manager import run_passes
+from bq_onnx.passes.fast_layout import FAST_LAYOUT_TARGETS, FastLayoutPass
 from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass, prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
 from bq_onnx.posterior import Posterior
 from bq_onnx.progress import memtrace
+from bq_onnx.quantizers import cache as design_cache
 from bq_onnx.runtimes.base import Capabilities
 from bq_onnx.sizes import INT2_OPSET, storage_of
 from bq_onnx.stages import guard
@@ -49,8 +51,14 @@ def optimize_model(
     ``calibration`` estimates the posterior unless ``posterior`` (a file or a :class:`Posterior`) is given, and
     serves the measured tables and distillation; ``profile`` legalizes the weights for a target runtime. The
     guard (:mod:`bq_onnx.stages.guard`) holds out part of ``calibration`` and measures the allocation on it
-    before anything is written.
+    before anything is written. Quantizer designs are computed once per run (:mod:`bq_onnx.quantizers.cache`).
     """
+    with design_cache.scope():
+        return _optimize_model(model, ctx, calibration=calibration, posterior=posterior, profile=profile)
+
+
+def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration | None,
+                    posterior: str | os.PathLike | Posterior | None, profile: Capabilities | None) -> ir.Model:
     config = ctx.config
     model = run_passes(model, prepare_passes(config.weights))
     if storage_of(config).int2:  # int2 codes need DequantizeLinear-25; converted before the weights are found
@@ -160,4 +168,6 @@ def _rewrite(model: ir.Model, ctx: Context, profile: Capabilities | None) -> ir.
         from bq_onnx.passes.matmulnbits import LowerMatMulNBitsPass
 
         lower.append(LowerMatMulNBitsPass())
+    if config.storage.format == "native" and (profile is None or profile.name in FAST_LAYOUT_TARGETS):
+        lower.append(FastLayoutPass())  # onnxruntime/OpenVINO run it at FP32 speed or faster (issue 17)
     return run_passes(model, [rewrite(ctx), *lower, RemoveUnusedPass(), TopologicalSortPass()])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -15,13 +15,31 @@ T = TypeVar("T")
 _START = time.perf_counter()
 
 
-def progress(items: Iterable[T], desc: str, enabled: bool) -> Iterator[T]:
+def progress(items: Iterable[T], desc: str, enabled: bool, unit: str = "tensors",
+             size: Callable[[T], int] | None = None) -> Iterator[T]:
+    """``items``, with a bar on stderr when ``enabled``: done/total in ``unit`` (a plural noun: tensors, samples,
+    steps, configurations), elapsed time, time left and rate. ``size`` counts what one item is worth in ``unit``
+    (a batch of samples: its sample count); the total is the sum over ``items`` (a sized collection; an iterator
+    is listed first so that the total and the ETA are known)."""
     if not enabled:
         yield from items
         return
     from tqdm import tqdm
 
-    yield from tqdm(items, desc=desc, unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True)
+    listed = items if hasattr(items, "__len__") else list(items)
+    total = sum(size(item) for item in listed) if size is not None else len(listed)  # type: ignore[arg-type]
+    bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, leave=False, dynamic_ncols=True,
+               bar_format=BAR_FORMAT)
+    try:
+        for item in listed:
+            yield item
+            bar.update(size(item) if size is not None else 1)
+    finally:
+        bar.close()
+
+
+#: "loss tables:  40%|####      | 12/30 tensors [00:04<00:06, 2.9 tensors/s]" (tqdm's default writes "12tensor").
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 def memory_status() -> dict[str, int]:

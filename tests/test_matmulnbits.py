@@ -52,7 +52,8 @@ def test_only_blocked_4bit_matmul_weights_are_lowered(tmp_path):
     result = bq_onnx.optimize(model, bits=4, allocator="uniform", target="onnxruntime")
     result.save(tmp_path / "a.onnx")
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node)
-    assert "MatMulNBits" not in ops and ops["DequantizeLinear"] == 3
+    # three decodes, DequantizeLinear where onnxruntime fuses it, else its arithmetic (passes/fast_layout.py)
+    assert "MatMulNBits" not in ops and ops["DequantizeLinear"] + ops["Mul"] == 3
     eight = bq_onnx.optimize(_mlp(64, [32]), bits=8, allocator="uniform", target="onnxruntime")
     eight.save(tmp_path / "b.onnx")
     assert "MatMulNBits" not in {n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node}

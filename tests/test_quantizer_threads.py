@@ -91,3 +91,25 @@ def test_run_chunks_nested_and_errors() -> None:
 
     with pytest.raises(ValueError, match="chunk 2"):
         run_chunks(fail, range(4))
+
+
+def test_design_cache_reuses_equal_calls_inside_a_scope_only():
+    """The tables, the quantize stage and the guard ask for the same design: inside one run it is computed once
+    (same object back), keyed by content (an equal copy hits, other importance or width misses), nothing is kept
+    outside a scope, and the cached result equals a fresh computation."""
+    from bq_onnx.quantizers import Spec, quantize_spec
+    from bq_onnx.quantizers import cache as design_cache
+
+    w, h = _tensor(96, 12, 5)
+    spec = Spec("uniform")
+    assert quantize_spec(w, 4, spec, 32, h) is not quantize_spec(w, 4, spec, 32, h)  # no scope: no cache
+    with design_cache.scope():
+        first = quantize_spec(w, 4, spec, 32, h)
+        assert quantize_spec(w.copy(), 4, spec, 32, h.copy()) is first
+        assert quantize_spec(w, 3, spec, 32, h) is not first and quantize_spec(w, 4, spec, 32, h * 2) is not first
+        assert quantize_spec(w, 4, spec, 64, h) is not first
+        assert design_cache.stats()["hits"] == 1 and design_cache.stats()["entries"] == 4
+    assert design_cache.stats()["entries"] == 0 and not design_cache.active()
+    fresh = quantize_spec(w, 4, spec, 32, h)
+    for a, b in zip(_fields(first), _fields(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)

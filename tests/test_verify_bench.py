@@ -193,3 +193,17 @@ def test_bench_bad_inputs(tmp_path, capsys):
     _one_line_error(code, err, 2, "--batch")
     code, _, err = _run(["bench", LENET, "--calib", MODELS / "digits_mlp_calib.npz"], capsys)
     _one_line_error(code, err, 5, "expects rank 4")
+
+
+def test_progress_bars_show_total_and_unit(capsys):
+    """A long step's bar says done/total in its own unit ("10/10 tensors", never tqdm's "10tensor"), and a batch
+    loop counts samples (the sum of the batch sizes), the total known before the first item."""
+    from bq_onnx.progress import progress
+
+    assert list(progress(iter(range(10)), "loss tables", True)) == list(range(10))
+    err = capsys.readouterr().err
+    assert "0/10 tensors" in err and "tensor " not in err and "<" in err, err  # ETA field: elapsed<remaining
+    assert list(progress([3, 3, 2], "posterior", True, unit="samples", size=lambda n: n)) == [3, 3, 2]
+    err = capsys.readouterr().err
+    assert "0/8 samples" in err and "samples/s" in err, err
+    assert list(progress(range(2), "x", False)) == [0, 1] and capsys.readouterr().err == ""

@@ -103,7 +103,7 @@ class Stage(abc.ABC):
         """An accumulator updated with every batch over ``samples`` (default: all calibration samples)."""
         acc = self.accumulator()
         samples = range(self.calib.num_samples) if samples is None else samples
-        for batch in progress(list(self.batches(samples)), self.desc, bar):
+        for batch in progress(list(self.batches(samples)), self.desc, bar, unit="samples", size=lambda b: b.count):
             acc.update(batch)
         return acc
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bq_onnx.qtensor import FLOAT16_BITS, QuantizedTensor, float16_tensor
+from bq_onnx.quantizers import cache as design_cache
 from bq_onnx.quantizers.registry import QUANTIZERS, VECTOR_FAMILIES, quantize
 
 
@@ -78,7 +79,16 @@ def quantize_spec(
     """Quantize with one :class:`Spec`; ``base`` is the same spec without outliers when already computed.
 
     Vector codebooks need blocks in whole vectors: ``block_size`` is rounded up to a multiple of ``dim``.
+    Inside :func:`bq_onnx.quantizers.cache.scope` a call seen before returns the earlier result.
     """
+    if base is None and design_cache.active():
+        key = ("spec", design_cache.digest(w), design_cache.digest(weights), bits, spec, block_size, seed)
+        return design_cache.cached(key, lambda: _quantize_spec(w, bits, spec, block_size, weights, seed, None))
+    return _quantize_spec(w, bits, spec, block_size, weights, seed, base)
+
+
+def _quantize_spec(w: np.ndarray, bits: int, spec: Spec, block_size: int, weights: np.ndarray | None, seed: int,
+                   base: QuantizedTensor | None) -> QuantizedTensor:
     from bq_onnx.outliers import isolate_outliers
     from bq_onnx.vector import quantize_vector
 

@@ -127,7 +127,7 @@ class _Distiller:
             m = {p: np.zeros_like(v) for p, v in values.items()}
             v2 = {p: np.zeros_like(v) for p, v in values.items()}
             rng = np.random.default_rng(ctx.config.distillation.seed)
-            for step in progress(range(1, self.steps + 1), "distill", ctx.progress):
+            for step in progress(range(1, self.steps + 1), "distill", ctx.progress, unit="steps"):
                 idx = rng.choice(train_idx, size=min(self.batch_size, len(train_idx)), replace=False)
                 _, grads = run(values, np.sort(idx))
                 for p in params:  # Adam, step size relative to each tensor's scale

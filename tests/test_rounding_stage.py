@@ -142,3 +142,38 @@ def test_a_convolution_im2col_does_not_cover_gets_no_moment():
     ctx = passkit.context(bits=3, group_size=8, min_size=32, rounding="gptq")
     model = passkit.find_weights(passkit.prepare(passkit.load(same), ctx), ctx)
     assert input_moments(model, ctx, load_calibration({"img": _data()["img"]}, model)) == {}
+
+
+@pytest.mark.parametrize("rounding", ["gptq-plain", "gptq"])
+def test_tables_price_each_width_after_compensation(rounding):
+    """Under ``--rounding gptq`` a block's loss at each width is the nearest-rounding loss times what GPTQ leaves of
+    nearest's layer-output error (recomputed here from the rounding module directly), never more than nearest's."""
+    from bq_onnx.rounding import gptq_round
+    from bq_onnx.weights import design, weight_view
+
+    def tables(how):
+        ctx = passkit.context(bits=3, group_size=8, min_size=32, granularity="tensor", allowed_bits=[2, 3, 4],
+                              rounding=how)
+        model = passkit.find_weights(passkit.prepare(passkit.load(MODEL), ctx), ctx)
+        return ctx, passkit.tables(model, ctx, load_calibration(data, model))
+
+    data = _data(6)
+    _, near = tables("nearest")
+    ctx, comp = tables(rounding)
+    near_loss = {t.weight: t.loss for t in near.blocks}
+    assert {t.weight for t in comp.blocks} == {"W", "G", "C"}
+    for t in comp.blocks:
+        info = next(w for w in ctx.weights if w.name == t.weight)
+        view, importance = weight_view(ctx, info)
+        want = []
+        for j, bits in enumerate(t.bits):
+            qt = design(ctx, view, importance, bits, t.weight)
+            got = gptq_round(view, qt, ctx.moments[t.weight], None if rounding == "gptq-plain" else importance)
+            a = ctx.moments[t.weight]
+            ratio = output_error(view, got.dequantize(), a, importance) / output_error(view, qt.dequantize(), a,
+                                                                                       importance)
+            want.append(near_loss[t.weight][j] * ratio)
+        np.testing.assert_allclose(t.loss, np.minimum.accumulate(want), rtol=1e-9)
+        assert np.all(t.loss <= near_loss[t.weight]) and t.loss[0] < near_loss[t.weight][0]
+        if t.weight == "W":  # correlated inputs (the data mix them): compensation recovers much of the error
+            assert t.loss[0] < 0.9 * near_loss[t.weight][0]

@@ -104,6 +104,8 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
     designs: dict[tuple[str, int], Spec] = {}
     measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output, a.loss) if a.tables == "mc" else None
     scale = _OneScale(ctx, model, calibration, allowed) if measure is None else None
+    compensation = _Compensation(ctx, model, calibration, allowed) if ctx.config.quantization.rounding != "nearest" \
+        else None
     for info in progress(ctx.weights, "loss tables", ctx.progress):
         k, n = info.layout.view_shape
         ranges = slices(n, a.granularity)
@@ -127,6 +129,8 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
             stored[:, j] = option.stored_payload + option.meta
         if scale is not None:
             loss = scale.adjust(info, view, importance, chosen, loss)
+        if compensation is not None:
+            loss = compensation.adjust(info, view, importance, chosen, ranges, loss)
         for i, columns in enumerate(ranges):
             blocks.append(
                 BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
@@ -312,6 +316,45 @@ class _OneScale:
         if self.ratios:
             return dict.fromkeys(self.pending, float(np.median(list(self.ratios.values()))))
         return {}
+
+
+COMPENSATED_WIDTHS = 5
+"""Under ``--rounding gptq`` the tables measure what compensation leaves at the widths up to this one; wider widths
+take the widest measured width's ratio (on a fine grid the rounding errors are independent of the weights, so the
+ratio settles), which saves GPTQ runs the allocation hardly ever needs."""
+
+
+class _Compensation:
+    """Under ``--rounding gptq``/``gptq-plain`` the final codes are GPTQ's, not nearest's: each block's loss at each
+    width is the nearest-rounding loss times what GPTQ leaves of the layer-output error nearest leaves
+    (:func:`bq_onnx.stages.quantize.compensation_ratio`, on the same ``A``, precision and design the quantize stage
+    then uses and reuses). Without it the allocation prices every width as if rounded to nearest and spends bits
+    where compensation already recovers most of the error. Weights without an ``A`` keep their loss."""
+
+    def __init__(self, ctx: Context, model: ir.Model, calibration: Calibration | None,
+                 allowed: tuple[int, ...]) -> None:
+        from bq_onnx.stages.quantize import layer_moments
+
+        self.ctx, self.allowed = ctx, allowed
+        self.moments = layer_moments(ctx, model, calibration)
+        self.plain = ctx.config.quantization.rounding == "gptq-plain"
+
+    def adjust(self, info, view: np.ndarray, importance, chosen: list[_Option], ranges, loss: np.ndarray) -> np.ndarray:
+        """``loss`` (blocks x widths) scaled per block by the compensation ratio of each width's chosen design."""
+        from bq_onnx.stages.quantize import compensation_ratio
+
+        a = self.moments.get(info.name)
+        if a is None:
+            return loss
+        out = loss.copy()
+        ratio = np.ones(len(ranges))
+        for j, bits in enumerate(self.allowed):
+            if bits <= COMPENSATED_WIDTHS or j == 0:
+                qt = design(self.ctx, view, importance, bits, info.name, chosen[j].spec)
+                weighting = None if self.plain else importance
+                ratio = compensation_ratio(self.ctx, info.name, view, qt, a, weighting, ranges)
+            out[:, j] = loss[:, j] * ratio
+        return np.minimum.accumulate(out, axis=1)  # a wider width never costs more loss
 
 
 class _Scorer:

@@ -59,7 +59,7 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     result is kept per (weight, width) and reused while the design (grid and nearest codes) is the same."""
     from bq_onnx.rounding.gptq import DAMPING, Metric, gptq_round, grouped_moments
 
-    if qt.kind == "mean":
+    if qt.kind == "mean" or ctx.rounded.get(("nearest", name, qt.bits)):  # measured: nearest loses less here
         return qt
     key = (name, qt.bits)
     hit = ctx.rounded.get(key)

@@ -4,7 +4,10 @@ order, from calibration runs (what ``--rounding gptq`` compensates rounding erro
 A weight read directly by one MatMul (a 2-D ``[K, N]`` weight), Gemm (input B, either ``transB``) or 2-D Conv (im2col
 patches, one ``A`` per group, the K-FAC estimator's own :func:`bq_onnx.estimators.kfac.im2col_batch`) gets one;
 anything else (layout chains, several readers, subgraphs, embeddings, recurrent layers) gets none and is rounded to
-nearest. Rows are every position of every sample (tokens, patches), padding tokens included; ``A`` is their mean.
+nearest. Rows are every position of every sample (tokens, patches), padding tokens included; ``A`` is their mean,
+shrunk toward its diagonal by ``K / (K + rows)`` (:func:`shrink`). Under ``--rounding gptq`` with enough calibration
+samples the last 32 are left out of ``A``: the tables measure the rounding choice on them
+(:mod:`bq_onnx.stages.tables`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ piece is cut from the whole tensor quantized at that width, exactly as the expec
 codebooks, outlier positions) and its codes are re-chosen by :func:`bq_onnx.rounding.gptq_round` with the layer's
 input second moment ``A`` (:mod:`bq_onnx.stages.moments`, measured once on the calibration samples the posterior
 saw) and the posterior precision; output channels are independent once the grid is fixed, so the pieces are cut
-from it as before. Weights without an ``A`` (no calibration data, or not read directly by one MatMul/Gemm/Conv)
-are rounded to nearest, with a note.
+from it as before. Where the tables measured that GPTQ loses more than nearest for a tensor at a width (widths up to
+4, :class:`bq_onnx.stages.tables._Compensation`), nearest's codes are kept there. Weights without an ``A`` (no
+calibration data, or not read directly by one MatMul/Gemm/Conv) are rounded to nearest, with a note.
 """
 
 from __future__ import annotations

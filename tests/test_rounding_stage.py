@@ -186,3 +186,43 @@ def test_tables_price_each_width_after_compensation(rounding):
         assert np.all(t.loss <= near_loss[t.weight]) and t.loss[0] < near_loss[t.weight][0]
         if t.weight == "W":  # correlated inputs (the data mix them): compensation recovers much of the error
             assert t.loss[0] < 0.9 * near_loss[t.weight][0]
+
+
+def test_a_measured_choice_keeps_nearest_codes_and_a_never_sees_the_choice_samples(monkeypatch):
+    """With 2 x CHOICE_SAMPLES or more samples, ``A`` comes from all but the last CHOICE_SAMPLES; a width whose
+    measured GPTQ loss is not below nearest's keeps nearest's codes in the quantize stage and nearest's loss in the
+    tables; a measured gain is what the table takes."""
+    import bq_onnx.stages.tables as tables_stage
+    from bq_onnx.stages.quantize import quantize_weights
+
+    measured = {("W", 2): 1.3, ("W", 3): 0.5}
+    monkeypatch.setattr(tables_stage._Compensation, "_measured_ratio",
+                        lambda self, info, view, qt, rounded: measured.get((info.name, qt.bits)))
+    n = 2 * tables_stage.CHOICE_SAMPLES + 8
+    data = _data(n)
+
+    def run(how, allowed):
+        ctx = passkit.context(bits=3, group_size=8, min_size=32, granularity="tensor", allowed_bits=allowed,
+                              rounding=how)
+        model = passkit.find_weights(passkit.prepare(passkit.load(MODEL), ctx), ctx)
+        calib = load_calibration(data, model)
+        return ctx, model, calib, passkit.tables(model, ctx, calib)
+
+    _, _, _, near = run("nearest", [2, 3, 4])
+    ctx, model, calib, comp = run("gptq-plain", [2, 3, 4])
+    head = {k: v[: n - tables_stage.CHOICE_SAMPLES] for k, v in data.items()}
+    np.testing.assert_allclose(ctx.moments["W"], input_moments(model, ctx, load_calibration(head, model))["W"])
+    t_near = next(t for t in near.blocks if t.weight == "W")
+    t_comp = next(t for t in comp.blocks if t.weight == "W")
+    assert t_comp.loss[0] == pytest.approx(t_near.loss[0], rel=1e-12)  # measured worse: nearest's loss
+    assert t_comp.loss[1] == pytest.approx(0.5 * t_near.loss[1], rel=1e-9)  # measured gain taken as it is
+    assert ctx.rounded[("nearest", "W", 2)] and ("nearest", "W", 3) not in ctx.rounded
+    # the quantize stage at a fixed 2 bits: W keeps nearest's codes, the others are compensated
+    ctx.pieces_for = lambda name, n_cols: [(0, n_cols, 2)]
+    got = quantize_weights(ctx, model, calib)
+    from bq_onnx.weights import design, weight_view
+
+    for info in ctx.weights:
+        view, importance = weight_view(ctx, info)
+        same = np.array_equal(got[info.name].codes, design(ctx, view, importance, 2, info.name).codes)
+        assert same == (info.name == "W")

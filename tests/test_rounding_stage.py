@@ -183,7 +183,7 @@ def test_tables_price_each_width_after_compensation(rounding):
                                                                                        importance)
             want.append(near_loss[t.weight][j] * ratio)
         np.testing.assert_allclose(t.loss, np.minimum.accumulate(want), rtol=1e-9)
-        assert np.all(t.loss <= near_loss[t.weight]) and t.loss[0] < near_loss[t.weight][0]
+        assert np.all(t.loss <= near_loss[t.weight]) and (t.loss < near_loss[t.weight]).any()
         if t.weight == "W":  # correlated inputs (the data mix them): compensation recovers much of the error
             assert t.loss[0] < 0.9 * near_loss[t.weight][0]
 
@@ -209,7 +209,7 @@ def test_a_measured_choice_keeps_nearest_codes_and_a_never_sees_the_choice_sampl
         return ctx, model, calib, passkit.tables(model, ctx, calib)
 
     _, _, _, near = run("nearest", [2, 3, 4])
-    ctx, model, calib, comp = run("gptq-plain", [2, 3, 4])
+    ctx, model, calib, comp = run("gptq", [2, 3, 4])
     head = {k: v[: n - tables_stage.CHOICE_SAMPLES] for k, v in data.items()}
     np.testing.assert_allclose(ctx.moments["W"], input_moments(model, ctx, load_calibration(head, model))["W"])
     t_near = next(t for t in near.blocks if t.weight == "W")

@@ -357,8 +357,9 @@ class _Compensation:
     """Under ``--rounding gptq``/``gptq-plain`` the final codes are GPTQ's, not nearest's: each block's loss at each
     width is the nearest-rounding loss times what GPTQ leaves of it.
 
-    At the widths up to :data:`CHOSEN_WIDTHS`, with calibration data, that ratio is measured: the loss against FP32
-    with the tensor alone quantized, GPTQ-rounded over rounded to nearest (:class:`_MonteCarlo`); where GPTQ does
+    At the widths up to :data:`CHOSEN_WIDTHS`, with calibration data and ``--rounding gptq`` (``gptq-plain`` is GPTQ
+    as published, the baseline), that ratio is measured: the loss against FP32 with the tensor alone quantized,
+    GPTQ-rounded over rounded to nearest (:class:`_MonteCarlo`); where GPTQ does
     not lose less the quantize stage keeps nearest's codes for that tensor and width (``ctx.rounded``) and the ratio
     is 1. Elsewhere the ratio is what GPTQ leaves of the layer-output error nearest leaves
     (:func:`bq_onnx.stages.quantize.compensation_ratio`, on the ``A``, precision and design the quantize stage then
@@ -370,9 +371,9 @@ class _Compensation:
         from bq_onnx.stages.quantize import layer_moments
 
         self.ctx, self.model, self.allowed = ctx, model, allowed
-        fit, self.calibration = _choice_split(calibration)
-        self.moments = layer_moments(ctx, model, fit)  # kept on the context: the quantize stage uses the same A
         self.plain = ctx.config.quantization.rounding == "gptq-plain"
+        fit, self.calibration = (calibration, None) if self.plain else _choice_split(calibration)
+        self.moments = layer_moments(ctx, model, fit)  # kept on the context: the quantize stage uses the same A
         self.mc: _MonteCarlo | None = None
         self.broken = self.calibration is None
         self.kept_nearest: list[tuple[str, int]] = []

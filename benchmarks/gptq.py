@@ -7,7 +7,9 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
 ``benchmarks.peers.stored_size``):
 
 * ``bq nearest`` / ``bq gptq`` / ``bq gptq-plain``: bq-onnx's default pipeline (posterior, greedy allocation, guard)
-  with ``--rounding nearest``, ``gptq`` (posterior-weighted compensation) or ``gptq-plain`` (GPTQ's own metric);
+  with ``--rounding nearest``, ``gptq`` (posterior-weighted compensation, tables priced after it, the rounding of
+  each tensor at widths up to 4 chosen by measurement on calibration samples ``A`` does not see) or ``gptq-plain``
+  (GPTQ as published, its own metric);
 * ``uniform gptq-plain``: the same width everywhere (``--allocator uniform`` under the same stored budget) with
   GPTQ rounding: the GPTQ baseline through bq-onnx's own code (Conv models included);
 * ``uniform nearest``: the same width everywhere, rounded to nearest (round-to-nearest, RTN);

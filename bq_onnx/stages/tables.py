@@ -400,8 +400,8 @@ class _Compensation:
                         self.ctx.rounded[("nearest", info.name, bits)] = True
                         self.kept_nearest.append((info.name, bits))
                         ratio = np.ones(len(ranges))
-                    elif measured is not None:  # the measured ratio, spread over the slices as the metric has it
-                        ratio = np.minimum(1.0, ratio * measured / self._total(ratio, loss[:, j]))
+                    elif measured is not None:  # a measured gain never prices a width below the metric's ratio
+                        ratio = np.minimum(1.0, ratio * max(1.0, measured / self._total(ratio, loss[:, j])))
             out[:, j] = loss[:, j] * ratio
         return np.minimum.accumulate(out, axis=1)  # a wider width never costs more loss
 

@@ -329,10 +329,11 @@ CHOSEN_WIDTHS = 4
 """At the widths up to this one the rounding of each tensor is chosen by measurement (GPTQ or nearest, whichever
 loses less with that tensor alone quantized): on a coarse grid a lower layer-output error does not always mean a
 lower loss (LeNet's 400-wide FC layer at 2 bits: GPTQ lowers its output error by a sixth on held-out digits and
-still doubles the KL to FP32, the errors it leaves are correlated across output channels and add up downstream)."""
+still more than doubles the KL to FP32, with 128 calibration samples or 500; the layer metric misses how its errors
+act downstream)."""
 
 CHOICE_SAMPLES = 32
-"""Calibration samples the choice is measured on (the first ones)."""
+"""Calibration samples the choice is measured on (the last ones; ``A`` is measured on the others)."""
 
 
 def _choice_split(calibration: Calibration | None) -> tuple[Calibration | None, Calibration | None]:

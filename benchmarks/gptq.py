@@ -7,9 +7,12 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
 ``benchmarks.peers.stored_size``):
 
 * ``bq nearest`` / ``bq gptq`` / ``bq gptq-plain``: bq-onnx's default pipeline (posterior, greedy allocation, guard)
-  with ``--rounding nearest``, ``gptq`` (posterior-weighted compensation) or ``gptq-plain`` (GPTQ's own metric);
+  with ``--rounding nearest``, ``gptq`` (posterior-weighted compensation, tables priced after it, the rounding of
+  each tensor at widths up to 4 chosen by measurement on calibration samples ``A`` does not see) or ``gptq-plain``
+  (GPTQ as published, its own metric);
 * ``uniform gptq-plain``: the same width everywhere (``--allocator uniform`` under the same stored budget) with
   GPTQ rounding: the GPTQ baseline through bq-onnx's own code (Conv models included);
+* ``uniform nearest``: the same width everywhere, rounded to nearest (round-to-nearest, RTN);
 * ``ort gptq4``: onnxruntime's ``MatMulNBitsQuantizer`` with its GPTQ config, 4 bits, block 128 (MatMul weights
   only; its own stored bits).
 
@@ -38,7 +41,8 @@ from benchmarks import peers
 DEFAULT_MODELS = ("lenet", "digits_mlp", "minilm-l6", "efficientnet-lite0")
 BUDGETS = (3.0, 3.5, 4.0)
 CONFIGS = (("bq nearest", "greedy", "nearest"), ("bq gptq", "greedy", "gptq"),
-           ("bq gptq-plain", "greedy", "gptq-plain"), ("uniform gptq-plain", "uniform", "gptq-plain"))
+           ("bq gptq-plain", "greedy", "gptq-plain"), ("uniform gptq-plain", "uniform", "gptq-plain"),
+           ("uniform nearest", "uniform", "nearest"))
 
 
 def _bq(spec: peers.ModelSpec, out: Path, bits: float, allocator: str, rounding: str, n_calib: int,

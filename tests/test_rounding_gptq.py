@@ -180,3 +180,25 @@ def test_bad_shapes_are_refused():
         gptq_round(w, qt, a[:-1, :-1])
     with pytest.raises(ValueError, match="precision"):
         gptq_round(w, qt, a, np.ones((2, 2)))
+
+
+def test_lazy_blocks_and_one_cholesky_match_the_recursion(monkeypatch):
+    """K past several lazy blocks (the rows below a block are updated once per block), and the factor from one
+    Cholesky of the reversed correlation is the upper Cholesky factor of ``C^-1`` computed the long way in float64."""
+    import bq_onnx.rounding.gptq as g
+
+    monkeypatch.setattr(g, "LAZY_ROWS", 8)
+    rng, a, w = _problem(7, k=44, n=6)
+    h = rng.uniform(0.05, 3.0, w.shape)
+    for weighting in (None, h):
+        qt = quantize(w, 3, "uniform", 8, weighting)
+        got = gptq_round(w, qt, a, weighting)
+        assert np.mean(got.codes == _reference(w, qt, a, weighting)) > 0.99
+        assert (got.codes != qt.codes).any()
+    rng, a, w = _problem(7, k=300, n=5, rows=900)
+    metric = g.Metric(g.grouped_moments(a, 300, 5), None, 5, DAMPING)
+    ad = a + DAMPING * np.mean(np.diag(a)) * np.eye(300)
+    c = ad / np.sqrt(np.outer(np.diag(ad), np.diag(ad)))
+    want = np.linalg.cholesky(np.linalg.inv(c)).T
+    np.testing.assert_allclose(metric.u[0], want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+    assert not np.tril(metric.u[0], -1).any()

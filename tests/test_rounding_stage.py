@@ -61,9 +61,18 @@ def test_moments_match_explicit_loops():
     a = input_moments(model, ctx, load_calibration(data, model))
     x = data["x"].astype(np.float64)
     h = x @ W.astype(np.float64)
-    np.testing.assert_allclose(a["W"][0], x.T @ x / len(x), rtol=1e-10)
-    np.testing.assert_allclose(a["G"][0], h.T @ h / len(h), rtol=1e-5, atol=1e-4)  # h comes from float32 runs
-    np.testing.assert_allclose(a["C"], _conv_moment(data["img"]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(a["W"][0], _shrunk(x.T @ x / len(x), len(x)), rtol=1e-10)
+    np.testing.assert_allclose(a["G"][0], _shrunk(h.T @ h / len(h), len(h)), rtol=1e-5, atol=1e-4)  # float32 runs
+    np.testing.assert_allclose(a["C"], _shrunk(_conv_moment(data["img"]), 10 * 3 * 6), rtol=1e-10, atol=1e-12)
+
+
+def _shrunk(a: np.ndarray, rows: int) -> np.ndarray:
+    """Explicitly: ``(1 - alpha) A + alpha diag(A)`` with ``alpha = K / (K + rows)``, per group."""
+    k = a.shape[-1]
+    alpha = k / (k + rows)
+    if a.ndim == 2:
+        return (1 - alpha) * a + alpha * np.diag(np.diag(a))
+    return np.stack([_shrunk(g, rows) for g in a])
 
 
 def test_quantize_stage_compensates_and_keeps_the_grid():
@@ -115,7 +124,7 @@ def test_gptq_measures_better_than_nearest_on_held_out_digits(tmp_path, name, ro
         result = bq_onnx.optimize(str(model), calib=calib, bits=3, allocator="uniform", format=fmt, rounding=how)
         result.save(str(out), force=True)  # verified: decodes exactly to the numpy reference in onnxruntime
         kl[how] = _kl_to_fp32(out, model, data["test_input"])
-    assert kl[rounding] < 0.8 * kl["nearest"]
+    assert kl[rounding] < 0.9 * kl["nearest"]  # 0.82 on the MLP since A is shrunk toward its diagonal (moments.shrink)
 
 
 def test_data_free_falls_back_to_nearest_with_a_note(tmp_path):
@@ -142,3 +151,87 @@ def test_a_convolution_im2col_does_not_cover_gets_no_moment():
     ctx = passkit.context(bits=3, group_size=8, min_size=32, rounding="gptq")
     model = passkit.find_weights(passkit.prepare(passkit.load(same), ctx), ctx)
     assert input_moments(model, ctx, load_calibration({"img": _data()["img"]}, model)) == {}
+
+
+@pytest.mark.parametrize("rounding", ["gptq-plain", "gptq"])
+def test_tables_price_each_width_after_compensation(rounding):
+    """Under ``--rounding gptq`` a block's loss at each width is the nearest-rounding loss times what GPTQ leaves of
+    nearest's layer-output error (recomputed here from the rounding module directly), never more than nearest's."""
+    from bq_onnx.rounding import gptq_round
+    from bq_onnx.weights import design, weight_view
+
+    def tables(how):
+        ctx = passkit.context(bits=3, group_size=8, min_size=32, granularity="tensor", allowed_bits=[2, 3, 4],
+                              rounding=how)
+        model = passkit.find_weights(passkit.prepare(passkit.load(MODEL), ctx), ctx)
+        return ctx, passkit.tables(model, ctx, load_calibration(data, model))
+
+    data = _data(40)  # fewer than 2 x CHOICE_SAMPLES: priced by the metric alone
+    _, near = tables("nearest")
+    ctx, comp = tables(rounding)
+    near_loss = {t.weight: t.loss for t in near.blocks}
+    assert {t.weight for t in comp.blocks} == {"W", "G", "C"}
+    for t in comp.blocks:
+        info = next(w for w in ctx.weights if w.name == t.weight)
+        view, importance = weight_view(ctx, info)
+        want = []
+        for j, bits in enumerate(t.bits):
+            qt = design(ctx, view, importance, bits, t.weight)
+            got = gptq_round(view, qt, ctx.moments[t.weight], None if rounding == "gptq-plain" else importance)
+            a = ctx.moments[t.weight]
+            ratio = output_error(view, got.dequantize(), a, importance) / output_error(view, qt.dequantize(), a,
+                                                                                       importance)
+            want.append(near_loss[t.weight][j] * ratio)
+        np.testing.assert_allclose(t.loss, np.minimum.accumulate(want), rtol=1e-9)
+        assert np.all(t.loss <= near_loss[t.weight]) and (t.loss < near_loss[t.weight]).any()
+        if t.weight == "W":  # correlated inputs (the data mix them): compensation recovers much of the error
+            assert t.loss[0] < 0.9 * near_loss[t.weight][0]
+
+
+def test_a_measured_choice_keeps_nearest_codes_and_a_never_sees_the_choice_samples(monkeypatch):
+    """With 2 x CHOICE_SAMPLES or more samples, ``A`` comes from all but the last CHOICE_SAMPLES; a width whose
+    measured GPTQ loss is not below nearest's keeps nearest's codes in the quantize stage and nearest's loss in the
+    tables; a measured gain prices the width no lower than the layer-output metric does."""
+    import bq_onnx.stages.tables as tables_stage
+    from bq_onnx.stages.quantize import quantize_weights
+
+    measured = {("W", 2): 1.3, ("W", 3): 0.01}
+    monkeypatch.setattr(tables_stage._Compensation, "_measured_ratio",
+                        lambda self, info, view, qt, rounded: measured.get((info.name, qt.bits)))
+    n = 2 * tables_stage.CHOICE_SAMPLES + 8
+    data = _data(n)
+
+    def run(how, allowed):
+        ctx = passkit.context(bits=3, group_size=8, min_size=32, granularity="tensor", allowed_bits=allowed,
+                              rounding=how)
+        model = passkit.find_weights(passkit.prepare(passkit.load(MODEL), ctx), ctx)
+        calib = load_calibration(data, model)
+        return ctx, model, calib, passkit.tables(model, ctx, calib)
+
+    _, _, _, near = run("nearest", [2, 3, 4])
+    ctx, model, calib, comp = run("gptq", [2, 3, 4])
+    head = {k: v[: n - tables_stage.CHOICE_SAMPLES] for k, v in data.items()}
+    np.testing.assert_allclose(ctx.moments["W"], input_moments(model, ctx, load_calibration(head, model))["W"])
+    t_near = next(t for t in near.blocks if t.weight == "W")
+    t_comp = next(t for t in comp.blocks if t.weight == "W")
+    assert t_comp.loss[0] == pytest.approx(t_near.loss[0], rel=1e-12)  # measured worse: nearest's loss
+    # a measured gain larger than the metric's is priced at the metric's ratio (32 samples are noisy)
+    from bq_onnx.rounding import gptq_round
+    from bq_onnx.weights import design, weight_view
+
+    info = next(w for w in ctx.weights if w.name == "W")
+    view, importance = weight_view(ctx, info)
+    qt = design(ctx, view, importance, 3, "W")
+    a = ctx.moments["W"]
+    metric_ratio = output_error(view, gptq_round(view, qt, a, importance).dequantize(), a, importance) / output_error(
+        view, qt.dequantize(), a, importance)
+    assert t_comp.loss[1] == pytest.approx(metric_ratio * t_near.loss[1], rel=1e-9)
+    assert ctx.rounded[("nearest", "W", 2)] and ("nearest", "W", 3) not in ctx.rounded
+    # the quantize stage at a fixed 2 bits: W keeps nearest's codes, the others are compensated
+    ctx.pieces_for = lambda name, n_cols: [(0, n_cols, 2)]
+    got = quantize_weights(ctx, model, calib)
+
+    for info in ctx.weights:
+        view, importance = weight_view(ctx, info)
+        same = np.array_equal(got[info.name].codes, design(ctx, view, importance, 2, info.name).codes)
+        assert same == (info.name == "W")

@@ -33,7 +33,7 @@ import dataclasses
 import numpy as np
 
 from bq_onnx.qtensor import QuantizedTensor, expand_blocks, to_fp16_exact
-from bq_onnx.quantizers.grid import _Grid, _nearest_codes
+from bq_onnx.quantizers.grid import _Grid, _nearest
 
 DAMPING = 0.01
 """Damping of ``A``: this fraction of the mean of its diagonal is added to the diagonal (GPTQ's ``percdamp``)."""
@@ -117,10 +117,11 @@ class Metric:
         # undamped correlation on the same scale (the metric the result is judged by)
         d0 = np.where(diag > 0, diag, 1.0)
         self.exact = a / np.sqrt(d0[:, :, None] * d0[:, None, :])
-        cinv = np.linalg.inv(np.linalg.cholesky(corr))  # L^-1 with C = L L^T
-        cinv = np.swapaxes(cinv, 1, 2) @ cinv  # C^-1
-        cinv = 0.5 * (cinv + np.swapaxes(cinv, 1, 2))
-        self.u = np.swapaxes(np.linalg.cholesky(cinv), 1, 2)  # C^-1 = U^T U, U upper
+        # one Cholesky: with P the reversal, P C P = L L^T gives C^-1 = (P L^-1 P)^T (P L^-1 P), and P L^-1 P is
+        # upper triangular with a positive diagonal: the upper Cholesky factor U of C^-1 (unique)
+        rev = corr[:, ::-1, ::-1]
+        self.u = np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(rev))[:, ::-1, ::-1])
+        self.u = np.triu(self.u)  # exact zeros below the diagonal (inv of a triangular matrix leaves round-off)
         if precision is None:  # H = the damped A itself: whiten by its diagonal; judge by A's
             s = np.sqrt(np.repeat(dd, self.cols, axis=0).T)  # (K, N): each column's group
             self.judge = np.sqrt(np.repeat(d0, self.cols, axis=0).T)
@@ -171,6 +172,7 @@ class _Rounder:
             self.hi = (1 << qt.bits) - 1
             cb = qt.codebook
             self.may_tie = qt.kind == "codebook" and (qt.offset is not None or bool((np.diff(cb) == 0).any()))
+            self._grids: tuple[int, _Grid | None] = (-1, None)
 
     def run(self, metric: Metric) -> QuantizedTensor:
         qt = self.qt
@@ -180,12 +182,20 @@ class _Rounder:
         s = metric.s
         x = self.w.copy()  # targets, corrected as rows are rounded (kept unwhitened: no update, no change)
         u = metric.u
+        one = d == 1 and metric.groups == 1
+        inv_s = 1.0 / s
         for b0 in range(0, k, step_rows):
             b1 = min(k, b0 + step_rows)
             err = np.zeros((b1 - b0, n))
             for v0 in range(b0, b1, d):
                 v1 = min(v0 + d, b1)
                 q = self._round(v0, v1, x[v0:v1])
+                if one:  # one group, scalar rows: plain row arithmetic, no grouping reshapes
+                    es = s[v0] * (x[v0] - q[0]) / u[0, v0, v0]
+                    err[v0 - b0] = es
+                    if v1 < b1:
+                        x[v1:b1] -= np.outer(u[0, v0, v1:b1], es) * inv_s[v1:b1]
+                    continue
                 e = metric.grouped(s[v0:v1] * (x[v0:v1] - q))  # whitened error (G, |S|, c)
                 if d == 1:
                     es = e / u[:, v0 : v0 + 1, v0 : v0 + 1]
@@ -195,7 +205,7 @@ class _Rounder:
                 if v1 < b1:
                     x[v1:b1] -= metric.ungrouped(np.swapaxes(u[:, v0:v1, v1:b1], 1, 2) @ es) / s[v1:b1]
             if b1 < k:
-                x[b1:] -= metric.ungrouped(np.swapaxes(u[:, b0:b1, b1:], 1, 2) @ metric.grouped(err)) / s[b1:]
+                x[b1:] -= metric.ungrouped(np.swapaxes(u[:, b0:b1, b1:], 1, 2) @ metric.grouped(err)) * inv_s[b1:]
         return self._result()
 
     def _round(self, v0: int, v1: int, target: np.ndarray) -> np.ndarray:
@@ -216,13 +226,9 @@ class _Rounder:
             self.codes[v0 // dlen] = codes.astype(self.codes.dtype)
             dense = (cb[codes] * scale[:, None]).astype(np.float32).T[: v1 - v0]
         else:
-            kb = v0 // qt.block_size
-            zp = None
-            if qt.kind == "uniform":
-                zp = np.float32(qt.implicit_zero_point) if qt.symmetric else qt.zero_point[kb].astype(np.float32)
-            grid = _Grid(qt.scale[kb], zp=zp, codebook=qt.codebook,
-                         offset=None if qt.offset is None else qt.offset[kb])
-            codes = _nearest_codes(target.astype(np.float32).T, grid, self.lo, self.hi, self.may_tie)
+            grid = self._grid(v0 // qt.block_size)
+            x32 = target.astype(np.float32).T
+            codes = _nearest(x32, grid, grid.guess(x32, self.lo, self.hi), self.lo, self.hi, self.may_tie)
             codes = np.where(mask.T, self.codes[v0:v1].T, codes)  # outliers keep the design's dense code
             self.codes[v0:v1] = codes.T.astype(np.uint8)
             dense = grid.dense(codes.astype(np.int64)).T
@@ -233,6 +239,17 @@ class _Rounder:
             value = to_fp16_exact(np.clip(target[mask] - dense[mask], -_FP16_MAX, _FP16_MAX))
             q[mask] = (dense[mask] + value).astype(np.float32)
         return q
+
+    def _grid(self, kb: int) -> _Grid:
+        """The levels of block row ``kb`` (built once; every row of the block shares them)."""
+        if self._grids[0] != kb:
+            qt = self.qt
+            zp = None
+            if qt.kind == "uniform":
+                zp = np.float32(qt.implicit_zero_point) if qt.symmetric else qt.zero_point[kb].astype(np.float32)
+            self._grids = (kb, _Grid(qt.scale[kb], zp=zp, codebook=qt.codebook,
+                                     offset=None if qt.offset is None else qt.offset[kb]))
+        return self._grids[1]
 
     def _result(self) -> QuantizedTensor:
         qt = self.qt

@@ -4,7 +4,10 @@ order, from calibration runs (what ``--rounding gptq`` compensates rounding erro
 A weight read directly by one MatMul (a 2-D ``[K, N]`` weight), Gemm (input B, either ``transB``) or 2-D Conv (im2col
 patches, one ``A`` per group, the K-FAC estimator's own :func:`bq_onnx.estimators.kfac.im2col_batch`) gets one;
 anything else (layout chains, several readers, subgraphs, embeddings, recurrent layers) gets none and is rounded to
-nearest. Rows are every position of every sample (tokens, patches), padding tokens included; ``A`` is their mean.
+nearest. Rows are every position of every sample (tokens, patches), padding tokens included; ``A`` is their mean,
+shrunk toward its diagonal by ``K / (K + rows)`` (:func:`shrink`). Under ``--rounding gptq`` with enough calibration
+samples the last 32 are left out of ``A``: the tables measure the rounding choice on them
+(:mod:`bq_onnx.stages.tables`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,19 @@ def _rows(x: np.ndarray, op: str, attrs: dict, info: WeightInfo) -> np.ndarray:
     return np.moveaxis(x, axis, -1).reshape(1, -1, x.shape[axis])
 
 
+def shrink(a: np.ndarray, rows: int) -> np.ndarray:
+    """``A`` from ``rows`` rows pulled toward its diagonal by ``K / (K + rows)``: with fewer rows than inputs
+    (LeNet's 400-wide FC layer on 128 samples) the sample ``A`` is singular and GPTQ would cancel errors along
+    directions held-out inputs do not share; with many rows (convolution patches, tokens) it is almost unchanged."""
+    k = a.shape[-1]
+    alpha = k / (k + max(rows, 1))
+    diag = np.einsum("...kk->...k", a)
+    out = (1.0 - alpha) * a
+    idx = np.arange(k)
+    out[..., idx, idx] += alpha * diag
+    return out
+
+
 def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None) -> dict[str, np.ndarray]:
     """Weight name -> ``A`` (``(groups, K, K)``, mean over rows) for every weight it can be measured for."""
     if calibration is None:
@@ -83,5 +99,5 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
                 counts[name] = counts.get(name, 0) + rows.shape[1]
     finally:
         sessions.close()
-    moments = {name: s / max(counts[name], 1) for name, s in sums.items()}
+    moments = {name: shrink(s / max(counts[name], 1), counts[name]) for name, s in sums.items()}
     return {name: a for name, a in moments.items() if np.isfinite(a).all()}  # a NaN/Inf input: nearest

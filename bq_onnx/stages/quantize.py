@@ -8,8 +8,9 @@ piece is cut from the whole tensor quantized at that width, exactly as the expec
 codebooks, outlier positions) and its codes are re-chosen by :func:`bq_onnx.rounding.gptq_round` with the layer's
 input second moment ``A`` (:mod:`bq_onnx.stages.moments`, measured once on the calibration samples the posterior
 saw) and the posterior precision; output channels are independent once the grid is fixed, so the pieces are cut
-from it as before. Weights without an ``A`` (no calibration data, or not read directly by one MatMul/Gemm/Conv)
-are rounded to nearest, with a note.
+from it as before. Where the tables measured that GPTQ loses more than nearest for a tensor at a width (widths up to
+4, :class:`bq_onnx.stages.tables._Compensation`), nearest's codes are kept there. Weights without an ``A`` (no
+calibration data, or not read directly by one MatMul/Gemm/Conv) are rounded to nearest, with a note.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def quantize_weights(
     ctx: Context, model: ir.Model | None = None, calibration: Calibration | None = None
 ) -> dict[str, QuantizedTensor]:
     """Each weight quantized at the widths the allocation (or the fixed ``--bits``) gives its blocks."""
-    moments = _moments(ctx, model, calibration)
+    moments = layer_moments(ctx, model, calibration)
     plain = ctx.config.quantization.rounding == "gptq-plain"
     quantized: dict[str, QuantizedTensor] = {}
     for info in progress(ctx.weights, "quantize", enabled=ctx.progress):
@@ -38,7 +39,7 @@ def quantize_weights(
         designs = {bits: design(ctx, view, importance, bits, info.name) for bits in widths}
         if info.name in moments:
             weighting = None if plain else importance
-            designs = {bits: _compensated(ctx, info.name, view, qt, moments[info.name], weighting)
+            designs = {bits: compensated(ctx, info.name, view, qt, moments[info.name], weighting)
                        for bits, qt in designs.items()}
         if len(pieces) == 1:
             quantized[info.name] = designs[pieces[0][2]]
@@ -53,13 +54,13 @@ def quantize_weights(
 _GRID = ("scale", "zero_point", "codebook", "offset", "outlier_index", "codes")
 
 
-def _compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,
-                 importance: np.ndarray | None) -> QuantizedTensor:
-    """``qt`` re-rounded by GPTQ; the guard and the stored-budget loop quantize again and again, so a result is
-    kept per (weight, width) and reused while the design (grid and nearest codes) is the same."""
+def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,
+                importance: np.ndarray | None) -> QuantizedTensor:
+    """``qt`` re-rounded by GPTQ; the tables, the guard and the stored-budget loop quantize again and again, so a
+    result is kept per (weight, width) and reused while the design (grid and nearest codes) is the same."""
     from bq_onnx.rounding.gptq import DAMPING, Metric, gptq_round, grouped_moments
 
-    if qt.kind == "mean":
+    if qt.kind == "mean" or ctx.rounded.get(("nearest", name, qt.bits)):  # measured: nearest loses less here
         return qt
     key = (name, qt.bits)
     hit = ctx.rounded.get(key)
@@ -74,11 +75,30 @@ def _compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor,
     return out
 
 
+def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,
+                       importance: np.ndarray | None, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Per slice of output channels: the layer-output error left by GPTQ over the one rounding to nearest leaves, on
+    the metric GPTQ minimizes (``<= 1``: GPTQ keeps nearest's codes where it does not lower it; 1 where nearest's
+    error is zero). What the expected-loss tables multiply their nearest-rounding loss by under ``--rounding gptq``."""
+    rounded = compensated(ctx, name, view, qt, a, importance)
+    if rounded is qt:
+        return np.ones(len(ranges))
+    metric = ctx.rounded[("metric", name)]
+    near = metric.column_error(np.asarray(view, dtype=np.float64) - qt.dequantize())
+    comp = metric.column_error(np.asarray(view, dtype=np.float64) - rounded.dequantize())
+    out = np.ones(len(ranges))
+    for i, (lo, hi) in enumerate(ranges):
+        total = float(near[lo:hi].sum())
+        if total > 0:
+            out[i] = min(1.0, float(comp[lo:hi].sum()) / total)
+    return out
+
+
 def _same(x: np.ndarray | None, y: np.ndarray | None) -> bool:
     return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
 
 
-def _moments(ctx: Context, model: ir.Model | None, calibration: Calibration | None) -> dict[str, np.ndarray]:
+def layer_moments(ctx: Context, model: ir.Model | None, calibration: Calibration | None) -> dict[str, np.ndarray]:
     """``A`` per weight for ``--rounding gptq`` (measured once per run and kept on the context), else empty."""
     if ctx.config.quantization.rounding == "nearest":
         return {}

@@ -207,6 +207,8 @@ def optimize(
     posterior: str | os.PathLike | Posterior | None = None,
     progress: bool = False,
     recipe_from: str | os.PathLike | None = None,
+    workers: int | None = None,
+    ray: str | bool | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
@@ -228,6 +230,9 @@ def optimize(
     calibration samples (:mod:`bq_onnx.provenance`). ``recipe_from`` (an earlier output, instead of ``config``)
     re-runs the recipe it records; the model and ``calib`` must hash as recorded (else a one-line
     :class:`UsageError`), and the same version then writes the same bytes.
+
+    ``workers`` (local processes) or ``ray`` (True: a local Ray instance; or a cluster's address) share out the
+    posterior's calibration shards (:mod:`bq_onnx.distributed`); the output is the same bytes as without.
     """
     recorded = None
     if recipe_from is not None:
@@ -281,7 +286,10 @@ def optimize(
         _check_recorded(recipe_from, recorded, model, model_sha, calib_sha, ctx)
     made = provenance.entries(__version__, recipe_text, model_sha, calib_sha)
     loaded.metadata_props.update(made)  # before the rewrite: --size-mb measures the file with them
-    result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
+    from bq_onnx.distributed import distributed
+
+    with distributed(workers, ray):
+        result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
     if profile is not None:
         from bq_onnx.targets import container_notes
         from bq_onnx.validate import validate

@@ -48,7 +48,7 @@ from bq_onnx.stages.weights import find_weights
 RETRIES = 2
 
 #: Fault injection for the tests: ``BQ_ONNX_WORKER_FAULT=<path>`` kills the first worker that finishes a shard
-#: with SIGKILL before it replies, and creates ``<path>`` so that the retry runs through.
+#: with SIGKILL before it replies, and creates ``<path>`` so that the retry runs through (``always``: every one).
 FAULT_ENV = "BQ_ONNX_WORKER_FAULT"
 
 #: Where the scratch folder of a distributed run goes (default: the system's temporary folder). Ray workers on
@@ -229,8 +229,9 @@ def run_shard(job: Job, task: Task, rows: tuple[int, int], reply: str | None = N
         _WORKER[job.key] = _Worker(job)
     state = _WORKER[job.key].stage(task).run(range(*rows)).state()
     marker = os.environ.get(FAULT_ENV)
-    if marker and not os.path.exists(marker):
-        Path(marker).touch()
+    if marker and (marker == "always" or not os.path.exists(marker)):
+        if marker != "always":
+            Path(marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
     if reply is None:
         return state

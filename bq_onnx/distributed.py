@@ -264,7 +264,7 @@ class PoolRunner:
         return self.pool
 
     def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
-        shards = shard_ranges(stage.calib.num_samples)
+        shards = shard_ranges(stage.calib.num_samples, unit=stage.calib.run_size(1))
         theirs = {i: rows for i, rows in enumerate(shards) if i % self.workers}
         replies = {i: os.path.join(self.job.scratch, "replies", f"{task.phase}-{task.stage}-{i}.npz")
                    for i in theirs}
@@ -343,7 +343,7 @@ class RayRunner:
         self.task = ray.remote(max_retries=RETRIES, num_cpus=1)(run_shard)
 
     def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
-        shards = shard_ranges(stage.calib.num_samples)
+        shards = shard_ranges(stage.calib.num_samples, unit=stage.calib.run_size(1))
         refs = [self.task.remote(self.job, task, (r.start, r.stop)) for r in shards]
         stage.settle()
         total = None

@@ -160,3 +160,20 @@ def test_ray_tasks_give_the_one_process_posterior(tmp_path, monkeypatch):
     assert marker.exists()
     for name, wp in one.weights.items():
         assert np.array_equal(wp.curvature, two.weights[name].curvature), name
+
+
+def test_shards_of_a_fixed_batch_model_hold_whole_runs(tmp_path, monkeypatch):
+    """A model that takes 2 samples per run: shards of 3 samples are rounded up to 4 (two whole runs)."""
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.model_io import load_model
+    from tests.test_calibration_any_graph import _images, fixed_model
+
+    path = tmp_path / "two.onnx"
+    onnx.save(fixed_model(batch=2), path)
+    calib = load_calibration({"x": _images(8)}, load_model(path), axes={"x": 0})
+    posteriors = []
+    for size in ("3", "4"):
+        monkeypatch.setenv("BQ_ONNX_SHARD_SAMPLES", size)
+        posteriors.append(estimate_posterior(path, calib, "kfac", seed=0))
+    for name, wp in posteriors[0].weights.items():
+        assert np.array_equal(wp.curvature, posteriors[1].weights[name].curvature), name

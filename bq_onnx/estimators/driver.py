@@ -51,10 +51,11 @@ def shard_samples() -> int:
 
 
 def shard_ranges(num_samples: int, count: int | None = None, unit: int = 1) -> list[range]:
-    """Consecutive sample ranges: of :func:`shard_samples` samples each, or ``count`` ranges as equal as whole
-    ``unit`` s allow (runs of a fixed batch, a stage's batches). Never an empty range."""
+    """Consecutive sample ranges: of :func:`shard_samples` samples each (rounded up to whole ``unit`` s), or
+    ``count`` ranges as equal as whole ``unit`` s allow (runs of a fixed batch, a stage's batches). Never an empty
+    range."""
     if count is None:
-        size = shard_samples()
+        size = -(-shard_samples() // unit) * unit
         return [range(s, min(s + size, num_samples)) for s in range(0, num_samples, size)]
     units = -(-num_samples // unit)
     cuts = [min(unit * (units * i // count), num_samples) for i in range(count + 1)]
@@ -82,7 +83,7 @@ class LocalRunner:
 
     def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
         total = None
-        for rows in shard_ranges(stage.calib.num_samples):
+        for rows in shard_ranges(stage.calib.num_samples, unit=stage.calib.run_size(1)):
             acc = stage.run(rows, bar)
             total = acc if total is None else total.merge(acc)
         return total

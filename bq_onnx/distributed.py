@@ -55,6 +55,11 @@ FAULT_ENV = "BQ_ONNX_WORKER_FAULT"
 #: other machines read the model and calibration from it: point it at a filesystem they share.
 SHARED_ENV = "BQ_ONNX_SHARED_DIR"
 
+#: Scratch files (the prepared model and the calibration samples) up to this size also travel through Ray's
+#: object store, once: a Ray worker that cannot see the scratch folder (another machine, no shared filesystem)
+#: writes them to a folder of its own and reads them from there.
+OBJECT_STORE_BYTES = 256 * 2**20
+
 SHARD_FORMAT = "bq-onnx posterior shard 1"
 
 
@@ -219,14 +224,45 @@ class _Worker:
 _WORKER: dict[str, _Worker] = {}  # this process's current job (one: a Ray worker process outlives jobs)
 
 
-def run_shard(job: Job, task: Task, rows: tuple[int, int], reply: str | None = None) -> dict | str:
+def bundle(job: Job) -> dict[str, bytes] | None:
+    """The scratch files a worker reads, by path relative to the scratch folder (None: over
+    :data:`OBJECT_STORE_BYTES`, so they go by the shared filesystem only)."""
+    root = Path(job.scratch)
+    files = [f for f in root.rglob("*") if f.is_file() and "replies" not in f.relative_to(root).parts]
+    if sum(f.stat().st_size for f in files) > OBJECT_STORE_BYTES:
+        return None
+    return {os.fspath(f.relative_to(root)): f.read_bytes() for f in files}
+
+
+def materialized(job: Job, files: Mapping[str, bytes] | None) -> Job:
+    """``job`` itself where its scratch folder is visible, else ``job`` reading ``files`` written to a folder of
+    this process's (removed when the process ends)."""
+    if files is None or os.path.exists(job.model):
+        return job
+    root = Path(tempfile.mkdtemp(prefix="bq-worker-"))
+    import atexit
+
+    atexit.register(shutil.rmtree, root, True)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+    def moved(path: str) -> str:
+        return os.fspath(root / Path(path).relative_to(job.scratch))
+
+    return dataclasses.replace(job, model=moved(job.model), calib=moved(job.calib), scratch=os.fspath(root))
+
+
+def run_shard(job: Job, task: Task, rows: tuple[int, int], reply: str | None = None,
+              files: Mapping[str, bytes] | None = None) -> dict | str:
     """In a worker: the accumulator of ``task``'s stage over samples ``rows``, as arrays (``reply``: written to
-    that ``.npz`` path instead, whose name is returned)."""
+    that ``.npz`` path instead, whose name is returned). ``files``: the scratch files, for a worker that cannot
+    see the scratch folder (:func:`bundle`)."""
     if job.key not in _WORKER:
         for old in _WORKER.values():
             old.close()
         _WORKER.clear()
-        _WORKER[job.key] = _Worker(job)
+        _WORKER[job.key] = _Worker(materialized(job, files))
     state = _WORKER[job.key].stage(task).run(range(*rows)).state()
     marker = os.environ.get(FAULT_ENV)
     if marker and (marker == "always" or not os.path.exists(marker)):
@@ -341,10 +377,11 @@ class RayRunner:
                                  f"({str(exc).splitlines()[0][:200]})") from None
         self.job = job
         self.task = ray.remote(max_retries=RETRIES, num_cpus=1)(run_shard)
+        self.files = ray.put(bundle(job))  # once; every task gets it from the object store
 
     def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
         shards = shard_ranges(stage.calib.num_samples, unit=stage.calib.run_size(1))
-        refs = [self.task.remote(self.job, task, (r.start, r.stop)) for r in shards]
+        refs = [self.task.remote(self.job, task, (r.start, r.stop), None, self.files) for r in shards]
         stage.settle()
         total = None
         for ref in refs:

@@ -11,6 +11,9 @@ samples are a few dozen adds, measured 3e-18), far below any difference a wrong 
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -177,3 +180,31 @@ def test_shards_of_a_fixed_batch_model_hold_whole_runs(tmp_path, monkeypatch):
         posteriors.append(estimate_posterior(path, calib, "kfac", seed=0))
     for name, wp in posteriors[0].weights.items():
         assert np.array_equal(wp.curvature, posteriors[1].weights[name].curvature), name
+
+
+def test_a_worker_without_the_scratch_folder_reads_the_files_it_was_sent(tmp_path):
+    """What a Ray worker on another machine (no shared filesystem) does with the files from the object store: the
+    shard it computes is the one a worker reading the scratch folder computes."""
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.config import PosteriorConfig
+    from bq_onnx.estimators import prepare
+    from bq_onnx.estimators.driver import Task
+
+    prepared = prepare(MODEL)
+    calib = load_calibration(CALIB, prepared.model, 16)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    job = dist.write_job(prepared, calib, PosteriorConfig(method="kfac", batch_size=8), scratch)
+    files = dist.bundle(job)
+    assert files is not None and "model.onnx" in files
+    here = dist.run_shard(job, Task("main", 0), (8, 16))
+    elsewhere = dataclasses.replace(job, key="other", model=str(tmp_path / "gone" / "model.onnx"),
+                                    calib=str(tmp_path / "gone" / "calibration"), scratch=str(tmp_path / "gone"))
+    moved = dist.materialized(elsewhere, {k: v for k, v in files.items()})
+    assert os.path.exists(moved.model) and not moved.model.startswith(str(tmp_path))
+    there = dist.run_shard(elsewhere, Task("main", 0), (8, 16), None, files)
+    assert here.keys() == there.keys()
+    assert all(np.array_equal(here[k], there[k]) for k in here)
+    dist.run_shard(job, Task("main", 0), (0, 1))  # the worker drops the other job's state
+    assert list(dist._WORKER) == [job.key]
+    dist._WORKER.pop(job.key).close()

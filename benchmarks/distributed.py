@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [float(s) for s in args.sizes.split(",")]
     counts = [int(w) for w in args.workers.split(",")]
     shard = -(-args.samples // max(counts))
-    rows, measured = [], {w: ([], []) for w in counts}
+    rows, measured = [], {}  # (what, workers) -> (sizes, peaks)
     args.load = [os.getloadavg()[0]]
     try:
         for size in sizes:
@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 r = run(model, calib, w, args.method, shard, outs[w])
                 print(f"{model_bytes / GIB:.2f} GiB, {w} worker(s): {r['wall']:.1f} s, main {r['main'] / GIB:.2f} "
                       f"GiB, worker {r['worker'] / GIB:.2f} GiB", flush=True)
-                worker_peak = max(r["main"], r["worker"]) if w > 1 else r["main"]
-                measured[w][0].append(model_bytes / GIB)
-                measured[w][1].append(worker_peak / GIB)
+                for what in ("main", "worker") if w > 1 else ("main",):
+                    sizes_, peaks = measured.setdefault((what, w), ([], []))
+                    sizes_.append(model_bytes / GIB)
+                    peaks.append(r[what] / GIB)
                 rows.append((model_bytes, w, r))
             same = all(_same(outs[counts[0]], outs[w]) for w in counts[1:])
             rows.append((model_bytes, "same", same))
@@ -142,9 +143,9 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
                       "defaults, `--sizes 0.25,1 --samples 512`); this one is smaller because the machine it ran on "
                       "was shared. The wall times at so few samples are mostly start-up (each worker builds the "
                       "gradient graph and sessions and runs the FP32 model on every sample), which a longer run "
-                      "divides out. Memory depends little on the samples on this model (512 samples of 2048 floats are 4 MiB, and "
-                      "the batched Fisher keeps each batch's layer inputs and output gradients on disk), so the "
-                      "per-worker fit holds for 512.", ""]
+                      "divides out. Memory depends little on the samples on this model (512 samples of 2048 "
+                      "floats are 4 MiB, and the batched Fisher keeps each batch's layer inputs and output "
+                      "gradients on disk), so the per-worker fit holds for 512.", ""]
     same = []
     for model_bytes, w, r in rows:
         if w == "same":
@@ -153,14 +154,17 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         worker = f"{r['worker'] / GIB:.2f}" if w > 1 else "-"
         lines.append(f"| {model_bytes / GIB:.2f} | {w} | {r['wall']:.1f} | {r['main'] / GIB:.2f} | {worker} |")
     lines += ["", f"Posteriors byte-identical across worker counts: {', '.join(same)}.", ""]
-    for w, (sizes, peaks) in measured.items():
+    for (what, w), (sizes, peaks) in measured.items():
         a, c = fit(sizes, peaks)
         biggest = max(sizes)
-        lines.append(f"- {w} worker(s): peak per process = {a:.2f} GiB + {c:.2f} x model GiB (fitted over "
+        who = "the main process" if what == "main" else "a spawned worker"
+        lines.append(f"- {w} worker(s), {who}: peak = {a:.2f} GiB + {c:.2f} x model GiB (fitted over "
                      f"{', '.join(f'{s:.2f}' for s in sizes)} GiB). For a model N times the {biggest:.2f} GiB one: "
-                     f"about {a:.2f} + {c * biggest:.2f} N GiB per worker (N = 10: {a + c * biggest * 10:.1f} GiB).")
+                     f"about {a:.2f} + {c * biggest:.2f} N GiB (N = 10: {a + c * biggest * 10:.1f} GiB).")
     lines += [
         "",
+        "The main process also computes shards (0, N, 2N, ...) and then reads the others' replies and finalizes "
+        "the posterior, so it is the bound to size a machine by; a spawned worker needs less. "
         "Every worker holds the whole model and its gradient sessions, so the per-worker bound grows with the "
         "model, not with the number of workers; more workers divide the samples (time), not the memory. The "
         "samples add one batch's activations (capped by `BQ_ONNX_ACTIVATION_BUDGET_MB`, 1 GiB by default) and, "

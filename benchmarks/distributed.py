@@ -164,7 +164,7 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
     lines += [
         "",
         "The main process also computes shards (0, N, 2N, ...) and then reads the others' replies and finalizes "
-        "the posterior, so it is the bound to size a machine by; a spawned worker needs less. "
+        "the posterior; size a machine by the larger of the two fits. "
         "Every worker holds the whole model and its gradient sessions, so the per-worker bound grows with the "
         "model, not with the number of workers; more workers divide the samples (time), not the memory. The "
         "samples add one batch's activations (capped by `BQ_ONNX_ACTIVATION_BUDGET_MB`, 1 GiB by default) and, "

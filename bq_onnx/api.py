@@ -226,6 +226,8 @@ def optimize(
     recipe_from: str | os.PathLike | None = None,
     run_timeout: float | None = None,
     max_memory: int | str | None = None,
+    workers: int | None = None,
+    ray: str | bool | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Quantize every weight of ``model`` (a path, ModelProto or onnx-ir Model; never modified).
@@ -253,6 +255,9 @@ def optimize(
     onnxruntime/OpenVINO session and run of this call and of the result's :meth:`OptimizeResult.save`, and what a
     model or data file may make bq-onnx allocate; past one, a :class:`~bq_onnx.errors.BqError` with the CLI's exit
     code (10 for a run, 3 or 5 for a file).
+
+    ``workers`` (local processes) or ``ray`` (True: a local Ray instance; or a cluster's address) share out the
+    posterior's calibration shards (:mod:`bq_onnx.distributed`); the output is the same bytes as without.
     """
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
         raise UsageError(f"{os.fspath(model)}: a folder; bq_onnx.optimize_folder optimizes every model in it")
@@ -262,14 +267,14 @@ def optimize(
               checked.max_memory if max_memory is not None else None)
     with run_limits(*limits):
         result = _optimize(model, config, calib=calib, posterior=posterior, progress=progress,
-                           recipe_from=recipe_from, options=options)
+                           recipe_from=recipe_from, workers=workers, ray=ray, options=options)
     result.limits = limits
     return result
 
 
 def _optimize(model: ModelSource, config: OptimizeConfig | str | os.PathLike | None, *, calib: CalibrationSource | None,
               posterior: str | os.PathLike | Posterior | None, progress: bool, recipe_from: str | os.PathLike | None,
-              options: dict[str, Any]) -> OptimizeResult:
+              workers: int | None, ray: str | bool | None, options: dict[str, Any]) -> OptimizeResult:
     recorded = None
     if recipe_from is not None:
         if config is not None:
@@ -323,7 +328,10 @@ def _optimize(model: ModelSource, config: OptimizeConfig | str | os.PathLike | N
         _check_recorded(recipe_from, recorded, model, model_sha, calib_sha, ctx, posterior_sha)
     made = provenance.entries(__version__, recipe_text, model_sha, calib_sha, posterior_sha)
     loaded.metadata_props.update(made)  # before the rewrite: --size-mb measures the file with them
-    result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
+    from bq_onnx.distributed import distributed
+
+    with distributed(workers, ray):
+        result = optimize_model(loaded, ctx, calibration=calibration, posterior=posterior, profile=profile)
     if profile is not None:
         from bq_onnx.targets import container_notes
         from bq_onnx.validate import validate

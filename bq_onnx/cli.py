@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     add_group(o, c.title, shared_options(), group=c)
     for concern in concern_types().values():
         add_concern(o, concern)
+    _workers(o)
     _common(o)
 
     q = sub.add_parser(
@@ -112,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     add_concern(q, WeightsConfig, only=("min_size",))
     add_concern(q, PosteriorConfig)
     add_concern(q, InputsConfig, only=("batch_axis",))
+    d = _workers(q)
+    d.add_argument("--shard", metavar="I/N", help="compute only sample range I of N (from 0; split on whole "
+                   "batches) and write its sums as a shard file (default posterior.shard-I-of-N.npz), to be merged "
+                   "with --merge; run it on any machine with the same model, --calib and options")
+    d.add_argument("--merge", nargs="+", metavar="SHARD", help="merge shard files (all N of one split, any order) "
+                   "into the posterior file: give the same model, --calib and options as the shards (a shard of "
+                   "another model, calibration or options is refused)")
     _common(q)
 
     i = sub.add_parser(
@@ -174,6 +182,16 @@ def _parser() -> argparse.ArgumentParser:
     add_concern(b, BenchConfig)
     _common(b)
     return p
+
+
+def _workers(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--workers`` and ``--ray``: where the posterior's calibration shards run (README: Sharding, workers, Ray)."""
+    d = p.add_argument_group("distribution (the posterior over several processes; the same output bytes)")
+    d.add_argument("--workers", type=int, metavar="N", help="N local processes (this one included) share out the "
+                   "posterior's calibration shards (of 256 samples); each reads the model from a file")
+    d.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the shards as Ray tasks on the "
+                   "cluster at ADDRESS (without one: a local Ray instance); needs pip install 'bq-onnx[ray]'")
+    return d
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -242,6 +260,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         posterior=args.posterior,
         progress=not (args.quiet or args.json) and sys.stderr.isatty(),
         recipe_from=args.recipe_from,
+        workers=args.workers,
+        ray=args.ray,
         **options,
     )
     report = result.save(out, force=args.force, verify=not args.no_verify)
@@ -428,22 +448,54 @@ def _loss_text(terms: list[dict]) -> str:
 
 def _cmd_posterior(args: argparse.Namespace) -> int:
     from bq_onnx.calibration import load_calibration
+    from bq_onnx.distributed import distributed, parse_shard
     from bq_onnx.estimators import estimate_prepared, prepare
     from bq_onnx.writing import Protected, check_output, resolve_output, write_file
 
-    protected = Protected([args.calib])
+    protected = Protected([args.calib, *(args.merge or ())])
     protected.add_model(args.model)
     labels = given(args, PosteriorConfig).get("labels")
     if isinstance(labels, str):
         protected.add(labels)
-    out = check_output(resolve_output(args.output, "posterior.npz", Path.cwd()), protected, args.force)
+    if args.shard and args.merge:
+        raise UsageError("--shard and --merge: give one (compute a shard, or merge the shards)")
+    if (args.shard or args.merge) and (args.workers or args.ray is not None):
+        raise UsageError("--workers/--ray share out a whole estimate; --shard and --merge run in this process")
+    shard = parse_shard(args.shard) if args.shard else None
+    default = f"posterior.shard-{shard[0]}-of-{shard[1]}.npz" if shard else "posterior.npz"
+    out = check_output(resolve_output(args.output, default, Path.cwd()), protected, args.force)
     start = time.perf_counter()
     config = PosteriorConfig(**given(args, PosteriorConfig))
+    with distributed(args.workers, args.ray):  # checks the values before the work
+        pass
     prepared = prepare(args.model, WeightsConfig(**given(args, WeightsConfig)))
     axes = dict(InputsConfig(**given(args, InputsConfig)).batch_axis)
-    calib = load_calibration(args.calib, prepared.model, axes=axes)
-    posterior = estimate_prepared(prepared, calib, config,
-                                  progress_bar=not (args.quiet or args.json) and sys.stderr.isatty())
+    calib = load_calibration(args.calib, prepared.model, config.calib_samples, axes=axes)
+    bar = not (args.quiet or args.json) and sys.stderr.isatty()
+    if shard is not None or args.merge:
+        from bq_onnx import distributed as dist
+        from bq_onnx.provenance import calibration_sha256, file_sha256
+
+        sums = {"model_sha256": file_sha256(args.model), "calibration_sha256": calibration_sha256(calib),
+                "options": dist.options_text(config)}
+        if shard is not None:
+            arrays, header = dist.shard_state(prepared, calib, config, *shard, progress_bar=bar)
+            header.update(sums)
+            write_file(out, lambda tmp: dist.write_shard(tmp, arrays, header), protected, args.force,
+                       suffix=".npz")
+            if args.json:
+                print(json.dumps({"output": str(out), "shard": header["shard"], "samples": header["samples"]},
+                                 indent=2, sort_keys=True))
+            elif not args.quiet:
+                a, b = header["samples"]
+                _say(f"wrote {out} (shard {shard[0]}/{shard[1]}: samples {a}-{b - 1} of {calib.num_samples}) in "
+                     f"{time.perf_counter() - start:.1f} s")
+            return EXIT_OK
+        paths = dist.check_shards(args.merge, sums)
+        posterior = dist.merge_shards(prepared, calib, config, paths, bar)
+    else:
+        with distributed(args.workers, args.ray):
+            posterior = estimate_prepared(prepared, calib, config, progress_bar=bar)
     write_file(out, posterior.save, protected, args.force, suffix=".npz")
     elapsed = time.perf_counter() - start
     rows = posterior.summary()

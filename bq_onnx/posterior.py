@@ -320,6 +320,21 @@ class SumAccumulator:
         self.count += other.count
         return self
 
+    def state(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The sums and count as arrays (a shard file's or a worker's reply), exact: :meth:`restore` reads them
+        back to an equal accumulator."""
+        return {f"{prefix}count": np.array(self.count, dtype=np.int64),
+                **{f"{prefix}sum/{name}": total for name, total in self.sums.items()}}
+
+    @classmethod
+    def restore(cls, state: Mapping[str, np.ndarray], prefix: str = "") -> SumAccumulator:
+        acc = cls()
+        acc.count = int(state[f"{prefix}count"])
+        head = f"{prefix}sum/"
+        acc.sums = {key[len(head):]: np.array(value, dtype=np.float64) for key, value in state.items()
+                    if key.startswith(head)}  # a copy: a reply from Ray's object store is read-only
+        return acc
+
     def mean(self) -> dict[str, np.ndarray]:
         if self.count == 0:
             raise DataError("no calibration samples were accumulated")

@@ -102,7 +102,9 @@ def test_no_option_default_is_declared_twice():
 def test_optimize_declares_no_option_of_its_own():
     params = inspect.signature(bq_onnx.optimize).parameters
     # recipe_from: where the options come from (an earlier output's recipe), like config; not an option itself
-    assert set(params) == {"model", "config", "calib", "posterior", "progress", "recipe_from", "options"}
+    # workers, ray: where the posterior's shards run (like progress, they never change the output's bytes)
+    assert set(params) == {"model", "config", "calib", "posterior", "progress", "recipe_from", "workers", "ray",
+                           "options"}
     assert not set(params) & set(cfg.option_names())
     assert params["options"].kind is inspect.Parameter.VAR_KEYWORD
 

@@ -6,8 +6,11 @@ same (float64 sums added in another order: measured 0 to 8e-16), which holds for
 on a batch boundary, and for the one-sample-per-run stages (``fisher-mc``/``laplace`` loop, ``kfac``) and
 ``activations`` anywhere. The batched Fisher split inside a batch forms other batches, whose float32 per-batch
 sums round differently: 1e-6 there (measured 6e-9 on LeNet, 8e-8 on the tiny transformer). Hutchinson's probe
-vectors come from the stage's generator, so its shards agree only when they run one after the other on that one
-generator (as here); shards with generators of their own draw other probes.
+vectors come from a generator keyed by each batch's first sample, so its shards agree when they split on a batch
+boundary, in whichever order they run (here the second first).
+
+An accumulator's ``state()`` (its sums as arrays: what a shard file or a worker's reply holds), read back by the
+stage's ``restore``, merges to exactly what the accumulators in memory merge to.
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ def test_two_merged_shards_give_the_one_pass_posterior(model, method, options, s
         stages = 0
         for whole_stage, shard_stage in zip(one.stages(), two.stages()):
             whole = whole_stage.run().finalize()
-            first = shard_stage.run(range(0, split))
             second = shard_stage.run(range(split, SAMPLES))
-            _assert_close(whole, first.merge(second).finalize(), tolerance)
+            first = shard_stage.run(range(0, split))
+            restored = shard_stage.restore(first.state()).merge(shard_stage.restore(second.state())).finalize()
+            merged = first.merge(second).finalize()
+            _assert_close(whole, merged, tolerance)
+            _assert_close(merged, restored, 0.0)
             stages += 1
         assert stages
     finally:

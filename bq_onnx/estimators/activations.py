@@ -5,7 +5,7 @@ gradient rule."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -37,6 +37,9 @@ class ActivationSums:
         self.sums.merge(other.sums)
         return self
 
+    def state(self) -> dict[str, np.ndarray]:
+        return self.sums.state()
+
     def finalize(self) -> PosteriorPart:
         s = self.stage
         mean = self.sums.mean()
@@ -57,6 +60,11 @@ class ActivationsStage(Stage):
 
     def accumulator(self) -> ActivationSums:
         return ActivationSums(self)
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> ActivationSums:
+        acc = ActivationSums(self)
+        acc.sums = SumAccumulator.restore(state)
+        return acc
 
     def batches(self, samples: range) -> Iterator[Batch]:
         yield from sample_batches(samples, self.batch_size)

@@ -3,7 +3,9 @@ calibration samples, and the :class:`Accumulator` a stage fills.
 
 An accumulator is the seam for sharded posteriors: ``update(batch)`` adds one batch's statistics (sums of
 squared per-sample gradients, K-FAC factor sums, activation second moments, and their sample counts),
-``merge(other)`` adds another accumulator's, ``finalize()`` turns the sums into per-sample curvatures. Two
+``merge(other)`` adds another accumulator's, ``finalize()`` turns the sums into per-sample curvatures,
+``state()`` gives the sums as named arrays (exact; a shard file or a worker's reply) and the stage's ``restore``
+reads them back into an accumulator. Two
 accumulators of one stage, fed disjoint sample ranges and merged, give what one accumulator fed both gives, up to
 summation order (``tests/test_estimator_shards.py`` states the tolerances). Everything random (labels drawn for
 ``fisher-mc`` and ``kfac``, Hutchinson's probe vectors) belongs to the stage, not to the accumulator: loss
@@ -84,6 +86,8 @@ class Accumulator(Protocol):
 
     def finalize(self) -> PosteriorPart: ...
 
+    def state(self) -> dict[str, np.ndarray]: ...
+
 
 class Stage(abc.ABC):
     """One pass over the calibration samples with the sessions and targets it needs, built once."""
@@ -98,6 +102,16 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     def batches(self, samples: range) -> Iterator[Batch]:
         """The batches over ``samples``, in the order one pass adds them."""
+
+    @abc.abstractmethod
+    def restore(self, state: Mapping[str, np.ndarray]) -> Accumulator:
+        """An accumulator of this stage holding ``state`` (what an accumulator's ``state()`` gave)."""
+
+    def settle(self) -> None:
+        """Draw what a whole pass draws (each draw's targets) without running it: a process that runs none or
+        only some of this stage's samples then leaves the generator where one pass leaves it, so the stages
+        built after this one draw what they draw in one process."""
+        return  # a stage that draws nothing
 
     def run(self, samples: range | None = None, bar: bool = False) -> Accumulator:
         """An accumulator updated with every batch over ``samples`` (default: all calibration samples)."""

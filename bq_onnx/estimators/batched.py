@@ -5,7 +5,7 @@ gradient), for ``laplace`` and ``fisher-mc``."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +120,30 @@ class BatchedFisher:
         self.count += other.count
         return self
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The count, the sums held in memory and, of a site kept on disk, each batch's layer inputs and output
+        gradients (read back in order, so the merged sum is formed as one pass forms it)."""
+        out = {"count": np.array(self.count, dtype=np.int64), **{f"sum/{w}": v for w, v in self.sums.items()}}
+        for weight, pairs in self.stored.items():
+            out[f"stored/{weight}"] = np.array(len(pairs), dtype=np.int64)
+            for i, (act, grad) in enumerate(pairs):
+                out[f"act/{i}/{weight}"] = np.load(act)
+                out[f"grad/{i}/{weight}"] = np.load(grad)
+        return out
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> BatchedFisher:
+        """This (empty) accumulator holding ``state``; stored batches go to its spill folder."""
+        self.count = int(state["count"])
+        self.sums = {key[4:]: np.array(v, dtype=np.float64) for key, v in state.items() if key.startswith("sum/")}
+        for key, value in state.items():
+            if key.startswith("stored/"):
+                weight = key[len("stored/"):]
+                spill = self.spill or Spill()
+                self.spill = spill
+                self.stored[weight] = [(spill.put(state[f"act/{i}/{weight}"]), spill.put(state[f"grad/{i}/{weight}"]))
+                                       for i in range(int(value))]
+        return self
+
     def finalize(self) -> PosteriorPart:
         """Per weight, the mean of ``g_n^2``; a site kept on disk is summed when read."""
         names = [w for w in self.graph.covered if w in self.sums or w in self.stored]
@@ -156,6 +180,13 @@ class BatchedFisherStage(Stage):
     def accumulator(self) -> BatchedFisher:
         batches = self.draws * -(-self.calib.num_samples // self.graph.batch)  # a whole pass's batches
         return BatchedFisher(self.graph, self.calib, self.targets, self.source, self.spill, batches)
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> BatchedFisher:
+        return self.accumulator().restore(state)
+
+    def settle(self) -> None:
+        for draw in range(self.draws):
+            self.targets[draw]
 
     def batches(self, samples: range) -> Iterator[Batch]:
         for draw in range(self.draws):

@@ -1,9 +1,17 @@
 """One estimation from start to finish: load the calibration data, run the chosen estimator's stages, give the
-weights none covered to the activations estimator, and finish each weight's posterior on disk."""
+weights none covered to the activations estimator, and finish each weight's posterior on disk.
+
+Every stage runs over the calibration samples in shards of :func:`shard_samples` samples, each into a fresh
+accumulator, merged in shard order: a :class:`Runner` decides where the shards run (here, in worker processes,
+on Ray: :mod:`bq_onnx.distributed`), never what they add up to, so the posterior's bytes do not depend on it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -11,7 +19,7 @@ from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.config import PosteriorConfig, WeightsConfig
 from bq_onnx.context import WeightInfo
 from bq_onnx.estimators.activations import Activations
-from bq_onnx.estimators.base import Estimator, Problem
+from bq_onnx.estimators.base import Accumulator, Estimator, Problem, Stage
 from bq_onnx.estimators.prepared import ModelSource, Prepared, prepare
 from bq_onnx.estimators.registry import REGISTRY
 from bq_onnx.posterior import Posterior, Spill
@@ -29,6 +37,57 @@ than 10x between channels are left alone."""
 #: Posterior sources that are not a gradient-based curvature (their scale is not the Fisher's).
 NO_GRADIENT_SOURCES = frozenset({"activations", "mean"})
 
+#: Calibration samples per shard: the unit that workers share out. Fixed (``BQ_ONNX_SHARD_SAMPLES`` overrides it),
+#: not derived from the number of workers, so one process and any number of workers add the same shards in the
+#: same order. 256 keeps a shard's accumulator (up to twice the weights, float64) busy for long enough to pay
+#: for sending it, and a run of up to 256 samples is one shard, computed exactly as one pass.
+SHARD_SAMPLES = 256
+
+
+def shard_samples() -> int:
+    """:data:`SHARD_SAMPLES`, or ``BQ_ONNX_SHARD_SAMPLES`` when set (a positive integer)."""
+    value = os.environ.get("BQ_ONNX_SHARD_SAMPLES", "")
+    return int(value) if value.isdigit() and int(value) > 0 else SHARD_SAMPLES
+
+
+def shard_ranges(num_samples: int, count: int | None = None, unit: int = 1) -> list[range]:
+    """Consecutive sample ranges: of :func:`shard_samples` samples each (rounded up to whole ``unit`` s), or
+    ``count`` ranges as equal as whole ``unit`` s allow (runs of a fixed batch, a stage's batches). Never an empty
+    range."""
+    if count is None:
+        size = -(-shard_samples() // unit) * unit
+        return [range(s, min(s + size, num_samples)) for s in range(0, num_samples, size)]
+    units = -(-num_samples // unit)
+    cuts = [min(unit * (units * i // count), num_samples) for i in range(count + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Which stage an accumulation belongs to: stage ``stage`` of the chosen estimator (``phase`` "main"), or of
+    the activations fallback for the weights ``rest`` (``phase`` "rest"). A worker rebuilds the stage from it."""
+
+    phase: str
+    stage: int
+    rest: tuple[str, ...] = ()
+
+
+class Runner(Protocol):
+    """Where a stage's shards run; the accumulator it returns holds every shard, merged in shard order."""
+
+    def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator: ...
+
+
+class LocalRunner:
+    """Every shard in this process, one after the other."""
+
+    def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
+        total = None
+        for rows in shard_ranges(stage.calib.num_samples, unit=stage.calib.run_size(1)):
+            acc = stage.run(rows, bar)
+            total = acc if total is None else total.merge(acc)
+        return total
+
 
 def estimate_posterior(
     model: ModelSource,
@@ -37,38 +96,64 @@ def estimate_posterior(
     *,
     weights: WeightsConfig | None = None,
     progress_bar: bool = False,
+    workers: int | None = None,
+    ray: str | bool | None = None,
     **options: object,
 ) -> Posterior:
     """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data.
 
     ``options`` are the fields of :class:`bq_onnx.config.PosteriorConfig` (loss, labels, output, prior_precision,
     probes, mc_samples, calib_samples, batch_size, seed); ``weights`` chooses which tensors are weights.
+    ``workers`` (local processes) or ``ray`` (True: a local Ray instance, or a cluster's address) share the
+    calibration shards out (:mod:`bq_onnx.distributed`); the posterior is the same, byte for byte.
     """
     opts = PosteriorConfig(**({"method": method} if method is not None else {}), **options)
-    return estimate_prepared(prepare(model, weights), calibration, opts, progress_bar)
+    prepared = prepare(model, weights)
+    if workers is None and not ray:
+        return estimate_prepared(prepared, calibration, opts, progress_bar)
+    from bq_onnx.distributed import distributed
+
+    with distributed(workers, ray):
+        return estimate_prepared(prepared, calibration, opts, progress_bar)
+
+
+def problems(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, sessions: TempSessions,
+             progress_bar: bool, spill: Spill) -> tuple[Problem, Problem]:
+    """The problem of the activations fallback, and the chosen estimator's (every process of a sharded run builds
+    both alike): weights owned by a subgraph are read from the main graph in the estimators' copy (the gradient
+    rules of If, and Loop/Scan unrolled, reach them there)."""
+    if opts.cache is not None:
+        prepared = dataclasses.replace(prepared, cache=opts.cache)
+    problem = Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed), progress_bar, spill)
+    return problem, dataclasses.replace(problem, prepared=hoisted(prepared))
 
 
 def estimate_prepared(
-    prepared: Prepared, calibration: CalibrationSource | Calibration, opts: PosteriorConfig, progress_bar: bool
+    prepared: Prepared, calibration: CalibrationSource | Calibration, opts: PosteriorConfig, progress_bar: bool,
+    runner: Runner | None = None,
 ) -> Posterior:
-    """The estimator on a model already prepared by the pipeline (used by ``optimize --calib``)."""
+    """The estimator on a model already prepared by the pipeline (used by ``optimize --calib``); ``runner``
+    (default: this process, or the workers :func:`bq_onnx.distributed.distributed` set up) runs the shards."""
     calib = load_calibration(calibration, prepared.model, opts.calib_samples)
-    if opts.cache is not None:
-        prepared = dataclasses.replace(prepared, cache=opts.cache)
+    from bq_onnx.distributed import runner_for
+
+    with runner_for(prepared, calib, opts, runner) as chosen:
+        return _estimate(prepared, calib, opts, progress_bar, chosen)
+
+
+def _estimate(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, progress_bar: bool,
+              runner: Runner) -> Posterior:
     sessions = TempSessions()
     spill = Spill()  # every weight's curvature goes to disk as soon as it is known; the posterior reads it back
-    problem = Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed), progress_bar, spill)
-    found = _Found(SpilledArrays(spill))
-    # weights owned by a subgraph are read from the main graph in the estimators' copy (the gradient rules of If,
-    # and Loop/Scan unrolled, reach them there)
-    main_problem = dataclasses.replace(problem, prepared=hoisted(prepared))
+    problem, main_problem = problems(prepared, calib, opts, sessions, progress_bar, spill)
+    found = _Found(SpilledArrays(spill), runner)
     try:
         estimator = REGISTRY[opts.method](main_problem) if prepared.weights else None
         if estimator is not None:
-            found.run(estimator, progress_bar)
+            found.run(estimator, Task("main", 0), progress_bar)
         rest = [w for w in prepared.weights if w.name not in found.curvature]
         if rest:
-            found.run(Activations(problem, rest), progress_bar)
+            found.run(Activations(problem, rest), Task("rest", 0, tuple(w.name for w in rest)), progress_bar)
     finally:
         sessions.close()
     for w in prepared.weights:  # a branch no calibration sample takes: the data say nothing about its weights
@@ -102,6 +187,13 @@ def estimate_prepared(
     return Posterior(opts.method, calib.num_samples, opts.prior_precision, weights, notes, loss)
 
 
+def stages_of(estimator: Estimator) -> Iterator[Stage]:
+    """``estimator``'s stages, each settled (its draws taken) before the next is built, as one pass leaves them."""
+    for stage in estimator.stages():
+        yield stage
+        stage.settle()
+
+
 def hoisted(prepared: Prepared) -> Prepared:
     """``prepared`` with the weights stored in subgraphs moved to the main graph's initializers (on a copy; the
     subgraphs read them from the outer scope, which computes the same): the estimators find every weight there."""
@@ -123,14 +215,15 @@ class _Found:
     """What the estimators found so far: curvatures (on disk), their sources, K-FAC factors, notes."""
 
     curvature: SpilledArrays
+    runner: Runner = dataclasses.field(default_factory=LocalRunner)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
 
-    def run(self, estimator: Estimator, bar: bool) -> None:
+    def run(self, estimator: Estimator, task: Task, bar: bool) -> None:
         """Run ``estimator``'s stages in turn; each stage's curvatures go to disk before the next stage starts."""
-        for stage in estimator.stages():
-            part = stage.run(bar=bar).finalize()
+        for index, stage in enumerate(estimator.stages()):
+            part = self.runner.accumulate(stage, dataclasses.replace(task, stage=index), bar).finalize()
             self.curvature.update(part.curvature)
             self.sources.update(part.sources)
             self.factors.update(part.factors)

@@ -3,15 +3,15 @@ the loss against fixed targets (the ``--loss`` terms against the FP32 outputs: t
 on a classifier, whose Hessian at the trained weights is the Fisher, so this estimates the same matrix with a
 different estimator), then a rank-1 fit per weight.
 
-Shards: the probe vectors come from the stage's generator as batches are updated, so two shards of one stage
-give one pass's numbers (up to float64 summation order) only when they run one after the other on that
-generator, in sample order; shards with generators of their own draw other probes and agree in expectation.
+Shards: each batch draws its probe vectors from a generator keyed by the stage's seed and the batch's first
+sample, so shards of one stage that split on batch boundaries draw the probes one pass draws, in any process and
+any order, and merge to its numbers up to float64 summation order.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -43,9 +43,10 @@ class HutchinsonSums:
         feeds = s.calib.feeds(batch.rows)
         feeds[TARGET] = s.targets[batch.rows]
         stats = {w: np.zeros(s.base[w].shape) for w in s.wrt}
+        rng = np.random.default_rng([s.seed, batch.rows.start])  # this batch's probes, wherever it runs
         for _ in range(s.probes):
             for w in s.wrt:
-                v = s.rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=s.base[w].shape)
+                v = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=s.base[w].shape)
                 g = s.gradients[w]
                 plus = dict(zip(s.session.output_names, s.session.run({**feeds, w: s.base[w] + s.steps[w] * v})))[g]
                 minus = dict(zip(s.session.output_names, s.session.run({**feeds, w: s.base[w] - s.steps[w] * v})))[g]
@@ -56,6 +57,9 @@ class HutchinsonSums:
     def merge(self, other: HutchinsonSums) -> HutchinsonSums:
         self.sums.merge(other.sums)
         return self
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.sums.state()
 
     def finalize(self) -> PosteriorPart:
         mean = self.sums.mean()
@@ -77,7 +81,7 @@ class HutchinsonStage(Stage):
     layouts: dict[str, WeightLayout]
     probes: int
     batch_size: int
-    rng: np.random.Generator
+    seed: int  # with a batch's first sample, the seed of the batch's probe vectors
     desc: str = "hutchinson"
 
     def __post_init__(self) -> None:
@@ -86,6 +90,11 @@ class HutchinsonStage(Stage):
 
     def accumulator(self) -> HutchinsonSums:
         return HutchinsonSums(self)
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> HutchinsonSums:
+        acc = HutchinsonSums(self)
+        acc.sums = SumAccumulator.restore(state)
+        return acc
 
     def batches(self, samples: range) -> Iterator[Batch]:
         yield from sample_batches(samples, self.batch_size)
@@ -106,7 +115,8 @@ class Hutchinson(GradientEstimator):
         values = {w.name: w.value for w in self.weights}
         base = {w: np.asarray(values[w].const_value.numpy(), dtype=np.float32) for w in wrt}
         yield HutchinsonStage(p.sessions.open(graph.model), dict(graph.gradients), wrt, p.calib, fixed, base,
-                              p.layouts, opts.probes, p.calib.run_size(opts.batch_size), p.rng)
+                              p.layouts, opts.probes, p.calib.run_size(opts.batch_size),
+                              int(p.rng.integers(2**63)))
 
 
 def rank_one_smooth(raw: np.ndarray, layout: WeightLayout) -> np.ndarray:

@@ -14,7 +14,7 @@ Fisher's; noisy FP32 outputs for mse/smse/cosine terms).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -96,6 +96,19 @@ class KfacStats:
         self.count += other.count
         return self
 
+    def state(self) -> dict[str, np.ndarray]:
+        return {"count": np.array(self.count, dtype=np.int64), **{f"a/{k}": v for k, v in self.a.items()},
+                **{f"g/{k}": v for k, v in self.g.items()}}
+
+    @classmethod
+    def restore(cls, state: Mapping[str, np.ndarray]) -> KfacStats:
+        stats = cls()
+        stats.count = int(state["count"])
+        for key, value in state.items():
+            if key.startswith(("a/", "g/")):  # a copy: a reply from Ray's object store is read-only
+                getattr(stats, key[0])[key[2:]] = np.array(value, dtype=np.float64)
+        return stats
+
     def result(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(A averaged over groups, G, diagonal of the Fisher in the (K, N) view) per sample."""
         a = self.a[name] / self.count  # (groups, K, K)
@@ -141,6 +154,9 @@ class KfacSums:
         self.diag.merge(other.diag)
         return self
 
+    def state(self) -> dict[str, np.ndarray]:
+        return {**{f"kfac/{k}": v for k, v in self.stats.state().items()}, **self.diag.state("diag/")}
+
     def finalize(self) -> PosteriorPart:
         curvature = self.diag.mean() if self.diag.count else {}
         factors = {}
@@ -172,6 +188,16 @@ class KfacStage(Stage):
 
     def accumulator(self) -> KfacSums:
         return KfacSums(self)
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> KfacSums:
+        acc = KfacSums(self)
+        acc.stats = KfacStats.restore({k[5:]: v for k, v in state.items() if k.startswith("kfac/")})
+        acc.diag = SumAccumulator.restore(state, "diag/")
+        return acc
+
+    def settle(self) -> None:
+        for draw in range(self.draws):
+            self.targets[draw]
 
     def batches(self, samples: range) -> Iterator[Batch]:
         if self.sites:

@@ -10,7 +10,7 @@ Weights :mod:`~bq_onnx.estimators.batched` covers are summed from batched runs; 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -45,6 +45,9 @@ class SquaredGradientSums:
     def finalize(self) -> PosteriorPart:
         return PosteriorPart(self.sums.mean(), {w: self.stage.source for w in self.stage.wrt})
 
+    def state(self) -> dict[str, np.ndarray]:
+        return self.sums.state()
+
 
 @dataclasses.dataclass
 class PerSampleStage(Stage):
@@ -63,6 +66,15 @@ class PerSampleStage(Stage):
 
     def accumulator(self) -> SquaredGradientSums:
         return SquaredGradientSums(self)
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> SquaredGradientSums:
+        acc = SquaredGradientSums(self)
+        acc.sums = SumAccumulator.restore(state)
+        return acc
+
+    def settle(self) -> None:
+        for draw in range(self.draws):
+            self.targets[draw]
 
     def batches(self, samples: range) -> Iterator[Batch]:
         for draw in range(self.draws):  # one sample per run (one fixed batch, for a fixed-batch model)

@@ -1,0 +1,540 @@
+"""The posterior over several processes: calibration shards computed by local worker processes (``--workers``) or
+Ray tasks (``--ray``), and written to / merged from shard files (``posterior --shard I/N``, ``--merge``).
+
+Every process rebuilds the estimation from files, never from a pickled model: the model from its path (the
+pipeline's prepared model is saved once to a scratch folder), the calibration samples from ``.npy`` files there
+(memory-mapped), the options and the weights' names from a small :class:`Job`. With one seed each process draws
+the same targets, so a shard's accumulator is what the one-process run adds for those samples, and the master
+merges them in shard order (:mod:`bq_onnx.estimators.driver`): the posterior's bytes do not depend on how many
+workers there were. A worker that dies is replaced and its shards run again (:data:`RETRIES` times at most);
+a run that fails writes nothing (the outputs are written by the caller, after this returns).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bq_onnx.calibration import Calibration
+from bq_onnx.config import PosteriorConfig, WeightsConfig
+from bq_onnx.errors import DataError, LimitError, UsageError
+from bq_onnx.estimators.activations import Activations
+from bq_onnx.estimators.base import Accumulator, Stage
+from bq_onnx.estimators.driver import LocalRunner, Runner, Task, _estimate, problems, shard_ranges, shard_samples
+from bq_onnx.estimators.prepared import Prepared
+from bq_onnx.estimators.registry import REGISTRY
+from bq_onnx.model_io import load_model
+from bq_onnx.posterior import Posterior, Spill
+from bq_onnx.runs import Runs
+from bq_onnx.runtimes.sessions import TempSessions
+from bq_onnx.stages.weights import find_weights
+
+#: Times a shard is run again after its worker died (a worker process killed, out of memory, a Ray node lost):
+#: so a shard is tried at most 3 times. An error the shard raises itself (bad data) is not retried.
+RETRIES = 2
+
+#: Fault injection for the tests: ``BQ_ONNX_WORKER_FAULT=<path>`` kills the first worker that finishes a shard
+#: with SIGKILL before it replies, and creates ``<path>`` so that the retry runs through (``always``: every one).
+FAULT_ENV = "BQ_ONNX_WORKER_FAULT"
+
+#: Where the scratch folder of a distributed run goes (default: the system's temporary folder). Ray workers on
+#: other machines read the model and calibration from it: point it at a filesystem they share.
+SHARED_ENV = "BQ_ONNX_SHARED_DIR"
+
+#: Scratch files (the prepared model and the calibration samples) up to this size also travel through Ray's
+#: object store, once: a Ray worker that cannot see the scratch folder (another machine, no shared filesystem)
+#: writes them to a folder of its own and reads them from there.
+OBJECT_STORE_BYTES = 256 * 2**20
+
+SHARD_FORMAT = "bq-onnx posterior shard 1"
+
+
+# --- how the caller asks for workers -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Distribution:
+    """``workers`` local processes (this one included), or Ray tasks (``ray``: an address, or "" for a local
+    instance or the one this process already joined)."""
+
+    workers: int = 1
+    ray: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.workers > 1 or self.ray is not None
+
+
+_CURRENT: contextvars.ContextVar[Distribution | None] = contextvars.ContextVar("bq_onnx_distribution",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def distributed(workers: int | None = None, ray: str | bool | None = None) -> Iterator[Distribution]:
+    """Within the block, posteriors are estimated by ``workers`` processes or on Ray (``ray``: True or "" for a
+    local instance, or a cluster's address). The results are the same bytes as without."""
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise UsageError(f"--workers must be an integer >= 1, got {workers!r}")
+    if ray is not None and ray is not False and workers not in (None, 1):
+        raise UsageError("--workers and --ray: give one (Ray decides how many tasks run at once)")
+    address = None if ray is None or ray is False else ("" if ray is True else str(ray))
+    token = _CURRENT.set(Distribution(workers or 1, address))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def runner_for(prepared: Prepared, calib: Calibration, opts: PosteriorConfig,
+               runner: Runner | None = None) -> Iterator[Runner]:
+    """``runner``, else the workers :func:`distributed` asked for (their scratch folder and processes are gone
+    when the block ends, whatever happened), else this process."""
+    setting = _CURRENT.get() or Distribution()
+    if runner is not None or not setting.active:
+        yield runner or LocalRunner()
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="bq-workers-", dir=os.environ.get(SHARED_ENV) or None))
+    chosen: PoolRunner | RayRunner | None = None
+    try:
+        job = write_job(prepared, calib, opts, scratch)
+        chosen = RayRunner(job, setting.ray) if setting.ray is not None else PoolRunner(job, setting.workers)
+        yield chosen
+    finally:
+        if chosen is not None:
+            chosen.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --- what a worker reads -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every worker process rebuilds the estimation from (small: paths, names, options)."""
+
+    key: str
+    model: str  # the prepared model's file
+    names: tuple[str, ...]  # the weights, in the master's order
+    shapes: tuple[tuple[int, ...], ...]
+    calib: str  # a folder written by :func:`write_calibration`
+    options: PosteriorConfig
+    scratch: str
+
+
+def write_job(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, scratch: Path) -> Job:
+    """Save what the workers read into ``scratch``: the model as prepared here (the prepare passes ran; they
+    depend on options the workers do not know) and the calibration samples."""
+    from bq_onnx.model_io import save_model
+
+    model = os.fspath(scratch / "model.onnx")
+    save_model(prepared.model, model)
+    folder = scratch / "calibration"
+    write_calibration(calib, folder)
+    (scratch / "replies").mkdir()
+    return Job(uuid.uuid4().hex, model, tuple(w.name for w in prepared.weights),
+               tuple(tuple(w.layout.shape) for w in prepared.weights), os.fspath(folder), opts, os.fspath(scratch))
+
+
+def write_calibration(calib: Calibration, folder: Path) -> None:
+    """One ``.npy`` per stacked input (a worker maps it and reads the rows it needs), a pickle per input kept
+    one part per run, and an index."""
+    folder.mkdir()
+    index = {"source": calib.source, "fixed_batch": calib.fixed_batch, "inputs": []}
+    for i, (name, value) in enumerate(calib.arrays.items()):
+        if isinstance(value, Runs):
+            file = f"in{i}.pkl"
+            with open(folder / file, "wb") as f:
+                pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            file = f"in{i}.npy"
+            np.save(folder / file, np.asarray(value), allow_pickle=False)
+        index["inputs"].append({"name": name, "file": file, "axis": calib.axes.get(name, 0)})
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def read_calibration(folder: str | os.PathLike) -> Calibration:
+    folder = Path(folder)
+    index = json.loads((folder / "index.json").read_text())
+    arrays: dict = {}
+    for entry in index["inputs"]:
+        path = folder / entry["file"]
+        if entry["file"].endswith(".pkl"):
+            with open(path, "rb") as f:
+                arrays[entry["name"]] = pickle.load(f)  # noqa: S301 - our own scratch file, written by the master
+        else:
+            arrays[entry["name"]] = np.load(path, mmap_mode="r", allow_pickle=False)
+    axes = {e["name"]: e["axis"] for e in index["inputs"] if e["axis"] != 0}
+    return Calibration(arrays, index["source"], axes, index["fixed_batch"])
+
+
+class _Worker:
+    """One worker's estimation: the problem as the master built it, and its stages, built in the master's order
+    (each settled before the next, so the random draws match)."""
+
+    def __init__(self, job: Job) -> None:
+        model = load_model(job.model)
+        found = {w.name: w for w in find_weights(model, WeightsConfig(min_size=1)).weights}  # the master's among them
+        for name, shape in zip(job.names, job.shapes):
+            if name not in found or tuple(found[name].layout.shape) != shape:
+                raise DataError(f"worker: {job.model} has no weight '{name}' of shape {list(shape)}; the model "
+                                f"changed while the workers read it")
+        prepared = Prepared(model, [found[n] for n in job.names], job.model)
+        self.sessions = TempSessions()
+        self.spill = Spill()
+        self.problem, self.main = problems(prepared, read_calibration(job.calib), job.options, self.sessions,
+                                           False, self.spill)
+        self.built: dict[tuple, tuple[Iterator[Stage], list[Stage]]] = {}
+
+    def stage(self, task: Task) -> Stage:
+        key = (task.phase, task.rest)
+        if key not in self.built:
+            if task.phase == "main":
+                estimator = REGISTRY[self.main.options.method](self.main)
+            else:
+                rest = set(task.rest)
+                estimator = Activations(self.problem, [w for w in self.problem.prepared.weights if w.name in rest])
+            self.built[key] = (estimator.stages(), [])
+        stages, built = self.built[key]
+        while len(built) <= task.stage:
+            if built:
+                built[-1].settle()
+            built.append(next(stages))
+        return built[task.stage]
+
+    def close(self) -> None:
+        self.sessions.close()
+        self.spill.cleanup()
+
+
+_WORKER: dict[str, _Worker] = {}  # this process's current job (one: a Ray worker process outlives jobs)
+
+
+def bundle(job: Job) -> dict[str, bytes] | None:
+    """The scratch files a worker reads, by path relative to the scratch folder (None: over
+    :data:`OBJECT_STORE_BYTES`, so they go by the shared filesystem only)."""
+    root = Path(job.scratch)
+    files = [f for f in root.rglob("*") if f.is_file() and "replies" not in f.relative_to(root).parts]
+    if sum(f.stat().st_size for f in files) > OBJECT_STORE_BYTES:
+        return None
+    return {os.fspath(f.relative_to(root)): f.read_bytes() for f in files}
+
+
+def materialized(job: Job, files: Mapping[str, bytes] | None) -> Job:
+    """``job`` itself where its scratch folder is visible, else ``job`` reading ``files`` written to a folder of
+    this process's (removed when the process ends)."""
+    if files is None or os.path.exists(job.model):
+        return job
+    root = Path(tempfile.mkdtemp(prefix="bq-worker-"))
+    import atexit
+
+    atexit.register(shutil.rmtree, root, True)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+    def moved(path: str) -> str:
+        return os.fspath(root / Path(path).relative_to(job.scratch))
+
+    return dataclasses.replace(job, model=moved(job.model), calib=moved(job.calib), scratch=os.fspath(root))
+
+
+def run_shard(job: Job, task: Task, rows: tuple[int, int], reply: str | None = None,
+              files: Mapping[str, bytes] | None = None) -> dict | str:
+    """In a worker: the accumulator of ``task``'s stage over samples ``rows``, as arrays (``reply``: written to
+    that ``.npz`` path instead, whose name is returned). ``files``: the scratch files, for a worker that cannot
+    see the scratch folder (:func:`bundle`)."""
+    if job.key not in _WORKER:
+        for old in _WORKER.values():
+            old.close()
+        _WORKER.clear()
+        _WORKER[job.key] = _Worker(materialized(job, files))
+    state = _WORKER[job.key].stage(task).run(range(*rows)).state()
+    marker = os.environ.get(FAULT_ENV)
+    if marker and (marker == "always" or not os.path.exists(marker)):
+        if marker != "always":
+            Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if reply is None:
+        return state
+    tmp = f"{reply}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **state)
+    os.replace(tmp, reply)
+    return reply
+
+
+def _npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+# --- runners -------------------------------------------------------------------------------------------------
+
+
+class PoolRunner:
+    """``workers`` processes: this one computes shards 0, N, 2N, ...; ``workers - 1`` spawned processes the
+    others. Each merges in shard order once every shard is in."""
+
+    def __init__(self, job: Job, workers: int) -> None:
+        self.job, self.workers = job, workers
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers - 1, mp_context=multiprocessing.get_context("spawn"))
+        return self.pool
+
+    def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
+        shards = shard_ranges(stage.calib.num_samples, unit=stage.calib.run_size(1))
+        theirs = {i: rows for i, rows in enumerate(shards) if i % self.workers}
+        replies = {i: os.path.join(self.job.scratch, "replies", f"{task.phase}-{task.stage}-{i}.npz")
+                   for i in theirs}
+        futures = self._submit(task, theirs, replies)
+        mine = {i: stage.run(rows, bar) for i, rows in enumerate(shards) if i not in theirs}
+        stage.settle()
+        done = self._collect(task, theirs, replies, futures)
+        total = None
+        for i in range(len(shards)):
+            acc = mine.pop(i) if i in mine else stage.restore(_npz(done[i]))
+            if i in done:
+                os.unlink(done[i])
+            total = acc if total is None else total.merge(acc)
+        return total
+
+    def _submit(self, task: Task, shards: Mapping[int, range], replies: Mapping[int, str]) -> dict:
+        pool = self._pool()
+        return {pool.submit(run_shard, self.job, task, (r.start, r.stop), replies[i]): i for i, r in shards.items()}
+
+    def _collect(self, task: Task, shards: Mapping[int, range], replies: Mapping[int, str], futures: dict
+                 ) -> dict[int, str]:
+        """Each shard's reply; a shard whose worker died runs again on a fresh pool (at most :data:`RETRIES`
+        times)."""
+        done: dict[int, str] = {}
+        tries = dict.fromkeys(shards, 0)
+        while True:
+            lost = []
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                try:
+                    done[i] = future.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    lost.append(i)
+            if not lost:
+                return done
+            self.close()  # a broken pool takes no more work
+            for i in lost:
+                tries[i] += 1
+                if tries[i] > RETRIES:
+                    r = shards[i]
+                    raise LimitError(f"the worker of calibration samples {r.start}-{r.stop - 1} died "
+                                     f"{RETRIES + 1} times (killed, or out of memory); nothing written")
+            futures = self._submit(task, {i: shards[i] for i in lost}, replies)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--ray needs the ray package: pip install 'bq-onnx[ray]'") from None
+    return ray
+
+
+class RayRunner:
+    """Every shard a Ray task (retried by Ray when its worker dies, :data:`RETRIES` times); replies come back
+    through the object store and are merged in shard order. Joins the cluster at ``address`` ("": the instance
+    this process already joined, else a new local one, shut down again at the end)."""
+
+    def __init__(self, job: Job, address: str) -> None:
+        ray = _ray()
+        self.ray = ray
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            try:
+                ray.init(address=address or None, include_dashboard=False, logging_level="ERROR",
+                         log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise UsageError(f"--ray {address}: cannot join the cluster "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
+        self.job = job
+        self.task = ray.remote(max_retries=RETRIES, num_cpus=1)(run_shard)
+        self.files = ray.put(bundle(job))  # once; every task gets it from the object store
+
+    def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
+        shards = shard_ranges(stage.calib.num_samples, unit=stage.calib.run_size(1))
+        refs = [self.task.remote(self.job, task, (r.start, r.stop), None, self.files) for r in shards]
+        stage.settle()
+        total = None
+        for ref in refs:
+            try:
+                state = self.ray.get(ref)
+            except self.ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, Exception) and hasattr(exc.cause, "exit_code"):
+                    raise exc.cause from None  # the shard's own error (bad data): one line, as in one process
+                raise
+            except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError) as exc:
+                raise LimitError(f"a Ray worker died {RETRIES + 1} times (killed, or out of memory; "
+                                 f"{type(exc).__name__}); nothing written") from None
+            acc = stage.restore(state)
+            del state
+            total = acc if total is None else total.merge(acc)
+        return total
+
+    def close(self) -> None:
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+# --- shard files ---------------------------------------------------------------------------------------------
+
+
+def options_text(opts: PosteriorConfig) -> str:
+    """The options that change a posterior's numbers, as text compared between shards (``cache`` does not)."""
+    return json.dumps({f.name: repr(getattr(opts, f.name)) for f in dataclasses.fields(opts) if f.name != "cache"},
+                      sort_keys=True)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N), 0 <= I < N."""
+    try:
+        index, count = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text}: expected I/N (shard I of N, counted from 0), e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text}: I must be in 0..N-1 and N >= 1")
+    return index, count
+
+
+def shard_state(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, index: int, count: int,
+                progress_bar: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """The accumulators of every stage over sample range ``index`` of ``count`` (split on whole batches), as
+    arrays keyed ``<phase>/<stage>/<key>``, and the header that says what they are."""
+    unit = calib.run_size(opts.batch_size)
+    ranges = shard_ranges(calib.num_samples, count, unit)
+    if len(ranges) != count:
+        raise UsageError(f"--shard {index}/{count}: {calib.num_samples} calibration samples make only "
+                         f"{len(ranges)} shard(s) of whole batches of {unit}; use N <= {len(ranges)}")
+    rows = ranges[index]
+    sessions, spill = TempSessions(), Spill()
+    arrays: dict[str, np.ndarray] = {}
+    stages = {"main": 0, "rest": 0}
+    try:
+        problem, main = problems(prepared, calib, opts, sessions, progress_bar, spill)
+        covered: set[str] = set()
+        if prepared.weights:
+            for k, stage in enumerate(REGISTRY[opts.method](main).stages()):
+                acc = stage.run(rows, progress_bar)
+                covered.update(acc.finalize().curvature)
+                arrays.update({f"main/{k}/{key}": v for key, v in acc.state().items()})
+                stages["main"] = k + 1
+        rest = [w for w in prepared.weights if w.name not in covered]
+        for k, stage in enumerate(Activations(problem, rest).stages() if rest else ()):
+            acc = stage.run(rows, progress_bar)
+            arrays.update({f"rest/{k}/{key}": v for key, v in acc.state().items()})
+            stages["rest"] = k + 1
+    finally:
+        sessions.close()
+    header = {"format": SHARD_FORMAT, "shard": [index, count], "samples": [rows.start, rows.stop],
+              "num_samples": calib.num_samples, "options": options_text(opts), "stages": stages,
+              "rest": [w.name for w in rest]}
+    return arrays, header
+
+
+def write_shard(path: Path, arrays: Mapping[str, np.ndarray], header: dict) -> None:
+    """One ``.npz``: the arrays and a JSON ``__header__`` (write through :func:`bq_onnx.writing.write_file`)."""
+    np.savez(path, **arrays, __header__=np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8))
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(data["__header__"].tobytes().decode())
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise DataError(f"{path}: not a posterior shard file ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(header, dict) or header.get("format") != SHARD_FORMAT:
+        raise DataError(f"{path}: not a posterior shard file (written by `bq-onnx posterior --shard I/N`)")
+    return header
+
+
+def check_shards(paths: Sequence[str | os.PathLike], expected: dict) -> list[str]:
+    """The shard files in shard order, once each checked to be the shards ``expected`` (model and calibration
+    sha256, options) describes, 0..N-1 all present; else one line saying what differs."""
+    if not paths:
+        raise UsageError("--merge needs the shard files (a.npz b.npz ...)")
+    by_index: dict[int, str] = {}
+    count = None
+    for path in paths:
+        header = read_header(path)
+        for key, what in (("model_sha256", "another model"), ("calibration_sha256", "other calibration data"),
+                          ("options", "other options")):
+            if header.get(key) != expected[key]:
+                detail = "" if key == "options" else f" (sha256 {str(header.get(key))[:12]}, not {expected[key][:12]})"
+                if key == "options":
+                    theirs, ours = json.loads(header.get(key) or "{}"), json.loads(expected[key])
+                    diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+                    detail = f" ({', '.join(f'{k}: {theirs.get(k)} vs {ours[k]}' for k in diff[:3])})"
+                raise DataError(f"{path}: shard of {what} than this merge{detail}; refused")
+        index, n = header["shard"]
+        if count is not None and n != count:
+            raise DataError(f"{path}: shard {index}/{n}, but the other shards are of {count}; refused")
+        count = n
+        if index in by_index:
+            raise DataError(f"{path}: shard {index}/{n} given twice (also {by_index[index]}); refused")
+        by_index[index] = os.fspath(path)
+    missing = [i for i in range(count) if i not in by_index]
+    if missing:
+        raise DataError(f"--merge: shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing; refused")
+    return [by_index[i] for i in range(count)]
+
+
+class ShardFiles:
+    """A runner whose shards were computed already: each stage's accumulators read from the files in order."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+        self.headers = [read_header(p) for p in self.paths]
+
+    def accumulate(self, stage: Stage, task: Task, bar: bool) -> Accumulator:
+        prefix = f"{task.phase}/{task.stage}/"
+        total = None
+        for path, header in zip(self.paths, self.headers):
+            if task.phase == "rest" and list(task.rest) != header["rest"]:
+                raise DataError(f"{path}: its fallback weights differ from this merge's; refused")
+            if task.stage >= header["stages"][task.phase]:
+                raise DataError(f"{path}: has no {task.phase} stage {task.stage}; refused")
+            with np.load(path, allow_pickle=False) as data:
+                state = {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
+            acc = stage.restore(state)
+            del state
+            total = acc if total is None else total.merge(acc)
+        return total
+
+
+def merge_shards(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, paths: Sequence[str],
+                 progress_bar: bool = False) -> Posterior:
+    """The posterior of shard files (checked by :func:`check_shards` first), as one process would finalize it."""
+    return _estimate(prepared, calib, opts, progress_bar, ShardFiles(paths))
+
+
+__all__ = ["RETRIES", "Distribution", "Job", "PoolRunner", "RayRunner", "ShardFiles", "check_shards",
+           "distributed", "merge_shards", "parse_shard", "read_header", "run_shard", "runner_for", "shard_samples",
+           "shard_state", "write_shard"]

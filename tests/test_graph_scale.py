@@ -1,5 +1,5 @@
-"""Linear time in graph size (issue 21): loading with validation, the target validator, the weight survey and
-inspect on a chain of N nodes cost CPU time proportional to N.
+"""Linear time in graph size (issue 21): loading with validation, the target validator, the weight survey,
+inspect, and a whole optimize with its write on a chain of N nodes cost CPU time proportional to N.
 
 CPU time of this process (``time.process_time``), not wall time: other work on the machine does not move it.
 10x the nodes must cost under 25x the time (linear is 10x, quadratic 100x); the benchmark
@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 
 import onnx
+import onnx_ir as ir
 
 from benchmarks.graph_scale import chain
+from bq_onnx import api
 from bq_onnx.config import WeightsConfig
 from bq_onnx.inspect import inspect
 from bq_onnx.model_io import load_model
@@ -39,3 +41,46 @@ def test_graph_paths_are_linear_in_nodes(tmp_path):
     small = _cost(tmp_path, SMALL)
     large = _cost(tmp_path, SMALL * FACTOR)
     assert large < BOUND * small, (small, large)
+
+
+def _optimize_cost(tmp_path, nodes: int) -> float:
+    path = tmp_path / f"chain{nodes}.onnx"
+    onnx.save(chain(nodes), str(path))
+    start = time.process_time()
+    result = api.optimize(path, bits=8, allocator="uniform")
+    result.save(tmp_path / f"out{nodes}.onnx", verify=False, force=True)
+    return time.process_time() - start
+
+
+def test_optimize_and_write_are_linear_in_nodes(tmp_path):
+    """Every pass (prepare with its opset conversion, weights, allocation, rewrite, sort), the provenance hashes
+    and the write: one rescan of the graph per node would make 10x the nodes cost 100x."""
+    _optimize_cost(tmp_path, 200)
+    small = _optimize_cost(tmp_path, SMALL)
+    large = _optimize_cost(tmp_path, SMALL * FACTOR)
+    assert large < BOUND * small, (small, large)
+
+
+def _graph_walks(tmp_path, monkeypatch, nodes: int) -> int:
+    """Nodes handed out by ``ir.Graph.__iter__`` (every pass's ``for node in graph``) in one optimize and write."""
+    seen = [0]
+    plain = ir.Graph.__iter__
+
+    def counted(graph):
+        seen[0] += len(graph)
+        return plain(graph)
+
+    path = tmp_path / f"walk{nodes}.onnx"
+    onnx.save(chain(nodes), str(path))
+    with monkeypatch.context() as patch:
+        patch.setattr(ir.Graph, "__iter__", counted)
+        api.optimize(path, bits=8, allocator="uniform").save(tmp_path / f"walked{nodes}.onnx", verify=False)
+    return seen[0]
+
+
+def test_optimize_walks_the_graph_a_fixed_number_of_times(tmp_path, monkeypatch):
+    """Deterministic where timing is not: the node visits of the whole optimize grow with the nodes, not with
+    their square (a pass that walks the graph once per node would make 10x the nodes 100x the visits)."""
+    small, large = (_graph_walks(tmp_path, monkeypatch, n) for n in (300, 3000))
+    assert small > 300  # the count sees the passes' walks
+    assert large < 1.2 * FACTOR * small, (small, large)

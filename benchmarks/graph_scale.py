@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     lo, hi = sizes[0], sizes[-1]
     lines = ["# Time and memory against graph size", "",
-             f"`python -m benchmarks.graph_scale --nodes {args.nodes}` (`benchmarks/graph_scale.py`: one MatMul, "
+             f"`python -m benchmarks.graph_scale --nodes {args.nodes}"
+             + (f' --steps "{args.steps}"' if steps != DEFAULT_STEPS else "")
+             + "` (`benchmarks/graph_scale.py`: one MatMul, "
              "then a chain of Add (64-element weights) and Relu nodes; each step a fresh subprocess: wall seconds, "
              "CPU seconds (user + system: what the step costs, whatever else the machine runs) and peak resident "
              "MiB, interpreter start and imports included). The ratios are the largest size's CPU time and memory "

@@ -422,3 +422,22 @@ def test_random_inputs_of_a_huge_declared_input_shape(tmp_path, capsys):
     code, err = _optimize(write_model(tmp_path, matmul_model(good_weight())), capsys,
                           "--input-shape", f"x={2**62},16")
     assert code == 2 and "C size" in _one_line(err)
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [201, 255, 256, 4000])
+@pytest.mark.parametrize("command", ["optimize", "posterior"])
+def test_output_name_over_name_max(model, tmp_path, capsys, command, length):
+    """A file name the file system cannot hold (over NAME_MAX, 255 bytes, or too long for the data file's suffix
+    beside it) is one line and exit 7 before any work, for every command that writes; nothing is created."""
+    out = tmp_path / ("o" * (length - 5) + ".onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32))
+    before = sorted(os.listdir(tmp_path))
+    extra = ["--calib", str(calib), "--method", "activations"] if command == "posterior" else ["--min-size", "16"]
+    code = main([command, str(model), "-o", str(out), "-q", *extra])
+    err = capsys.readouterr().err
+    assert code == 7 and "file name too long" in _one_line(err), err
+    assert sorted(os.listdir(tmp_path)) == before

@@ -3,6 +3,8 @@ quantizer at a width (the expected-loss tables and the quantize pass must agree 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 
@@ -56,4 +58,33 @@ def design(
         spec = ctx.designs.get((weight, bits)) or quantizers.candidates(q.quantizer, d.outliers, bits, view.size)[0]
     group = spec.block or d.group_size_for(weight)
     block = view.shape[0] if group <= 0 else group
+    if view.nbytes > COLUMN_CHUNK_BYTES and importance is None and base is None and _column_separable(spec, bits):
+        return _by_columns(view, bits, spec, block, q.seed)
     return quantizers.quantize_spec(view, bits, spec, block, importance, seed=q.seed, base=base)
+
+
+#: A weight bigger than this is designed in slices of output channels of about this size: the quantizers'
+#: temporaries cost about 5x what they quantize, which for one 8 GiB tensor is 40 GiB (issue 21).
+COLUMN_CHUNK_BYTES = 64 << 20
+
+
+def _column_separable(spec: quantizers.Spec, bits: int) -> bool:
+    """Designs whose every block lies in one output channel and depends on nothing else: plain uniform grids
+    (no per-tensor codebook, no outliers chosen across the tensor, no vectors)."""
+    return spec.method == "uniform" and spec.dim == 1 and not spec.outliers and 0 < bits <= 8
+
+
+def _by_columns(view: np.ndarray, bits: int, spec: quantizers.Spec, block: int, seed: int) -> QuantizedTensor:
+    """The same design as one call on the whole ``view`` (blocks run down columns), slice by slice of columns."""
+    k, n = view.shape
+    step = max(1, COLUMN_CHUNK_BYTES // max(1, k * view.itemsize))
+    parts = [quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed)
+             for a in range(0, n, step)]
+    if any(p.outlier_index is not None or p.codebook is not None for p in parts):  # not separable after all
+        return quantizers.quantize_spec(view, bits, spec, block, None, seed=seed)
+
+    fields = {}
+    for field in ("codes", "scale", "zero_point", "offset"):
+        arrays = [getattr(p, field) for p in parts]
+        fields[field] = None if arrays[0] is None else np.concatenate(arrays, axis=1)
+    return dataclasses.replace(parts[0], shape=(k, n), **fields)

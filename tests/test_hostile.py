@@ -441,3 +441,29 @@ def test_output_name_over_name_max(model, tmp_path, capsys, command, length):
     err = capsys.readouterr().err
     assert code == 7 and "file name too long" in _one_line(err), err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_big_weight_is_designed_by_column_slices_with_the_same_result(monkeypatch):
+    """Plain uniform grids are designed slice by slice of output channels above ``COLUMN_CHUNK_BYTES`` (the
+    quantizers' temporaries are about 5x what they quantize: 40 GiB for one 8 GiB tensor): byte-identical to the
+    whole-tensor design, with temporaries of one slice."""
+    import tracemalloc
+
+    from bq_onnx import quantizers, weights
+
+    w = np.random.default_rng(0).standard_normal((4096, 1000), dtype=np.float32)
+    monkeypatch.setattr(weights, "COLUMN_CHUNK_BYTES", 1 << 20)
+    for bits, block in ((4, 32), (3, 4096), (8, 100)):
+        spec = quantizers.candidates("uniform", "0", bits, w.size)[0]
+        assert weights._column_separable(spec, bits)
+        whole = quantizers.quantize_spec(w, bits, spec, block, None, seed=0)
+        tracemalloc.start()
+        sliced = weights._by_columns(w, bits, spec, block, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        for field in ("codes", "scale", "zero_point", "offset", "codebook", "outlier_index"):
+            a, b = getattr(whole, field), getattr(sliced, field)
+            assert (a is None and b is None) or np.array_equal(a, b), field
+        assert (sliced.shape, sliced.symmetric, sliced.kind) == (whole.shape, whole.symmetric, whole.kind)
+        assert peak < w.nbytes, peak  # codes (a byte each) twice while joined, one slice of temporaries
+    assert not weights._column_separable(quantizers.candidates("uniform", "0.01", 4, w.size)[0], 4)

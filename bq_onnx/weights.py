@@ -65,7 +65,7 @@ def design(
 
 #: A weight bigger than this is designed in slices of output channels of about this size: the quantizers'
 #: temporaries cost about 5x what they quantize, which for one 8 GiB tensor is 40 GiB (issue 21).
-COLUMN_CHUNK_BYTES = 64 << 20
+COLUMN_CHUNK_BYTES = 16 << 20
 
 
 def _column_separable(spec: quantizers.Spec, bits: int) -> bool:

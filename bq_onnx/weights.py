@@ -17,8 +17,10 @@ from bq_onnx.qtensor import QuantizedTensor
 def weight_array(value: ir.Value) -> np.ndarray:
     """The initializer as float32, with NaN/Inf reported by name."""
     arr = np.asarray(value.const_value.numpy(), dtype=np.float32)
-    if not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
+    flat = arr.reshape(-1)
+    step = COLUMN_CHUNK_BYTES // 4  # checked by slices: a whole-size boolean mask is a quarter of the weight again
+    bad = sum(int(flat[a:a + step].size - np.isfinite(flat[a:a + step]).sum()) for a in range(0, flat.size, step))
+    if bad:
         raise DataError(f"weight '{value.name}' contains {bad} NaN/Inf value(s)")
     return arr
 
@@ -78,13 +80,17 @@ def _by_columns(view: np.ndarray, bits: int, spec: quantizers.Spec, block: int, 
     """The same design as one call on the whole ``view`` (blocks run down columns), slice by slice of columns."""
     k, n = view.shape
     step = max(1, COLUMN_CHUNK_BYTES // max(1, k * view.itemsize))
-    parts = [quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed)
-             for a in range(0, n, step)]
-    if any(p.outlier_index is not None or p.codebook is not None for p in parts):  # not separable after all
-        return quantizers.quantize_spec(view, bits, spec, block, None, seed=seed)
-
-    fields = {}
-    for field in ("codes", "scale", "zero_point", "offset"):
-        arrays = [getattr(p, field) for p in parts]
-        fields[field] = None if arrays[0] is None else np.concatenate(arrays, axis=1)
-    return dataclasses.replace(parts[0], shape=(k, n), **fields)
+    first, fields = None, {}
+    for a in range(0, n, step):
+        part = quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed)
+        if part.outlier_index is not None or part.codebook is not None:  # not separable after all
+            return quantizers.quantize_spec(view, bits, spec, block, None, seed=seed)
+        if first is None:  # results go straight into whole-size arrays: no list of parts to join
+            first = part
+            fields = {f: None if getattr(part, f) is None else
+                      np.empty((getattr(part, f).shape[0], n), dtype=getattr(part, f).dtype)
+                      for f in ("codes", "scale", "zero_point", "offset")}
+        for f, whole in fields.items():
+            if whole is not None:
+                whole[:, a:a + step] = getattr(part, f)
+    return dataclasses.replace(first, shape=(k, n), **fields)

@@ -25,14 +25,8 @@ def _min_ir_version(opset: int) -> int:
     return onnx.IR_VERSION
 
 
-class UpgradeOpsetPass(ir.passes.PassBase):
-    """Convert the default-domain opset up to ``target`` with onnx's version converter (external data stays lazy).
-
-    Destructive: a model already at ``target`` moves into a new ``Model`` object as it is (its graph is the
-    output's), without the serialization round trip the converter needs (seconds per 1e5 nodes)."""
-
-    in_place = False
-    changes_input = True
+class UpgradeOpsetPass(ir.passes.FunctionalPass):
+    """Convert the default-domain opset up to ``target`` with onnx's version converter (external data stays lazy)."""
 
     def __init__(self, target: int = MIN_OPSET) -> None:
         self.target = target
@@ -47,21 +41,16 @@ class UpgradeOpsetPass(ir.passes.PassBase):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         current = model.opset_imports[""]
-        if current >= self.target:
-            moved = ir.Model(model.graph, ir_version=model.ir_version, producer_name=model.producer_name,
-                             producer_version=model.producer_version, domain=model.domain,
-                             model_version=model.model_version, doc_string=model.doc_string,
-                             functions=list(model.functions.values()), metadata_props=dict(model.metadata_props))
-            return ir.passes.PassResult(moved, modified=False)
         proto = ir.serde.serialize_model(model)
-        try:
-            proto = onnx.version_converter.convert_version(proto, self.target)
-        except Exception as exc:  # noqa: BLE001  the converter raises assorted C++ errors
-            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"cannot convert the model from opset {current} to {self.target}: {msg}") from None
+        if current < self.target:
+            try:
+                proto = onnx.version_converter.convert_version(proto, self.target)
+            except Exception as exc:  # noqa: BLE001  the converter raises assorted C++ errors
+                msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise ModelError(f"cannot convert the model from opset {current} to {self.target}: {msg}") from None
         new = ir.serde.deserialize_model(proto)
         stream_external_tensors(new, {t.name: t.base_dir for t in external_tensors(model) if t.base_dir})
-        return ir.passes.PassResult(new, modified=True)
+        return ir.passes.PassResult(new, modified=current < self.target)
 
     def ensures(self, model: ir.Model) -> None:
         assert model.opset_imports[""] >= self.target

@@ -3,6 +3,8 @@ weights in external data, and how time grows with parameters and calibration sam
 
 Usage:  python -m benchmarks.scale [--sizes 0.25,0.5,1,2.5] [--samples 64,256,1024] [--out benchmarks/scale.md]
         [--keep] [--calib-size 0.125] [--big-calib [--big-calib-size 1] [--big-calib-samples 64]] [--calib-only]
+        python -m benchmarks.scale --single-tensor-gib 8 [--single-options "--allocator uniform"]
+        [--out benchmarks/scale_single_tensor.md]
 
 Models are generated into ``benchmarks/.cache/`` (git-ignored; deleted after the run unless ``--keep``): a stack
 of transformer-MLP blocks (d_model 2048, d_ff 8192; up-projection ``MatMul`` with a ``(2048, 8192)`` weight,
@@ -21,6 +23,11 @@ each run is traced, and the posterior step's own time (``find weights`` to ``pos
 trace) is reported beside the wall time. ``--big-calib`` adds one ``--calib`` run with default options on the
 ``--big-calib-size`` model. ``--calib-only`` skips the size series (about 35 minutes) and, with ``--out`` naming
 an existing report, replaces only the part below its calibration marker.
+
+``--single-tensor-gib`` measures instead one model holding a single fp32 weight of that size (``MatMul`` with a
+``(32768, N)`` weight of seeded normal data: real values, not a sparse file of zeros that quantizes to a
+degenerate code), traced, against the same bound: streaming must hold for any weight size, not only for many
+small ones.
 """
 
 from __future__ import annotations
@@ -98,6 +105,58 @@ def generate(blocks: int, seed: int = 0) -> Path:
     return path
 
 
+SINGLE_ROWS = 32768
+
+
+def generate_single(gib: float, seed: int = 0) -> tuple[Path, int]:
+    """One ``MatMul`` with a single ``(32768, N)`` fp32 weight of ``gib`` GiB, written 64 rows at a time."""
+    cols = max(1, round(gib * GIB / (4 * SINGLE_ROWS)))
+    folder = CACHE / f"single{SINGLE_ROWS}x{cols}"
+    path = folder / "model.onnx"
+    if path.exists():
+        return path, SINGLE_ROWS * cols
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    scale = np.float32(np.sqrt(1.0 / SINGLE_ROWS))
+    with open(folder / "model.onnx.data", "wb") as data:
+        for _ in range(0, SINGLE_ROWS, 64):
+            (rng.standard_normal((64, cols), dtype=np.float32) * scale).tofile(data)
+    weight = _external("weight", (SINGLE_ROWS, cols), "model.onnx.data", 0, SINGLE_ROWS * cols * 4)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"], name="proj")], "single_tensor",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SINGLE_ROWS])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    tmp = folder / "model.onnx.tmp"
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return path, SINGLE_ROWS * cols
+
+
+def single_tensor(args) -> list[str]:
+    """``bq-onnx optimize`` of one model holding a single weight of ``--single-tensor-gib``, traced."""
+    model, params = generate_single(args.single_tensor_gib)
+    extra = args.single_options.split()
+    model_bytes = params * 4
+    result = run_optimize(model, extra, trace=True)
+    options = " ".join(extra) or "default"
+    lines = ["# Scale: one fp32 weight of any size", "",
+             f"Command: `python -m benchmarks.scale --single-tensor-gib {args.single_tensor_gib:g}"
+             + (f' --single-options "{args.single_options}"' if extra else "") + "`", "",
+             f"Machine: {os.cpu_count()} cores, {_total_memory() / GIB:.0f} GiB RAM; numpy {np.__version__}, "
+             f"onnx {onnx.__version__}; load average before the run {os.getloadavg()[0]:.1f}.", "",
+             f"Model: one MatMul with a single ({SINGLE_ROWS}, {params // SINGLE_ROWS}) fp32 weight (seeded normal "
+             "data) in external data. Peak = `ru_maxrss` of the optimize process (file-backed pages included); "
+             "bound = 1.5 x model size + 1 GiB.", "",
+             "| weights (GiB) | parameters | options | wall (s) | peak RSS (GiB) | bound (GiB) | within | exit |",
+             "|---|---|---|---|---|---|---|---|",
+             _row(model_bytes, params, options, result, 1.5 * model_bytes + GIB), "",
+             "Memory per step (`BQ_ONNX_MEMTRACE=1`, MiB):", "", "```", *result["trace"], "```", ""]
+    if result["rc"] != 0:
+        print(result["output"][-2000:], file=sys.stderr)
+    return lines
+
+
 def calibration(folder: Path, samples: int, seed: int = 1) -> Path:
     path = folder / f"calib{samples}.npz"
     if not path.exists():
@@ -157,7 +216,20 @@ def main(argv: list[str] | None = None) -> int:
                    "(and --big-calib); with --out, replace the calibration part of an existing report")
     p.add_argument("--out", type=Path, help="write the results as markdown here")
     p.add_argument("--keep", action="store_true", help="keep the generated models in benchmarks/.cache/scale")
+    p.add_argument("--single-tensor-gib", type=float, help="instead of the series: one model holding a single "
+                   "fp32 weight of this many GiB")
+    p.add_argument("--single-options", default="", help="optimize options of the --single-tensor-gib run")
     args = p.parse_args(argv)
+    if args.single_tensor_gib is not None:
+        try:
+            text = "\n".join(single_tensor(args))
+        finally:
+            if not args.keep:
+                shutil.rmtree(CACHE, ignore_errors=True)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
 
     sizes = [float(s) for s in args.sizes.split(",")]
     counts = [int(s) for s in args.samples.split(",")]

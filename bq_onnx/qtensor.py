@@ -48,6 +48,10 @@ def to_fp16_exact(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
+#: Above this many bytes of float32 output, :meth:`QuantizedTensor.dequantize` decodes by slices of columns.
+DEQUANTIZE_CHUNK_BYTES = 16 << 20
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedTensor:
     """One weight in canonical ``(K, N)`` view, quantized per block of ``block_size`` rows.
@@ -184,8 +188,18 @@ class QuantizedTensor:
         return 1 << (self.bits - 1)
 
     def dequantize(self) -> np.ndarray:
-        """float32 ``(K, N)`` reconstruction, in the graph's operation order (outliers added last)."""
-        w = self._dense()
+        """float32 ``(K, N)`` reconstruction, in the graph's operation order (outliers added last).
+
+        A big tensor is decoded slice by slice of columns into the result (the same elementwise arithmetic): the
+        whole-tensor decode holds about five float32 temporaries of the tensor's size (issue 21)."""
+        k, n = self.shape
+        if k * n * 4 <= DEQUANTIZE_CHUNK_BYTES or self.kind == "float16":
+            w = self._dense()
+        else:
+            w = np.empty((k, n), dtype=np.float32)
+            step = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * k))
+            for a in range(0, n, step):
+                w[:, a:a + step] = take_columns(self, a, min(a + step, n))._dense()
         if self.outlier_index is not None:
             flat = w.reshape(-1)
             flat[self.outlier_index] = flat[self.outlier_index] + self.outlier_value

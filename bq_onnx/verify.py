@@ -152,13 +152,15 @@ def reference_runs(source, ctx: Context, runs: Sequence[Mapping[str, np.ndarray]
                 value.shape = ir.Shape(list(np.shape(runs[0][value.name])))
         ShapeInferencePass(check_type=False, strict_mode=False)(model)
     if len(pieces) == 1 or not _typed_boundaries(model, pieces):
-        session = rt.session(write_reference(model, ctx, folder, dequantized=dequantized), exact=True)
+        session = rt.session(write_reference(model, ctx, folder, dequantized=dequantized), exact=True,
+                             lean=True)
         memtrace("verify: reference session")
         return [session.run(feeds) for feeds in runs]
     values: list[dict[str, np.ndarray]] = [dict(feeds) for feeds in runs]
     for i in range(len(pieces)):
         part = _segment_model(model, pieces, i)
-        session = rt.session(write_reference(part, ctx, folder, f"reference{i}", dequantized), exact=True)
+        session = rt.session(write_reference(part, ctx, folder, f"reference{i}", dequantized), exact=True,
+                             lean=True)
         for known in values:
             wanted = {k: known[k] for k in session.input_names}
             known.update(zip(session.output_names, session.run(wanted)))
@@ -325,7 +327,7 @@ def verify_written(
     rt = get_runtime(runtime)
     # one session at a time: the candidate runs and is dropped before the full-precision reference is built
     try:
-        candidate_session = rt.session(path, exact=True)
+        candidate_session = rt.session(path, exact=True, lean=True)
     except UnsupportedError as exc:  # an op onnxruntime does not know: not supported (exit 4), named by the output
         raise UnsupportedError(str(exc).replace(os.fspath(path), os.fspath(where))) from None
     except ModelError as exc:
@@ -377,7 +379,7 @@ def fp32_runs(source, runs: Sequence[Mapping[str, np.ndarray]], rt) -> None:
         else:
             where, path = "<in-memory model>", Path(tmp) / "fp32.onnx"
             ir.save(load_model(source), path)
-        session = rt.session(path, exact=True)
+        session = rt.session(path, exact=True, lean=True)
         try:
             for run in runs:
                 session.run(run)

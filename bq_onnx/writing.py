@@ -150,15 +150,26 @@ def resolve_output(output: str | os.PathLike | None, default_name: str, default_
         return default_folder / default_name
     text = os.fspath(output)
     out = Path(text)
-    if text.endswith(("/", os.sep)) or (out.is_dir() and not out.is_symlink()):
-        if not out.is_dir():
+    if text.endswith(("/", os.sep)) or (_is_folder(out) and not out.is_symlink()):
+        if not _is_folder(out):
             raise OutputError(f"{text}: output folder does not exist")
         return out / default_name
     return out
 
 
+def _is_folder(path: Path) -> bool:
+    """``path.is_dir()``, false for a name the file system cannot hold (ENAMETOOLONG: Python 3.11 raises it)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def check_output(out: Path, protected: Protected, force: bool) -> Path:
     """Refuse a destination that is an input, an existing file without ``force``, or not a place for a file."""
+    if len(os.fsencode(out.name)) > 200:  # room for the data file's suffix under NAME_MAX (255); checked first:
+        # a name over NAME_MAX fails every stat below with ENAMETOOLONG
+        raise OutputError(f"{out}: file name too long (at most 200 bytes)")
     who = protected.clash(out)
     if who is not None:
         raise OutputError(f"{out}: output path is the {who}; choose another path")
@@ -171,8 +182,6 @@ def check_output(out: Path, protected: Protected, force: bool) -> Path:
             raise OutputError(f"{out}: exists and is not a regular file")
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: output folder does not exist")
-    if len(os.fsencode(out.name)) > 200:  # leaves room for the data file's suffix under NAME_MAX (255)
-        raise OutputError(f"{out}: file name too long (at most 200 bytes)")
     return out
 
 

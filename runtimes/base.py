@@ -58,4 +58,6 @@ class Runtime(abc.ABC):
         """(usable here, reason when not)."""
 
     @abc.abstractmethod
-    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None) -> Session: ...
+    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None,
+                lean: bool = False) -> Session:
+        """A session of the model at ``path``; ``lean``: least memory over speed (checks, never timings)."""

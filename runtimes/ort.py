@@ -94,7 +94,8 @@ class OnnxRuntime(Runtime):
                            f"{', '.join(have)}; GPU providers need onnxruntime-gpu)")
         return True, ""
 
-    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None) -> Session:
+    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None,
+                lean: bool = False) -> Session:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -104,6 +105,10 @@ class OnnxRuntime(Runtime):
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
+        if lean:
+            # no prepacked copy of every MatMul weight: session creation held about twice a big fp32 weight
+            # (issue 21); external data then stays a file mapping. For checks, not for timings.
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             with limited("creating an onnxruntime session"):
                 return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=self.providers))

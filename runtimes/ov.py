@@ -52,7 +52,8 @@ class OpenVinoRuntime(Runtime):
             return False, f"openvino is not installed ({exc}); pip install 'bq-onnx[openvino]'"
         return True, ""
 
-    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None) -> Session:
+    def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None,
+                lean: bool = False) -> Session:
         import openvino as ov
 
         ok, why = self.available()

@@ -422,3 +422,69 @@ def test_random_inputs_of_a_huge_declared_input_shape(tmp_path, capsys):
     code, err = _optimize(write_model(tmp_path, matmul_model(good_weight())), capsys,
                           "--input-shape", f"x={2**62},16")
     assert code == 2 and "C size" in _one_line(err)
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [201, 255, 256, 4000])
+@pytest.mark.parametrize("command", ["optimize", "posterior"])
+def test_output_name_over_name_max(model, tmp_path, capsys, command, length):
+    """A file name the file system cannot hold (over NAME_MAX, 255 bytes, or too long for the data file's suffix
+    beside it) is one line and exit 7 before any work, for every command that writes; nothing is created."""
+    out = tmp_path / ("o" * (length - 5) + ".onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32))
+    before = sorted(os.listdir(tmp_path))
+    extra = ["--calib", str(calib), "--method", "activations"] if command == "posterior" else ["--min-size", "16"]
+    code = main([command, str(model), "-o", str(out), "-q", *extra])
+    err = capsys.readouterr().err
+    assert code == 7 and "file name too long" in _one_line(err), err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_big_weight_is_designed_by_column_slices_with_the_same_result(monkeypatch):
+    """Plain uniform grids are designed slice by slice of output channels above ``COLUMN_CHUNK_BYTES`` (the
+    quantizers' temporaries are about 5x what they quantize: 40 GiB for one 8 GiB tensor): byte-identical to the
+    whole-tensor design, with temporaries of one slice."""
+    import tracemalloc
+
+    from bq_onnx import quantizers, weights
+
+    w = np.random.default_rng(0).standard_normal((4096, 1000), dtype=np.float32)
+    monkeypatch.setattr(weights, "COLUMN_CHUNK_BYTES", 1 << 20)
+    for bits, block in ((4, 32), (3, 4096), (8, 100)):
+        spec = quantizers.candidates("uniform", "0", bits, w.size)[0]
+        assert weights._column_separable(spec, bits)
+        whole = quantizers.quantize_spec(w, bits, spec, block, None, seed=0)
+        tracemalloc.start()
+        sliced = weights._by_columns(w, bits, spec, block, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        for field in ("codes", "scale", "zero_point", "offset", "codebook", "outlier_index"):
+            a, b = getattr(whole, field), getattr(sliced, field)
+            assert (a is None and b is None) or np.array_equal(a, b), field
+        assert (sliced.shape, sliced.symmetric, sliced.kind) == (whole.shape, whole.symmetric, whole.kind)
+        assert peak < w.nbytes, peak  # codes (a byte each) twice while joined, one slice of temporaries
+    assert not weights._column_separable(quantizers.candidates("uniform", "0.01", 4, w.size)[0], 4)
+
+
+@pytest.mark.parametrize(("quantizer", "outliers"), [("uniform", "0"), ("uniform", "0.01"), ("lloyd", "0"),
+                                                     ("vq2", "0")])
+def test_a_big_tensor_is_dequantized_by_column_slices_with_the_same_values(monkeypatch, quantizer, outliers):
+    """Verification decodes every quantized weight: slice by slice of columns above ``DEQUANTIZE_CHUNK_BYTES``,
+    equal to the whole-tensor decode, holding little beyond the float32 result (the whole decode: ~5x it)."""
+    import tracemalloc
+
+    from bq_onnx import qtensor, quantizers
+
+    w = np.random.default_rng(0).standard_normal((2048, 1500), dtype=np.float32)
+    qt = quantizers.quantize_spec(w, 3, quantizers.candidates(quantizer, outliers, 3, w.size)[0], 32, None)
+    whole = qt.dequantize()
+    monkeypatch.setattr(qtensor, "DEQUANTIZE_CHUNK_BYTES", 1 << 19)
+    tracemalloc.start()
+    sliced = qt.dequantize()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sliced.dtype == np.float32 and np.array_equal(sliced, whole)
+    assert peak < 1.3 * w.nbytes, peak

@@ -136,6 +136,9 @@ def _spend(model: ir.Model, ctx: Context, calibration: Calibration | None, profi
 
 
 def _noted(out: ir.Model, ctx: Context) -> ir.Model:
+    from bq_onnx.decode.rewrite import load_notes
+
+    ctx.messages.extend(load_notes(ctx.layers or [], ctx.config.storage.format))
     note = zero_bit_note(ctx)
     if note is not None:
         ctx.messages.append(note)

@@ -42,7 +42,14 @@ def test_each_target_writes_what_its_runtimes_run_exactly(tmp_path, target, quan
     tensors = _initializers(path)
     int2 = target == "onnxruntime" and bits <= 2
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    if nbits:  # lowered (onnxruntime target, whole blocks, 2 or 4 bits): the container is the node's width
+    if target != "onnxruntime" and bits <= 3:  # no container of their size: packed at the width, as compact stores
+        assert "W.bq_codes" not in tensors and not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+        assert tensors["W.bq_packed"].data_type == TensorProto.UINT8
+        assert tensors["W.bq_packed"].dims == [-(-k * 6 // 8) * bits]
+        assert ("W.bq_zero" in tensors) == (quantizer == "uniform")
+        assert tensors["W.bq_scale"].data_type == TensorProto.FLOAT16
+        assert stored_payload_bits(qt, Storage("native")) == 8 * -(-k * 6 // 8) * bits
+    elif nbits:  # lowered (onnxruntime target, whole blocks, 2 or 4 bits): the container is the node's width
         assert target == "onnxruntime" and k == 64 and bits <= 4
         assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {2 if int2 else 4}
         assert tensors["W.bq_nbits_scales"].data_type == TensorProto.FLOAT  # MatMulNBits reads float scales
@@ -93,16 +100,23 @@ def test_targets_without_measured_fp16_scales_keep_fp32(tmp_path):
 
 
 def test_the_tables_count_what_each_storage_writes():
-    """16-bit scales, and 2-bit codes in int2 containers only where the storage has them."""
+    """16-bit scales, 2-bit codes in int2 containers where the storage has them, packed at 2 bits where it packs
+    (the default target), in int4 where it does neither (TensorRT, ROCm); 4-bit codes always in int4."""
     from bq_onnx.quantizers.uniform import quantize_uniform
 
     w = np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32)
     qt = quantize_uniform(w, 2, 32)
-    default, ort_native = Storage("native"), Storage("native", int2=True)
-    assert stored_payload_bits(qt, default) == 4 * 64 * 4 and stored_payload_bits(qt, ort_native) == 2 * 64 * 4
-    assert block_metadata_bits(qt, default) == (16 + 4) * 2 * 4  # fp16 scale + uint4 zero point per block
+    default, ort_native = Storage("native"), Storage("native", int2=True, packed=False)
+    boxed = Storage("native", packed=False)
+    assert stored_payload_bits(qt, default) == stored_payload_bits(qt, ort_native) == 2 * 64 * 4
+    assert stored_payload_bits(qt, boxed) == 4 * 64 * 4
+    assert block_metadata_bits(qt, default) == block_metadata_bits(qt, "compact") == (16 + 2) * 2 * 4
+    assert block_metadata_bits(qt, boxed) == (16 + 4) * 2 * 4  # fp16 scale + uint4 zero point per block
     assert block_metadata_bits(qt, ort_native) == (16 + 2) * 2 * 4
-    assert block_metadata_bits(qt, Storage("native", scale_bits=32)) == (32 + 4) * 2 * 4
+    assert block_metadata_bits(qt, Storage("native", scale_bits=32, packed=False)) == (32 + 4) * 2 * 4
+    three, four = quantize_uniform(w, 3, 32), quantize_uniform(w, 4, 32)
+    assert stored_payload_bits(three, default) == 3 * 64 * 4 and stored_payload_bits(three, ort_native) == 4 * 64 * 4
+    assert stored_payload_bits(four, default) == 4 * 64 * 4 and block_metadata_bits(four, default) == 20 * 2 * 4
     assert [container_bits(b, int2=True) for b in range(9)] == [0, 2, 2, 4, 4, 8, 8, 8, 8]
     assert [container_bits(b) for b in range(9)] == [0, 4, 4, 4, 4, 8, 8, 8, 8]
 
@@ -126,9 +140,12 @@ def test_native_budgets_below_five_bits_are_met(tmp_path, target, bits, group):
         np.testing.assert_allclose(y, ys[0], rtol=1e-4, atol=1e-4)
 
 
-def test_a_native_budget_only_int2_meets_names_the_onnxruntime_target():
-    with pytest.raises(UsageError, match=r"--bits 4 cannot be met: .*--target onnxruntime \(int2 containers"):
-        bq_onnx.optimize(MODELS / "lenet.onnx", bits=4, group_size=128)
+def test_a_native_budget_below_the_cheapest_width_is_refused_without_naming_int2():
+    """Below what 2-bit packed codes and their scales store, the default target refuses; int2 containers would
+    store as much, so ``--target onnxruntime`` is no way out there."""
+    with pytest.raises(UsageError, match=r"--bits 2 cannot be met: the smallest stored size is about 2\.[1-3]") as e:
+        bq_onnx.optimize(MODELS / "lenet.onnx", bits=2, group_size=128)
+    assert "--target onnxruntime" not in str(e.value)
 
 
 @pytest.mark.parametrize("fmt", ["native", "compact"])

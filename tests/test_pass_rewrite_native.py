@@ -26,7 +26,7 @@ def _check_numbers(model: ir.Model, ctx) -> None:
 
 
 @pytest.mark.parametrize(("quantizer", "bits", "container"), [
-    ("uniform", 3, INT.UINT4), ("uniform-sym", 4, INT.INT4), ("uniform", 8, INT.UINT8), ("uniform-sym", 6, INT.INT8),
+    ("uniform", 4, INT.UINT4), ("uniform-sym", 4, INT.INT4), ("uniform", 8, INT.UINT8), ("uniform-sym", 6, INT.INT8),
 ])
 def test_uniform_weights_become_blocked_dequantize_linear(quantizer, bits, container):
     model, ctx = _rewritten(bits=bits, quantizer=quantizer)
@@ -43,6 +43,25 @@ def test_uniform_weights_become_blocked_dequantize_linear(quantizer, bits, conta
     assert tails and all(n.inputs[0].const_value.shape[0] == 8 and n.attributes["axis"].value == 1 for n in tails)
     assert not any(n.op_type == "Slice" for n in graph)
     assert all(n.inputs[1].producer().op_type == "Cast" for n in dqs)  # fp16 scales cast to float first
+    _check_numbers(model, ctx)
+
+
+@pytest.mark.parametrize("quantizer", ["uniform", "uniform-sym"])
+def test_widths_without_a_container_of_their_size_are_packed_and_decoded_inline(quantizer):
+    """3 bits on the default target (int4 would store 4): codes and zero points packed at 3 bits, no local function,
+    no DequantizeLinear, no BitwiseAnd (float-only unpacking, which OpenVINO folds at load)."""
+    model, ctx = _rewritten(bits=3, quantizer=quantizer)
+    graph = model.graph
+    ops = {n.op_type for n in graph}
+    assert "DequantizeLinear" not in ops and "BitwiseAnd" not in ops and not model.functions
+    assert ops <= {"Reshape", "Cast", "Mul", "Floor", "Sub", "MatMul", "Slice", "Expand", "Transpose", "Concat",
+                   "Add", "Conv", "Gemm", "Gather", "Relu", "Flatten", "Identity", "Shape"}
+    for name, qt in ctx.quantized.items():
+        packed = graph.initializers[f"{name}.bq_packed"].const_value
+        assert packed.dtype == INT.UINT8 and packed.shape[0] == -(-qt.codes.size // 8) * 3
+        assert (f"{name}.bq_zero" in graph.initializers) == (quantizer == "uniform")
+        assert graph.initializers[f"{name}.bq_scale"].const_value.dtype == INT.FLOAT16
+    assert all(r["packed_codes"] and r["dequantized_at_load"] for r in ctx.layers)
     _check_numbers(model, ctx)
 
 

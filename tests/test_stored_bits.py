@@ -33,8 +33,9 @@ def _dead(path) -> tuple[list[str], list[str]]:
     return unused, dead
 
 
-@pytest.mark.parametrize(("fmt", "bits"), [("native", 6), ("native", 5.5), ("compact", 4), ("compact", 3)])
-@pytest.mark.parametrize("name", MODELS_3)  # native budgets: its cheapest width (int4 + scales) is over 5 bits
+@pytest.mark.parametrize(("fmt", "bits"), [("native", 5.5), ("native", 4), ("native", 3), ("compact", 4),
+                                          ("compact", 3)])
+@pytest.mark.parametrize("name", MODELS_3)  # native at 4 and 3 bits on the default target: packed 1..3-bit codes
 def test_counted_bits_per_weight_are_within_the_budget(tmp_path, name, bits, fmt):
     model = MODELS / f"{name}.onnx"
     result = bq_onnx.optimize(model, bits=bits, format=fmt, no_guard=True)  # the allocation, not the guard's choice
@@ -47,12 +48,15 @@ def test_counted_bits_per_weight_are_within_the_budget(tmp_path, name, bits, fmt
     assert _dead(out) == ([], [])
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt", "rocm"])
-def test_counted_bits_per_weight_are_within_the_budget_for_every_target(tmp_path, target):
+@pytest.mark.parametrize(("target", "bits"), [("onnxruntime", 6), ("openvino", 6), ("tensorrt", 6), ("rocm", 6),
+                                            ("onnxruntime", 4), ("onnxruntime", 3), ("openvino", 4), ("openvino", 3)])
+def test_counted_bits_per_weight_are_within_the_budget_for_every_target(tmp_path, target, bits):
+    """Every stored byte (initializers and Constant nodes, subgraphs included) over the FP32 weights, per target;
+    TensorRT and ROCm store int4 containers and scales (over 4 bits), so they are checked at 6."""
     model = MODELS / "tiny_transformer.onnx"
     out = tmp_path / "m.onnx"
-    bq_onnx.optimize(model, bits=6, target=target).save(out)
-    assert count(out, model).bits_per_weight <= 6
+    bq_onnx.optimize(model, bits=bits, target=target).save(out)
+    assert bits - 0.3 <= count(out, model).bits_per_weight <= bits
     assert _dead(out) == ([], [])
 
 
@@ -95,7 +99,7 @@ def test_zero_bit_blocks_leave_no_unused_initializers(tmp_path):
 
 
 def test_a_budget_below_the_cheapest_native_width_is_noted():
-    low = bq_onnx.optimize(MODELS / "digits_mlp.onnx", bits=3, allowed_bits=ALL_WIDTHS)
+    low = bq_onnx.optimize(MODELS / "digits_mlp.onnx", bits=1, allowed_bits=ALL_WIDTHS)
     assert any("stored as their block mean (0 bits)" in m for m in low.report["messages"])
     high = bq_onnx.optimize(MODELS / "digits_mlp.onnx", bits=6, allowed_bits=ALL_WIDTHS)
     assert not any("block mean" in m for m in high.report["messages"])

@@ -123,6 +123,13 @@ def test_inspect_counts_a_foreign_quantized_model(tmp_path):
     assert inspect(nbits, reference=model)["counted"]["bits_per_weight"] == pytest.approx(5.0, abs=0.01)
     assert inspect(dyn, reference=model)["counted"]["bits_per_weight"] == pytest.approx(8.0, abs=0.01)
     assert inspect(model, reference=model)["counted"]["bits_per_weight"] == pytest.approx(32.0)
+    # without the reference: the codes the quantized ops read (MatMulNBits' K x N, MatMulInteger's int8 weights),
+    # their scales and zero points, and the float weights left
+    alone = inspect(nbits)["counted"]
+    assert alone["against"] == "quantized ops" and alone["weight_numel"] == 50432
+    assert alone["bits_per_weight"] == pytest.approx(5.0, abs=0.01)
+    assert inspect(dyn)["counted"]["bits_per_weight"] == pytest.approx(8.0, abs=0.01)
+    assert inspect(model)["counted"]["bits_per_weight"] == pytest.approx(32.0)
 
 
 def test_count_reads_constant_nodes_and_subgraphs():
@@ -184,6 +191,9 @@ def test_size_mb_counts_the_external_data_file_too(tmp_path, monkeypatch, fmt, h
     else:
         monkeypatch.setenv("BQ_ONNX_EXTERNAL_DATA_THRESHOLD", "1000")
     out = tmp_path / "m.onnx"
+    if how == "input has external data":  # the input's size (the save message's "x smaller") counts its data file
+        result = bq_onnx.optimize(model, bits=8, format=fmt, no_guard=True)
+        assert result.report["input_file_bytes"] == model.stat().st_size + (model.parent / "lenet.data").stat().st_size
     # 0.052 MB: the smallest native file is about 0.0506 MB since outputs record their provenance (about 1.2 KB)
     bq_onnx.optimize(model, size_mb=0.052, format=fmt, no_guard=True).save(out)
     locations = {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer

@@ -34,6 +34,7 @@ from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import expected_loss_tables
 from bq_onnx.stages.weights import find_weights
+from bq_onnx.targets import pack_low_widths
 
 
 def optimize_model(
@@ -78,6 +79,11 @@ def optimize_model(
     memtrace("posterior")
     if not ctx.fixed:
         ctx.tables = expected_loss_tables(model, ctx, fit)
+        if pack_low_widths(model, ctx, profile):  # containers cannot meet the budget: pack 1..3-bit grids
+            said = list(ctx.messages)
+            ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
+            ctx.tables = expected_loss_tables(model, ctx, fit)
+            ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]
         ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
         memtrace("tables")
     weights = ctx.weights

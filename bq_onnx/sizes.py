@@ -11,11 +11,12 @@ onnxruntime 1.32 and OpenVINO 2026.4 (``tests/test_containers.py``), fp16 scales
 ``DequantizeLinear`` decode exactly in both and keep onnxruntime's MatMulNBits fusion (a Cast after it does not:
 OpenVINO then rounds differently and onnxruntime stops fusing); ``int2``/``uint2`` codes (opset 25) run in
 onnxruntime only (OpenVINO's ONNX reader: "Unsupported data type INT2"), so only ``--target onnxruntime`` stores
-1..2-bit grids in them. Where a target has no container of a width's own size below 4 bits (1..3 bits on the
-default target and OpenVINO: int4 would store 4), the native format stores that tensor's codes and zero points packed
-at exactly their width, as compact does, decoded by standard ops in the graph (:data:`Storage.packed`): int4 codes
-plus their scales cost at least 4.16 bits per weight, so without it no ``--bits 4`` or lower allocation fits there.
-Those tensors are decoded to float when the runtime loads the model (smaller file, not less RAM).
+1..2-bit grids in them. int4 codes plus their scales cost at least 4.16 bits per weight, so on the default target
+and OpenVINO (no int2) a budget that no allocation in containers meets (``--bits 4`` and below, as a rule) is met by
+storing the 1..3-bit grids, which have no container of their size there, packed at exactly their width with their
+zero points, as compact does, decoded by standard ops in the graph (:data:`Storage.packed`,
+:func:`bq_onnx.targets.pack_low_widths`). Those tensors are decoded to float when the runtime loads the model
+(smaller file, not less RAM); wherever containers meet the budget, every layer stays one (MatMulNBits fusion kept).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Storage:
     int2: bool = False  # native: 1..2-bit grids in int2/uint2 containers (opset 25)
     scale_bits: int = 16  # native: fp16 scales (a Cast before DequantizeLinear), 32 where a target needs fp32
     blocked_int4: bool = False  # native: int4 only blocked (TensorRT), so a ragged last block is padded
-    packed: bool = True  # native: 1..3-bit uniform grids with no container of their size stored packed (exact bits)
+    packed: bool = False  # native: 1..3-bit uniform grids with no container of their size stored packed (exact bits)
 
 
 def as_storage(fmt: str | Storage) -> Storage:
@@ -46,17 +47,19 @@ def as_storage(fmt: str | Storage) -> Storage:
     return fmt if isinstance(fmt, Storage) else Storage(fmt)
 
 
-def storage_of(config) -> Storage:
+def storage_of(config, derived=None) -> Storage:
     """The storage an :class:`~bq_onnx.config.OptimizeConfig` writes: the format, and in native what its target
-    runs (no target: what both onnxruntime and OpenVINO run)."""
+    runs (no target: what both onnxruntime and OpenVINO run) and, from ``derived`` (a
+    :class:`~bq_onnx.context.Derived`), whether 1..3-bit grids are packed (:func:`bq_onnx.targets.pack_low_widths`)."""
     fmt, target = config.storage.format, config.target.target
+    packed = bool(derived is not None and derived.packed_codes)
     if fmt != "native" or not target:
-        return Storage(fmt)
+        return Storage(fmt, packed=packed)
     from bq_onnx.runtimes.profiles import get_profile
 
     p = get_profile(target)
     return Storage(fmt, int2={"int2", "uint2"} <= p.containers, scale_bits=16 if p.fp16_scales else 32,
-                   blocked_int4=p.int4_blocked_only, packed=p.packed_codes)
+                   blocked_int4=p.int4_blocked_only, packed=packed and p.packed_codes)
 
 
 def container_bits(bits: int, int2: bool = False) -> int:

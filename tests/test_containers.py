@@ -42,14 +42,7 @@ def test_each_target_writes_what_its_runtimes_run_exactly(tmp_path, target, quan
     tensors = _initializers(path)
     int2 = target == "onnxruntime" and bits <= 2
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    if target != "onnxruntime" and bits <= 3:  # no container of their size: packed at the width, as compact stores
-        assert "W.bq_codes" not in tensors and not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
-        assert tensors["W.bq_packed"].data_type == TensorProto.UINT8
-        assert tensors["W.bq_packed"].dims == [-(-k * 6 // 8) * bits]
-        assert ("W.bq_zero" in tensors) == (quantizer == "uniform")
-        assert tensors["W.bq_scale"].data_type == TensorProto.FLOAT16
-        assert stored_payload_bits(qt, Storage("native")) == 8 * -(-k * 6 // 8) * bits
-    elif nbits:  # lowered (onnxruntime target, whole blocks, 2 or 4 bits): the container is the node's width
+    if nbits:  # lowered (onnxruntime target, whole blocks, 2 or 4 bits): the container is the node's width
         assert target == "onnxruntime" and k == 64 and bits <= 4
         assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {2 if int2 else 4}
         assert tensors["W.bq_nbits_scales"].data_type == TensorProto.FLOAT  # MatMulNBits reads float scales
@@ -66,6 +59,43 @@ def test_each_target_writes_what_its_runtimes_run_exactly(tmp_path, target, quan
     for runtime in RUNS_IN[target]:
         decoded = get_runtime(runtime).session(path, exact=True).run({"x": eye})[0]
         np.testing.assert_array_equal(decoded, qt.dequantize(), err_msg=runtime)
+
+
+@pytest.mark.parametrize("target", [None, "openvino"])
+@pytest.mark.parametrize("quantizer", ["uniform", "uniform-sym"])
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("k", [64, 70])
+def test_a_budget_containers_cannot_meet_packs_the_low_widths_exactly(tmp_path, target, quantizer, bits, k):
+    """A budget under int4 plus its scales, on a target without int2: the grid is stored packed at its width (no
+    DequantizeLinear, no local function), counted so by the tables, and decoded bit for bit in both runtimes."""
+    w = (np.random.default_rng(bits * 7 + k).standard_normal((k, 128)) * 0.05).astype(np.float32)
+    meta = (16 + (bits if quantizer == "uniform" else 0)) / 32 + 0.5  # scales, zero points, decode constants
+    result = bq_onnx.optimize(matmul_readout(w), bits=bits + meta, quantizer=quantizer, group_size=32,
+                              min_size=1, allowed_bits=(bits, 8), target=target, no_guard=True)
+    path = tmp_path / "q.onnx"
+    result.save(path, verify=False)
+    qt = result.context.quantized["W"]
+    assert qt.bits == bits and result.context.derived.packed_codes
+    model = onnx.load(str(path))
+    tensors = _initializers(path)
+    assert not model.functions and not {"DequantizeLinear", "BitwiseAnd"} & {n.op_type for n in model.graph.node}
+    assert tensors["W.bq_packed"].data_type == TensorProto.UINT8
+    assert tensors["W.bq_packed"].dims == [k * 128 // 8 * bits]
+    assert ("W.bq_zero" in tensors) == (quantizer == "uniform")
+    assert tensors["W.bq_scale"].data_type == TensorProto.FLOAT16
+    assert stored_payload_bits(qt, Storage("native", packed=True)) == k * 128 * bits
+    assert count(path, matmul_readout(w)).bits_per_weight <= bits + meta
+    eye = np.eye(k, dtype=np.float32)
+    for runtime in RUNS_IN[target]:
+        decoded = get_runtime(runtime).session(path, exact=True).run({"x": eye})[0]
+        np.testing.assert_array_equal(decoded, qt.dequantize(), err_msg=runtime)
+
+
+def test_budgets_containers_meet_keep_every_layer_in_one():
+    """Packing is for budgets no container allocation meets: at 6 bits every layer stays a DequantizeLinear."""
+    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=6, no_guard=True)
+    assert not result.context.derived.packed_codes
+    assert not any(r["packed_codes"] for r in result.report["layers"])
 
 
 def test_openvino_does_not_read_int2():
@@ -101,19 +131,19 @@ def test_targets_without_measured_fp16_scales_keep_fp32(tmp_path):
 
 def test_the_tables_count_what_each_storage_writes():
     """16-bit scales, 2-bit codes in int2 containers where the storage has them, packed at 2 bits where it packs
-    (the default target), in int4 where it does neither (TensorRT, ROCm); 4-bit codes always in int4."""
+    (the default target under a low budget), in int4 where it does neither; 4-bit codes always in int4."""
     from bq_onnx.quantizers.uniform import quantize_uniform
 
     w = np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32)
     qt = quantize_uniform(w, 2, 32)
-    default, ort_native = Storage("native"), Storage("native", int2=True, packed=False)
-    boxed = Storage("native", packed=False)
+    default, ort_native = Storage("native", packed=True), Storage("native", int2=True)
+    boxed = Storage("native")
     assert stored_payload_bits(qt, default) == stored_payload_bits(qt, ort_native) == 2 * 64 * 4
     assert stored_payload_bits(qt, boxed) == 4 * 64 * 4
     assert block_metadata_bits(qt, default) == block_metadata_bits(qt, "compact") == (16 + 2) * 2 * 4
     assert block_metadata_bits(qt, boxed) == (16 + 4) * 2 * 4  # fp16 scale + uint4 zero point per block
     assert block_metadata_bits(qt, ort_native) == (16 + 2) * 2 * 4
-    assert block_metadata_bits(qt, Storage("native", scale_bits=32, packed=False)) == (32 + 4) * 2 * 4
+    assert block_metadata_bits(qt, Storage("native", scale_bits=32)) == (32 + 4) * 2 * 4
     three, four = quantize_uniform(w, 3, 32), quantize_uniform(w, 4, 32)
     assert stored_payload_bits(three, default) == 3 * 64 * 4 and stored_payload_bits(three, ort_native) == 4 * 64 * 4
     assert stored_payload_bits(four, default) == 4 * 64 * 4 and block_metadata_bits(four, default) == 20 * 2 * 4

@@ -67,7 +67,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
     @property
     def storage(self) -> Storage:
         """What this output stores per code and scale (the target's containers in native)."""
-        st = storage_of(self.ctx.config)
+        st = storage_of(self.ctx.config, self.ctx.derived)
         return st if st.format == self.format else Storage(self.format)
 
     def requires(self, model: ir.Model) -> None:

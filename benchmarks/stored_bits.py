@@ -1,0 +1,118 @@
+"""Is ``--bits`` what the file stores? Counted stored bits per weight of every output, per model, format and target.
+
+Usage:  python benchmarks/stored_bits.py [--models lenet,...,ppocr-cls,...] [--bits 4,3]
+        [--cells native,native:onnxruntime,compact] [--out benchmarks/zoo_native_counted.md]
+
+For each model (the repository's ``models/*.onnx`` and the zoo of ``benchmarks/zoo_models.py``), each cell (format,
+and target after a colon; none: the default target, which must run in onnxruntime and OpenVINO) and each budget,
+``bq_onnx.optimize(model, bits=B, format=..., target=...)`` without calibration (the default allocator and guard)
+writes a file, and :func:`bq_onnx.counting.count` counts it against the FP32 model independently of the rewrite:
+8 x (bytes of every stored tensor, initializers and ``Constant`` values in every graph - bytes of the FP32
+model's non-weight tensors) / weight elements of the FP32 model (issue 16's figure, which ``bq-onnx inspect
+--reference`` prints). ``within`` says whether it is at most the budget; ``packed`` how many layers the native
+format stored packed (1..3-bit grids on a target without containers of their size, where no container
+allocation meets the budget); a refusal is one line (exit 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO_MODELS = ("lenet", "digits_mlp", "tiny_transformer")
+
+
+def model_path(name: str) -> Path:
+    """A repository model by name, else a zoo model's file in its installed wheel."""
+    if name in REPO_MODELS:
+        return ROOT / "models" / f"{name}.onnx"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from zoo_models import ZOO
+
+    return ZOO[name].path
+
+
+def one(path: Path, bits: float, fmt: str, target: str | None, folder: Path) -> dict:
+    """Optimize, save and count one cell; a refusal or failure is its first line."""
+    import bq_onnx
+    from bq_onnx.counting import count
+
+    started = time.time()
+    out = folder / f"{fmt}-{target or 'default'}-{bits:g}.onnx"
+    try:
+        result = bq_onnx.optimize(str(path), bits=bits, format=fmt, target=target)
+        result.save(str(out), force=True)
+    except Exception as exc:  # noqa: BLE001 - a refusal is a result
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                "s": time.time() - started}
+    counted = count(out, path).bits_per_weight
+    return {"counted": counted, "within": counted <= bits, "file_bytes": out.stat().st_size,
+            "reported": result.report["allocation"]["achieved_bits"],
+            "packed": sum(1 for r in result.report["layers"] if r.get("packed_codes")),
+            "layers": len(result.report["layers"]), "s": time.time() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="lenet,digits_mlp,tiny_transformer,ppocr-cls,magika,silero-vad,ddddocr-rec")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--cells", default="native,native:onnxruntime", help="format[:target], comma-separated")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    budgets = [float(b) for b in args.bits.split(",")]
+    cells = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in args.cells.split(",")]
+    rows = []
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bq-stored-") as tmp:
+        for name in args.models.split(","):
+            path = model_path(name)
+            for fmt, target in cells:
+                for bits in budgets:
+                    folder = Path(tmp) / name
+                    folder.mkdir(exist_ok=True)
+                    r = one(path, bits, fmt, target, folder)
+                    rows.append((name, fmt, target, bits, r))
+                    print(f"[{name}] {fmt} {target or 'default'} --bits {bits:g}: "
+                          + (r["error"] if "error" in r else f"{r['counted']:.3f} counted, within {r['within']}, "
+                             f"packed {r['packed']}/{r['layers']}") + f" ({r['s']:.0f} s)", flush=True)
+    import importlib.metadata as md
+    import subprocess
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    lines = [
+        "# Counted stored bits per weight against `--bits`",
+        "",
+        f"Produced by `python benchmarks/stored_bits.py --models {args.models} --bits {args.bits} --cells "
+        f"{args.cells}` ({(time.time() - started) / 60:.0f} min in all; bq-onnx commit {commit}, onnxruntime "
+        f"{md.version('onnxruntime')}, {platform.machine()}).",
+        "",
+        *__doc__.split("\n\n", 2)[2].strip().splitlines(),
+        "",
+        "| model | format | target | --bits | counted bits/weight | within | reported | packed layers | file bytes "
+        "| s | error |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for name, fmt, target, bits, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | {fmt} | {target or 'default'} | {bits:g} |  | no |  |  |  | {r['s']:.0f} "
+                         f"| {r['error']} |")
+        else:
+            lines.append(f"| {name} | {fmt} | {target or 'default'} | {bits:g} | {r['counted']:.3f} | "
+                         f"{'yes' if r['within'] else 'NO'} | {r['reported']:.3f} | {r['packed']}/{r['layers']} | "
+                         f"{r['file_bytes']} | {r['s']:.0f} |  |")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+    return 0 if all("error" not in r and r["within"] for *_, r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,9 +7,10 @@ and int8 for 5..8 (the allocated grid is kept; the container only sets storage).
 to float in front of the ``DequantizeLinear`` (exact in onnxruntime and OpenVINO, MatMulNBits fusion kept:
 :mod:`bq_onnx.sizes`), fp32 on targets whose profile does not say fp16 scales.
 Ragged blocks are padded to whole blocks and sliced after decoding, so every runtime's divisibility rule holds.
-A 1..3-bit grid with no container of its size on the target (int4 would store 4 bits: the default target and
-OpenVINO, :func:`bq_onnx.sizes.is_packed`) is stored packed at its exact width with its zero points, as in the
-compact format, and decoded inline by standard ops (float-only unpacking, which both runtimes fold to constants).
+Where no allocation in containers meets the stored budget (:func:`bq_onnx.targets.pack_low_widths`), a 1..3-bit
+grid with no container of its size on the target (int4 would store 4 bits: the default target and OpenVINO,
+:func:`bq_onnx.sizes.is_packed`) is stored packed at its exact width with its zero points, as in the compact
+format, and decoded inline by standard ops (float-only unpacking, which both runtimes fold to constants).
 Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation; so do vector codebooks (Gather of
 codebook rows, Transpose, Reshape, Mul) and sparse outliers (Gather, Add, ScatterElements after the dense decode),
 which onnxruntime constant-folds and OpenVINO folds at load: they save disk, not RAM.

@@ -152,11 +152,12 @@ def test_the_tables_count_what_each_storage_writes():
 
 
 @pytest.mark.parametrize(("target", "bits", "group"), [(None, 4.5, 64), ("openvino", 4.3, 128), ("onnxruntime", 4, 32),
-                                                      ("onnxruntime", 3, 32), ("onnxruntime", 2.5, 64)])
+                                                      ("onnxruntime", 3, 32), ("onnxruntime", 2.5, 64), (None, 4, 128),
+                                                      (None, 3, 64), ("openvino", 3, 128)])
 def test_native_budgets_below_five_bits_are_met(tmp_path, target, bits, group):
     """fp16 scales and unpadded ragged blocks bring int4 near 4 stored bits (4 + 16/64 + 4/64 = 4.31 at group 64,
-    4.16 at 128: was 5.1 at 32); int2 containers reach 4 and below on onnxruntime; every initializer is read and the
-    file runs in the target's runtimes."""
+    4.16 at 128: was 5.1 at 32); int2 containers reach 4 and below on onnxruntime, packed 1..3-bit layers on the
+    default target and OpenVINO; every initializer is read and the file runs in the target's runtimes."""
     model = MODELS / "lenet.onnx"
     out = tmp_path / "m.onnx"
     bq_onnx.optimize(model, bits=bits, group_size=group, target=target, no_guard=True).save(out)

@@ -34,7 +34,7 @@ from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import expected_loss_tables
 from bq_onnx.stages.weights import find_weights
-from bq_onnx.targets import pack_low_widths
+from bq_onnx.targets import pack_low_widths, packs_before_tables
 
 
 def optimize_model(
@@ -78,8 +78,10 @@ def optimize_model(
         ctx.messages.extend(ctx.posterior.notes)
     memtrace("posterior")
     if not ctx.fixed:
+        if packs_before_tables(ctx, profile):
+            ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
         ctx.tables = expected_loss_tables(model, ctx, fit)
-        if pack_low_widths(model, ctx, profile):  # containers cannot meet the budget: pack 1..3-bit grids
+        if not ctx.derived.packed_codes and pack_low_widths(model, ctx, profile):  # pack 1..3-bit grids
             said = list(ctx.messages)
             ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
             ctx.tables = expected_loss_tables(model, ctx, fit)

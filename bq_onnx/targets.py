@@ -113,6 +113,17 @@ def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
     return cheapest > (1 - PACK_MARGIN) * limit
 
 
+def packs_before_tables(ctx: Context, p: Capabilities | None) -> bool:
+    """Whether containers surely cannot meet the budget, so the tables need not be scored in them first: a
+    ``--bits`` budget under 4 with no 0-bit width allowed (every non-zero width costs at least an int4 code there,
+    whatever its group size) on a target that packs. The same decision as :func:`pack_low_widths`, without a
+    second scoring of the tables."""
+    a = ctx.config.allocation
+    return (ctx.config.storage.format == "native" and (p is None or p.packed_codes) and not ctx.fixed
+            and not a.bits_payload and a.size_mb is None and a.bits is not None and float(a.bits) < 4
+            and 0 not in a.allowed_bits)
+
+
 def _ops(consumers: tuple[str, ...]) -> set[str]:
     return {c.split(":", 1)[0] for c in consumers}
 

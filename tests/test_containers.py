@@ -98,6 +98,20 @@ def test_budgets_containers_meet_keep_every_layer_in_one():
     assert not any(r["packed_codes"] for r in result.report["layers"])
 
 
+def test_packing_decided_before_the_tables_writes_what_deciding_after_them_does(tmp_path, monkeypatch):
+    """Under 4 bits containers surely cannot meet the budget, so the tables are scored packed at once: the same
+    file as scoring them in containers first and finding the budget unmet there."""
+    from bq_onnx import pipeline
+
+    fast, slow = tmp_path / "fast.onnx", tmp_path / "slow.onnx"
+    bq_onnx.optimize(MODELS / "lenet.onnx", bits=3, no_guard=True).save(fast)
+    monkeypatch.setattr(pipeline, "packs_before_tables", lambda ctx, p: False)
+    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=3, no_guard=True)
+    result.save(slow)
+    assert result.context.derived.packed_codes
+    assert fast.read_bytes() == slow.read_bytes()
+
+
 def test_openvino_does_not_read_int2():
     """The fact that keeps int2 out of the default and OpenVINO targets (OpenVINO 2026.4 here). If this fails,
     OpenVINO reads int2 now: re-measure and add int2/uint2 to its profile's containers."""

@@ -12,6 +12,9 @@ model's non-weight tensors) / weight elements of the FP32 model (issue 16's figu
 --reference`` prints). ``within`` says whether it is at most the budget; ``packed`` how many layers the native
 format stored packed (1..3-bit grids on a target without containers of their size, where no container
 allocation meets the budget); a refusal is one line (exit 2 on the command line).
+
+``--from-zoo-cache`` optimizes nothing: it counts the outputs ``benchmarks/zoo.py`` left in its cache for the same
+format and target (``bq-calib-B`` and ``bq-nocalib-B``, with and without calibration), a few seconds per model.
 """
 
 from __future__ import annotations
@@ -57,12 +60,31 @@ def one(path: Path, bits: float, fmt: str, target: str | None, folder: Path) -> 
             "layers": len(result.report["layers"]), "s": time.time() - started}
 
 
+def cached(name: str, path: Path, bits: float, fmt: str, target: str | None) -> list[tuple[str, dict]]:
+    """The zoo's cached outputs of one model, cell and budget, counted: (config, row) each."""
+    from bq_onnx.counting import count
+
+    folder = ROOT / "benchmarks" / ".cache" / "zoo" / name / f"{fmt}-{target or 'default'}"
+    out = []
+    for config in (f"bq-calib-{bits:g}", f"bq-nocalib-{bits:g}"):
+        file = folder / f"{config}.onnx"
+        if not file.is_file():
+            out.append((config, {"error": f"not in the zoo cache ({file.relative_to(ROOT)})", "s": 0.0}))
+            continue
+        started = time.time()
+        counted = count(file, path).bits_per_weight
+        out.append((config, {"counted": counted, "within": counted <= bits, "file_bytes": file.stat().st_size,
+                             "s": time.time() - started}))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lenet,digits_mlp,tiny_transformer,ppocr-cls,magika,silero-vad,ddddocr-rec")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--cells", default="native,native:onnxruntime", help="format[:target], comma-separated")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--from-zoo-cache", action="store_true", help="count benchmarks/zoo.py's cached outputs")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.bits.split(",")]
     cells = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in args.cells.split(",")]
@@ -75,36 +97,40 @@ def main(argv: list[str] | None = None) -> int:
                 for bits in budgets:
                     folder = Path(tmp) / name
                     folder.mkdir(exist_ok=True)
-                    r = one(path, bits, fmt, target, folder)
-                    rows.append((name, fmt, target, bits, r))
-                    print(f"[{name}] {fmt} {target or 'default'} --bits {bits:g}: "
-                          + (r["error"] if "error" in r else f"{r['counted']:.3f} counted, within {r['within']}, "
-                             f"packed {r['packed']}/{r['layers']}") + f" ({r['s']:.0f} s)", flush=True)
+                    found = (cached(name, path, bits, fmt, target) if args.from_zoo_cache
+                             else [("bq-nocalib", one(path, bits, fmt, target, folder))])
+                    for config, r in found:
+                        rows.append((name, config, fmt, target, bits, r))
+                        print(f"[{name}] {config} {fmt} {target or 'default'} --bits {bits:g}: "
+                              + (r["error"] if "error" in r else f"{r['counted']:.3f} counted, within {r['within']}")
+                              + f" ({r['s']:.0f} s)", flush=True)
     import importlib.metadata as md
     import subprocess
 
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    cache_flag = " --from-zoo-cache" if args.from_zoo_cache else ""
     lines = [
         "# Counted stored bits per weight against `--bits`",
         "",
         f"Produced by `python benchmarks/stored_bits.py --models {args.models} --bits {args.bits} --cells "
-        f"{args.cells}` ({(time.time() - started) / 60:.0f} min in all; bq-onnx commit {commit}, onnxruntime "
-        f"{md.version('onnxruntime')}, {platform.machine()}).",
+        f"{args.cells}{cache_flag}` ({(time.time() - started) / 60:.0f} min in all; bq-onnx commit {commit}, "
+        f"onnxruntime {md.version('onnxruntime')}, {platform.machine()}).",
         "",
         *__doc__.split("\n\n", 2)[2].strip().splitlines(),
         "",
-        "| model | format | target | --bits | counted bits/weight | within | reported | packed layers | file bytes "
-        "| s | error |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
+        "| model | run | format | target | --bits | counted bits/weight | within | reported | packed layers "
+        "| file bytes | s | error |",
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    for name, fmt, target, bits, r in rows:
+    for name, config, fmt, target, bits, r in rows:
+        head = f"| {name} | {config} | {fmt} | {target or 'default'} | {bits:g} |"
         if "error" in r:
-            lines.append(f"| {name} | {fmt} | {target or 'default'} | {bits:g} |  | no |  |  |  | {r['s']:.0f} "
-                         f"| {r['error']} |")
+            lines.append(f"{head}  | no |  |  |  | {r['s']:.0f} | {r['error']} |")
         else:
-            lines.append(f"| {name} | {fmt} | {target or 'default'} | {bits:g} | {r['counted']:.3f} | "
-                         f"{'yes' if r['within'] else 'NO'} | {r['reported']:.3f} | {r['packed']}/{r['layers']} | "
+            reported = f"{r['reported']:.3f}" if "reported" in r else ""
+            packed = f"{r['packed']}/{r['layers']}" if "packed" in r else ""
+            lines.append(f"{head} {r['counted']:.3f} | {'yes' if r['within'] else 'NO'} | {reported} | {packed} | "
                          f"{r['file_bytes']} | {r['s']:.0f} |  |")
     text = "\n".join(lines) + "\n"
     if args.out:

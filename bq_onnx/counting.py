@@ -106,41 +106,29 @@ def file_bytes(path: str | os.PathLike, model: onnx.ModelProto | None = None) ->
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, f)) for f in files)
 
 
-def _named(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Stored tensors by name (a ``Constant`` node's by its output), for matching against weights."""
-    out = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.type == pb().AttributeProto.TENSOR:
-                    out[node.output[0]] = attr.t
-    return out
-
-
-def reference_weights(reference: str | os.PathLike | onnx.ModelProto, min_size: int) -> set[str]:
-    """The names of the reference's weights: what a weight quantizer quantizes (bq-onnx's own finder, whose
-    rule is the usual one: float tensors of at least ``min_size`` elements read as MatMul/Gemm/Conv/Gather
-    weights; biases and norms are not weights)."""
+def reference_weights(reference: str | os.PathLike | onnx.ModelProto, min_size: int) -> tuple[int, int]:
+    """Elements and stored bytes of the reference's weights: what a weight quantizer quantizes (bq-onnx's own
+    finder, whose rule is the usual one: float tensors of at least ``min_size`` elements read as
+    MatMul/Gemm/Conv/Gather weights; biases and norms are not weights), in every graph (subgraph weights too, under
+    whatever name the finder gives a repeated one)."""
     import onnx_ir as ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
     from bq_onnx.stages.weights import find_weights
 
     model = ir.serde.deserialize_model(_load(reference))
-    # weights held in Constant nodes (paddle2onnx) are weights too; a lifted one keeps its output's name, which
-    # is how :func:`_named` finds it in the reference
+    # weights held in Constant nodes (paddle2onnx) are weights too
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=min_size)(model)
-    return {w.name for w in find_weights(model, WeightsConfig(min_size=min_size)).weights}
+    values = [w.value.const_value for w in find_weights(model, WeightsConfig(min_size=min_size)).weights]
+    return sum(v.size for v in values if v is not None), sum(v.nbytes for v in values if v is not None)
 
 
 def count(model: str | os.PathLike | onnx.ModelProto, reference: str | os.PathLike | onnx.ModelProto,
           min_size: int = WeightsConfig.min_size) -> Count:
     """Count ``model``'s stored bytes per weight of the FP32 ``reference`` (see the module docstring)."""
     m, ref = _load(model), _load(reference)
-    names = reference_weights(ref, min_size)
-    named = _named(ref)
-    weights = sum(math.prod(named[n].dims) for n in names)
-    other = stored_bytes(ref) - sum(tensor_bytes(named[n]) for n in names)
+    weights, weight_bytes = reference_weights(ref, min_size)
+    other = stored_bytes(ref) - weight_bytes
     size = file_bytes(model, m) if isinstance(model, (str, os.PathLike)) else m.ByteSize()
     return Count(stored_bytes(m), other, weights, size)
 

@@ -233,3 +233,28 @@ def test_count_finds_reference_weights_held_in_constant_nodes(tmp_path):
     bq_onnx.optimize(model, bits=5, no_guard=True).save(out)
     c = count(out, model)
     assert c.weight_numel == w.size and 4.5 <= c.bits_per_weight <= 5
+
+
+def test_count_finds_reference_weights_in_subgraphs(tmp_path):
+    """Weights inside If branches (silero-vad keeps its LSTM there) are weights of the reference too, counted in
+    every branch (they used to be looked up in the main graph only: a KeyError)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), f"W_{name}")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"W_{name}"], [f"y_{name}"])], name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [1, 32])], [w])
+
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))
+    g = helper.make_graph([node], "m", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(model, bits=5, no_guard=True).save(out)
+    c = count(out, model)
+    assert c.weight_numel == 2 * 64 * 32 and c.reference_other_bytes == 0 and c.bits_per_weight <= 5

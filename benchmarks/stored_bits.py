@@ -20,7 +20,9 @@ format and target (``bq-calib-B`` and ``bq-nocalib-B``, with and without calibra
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,6 +92,39 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in args.cells.split(",")]
     rows = []
     started = time.time()
+    def write(final: bool = False) -> None:
+        """The report so far (rewritten after each model, so a stopped run leaves what it measured)."""
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        cache_flag = " --from-zoo-cache" if args.from_zoo_cache else ""
+        lines = [
+            "# Counted stored bits per weight against `--bits`",
+            "",
+            f"Produced by `python benchmarks/stored_bits.py --models {args.models} --bits {args.bits} --cells "
+            f"{args.cells}{cache_flag}` ({(time.time() - started) / 60:.0f} min in all; bq-onnx commit {commit}, "
+            f"onnxruntime {md.version('onnxruntime')}, {platform.machine()}).",
+            "",
+            *__doc__.split("\n\n", 2)[2].strip().splitlines(),
+            "",
+            "| model | run | format | target | --bits | counted bits/weight | within | reported | packed layers "
+            "| file bytes | s | error |",
+            "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
+        ]
+        for name, config, fmt, target, bits, r in rows:
+            head = f"| {name} | {config} | {fmt} | {target or 'default'} | {bits:g} |"
+            if "error" in r:
+                lines.append(f"{head}  | no |  |  |  | {r['s']:.0f} | {r['error']} |")
+            else:
+                reported = f"{r['reported']:.3f}" if "reported" in r else ""
+                packed = f"{r['packed']}/{r['layers']}" if "packed" in r else ""
+                lines.append(f"{head} {r['counted']:.3f} | {'yes' if r['within'] else 'NO'} | {reported} | {packed} | "
+                             f"{r['file_bytes']} | {r['s']:.0f} |  |")
+        text = "\n".join(lines) + "\n"
+        if args.out:
+            args.out.write_text(text)
+        elif final:
+            print(text)
+
     with tempfile.TemporaryDirectory(prefix="bq-stored-") as tmp:
         for name in args.models.split(","):
             path = model_path(name)
@@ -104,39 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[{name}] {config} {fmt} {target or 'default'} --bits {bits:g}: "
                               + (r["error"] if "error" in r else f"{r['counted']:.3f} counted, within {r['within']}")
                               + f" ({r['s']:.0f} s)", flush=True)
-    import importlib.metadata as md
-    import subprocess
-
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    cache_flag = " --from-zoo-cache" if args.from_zoo_cache else ""
-    lines = [
-        "# Counted stored bits per weight against `--bits`",
-        "",
-        f"Produced by `python benchmarks/stored_bits.py --models {args.models} --bits {args.bits} --cells "
-        f"{args.cells}{cache_flag}` ({(time.time() - started) / 60:.0f} min in all; bq-onnx commit {commit}, "
-        f"onnxruntime {md.version('onnxruntime')}, {platform.machine()}).",
-        "",
-        *__doc__.split("\n\n", 2)[2].strip().splitlines(),
-        "",
-        "| model | run | format | target | --bits | counted bits/weight | within | reported | packed layers "
-        "| file bytes | s | error |",
-        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for name, config, fmt, target, bits, r in rows:
-        head = f"| {name} | {config} | {fmt} | {target or 'default'} | {bits:g} |"
-        if "error" in r:
-            lines.append(f"{head}  | no |  |  |  | {r['s']:.0f} | {r['error']} |")
-        else:
-            reported = f"{r['reported']:.3f}" if "reported" in r else ""
-            packed = f"{r['packed']}/{r['layers']}" if "packed" in r else ""
-            lines.append(f"{head} {r['counted']:.3f} | {'yes' if r['within'] else 'NO'} | {reported} | {packed} | "
-                         f"{r['file_bytes']} | {r['s']:.0f} |  |")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
+            write()
+    write(final=True)
     return 0 if all("error" not in r and r["within"] for *_, r in rows) else 1
 
 

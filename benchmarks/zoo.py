@@ -249,7 +249,7 @@ def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float,
     data = model.make("eval", n_eval)
     ref = model.predict(session(path), data)
     rows = [{"config": "fp32", "bpw": effective_bpw(path, path), **model.score(ref, ref, data)}]
-    out_dir = OUT_CACHE / model.name
+    out_dir = OUT_CACHE / model.name / f"{fmt}-{target or 'default'}"  # outputs of each format and target apart
     out_dir.mkdir(parents=True, exist_ok=True)
     for config, tool, opts in configs(bits, fmt, target, peers):
         out = out_dir / f"{config}.onnx"

@@ -368,6 +368,8 @@ def _optimize(model: ModelSource, config: OptimizeConfig | str | os.PathLike | N
             "layers": ctx.posterior.summary(),
         }
     if isinstance(model, (str, os.PathLike)):
-        report["input_file_bytes"] = Path(model).stat().st_size
+        from bq_onnx.counting import file_bytes
+
+        report["input_file_bytes"] = file_bytes(model)  # the .onnx file and its external data, as the output counts
     files = tuple(os.fspath(p) for p in (calib, posterior) if isinstance(p, (str, os.PathLike)))
     return OptimizeResult(result, report, ctx, model, calibration, files)

@@ -560,7 +560,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     _say(f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "
           f"other tensors {human_bytes(t['other_initializer_bytes'])}")
     c = info["counted"]
-    if c is not None:
+    if c is not None and c.get("against") == "quantized ops":  # another tool's output (or a float model), alone
+        _say(f"stored: {c['bits_per_weight']:.3f} bits per weight ({human_bytes(c['weight_bytes'])} for "
+             f"{c['weight_numel']} weights: the codes its quantized ops read, their scales and zero points, and the "
+             f"float weights left; --reference FP32.onnx counts every stored tensor)")
+    elif c is not None:
         # one headline figure (what --bits bounds), and the parts it is made of, which add up to it
         codes, layers = t["bits_per_weight"], t["bits_per_weight_with_metadata"]
         _say(f"stored: {c['bits_per_weight']:.3f} bits per weight ({human_bytes(c['weight_bytes'])} for "

@@ -41,6 +41,7 @@ class Derived:
     outliers: float | str = 0.0
     weight_min_bits: tuple[tuple[str, int], ...] = ()
     weight_group_size: tuple[tuple[str, int], ...] = ()
+    packed_codes: bool = False  # native: 1..3-bit grids stored packed, as the budget needs (bq_onnx.targets)
 
     @classmethod
     def from_config(cls, config: OptimizeConfig) -> Derived:

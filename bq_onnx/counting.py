@@ -106,43 +106,103 @@ def file_bytes(path: str | os.PathLike, model: onnx.ModelProto | None = None) ->
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, f)) for f in files)
 
 
-def _named(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Stored tensors by name (a ``Constant`` node's by its output), for matching against weights."""
-    out = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.type == pb().AttributeProto.TENSOR:
-                    out[node.output[0]] = attr.t
-    return out
-
-
-def reference_weights(reference: str | os.PathLike | onnx.ModelProto, min_size: int) -> set[str]:
-    """The names of the reference's weights: what a weight quantizer quantizes (bq-onnx's own finder, whose
-    rule is the usual one: float tensors of at least ``min_size`` elements read as MatMul/Gemm/Conv/Gather
-    weights; biases and norms are not weights)."""
+def reference_weights(reference: str | os.PathLike | onnx.ModelProto, min_size: int) -> tuple[int, int]:
+    """Elements and stored bytes of the reference's weights: what a weight quantizer quantizes (bq-onnx's own
+    finder, whose rule is the usual one: float tensors of at least ``min_size`` elements read as
+    MatMul/Gemm/Conv/Gather weights; biases and norms are not weights), in every graph (subgraph weights too, under
+    whatever name the finder gives a repeated one)."""
     import onnx_ir as ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
     from bq_onnx.stages.weights import find_weights
 
     model = ir.serde.deserialize_model(_load(reference))
-    # weights held in Constant nodes (paddle2onnx) are weights too; a lifted one keeps its output's name, which
-    # is how :func:`_named` finds it in the reference
+    # weights held in Constant nodes (paddle2onnx) are weights too
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=min_size)(model)
-    return {w.name for w in find_weights(model, WeightsConfig(min_size=min_size)).weights}
+    values = [w.value.const_value for w in find_weights(model, WeightsConfig(min_size=min_size)).weights]
+    return sum(v.size for v in values if v is not None), sum(v.nbytes for v in values if v is not None)
 
 
 def count(model: str | os.PathLike | onnx.ModelProto, reference: str | os.PathLike | onnx.ModelProto,
           min_size: int = WeightsConfig.min_size) -> Count:
     """Count ``model``'s stored bytes per weight of the FP32 ``reference`` (see the module docstring)."""
     m, ref = _load(model), _load(reference)
-    names = reference_weights(ref, min_size)
-    named = _named(ref)
-    weights = sum(math.prod(named[n].dims) for n in names)
-    other = stored_bytes(ref) - sum(tensor_bytes(named[n]) for n in names)
+    weights, weight_bytes = reference_weights(ref, min_size)
+    other = stored_bytes(ref) - weight_bytes
     size = file_bytes(model, m) if isinstance(model, (str, os.PathLike)) else m.ByteSize()
     return Count(stored_bytes(m), other, weights, size)
+
+
+#: ops that read quantized weights: op -> (input index of the codes, input indices of their scales and zero points)
+QUANTIZED_INPUTS = {
+    "DequantizeLinear": (0, (1, 2)),
+    "MatMulNBits": (1, (2, 3)),
+    "GatherBlockQuantized": (0, (2, 3)),
+    "MatMulInteger": (1, (3,)),
+    "ConvInteger": (1, (3,)),
+    "QLinearMatMul": (3, (4, 5)),
+    "QLinearConv": (3, (4, 5)),
+}
+_FLOAT_TYPES = ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE")
+
+
+def _code_elements(node: onnx.NodeProto, codes: onnx.TensorProto) -> int:
+    """Weight elements the codes of a quantized op stand for (MatMulNBits and GatherBlockQuantized pack codes into
+    bytes: their K x N, or 8 / bits per byte)."""
+    attrs = {a.name: a.i for a in node.attribute}
+    if node.op_type == "MatMulNBits":
+        return attrs.get("K", 0) * attrs.get("N", 0)
+    n = math.prod(codes.dims)
+    if node.op_type == "GatherBlockQuantized" and codes.data_type == pb().TensorProto.UINT8:
+        return n * 8 // attrs.get("bits", 4)
+    return n
+
+
+def count_alone(model: str | os.PathLike | onnx.ModelProto, min_size: int = WeightsConfig.min_size,
+                proto: onnx.ModelProto | None = None) -> Count:
+    """The count of a model without its FP32 reference (any tool's output): its weights are the codes its
+    quantized ops read (DequantizeLinear, MatMulNBits, MatMulInteger, QLinear*, GatherBlockQuantized: what
+    those codes stand for, at least ``min_size`` elements) with their scales and zero points, and the float weights
+    left (the finder's rule, as :func:`reference_weights`); every other stored tensor is not counted. Graph
+    constants a quantizer adds are left out here, which :func:`count` against the reference counts. ``proto``: the
+    file's proto, when already read."""
+    from bq_onnx.proto_graph import survey
+
+    m = _load(model) if proto is None else proto
+    named: dict[str, onnx.TensorProto] = {}
+    for g in iter_graphs(m.graph):
+        named.update((t.name, t) for t in g.initializer if t.name not in named)
+        for node in g.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.type == pb().AttributeProto.TENSOR:
+                        named.setdefault(node.output[0], attr.t)
+    floats = {pb().TensorProto.DataType.Value(t) for t in _FLOAT_TYPES}
+    weight_bytes: dict[str, int] = {}
+    numel = 0
+    for g in iter_graphs(m.graph):
+        for node in g.node:
+            codes_at, meta_at = QUANTIZED_INPUTS.get(node.op_type, (None, ()))
+            if codes_at is None or len(node.input) <= codes_at:
+                continue
+            codes = named.get(node.input[codes_at])
+            if codes is None or codes.data_type in floats or node.input[codes_at] in weight_bytes:
+                continue
+            n = _code_elements(node, codes)
+            if n < min_size:
+                continue
+            numel += n
+            for i in (codes_at, *meta_at):
+                if i < len(node.input) and node.input[i] in named:
+                    weight_bytes[node.input[i]] = tensor_bytes(named[node.input[i]])
+    found = survey(m, min_size)
+    for c in found.weights:
+        if c.name not in weight_bytes:
+            numel += math.prod(c.shape)
+            weight_bytes[c.name] = found.initializer_bytes[c.name]
+    total = stored_bytes(m)
+    size = file_bytes(model, m) if isinstance(model, (str, os.PathLike)) else m.ByteSize()
+    return Count(total, total - sum(weight_bytes.values()), numel, size)
 
 
 def ir_stored_bytes(model: ir.Model) -> int:

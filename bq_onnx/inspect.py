@@ -92,11 +92,12 @@ def _inspect_float_proto(model: str | os.PathLike, proto: Any, min_size: int,
     found = survey(proto, min_size)
     layers = [_float_layer(c.name, list(c.shape), c.dtype, math.prod(c.shape), found.initializer_bytes[c.name])
               for c in found.weights]
-    counted = None
-    if reference is not None:
-        from bq_onnx.counting import count
+    from bq_onnx.counting import count, count_alone
 
-        counted = count(model, reference, min_size).to_report()
+    # without the reference, the codes its quantized ops read and the float weights left (any tool's output)
+    alone = reference is None
+    counted = (count_alone(model, min_size, proto) if alone else count(model, reference, min_size)).to_report()
+    counted["against"] = "quantized ops" if alone else "reference"
     functions = dict.fromkeys((f.domain, f.name, f.overload) for f in proto.functions)
     return _report(model, None, layers, [_candidate_row(c) for c in found.candidates], found.all_initializer_bytes,
                    counted, opset={o.domain: o.version for o in proto.opset_import}.get(""),

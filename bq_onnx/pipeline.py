@@ -36,6 +36,7 @@ from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import expected_loss_tables
 from bq_onnx.stages.weights import find_weights
+from bq_onnx.targets import pack_low_widths, packs_before_tables
 
 
 def optimize_model(
@@ -85,7 +86,14 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         ctx.messages.extend(ctx.posterior.notes)
     memtrace("posterior")
     if not ctx.fixed:
+        if packs_before_tables(ctx, profile):
+            ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
         ctx.tables = expected_loss_tables(model, ctx, fit)
+        if not ctx.derived.packed_codes and pack_low_widths(model, ctx, profile):  # pack 1..3-bit grids
+            said = list(ctx.messages)
+            ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
+            ctx.tables = expected_loss_tables(model, ctx, fit)
+            ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]
         ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
         memtrace("tables")
     weights = ctx.weights
@@ -144,6 +152,9 @@ def _spend(model: ir.Model, ctx: Context, calibration: Calibration | None, profi
 
 
 def _noted(out: ir.Model, ctx: Context) -> ir.Model:
+    from bq_onnx.decode.rewrite import load_notes
+
+    ctx.messages.extend(load_notes(ctx.layers or [], ctx.config.storage.format))
     note = zero_bit_note(ctx)
     if note is not None:
         ctx.messages.append(note)

@@ -11,7 +11,12 @@ onnxruntime 1.32 and OpenVINO 2026.4 (``tests/test_containers.py``), fp16 scales
 ``DequantizeLinear`` decode exactly in both and keep onnxruntime's MatMulNBits fusion (a Cast after it does not:
 OpenVINO then rounds differently and onnxruntime stops fusing); ``int2``/``uint2`` codes (opset 25) run in
 onnxruntime only (OpenVINO's ONNX reader: "Unsupported data type INT2"), so only ``--target onnxruntime`` stores
-1..2-bit grids in them; the default output must run in both runtimes and keeps them in int4.
+1..2-bit grids in them. int4 codes plus their scales cost at least 4.16 bits per weight, so on the default target
+and OpenVINO (no int2) a budget that no allocation in containers meets (``--bits 4`` and below, as a rule) is met by
+storing the 1..3-bit grids, which have no container of their size there, packed at exactly their width with their
+zero points, as compact does, decoded by standard ops in the graph (:data:`Storage.packed`,
+:func:`bq_onnx.targets.pack_low_widths`). Those tensors are decoded to float when the runtime loads the model
+(smaller file, not less RAM); wherever containers meet the budget, every layer stays one (MatMulNBits fusion kept).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Storage:
     int2: bool = False  # native: 1..2-bit grids in int2/uint2 containers (opset 25)
     scale_bits: int = 16  # native: fp16 scales (a Cast before DequantizeLinear), 32 where a target needs fp32
     blocked_int4: bool = False  # native: int4 only blocked (TensorRT), so a ragged last block is padded
+    packed: bool = False  # native: 1..3-bit uniform grids with no container of their size stored packed (exact bits)
 
 
 def as_storage(fmt: str | Storage) -> Storage:
@@ -41,17 +47,19 @@ def as_storage(fmt: str | Storage) -> Storage:
     return fmt if isinstance(fmt, Storage) else Storage(fmt)
 
 
-def storage_of(config) -> Storage:
+def storage_of(config, derived=None) -> Storage:
     """The storage an :class:`~bq_onnx.config.OptimizeConfig` writes: the format, and in native what its target
-    runs (no target: what both onnxruntime and OpenVINO run)."""
+    runs (no target: what both onnxruntime and OpenVINO run) and, from ``derived`` (a
+    :class:`~bq_onnx.context.Derived`), whether 1..3-bit grids are packed (:func:`bq_onnx.targets.pack_low_widths`)."""
     fmt, target = config.storage.format, config.target.target
+    packed = bool(derived is not None and derived.packed_codes)
     if fmt != "native" or not target:
-        return Storage(fmt)
+        return Storage(fmt, packed=packed)
     from bq_onnx.runtimes.profiles import get_profile
 
     p = get_profile(target)
     return Storage(fmt, int2={"int2", "uint2"} <= p.containers, scale_bits=16 if p.fp16_scales else 32,
-                   blocked_int4=p.int4_blocked_only)
+                   blocked_int4=p.int4_blocked_only, packed=packed and p.packed_codes)
 
 
 def container_bits(bits: int, int2: bool = False) -> int:
@@ -64,6 +72,14 @@ def container_bits(bits: int, int2: bool = False) -> int:
     return 4 if bits <= 4 else 8 if bits <= 8 else 16
 
 
+def is_packed(qt: QuantizedTensor, fmt: str | Storage) -> bool:
+    """Whether the native format stores ``qt`` packed at its exact width (a 1..3-bit uniform grid whose container
+    would be wider, on a storage that packs them): the compact format's packing inside a native file."""
+    st = as_storage(fmt)
+    return (st.format == "native" and st.packed and qt.kind == "uniform" and 0 < qt.bits < 4
+            and container_bits(qt.bits, st.int2) != qt.bits)
+
+
 def stored_payload_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     """Bits the format stores for the codes and outliers of ``qt``: the container in native (ragged blocks
     stored as a per-axis tail, padded to whole ones only where int4 must stay blocked), the packed width in compact
@@ -74,7 +90,7 @@ def stored_payload_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
         return 0
     if qt.kind == "float16":
         return 16 * k * n + qt.outlier_bits
-    if st.format != "native":
+    if st.format != "native" or is_packed(qt, st):
         return 8 * -(-qt.codes.size // 8) * qt.index_bits + qt.outlier_bits  # pack_bits pads to 8 codes
     rows = qt.codes.shape[0]
     int2 = st.int2 and qt.kind == "uniform"  # codebook and vector indices stay in int4/int8 (Gather decodes)
@@ -109,9 +125,10 @@ def block_metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
         return 0
     bits = 0
     if qt.kind == "uniform":
-        bits += (st.scale_bits if st.format == "native" else 16) * blocks
+        packed = st.format != "native" or is_packed(qt, st)
+        bits += (16 if packed else st.scale_bits) * blocks
         if not qt.symmetric:
-            container = container_bits(qt.bits, st.int2) if st.format == "native" else qt.bits
+            container = qt.bits if packed else container_bits(qt.bits, st.int2)
             bits += container * blocks
     else:
         bits += 16 * blocks
@@ -162,9 +179,11 @@ def layer_record(
         "outliers": sum(p.num_outliers for _, _, p in pieces),
         "outlier_bits": sum(p.outlier_bits for _, _, p in pieces),
         # runtimes run only plain DequantizeLinear (native uniform) on compressed weights; every other decode
-        # (codebooks, vector codebooks, outliers, 0-bit means, compact functions) is folded to float at load
+        # (codebooks, vector codebooks, outliers, 0-bit means, packed codes, compact functions) is folded to float
+        # at load
         "dequantized_at_load": st.format != "native"
-        or any(p.kind != "uniform" or p.num_outliers for _, _, p in pieces),
+        or any(p.kind != "uniform" or p.num_outliers or is_packed(p, st) for _, _, p in pieces),
+        "packed_codes": any(is_packed(p, st) for _, _, p in pieces),  # native: codes packed at their width
         "tensors": dict(sorted(stored.items())),
     }
 

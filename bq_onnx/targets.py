@@ -7,7 +7,8 @@ the widths the target executes natively. :func:`legalize_weights` runs after the
 targets that run int4 only into some ops (TensorRT: MatMul/Gemm), need an even last dimension or blocked int4,
 each weight that cannot be int4 gets a per-weight floor of the smallest allowed width >= 5 (int8 container) and,
 on ``int8_per_channel`` targets, group size 0 (one scale per output channel). TensorRT Conv weights thus become
-int8 per channel.
+int8 per channel. :func:`pack_low_widths` runs once the loss tables exist: where no allocation in the target's
+containers meets the stored budget, the native format packs the 1..3-bit grids (:mod:`bq_onnx.sizes`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,42 @@ def container_notes(ctx: Context, p: Capabilities) -> list[str]:
         notes.append(f"target {p.name}: {w}-bit weights are stored and executed in an {box} container "
                      f"(the {w}-bit grid is kept; --strict-size allows only {sorted(p.native_bits)})")
     return notes
+
+
+PACK_MARGIN = 0.01
+"""Share of the budget left for what the rewrite adds beyond the tables (shape and decode constants)."""
+
+
+def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
+    """Whether the native output must store its 1..3-bit grids packed to meet the stored budget: the target packs
+    (the default target, OpenVINO: no container of those sizes) and the cheapest allocation the tables allow in
+    containers (every block at its cheapest width at or above its floor) stores more than the budget, less
+    :data:`PACK_MARGIN`. Elsewhere every layer stays a container the runtimes run compressed."""
+    from bq_onnx.stages.budget import StoredBudget
+
+    if ctx.config.storage.format != "native" or (p is not None and not p.packed_codes) or ctx.tables is None:
+        return False
+    budget = StoredBudget.of(model, ctx)
+    if budget is None or budget.size_mb is not None and not ctx.tables.blocks:
+        return False
+    limit = budget.limit_bits - (8 * budget.other_bytes if budget.size_mb is not None else 0)
+    floors = dict(ctx.derived.weight_min_bits)
+    cheapest = 0.0
+    for t in ctx.tables.blocks:
+        least = max(ctx.floors.get(t.name, 0), floors.get(t.weight, 0))
+        cheapest += min((float(c) for b, c in zip(t.bits, t.stored) if b >= least), default=float(min(t.stored)))
+    return cheapest > (1 - PACK_MARGIN) * limit
+
+
+def packs_before_tables(ctx: Context, p: Capabilities | None) -> bool:
+    """Whether containers surely cannot meet the budget, so the tables need not be scored in them first: a
+    ``--bits`` budget under 4 with no 0-bit width allowed (every non-zero width costs at least an int4 code there,
+    whatever its group size) on a target that packs. The same decision as :func:`pack_low_widths`, without a
+    second scoring of the tables."""
+    a = ctx.config.allocation
+    return (ctx.config.storage.format == "native" and (p is None or p.packed_codes) and not ctx.fixed
+            and not a.bits_payload and a.size_mb is None and a.bits is not None and float(a.bits) < 4
+            and 0 not in a.allowed_bits)
 
 
 def _ops(consumers: tuple[str, ...]) -> set[str]:

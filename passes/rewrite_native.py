@@ -7,6 +7,10 @@ and int8 for 5..8 (the allocated grid is kept; the container only sets storage).
 to float in front of the ``DequantizeLinear`` (exact in onnxruntime and OpenVINO, MatMulNBits fusion kept:
 :mod:`bq_onnx.sizes`), fp32 on targets whose profile does not say fp16 scales.
 Ragged blocks are padded to whole blocks and sliced after decoding, so every runtime's divisibility rule holds.
+Where no allocation in containers meets the stored budget (:func:`bq_onnx.targets.pack_low_widths`), a 1..3-bit
+grid with no container of its size on the target (int4 would store 4 bits: the default target and OpenVINO,
+:func:`bq_onnx.sizes.is_packed`) is stored packed at its exact width with its zero points, as in the compact
+format, and decoded inline by standard ops (float-only unpacking, which both runtimes fold to constants).
 Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation; so do vector codebooks (Gather of
 codebook rows, Transpose, Reshape, Mul) and sparse outliers (Gather, Add, ScatterElements after the dense decode),
 which onnxruntime constant-folds and OpenVINO folds at load: they save disk, not RAM.
@@ -18,11 +22,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.decode.ops import BlockDims, add_outliers, expand_blocks, outlier_arrays, vector_rows
+from bq_onnx.decode.ops import BlockDims, add_outliers, expand_blocks, outlier_arrays, unpack_codes, vector_rows
 from bq_onnx.decode.rewrite import RewritePass
 from bq_onnx.emitter import GraphEmitter, i64
+from bq_onnx.packing import pack_bits
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
-from bq_onnx.sizes import container_bits
+from bq_onnx.sizes import container_bits, is_packed
 
 
 def container(bits: int, signed: bool, int2: bool = False) -> tuple[ir.DataType, np.dtype]:
@@ -49,6 +54,8 @@ class RewriteNativePass(RewritePass):
         def key(q: QuantizedTensor) -> tuple | None:
             if q.kind != "uniform" or q.num_outliers:
                 return None
+            if is_packed(q, self.storage):  # packed runs join only at their own width
+                return "packed", q.bits, q.symmetric, q.block_size
             return container_bits(q.bits, int2), q.symmetric, q.block_size
 
         for _, _, qt in pieces.pieces:
@@ -111,6 +118,8 @@ class RewriteNativePass(RewritePass):
         g, _nb = qt.block_size, qt.num_blocks
         if qt.kind == "uniform":
             st = self.storage
+            if is_packed(qt, st):
+                return self._packed(em, qt, name)
             return self._dequantize_linear(em, qt, name, self._blocked_int4(), st.int2, st.scale_bits)
         dims = BlockDims.constant(em, k, n, g)
         if qt.kind == "vector":
@@ -155,6 +164,23 @@ class RewriteNativePass(RewritePass):
         ragged = qt.codes.shape[0] * qt.vector_dim != k
         rows = vector_rows(em, index, table, dims.rows_n, dims.k if ragged else None)
         return em.op("Mul", [rows, expand_blocks(em, em.op("Cast", [scale], to=ir.DataType.FLOAT), dims)])
+
+    @staticmethod
+    def _packed(em: GraphEmitter, qt: QuantizedTensor, name: str) -> ir.Value:
+        """Codes (and zero points) packed at ``bits`` each, as the compact format stores them, decoded in the graph:
+        ``(codes - zero) * scale`` per block in float32, as :meth:`QuantizedTensor.dequantize` computes it."""
+        k, n = qt.shape
+        bits = qt.bits
+        dims = BlockDims.constant(em, k, n, qt.block_size)
+        packed = em.tensor(pack_bits(qt.codes, bits), f"{name}.bq_packed")
+        codes = em.op("Reshape", [unpack_codes(em, packed, bits, dims.count, foldable=True), dims.kn])
+        if qt.symmetric:
+            zero = em.const(np.array(qt.implicit_zero_point, dtype=np.float32), "zero_point")
+        else:
+            stored = em.tensor(pack_bits(qt.zero_point, bits), f"{name}.bq_zero")
+            zero = expand_blocks(em, unpack_codes(em, stored, bits, dims.block_count, foldable=True), dims)
+        scale = em.op("Cast", [em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale")], to=ir.DataType.FLOAT)
+        return em.op("Mul", [em.op("Sub", [codes, zero]), expand_blocks(em, scale, dims)])
 
     def _int4_into_consumer_only(self) -> bool:
         """Whether the target runs int4 only straight into its consumer (TensorRT): then one DequantizeLinear

@@ -35,6 +35,7 @@ class Capabilities:
     even_last_dim: bool = False  # int4 code tensors need an even last dimension
     codebooks: bool = True  # Gather-based codebook decodes
     fp16_scales: bool = False  # fp16 DequantizeLinear scales cast to float in front of it (bq_onnx/sizes.py)
+    packed_codes: bool = False  # native: 1..3-bit grids with no container of their size stored packed (sizes.py)
     domains: frozenset[str] = frozenset({"", "ai.onnx"})  # op domains read (model-local functions aside)
     description: str = ""
 

@@ -6,6 +6,11 @@ source (see DESIGN.md "Target constraints"): only onnxruntime and OpenVINO are m
 ``containers`` with int2/uint2 make the native format store 1..2-bit grids in them (opset 25): onnxruntime 1.32
 runs them, OpenVINO 2026.4 does not read INT2 ("Unsupported data type INT2", ``tests/test_containers.py``), so only
 ``--target onnxruntime`` writes them; the default target, which must run in both, stores them in int4.
+``packed_codes``: where no allocation in containers meets the budget, 1..3-bit grids, which have no container of
+their size there, are stored packed at their width and decoded by standard ops (exact in onnxruntime and OpenVINO,
+like the compact format's decode; folded at load), so ``--bits 4`` and below fit where int4 plus scales costs over
+4 bits: the default target (no profile, always allowed) and OpenVINO.
+onnxruntime keeps int2 and int4 containers (run compressed, MatMulNBits); TensorRT and ROCm are not measured.
 ``fp16_scales``: measured exact in onnxruntime and OpenVINO; TensorRT and ROCm are not measured here, so fp32.
 """
 
@@ -76,6 +81,7 @@ PROFILES: dict[str, Capabilities] = {
         opsets=(7, 23),
         native_bits=frozenset({4, 8}),
         fp16_scales=True,
+        packed_codes=True,
         description="OpenVINO: int4/int8 DQ blocked on axis 0 dividing the dimension, local functions inlined "
                     "first, no int2",
     ),

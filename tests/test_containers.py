@@ -62,6 +62,57 @@ def test_each_target_writes_what_its_runtimes_run_exactly(tmp_path, target, quan
         np.testing.assert_array_equal(decoded, qt.dequantize(), err_msg=runtime)
 
 
+@pytest.mark.parametrize("target", [None, "openvino"])
+@pytest.mark.parametrize("quantizer", ["uniform", "uniform-sym"])
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("k", [64, 70])
+def test_a_budget_containers_cannot_meet_packs_the_low_widths_exactly(tmp_path, target, quantizer, bits, k):
+    """A budget under int4 plus its scales, on a target without int2: the grid is stored packed at its width (no
+    DequantizeLinear, no local function), counted so by the tables, and decoded bit for bit in both runtimes."""
+    w = (np.random.default_rng(bits * 7 + k).standard_normal((k, 128)) * 0.05).astype(np.float32)
+    meta = (16 + (bits if quantizer == "uniform" else 0)) / 32 + 0.5  # scales, zero points, decode constants
+    result = bq_onnx.optimize(matmul_readout(w), bits=bits + meta, quantizer=quantizer, group_size=32,
+                              min_size=1, allowed_bits=(bits, 8), target=target, no_guard=True)
+    path = tmp_path / "q.onnx"
+    result.save(path, verify=False)
+    qt = result.context.quantized["W"]
+    assert qt.bits == bits and result.context.derived.packed_codes
+    model = onnx.load(str(path))
+    tensors = _initializers(path)
+    assert not model.functions and not {"DequantizeLinear", "BitwiseAnd"} & {n.op_type for n in model.graph.node}
+    assert tensors["W.bq_packed"].data_type == TensorProto.UINT8
+    assert tensors["W.bq_packed"].dims == [k * 128 // 8 * bits]
+    assert ("W.bq_zero" in tensors) == (quantizer == "uniform")
+    assert tensors["W.bq_scale"].data_type == TensorProto.FLOAT16
+    assert stored_payload_bits(qt, Storage("native", packed=True)) == k * 128 * bits
+    assert count(path, matmul_readout(w)).bits_per_weight <= bits + meta
+    eye = np.eye(k, dtype=np.float32)
+    for runtime in RUNS_IN[target]:
+        decoded = get_runtime(runtime).session(path, exact=True).run({"x": eye})[0]
+        np.testing.assert_array_equal(decoded, qt.dequantize(), err_msg=runtime)
+
+
+def test_budgets_containers_meet_keep_every_layer_in_one():
+    """Packing is for budgets no container allocation meets: at 6 bits every layer stays a DequantizeLinear."""
+    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=6, no_guard=True)
+    assert not result.context.derived.packed_codes
+    assert not any(r["packed_codes"] for r in result.report["layers"])
+
+
+def test_packing_decided_before_the_tables_writes_what_deciding_after_them_does(tmp_path, monkeypatch):
+    """Under 4 bits containers surely cannot meet the budget, so the tables are scored packed at once: the same
+    file as scoring them in containers first and finding the budget unmet there."""
+    from bq_onnx import pipeline
+
+    fast, slow = tmp_path / "fast.onnx", tmp_path / "slow.onnx"
+    bq_onnx.optimize(MODELS / "lenet.onnx", bits=3, no_guard=True).save(fast)
+    monkeypatch.setattr(pipeline, "packs_before_tables", lambda ctx, p: False)
+    result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=3, no_guard=True)
+    result.save(slow)
+    assert result.context.derived.packed_codes
+    assert fast.read_bytes() == slow.read_bytes()
+
+
 def test_openvino_does_not_read_int2():
     """The fact that keeps int2 out of the default and OpenVINO targets (OpenVINO 2026.4 here). If this fails,
     OpenVINO reads int2 now: re-measure and add int2/uint2 to its profile's containers."""
@@ -94,26 +145,34 @@ def test_targets_without_measured_fp16_scales_keep_fp32(tmp_path):
 
 
 def test_the_tables_count_what_each_storage_writes():
-    """16-bit scales, and 2-bit codes in int2 containers only where the storage has them."""
+    """16-bit scales, 2-bit codes in int2 containers where the storage has them, packed at 2 bits where it packs
+    (the default target under a low budget), in int4 where it does neither; 4-bit codes always in int4."""
     from bq_onnx.quantizers.uniform import quantize_uniform
 
     w = np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32)
     qt = quantize_uniform(w, 2, 32)
-    default, ort_native = Storage("native"), Storage("native", int2=True)
-    assert stored_payload_bits(qt, default) == 4 * 64 * 4 and stored_payload_bits(qt, ort_native) == 2 * 64 * 4
-    assert block_metadata_bits(qt, default) == (16 + 4) * 2 * 4  # fp16 scale + uint4 zero point per block
+    default, ort_native = Storage("native", packed=True), Storage("native", int2=True)
+    boxed = Storage("native")
+    assert stored_payload_bits(qt, default) == stored_payload_bits(qt, ort_native) == 2 * 64 * 4
+    assert stored_payload_bits(qt, boxed) == 4 * 64 * 4
+    assert block_metadata_bits(qt, default) == block_metadata_bits(qt, "compact") == (16 + 2) * 2 * 4
+    assert block_metadata_bits(qt, boxed) == (16 + 4) * 2 * 4  # fp16 scale + uint4 zero point per block
     assert block_metadata_bits(qt, ort_native) == (16 + 2) * 2 * 4
     assert block_metadata_bits(qt, Storage("native", scale_bits=32)) == (32 + 4) * 2 * 4
+    three, four = quantize_uniform(w, 3, 32), quantize_uniform(w, 4, 32)
+    assert stored_payload_bits(three, default) == 3 * 64 * 4 and stored_payload_bits(three, ort_native) == 4 * 64 * 4
+    assert stored_payload_bits(four, default) == 4 * 64 * 4 and block_metadata_bits(four, default) == 20 * 2 * 4
     assert [container_bits(b, int2=True) for b in range(9)] == [0, 2, 2, 4, 4, 8, 8, 8, 8]
     assert [container_bits(b) for b in range(9)] == [0, 4, 4, 4, 4, 8, 8, 8, 8]
 
 
 @pytest.mark.parametrize(("target", "bits", "group"), [(None, 4.5, 64), ("openvino", 4.3, 128), ("onnxruntime", 4, 32),
-                                                      ("onnxruntime", 3, 32), ("onnxruntime", 2.5, 64)])
+                                                      ("onnxruntime", 3, 32), ("onnxruntime", 2.5, 64), (None, 4, 128),
+                                                      (None, 3, 64), ("openvino", 3, 128)])
 def test_native_budgets_below_five_bits_are_met(tmp_path, target, bits, group):
     """fp16 scales and unpadded ragged blocks bring int4 near 4 stored bits (4 + 16/64 + 4/64 = 4.31 at group 64,
-    4.16 at 128: was 5.1 at 32); int2 containers reach 4 and below on onnxruntime; every initializer is read and the
-    file runs in the target's runtimes."""
+    4.16 at 128: was 5.1 at 32); int2 containers reach 4 and below on onnxruntime, packed 1..3-bit layers on the
+    default target and OpenVINO; every initializer is read and the file runs in the target's runtimes."""
     model = MODELS / "lenet.onnx"
     out = tmp_path / "m.onnx"
     bq_onnx.optimize(model, bits=bits, group_size=group, target=target, no_guard=True).save(out)
@@ -127,9 +186,12 @@ def test_native_budgets_below_five_bits_are_met(tmp_path, target, bits, group):
         np.testing.assert_allclose(y, ys[0], rtol=1e-4, atol=1e-4)
 
 
-def test_a_native_budget_only_int2_meets_names_the_onnxruntime_target():
-    with pytest.raises(UsageError, match=r"--bits 4 cannot be met: .*--target onnxruntime \(int2 containers"):
-        bq_onnx.optimize(MODELS / "lenet.onnx", bits=4, group_size=128)
+def test_a_native_budget_below_the_cheapest_width_is_refused_without_naming_int2():
+    """Below what 2-bit packed codes and their scales store, the default target refuses; int2 containers would
+    store as much, so ``--target onnxruntime`` is no way out there."""
+    with pytest.raises(UsageError, match=r"--bits 2 cannot be met: the smallest stored size is about 2\.[1-3]") as e:
+        bq_onnx.optimize(MODELS / "lenet.onnx", bits=2, group_size=128)
+    assert "--target onnxruntime" not in str(e.value)
 
 
 @pytest.mark.parametrize("fmt", ["native", "compact"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -12,9 +14,10 @@ from tests.written import run
 INT = ir.DataType
 
 
-def _rewritten(**settings):
+def _rewritten(packed: bool = False, **settings):
     model, ctx = passkit.quantized_model(tiny.layouts_model(), format="native", group_size=16, min_size=64,
                                          **settings)
+    ctx.derived = dataclasses.replace(ctx.derived, packed_codes=packed)  # as a budget containers cannot meet sets
     return passkit.rewrite(model, ctx), ctx
 
 
@@ -43,6 +46,26 @@ def test_uniform_weights_become_blocked_dequantize_linear(quantizer, bits, conta
     assert tails and all(n.inputs[0].const_value.shape[0] == 8 and n.attributes["axis"].value == 1 for n in tails)
     assert not any(n.op_type == "Slice" for n in graph)
     assert all(n.inputs[1].producer().op_type == "Cast" for n in dqs)  # fp16 scales cast to float first
+    _check_numbers(model, ctx)
+
+
+@pytest.mark.parametrize("quantizer", ["uniform", "uniform-sym"])
+def test_widths_without_a_container_of_their_size_are_packed_and_decoded_inline(quantizer):
+    """3 bits on the default target under a budget containers cannot meet (int4 would store 4): codes and zero
+    points packed at 3 bits, no local function, no DequantizeLinear, no BitwiseAnd (float-only unpacking, which
+    OpenVINO folds at load)."""
+    model, ctx = _rewritten(packed=True, bits=3, quantizer=quantizer)
+    graph = model.graph
+    ops = {n.op_type for n in graph}
+    assert "DequantizeLinear" not in ops and "BitwiseAnd" not in ops and not model.functions
+    assert ops <= {"Reshape", "Cast", "Mul", "Floor", "Sub", "MatMul", "Slice", "Expand", "Transpose", "Concat",
+                   "Add", "Conv", "Gemm", "Gather", "Relu", "Flatten", "Identity", "Shape"}
+    for name, qt in ctx.quantized.items():
+        packed = graph.initializers[f"{name}.bq_packed"].const_value
+        assert packed.dtype == INT.UINT8 and packed.shape[0] == -(-qt.codes.size // 8) * 3
+        assert (f"{name}.bq_zero" in graph.initializers) == (quantizer == "uniform")
+        assert graph.initializers[f"{name}.bq_scale"].const_value.dtype == INT.FLOAT16
+    assert all(r["packed_codes"] and r["dequantized_at_load"] for r in ctx.layers)
     _check_numbers(model, ctx)
 
 

@@ -38,6 +38,25 @@ def reads_as_constant(info: WeightInfo) -> bool:
     return any(c.split(":", 1)[0] in RECURRENT_OPS for c in info.consumers)
 
 
+def load_notes(layers: list[dict], fmt: str) -> list[str]:
+    """What the native output decodes to float when a runtime loads it (vector codebooks, outliers, packed codes):
+    one note each, said once for the written output (the budget search rewrites several trials)."""
+    if fmt != "native":
+        return []
+    notes = []
+    special = [r["name"] for r in layers if r["vector_dim"] > 1 or r["outliers"]]
+    if special:
+        notes.append(f"{len(special)} layer(s) with vector codebooks or outliers ({', '.join(special[:3])}"
+                     f"{', ...' if len(special) > 3 else ''}) are decoded to float when the runtime loads the model "
+                     f"(smaller file, not less RAM)")
+    packed = [r["name"] for r in layers if r.get("packed_codes")]
+    if packed:
+        notes.append(f"{len(packed)} layer(s) at 1..3 bits, for which the target has no container of their size, "
+                     f"are stored packed ({', '.join(packed[:3])}{', ...' if len(packed) > 3 else ''}) and decoded "
+                     f"to float when the runtime loads the model (smaller file, not less RAM)")
+    return notes
+
+
 class RewritePass(ir.passes.InPlacePass, abc.ABC):
     format: str = ""
 
@@ -48,7 +67,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
     @property
     def storage(self) -> Storage:
         """What this output stores per code and scale (the target's containers in native)."""
-        st = storage_of(self.ctx.config)
+        st = storage_of(self.ctx.config, self.ctx.derived)
         return st if st.format == self.format else Storage(self.format)
 
     def requires(self, model: ir.Model) -> None:
@@ -108,12 +127,6 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
             else:
                 graph.extend(nodes)
         self._record_metadata(model)
-        special = [r["name"] for r in self.ctx.layers if r["vector_dim"] > 1 or r["outliers"]]
-        if special and self.format == "native":
-            self.ctx.messages.append(
-                f"{len(special)} layer(s) with vector codebooks or outliers ({', '.join(special[:3])}"
-                f"{', ...' if len(special) > 3 else ''}) are decoded to float when the runtime loads the model "
-                f"(smaller file, not less RAM)")
         return ir.passes.PassResult(model, modified=True)
 
     def groups(self, pieces: QuantizedPieces) -> list[QuantizedTensor]:

@@ -119,7 +119,8 @@ def alternatives(ctx: Context, larger: str) -> str:
     if config.quantization.group_size != "auto" and config.quantization.group_size not in (0, 128):
         ways.append("--group-size auto or 128 (fewer scales)")
     if config.storage.format == "native":
-        if not storage_of(config).int2:
+        st = storage_of(config, ctx.derived)
+        if not st.int2 and not st.packed:  # packed 2-bit codes store what int2 does
             ways.append("--target onnxruntime (int2 containers, which OpenVINO cannot read)")
         ways.append("--format compact (exact b-bit codes, no int4 container)")
     allowed = config.allocation.allowed_bits

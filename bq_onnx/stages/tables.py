@@ -98,7 +98,7 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
     payload_only = a.bits_payload and a.size_mb is None
     if a.tables == "mc" and calibration is None:
         raise UsageError("--tables mc needs calibration data (--calib)")
-    fmt = storage_of(ctx.config)  # the target's containers and scale width (native)
+    fmt = storage_of(ctx.config, ctx.derived)  # the target's containers and scale width (native)
     scorer = _Scorer(ctx)
     blocks: list[BlockTable] = []
     designs: dict[tuple[str, int], Spec] = {}

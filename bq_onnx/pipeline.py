@@ -30,13 +30,13 @@ from bq_onnx.sizes import INT2_OPSET, storage_of
 from bq_onnx.stages import guard
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits, head_floors
-from bq_onnx.stages.budget import StoredBudget, other_bytes, zero_bit_note
+from bq_onnx.stages.budget import BudgetUnmet, StoredBudget, other_bytes, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import expected_loss_tables
 from bq_onnx.stages.weights import find_weights
-from bq_onnx.targets import pack_low_widths, packs_before_tables
+from bq_onnx.targets import pack_low_widths, packs_at_all, packs_before_tables
 
 
 def optimize_model(
@@ -102,7 +102,17 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         ctx.weights = weights
         return _spend(model, ctx, fit, profile, method)
 
-    spent = spend()
+    try:
+        spent = spend()
+    except BudgetUnmet:
+        # the packing decision is an estimate from the tables (the layout's own constants are not in them): when
+        # containers measured over the budget and the target can pack, the packed output is the cheaper one
+        if ctx.tables is None or ctx.derived.packed_codes or not packs_at_all(ctx, profile):
+            raise
+        ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
+        ctx.tables = expected_loss_tables(model, ctx, fit)
+        ctx.messages[:] = list(dict.fromkeys(ctx.messages))
+        spent = spend()
     if guard.wants_measurement(ctx):
         data = guard.held_out_data(model, ctx, held, calibration)
         if guard.guards(ctx):

@@ -113,6 +113,11 @@ def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
     return cheapest > (1 - PACK_MARGIN) * limit
 
 
+def packs_at_all(ctx: Context, p: Capabilities | None) -> bool:
+    """Whether this output may store 1..3-bit grids packed: the native format on a target that packs."""
+    return ctx.config.storage.format == "native" and (p is None or p.packed_codes) and not ctx.fixed
+
+
 def packs_before_tables(ctx: Context, p: Capabilities | None) -> bool:
     """Whether containers surely cannot meet the budget, so the tables need not be scored in them first: a
     ``--bits`` budget under 4 with no 0-bit width allowed (every non-zero width costs at least an int4 code there,

@@ -101,15 +101,20 @@ class StoredBudget:
         smallest = measured  # the cheapest allocation's output, or (tries spent) the last one's
         if self.size_mb is not None:
             mb = math.ceil(smallest / 8e6 * 1e4) / 1e4
-            raise UsageError(f"--size-mb {self.size_mb:g} cannot be met: the smallest file is about {mb:g} MB; "
+            raise BudgetUnmet(f"--size-mb {self.size_mb:g} cannot be met: the smallest file is about {mb:g} MB; "
                              f"{alternatives(ctx, f'--size-mb {mb:g}')}")
         numel = sum(t.numel for t in ctx.tables.blocks)
         least = math.ceil(smallest / numel * 100) / 100
         larger = math.ceil(least * 10) / 10
         # --bits stops at 8: tensors so small that their scales alone cost more are budgeted as payload instead
         larger_text = f"--bits {larger:g}" if larger <= 8 else "--bits-payload: tiny tensors' scales exceed 8 bits"
-        raise UsageError(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
+        raise BudgetUnmet(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
                          f"{least:g} bits per weight; {alternatives(ctx, larger_text)}")
+
+
+class BudgetUnmet(UsageError):
+    """The cheapest allocation's output is over the stored budget (a usage error: the user asked for less than
+    the format can store)."""
 
 
 def alternatives(ctx: Context, larger: str) -> str:

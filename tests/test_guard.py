@@ -89,6 +89,27 @@ def test_a_block_the_posterior_calls_free_is_caught_and_repaired(calib, lying_po
     assert g["stored_bits"] <= 3.0
 
 
+def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_at_allowed_widths(calib, lying_posterior):
+    """Default widths (2..8): the lie puts fc1 at 2 bits, not 0. Measured alone, fc1 costs far more than its
+    predicted loss says, relative to the other tensors: its table is scaled up and the budget spent again,
+    giving fc1 more bits, and what is written measures no worse than the first allocation."""
+    first = bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib, posterior=lying_posterior, no_guard=True)
+    result = bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib, posterior=lying_posterior)
+    g = result.report["guard"]
+    step = g["repairs"][0]
+    assert step["kind"] == "tables" and "fc1.weight" in step["raised"]
+    assert step["excess"]["fc1.weight"] > 2.0  # the factor its table was scaled by
+    assert g["measured_loss"] <= g["first"]["measured_loss"] and g["measured_loss"] <= g["uniform"]["measured_loss"]
+
+    def fc1_bits(r) -> float:
+        bits = r.context.allocation.bits
+        return float(np.mean([b for n, b in bits.items() if n.startswith("fc1.weight")]))
+
+    if g["result"] == "repaired":
+        assert fc1_bits(result) > fc1_bits(first)
+    assert g["stored_bits"] <= 3.0
+
+
 def test_without_calibration_a_worse_allocation_falls_back_to_uniform(lying_posterior):
     result = _optimize(bits=3, posterior=lying_posterior)
     g = result.report["guard"]

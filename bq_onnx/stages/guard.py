@@ -61,6 +61,9 @@ DATA_FREE_RUNS = 4
 """Random runs measured without calibration data or ``--verify-inputs``."""
 MIN_UNIFORM = 2
 """The narrowest uniform width that is a reference: below it (every block its mean, or 1 bit) nothing compares."""
+MAX_CORRECTION = 1e9
+"""The largest factor by which :func:`_check_tables` scales a tensor's predicted loss (a bound against a
+prediction of exactly zero, not a smoothing: the scaled table says what was measured)."""
 MAX_PROBES = 64
 """Tensors measured one at a time per repair round at most (the largest bit deficits first)."""
 
@@ -292,6 +295,14 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     steps: list[dict] = []
     probed: dict[tuple[str, tuple[int, ...]], float] = {}
     current = chosen
+    if held.task_data and uniform is not None:  # without a uniform reference, _far_repair measures 0/1-bit blocks
+        checked = _check_tables(ctx, chosen, measure, probed, spend, steps)
+        if checked is not None:
+            tries.append(checked)
+            if checked.loss < chosen.loss:
+                current = checked  # the repairs go on from the tables as measured
+            else:
+                ctx.tables = tables  # the corrected tables bought nothing: back to the posterior's
     while (held.task_data and uniform is not None and width is not None and len(steps) < MAX_REPAIRS
            and _needs_repair(current, uniform)):
         current.spent.apply(ctx)
@@ -328,6 +339,8 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         result, final = "uniform", uniform
     else:
         result, final = ("repaired" if best is not chosen else "kept"), best
+    if final is chosen or final is uniform:
+        ctx.tables = tables  # what is written was spent on the posterior's tables
     final.spent.apply(ctx)
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
@@ -394,6 +407,50 @@ def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, sp
         return None
     steps.append({**step, **repaired.row(_numel(ctx))})
     return repaired
+
+
+def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
+                  spend: Callable[[str | None], Spent], steps: list[dict]) -> _Try | None:
+    """The tables checked tensor by tensor before any comparison: each tensor (the largest first, at most
+    :data:`MAX_PROBES`) is measured alone as the allocation stores it, and where its measured/predicted ratio
+    exceeds :data:`PREDICTION_FACTOR` times the median ratio, its loss rows are scaled up by how far (at most
+    :data:`MAX_CORRECTION`); the budget is then spent again on the corrected tables, once. Why: the curvature is
+    local and per tensor; a tensor whose error the rest of the network amplifies (a fixed front-end basis, a
+    recurrent weight) looks cheap in it, and the whole-model comparison with uniform alone cannot say which one
+    it is. Sets ``ctx.tables`` to the corrected tables; None (tables untouched): nothing was off."""
+    spent = current.spent
+    blocks = _weight_blocks(ctx)
+    feedable = sorted((n for n in blocks if not ctx.weight(n).scope),
+                      key=lambda n: -sum(t.numel for t in blocks[n]))[:MAX_PROBES]
+    if len(feedable) < 2:
+        return None
+    ratios: dict[str, float] = {}
+    for name in progress(feedable, "guard probes", ctx.progress):
+        measured, predicted = _damage(name, blocks[name], spent, measure, probed)
+        if measured is not None and math.isfinite(measured) and predicted > 0:
+            ratios[name] = max(measured, 0.0) / predicted
+    if len(ratios) < 2:
+        return None
+    typical = float(np.median(list(ratios.values())))
+    if typical <= 0:
+        return None
+    factors = {n: min(r / typical, MAX_CORRECTION) for n, r in ratios.items() if r > PREDICTION_FACTOR * typical}
+    if not factors:
+        return None
+    original = ctx.tables
+    ctx.tables = dataclasses.replace(original, blocks=[
+        dataclasses.replace(t, loss=t.loss * factors[t.weight]) if t.weight in factors else t
+        for t in original.blocks])
+    step = {"step": len(steps) + 1, "kind": "tables", "raised": sorted(factors), "to_bits": None,
+            "excess": {n: round(f, 3) for n, f in sorted(factors.items())}}
+    try:
+        checked = measure.model_try(f"repair {step['step']}", spend(None))
+    except UsageError:
+        ctx.tables = original
+        steps.append({**step, "result": "does not fit the budget"})
+        return None
+    steps.append({**step, **checked.row(_numel(ctx))})
+    return checked
 
 
 def _scale(t: _Try | None) -> float | None:

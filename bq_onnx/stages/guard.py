@@ -61,6 +61,8 @@ DATA_FREE_RUNS = 4
 """Random runs measured without calibration data or ``--verify-inputs``."""
 MIN_UNIFORM = 2
 """The narrowest uniform width that is a reference: below it (every block its mean, or 1 bit) nothing compares."""
+SCOPED_PROBE_BYTES = 64 * 2**20
+"""Weights (bytes) up to which a subgraph's weight is probed through a copy of the model (a session each)."""
 MAX_CORRECTION = 1e9
 """The largest factor by which :func:`_check_tables` scales a tensor's predicted loss (a bound against a
 prediction of exactly zero, not a smoothing: the scaled table says what was measured)."""
@@ -219,12 +221,30 @@ class _Measure:
         return _Try(label, spent, self.loss(runs), self.fidelity(runs), predicted)
 
     def tensor_loss(self, name: str, spent: Spent) -> float | None:
-        """The loss with only ``name`` quantized as in ``spent`` (None: a subgraph's weight cannot be fed)."""
+        """The loss with only ``name`` quantized as in ``spent`` (None: not quantized there). A main-graph weight
+        is fed to one shared session; a subgraph's weight (an If or Loop body's) cannot be fed, so the model is
+        copied with it replaced (a session per probe: :func:`probe_scoped` says where that is affordable)."""
         info = self.ctx.weight(name)
-        if info.scope or name not in spent.quantized:
+        if name not in spent.quantized:
             return None
         decoded = info.layout.from_view(spent.quantized[name].dequantize()).astype(info.value.dtype.numpy())
-        return self.loss(self._run(self.model, {name: decoded}))
+        if not info.scope:
+            return self.loss(self._run(self.model, {name: decoded}))
+        if not self.probe_scoped():
+            return None
+        kept = info.value.const_value
+        info.value.const_value = ir.tensor(decoded, name=kept.name)
+        try:
+            copy = forward_model(self.model, self.names)
+        finally:
+            info.value.const_value = kept
+        session = self.sessions.open(copy)
+        return self.loss([session.run(feeds) for feeds in self.held.runs])
+
+    def probe_scoped(self) -> bool:
+        """Whether subgraph weights are probed: a session per probe, so only on models of at most
+        :data:`SCOPED_PROBE_BYTES` of weights."""
+        return sum(w.value.const_value.nbytes for w in self.ctx.weights) <= SCOPED_PROBE_BYTES
 
     def close(self) -> None:
         self.sessions.close()
@@ -420,7 +440,8 @@ def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
     it is. Sets ``ctx.tables`` to the corrected tables; None (tables untouched): nothing was off."""
     spent = current.spent
     blocks = _weight_blocks(ctx)
-    feedable = sorted((n for n in blocks if not ctx.weight(n).scope),
+    scoped = measure.probe_scoped()
+    feedable = sorted((n for n in blocks if scoped or not ctx.weight(n).scope),
                       key=lambda n: -sum(t.numel for t in blocks[n]))[:MAX_PROBES]
     if len(feedable) < 2:
         return None
@@ -431,9 +452,10 @@ def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
             ratios[name] = max(measured, 0.0) / predicted
     if len(ratios) < 2:
         return None
-    typical = float(np.median(list(ratios.values())))
-    if typical <= 0:
+    exercised = [r for r in ratios.values() if r > 0]  # a weight the data never reach (an If branch not taken)
+    if len(exercised) < 2:                              # says nothing about the tables' scale
         return None
+    typical = float(np.median(exercised))
     factors = {n: min(r / typical, MAX_CORRECTION) for n, r in ratios.items() if r > PREDICTION_FACTOR * typical}
     if not factors:
         return None
@@ -476,7 +498,7 @@ def _culprits(ctx: Context, spent: Spent, width: int, scale: float | None, measu
     candidates = []
     for name, blocks in below.items():
         deficit = sum(t.numel * max(width - bits[t.name], 0) for t in blocks)
-        if deficit > 0 and not ctx.weight(name).scope:
+        if deficit > 0 and (not ctx.weight(name).scope or measure.probe_scoped()):
             candidates.append((deficit, name))
     candidates = [name for _, name in sorted(candidates, reverse=True)[:MAX_PROBES]]
     damage, excess = {}, {}

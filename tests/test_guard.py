@@ -112,6 +112,18 @@ def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comp
     assert g["stored_bits"] <= 4.0
 
 
+def test_the_data_free_allocation_is_a_measured_candidate(calib):
+    """With calibration, the allocation bq-onnx makes without it is measured too, and the best measured candidate
+    (or uniform, when every candidate measures worse) is what is written."""
+    g = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib).report["guard"]
+    by = {c["label"]: c for c in g["candidates"]}
+    assert {"allocation", "data-free"} <= set(by)
+    assert by["data-free"]["measured_loss"] != by["allocation"]["measured_loss"]  # a different model
+    best = min(c["measured_loss"] for c in g["candidates"])
+    assert g["measured_loss"] == min(best, g["uniform"]["measured_loss"])
+    assert g["result"] == ("data-free" if g["measured_loss"] == by["data-free"]["measured_loss"] else g["result"])
+
+
 def test_without_calibration_a_worse_allocation_falls_back_to_uniform(lying_posterior):
     result = _optimize(bits=3, posterior=lying_posterior)
     g = result.report["guard"]

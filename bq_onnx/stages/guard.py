@@ -346,6 +346,11 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         far = _far_repair(ctx, chosen, measure, probed, spend, steps)
         if far is not None:
             tries.append(far)
+    free_tables = None
+    if held.task_data and uniform is not None and ctx.posterior is not None:
+        free, free_tables = _data_free(model, ctx, spend, measure)
+        if free is not None:
+            tries.append(free)
     best = min(tries, key=lambda t: t.loss)
     if not held.task_data and uniform is not None and best.loss > uniform.loss:
         ctx.messages.append(f"guard: the allocation measured worse than uniform {width}-bit on {held.kind} inputs "
@@ -358,13 +363,40 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
                             f"{uniform.loss:.4g}): wrote uniform")
         result, final = "uniform", uniform
     else:
-        result, final = ("repaired" if best is not chosen else "kept"), best
+        result, final = ("kept" if best is chosen else "data-free" if best.label == "data-free" else "repaired"), best
     if final is chosen or final is uniform:
         ctx.tables = tables  # what is written was spent on the posterior's tables
+    elif final.label == "data-free":
+        ctx.tables = free_tables
     final.spent.apply(ctx)
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
+    ctx.guard["candidates"] = [t.row(_numel(ctx)) for t in tries]
     return final.spent
+
+
+def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spent], measure: _Measure
+               ) -> tuple[_Try | None, object]:
+    """The allocation bq-onnx makes without calibration (tables and grids without the posterior: plain squared
+    error), measured as one more candidate. Why: where the posterior misleads (a small calibration set, a loss
+    that weighs the wrong outputs) the data-free allocation can measure better than both the posterior's and
+    uniform. Returns (the candidate, its tables); the context's posterior, tables and floors are restored."""
+    from bq_onnx.stages.allocate import head_floors
+    from bq_onnx.stages.tables import expected_loss_tables
+
+    posterior, tables, floors, said = ctx.posterior, ctx.tables, dict(ctx.floors), len(ctx.messages)
+    try:
+        ctx.posterior = None
+        ctx.tables = expected_loss_tables(model, ctx, None)
+        ctx.floors = head_floors(model, ctx, ctx.tables)
+        del ctx.messages[said:]  # the heads' note was given once already
+        free_tables = ctx.tables
+        try:
+            return measure.model_try("data-free", spend(None)), free_tables
+        except UsageError:
+            return None, None
+    finally:
+        ctx.posterior, ctx.tables, ctx.floors = posterior, tables, floors
 
 
 def _weight_blocks(ctx: Context) -> dict[str, list]:

@@ -347,7 +347,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         if far is not None:
             tries.append(far)
     free_tables = None
-    if held.task_data and uniform is not None and ctx.posterior is not None:
+    if held.task_data and uniform is not None and ctx.posterior is not None and _has_data_free(ctx):
         free, free_tables = _data_free(model, ctx, spend, measure)
         if free is not None:
             tries.append(free)
@@ -373,6 +373,12 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
     ctx.guard["candidates"] = [t.row(_numel(ctx)) for t in tries]
     return final.spent
+
+
+def _has_data_free(ctx: Context) -> bool:
+    """Whether bq-onnx has an allocation without calibration under these options (``--tables mc`` and
+    distillation need calibration)."""
+    return ctx.config.allocation.tables == "closed" and not ctx.config.distillation.distill_steps
 
 
 def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spent], measure: _Measure

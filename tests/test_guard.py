@@ -64,6 +64,8 @@ def test_posterior_never_sees_the_held_out_samples(calib):
     assert result.context.posterior.samples == 120
     g = result.report["guard"]
     assert g["data"] == "held-out" and g["samples"] == 40
+    # tensors are probed on the fit split (twice the held-out count), never on the samples that pick the winner
+    assert g["probes"] == {"data": "fit", "samples": 80}
 
 
 def test_a_sound_allocation_is_kept_and_measures_no_worse_than_uniform(calib):
@@ -101,8 +103,9 @@ def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comp
     result = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib, posterior=posterior)
     g = result.report["guard"]
     step = g["repairs"][0]
-    assert step["kind"] == "tables" and step["raised"] == ["fc1.weight"]
-    assert step["excess"]["fc1.weight"] > 100  # the factor its table was scaled by
+    assert step["kind"] == "tables" and "fc1.weight" in step["raised"]
+    assert step["excess"]["fc1.weight"] > 100  # the factor its table was scaled by, the largest
+    assert step["excess"]["fc1.weight"] == max(step["excess"].values())
     assert g["result"] == "repaired" and g["measured_loss"] < g["first"]["measured_loss"] / 2
 
     def fc1_bits(r) -> float:

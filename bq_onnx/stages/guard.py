@@ -61,6 +61,9 @@ DATA_FREE_RUNS = 4
 """Random runs measured without calibration data or ``--verify-inputs``."""
 MIN_UNIFORM = 2
 """The narrowest uniform width that is a reference: below it (every block its mean, or 1 bit) nothing compares."""
+PROBE_SAMPLES = 32
+"""Samples of the fit split the tensor probes run on at least (twice the held-out count where that is more,
+at most :data:`MAX_HELD`)."""
 SCOPED_PROBE_BYTES = 64 * 2**20
 """Weights (bytes) up to which a subgraph's weight is probed through a copy of the model (a session each)."""
 MAX_CORRECTION = 1e9
@@ -173,6 +176,7 @@ class _Measure:
         self.names = list(dict.fromkeys(self.loss_names + floats))
         self.sessions = TempSessions()
         self._fed = None
+        self.probe = self  # where tensors are measured one at a time (guard_allocation: the fit split)
         self.reference = self._run(model)
         values = {name: self._stack(name, self.reference) for name in self.loss_names}
         bad = [name for name, v in values.items() if not np.all(np.isfinite(v))]
@@ -262,20 +266,30 @@ def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> 
 
 
 def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | None], Spent],
-                     held: HeldOut) -> Spent:
+                     held: HeldOut, fit: Calibration | None = None) -> Spent:
     """The allocation in ``first`` checked against uniform on ``held`` and repaired where it measures worse (the
     module's docstring); returns what to write, applied to ``ctx``. ``spend(method)`` re-spends the budget
-    (``"uniform"``, or None: the configured allocator with ``ctx.floors``)."""
+    (``"uniform"``, or None: the configured allocator with ``ctx.floors``). ``fit`` (the samples the posterior
+    saw) is where tensors are probed one at a time, so the held-out samples that pick the candidate to write
+    never steered the candidates themselves (else the repaired ones measure optimistically on a small set)."""
     try:
         measure = _Measure(model, ctx, held)
     except BqError as exc:
         if held.task_data:
             raise
         return _fall_back(ctx, first, spend, held, f"the FP32 model cannot be measured on {held.kind} inputs ({exc})")
+    probe = None
     try:
+        if fit is not None and held.kind == "held-out":
+            count = min(fit.num_samples, max(PROBE_SAMPLES, 2 * held.samples), MAX_HELD)
+            data = fit.take(count)
+            probe = _Measure(model, ctx, HeldOut(list(data.batches(RUN)), "fit", data.num_samples))
+            measure.probe = probe
         return _guard(model, ctx, first, spend, held, measure)
     finally:
         measure.close()
+        if probe is not None:
+            probe.close()
 
 
 def _fall_back(ctx: Context, first: Spent, spend: Callable[[str | None], Spent], held: HeldOut, why: str) -> Spent:
@@ -372,6 +386,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
     ctx.guard["candidates"] = [t.row(_numel(ctx)) for t in tries]
+    ctx.guard["probes"] = {"data": measure.probe.held.kind, "samples": measure.probe.held.samples}
     return final.spent
 
 
@@ -419,7 +434,7 @@ def _damage(name: str, blocks: list, spent: Spent, measure: _Measure, probed: di
     bits = spent.allocation.bits
     key = (name, tuple(bits[t.name] for t in blocks))
     if key not in probed:
-        probed[key] = measure.tensor_loss(name, spent)
+        probed[key] = measure.probe.tensor_loss(name, spent)
     return probed[key], sum(float(t.loss[t.bits.index(bits[t.name])]) for t in blocks)
 
 

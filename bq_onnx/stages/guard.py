@@ -8,6 +8,14 @@ quarter of ``--calib`` by default, chosen with ``--seed``) and its loss (the ``-
 compared with that of the uniform allocation the same budget buys (``--allocator uniform``: one width
 everywhere, the largest whose stored size fits).
 
+Before that comparison the tables themselves are checked tensor by tensor (:func:`_check_tables`): each tensor
+is measured alone as the allocation stores it, and one whose measured/predicted ratio is over
+:data:`PREDICTION_FACTOR` times the median ratio gets its table scaled up by that much and the budget is spent
+again (on silero-vad's sequence export, the fixed STFT basis of its first Conv: 15x its prediction). Tensors are
+probed on the fit split, so the held-out samples only choose between candidates; the candidates are the
+allocation, its repairs, the data-free allocation (the one bq-onnx makes without ``--calib``: tables and grids
+without the posterior, :func:`_data_free`) and uniform, and the best measured is written.
+
 Where the allocation measures worse than uniform, or its measured loss exceeds its prediction by more than
 :data:`PREDICTION_FACTOR` times what uniform's does (the tables' scale is calibrated by uniform's own
 measured/predicted ratio), it is repaired: every tensor stored below the uniform width is measured alone (the

@@ -328,7 +328,8 @@ def bar(results: list[dict[str, Any]]) -> list[str]:
         m, hi = r["primary"], r["higher_is_better"]
         u8, cal, free = (within_point(by.get(c), by["fp32"], m, hi)
                          for c in ("bq-uniform-8", "bq-calib-4", "bq-nocalib-4"))
-        met = "n/a (8-bit is not within a point)" if not u8.startswith("yes") else (
+        met = "uniform 8-bit not run (--configs)" if u8 == "not run" else \
+            "n/a (8-bit is not within a point)" if not u8.startswith("yes") else (
             "yes" if cal.startswith("yes") else "no")
         lines.append(f"| {r['name']} | {u8} | {cal} | {free} | {met} |")
     return lines

@@ -400,8 +400,10 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
 
 def _has_data_free(ctx: Context) -> bool:
     """Whether bq-onnx has an allocation without calibration under these options (``--tables mc`` and
-    distillation need calibration)."""
-    return ctx.config.allocation.tables == "closed" and not ctx.config.distillation.distill_steps
+    distillation need calibration; Quantile Inform and Random Bits need the posterior)."""
+    a = ctx.config.allocation
+    return (a.tables == "closed" and not ctx.config.distillation.distill_steps
+            and a.allocator not in ("quantile-inform", "random-bits"))  # these rank blocks by the posterior
 
 
 def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spent], measure: _Measure

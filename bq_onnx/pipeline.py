@@ -116,7 +116,7 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
     if guard.wants_measurement(ctx):
         data = guard.held_out_data(model, ctx, held, calibration)
         if guard.guards(ctx):
-            spent = guard.guard_allocation(model, ctx, spent, spend, data)
+            spent = guard.guard_allocation(model, ctx, spent, spend, data, fit if held is not None else None)
         else:
             guard.measure_only(model, ctx, spent, data)
         memtrace("guard")

@@ -64,6 +64,8 @@ def test_posterior_never_sees_the_held_out_samples(calib):
     assert result.context.posterior.samples == 120
     g = result.report["guard"]
     assert g["data"] == "held-out" and g["samples"] == 40
+    # tensors are probed on the fit split (twice the held-out count), never on the samples that pick the winner
+    assert g["probes"] == {"data": "fit", "samples": 80}
 
 
 def test_a_sound_allocation_is_kept_and_measures_no_worse_than_uniform(calib):
@@ -87,6 +89,42 @@ def test_a_block_the_posterior_calls_free_is_caught_and_repaired(calib, lying_po
     fc1 = [b for name, b in result.context.allocation.bits.items() if name.startswith("fc1.weight")]
     assert min(fc1) >= uniform["width"]
     assert g["stored_bits"] <= 3.0
+
+
+def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comparison_misses(calib):
+    """fc1's curvature a thousandth of the data's: at --bits 4 it gets 2 bits, and the allocation can still measure
+    about as well as uniform 3-bit, so the whole-model comparison alone may keep it. Measured alone, fc1 costs far
+    more than its prediction relative to the other tensors: its table is scaled up, the budget spent again, fc1
+    gets more bits and the written model measures several times better than the first allocation."""
+    posterior = bq_onnx.estimate_posterior(LENET, calib)
+    wp = posterior.weights["fc1.weight"]
+    wp.curvature, wp.precision = wp.curvature * 1e-3, wp.precision * 1e-3
+    first = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib, posterior=posterior, no_guard=True)
+    result = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib, posterior=posterior)
+    g = result.report["guard"]
+    step = g["repairs"][0]
+    assert step["kind"] == "tables" and "fc1.weight" in step["raised"]
+    assert step["excess"]["fc1.weight"] > 100  # the factor its table was scaled by, the largest
+    assert step["excess"]["fc1.weight"] == max(step["excess"].values())
+    assert g["result"] == "repaired" and g["measured_loss"] < g["first"]["measured_loss"] / 2
+
+    def fc1_bits(r) -> float:
+        return float(np.mean([b for n, b in r.context.allocation.bits.items() if n.startswith("fc1.weight")]))
+
+    assert fc1_bits(result) > fc1_bits(first)
+    assert g["stored_bits"] <= 4.0
+
+
+def test_the_data_free_allocation_is_a_measured_candidate(calib):
+    """With calibration, the allocation bq-onnx makes without it is measured too, and the best measured candidate
+    (or uniform, when every candidate measures worse) is what is written."""
+    g = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib).report["guard"]
+    by = {c["label"]: c for c in g["candidates"]}
+    assert {"allocation", "data-free"} <= set(by)
+    assert by["data-free"]["measured_loss"] != by["allocation"]["measured_loss"]  # a different model
+    best = min(c["measured_loss"] for c in g["candidates"])
+    assert g["measured_loss"] == min(best, g["uniform"]["measured_loss"])
+    assert g["result"] == ("data-free" if g["measured_loss"] == by["data-free"]["measured_loss"] else g["result"])
 
 
 def test_without_calibration_a_worse_allocation_falls_back_to_uniform(lying_posterior):

@@ -8,6 +8,14 @@ quarter of ``--calib`` by default, chosen with ``--seed``) and its loss (the ``-
 compared with that of the uniform allocation the same budget buys (``--allocator uniform``: one width
 everywhere, the largest whose stored size fits).
 
+Before that comparison the tables themselves are checked tensor by tensor (:func:`_check_tables`): each tensor
+is measured alone as the allocation stores it, and one whose measured/predicted ratio is over
+:data:`PREDICTION_FACTOR` times the median ratio gets its table scaled up by that much and the budget is spent
+again (on silero-vad's sequence export, the fixed STFT basis of its first Conv: 15x its prediction). Tensors are
+probed on the fit split, so the held-out samples only choose between candidates; the candidates are the
+allocation, its repairs, the data-free allocation (the one bq-onnx makes without ``--calib``: tables and grids
+without the posterior, :func:`_data_free`) and uniform, and the best measured is written.
+
 Where the allocation measures worse than uniform, or its measured loss exceeds its prediction by more than
 :data:`PREDICTION_FACTOR` times what uniform's does (the tables' scale is calibrated by uniform's own
 measured/predicted ratio), it is repaired: every tensor stored below the uniform width is measured alone (the
@@ -61,6 +69,14 @@ DATA_FREE_RUNS = 4
 """Random runs measured without calibration data or ``--verify-inputs``."""
 MIN_UNIFORM = 2
 """The narrowest uniform width that is a reference: below it (every block its mean, or 1 bit) nothing compares."""
+PROBE_SAMPLES = 32
+"""Samples of the fit split the tensor probes run on at least (twice the held-out count where that is more,
+at most :data:`MAX_HELD`)."""
+SCOPED_PROBE_BYTES = 64 * 2**20
+"""Weights (bytes) up to which a subgraph's weight is probed through a copy of the model (a session each)."""
+MAX_CORRECTION = 1e9
+"""The largest factor by which :func:`_check_tables` scales a tensor's predicted loss (a bound against a
+prediction of exactly zero, not a smoothing: the scaled table says what was measured)."""
 MAX_PROBES = 64
 """Tensors measured one at a time per repair round at most (the largest bit deficits first)."""
 
@@ -168,6 +184,7 @@ class _Measure:
         self.names = list(dict.fromkeys(self.loss_names + floats))
         self.sessions = TempSessions()
         self._fed = None
+        self.probe = self  # where tensors are measured one at a time (guard_allocation: the fit split)
         self.reference = self._run(model)
         values = {name: self._stack(name, self.reference) for name in self.loss_names}
         bad = [name for name, v in values.items() if not np.all(np.isfinite(v))]
@@ -216,12 +233,30 @@ class _Measure:
         return _Try(label, spent, self.loss(runs), self.fidelity(runs), predicted)
 
     def tensor_loss(self, name: str, spent: Spent) -> float | None:
-        """The loss with only ``name`` quantized as in ``spent`` (None: a subgraph's weight cannot be fed)."""
+        """The loss with only ``name`` quantized as in ``spent`` (None: not quantized there). A main-graph weight
+        is fed to one shared session; a subgraph's weight (an If or Loop body's) cannot be fed, so the model is
+        copied with it replaced (a session per probe: :func:`probe_scoped` says where that is affordable)."""
         info = self.ctx.weight(name)
-        if info.scope or name not in spent.quantized:
+        if name not in spent.quantized:
             return None
         decoded = info.layout.from_view(spent.quantized[name].dequantize()).astype(info.value.dtype.numpy())
-        return self.loss(self._run(self.model, {name: decoded}))
+        if not info.scope:
+            return self.loss(self._run(self.model, {name: decoded}))
+        if not self.probe_scoped():
+            return None
+        kept = info.value.const_value
+        info.value.const_value = ir.tensor(decoded, name=kept.name)
+        try:
+            copy = forward_model(self.model, self.names)
+        finally:
+            info.value.const_value = kept
+        session = self.sessions.open(copy)
+        return self.loss([session.run(feeds) for feeds in self.held.runs])
+
+    def probe_scoped(self) -> bool:
+        """Whether subgraph weights are probed: a session per probe, so only on models of at most
+        :data:`SCOPED_PROBE_BYTES` of weights."""
+        return sum(w.value.const_value.nbytes for w in self.ctx.weights) <= SCOPED_PROBE_BYTES
 
     def close(self) -> None:
         self.sessions.close()
@@ -239,20 +274,30 @@ def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> 
 
 
 def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | None], Spent],
-                     held: HeldOut) -> Spent:
+                     held: HeldOut, fit: Calibration | None = None) -> Spent:
     """The allocation in ``first`` checked against uniform on ``held`` and repaired where it measures worse (the
     module's docstring); returns what to write, applied to ``ctx``. ``spend(method)`` re-spends the budget
-    (``"uniform"``, or None: the configured allocator with ``ctx.floors``)."""
+    (``"uniform"``, or None: the configured allocator with ``ctx.floors``). ``fit`` (the samples the posterior
+    saw) is where tensors are probed one at a time, so the held-out samples that pick the candidate to write
+    never steered the candidates themselves (else the repaired ones measure optimistically on a small set)."""
     try:
         measure = _Measure(model, ctx, held)
     except BqError as exc:
         if held.task_data:
             raise
         return _fall_back(ctx, first, spend, held, f"the FP32 model cannot be measured on {held.kind} inputs ({exc})")
+    probe = None
     try:
+        if fit is not None and held.kind == "held-out":
+            count = min(fit.num_samples, max(PROBE_SAMPLES, 2 * held.samples), MAX_HELD)
+            data = fit.take(count)
+            probe = _Measure(model, ctx, HeldOut(list(data.batches(RUN)), "fit", data.num_samples))
+            measure.probe = probe
         return _guard(model, ctx, first, spend, held, measure)
     finally:
         measure.close()
+        if probe is not None:
+            probe.close()
 
 
 def _fall_back(ctx: Context, first: Spent, spend: Callable[[str | None], Spent], held: HeldOut, why: str) -> Spent:
@@ -292,6 +337,14 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     steps: list[dict] = []
     probed: dict[tuple[str, tuple[int, ...]], float] = {}
     current = chosen
+    if held.task_data and uniform is not None:  # without a uniform reference, _far_repair measures 0/1-bit blocks
+        checked = _check_tables(ctx, chosen, measure, probed, spend, steps)
+        if checked is not None:
+            tries.append(checked)
+            if checked.loss < chosen.loss:
+                current = checked  # the repairs go on from the tables as measured
+            else:
+                ctx.tables = tables  # the corrected tables bought nothing: back to the posterior's
     while (held.task_data and uniform is not None and width is not None and len(steps) < MAX_REPAIRS
            and _needs_repair(current, uniform)):
         current.spent.apply(ctx)
@@ -315,6 +368,11 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         far = _far_repair(ctx, chosen, measure, probed, spend, steps)
         if far is not None:
             tries.append(far)
+    free_tables = None
+    if held.task_data and uniform is not None and ctx.posterior is not None and _has_data_free(ctx):
+        free, free_tables = _data_free(model, ctx, spend, measure)
+        if free is not None:
+            tries.append(free)
     best = min(tries, key=lambda t: t.loss)
     if not held.task_data and uniform is not None and best.loss > uniform.loss:
         ctx.messages.append(f"guard: the allocation measured worse than uniform {width}-bit on {held.kind} inputs "
@@ -327,11 +385,49 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
                             f"{uniform.loss:.4g}): wrote uniform")
         result, final = "uniform", uniform
     else:
-        result, final = ("repaired" if best is not chosen else "kept"), best
+        result, final = ("kept" if best is chosen else "data-free" if best.label == "data-free" else "repaired"), best
+    if final is chosen or final is uniform:
+        ctx.tables = tables  # what is written was spent on the posterior's tables
+    elif final.label == "data-free":
+        ctx.tables = free_tables
     final.spent.apply(ctx)
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
+    ctx.guard["candidates"] = [t.row(_numel(ctx)) for t in tries]
+    ctx.guard["probes"] = {"data": measure.probe.held.kind, "samples": measure.probe.held.samples}
     return final.spent
+
+
+def _has_data_free(ctx: Context) -> bool:
+    """Whether bq-onnx has an allocation without calibration under these options (``--tables mc`` and
+    distillation need calibration; Quantile Inform and Random Bits need the posterior)."""
+    a = ctx.config.allocation
+    return (a.tables == "closed" and not ctx.config.distillation.distill_steps
+            and a.allocator not in ("quantile-inform", "random-bits"))  # these rank blocks by the posterior
+
+
+def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spent], measure: _Measure
+               ) -> tuple[_Try | None, object]:
+    """The allocation bq-onnx makes without calibration (tables and grids without the posterior: plain squared
+    error), measured as one more candidate. Why: where the posterior misleads (a small calibration set, a loss
+    that weighs the wrong outputs) the data-free allocation can measure better than both the posterior's and
+    uniform. Returns (the candidate, its tables); the context's posterior, tables and floors are restored."""
+    from bq_onnx.stages.allocate import head_floors
+    from bq_onnx.stages.tables import expected_loss_tables
+
+    posterior, tables, floors, said = ctx.posterior, ctx.tables, dict(ctx.floors), len(ctx.messages)
+    try:
+        ctx.posterior = None
+        ctx.tables = expected_loss_tables(model, ctx, None)
+        ctx.floors = head_floors(model, ctx, ctx.tables)
+        del ctx.messages[said:]  # the heads' note was given once already
+        free_tables = ctx.tables
+        try:
+            return measure.model_try("data-free", spend(None)), free_tables
+        except UsageError:
+            return None, None
+    finally:
+        ctx.posterior, ctx.tables, ctx.floors = posterior, tables, floors
 
 
 def _weight_blocks(ctx: Context) -> dict[str, list]:
@@ -348,7 +444,7 @@ def _damage(name: str, blocks: list, spent: Spent, measure: _Measure, probed: di
     bits = spent.allocation.bits
     key = (name, tuple(bits[t.name] for t in blocks))
     if key not in probed:
-        probed[key] = measure.tensor_loss(name, spent)
+        probed[key] = measure.probe.tensor_loss(name, spent)
     return probed[key], sum(float(t.loss[t.bits.index(bits[t.name])]) for t in blocks)
 
 
@@ -396,6 +492,52 @@ def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, sp
     return repaired
 
 
+def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
+                  spend: Callable[[str | None], Spent], steps: list[dict]) -> _Try | None:
+    """The tables checked tensor by tensor before any comparison: each tensor (the largest first, at most
+    :data:`MAX_PROBES`) is measured alone as the allocation stores it, and where its measured/predicted ratio
+    exceeds :data:`PREDICTION_FACTOR` times the median ratio, its loss rows are scaled up by how far (at most
+    :data:`MAX_CORRECTION`); the budget is then spent again on the corrected tables, once. Why: the curvature is
+    local and per tensor; a tensor whose error the rest of the network amplifies (a fixed front-end basis, a
+    recurrent weight) looks cheap in it, and the whole-model comparison with uniform alone cannot say which one
+    it is. Sets ``ctx.tables`` to the corrected tables; None (tables untouched): nothing was off."""
+    spent = current.spent
+    blocks = _weight_blocks(ctx)
+    scoped = measure.probe_scoped()
+    feedable = sorted((n for n in blocks if scoped or not ctx.weight(n).scope),
+                      key=lambda n: -sum(t.numel for t in blocks[n]))[:MAX_PROBES]
+    if len(feedable) < 2:
+        return None
+    ratios: dict[str, float] = {}
+    for name in progress(feedable, "guard probes", ctx.progress):
+        measured, predicted = _damage(name, blocks[name], spent, measure, probed)
+        if measured is not None and math.isfinite(measured) and predicted > 0:
+            ratios[name] = max(measured, 0.0) / predicted
+    if len(ratios) < 2:
+        return None
+    exercised = [r for r in ratios.values() if r > 0]  # a weight the data never reach (an If branch not taken)
+    if len(exercised) < 2:                              # says nothing about the tables' scale
+        return None
+    typical = float(np.median(exercised))
+    factors = {n: min(r / typical, MAX_CORRECTION) for n, r in ratios.items() if r > PREDICTION_FACTOR * typical}
+    if not factors:
+        return None
+    original = ctx.tables
+    ctx.tables = dataclasses.replace(original, blocks=[
+        dataclasses.replace(t, loss=t.loss * factors[t.weight]) if t.weight in factors else t
+        for t in original.blocks])
+    step = {"step": len(steps) + 1, "kind": "tables", "raised": sorted(factors), "to_bits": None,
+            "excess": {n: round(f, 3) for n, f in sorted(factors.items())}}
+    try:
+        checked = measure.model_try(f"repair {step['step']}", spend(None))
+    except UsageError:
+        ctx.tables = original
+        steps.append({**step, "result": "does not fit the budget"})
+        return None
+    steps.append({**step, **checked.row(_numel(ctx))})
+    return checked
+
+
 def _scale(t: _Try | None) -> float | None:
     """Measured loss per unit of the tables' predicted loss."""
     if t is None or not t.predicted or t.predicted <= 0 or not math.isfinite(t.loss):
@@ -419,7 +561,7 @@ def _culprits(ctx: Context, spent: Spent, width: int, scale: float | None, measu
     candidates = []
     for name, blocks in below.items():
         deficit = sum(t.numel * max(width - bits[t.name], 0) for t in blocks)
-        if deficit > 0 and not ctx.weight(name).scope:
+        if deficit > 0 and (not ctx.weight(name).scope or measure.probe_scoped()):
             candidates.append((deficit, name))
     candidates = [name for _, name in sorted(candidates, reverse=True)[:MAX_PROBES]]
     damage, excess = {}, {}

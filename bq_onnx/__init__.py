@@ -24,7 +24,7 @@ _PUBLIC = {
     "FolderResult": "bq_onnx.folders",
     "OptimizeResult": "bq_onnx.api",
     "Posterior": "bq_onnx.posterior",
-    "estimate_posterior": "bq_onnx.estimators",
+    "estimate_posterior": "bq_onnx.distributed",  # the estimators' own, plus workers= and ray=
     "gradients": "bq_onnx.estimators",
     "inspect": "bq_onnx.inspect",
     "optimize": "bq_onnx.api",
@@ -34,7 +34,8 @@ _PUBLIC = {
 if TYPE_CHECKING:
     from bq_onnx.api import OptimizeResult, optimize
     from bq_onnx.config import OptimizeConfig
-    from bq_onnx.estimate import estimate_posterior, gradients
+    from bq_onnx.distributed import estimate_posterior
+    from bq_onnx.estimators import gradients
     from bq_onnx.folders import FolderResult, optimize_folder
     from bq_onnx.inspect import inspect
     from bq_onnx.posterior import Posterior

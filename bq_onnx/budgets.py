@@ -95,6 +95,11 @@ def memory_budget() -> int:
     return _limit
 
 
+def max_memory_set() -> int | None:
+    """The budget as set so far (None: not set, each process takes its own default): what workers inherit."""
+    return _limit
+
+
 def set_max_memory(value: int | str | None) -> None:
     """Set the budget (``--max-memory``); None returns to the default."""
     global _limit

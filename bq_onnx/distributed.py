@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -29,13 +30,23 @@ from pathlib import Path
 
 import numpy as np
 
-from bq_onnx.calibration import Calibration
+from bq_onnx.calibration import Calibration, CalibrationSource
 from bq_onnx.config import PosteriorConfig, WeightsConfig
 from bq_onnx.errors import DataError, LimitError, UsageError
 from bq_onnx.estimators.activations import Activations
 from bq_onnx.estimators.base import Accumulator, Stage
-from bq_onnx.estimators.driver import LocalRunner, Runner, Task, _estimate, problems, shard_ranges, shard_samples
-from bq_onnx.estimators.prepared import Prepared
+from bq_onnx.estimators.driver import (
+    RUNNER_FACTORY,
+    LocalRunner,
+    Runner,
+    Task,
+    _estimate,
+    problems,
+    shard_ranges,
+    shard_samples,
+)
+from bq_onnx.estimators.driver import estimate_posterior as driver_estimate_posterior
+from bq_onnx.estimators.prepared import ModelSource, Prepared
 from bq_onnx.estimators.registry import REGISTRY
 from bq_onnx.model_io import load_model
 from bq_onnx.posterior import Posterior, Spill
@@ -92,19 +103,31 @@ def distributed(workers: int | None = None, ray: str | bool | None = None) -> It
     if ray is not None and ray is not False and workers not in (None, 1):
         raise UsageError("--workers and --ray: give one (Ray decides how many tasks run at once)")
     address = None if ray is None or ray is False else ("" if ray is True else str(ray))
-    token = _CURRENT.set(Distribution(workers or 1, address))
+    setting = Distribution(workers or 1, address)
+    token = _CURRENT.set(setting)
+    factory = RUNNER_FACTORY.set(functools.partial(runner_for, setting=setting) if setting.active else None)
     try:
-        yield _CURRENT.get()
+        yield setting
     finally:
+        RUNNER_FACTORY.reset(factory)
         _CURRENT.reset(token)
+
+
+def estimate_posterior(model: ModelSource, calibration: CalibrationSource | Calibration, method: str | None = None,
+                       *, workers: int | None = None, ray: str | bool | None = None, **options: object) -> Posterior:
+    """:func:`bq_onnx.estimators.estimate_posterior` with its calibration shards shared out to ``workers`` local
+    processes or to Ray (``ray``: True for a local instance, or a cluster's address); the same posterior, byte for
+    byte. (``bq_onnx.estimate_posterior`` is this function.)"""
+    with distributed(workers, ray):
+        return driver_estimate_posterior(model, calibration, method, **options)
 
 
 @contextlib.contextmanager
 def runner_for(prepared: Prepared, calib: Calibration, opts: PosteriorConfig,
-               runner: Runner | None = None) -> Iterator[Runner]:
-    """``runner``, else the workers :func:`distributed` asked for (their scratch folder and processes are gone
-    when the block ends, whatever happened), else this process."""
-    setting = _CURRENT.get() or Distribution()
+               runner: Runner | None = None, setting: Distribution | None = None) -> Iterator[Runner]:
+    """``runner``, else the workers ``setting`` (default: what :func:`distributed` asked for) names (their scratch
+    folder and processes are gone when the block ends, whatever happened), else this process."""
+    setting = setting or _CURRENT.get() or Distribution()
     if runner is not None or not setting.active:
         yield runner or LocalRunner()
         return
@@ -134,6 +157,8 @@ class Job:
     calib: str  # a folder written by :func:`write_calibration`
     options: PosteriorConfig
     scratch: str
+    run_timeout: float | None = None  # the master's --run-timeout and --max-memory hold in every worker
+    max_memory: int | None = None
 
 
 def write_job(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, scratch: Path) -> Job:
@@ -146,8 +171,12 @@ def write_job(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, scr
     folder = scratch / "calibration"
     write_calibration(calib, folder)
     (scratch / "replies").mkdir()
+    from bq_onnx.budgets import max_memory_set
+    from bq_onnx.limits import run_timeout
+
     return Job(uuid.uuid4().hex, model, tuple(w.name for w in prepared.weights),
-               tuple(tuple(w.layout.shape) for w in prepared.weights), os.fspath(folder), opts, os.fspath(scratch))
+               tuple(tuple(w.layout.shape) for w in prepared.weights), os.fspath(folder), opts, os.fspath(scratch),
+               run_timeout(), max_memory_set())
 
 
 def write_calibration(calib: Calibration, folder: Path) -> None:
@@ -187,6 +216,11 @@ class _Worker:
     (each settled before the next, so the random draws match)."""
 
     def __init__(self, job: Job) -> None:
+        from bq_onnx.budgets import set_max_memory
+        from bq_onnx.limits import set_run_timeout
+
+        set_run_timeout(job.run_timeout)  # the runs in this process are bounded as the master's are
+        set_max_memory(job.max_memory)
         model = load_model(job.model)
         found = {w.name: w for w in find_weights(model, WeightsConfig(min_size=1)).weights}  # the master's among them
         for name, shape in zip(job.names, job.shapes):

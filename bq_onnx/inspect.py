@@ -223,12 +223,14 @@ def _counted(path: str | os.PathLike, m: ir.Model, meta: dict | None, reference:
              min_size: int) -> dict | None:
     """Stored bits per weight: against the float reference when given; for a bq-onnx output without one, the
     tensors its layers and shared decode constants store (``bq.`` names) over the weights it records."""
-    from bq_onnx.counting import Count, count, file_bytes, ir_stored_bytes
+    from bq_onnx.counting import Count, count, count_alone, file_bytes, ir_stored_bytes
 
+    if meta is None:  # a float model or another tool's output: as the protobuf path counts it
+        alone = reference is None
+        counted = (count_alone(path, min_size) if alone else count(path, reference, min_size)).to_report()
+        return counted | {"against": "quantized ops" if alone else "reference"}
     if reference is not None:
         return count(path, reference, min_size).to_report()
-    if meta is None:
-        return None
     ours = {t for layer in meta["layers"] for t in layer["tensors"]}
     original = sum(v.const_value.nbytes for v in m.graph.initializers.values()
                    if v.const_value is not None and v.name not in ours and not v.name.startswith("bq."))

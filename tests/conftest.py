@@ -90,6 +90,11 @@ def lenet_data() -> dict:
         return {k: data[k] for k in data.files}
 
 
+#: Integer codes a weight is stored in (``Cast`` of one is passes/fast_layout.py's decode).
+INTEGER_CODE_TYPES = frozenset({onnx.TensorProto.INT2, onnx.TensorProto.UINT2, onnx.TensorProto.INT4,
+                                onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
+
+
 def assert_written(result, path, min_cosine: float = 0.9) -> None:
     """A saved model as a user gets it, which ``save()``'s own ``passed`` flag cannot show (it raises instead of
     returning False): the file stores its weights behind dequantize ops, runs in onnxruntime on the post-write
@@ -100,7 +105,10 @@ def assert_written(result, path, min_cosine: float = 0.9) -> None:
 
     written = onnx.load(str(path))
     nodes = list(written.graph.node) + [n for f in written.functions for n in f.node]
-    assert any(n.op_type == "DequantizeLinear" or n.domain == "bq" for n in nodes), "no weight stored quantized"
+    integer_codes = {t.name for t in written.graph.initializer if t.data_type in INTEGER_CODE_TYPES}
+    assert any(n.op_type == "DequantizeLinear" or n.domain == "bq"
+               or (n.op_type == "Cast" and n.input[0] in integer_codes)  # the fast layout's decode
+               for n in nodes), "no weight stored quantized"
     src = result.source
     if isinstance(src, ir.Model):
         src = ir.serde.serialize_model(src)

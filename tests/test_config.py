@@ -103,8 +103,11 @@ def test_optimize_declares_no_option_of_its_own():
     params = inspect.signature(bq_onnx.optimize).parameters
     # recipe_from: where the options come from (an earlier output's recipe), like config; not an option itself
     # workers, ray: where the posterior's shards run (like progress, they never change the output's bytes)
+    # run_timeout, max_memory: the run limits every command takes (LimitsConfig, declared once there; not recorded)
     assert set(params) == {"model", "config", "calib", "posterior", "progress", "recipe_from", "workers", "ray",
-                           "options"}
+                           "run_timeout", "max_memory", "options"}
+    limits = {f.name for f in dataclasses.fields(cfg.LimitsConfig)}
+    assert limits == {"run_timeout", "max_memory"}
     assert not set(params) & set(cfg.option_names())
     assert params["options"].kind is inspect.Parameter.VAR_KEYWORD
 

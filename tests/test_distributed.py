@@ -20,8 +20,8 @@ import pytest
 
 from bq_onnx import distributed as dist
 from bq_onnx.cli import main
+from bq_onnx.distributed import estimate_posterior
 from bq_onnx.errors import LimitError
-from bq_onnx.estimators import estimate_posterior
 from tests.conftest import MODELS
 
 MODEL, CALIB = MODELS / "lenet.onnx", MODELS / "lenet_calib.npz"
@@ -208,3 +208,29 @@ def test_a_worker_without_the_scratch_folder_reads_the_files_it_was_sent(tmp_pat
     dist.run_shard(job, Task("main", 0), (0, 1))  # the worker drops the other job's state
     assert list(dist._WORKER) == [job.key]
     dist._WORKER.pop(job.key).close()
+
+
+def test_workers_run_under_the_masters_limits(tmp_path):
+    """A worker process creates sessions and runs the model too: the master's --run-timeout and --max-memory
+    travel in the job and are set in the worker before anything runs."""
+    from bq_onnx import budgets, limits
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.config import PosteriorConfig
+    from bq_onnx.estimators import prepare
+    from bq_onnx.estimators.driver import Task
+
+    prepared = prepare(MODEL)
+    calib = load_calibration(CALIB, prepared.model, 8)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with limits.run_limits(timeout=7.5, max_memory="3G"):
+        job = dist.write_job(prepared, calib, PosteriorConfig(method="laplace", batch_size=8), scratch)
+    assert (job.run_timeout, job.max_memory) == (7.5, 3 * 2**30)
+    saved = budgets.max_memory_set()
+    try:
+        dist.run_shard(job, Task("main", 0), (0, 8))  # builds this process's worker from the job
+        assert limits.run_timeout() == 7.5 and budgets.max_memory_set() == 3 * 2**30
+    finally:
+        dist._WORKER.pop(job.key).close()
+        limits.set_run_timeout(None)
+        budgets.set_max_memory(saved)

@@ -43,6 +43,8 @@ def _stored_codes(path, qt) -> np.ndarray:
         packed = numpy_helper.to_array(tensors["W.bq_packed"])
         return unpack_bits(packed, qt.bits, k * n).reshape(k, n)
     codes = numpy_helper.to_array(tensors["W.bq_codes"])
+    if codes.ndim == 3:  # the fast layout stores whole blocks as [K/B, B, N] (passes/fast_layout.py): same bytes
+        codes = codes.reshape(-1, codes.shape[-1])
     if "W.bq_codes.tail" in tensors:  # a ragged last block, stored per axis below the whole blocks
         codes = np.concatenate([codes, numpy_helper.to_array(tensors["W.bq_codes.tail"])])
     codes = codes.astype(np.int16)  # int2/uint2/int4/uint4 (ml_dtypes) and int8/uint8 all widen exactly

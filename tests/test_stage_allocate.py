@@ -74,7 +74,7 @@ def test_distillation_lowers_held_out_kl_and_verifies(tmp_path):
     d = result.report["distillation"]
     assert d["kl_after"] <= d["kl_before"] and d["held_out_samples"] == 40
     report = result.save(tmp_path / "d.onnx")
-    check_result(result, tmp_path / "d.onnx", report, ops=["DequantizeLinear"])
+    check_result(result, tmp_path / "d.onnx", report, ops=["Cast", "Sub", "Mul"])  # fast layout (Conv/Gemm)
     # the stored metadata stays fp16-representable
     for q in result.context.quantized.values():
         for _, _, qt in getattr(q, "pieces", [(0, 0, q)]):

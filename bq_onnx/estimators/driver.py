@@ -8,9 +8,11 @@ on Ray: :mod:`bq_onnx.distributed`), never what they add up to, so the posterior
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
@@ -96,25 +98,18 @@ def estimate_posterior(
     *,
     weights: WeightsConfig | None = None,
     progress_bar: bool = False,
-    workers: int | None = None,
-    ray: str | bool | None = None,
     **options: object,
 ) -> Posterior:
     """A diagonal Gaussian posterior over every quantizable weight of ``model`` from calibration data.
 
     ``options`` are the fields of :class:`bq_onnx.config.PosteriorConfig` (loss, labels, output, prior_precision,
     probes, mc_samples, calib_samples, batch_size, seed); ``weights`` chooses which tensors are weights.
-    ``workers`` (local processes) or ``ray`` (True: a local Ray instance, or a cluster's address) share the
-    calibration shards out (:mod:`bq_onnx.distributed`); the posterior is the same, byte for byte.
+    ``bq_onnx.estimate_posterior`` (:func:`bq_onnx.distributed.estimate_posterior`) also takes ``workers`` and
+    ``ray``; inside :func:`bq_onnx.distributed.distributed` this one runs on the workers it set up.
     """
     opts = PosteriorConfig(**({"method": method} if method is not None else {}), **options)
     prepared = prepare(model, weights)
-    if workers is None and not ray:
-        return estimate_prepared(prepared, calibration, opts, progress_bar)
-    from bq_onnx.distributed import distributed
-
-    with distributed(workers, ray):
-        return estimate_prepared(prepared, calibration, opts, progress_bar)
+    return estimate_prepared(prepared, calibration, opts, progress_bar)
 
 
 def problems(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, sessions: TempSessions,
@@ -128,6 +123,13 @@ def problems(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, sess
     return problem, dataclasses.replace(problem, prepared=hoisted(prepared))
 
 
+#: Within :func:`bq_onnx.distributed.distributed`: what makes the runner of one estimation (a context manager
+#: yielding a :class:`Runner`: worker processes or Ray tasks); None runs the shards in this process. Set from
+#: there, so that this module never imports the workers' code (which builds on this one).
+RUNNER_FACTORY: contextvars.ContextVar[Callable[..., AbstractContextManager[Runner]] | None] = contextvars.ContextVar(
+    "bq_onnx_runner_factory", default=None)
+
+
 def estimate_prepared(
     prepared: Prepared, calibration: CalibrationSource | Calibration, opts: PosteriorConfig, progress_bar: bool,
     runner: Runner | None = None,
@@ -135,9 +137,10 @@ def estimate_prepared(
     """The estimator on a model already prepared by the pipeline (used by ``optimize --calib``); ``runner``
     (default: this process, or the workers :func:`bq_onnx.distributed.distributed` set up) runs the shards."""
     calib = load_calibration(calibration, prepared.model, opts.calib_samples)
-    from bq_onnx.distributed import runner_for
-
-    with runner_for(prepared, calib, opts, runner) as chosen:
+    factory = RUNNER_FACTORY.get()
+    if runner is not None or factory is None:
+        return _estimate(prepared, calib, opts, progress_bar, runner or LocalRunner())
+    with factory(prepared, calib, opts) as chosen:
         return _estimate(prepared, calib, opts, progress_bar, chosen)
 
 

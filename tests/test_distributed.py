@@ -182,19 +182,25 @@ def test_shards_of_a_fixed_batch_model_hold_whole_runs(tmp_path, monkeypatch):
         assert np.array_equal(wp.curvature, posteriors[1].weights[name].curvature), name
 
 
-def test_a_worker_without_the_scratch_folder_reads_the_files_it_was_sent(tmp_path):
-    """What a Ray worker on another machine (no shared filesystem) does with the files from the object store: the
-    shard it computes is the one a worker reading the scratch folder computes."""
+def _job(tmp_path, samples: int, **options) -> dist.Job:
+    """A worker's job for the test model's first ``samples`` calibration samples, written under ``tmp_path``."""
     from bq_onnx.calibration import load_calibration
     from bq_onnx.config import PosteriorConfig
     from bq_onnx.estimators import prepare
-    from bq_onnx.estimators.driver import Task
 
     prepared = prepare(MODEL)
-    calib = load_calibration(CALIB, prepared.model, 16)
+    calib = load_calibration(CALIB, prepared.model, samples)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    job = dist.write_job(prepared, calib, PosteriorConfig(method="kfac", batch_size=8), scratch)
+    return dist.write_job(prepared, calib, PosteriorConfig(**options), scratch)
+
+
+def test_a_worker_without_the_scratch_folder_reads_the_files_it_was_sent(tmp_path):
+    """What a Ray worker on another machine (no shared filesystem) does with the files from the object store: the
+    shard it computes is the one a worker reading the scratch folder computes."""
+    from bq_onnx.estimators.driver import Task
+
+    job = _job(tmp_path, 16, method="kfac", batch_size=8)
     files = dist.bundle(job)
     assert files is not None and "model.onnx" in files
     here = dist.run_shard(job, Task("main", 0), (8, 16))
@@ -214,17 +220,10 @@ def test_workers_run_under_the_masters_limits(tmp_path):
     """A worker process creates sessions and runs the model too: the master's --run-timeout and --max-memory
     travel in the job and are set in the worker before anything runs."""
     from bq_onnx import budgets, limits
-    from bq_onnx.calibration import load_calibration
-    from bq_onnx.config import PosteriorConfig
-    from bq_onnx.estimators import prepare
     from bq_onnx.estimators.driver import Task
 
-    prepared = prepare(MODEL)
-    calib = load_calibration(CALIB, prepared.model, 8)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
     with limits.run_limits(timeout=7.5, max_memory="3G"):
-        job = dist.write_job(prepared, calib, PosteriorConfig(method="laplace", batch_size=8), scratch)
+        job = _job(tmp_path, 8, method="laplace", batch_size=8)
     assert (job.run_timeout, job.max_memory) == (7.5, 3 * 2**30)
     saved = budgets.max_memory_set()
     try:

@@ -11,6 +11,7 @@ onnx-ir). A graph view needs nodes with ``op_type``, ``domain``, ``name``, ``att
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from bq_onnx.chains import INT_ATTRIBUTE, chain_axes, final_readers, is_move
@@ -154,6 +155,9 @@ def classify(name: str, value: Any, scope: str, shape: tuple[int, ...], dtype: s
         why = f"too small ({size} < {min_size} elements)"
     if not why:
         axes, why = layout(value, shape, paths)
+        if not why and axes is not None and math.prod(shape[a] for a in axes) == 1:
+            why = ("its reduction axes hold one element: every quantization block would be a single weight, its "
+                   "scale costing more than its code")
         if not why and structural and id(value) in structural:  # its values also reach a Resize's scales, a shape
             why = f"read as {structural[id(value)]} (its values reach it through {_carriers(value)})"
         if why.startswith("read as"):

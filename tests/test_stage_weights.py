@@ -68,3 +68,24 @@ def test_no_weight_at_all_is_an_unsupported_model():
     ctx = passkit.context(min_size=10_000)
     with pytest.raises(UnsupportedError, match="no quantizable weights"):
         passkit.find_weights(passkit.prepare(passkit.load(_model()), ctx), ctx)
+
+
+def test_a_weight_reduced_along_one_element_stays_float_and_alone_is_refused_at_once():
+    """A MatMul weight ``[1, N]`` (reduction length 1, issue 22's ``[1, 2^22]``): every block would be one weight
+    with its own scale, so it is no weight (it took minutes to be refused over the budget); beside a real weight
+    it stays float, alone the run is refused before any table is scored, naming why."""
+    wide = numpy_helper.from_array(RNG.standard_normal((1, 4096)).astype(np.float32), "Wide")
+    real = numpy_helper.from_array(RNG.standard_normal((16, 1)).astype(np.float32), "Real")
+    model = make_model([helper.make_node("MatMul", ["x", "Real"], ["h"]),
+                        helper.make_node("MatMul", ["h", "Wide"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4096])], [wide, real])
+    ctx = passkit.context(min_size=16)
+    passkit.find_weights(passkit.prepare(passkit.load(model), ctx), ctx)
+    assert passkit.weight_names(ctx) == ["Real"]
+    alone = make_model([helper.make_node("MatMul", ["x", "Wide"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4096])], [wide])
+    ctx = passkit.context(min_size=16)
+    with pytest.raises(UnsupportedError, match=r"1 read along an axis of one element \('Wide'"):
+        passkit.find_weights(passkit.prepare(passkit.load(alone), ctx), ctx)

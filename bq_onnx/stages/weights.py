@@ -13,6 +13,7 @@ import onnx_ir as ir
 from bq_onnx.config import WeightsConfig
 from bq_onnx.context import WeightInfo
 from bq_onnx.errors import UnsupportedError
+from bq_onnx.escape import escape
 from bq_onnx.exclusions import Exclusions
 from bq_onnx.layout import WeightLayout
 from bq_onnx.reads import structural_sources
@@ -82,6 +83,9 @@ def find_weights(model: ir.Model, config: WeightsConfig) -> FoundWeights:
         detail = "; the model looks quantized already" if any("quantized ops" in m for m in found.messages) else ""
         excluded = sum(len(r.get("excluded", [])) for r in found.exclusions)
         detail += f"; --exclude/--only/--keep-fp kept all {excluded} in float" if excluded else ""
+        single = [c.name for c in found.candidates if c.skipped.startswith("its reduction axes hold one element")]
+        detail += (f"; {len(single)} read along an axis of one element ('{escape(single[0])}'...: one scale per "
+                   f"weight would cost more than the weight)" if single else "")
         raise UnsupportedError(
             f"no quantizable weights (float initializers of at least {config.min_size} elements read by "
             f"MatMul, Gemm, Conv, ConvTranspose, Gather, LSTM, GRU or RNN){detail}"

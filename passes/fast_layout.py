@@ -30,6 +30,8 @@ import hashlib
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.passes.matmulnbits import fusable_blocking, sole_matmul_b
+
 #: Code types onnxruntime's DQ+MatMul -> MatMulNBits fusion takes (1.32: 2-, 4- and 8-bit, PR 27614).
 FUSED_CODES = frozenset({ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8,
                          ir.DataType.INT2, ir.DataType.UINT2})
@@ -40,19 +42,12 @@ FAST_LAYOUT_TARGETS = frozenset({"onnxruntime", "openvino"})
 
 def fuses_into_matmul(dq: ir.Node) -> bool:
     """Whether onnxruntime's QDQ fusion turns this DequantizeLinear and the MatMul it feeds into MatMulNBits."""
-    attrs = {k: a.value for k, a in dq.attributes.items()}
-    g = int(attrs.get("block_size", 0))
     codes = dq.inputs[0]
-    if attrs.get("axis", 1) != 0 or g < 16 or g & (g - 1) or codes is None or codes.const_value is None:
+    if not fusable_blocking(dq) or codes is None or codes.const_value is None:
         return False
     if codes.const_value.dtype not in FUSED_CODES or len(codes.const_value.shape) != 2:
         return False
-    out = dq.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return False
-    node, index = uses[0].node, uses[0].idx
-    return node.op_type == "MatMul" and node.domain in _STANDARD and index == 1
+    return sole_matmul_b(dq) is not None
 
 
 class FastLayoutPass(ir.passes.InPlacePass):

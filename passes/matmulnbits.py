@@ -38,6 +38,24 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+
+def fusable_blocking(dq: ir.Node) -> bool:
+    """Blocks onnxruntime's DQ + MatMul -> MatMulNBits fusion takes: along axis 0, a power of two of at least 16."""
+    attrs = {k: a.value for k, a in dq.attributes.items()}
+    g = int(attrs.get("block_size", 0))
+    return attrs.get("axis", 1) == 0 and g >= 16 and not g & (g - 1)
+
+
+def sole_matmul_b(dq: ir.Node) -> ir.Node | None:
+    """The standard MatMul that alone reads ``dq``'s output, as its input B (not a graph output), or None."""
+    out = dq.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    node, index = uses[0].node, uses[0].idx
+    return node if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and index == 1 else None
+
+
 class LowerMatMulNBitsPass(ir.passes.InPlacePass):
     """Replace ``MatMul(A, DequantizeLinear(codes4, scale, [zp], axis=0, block_size=G))`` by MatMulNBits."""
 
@@ -55,10 +73,9 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
     def _lower(graph: ir.Graph, dq: ir.Node) -> bool:
         if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
             return False
-        attrs = {k: a.value for k, a in dq.attributes.items()}
-        g = attrs.get("block_size", 0)
-        if attrs.get("axis", 1) != 0 or g < 16 or g & (g - 1):
+        if not fusable_blocking(dq):
             return False
+        g = int(dq.attributes["block_size"].value)
         codes_v, scale_v = dq.inputs[0], dq.inputs[1]
         zp_v = dq.inputs[2] if len(dq.inputs) > 2 else None
         cast = scale_v.producer() if scale_v is not None else None
@@ -74,12 +91,8 @@ class LowerMatMulNBitsPass(ir.passes.InPlacePass):
             return False
         if zp_v is not None and zp_v.const_value is None:
             return False
-        out = dq.outputs[0]
-        uses = list(out.uses())
-        if len(uses) != 1 or out.is_graph_output():
-            return False
-        matmul, index = uses[0].node, uses[0].idx
-        if matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx") or index != 1:
+        matmul = sole_matmul_b(dq)
+        if matmul is None:
             return False
         k, n = (int(d) for d in codes_v.const_value.shape)
         if k % g:

@@ -30,7 +30,7 @@ import hashlib
 import numpy as np
 import onnx_ir as ir
 
-from bq_onnx.passes.matmulnbits import fusable_blocking, sole_matmul_b
+from bq_onnx.ort_fusion import fusable_blocking, sole_matmul_b
 
 #: Code types onnxruntime's DQ+MatMul -> MatMulNBits fusion takes (1.32: 2-, 4- and 8-bit, PR 27614).
 FUSED_CODES = frozenset({ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.ort_fusion import fusable_blocking, sole_matmul_b
+
 DOMAIN = "com.microsoft"
 
 
@@ -38,22 +40,6 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-
-def fusable_blocking(dq: ir.Node) -> bool:
-    """Blocks onnxruntime's DQ + MatMul -> MatMulNBits fusion takes: along axis 0, a power of two of at least 16."""
-    attrs = {k: a.value for k, a in dq.attributes.items()}
-    g = int(attrs.get("block_size", 0))
-    return attrs.get("axis", 1) == 0 and g >= 16 and not g & (g - 1)
-
-
-def sole_matmul_b(dq: ir.Node) -> ir.Node | None:
-    """The standard MatMul that alone reads ``dq``'s output, as its input B (not a graph output), or None."""
-    out = dq.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return None
-    node, index = uses[0].node, uses[0].idx
-    return node if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and index == 1 else None
 
 
 class LowerMatMulNBitsPass(ir.passes.InPlacePass):

@@ -109,9 +109,10 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         # containers measured over the budget and the target can pack, the packed output is the cheaper one
         if ctx.tables is None or ctx.derived.packed_codes or not packs_at_all(ctx, profile):
             raise
+        said = list(ctx.messages)
         ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
         ctx.tables = expected_loss_tables(model, ctx, fit)
-        ctx.messages[:] = list(dict.fromkeys(ctx.messages))
+        ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]  # as after pack_low_widths
         spent = spend()
     if guard.wants_measurement(ctx):
         data = guard.held_out_data(model, ctx, held, calibration)

@@ -1239,7 +1239,7 @@ def test_autodiff_pass_and_supported_ops():
     }
     assert required <= supported_ops()
     assert not {"TopK", "LpNormalization"} & supported_ops()
-    assert {"If", "Loop", "Scan"} <= supported_ops()  # Loop/Scan: unrolled (tests/test_vjp_control.py)
+    assert {"If", "Loop", "Scan"} <= supported_ops()  # test_vjp_control.py, test_vjp_loop.py
 
 
 @pytest.mark.parametrize(("name", "count"), [("lenet", 3), ("digits_mlp", 4)])

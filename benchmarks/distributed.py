@@ -237,11 +237,18 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "",
         "Tables: the weights are split by element count (the main process takes the first list, each spawned "
         "worker one other); a worker reads the model (external data, read lazily) and the posterior arrays of its "
-        "own weights one at a time, so its peak is about one weight's designs and float64 temporaries (the "
-        "precision, the errors) over its start-up: it follows the largest weight (64 MiB of fp32 on this model, at "
-        "every size) more than the model. The tables' time divides by the workers where cores are idle. The main "
-        "process then allocates, quantizes (recomputing the chosen designs of the workers' weights, which its "
-        "design cache does not hold) and writes as in one process.",
+        "own weights, and computes and drops one weight at a time (its design cache too), so its peak is about one "
+        "weight's designs and float64 temporaries (the precision, the errors) over its start-up: it follows the "
+        "largest weight (64 MiB of fp32 on this model, at every size) more than the model, and a fit over model "
+        "sizes overstates it. The main process then allocates, quantizes (recomputing the chosen designs of the "
+        "workers' weights, which its design cache does not hold) and writes as in one process.",
+        "",
+        "Time: one process already runs the quantizers on one thread per core (at most 8, "
+        "`bq_onnx/quantizers/parallel.py`), and N workers get 1/N of those threads each, so on this 2-core machine "
+        "two workers have no core to add and their extra work (the workers' files written, a process started, the "
+        "model read again) is a cost; the other load on the machine moves these times by tens of percent between "
+        "runs. Workers pay off where they add cores: more cores than the thread pool uses, or other machines "
+        "(`--ray`).",
         "",
     ]
     return "\n".join(lines)

@@ -658,8 +658,11 @@ class _TablesWorker:
     def tables(self, names: Sequence[str]) -> list[tables_stage.TensorTables]:
         from bq_onnx.quantizers import cache
 
-        with cache.scope():  # the designs one weight's tables repeat (its chosen ones, re-scored), as in the master
-            return [self.run.tensor(self.ctx.weight(name)) for name in names]
+        out = []
+        for name in names:  # designs repeat within a weight's tables (its chosen ones, re-scored), never across
+            with cache.scope():  # weights, and nothing after the tables reads them here: one weight's at a time
+                out.append(self.run.tensor(self.ctx.weight(name)))
+        return out
 
     def close(self) -> None:
         self.run.close()
@@ -703,7 +706,7 @@ def share_tables(run: tables_stage.TableRun, setting: Distribution) -> list[tabl
     <bq_onnx.stages.tables.TENSOR_RUNNER>`), in the order of ``run.ctx.weights``. With ``--workers N`` this
     process computes the first of N lists (:func:`balanced`) and N - 1 spawned processes the others; with
     ``--ray`` every list is a Ray task (as many lists as the cluster has CPUs)."""
-    from bq_onnx.progress import progress
+    from bq_onnx.progress import memtrace, progress
     from bq_onnx.quantizers.parallel import default_threads
 
     ctx = run.ctx
@@ -721,6 +724,7 @@ def share_tables(run: tables_stage.TableRun, setting: Distribution) -> list[tabl
         count = max(1, default_threads() // (len(theirs) + (1 if mine else 0)))
         scratch = stack.enter_context(_scratch())
         job = write_tables_job(run, [n for part in theirs for n in part], scratch, 1 if session else count)
+        memtrace("tables: the workers' files written")
         done: dict[str, tables_stage.TensorTables] = {}
         if session is not None:
             task = ray.remote(max_retries=RETRIES, num_cpus=1)(run_tables)
@@ -737,6 +741,7 @@ def share_tables(run: tables_stage.TableRun, setting: Distribution) -> list[tabl
             with threads(count):
                 done.update((info.name, run.tensor(info)) for info in progress(
                     [ctx.weight(n) for n in mine], "loss tables", ctx.progress))
+            memtrace("tables: this process's weights")
             replies = collect(futures, lambda k: pool.submit(k, theirs[k]), pool.close,
                               lambda k: f"the worker of the tables of {len(theirs[k])} weight(s) ('{theirs[k][0]}'...)")
             for k in range(len(theirs)):

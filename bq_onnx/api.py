@@ -257,7 +257,8 @@ def optimize(
     code (10 for a run, 3 or 5 for a file).
 
     ``workers`` (local processes) or ``ray`` (True: a local Ray instance; or a cluster's address) share out the
-    posterior's calibration shards (:mod:`bq_onnx.distributed`); the output is the same bytes as without.
+    posterior's calibration shards and the expected-loss tables' weights (:mod:`bq_onnx.distributed`); the output
+    is the same bytes as without.
     """
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
         raise UsageError(f"{os.fspath(model)}: a folder; bq_onnx.optimize_folder optimizes every model in it")

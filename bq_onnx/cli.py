@@ -186,12 +186,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _workers(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """``--workers`` and ``--ray``: where the posterior's calibration shards run (README: Sharding, workers, Ray)."""
-    d = p.add_argument_group("distribution (the posterior over several processes; the same output bytes)")
+    """``--workers`` and ``--ray``: where the posterior's calibration shards and the tables' weights run (README:
+    Sharding, workers, Ray)."""
+    d = p.add_argument_group("distribution (the posterior and the tables over several processes; the same output "
+                             "bytes)")
     d.add_argument("--workers", type=int, metavar="N", help="N local processes (this one included) share out the "
-                   "posterior's calibration shards (of 256 samples); each reads the model from a file")
-    d.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the shards as Ray tasks on the "
-                   "cluster at ADDRESS (without one: a local Ray instance); needs pip install 'bq-onnx[ray]'")
+                   "posterior's calibration shards (of 256 samples) and optimize's expected-loss tables (by weight); "
+                   "each reads the model from a file")
+    d.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the shards and tables as Ray tasks on "
+                   "the cluster at ADDRESS (without one: a local Ray instance); needs pip install 'bq-onnx[ray]'")
     return d
 
 

@@ -1,13 +1,19 @@
-"""The posterior over several processes: calibration shards computed by local worker processes (``--workers``) or
-Ray tasks (``--ray``), and written to / merged from shard files (``posterior --shard I/N``, ``--merge``).
+"""The posterior and the expected-loss tables over several processes: the posterior's calibration shards, and the
+tables' weights (each with the quantizer designs its tables choose), computed by local worker processes
+(``--workers``) or Ray tasks (``--ray``); the posterior also written to / merged from shard files (``posterior
+--shard I/N``, ``--merge``).
 
 Every process rebuilds the estimation from files, never from a pickled model: the model from its path (the
 pipeline's prepared model is saved once to a scratch folder), the calibration samples from ``.npy`` files there
 (memory-mapped), the options and the weights' names from a small :class:`Job`. With one seed each process draws
 the same targets, so a shard's accumulator is what the one-process run adds for those samples, and the master
 merges them in shard order (:mod:`bq_onnx.estimators.driver`): the posterior's bytes do not depend on how many
-workers there were. A worker that dies is replaced and its shards run again (:data:`RETRIES` times at most);
-a run that fails writes nothing (the outputs are written by the caller, after this returns).
+workers there were. The tables go by weight: each worker gets a list of weights (balanced by element count,
+:func:`balanced`), builds the tables' run from files as the master built it (the model, the posterior's arrays of
+its weights, the calibration samples where the tables measure, GPTQ's input moments) and returns each weight's
+tables; the master takes them in in its weights' order, so the tables, and the optimized model, are the same bytes
+as in one process. A worker that dies is replaced and its shards or weights run again (:data:`RETRIES` times at
+most); a run that fails writes nothing (the outputs are written by the caller, after this returns).
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ import shutil
 import signal
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from bq_onnx.calibration import Calibration, CalibrationSource
-from bq_onnx.config import PosteriorConfig, WeightsConfig
+from bq_onnx.config import OptimizeConfig, PosteriorConfig, WeightsConfig
+from bq_onnx.context import Context, Derived, WeightInfo
 from bq_onnx.errors import DataError, LimitError, UsageError
 from bq_onnx.estimators.activations import Activations
 from bq_onnx.estimators.base import Accumulator, Stage
@@ -49,9 +56,10 @@ from bq_onnx.estimators.driver import estimate_posterior as driver_estimate_post
 from bq_onnx.estimators.prepared import ModelSource, Prepared
 from bq_onnx.estimators.registry import REGISTRY
 from bq_onnx.model_io import load_model
-from bq_onnx.posterior import Posterior, Spill
+from bq_onnx.posterior import Posterior, Spill, WeightPosterior
 from bq_onnx.runs import Runs
 from bq_onnx.runtimes.sessions import TempSessions
+from bq_onnx.stages import tables as tables_stage
 from bq_onnx.stages.weights import find_weights
 
 #: Times a shard is run again after its worker died (a worker process killed, out of memory, a Ray node lost):
@@ -94,6 +102,52 @@ _CURRENT: contextvars.ContextVar[Distribution | None] = contextvars.ContextVar("
                                                                                default=None)
 
 
+class RaySession:
+    """The Ray cluster of one :func:`distributed` block, joined at its first task: at ``address``, or ("") the
+    instance this process already joined, else a new local one, shut down again when the block ends."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ray = None
+        self.owned = False
+
+    def get(self):
+        if self.ray is None:
+            ray = _ray()
+            owned = not ray.is_initialized()
+            if owned:
+                try:
+                    ray.init(address=self.address or None, include_dashboard=False, logging_level="ERROR",
+                             log_to_driver=False)
+                except (ConnectionError, ValueError, RuntimeError) as exc:
+                    raise UsageError(f"--ray {self.address}: cannot join the cluster "
+                                     f"({str(exc).splitlines()[0][:200]})") from None
+            self.ray, self.owned = ray, owned
+        return self.ray
+
+    def close(self) -> None:
+        if self.owned and self.ray is not None and self.ray.is_initialized():
+            self.ray.shutdown()
+        self.ray, self.owned = None, False
+
+
+_SESSION: contextvars.ContextVar[RaySession | None] = contextvars.ContextVar("bq_onnx_ray_session", default=None)
+
+
+@contextlib.contextmanager
+def ray_session(address: str) -> Iterator[RaySession]:
+    """The :func:`distributed` block's session, else one for this call only."""
+    current = _SESSION.get()
+    if current is not None and current.address == address:
+        yield current
+        return
+    session = RaySession(address)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 @contextlib.contextmanager
 def distributed(workers: int | None = None, ray: str | bool | None = None) -> Iterator[Distribution]:
     """Within the block, posteriors are estimated by ``workers`` processes or on Ray (``ray``: True or "" for a
@@ -104,13 +158,21 @@ def distributed(workers: int | None = None, ray: str | bool | None = None) -> It
         raise UsageError("--workers and --ray: give one (Ray decides how many tasks run at once)")
     address = None if ray is None or ray is False else ("" if ray is True else str(ray))
     setting = Distribution(workers or 1, address)
+    session = RaySession(address) if address is not None else None  # joined once, at the first Ray task
     token = _CURRENT.set(setting)
+    joined = _SESSION.set(session)
     factory = RUNNER_FACTORY.set(functools.partial(runner_for, setting=setting) if setting.active else None)
+    tables = tables_stage.TENSOR_RUNNER.set(functools.partial(share_tables, setting=setting) if setting.active
+                                            else None)
     try:
         yield setting
     finally:
+        tables_stage.TENSOR_RUNNER.reset(tables)
         RUNNER_FACTORY.reset(factory)
+        _SESSION.reset(joined)
         _CURRENT.reset(token)
+        if session is not None:
+            session.close()
 
 
 def estimate_posterior(model: ModelSource, calibration: CalibrationSource | Calibration, method: str | None = None,
@@ -131,15 +193,26 @@ def runner_for(prepared: Prepared, calib: Calibration, opts: PosteriorConfig,
     if runner is not None or not setting.active:
         yield runner or LocalRunner()
         return
-    scratch = Path(tempfile.mkdtemp(prefix="bq-workers-", dir=os.environ.get(SHARED_ENV) or None))
     chosen: PoolRunner | RayRunner | None = None
-    try:
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(_scratch())
         job = write_job(prepared, calib, opts, scratch)
-        chosen = RayRunner(job, setting.ray) if setting.ray is not None else PoolRunner(job, setting.workers)
+        if setting.ray is not None:
+            chosen = RayRunner(job, stack.enter_context(ray_session(setting.ray)))
+        else:
+            chosen = PoolRunner(job, setting.workers)
+        stack.callback(chosen.close)
         yield chosen
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    """A scratch folder for one distributed step (in :data:`SHARED_ENV`, else the system's temporary folder),
+    removed at the end whatever happened."""
+    scratch = Path(tempfile.mkdtemp(prefix="bq-workers-", dir=os.environ.get(SHARED_ENV) or None))
+    try:
+        yield scratch
     finally:
-        if chosen is not None:
-            chosen.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -273,6 +346,16 @@ def materialized(job: Job, files: Mapping[str, bytes] | None) -> Job:
     this process's (removed when the process ends)."""
     if files is None or os.path.exists(job.model):
         return job
+    root = _written(files)
+
+    def moved(path: str) -> str:
+        return os.fspath(root / Path(path).relative_to(job.scratch))
+
+    return dataclasses.replace(job, model=moved(job.model), calib=moved(job.calib), scratch=os.fspath(root))
+
+
+def _written(files: Mapping[str, bytes]) -> Path:
+    """``files`` (scratch files by relative path) written to a folder of this process's, removed when it ends."""
     root = Path(tempfile.mkdtemp(prefix="bq-worker-"))
     import atexit
 
@@ -280,11 +363,16 @@ def materialized(job: Job, files: Mapping[str, bytes] | None) -> Job:
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
+    return root
 
-    def moved(path: str) -> str:
-        return os.fspath(root / Path(path).relative_to(job.scratch))
 
-    return dataclasses.replace(job, model=moved(job.model), calib=moved(job.calib), scratch=os.fspath(root))
+def _fault() -> None:
+    """The tests' fault injection (:data:`FAULT_ENV`): this worker dies before it replies."""
+    marker = os.environ.get(FAULT_ENV)
+    if marker and (marker == "always" or not os.path.exists(marker)):
+        if marker != "always":
+            Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_shard(job: Job, task: Task, rows: tuple[int, int], reply: str | None = None,
@@ -298,11 +386,7 @@ def run_shard(job: Job, task: Task, rows: tuple[int, int], reply: str | None = N
         _WORKER.clear()
         _WORKER[job.key] = _Worker(materialized(job, files))
     state = _WORKER[job.key].stage(task).run(range(*rows)).state()
-    marker = os.environ.get(FAULT_ENV)
-    if marker and (marker == "always" or not os.path.exists(marker)):
-        if marker != "always":
-            Path(marker).touch()
-        os.kill(os.getpid(), signal.SIGKILL)
+    _fault()
     if reply is None:
         return state
     tmp = f"{reply}.{os.getpid()}.tmp.npz"
@@ -341,7 +425,8 @@ class PoolRunner:
         futures = self._submit(task, theirs, replies)
         mine = {i: stage.run(rows, bar) for i, rows in enumerate(shards) if i not in theirs}
         stage.settle()
-        done = self._collect(task, theirs, replies, futures)
+        done = collect(futures, lambda i: self._submit(task, {i: theirs[i]}, replies), self.close,
+                       lambda i: f"the worker of calibration samples {theirs[i].start}-{theirs[i].stop - 1}")
         total = None
         for i in range(len(shards)):
             acc = mine.pop(i) if i in mine else stage.restore(_npz(done[i]))
@@ -354,35 +439,35 @@ class PoolRunner:
         pool = self._pool()
         return {pool.submit(run_shard, self.job, task, (r.start, r.stop), replies[i]): i for i, r in shards.items()}
 
-    def _collect(self, task: Task, shards: Mapping[int, range], replies: Mapping[int, str], futures: dict
-                 ) -> dict[int, str]:
-        """Each shard's reply; a shard whose worker died runs again on a fresh pool (at most :data:`RETRIES`
-        times)."""
-        done: dict[int, str] = {}
-        tries = dict.fromkeys(shards, 0)
-        while True:
-            lost = []
-            for future in concurrent.futures.as_completed(futures):
-                i = futures[future]
-                try:
-                    done[i] = future.result()
-                except concurrent.futures.process.BrokenProcessPool:
-                    lost.append(i)
-            if not lost:
-                return done
-            self.close()  # a broken pool takes no more work
-            for i in lost:
-                tries[i] += 1
-                if tries[i] > RETRIES:
-                    r = shards[i]
-                    raise LimitError(f"the worker of calibration samples {r.start}-{r.stop - 1} died "
-                                     f"{RETRIES + 1} times (killed, or out of memory); nothing written")
-            futures = self._submit(task, {i: shards[i] for i in lost}, replies)
-
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+
+def collect(futures: Mapping[concurrent.futures.Future, object], resubmit: Callable[[object], Mapping],
+            reset: Callable[[], None], what: Callable[[object], str]) -> dict:
+    """Each future's result by its key; the keys whose worker died run again (``resubmit(key)``: new futures) on
+    a fresh pool (``reset`` drops the broken one), at most :data:`RETRIES` times, else a one-line error naming
+    ``what(key)``. An error the work raises itself ends the run (not retried)."""
+    done: dict = {}
+    tries = dict.fromkeys(futures.values(), 0)
+    while True:
+        lost = []
+        for future in concurrent.futures.as_completed(futures):
+            key = futures[future]
+            try:
+                done[key] = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                lost.append(key)
+        if not lost:
+            return done
+        reset()  # a broken pool takes no more work
+        for key in lost:
+            tries[key] += 1
+            if tries[key] > RETRIES:
+                raise LimitError(f"{what(key)} died {RETRIES + 1} times (killed, or out of memory); nothing written")
+        futures = {f: k for key in lost for f, k in resubmit(key).items()}
 
 
 def _ray():
@@ -395,20 +480,11 @@ def _ray():
 
 class RayRunner:
     """Every shard a Ray task (retried by Ray when its worker dies, :data:`RETRIES` times); replies come back
-    through the object store and are merged in shard order. Joins the cluster at ``address`` ("": the instance
-    this process already joined, else a new local one, shut down again at the end)."""
+    through the object store and are merged in shard order, on the cluster of ``session``."""
 
-    def __init__(self, job: Job, address: str) -> None:
-        ray = _ray()
+    def __init__(self, job: Job, session: RaySession) -> None:
+        ray = session.get()
         self.ray = ray
-        self.owned = not ray.is_initialized()
-        if self.owned:
-            try:
-                ray.init(address=address or None, include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=False)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise UsageError(f"--ray {address}: cannot join the cluster "
-                                 f"({str(exc).splitlines()[0][:200]})") from None
         self.job = job
         self.task = ray.remote(max_retries=RETRIES, num_cpus=1)(run_shard)
         self.files = ray.put(bundle(job))  # once; every task gets it from the object store
@@ -419,23 +495,277 @@ class RayRunner:
         stage.settle()
         total = None
         for ref in refs:
-            try:
-                state = self.ray.get(ref)
-            except self.ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, Exception) and hasattr(exc.cause, "exit_code"):
-                    raise exc.cause from None  # the shard's own error (bad data): one line, as in one process
-                raise
-            except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError) as exc:
-                raise LimitError(f"a Ray worker died {RETRIES + 1} times (killed, or out of memory; "
-                                 f"{type(exc).__name__}); nothing written") from None
-            acc = stage.restore(state)
-            del state
+            acc = stage.restore(ray_get(self.ray, ref))
             total = acc if total is None else total.merge(acc)
         return total
 
     def close(self) -> None:
-        if self.owned and self.ray.is_initialized():
-            self.ray.shutdown()
+        pass  # the session outlives the runner
+
+
+def ray_get(ray, ref):
+    """A task's reply; its own error (bad data) as in one process, a worker that died too often as one line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, Exception) and hasattr(exc.cause, "exit_code"):
+            raise exc.cause from None  # the task's own error (bad data): one line, as in one process
+        raise
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+        raise LimitError(f"a Ray worker died {RETRIES + 1} times (killed, or out of memory; "
+                         f"{type(exc).__name__}); nothing written") from None
+
+
+# --- the expected-loss tables, by weight ---------------------------------------------------------------------
+
+
+def balanced(weights: Sequence[WeightInfo], parts: int) -> list[list[str]]:
+    """The weights' names in at most ``parts`` lists of about equal element counts: largest first, each to the
+    list with the fewest elements so far (the first of equals); each list in the weights' own order. The same
+    weights and count give the same lists."""
+    loads = [0] * max(1, parts)
+    members: list[list[int]] = [[] for _ in loads]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i].numel, i)):
+        j = min(range(len(loads)), key=lambda j: (loads[j], j))
+        loads[j] += weights[i].numel
+        members[j].append(i)
+    return [[weights[i].name for i in sorted(m)] for m in members if m]
+
+
+@dataclasses.dataclass(frozen=True)
+class TablesJob:
+    """What a worker rebuilds the tables' run from: files in ``scratch`` (the model, the posterior's arrays of the
+    workers' weights, the calibration samples where the tables measure, GPTQ's input moments) and small values."""
+
+    key: str
+    scratch: str
+    names: tuple[str, ...]  # the weights, in the master's order
+    shapes: tuple[tuple[int, ...], ...]
+    config: OptimizeConfig
+    derived: Derived
+    posterior: bool  # posterior/ written
+    calib: bool  # calibration/ written
+    moments: bool  # moments.npz written
+    nearest: tuple[tuple[str, int], ...]  # (weight, width) where GPTQ was measured to lose (an earlier run's)
+    threads: int  # the quantizers' threads in each worker
+    run_timeout: float | None = None
+    max_memory: int | None = None
+
+
+def write_tables_job(run: tables_stage.TableRun, names: Sequence[str], scratch: Path, threads: int) -> TablesJob:
+    """Save what the workers computing the tables of ``names`` read into ``scratch``: the model (as the pipeline
+    has it: prepared, possibly upgraded), their posterior arrays, the calibration samples if the tables read
+    them, their input moments."""
+    from bq_onnx.budgets import max_memory_set
+    from bq_onnx.limits import run_timeout
+    from bq_onnx.model_io import save_model
+
+    ctx = run.ctx
+    save_model(run.model, scratch / "model.onnx")
+    if ctx.posterior is not None:
+        write_posterior(ctx.posterior, names, scratch / "posterior")
+    calib = run.reads_calibration
+    if calib:
+        write_calibration(run.calibration, scratch / "calibration")
+    if ctx.moments is not None:
+        np.savez(scratch / "moments.npz", **{f"m{i}": ctx.moments[n] for i, n in enumerate(names)
+                                           if n in ctx.moments}, names=np.array(list(names)))
+    nearest = tuple(sorted((k[1], k[2]) for k in ctx.rounded if isinstance(k, tuple) and len(k) == 3
+                           and k[0] == "nearest" and ctx.rounded[k]))
+    return TablesJob(uuid.uuid4().hex, os.fspath(scratch), tuple(w.name for w in ctx.weights),
+                     tuple(tuple(w.layout.shape) for w in ctx.weights), ctx.config, ctx.derived,
+                     ctx.posterior is not None, calib, ctx.moments is not None, nearest, threads, run_timeout(),
+                     max_memory_set())
+
+
+def write_posterior(posterior: Posterior, names: Sequence[str], folder: Path) -> None:
+    """The arrays of weights ``names`` as ``.npy`` files (read back one weight at a time), everyone's source and
+    the scalars in an index. A precision the posterior derives from its curvature is derived again on reading
+    (the same float64 operations), so it is not written."""
+    folder.mkdir()
+    index: dict = {"method": posterior.method, "samples": posterior.samples,
+                   "prior_precision": posterior.prior_precision,
+                   "sources": {name: wp.source for name, wp in posterior.weights.items()}, "weights": {}}
+    for i, name in enumerate(names):
+        wp = posterior.weights[name]
+        arrays = {"mean": wp.mean, "curvature": wp.curvature}
+        if wp._precision is not None:  # noqa: SLF001 - held (a loaded file's), not derived from the curvature
+            arrays["precision"] = wp.precision
+        if wp.kfac is not None:
+            arrays["kfac_a"], arrays["kfac_g"] = wp.kfac
+        for field, array in arrays.items():
+            np.save(folder / f"{i}.{field}.npy", np.asarray(array), allow_pickle=False)
+        index["weights"][name] = {"file": i, "fields": sorted(arrays), "samples": wp._samples,  # noqa: SLF001
+                                  "prior": wp._prior}  # noqa: SLF001
+        del arrays
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def read_posterior(folder: Path) -> Posterior:
+    """The posterior :func:`write_posterior` wrote: every weight's source; the arrays of the weights written, read
+    from their files on each access (a weight not written has none: it is another worker's)."""
+    index = json.loads((folder / "index.json").read_text())
+
+    def reader(path: Path) -> Callable[[], np.ndarray]:
+        return lambda: np.load(path, allow_pickle=False)
+
+    def missing(name: str) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            raise DataError(f"worker: the posterior of '{name}' was not sent to this worker")
+        return read
+
+    weights = {}
+    for name, source in index["sources"].items():
+        entry = index["weights"].get(name)
+        if entry is None:
+            weights[name] = WeightPosterior(missing(name), None, missing(name), source)
+            continue
+        path = {f: folder / f"{entry['file']}.{f}.npy" for f in entry["fields"]}
+        kfac = (np.load(path["kfac_a"]), np.load(path["kfac_g"])) if "kfac_a" in path else None
+        weights[name] = WeightPosterior(reader(path["mean"]), reader(path["precision"]) if "precision" in path
+                                        else None, reader(path["curvature"]), source, kfac,
+                                        samples=entry["samples"], prior_precision=entry["prior"])
+    return Posterior(index["method"], index["samples"], index["prior_precision"], weights)
+
+
+class _TablesWorker:
+    """One worker's tables: the run the master built, rebuilt from the job's files."""
+
+    def __init__(self, job: TablesJob, root: Path) -> None:
+        from bq_onnx.budgets import set_max_memory
+        from bq_onnx.limits import set_run_timeout
+
+        set_run_timeout(job.run_timeout)
+        set_max_memory(job.max_memory)
+        model = load_model(root / "model.onnx")
+        found = {w.name: w for w in find_weights(model, WeightsConfig(min_size=1)).weights}
+        for name, shape in zip(job.names, job.shapes):
+            if name not in found or tuple(found[name].layout.shape) != shape:
+                raise DataError(f"worker: {root / 'model.onnx'} has no weight '{name}' of shape {list(shape)}; the "
+                                f"model changed while the workers read it")
+        ctx = Context(job.config, job.derived, weights=[found[n] for n in job.names])
+        if job.posterior:
+            ctx.posterior = read_posterior(root / "posterior")
+        if job.moments:
+            with np.load(root / "moments.npz", allow_pickle=False) as data:
+                names = list(data["names"])
+                ctx.moments = {names[int(k[1:])]: data[k] for k in data.files if k != "names"}
+        ctx.rounded.update({("nearest", name, int(bits)): True for name, bits in job.nearest})
+        calib = read_calibration(root / "calibration") if job.calib else None
+        self.ctx = ctx
+        self.run = tables_stage.TableRun(model, ctx, calib)
+
+    def tables(self, names: Sequence[str]) -> list[tables_stage.TensorTables]:
+        from bq_onnx.quantizers import cache
+
+        out = []
+        for name in names:  # designs repeat within a weight's tables (its chosen ones, re-scored), never across
+            with cache.scope():  # weights, and nothing after the tables reads them here: one weight's at a time
+                out.append(self.run.tensor(self.ctx.weight(name)))
+        return out
+
+    def close(self) -> None:
+        self.run.close()
+
+
+def run_tables(job: TablesJob, names: tuple[str, ...], files: Mapping[str, bytes] | None = None
+               ) -> list[tables_stage.TensorTables]:
+    """In a worker: the tables of weights ``names`` (``files``: the scratch files, for a worker that cannot see
+    the scratch folder, :func:`bundle`)."""
+    for old in _WORKER.values():  # a Ray worker process outlives the posterior's jobs: their model goes
+        old.close()
+    _WORKER.clear()
+    root = Path(job.scratch)
+    if files is not None and not (root / "model.onnx").exists():
+        root = _written(files)
+    with threads(job.threads):
+        worker = _TablesWorker(job, root)
+        try:
+            out = worker.tables(names)
+        finally:
+            worker.close()
+    _fault()
+    return out
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """The quantizers' chunk threads (:mod:`bq_onnx.quantizers.parallel`) set to ``count`` inside, then back."""
+    from bq_onnx.quantizers import parallel
+
+    before = parallel._count  # noqa: SLF001 - the setting (None: the default), not the count it resolves to
+    parallel.set_threads(count)
+    try:
+        yield
+    finally:
+        parallel.set_threads(before)
+
+
+def share_tables(run: tables_stage.TableRun, setting: Distribution) -> list[tables_stage.TensorTables]:
+    """Every weight's tables of ``run``, computed by the workers ``setting`` names (:data:`TENSOR_RUNNER
+    <bq_onnx.stages.tables.TENSOR_RUNNER>`), in the order of ``run.ctx.weights``. With ``--workers N`` this
+    process computes the first of N lists (:func:`balanced`) and N - 1 spawned processes the others; with
+    ``--ray`` every list is a Ray task (as many lists as the cluster has CPUs)."""
+    from bq_onnx.progress import memtrace, progress
+    from bq_onnx.quantizers.parallel import default_threads
+
+    ctx = run.ctx
+    with contextlib.ExitStack() as stack:
+        session = stack.enter_context(ray_session(setting.ray)) if setting.ray is not None else None
+        if session is not None:
+            ray = session.get()
+            parts = balanced(ctx.weights, max(1, int(ray.cluster_resources().get("CPU", 1))))
+            mine, theirs = [], parts
+        else:
+            parts = balanced(ctx.weights, setting.workers)
+            mine, theirs = parts[0], parts[1:]
+        if not theirs:
+            return [run.tensor(info) for info in ctx.weights]
+        count = max(1, default_threads() // (len(theirs) + (1 if mine else 0)))
+        scratch = stack.enter_context(_scratch())
+        job = write_tables_job(run, [n for part in theirs for n in part], scratch, 1 if session else count)
+        memtrace("tables: the workers' files written")
+        done: dict[str, tables_stage.TensorTables] = {}
+        if session is not None:
+            task = ray.remote(max_retries=RETRIES, num_cpus=1)(run_tables)
+            files = ray.put(bundle(job))
+            refs = [task.remote(job, tuple(part), files) for part in theirs]
+            for ref in refs:
+                done.update((t.weight, t) for t in ray_get(ray, ref))
+        else:
+            pool = _TablesPool(job, len(theirs))
+            stack.callback(pool.close)
+            futures: dict[concurrent.futures.Future, int] = {}
+            for k, part in enumerate(theirs):
+                futures.update(pool.submit(k, part))
+            with threads(count):
+                done.update((info.name, run.tensor(info)) for info in progress(
+                    [ctx.weight(n) for n in mine], "loss tables", ctx.progress))
+            memtrace("tables: this process's weights")
+            replies = collect(futures, lambda k: pool.submit(k, theirs[k]), pool.close,
+                              lambda k: f"the worker of the tables of {len(theirs[k])} weight(s) ('{theirs[k][0]}'...)")
+            for k in range(len(theirs)):
+                done.update((t.weight, t) for t in replies[k])
+        return [done[info.name] for info in ctx.weights]
+
+
+class _TablesPool:
+    """The spawned processes of :func:`share_tables` (a fresh pool after one died)."""
+
+    def __init__(self, job: TablesJob, workers: int) -> None:
+        self.job, self.workers = job, workers
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def submit(self, key: int, names: Sequence[str]) -> dict[concurrent.futures.Future, int]:
+        if self.pool is None:
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return {self.pool.submit(run_tables, self.job, tuple(names)): key}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 # --- shard files ---------------------------------------------------------------------------------------------
@@ -569,6 +899,6 @@ def merge_shards(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, 
     return _estimate(prepared, calib, opts, progress_bar, ShardFiles(paths))
 
 
-__all__ = ["RETRIES", "Distribution", "Job", "PoolRunner", "RayRunner", "ShardFiles", "check_shards",
-           "distributed", "merge_shards", "parse_shard", "read_header", "run_shard", "runner_for", "shard_samples",
-           "shard_state", "write_shard"]
+__all__ = ["RETRIES", "Distribution", "Job", "PoolRunner", "RayRunner", "RaySession", "ShardFiles", "TablesJob",
+           "balanced", "check_shards", "distributed", "merge_shards", "parse_shard", "read_header", "run_shard",
+           "run_tables", "runner_for", "share_tables", "shard_samples", "shard_state", "write_shard"]

@@ -1,5 +1,5 @@
 """The posterior over several processes (issue 19): shard files merged, ``--workers`` and ``--ray`` give what one
-process gives.
+process gives (the tables by weight: also ``tests/test_distributed_tables.py``).
 
 Tolerances. ``--workers`` and ``--ray`` run the shards one process runs (of ``BQ_ONNX_SHARD_SAMPLES`` samples;
 8 or 16 here so that LeNet's calibration makes several) and merge them in the same order, so the posterior is
@@ -146,23 +146,35 @@ def test_bad_distribution_options_are_one_line_usage_errors(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_ray_tasks_give_the_one_process_posterior(tmp_path, monkeypatch):
+def test_ray_tasks_give_the_one_process_posterior_and_tables(tmp_path, monkeypatch):
     """A local Ray instance with 2 CPUs, started here; its first task is killed after its shard and Ray runs it
-    again (the fault variable is set before Ray starts, so its workers see it)."""
+    again (the fault variable is set before Ray starts, so its workers see it). Then the marker is removed (armed
+    again) and an optimize with that posterior runs its tables as Ray tasks (one per CPU), the first killed once:
+    the model is the one-process model's bytes."""
     ray = pytest.importorskip("ray")
+    import bq_onnx
+
     monkeypatch.setenv("BQ_ONNX_SHARD_SAMPLES", "8")
     options = {"calib_samples": 24, "batch_size": 8, "method": "laplace", "seed": 2}
     one = estimate_posterior(MODEL, CALIB, **options)
+    one.save(tmp_path / "posterior.npz")
+    outputs = {"one": bq_onnx.optimize(MODEL, posterior=tmp_path / "posterior.npz", bits=3)}
     marker = tmp_path / "killed"
     monkeypatch.setenv(dist.FAULT_ENV, str(marker))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         two = estimate_posterior(MODEL, CALIB, ray=True, **options)
+        assert marker.exists()
+        marker.unlink()
+        outputs["ray"] = bq_onnx.optimize(MODEL, posterior=tmp_path / "posterior.npz", bits=3, ray=True)
+        assert marker.exists()
     finally:
         ray.shutdown()
-    assert marker.exists()
     for name, wp in one.weights.items():
         assert np.array_equal(wp.curvature, two.weights[name].curvature), name
+    for key, result in outputs.items():
+        result.save(tmp_path / f"{key}.onnx", verify=False)
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "ray.onnx").read_bytes()
 
 
 def test_shards_of_a_fixed_batch_model_hold_whole_runs(tmp_path, monkeypatch):

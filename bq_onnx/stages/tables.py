@@ -26,14 +26,16 @@ carries its share by columns.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.autodiff.loss import LossPlan
 from bq_onnx.calibration import Calibration
-from bq_onnx.context import Context
+from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import UsageError
 from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
@@ -92,58 +94,147 @@ def block_name(weight: str, columns: tuple[int, int], n: int) -> str:
 
 def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration | None = None) -> Tables:
     """One :class:`BlockTable` per block of every weight at every allowed width (closed form, or measured with
-    ``--tables mc`` on ``calibration``); the model is not changed."""
-    a = ctx.config.allocation
-    allowed = tuple(sorted(a.allowed_bits))
-    payload_only = a.bits_payload and a.size_mb is None
-    if a.tables == "mc" and calibration is None:
-        raise UsageError("--tables mc needs calibration data (--calib)")
-    fmt = storage_of(ctx.config, ctx.derived)  # the target's containers and scale width (native)
-    scorer = _Scorer(ctx)
-    blocks: list[BlockTable] = []
-    designs: dict[tuple[str, int], Spec] = {}
-    measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output, a.loss) if a.tables == "mc" else None
-    scale = _OneScale(ctx, model, calibration, allowed) if measure is None else None
-    compensation = _Compensation(ctx, model, calibration, allowed) if ctx.config.quantization.rounding != "nearest" \
-        else None
-    for info in progress(ctx.weights, "loss tables", ctx.progress):
+    ``--tables mc`` on ``calibration``); the model is not changed. Inside :func:`bq_onnx.distributed.distributed`
+    the weights are shared out to worker processes (:data:`TENSOR_RUNNER`); the tables are the same."""
+    run = TableRun(model, ctx, calibration)
+    share = TENSOR_RUNNER.get()
+    if share is not None and len(ctx.weights) > 1:
+        results: Iterable[TensorTables] = share(run)
+    else:
+        results = (run.tensor(info) for info in progress(ctx.weights, "loss tables", ctx.progress))
+    for result in results:
+        run.absorb(result)
+    return run.finish()
+
+
+#: Within :func:`bq_onnx.distributed.distributed`: computes :meth:`TableRun.tensor` of every weight of a run (some
+#: in this process, the others in workers that build their own :class:`TableRun` from files) and returns the
+#: results in the order of ``run.ctx.weights``. Set there, so that this module never imports the workers' code.
+TENSOR_RUNNER: contextvars.ContextVar[Callable[[TableRun], list[TensorTables]] | None] = contextvars.ContextVar(
+    "bq_onnx_tensor_runner", default=None)
+
+
+@dataclasses.dataclass
+class TensorTables:
+    """One weight's blocks and chosen designs, and what the steps across weights read from it (the measured scale,
+    the rounding kept nearest, the notes): what a worker sends back for each of its weights."""
+
+    weight: str
+    blocks: list[BlockTable]
+    designs: dict[tuple[str, int], Spec]
+    scale: dict
+    kept_nearest: list[tuple[str, int]]
+    measured: int
+    messages: list[str]
+
+
+class TableRun:
+    """The tables of one run, weight by weight: :meth:`tensor` computes one weight (in any process that built a
+    run from the same model, context and calibration), :meth:`absorb` takes its result in, in the order of
+    ``ctx.weights``, and :meth:`finish` applies what spans weights (the one scale, the rounding notes)."""
+
+    def __init__(self, model: ir.Model, ctx: Context, calibration: Calibration | None) -> None:
+        a = ctx.config.allocation
+        self.model, self.ctx, self.calibration = model, ctx, calibration
+        self.allowed = tuple(sorted(a.allowed_bits))
+        self.payload_only = a.bits_payload and a.size_mb is None
+        if a.tables == "mc" and calibration is None:
+            raise UsageError("--tables mc needs calibration data (--calib)")
+        self.fmt = storage_of(ctx.config, ctx.derived)  # the target's containers and scale width (native)
+        self.scorer = _Scorer(ctx)
+        self.blocks: list[BlockTable] = []
+        self.designs: dict[tuple[str, int], Spec] = {}
+        self.measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output, a.loss) if a.tables == "mc" \
+            else None
+        self.scale = _OneScale(ctx, model, calibration, self.allowed) if self.measure is None else None
+        self.compensation = _Compensation(ctx, model, calibration, self.allowed) \
+            if ctx.config.quantization.rounding != "nearest" else None
+        self.said = len(ctx.messages)  # notes from here on are the tables' (one each, however many processes)
+
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether a weight's tables read the calibration samples (measured tables, the one scale, GPTQ's choice)."""
+        return self.calibration is not None and (
+            self.measure is not None or self.compensation is not None
+            or (self.scale is not None and bool(self.scale.targets or self.scale.anchors)))
+
+    def tensor(self, info: WeightInfo) -> TensorTables:
+        """The blocks of one weight at every allowed width."""
+        ctx, allowed = self.ctx, self.allowed
+        said = len(ctx.messages)
+        anchors = len(self.scale.anchor_ratios) if self.scale is not None else 0
+        kept, measured = (len(self.compensation.kept_nearest), self.compensation.measured) \
+            if self.compensation is not None else (0, 0)
         k, n = info.layout.view_shape
-        ranges = slices(n, a.granularity)
+        ranges = slices(n, ctx.config.allocation.granularity)
         view, importance = weight_view(ctx, info)
-        scored = [scorer.score(info, view, importance, bits, ranges, fmt) for bits in allowed]
+        scored = [self.scorer.score(info, view, importance, bits, ranges, self.fmt) for bits in allowed]
         chosen = _choose(scored)
         loss = np.zeros((len(ranges), len(allowed)))
         payload = np.zeros_like(loss)
         meta = np.zeros_like(loss)
         stored = np.zeros_like(loss)
+        designs: dict[tuple[str, int], Spec] = {}
         for j, (bits, option) in enumerate(zip(allowed, chosen)):
             if len(scored[j]) > 1:
                 designs[(info.name, bits)] = option.spec
-            measured = None
-            if measure is not None:
+            found = None
+            if self.measure is not None:
                 decoded = design(ctx, view, importance, bits, info.name, option.spec).dequantize()
-                measured = measure.block_losses(info, view, decoded, ranges)
-            loss[:, j] = measured if measured is not None else option.loss
+                found = self.measure.block_losses(info, view, decoded, ranges)
+            loss[:, j] = found if found is not None else option.loss
             payload[:, j] = option.payload
             meta[:, j] = option.meta
             stored[:, j] = option.stored_payload + option.meta
-        if scale is not None:
-            loss = scale.adjust(info, view, importance, chosen, loss)
-        if compensation is not None:
-            loss = compensation.adjust(info, view, importance, chosen, ranges, loss)
-        for i, columns in enumerate(ranges):
-            blocks.append(
-                BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
-                           allowed, loss[i], payload[i] if payload_only else stored[i], payload[i], meta[i],
-                           stored[i])
-            )
-    if measure is not None:
-        measure.close()
-    if scale is not None:
-        scale.finish(blocks)
-    if compensation is not None:
-        compensation.finish()
-    return Tables(blocks, designs)
+        if self.scale is not None:
+            loss = self.scale.adjust(info, view, importance, chosen, loss)
+        if self.compensation is not None:
+            loss = self.compensation.adjust(info, view, importance, chosen, ranges, loss)
+        blocks = [BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
+                             allowed, loss[i], payload[i] if self.payload_only else stored[i], payload[i], meta[i],
+                             stored[i])
+                  for i, columns in enumerate(ranges)]
+        scale = self.scale.take(info.name, anchors) if self.scale is not None else {}
+        if self.compensation is not None:
+            kept_nearest = self.compensation.kept_nearest[kept:]
+            del self.compensation.kept_nearest[kept:]
+            measured, self.compensation.measured = self.compensation.measured - measured, measured
+        else:
+            kept_nearest, measured = [], 0
+        messages = ctx.messages[said:]
+        del ctx.messages[said:]
+        return TensorTables(info.name, blocks, designs, scale, kept_nearest, measured, messages)
+
+    def absorb(self, result: TensorTables) -> None:
+        """Take one weight's result in (the next weight of ``ctx.weights``)."""
+        self.blocks.extend(result.blocks)
+        self.designs.update(result.designs)
+        if self.scale is not None:
+            self.scale.put(result.weight, result.scale)
+        if self.compensation is not None:
+            for name, bits in result.kept_nearest:
+                self.ctx.rounded[("nearest", name, bits)] = True
+            self.compensation.kept_nearest.extend(result.kept_nearest)
+            self.compensation.measured += result.measured
+        said = self.ctx.messages[self.said:]
+        self.ctx.messages.extend(m for m in result.messages if m not in said)
+
+    def finish(self) -> Tables:
+        """The tables, once every weight's result is in."""
+        if self.measure is not None:
+            self.measure.close()
+        if self.scale is not None:
+            self.scale.finish(self.blocks)
+        if self.compensation is not None:
+            self.compensation.finish()
+        return Tables(self.blocks, self.designs)
+
+    def close(self) -> None:
+        """Close the measuring sessions without finishing (a worker's run)."""
+        sessions = [self.measure, *(helper.mc for helper in (self.scale, self.compensation) if helper is not None)]
+        for mc in sessions:
+            if mc is not None:
+                mc.close()
 
 
 KL_TO_CLOSED_FORM = 2.0
@@ -275,6 +366,24 @@ class _OneScale:
             if value is not None:
                 measured[bits] = KL_TO_CLOSED_FORM * self.ctx.posterior.samples * value[0]
         return measured
+
+    def take(self, name: str, anchors: int) -> dict:
+        """What :meth:`adjust` recorded for weight ``name`` (its anchor ratios: those past the first ``anchors``),
+        removed here; :meth:`put` records it again (in the weights' order, wherever it was computed)."""
+        out = {"anchor_ratios": self.anchor_ratios[anchors:]}
+        del self.anchor_ratios[anchors:]
+        if name in self.ratios:
+            out["ratio"] = self.ratios.pop(name)
+        if name in self.pending:
+            out["pending"] = self.pending.pop(name)
+        return out
+
+    def put(self, name: str, record: dict) -> None:
+        self.anchor_ratios.extend(record.get("anchor_ratios", ()))
+        if "ratio" in record:
+            self.ratios[name] = record["ratio"]
+        if "pending" in record:
+            self.pending[name] = record["pending"]
 
     @property
     def calibration_factor(self) -> float:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # the protobuf classes only at run time: no numpy, onnx packa
     import onnx
     import onnx_ir as ir
 
+    from bq_onnx.proto_graph import Survey
+
 _ATTR_TENSORS = {"value_float": "FLOAT", "value_int": "INT64"}
 
 
@@ -159,13 +161,14 @@ def _code_elements(node: onnx.NodeProto, codes: onnx.TensorProto) -> int:
 
 
 def count_alone(model: str | os.PathLike | onnx.ModelProto, min_size: int = WeightsConfig.min_size,
-                proto: onnx.ModelProto | None = None) -> Count:
+                proto: onnx.ModelProto | None = None, found: Survey | None = None) -> Count:
     """The count of a model without its FP32 reference (any tool's output): its weights are the codes its
     quantized ops read (DequantizeLinear, MatMulNBits, MatMulInteger, QLinear*, GatherBlockQuantized: what
     those codes stand for, at least ``min_size`` elements) with their scales and zero points, and the float weights
     left (the finder's rule, as :func:`reference_weights`); every other stored tensor is not counted. Graph
     constants a quantizer adds are left out here, which :func:`count` against the reference counts. ``proto``: the
-    file's proto, when already read."""
+    file's proto, when already read; ``found``: its weight survey at ``min_size``, when already made (a graph of
+    1e6 nodes takes seconds to survey)."""
     from bq_onnx.proto_graph import survey
 
     m = _load(model) if proto is None else proto
@@ -195,7 +198,7 @@ def count_alone(model: str | os.PathLike | onnx.ModelProto, min_size: int = Weig
             for i in (codes_at, *meta_at):
                 if i < len(node.input) and node.input[i] in named:
                     weight_bytes[node.input[i]] = tensor_bytes(named[node.input[i]])
-    found = survey(m, min_size)
+    found = survey(m, min_size) if found is None else found
     for c in found.weights:
         if c.name not in weight_bytes:
             numel += math.prod(c.shape)

@@ -12,11 +12,13 @@ same report.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,13 +77,32 @@ def inspect(model: str | os.PathLike, min_size: int = WeightsConfig.min_size,
             reference: str | os.PathLike | None = None) -> dict:
     """Per-layer table and totals, as a JSON-ready dict (``bq-onnx inspect --json`` prints it); ``counted`` is
     :mod:`bq_onnx.counting`'s figure against ``reference`` (for a bq-onnx output, against its own metadata)."""
-    proto = read_checked_model(model)
-    meta = _metadata(proto.metadata_props)
-    if meta is None:
-        report = _inspect_float_proto(model, proto, min_size, reference)
-    else:
-        report = _inspect_proto(model, proto, meta, min_size, reference)
-    return report | {"provenance": provenance.read(proto.metadata_props)}
+    with _collector_paused():
+        proto = read_checked_model(model)
+        meta = _metadata(proto.metadata_props)
+        if meta is None:
+            report = _inspect_float_proto(model, proto, min_size, reference)
+        else:
+            report = _inspect_proto(model, proto, meta, min_size, reference)
+        return report | {"provenance": provenance.read(proto.metadata_props)}
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic collector off while the report is made (as it was after).
+
+    Everything inspect builds (the protobuf's wrappers, the survey's view: several objects per node) stays alive
+    until the report is made, so a collection finds nothing to free; but once a graph is large enough for a full
+    collection (about 1e6 nodes), each one re-scans every object: the part of inspect's CPU time that grew faster
+    than the nodes (``benchmarks/graph_scale.py``). The view's cycles left behind are freed by the next
+    collection after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _inspect_float_proto(model: str | os.PathLike, proto: Any, min_size: int,
@@ -96,7 +117,7 @@ def _inspect_float_proto(model: str | os.PathLike, proto: Any, min_size: int,
 
     # without the reference, the codes its quantized ops read and the float weights left (any tool's output)
     alone = reference is None
-    counted = (count_alone(model, min_size, proto) if alone else count(model, reference, min_size)).to_report()
+    counted = (count_alone(model, min_size, proto, found) if alone else count(model, reference, min_size)).to_report()
     counted["against"] = "quantized ops" if alone else "reference"
     functions = dict.fromkeys((f.domain, f.name, f.overload) for f in proto.functions)
     return _report(model, None, layers, [_candidate_row(c) for c in found.candidates], found.all_initializer_bytes,

@@ -29,6 +29,8 @@ from bq_onnx.tensor_data import read_external
 #: Protobuf cannot serialize more than this in one message; bigger outputs use external data.
 PROTO_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Bytes of external data held at a time while a tensor is copied to another file.
+COPY_CHUNK = 64 << 20
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model, check_graph: bool = True) -> ir.Model:
@@ -98,6 +100,19 @@ class StreamedExternalTensor(ir.ExternalTensor):
     def tobytes(self) -> bytes:
         self._check_validity()
         return self._raw().tobytes() if self.nbytes else b""
+
+    def tofile(self, file) -> None:
+        """Copy the stored bytes to ``file`` by :data:`COPY_CHUNK` at a time (never the whole tensor in memory:
+        ``tobytes`` held it twice, which for one 1 GiB weight broke the streaming bound); a data file truncated
+        meanwhile is a one-line :class:`ModelError` as for a read."""
+        self._check_validity()
+        try:
+            self._check_path_containment()
+        except ValueError as exc:
+            raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
+        start, name = self.offset or 0, self.name or "<unnamed>"
+        for done in range(0, self.nbytes, COPY_CHUNK):
+            file.write(read_external(self.path, start + done, min(COPY_CHUNK, self.nbytes - done), name).data)
 
     def release(self) -> None:
         self._array = None

@@ -92,7 +92,12 @@ def write_reference(model: ir.Model, ctx: Context, folder: str | os.PathLike, na
                     if tensor.nbytes <= INLINE_BYTES:  # shape tensors must be inline for shape inference
                         value.const_value = ir.tensor(tensor.numpy(), dtype=tensor.dtype, name=key)
                         continue
-                    payload = np.frombuffer(tensor.tobytes(), dtype=np.uint8)
+                    data.write(b"\0" * (-data.tell() % 4096))
+                    offset = data.tell()
+                    tensor.tofile(data)  # by chunks: a big weight is never read whole here
+                    value.const_value = ir.ExternalTensor(data_name, offset, tensor.nbytes, tensor.dtype,
+                                                          shape=ir.Shape(tensor.shape), name=key, base_dir=folder)
+                    continue
                 else:
                     continue
                 if payload.nbytes <= INLINE_BYTES:

@@ -104,3 +104,34 @@ def test_optimize_walks_the_graph_a_fixed_number_of_times(tmp_path, monkeypatch,
     small, large = (_graph_walks(tmp_path, monkeypatch, graph(n), f"{graph.__name__}{n}") for n in (60, 600))
     assert small > 60  # the count sees the passes' walks
     assert large < 1.2 * FACTOR * small, (small, large)
+
+
+@pytest.mark.parametrize("collector_on", [True, False])
+def test_inspect_surveys_once_without_the_collector(tmp_path, monkeypatch, collector_on):
+    """Inspect builds the protobuf view of a float model once (the count without a reference reuses the report's
+    survey: a second view of a 1e6-node graph was seconds and a gigabyte of cycles) and runs with the cyclic
+    collector off (full collections re-scanned the live view: the part of its time that grew faster than the
+    nodes), leaving the collector as it found it."""
+    import gc
+
+    from bq_onnx import proto_graph
+
+    built, collecting = [], []
+    plain = proto_graph.build
+
+    def counted(graph, scopes=None):
+        built.append(graph.name)
+        collecting.append(gc.isenabled())
+        return plain(graph, scopes)
+
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain(40), str(path))
+    monkeypatch.setattr(proto_graph, "build", counted)
+    was = gc.isenabled()
+    (gc.enable if collector_on else gc.disable)()
+    try:
+        assert inspect(path)["counted"]["against"] == "quantized ops"
+        assert gc.isenabled() is collector_on
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert built == ["chain"] and collecting == [False]

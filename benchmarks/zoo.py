@@ -11,7 +11,9 @@ is listed as such in the report.
 
 Per model and per bit width (``--bits``, stored bits per weight, in ``--format``): bq-onnx with calibration (the
 ``calib`` split, disjoint from the ``eval`` split; bq-onnx's guard holds out a quarter of it), bq-onnx without
-calibration, bq-onnx ``--allocator uniform``; once per model bq-onnx uniform 8-bit (``bq-uniform-8``, the reference
+calibration, bq-onnx ``--allocator uniform`` (``bq-uniform-B``: a whole B is the fixed B-bit grid, its scales on
+top; ``bq-uniform-stored-B``: the same width everywhere within B stored bits, the uniform allocation the guard
+compares with, at equal stored size); once per model bq-onnx uniform 8-bit (``bq-uniform-8``, the reference
 of issue 15's bar: within one point of FP32 at 4 bits wherever uniform 8-bit is); then onnxruntime
 ``quantize_dynamic`` (int8) and NNCF ``compress_weights`` (int4 group 128 without data, and int8), the modes these
 peers have. Each quantization runs in its own subprocess (``--worker``), so its time is its own and a crash is one
@@ -66,7 +68,10 @@ def configs(bits: list[float], fmt: str = "compact", target: str | None = None, 
     for b in bits:
         out += [(f"bq-calib-{b:g}", "bq", {"bits": b, "calib": True, **common}),
                 (f"bq-nocalib-{b:g}", "bq", {"bits": b, "calib": False, **common}),
-                (f"bq-uniform-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform", **common})]
+                (f"bq-uniform-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform", **common}),
+                # the same width everywhere under the stored budget (the guard's reference): equal stored size
+                (f"bq-uniform-stored-{b:g}", "bq", {"bits": b, "calib": False, "allocator": "uniform",
+                                                    "stored": True, **common})]
     # the 8-bit reference of issue 15's bar ("within 1 point of FP32 at 4 bits wherever uniform 8-bit is")
     out += [("bq-uniform-8", "bq", {"bits": 8, "calib": False, "allocator": "uniform", **common})]
     if not peers:
@@ -88,6 +93,8 @@ def run_bq(model: ZooModel, opts: dict[str, Any], out: Path, n_calib: int) -> di
     for key in ("allocator", "target"):
         if opts.get(key):
             kwargs[key] = opts[key]
+    if opts.get("stored"):
+        kwargs["bits_include_metadata"] = True  # a whole --bits with uniform is otherwise the fixed grid width
     kwargs.update(opts.get("options") or {})
     if opts["calib"]:
         kwargs["calib"] = model.calib_feeds(model.make("calib", n_calib))

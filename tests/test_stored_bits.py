@@ -258,3 +258,26 @@ def test_count_finds_reference_weights_in_subgraphs(tmp_path):
     bq_onnx.optimize(model, bits=5, no_guard=True).save(out)
     c = count(out, model)
     assert c.weight_numel == 2 * 64 * 32 and c.reference_other_bytes == 0 and c.bits_per_weight <= 5
+
+
+@pytest.mark.parametrize("target", [None, "onnxruntime"])
+def test_constants_the_opset_upgrade_adds_count_against_the_budget(tmp_path, target):
+    """A model below opset 18 keeps ReduceMean's axes as an attribute; the upgrade to opset 21 (25 for int2) makes
+    each an 8-byte constant the output stores and the reference does not. The budget stage counts them as
+    :func:`count` does (it subtracted the upgraded model's tensors: ppocr-rec and ddddocr-rec landed a hair over)."""
+    import numpy as np
+
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["x", "W"], ["r0"])]
+    for i in range(12):
+        nodes.append(onnx.helper.make_node("ReduceMean", [f"r{i}"], [f"r{i + 1}"], axes=[0], keepdims=1))
+    g = onnx.helper.make_graph(nodes, "m", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                               [onnx.helper.make_tensor_value_info("r12", onnx.TensorProto.FLOAT, [1, 48])],
+                               [onnx.numpy_helper.from_array(w, "W")])
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    out = tmp_path / "m.onnx"
+    report = bq_onnx.optimize(model, bits=4.5, target=target, no_guard=True).save(out)
+    counted = count(out, model).bits_per_weight
+    assert counted <= 4.5
+    assert report["allocation"]["achieved_bits"] == pytest.approx(counted)

@@ -156,8 +156,11 @@ def zero_bit_note(ctx: Context) -> str | None:
 
 
 def other_bytes(model: ir.Model, ctx: Context) -> int:
-    """Stored bytes of ``model`` (before the rewrite) that are not the weights."""
-    return ir_stored_bytes(model) - sum(w.value.const_value.nbytes for w in ctx.weights
+    """Stored bytes of the model as given (``ctx.source_bytes``; else ``model`` before the rewrite) that are not
+    the weights: what :func:`bq_onnx.counting.count` subtracts, so that what the prepare passes add (the opset
+    upgrade's ``Reduce*`` axes constants) counts against the budget there and here alike."""
+    source = ctx.source_bytes if ctx.source_bytes is not None else ir_stored_bytes(model)
+    return source - sum(w.value.const_value.nbytes for w in ctx.weights
                                         if w.value.const_value is not None)
 
 

@@ -61,6 +61,9 @@ def optimize_model(
 def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration | None,
                     posterior: str | os.PathLike | Posterior | None, profile: Capabilities | None) -> ir.Model:
     config = ctx.config
+    # the stored budget counts against the model as given: constants the opset upgrade adds (Reduce* axes) are
+    # the output's, as bq_onnx.counting.count counts them
+    ctx.source_bytes = ir_stored_bytes(model)
     model = run_passes(model, prepare_passes(config.weights))
     if storage_of(config).int2:  # int2 codes need DequantizeLinear-25; converted before the weights are found
         model = run_passes(model, [UpgradeOpsetPass(INT2_OPSET), SetIrVersionPass()])

@@ -40,6 +40,7 @@ class Storage:
     scale_bits: int = 16  # native: fp16 scales (a Cast before DequantizeLinear), 32 where a target needs fp32
     blocked_int4: bool = False  # native: int4 only blocked (TensorRT), so a ragged last block is padded
     packed: bool = False  # native: 1..3-bit uniform grids with no container of their size stored packed (exact bits)
+    nbits: bool = False  # native onnxruntime: a MatMul's weight becomes MatMulNBits (fp32 scales, zero points stored)
 
 
 def as_storage(fmt: str | Storage) -> Storage:
@@ -59,7 +60,32 @@ def storage_of(config, derived=None) -> Storage:
 
     p = get_profile(target)
     return Storage(fmt, int2={"int2", "uint2"} <= p.containers, scale_bits=16 if p.fp16_scales else 32,
-                   blocked_int4=p.int4_blocked_only, packed=packed and p.packed_codes)
+                   blocked_int4=p.int4_blocked_only, packed=packed and p.packed_codes,
+                   nbits=p.name == "onnxruntime")  # the pipeline lowers to MatMulNBits for onnxruntime alone
+
+
+def weight_storage(st: Storage, info) -> Storage:
+    """The storage of one weight (a :class:`~bq_onnx.context.WeightInfo`): ``st`` less :attr:`Storage.nbits`
+    unless a MatMul in the main graph alone reads it as its B input, as
+    :class:`passes.matmulnbits.LowerMatMulNBitsPass` needs (whether its blocking fits is the tensor's, see
+    :func:`nbits_lowered`)."""
+    if not st.nbits:
+        return st
+    uses = list(info.value.uses())
+    sole_b = (not info.scope and len(uses) == 1 and uses[0].node.op_type == "MatMul"
+              and uses[0].node.domain in ("", "ai.onnx") and uses[0].idx == 1)
+    return st if sole_b else dataclasses.replace(st, nbits=False)
+
+
+def nbits_lowered(qt: QuantizedTensor, st: Storage) -> bool:
+    """Whether MatMulNBits stores ``qt`` (``st.nbits``: a sole MatMul's B): int4 or int2 codes in blocks of a power of
+    two of at least 16 rows that divide the reduction (:func:`bq_onnx.ort_fusion.fusable_blocking`; a ragged last
+    block stays DequantizeLinear). An estimate per tensor: a tensor the allocation splits into pieces of several
+    widths is not lowered (its fp16 scales cost less than priced)."""
+    g = qt.block_size
+    return (st.nbits and st.format == "native" and qt.kind == "uniform" and not qt.num_outliers
+            and 0 < qt.bits <= 4 and not is_packed(qt, st) and g >= 16 and not g & (g - 1)
+            and qt.num_blocks * g == qt.shape[0])
 
 
 def container_bits(bits: int, int2: bool = False) -> int:
@@ -124,6 +150,9 @@ def block_metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
     if qt.kind == "float16":
         return 0
     bits = 0
+    if nbits_lowered(qt, st):  # fp32 scales [N, blocks]; zero points [N, ceil(blocks * bits / 8)] bytes, always
+        box = container_bits(qt.bits, st.int2)
+        return 32 * blocks + 8 * n * -(-nb * box // 8)
     if qt.kind == "uniform":
         packed = st.format != "native" or is_packed(qt, st)
         bits += (16 if packed else st.scale_bits) * blocks

@@ -419,6 +419,33 @@ def test_uniform_with_restricted_widths_takes_nearest_below():
     assert u.bits == {"a": 2, "b": 3, "c": 4} and u.details["width"] == 3
 
 
+def test_filled_uniform_spends_the_budget_on_whole_layers():
+    """Containers: widths 2 (cost 2.6/weight) and 4 (4.6/weight); a budget of 4/weight buys 2 everywhere, and
+    the filled uniform (the guard's reference) raises whole layers to 4 by loss saved per bit, within budget."""
+    rng = np.random.default_rng(5)
+    blocks = []
+    for layer in range(6):
+        for s in range(3):
+            scale = float(rng.uniform(0.5, 4.0)) * (1 + layer)
+            blocks.append(Block(f"l{layer}/{s}", 100, (2, 4), np.array([4.0, 1.0]) * scale,
+                                np.array([260.0, 460.0]), layer=f"l{layer}"))
+    budget = 4.0 * numel_of(blocks)
+    plain = al.allocate_uniform(blocks, budget)
+    assert set(plain.bits.values()) == {2} and plain.cost < 0.66 * budget
+    filled = al.allocate_uniform(blocks, budget, fill=True)
+    check_allocation(blocks, filled, budget)
+    assert filled.details["width"] == 2 and filled.details["filled_layers"] == 4  # 6*3*260 + 4*3*200 <= 7200
+    per_layer = {}
+    for b in blocks:
+        per_layer.setdefault(b.layer, set()).add(filled.bits[b.name])
+    assert all(len(w) == 1 for w in per_layer.values())  # one width per layer
+    saved = {k: sum(b.loss[0] - b.loss[1] for b in blocks if b.layer == k) for k in per_layer}
+    raised = {k for k, w in per_layer.items() if w == {4}}
+    assert raised == set(sorted(saved, key=saved.get)[-4:])  # equal costs: the layers that save most
+    assert filled.loss < plain.loss and filled.cost > plain.cost
+    assert al.allocate_uniform(blocks, 460.0 * 18, fill=True).bits == al.allocate_uniform(blocks, 460.0 * 18).bits
+
+
 # ------------------------------------------------------------------------------------------------------------
 # quantile-inform
 

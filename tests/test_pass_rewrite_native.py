@@ -59,11 +59,12 @@ def test_widths_without_a_container_of_their_size_are_packed_and_decoded_inline(
     ops = {n.op_type for n in graph}
     assert "DequantizeLinear" not in ops and "BitwiseAnd" not in ops and not model.functions
     assert ops <= {"Reshape", "Cast", "Mul", "Floor", "Sub", "MatMul", "Slice", "Expand", "Transpose", "Concat",
-                   "Add", "Conv", "Gemm", "Gather", "Relu", "Flatten", "Identity", "Shape"}
+                   "Add", "Conv", "Gemm", "Gather", "Relu", "Flatten", "Identity", "Shape", "Pad"}
     for name, qt in ctx.quantized.items():
         packed = graph.initializers[f"{name}.bq_packed"].const_value
-        assert packed.dtype == INT.UINT8 and packed.shape[0] == -(-qt.codes.size // 8) * 3
-        assert (f"{name}.bq_zero" in graph.initializers) == (quantizer == "uniform")
+        stream = qt.codes.size + (qt.zero_point.size if quantizer == "uniform" else 0)  # zero points after codes
+        assert packed.dtype == INT.UINT8 and packed.shape[0] == -(-stream // 8) * 3
+        assert f"{name}.bq_zero" not in graph.initializers
         assert graph.initializers[f"{name}.bq_scale"].const_value.dtype == INT.FLOAT16
     assert all(r["packed_codes"] and r["dequantized_at_load"] for r in ctx.layers)
     _check_numbers(model, ctx)
@@ -82,3 +83,27 @@ def test_rewrite_needs_quantized_weights():
     model = passkit.find_weights(passkit.prepare(passkit.load(tiny.layouts_model()), ctx), ctx)
     with pytest.raises(AssertionError, match="must be quantized first"):
         passkit.rewrite(model, ctx)
+
+
+@pytest.mark.parametrize("quantizer", ["uniform", "uniform-sym"])
+def test_packed_recurrent_weights_fold_for_openvino(tmp_path, quantizer):
+    """OpenVINO's LSTM takes constant weights only: the packed decode (one stream, codes viewed per block, a ragged
+    last block padded: W has K = 24 rows in blocks of 16, R one block of 16) folds at load, and both runtimes
+    compute the numpy-dequantized weights."""
+    from onnx_ir import serde
+
+    from tests.test_every_weight import _floats, _openvino, _replaced, recurrent_model
+
+    proto = recurrent_model("LSTM")
+    model, ctx = passkit.quantized_model(proto, format="native", group_size=16, min_size=64, bits=3,
+                                         quantizer=quantizer)
+    ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
+    model = passkit.rewrite(model, ctx)
+    assert all(r["packed_codes"] for r in ctx.layers) and "Pad" in {n.op_type for n in model.graph}
+    path = tmp_path / "q.onnx"
+    path.write_bytes(serde.serialize_model(model).SerializeToString())
+    feeds = {"x": _floats(5, 2, 24)}
+    expected = run(_replaced(proto, passkit.dequantized(ctx)), feeds)
+    for got in (run(path, feeds), _openvino(path, feeds)):
+        for g, e in zip(got, expected, strict=True):
+            assert float(np.abs(g.astype(np.float64) - e).max()) <= 1e-5 * max(float(np.abs(e).max()), 1e-3)

@@ -92,8 +92,10 @@ def expand_blocks(em: Emitter, per_block: ir.Value, dims: BlockDims) -> ir.Value
     return x
 
 
-def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value, foldable: bool = False) -> ir.Value:
-    """Packed uint8 stream (8 values per ``bits`` bytes, LSB first) -> float codes ``[count]``.
+def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value | None, foldable: bool = False
+                 ) -> ir.Value:
+    """Packed uint8 stream (8 values per ``bits`` bytes, LSB first) -> float codes ``[count]`` (``count`` None: every
+    code of the stream, the padding to a multiple of 8 included, for a caller that slices it itself).
 
     ``foldable``: bits by float arithmetic only (``floor(x / 2^i) - 2 floor(x / 2^(i+1))``, exact for bytes)
     instead of ``BitwiseAnd``, which OpenVINO never constant-folds: its recurrent layers accept constant weights
@@ -116,6 +118,8 @@ def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value, fold
     powers = em.const((1 << np.arange(bits)).astype(np.float32), "powers")
     codes = em.op("MatMul", [per_value, powers], "codes")  # small integers, exact in float32
     flat = em.op("Reshape", [codes, em.const(i64(-1), "shape")])
+    if count is None:
+        return flat
     return em.op("Slice", [flat, em.const(i64(0)), count, em.const(i64(0))], "codes")
 
 

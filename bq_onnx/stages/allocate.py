@@ -23,6 +23,11 @@ from bq_onnx.errors import UnsupportedError, UsageError
 from bq_onnx.heads import head_weights
 from bq_onnx.stages.tables import Tables
 
+FILLED_UNIFORM = "uniform-filled"
+"""The method the guard writes when it cannot measure the allocation: ``uniform`` with ``fill`` (whole layers
+raised while the budget allows; :mod:`bq_onnx.allocation.uniform`). Plain uniform under a stored budget between
+two container widths (``--bits 4`` on onnxruntime: int4 plus scales 4.6 bits, int2 2.6) is int2 everywhere."""
+
 
 def _min_bits(ctx: Context, weight: str) -> int:
     found = [bits for pattern, bits in ctx.config.allocation.min_bits if fnmatch.fnmatchcase(weight, pattern)]
@@ -81,15 +86,18 @@ def allocate_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float 
                   method: str | None = None) -> Allocation:
     """A width per block of ``tables`` (``ctx.tables``) under the budget (``--bits``, ``--bits-payload``,
     ``--size-mb``) less ``reserve`` bits (what the rewrite stored beyond the tables, :mod:`bq_onnx.stages.budget`),
-    by ``method`` (default ``--allocator``; the guard's fallback asks for ``uniform``).
+    by ``method`` (default ``--allocator``; the guard asks for ``uniform``, and where it cannot measure for
+    :data:`FILLED_UNIFORM`).
     A budget below the cheapest allocation gives the cheapest: the budget stage then refuses it with its size."""
-    blocks = allocation_blocks(ctx, tables, floors=method != "uniform")
+    blocks = allocation_blocks(ctx, tables, floors=method not in ("uniform", FILLED_UNIFORM))
     a = ctx.config.allocation
     method = method or a.allocator
     cheapest = sum(float(min(b.cost)) for b in blocks) + 1e-6
     budget = max(_budget(model, ctx, tables) - reserve, cheapest)
     options = dict(a.allocator_options or {}) if method == a.allocator else {}
     options.update(_method_inputs(ctx, tables, method))
+    if method == FILLED_UNIFORM:  # the guard's fallback: the budget the common width leaves is spent on layers
+        method, options["fill"] = "uniform", True
     counts_layouts = ctx.config.storage.format == "compact" and (not a.bits_payload or a.size_mb is not None)
     layouts = 0.0
     for _ in range(8):  # the compact format's layout constants depend on the pieces the allocation makes

@@ -4,8 +4,9 @@ The tables count each block's codes and metadata; the rewrite adds what no block
 constants, compact decode functions, the graph and the report metadata in the file). After a rewrite the stored
 figure is measured (:func:`bq_onnx.counting.ir_stored_bytes`, or the serialized size for ``--size-mb``); while it
 is over the budget, the allocation is redone with the excess reserved, then the reserve is narrowed while that
-leaves much of the budget unused (at most :data:`MAX_TRIES` rewrites). A budget that the cheapest allocation
-cannot meet is a one-line :class:`UsageError` giving the smallest size that can be met.
+leaves much of the budget unused (at most :data:`MAX_TRIES` rewrites); an output under the budget at no reserve
+(tables that priced more than was stored) is retried with the room as a negative reserve. A budget that the
+cheapest allocation cannot meet is a one-line :class:`UsageError` giving the smallest size that can be met.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class StoredBudget:
     reserve: float = 0.0
     tries: int = 0
     good: float = math.inf  # the smallest reserve whose output fit
-    bad: float = 0.0  # the largest reserve whose output did not
+    bad: float = -math.inf  # the largest reserve whose output did not
     best: float = -math.inf  # the largest measured figure that fit
 
     @classmethod
@@ -87,6 +88,14 @@ class StoredBudget:
             overhead = measured - ctx.allocation.cost
             shrink = ctx.allocation.budget - (self.limit_bits - overhead)
             self.reserve += max(measured - self.limit_bits, shrink) + 8
+        elif math.isinf(self.bad):
+            # every output fit with room: the tables priced more than the rewrite stores (a MatMul weight the
+            # allocation splits into pieces is no MatMulNBits: fp16 scales, not the fp32 priced). Spend the room
+            # as a credit, unless the allocator itself left it (every block at its widest, coarse blocks)
+            a = ctx.allocation
+            if a.budget - a.cost > SLACK * self.limit_bits:
+                return best, None
+            self.reserve -= self.limit_bits - measured
         else:
             if self.good - self.bad <= 64:
                 return best, None
@@ -156,8 +165,11 @@ def zero_bit_note(ctx: Context) -> str | None:
 
 
 def other_bytes(model: ir.Model, ctx: Context) -> int:
-    """Stored bytes of ``model`` (before the rewrite) that are not the weights."""
-    return ir_stored_bytes(model) - sum(w.value.const_value.nbytes for w in ctx.weights
+    """Stored bytes of the model as given (``ctx.source_bytes``; else ``model`` before the rewrite) that are not
+    the weights: what :func:`bq_onnx.counting.count` subtracts, so that what the prepare passes add (the opset
+    upgrade's ``Reduce*`` axes constants) counts against the budget there and here alike."""
+    source = ctx.source_bytes if ctx.source_bytes is not None else ir_stored_bytes(model)
+    return source - sum(w.value.const_value.nbytes for w in ctx.weights
                                         if w.value.const_value is not None)
 
 

@@ -54,6 +54,7 @@ from bq_onnx.graph import forward_model
 from bq_onnx.progress import progress
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.samples import random_feeds
+from bq_onnx.stages.allocate import FILLED_UNIFORM
 
 PREDICTION_FACTOR = 2.0
 """How far the allocation's measured/predicted loss ratio may exceed uniform's before it is repaired: the tables
@@ -302,7 +303,7 @@ def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callabl
 
 def _fall_back(ctx: Context, first: Spent, spend: Callable[[str | None], Spent], held: HeldOut, why: str) -> Spent:
     try:
-        uniform = spend("uniform")
+        uniform = spend(FILLED_UNIFORM)  # unmeasured: the budget is spent (plain uniform may leave a third)
     except UsageError:
         uniform = None
     if uniform is None or uniform.allocation.details.get("width", 0) < MIN_UNIFORM:

@@ -41,7 +41,7 @@ from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
 from bq_onnx.quantizers import Spec, candidates
-from bq_onnx.sizes import block_metadata_bits, codebook_bits, storage_of, stored_payload_bits
+from bq_onnx.sizes import block_metadata_bits, codebook_bits, storage_of, stored_payload_bits, weight_storage
 from bq_onnx.weights import design, weight_view
 
 MC_SAMPLES = 128
@@ -168,7 +168,8 @@ class TableRun:
         k, n = info.layout.view_shape
         ranges = slices(n, ctx.config.allocation.granularity)
         view, importance = weight_view(ctx, info)
-        scored = [self.scorer.score(info, view, importance, bits, ranges, self.fmt) for bits in allowed]
+        own = weight_storage(self.fmt, info)  # onnxruntime's MatMulNBits stores fp32 scales (bq_onnx.sizes)
+        scored = [self.scorer.score(info, view, importance, bits, ranges, own) for bits in allowed]
         chosen = _choose(scored)
         loss = np.zeros((len(ranges), len(allowed)))
         payload = np.zeros_like(loss)

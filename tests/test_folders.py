@@ -142,8 +142,9 @@ def test_optimum_loads_the_output_folder(t5_export, t5_calib, tmp_path):
 
 
 def test_a_shared_budget_spends_the_bits_across_the_models(t5_export, t5_calib):
-    per_model = optimize_folder(t5_export, bits=5.5, calib=t5_calib)
-    shared = optimize_folder(t5_export, bits=5.5, calib=t5_calib, shared_budget=True)
+    # without the guard: what it writes (repaired, or uniform) is measured, not the allocator's least expected loss
+    per_model = optimize_folder(t5_export, bits=5.5, calib=t5_calib, no_guard=True)
+    shared = optimize_folder(t5_export, bits=5.5, calib=t5_calib, shared_budget=True, no_guard=True)
     numel = {n: r.report["totals"]["numel"] for n, r in shared.results.items()}
     split = shared.report["split"]
     # the shares add up to the one budget, each model kept its own, and the total is within it

@@ -26,6 +26,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.zoo_models import ZOO  # noqa: E402
+from bq_onnx.onnx_proto import iter_graphs  # noqa: E402
 
 
 def session(model: onnx.ModelProto):
@@ -37,22 +38,11 @@ def session(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _graphs(g: onnx.GraphProto):
-    yield g
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from _graphs(sub)
-
-
 def swapped(fp32: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
     """``fp32`` with the named initializers (any graph) replaced by ``values``."""
     out = onnx.ModelProto()
     out.CopyFrom(fp32)
-    for g in _graphs(out.graph):
+    for g in iter_graphs(out.graph):
         for init in g.initializer:
             if init.name in values:
                 init.CopyFrom(numpy_helper.from_array(values[init.name].astype(numpy_helper.to_array(init).dtype),
@@ -73,7 +63,7 @@ def decoded(result) -> dict[str, np.ndarray]:
 def roles(fp32: onnx.ModelProto) -> dict[str, str]:
     """Where each initializer is read: LSTM W/R, Gather (embedding), a node writing a graph output (head)."""
     out: dict[str, str] = {}
-    for g in _graphs(fp32.graph):
+    for g in iter_graphs(fp32.graph):
         outputs = {o.name for o in g.output}
         for node in g.node:
             for i, name in enumerate(node.input):

@@ -210,3 +210,53 @@ def test_data_free_inputs_whose_fp32_outputs_are_not_finite_fall_back_to_uniform
     g = result.report["guard"]
     assert g["result"] == "uniform" and "not finite" in g["why"]
     assert result.context.allocation.method == "uniform"
+
+
+def test_uniform_on_plain_grids_is_a_measured_candidate(calib):
+    """Uniform on grids made without the posterior is measured too: where the posterior's weighting misleads the
+    grids (a small calibration set), it can beat every posterior-made candidate and the posterior's uniform."""
+    g = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib).report["guard"]
+    by = {c["label"]: c for c in g["candidates"]}
+    assert "data-free uniform" in by
+    assert by["data-free uniform"]["stored_bits"] <= 4.0
+    assert by["data-free uniform"]["measured_loss"] != g["uniform"]["measured_loss"]  # other grids, same width
+
+
+class _FitProbe:
+    """A stand-in for the guard's fit-split measure: each model's loss on the fit samples, looked up."""
+
+    def __init__(self, losses: dict[str, float]) -> None:
+        self.losses, self.runs = losses, []
+
+    def _run(self, out):
+        self.runs.append(out)
+        return out
+
+    def loss(self, out) -> float:
+        return self.losses[out]
+
+
+def _try(label: str, loss: float):
+    from bq_onnx.stages.guard import Spent, _Try
+
+    return _Try(label, Spent(label, None, {}, None, [], None), loss, {}, None)
+
+
+def test_a_held_out_win_the_fit_split_does_not_confirm_writes_uniform():
+    """A candidate better than uniform on a few held-out samples is written only if it is no worse than uniform
+    on the fit samples too (where posterior-made candidates have the in-sample advantage): else uniform, and the
+    best confirmed one where there is one."""
+    from types import SimpleNamespace
+
+    from bq_onnx.stages.guard import _confirm_on_fit
+
+    uniform = _try("uniform", 1.0)
+    lucky, sound, worse = _try("lucky", 0.5), _try("sound", 0.8), _try("worse", 1.2)
+    probe = _FitProbe({"uniform": 1.0, "lucky": 1.5, "sound": 0.9, "worse": 0.1})
+    chosen, unconfirmed = _confirm_on_fit([worse, lucky, sound], uniform, SimpleNamespace(probe=probe))
+    assert chosen is sound and unconfirmed is None
+    assert "worse" not in probe.runs  # worse than uniform held out: never a candidate, not measured
+    assert (lucky.fit_loss, sound.fit_loss, uniform.fit_loss) == (1.5, 0.9, 1.0)
+    probe = _FitProbe({"uniform": 1.0, "lucky": 1.5})
+    chosen, unconfirmed = _confirm_on_fit([_try("lucky", 0.5)], _try("uniform", 1.0), SimpleNamespace(probe=probe))
+    assert chosen.label == "uniform" and unconfirmed.label == "lucky"

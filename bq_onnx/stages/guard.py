@@ -81,6 +81,8 @@ MAX_CORRECTION = 1e9
 prediction of exactly zero, not a smoothing: the scaled table says what was measured)."""
 MAX_PROBES = 64
 """Tensors measured one at a time per repair round at most (the largest bit deficits first)."""
+FILLED = "uniform, filled"
+"""The candidate label (and result) of uniform with whole layers raised into the budget it leaves (:func:`_filled`)."""
 DATA_FREE_UNIFORM = "data-free uniform"
 """The candidate label of uniform on grids made without the posterior (:func:`_data_free`)."""
 
@@ -405,7 +407,14 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         result = ("kept" if best is chosen else "data-free uniform" if best.label == DATA_FREE_UNIFORM
                   else "data-free" if best.label == "data-free" else "repaired")
         final = best
-    if final is chosen or final is uniform:
+    if final is uniform:
+        filled = _filled(uniform, spend, measure)
+        if filled is not None:
+            tries.append(filled)
+            result, final = FILLED, filled
+            ctx.messages.append(f"guard: the uniform {width}-bit allocation leaves budget: whole layers raised "
+                                f"({uniform.loss:.4g} -> {filled.loss:.4g} on {held.samples} {held.kind} samples)")
+    if final is chosen or final is uniform or final.label == FILLED:
         ctx.tables = tables  # what is written was spent on the posterior's tables
     elif final.label in ("data-free", DATA_FREE_UNIFORM):
         ctx.tables = free_tables
@@ -560,6 +569,22 @@ def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
         return None
     steps.append({**step, **checked.row(_numel(ctx))})
     return checked
+
+
+def _filled(uniform: _Try, spend: Callable[[str | None], Spent], measure: _Measure) -> _Try | None:
+    """Uniform with the budget its single width leaves spent on whole layers (:data:`FILLED_UNIFORM`), where it
+    is smaller than the budget by more than a rounding and measures no worse than uniform; else None. Why: a single
+    width can leave a third of the budget (int2 at 2.8 stored bits under ``--bits 4 --target onnxruntime``, where
+    int4 with its fp32 scales stores 4.6), and the uniform written as the safe choice should still spend it."""
+    try:
+        spent = spend(FILLED_UNIFORM)
+    except UsageError:
+        return None
+    if spent.stored_bytes is not None and uniform.spent.stored_bytes is not None \
+            and spent.stored_bytes <= uniform.spent.stored_bytes:
+        return None  # nothing raised
+    filled = measure.model_try(FILLED, spent)
+    return filled if filled.loss <= uniform.loss else None
 
 
 def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tuple[_Try, _Try | None]:

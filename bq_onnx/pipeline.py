@@ -22,6 +22,7 @@ from bq_onnx.passes.fast_layout import FAST_LAYOUT_TARGETS, FastLayoutPass
 from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass, prepare_passes
 from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
+from bq_onnx.passes.split_matmul import SplitMatMulPass
 from bq_onnx.posterior import Posterior
 from bq_onnx.progress import memtrace
 from bq_onnx.quantizers import cache as design_cache
@@ -194,5 +195,7 @@ def _rewrite(model: ir.Model, ctx: Context, profile: Capabilities | None) -> ir.
 
         lower.append(LowerMatMulNBitsPass())
     if config.storage.format == "native" and (profile is None or profile.name in FAST_LAYOUT_TARGETS):
+        # after the MatMulNBits lowering (priced per tensor: pieces stay DequantizeLinear, fused at load)
+        lower.append(SplitMatMulPass())
         lower.append(FastLayoutPass())  # onnxruntime/OpenVINO run it at FP32 speed or faster (issue 17)
     return run_passes(model, [rewrite(ctx), *lower, RemoveUnusedPass(), TopologicalSortPass()])

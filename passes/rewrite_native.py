@@ -26,7 +26,7 @@ from bq_onnx.decode.ops import BlockDims, add_outliers, expand_blocks, outlier_a
 from bq_onnx.decode.rewrite import RewritePass
 from bq_onnx.emitter import GraphEmitter, i64
 from bq_onnx.packing import pack_bits
-from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
+from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
 from bq_onnx.sizes import container_bits, is_packed
 
 
@@ -39,8 +39,14 @@ def container(bits: int, signed: bool, int2: bool = False) -> tuple[ir.DataType,
     return (ir.DataType.INT8, np.int8) if signed else (ir.DataType.UINT8, np.uint8)
 
 
+MAX_DQ_ELEMENTS = 2**31 - 1
+"""Codes one ``DequantizeLinear`` holds at most: onnxruntime 1.32 refuses the DQ + MatMul fusion of a 2^31-element
+weight ("QDQ blockwise quantization shape exceeds the MLAS int32 index range", ``benchmarks/streaming_memory.md``)."""
+
+
 class RewriteNativePass(RewritePass):
     format = "native"
+    max_dq_elements = MAX_DQ_ELEMENTS  # a class attribute, so tests can lower it
 
     def groups(self, pieces: QuantizedPieces) -> list[QuantizedTensor]:
         """Runs of adjacent uniform pieces stored in the same container share one DequantizeLinear (so onnxruntime
@@ -73,6 +79,17 @@ class RewriteNativePass(RewritePass):
             whole = self.merge([qt for _, _, qt in pieces.pieces])  # int4 cannot feed a Concat there
             return [whole] if whole is not None else out
         return out
+
+    def chunks(self, qt: QuantizedTensor) -> list[QuantizedTensor]:
+        """A ``DequantizeLinear`` weight of more than :data:`MAX_DQ_ELEMENTS` codes as slices of columns under it
+        (onnxruntime refuses the MatMul fusion of a larger one at session creation; each slice then feeds its own
+        MatMul: :mod:`bq_onnx.passes.split_matmul`). Not where int4 must feed its consumer directly (TensorRT)."""
+        k, n = qt.shape
+        if (qt.kind != "uniform" or is_packed(qt, self.storage) or k * n <= self.max_dq_elements or n < 2
+                or self._int4_into_consumer_only()):
+            return [qt]
+        step = max(1, self.max_dq_elements // k)
+        return [take_columns(qt, start, min(start + step, n)) for start in range(0, n, step)]
 
     @staticmethod
     def merge(qts: list[QuantizedTensor]) -> QuantizedTensor | None:

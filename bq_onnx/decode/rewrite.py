@@ -134,10 +134,14 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         may join pieces it stores together at no extra cost (native overrides)."""
         return [qt for _, _, qt in pieces.pieces]
 
+    def chunks(self, qt: QuantizedTensor) -> list[QuantizedTensor]:
+        """One stored tensor as the slices of columns the format writes it in: itself here; native cuts a weight
+        too large for one runtime op (:meth:`bq_onnx.passes.rewrite_native.RewriteNativePass.chunks`)."""
+        return [qt]
+
     def _emit_any(self, em: GraphEmitter, q: QuantizedTensor | QuantizedPieces, name: str, model: ir.Model) -> ir.Value:
-        if isinstance(q, QuantizedTensor):
-            return self._emit_one(em, q, name, model)
-        groups = self.groups(q)
+        groups = [q] if isinstance(q, QuantizedTensor) else self.groups(q)
+        groups = [part for qt in groups for part in self.chunks(qt)]
         if len(groups) == 1:
             return self._emit_one(em, groups[0], name, model)
         views = [self._emit_one(em, qt, f"{name}.p{i}", model) for i, qt in enumerate(groups)]

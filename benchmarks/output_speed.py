@@ -1,6 +1,6 @@
 """How fast the outputs run: FP32 vs native (default) vs compact, onnxruntime and OpenVINO, batch 1 and 8, interleaved.
 
-Usage:  python -m benchmarks.output_speed [--models lenet,efficientnet-lite0,minilm-l3,mlp-relu] [--rounds 5]
+Usage:  python -m benchmarks.output_speed [--models lenet,efficientnet-lite0,minilm-l3,mlp-relu,mlp-wide] [--rounds 5]
         [--iterations 30] [--before COMMIT] [--out benchmarks/output_speed.md]
 
 Each model is optimized with default options (no calibration data; ``format="compact"`` for the compact column),
@@ -14,7 +14,9 @@ each variant's p50 and of its ratio to FP32 in the same round.
 Models: LeNet (``models/lenet.onnx``; Conv + Gemm), EfficientNet-Lite0 (``benchmarks/.cache/models``, built by
 ``models/build_efficientnet.py`` when torch is installed; Conv), paraphrase-MiniLM-L3-v2 (its wheel's ONNX file;
 MatMul-heavy transformer) and a generated 4-layer MLP of 1024x1024 MatMul + Relu (the pattern onnxruntime's
-MatMulNBits fusion skipped). onnxruntime's optimized graph is saved once per output to count the ops it runs.
+MatMulNBits fusion skipped), and ``mlp-wide`` (1024x4096 and 4096x1024 MatMuls whose default allocation mixes
+widths within each weight: :func:`wide_mlp`). onnxruntime's optimized graph is saved once per output to count
+the ops it runs.
 """
 
 from __future__ import annotations
@@ -61,7 +63,36 @@ def model_path(name: str) -> Path | None:
         from benchmarks.runtime_latency import mlp
 
         return mlp(1024, 4, "relu")
+    if name == "mlp-wide":
+        return wide_mlp()
     raise SystemExit(f"unknown model {name!r}")
+
+
+def wide_mlp() -> Path:
+    """x @ W1 (1024x4096) -> Relu -> @ W2 (4096x1024), the output channels of each weight in two halves of
+    different spread, so the default allocation stores each weight in pieces of several widths (the case
+    ``passes/split_matmul.py`` writes as one MatMul per piece)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = CACHE / "mlp_wide.onnx"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((1024, 4096)) / 32).astype(np.float32)
+    w1[:, :2048] *= 4
+    w2 = (rng.standard_normal((4096, 1024)) / 64).astype(np.float32)
+    w2[:, :300] *= 5
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="matmul0"),
+             helper.make_node("Relu", ["h"], ["r"], name="act0"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="matmul1")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 1024]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "mlp_wide", io[:1], io[1:],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
 
 
 def outputs(name: str, fp32: Path, before: str | None) -> dict[str, Path]:

@@ -195,7 +195,7 @@ def _rewrite(model: ir.Model, ctx: Context, profile: Capabilities | None) -> ir.
 
         lower.append(LowerMatMulNBitsPass())
     if config.storage.format == "native" and (profile is None or profile.name in FAST_LAYOUT_TARGETS):
-        # after the MatMulNBits lowering (priced per tensor: pieces stay DequantizeLinear, fused at load)
-        lower.append(SplitMatMulPass())
+        if profile is None or profile.name == "onnxruntime":  # OpenVINO: slower split (output_speed_pieces.md)
+            lower.append(SplitMatMulPass())  # after the lowering (priced per tensor: pieces stay DQ, fused at load)
         lower.append(FastLayoutPass())  # onnxruntime/OpenVINO run it at FP32 speed or faster (issue 17)
     return run_passes(model, [rewrite(ctx), *lower, RemoveUnusedPass(), TopologicalSortPass()])

@@ -39,9 +39,11 @@ def container(bits: int, signed: bool, int2: bool = False) -> tuple[ir.DataType,
     return (ir.DataType.INT8, np.int8) if signed else (ir.DataType.UINT8, np.uint8)
 
 
-MAX_DQ_ELEMENTS = 2**31 - 1
+MAX_DQ_ELEMENTS = 2**30
 """Codes one ``DequantizeLinear`` holds at most: onnxruntime 1.32 refuses the DQ + MatMul fusion of a 2^31-element
-weight ("QDQ blockwise quantization shape exceeds the MLAS int32 index range", ``benchmarks/streaming_memory.md``)."""
+weight ("QDQ blockwise quantization shape exceeds the MLAS int32 index range"), and a chunk of 2^31 - 32768 codes
+crashed the verifying process (SIGSEGV) after the write (``benchmarks/streaming_memory.md``): half that, a margin
+for index arithmetic in 32 bits that multiplies the element count by 2."""
 
 
 class RewriteNativePass(RewritePass):

@@ -2,8 +2,8 @@
 
 The native rewrite stores a weight in several pieces where one ``DequantizeLinear`` cannot hold it: slices of
 output channels at widths in different containers (int4 and int8), a 0-bit or codebook slice, or a weight over
-onnxruntime's limit of 2^31 - 1 elements for one blockwise ``DequantizeLinear`` feeding MatMul (its fusion refuses
-the session: "QDQ blockwise quantization shape exceeds the MLAS int32 index range"). The decoded pieces meet in a
+:data:`bq_onnx.passes.rewrite_native.MAX_DQ_ELEMENTS` codes (onnxruntime refuses the fusion of a 2^31-code one:
+"QDQ blockwise quantization shape exceeds the MLAS int32 index range"). The decoded pieces meet in a
 ``Concat`` along the columns, which no runtime fuses: onnxruntime dequantizes the whole weight on every call or,
 after the fast layout, folds it to float at session creation (FP32 memory and speed).
 

@@ -55,6 +55,7 @@ from bq_onnx.progress import progress
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.samples import random_feeds
 from bq_onnx.stages.allocate import FILLED_UNIFORM
+from bq_onnx.stages.tables import Tables
 
 PREDICTION_FACTOR = 2.0
 """How far the allocation's measured/predicted loss ratio may exceed uniform's before it is repaired: the tables
@@ -524,9 +525,7 @@ def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
     if not factors:
         return None
     original = ctx.tables
-    ctx.tables = dataclasses.replace(original, blocks=[
-        dataclasses.replace(t, loss=t.loss * factors[t.weight]) if t.weight in factors else t
-        for t in original.blocks])
+    ctx.tables = _corrected(original, factors)
     step = {"step": len(steps) + 1, "kind": "tables", "raised": sorted(factors), "to_bits": None,
             "excess": {n: round(f, 3) for n, f in sorted(factors.items())}}
     try:
@@ -537,6 +536,18 @@ def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
         return None
     steps.append({**step, **checked.row(_numel(ctx))})
     return checked
+
+
+def _corrected(tables: Tables, factors: dict[str, float]) -> Tables:
+    """``tables`` with the loss rows of the weights in ``factors`` scaled by them; scored again at a wider bracket
+    (:meth:`Tables.widen`), the scaling is applied again."""
+    out = dataclasses.replace(tables, blocks=[
+        dataclasses.replace(t, loss=t.loss * factors[t.weight]) if t.weight in factors else t
+        for t in tables.blocks])
+    rescore = tables.rescore
+    if rescore is not None:
+        out.rescore = lambda widths: _corrected(rescore(widths), factors)
+    return out
 
 
 def _scale(t: _Try | None) -> float | None:

@@ -92,12 +92,15 @@ def bracket(model: ir.Model, ctx: Context) -> tuple[int, ...] | None:
 
 
 def scored_widths(allowed: Sequence[int], widths: Sequence[int] | None, floor: int) -> tuple[int, ...]:
-    """One weight's scored widths: the bracket at or above its floor, and the least allowed width at or above the
-    floor (the widest allowed one where the floor is above them all, as the allocator then keeps)."""
+    """One weight's scored widths: the bracket at or above its floor; where the floor is above the bracket, the
+    least allowed width at or above it (the widest allowed one where the floor is above them all, as the allocator
+    then keeps)."""
     if widths is None:
         return tuple(allowed)
-    least = min((w for w in allowed if w >= floor), default=max(allowed))
-    return tuple(sorted({*(w for w in widths if w >= floor), least}))
+    kept = {w for w in widths if w >= floor}
+    if floor > max(widths):
+        kept.add(min((w for w in allowed if w >= floor), default=max(allowed)))
+    return tuple(sorted(kept))
 
 
 def _neighbours(allowed: Sequence[int], width: int, floor: int) -> tuple[int | None, int | None]:
@@ -148,15 +151,16 @@ def binding(ctx: Context, allowed: Sequence[int], block_bits: Mapping[str, tuple
 
 
 def widen(allowed: Sequence[int], widths: Sequence[int], down: bool, up: bool) -> tuple[int, ...] | None:
-    """``widths`` grown by :data:`SPAN` allowed widths below its non-zero least (``down``) and above its largest
+    """``widths`` grown by :data:`SPAN` (at least one) allowed widths below its non-zero least (``down``) and above its largest
     (``up``); None where that is every allowed width."""
     allowed = sorted(allowed)
     nonzero = [w for w in widths if w > 0]
     i = allowed.index(min(nonzero)) if nonzero else 0
     j = allowed.index(max(nonzero)) if nonzero else len(allowed) - 1
+    step = max(SPAN, 1)
     if down:
-        i = max(0, i - SPAN)
+        i = max(0, i - step)
     if up:
-        j = min(len(allowed) - 1, j + SPAN)
+        j = min(len(allowed) - 1, j + step)
     picked = tuple(sorted({*allowed[i:j + 1], *(w for w in widths if w == 0)}))
     return None if picked == tuple(allowed) else picked

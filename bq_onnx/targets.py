@@ -113,7 +113,7 @@ def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
             least = max(ctx.floors.get(t.name, 0), floors.get(t.weight, 0))
             cheapest += min((float(c) for b, c in zip(t.bits, t.stored) if b >= least), default=float(min(t.stored)))
         packs = cheapest > (1 - PACK_MARGIN) * limit
-        lower = bracket.widen(ctx.config.allocation.allowed_bits, ctx.tables.widths, True, False) \
+        lower = bracket.widen(ctx, ctx.config.allocation.allowed_bits, ctx.tables.widths, True, False) \
             if packs and ctx.tables.widths is not None else False
         if lower is False or lower == ctx.tables.widths:
             return packs

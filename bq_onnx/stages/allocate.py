@@ -68,7 +68,7 @@ def head_floors(model: ir.Model, ctx: Context, tables: Tables) -> dict[str, int]
         try:
             uniform = allocation.allocate("uniform", blocks, budget_bits(model, ctx, tables))
         except ValueError:
-            lower = bracket.widen(ctx.config.allocation.allowed_bits, tables.widths, True, False) \
+            lower = bracket.widen(ctx, ctx.config.allocation.allowed_bits, tables.widths, True, False) \
                 if tables.widths is not None else False
             if lower == tables.widths or lower is False:
                 return {}
@@ -115,9 +115,13 @@ def _binding(ctx: Context, tables: Tables, bits: dict[str, int], floors: bool, l
         return False
     floor = {t.name: max(_min_bits(ctx, t.weight), ctx.floors.get(t.name, 0) if floors else 0)
              for t in tables.blocks}
+    exact = {t.name: bits.get(t.name) in t.bits and t.loss[t.bits.index(bits[t.name])] == 0 for t in tables.blocks}
     allowed = sorted(ctx.config.allocation.allowed_bits)
-    down, up = bracket.binding(ctx, allowed, {t.name: t.bits for t in tables.blocks}, bits, floor, lower)
-    wider = bracket.widen(allowed, tables.widths, down, up) if down or up else False
+    down, up, every = bracket.binding(ctx, allowed, {t.name: t.bits for t in tables.blocks}, bits, floor, exact,
+                                      lower)
+    if every:
+        return None
+    wider = bracket.widen(ctx, allowed, tables.widths, down, up) if down or up else False
     return False if wider == tables.widths else wider
 
 

@@ -87,34 +87,36 @@ def bracket(model: ir.Model, ctx: Context) -> tuple[int, ...] | None:
     if not inside:  # a budget beyond every width: the nearest ones
         nonzero = [w for w in allowed if w > 0]
         inside = nonzero[-SPAN - 1:] if b > max(allowed) else nonzero[:SPAN + 1]
-    picked = tuple(sorted({*inside, *(w for w in allowed if w == 0)}))
+    picked = _representatives(ctx, allowed, [*inside, *(w for w in allowed if w == 0)])
     return None if picked == allowed else picked
 
 
-def scored_widths(allowed: Sequence[int], widths: Sequence[int] | None, floor: int) -> tuple[int, ...]:
+def _representatives(ctx: Context, allowed: Sequence[int], widths: Sequence[int]) -> tuple[int, ...]:
+    """``widths`` with each one that stores at the cost of a wider allowed width replaced by the widest such
+    (:func:`_costs_the_same`: 5..7 bits by 8 in native int8 containers): the narrower never wins."""
+    return tuple(sorted({max(v for v in allowed if v >= w and (v == w or _costs_the_same(ctx, w, v)))
+                         for w in widths}))
+
+
+def scored_widths(ctx: Context, allowed: Sequence[int], widths: Sequence[int] | None, floor: int
+                  ) -> tuple[int, ...]:
     """One weight's scored widths: the bracket at or above its floor; where the floor is above the bracket, the
     least allowed width at or above it (the widest allowed one where the floor is above them all, as the allocator
-    then keeps)."""
+    then keeps), or the widest of the same cost."""
     if widths is None:
         return tuple(allowed)
     kept = {w for w in widths if w >= floor}
     if floor > max(widths):
-        kept.add(min((w for w in allowed if w >= floor), default=max(allowed)))
+        kept.update(_representatives(ctx, allowed, [min((w for w in allowed if w >= floor), default=max(allowed))]))
     return tuple(sorted(kept))
-
-
-def _neighbours(allowed: Sequence[int], width: int, floor: int) -> tuple[int | None, int | None]:
-    """The allowed widths next below (at or above ``floor``) and next above ``width``."""
-    below = [w for w in allowed if floor <= w < width]
-    above = [w for w in allowed if w > width]
-    return (below[-1] if below else None), (above[0] if above else None)
 
 
 def _costs_the_same(ctx: Context, narrower: int, wider: int) -> bool:
     """Whether ``narrower`` surely stores at the cost of ``wider`` (same native container, neither packed, a
-    uniform-family quantizer with one design per width): then it never wins and does not bind."""
+    uniform-family quantizer with one design per width): then, its grid coarser, it never wins."""
     q, d = ctx.config.quantization, ctx.derived
-    if q.quantizer not in UNIFORM_FAMILY or d.group_choices or d.outliers not in (0, 0.0) or narrower <= 0:
+    if q.quantizer not in UNIFORM_FAMILY or d.group_choices or d.outliers not in (0, 0.0) or narrower <= 0 \
+            or wider > 8:
         return False
     st = storage_of(ctx.config, d)
     if st.format != "native":
@@ -128,39 +130,51 @@ def _costs_the_same(ctx: Context, narrower: int, wider: int) -> bool:
 
 
 def binding(ctx: Context, allowed: Sequence[int], block_bits: Mapping[str, tuple[int, ...]],
-            chosen: Mapping[str, int], floors: Mapping[str, int], lower: bool = True) -> tuple[bool, bool]:
-    """Whether an allocation was bound by the bracket (below, above).
+            chosen: Mapping[str, int], floors: Mapping[str, int], exact: Mapping[str, bool],
+            lower: bool = True) -> tuple[bool, bool, bool]:
+    """Whether an allocation was bound by the bracket: (below, above, everywhere).
 
     ``block_bits``: block name -> its scored widths; ``chosen``: the allocation's width per block; ``floors``:
-    block name -> its floor. A block binds above where the next allowed width above its choice was not scored,
-    below where the next one below (at or above its floor) was not scored and could cost less; ``lower`` False
-    checks above only (``uniform``: the largest width that fits, whatever lies below it)."""
-    up = down = False
+    block name -> its floor; ``exact``: block name -> whether its loss at the chosen width is 0. A block binds above
+    where the next allowed width above its choice (or the widest of its cost) was not scored, below where the next
+    cheaper one (at or above its floor; the widest of its cost) was not scored. A block stored exactly ties every
+    narrower width of its cost, which the allocator prefers: it binds everywhere where any narrower was not scored.
+    ``lower`` False checks above only (``uniform``: the largest width that fits, whatever lies below it)."""
+    up = down = every = False
     for name, scored in block_bits.items():
         width = chosen.get(name)
         if width is None:
             continue
-        below, above = _neighbours(allowed, width, floors.get(name, 0))
-        if above is not None and above not in scored:
+        floor = floors.get(name, 0)
+        above = [w for w in allowed if w > width]
+        if above and _representatives(ctx, allowed, above[:1])[0] not in scored:
             up = True
-        if lower and below is not None and below not in scored and not _costs_the_same(ctx, below, width):
+        if not lower:
+            continue
+        below = [w for w in allowed if floor <= w < width]
+        if exact.get(name) and any(w not in scored for w in below):
+            every = True
+        cheaper = [w for w in below if not _costs_the_same(ctx, w, width)]
+        if cheaper and _representatives(ctx, allowed, cheaper[-1:])[0] not in scored:
             down = True
-        if up and down:
-            break
-    return down, up
+    return down, up, every
 
 
-def widen(allowed: Sequence[int], widths: Sequence[int], down: bool, up: bool) -> tuple[int, ...] | None:
-    """``widths`` grown by :data:`SPAN` (at least one) allowed widths below its non-zero least (``down``) and above its largest
-    (``up``); None where that is every allowed width."""
+def widen(ctx: Context, allowed: Sequence[int], widths: Sequence[int], down: bool, up: bool
+          ) -> tuple[int, ...] | None:
+    """``widths`` grown by :data:`SPAN` (at least one) allowed widths below its non-zero least (``down``) and above
+    its largest (``up``), further while that adds no width of another cost; None where that is every width."""
     allowed = sorted(allowed)
     nonzero = [w for w in widths if w > 0]
     i = allowed.index(min(nonzero)) if nonzero else 0
     j = allowed.index(max(nonzero)) if nonzero else len(allowed) - 1
     step = max(SPAN, 1)
-    if down:
-        i = max(0, i - step)
-    if up:
-        j = min(len(allowed) - 1, j + step)
-    picked = tuple(sorted({*allowed[i:j + 1], *(w for w in widths if w == 0)}))
+    while True:
+        if down:
+            i = max(0, i - step)
+        if up:
+            j = min(len(allowed) - 1, j + step)
+        picked = _representatives(ctx, allowed, [*allowed[i:j + 1], *(w for w in widths if w == 0)])
+        if picked != tuple(widths) or (i == 0 or not down) and (j == len(allowed) - 1 or not up):
+            break
     return None if picked == tuple(allowed) else picked

@@ -191,7 +191,7 @@ class TableRun:
     def tensor(self, info: WeightInfo) -> TensorTables:
         """The blocks of one weight at its scored widths (:func:`bq_onnx.stages.bracket.scored_widths`)."""
         ctx = self.ctx
-        allowed = scored_widths(self.allowed, self.widths, min_bits(ctx, info.name))
+        allowed = scored_widths(ctx, self.allowed, self.widths, min_bits(ctx, info.name))
         said = len(ctx.messages)
         anchors = len(self.scale.anchor_ratios) if self.scale is not None else 0
         kept, measured = (len(self.compensation.kept_nearest), self.compensation.measured) \

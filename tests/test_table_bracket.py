@@ -55,6 +55,9 @@ def test_lenet_budgets_write_the_bytes_of_every_width(tmp_path, bits):
     {"bits": 4, "format": "compact", "min_bits": (("fc3*", 7),)},  # a floor above the bracket
     {"bits": 3.5, "allocator": "uniform", "format": "compact", "bits_payload": True},
     {"size_mb": 0.05},
+    {"bits": 4, "bits_payload": True},  # the cost is the grid's width: no container stands for another
+    {"bits": 3.5, "target": "onnxruntime"},  # int2 containers
+    {"bits": 5, "target": "tensorrt", "bits_payload": True},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_digits_mlp_paths_write_the_bytes_of_every_width(tmp_path, options):
     _same_as_every_width(*DIGITS, tmp_path, **options)

@@ -112,9 +112,12 @@ def scored_widths(ctx: Context, allowed: Sequence[int], widths: Sequence[int] | 
 
 
 def _costs_the_same(ctx: Context, narrower: int, wider: int) -> bool:
-    """Whether ``narrower`` surely stores at the cost of ``wider`` (same native container, neither packed, a
-    uniform-family quantizer with one design per width): then, its grid coarser, it never wins."""
-    q, d = ctx.config.quantization, ctx.derived
+    """Whether ``narrower`` surely costs the tables what ``wider`` does (stored bits, not ``--bits-payload``; the
+    same native container, neither packed; a uniform-family quantizer with one design per width): then, its grid
+    coarser, it never wins."""
+    q, d, a = ctx.config.quantization, ctx.derived, ctx.config.allocation
+    if a.bits_payload and a.size_mb is None:  # the tables' cost is the grid's width itself
+        return False
     if q.quantizer not in UNIFORM_FAMILY or d.group_choices or d.outliers not in (0, 0.0) or narrower <= 0 \
             or wider > 8:
         return False

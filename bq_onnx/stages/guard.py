@@ -420,7 +420,7 @@ def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spen
     posterior, tables, floors, said = ctx.posterior, ctx.tables, dict(ctx.floors), len(ctx.messages)
     try:
         ctx.posterior = None
-        ctx.tables = expected_loss_tables(model, ctx, None)
+        ctx.tables = expected_loss_tables(model, ctx, None, "budget")
         ctx.floors = head_floors(model, ctx, ctx.tables)
         del ctx.messages[said:]  # the heads' note was given once already
         free_tables = ctx.tables

@@ -107,13 +107,14 @@ def block_name(weight: str, columns: tuple[int, int], n: int) -> str:
 
 
 def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration | None = None,
-                         widths: tuple[int, ...] | None | bool = True) -> Tables:
-    """One :class:`BlockTable` per block of every weight at the widths the budget can reach (``widths`` True:
-    :func:`bq_onnx.stages.bracket.bracket`; None: every allowed width; or these; grown by
-    :meth:`Tables.widen` where an allocation binds), closed form or measured with ``--tables mc`` on
-    ``calibration``; the model is not changed. Inside :func:`bq_onnx.distributed.distributed` the weights are
-    shared out to worker processes (:data:`TENSOR_RUNNER`); the tables are the same."""
-    run = TableRun(model, ctx, calibration, bracket(model, ctx) if widths is True else widths)
+                         widths: tuple[int, ...] | str | None = None) -> Tables:
+    """One :class:`BlockTable` per block of every weight at every allowed width (``widths`` None), at these
+    ``widths``, or (``"budget"``, what the pipeline asks for) at those the budget can reach
+    (:func:`bq_onnx.stages.bracket.bracket`, grown by :meth:`Tables.widen` where an allocation binds); closed form
+    or measured with ``--tables mc`` on ``calibration``; the model is not changed. Inside
+    :func:`bq_onnx.distributed.distributed` the weights are shared out to worker processes
+    (:data:`TENSOR_RUNNER`); the tables are the same."""
+    run = TableRun(model, ctx, calibration, bracket(model, ctx) if widths == "budget" else widths)
     share = TENSOR_RUNNER.get()
     if share is not None and len(ctx.weights) > 1:
         results: Iterable[TensorTables] = share(run)

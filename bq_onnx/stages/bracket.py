@@ -11,9 +11,11 @@ on that side and the tables are scored again (the designs already made come from
 allocation is the one the full tables give wherever the bracket did not bind (``tests/test_table_bracket.py``
 compares the written bytes), at a fraction of the designs.
 
-A lower neighbour that stores in the same container as the chosen width (native int4 for 1..4 bits, int8 for
-5..8, not packed) costs the same stored bits with a coarser grid: it never wins, so it does not bind.
-The options that read every width in one go (``--allocator dp``, ``quantile-inform``, ``random-bits``, GPTQ
+A width that stores in the same container as a wider one (native int4 for 1..4 bits, int8 for 5..8, not packed;
+stored bits counted, a uniform-family grid) costs the same with a coarser grid: it never wins, so the wider one
+stands for it (``--bits 6`` native scores 4 and 8 only). This assumes a coarser grid of the same range search
+never has less error; a block stored exactly (loss 0, where every narrower width ties and the allocator takes
+the narrowest) makes the tables score every width. The options that read every width in one go (``--allocator dp``, ``quantile-inform``, ``random-bits``, GPTQ
 rounding, measured tables of weights without gradients) score every width.
 """
 

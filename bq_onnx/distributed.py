@@ -550,6 +550,7 @@ class TablesJob:
     threads: int  # the quantizers' threads in each worker
     run_timeout: float | None = None
     max_memory: int | None = None
+    widths: tuple[int, ...] | None = None  # the tables' bracket (bq_onnx.stages.bracket; None: every width)
 
 
 def write_tables_job(run: tables_stage.TableRun, names: Sequence[str], scratch: Path, threads: int) -> TablesJob:
@@ -575,7 +576,7 @@ def write_tables_job(run: tables_stage.TableRun, names: Sequence[str], scratch: 
     return TablesJob(uuid.uuid4().hex, os.fspath(scratch), tuple(w.name for w in ctx.weights),
                      tuple(tuple(w.layout.shape) for w in ctx.weights), ctx.config, ctx.derived,
                      ctx.posterior is not None, calib, ctx.moments is not None, nearest, threads, run_timeout(),
-                     max_memory_set())
+                     max_memory_set(), run.widths)
 
 
 def write_posterior(posterior: Posterior, names: Sequence[str], folder: Path) -> None:
@@ -653,7 +654,7 @@ class _TablesWorker:
         ctx.rounded.update({("nearest", name, int(bits)): True for name, bits in job.nearest})
         calib = read_calibration(root / "calibration") if job.calib else None
         self.ctx = ctx
-        self.run = tables_stage.TableRun(model, ctx, calib)
+        self.run = tables_stage.TableRun(model, ctx, calib, job.widths)
 
     def tables(self, names: Sequence[str]) -> list[tables_stage.TensorTables]:
         from bq_onnx.quantizers import cache

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bq_onnx.errors import BqError, OutputError, UnsupportedError, UsageError
+from bq_onnx.stages.bracket import every_width
 
 #: The one error text of a model without quantizable weights (:func:`bq_onnx.stages.weights.find_weights`).
 NO_WEIGHTS = "no quantizable weights"
@@ -418,8 +419,10 @@ def optimize_folder(
     for rel in found.models:
         name = model_name(rel)
         try:
-            results[name] = optimize(found.root / rel, config, calib=calibs.get(name),
-                                     posterior=posteriors.get(name), progress=progress)
+            # a shared budget allocates every model's tables together, anywhere: every width scored
+            with every_width() if shared_budget else contextlib.nullcontext():
+                results[name] = optimize(found.root / rel, config, calib=calibs.get(name),
+                                         posterior=posteriors.get(name), progress=progress)
         except UnsupportedError as exc:
             if not str(exc).startswith(NO_WEIGHTS):
                 raise _named(exc, rel) from None

@@ -92,11 +92,11 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
     if not ctx.fixed:
         if packs_before_tables(ctx, profile):
             ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
-        ctx.tables = expected_loss_tables(model, ctx, fit)
+        ctx.tables = expected_loss_tables(model, ctx, fit, "budget")
         if not ctx.derived.packed_codes and pack_low_widths(model, ctx, profile):  # pack 1..3-bit grids
             said = list(ctx.messages)
             ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
-            ctx.tables = expected_loss_tables(model, ctx, fit)
+            ctx.tables = expected_loss_tables(model, ctx, fit, "budget")
             ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]
         ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
         memtrace("tables")
@@ -115,7 +115,7 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
             raise
         said = list(ctx.messages)
         ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
-        ctx.tables = expected_loss_tables(model, ctx, fit)
+        ctx.tables = expected_loss_tables(model, ctx, fit, "budget")
         ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]  # as after pack_low_widths
         spent = spend()
     if guard.wants_measurement(ctx):

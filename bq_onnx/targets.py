@@ -97,6 +97,7 @@ def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
     (the default target, OpenVINO: no container of those sizes) and the cheapest allocation the tables allow in
     containers (every block at its cheapest width at or above its floor) stores more than the budget, less
     :data:`PACK_MARGIN`. Elsewhere every layer stays a container the runtimes run compressed."""
+    from bq_onnx.stages import bracket
     from bq_onnx.stages.budget import StoredBudget
 
     if ctx.config.storage.format != "native" or (p is not None and not p.packed_codes) or ctx.tables is None:
@@ -106,11 +107,17 @@ def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
         return False
     limit = budget.limit_bits - (8 * budget.other_bytes if budget.size_mb is not None else 0)
     floors = dict(ctx.derived.weight_min_bits)
-    cheapest = 0.0
-    for t in ctx.tables.blocks:
-        least = max(ctx.floors.get(t.name, 0), floors.get(t.weight, 0))
-        cheapest += min((float(c) for b, c in zip(t.bits, t.stored) if b >= least), default=float(min(t.stored)))
-    return cheapest > (1 - PACK_MARGIN) * limit
+    while True:
+        cheapest = 0.0
+        for t in ctx.tables.blocks:
+            least = max(ctx.floors.get(t.name, 0), floors.get(t.weight, 0))
+            cheapest += min((float(c) for b, c in zip(t.bits, t.stored) if b >= least), default=float(min(t.stored)))
+        packs = cheapest > (1 - PACK_MARGIN) * limit
+        lower = bracket.widen(ctx, ctx.config.allocation.allowed_bits, ctx.tables.widths, True, False) \
+            if packs and ctx.tables.widths is not None else False
+        if lower is False or lower == ctx.tables.widths:
+            return packs
+        ctx.tables.widen(lower)  # the narrower widths the bracket left out may be cheaper in containers
 
 
 def packs_at_all(ctx: Context, p: Capabilities | None) -> bool:

@@ -9,8 +9,6 @@ information over variance for selective encoding).
 
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 import onnx_ir as ir
 
@@ -21,6 +19,7 @@ from bq_onnx.decode.functions import vector_layout
 from bq_onnx.decode.ops import layout_vector
 from bq_onnx.errors import UnsupportedError, UsageError
 from bq_onnx.heads import head_weights
+from bq_onnx.stages import bracket
 from bq_onnx.stages.tables import Tables
 
 FILLED_UNIFORM = "uniform-filled"
@@ -29,9 +28,7 @@ raised while the budget allows; :mod:`bq_onnx.allocation.uniform`). Plain unifor
 two container widths (``--bits 4`` on onnxruntime: int4 plus scales 4.6 bits, int2 2.6) is int2 everywhere."""
 
 
-def _min_bits(ctx: Context, weight: str) -> int:
-    found = [bits for pattern, bits in ctx.config.allocation.min_bits if fnmatch.fnmatchcase(weight, pattern)]
-    return max([*found, ctx.derived.weight_floor(weight)])
+_min_bits = bracket.min_bits
 
 
 def allocation_blocks(ctx: Context, tables: Tables, floors: bool = True) -> list[allocation.Block]:
@@ -66,11 +63,21 @@ def head_floors(model: ir.Model, ctx: Context, tables: Tables) -> dict[str, int]
     ctx.heads = head_weights(model, ctx.weights)
     if not ctx.heads:
         return {}
-    blocks = allocation_blocks(ctx, tables, floors=False)
-    try:
-        uniform = allocation.allocate("uniform", blocks, budget_bits(model, ctx, tables))
-    except ValueError:
-        return {}
+    while True:
+        blocks = allocation_blocks(ctx, tables, floors=False)
+        try:
+            uniform = allocation.allocate("uniform", blocks, budget_bits(model, ctx, tables))
+        except ValueError:
+            lower = bracket.widen(ctx, ctx.config.allocation.allowed_bits, tables.widths, True, False) \
+                if tables.widths is not None else False
+            if lower == tables.widths or lower is False:
+                return {}
+            tables.widen(lower)  # a narrower width left out of the bracket may fit
+            continue
+        wider = _binding(ctx, tables, uniform.bits, floors=False, lower=False)
+        if wider is False:
+            break
+        tables.widen(wider)
     floors = {t.name: uniform.bits[t.name] for t in tables.blocks
               if t.weight in ctx.heads and uniform.bits.get(t.name, 0) > 0}
     if floors:
@@ -89,6 +96,36 @@ def allocate_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float 
     by ``method`` (default ``--allocator``; the guard asks for ``uniform``, and where it cannot measure for
     :data:`FILLED_UNIFORM`).
     A budget below the cheapest allocation gives the cheapest: the budget stage then refuses it with its size."""
+    while True:
+        result = _allocate(model, ctx, tables, reserve, method)
+        uniform = (method or ctx.config.allocation.allocator) in ("uniform", FILLED_UNIFORM)
+        # uniform: the largest width that fits, whatever lies below, unless even the cheapest did not fit
+        wider = _binding(ctx, tables, result.bits, floors=not uniform,
+                         lower=not uniform or bool(result.details.get("at_cheapest")))
+        if wider is False:
+            return result
+        tables.widen(wider)
+
+
+def _binding(ctx: Context, tables: Tables, bits: dict[str, int], floors: bool, lower: bool
+             ) -> tuple[int, ...] | None | bool:
+    """The wider bracket the allocation ``bits`` of ``tables`` asks for (:func:`bracket.binding`; None: every
+    allowed width), or False: the bracket did not bind."""
+    if tables.widths is None:
+        return False
+    floor = {t.name: max(_min_bits(ctx, t.weight), ctx.floors.get(t.name, 0) if floors else 0)
+             for t in tables.blocks}
+    exact = {t.name: bits.get(t.name) in t.bits and t.loss[t.bits.index(bits[t.name])] == 0 for t in tables.blocks}
+    allowed = sorted(ctx.config.allocation.allowed_bits)
+    down, up, every = bracket.binding(ctx, allowed, {t.name: t.bits for t in tables.blocks}, bits, floor, exact,
+                                      lower)
+    if every:
+        return None
+    wider = bracket.widen(ctx, allowed, tables.widths, down, up) if down or up else False
+    return False if wider == tables.widths else wider
+
+
+def _allocate(model: ir.Model, ctx: Context, tables: Tables, reserve: float, method: str | None) -> Allocation:
     blocks = allocation_blocks(ctx, tables, floors=method not in ("uniform", FILLED_UNIFORM))
     a = ctx.config.allocation
     method = method or a.allocator

@@ -42,6 +42,7 @@ from bq_onnx.progress import progress
 from bq_onnx.qtensor import take_columns
 from bq_onnx.quantizers import Spec, candidates
 from bq_onnx.sizes import block_metadata_bits, codebook_bits, storage_of, stored_payload_bits, weight_storage
+from bq_onnx.stages.bracket import bracket, min_bits, scored_widths
 from bq_onnx.weights import design, weight_view
 
 MC_SAMPLES = 128
@@ -67,10 +68,23 @@ class BlockTable:
 @dataclasses.dataclass
 class Tables:
     """The expected-loss tables of every block, and the design chosen per (weight, width) where several were
-    scored (``--quantizer vq``/``auto``, ``--outliers auto``, ``--group-size auto``)."""
+    scored (``--quantizer vq``/``auto``, ``--outliers auto``, ``--group-size auto``).
+
+    ``widths``: the bracket the tables were scored at (:mod:`bq_onnx.stages.bracket`; None: every allowed width);
+    :meth:`widen` scores them again at a wider one, in place, so every holder of these tables sees it."""
 
     blocks: list[BlockTable]
     designs: dict[tuple[str, int], Spec]
+    widths: tuple[int, ...] | None = None
+    rescore: Callable[[tuple[int, ...] | None], Tables] | None = dataclasses.field(
+        default=None, repr=False, compare=False)
+
+    def widen(self, widths: tuple[int, ...] | None) -> None:
+        """The tables scored at ``widths`` (None: every allowed width) instead, in place."""
+        if self.rescore is None:
+            raise RuntimeError("these tables cannot be scored again")
+        wider = self.rescore(widths)
+        self.blocks, self.designs, self.widths = wider.blocks, wider.designs, wider.widths
 
 
 MAX_SLICES = 1024
@@ -92,11 +106,15 @@ def block_name(weight: str, columns: tuple[int, int], n: int) -> str:
     return weight if columns == (0, n) else f"{weight}[{columns[0]}:{columns[1]}]"
 
 
-def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration | None = None) -> Tables:
-    """One :class:`BlockTable` per block of every weight at every allowed width (closed form, or measured with
-    ``--tables mc`` on ``calibration``); the model is not changed. Inside :func:`bq_onnx.distributed.distributed`
-    the weights are shared out to worker processes (:data:`TENSOR_RUNNER`); the tables are the same."""
-    run = TableRun(model, ctx, calibration)
+def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration | None = None,
+                         widths: tuple[int, ...] | str | None = None) -> Tables:
+    """One :class:`BlockTable` per block of every weight at every allowed width (``widths`` None), at these
+    ``widths``, or (``"budget"``, what the pipeline asks for) at those the budget can reach
+    (:func:`bq_onnx.stages.bracket.bracket`, grown by :meth:`Tables.widen` where an allocation binds); closed form
+    or measured with ``--tables mc`` on ``calibration``; the model is not changed. Inside
+    :func:`bq_onnx.distributed.distributed` the weights are shared out to worker processes
+    (:data:`TENSOR_RUNNER`); the tables are the same."""
+    run = TableRun(model, ctx, calibration, bracket(model, ctx) if widths == "budget" else widths)
     share = TENSOR_RUNNER.get()
     if share is not None and len(ctx.weights) > 1:
         results: Iterable[TensorTables] = share(run)
@@ -104,7 +122,16 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
         results = (run.tensor(info) for info in progress(ctx.weights, "loss tables", ctx.progress))
     for result in results:
         run.absorb(result)
-    return run.finish()
+    tables = run.finish()
+
+    def rescore(wider: tuple[int, ...] | None) -> Tables:
+        said = list(ctx.messages)
+        out = expected_loss_tables(model, ctx, calibration, wider)
+        ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]
+        return out
+
+    tables.rescore = rescore
+    return tables
 
 
 #: Within :func:`bq_onnx.distributed.distributed`: computes :meth:`TableRun.tensor` of every weight of a run (some
@@ -133,7 +160,8 @@ class TableRun:
     run from the same model, context and calibration), :meth:`absorb` takes its result in, in the order of
     ``ctx.weights``, and :meth:`finish` applies what spans weights (the one scale, the rounding notes)."""
 
-    def __init__(self, model: ir.Model, ctx: Context, calibration: Calibration | None) -> None:
+    def __init__(self, model: ir.Model, ctx: Context, calibration: Calibration | None,
+                 widths: tuple[int, ...] | None = None) -> None:
         a = ctx.config.allocation
         self.model, self.ctx, self.calibration = model, ctx, calibration
         self.allowed = tuple(sorted(a.allowed_bits))
@@ -150,6 +178,9 @@ class TableRun:
         self.compensation = _Compensation(ctx, model, calibration, self.allowed) \
             if ctx.config.quantization.rounding != "nearest" else None
         self.said = len(ctx.messages)  # notes from here on are the tables' (one each, however many processes)
+        # the bracket (bq_onnx.stages.bracket); every width where a helper reads them all (measured widths, GPTQ)
+        full = self.compensation is not None or (self.scale is not None and bool(self.scale.targets))
+        self.widths = None if full else widths
 
     @property
     def reads_calibration(self) -> bool:
@@ -159,8 +190,9 @@ class TableRun:
             or (self.scale is not None and bool(self.scale.targets or self.scale.anchors)))
 
     def tensor(self, info: WeightInfo) -> TensorTables:
-        """The blocks of one weight at every allowed width."""
-        ctx, allowed = self.ctx, self.allowed
+        """The blocks of one weight at its scored widths (:func:`bq_onnx.stages.bracket.scored_widths`)."""
+        ctx = self.ctx
+        allowed = scored_widths(ctx, self.allowed, self.widths, min_bits(ctx, info.name))
         said = len(ctx.messages)
         anchors = len(self.scale.anchor_ratios) if self.scale is not None else 0
         kept, measured = (len(self.compensation.kept_nearest), self.compensation.measured) \
@@ -170,7 +202,7 @@ class TableRun:
         view, importance = weight_view(ctx, info)
         own = weight_storage(self.fmt, info)  # onnxruntime's MatMulNBits stores fp32 scales (bq_onnx.sizes)
         scored = [self.scorer.score(info, view, importance, bits, ranges, own) for bits in allowed]
-        chosen = _choose(scored)
+        chosen = self._choose(info, view, importance, ranges, own, allowed, scored)
         loss = np.zeros((len(ranges), len(allowed)))
         payload = np.zeros_like(loss)
         meta = np.zeros_like(loss)
@@ -206,6 +238,23 @@ class TableRun:
         del ctx.messages[said:]
         return TensorTables(info.name, blocks, designs, scale, kept_nearest, measured, messages)
 
+    def _choose(self, info, view: np.ndarray, importance, ranges, own, scored_at: tuple[int, ...],
+                scored: list[list[_Option]]) -> list[_Option]:
+        """:func:`_choose` as over every allowed width: where several designs compete, each scored width's rate
+        reads its allowed neighbours' first design, so an unscored neighbour's is scored for that (and dropped)."""
+        if len(scored_at) == len(self.allowed) or all(len(options) == 1 for options in scored):
+            return _choose(scored)
+        need = set(scored_at)
+        for bits in scored_at:
+            j = self.allowed.index(bits)
+            need.update(self.allowed[max(j - 1, 0):j + 2])
+        widths = sorted(need)
+        at = dict(zip(scored_at, scored))
+        extended = [at[b] if b in at else self.scorer.score(info, view, importance, b, ranges, own, first=True)
+                    for b in widths]
+        picked = _choose(extended)
+        return [picked[widths.index(b)] for b in scored_at]
+
     def absorb(self, result: TensorTables) -> None:
         """Take one weight's result in (the next weight of ``ctx.weights``)."""
         self.blocks.extend(result.blocks)
@@ -228,7 +277,7 @@ class TableRun:
             self.scale.finish(self.blocks)
         if self.compensation is not None:
             self.compensation.finish()
-        return Tables(self.blocks, self.designs)
+        return Tables(self.blocks, self.designs, self.widths)
 
     def close(self) -> None:
         """Close the measuring sessions without finishing (a worker's run)."""
@@ -559,14 +608,17 @@ class _Scorer:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def score(self, info, view: np.ndarray, importance, bits: int, ranges, fmt: str) -> list[_Option]:
-        """Every candidate design of one tensor at one width: per-slice loss, payload and metadata."""
+    def score(self, info, view: np.ndarray, importance, bits: int, ranges, fmt: str,
+              first: bool = False) -> list[_Option]:
+        """Every candidate design of one tensor at one width (``first``: the first alone): per-slice loss, payload
+        and metadata."""
         q, d = self.ctx.config.quantization, self.ctx.derived
         n = view.shape[1]
         options = []
         plain: dict[tuple[str, int, int], object] = {}
         blocks = d.block_choices_for(info.name, view.shape[0])
-        for spec in candidates(q.quantizer, d.outliers, bits, view.size, blocks):
+        specs = candidates(q.quantizer, d.outliers, bits, view.size, blocks)
+        for spec in specs[:1] if first else specs:
             key = (spec.method, spec.dim, spec.block)
             qt = design(self.ctx, view, importance, bits, info.name, spec, base=plain.get(key))
             if not spec.outliers:

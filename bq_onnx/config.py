@@ -29,6 +29,9 @@ from bq_onnx.loss_spec import FORMS, LossTerm, parse_loss
 from bq_onnx.options import Concern, Option, above, at_least, number, option, text
 
 FORMATS: tuple[str, ...] = ("native", "compact")
+SCALE_STORAGE: tuple[str, ...] = ("double", "fp16")
+"""How the compact format stores uniform scales: ``double`` = a byte code per block times an fp16 super scale per
+output channel (QLoRA's double quantization), ``fp16`` = one fp16 scale per block."""
 QUANTIZERS: tuple[str, ...] = ("uniform", "uniform-sym", "percentile", "gaussian", "nf", "lloyd", "lloyd-l1",
                                "vq", "vq2", "vq4", "vq8", "auto")
 """The names ``--quantizer`` accepts (the registry in :mod:`bq_onnx.quantizers` implements them; a test checks
@@ -329,6 +332,10 @@ class FormatConfig(Concern):
     format: str = option(
         "native", "native: standard DequantizeLinear (int4/int8 containers, runs compressed); compact: exact b-bit "
         "packing decoded by a model-local function (smallest file)", choices=FORMATS)
+    scales: str = option(
+        "double", "compact: how uniform scales are stored; double = an 8-bit code per block times an fp16 super scale "
+        "per output channel (tensors with at least 3 blocks per channel), fp16 = an fp16 scale per block. The native "
+        "format always stores fp16 scales", choices=SCALE_STORAGE)
 
 
 @dataclasses.dataclass(frozen=True)

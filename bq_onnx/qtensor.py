@@ -43,6 +43,41 @@ def expand_blocks(per_block: np.ndarray, k: int, block_size: int) -> np.ndarray:
     return full[:k]
 
 
+SCALE_CODE_MAX = 255
+"""Largest scale code of double-quantized scales: a block's scale is ``code * super_scale``, code an unsigned byte."""
+
+
+def super_scales(scale: np.ndarray) -> np.ndarray:
+    """Per column ``(N,)``: the smallest fp16 value ``s`` with ``255 * s`` at least the column's largest scale, so
+    every scale of the column lies on the code grid ``{0, s, ..., 255 s}`` (0 for an all-zero column).
+
+    Why rounded up: the largest (usually min/max) scale keeps its whole range; rounding down would clip it."""
+    top = np.asarray(scale, dtype=np.float64).max(axis=0, initial=0.0) / SCALE_CODE_MAX
+    sup = to_fp16_exact(np.minimum(top, 65504.0))
+    low = sup.astype(np.float64) * SCALE_CODE_MAX < np.asarray(scale, dtype=np.float64).max(axis=0, initial=0.0)
+    if low.any():  # round up to the next fp16 value (nextafter in fp16)
+        sup[low] = np.nextafter(sup[low].astype(np.float16), np.float16(np.inf)).astype(np.float32)
+    return np.where(np.isfinite(sup), sup, np.float32(65504.0)).astype(np.float32)
+
+
+def scale_codes(scale: np.ndarray, sup: np.ndarray) -> np.ndarray:
+    """Nearest code of each scale on its column's grid ``code * sup`` (uint8; ``sup`` broadcasts against ``scale``).
+
+    Code 0 (scale 0: the block decodes to 0) only for a zero scale or a zero column: a non-zero scale gets at least
+    code 1, whose grid still holds 0 (the zero point is a code), so it is never worse than decoding the block to 0."""
+    s = np.asarray(scale, dtype=np.float64)
+    d = np.broadcast_to(np.asarray(sup, dtype=np.float64), s.shape)
+    q = np.zeros(s.shape)
+    np.divide(s, d, out=q, where=d > 0)
+    low = np.where((s > 0) & (d > 0), 1, 0)
+    return np.clip(np.rint(q), low, SCALE_CODE_MAX).astype(np.uint8)
+
+
+def decode_scales(code: np.ndarray, sup: np.ndarray) -> np.ndarray:
+    """``code * sup`` in float32, what the decode graphs compute (exact: 8-bit code times an fp16 mantissa)."""
+    return (np.asarray(code).astype(np.float32) * np.asarray(sup, dtype=np.float32)).astype(np.float32)
+
+
 def to_fp16_exact(x: np.ndarray) -> np.ndarray:
     """Round to the nearest fp16 value, returned as float32 (so fp16 storage loses nothing further)."""
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
@@ -72,7 +107,9 @@ class QuantizedTensor:
     ``flat[idx] = flat[idx] + value`` (a Gather, an Add and a ScatterElements in the graph).
 
     Scales, offsets and codebook entries are float32 holding fp16-representable values, so fp16 and fp32
-    storage decode to the same numbers.
+    storage decode to the same numbers; except *double-quantized* scales (uniform kinds, compact format): then
+    ``scale_code`` (uint8 ``(nb, N)``) and ``super_scale`` (fp16-representable float32 ``(N,)``, one per column)
+    are what is stored and ``scale`` is their float32 product :func:`decode_scales` (exact, so every decode agrees).
     """
 
     kind: Kind
@@ -89,6 +126,8 @@ class QuantizedTensor:
     vector_dim: int = 1
     outlier_index: np.ndarray | None = None
     outlier_value: np.ndarray | None = None
+    scale_code: np.ndarray | None = None
+    super_scale: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         k, n = self.shape
@@ -116,6 +155,7 @@ class QuantizedTensor:
         _check(self.scale, (nb, n), np.float32, "scale")
         if self.codes.size and int(self.codes.max()) >= (1 << self.bits):
             raise ValueError(f"codes exceed {self.bits} bits")
+        self._check_double_scales(nb, n)
         if self.kind == "uniform":
             if self.symmetric:
                 if self.zero_point is not None:
@@ -130,6 +170,21 @@ class QuantizedTensor:
                 _check(self.offset, (nb, n), np.float32, "offset")
         else:
             raise ValueError(f"unknown kind {self.kind!r}")
+
+    def _check_double_scales(self, nb: int, n: int) -> None:
+        if self.scale_code is None and self.super_scale is None:
+            return
+        if self.scale_code is None or self.super_scale is None:
+            raise ValueError("scale_code and super_scale go together")
+        if self.kind != "uniform":
+            raise ValueError(f"double-quantized scales are for uniform tensors, got {self.kind}")
+        _check(self.scale_code, (nb, n), np.uint8, "scale_code")
+        _check(self.super_scale, (n,), np.float32, "super_scale")
+        sup = self.super_scale
+        if not np.isfinite(sup).all() or (sup < 0).any() or not np.array_equal(sup, to_fp16_exact(sup)):
+            raise ValueError("super_scale must be finite, non-negative and fp16-representable")
+        if not np.array_equal(self.scale, decode_scales(self.scale_code, sup)):
+            raise ValueError("scale must equal scale_code * super_scale (float32)")
 
     def _check_outliers(self, numel: int) -> None:
         if self.outlier_index is None and self.outlier_value is None:
@@ -229,6 +284,19 @@ class QuantizedTensor:
             w = w + expand_blocks(self.offset, k, g)
         return w.astype(np.float32)
 
+    @property
+    def double_scales(self) -> bool:
+        """Whether the scales are stored as byte codes times a per-column fp16 super scale."""
+        return self.scale_code is not None
+
+    def with_scale(self, scale: np.ndarray) -> QuantizedTensor:
+        """A copy with new scales (distillation's tuned ones), put on what this tensor stores: fp16 values, or for
+        double-quantized scales the nearest code of each column's super scale (kept)."""
+        if self.scale_code is None:
+            return dataclasses.replace(self, scale=to_fp16_exact(scale))
+        code = scale_codes(scale, self.super_scale)
+        return dataclasses.replace(self, scale=decode_scales(code, self.super_scale), scale_code=code)
+
     def without_outliers(self) -> QuantizedTensor:
         """The dense part alone."""
         return dataclasses.replace(self, outlier_index=None, outlier_value=None)
@@ -263,6 +331,8 @@ def take_columns(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
         scale=cols(qt.scale),
         zero_point=cols(qt.zero_point),
         offset=cols(qt.offset),
+        super_scale=None if qt.super_scale is None else np.ascontiguousarray(qt.super_scale[start:stop]),
+        scale_code=cols(qt.scale_code),
         outlier_index=index,
         outlier_value=value,
     )

@@ -141,7 +141,8 @@ def codebook_bits(qt: QuantizedTensor) -> int:
 
 
 def block_metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
-    """Bits of the per-block metadata (scales, zero points, offsets), as each format stores them."""
+    """Bits of the per-block metadata (scales, zero points, offsets), as each format stores them; double-quantized
+    scales (compact) count their per-column fp16 super scales here too."""
     st = as_storage(fmt)
     nb, n = qt.num_blocks, qt.shape[1]
     blocks = nb * n
@@ -155,7 +156,10 @@ def block_metadata_bits(qt: QuantizedTensor, fmt: str | Storage) -> int:
         return 32 * blocks + 8 * n * -(-nb * box // 8)
     if qt.kind == "uniform":
         packed = st.format != "native" or is_packed(qt, st)
-        bits += (16 if packed else st.scale_bits) * blocks
+        if qt.double_scales:  # a byte code per block, an fp16 super scale per column (compact only)
+            bits += 8 * blocks + 16 * n
+        else:
+            bits += (16 if packed else st.scale_bits) * blocks
         if not qt.symmetric:
             container = qt.bits if packed else container_bits(qt.bits, st.int2)
             bits += container * blocks

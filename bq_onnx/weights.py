@@ -11,7 +11,7 @@ import onnx_ir as ir
 from bq_onnx import quantizers
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import DataError
-from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.qtensor import QuantizedTensor, num_blocks
 
 
 def weight_array(value: ir.Value) -> np.ndarray:
@@ -60,9 +60,24 @@ def design(
         spec = ctx.designs.get((weight, bits)) or quantizers.candidates(q.quantizer, d.outliers, bits, view.size)[0]
     group = spec.block or d.group_size_for(weight)
     block = view.shape[0] if group <= 0 else group
+    if uses_double_scales(ctx, spec, bits, view.shape[0], block):
+        spec = dataclasses.replace(spec, double_scales=True)
     if view.nbytes > COLUMN_CHUNK_BYTES and importance is None and base is None and _column_separable(spec, bits):
         return _by_columns(view, bits, spec, block, q.seed)
     return quantizers.quantize_spec(view, bits, spec, block, importance, seed=q.seed, base=base)
+
+
+DOUBLE_SCALE_MIN_BLOCKS = 3
+"""Blocks per column from which double-quantized scales store less: ``16 + 8 nb < 16 nb`` bits for ``nb >= 3``."""
+
+
+def uses_double_scales(ctx: Context, spec: quantizers.Spec, bits: int, k: int, block: int) -> bool:
+    """Whether a design stores its scales double-quantized: compact format with ``--scales double`` (default), a
+    uniform grid, and enough blocks per column that one super scale per column plus a byte per block is cheaper
+    than an fp16 scale per block. The native format's ``DequantizeLinear`` takes fp16 scales only."""
+    return (ctx.config.storage.format == "compact" and ctx.config.storage.scales == "double"
+            and spec.method == "uniform" and spec.dim == 1 and 0 < bits <= 8
+            and num_blocks(k, block) >= DOUBLE_SCALE_MIN_BLOCKS)
 
 
 #: A weight bigger than this is designed in slices of output channels of about this size: the quantizers'
@@ -89,8 +104,12 @@ def _by_columns(view: np.ndarray, bits: int, spec: quantizers.Spec, block: int, 
             first = part
             fields = {f: None if getattr(part, f) is None else
                       np.empty((getattr(part, f).shape[0], n), dtype=getattr(part, f).dtype)
-                      for f in ("codes", "scale", "zero_point", "offset")}
+                      for f in ("codes", "scale", "zero_point", "offset", "scale_code")}
+            if part.super_scale is not None:
+                fields["super_scale"] = np.empty(n, dtype=np.float32)
         for f, whole in fields.items():
-            if whole is not None:
+            if whole is not None and whole.ndim == 1:  # per column: the super scales
+                whole[a:a + step] = getattr(part, f)
+            elif whole is not None:
                 whole[:, a:a + step] = getattr(part, f)
     return dataclasses.replace(first, shape=(k, n), **fields)

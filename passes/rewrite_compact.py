@@ -1,7 +1,9 @@
 """The ``compact`` format: exact b-bit packing (any b in 1..8), 0-bit blocks and codebooks.
 
 Smallest file: codes take exactly ``bits`` per weight (plus padding to a group of 8 values), zero points are
-packed at the same width, scales/offsets/codebooks are fp16. Decoding is a ``bq`` domain function per weight.
+packed at the same width, scales/offsets/codebooks are fp16; uniform scales of tensors with at least 3 blocks per
+column are double-quantized by default (``--scales double``): a uint8 code per block and an fp16 super scale per
+column, decoded as their float32 product. Decoding is a ``bq`` domain function per weight.
 onnxruntime unpacks at session creation, so this saves disk and download, not RAM (DESIGN.md).
 """
 
@@ -68,9 +70,10 @@ class RewriteCompactPass(RewritePass):
         k, n = qt.shape
         has_offset = qt.kind == "codebook" and qt.offset is not None
         foldable = self.current is not None and reads_as_constant(self.current)
-        fname = function_name(qt.kind, qt.bits, qt.symmetric, has_offset, foldable)
+        double = qt.double_scales
+        fname = function_name(qt.kind, qt.bits, qt.symmetric, has_offset, foldable, double)
         if (DOMAIN, fname, "") not in model.functions:
-            fn = build_function(qt.kind, qt.bits, qt.symmetric, has_offset, model.opset_imports[""], foldable)
+            fn = build_function(qt.kind, qt.bits, qt.symmetric, has_offset, model.opset_imports[""], foldable, double)
             model.functions[fn.identifier()] = fn
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
         layout = em.const(layout_vector(k, n, qt.block_size), "layout")
@@ -83,7 +86,11 @@ class RewriteCompactPass(RewritePass):
                     inputs.append(em.tensor(pack_bits(qt.zero_point, qt.bits), f"{name}.bq_zero"))
             else:
                 inputs.append(em.tensor(qt.codebook.astype(np.float16), f"{name}.bq_codebook"))
-            inputs.append(em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale"))
+            if double:  # a byte per block, an fp16 super scale per column: their product is the scale
+                inputs.append(em.tensor(qt.scale_code, f"{name}.bq_scale_code"))
+                inputs.append(em.tensor(qt.super_scale.astype(np.float16), f"{name}.bq_super_scale"))
+            else:
+                inputs.append(em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale"))
             if has_offset:
                 inputs.append(em.tensor(qt.offset.astype(np.float16), f"{name}.bq_offset"))
         return em.op(fname, [*inputs, layout], fname, domain=DOMAIN)

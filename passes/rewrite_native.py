@@ -133,6 +133,7 @@ class RewriteNativePass(RewritePass):
         )
 
     def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
+        assert not qt.double_scales, "double-quantized scales are a compact-format design"
         k, n = qt.shape
         g, _nb = qt.block_size, qt.num_blocks
         if qt.kind == "uniform":

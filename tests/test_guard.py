@@ -69,7 +69,9 @@ def test_posterior_never_sees_the_held_out_samples(calib):
 
 
 def test_a_sound_allocation_is_kept_and_measures_no_worse_than_uniform(calib):
-    result = bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib)
+    # fp16 scales: with the default double-quantized scales this allocation first measures 0.0058 on these samples
+    # and is repaired (to 0.0024); the case here is the one the guard keeps
+    result = bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib, scales="fp16")
     g = result.report["guard"]
     assert g["result"] == "kept"
     assert g["measured_loss"] <= g["uniform"]["measured_loss"]
@@ -99,8 +101,11 @@ def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comp
     posterior = bq_onnx.estimate_posterior(LENET, calib)
     wp = posterior.weights["fc1.weight"]
     wp.curvature, wp.precision = wp.curvature * 1e-3, wp.precision * 1e-3
-    first = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib, posterior=posterior, no_guard=True)
-    result = bq_onnx.optimize(LENET, bits=4, format="compact", calib=calib, posterior=posterior)
+    # fp16 scales: with the default double-quantized scales the repair also raises fc1 (0.0077 -> 0.0045) but the
+    # data-free candidate measures lower still (0.0025) and is written; this test is about the repair
+    opts = {"bits": 4, "format": "compact", "calib": calib, "posterior": posterior, "scales": "fp16"}
+    first = bq_onnx.optimize(LENET, **opts, no_guard=True)
+    result = bq_onnx.optimize(LENET, **opts)
     g = result.report["guard"]
     step = g["repairs"][0]
     assert step["kind"] == "tables" and "fc1.weight" in step["raised"]

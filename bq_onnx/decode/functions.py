@@ -26,33 +26,45 @@ DOMAIN = "bq"
 DOMAIN_VERSION = 1
 
 
-def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool, foldable: bool = False) -> str:
-    """``foldable`` decodes (float-only unpacking, for weights OpenVINO must fold to constants) end in ``F``."""
+def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool, foldable: bool = False,
+                  double_scales: bool = False) -> str:
+    """``foldable`` decodes (float-only unpacking, for weights OpenVINO must fold to constants) end in ``F``;
+    uniform decodes of double-quantized scales (byte codes times per-column super scales) carry ``Dq``."""
     if kind == "mean":
         return "DecodeMean"
     suffix = "F" if foldable else ""
     if kind == "uniform":
-        return f"DecodeUniform{'Sym' if symmetric else ''}{bits}{suffix}"
+        return f"DecodeUniform{'Sym' if symmetric else ''}{'Dq' if double_scales else ''}{bits}{suffix}"
     return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}{suffix}"
 
 
-def input_names(kind: str, symmetric: bool, has_offset: bool) -> list[str]:
+def input_names(kind: str, symmetric: bool, has_offset: bool, double_scales: bool = False) -> list[str]:
     if kind == "mean":
         return ["mean", "layout"]
     if kind == "uniform":
-        return ["packed", "scale", "layout"] if symmetric else ["packed", "zero", "scale", "layout"]
+        scale = ["scale_code", "super_scale"] if double_scales else ["scale"]
+        return ["packed", *([] if symmetric else ["zero"]), *scale, "layout"]
     return ["packed", "codebook", "scale"] + (["offset"] if has_offset else []) + ["layout"]
 
 
-def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int, foldable: bool = False
-                   ) -> ir.Function:
-    name = function_name(kind, bits, symmetric, has_offset, foldable)
+def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int, foldable: bool = False,
+                   double_scales: bool = False) -> ir.Function:
+    """``double_scales``: the scale of block ``(j, c)`` is ``float(scale_code[j, c]) * float(super_scale[c])``, a
+    float32 product that is exact (8-bit code, 11-bit fp16 mantissa), as :func:`bq_onnx.qtensor.decode_scales` does."""
+    name = function_name(kind, bits, symmetric, has_offset, foldable, double_scales)
     em = FunctionEmitter("")
-    inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset)}
+    inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset, double_scales)}
     dims = BlockDims.from_layout(em, inputs["layout"])
 
     def per_row(value: ir.Value) -> ir.Value:
         return expand_blocks(em, em.op("Cast", [value], to=ir.DataType.FLOAT), dims)
+
+    def scale_rows() -> ir.Value:
+        if not double_scales:
+            return per_row(inputs["scale"])
+        code = em.op("Cast", [inputs["scale_code"]], to=ir.DataType.FLOAT)
+        sup = em.op("Cast", [inputs["super_scale"]], to=ir.DataType.FLOAT)
+        return expand_blocks(em, em.op("Mul", [code, sup], "scale"), dims)
 
     if kind == "mean":
         out = per_row(inputs["mean"])
@@ -64,7 +76,7 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
                 zero = em.const(np.array(1 << (bits - 1), dtype=np.float32), "zero_point")
             else:
                 zero = expand_blocks(em, unpack_codes(em, inputs["zero"], bits, dims.block_count, foldable), dims)
-            out = em.op("Mul", [em.op("Sub", [codes, zero]), per_row(inputs["scale"])])
+            out = em.op("Mul", [em.op("Sub", [codes, zero]), scale_rows()])
         else:
             index = em.op("Cast", [codes], to=ir.DataType.INT32)
             table = em.op("Cast", [inputs["codebook"]], to=ir.DataType.FLOAT)

@@ -61,7 +61,7 @@ def digest(array: np.ndarray | None) -> tuple | None:
 
 def _nbytes(qt: QuantizedTensor) -> int:
     return sum(int(getattr(qt, f).nbytes) for f in ("codes", "scale", "zero_point", "codebook", "offset",
-                                                       "outlier_index", "outlier_value")
+                                                       "outlier_index", "outlier_value", "scale_code", "super_scale")
                if getattr(qt, f) is not None)
 
 

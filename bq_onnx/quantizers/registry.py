@@ -66,8 +66,15 @@ def quantize(
     weights: np.ndarray | None = None,
     *,
     seed: int = 0,
+    double_scales: bool = False,
 ) -> QuantizedTensor:
-    """Quantize ``w`` (``(K, N)``) to ``bits`` (0..8) bits per element with ``method`` from :data:`METHODS`."""
+    """Quantize ``w`` (``(K, N)``) to ``bits`` (0..8) bits per element with ``method`` from :data:`METHODS`.
+
+    ``double_scales``: byte-coded scales times a per-column fp16 super scale (``uniform`` only)."""
     if method not in SCALAR_QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+    if double_scales:
+        if method != "uniform":
+            raise ValueError(f"double-quantized scales are implemented for uniform only, not {method!r}")
+        return quantize_uniform(w, bits, block_size, weights, double_scales=True)
     return SCALAR_QUANTIZERS[method](w, bits, block_size, weights, seed)

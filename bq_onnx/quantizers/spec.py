@@ -17,12 +17,14 @@ from bq_onnx.quantizers.registry import QUANTIZERS, VECTOR_FAMILIES, quantize
 class Spec:
     """One quantizer design: a scalar ``method`` (``dim == 1``) or a vector codebook (``method == "vq"``, ``dim``
     in 2/4/8), with ``outliers`` = the fraction of weights isolated as sparse fp16 values and ``block`` = the rows
-    per block (0: the run's group size)."""
+    per block (0: the run's group size). ``double_scales``: uniform scales stored as byte codes times a per-column
+    fp16 super scale; set by :func:`bq_onnx.weights.design` from the format, never offered as a design of its own."""
 
     method: str
     dim: int = 1
     outliers: float = 0.0
     block: int = 0
+    double_scales: bool = False
 
     @property
     def label(self) -> str:
@@ -107,7 +109,7 @@ def _quantize_spec(w: np.ndarray, bits: int, spec: Spec, block_size: int, weight
         method = "uniform" if spec.method == "vq" else spec.method
 
         def design(x: np.ndarray, h: np.ndarray | None) -> QuantizedTensor:
-            return quantize(x, bits, method, block_size, h, seed=seed)
+            return quantize(x, bits, method, block_size, h, seed=seed, double_scales=spec.double_scales and bits > 0)
 
     return isolate_outliers(w, weights, spec.outliers, design, base)
 

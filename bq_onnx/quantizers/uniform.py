@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.qtensor import QuantizedTensor, decode_scales, scale_codes, super_scales
 from bq_onnx.quantizers.blocked import (
     _block_percentile,
     _Blocked,
@@ -26,7 +26,8 @@ UNIFORM_SIDE_SHRINK = np.linspace(0.95, 0.7, 6)
 
 
 def quantize_uniform(
-    w: np.ndarray, bits: int, block_size: int = 32, weights: np.ndarray | None = None
+    w: np.ndarray, bits: int, block_size: int = 32, weights: np.ndarray | None = None, *,
+    double_scales: bool = False,
 ) -> QuantizedTensor:
     """Asymmetric uniform: ``w = (code - zp) * scale``, integer ``zp`` and codes in ``[0, 2**bits - 1]``.
 
@@ -37,6 +38,10 @@ def quantize_uniform(
     winner's exact error is then compared with plain min/max (``p = 1``), so the result is never worse than
     min/max round-to-nearest; a non-zero constant block ``c`` also tries ``scale = fp16(|c|)``, which decodes
     it to ``fp16(c)``.
+
+    ``double_scales``: scales are stored as a byte code times one fp16 super scale per column
+    (:func:`bq_onnx.qtensor.super_scales`, from the column's largest min/max scale), so every candidate scale is
+    rounded to that code grid before it is scored, and codes and zero points are chosen for the decoded scale.
     """
     bl = _prepare(w, bits, block_size, weights)
     if bits == 0:
@@ -44,14 +49,29 @@ def quantize_uniform(
     m = 1 << bits
     lo0 = np.minimum(bl.x.min(axis=1), 0).astype(np.float64)
     hi0 = np.maximum(bl.x.max(axis=1), 0).astype(np.float64)
+    sup = _super_rows(bl, lo0, hi0, m) if double_scales else None
     best_lo, best_hi = lo0.copy(), hi0.copy()
 
     def search(rows: slice) -> None:
-        best_lo[rows], best_hi[rows] = _search_asymmetric(_Search(bl, rows), lo0[rows], hi0[rows], m)
+        best_lo[rows], best_hi[rows] = _search_asymmetric(_Search(bl, rows), lo0[rows], hi0[rows], m,
+                                                          None if sup is None else sup[rows])
 
     run_chunks(search, _row_chunks(bl.nrows, bl.g))
-    cands = [_uniform_meta(best_lo, best_hi, m), _uniform_meta(lo0, hi0, m)]
-    return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, False), bits, False, "uniform")
+    cands = [_uniform_meta(best_lo, best_hi, m, sup), _uniform_meta(lo0, hi0, m, sup)]
+    return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, False, sup), bits, False, "uniform", sup)
+
+
+def _super_rows(bl: _Blocked, lo: np.ndarray, hi: np.ndarray, m: int) -> np.ndarray:
+    """The super scale of each block row's column (float64 ``(B,)``), from the column's min/max scales."""
+    sup = super_scales(bl.per_block(_fp16((hi - lo) / (m - 1))))
+    return np.tile(sup.astype(np.float64), bl.nb)
+
+
+def _snap(s: np.ndarray, sup: np.ndarray | None) -> np.ndarray:
+    """Scales ``s`` (float64, last axis the block rows) as stored: fp16, or on the code grid of ``sup``."""
+    if sup is None:
+        return _fp16(s).astype(np.float64)
+    return decode_scales(scale_codes(s, sup), sup).astype(np.float64)
 
 
 def quantize_uniform_sym(
@@ -144,9 +164,11 @@ def uniform_codes(w: np.ndarray, lo: float, hi: float, bits: int, rounding: str 
     return q.astype(np.uint8)
 
 
-def _uniform_meta(lo: np.ndarray, hi: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """fp16 scale and integer zero point (both float64 arrays) for the range ``[lo, hi]``, ``lo <= 0 <= hi``."""
-    s = _fp16((hi - lo) / (m - 1)).astype(np.float64)
+def _uniform_meta(lo: np.ndarray, hi: np.ndarray, m: int, sup: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stored scale (fp16, or on the code grid of ``sup``) and integer zero point (both float64 arrays) for the
+    range ``[lo, hi]``, ``lo <= 0 <= hi``."""
+    s = _snap((hi - lo) / (m - 1), sup)
     pos = s > 0
     zp = np.zeros_like(s)
     zp[pos] = np.clip(np.rint(-lo[pos] / s[pos]), 0, m - 1)
@@ -203,13 +225,13 @@ class _Search:
 
 
 def _search_asymmetric(
-    search: _Search, lo0: np.ndarray, hi0: np.ndarray, m: int
+    search: _Search, lo0: np.ndarray, hi0: np.ndarray, m: int, sup: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The asymmetric range search of :func:`quantize_uniform` for one chunk of blocks: best ``(lo, hi)``."""
     best_lo, best_hi = lo0.copy(), hi0.copy()
 
     def consider(lo: np.ndarray, hi: np.ndarray) -> None:  # (C, B) candidates, in the order they are tried
-        for c, win in enumerate(search.consider_all(*_uniform_meta(lo, hi, m), 0, m - 1)):
+        for c, win in enumerate(search.consider_all(*_uniform_meta(lo, hi, m, sup), 0, m - 1)):
             best_lo[win] = lo[c][win]
             best_hi[win] = hi[c][win]
 
@@ -226,27 +248,39 @@ def _search_asymmetric(
 
 
 def _add_constant_candidate(
-    bl: _Blocked, cands: list[tuple[np.ndarray, np.ndarray]], m: int, symmetric: bool
+    bl: _Blocked, cands: list[tuple[np.ndarray, np.ndarray]], m: int, symmetric: bool,
+    sup: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Append, if some block is a non-zero constant ``c``, the first candidate with those blocks changed to
     ``scale = fp16(|c|)`` and a zero point one step from ``c``, so they can decode to ``fp16(c)`` exactly
-    (the exact comparison keeps whichever is better; other blocks tie and keep the first candidate)."""
+    (the exact comparison keeps whichever is better; other blocks tie and keep the first candidate).
+
+    With double-quantized scales (``sup``) ``|c|`` is rarely on the code grid: ``c`` is taken ``j`` steps from the
+    zero point instead, the ``j`` in ``1..m-1`` whose snapped scale ``|c| / j`` lands closest to ``c``."""
     c = bl.x[:, 0].astype(np.float64)
     const = (bl.x.min(axis=1) == bl.x.max(axis=1)) & (c != 0)
     if not const.any():
         return cands
     s, zp = cands[0][0].copy(), np.array(cands[0][1], dtype=np.float64)
-    s[const] = _fp16(np.abs(c[const]))
+    a = np.abs(c[const])
+    if sup is None:
+        s[const] = _fp16(a)
+    else:
+        j = np.arange(1, m, dtype=np.float64)[:, None]
+        grid = _snap(a[None, :] / j, sup[const][None, :])
+        pick = np.argmin(np.abs(j * grid - a[None, :]), axis=0)
+        s[const] = grid[pick, np.arange(a.size)]
     if not symmetric:
         zp[const] = np.where(c[const] > 0, 0, m - 1)
     return [*cands, (s, zp)]
 
 
 def _uniform_pick(
-    bl: _Blocked, cands: list[tuple[np.ndarray, np.ndarray]], bits: int, symmetric: bool, method: str
+    bl: _Blocked, cands: list[tuple[np.ndarray, np.ndarray]], bits: int, symmetric: bool, method: str,
+    sup: np.ndarray | None = None,
 ) -> QuantizedTensor:
     """Exact nearest codes for each candidate ``(scale, zp)``; per block the smallest exact weighted error wins
-    (earlier candidates win ties)."""
+    (earlier candidates win ties). ``sup``: the candidates' scales are on this code grid, stored as codes."""
     m = 1 << bits
     qmin = 1 if symmetric and bits >= 2 else 0
     zp_implicit = np.float32(m >> 1)
@@ -270,9 +304,14 @@ def _uniform_pick(
         win = e < err[rows]
         rows, c, e = rows[win], c[win], e[win]
         s[rows], zp[rows], codes[rows], err[rows] = s_c[rows], zp_c[rows], c, e
+    double = {}
+    if sup is not None:
+        column_sup = np.ascontiguousarray(sup[: bl.shape[1]], dtype=np.float32)
+        code = scale_codes(bl.per_block(s), column_sup)
+        double = {"scale_code": code, "super_scale": column_sup}
     return QuantizedTensor(
         kind="uniform", bits=bits, shape=bl.shape, block_size=bl.block_size,
         codes=bl.unblock(codes.astype(np.uint8)), scale=bl.per_block(s),
         zero_point=None if symmetric else bl.per_block(zp).astype(np.uint8),
-        symmetric=symmetric, method=method,
+        symmetric=symmetric, method=method, **double,
     )

@@ -8,7 +8,8 @@ initializers. The loss the posterior fits (``--loss`` or its default rule; on a 
 model's output distribution), against the FP32 outputs on the calibration data, is differentiated by the
 autodiff pass (standard ops, run by onnxruntime) and minimized by Adam; ce terms fit the FP32 distribution too
 (distillation reads no labels: it keeps the FP32 model's behaviour, not a labelled accuracy). Tuned values are
-rounded to fp16 (what both formats store) and returned as new quantized forms; the step with the lowest loss on a
+rounded to fp16 (what both formats store; double-quantized scales of the compact format to their column's code
+grid, the super scales kept) and returned as new quantized forms; the step with the lowest loss on a
 held-out part of the calibration data is kept, so distillation never makes that loss worse.
 """
 
@@ -90,6 +91,12 @@ class _Distiller:
         self.output = output
         self.max_samples = max_samples
         self.loss = loss
+        self.grids: dict[str, QuantizedTensor] = {}  # double-quantized scale params: the tensor whose grid they keep
+
+    def _stored(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A tuned value as the output stores it: fp16, or a double-quantized scale on its column's code grid."""
+        qt = self.grids.get(name)
+        return to_fp16_exact(value) if qt is None else qt.with_scale(value).scale
 
     def run(self, model: ir.Model) -> Distilled:
         ctx = self.ctx
@@ -137,7 +144,7 @@ class _Distiller:
                     mhat, vhat = m[p] / (1 - 0.9**step), v2[p] / (1 - 0.999**step)
                     size = max(float(np.sqrt(np.mean(np.square(params[p])))), 1e-8)
                     values[p] = (values[p] - self.lr * size * mhat / (np.sqrt(vhat) + 1e-12)).astype(np.float32)
-                rounded = {p: to_fp16_exact(v) for p, v in values.items()}
+                rounded = {p: self._stored(p, v) for p, v in values.items()}
                 loss, _ = run(rounded, eval_idx)
                 if loss < best_loss:
                     best_loss, best = loss, rounded
@@ -208,6 +215,8 @@ class _Distiller:
                     views.append(_with_outliers(em, em.op("Expand", [x, dims.kn]) if dims.single_block else x, qt))
                     continue
                 scale = expand_blocks(em, trainable("scale", qt.scale), dims)
+                if qt.double_scales:  # tuned freely, then put back on the code grid of its super scales (kept)
+                    self.grids[f"{prefix}.scale"] = qt
                 if qt.kind == "vector":
                     index = em.const(qt.codes.astype(np.int64), "codes")
                     ragged = qt.codes.shape[0] * qt.vector_dim != k
@@ -251,6 +260,8 @@ class _Distiller:
             pieces = []
             for i, (start, stop, qt) in enumerate(_pieces(q)):
                 changes = {f: values[f"{info.name}.p{i}.{f}"] for f in TRAINABLE if f"{info.name}.p{i}.{f}" in values}
+                if qt.double_scales and "scale" in changes:  # already on the grid: this re-derives the codes
+                    qt = qt.with_scale(changes.pop("scale"))
                 pieces.append((start, stop, dataclasses.replace(qt, **changes)))
             quantized[info.name] = _rebuild(q, pieces)
         return quantized

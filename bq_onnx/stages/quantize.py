@@ -51,7 +51,7 @@ def quantize_weights(
     return quantized
 
 
-_GRID = ("scale", "zero_point", "codebook", "offset", "outlier_index", "codes")
+_GRID = ("scale", "scale_code", "super_scale", "zero_point", "codebook", "offset", "outlier_index", "codes")
 
 
 def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,

@@ -8,7 +8,9 @@ What the runtimes do with a ``DequantizeLinear`` on a constant weight (measured:
   split by width (DQ -> Concat) or transposed after decoding (LeNet 5-7x FP32). The fusion takes
   ``DequantizeLinear(axis=0, block_size=2^k >= 16) -> MatMul`` input B, except when the MatMul's only consumer is a
   Relu or Clip that feeds another node (its QDQ selectors then look for a QuantizeLinear after the "redundant clip"
-  and give up): MatMul -> Relu -> MatMul stacks ran 9-89x slower than FP32.
+  and give up): MatMul -> Relu -> MatMul stacks ran 9-89x slower than FP32. The same with a bias between
+  (MatMul -> Add -> Relu, a torch Linear exported as MatMul + Add): onnxruntime fuses the three into a float
+  FusedGemm first and dequantizes on every call (digits_mlp 7x FP32).
 * onnxruntime constant-folds ``Cast``, ``Reshape``, ``Sub`` and ``Mul`` on constants at session creation, and
   OpenVINO reads ``Convert -> Subtract -> Multiply`` on a constant as its own compressed-weight pattern.
 
@@ -20,7 +22,7 @@ names; blocked ones are stored with the block axis split, ``[K/B, B, N]`` and ``
 is OpenVINO's ``Convert -> Subtract -> Multiply -> Reshape`` with nothing in between: a Reshape after the Convert
 made OpenVINO decompress a MiniLM embedding table on every call, 1.7x FP32 at batch 8). A Relu (or Clip) that
 alone consumes a fused MatMul and feeds another node becomes ``Max(x, 0)`` (``Min(Max(x, lo), hi)``), which does
-not block the fusion (NaN inputs aside, the same).
+not block the fusion (NaN inputs aside, the same); so does one behind a bias Add.
 """
 
 from __future__ import annotations
@@ -178,6 +180,12 @@ class FastLayoutPass(ir.passes.InPlacePass):
         if len(uses) != 1 or out.is_graph_output():
             return False
         act = uses[0].node
+        if act.op_type == "Add" and act.domain in _STANDARD:  # a bias between: MatMul -> Add -> Relu
+            bias_out = act.outputs[0]
+            bias_uses = list(bias_out.uses())
+            if len(bias_uses) != 1 or bias_out.is_graph_output():
+                return False
+            out, act = bias_out, bias_uses[0].node
         if act.op_type not in ("Relu", "Clip") or act.domain not in _STANDARD:
             return False
         act_out = act.outputs[0]

@@ -35,12 +35,19 @@ def _run(path: Path, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def _relu_mlp(path: Path, width: int = 128, layers: int = 3) -> Path:
+def _relu_mlp(path: Path, width: int = 128, layers: int = 3, bias: bool = False) -> Path:
+    """MatMul -> Relu layers; with ``bias``, MatMul -> Add -> Relu (a torch Linear exported as MatMul + Add)."""
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
     for i in range(layers):
         inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / 8).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]))
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(width).astype(np.float32) / 10, f"b{i}"))
+            nodes.append(helper.make_node("Add", [f"h{i}", f"b{i}"], [f"a{i}"]))
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
+        else:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"]))
         x = f"r{i}"
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", width])], inits)
@@ -69,6 +76,21 @@ def test_relu_between_matmuls_keeps_every_matmulnbits_fusion(tmp_path):
     assert ran["MatMulNBits"] == 3 and "DequantizeLinear" not in ran, ran
     x = {"x": np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)}
     # Max(x, 0) is Relu: the unfused (no graph optimization) run equals the fused one up to the kernel's rounding
+    np.testing.assert_allclose(_run(out, x)[0], _run(out, x, optimize=False)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_bias_between_matmul_and_relu_keeps_the_fusion(tmp_path):
+    """MatMul -> Add(bias) -> Relu -> MatMul: onnxruntime fused MatMul + Add + Relu into a float FusedGemm first and
+    left the DequantizeLinear running on every call (digits_mlp 7x FP32); the Relu written as Max keeps
+    MatMulNBits."""
+    src = _relu_mlp(tmp_path / "mlp.onnx", bias=True)
+    out = tmp_path / "mlp.bq.onnx"
+    bq_onnx.optimize(src, bits=4, allocator="uniform").save(out)
+    written = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert written["Max"] == 2 and written["Relu"] == 1, written
+    ran = _ort_ops(out, tmp_path)
+    assert ran["MatMulNBits"] == 3 and "DequantizeLinear" not in ran, ran
+    x = {"x": np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)}
     np.testing.assert_allclose(_run(out, x)[0], _run(out, x, optimize=False)[0], rtol=1e-4, atol=1e-4)
 
 

@@ -1,7 +1,7 @@
 """How fast the outputs run: FP32 vs native (default) vs compact, onnxruntime and OpenVINO, batch 1 and 8, interleaved.
 
-Usage:  python -m benchmarks.output_speed [--models lenet,efficientnet-lite0,minilm-l3,mlp-relu,mlp-wide] [--rounds 5]
-        [--iterations 30] [--before COMMIT] [--out benchmarks/output_speed.md]
+Usage:  python -m benchmarks.output_speed [--models lenet,efficientnet-lite0,minilm-l3,mlp-relu,mlp-wide,digits-mlp]
+        [--rounds 5] [--iterations 30] [--before COMMIT] [--out benchmarks/output_speed.md]
 
 Each model is optimized with default options (no calibration data; ``format="compact"`` for the compact column),
 then every session (model x variant x runtime x batch) is opened once in this process with ``bq-onnx bench``'s
@@ -15,8 +15,8 @@ Models: LeNet (``models/lenet.onnx``; Conv + Gemm), EfficientNet-Lite0 (``benchm
 ``models/build_efficientnet.py`` when torch is installed; Conv), paraphrase-MiniLM-L3-v2 (its wheel's ONNX file;
 MatMul-heavy transformer) and a generated 4-layer MLP of 1024x1024 MatMul + Relu (the pattern onnxruntime's
 MatMulNBits fusion skipped), and ``mlp-wide`` (1024x4096 and 4096x1024 MatMuls whose default allocation mixes
-widths within each weight: :func:`wide_mlp`). onnxruntime's optimized graph is saved once per output to count
-the ops it runs.
+widths within each weight: :func:`wide_mlp`), ``digits-mlp`` (``models/digits_mlp.onnx``: MatMul + Add + Relu).
+onnxruntime's optimized graph is saved once per output to count the ops it runs.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def model_path(name: str) -> Path | None:
         return mlp(1024, 4, "relu")
     if name == "mlp-wide":
         return wide_mlp()
+    if name == "digits-mlp":
+        return ROOT / "models" / "digits_mlp.onnx"  # torch Linear layers: MatMul + Add + Relu
     raise SystemExit(f"unknown model {name!r}")
 
 

@@ -10,7 +10,7 @@ What the runtimes do with a ``DequantizeLinear`` on a constant weight (measured:
   Relu or Clip that feeds another node (its QDQ selectors then look for a QuantizeLinear after the "redundant clip"
   and give up): MatMul -> Relu -> MatMul stacks ran 9-89x slower than FP32. The same with a bias between
   (MatMul -> Add -> Relu, a torch Linear exported as MatMul + Add): onnxruntime fuses the three into a float
-  FusedGemm first and dequantizes on every call (digits_mlp 7x FP32).
+  FusedGemm first and dequantizes on every call (digits_mlp 4.46x FP32: ``benchmarks/output_speed_bias.md``).
 * onnxruntime constant-folds ``Cast``, ``Reshape``, ``Sub`` and ``Mul`` on constants at session creation, and
   OpenVINO reads ``Convert -> Subtract -> Multiply`` on a constant as its own compressed-weight pattern.
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 _STANDARD = ("", "ai.onnx")
-#: Elements a piece must have on average for the split to pay. Measured (1 thread, onnxruntime 1.32, `--bits 5`
-#: with calibration): a 1024x4096 + 4096x1024 MLP in 23 pieces ran 575 us at batch 1 split against 1999 unsplit
-#: (FP32 1975; batch 8: 2565 / 2713 / 2783), a 64x256 weight in 13 pieces of ~1,300 elements 124 us against 98.
+#: Elements a piece must have on average for the split to pay: a choice between pieces of ~200,000 elements, where
+#: the split runs 0.52x FP32 against 7.15x unsplit (``benchmarks/output_speed_pieces.md``), and tiny ones, where many
+#: MatMulNBits calls cost more than one float MatMul folded at load (not measured by a repository command).
 MIN_PIECE_ELEMENTS = 1 << 16
 #: How many producer steps back a piece may go to reach only constants (a decode is a few ops deep).
 _DEPTH = 16

@@ -52,9 +52,9 @@ def super_scales(scale: np.ndarray) -> np.ndarray:
     every scale of the column lies on the code grid ``{0, s, ..., 255 s}`` (0 for an all-zero column).
 
     Why rounded up: the largest (usually min/max) scale keeps its whole range; rounding down would clip it."""
-    top = np.asarray(scale, dtype=np.float64).max(axis=0, initial=0.0) / SCALE_CODE_MAX
-    sup = to_fp16_exact(np.minimum(top, 65504.0))
-    low = sup.astype(np.float64) * SCALE_CODE_MAX < np.asarray(scale, dtype=np.float64).max(axis=0, initial=0.0)
+    largest = np.asarray(scale, dtype=np.float64).max(axis=0, initial=0.0)
+    sup = to_fp16_exact(np.minimum(largest / SCALE_CODE_MAX, 65504.0))
+    low = sup.astype(np.float64) * SCALE_CODE_MAX < largest
     if low.any():  # round up to the next fp16 value (nextafter in fp16)
         sup[low] = np.nextafter(sup[low].astype(np.float16), np.float16(np.inf)).astype(np.float32)
     return np.where(np.isfinite(sup), sup, np.float32(65504.0)).astype(np.float32)

@@ -152,14 +152,7 @@ def _allocate(model: ir.Model, ctx: Context, tables: Tables, reserve: float, met
 
 
 def _budget(model: ir.Model, ctx: Context, tables: Tables) -> float:
-    s = ctx.config.allocation
-    numel = sum(t.numel for t in tables.blocks)
-    if s.size_mb is None:
-        return float(s.bits) * numel
-    quantized = {w.name for w in ctx.weights}
-    other = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                if v.const_value is not None and v.name not in quantized)
-    return s.size_mb * 8e6 - 8 * other  # a first guess: the budget stage measures the file and corrects it
+    return bracket.budget_bits(model, ctx, sum(t.numel for t in tables.blocks))
 
 
 def _layout_bits(ctx: Context, tables: Tables, bits: dict[str, int]) -> int:

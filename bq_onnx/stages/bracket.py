@@ -63,16 +63,24 @@ def min_bits(ctx: Context, weight: str) -> int:
     return max([*found, ctx.derived.weight_floor(weight)])
 
 
+def budget_bits(model: ir.Model, ctx: Context, numel: int) -> float:
+    """The budget in bits for ``numel`` quantized weights: ``--bits`` each, or ``--size-mb`` less the other
+    initializers (a first guess: the budget stage measures the file and corrects it)."""
+    a = ctx.config.allocation
+    if a.size_mb is None:
+        return float(a.bits) * numel
+    quantized = {w.name for w in ctx.weights}
+    other = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                if v.const_value is not None and v.name not in quantized)
+    return a.size_mb * 8e6 - 8 * other
+
+
 def per_weight_budget(model: ir.Model, ctx: Context) -> float:
     """The budget in bits per quantized weight (``--bits``, or ``--size-mb`` less the other initializers)."""
     a = ctx.config.allocation
     if a.size_mb is None:
         return float(a.bits)
-    quantized = {w.name for w in ctx.weights}
-    other = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                if v.const_value is not None and v.name not in quantized)
-    numel = sum(w.numel for w in ctx.weights) or 1
-    return (a.size_mb * 8e6 - 8 * other) / numel
+    return budget_bits(model, ctx, 0) / (sum(w.numel for w in ctx.weights) or 1)
 
 
 def bracket(model: ir.Model, ctx: Context) -> tuple[int, ...] | None:

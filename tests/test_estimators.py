@@ -142,8 +142,10 @@ def test_kfac_factors_on_softmax_regression(softmax_regression):
     assert post.weights["W"].source == "kfac"
 
 
-def test_embedding_rows_unseen_in_calibration_get_the_mean_curvature_of_seen_rows():
-    """A token the calibration never contains is not unimportant: its rows get the seen rows' mean curvature."""
+def test_embedding_rows_unseen_in_calibration_share_the_good_turing_mass_of_the_seen_rows():
+    """A token the calibration never contains is not unimportant, but no more used than a once-seen one: the unread
+    rows share the Good-Turing part of the seen rows' curvature (rows read once over all reads), each capped at the
+    median seen row. Reference: the counts recomputed here from the ids."""
     from bq_onnx.posterior import DEFAULT_PRIOR_PRECISION
     from tests.conftest import MODELS
 
@@ -152,12 +154,15 @@ def test_embedding_rows_unseen_in_calibration_get_the_mean_curvature_of_seen_row
     post = estimate_posterior(MODELS / "tiny_transformer.onnx", {"ids": ids}, "laplace")
     table = post.weights["embed.weight"]
     curvature = (table.precision - DEFAULT_PRIOR_PRECISION) / post.samples
-    seen = np.zeros(table.precision.shape[0], dtype=bool)
-    seen[np.unique(ids)] = True
+    counts = np.bincount(ids.ravel(), minlength=curvature.shape[0])
+    seen = counts > 0
     assert 0 < seen.sum() < len(seen)
-    np.testing.assert_allclose(curvature[~seen], np.broadcast_to(curvature[seen].mean(axis=0), curvature[~seen].shape),
-                               rtol=1e-4, atol=1e-9)
-    assert any("never read by the calibration data" in note for note in post.notes)
+    share = max((counts == 1).sum(), 1) / counts.sum()
+    per_row = curvature[seen].sum(axis=0) * share / (1 - share) / (~seen).sum()
+    want = np.minimum(per_row, np.median(curvature[seen], axis=0))
+    np.testing.assert_allclose(curvature[~seen], np.broadcast_to(want, curvature[~seen].shape), rtol=1e-4, atol=1e-12)
+    assert (curvature[~seen] > 0).all()  # never free
+    assert any("never read by the calibration data" in note and "Good-Turing" in note for note in post.notes)
 
 
 # --- memory: layers summed one at a time, sessions without weight copies -----------------------------------

@@ -24,6 +24,7 @@ from bq_onnx.estimators.activations import Activations
 from bq_onnx.estimators.base import Accumulator, Estimator, Problem, Stage
 from bq_onnx.estimators.prepared import ModelSource, Prepared, prepare
 from bq_onnx.estimators.registry import REGISTRY
+from bq_onnx.estimators.unseen_rows import fill_unseen_rows, row_counts, table_rows
 from bq_onnx.posterior import Posterior, Spill
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.spilling import SpilledArrays, spilled_posterior
@@ -170,12 +171,15 @@ def _estimate(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, pro
     weights = {}
     for info in prepared.weights:  # one weight at a time: read its curvature, finish it, write it back
         raw = curvature[info.name]
-        filled = fill_unseen_rows(info, raw)
+        counts = row_counts(info, calib)
+        filled = fill_unseen_rows(raw, counts) if table_rows(info) else None
         if filled is not None:
-            raw, count = filled
+            raw, count, how = filled
             notes.append(f"'{info.name}': {count} embedding row(s) never read by the calibration data were given "
-                         f"the mean curvature of the rows that were")
-        floored = floor_silent_channels(info, raw)
+                         f"{how}")
+        # rows counted: each row's curvature is its measured use, and the unread ones are filled by the count; a
+        # floor from the typical row (the frequent tokens') would undo it
+        floored = floor_silent_channels(info, raw) if counts is None else None
         if floored is not None:
             raw, count = floored
             notes.append(f"'{info.name}': {count} output channel(s) the calibration data barely exercise were "
@@ -251,24 +255,6 @@ def fill_uncovered(weights: list[WeightInfo], found: _Found) -> None:
         where = f" (inside {w.scope})" if w.scope else ""
         found.notes.append(f"'{w.name}'{where}: no estimator sees this weight; given the mean curvature of the "
                            f"others")
-
-
-def fill_unseen_rows(info: WeightInfo, curvature: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """Rows of a Gather table (token embeddings) that no calibration sample reads get the mean curvature of the
-    rows that were read: the data say nothing about them, but a deployed model will meet those tokens, so they are
-    treated as exchangeable with the seen ones rather than as unimportant (which would store them at 0 bits)."""
-    uses = list(info.value.uses())
-    if not uses or any(u.node.op_type != "Gather" or u.idx != 0 for u in uses):
-        return None
-    if any(int(a.value) != 0 for u in uses for k, a in u.node.attributes.items() if k == "axis"):
-        return None
-    rows = np.asarray(curvature, dtype=np.float64).reshape(curvature.shape[0], -1)
-    seen = rows.sum(axis=1) > 0
-    if seen.all() or not seen.any():
-        return None
-    filled = rows.copy()
-    filled[~seen] = rows[seen].mean(axis=0)
-    return filled.reshape(curvature.shape), int((~seen).sum())
 
 
 def floor_silent_channels(info: WeightInfo, curvature: np.ndarray) -> tuple[np.ndarray, int] | None:

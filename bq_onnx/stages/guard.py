@@ -86,6 +86,10 @@ FILLED = "uniform, filled"
 """The candidate label (and result) of uniform with whole layers raised into the budget it leaves (:func:`_filled`)."""
 DATA_FREE_UNIFORM = "data-free uniform"
 """The candidate label of uniform on grids made without the posterior (:func:`_data_free`)."""
+DATA_FREE_FILLED = "data-free uniform, filled"
+"""The same with whole layers raised into the budget its single width leaves (:func:`_data_free`)."""
+DATA_FREE = ("data-free", DATA_FREE_UNIFORM, DATA_FREE_FILLED)
+"""The labels of the candidates made on the data-free tables."""
 
 
 @dataclasses.dataclass
@@ -405,8 +409,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
                             f"{uniform.loss:.4g}): wrote uniform")
         result, final = "uniform", uniform
     else:
-        result = ("kept" if best is chosen else "data-free uniform" if best.label == DATA_FREE_UNIFORM
-                  else "data-free" if best.label == "data-free" else "repaired")
+        result = "kept" if best is chosen else best.label if best.label in DATA_FREE else "repaired"
         final = best
     if final is uniform:
         filled = _filled(uniform, spend, measure)
@@ -417,7 +420,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
                                 f"({uniform.loss:.4g} -> {filled.loss:.4g} on {held.samples} {held.kind} samples)")
     if final is chosen or final is uniform or final.label == FILLED:
         ctx.tables = tables  # what is written was spent on the posterior's tables
-    elif final.label in ("data-free", DATA_FREE_UNIFORM):
+    elif final.label in DATA_FREE:
         ctx.tables = free_tables
     final.spent.apply(ctx)
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
@@ -441,7 +444,9 @@ def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spen
     error) and the uniform allocation on those grids, measured as two more candidates. Why: where the posterior
     misleads (a small calibration set, a loss that weighs the wrong outputs) the data-free allocation can measure
     better than both the posterior's and uniform, and the grids alone can be what hurts: on silero-vad's sequence
-    export (24 fit clips) uniform 3-bit measured several times better on plain grids than on the posterior's.
+    export (24 fit clips) uniform 3-bit measured several times better on plain grids than on the posterior's. Where
+    that uniform's single width leaves budget, it is measured again with whole layers raised into it (the same
+    export stored 3.6 bits at ``--bits 4`` on plain-grid uniform 3-bit).
     Returns (the candidates, their tables); the context's posterior, tables and floors are restored."""
     from bq_onnx.stages.allocate import head_floors
     from bq_onnx.stages.tables import expected_loss_tables
@@ -454,11 +459,14 @@ def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spen
         del ctx.messages[said:]  # the heads' note was given once already
         free_tables = ctx.tables
         found = []
-        for label, method in (("data-free", None), (DATA_FREE_UNIFORM, "uniform")):
+        for label, method in (("data-free", None), (DATA_FREE_UNIFORM, "uniform"), (DATA_FREE_FILLED, FILLED_UNIFORM)):
             try:
-                found.append(measure.model_try(label, spend(method)))
+                spent = spend(method)
             except UsageError:
                 continue
+            if method == FILLED_UNIFORM and not _raises(spent, found[-1] if found else None):
+                continue  # nothing raised: the same model as the data-free uniform
+            found.append(measure.model_try(label, spent))
         return found, free_tables
     finally:
         ctx.posterior, ctx.tables, ctx.floors = posterior, tables, floors
@@ -579,11 +587,18 @@ def _filled(uniform: _Try, spend: Callable[[str | None], Spent], measure: _Measu
         spent = spend(FILLED_UNIFORM)
     except UsageError:
         return None
-    if spent.stored_bytes is not None and uniform.spent.stored_bytes is not None \
-            and spent.stored_bytes <= uniform.spent.stored_bytes:
-        return None  # nothing raised
+    if not _raises(spent, uniform):
+        return None
     filled = measure.model_try(FILLED, spent)
     return filled if filled.loss <= uniform.loss else None
+
+
+def _raises(filled: Spent, uniform: _Try | None) -> bool:
+    """Whether the filled uniform raised anything above ``uniform`` (a uniform try of the same tables)."""
+    if uniform is None or uniform.label not in ("uniform", DATA_FREE_UNIFORM):
+        return False  # no uniform on these tables to compare with
+    stored, plain = filled.stored_bytes, uniform.spent.stored_bytes
+    return stored is None or plain is None or stored > plain
 
 
 def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tuple[_Try, _Try | None]:

@@ -88,11 +88,14 @@ class UniqueInitializerNamesPass(ir.passes.InPlacePass):
 
 
 def prepare_passes(config: WeightsConfig) -> list[ir.passes.PassBase]:
-    """Constants to initializers (in whichever graph holds them), unique initializer names, opset >= 21, a
-    runtime-readable IR version."""
+    """Constants to initializers (in whichever graph holds them), unique initializer names, inference
+    BatchNormalization folded into its Conv, opset >= 21, a runtime-readable IR version."""
+    from bq_onnx.passes.fold_batchnorm import FoldBatchNormPass
+
     return [
         LiftConstantsToInitializersPass(size_limit=config.min_size),
         UniqueInitializerNamesPass(),
+        FoldBatchNormPass(),
         UpgradeOpsetPass(),
         SetIrVersionPass(),
     ]

@@ -112,7 +112,11 @@ def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comp
     assert step["kind"] == "tables" and "fc1.weight" in step["raised"]
     assert step["excess"]["fc1.weight"] > 100  # the factor its table was scaled by, the largest
     assert step["excess"]["fc1.weight"] == max(step["excess"].values())
-    assert g["result"] == "repaired" and g["measured_loss"] < g["first"]["measured_loss"] / 2
+    repair = next(c for c in g["candidates"] if c["label"] == "repair 1")
+    assert repair["measured_loss"] < g["first"]["measured_loss"] / 2
+    # written: the repair, or the plain-grid uniform filled into the budget where that measured lower still
+    assert g["result"] in ("repaired", "data-free uniform, filled")
+    assert g["measured_loss"] <= repair["measured_loss"]
 
     def fc1_bits(r) -> float:
         return float(np.mean([b for n, b in r.context.allocation.bits.items() if n.startswith("fc1.weight")]))

@@ -161,3 +161,27 @@ def test_outputs_are_the_bytes_of_the_work_done_twice(tmp_path, monkeypatch, nam
     assert now[1] == before[1]
     for w, post in now[2].items():
         assert post.precision.tobytes() == before[2][w].precision.tobytes(), w
+
+
+def test_the_blocks_extremes_read_once_give_the_same_search() -> None:
+    """quantize_uniform hands its blocks' minima and maxima to the constant-block candidate and their largest
+    magnitude to the range search: the same values the two computed for themselves."""
+    from bq_onnx.quantizers.blocked import _prepare
+    from bq_onnx.quantizers.uniform import _add_constant_candidate, _Search, _uniform_meta
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((70, 9)).astype(np.float32)
+    w[:32, 0] = 0.5  # a constant block
+    w[:, 1] = 0.0
+    w[:32, 2] = -0.0
+    bl = _prepare(w, 3, 32, rng.gamma(0.5, 1.0, w.shape))
+    xmin, xmax = bl.x.min(axis=1), bl.x.max(axis=1)
+    rows = slice(0, bl.nrows)
+    own, given = _Search(bl, rows), _Search(bl, rows, np.maximum(-xmin, xmax))
+    assert own.norm.tobytes() == given.norm.tobytes()
+    lo, hi = np.minimum(xmin, 0).astype(np.float64), np.maximum(xmax, 0).astype(np.float64)
+    cands = [_uniform_meta(lo, hi, 8)]
+    for a, b in zip(_add_constant_candidate(bl, cands, 8, False), _add_constant_candidate(bl, cands, 8, False,
+                                                                                         extremes=(xmin, xmax))):
+        assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert len(_add_constant_candidate(bl, cands, 8, False)) == 2  # the constant block's candidate is there

@@ -24,6 +24,30 @@ from bq_onnx.model_io import copy_model
 from bq_onnx.posterior import SumAccumulator
 from bq_onnx.runtimes.base import Session
 
+SPARSE_SHARE = 0.25
+"""A gradient whose non-zero rows are at most this share of its rows is summed row by row (see :func:`add_squares`)."""
+
+
+def add_squares(sums: SumAccumulator, gradients: Mapping[str, np.ndarray], samples: int) -> None:
+    """``sums.update({w: g**2})``, the same float64 sums bit for bit, without its float64 copy of every square.
+
+    Why: a Gather table's per-sample gradient is zero outside the sample's tokens (paraphrase-MiniLM-L3-v2: 30522
+    rows of which a sentence touches a few dozen), yet squaring it, copying the squares to float64 and adding them
+    cost about 20 ms a sample. Rows that are all zero add ``+0.0`` to non-negative sums, which changes nothing, so
+    only the other rows are added (``float32 square`` cast to float64 in the add, as ``update`` casts it first)."""
+    for name, grad in gradients.items():
+        g = np.asarray(grad)
+        total = sums.sums.get(name)
+        if total is None or g.ndim < 2 or g.dtype != np.float32 or total.shape != g.shape:
+            sums.update({name: np.square(g)}, samples=0)
+            continue
+        rows = np.flatnonzero(g.reshape(g.shape[0], -1).any(axis=1))
+        if rows.size <= SPARSE_SHARE * g.shape[0]:
+            total[rows] += np.square(g[rows])
+        else:
+            np.add(total, np.square(g), out=total)
+    sums.count += samples
+
 
 class SquaredGradientSums:
     """Sums of squared per-sample weight gradients from one-sample runs of a gradient graph."""
@@ -36,7 +60,7 @@ class SquaredGradientSums:
         s = self.stage
         result = s.session.run({**s.calib.feeds(batch.rows), TARGET: s.targets[batch.draw][batch.rows]})
         by_name = dict(zip(s.session.output_names, result))
-        self.sums.update({w: np.square(by_name[s.gradients[w]]) for w in s.wrt}, samples=batch.count)
+        add_squares(self.sums, {w: by_name[s.gradients[w]] for w in s.wrt}, samples=batch.count)
 
     def merge(self, other: SquaredGradientSums) -> SquaredGradientSums:
         self.sums.merge(other.sums)

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from bq_onnx.qtensor import QuantizedTensor, num_blocks, to_fp16_exact
+from bq_onnx.quantizers import parallel
 
 FP16_MAX = 65504.0
 """Largest finite fp16 value; metadata is clamped to ``[-FP16_MAX, FP16_MAX]`` before fp16 rounding."""
@@ -157,7 +158,12 @@ _CHUNK = 1 << 16
 
 
 def _row_chunks(nrows: int, g: int):
-    """Slices of block rows holding about :data:`_CHUNK` elements."""
+    """Slices of block rows holding about :data:`_CHUNK` elements (at most), as many as a multiple of the pool's
+    threads where there are several: a 384x384 weight's three chunks kept one of two threads idle a third of the
+    time. Every pass over them computes each row on its own, so the chunks never change a result."""
     step = max(1, _CHUNK // g)
+    count, threads = -(-nrows // step), parallel.threads()
+    if count > 1 and threads > 1:
+        step = -(-nrows // (-(-count // threads) * threads))
     for a in range(0, nrows, step):
         yield slice(a, min(a + step, nrows))

@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterator
 import numpy as np
 
 from bq_onnx.qtensor import QuantizedTensor
+from bq_onnx.quantizers.parallel import run_chunks
 
 #: Bytes of designs kept (codes, scales, zero points, codebooks, offsets, outliers) before the oldest go.
 MAX_BYTES = 256 * 2**20
@@ -47,7 +48,7 @@ def digest(array: np.ndarray | None) -> tuple | None:
     if seen is not None and seen[0]() is array:
         return seen[1]
     a = np.ascontiguousarray(array)
-    key = a.dtype.str, a.shape, hashlib.blake2b(a.view(np.uint8).reshape(-1), digest_size=16).digest()
+    key = a.dtype.str, a.shape, _content_hash(a.view(np.uint8).reshape(-1))
     try:
         ref = weakref.ref(array)
     except TypeError:
@@ -57,6 +58,30 @@ def digest(array: np.ndarray | None) -> tuple | None:
             _recent.clear()
         _recent[id(array)] = (ref, key)
     return key
+
+
+HASH_PIECE = 8 << 20
+"""Bytes per piece of a large array's content hash: pieces are hashed on the quantizers' thread pool (hashlib
+releases the GIL), then the pieces' digests are hashed together."""
+
+
+def _content_hash(data: np.ndarray) -> bytes:
+    """A 128-bit SHA-256 digest of ``data`` (uint8, 1-D); an array over :data:`HASH_PIECE` bytes is hashed by
+    pieces in parallel, then their digests together. Why SHA-256 and pieces: blake2b ran at 0.5 GB/s here against
+    0.9 GB/s for SHA-256 (CPU instructions), and 228 hashes of MiniLM-L3's views and importances took 2.0 s."""
+    if data.size <= HASH_PIECE:
+        return hashlib.sha256(data).digest()[:16]
+    starts = range(0, data.size, HASH_PIECE)
+    parts: list[bytes] = [b""] * len(starts)
+
+    def piece(i: int) -> None:
+        parts[i] = hashlib.sha256(data[starts[i]:starts[i] + HASH_PIECE]).digest()
+
+    run_chunks(piece, range(len(starts)))
+    whole = hashlib.sha256(data.size.to_bytes(8, "little"))
+    for part in parts:
+        whole.update(part)
+    return whole.digest()[:16]
 
 
 def _nbytes(qt: QuantizedTensor) -> int:

@@ -47,18 +47,22 @@ def quantize_uniform(
     if bits == 0:
         return _mean_result(bl, "uniform")
     m = 1 << bits
-    lo0 = np.minimum(bl.x.min(axis=1), 0).astype(np.float64)
-    hi0 = np.maximum(bl.x.max(axis=1), 0).astype(np.float64)
+    xmin, xmax = bl.x.min(axis=1), bl.x.max(axis=1)  # read again by the constant-block candidate
+    lo0 = np.minimum(xmin, 0).astype(np.float64)
+    hi0 = np.maximum(xmax, 0).astype(np.float64)
     sup = _super_rows(bl, lo0, hi0, m) if double_scales else None
     best_lo, best_hi = lo0.copy(), hi0.copy()
 
+    amax = np.maximum(-xmin, xmax)  # each block's largest magnitude, as _Search would compute it
+
     def search(rows: slice) -> None:
-        best_lo[rows], best_hi[rows] = _search_asymmetric(_Search(bl, rows), lo0[rows], hi0[rows], m,
+        best_lo[rows], best_hi[rows] = _search_asymmetric(_Search(bl, rows, amax[rows]), lo0[rows], hi0[rows], m,
                                                           None if sup is None else sup[rows])
 
     run_chunks(search, _row_chunks(bl.nrows, bl.g))
     cands = [_uniform_meta(best_lo, best_hi, m, sup), _uniform_meta(lo0, hi0, m, sup)]
-    return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, False, sup), bits, False, "uniform", sup)
+    return _uniform_pick(bl, _add_constant_candidate(bl, cands, m, False, sup, (xmin, xmax)), bits, False, "uniform",
+                         sup)
 
 
 def _super_rows(bl: _Blocked, lo: np.ndarray, hi: np.ndarray, m: int) -> np.ndarray:
@@ -182,9 +186,11 @@ class _Search:
     argmin), so any magnitude is safe; earlier candidates win ties. Covers the block rows ``rows``.
     """
 
-    def __init__(self, bl: _Blocked, rows: slice) -> None:
+    def __init__(self, bl: _Blocked, rows: slice, amax: np.ndarray | None = None) -> None:
+        """``amax``: the blocks' largest magnitudes where the caller has them (``max(-min, max)``, the same
+        values)."""
         x = bl.x[rows]
-        amax = np.abs(x).max(axis=1).astype(np.float64)
+        amax = (np.abs(x).max(axis=1) if amax is None else amax).astype(np.float64)
         self.norm = np.where(amax > 0, amax, 1.0)
         self.u = x / self.norm[:, None].astype(np.float32)
         wt = bl.eff_wt
@@ -249,16 +255,18 @@ def _search_asymmetric(
 
 def _add_constant_candidate(
     bl: _Blocked, cands: list[tuple[np.ndarray, np.ndarray]], m: int, symmetric: bool,
-    sup: np.ndarray | None = None,
+    sup: np.ndarray | None = None, extremes: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Append, if some block is a non-zero constant ``c``, the first candidate with those blocks changed to
     ``scale = fp16(|c|)`` and a zero point one step from ``c``, so they can decode to ``fp16(c)`` exactly
     (the exact comparison keeps whichever is better; other blocks tie and keep the first candidate).
 
     With double-quantized scales (``sup``) ``|c|`` is rarely on the code grid: ``c`` is taken ``j`` steps from the
-    zero point instead, the ``j`` in ``1..m-1`` whose snapped scale ``|c| / j`` lands closest to ``c``."""
+    zero point instead, the ``j`` in ``1..m-1`` whose snapped scale ``|c| / j`` lands closest to ``c``.
+    ``extremes``: each block's minimum and maximum where the caller has them (two passes over the blocks less)."""
     c = bl.x[:, 0].astype(np.float64)
-    const = (bl.x.min(axis=1) == bl.x.max(axis=1)) & (c != 0)
+    xmin, xmax = extremes if extremes is not None else (bl.x.min(axis=1), bl.x.max(axis=1))
+    const = (xmin == xmax) & (c != 0)
     if not const.any():
         return cands
     s, zp = cands[0][0].copy(), np.array(cands[0][1], dtype=np.float64)

@@ -1,0 +1,187 @@
+"""Work done once instead of twice, with the same bytes (issue 17): the squared-gradient sums skip all-zero rows
+(:func:`bq_onnx.estimators.squared_gradients.add_squares`), the design cache hashes large arrays by pieces, the
+temporary sessions are shared by file content (:class:`bq_onnx.runtimes.sessions.TempSessions`) and verify reads
+the source once for both references. Each is checked against the way it was done before, bit for bit."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import bq_onnx
+from bq_onnx.estimators import squared_gradients
+from bq_onnx.posterior import SumAccumulator
+from bq_onnx.quantizers import cache, parallel
+from bq_onnx.runtimes import sessions
+from tests.conftest import MODELS
+
+
+def _sparse_gradient(rng: np.random.Generator, rows: int, cols: int, touched: int) -> np.ndarray:
+    g = np.zeros((rows, cols), dtype=np.float32)
+    hit = rng.choice(rows, touched, replace=False)
+    g[hit] = rng.standard_normal((touched, cols)).astype(np.float32) * 1e-3
+    g[hit[0], :3] = -0.0  # negative zeros inside a touched row, and a row of them alone
+    g[(hit[1] + 1) % rows] = -0.0
+    return g
+
+
+def test_add_squares_gives_the_sums_update_gives_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    old, new = SumAccumulator(), SumAccumulator()
+    for _ in range(6):
+        grads = {
+            "table": _sparse_gradient(rng, 400, 24, 7),  # sparse: the row-by-row path
+            "dense": rng.standard_normal((16, 9)).astype(np.float32),  # every row: the dense path
+            "vector": rng.standard_normal(11).astype(np.float32),  # 1-D: through update
+            "half": _sparse_gradient(rng, 40, 5, 30),  # over SPARSE_SHARE of its rows: dense
+            "double": rng.standard_normal((5, 4)),  # float64: through update
+        }
+        old.update({name: np.square(g) for name, g in grads.items()}, samples=2)
+        squared_gradients.add_squares(new, grads, samples=2)
+    assert old.count == new.count == 12
+    assert old.sums.keys() == new.sums.keys()
+    for name in old.sums:
+        assert old.sums[name].dtype == new.sums[name].dtype == np.float64
+        assert old.sums[name].tobytes() == new.sums[name].tobytes(), name
+    assert (new.sums["table"] == 0).sum() > 0  # rows no sample touched stayed exactly zero
+
+
+def test_add_squares_takes_the_row_path_on_a_sparse_gradient(monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    sums = SumAccumulator()
+    squared_gradients.add_squares(sums, {"t": _sparse_gradient(rng, 100, 8, 3)}, samples=1)
+    monkeypatch.setattr(np, "add", None)  # the dense path would call it: the sparse one must not
+    squared_gradients.add_squares(sums, {"t": _sparse_gradient(rng, 100, 8, 3)}, samples=1)
+    assert sums.count == 2
+
+
+def test_digest_by_pieces_does_not_depend_on_threads(monkeypatch) -> None:
+    monkeypatch.setattr(cache, "HASH_PIECE", 1000)
+    a = np.random.default_rng(2).standard_normal((300, 7))  # 16,800 bytes: 17 pieces
+    keys = []
+    for threads in (1, 2, 3):
+        parallel.set_threads(threads)
+        cache._recent.clear()
+        keys.append(cache.digest(a))
+    parallel.set_threads(None)
+    assert keys[0] == keys[1] == keys[2]
+    b = a.copy()
+    b.reshape(-1)[-1] = np.nextafter(b.reshape(-1)[-1], 1)  # one bit in the last piece
+    cache._recent.clear()
+    assert cache.digest(b) != keys[0]
+    small = np.arange(10, dtype=np.float32)
+    assert cache.digest(small)[2] == hashlib.sha256(small.tobytes()).digest()[:16]
+
+
+def _matmul_model(w: np.ndarray) -> ir.Model:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, w.shape[0]]))
+    weight = ir.Value(name="w", const_value=ir.tensor(w, name="w"), type=ir.TensorType(ir.DataType.FLOAT),
+                      shape=ir.Shape(list(w.shape)))
+    node = ir.node("MatMul", [x, weight], outputs=[ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT),
+                                                           shape=ir.Shape([1, w.shape[1]]))])
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_sessions_are_shared_by_content_while_a_holder_is_open() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    feeds = {"x": rng.standard_normal((1, 6)).astype(np.float32)}
+    first, second = sessions.TempSessions(), sessions.TempSessions()
+    a = first.open(_matmul_model(w))
+    b = second.open(_matmul_model(w.copy()))  # another model object, the same bytes
+    c = second.open(_matmul_model(w + 1))
+    assert a is b and c is not a
+    alone = sessions.TempSessions()
+    alone.close()
+    fresh = sessions.get_runtime("onnxruntime").session(_save(_matmul_model(w)), exact=True)
+    np.testing.assert_array_equal(b.run(feeds)[0], fresh.run(feeds)[0])
+    np.testing.assert_allclose(b.run(feeds)[0], feeds["x"] @ w, rtol=1e-6)
+    first.close()
+    second.close()
+    del a, b, c
+    gc.collect()
+    assert len(sessions._shared) == 0  # nothing outlives its holders
+
+
+def _save(model: ir.Model):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="bq-test-")) / "m.onnx"
+    ir.save(model, path)
+    return path
+
+
+def test_big_models_keep_their_own_sessions(monkeypatch) -> None:
+    monkeypatch.setattr(sessions, "SHARED_SESSION_BYTES", 8)
+    w = np.ones((6, 4), dtype=np.float32)
+    holder = sessions.TempSessions()
+    try:
+        assert holder.open(_matmul_model(w)) is not holder.open(_matmul_model(w))
+    finally:
+        holder.close()
+
+
+def _as_before(monkeypatch) -> None:
+    """Every reuse of this file off: dense sums through ``update``, no shared sessions, verify reading twice."""
+    from bq_onnx import verify
+
+    def add_squares(sums, gradients, samples):
+        sums.update({name: np.square(g) for name, g in gradients.items()}, samples=samples)
+
+    monkeypatch.setattr(squared_gradients, "add_squares", add_squares)
+    monkeypatch.setattr(sessions, "SHARED_SESSION_BYTES", -1)
+    monkeypatch.setattr(verify, "prepared_reference",
+                        lambda source, ctx: verify.PreparedReference(
+                            verify.run_passes(verify.load_model(source),
+                                              [*verify.prepare_passes(ctx.config.weights),
+                                               verify.TopologicalSortPass()])))
+
+
+@pytest.mark.parametrize("name", ["tiny_transformer", "lenet"])  # a Gather table (sparse gradients); a CNN
+def test_outputs_are_the_bytes_of_the_work_done_twice(tmp_path, monkeypatch, name) -> None:
+    model, calib = MODELS / f"{name}.onnx", MODELS / f"{name}_calib.npz"
+    outs = {}
+    for label in ("now", "before"):
+        if label == "before":
+            _as_before(monkeypatch)
+        result = bq_onnx.optimize(model, calib=calib, bits=4)
+        out = tmp_path / f"{label}.onnx"
+        result.save(out)  # verified, as the CLI does
+        guard = json.dumps(result.context.guard, sort_keys=True, default=repr)  # every candidate's measured loss
+        outs[label] = (out.read_bytes(), guard, result.context.posterior.weights)
+    now, before = outs["now"], outs["before"]
+    assert now[0] == before[0]
+    assert now[1] == before[1]
+    for w, post in now[2].items():
+        assert post.precision.tobytes() == before[2][w].precision.tobytes(), w
+
+
+def test_the_blocks_extremes_read_once_give_the_same_search() -> None:
+    """quantize_uniform hands its blocks' minima and maxima to the constant-block candidate and their largest
+    magnitude to the range search: the same values the two computed for themselves."""
+    from bq_onnx.quantizers.blocked import _prepare
+    from bq_onnx.quantizers.uniform import _add_constant_candidate, _Search, _uniform_meta
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((70, 9)).astype(np.float32)
+    w[:32, 0] = 0.5  # a constant block
+    w[:, 1] = 0.0
+    w[:32, 2] = -0.0
+    bl = _prepare(w, 3, 32, rng.gamma(0.5, 1.0, w.shape))
+    xmin, xmax = bl.x.min(axis=1), bl.x.max(axis=1)
+    rows = slice(0, bl.nrows)
+    own, given = _Search(bl, rows), _Search(bl, rows, np.maximum(-xmin, xmax))
+    assert own.norm.tobytes() == given.norm.tobytes()
+    lo, hi = np.minimum(xmin, 0).astype(np.float64), np.maximum(xmax, 0).astype(np.float64)
+    cands = [_uniform_meta(lo, hi, 8)]
+    for a, b in zip(_add_constant_candidate(bl, cands, 8, False), _add_constant_candidate(bl, cands, 8, False,
+                                                                                         extremes=(xmin, xmax))):
+        assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert len(_add_constant_candidate(bl, cands, 8, False)) == 2  # the constant block's candidate is there

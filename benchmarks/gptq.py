@@ -11,8 +11,14 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
   each tensor at widths up to 4 chosen by measurement on calibration samples ``A`` does not see) or ``gptq-plain``
   (GPTQ as published, its own metric);
 * ``uniform gptq-plain``: the same width everywhere (``--allocator uniform`` under the same stored budget) with
-  GPTQ rounding: the GPTQ baseline through bq-onnx's own code (Conv models included);
-* ``uniform nearest``: the same width everywhere, rounded to nearest (round-to-nearest, RTN);
+  GPTQ rounding: the GPTQ baseline through bq-onnx's own code (Conv models included). One width rarely hits the
+  budget (compact, group 64: 3 bits store 3.30, 4 bits 4.31), so this row stores FEWER bits than the budget;
+* ``filled gptq-plain``: the equal-size GPTQ baseline: the widest uniform width that fits, then whole layers
+  raised to wider common widths while the budget allows (``--allocator uniform`` with ``fill``, the guard's
+  "uniform, filled" reference, :data:`bq_onnx.stages.allocate.FILLED_UNIFORM`; the layers raised are those the
+  tables price best, a posterior-free choice would differ), GPTQ rounding;
+* ``uniform nearest`` / ``filled nearest``: the same two allocations rounded to nearest (RTN);
+* ``... +fp16``: the same row with 16 (fp16 values) among the widths (``--allowed-bits 2,3,4,5,6,7,8,16``);
 * ``ort gptq4``: onnxruntime's ``MatMulNBitsQuantizer`` with its GPTQ config, 4 bits, block 128 (MatMul weights
   only; its own stored bits).
 
@@ -40,22 +46,43 @@ from benchmarks import peers
 
 DEFAULT_MODELS = ("lenet", "digits_mlp", "minilm-l6", "efficientnet-lite0")
 BUDGETS = (3.0, 3.5, 4.0)
-CONFIGS = (("bq nearest", "greedy", "nearest"), ("bq gptq", "greedy", "gptq"),
-           ("bq gptq-plain", "greedy", "gptq-plain"), ("uniform gptq-plain", "uniform", "gptq-plain"),
-           ("uniform nearest", "uniform", "nearest"))
+FP16_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)
+"""``--allowed-bits`` of the ``+fp16`` rows: the default widths and 16 (the tensor stored as fp16 values)."""
+_FILL: dict[str, Any] = {"allocator_options": {"fill": True}}
+_FP16: dict[str, Any] = {"allowed_bits": FP16_WIDTHS}
+Config = tuple[str, str, str, dict[str, Any]]
+"""A row: its label, ``--allocator``, ``--rounding`` and further options."""
+CONFIGS: tuple[Config, ...] = (
+    ("bq nearest", "greedy", "nearest", {}), ("bq gptq", "greedy", "gptq", {}),
+    ("bq gptq-plain", "greedy", "gptq-plain", {}), ("uniform gptq-plain", "uniform", "gptq-plain", {}),
+    ("filled gptq-plain", "uniform", "gptq-plain", _FILL), ("uniform nearest", "uniform", "nearest", {}),
+    ("filled nearest", "uniform", "nearest", _FILL),
+    ("bq nearest +fp16", "greedy", "nearest", _FP16), ("bq gptq +fp16", "greedy", "gptq", _FP16),
+    ("filled gptq-plain +fp16", "uniform", "gptq-plain", {**_FILL, **_FP16}),
+)
+DEFAULT_CONFIGS = ("bq nearest", "bq gptq", "bq gptq-plain", "uniform gptq-plain", "filled gptq-plain",
+                   "uniform nearest")
 
 
 def _bq(spec: peers.ModelSpec, out: Path, bits: float, allocator: str, rounding: str, n_calib: int,
-        posterior: Path) -> dict:
+        posterior: Path, extra: dict[str, Any] | None = None) -> dict:
     import bq_onnx
 
     start = time.perf_counter()
     result = bq_onnx.optimize(
         str(spec.path), bits=bits, allocator=allocator, rounding=rounding, format="compact", group_size=64,
         bits_include_metadata=True, calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior),
+        **(extra or {}),
     )
     result.save(str(out), force=True, verify=False)
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": time.perf_counter() - start, **_widths(result.report)}
+
+
+def _widths(report: dict[str, Any]) -> dict[str, Any]:
+    """How many weights the written allocation stores at 16 bits (fp16) and at 8 or more, from the report."""
+    layers = report.get("layers") or []
+    fp16 = [layer for layer in layers if layer.get("bits") == 16]
+    return {"fp16_tensors": len(fp16), "fp16_weights": int(sum(layer.get("numel", 0) for layer in fp16))}
 
 
 def _ort_gptq(spec: peers.ModelSpec, out: Path, n_calib: int) -> dict:
@@ -69,7 +96,7 @@ def _score(spec: peers.ModelSpec, path: Path, feeds: dict, labels, ref: np.ndarr
 
 
 def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int,
-                configs: tuple[tuple[str, str, str], ...] = CONFIGS, ort: bool = True) -> dict[str, Any]:
+                configs: tuple[Config, ...] = CONFIGS, ort: bool = True) -> dict[str, Any]:
     spec = peers.MODELS[name]
     try:
         peers.ensure_model(spec)
@@ -87,9 +114,9 @@ def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int
         peers.run_posterior(spec, {}, posterior, n_calib)  # once per model, every bq-onnx run reuses it
         print(f"[{name}] posterior {time.perf_counter() - start:.1f} s", flush=True)
         for bits in budgets:
-            for label, allocator, rounding in configs:
+            for label, allocator, rounding, extra in configs:
                 try:
-                    info = _bq(spec, out, bits, allocator, rounding, n_calib, posterior)
+                    info = _bq(spec, out, bits, allocator, rounding, n_calib, posterior, extra)
                 except Exception as exc:  # noqa: BLE001 - e.g. a budget the format cannot meet: one line
                     rows.append({"config": label, "budget": bits, "error": str(exc).splitlines()[0][:120]})
                     continue
@@ -155,7 +182,9 @@ def report(results: list[dict[str, Any]], command: str) -> str:
                 lines.append(f"| {_fmt(r['budget'], 1)} | {r['config']} | - | error: {r['error']} | | | |")
                 continue
             bpw = "no MatMul weight" if not r["numel"] else _fmt(r["bpw"], 3)
-            lines.append(f"| {_fmt(r['budget'], 1)} | {r['config']} | {bpw} | {_fmt(r.get(primary))} | "
+            config = r["config"] + (f" ({r['fp16_tensors']} fp16 tensors, {r['fp16_weights']} weights)"
+                                    if r.get("fp16_tensors") else "")
+            lines.append(f"| {_fmt(r['budget'], 1)} | {config} | {bpw} | {_fmt(r.get(primary))} | "
                          + " | ".join(_fmt(r.get(e), 5) for e in extra) + f" | {_fmt(r['seconds'], 1)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -167,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     p.add_argument("--calib", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--eval", type=int, default=500, help="evaluation inputs, at most (default 500)")
-    p.add_argument("--configs", default=",".join(c[0].replace(" ", "_") for c in CONFIGS),
-                   help="bq-onnx rows to run (default all), and ort_gptq4 unless --no-ort")
+    p.add_argument("--configs", default=",".join(c.replace(" ", "_") for c in DEFAULT_CONFIGS),
+                   help="bq-onnx rows to run, spaces as _: " + ", ".join(c[0].replace(" ", "_") for c in CONFIGS)
+                   + " (default: those without fp16 or filled nearest); and ort_gptq4 unless --no-ort")
     p.add_argument("--no-ort", action="store_true", help="skip onnxruntime's GPTQ")
     p.add_argument("--out", help="write the Markdown report here")
     p.add_argument("--from-log", nargs="+", metavar="LOG",
@@ -183,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     budgets = tuple(float(b) for b in args.budgets.split(","))
     wanted = set(args.configs.split(","))
+    unknown = wanted - {c[0].replace(" ", "_") for c in CONFIGS}
+    if unknown:
+        p.error(f"unknown --configs {', '.join(sorted(unknown))}")
     configs = tuple(c for c in CONFIGS if c[0].replace(" ", "_") in wanted)
     results = [bench_model(m, budgets, args.calib, args.eval, configs, not args.no_ort) for m in args.models.split(",")]
     command = "python -m benchmarks.gptq " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

@@ -96,7 +96,9 @@ def _score(spec: peers.ModelSpec, path: Path, feeds: dict, labels, ref: np.ndarr
 
 
 def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int,
-                configs: tuple[Config, ...] = CONFIGS, ort: bool = True) -> dict[str, Any]:
+                configs: tuple[Config, ...] = CONFIGS, ort: bool = True,
+                done: frozenset[tuple[float, str]] = frozenset()) -> dict[str, Any]:
+    """One model's rows; ``done`` = (budget, config label) pairs an earlier run already printed (skipped)."""
     spec = peers.MODELS[name]
     try:
         peers.ensure_model(spec)
@@ -115,6 +117,8 @@ def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int
         print(f"[{name}] posterior {time.perf_counter() - start:.1f} s", flush=True)
         for bits in budgets:
             for label, allocator, rounding, extra in configs:
+                if (bits, label) in done:
+                    continue
                 try:
                     info = _bq(spec, out, bits, allocator, rounding, n_calib, posterior, extra)
                 except Exception as exc:  # noqa: BLE001 - e.g. a budget the format cannot meet: one line
@@ -136,6 +140,12 @@ def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int
             except Exception as exc:  # noqa: BLE001
                 rows.append({"config": "ort gptq4-b128", "budget": None, "error": str(exc).splitlines()[0][:120]})
     return {"model": name, "kind": spec.kind, "eval": len(ref), "calib": n_calib, "rows": rows}
+
+
+def done_rows(paths: list[str], model: str) -> frozenset[tuple[float, str]]:
+    """The (budget, config) rows of ``model`` that the logs of earlier runs hold (``--skip-done``)."""
+    rows = next((r["rows"] for r in from_logs(paths, 0, 0) if r["model"] == model), [])
+    return frozenset((float(r["budget"]), r["config"]) for r in rows if r.get("budget") is not None)
 
 
 def from_logs(paths: list[str], n_calib: int, n_eval: int) -> list[dict[str, Any]]:
@@ -201,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                    + " (default: those without fp16 or filled nearest); and ort_gptq4 unless --no-ort")
     p.add_argument("--no-ort", action="store_true", help="skip onnxruntime's GPTQ")
     p.add_argument("--out", help="write the Markdown report here")
+    p.add_argument("--skip-done", nargs="+", metavar="LOG", default=[],
+                   help="skip the rows these logs of earlier runs already hold (resume a run stopped early)")
     p.add_argument("--from-log", nargs="+", metavar="LOG",
                    help="no run: rebuild the report from the per-row lines earlier runs printed (a run stopped early)")
     args = p.parse_args(argv)
@@ -217,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown --configs {', '.join(sorted(unknown))}")
     configs = tuple(c for c in CONFIGS if c[0].replace(" ", "_") in wanted)
-    results = [bench_model(m, budgets, args.calib, args.eval, configs, not args.no_ort) for m in args.models.split(",")]
+    results = [bench_model(m, budgets, args.calib, args.eval, configs, not args.no_ort, done_rows(args.skip_done, m))
+               for m in args.models.split(",")]
     command = "python -m benchmarks.gptq " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     text = report(results, command.strip())
     print(text)

@@ -19,6 +19,7 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
   tables price best, a posterior-free choice would differ), GPTQ rounding;
 * ``uniform nearest`` / ``filled nearest``: the same two allocations rounded to nearest (RTN);
 * ``... +fp16``: the same row with 16 (fp16 values) among the widths (``--allowed-bits 2,3,4,5,6,7,8,16``);
+  ``... +fp16tiny``: and every weight of at most :data:`TINY` elements forced to 16 (``--min-bits NAME=16``);
 * ``ort gptq4``: onnxruntime's ``MatMulNBitsQuantizer`` with its GPTQ config, 4 bits, block 128 (MatMul weights
   only; its own stored bits).
 
@@ -50,6 +51,9 @@ FP16_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)
 """``--allowed-bits`` of the ``+fp16`` rows: the default widths and 16 (the tensor stored as fp16 values)."""
 _FILL: dict[str, Any] = {"allocator_options": {"fill": True}}
 _FP16: dict[str, Any] = {"allowed_bits": FP16_WIDTHS}
+TINY = 1024
+"""``+fp16tiny`` rows: every weight of at most this many elements is stored as fp16 (``--min-bits NAME=16``)."""
+_TINY: dict[str, Any] = {"fp16_below": TINY}
 Config = tuple[str, str, str, dict[str, Any]]
 """A row: its label, ``--allocator``, ``--rounding`` and further options."""
 CONFIGS: tuple[Config, ...] = (
@@ -59,6 +63,9 @@ CONFIGS: tuple[Config, ...] = (
     ("filled nearest", "uniform", "nearest", _FILL),
     ("bq nearest +fp16", "greedy", "nearest", _FP16), ("bq gptq +fp16", "greedy", "gptq", _FP16),
     ("filled gptq-plain +fp16", "uniform", "gptq-plain", {**_FILL, **_FP16}),
+    ("uniform nearest +fp16tiny", "uniform", "nearest", {**_FP16, **_TINY}),
+    ("bq nearest +fp16tiny", "greedy", "nearest", {**_FP16, **_TINY}),
+    ("filled gptq-plain +fp16tiny", "uniform", "gptq-plain", {**_FILL, **_FP16, **_TINY}),
 )
 DEFAULT_CONFIGS = ("bq nearest", "bq gptq", "bq gptq-plain", "uniform gptq-plain", "filled gptq-plain",
                    "uniform nearest")
@@ -68,14 +75,30 @@ def _bq(spec: peers.ModelSpec, out: Path, bits: float, allocator: str, rounding:
         posterior: Path, extra: dict[str, Any] | None = None) -> dict:
     import bq_onnx
 
+    extra = dict(extra or {})
+    if "fp16_below" in extra:  # force fp16 on every weight of at most that many elements
+        tiny = _tiny_weights(spec.path, extra.pop("fp16_below"))
+        extra["min_bits"] = tuple((_glob_literal(name), 16) for name in tiny)
     start = time.perf_counter()
     result = bq_onnx.optimize(
         str(spec.path), bits=bits, allocator=allocator, rounding=rounding, format="compact", group_size=64,
-        bits_include_metadata=True, calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior),
-        **(extra or {}),
+        bits_include_metadata=True, calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior), **extra,
     )
     result.save(str(out), force=True, verify=False)
     return {"seconds": time.perf_counter() - start, **_widths(result.report)}
+
+
+def _tiny_weights(path: Path, most: int) -> list[str]:
+    """Initializers of 2+ dims with at least bq-onnx's ``--min-size`` (128) and at most ``most`` elements."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [t.name for t in graph.initializer if len(t.dims) >= 2 and 128 <= int(np.prod(t.dims)) <= most]
+
+
+def _glob_literal(name: str) -> str:
+    """``name`` as a ``--min-bits`` glob matching only itself."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
 def _widths(report: dict[str, Any]) -> dict[str, Any]:

@@ -102,10 +102,16 @@ def _glob_literal(name: str) -> str:
 
 
 def _widths(report: dict[str, Any]) -> dict[str, Any]:
-    """How many weights the written allocation stores at 16 bits (fp16) and at 8 or more, from the report."""
+    """The fp16 tensors of the written allocation and its weights per width (``{bits: numel}``), from the report."""
     layers = report.get("layers") or []
     fp16 = [layer for layer in layers if layer.get("bits") == 16]
-    return {"fp16_tensors": len(fp16), "fp16_weights": int(sum(layer.get("numel", 0) for layer in fp16))}
+    by_bits: dict[str, int] = {}
+    for layer in layers:
+        k = layer["view"][0]
+        for start, stop, width in layer.get("pieces") or [[0, layer["view"][1], layer["bits"]]]:
+            by_bits[str(width)] = by_bits.get(str(width), 0) + k * (stop - start)
+    return {"fp16_tensors": len(fp16), "fp16_weights": int(sum(layer.get("numel", 0) for layer in fp16)),
+            "numel_by_bits": dict(sorted(by_bits.items(), key=lambda kv: int(kv[0])))}
 
 
 def _ort_gptq(spec: peers.ModelSpec, out: Path, n_calib: int) -> dict:

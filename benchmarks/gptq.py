@@ -178,7 +178,8 @@ def done_rows(paths: list[str], model: str) -> frozenset[tuple[float, str]]:
 
 
 def from_logs(paths: list[str], n_calib: int, n_eval: int) -> list[dict[str, Any]]:
-    """Results from the ``[model] budget config: {json}`` lines runs print as each row finishes."""
+    """Results from the ``[model] budget config: {json}`` lines runs print as each row finishes, by budget and
+    config."""
     import re
 
     found: dict[str, list[dict]] = {}
@@ -188,8 +189,13 @@ def from_logs(paths: list[str], n_calib: int, n_eval: int) -> list[dict[str, Any
             if m:
                 row = {"config": m.group(3), **json.loads(m.group(4))}
                 found.setdefault(m.group(1), []).append(row)
-    return [{"model": name, "kind": peers.MODELS[name].kind, "eval": n_eval, "calib": n_calib, "rows": rows}
-            for name, rows in found.items()]
+    order = {c[0]: i for i, c in enumerate(CONFIGS)}
+
+    def key(row: dict) -> tuple[float, int]:
+        return (float("inf") if row.get("budget") is None else row["budget"], order.get(row["config"], len(order)))
+
+    return [{"model": name, "kind": peers.MODELS[name].kind, "eval": n_eval, "calib": n_calib,
+             "rows": sorted(rows, key=key)} for name, rows in found.items()]
 
 
 def _fmt(v: Any, nd: int = 4) -> str:

@@ -20,6 +20,9 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
 * ``uniform nearest`` / ``filled nearest``: the same two allocations rounded to nearest (RTN);
 * ``... +fp16``: the same row with 16 (fp16 values) among the widths (``--allowed-bits 2,3,4,5,6,7,8,16``);
   ``... +fp16tiny``: and every weight of at most :data:`TINY` elements forced to 16 (``--min-bits NAME=16``);
+* ``fixed nearest``: a whole budget read as the fixed grid width everywhere (no tables; ``--bits 8 --allocator
+  uniform``), rounded to nearest: the ceiling of a width; ``+tinyfloat``: the weights of at most :data:`TINY`
+  elements kept in float (``--keep-fp``; not counted in the stored bits);
 * ``ort gptq4``: onnxruntime's ``MatMulNBitsQuantizer`` with its GPTQ config, 4 bits, block 128 (MatMul weights
   only; its own stored bits).
 
@@ -66,6 +69,8 @@ CONFIGS: tuple[Config, ...] = (
     ("uniform nearest +fp16tiny", "uniform", "nearest", {**_FP16, **_TINY}),
     ("bq nearest +fp16tiny", "greedy", "nearest", {**_FP16, **_TINY}),
     ("filled gptq-plain +fp16tiny", "uniform", "gptq-plain", {**_FILL, **_FP16, **_TINY}),
+    ("fixed nearest", "uniform", "nearest", {"bits_include_metadata": False}),
+    ("fixed nearest +tinyfloat", "uniform", "nearest", {"bits_include_metadata": False, "float_below": TINY}),
 )
 DEFAULT_CONFIGS = ("bq nearest", "bq gptq", "bq gptq-plain", "uniform gptq-plain", "filled gptq-plain",
                    "uniform nearest")
@@ -75,14 +80,17 @@ def _bq(spec: peers.ModelSpec, out: Path, bits: float, allocator: str, rounding:
         posterior: Path, extra: dict[str, Any] | None = None) -> dict:
     import bq_onnx
 
-    extra = dict(extra or {})
-    if "fp16_below" in extra:  # force fp16 on every weight of at most that many elements
-        tiny = _tiny_weights(spec.path, extra.pop("fp16_below"))
-        extra["min_bits"] = tuple((_glob_literal(name), 16) for name in tiny)
+    # bits_include_metadata: with --allocator uniform a whole --bits is a stored budget, not the fixed grid width
+    options: dict[str, Any] = {"bits_include_metadata": True, **(extra or {})}
+    if "fp16_below" in options:  # force fp16 on every weight of at most that many elements
+        tiny = _tiny_weights(spec.path, options.pop("fp16_below"))
+        options["min_bits"] = tuple((_glob_literal(name), 16) for name in tiny)
+    if "float_below" in options:  # keep every weight of at most that many elements in float
+        options["keep_fp"] = tuple(_glob_literal(name) for name in _tiny_weights(spec.path, options.pop("float_below")))
     start = time.perf_counter()
     result = bq_onnx.optimize(
         str(spec.path), bits=bits, allocator=allocator, rounding=rounding, format="compact", group_size=64,
-        bits_include_metadata=True, calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior), **extra,
+        calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior), **options,
     )
     result.save(str(out), force=True, verify=False)
     return {"seconds": time.perf_counter() - start, **_widths(result.report)}

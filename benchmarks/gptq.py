@@ -11,8 +11,18 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
   each tensor at widths up to 4 chosen by measurement on calibration samples ``A`` does not see) or ``gptq-plain``
   (GPTQ as published, its own metric);
 * ``uniform gptq-plain``: the same width everywhere (``--allocator uniform`` under the same stored budget) with
-  GPTQ rounding: the GPTQ baseline through bq-onnx's own code (Conv models included);
-* ``uniform nearest``: the same width everywhere, rounded to nearest (round-to-nearest, RTN);
+  GPTQ rounding: the GPTQ baseline through bq-onnx's own code (Conv models included). One width rarely hits the
+  budget (compact, group 64: 3 bits store 3.30, 4 bits 4.31), so this row stores FEWER bits than the budget;
+* ``filled gptq-plain``: the equal-size GPTQ baseline: the widest uniform width that fits, then whole layers
+  raised to wider common widths while the budget allows (``--allocator uniform`` with ``fill``, the guard's
+  "uniform, filled" reference, :data:`bq_onnx.stages.allocate.FILLED_UNIFORM`; the layers raised are those the
+  tables price best, a posterior-free choice would differ), GPTQ rounding;
+* ``uniform nearest`` / ``filled nearest``: the same two allocations rounded to nearest (RTN);
+* ``... +fp16``: the same row with 16 (fp16 values) among the widths (``--allowed-bits 2,3,4,5,6,7,8,16``);
+  ``... +fp16tiny``: and every weight of at most :data:`TINY` elements forced to 16 (``--min-bits NAME=16``);
+* ``fixed nearest``: a whole budget read as the fixed grid width everywhere (no tables; ``--bits 8 --allocator
+  uniform``), rounded to nearest: the ceiling of a width; ``+tinyfloat``: the weights of at most :data:`TINY`
+  elements kept in float (``--keep-fp``; not counted in the stored bits);
 * ``ort gptq4``: onnxruntime's ``MatMulNBitsQuantizer`` with its GPTQ config, 4 bits, block 128 (MatMul weights
   only; its own stored bits).
 
@@ -40,22 +50,76 @@ from benchmarks import peers
 
 DEFAULT_MODELS = ("lenet", "digits_mlp", "minilm-l6", "efficientnet-lite0")
 BUDGETS = (3.0, 3.5, 4.0)
-CONFIGS = (("bq nearest", "greedy", "nearest"), ("bq gptq", "greedy", "gptq"),
-           ("bq gptq-plain", "greedy", "gptq-plain"), ("uniform gptq-plain", "uniform", "gptq-plain"),
-           ("uniform nearest", "uniform", "nearest"))
+FP16_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)
+"""``--allowed-bits`` of the ``+fp16`` rows: the default widths and 16 (the tensor stored as fp16 values)."""
+_FILL: dict[str, Any] = {"allocator_options": {"fill": True}}
+_FP16: dict[str, Any] = {"allowed_bits": FP16_WIDTHS}
+TINY = 1024
+"""``+fp16tiny`` rows: every weight of at most this many elements is stored as fp16 (``--min-bits NAME=16``)."""
+_TINY: dict[str, Any] = {"fp16_below": TINY}
+Config = tuple[str, str, str, dict[str, Any]]
+"""A row: its label, ``--allocator``, ``--rounding`` and further options."""
+CONFIGS: tuple[Config, ...] = (
+    ("bq nearest", "greedy", "nearest", {}), ("bq gptq", "greedy", "gptq", {}),
+    ("bq gptq-plain", "greedy", "gptq-plain", {}), ("uniform gptq-plain", "uniform", "gptq-plain", {}),
+    ("filled gptq-plain", "uniform", "gptq-plain", _FILL), ("uniform nearest", "uniform", "nearest", {}),
+    ("filled nearest", "uniform", "nearest", _FILL),
+    ("bq nearest +fp16", "greedy", "nearest", _FP16), ("bq gptq +fp16", "greedy", "gptq", _FP16),
+    ("filled gptq-plain +fp16", "uniform", "gptq-plain", {**_FILL, **_FP16}),
+    ("uniform nearest +fp16tiny", "uniform", "nearest", {**_FP16, **_TINY}),
+    ("bq nearest +fp16tiny", "greedy", "nearest", {**_FP16, **_TINY}),
+    ("filled gptq-plain +fp16tiny", "uniform", "gptq-plain", {**_FILL, **_FP16, **_TINY}),
+    ("fixed nearest", "uniform", "nearest", {"bits_include_metadata": False}),
+    ("fixed nearest +tinyfloat", "uniform", "nearest", {"bits_include_metadata": False, "float_below": TINY}),
+)
+DEFAULT_CONFIGS = ("bq nearest", "bq gptq", "bq gptq-plain", "uniform gptq-plain", "filled gptq-plain",
+                   "uniform nearest")
 
 
 def _bq(spec: peers.ModelSpec, out: Path, bits: float, allocator: str, rounding: str, n_calib: int,
-        posterior: Path) -> dict:
+        posterior: Path, extra: dict[str, Any] | None = None) -> dict:
     import bq_onnx
 
+    # bits_include_metadata: with --allocator uniform a whole --bits is a stored budget, not the fixed grid width
+    options: dict[str, Any] = {"bits_include_metadata": True, **(extra or {})}
+    if "fp16_below" in options:  # force fp16 on every weight of at most that many elements
+        tiny = _tiny_weights(spec.path, options.pop("fp16_below"))
+        options["min_bits"] = tuple((_glob_literal(name), 16) for name in tiny)
+    if "float_below" in options:  # keep every weight of at most that many elements in float
+        options["keep_fp"] = tuple(_glob_literal(name) for name in _tiny_weights(spec.path, options.pop("float_below")))
     start = time.perf_counter()
     result = bq_onnx.optimize(
         str(spec.path), bits=bits, allocator=allocator, rounding=rounding, format="compact", group_size=64,
-        bits_include_metadata=True, calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior),
+        calib=peers.calib_feeds(spec, n_calib), posterior=str(posterior), **options,
     )
     result.save(str(out), force=True, verify=False)
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": time.perf_counter() - start, **_widths(result.report)}
+
+
+def _tiny_weights(path: Path, most: int) -> list[str]:
+    """Initializers of 2+ dims with at least bq-onnx's ``--min-size`` (128) and at most ``most`` elements."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [t.name for t in graph.initializer if len(t.dims) >= 2 and 128 <= int(np.prod(t.dims)) <= most]
+
+
+def _glob_literal(name: str) -> str:
+    """``name`` as a ``--min-bits`` glob matching only itself."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _widths(report: dict[str, Any]) -> dict[str, Any]:
+    """The fp16 tensors of the written allocation and its weights per width (``{bits: numel}``), from the report."""
+    layers = report.get("layers") or []
+    fp16 = [layer for layer in layers if layer.get("bits") == 16]
+    by_bits: dict[str, int] = {}
+    for layer in layers:
+        k = layer["view"][0]
+        for start, stop, width in layer.get("pieces") or [[0, layer["view"][1], layer["bits"]]]:
+            by_bits[str(width)] = by_bits.get(str(width), 0) + k * (stop - start)
+    return {"fp16_tensors": len(fp16), "fp16_weights": int(sum(layer.get("numel", 0) for layer in fp16)),
+            "numel_by_bits": dict(sorted(by_bits.items(), key=lambda kv: int(kv[0])))}
 
 
 def _ort_gptq(spec: peers.ModelSpec, out: Path, n_calib: int) -> dict:
@@ -69,7 +133,9 @@ def _score(spec: peers.ModelSpec, path: Path, feeds: dict, labels, ref: np.ndarr
 
 
 def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int,
-                configs: tuple[tuple[str, str, str], ...] = CONFIGS, ort: bool = True) -> dict[str, Any]:
+                configs: tuple[Config, ...] = CONFIGS, ort: bool = True,
+                done: frozenset[tuple[float, str]] = frozenset()) -> dict[str, Any]:
+    """One model's rows; ``done`` = (budget, config label) pairs an earlier run already printed (skipped)."""
     spec = peers.MODELS[name]
     try:
         peers.ensure_model(spec)
@@ -87,9 +153,11 @@ def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int
         peers.run_posterior(spec, {}, posterior, n_calib)  # once per model, every bq-onnx run reuses it
         print(f"[{name}] posterior {time.perf_counter() - start:.1f} s", flush=True)
         for bits in budgets:
-            for label, allocator, rounding in configs:
+            for label, allocator, rounding, extra in configs:
+                if (bits, label) in done:
+                    continue
                 try:
-                    info = _bq(spec, out, bits, allocator, rounding, n_calib, posterior)
+                    info = _bq(spec, out, bits, allocator, rounding, n_calib, posterior, extra)
                 except Exception as exc:  # noqa: BLE001 - e.g. a budget the format cannot meet: one line
                     rows.append({"config": label, "budget": bits, "error": str(exc).splitlines()[0][:120]})
                     continue
@@ -111,8 +179,15 @@ def bench_model(name: str, budgets: tuple[float, ...], n_calib: int, n_eval: int
     return {"model": name, "kind": spec.kind, "eval": len(ref), "calib": n_calib, "rows": rows}
 
 
+def done_rows(paths: list[str], model: str) -> frozenset[tuple[float, str]]:
+    """The (budget, config) rows of ``model`` that the logs of earlier runs hold (``--skip-done``)."""
+    rows = next((r["rows"] for r in from_logs(paths, 0, 0) if r["model"] == model), [])
+    return frozenset((float(r["budget"]), r["config"]) for r in rows if r.get("budget") is not None)
+
+
 def from_logs(paths: list[str], n_calib: int, n_eval: int) -> list[dict[str, Any]]:
-    """Results from the ``[model] budget config: {json}`` lines runs print as each row finishes."""
+    """Results from the ``[model] budget config: {json}`` lines runs print as each row finishes, by budget and
+    config."""
     import re
 
     found: dict[str, list[dict]] = {}
@@ -122,8 +197,13 @@ def from_logs(paths: list[str], n_calib: int, n_eval: int) -> list[dict[str, Any
             if m:
                 row = {"config": m.group(3), **json.loads(m.group(4))}
                 found.setdefault(m.group(1), []).append(row)
-    return [{"model": name, "kind": peers.MODELS[name].kind, "eval": n_eval, "calib": n_calib, "rows": rows}
-            for name, rows in found.items()]
+    order = {c[0]: i for i, c in enumerate(CONFIGS)}
+
+    def key(row: dict) -> tuple[float, int]:
+        return (float("inf") if row.get("budget") is None else row["budget"], order.get(row["config"], len(order)))
+
+    return [{"model": name, "kind": peers.MODELS[name].kind, "eval": n_eval, "calib": n_calib,
+             "rows": sorted(rows, key=key)} for name, rows in found.items()]
 
 
 def _fmt(v: Any, nd: int = 4) -> str:
@@ -155,7 +235,9 @@ def report(results: list[dict[str, Any]], command: str) -> str:
                 lines.append(f"| {_fmt(r['budget'], 1)} | {r['config']} | - | error: {r['error']} | | | |")
                 continue
             bpw = "no MatMul weight" if not r["numel"] else _fmt(r["bpw"], 3)
-            lines.append(f"| {_fmt(r['budget'], 1)} | {r['config']} | {bpw} | {_fmt(r.get(primary))} | "
+            config = r["config"] + (f" ({r['fp16_tensors']} fp16 tensors, {r['fp16_weights']} weights)"
+                                    if r.get("fp16_tensors") else "")
+            lines.append(f"| {_fmt(r['budget'], 1)} | {config} | {bpw} | {_fmt(r.get(primary))} | "
                          + " | ".join(_fmt(r.get(e), 5) for e in extra) + f" | {_fmt(r['seconds'], 1)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -167,10 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     p.add_argument("--calib", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--eval", type=int, default=500, help="evaluation inputs, at most (default 500)")
-    p.add_argument("--configs", default=",".join(c[0].replace(" ", "_") for c in CONFIGS),
-                   help="bq-onnx rows to run (default all), and ort_gptq4 unless --no-ort")
+    p.add_argument("--configs", default=",".join(c.replace(" ", "_") for c in DEFAULT_CONFIGS),
+                   help="bq-onnx rows to run, spaces as _: " + ", ".join(c[0].replace(" ", "_") for c in CONFIGS)
+                   + " (default: those without fp16 or filled nearest); and ort_gptq4 unless --no-ort")
     p.add_argument("--no-ort", action="store_true", help="skip onnxruntime's GPTQ")
     p.add_argument("--out", help="write the Markdown report here")
+    p.add_argument("--skip-done", nargs="+", metavar="LOG", default=[],
+                   help="skip the rows these logs of earlier runs already hold (resume a run stopped early)")
     p.add_argument("--from-log", nargs="+", metavar="LOG",
                    help="no run: rebuild the report from the per-row lines earlier runs printed (a run stopped early)")
     args = p.parse_args(argv)
@@ -183,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     budgets = tuple(float(b) for b in args.budgets.split(","))
     wanted = set(args.configs.split(","))
+    unknown = wanted - {c[0].replace(" ", "_") for c in CONFIGS}
+    if unknown:
+        p.error(f"unknown --configs {', '.join(sorted(unknown))}")
     configs = tuple(c for c in CONFIGS if c[0].replace(" ", "_") in wanted)
-    results = [bench_model(m, budgets, args.calib, args.eval, configs, not args.no_ort) for m in args.models.split(",")]
+    results = [bench_model(m, budgets, args.calib, args.eval, configs, not args.no_ort, done_rows(args.skip_done, m))
+               for m in args.models.split(",")]
     command = "python -m benchmarks.gptq " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     text = report(results, command.strip())
     print(text)

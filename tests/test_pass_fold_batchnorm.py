@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bq_onnx
-from bq_onnx.passes.fold_batchnorm import FoldBatchNormPass
+from bq_onnx.passes.prepare import FoldBatchNormPass
 from tests.conftest import make_model
 
 C_IN, C_OUT = 4, 8

@@ -25,10 +25,6 @@ N_EVAL, N_CALIB = 32, 8
 
 #: (model, calib) -> why bq-onnx fails today (issue 14 items 1-5); remove an entry once it passes
 KNOWN = {
-    # paddle2onnx's -1 batch is read as a symbolic batch now (no error); what is left is quality at this budget:
-    # accuracy 0.75 (calib) / 0.78 (no calib) at 3.76 stored bits against FP32 0.94 on these 32 lines; at 5 bits 0.91
-    ("ppocr-cls", True): "quality, not an error: accuracy 0.75 at 4 stored bits against FP32 0.94 (32 lines)",
-    ("ppocr-cls", False): "quality, not an error: accuracy 0.78 at 4 stored bits against FP32 0.94 (32 lines)",
     ("silero-vad", True): "quality, not an error: agree_fp32 0.948 with calibration, a 0.052 drop against 0.05 "
                           "(the STFT basis and LSTM get 2.6-3 bits)",
     ("silero-vad", False): "quality, not an error: agree_fp32 0.948 without calibration on these 32 clips, a 0.052 "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import bq_onnx
-from benchmarks.lenet_budgets import CALIB, DATA, MODEL, accuracy
+from benchmarks.lenet_budgets import CALIB, DATA, MODEL, accuracy, write_report
 
 
 def _row(bits: float, scales: str, x: np.ndarray, y: np.ndarray, tmp: Path) -> str:
@@ -51,11 +51,7 @@ def main() -> int:
         for bits in (float(b) for b in args.bits.split(",")):
             for scales in ("fp16", "double"):
                 lines.append(_row(bits, scales, x, y, Path(tmp)))
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_report(lines, args.out)
     return 0
 
 

@@ -58,12 +58,17 @@ def main() -> int:
             lines.append(f"| `{flags}` | {accuracy(out, x, y):.4f} | {a['achieved_bits']:.3f} | "
                          f"{a.get('achieved_payload_bits', float('nan')):.3f} | {out.stat().st_size} | "
                          f"{(result.report.get('guard') or {}).get('result', '')} |")
+    write_report(lines, args.out)
+    return 0
+
+
+def write_report(lines: list[str], out: str | None) -> None:
+    """The markdown lines to ``out``, or to stdout without one."""
     text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
     else:
         sys.stdout.write(text)
-    return 0
 
 
 if __name__ == "__main__":

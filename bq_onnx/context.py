@@ -120,7 +120,7 @@ class Context:
     quantized: dict[str, QuantizedTensor | QuantizedPieces] = dataclasses.field(default_factory=dict)
     layers: list[dict] = dataclasses.field(default_factory=list)
     stored_bytes: int | None = None  # what the quantized weights take in the output, shared constants included
-    source_bytes: int | None = None  # every tensor the model stores as given, before the prepare passes
+    source_bytes: int | None = None  # every tensor the model stores as given, or as prepared where that is less
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
     floors: dict[str, int] = dataclasses.field(default_factory=dict)  # block -> least width (heads, guard repairs)

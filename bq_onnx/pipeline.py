@@ -68,6 +68,8 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
     model = run_passes(model, prepare_passes(config.weights))
     if storage_of(config).int2:  # int2 codes need DequantizeLinear-25; converted before the weights are found
         model = run_passes(model, [UpgradeOpsetPass(INT2_OPSET), SetIrVersionPass()])
+    # ... but what they remove (BatchNormalization vectors folded into their Conv) is no room for the weights
+    ctx.source_bytes = min(ctx.source_bytes, ir_stored_bytes(model))
     found = find_weights(model, config.weights)
     ctx.weights = found.weights
     ctx.messages.extend(found.messages)

@@ -171,8 +171,9 @@ def _estimate(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, pro
     weights = {}
     for info in prepared.weights:  # one weight at a time: read its curvature, finish it, write it back
         raw = curvature[info.name]
-        counts = row_counts(info, calib)
-        filled = fill_unseen_rows(raw, counts) if table_rows(info) else None
+        table = table_rows(info)
+        counts = row_counts(info, calib) if table else None
+        filled = fill_unseen_rows(raw, counts) if table else None
         if filled is not None:
             raw, count, how = filled
             notes.append(f"'{info.name}': {count} embedding row(s) never read by the calibration data were given "

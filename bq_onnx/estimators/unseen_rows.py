@@ -48,10 +48,9 @@ def index_source(value) -> str | None:
 
 
 def row_counts(info: WeightInfo, calib: Calibration) -> np.ndarray | None:
-    """How many times the calibration samples read each row of the table (every Gather of it summed), or None
-    where an index is computed rather than fed (position ids built in the graph) or is not in the calibration."""
-    if not table_rows(info):
-        return None
+    """How many times the calibration samples read each row of a lookup table (:func:`table_rows`; every Gather of
+    it summed), or None where an index is computed rather than fed (position ids built in the graph) or is not in
+    the calibration."""
     sources = [index_source(u.node.inputs[1]) for u in info.value.uses()]
     if any(s is None or s not in calib.arrays for s in sources):
         return None

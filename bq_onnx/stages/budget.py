@@ -165,15 +165,14 @@ def zero_bit_note(ctx: Context) -> str | None:
 
 
 def other_bytes(model: ir.Model, ctx: Context) -> int:
-    """Stored bytes that are not the weights: the smaller of the model as given (``ctx.source_bytes``) and
-    ``model`` as prepared, less the weights. What the prepare passes add (the opset upgrade's ``Reduce*`` axes
-    constants) counts against the budget, as :func:`bq_onnx.counting.count` subtracts the given model's; what they
-    remove (BatchNormalization vectors folded into their Conv) is no credit for the weights to spend: a 4-bit
-    budget on the PP-OCR classifier, whose 35 BatchNormalization layers store 2.5 bits per weight, stored its
-    weights at 5.2 bits when the folded vectors were counted as room."""
-    weights = sum(w.value.const_value.nbytes for w in ctx.weights if w.value.const_value is not None)
-    prepared = ir_stored_bytes(model) - weights
-    return prepared if ctx.source_bytes is None else min(ctx.source_bytes - weights, prepared)
+    """Stored bytes that are not the weights: ``ctx.source_bytes`` (the smaller of the model as given and as
+    prepared; else ``model`` before the rewrite) less the weights. What the prepare passes add (the opset
+    upgrade's ``Reduce*`` axes constants) counts against the budget, as :func:`bq_onnx.counting.count` subtracts the
+    given model's; what they remove (BatchNormalization vectors folded into their Conv) is no credit for the weights
+    to spend: a 4-bit budget on the PP-OCR classifier, whose 35 BatchNormalization layers store 2.5 bits per weight,
+    stored its weights at 5.2 bits when the folded vectors were counted as room."""
+    source = ctx.source_bytes if ctx.source_bytes is not None else ir_stored_bytes(model)
+    return source - sum(w.value.const_value.nbytes for w in ctx.weights if w.value.const_value is not None)
 
 
 def serialized_bytes(model: ir.Model) -> int:

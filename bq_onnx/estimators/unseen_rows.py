@@ -8,10 +8,11 @@ much of the curvature, evenly; each at most the median seen row (an unread token
 seen one).
 
 Why not the mean of the seen rows for each (what bq-onnx did, and still does where the indices cannot be traced to
-the calibration inputs): 32 calibration sentences read a few hundred of MiniLM's 30522 rows, the mean is carried by
-[CLS], [SEP] and the most frequent words, and 30,000 rows at that level made the table look some 50x more
-important than the data say: greedy gave it 4 bits and the transformer's MatMuls 2-3, and the held-out loss was
-four times uniform's (`benchmarks/zoo_s10.md`).
+the calibration inputs): 32 calibration sentences read few of MiniLM's 30522 rows, the mean is carried by
+[CLS], [SEP] and the most frequent words, and the unread rows at that level made the table look far more important than
+the data say: greedy gave it 3.65 bits and the transformer's MatMuls 2-3 (`benchmarks/zoo_damage_minilm-l3.md`,
+calib-4); the guard's held-out loss of what it wrote was 236.4 (`benchmarks/zoo_s9.md`) and is 22.48 with this fill
+(`benchmarks/zoo_s10.md`, uniform 375.4).
 """
 
 from __future__ import annotations

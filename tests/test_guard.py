@@ -242,8 +242,10 @@ def test_uniform_on_plain_grids_is_a_measured_candidate(calib):
 class _FitProbe:
     """A stand-in for the guard's fit-split measure: each model's loss on the fit samples, looked up."""
 
-    def __init__(self, losses: dict[str, float]) -> None:
-        self.losses, self.runs = losses, []
+    def __init__(self, losses: dict[str, float], samples: int = 24) -> None:
+        from types import SimpleNamespace
+
+        self.losses, self.runs, self.held = losses, [], SimpleNamespace(samples=samples)
 
     def _run(self, out):
         self.runs.append(out)
@@ -259,21 +261,61 @@ def _try(label: str, loss: float):
     return _Try(label, Spent(label, None, {}, None, [], None), loss, {}, None)
 
 
+def _measure(probe: _FitProbe, held: int = 8):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(probe=probe, held=SimpleNamespace(samples=held))
+
+
 def test_a_held_out_win_the_fit_split_does_not_confirm_writes_uniform():
     """A candidate better than uniform on a few held-out samples is written only if it is no worse than uniform
     on the fit samples too (where posterior-made candidates have the in-sample advantage): else uniform, and the
     best confirmed one where there is one."""
-    from types import SimpleNamespace
-
     from bq_onnx.stages.guard import _confirm_on_fit
 
     uniform = _try("uniform", 1.0)
     lucky, sound, worse = _try("lucky", 0.5), _try("sound", 0.8), _try("worse", 1.2)
     probe = _FitProbe({"uniform": 1.0, "lucky": 1.5, "sound": 0.9, "worse": 0.1})
-    chosen, unconfirmed = _confirm_on_fit([worse, lucky, sound], uniform, SimpleNamespace(probe=probe))
+    chosen, unconfirmed = _confirm_on_fit([worse, lucky, sound], uniform, _measure(probe))
     assert chosen is sound and unconfirmed is None
     assert "worse" not in probe.runs  # worse than uniform held out: never a candidate, not measured
     assert (lucky.fit_loss, sound.fit_loss, uniform.fit_loss) == (1.5, 0.9, 1.0)
     probe = _FitProbe({"uniform": 1.0, "lucky": 1.5})
-    chosen, unconfirmed = _confirm_on_fit([_try("lucky", 0.5)], _try("uniform", 1.0), SimpleNamespace(probe=probe))
+    chosen, unconfirmed = _confirm_on_fit([_try("lucky", 0.5)], _try("uniform", 1.0), _measure(probe))
     assert chosen.label == "uniform" and unconfirmed.label == "lucky"
+
+
+def _paired(label: str, per_sample: list[float]):
+    t = _try(label, float(np.mean(per_sample)))
+    t.per_sample = np.asarray(per_sample)
+    return t
+
+
+def test_another_candidate_replaces_the_allocation_only_when_clearly_better():
+    """Where the allocation is confirmed (no worse than uniform on both splits), a candidate that measured lower on
+    the held-out samples replaces it only when its per-sample lead is over one standard error of the paired
+    difference: a lead carried by one sample of eight is chance."""
+    from bq_onnx.stages.guard import _clearly_better, _confirm_on_fit
+
+    allocation = _paired("allocation", [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    lucky = _paired("lucky", [1.4, 1.2, 1.3, 1.1, 1.2, 1.3, 1.2, -3.0])  # lower mean (0.84), by one sample
+    steady = _paired("steady", [0.9, 0.85, 0.92, 0.88, 0.9, 0.86, 0.91, 0.89])
+    uniform = _try("uniform", 2.0)
+    fit = {"uniform": 2.0, "allocation": 1.0, "lucky": 1.0, "steady": 1.0}
+    d = lucky.per_sample - allocation.per_sample
+    assert np.mean(d) + np.std(d, ddof=1) / np.sqrt(8) > 0 and not _clearly_better(lucky, allocation)
+    chosen, _ = _confirm_on_fit([allocation, lucky], uniform, _measure(_FitProbe(fit)))
+    assert chosen is allocation
+    chosen, _ = _confirm_on_fit([allocation, lucky, steady], _try("uniform", 2.0), _measure(_FitProbe(fit)))
+    assert chosen is steady  # the lowest held-out loss that is clearly better
+    # an allocation the fit split does not confirm is no default: the best confirmed one is written
+    allocation = _paired("allocation", [1.0] * 8)
+    lucky = _paired("lucky", [1.4, 1.2, 1.3, 1.1, 1.2, 1.3, 1.2, -3.0])
+    chosen, _ = _confirm_on_fit([allocation, lucky], _try("uniform", 2.0),
+                                _measure(_FitProbe({**fit, "allocation": 3.0})))
+    assert chosen is lucky
+    # a confirmed repair is the method's answer as the allocation is
+    repair, lucky = _paired("repair 2", [1.0] * 8), _paired("lucky", [1.4, 1.2, 1.3, 1.1, 1.2, 1.3, 1.2, -3.0])
+    chosen, _ = _confirm_on_fit([_paired("allocation", [5.0] * 8), repair, lucky], _try("uniform", 2.0),
+                                _measure(_FitProbe({**fit, "repair 2": 1.0})))
+    assert chosen is repair

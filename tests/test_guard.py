@@ -291,31 +291,34 @@ def _paired(label: str, per_sample: list[float]):
     return t
 
 
-def test_another_candidate_replaces_the_allocation_only_when_clearly_better():
-    """Where the allocation is confirmed (no worse than uniform on both splits), a candidate that measured lower on
-    the held-out samples replaces it only when its per-sample lead is over one standard error of the paired
-    difference: a lead carried by one sample of eight is chance."""
-    from bq_onnx.stages.guard import _clearly_better, _confirm_on_fit
+def test_a_data_free_candidate_replaces_the_posteriors_only_when_clearly_better():
+    """Where the posterior's best candidate (the allocation or a repair) is no worse than uniform on both splits, a
+    data-free one that measured lower on the held-out samples replaces it only when its per-sample lead is over one
+    standard error of the paired difference: a lead carried by one sample of eight is chance. Among data-free
+    candidates (which saw neither split) the lowest loss over both splits, weighted by samples, is the best."""
+    from bq_onnx.stages.guard import DATA_FREE_FILLED, DATA_FREE_UNIFORM, _clearly_better, _confirm_on_fit
 
-    allocation = _paired("allocation", [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    lucky = _paired("lucky", [1.4, 1.2, 1.3, 1.1, 1.2, 1.3, 1.2, -3.0])  # lower mean (0.84), by one sample
-    steady = _paired("steady", [0.9, 0.85, 0.92, 0.88, 0.9, 0.86, 0.91, 0.89])
-    uniform = _try("uniform", 2.0)
-    fit = {"uniform": 2.0, "allocation": 1.0, "lucky": 1.0, "steady": 1.0}
+    lucky_losses = [1.4, 1.2, 1.3, 1.1, 1.2, 1.3, 1.2, -3.0]  # lower mean (0.71), by one sample
+    steady_losses = [0.9, 0.85, 0.92, 0.88, 0.9, 0.86, 0.91, 0.89]
+    fit = {"uniform": 2.0, "allocation": 1.0, "repair 2": 1.0, "data-free": 1.1, DATA_FREE_UNIFORM: 0.95,
+           DATA_FREE_FILLED: 1.0}
+
+    def run(tries, **fit_losses):
+        return _confirm_on_fit(tries, _try("uniform", 2.0), _measure(_FitProbe({**fit, **fit_losses})))[0]
+
+    allocation, lucky = _paired("allocation", [1.0] * 8), _paired("data-free", lucky_losses)
     d = lucky.per_sample - allocation.per_sample
     assert np.mean(d) + np.std(d, ddof=1) / np.sqrt(8) > 0 and not _clearly_better(lucky, allocation)
-    chosen, _ = _confirm_on_fit([allocation, lucky], uniform, _measure(_FitProbe(fit)))
-    assert chosen is allocation
-    chosen, _ = _confirm_on_fit([allocation, lucky, steady], _try("uniform", 2.0), _measure(_FitProbe(fit)))
-    assert chosen is steady  # the lowest held-out loss that is clearly better
+    assert run([allocation, lucky]) is allocation
+    steady = _paired(DATA_FREE_UNIFORM, steady_losses)
+    assert run([_paired("allocation", [1.0] * 8), _paired("data-free", lucky_losses), steady]) is steady
+    # data-free candidates ranked over both splits (8 held-out, 24 fit samples): the lucky one's held-out lead
+    # (0.71 against 0.89) is outweighed by its fit loss (1.1 against 0.7)
+    lucky, steady = _paired("data-free", lucky_losses), _paired(DATA_FREE_UNIFORM, steady_losses)
+    assert run([lucky, steady], allocation=3.0, **{DATA_FREE_UNIFORM: 0.7}) is steady
     # an allocation the fit split does not confirm is no default: the best confirmed one is written
-    allocation = _paired("allocation", [1.0] * 8)
-    lucky = _paired("lucky", [1.4, 1.2, 1.3, 1.1, 1.2, 1.3, 1.2, -3.0])
-    chosen, _ = _confirm_on_fit([allocation, lucky], _try("uniform", 2.0),
-                                _measure(_FitProbe({**fit, "allocation": 3.0})))
-    assert chosen is lucky
-    # a confirmed repair is the method's answer as the allocation is
-    repair, lucky = _paired("repair 2", [1.0] * 8), _paired("lucky", [1.4, 1.2, 1.3, 1.1, 1.2, 1.3, 1.2, -3.0])
-    chosen, _ = _confirm_on_fit([_paired("allocation", [5.0] * 8), repair, lucky], _try("uniform", 2.0),
-                                _measure(_FitProbe({**fit, "repair 2": 1.0})))
-    assert chosen is repair
+    lucky = _paired("data-free", lucky_losses)
+    assert run([_paired("allocation", [1.0] * 8), lucky], allocation=3.0) is lucky
+    # a confirmed repair is the posterior's best as the allocation is
+    repair = _paired("repair 2", [1.0] * 8)
+    assert run([_paired("allocation", [5.0] * 8), repair, _paired("data-free", lucky_losses)]) is repair

@@ -15,9 +15,9 @@ again (on silero-vad's sequence export, the fixed STFT basis of its first Conv: 
 probed on the fit split, so the held-out samples only choose between candidates; the candidates are the
 allocation, its repairs, the allocation with every block floored at the uniform width (:func:`_floored`), the
 data-free allocation (the one bq-onnx makes without ``--calib``: tables and grids without the posterior,
-:func:`_data_free`), uniform on those plain grids and uniform; the best measured is written if the fit split
-confirms that it is no worse than uniform, and it replaces a confirmed allocation only when clearly better on the
-held-out samples (:func:`_confirm_on_fit`).
+:func:`_data_free`), uniform on those plain grids and uniform; what is written is no worse than uniform on both
+splits, and a data-free candidate replaces the posterior's best only when clearly better on the held-out samples
+(:func:`_confirm_on_fit`).
 
 Where the allocation measures worse than uniform, or its measured loss exceeds its prediction by more than
 :data:`PREDICTION_FACTOR` times what uniform's does (the tables' scale is calibrated by uniform's own
@@ -395,7 +395,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         if far is not None:
             tries.append(far)
     if held.task_data and uniform is not None and width is not None:
-        floored = _floored(ctx, int(width), spend, measure, uniform, first)
+        floored = _floored(ctx, int(width), spend, measure, uniform, tries)
         if floored is not None:
             tries.append(floored)
     free_tables = None
@@ -609,14 +609,14 @@ def _filled(uniform: _Try, spend: Callable[[str | None], Spent], measure: _Measu
 
 
 def _floored(ctx: Context, width: int, spend: Callable[[str | None], Spent], measure: _Measure, uniform: _Try,
-             first: Spent) -> _Try | None:
+             tries: list[_Try]) -> _Try | None:
     """The configured allocation with every block floored at the uniform ``width`` (the budget left above it spent
     by the tables, block by block), measured as a candidate; None where that raises nothing above uniform or does
     not fit. Why: the tables are a local, quadratic model; a step of a bit or two up from a width every block can
     take is where they are reliable, a step down to 2 bits or 0 is where they are not. On models whose allocation
     loses to uniform by what its narrowest blocks cost (EfficientNet-Lite0's 2-bit blocks, the uniform GPTQ
     baseline filled into the same stored size in ``benchmarks/gptq_big.md``), this keeps the tables' choice of
-    where the spare bits go and drops only the extrapolation. None also where it is the allocation ``first``."""
+    where the spare bits go and drops only the extrapolation. None also where it is one of ``tries``."""
     floors = dict(ctx.floors)
     try:
         for t in ctx.tables.blocks:
@@ -629,8 +629,9 @@ def _floored(ctx: Context, width: int, spend: Callable[[str | None], Spent], mea
     if spent.stored_bytes is not None and uniform.spent.stored_bytes is not None \
             and spent.stored_bytes <= uniform.spent.stored_bytes:
         return None  # nothing raised: uniform itself
-    if spent.allocation is not None and first.allocation is not None and spent.allocation.bits == first.allocation.bits:
-        return None  # the allocation itself (nothing in it was below the uniform width)
+    if spent.allocation is not None and any(t.spent.allocation is not None
+                                            and spent.allocation.bits == t.spent.allocation.bits for t in tries):
+        return None  # a candidate already measured (the allocation or a repair had nothing below the width)
     return measure.model_try(FLOORED, spent)
 
 
@@ -643,19 +644,21 @@ def _raises(filled: Spent, uniform: _Try | None) -> bool:
 
 
 def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tuple[_Try, _Try | None]:
-    """The candidate to write among those no worse than uniform on the held-out samples: the best there that is
-    also no worse than uniform on the fit split (the samples the posterior saw); where the allocation or one of its
-    repairs is such a candidate (the best of them: the method's answer), the best of those clearly better than it
-    on the held-out samples (:func:`_clearly_better`), else it. Returns (it, None), or (uniform, the best held-out
-    candidate) where none is confirmed.
+    """The candidate to write among those no worse than uniform on both the held-out samples and the fit split
+    (the samples the posterior saw). Returns (it, None), or (uniform, the best held-out candidate) where none is.
+
+    The candidates are of two kinds. The posterior's (the allocation, its repairs, the allocation floored at
+    uniform) saw the fit split: of those, the lowest held-out loss. The data-free ones (:data:`DATA_FREE`) saw
+    neither split: of those, the lowest loss over both splits (each weighted by its samples; four times the
+    held-out samples, no in-sample advantage). A data-free candidate replaces the posterior's only when clearly
+    better on the held-out samples (:func:`_clearly_better`, the same samples for both).
 
     Why: the held-out split of a small ``--calib`` is a few samples (8 of 32 clips on silero-vad's sequence
     export, 8 pages on the PP-OCR detector), and the best of several candidates measured on them wins partly by
     chance. On the fit split every posterior-made candidate has the in-sample advantage, so one that measures
     worse than uniform there is worse; requiring both keeps the held-out check unbiased and stops a lucky draw from
-    writing a worse model. Another candidate must beat the method's answer by more than chance: on the PP-OCR
-    detector the plain-grid uniform, filled, measured lower than the third repair on 8 held-out pages and lost the
-    task metric (IoU 0.954 -> 0.862, ``benchmarks/zoo_s10.md``)."""
+    writing a worse model. On the PP-OCR detector the plain-grid uniform, filled, measured lower than the third
+    repair on 8 held-out pages and lost the task metric (IoU 0.954 -> 0.862, ``benchmarks/zoo_s10.md``)."""
     fit = measure.probe
     if uniform.fit_loss is None:
         uniform.fit_loss = fit.loss(fit._run(uniform.spent.out))
@@ -668,15 +671,19 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
             confirmed.append(t)
     if not confirmed:
         return uniform, winners[0]
-    own = next((t for t in confirmed if t.label == "allocation" or t.label.startswith("repair")), None)
-    if own is not None:
-        confirmed = [t for t in confirmed if t is own or _clearly_better(t, own)]
-    return confirmed[0], None
+    held, seen = measure.held.samples, fit.held.samples
+    free = [t for t in confirmed if t.label in DATA_FREE]
+    own = [t for t in confirmed if t.label not in DATA_FREE]
+    best_free = min(free, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
+    best_own = own[0] if own else None
+    if best_own is None or (best_free is not None and _clearly_better(best_free, best_own)):
+        return best_free, None
+    return best_own, None
 
 
 SE_FACTOR = 1.0
-"""Standard errors of the paired per-sample difference by which a candidate must beat the allocation on the
-held-out samples to replace it (:func:`_clearly_better`)."""
+"""Standard errors of the paired per-sample difference by which a data-free candidate must beat the posterior's
+best on the held-out samples to replace it (:func:`_clearly_better`)."""
 
 
 def _clearly_better(a: _Try, b: _Try) -> bool:

@@ -121,3 +121,20 @@ def test_take_columns_is_what_the_tables_decode():
     qt = quantizers.quantize_spec(view, 3, spec, 32, None, seed=0)
     assert np.array_equal(np.concatenate([take_columns(qt, a, min(a + 30, 100)).dequantize()
                                           for a in range(0, 100, 30)], axis=1), qt.dequantize())
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+def test_codes_are_packed_slice_by_slice(monkeypatch, bits):
+    from bq_onnx import packing
+
+    codes = np.random.default_rng(4).integers(0, 1 << bits, 1_000_003).astype(np.uint8)
+    flat = np.zeros(-(-codes.size // 8) * 8, dtype=np.uint8)
+    flat[:codes.size] = codes
+    # an independent reference: value i's bit j is bit i * bits + j of the little-endian stream
+    stream = ((flat[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+    expected = (stream.reshape(-1, 8) << np.arange(8)).sum(axis=1).astype(np.uint8)
+    monkeypatch.setattr(packing, "PACK_CHUNK", 1 << 16)
+    got, peak = _peak(lambda: packing.pack_bits(codes, bits))
+    assert np.array_equal(got, expected)
+    # the packed bytes and a slice's temporaries; the whole bit matrix was 8 bytes per code and more
+    assert peak < got.nbytes + 1.5 * codes.nbytes, peak / codes.nbytes

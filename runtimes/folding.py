@@ -2,12 +2,12 @@
 
 A weight stored bit-packed (1..3 bits where the target has no container, or codebook indexes) is decoded by a
 graph of float ops over its codes (``bq_onnx.decode``). onnxruntime constant-folds that graph when a session is
-created, and the folding holds every intermediate (a float32 lane per bit of every packed byte) at once: measured
-on a 64 MiB weight stored at about 3.4 bits, 27 of its 64 MiB in 3-bit packed slices, session creation peaked
-1.19 GiB above the process (``benchmarks/streaming_memory.md``), far past issue 21's bound of 1.5 x model + 1 GiB.
-Run unfolded, the same graph decodes at each run, through buffers the executor frees as it goes (+0.3 GiB on
-that model). The result is the same graph's result; only the MatMul kernels differ (a weight that is not a
-constant is not pre-packed), by float32 rounding: about 2e-6 relative on that model.
+created, and the folding holds every intermediate (a float32 lane per bit of every packed byte) at once: a 64 MiB
+weight at ``--bits 4`` (int4 slices mixed with 3-bit packed ones) took 1.19 GiB to load, and its uniform 3-bit
+candidate 2.4 GiB (``benchmarks/streaming_memory.md``), far past issue 21's bound of 1.5 x model + 1 GiB. Run
+unfolded, the same graph decodes at each run through buffers the executor frees as it goes (+0.3 GiB for the
+first). The result is the same graph's result; only the MatMul kernels differ (a weight that is not a constant is
+not pre-packed), by float32 rounding.
 """
 
 from __future__ import annotations

@@ -24,11 +24,21 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"codes do not fit in {bits} bits")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    padded = np.zeros(-(-flat.size // 8) * 8, dtype=np.uint8)
-    padded[: flat.size] = flat
-    # (values, bits) little-endian bit matrix -> one stream -> bytes, LSB first.
-    stream = np.unpackbits(padded[:, None], axis=1, bitorder="little")[:, :bits]
-    return np.packbits(stream.reshape(-1), bitorder="little")
+    out = np.empty(packed_size(flat.size, bits), dtype=np.uint8)
+    for start in range(0, flat.size, PACK_CHUNK):  # every 8 values are ``bits`` whole bytes: slices pack apart
+        part = flat[start:start + PACK_CHUNK]
+        padded = np.zeros(-(-part.size // 8) * 8, dtype=np.uint8)
+        padded[: part.size] = part
+        # (values, bits) little-endian bit matrix -> one stream -> bytes, LSB first.
+        stream = np.unpackbits(padded[:, None], axis=1, bitorder="little")[:, :bits]
+        out[start // 8 * bits:start // 8 * bits + padded.size // 8 * bits] = np.packbits(stream.reshape(-1),
+                                                                                         bitorder="little")
+    return out
+
+
+PACK_CHUNK = 1 << 22
+"""Values packed at once (a multiple of 8): the bit matrix holds 8 bytes per value, so a whole 2^28-element
+weight's codes would take 2 GiB of temporaries (issue 21's streaming bound)."""
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

@@ -362,7 +362,12 @@ class QuantizedPieces:
         return self.shape[0] * self.shape[1]
 
     def dequantize(self) -> np.ndarray:
-        return np.concatenate([qt.dequantize() for _, _, qt in self.pieces], axis=1)
+        """float32 ``(K, N)``: each piece decoded straight into its columns (a list of decoded pieces joined
+        afterwards held the weight twice)."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for start, stop, qt in self.pieces:
+            out[:, start:stop] = qt.dequantize()
+        return out
 
     @property
     def payload_bits(self) -> int:

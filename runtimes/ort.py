@@ -54,6 +54,19 @@ def load_error(path: str | os.PathLike, first: str) -> BqError:
     return ModelError(f"{path}: onnxruntime cannot load the model: {first}")
 
 
+def _folds_too_much(path: str | os.PathLike) -> bool:
+    """:func:`bq_onnx.runtimes.folding.folds_too_much` of the model at ``path`` (its graph only: external data
+    is not read); False where it cannot be read (creating the session says why)."""
+    import onnx_ir as ir
+
+    from bq_onnx.runtimes.folding import folds_too_much
+
+    try:
+        return folds_too_much(ir.load(os.fspath(path)))
+    except Exception:  # noqa: BLE001 - the session's own load reports an unreadable model
+        return False
+
+
 class OrtSession(Session):
     def __init__(self, session) -> None:
         self._session = session
@@ -105,13 +118,18 @@ class OnnxRuntime(Runtime):
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
+        disabled = []
         if lean:
             # no prepacked copy of every MatMul weight: session creation held about twice a big fp32 weight
             # (issue 21); external data then stays a file mapping. For checks, not for timings.
             options.add_session_config_entry("session.disable_prepacking", "1")
+            if _folds_too_much(path):  # packed codes decoded at each run instead of folded (runtimes/folding.py)
+                disabled.append("ConstantFolding")
+                options.enable_cpu_mem_arena = False
         try:
             with limited("creating an onnxruntime session"):
-                return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=self.providers))
+                return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=self.providers,
+                                                       disabled_optimizers=disabled))
         except LimitError:
             raise
         except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types

@@ -16,6 +16,7 @@ from bq_onnx.errors import LimitError
 from bq_onnx.limits import limited
 from bq_onnx.model_io import model_nbytes, save_model
 from bq_onnx.runtimes.base import Session
+from bq_onnx.runtimes.folding import folds_too_much
 from bq_onnx.runtimes.registry import get_runtime
 
 #: Models with more bytes of initializers than this get :func:`unpacked_session` sessions.
@@ -35,8 +36,10 @@ _shared: weakref.WeakValueDictionary[tuple[bytes, int | None], Session] = weakre
 class TempSessions:
     """Sessions over temporary files, removed by :meth:`close`.
 
-    A session of a model of at most :data:`SHARED_SESSION_BYTES` is kept until :meth:`close` (the latest ones, up to
-    :data:`KEPT_SESSION_BYTES` of their models' weights) and shared: the guard
+    A session of a model of at most :data:`SHARED_SESSION_BYTES` is kept until :meth:`close` (the latest ones,
+    up to :data:`KEPT_SESSION_BYTES` of their models' weights) and shared, unless the model's packed codes would
+    fold into many times their float size (:mod:`bq_onnx.runtimes.folding`: such a model gets an unfolded
+    :func:`unpacked_session`, dropped with its runs' buffers when the caller lets it go). The guard
     measures the FP32 model and its best candidates on the held-out samples and again on the fit samples, each
     set with its own ``TempSessions``, and creating a session cost 0.6-1.1 s each on MiniLM-L3 (3 of its 12). The
     key is the saved file's bytes, so a shared session runs exactly the graph a new one would, with the same
@@ -55,6 +58,8 @@ class TempSessions:
         nbytes = model_nbytes(model)
         if nbytes > UNPACKED_SESSION_BYTES:
             return unpacked_session(path, self.threads)
+        if folds_too_much(model):  # run unfolded, neither kept nor shared: its runs' buffers go with it
+            return unpacked_session(path, self.threads, arena=False)
         if nbytes > SHARED_SESSION_BYTES or any(path.parent.glob(path.name + ".*")):  # external data: not shared
             return get_runtime("onnxruntime").session(path, exact=True, threads=self.threads)
         key = (_file_digest(path), self.threads)
@@ -81,7 +86,7 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Session:
+def unpacked_session(path: str | os.PathLike, threads: int | None = None, arena: bool = True) -> Session:
     """An onnxruntime CPU session (as ``get_runtime("onnxruntime").session(path, exact=True)``) that holds no
     copy of the weights: onnxruntime memory-maps the external data file and reads the weights from there.
 
@@ -92,7 +97,10 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Ses
     without). Neither changes the speed of these graphs measurably (3 batches of 32: 1.54 s / 1.56 s).
     Unpacked kernels round differently from packed ones (float32 sums in another order: per-element curvatures
     differ by up to 0.5 % where a sample's output gradients nearly cancel), so models up to
-    :data:`UNPACKED_SESSION_BYTES` keep the runtime's usual sessions and their results."""
+    :data:`UNPACKED_SESSION_BYTES` keep the runtime's usual sessions and their results.
+
+    The same session runs a model whose packed codes would fold into many times their float size
+    (:mod:`bq_onnx.runtimes.folding`); ``arena=False`` then hands each run's decode buffers back as it ends."""
     import onnxruntime as ort
 
     from bq_onnx.runtimes.ort import OrtSession, load_error
@@ -103,6 +111,7 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None) -> Ses
     options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
     try:
         with limited("creating an onnxruntime session"):
             return OrtSession(ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],

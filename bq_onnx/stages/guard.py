@@ -55,6 +55,7 @@ from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
 from bq_onnx.graph import forward_model
 from bq_onnx.progress import progress
+from bq_onnx.runtimes.folding import folds_too_much
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.samples import random_feeds
 from bq_onnx.stages.allocate import FILLED_UNIFORM
@@ -253,10 +254,23 @@ class _Measure:
         return out
 
     def model_try(self, label: str, spent: Spent) -> _Try:
-        runs = self._run(spent.out)
+        runs = self._decoded_runs(spent) if folds_too_much(spent.out) else self._run(spent.out)
         predicted = spent.allocation.loss if spent.allocation is not None else None
         per_sample = self.losses(runs)
         return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs), predicted, per_sample=per_sample)
+
+    def _decoded_runs(self, spent: Spent) -> list[list[np.ndarray]]:
+        """``spent`` run as the FP32 model fed its weights decoded by numpy (:meth:`QuantizedTensor.dequantize`,
+        the graph's arithmetic): onnxruntime decodes packed codes through float intermediates of about 20x the
+        weight (:mod:`bq_onnx.runtimes.folding`). A quantized subgraph weight cannot be fed: the model runs."""
+        weights = {}
+        for name, quantized in spent.quantized.items():
+            info = self.ctx.weight(name)
+            if info.scope or info.name not in self.model.graph.initializers:
+                return self._run(spent.out)
+            weights[name] = info.layout.from_view(quantized.dequantize()).astype(info.value.dtype.numpy(),
+                                                                                   copy=False)
+        return self._run(self.model, weights)
 
     def tensor_loss(self, name: str, spent: Spent) -> float | None:
         """The loss with only ``name`` quantized as in ``spent`` (None: not quantized there). A main-graph weight

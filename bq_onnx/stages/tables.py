@@ -39,7 +39,7 @@ from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import UsageError
 from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
-from bq_onnx.qtensor import take_columns
+from bq_onnx.qtensor import QuantizedTensor, take_columns
 from bq_onnx.quantizers import Spec, candidates
 from bq_onnx.sizes import block_metadata_bits, codebook_bits, storage_of, stored_payload_bits, weight_storage
 from bq_onnx.stages.bracket import bracket, min_bits, scored_widths
@@ -623,34 +623,50 @@ class _Scorer:
             qt = design(self.ctx, view, importance, bits, info.name, spec, base=plain.get(key))
             if not spec.outliers:
                 plain[key] = qt
-            per_column = self._column_losses(info, view, qt.dequantize(), importance)
+            per_column = self._column_losses(info, view, qt, importance)
             shared = codebook_bits(qt)
-            parts = [take_columns(qt, a, b) for a, b in ranges]
-            options.append(_Option(
-                spec,
-                np.array([per_column[a:b].sum() for a, b in ranges]),
-                np.array([float(p.payload_bits) for p in parts]),
-                np.array([block_metadata_bits(p, fmt) + shared * (b - a) / n for p, (a, b) in zip(parts, ranges)]),
-                np.array([float(stored_payload_bits(p, fmt)) for p in parts]),
-            ))
+            loss, payload, meta, stored = (np.empty(len(ranges)) for _ in range(4))
+            for i, (a, b) in enumerate(ranges):  # one slice's codes at a time: no second copy of the whole codes
+                part = take_columns(qt, a, b)
+                loss[i] = per_column[a:b].sum()
+                payload[i] = float(part.payload_bits)
+                meta[i] = block_metadata_bits(part, fmt) + shared * (b - a) / n
+                stored[i] = float(stored_payload_bits(part, fmt))
+            options.append(_Option(spec, loss, payload, meta, stored))
         return options
 
-    def _column_losses(self, info, view: np.ndarray, decoded: np.ndarray, importance) -> np.ndarray:
+    def _column_losses(self, info, view: np.ndarray, qt: QuantizedTensor, importance) -> np.ndarray:
         """Expected loss per output column: ``delta^T H delta`` with H diagonal (the posterior precision) or,
         where the posterior has K-FAC factors, ``H = N (A (x) G) + lambda`` so correlated errors count together:
-        ``delta^T H delta = N tr(D^T A D G) + lambda |D|^2`` with ``D`` the (K, N) error."""
-        delta = decoded.astype(np.float64) - view
+        ``delta^T H delta = N tr(D^T A D G) + lambda |D|^2`` with ``D`` the (K, N) error.
+
+        The diagonal form is summed slice by slice of columns (:data:`LOSS_CHUNK_BYTES` of the view at a time):
+        the decoded tensor, its float64 error and the squares would otherwise be about 8x the weight at once
+        (issue 21's streaming bound). Each column's sum runs down its rows in the same order either way."""
         posterior = self.ctx.posterior
         wp = posterior.weights.get(info.name) if posterior is not None else None
         if wp is not None and wp.kfac is not None:
+            delta = qt.dequantize().astype(np.float64) - view
             a, g = wp.kfac
             return posterior.samples * np.sum(delta * (a @ delta @ g), axis=0) + posterior.prior_precision * np.sum(
                 delta**2, axis=0
             )
-        err = delta**2
-        if importance is not None:
-            err *= importance
-        return err.sum(axis=0)
+        k, n = view.shape
+        step = n if view.nbytes <= LOSS_CHUNK_BYTES else max(1, LOSS_CHUNK_BYTES // max(1, k * view.itemsize))
+        out = np.empty(n, dtype=np.float64)
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            decoded = qt.dequantize() if (a, b) == (0, n) else take_columns(qt, a, b).dequantize()
+            err = (decoded.astype(np.float64) - view[:, a:b]) ** 2
+            if importance is not None:
+                err *= importance[:, a:b]
+            out[a:b] = err.sum(axis=0)
+        return out
+
+
+LOSS_CHUNK_BYTES = 4 << 20
+"""Bytes of a weight's (float32) view whose expected loss the tables sum at once (:meth:`_Scorer._column_losses`;
+decoding a slice and squaring its error in float64 hold about 8x its bytes)."""
 
 
 @dataclasses.dataclass

@@ -245,11 +245,11 @@ class _FitProbe:
     def __init__(self, losses: dict[str, float], samples: int = 24) -> None:
         from types import SimpleNamespace
 
-        self.losses, self.runs, self.held = losses, [], SimpleNamespace(samples=samples)
+        self.losses, self.measured, self.held = losses, [], SimpleNamespace(samples=samples)
 
-    def _run(self, out):
-        self.runs.append(out)
-        return out
+    def runs(self, spent):
+        self.measured.append(spent.out)
+        return spent.out
 
     def loss(self, out) -> float:
         return self.losses[out]
@@ -278,7 +278,7 @@ def test_a_held_out_win_the_fit_split_does_not_confirm_writes_uniform():
     probe = _FitProbe({"uniform": 1.0, "lucky": 1.5, "sound": 0.9, "worse": 0.1})
     chosen, unconfirmed = _confirm_on_fit([worse, lucky, sound], uniform, _measure(probe))
     assert chosen is sound and unconfirmed is None
-    assert "worse" not in probe.runs  # worse than uniform held out: never a candidate, not measured
+    assert "worse" not in probe.measured  # worse than uniform held out: never a candidate, not measured
     assert (lucky.fit_loss, sound.fit_loss, uniform.fit_loss) == (1.5, 0.9, 1.0)
     probe = _FitProbe({"uniform": 1.0, "lucky": 1.5})
     chosen, unconfirmed = _confirm_on_fit([_try("lucky", 0.5)], _try("uniform", 1.0), _measure(probe))

@@ -254,10 +254,14 @@ class _Measure:
         return out
 
     def model_try(self, label: str, spent: Spent) -> _Try:
-        runs = self._decoded_runs(spent) if folds_too_much(spent.out) else self._run(spent.out)
+        runs = self.runs(spent)
         predicted = spent.allocation.loss if spent.allocation is not None else None
         per_sample = self.losses(runs)
         return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs), predicted, per_sample=per_sample)
+
+    def runs(self, spent: Spent) -> list[list[np.ndarray]]:
+        """The outputs of the model ``spent`` wrote, on these samples."""
+        return self._decoded_runs(spent) if folds_too_much(spent.out) else self._run(spent.out)
 
     def _decoded_runs(self, spent: Spent) -> list[list[np.ndarray]]:
         """``spent`` run as the FP32 model fed its weights decoded by numpy (:meth:`QuantizedTensor.dequantize`,
@@ -675,12 +679,12 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     repair on 8 held-out pages and lost the task metric (IoU 0.954 -> 0.862, ``benchmarks/zoo_s10.md``)."""
     fit = measure.probe
     if uniform.fit_loss is None:
-        uniform.fit_loss = fit.loss(fit._run(uniform.spent.out))
+        uniform.fit_loss = fit.loss(fit.runs(uniform.spent))
     winners = sorted((t for t in tries if t.loss <= uniform.loss), key=lambda t: t.loss)
     confirmed = []
     for t in winners:
         if t.fit_loss is None:
-            t.fit_loss = fit.loss(fit._run(t.spent.out))
+            t.fit_loss = fit.loss(fit.runs(t.spent))
         if t.fit_loss <= uniform.fit_loss:
             confirmed.append(t)
     if not confirmed:

@@ -79,19 +79,24 @@ def _predicted(blocks, name: str, bits: int) -> float:
 
 def measure(spec: peers.ModelSpec, bits: float, n_calib: int, n_measure: int, most: int) -> dict[str, Any]:
     """Predicted and measured loss of the low-width tensors of one allocation (see the module doc)."""
+    peers.ensure_model(spec)
+    feeds, _ = peers.eval_feeds(spec)
+    held = {k: v[-n_measure:] for k, v in feeds.items()}
+    with tempfile.TemporaryDirectory() as tmp:  # the posterior reads its arrays from the file when used
+        posterior = Path(tmp) / "posterior.npz"
+        start = time.perf_counter()
+        peers.run_posterior(spec, {}, posterior, n_calib)
+        seen = _capture(spec, bits, n_calib, posterior, "nearest")
+        return _compare(spec, bits, n_calib, n_measure, most, held, seen, start)
+
+
+def _compare(spec: peers.ModelSpec, bits: float, n_calib: int, n_measure: int, most: int, held: dict,
+             seen: dict[str, Any], start: float) -> dict[str, Any]:
     from bq_onnx.stages.moments import input_moments
     from bq_onnx.stages.quantize import compensated
     from bq_onnx.stages.tables import KL_TO_CLOSED_FORM, TableRun, _MonteCarlo
     from bq_onnx.weights import design, weight_view
 
-    peers.ensure_model(spec)
-    feeds, _ = peers.eval_feeds(spec)
-    held = {k: v[-n_measure:] for k, v in feeds.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        posterior = Path(tmp) / "posterior.npz"
-        start = time.perf_counter()
-        peers.run_posterior(spec, {}, posterior, n_calib)
-        seen = _capture(spec, bits, n_calib, posterior, "nearest")
     print(f"[{spec.name}] pipeline {time.perf_counter() - start:.1f} s", flush=True)
     model, ctx, fit = seen["model"], seen["ctx"], seen["fit"]
     tables = seen["tables"]  # as made, before any repair by the guard (which rescales what it measured)

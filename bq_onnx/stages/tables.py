@@ -7,7 +7,10 @@ where the quantizer for each width is itself designed to minimize that weighted 
 weighted Lloyd). Without a posterior ``h = 1`` (plain squared error). The ``mc`` table instead measures the loss
 the posterior fits (``--loss``, or its default rule: the KL to the FP32 distribution on a classifier; ce terms
 measure that KL too, the tables read no labels) against the FP32 model on calibration data with only that block
-quantized (slow; validates the closed form).
+quantized (slow; validates the closed form). ``--tables measured`` keeps the closed form's shape within each tensor
+and measures its level: the tensor alone quantized at the three widths around the budget (:class:`_OneScale`),
+because the diagonal curvature misjudges tensors against each other far more than widths against each other
+(``benchmarks/table_calibration.md``).
 
 Blocks are whole tensors or slices of output channels (``rows:N``), so one tensor can mix widths. Quantizing
 a whole tensor once per width and summing per-column errors is exact for per-column quantizers; the Lloyd

@@ -20,6 +20,8 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
 * ``uniform nearest`` / ``filled nearest``: the same two allocations rounded to nearest (RTN);
 * ``... +fp16``: the same row with 16 (fp16 values) among the widths (``--allowed-bits 2,3,4,5,6,7,8,16``);
   ``... +fp16tiny``: and every weight of at most :data:`TINY` elements forced to 16 (``--min-bits NAME=16``);
+* ``bq nearest measured`` / ``bq gptq measured``: ``bq nearest`` / ``bq gptq`` with ``--tables measured`` (each
+  tensor's table measured alone on the calibration samples at the three widths around the budget);
 * ``fixed nearest``: a whole budget read as the fixed grid width everywhere (no tables; ``--bits 8 --allocator
   uniform``), rounded to nearest: the ceiling of a width; ``+tinyfloat``: the weights of at most :data:`TINY`
   elements kept in float (``--keep-fp``; not counted in the stored bits);
@@ -57,6 +59,7 @@ _FP16: dict[str, Any] = {"allowed_bits": FP16_WIDTHS}
 TINY = 1024
 """``+fp16tiny`` rows: every weight of at most this many elements is stored as fp16 (``--min-bits NAME=16``)."""
 _TINY: dict[str, Any] = {"fp16_below": TINY}
+_MEASURED: dict[str, Any] = {"tables": "measured"}
 Config = tuple[str, str, str, dict[str, Any]]
 """A row: its label, ``--allocator``, ``--rounding`` and further options."""
 CONFIGS: tuple[Config, ...] = (
@@ -69,6 +72,7 @@ CONFIGS: tuple[Config, ...] = (
     ("uniform nearest +fp16tiny", "uniform", "nearest", {**_FP16, **_TINY}),
     ("bq nearest +fp16tiny", "greedy", "nearest", {**_FP16, **_TINY}),
     ("filled gptq-plain +fp16tiny", "uniform", "gptq-plain", {**_FILL, **_FP16, **_TINY}),
+    ("bq nearest measured", "greedy", "nearest", _MEASURED), ("bq gptq measured", "greedy", "gptq", _MEASURED),
     ("fixed nearest", "uniform", "nearest", {"bits_include_metadata": False}),
     ("fixed nearest +tinyfloat", "uniform", "nearest", {"bits_include_metadata": False, "float_below": TINY}),
 )

@@ -316,8 +316,8 @@ def _optimize(model: ModelSource, config: OptimizeConfig | str | os.PathLike | N
     d = config.distillation
     if d.distill_steps and calib is None:
         raise UsageError("--distill-steps needs --calib and a positive number of steps")
-    if a.tables == "mc" and calib is None:
-        raise UsageError("--tables mc needs calibration data (--calib)")
+    if a.tables in ("mc", "measured") and calib is None:
+        raise UsageError(f"--tables {a.tables} needs calibration data (--calib)")
     loaded = load_model(model)  # an IR model is copied: the caller's object stays untouched
     model_sha = provenance.model_sha256(model)
     # read once (a one-shot reader or generator included) and handed to every stage that needs samples

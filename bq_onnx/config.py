@@ -38,7 +38,7 @@ QUANTIZERS: tuple[str, ...] = ("uniform", "uniform-sym", "percentile", "gaussian
 that the two agree)."""
 ALLOCATORS: tuple[str, ...] = ("uniform", "greedy", "dp", "quantile-inform", "random-bits", "selective")
 POSTERIOR_METHODS: tuple[str, ...] = ("laplace", "fisher-mc", "hutchinson", "kfac", "activations")
-TABLES: tuple[str, ...] = ("closed", "mc")
+TABLES: tuple[str, ...] = ("closed", "mc", "measured")
 AUTO_GROUPS: tuple[int, ...] = (32, 64, 128)
 """``--group-size auto``: the block sizes the tables choose from per tensor and width (64 is the nominal size)."""
 ROUNDINGS: tuple[str, ...] = ("nearest", "gptq", "gptq-plain")
@@ -363,8 +363,10 @@ class AllocationConfig(Concern):
     size_mb: float | None = option(None, "file-size budget in MB instead of --bits", check=above(0))
     min_bits: tuple[tuple[str, int], ...] = option((), "per-layer minimum bits (repeatable)", parse=parse_min_bits,
                                                    metavar="PATTERN=N", repeat=True)
-    tables: str = option("closed", "expected-loss tables: closed form from the posterior, or mc: the --loss "
-                         "measured per block and width on --calib (slow; validates the closed form)", choices=TABLES)
+    tables: str = option("closed", "expected-loss tables: closed form from the posterior; mc: the --loss "
+                         "measured per block and width on --calib (slow; validates the closed form); measured: the "
+                         "closed form with each tensor's loss measured alone on --calib at the three widths around "
+                         "the budget (a few runs per tensor), the rest interpolated", choices=TABLES)
     output: str | None = OUTPUT.field()
     loss: tuple[LossTerm, ...] | None = LOSS.field()
     allocator_options: Mapping | None = option(None, "extra keywords for the allocation method (API only)",

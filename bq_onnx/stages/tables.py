@@ -7,7 +7,10 @@ where the quantizer for each width is itself designed to minimize that weighted 
 weighted Lloyd). Without a posterior ``h = 1`` (plain squared error). The ``mc`` table instead measures the loss
 the posterior fits (``--loss``, or its default rule: the KL to the FP32 distribution on a classifier; ce terms
 measure that KL too, the tables read no labels) against the FP32 model on calibration data with only that block
-quantized (slow; validates the closed form).
+quantized (slow; validates the closed form). ``--tables measured`` keeps the closed form's shape within each tensor
+and measures its level: the tensor alone quantized at the three widths around the budget (:class:`_OneScale`),
+because the diagonal curvature misjudges tensors against each other far more than widths against each other
+(``benchmarks/table_calibration.md``).
 
 Blocks are whole tensors or slices of output channels (``rows:N``), so one tensor can mix widths. Quantizing
 a whole tensor once per width and summing per-column errors is exact for per-column quantizers; the Lloyd
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -174,7 +178,12 @@ class TableRun:
         self.designs: dict[tuple[str, int], Spec] = {}
         self.measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output, a.loss) if a.tables == "mc" \
             else None
-        self.scale = _OneScale(ctx, model, calibration, self.allowed) if self.measure is None else None
+        budget = None
+        if a.tables == "measured":
+            from bq_onnx.stages.bracket import per_weight_budget
+
+            budget = per_weight_budget(model, ctx)
+        self.scale = _OneScale(ctx, model, calibration, self.allowed, budget) if self.measure is None else None
         self.compensation = _Compensation(ctx, model, calibration, self.allowed) \
             if ctx.config.quantization.rounding != "nearest" else None
         self.said = len(ctx.messages)  # notes from here on are the tables' (one each, however many processes)
@@ -299,11 +308,16 @@ low on a confident model. :class:`_OneScale` divides that estimator bias out by 
 weights as well."""
 
 
-def measured_widths(allowed: tuple[int, ...]) -> tuple[int, ...]:
-    """The widths a weight without gradients is measured at: the smallest, a middle and the largest non-zero
-    allowed width, and 0 where allowed (its loss is not on the curve of the others)."""
+def measured_widths(allowed: tuple[int, ...], budget: float | None = None) -> tuple[int, ...]:
+    """The widths a weight is measured at: the smallest, a middle and the largest non-zero allowed width, and 0
+    where allowed (its loss is not on the curve of the others). With ``budget`` (``--tables measured``: bits per
+    weight) the three allowed non-zero widths nearest ``floor(budget)`` instead (one below it, it, one above), where
+    the allocation spends almost every block; the others take the nearest measured width's ratio."""
     nonzero = [b for b in allowed if b > 0]
     picks = {0} if 0 in allowed else set()
+    if nonzero and budget is not None and np.isfinite(budget):
+        near = sorted(nonzero, key=lambda b: (abs(b - math.floor(budget)), b))[:3]
+        return tuple(sorted(picks | set(near)))
     if nonzero:
         picks |= {nonzero[0], nonzero[len(nonzero) // 2], nonzero[-1]}
     return tuple(sorted(picks))
@@ -344,18 +358,27 @@ class _OneScale:
     ratios is the calibration. A weight that cannot be fed (inside a subgraph) keeps its closed form with the
     curvature rescaled so its mean is the gradient-covered weights' level (where there are none: the measured
     weights' median ratio). Without calibration nothing changes.
+
+    ``budget`` (``--tables measured``, bits per weight): every weight is a target, gradient-covered or not, measured
+    at the widths around the budget (:func:`measured_widths`). Why: the diagonal curvature ranks tensors wrongly
+    relative to each other (EfficientNet-Lite0 at 4 bits: a tensor's measured over predicted loss spreads from 0.4
+    to 8.7 over its eight largest low-width tensors, ``benchmarks/table_calibration.md``), so the allocator buys
+    bits where they measure least; measured, every tensor's table is on one scale, the measured one (no anchors:
+    there is no closed-form tensor left to calibrate against).
     """
 
     def __init__(self, ctx: Context, model: ir.Model, calibration: Calibration | None,
-                 allowed: tuple[int, ...]) -> None:
+                 allowed: tuple[int, ...], budget: float | None = None) -> None:
         from bq_onnx.estimators.driver import NO_GRADIENT_SOURCES
 
         self.ctx, self.model, self.calibration, self.allowed = ctx, model, calibration, allowed
+        self.widths = measured_widths(allowed, budget)
+        self.every = budget is not None
         posterior = ctx.posterior
         self.targets: set[str] = set()
         if calibration is not None and posterior is not None:
-            self.targets = {w.name for w in ctx.weights
-                            if w.name in posterior.weights and posterior.weights[w.name].source in NO_GRADIENT_SOURCES}
+            self.targets = {w.name for w in ctx.weights if w.name in posterior.weights and (
+                budget is not None or posterior.weights[w.name].source in NO_GRADIENT_SOURCES)}
         self.graded = [w for w in ctx.weights if posterior is not None and w.name in posterior.weights
                        and w.name not in self.targets]
         fed = sorted((w for w in self.graded if not w.scope), key=lambda w: -w.numel)
@@ -410,7 +433,7 @@ class _OneScale:
                                          f"({exc}); their closed form (E[x^2]) stands")
                 return {}
         measured = {}
-        for bits in measured_widths(self.allowed):
+        for bits in self.widths:
             decoded = design(self.ctx, view, importance, bits, info.name, chosen[self.allowed.index(bits)].spec)
             value = self.mc.block_losses(info, view, decoded.dequantize(), [(0, view.shape[1])])
             if value is not None:
@@ -456,8 +479,9 @@ class _OneScale:
                    f"over closed-form loss: {bias:.3g})" if self.anchor_ratios else "no gradient-covered weight to "
                    "calibrate on")
             self.ctx.messages.append(
-                f"{len(self.ratios)} weight(s) without gradients got loss tables measured on calibration data "
-                f"(widths {', '.join(map(str, measured_widths(self.allowed)))}, the rest interpolated) on the "
+                f"{len(self.ratios)} weight(s) {'' if self.every else 'without gradients '}got loss tables "
+                "measured on calibration data "
+                f"(widths {', '.join(map(str, self.widths))}, the rest interpolated) on the "
                 f"closed-form scale ({KL_TO_CLOSED_FORM:g} N x the mean loss; {how})")
         if self.pending:
             self.ctx.messages.append(

@@ -430,7 +430,9 @@ def _print_guard(g: dict) -> None:
     for step in g["repairs"]:
         result = (f"{step['measured_loss']:.4g} ({step['stored_bits']:.2f} stored bits)" if "measured_loss" in step
                   else step["result"])
-        _say(f"  repair {step['step']}: {len(step['raised'])} tensor(s) raised to {step['to_bits']} bits "
+        how = (f"raised to {step['to_bits']} bits" if step.get("to_bits") is not None
+               else "priced up to their measured loss")  # a tables repair: the tables scaled, the budget re-spent
+        _say(f"  repair {step['step']}: {len(step['raised'])} tensor(s) {how} "
               f"({', '.join(step['raised'][:3])}{', ...' if len(step['raised']) > 3 else ''}) -> {result}")
     for name, f in g["fidelity"].items():
         parts = [f"{k.replace('_', ' ')} {f[k]:.4f}" for k in ("agreement", "cosine", "rel_error")

@@ -631,10 +631,9 @@ def _floored(ctx: Context, width: int, spend: Callable[[str | None], Spent], mea
     """The configured allocation with every block floored at the uniform ``width`` (the budget left above it spent
     by the tables, block by block), measured as a candidate; None where that raises nothing above uniform or does
     not fit. Why: the tables are a local, quadratic model; a step of a bit or two up from a width every block can
-    take is where they are reliable, a step down to 2 bits or 0 is where they are not. On models whose allocation
-    loses to uniform by what its narrowest blocks cost (EfficientNet-Lite0's 2-bit blocks, the uniform GPTQ
-    baseline filled into the same stored size in ``benchmarks/gptq_big.md``), this keeps the tables' choice of
-    where the spare bits go and drops only the extrapolation. None also where it is one of ``tries``."""
+    take is where they are reliable, a step down to 2 bits or 0 is where they are not; this keeps the tables'
+    choice of where the spare bits go and drops only the extrapolation (the digits MLP's ``quantile-inform``
+    golden run writes it). None also where it is one of ``tries``."""
     floors = dict(ctx.floors)
     try:
         for t in ctx.tables.blocks:
@@ -692,18 +691,18 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     if not confirmed:
         return uniform, winners[0]
     held, seen = measure.held.samples, fit.held.samples
-    free = [t for t in confirmed if t.label in (*DATA_FREE, FLOORED)]
-    own = [t for t in confirmed if t.label not in (*DATA_FREE, FLOORED)]
-    best_free = min(free, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
-    best_own = own[0] if own else None
-    if best_own is None or (best_free is not None and _clearly_better(best_free, best_own)):
-        return best_free, None
-    return best_own, None
+    alternatives = [t for t in confirmed if t.label in (*DATA_FREE, FLOORED)]
+    answers = [t for t in confirmed if t.label not in (*DATA_FREE, FLOORED)]
+    alternative = min(alternatives, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
+    answer = answers[0] if answers else None
+    if answer is None or (alternative is not None and _clearly_better(alternative, answer)):
+        return alternative, None
+    return answer, None
 
 
 SE_FACTOR = 1.0
-"""Standard errors of the paired per-sample difference by which a data-free candidate must beat the posterior's
-best on the held-out samples to replace it (:func:`_clearly_better`)."""
+"""Standard errors of the paired per-sample difference by which an alternative (data-free or floored) must beat
+the allocation or its best repair on the held-out samples to replace it (:func:`_clearly_better`)."""
 
 
 def _clearly_better(a: _Try, b: _Try) -> bool:

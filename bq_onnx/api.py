@@ -347,7 +347,7 @@ def _optimize(model: ModelSource, config: OptimizeConfig | str | os.PathLike | N
         "tool": "bq-onnx",
         "version": __version__,
         "input": os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
-        "settings": config.to_report() | {"derived": derived.to_report()},
+        "settings": ctx.config.to_report() | {"derived": ctx.derived.to_report()},  # as used (a retry may move them)
         "layers": ctx.layers,
         "totals": totals(ctx.layers),
         "messages": ctx.messages,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass as RemoveUnusedPass
 from onnx_ir.passes.common import TopologicalSortPass
 
 from bq_onnx.calibration import Calibration
-from bq_onnx.context import Context
+from bq_onnx.context import Context, Derived
 from bq_onnx.counting import ir_stored_bytes
 from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.fast_layout import FAST_LAYOUT_TARGETS, FastLayoutPass
@@ -110,16 +111,8 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
 
     try:
         spent = spend()
-    except BudgetUnmet:
-        # the packing decision is an estimate from the tables (the layout's own constants are not in them): when
-        # containers measured over the budget and the target can pack, the packed output is the cheaper one
-        if ctx.tables is None or ctx.derived.packed_codes or not packs_at_all(ctx, profile):
-            raise
-        said = list(ctx.messages)
-        ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)
-        ctx.tables = expected_loss_tables(model, ctx, fit, "budget")
-        ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]  # as after pack_low_widths
-        spent = spend()
+    except BudgetUnmet as unmet:
+        spent = _cheaper_storage(model, ctx, fit, profile, spend, unmet)
     if guard.wants_measurement(ctx):
         data = guard.held_out_data(model, ctx, held, calibration)
         if guard.guards(ctx):
@@ -130,6 +123,52 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         guard.check_targets(ctx)
     spent.apply(ctx)
     return _noted(spent.out, ctx)
+
+
+def _cheaper_storage(model: ir.Model, ctx: Context, fit: Calibration | None, profile: Capabilities | None,
+                     spend: Callable[[], Spent], unmet: BudgetUnmet) -> Spent:
+    """A budget the first storage choice measured over, spent again on cheaper storage before it is refused.
+
+    First packed 1..3-bit grids (the packing decision is an estimate from the tables, the layout's own constants
+    are not in them: where containers measured over and the target can pack, the packed output is the cheaper
+    one); then, at the default block size, block sizes the tables choose per tensor (``--group-size auto``: fewer
+    scales; on ``--target onnxruntime`` 2-bit MatMulNBits at 32 rows stores about 3.1 bits per weight, so
+    ``--bits 3`` was refused though 64 or 128 rows meet it). Each retry re-scores the tables; the last refusal is
+    raised where none fits."""
+    retries = []
+    if ctx.tables is not None and not ctx.derived.packed_codes and packs_at_all(ctx, profile):
+        retries.append((lambda: dataclasses.replace(ctx.derived, packed_codes=True), False))
+    if ctx.tables is not None and "group_size" not in ctx.config.explicit() and not ctx.derived.group_choices:
+        retries.append((lambda: _coarser_groups(ctx, profile, unmet), True))
+    for retry, refloor in retries:
+        said = list(ctx.messages)
+        ctx.derived = retry()
+        ctx.tables = expected_loss_tables(model, ctx, fit, "budget")
+        ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]  # as after pack_low_widths
+        if refloor:  # the heads' uniform width is read from the tables
+            ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
+        try:
+            return spend()
+        except BudgetUnmet as again:
+            unmet = again
+    raise unmet
+
+
+def _coarser_groups(ctx: Context, profile: Capabilities | None, unmet: BudgetUnmet) -> Derived:
+    """``ctx`` moved to ``--group-size auto`` (derived and legalized as the options would be), with a note."""
+    config = ctx.config.replace(group_size="auto")
+    derived = Derived.from_config(config)
+    if profile is not None:
+        from bq_onnx.targets import legalize_config, legalize_weights
+
+        config, derived, _ = legalize_config(config, derived, profile)
+        derived, _ = legalize_weights(ctx.weights, config, derived, profile)
+    ctx.config = config
+    asked, _, smallest = str(unmet).split(";")[0].partition(" cannot be met: ")
+    sizes = "/".join(map(str, derived.group_choices or (derived.group_size,)))
+    ctx.messages.append(f"{asked}: at {ctx.derived.group_size} rows per block {smallest}; block sizes chosen per "
+                        f"tensor among {sizes} instead (--group-size auto)")
+    return dataclasses.replace(derived, packed_codes=ctx.derived.packed_codes)
 
 
 def _spend(model: ir.Model, ctx: Context, calibration: Calibration | None, profile: Capabilities | None,

@@ -151,7 +151,8 @@ def test_a_search_out_of_tries_measures_the_cheapest_before_refusing(monkeypatch
     monkeypatch.setattr(budget, "MAX_TRIES", 0)
     result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=0.7, allowed_bits=ALL_WIDTHS)
     assert result.report["allocation"]["achieved_bits"] <= 0.7
-    with pytest.raises(UsageError, match=r"--bits 0.3 cannot be met: the smallest stored size is about 0.5\d"):
+    # at 32 rows per block the cheapest is about 0.5x; the refusal comes after coarser blocks were tried too
+    with pytest.raises(UsageError, match=r"--bits 0.3 cannot be met: the smallest stored size is about 0.3\d"):
         bq_onnx.optimize(MODELS / "lenet.onnx", bits=0.3, allowed_bits=ALL_WIDTHS)
 
 

@@ -83,6 +83,30 @@ class Runs:
         return tuple(d if all(p.shape[i] == d for p in self.parts) else None for i, d in enumerate(first))
 
 
+def sample_axis(outputs: Sequence[np.ndarray], sizes: Sequence[int]) -> int | None:
+    """The axis of an output that holds a run's samples: the first where its length is every run's sample count,
+    else the one other axis that is (a state ``[layers, batch, hidden]`` fed back to the next call); only from
+    runs of more than one sample, where a length of 1 says nothing. None: no such axis, or several."""
+    if all(o.ndim and len(o) == n for o, n in zip(outputs, sizes)):
+        return 0
+    if max(sizes, default=0) <= 1 or len({o.ndim for o in outputs}) != 1:
+        return None
+    found = [a for a in range(1, outputs[0].ndim) if all(o.shape[a] == n for o, n in zip(outputs, sizes))]
+    return found[0] if len(found) == 1 else None
+
+
+def samples_first(outputs: Sequence[np.ndarray], sizes: Sequence[int]) -> tuple[np.ndarray | Runs, int]:
+    """Outputs of consecutive runs of ``sizes`` samples each, and the axis their samples were on: stacked along
+    the first axis when one axis of every run holds its samples (moved first) and the other axes agree, else kept
+    per run (each run then covers ``sizes[0]`` samples; axis 0)."""
+    axis = sample_axis(outputs, sizes)
+    if axis is not None:
+        moved = [np.moveaxis(o, axis, 0) for o in outputs] if axis else list(outputs)
+        if len({o.shape[1:] for o in moved}) == 1:
+            return np.concatenate(moved), axis
+    return per_run(outputs, sizes), 0
+
+
 def per_run(outputs: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray | Runs:
     """Outputs of consecutive runs of ``sizes`` samples each: stacked when every run's first axis is its samples
     (and the other axes agree), else kept per run (each run then covers ``sizes[0]`` samples)."""

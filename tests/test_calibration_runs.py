@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bq_onnx
 from bq_onnx.calibration import load_calibration
-from bq_onnx.runs import Runs, per_run
+from bq_onnx.runs import Runs, per_run, sample_axis, samples_first
 from tests.conftest import assert_written, make_model
 
 RNG = np.random.default_rng(7)
@@ -158,3 +158,67 @@ def test_labels_of_an_output_kept_per_run_are_given_per_run_or_stacked():
     bad = labels[:2] + [labels[2][:-1]] + labels[3:]
     with pytest.raises(DataError, match=r"run 2"):
         bq_onnx.optimize(model, calib=lines, labels=bad, **options)
+
+
+# --- outputs whose samples are not on the first axis (a fed-back state) -------------------------------------------
+
+
+def test_the_sample_axis_of_an_output_is_the_one_that_follows_the_runs_sizes():
+    runs = [RNG.standard_normal((2, n, 4)) for n in (3, 2)]
+    assert sample_axis(runs, [3, 2]) == 1
+    stacked, axis = samples_first(runs, [3, 2])
+    assert axis == 1 and stacked.shape == (5, 2, 4)
+    np.testing.assert_array_equal(stacked, np.concatenate([np.moveaxis(r, 1, 0) for r in runs]))
+    assert sample_axis([np.zeros((3, 2)), np.zeros((2, 2))], [3, 2]) == 0  # the first axis first
+    assert sample_axis([np.zeros((2, 3, 3))], [3]) is None  # two axes of the run's size: not guessed
+    assert sample_axis([np.zeros((5, 1, 3)), np.zeros((7, 1, 3))], [1, 1]) is None  # one sample says nothing
+    kept, axis = samples_first([np.zeros((5, 1, 3)), np.zeros((7, 1, 3))], [1, 1])
+    assert isinstance(kept, Runs) and axis == 0
+
+
+def state_model(state_first: bool) -> ir.Model:
+    """``x [N, 8]``, a state ``s [2, N, 16]`` -> ``y [N, 4] = tanh(x @ W + mean(s, 0)) @ V`` and the next state
+    ``s_next = [tanh(x @ A), tanh(x @ B)]``, ``[2, N, 16]`` (silero-vad's layout), or ``[N, 2, 16]`` with
+    ``state_first`` (the same values, samples first: the reference layout)."""
+    rng = np.random.default_rng(11)
+    ws = {k: (rng.standard_normal(shape) * 0.4).astype(np.float32)
+          for k, shape in (("W", (8, 16)), ("V", (16, 4)), ("A", (8, 16)), ("B", (8, 16)))}
+    axis = 1 if state_first else 0
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("ReduceMean", ["s", "ax0"], ["m"],
+                                                                            keepdims=0),
+             helper.make_node("Add", ["a", "m"], ["b"]), helper.make_node("Tanh", ["b"], ["t"]),
+             helper.make_node("MatMul", ["t", "V"], ["y"]),
+             helper.make_node("MatMul", ["x", "A"], ["pa"]), helper.make_node("Tanh", ["pa"], ["ta"]),
+             helper.make_node("MatMul", ["x", "B"], ["pb"]), helper.make_node("Tanh", ["pb"], ["tb"]),
+             helper.make_node("Unsqueeze", ["ta", "axs"], ["ua"]), helper.make_node("Unsqueeze", ["tb", "axs"], ["ub"]),
+             helper.make_node("Concat", ["ua", "ub"], ["s_next"], axis=axis)]
+    inits = [numpy_helper.from_array(v, k) for k, v in ws.items()]
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+              numpy_helper.from_array(np.array([axis], np.int64), "axs")]
+    state_shape = ["N", 2, 16] if state_first else [2, "N", 16]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, "N", 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+                        helper.make_tensor_value_info("s_next", TensorProto.FLOAT, state_shape)], inits)
+    return ir.serde.deserialize_model(proto)
+
+
+def test_a_loss_on_a_state_whose_samples_are_its_second_axis_equals_the_samples_first_layout():
+    """``--loss s_next=mse`` on a ``[2, N, 16]`` state (calibrated in runs of 64 and 36 samples) used to be
+    refused ("outputs whose first axis is not the samples, from runs of [36, 64] samples"); the samples are now
+    found on axis 1 and moved first, so the posterior and the guard's measured losses equal those of the same
+    model returning ``[N, 2, 16]``."""
+    x = RNG.standard_normal((100, 8)).astype(np.float32)
+    s = (RNG.standard_normal((2, 100, 16)) * 0.5).astype(np.float32)
+    options = dict(bits=3, bits_payload=True, format="compact", loss=["y=mse", "s_next=mse:0.5"], holdout=0.25)
+    got = bq_onnx.optimize(state_model(False), calib={"x": x, "s": s}, batch_axis={"s": 1}, **options)
+    want = bq_onnx.optimize(state_model(True), calib={"x": x, "s": s}, batch_axis={"s": 1}, **options)
+    terms = got.report["posterior"]["loss"]
+    assert [t.get("sample_axis", 0) for t in terms] == [0, 1], terms
+    assert {"W", "A", "B"} <= set(got.context.posterior.weights) == set(want.context.posterior.weights)
+    for name in got.context.posterior.weights:
+        np.testing.assert_allclose(got.context.posterior.weights[name].precision,
+                                   want.context.posterior.weights[name].precision, rtol=1e-4)
+    assert got.context.posterior.weights["A"].curvature.max() > 0  # the state term reaches A and B
+    losses = [[c["measured_loss"] for c in r.report["guard"]["candidates"]] for r in (got, want)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)

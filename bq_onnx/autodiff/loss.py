@@ -52,6 +52,7 @@ class Term:
     scale: tuple[float, ...] | None = None
     dims: tuple[int, ...] | None = None
     why: str = ""
+    sample_axis: int = 0  # where the output holds the samples (a fed-back state [layers, batch, hidden]: 1)
 
     def describe(self) -> dict:
         """What the report says about this term."""
@@ -64,6 +65,8 @@ class Term:
             out["channel_axis"] = self.axis
         if self.why:
             out["why"] = self.why
+        if self.sample_axis:
+            out["sample_axis"] = self.sample_axis
         return out
 
 
@@ -179,6 +182,13 @@ def _term_output(tape: ir.tape.Tape, y: ir.Value, t: Term, prefix: str) -> ir.Va
                          f"outputs only")
     if y.dtype is not None and y.dtype != ir.DataType.FLOAT:
         y = tape.op("Cast", [y], attributes={"to": ir.DataType.FLOAT})
+    if t.sample_axis:  # samples first, as the targets hold them
+        if t.dims is None:
+            raise ValueError("a term whose samples are not on the first axis needs its per-sample shape")
+        rank = 1 + len(t.dims)
+        perm = [t.sample_axis] + [a for a in range(rank) if a != t.sample_axis]
+        y = tape.op("Transpose", [y], attributes={"perm": perm})
+        y.type, y.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([None] * rank)
     if t.start is None and t.stop is None:
         return y
     start, stop = 0 if t.start is None else t.start, np.iinfo(np.int64).max if t.stop is None else t.stop

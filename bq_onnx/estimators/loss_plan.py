@@ -33,7 +33,7 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.errors import UsageError
 from bq_onnx.graph import forward_model
 from bq_onnx.loss_spec import LossTerm
-from bq_onnx.runs import Runs, per_run
+from bq_onnx.runs import Runs, samples_first
 from bq_onnx.runtimes.sessions import TempSessions
 
 ROW_TOLERANCE = 1e-3
@@ -80,27 +80,28 @@ def outputs_needed(model: ir.Model, spec: Sequence[LossTerm] | None, output: str
 
 
 def fp32_values(sessions: TempSessions, model: ir.Model, names: list[str], calib: Calibration,
-                batch: int = 64) -> dict[str, np.ndarray | Runs]:
-    """The FP32 values of outputs ``names`` on every calibration sample, as float32: stacked along the first
-    axis, or kept per run where that axis is not the samples (:func:`bq_onnx.runs.per_run`)."""
+                batch: int = 64) -> tuple[dict[str, np.ndarray | Runs], dict[str, int]]:
+    """The FP32 values of outputs ``names`` on every calibration sample, as float32: stacked along the axis of
+    the samples (moved first), or kept per run where no axis is (:func:`bq_onnx.runs.samples_first`); and each
+    output's sample axis as the model returns it."""
     session = sessions.open(forward_model(model, names))
     runs = [session.run(feeds) for feeds in calib.batches(batch)]
     n, size = calib.num_samples, calib.run_size(batch)
     sizes = [min(size, n - start) for start in range(0, n, size)]
     out: dict[str, np.ndarray | Runs] = {}
+    axes: dict[str, int] = {}
     for i, name in enumerate(names):
-        value = per_run([np.asarray(r[i], np.float32) for r in runs], sizes)
-        out[name] = value
-    return out
+        out[name], axes[name] = samples_first([np.asarray(r[i], np.float32) for r in runs], sizes)
+    return out, axes
 
 
 def reference_plan(sessions: TempSessions, model: ir.Model, spec: Sequence[LossTerm] | None, output: str | None,
                    calib: Calibration, batch: int = 64) -> tuple[LossPlan, list[np.ndarray]]:
     """The resolved loss and, per term, its FP32 (sliced) output on every calibration sample."""
     names = outputs_needed(model, spec, output)
-    values = fp32_values(sessions, model, names, calib, batch)
+    values, axes = fp32_values(sessions, model, names, calib, batch)
     stacked = {k: v.stacked() if isinstance(v, Runs) else v for k, v in values.items()}
-    plan, outs = resolve(model, spec, output, stacked)
+    plan, outs = resolve(model, spec, output, stacked, axes)
     if any(isinstance(v, Runs) for v in values.values()):
         plan = dataclasses.replace(plan, per_run=True)
     return plan, [_term_runs(t, values[t.output]) if isinstance(values[t.output], Runs) else y
@@ -113,8 +114,9 @@ def _term_runs(t: Term, runs: Runs) -> Runs:
 
 
 def resolve(model: ir.Model, spec: Sequence[LossTerm] | None, output: str | None,
-            values: dict[str, np.ndarray]) -> tuple[LossPlan, list[np.ndarray]]:
-    """Each term bound to its output, slice and kind (``auto`` by the rule above), with its FP32 values."""
+            values: dict[str, np.ndarray], axes: dict[str, int] | None = None) -> tuple[LossPlan, list[np.ndarray]]:
+    """Each term bound to its output, slice and kind (``auto`` by the rule above), with its FP32 values
+    (samples first; ``axes``: where an output returns them, where not its first axis)."""
     outputs_needed(model, spec, output)  # every output exists and is float
     terms, outs = [], []
     for term in spec or (LossTerm("auto"),):
@@ -125,7 +127,7 @@ def resolve(model: ir.Model, spec: Sequence[LossTerm] | None, output: str | None
             y = y[..., start:stop]
         kind, probabilities, axis, scale, why = _kind(model, name, term.kind, y, sliced=start is not None)
         terms.append(Term(kind, name, start, stop, term.weight, probabilities=probabilities, axis=axis, scale=scale,
-                          dims=tuple(y.shape[1:]), why=why))
+                          dims=tuple(y.shape[1:]), why=why, sample_axis=(axes or {}).get(name, 0)))
         outs.append(y)
     return LossPlan(tuple(terms)), outs
 

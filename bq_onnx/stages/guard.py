@@ -55,6 +55,7 @@ from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
 from bq_onnx.graph import forward_model
 from bq_onnx.progress import progress
+from bq_onnx.runs import sample_axis
 from bq_onnx.runtimes.folding import folds_too_much
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.samples import random_feeds
@@ -125,6 +126,7 @@ class HeldOut:
     runs: list[dict[str, np.ndarray]]
     kind: str  # held-out | calibration | verify-inputs | random
     samples: int
+    sizes: list[int] | None = None  # samples per run (None: random runs, each of the batch the model declares)
 
     @property
     def task_data(self) -> bool:
@@ -160,17 +162,21 @@ def held_out_data(model: ir.Model, ctx: Context, held: Calibration | None, calib
     """What the guard measures on: the held-out split, else the calibration samples themselves, else
     ``--verify-inputs``, else seeded random inputs."""
     if held is not None:
-        return HeldOut(list(held.batches(RUN)), "held-out", held.num_samples)
+        return _held(held, "held-out")
     if calibration is not None:
-        data = calibration.take(min(calibration.num_samples, MAX_HELD))
-        return HeldOut(list(data.batches(RUN)), "calibration", data.num_samples)
+        return _held(calibration.take(min(calibration.num_samples, MAX_HELD)), "calibration")
     inputs = ctx.config.inputs
     if inputs.verify_inputs is not None:
-        data = load_calibration(inputs.verify_inputs, model, MAX_HELD, axes=dict(inputs.batch_axis))
-        return HeldOut(list(data.batches(RUN)), "verify-inputs", data.num_samples)
+        return _held(load_calibration(inputs.verify_inputs, model, MAX_HELD, axes=dict(inputs.batch_axis)),
+                     "verify-inputs")
     seed = ctx.config.guard.seed
     runs = [random_feeds(model, seed=seed + i, shapes=dict(inputs.input_shape)) for i in range(DATA_FREE_RUNS)]
     return HeldOut(runs, "random", DATA_FREE_RUNS)
+
+
+def _held(data: Calibration, kind: str) -> HeldOut:
+    n, size = data.num_samples, data.run_size(RUN)
+    return HeldOut(list(data.batches(RUN)), kind, n, [min(size, n - start) for start in range(0, n, size)])
 
 
 @dataclasses.dataclass
@@ -208,11 +214,17 @@ class _Measure:
         self._fed = None
         self.probe = self  # where tensors are measured one at a time (guard_allocation: the fit split)
         self.reference = self._run(model)
+        self.axes: dict[str, int] = {}
+        if held.sizes is not None:  # where each output holds the samples (a fed-back state: not its first axis)
+            for name in self.loss_names:
+                i = self.names.index(name)
+                found = sample_axis([np.asarray(r[i]) for r in self.reference], held.sizes)
+                self.axes[name] = found or 0
         values = {name: self._stack(name, self.reference) for name in self.loss_names}
         bad = [name for name, v in values.items() if not np.all(np.isfinite(v))]
         if bad:  # nothing compares with NaN: the guard cannot measure on these inputs
             raise DataError(f"the FP32 output '{bad[0]}' is not finite on these inputs")
-        self.plan, self.fp32 = resolve(model, a.loss, a.output, values)
+        self.plan, self.fp32 = resolve(model, a.loss, a.output, values, self.axes)
 
     def _run(self, model: ir.Model, weights: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
         session = self.sessions.open(forward_model(model, self.names)) if weights is None else self._fed_session()
@@ -229,8 +241,8 @@ class _Measure:
         return self._fed
 
     def _stack(self, name: str, runs: list[list[np.ndarray]]) -> np.ndarray:
-        i = self.names.index(name)
-        return np.concatenate([np.asarray(r[i], dtype=np.float32) for r in runs])
+        i, axis = self.names.index(name), self.axes.get(name, 0)
+        return np.concatenate([np.moveaxis(np.asarray(r[i], dtype=np.float32), axis, 0) for r in runs])
 
     def loss(self, runs: list[list[np.ndarray]]) -> float:
         return float(np.mean(self.losses(runs)))
@@ -335,7 +347,7 @@ def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callabl
         if fit is not None and held.kind == "held-out":
             count = min(fit.num_samples, max(PROBE_SAMPLES, 2 * held.samples), MAX_HELD)
             data = fit.take(count)
-            probe = _Measure(model, ctx, HeldOut(list(data.batches(RUN)), "fit", data.num_samples))
+            probe = _Measure(model, ctx, _held(data, "fit"))
             measure.probe = probe
         return _guard(model, ctx, first, spend, held, measure)
     finally:

@@ -45,9 +45,7 @@ def weight_view(ctx: Context, info: WeightInfo) -> tuple[np.ndarray, np.ndarray 
         return (info.layout.to_view(np.asarray(wp.mean, dtype=np.float32)),
                 info.layout.to_view(np.asarray(wp.precision, dtype=np.float64)))
 
-    if wp.lazy:  # read on access so that a big model's posterior is never in memory at once: not kept either
-        return view()
-    return design_cache.kept((wp,), (info.name, info.layout), view)
+    return design_cache.kept((wp,), (info.name, info.layout), view)  # at most MAX_KEPT_BYTES of them
 
 
 def design(

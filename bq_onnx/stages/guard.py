@@ -209,12 +209,12 @@ class _Decoded:
             array.setflags(write=False)
             hit = (quantized, array)
         self._kept[id(quantized)] = hit  # most recent last
-        while sum(a.nbytes for _, a in self._kept.values()) > DECODED_BYTES and len(self._kept) > 1:
+        while self._kept and sum(a.nbytes for _, a in self._kept.values()) > DECODED_BYTES:
             del self._kept[next(iter(self._kept))]
         return hit[1]
 
 
-DECODED_BYTES = 256 * 2**20
+DECODED_BYTES = 128 * 2**20
 """Bytes of decoded weights :class:`_Decoded` keeps at most."""
 
 

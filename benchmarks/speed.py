@@ -12,7 +12,8 @@ where the model has calibration data) from the ``--before`` commit (its tree unp
 ``benchmarks/.cache/speed/``) and from this working tree, and NNCF's ``compress_weights`` INT4 (asymmetric, group
 128, the Hessian sensitivity metric on the same calibration samples, ratio 0.8) on the same model. Stage times come
 from the pipeline's own trace (``BQ_ONNX_MEMTRACE=1``); the measured loss is the guard's on the held-out samples,
-and the outputs' sha256 say whether before and after wrote the same bytes.
+and the outputs' sha256 say whether before and after wrote the same bytes. Every run's CPU seconds (user + system
+of its process) are recorded beside its wall time: on the shared machine they move much less with the load.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tarfile
@@ -127,11 +129,11 @@ def run_bq(tree: Path, model: Path, calib: Path | None, extra: list[str], out: P
     if calib is not None:
         cmd += ["--calib", str(calib)]
     env = dict(os.environ, BQ_ONNX_MEMTRACE="1", PYTHONPATH=str(tree))
-    start = time.perf_counter()
+    start, used = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     text = proc.stdout + proc.stderr
-    result = {"wall": wall, "rc": proc.returncode, "stages": stage_times(text)}
+    result = {"wall": wall, "cpu": _children_cpu() - used, "rc": proc.returncode, "stages": stage_times(text)}
     found = re.search(r"guard: loss measured ([0-9.eE+-]+)", text)
     result["loss"] = float(found.group(1)) if found else None
     if proc.returncode == 0:
@@ -141,6 +143,13 @@ def run_bq(tree: Path, model: Path, calib: Path | None, extra: list[str], out: P
     for f in out.parent.glob(out.name + "*"):
         f.unlink()
     return result
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (a run's own CPU, whatever else the shared
+    machine runs: much less sensitive to the load than wall time; its threads' CPU is summed)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def stage_times(text: str) -> dict[str, float]:
@@ -180,14 +189,14 @@ print("@@SECONDS", time.perf_counter() - start)
 """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "nncf.onnx"
-        start = time.perf_counter()
+        start, used = time.perf_counter(), _children_cpu()
         proc = subprocess.run([sys.executable, "-c", code, str(model), str(calib) if calib else "-", str(out)],
                               capture_output=True, text=True)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, _children_cpu() - used
     if proc.returncode:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
-        return {"wall": wall, "rc": proc.returncode, "error": tail}
-    return {"wall": wall, "rc": 0}
+        return {"wall": wall, "cpu": cpu, "rc": proc.returncode, "error": tail}
+    return {"wall": wall, "cpu": cpu, "rc": 0}
 
 
 POSTERIOR_CODE = r"""
@@ -301,10 +310,12 @@ def report(results: list[dict], args, started: str) -> str:
              "(`BQ_ONNX_MEMTRACE=1`, each line closing the interval since the one before): load = reading and "
              "preparing the model up to the weights found; allocate/quantize/rewrite = every round (the budget loop "
              "and the guard's trial allocation); guard = its measuring runs; write = saving the output; verify = "
-             "the check in onnxruntime. The process's start (imports) is in the wall time only.", ""]
+             "the check in onnxruntime. The process's start (imports) is in the wall time only. CPU = user + "
+             "system seconds of the run's process (its threads summed; less sensitive to the load than wall).", ""]
     cols = list(STAGES)
-    lines += ["| model | tool | wall (s) | x NNCF | " + " | ".join(cols) + " | guard's measured loss | output |",
-              "|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---|"]
+    lines += ["| model | tool | wall (s) | x NNCF | CPU (s) | x NNCF CPU | " + " | ".join(cols) +
+              " | guard's measured loss | output |",
+              "|---|---|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|---|"]
     by_model: dict[str, list[dict]] = {}
     for r in results:
         if r["tool"] != "posterior alone":
@@ -312,10 +323,14 @@ def report(results: list[dict], args, started: str) -> str:
     for model, rows in by_model.items():
         nncf = [r["wall"] for r in rows if r["tool"] == "nncf int4" and r["rc"] == 0]
         ref = float(np.median(nncf)) if nncf else None
+        nncf_cpu = [r["cpu"] for r in rows if r["tool"] == "nncf int4" and r["rc"] == 0 and "cpu" in r]
+        ref_cpu = float(np.median(nncf_cpu)) if nncf_cpu else None
         hashes = {r["tool"]: r.get("sha256") for r in rows if r["tool"].startswith("bq-onnx")}
         same = len(set(hashes.values())) == 1 and None not in hashes.values()
         for r in rows:
             ratio = f"{r['wall'] / ref:.2f}" if ref and r["rc"] == 0 else ""
+            cpu = f"{r['cpu']:.1f}" if "cpu" in r else ""
+            cpu_ratio = f"{r['cpu'] / ref_cpu:.2f}" if ref_cpu and r["rc"] == 0 and "cpu" in r else ""
             stages = r.get("stages", {})
             cells = [f"{stages[c]:.1f}" if c in stages else "" for c in cols]
             loss = f"{r['loss']:.6g}" if r.get("loss") is not None else ""
@@ -326,7 +341,8 @@ def report(results: list[dict], args, started: str) -> str:
                     else f"sha256 {r['sha256'][:12]}"
             else:
                 out = ""
-            lines.append(f"| {model} | {r['tool']} | {r['wall']:.1f} | {ratio} | " + " | ".join(cells) +
+            lines.append(f"| {model} | {r['tool']} | {r['wall']:.1f} | {ratio} | {cpu} | {cpu_ratio} | " +
+                         " | ".join(cells) +
                          f" | {loss} | {out} |")
     post = [r for r in results if r["tool"] == "posterior alone"]
     if post:

@@ -12,7 +12,12 @@ Usage: ``python -m benchmarks.speed_reuse [--repeat 3]``; prints a markdown tabl
   and :func:`bq_onnx.quantizers.cache.digest` (now), 10 times each;
 * a session of the FP32 model created (what the guard's fit-split measure, and two candidates, no longer
   create: :class:`~bq_onnx.runtimes.sessions.TempSessions` shares them);
-* the source read and prepared for verify's references (now once instead of twice).
+* the source read and prepared for verify's references (now once instead of twice);
+* onnxruntime runs of the model (4 batches of 32 template sentences, 3 times) with idle intra-op threads spinning
+  (before) and sleeping (now: :func:`bq_onnx.runtimes.ort.no_spinning`, the measuring sessions' setting);
+* 9 rounds (one per spending of the budget on MiniLM-L3 at default options) of every weight's view and importance
+  (a posterior of the weights and random precisions) with their design-cache digests, made every round (before)
+  and kept for the run (now: :func:`bq_onnx.quantizers.cache.kept`).
 """
 
 from __future__ import annotations
@@ -89,18 +94,88 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = get_runtime("onnxruntime")
     ctx = Context(OptimizeConfig())
+    runs = _ort_runs(path)
+    views_before, views_now = _view_rounds(path)
     rows = [
         ("squared-gradient sums, 96 samples", cpu(sums_before, args.repeat), cpu(sums_now, args.repeat)),
         ("design-cache keys, 10 x (view + importance)", cpu(hash_before, args.repeat), cpu(hash_now, args.repeat)),
         ("one FP32 session (3 no longer created)", cpu(lambda: rt.session(path, exact=True), args.repeat), 0.0),
         ("verify: source read and prepared", 2 * cpu(lambda: prepared_reference(path, ctx), args.repeat),
          cpu(lambda: prepared_reference(path, ctx), args.repeat)),
+        ("onnxruntime: 12 runs of 32 sentences", cpu(runs(True), args.repeat), cpu(runs(False), args.repeat)),
+        ("9 rounds of weight views + digests", cpu(views_before, args.repeat), cpu(views_now, args.repeat)),
     ]
     print("| piece | before (CPU s) | now (CPU s) |")
     print("|---|---:|---:|")
     for name, before, now in rows:
         print(f"| {name} | {before:.2f} | {now:.2f} |")
     return 0
+
+
+def _ort_runs(path) -> Callable[[bool], Callable[[], None]]:
+    """A function of ``spin`` that runs the model 12 times on template sentences in one session."""
+    import onnxruntime as ort
+
+    from benchmarks.zoo_models import ZOO
+    from bq_onnx.runtimes.ort import no_spinning
+
+    feeds = ZOO["minilm-l3"].make("calib", 128)["feeds"]
+    batches = [{k: v[i:i + 32] for k, v in feeds.items()} for i in range(0, 128, 32)]
+
+    def runs(spin: bool) -> Callable[[], None]:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        if not spin:
+            no_spinning(options)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.run(None, batches[0])
+
+        def go() -> None:
+            for _ in range(3):
+                for b in batches:
+                    session.run(None, b)
+
+        return go
+
+    return runs
+
+
+def _view_rounds(path) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(before, now): 9 rounds of :func:`bq_onnx.weights.weight_view` and the digests of its arrays for every
+    weight, without and with the arrays kept for the run."""
+    from bq_onnx.config import OptimizeConfig
+    from bq_onnx.context import Context
+    from bq_onnx.model_io import load_model
+    from bq_onnx.posterior import Posterior, WeightPosterior
+    from bq_onnx.quantizers import cache
+    from bq_onnx.stages.weights import find_weights
+    from bq_onnx.weights import weight_view
+
+    model = load_model(path)
+    infos = find_weights(model, OptimizeConfig().weights).weights
+    rng = np.random.default_rng(1)
+    posterior = Posterior("laplace", 96, 1.0, {
+        info.name: WeightPosterior(info.value.const_value.numpy(), None,
+                                   rng.gamma(1.0, 1.0, info.value.const_value.shape), "test") for info in infos})
+    ctx = Context(OptimizeConfig(), weights=infos, posterior=posterior)
+
+    def rounds(keep: bool) -> Callable[[], None]:
+        def go() -> None:
+            kept = cache.MAX_KEPT_BYTES
+            cache.MAX_KEPT_BYTES = kept if keep else -1
+            try:
+                with cache.scope():
+                    for _ in range(9):
+                        for info in infos:
+                            view, importance = weight_view(ctx, info)
+                            cache.digest(view)
+                            cache.digest(importance)
+            finally:
+                cache.MAX_KEPT_BYTES = kept
+
+        return go
+
+    return rounds(False), rounds(True)
 
 
 if __name__ == "__main__":

@@ -185,14 +185,14 @@ def _reference_runs(model: ir.Model, ctx: Context, runs: Sequence[Mapping[str, n
         ShapeInferencePass(check_type=False, strict_mode=False)(model)
     if len(pieces) == 1 or not _typed_boundaries(model, pieces):
         session = rt.session(write_reference(model, ctx, folder, dequantized=dequantized), exact=True,
-                             lean=True)
+                             lean=True, spin=False)
         memtrace("verify: reference session")
         return [session.run(feeds) for feeds in runs]
     values: list[dict[str, np.ndarray]] = [dict(feeds) for feeds in runs]
     for i in range(len(pieces)):
         part = _segment_model(model, pieces, i)
         session = rt.session(write_reference(part, ctx, folder, f"reference{i}", dequantized), exact=True,
-                             lean=True)
+                             lean=True, spin=False)
         for known in values:
             wanted = {k: known[k] for k in session.input_names}
             known.update(zip(session.output_names, session.run(wanted)))
@@ -359,7 +359,7 @@ def verify_written(
     rt = get_runtime(runtime)
     # one session at a time: the candidate runs and is dropped before the full-precision reference is built
     try:
-        candidate_session = rt.session(path, exact=True, lean=True)
+        candidate_session = rt.session(path, exact=True, lean=True, spin=False)
     except UnsupportedError as exc:  # an op onnxruntime does not know: not supported (exit 4), named by the output
         raise UnsupportedError(str(exc).replace(os.fspath(path), os.fspath(where))) from None
     except ModelError as exc:
@@ -413,7 +413,7 @@ def fp32_runs(source, runs: Sequence[Mapping[str, np.ndarray]], rt) -> None:
         else:
             where, path = "<in-memory model>", Path(tmp) / "fp32.onnx"
             ir.save(load_model(source), path)
-        session = rt.session(path, exact=True, lean=True)
+        session = rt.session(path, exact=True, lean=True, spin=False)
         try:
             for run in runs:
                 session.run(run)

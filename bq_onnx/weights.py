@@ -12,6 +12,7 @@ from bq_onnx import quantizers
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import DataError
 from bq_onnx.qtensor import QuantizedTensor, num_blocks
+from bq_onnx.quantizers import cache as design_cache
 
 
 def weight_array(value: ir.Value) -> np.ndarray:
@@ -29,16 +30,22 @@ def weight_view(ctx: Context, info: WeightInfo) -> tuple[np.ndarray, np.ndarray 
     """The values to store and their importance, in the ``(K, N)`` view.
 
     With a posterior: its mean (a Bayesian network's mean is the weight to store, paper 001; ours equals the
-    weight) and its precision as the per-element importance every quantizer weights its error by.
+    weight) and its precision as the per-element importance every quantizer weights its error by. Within a run
+    the same arrays (read-only) come back for the same weight and posterior (:func:`bq_onnx.quantizers.cache.kept`).
     """
     posterior = ctx.posterior
     if posterior is None:
-        return info.layout.to_view(weight_array(info.value)), None
+        if isinstance(info.value.const_value, ir.ExternalTensor):  # read lazily from its file: not kept
+            return info.layout.to_view(weight_array(info.value)), None
+        return design_cache.kept((info.value.const_value,), (info.name, info.layout),
+                                 lambda: (info.layout.to_view(weight_array(info.value)), None))
     wp = posterior.weights[info.name]
-    return (
-        info.layout.to_view(np.asarray(wp.mean, dtype=np.float32)),
-        info.layout.to_view(np.asarray(wp.precision, dtype=np.float64)),
-    )
+
+    def view() -> tuple[np.ndarray, np.ndarray]:
+        return (info.layout.to_view(np.asarray(wp.mean, dtype=np.float32)),
+                info.layout.to_view(np.asarray(wp.precision, dtype=np.float64)))
+
+    return design_cache.kept((wp,), (info.name, info.layout), view)  # at most MAX_KEPT_BYTES of them
 
 
 def design(

@@ -60,5 +60,6 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None,
-                lean: bool = False) -> Session:
-        """A session of the model at ``path``; ``lean``: least memory over speed (checks, never timings)."""
+                lean: bool = False, spin: bool = True) -> Session:
+        """A session of the model at ``path``; ``lean``: least memory over speed (checks, never timings);
+        ``spin=False``: idle worker threads sleep instead of spinning (the same results; CPU time over latency)."""

@@ -54,6 +54,14 @@ def load_error(path: str | os.PathLike, first: str) -> BqError:
     return ModelError(f"{path}: onnxruntime cannot load the model: {first}")
 
 
+def no_spinning(options) -> None:
+    """Idle intra-op threads of a session with ``options`` sleep instead of spinning between operators. Why: the
+    measuring and checking sessions run while other work shares the cores; spinning threads burned 30 % more CPU
+    and ran 20 % slower on MiniLM-L3 at load 7 on 2 cores (``benchmarks/speed.md``). The thread count and so the
+    kernels' partitioning are unchanged: the same outputs, bit for bit (``tests/test_speed_reuse.py``)."""
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+
 def _folds_too_much(path: str | os.PathLike) -> bool:
     """:func:`bq_onnx.runtimes.folding.folds_too_much` of the model at ``path`` (its graph only: external data
     is not read); False where it cannot be read (creating the session says why)."""
@@ -108,11 +116,13 @@ class OnnxRuntime(Runtime):
         return True, ""
 
     def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None,
-                lean: bool = False) -> Session:
+                lean: bool = False, spin: bool = True) -> Session:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 4  # errors come back as exceptions, never as log lines
+        if not spin:
+            no_spinning(options)
         if exact:
             # Fused MatMulNBits otherwise quantizes activations to int8 (about 5e-3 relative error).
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")

@@ -53,7 +53,7 @@ class OpenVinoRuntime(Runtime):
         return True, ""
 
     def session(self, path: str | os.PathLike, *, exact: bool = True, threads: int | None = None,
-                lean: bool = False) -> Session:
+                lean: bool = False, spin: bool = True) -> Session:
         import openvino as ov
 
         ok, why = self.available()

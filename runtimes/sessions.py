@@ -61,11 +61,11 @@ class TempSessions:
         if folds_too_much(model):  # run unfolded, neither kept nor shared: its runs' buffers go with it
             return unpacked_session(path, self.threads, arena=False)
         if nbytes > SHARED_SESSION_BYTES or any(path.parent.glob(path.name + ".*")):  # external data: not shared
-            return get_runtime("onnxruntime").session(path, exact=True, threads=self.threads)
+            return get_runtime("onnxruntime").session(path, exact=True, threads=self.threads, spin=False)
         key = (_file_digest(path), self.threads)
         session = _shared.get(key)
         if session is None:
-            session = get_runtime("onnxruntime").session(path, exact=True, threads=self.threads)
+            session = get_runtime("onnxruntime").session(path, exact=True, threads=self.threads, spin=False)
             _shared[key] = session
         self._kept.append((session, nbytes))
         while sum(n for _, n in self._kept) > KEPT_SESSION_BYTES:
@@ -103,10 +103,11 @@ def unpacked_session(path: str | os.PathLike, threads: int | None = None, arena:
     (:mod:`bq_onnx.runtimes.folding`); ``arena=False`` then hands each run's decode buffers back as it ends."""
     import onnxruntime as ort
 
-    from bq_onnx.runtimes.ort import OrtSession, load_error
+    from bq_onnx.runtimes.ort import OrtSession, load_error, no_spinning
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions, never as log lines
+    no_spinning(options)
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:

@@ -1,7 +1,10 @@
 """Work done once instead of twice, with the same bytes (issue 17): the squared-gradient sums skip all-zero rows
 (:func:`bq_onnx.estimators.squared_gradients.add_squares`), the design cache hashes large arrays by pieces, the
-temporary sessions are shared by file content (:class:`bq_onnx.runtimes.sessions.TempSessions`) and verify reads
-the source once for both references. Each is checked against the way it was done before, bit for bit."""
+temporary sessions are shared by file content (:class:`bq_onnx.runtimes.sessions.TempSessions`), verify reads
+the source once for both references, the measuring sessions' idle threads sleep instead of spinning
+(:func:`bq_onnx.runtimes.ort.no_spinning`), weight views are kept per run (:func:`bq_onnx.quantizers.cache.kept`)
+and the guard decodes each design once (``guard._Decoded``). Each is checked against the way it was done before,
+bit for bit."""
 
 from __future__ import annotations
 
@@ -129,14 +132,20 @@ def test_big_models_keep_their_own_sessions(monkeypatch) -> None:
 
 
 def _as_before(monkeypatch) -> None:
-    """Every reuse of this file off: dense sums through ``update``, no shared sessions, verify reading twice."""
+    """Every reuse of this file off: dense sums through ``update``, no shared sessions, verify reading twice,
+    spinning threads, views made and decoded weights decoded every time."""
     from bq_onnx import verify
+    from bq_onnx.runtimes import ort
+    from bq_onnx.stages import guard
 
     def add_squares(sums, gradients, samples):
         sums.update({name: np.square(g) for name, g in gradients.items()}, samples=samples)
 
     monkeypatch.setattr(squared_gradients, "add_squares", add_squares)
     monkeypatch.setattr(sessions, "SHARED_SESSION_BYTES", -1)
+    monkeypatch.setattr(ort, "no_spinning", lambda options: None)
+    monkeypatch.setattr(cache, "MAX_KEPT_BYTES", -1)
+    monkeypatch.setattr(guard, "DECODED_BYTES", -1)
     monkeypatch.setattr(verify, "prepared_reference",
                         lambda source, ctx: verify.PreparedReference(
                             verify.run_passes(verify.load_model(source),
@@ -185,3 +194,114 @@ def test_the_blocks_extremes_read_once_give_the_same_search() -> None:
                                                                                          extremes=(xmin, xmax))):
         assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
     assert len(_add_constant_candidate(bl, cands, 8, False)) == 2  # the constant block's candidate is there
+
+
+def test_views_are_kept_per_run_read_only_and_dropped_after() -> None:
+    """The quantize stage asks for every weight's view and importance once per spending of the budget: inside a
+    run the same (read-only) arrays come back; outside one, and after it, fresh ones."""
+    from bq_onnx import weights
+    from bq_onnx.context import Context, WeightInfo
+    from bq_onnx.layout import WeightLayout
+    from bq_onnx.posterior import Posterior, WeightPosterior
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    value = ir.Value(name="w", const_value=ir.tensor(w, name="w"))
+    info = WeightInfo("w", value, WeightLayout((8, 6), (1,)), ("Gemm:n",))  # transposed: a copy each time
+    ctx = Context()
+    assert weights.weight_view(ctx, info)[0] is not weights.weight_view(ctx, info)[0]  # no run: not kept
+    with cache.scope():
+        first, none = weights.weight_view(ctx, info)
+        again, _ = weights.weight_view(ctx, info)
+        assert none is None and first is again and not first.flags.writeable
+        np.testing.assert_array_equal(first, w.T)
+        wp = WeightPosterior(w, rng.gamma(1.0, 1.0, w.shape), np.ones_like(w), "test")
+        ctx.posterior = Posterior("laplace", 1, 1.0, {"w": wp})
+        view, importance = weights.weight_view(ctx, info)
+        assert view is not first and weights.weight_view(ctx, info)[1] is importance  # keyed by the posterior
+        np.testing.assert_array_equal(importance, ctx.posterior.weights["w"].precision.T)
+        with pytest.raises(ValueError):
+            view[0, 0] = 1.0  # shared: nobody may write it
+        hashed = []
+        real = cache._content_hash
+        cache._content_hash = lambda data: hashed.append(data.size) or real(data)
+        try:
+            keys = [cache.digest(view) for _ in range(3)]
+            for i in range(9):  # more arrays than digest's recent memo holds
+                cache.digest(np.full(3, i, np.float32))
+            keys.append(cache.digest(view))
+        finally:
+            cache._content_hash = real
+        assert keys[0] == keys[-1] and len(hashed) == 1 + 9  # the kept view hashed once
+    assert not cache._kept and not cache._kept_keys and cache._kept_bytes[0] == 0
+    with cache.scope():
+        assert weights.weight_view(ctx, info)[0] is not view
+
+
+def test_the_guard_decodes_a_design_once_and_keeps_at_most_its_bytes(monkeypatch) -> None:
+    from bq_onnx.context import WeightInfo
+    from bq_onnx.layout import WeightLayout
+    from bq_onnx.quantizers.uniform import quantize_uniform
+    from bq_onnx.stages import guard
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    info = WeightInfo("w", ir.Value(name="w", const_value=ir.tensor(w.T.copy(), name="w"),
+                                    type=ir.TensorType(ir.DataType.FLOAT)), WeightLayout((16, 64), (1,)), ("Gemm:n",))
+    a, b = quantize_uniform(w, 4), quantize_uniform(w, 3)
+    decoded = guard._Decoded()
+    first = decoded.get(info, a)
+    assert decoded.get(info, a) is first and decoded.get(info, b) is not first
+    np.testing.assert_array_equal(first, info.layout.from_view(a.dequantize()).astype(np.float32))
+    assert first.dtype == np.float32 and first.shape == (16, 64)
+    monkeypatch.setattr(guard, "DECODED_BYTES", first.nbytes)  # room for one: the older one goes
+    decoded.get(info, b)
+    assert decoded.get(info, a) is not first
+
+
+def _binding_block_by_block(ctx, allowed, block_bits, chosen, floors, exact, lower=True):
+    """bracket.binding as it was: every block's answer worked out again."""
+    from bq_onnx.stages.bracket import _costs_the_same, _representatives
+
+    up = down = every = False
+    for name, scored in block_bits.items():
+        width = chosen.get(name)
+        if width is None:
+            continue
+        floor = floors.get(name, 0)
+        above = [w for w in allowed if w > width]
+        if above and _representatives(ctx, allowed, above[:1])[0] not in scored:
+            up = True
+        if not lower:
+            continue
+        below = [w for w in allowed if floor <= w < width]
+        if exact.get(name) and any(w not in scored for w in below):
+            every = True
+        cheaper = [w for w in below if not _costs_the_same(ctx, w, width)]
+        if cheaper and _representatives(ctx, allowed, cheaper[-1:])[0] not in scored:
+            down = True
+    return down, up, every
+
+
+@pytest.mark.parametrize("fmt", ["native", "compact"])
+def test_binding_answers_per_kind_of_block_as_block_by_block(fmt) -> None:
+    from bq_onnx.config import OptimizeConfig
+    from bq_onnx.context import Context
+    from bq_onnx.stages.bracket import binding
+
+    ctx = Context(OptimizeConfig.from_options(format=fmt))
+    allowed = [0, 2, 3, 4, 5, 6, 7, 8]
+    rng = np.random.default_rng(7)
+    seen = set()
+    for _ in range(300):
+        n = int(rng.integers(1, 6))
+        block_bits = {f"b{i}": tuple(sorted(rng.choice(allowed, int(rng.integers(1, 5)), replace=False).tolist()))
+                      for i in range(n)}
+        chosen = {b: int(rng.choice(bits)) for b, bits in block_bits.items() if rng.random() < 0.9}
+        floors = {b: int(rng.choice([0, 2, 4])) for b in block_bits if rng.random() < 0.5}
+        exact = {b: bool(rng.random() < 0.2) for b in block_bits}
+        for lower in (True, False):
+            got = binding(ctx, allowed, block_bits, chosen, floors, exact, lower)
+            assert got == _binding_block_by_block(ctx, allowed, block_bits, chosen, floors, exact, lower)
+            seen.add(got)
+    assert len(seen) >= 4  # the cases cover bound and unbound answers alike

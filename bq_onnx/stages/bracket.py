@@ -155,22 +155,34 @@ def binding(ctx: Context, allowed: Sequence[int], block_bits: Mapping[str, tuple
     narrower width of its cost, which the allocator prefers: it binds everywhere where any narrower was not scored.
     ``lower`` False checks above only (``uniform``: the largest width that fits, whatever lies below it)."""
     up = down = every = False
+    seen: dict[tuple, tuple[bool, bool, bool]] = {}  # the answer per kind of block: thousands share a few kinds
     for name, scored in block_bits.items():
         width = chosen.get(name)
         if width is None:
             continue
-        floor = floors.get(name, 0)
-        above = [w for w in allowed if w > width]
-        if above and _representatives(ctx, allowed, above[:1])[0] not in scored:
-            up = True
-        if not lower:
-            continue
-        below = [w for w in allowed if floor <= w < width]
-        if exact.get(name) and any(w not in scored for w in below):
-            every = True
-        cheaper = [w for w in below if not _costs_the_same(ctx, w, width)]
-        if cheaper and _representatives(ctx, allowed, cheaper[-1:])[0] not in scored:
-            down = True
+        kind = (width, floors.get(name, 0), tuple(scored), bool(exact.get(name)))
+        binds = seen.get(kind)
+        if binds is None:
+            binds = seen[kind] = _binds(ctx, allowed, *kind, lower)
+        down, up, every = down or binds[0], up or binds[1], every or binds[2]
+    return down, up, every
+
+
+def _binds(ctx: Context, allowed: Sequence[int], width: int, floor: int, scored: tuple[int, ...], exact: bool,
+           lower: bool) -> tuple[bool, bool, bool]:
+    """:func:`binding` of one block: (below, above, everywhere)."""
+    up = down = every = False
+    above = [w for w in allowed if w > width]
+    if above and _representatives(ctx, allowed, above[:1])[0] not in scored:
+        up = True
+    if not lower:
+        return down, up, every
+    below = [w for w in allowed if floor <= w < width]
+    if exact and any(w not in scored for w in below):
+        every = True
+    cheaper = [w for w in below if not _costs_the_same(ctx, w, width)]
+    if cheaper and _representatives(ctx, allowed, cheaper[-1:])[0] not in scored:
+        down = True
     return down, up, every
 
 

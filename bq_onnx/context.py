@@ -125,6 +125,7 @@ class Context:
     progress: bool = False
     floors: dict[str, int] = dataclasses.field(default_factory=dict)  # block -> least width (heads, guard repairs)
     heads: set[str] = dataclasses.field(default_factory=set)  # weights feeding an output directly (bq_onnx.heads)
+    unpriced: set[str] = dataclasses.field(default_factory=set)  # no gradient, not measurable: kept at uniform
     guard: dict | None = None  # the held-out check's report (bq_onnx.stages.guard)
     exclusions: list[dict] = dataclasses.field(default_factory=list)  # what each --exclude/--only matched
     moments: dict | None = None  # weight -> input second moment A, for --rounding gptq (bq_onnx.stages.moments)

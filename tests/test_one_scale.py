@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import bq_onnx
 from bq_onnx.estimators import driver
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.tables import MC_SAMPLES, _MonteCarlo, interpolate_ratio, measured_widths
@@ -213,7 +214,47 @@ def test_weights_that_cannot_be_fed_keep_the_closed_form_rescaled_to_the_gradien
         assert not 0.5 < factor < 2  # E[x^2] is not the Fisher's level: the rescale does something here
         np.testing.assert_allclose(_table(tables, name), closed[name] * factor, rtol=1e-9)
     np.testing.assert_array_equal(_table(tables, "Wout"), _table(passkit.tables(model, ctx), "Wout"))
-    assert any(m.startswith("2 weight(s) without gradients that cannot be measured") for m in ctx.messages)
+    assert ctx.unpriced == {"W_then", "W_else"}  # kept at the uniform width by the allocation (test below)
+
+
+def test_weights_that_cannot_be_priced_are_kept_at_the_uniform_width(monkeypatch):
+    """No gradient and not feedable (an If branch's weights): the data say nothing of their effect, so they keep
+    the width a uniform allocation of the budget gives, neither less nor more; the rest of the budget goes to the
+    weights the posterior prices. Before, their curvature was rescaled to the mean level of the others and the
+    allocation spent on them like on any weight (silero-vad: its untaken 8 kHz branch got 4-4.6 bits at
+    ``--bits 4`` while the 16 kHz branch the data run got about 3)."""
+    from bq_onnx import pipeline
+    from bq_onnx.stages import allocate
+
+    def widths_at(bits: int) -> tuple[dict[str, list[int]], list[str]]:
+        result = bq_onnx.optimize(branch_model(), calib=_calib(), bits=bits, bits_payload=True, format="compact",
+                                  granularity="tensor", min_size=16, no_guard=True)
+        got = {w: sorted({b for name, b in result.context.allocation.bits.items() if name.split("[")[0] == w})
+               for w in ("W_then", "W_else", "Wout")}
+        return got, [m for m in result.report["messages"] if "cannot measure" in m]
+
+    pinned = {}
+    for bits in (3, 4, 5):
+        widths, said = widths_at(bits)
+        assert len(said) == 1 and "2 weights" in said[0], said
+        uniform = int(said[0].split("kept at ")[1].split()[0])
+        assert widths["W_then"] == widths["W_else"] == [uniform], (bits, widths, uniform)
+        pinned[bits] = widths
+    for module in (allocate, pipeline):  # what it did before: unpriced weights priced like the others
+        monkeypatch.setattr(module, "head_floors", _unpinned(allocate.head_floors))
+    monkeypatch.setattr(allocate, "allocation_blocks", _unpinned(allocate.allocation_blocks))
+    assert any(widths_at(bits)[0] != pinned[bits] for bits in (3, 4, 5))
+
+
+def _unpinned(fn):
+    def without(ctx_or_model, *args, **kwargs):
+        ctx = args[0] if not hasattr(ctx_or_model, "unpriced") else ctx_or_model
+        kept, ctx.unpriced = ctx.unpriced, set()
+        try:
+            return fn(ctx_or_model, *args, **kwargs)
+        finally:
+            ctx.unpriced = kept
+    return without
 
 
 def test_twice_n_times_the_measured_kl_is_the_closed_form_under_the_true_fisher():

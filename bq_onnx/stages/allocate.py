@@ -35,9 +35,12 @@ def allocation_blocks(ctx: Context, tables: Tables, floors: bool = True) -> list
     """The allocator's blocks: each table's widths at or above its floor (``--min-bits``, the tensor's own floor,
     and with ``floors`` the context's: heads and the guard's repairs)."""
     blocks = []
+    pinned = ctx.unpriced if floors and ctx.posterior is not None else set()
     for t in tables.blocks:
         floor = max(_min_bits(ctx, t.weight), ctx.floors.get(t.name, 0) if floors else 0)
         keep = [i for i, b in enumerate(t.bits) if b >= floor]
+        if t.weight in pinned and t.name in ctx.floors:  # unpriced: the uniform width, neither less nor more
+            keep = [i for i in keep if t.bits[i] == t.bits[keep[0]]] if keep else keep
         if not keep:
             keep = [len(t.bits) - 1]  # a floor above every allowed width: the widest there is
             if _min_bits(ctx, t.weight) > t.bits[-1]:
@@ -61,7 +64,8 @@ def head_floors(model: ir.Model, ctx: Context, tables: Tables) -> dict[str, int]
     Records the heads on ``ctx.heads`` and a note on ``ctx.messages``; none where uniform itself fails (the budget
     stage refuses that budget) or gives 0 bits (nothing to keep)."""
     ctx.heads = head_weights(model, ctx.weights)
-    if not ctx.heads:
+    kept = ctx.heads | (ctx.unpriced if ctx.posterior is not None else set())
+    if not kept:
         return {}
     while True:
         blocks = allocation_blocks(ctx, tables, floors=False)
@@ -79,13 +83,22 @@ def head_floors(model: ir.Model, ctx: Context, tables: Tables) -> dict[str, int]
             break
         tables.widen(wider)
     floors = {t.name: uniform.bits[t.name] for t in tables.blocks
-              if t.weight in ctx.heads and uniform.bits.get(t.name, 0) > 0}
-    if floors:
-        floored = sorted({t.weight for t in tables.blocks if t.name in floors})
+              if t.weight in kept and uniform.bits.get(t.name, 0) > 0}
+    floored = sorted({t.weight for t in tables.blocks if t.name in floors})
+    heads = [w for w in floored if w in ctx.heads and w not in ctx.unpriced]
+    unpriced = [w for w in floored if w in ctx.unpriced]
+    width = uniform.details["width"] if floors else None
+    if heads:
         ctx.messages.append(
-            f"{len(floored)} head weight{'s' if len(floored) > 1 else ''} feeding a graph output directly "
-            f"({', '.join(floored[:3])}{', ...' if len(floored) > 3 else ''}) kept at >= "
-            f"{uniform.details['width']} bits, the width a uniform allocation of this budget gives them")
+            f"{len(heads)} head weight{'s' if len(heads) > 1 else ''} feeding a graph output directly "
+            f"({', '.join(heads[:3])}{', ...' if len(heads) > 3 else ''}) kept at >= "
+            f"{width} bits, the width a uniform allocation of this budget gives them")
+    if unpriced:
+        ctx.messages.append(
+            f"{len(unpriced)} weight{'s' if len(unpriced) > 1 else ''} whose effect the calibration data cannot "
+            f"measure (no gradient, inside a subgraph: e.g. an If branch the data never take; "
+            f"{', '.join(unpriced[:2])}{', ...' if len(unpriced) > 2 else ''}) kept at {width} bits, the width "
+            f"a uniform allocation of this budget gives them: the budget moves only between weights it can price")
     return floors
 
 

@@ -483,10 +483,8 @@ class _OneScale:
                 "measured on calibration data "
                 f"(widths {', '.join(map(str, self.widths))}, the rest interpolated) on the "
                 f"closed-form scale ({KL_TO_CLOSED_FORM:g} N x the mean loss; {how})")
-        if self.pending:
-            self.ctx.messages.append(
-                f"{len(self.pending)} weight(s) without gradients that cannot be measured (inside subgraphs) had "
-                f"their curvature rescaled to the level of the others")
+        if self.pending:  # kept at the uniform width (bq_onnx.stages.allocate.head_floors); the same set each time
+            self.ctx.unpriced = set(self.pending)
 
     def _factors(self) -> dict[str, float]:
         """Loss multiplier per weight that cannot be fed: its curvature brought to the gradient-covered level."""

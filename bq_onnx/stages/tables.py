@@ -228,10 +228,10 @@ class TableRun:
             payload[:, j] = option.payload
             meta[:, j] = option.meta
             stored[:, j] = option.stored_payload + option.meta
+        if self.compensation is not None:  # first: the scale then measures the codes as written (GPTQ's or nearest's)
+            loss = self.compensation.adjust(info, view, importance, chosen, ranges, loss)
         if self.scale is not None:
             loss = self.scale.adjust(info, view, importance, chosen, loss)
-        if self.compensation is not None:
-            loss = self.compensation.adjust(info, view, importance, chosen, ranges, loss)
         blocks = [BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
                              allowed, loss[i], payload[i] if self.payload_only else stored[i], payload[i], meta[i],
                              stored[i])
@@ -344,6 +344,21 @@ ANCHORS = 3
 """Gradient-covered weights (the largest the session can feed) measured as well, to calibrate the conversion."""
 
 
+def written(ctx: Context, name: str, view: np.ndarray, importance, qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` rounded as the quantize stage will write it: GPTQ's codes under ``--rounding gptq``/``gptq-plain`` for
+    a weight with layer-input moments (``gptq`` weighted by the posterior ``importance``, ``gptq-plain`` not),
+    nearest's where the rounding choice kept them (:class:`_Compensation`) or there is no ``A``. Why: a table
+    measured on nearest's codes prices a rounding the model never stores (GPTQ moves a tensor's loss by a factor
+    that differs from tensor to tensor)."""
+    rounding = ctx.config.quantization.rounding
+    a = ctx.moments.get(name) if rounding != "nearest" and ctx.moments else None
+    if a is None:
+        return qt
+    from bq_onnx.stages.quantize import compensated
+
+    return compensated(ctx, name, view, qt, a, None if rounding == "gptq-plain" else importance)
+
+
 class _OneScale:
     """Puts the tables of weights without gradients on the scale of the gradient-covered ones.
 
@@ -434,7 +449,9 @@ class _OneScale:
                 return {}
         measured = {}
         for bits in self.widths:
-            decoded = design(self.ctx, view, importance, bits, info.name, chosen[self.allowed.index(bits)].spec)
+            spec = chosen[self.allowed.index(bits)].spec
+            decoded = written(self.ctx, info.name, view, importance,
+                              design(self.ctx, view, importance, bits, info.name, spec))
             value = self.mc.block_losses(info, view, decoded.dequantize(), [(0, view.shape[1])])
             if value is not None:
                 measured[bits] = KL_TO_CLOSED_FORM * self.ctx.posterior.samples * value[0]

@@ -10,7 +10,8 @@ measure that KL too, the tables read no labels) against the FP32 model on calibr
 quantized (slow; validates the closed form). ``--tables measured`` keeps the closed form's shape within each tensor
 and measures its level: the tensor alone quantized at the three widths around the budget (:class:`_OneScale`),
 because the diagonal curvature misjudges tensors against each other far more than widths against each other
-(``benchmarks/table_calibration.md``).
+(``benchmarks/table_calibration.md``); under ``--rounding gptq``/``gptq-plain`` the tensor is rounded as it is
+written (:func:`written`), so the level measured is that of GPTQ's codes, not nearest's.
 
 Blocks are whole tensors or slices of output channels (``rows:N``), so one tensor can mix widths. Quantizing
 a whole tensor once per width and summing per-column errors is exact for per-column quantizers; the Lloyd
@@ -380,6 +381,10 @@ class _OneScale:
     to 8.7 over its eight largest low-width tensors, ``benchmarks/table_calibration.md``), so the allocator buys
     bits where they measure least; measured, every tensor's table is on one scale, the measured one (no anchors:
     there is no closed-form tensor left to calibrate against).
+
+    Under ``--rounding gptq``/``gptq-plain`` every measured tensor is rounded as the quantize stage writes it
+    (:func:`written`), and the closed form it is scaled against is the one already priced after compensation
+    (:class:`_Compensation` runs first), so the ratio corrects the level of what is stored.
     """
 
     def __init__(self, ctx: Context, model: ir.Model, calibration: Calibration | None,

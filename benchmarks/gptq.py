@@ -20,8 +20,9 @@ Per model and stored-bits budget (codes + every scale, zero point and codebook, 
 * ``uniform nearest`` / ``filled nearest``: the same two allocations rounded to nearest (RTN);
 * ``... +fp16``: the same row with 16 (fp16 values) among the widths (``--allowed-bits 2,3,4,5,6,7,8,16``);
   ``... +fp16tiny``: and every weight of at most :data:`TINY` elements forced to 16 (``--min-bits NAME=16``);
-* ``bq nearest measured`` / ``bq gptq measured``: ``bq nearest`` / ``bq gptq`` with ``--tables measured`` (each
-  tensor's table measured alone on the calibration samples at the three widths around the budget);
+* ``bq nearest measured`` / ``bq gptq measured`` / ``bq gptq-plain measured``: ``bq nearest`` / ``bq gptq`` /
+  ``bq gptq-plain`` with ``--tables measured`` (each tensor's table measured alone on the calibration samples at
+  the three widths around the budget, rounded as it is written: GPTQ's codes under ``gptq``/``gptq-plain``);
 * ``fixed nearest``: a whole budget read as the fixed grid width everywhere (no tables; ``--bits 8 --allocator
   uniform``), rounded to nearest: the ceiling of a width; ``+tinyfloat``: the weights of at most :data:`TINY`
   elements kept in float (``--keep-fp``; not counted in the stored bits);
@@ -73,6 +74,7 @@ CONFIGS: tuple[Config, ...] = (
     ("bq nearest +fp16tiny", "greedy", "nearest", {**_FP16, **_TINY}),
     ("filled gptq-plain +fp16tiny", "uniform", "gptq-plain", {**_FILL, **_FP16, **_TINY}),
     ("bq nearest measured", "greedy", "nearest", _MEASURED), ("bq gptq measured", "greedy", "gptq", _MEASURED),
+    ("bq gptq-plain measured", "greedy", "gptq-plain", _MEASURED),
     ("fixed nearest", "uniform", "nearest", {"bits_include_metadata": False}),
     ("fixed nearest +tinyfloat", "uniform", "nearest", {"bits_include_metadata": False, "float_below": TINY}),
 )

@@ -91,3 +91,55 @@ def test_a_tensor_whose_curvature_is_off_by_a_factor_gets_the_allocation_of_the_
     assert allocations["closed", 100.0] != right and allocations["closed", 0.01] != right, allocations
     assert allocations["measured", 1.0] == right, allocations
     assert allocations["measured", 100.0] == allocations["measured", 0.01] == right, allocations
+
+
+def _correlated_calib(n: int = 96, seed: int = 5) -> dict[str, np.ndarray]:
+    """Inputs that lie near a 4-dimensional subspace: ``A`` is far from diagonal, so GPTQ's compensation moves the
+    first layer's loss far from nearest's."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((4, 24)).astype(np.float32)
+    x = rng.standard_normal((n, 4)).astype(np.float32) @ mix + 0.05 * rng.standard_normal((n, 24)).astype(np.float32)
+    return {"x": x.astype(np.float32)}
+
+
+@pytest.mark.parametrize("rounding", ["gptq-plain", "gptq"])
+def test_measured_tables_measure_the_rounding_that_is_written(rounding, monkeypatch):
+    """Under ``--rounding gptq``/``gptq-plain`` each measured width is the loss of the codes the quantize stage
+    writes (GPTQ's, or nearest's where the rounding choice kept them), recomputed here from the rounding module and
+    a float64 KL of onnxruntime's logits; it differs from the loss rounded to nearest, and the table follows it."""
+    import bq_onnx.stages.tables as tables_stage
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.rounding import gptq_round
+
+    choose = tables_stage._Compensation._measured_ratio  # gptq: W2 at 3 bits measured worse than nearest, kept nearest
+    if rounding == "gptq":  # (gptq-plain has no choice)
+        monkeypatch.setattr(tables_stage._Compensation, "_measured_ratio", lambda self, info, view, qt, rounded: 1.3
+                            if (info.name, qt.bits) == ("W2", 3) else choose(self, info, view, qt, rounded))
+
+    calib = _correlated_calib()
+    proto = asinh_model(True)
+    model, ctx = _estimated(proto, calib, tables="measured", rounding=rounding, **SETTINGS)
+    tables = passkit.tables(model, ctx, load_calibration(calib, model))
+    near_model, near_ctx = _estimated(proto, calib, tables="measured", **SETTINGS)
+    near_tables = passkit.tables(near_model, near_ctx, calib)
+    x = calib["x"][:MC_SAMPLES]
+    moved = []
+    for info in ctx.weights:
+        measured, near = _table(tables, info.name), _table(near_tables, info.name)
+        view, importance = weight_view(ctx, info)
+        for bits in (3, 4, 5):
+            qt = design(ctx, view, importance, bits, info.name)
+            if not ctx.rounded.get(("nearest", info.name, bits)):
+                qt = gptq_round(view, qt, ctx.moments[info.name], None if rounding == "gptq-plain" else importance)
+            decoded = info.layout.from_view(qt.dequantize())
+            reference = KL_TO_CLOSED_FORM * ctx.posterior.samples * _kl_reference(proto, info.name, decoded, x)
+            j = SETTINGS["allowed_bits"].index(bits)
+            np.testing.assert_allclose(measured[j], reference, rtol=1e-4)
+            if ctx.rounded.get(("nearest", info.name, bits)):
+                np.testing.assert_allclose(measured[j], near[j], rtol=1e-6)  # nearest's codes: nearest's loss
+            else:
+                moved.append(measured[j] / near[j])
+    assert bool(ctx.rounded.get(("nearest", "W2", 3))) == (rounding == "gptq")
+    # compensation changes the measured loss, and by different factors for different tensors and widths
+    assert min(moved) < 0.8, moved
+    assert max(moved) / min(moved) > 1.5, moved

@@ -10,7 +10,8 @@ measure that KL too, the tables read no labels) against the FP32 model on calibr
 quantized (slow; validates the closed form). ``--tables measured`` keeps the closed form's shape within each tensor
 and measures its level: the tensor alone quantized at the three widths around the budget (:class:`_OneScale`),
 because the diagonal curvature misjudges tensors against each other far more than widths against each other
-(``benchmarks/table_calibration.md``).
+(``benchmarks/table_calibration.md``); under ``--rounding gptq``/``gptq-plain`` the tensor is rounded as it is
+written (:func:`written`), so the level measured is that of GPTQ's codes, not nearest's.
 
 Blocks are whole tensors or slices of output channels (``rows:N``), so one tensor can mix widths. Quantizing
 a whole tensor once per width and summing per-column errors is exact for per-column quantizers; the Lloyd
@@ -228,10 +229,10 @@ class TableRun:
             payload[:, j] = option.payload
             meta[:, j] = option.meta
             stored[:, j] = option.stored_payload + option.meta
+        if self.compensation is not None:  # first: the scale then measures the codes as written (GPTQ's or nearest's)
+            loss = self.compensation.adjust(info, view, importance, chosen, ranges, loss)
         if self.scale is not None:
             loss = self.scale.adjust(info, view, importance, chosen, loss)
-        if self.compensation is not None:
-            loss = self.compensation.adjust(info, view, importance, chosen, ranges, loss)
         blocks = [BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
                              allowed, loss[i], payload[i] if self.payload_only else stored[i], payload[i], meta[i],
                              stored[i])
@@ -344,6 +345,21 @@ ANCHORS = 3
 """Gradient-covered weights (the largest the session can feed) measured as well, to calibrate the conversion."""
 
 
+def written(ctx: Context, name: str, view: np.ndarray, importance, qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` rounded as the quantize stage will write it: GPTQ's codes under ``--rounding gptq``/``gptq-plain`` for
+    a weight with layer-input moments (``gptq`` weighted by the posterior ``importance``, ``gptq-plain`` not),
+    nearest's where the rounding choice kept them (:class:`_Compensation`) or there is no ``A``. Why: a table
+    measured on nearest's codes prices a rounding the model never stores (GPTQ moves a tensor's loss by a factor
+    that differs from tensor to tensor)."""
+    rounding = ctx.config.quantization.rounding
+    a = ctx.moments.get(name) if rounding != "nearest" and ctx.moments else None
+    if a is None:
+        return qt
+    from bq_onnx.stages.quantize import compensated
+
+    return compensated(ctx, name, view, qt, a, None if rounding == "gptq-plain" else importance)
+
+
 class _OneScale:
     """Puts the tables of weights without gradients on the scale of the gradient-covered ones.
 
@@ -365,6 +381,10 @@ class _OneScale:
     to 8.7 over its eight largest low-width tensors, ``benchmarks/table_calibration.md``), so the allocator buys
     bits where they measure least; measured, every tensor's table is on one scale, the measured one (no anchors:
     there is no closed-form tensor left to calibrate against).
+
+    Under ``--rounding gptq``/``gptq-plain`` every measured tensor is rounded as the quantize stage writes it
+    (:func:`written`), and the closed form it is scaled against is the one already priced after compensation
+    (:class:`_Compensation` runs first), so the ratio corrects the level of what is stored.
     """
 
     def __init__(self, ctx: Context, model: ir.Model, calibration: Calibration | None,
@@ -434,7 +454,9 @@ class _OneScale:
                 return {}
         measured = {}
         for bits in self.widths:
-            decoded = design(self.ctx, view, importance, bits, info.name, chosen[self.allowed.index(bits)].spec)
+            spec = chosen[self.allowed.index(bits)].spec
+            decoded = written(self.ctx, info.name, view, importance,
+                              design(self.ctx, view, importance, bits, info.name, spec))
             value = self.mc.block_losses(info, view, decoded.dequantize(), [(0, view.shape[1])])
             if value is not None:
                 measured[bits] = KL_TO_CLOSED_FORM * self.ctx.posterior.samples * value[0]

@@ -17,7 +17,7 @@ from bq_onnx import optimize
 from bq_onnx.cli import main
 from bq_onnx.inspect import inspect
 from tests import passkit
-from tests.conftest import make_model
+from tests.conftest import assert_written, make_model
 from tests.written import run
 
 RNG = np.random.default_rng(14)
@@ -321,6 +321,18 @@ def test_recurrent_and_subgraph_weights_survive_calibration(tmp_path, method):
     want = "mean" if method == "activations" else expected  # activations: its input is the Loop body's own state
     assert loop.context.posterior.weights["W_outer"].source == want
     loop.save(tmp_path / "loop.onnx")
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "gptq-plain"])
+def test_gptq_rounds_a_weight_read_inside_a_loop_body_to_nearest(tmp_path, rounding):
+    """A main-graph weight read by a MatMul inside a Loop body: its layer input is the body's own value, which no
+    forward run of the main graph can return, so it has no ``A`` and is rounded to nearest (it raised KeyError
+    'h_in' while ``A`` was measured)."""
+    loop = optimize(loop_model(), calib={"x": _floats(8, 32)}, bits=3, bits_payload=True, rounding=rounding)
+    assert any(m.startswith("--rounding gptq: no MatMul/Gemm/Conv weight's input can be measured")
+               for m in loop.report["messages"]), loop.report["messages"]
+    loop.save(tmp_path / "loop.onnx")
+    assert_written(loop, tmp_path / "loop.onnx")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -36,6 +36,8 @@ def _reader(info: WeightInfo) -> tuple[ir.Value, str, dict] | None:
     if info.scope or len(uses) != 1:
         return None
     node, idx = uses[0].node, uses[0].idx
+    if node.graph is not info.value.graph:  # a main-graph weight read inside a Loop/If body: its input is not fed
+        return None
     attrs = {k: a.value for k, a in node.attributes.items()}
     rank = len(info.layout.shape)
     ok = ((node.op_type == "MatMul" and idx == 1 and rank == 2) or (node.op_type == "Gemm" and idx == 1)

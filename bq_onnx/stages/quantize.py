@@ -107,8 +107,9 @@ def layer_moments(ctx: Context, model: ir.Model | None, calibration: Calibration
 
         ctx.moments = input_moments(model, ctx, calibration) if model is not None else {}
         if not ctx.moments:
-            ctx.messages.append("--rounding gptq: no calibration data reaches a MatMul/Gemm/Conv weight's input "
-                                "(data-free); every weight is rounded to nearest")
+            ctx.messages.append("--rounding gptq: no MatMul/Gemm/Conv weight's input can be measured (no calibration "
+                                "data, or every such weight is read inside a subgraph or through other ops); every "
+                                "weight is rounded to nearest")
         else:
             rest = [info.name for info in ctx.weights if info.name not in ctx.moments]
             if rest:

@@ -168,6 +168,11 @@ class Calibration:
         """Samples per run: the model's fixed batch, else ``requested``."""
         return self.fixed_batch or requested
 
+    def run_sizes(self, requested: int) -> list[int]:
+        """The samples of each run :meth:`batches` makes (the last may be short)."""
+        n, size = self.num_samples, self.run_size(requested)
+        return [min(size, n - start) for start in range(0, n, size)]
+
     def batches(self, batch_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of consecutive runs of ``batch_size`` samples (of the fixed batch, for a fixed-batch model)."""
         n = self.num_samples

@@ -86,8 +86,7 @@ def fp32_values(sessions: TempSessions, model: ir.Model, names: list[str], calib
     output's sample axis as the model returns it."""
     session = sessions.open(forward_model(model, names))
     runs = [session.run(feeds) for feeds in calib.batches(batch)]
-    n, size = calib.num_samples, calib.run_size(batch)
-    sizes = [min(size, n - start) for start in range(0, n, size)]
+    sizes = calib.run_sizes(batch)
     out: dict[str, np.ndarray | Runs] = {}
     axes: dict[str, int] = {}
     for i, name in enumerate(names):

@@ -40,7 +40,7 @@ def allocation_blocks(ctx: Context, tables: Tables, floors: bool = True) -> list
         floor = max(_min_bits(ctx, t.weight), ctx.floors.get(t.name, 0) if floors else 0)
         keep = [i for i, b in enumerate(t.bits) if b >= floor]
         if t.weight in pinned and t.name in ctx.floors:  # unpriced: the uniform width, neither less nor more
-            keep = [i for i in keep if t.bits[i] == t.bits[keep[0]]] if keep else keep
+            keep = keep[:1]
         if not keep:
             keep = [len(t.bits) - 1]  # a floor above every allowed width: the widest there is
             if _min_bits(ctx, t.weight) > t.bits[-1]:

@@ -97,6 +97,8 @@ DATA_FREE = ("data-free", DATA_FREE_UNIFORM, DATA_FREE_FILLED)
 FLOORED = "floored at uniform"
 """The candidate label (and result) of the allocation with every block at least the uniform width
 (:func:`_floored`)."""
+ALTERNATIVES = (*DATA_FREE, FLOORED)
+"""Candidates that are not the method's answer (the allocation and its repairs): see :func:`_confirm_on_fit`."""
 
 
 @dataclasses.dataclass
@@ -175,8 +177,7 @@ def held_out_data(model: ir.Model, ctx: Context, held: Calibration | None, calib
 
 
 def _held(data: Calibration, kind: str) -> HeldOut:
-    n, size = data.num_samples, data.run_size(RUN)
-    return HeldOut(list(data.batches(RUN)), kind, n, [min(size, n - start) for start in range(0, n, size)])
+    return HeldOut(list(data.batches(RUN)), kind, data.num_samples, data.run_sizes(RUN))
 
 
 @dataclasses.dataclass
@@ -479,7 +480,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
                             f"{uniform.loss:.4g}): wrote uniform")
         result, final = "uniform", uniform
     else:
-        result = "kept" if best is chosen else best.label if best.label in (*DATA_FREE, FLOORED) else "repaired"
+        result = "kept" if best is chosen else best.label if best.label in ALTERNATIVES else "repaired"
         final = best
     if final is uniform:
         filled = _filled(uniform, spend, measure)
@@ -728,8 +729,8 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     if not confirmed:
         return uniform, winners[0]
     held, seen = measure.held.samples, fit.held.samples
-    alternatives = [t for t in confirmed if t.label in (*DATA_FREE, FLOORED)]
-    answers = [t for t in confirmed if t.label not in (*DATA_FREE, FLOORED)]
+    alternatives = [t for t in confirmed if t.label in ALTERNATIVES]
+    answers = [t for t in confirmed if t.label not in ALTERNATIVES]
     alternative = min(alternatives, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
     answer = answers[0] if answers else None
     if answer is None or (alternative is not None and _clearly_better(alternative, answer)):

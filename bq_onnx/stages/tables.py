@@ -373,7 +373,8 @@ class _OneScale:
     gradient-covered weights are measured the same way, and the geometric mean of their measured over closed-form
     ratios is the calibration. A weight that cannot be fed (inside a subgraph) keeps its closed form with the
     curvature rescaled so its mean is the gradient-covered weights' level (where there are none: the measured
-    weights' median ratio). Without calibration nothing changes.
+    weights' median ratio), and is recorded on ``ctx.unpriced``: the allocation keeps it at the uniform width
+    (:func:`bq_onnx.stages.allocate.head_floors`). Without calibration nothing changes.
 
     ``budget`` (``--tables measured``, bits per weight): every weight is a target, gradient-covered or not, measured
     at the widths around the budget (:func:`measured_widths`). Why: the diagonal curvature ranks tensors wrongly

@@ -221,7 +221,7 @@ def test_weights_that_cannot_be_priced_are_kept_at_the_uniform_width(monkeypatch
     """No gradient and not feedable (an If branch's weights): the data say nothing of their effect, so they keep
     the width a uniform allocation of the budget gives, neither less nor more; the rest of the budget goes to the
     weights the posterior prices. Before, their curvature was rescaled to the mean level of the others and the
-    allocation spent on them like on any weight (silero-vad: its untaken 8 kHz branch got 4-4.6 bits at
+    allocation spent on them like on any weight (silero-vad: its untaken 8 kHz branch's LSTM got 4-4.25 bits at
     ``--bits 4`` while the 16 kHz branch the data run got about 3)."""
     from bq_onnx import pipeline
     from bq_onnx.stages import allocate

@@ -41,7 +41,7 @@ POSTERIOR_METHODS: tuple[str, ...] = ("laplace", "fisher-mc", "hutchinson", "kfa
 TABLES: tuple[str, ...] = ("closed", "mc", "measured")
 AUTO_GROUPS: tuple[int, ...] = (32, 64, 128)
 """``--group-size auto``: the block sizes the tables choose from per tensor and width (64 is the nominal size)."""
-ROUNDINGS: tuple[str, ...] = ("nearest", "gptq", "gptq-plain")
+ROUNDINGS: tuple[str, ...] = ("auto", "nearest", "gptq", "gptq-plain")
 """The names ``--rounding`` accepts (:mod:`bq_onnx.rounding`)."""
 MAX_OUTLIERS = 0.1
 """The largest ``--outliers`` fraction: beyond it a wider grid is cheaper than the sparse list."""
@@ -317,10 +317,12 @@ class QuantizerConfig(Concern):
         "tensor and width (expected loss against stored bits, scales included)", parse=_group, metavar="ROWS|auto",
         check=lambda v: "must be >= 0 (0 = one block per output channel)" if v != "auto" and v < 0 else None)
     rounding: str = option(
-        "nearest", "how weights are rounded onto the designed grid: nearest level; gptq = rows in order, each "
+        "auto", "how weights are rounded onto the designed grid: nearest level; gptq = rows in order, each "
         "row's rounding error compensated on the rows after it through the layer inputs' second moment, weighted "
         "by the posterior precision; gptq-plain = the same without the posterior (GPTQ's own metric). MatMul, Gemm "
-        "and Conv weights; needs --calib, else nearest", choices=ROUNDINGS)
+        "and Conv weights; needs --calib, else nearest. auto = gptq where --calib leaves 16 samples or more after the "
+        "guard's hold-out (the guard also measures nearest), else nearest",
+        choices=ROUNDINGS)
     seed: int = SEED.field()
 
 

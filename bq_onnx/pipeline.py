@@ -36,7 +36,7 @@ from bq_onnx.stages.budget import BudgetUnmet, StoredBudget, other_bytes, zero_b
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
-from bq_onnx.stages.tables import expected_loss_tables
+from bq_onnx.stages.tables import auto_rounding, expected_loss_tables
 from bq_onnx.stages.weights import find_weights
 from bq_onnx.targets import pack_low_widths, packs_at_all, packs_before_tables
 
@@ -92,6 +92,10 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         ctx.posterior = posterior_stage.estimate(model, ctx.weights, fit, config.posterior, ctx.progress)
         ctx.messages.extend(ctx.posterior.notes)
     memtrace("posterior")
+    if config.quantization.rounding == "auto":
+        rounding, note = auto_rounding(fit)
+        ctx.config, ctx.rounding_auto = ctx.config.replace(rounding=rounding), rounding != "nearest"
+        ctx.messages.extend([note] if note else [])
     if not ctx.fixed:
         if packs_before_tables(ctx, profile):
             ctx.derived = dataclasses.replace(ctx.derived, packed_codes=True)

@@ -97,7 +97,10 @@ DATA_FREE = ("data-free", DATA_FREE_UNIFORM, DATA_FREE_FILLED)
 FLOORED = "floored at uniform"
 """The candidate label (and result) of the allocation with every block at least the uniform width
 (:func:`_floored`)."""
-ALTERNATIVES = (*DATA_FREE, FLOORED)
+NEAREST = "rounded to nearest"
+"""The candidate label (and result) of the allocation as repaired, its codes rounded to nearest instead of by GPTQ,
+where ``--rounding auto`` chose GPTQ (:func:`_nearest`)."""
+ALTERNATIVES = (*DATA_FREE, FLOORED, NEAREST)
 """Candidates that are not the method's answer (the allocation and its repairs): see :func:`_confirm_on_fit`."""
 
 
@@ -111,6 +114,7 @@ class Spent:
     distillation: dict | None
     layers: list[dict]
     stored_bytes: int | None
+    config: object | None = None  # the options it was spent with, where they differ from the run's (NEAREST)
 
     @classmethod
     def of(cls, out: ir.Model, ctx: Context) -> Spent:
@@ -119,6 +123,8 @@ class Spent:
     def apply(self, ctx: Context) -> None:
         ctx.allocation, ctx.quantized, ctx.distillation = self.allocation, self.quantized, self.distillation
         ctx.layers, ctx.stored_bytes = self.layers, self.stored_bytes
+        if self.config is not None:
+            ctx.config = self.config
 
 
 @dataclasses.dataclass
@@ -454,6 +460,10 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         floored = _floored(ctx, int(width), spend, measure, uniform, tries)
         if floored is not None:
             tries.append(floored)
+    if held.task_data and uniform is not None and ctx.rounding_auto:
+        nearest = _nearest(ctx, spend, measure)
+        if nearest is not None:
+            tries.append(nearest)
     free_tables = None
     if held.task_data and uniform is not None and ctx.posterior is not None and _has_data_free(ctx):
         free, free_tables = _data_free(model, ctx, spend, measure)
@@ -688,6 +698,25 @@ def _floored(ctx: Context, width: int, spend: Callable[[str | None], Spent], mea
                                             and spent.allocation.bits == t.spent.allocation.bits for t in tries):
         return None  # a candidate already measured (the allocation or a repair had nothing below the width)
     return measure.model_try(FLOORED, spent)
+
+
+def _nearest(ctx: Context, spend: Callable[[str | None], Spent], measure: _Measure) -> _Try | None:
+    """The allocation as the repairs left it, rounded to nearest instead of by GPTQ, measured as a candidate where
+    ``--rounding auto`` chose GPTQ; None where it cannot be spent. Why: GPTQ's codes are chosen per tensor on a
+    layer metric (and measured against nearest's tensor by tensor where the samples allow,
+    :mod:`bq_onnx.stages.tables`), not on the whole model; with a small ``--calib`` its ``A`` fits the few
+    samples it saw (the PP-OCR classifier with 6 fit images lost under GPTQ what nearest kept), so the default
+    keeps nearest's codes where the held-out samples clearly prefer them."""
+    gptq = ctx.config
+    try:
+        ctx.config = gptq.replace(rounding="nearest")
+        spent = spend(None)
+        spent.config = ctx.config
+    except UsageError:
+        return None
+    finally:
+        ctx.config = gptq
+    return measure.model_try(NEAREST, spent)
 
 
 def _raises(filled: Spent, uniform: _Try | None) -> bool:

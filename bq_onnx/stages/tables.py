@@ -558,6 +558,25 @@ def _choice_split(calibration: Calibration | None) -> tuple[Calibration | None, 
     return part(rows[: n - CHOICE_SAMPLES]), part(rows[n - CHOICE_SAMPLES :])
 
 
+AUTO_SAMPLES = 16
+"""Calibration samples (after the guard's hold-out) from which ``--rounding auto`` is GPTQ."""
+
+
+def auto_rounding(calibration: Calibration | None) -> tuple[str, str]:
+    """What ``--rounding auto`` becomes for a run fitted on ``calibration``, and a note where it stays nearest.
+
+    GPTQ from :data:`AUTO_SAMPLES` samples: with 24 (the zoo's 32 less the hold-out) it lowered the task error on 6
+    of 9 zoo models at 4 bits and raised it on none (``benchmarks/zoo_gptq_s12.md``); with 6 its ``A`` fits them
+    and the PP-OCR classifier lost accuracy that nearest kept (``tests/test_zoo.py``). The guard also measures the
+    allocation rounded to nearest (:func:`bq_onnx.stages.guard._nearest`)."""
+    if calibration is None:
+        return "nearest", ""
+    if calibration.num_samples < AUTO_SAMPLES:
+        return "nearest", (f"--rounding auto: nearest ({calibration.num_samples} calibration sample(s) left for the "
+                           f"posterior; GPTQ's compensation needs {AUTO_SAMPLES} or more)")
+    return "gptq", ""
+
+
 class _Compensation:
     """Under ``--rounding gptq``/``gptq-plain`` the final codes are GPTQ's, not nearest's: each block's loss at each
     width is the nearest-rounding loss times what GPTQ leaves of it.

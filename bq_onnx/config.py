@@ -43,6 +43,9 @@ AUTO_GROUPS: tuple[int, ...] = (32, 64, 128)
 """``--group-size auto``: the block sizes the tables choose from per tensor and width (64 is the nominal size)."""
 ROUNDINGS: tuple[str, ...] = ("auto", "nearest", "gptq", "gptq-plain")
 """The names ``--rounding`` accepts (:mod:`bq_onnx.rounding`)."""
+COMPENSATING: tuple[str, ...] = ("gptq", "gptq-plain")
+"""The roundings that compensate errors (``auto`` is one of these or nearest once the pipeline resolved it; where
+it was not resolved, as in a bare :class:`bq_onnx.context.Context`, it rounds to nearest)."""
 MAX_OUTLIERS = 0.1
 """The largest ``--outliers`` fraction: beyond it a wider grid is cheaper than the sparse list."""
 

@@ -103,8 +103,11 @@ def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comp
     wp = posterior.weights["fc1.weight"]
     wp.curvature, wp.precision = wp.curvature * 1e-3, wp.precision * 1e-3
     # fp16 scales: with the default double-quantized scales the repair also raises fc1 (0.0077 -> 0.0045) but the
-    # data-free candidate measures lower still (0.0025) and is written; this test is about the repair
-    opts = {"bits": 4, "format": "compact", "calib": calib, "posterior": posterior, "scales": "fp16"}
+    # data-free candidate measures lower still (0.0025) and is written; this test is about the repair. Nearest
+    # rounding: under GPTQ (the default with --calib) the repair measures lower held out (0.00077) but not on the fit
+    # split (0.00141 against uniform's 0.00124), and the plain-grid uniform, filled, is written
+    opts = {"bits": 4, "format": "compact", "calib": calib, "posterior": posterior, "scales": "fp16",
+            "rounding": "nearest"}
     first = bq_onnx.optimize(LENET, **opts, no_guard=True)
     result = bq_onnx.optimize(LENET, **opts)
     g = result.report["guard"]

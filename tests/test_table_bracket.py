@@ -100,7 +100,7 @@ def test_the_bracket_holds_the_widths_around_the_budget():
     assert bracket.bracket(None, _ctx(bits=3, allocator="selective", format="compact")) == (0, 2, 3, 4, 5)
     assert bracket.bracket(None, _ctx(bits=6, quantizer="lloyd")) == (4, 5, 6, 7, 8)  # codebooks grow per width
     assert bracket.bracket(None, _ctx(bits=6, allocator="dp")) is None  # the exact optimum reads every width
-    assert bracket.bracket(None, _ctx(bits=6, rounding="gptq")) is None
+    assert bracket.bracket(None, _ctx(bits=6, rounding="gptq")) == (4, 8)  # GPTQ prices the scored widths
     with bracket.every_width():
         assert bracket.bracket(None, _ctx(bits=6)) is None
 

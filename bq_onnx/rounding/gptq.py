@@ -38,6 +38,8 @@ from bq_onnx.quantizers.grid import _Grid, _nearest
 DAMPING = 0.01
 """Damping of ``A``: this fraction of the mean of its diagonal is added to the diagonal (GPTQ's ``percdamp``)."""
 
+NO_GRID = ("mean", "float16")
+"""Kinds with no levels to re-choose: a block's mean (0 bits), values stored as fp16 (16 bits); kept as they are."""
 PRECISION_FLOOR = 0.01
 """Posterior precisions are floored at this fraction of their output channel's mean precision."""
 
@@ -60,15 +62,16 @@ def gptq_round(
 
     ``a``: the input second moment ``(K, K)``, or ``(G, K, K)`` for a grouped convolution (output channels
     ``[g N/G, (g+1) N/G)`` read group ``g``). ``precision``: per-weight posterior precision ``(K, N)`` (None: plain
-    GPTQ). Scales, zero points, codebooks and outlier positions are ``qt``'s; a 0-bit (mean) tensor is returned as
-    it is. ``metric``: ``Metric(a, precision, N, damping)`` when already built (it serves every width).
+    GPTQ). Scales, zero points, codebooks and outlier positions are ``qt``'s; a 0-bit (mean) or fp16 tensor
+    (:data:`NO_GRID`) is returned as it is. ``metric``: ``Metric(a, precision, N, damping)`` when already built
+    (it serves every width).
     """
     w64 = np.asarray(w, dtype=np.float64)
     k, n = w64.shape
     if tuple(qt.shape) != (k, n):
         raise ValueError(f"w has shape {w64.shape}, the design {tuple(qt.shape)}")
     groups = grouped_moments(a, k, n)
-    if qt.kind == "mean":
+    if qt.kind in NO_GRID:
         return qt
     metric = Metric(groups, precision, n, damping) if metric is None else metric
     rounded = _Rounder(qt, w64, precision).run(metric)

@@ -110,14 +110,26 @@ def allocate_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float 
     :data:`FILLED_UNIFORM`).
     A budget below the cheapest allocation gives the cheapest: the budget stage then refuses it with its size."""
     while True:
-        result = _allocate(model, ctx, tables, reserve, method)
+        result, tried = _allocate(model, ctx, tables, reserve, method)
         uniform = (method or ctx.config.allocation.allocator) in ("uniform", FILLED_UNIFORM)
-        # uniform: the largest width that fits, whatever lies below, unless even the cheapest did not fit
-        wider = _binding(ctx, tables, result.bits, floors=not uniform,
-                         lower=not uniform or bool(result.details.get("at_cheapest")))
+        # uniform: the largest width that fits, whatever lies below, unless even the cheapest did not fit;
+        # every allocation the layout loop tried is checked: its cost steers the next (and the budget stage's
+        # reserve), so one bound by the bracket would leave the full tables' path
+        lower = not uniform or bool(result.details.get("at_cheapest"))
+        wider = _widest([_binding(ctx, tables, bits, floors=not uniform, lower=lower) for bits in tried])
         if wider is False:
             return result
         tables.widen(wider)
+
+
+def _widest(requests: list[tuple[int, ...] | None | bool]) -> tuple[int, ...] | None | bool:
+    """The union of the wider brackets asked for (None: every width), or False where none binds."""
+    asked = [r for r in requests if r is not False]
+    if not asked:
+        return False
+    if any(r is None for r in asked):
+        return None
+    return tuple(sorted(set().union(*asked)))
 
 
 def _binding(ctx: Context, tables: Tables, bits: dict[str, int], floors: bool, lower: bool
@@ -138,7 +150,9 @@ def _binding(ctx: Context, tables: Tables, bits: dict[str, int], floors: bool, l
     return False if wider == tables.widths else wider
 
 
-def _allocate(model: ir.Model, ctx: Context, tables: Tables, reserve: float, method: str | None) -> Allocation:
+def _allocate(model: ir.Model, ctx: Context, tables: Tables, reserve: float, method: str | None
+              ) -> tuple[Allocation, list[dict[str, int]]]:
+    """The allocation, and the bits of every allocation tried on the way (the compact format's layout loop)."""
     blocks = allocation_blocks(ctx, tables, floors=method not in ("uniform", FILLED_UNIFORM))
     a = ctx.config.allocation
     method = method or a.allocator
@@ -150,18 +164,20 @@ def _allocate(model: ir.Model, ctx: Context, tables: Tables, reserve: float, met
         method, options["fill"] = "uniform", True
     counts_layouts = ctx.config.storage.format == "compact" and (not a.bits_payload or a.size_mb is not None)
     layouts = 0.0
+    tried = []
     for _ in range(8):  # the compact format's layout constants depend on the pieces the allocation makes
         try:
             result = allocation.allocate(method, blocks, max(budget - layouts, cheapest), **options)
         except ValueError as exc:
             raise UsageError(f"allocation ({method}): {exc}") from None
+        tried.append(result.bits)
         excess = result.cost + (_layout_bits(ctx, tables, result.bits) if counts_layouts else 0) - budget
         if excess <= 0 or budget - layouts <= cheapest:
             break
         layouts += excess
     if budget - layouts <= cheapest:
         result.details["at_cheapest"] = True  # nothing cheaper exists: the budget stage may refuse it
-    return result
+    return result, tried
 
 
 def _budget(model: ir.Model, ctx: Context, tables: Tables) -> float:

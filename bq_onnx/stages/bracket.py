@@ -16,8 +16,9 @@ stored bits counted, a uniform-family grid) costs the same with a coarser grid: 
 stands for it (``--bits 6`` native scores 4 and 8 only). This assumes a coarser grid of the same range search
 never has less error; a block stored exactly (loss 0, where every narrower width ties and the allocator takes
 the narrowest) makes the tables score every width. The options that read every width in one go (``--allocator
-dp``, ``quantile-inform``, ``random-bits``, GPTQ rounding, measured tables of weights without gradients) score
-every width.
+dp``, ``quantile-inform``, ``random-bits``, measured tables of weights without gradients) score every width;
+GPTQ rounding prices the scored widths (a width past the compensated ones takes the ratio of the widest of them,
+scored or not, so the bracket's tables equal the full ones).
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ def per_weight_budget(model: ir.Model, ctx: Context) -> float:
 def bracket(model: ir.Model, ctx: Context) -> tuple[int, ...] | None:
     """The widths the tables score first (sorted), or None: every allowed width (the options need them all, or the
     bracket holds them all)."""
-    a, q = ctx.config.allocation, ctx.config.quantization
+    a = ctx.config.allocation
     allowed = tuple(sorted(a.allowed_bits))
-    if a.allocator in FULL_ONLY or q.rounding != "nearest" or _EVERY_WIDTH.get():
+    if a.allocator in FULL_ONLY or _EVERY_WIDTH.get():
         return None
     b = per_weight_budget(model, ctx)
     if not math.isfinite(b):

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.calibration import Calibration
+from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
@@ -58,9 +59,9 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
                 importance: np.ndarray | None) -> QuantizedTensor:
     """``qt`` re-rounded by GPTQ; the tables, the guard and the stored-budget loop quantize again and again, so a
     result is kept per (weight, width) and reused while the design (grid and nearest codes) is the same."""
-    from bq_onnx.rounding.gptq import DAMPING, Metric, gptq_round, grouped_moments
+    from bq_onnx.rounding.gptq import DAMPING, NO_GRID, Metric, gptq_round, grouped_moments
 
-    if qt.kind == "mean" or ctx.rounded.get(("nearest", name, qt.bits)):  # measured: nearest loses less here
+    if qt.kind in NO_GRID or ctx.rounded.get(("nearest", name, qt.bits)):  # measured: nearest loses less here
         return qt
     key = (name, qt.bits)
     hit = ctx.rounded.get(key)
@@ -100,7 +101,7 @@ def _same(x: np.ndarray | None, y: np.ndarray | None) -> bool:
 
 def layer_moments(ctx: Context, model: ir.Model | None, calibration: Calibration | None) -> dict[str, np.ndarray]:
     """``A`` per weight for ``--rounding gptq`` (measured once per run and kept on the context), else empty."""
-    if ctx.config.quantization.rounding == "nearest":
+    if ctx.config.quantization.rounding not in COMPENSATING:
         return {}
     if ctx.moments is None:
         from bq_onnx.stages.moments import input_moments

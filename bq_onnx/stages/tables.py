@@ -40,6 +40,7 @@ import onnx_ir as ir
 
 from bq_onnx.autodiff.loss import LossPlan
 from bq_onnx.calibration import Calibration
+from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import UsageError
 from bq_onnx.loss_spec import LossTerm
@@ -186,10 +187,10 @@ class TableRun:
             budget = per_weight_budget(model, ctx)
         self.scale = _OneScale(ctx, model, calibration, self.allowed, budget) if self.measure is None else None
         self.compensation = _Compensation(ctx, model, calibration, self.allowed) \
-            if ctx.config.quantization.rounding != "nearest" else None
+            if ctx.config.quantization.rounding in COMPENSATING else None
         self.said = len(ctx.messages)  # notes from here on are the tables' (one each, however many processes)
-        # the bracket (bq_onnx.stages.bracket); every width where a helper reads them all (measured widths, GPTQ)
-        full = self.compensation is not None or (self.scale is not None and bool(self.scale.targets))
+        # the bracket (bq_onnx.stages.bracket); every width where a helper reads them all (measured widths)
+        full = self.scale is not None and bool(self.scale.targets)
         self.widths = None if full else widths
 
     @property
@@ -230,7 +231,7 @@ class TableRun:
             meta[:, j] = option.meta
             stored[:, j] = option.stored_payload + option.meta
         if self.compensation is not None:  # first: the scale then measures the codes as written (GPTQ's or nearest's)
-            loss = self.compensation.adjust(info, view, importance, chosen, ranges, loss)
+            loss = self.compensation.adjust(info, view, importance, chosen, ranges, loss, allowed)
         if self.scale is not None:
             loss = self.scale.adjust(info, view, importance, chosen, loss)
         blocks = [BlockTable(block_name(info.name, columns, n), info.name, columns, k * (columns[1] - columns[0]),
@@ -352,7 +353,7 @@ def written(ctx: Context, name: str, view: np.ndarray, importance, qt: Quantized
     measured on nearest's codes prices a rounding the model never stores (GPTQ moves a tensor's loss by a factor
     that differs from tensor to tensor)."""
     rounding = ctx.config.quantization.rounding
-    a = ctx.moments.get(name) if rounding != "nearest" and ctx.moments else None
+    a = ctx.moments.get(name) if rounding in COMPENSATING and ctx.moments else None
     if a is None:
         return qt
     from bq_onnx.stages.quantize import compensated
@@ -603,21 +604,26 @@ class _Compensation:
         self.kept_nearest: list[tuple[str, int]] = []
         self.measured = 0
 
-    def adjust(self, info, view: np.ndarray, importance, chosen: list[_Option], ranges, loss: np.ndarray) -> np.ndarray:
-        """``loss`` (blocks x widths) scaled per block by the compensation ratio of each width's chosen design."""
+    def adjust(self, info, view: np.ndarray, importance, chosen: list[_Option], ranges, loss: np.ndarray,
+               widths: tuple[int, ...]) -> np.ndarray:
+        """``loss`` (blocks x ``widths``, the scored ones) scaled per block by the compensation ratio of each width's
+        chosen design; a width past :data:`COMPENSATED_WIDTHS` takes the ratio at the widest allowed width up to it
+        (every allowed width's, whether scored or not: the tables are those of every width)."""
+        from bq_onnx.rounding.gptq import NO_GRID
         from bq_onnx.stages.quantize import compensated, compensation_ratio
 
         a = self.moments.get(info.name)
         if a is None:
             return loss
         out = loss.copy()
-        ratio = np.ones(len(ranges))
         weighting = None if self.plain else importance
-        for j, bits in enumerate(self.allowed):
-            if bits <= COMPENSATED_WIDTHS or j == 0:
+        priced = [b for b in self.allowed if b <= COMPENSATED_WIDTHS] or [self.allowed[0]]
+        carried = None  # the ratio of the widest priced width, for the widths past it
+        for j, bits in enumerate(widths):
+            if bits <= COMPENSATED_WIDTHS or bits == self.allowed[0]:
                 qt = design(self.ctx, view, importance, bits, info.name, chosen[j].spec)
                 ratio = compensation_ratio(self.ctx, info.name, view, qt, a, weighting, ranges)
-                if bits <= CHOSEN_WIDTHS and qt.kind != "mean" and (ratio < 1).any():
+                if bits <= CHOSEN_WIDTHS and qt.kind not in NO_GRID and (ratio < 1).any():
                     rounded = compensated(self.ctx, info.name, view, qt, a, weighting)
                     measured = self._measured_ratio(info, view, qt, rounded)
                     if measured is not None and measured >= 1.0:
@@ -626,6 +632,14 @@ class _Compensation:
                         ratio = np.ones(len(ranges))
                     elif measured is not None:  # a measured gain never prices a width below the metric's ratio
                         ratio = np.minimum(1.0, ratio * max(1.0, measured / self._total(ratio, loss[:, j])))
+            else:
+                if carried is None:
+                    widest = priced[-1]
+                    spec = chosen[widths.index(widest)].spec if widest in widths else None
+                    qt = design(self.ctx, view, importance, widest, info.name, spec)
+                    carried = compensation_ratio(self.ctx, info.name, view, qt, a, weighting, ranges) \
+                        if not self.ctx.rounded.get(("nearest", info.name, widest)) else np.ones(len(ranges))
+                ratio = carried
             out[:, j] = loss[:, j] * ratio
         return np.minimum.accumulate(out, axis=1)  # a wider width never costs more loss
 

@@ -6,6 +6,7 @@ Usage: ``python -m benchmarks.gptq [--models lenet,digits_mlp,minilm-l6,efficien
 Per model and stored-bits budget (codes + every scale, zero point and codebook, counted on the written model by
 ``benchmarks.peers.stored_size``):
 
+* ``bq auto``: bq-onnx's default (``--rounding auto``: GPTQ with the guard measuring nearest beside it);
 * ``bq nearest`` / ``bq gptq`` / ``bq gptq-plain``: bq-onnx's default pipeline (posterior, greedy allocation, guard)
   with ``--rounding nearest``, ``gptq`` (posterior-weighted compensation, tables priced after it, the rounding of
   each tensor at widths up to 4 chosen by measurement on calibration samples ``A`` does not see) or ``gptq-plain``
@@ -64,7 +65,7 @@ _MEASURED: dict[str, Any] = {"tables": "measured"}
 Config = tuple[str, str, str, dict[str, Any]]
 """A row: its label, ``--allocator``, ``--rounding`` and further options."""
 CONFIGS: tuple[Config, ...] = (
-    ("bq nearest", "greedy", "nearest", {}), ("bq gptq", "greedy", "gptq", {}),
+    ("bq nearest", "greedy", "nearest", {}), ("bq gptq", "greedy", "gptq", {}), ("bq auto", "greedy", "auto", {}),
     ("bq gptq-plain", "greedy", "gptq-plain", {}), ("uniform gptq-plain", "uniform", "gptq-plain", {}),
     ("filled gptq-plain", "uniform", "gptq-plain", _FILL), ("uniform nearest", "uniform", "nearest", {}),
     ("filled nearest", "uniform", "nearest", _FILL),

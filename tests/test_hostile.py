@@ -94,7 +94,7 @@ def test_budget_refuses_a_model_and_max_memory_sets_it(tmp_path, capsys):
     src = write_model(folder, matmul_model(external_weight([16, 8])))
     code, err = _optimize(src, capsys, "--max-memory", "256")  # the weight needs 512 bytes
     assert code == 3 and "memory budget of 256 bytes" in _one_line(err)
-    code, err = _optimize(src, capsys, "--max-memory", "1M")
+    code, err = _optimize(src, capsys, "--max-memory", "64M")  # room for onnxruntime's first session (threads)
     assert code == 0, err
 
 

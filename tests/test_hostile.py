@@ -64,21 +64,30 @@ HUGE = {
 
 
 def test_huge_declared_tensors_are_refused_before_allocation(tmp_path):
+    """Every command that reads a model (as the model, verify's reference or candidate, a bench model)."""
+    good = write_model(tmp_path / "good", matmul_model(good_weight()))
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.zeros((4, 16), np.float32))
     commands = []
     for i, (dims, size, _) in enumerate(HUGE.values()):
         folder = tmp_path / str(i)
         folder.mkdir()
         sparse_file(folder / "w.bin", size)
         src = write_model(folder, matmul_model(external_weight(dims)))
-        commands.append(["optimize", str(src), "-o", str(folder / "out.onnx"), "-q", "--min-size", "16"])
-        commands.append(["validate", str(src), "--target", "onnxruntime"])
-        commands.append(["inspect", str(src)])
+        commands += [["optimize", str(src), "-o", str(folder / "out.onnx"), "-q", "--min-size", "16"],
+                     ["validate", str(src), "--target", "onnxruntime"],
+                     ["inspect", str(src)],
+                     ["posterior", str(src), "--calib", str(calib), "-o", str(folder / "p.npz"), "-q"],
+                     ["verify", str(good), str(src), "--calib", str(calib)],
+                     ["verify", str(src), str(good), "--calib", str(calib)],
+                     ["bench", str(good), str(src), "--iterations", "2", "--warmup", "1"]]
     results = run_limited(commands)
+    per_case = len(commands) // len(HUGE)
     for i, (case, (_, _, words)) in enumerate(HUGE.items()):
-        for code, err in results[3 * i:3 * i + 3]:
-            assert code == 3, (case, err)
-            assert words in _one_line(err), case
-        assert not (tmp_path / str(i) / "out.onnx").exists()
+        for command, (code, err) in zip(commands[per_case * i:], results[per_case * i:per_case * (i + 1)]):
+            assert code == 3, (case, command[0], err)
+            assert words in _one_line(err), (case, command[0])
+        assert sorted(os.listdir(tmp_path / str(i))) == ["m.onnx", "w.bin"]
 
 
 def test_inline_tensor_without_its_data_is_refused(tmp_path, capsys):

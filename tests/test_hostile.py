@@ -497,3 +497,60 @@ def test_a_big_tensor_is_dequantized_by_column_slices_with_the_same_values(monke
     tracemalloc.stop()
     assert sliced.dtype == np.float32 and np.array_equal(sliced, whole)
     assert peak < 1.3 * w.nbytes, peak
+
+
+SLICED = [("lloyd", "0", 3, 32), ("lloyd-l1", "0", 4, 48), ("lloyd", "0.01", 3, 32), ("uniform", "0.01", 4, 32),
+          ("uniform-sym", "0.005", 3, 1000), ("nf", "0.01", 4, 64), ("lloyd", "0.02", 2, 1000),
+          ("gaussian", "0.01", 3, 30)]
+
+
+@pytest.mark.parametrize(("quantizer", "outliers", "bits", "block"), SLICED)
+def test_lloyd_and_outlier_designs_by_column_slices_are_the_whole_designs(monkeypatch, quantizer, outliers, bits,
+                                                                          block):
+    """Lloyd codebooks and outliers over a big weight are designed slice by slice of output channels (issue 21:
+    on the whole tensor they hold 5x and 12x the weight in temporaries): the same bytes as the whole-tensor design,
+    with ragged last blocks, all-zero blocks, tied errors, the fitting subsample and double-quantized scales."""
+    import dataclasses
+
+    from bq_onnx import quantizers
+    from bq_onnx.quantizers import lloyd, sliced
+
+    monkeypatch.setattr(lloyd, "LLOYD_FIT_SAMPLE", 5000)  # the seeded subsample is drawn (300000 elements here)
+    w = np.random.default_rng(0).standard_normal((1000, 300), dtype=np.float32)
+    w[:64, 5:9] = 0  # blocks without a real element
+    w[::9] = np.round(w[::9])  # equal errors: the outliers' ties go to the lower index
+    w[100, 7] = 40.0
+    spec = quantizers.candidates(quantizer, outliers, bits, w.size)[0]
+    assert sliced.supported(spec, bits)
+    for double in (False, True) if quantizer == "uniform" else (False,):
+        design = dataclasses.replace(spec, double_scales=double)
+        whole = quantizers.quantize_spec(w, bits, design, block, None, seed=3)
+        by_slices = sliced.quantize_by_columns(w, bits, design, block, 3, 1000 * 4 * 7)  # slices of 7 columns
+        for field in ("codes", "scale", "zero_point", "offset", "codebook", "outlier_index", "outlier_value",
+                      "scale_code", "super_scale"):
+            a, b = getattr(whole, field), getattr(by_slices, field)
+            assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), field
+        assert (whole.kind, whole.method, whole.shape, whole.symmetric) == (by_slices.kind, by_slices.method,
+                                                                            by_slices.shape, by_slices.symmetric)
+    assert not sliced.supported(quantizers.candidates("uniform", "0", bits, w.size)[0], bits)  # _by_columns' case
+    assert not sliced.supported(quantizers.candidates("vq2", "0.01", 3, w.size)[0], 3)
+
+
+@pytest.mark.parametrize(("quantizer", "outliers"), [("lloyd", "0"), ("lloyd", "0.01"), ("uniform", "0.01")])
+def test_sliced_designs_hold_one_slice_of_temporaries(monkeypatch, quantizer, outliers):
+    """Peak traced memory of the sliced design: the codes (a byte per weight), per-block scales and the outlier
+    buffer beside one slice's temporaries, about 0.5 byte per weight byte plus a fixed part (the whole-tensor
+    design: 5.4x the weight for Lloyd, 10.7x with outliers, 11.6x for uniform with outliers)."""
+    import tracemalloc
+
+    from bq_onnx import quantizers
+    from bq_onnx.quantizers import lloyd, sliced
+
+    monkeypatch.setattr(lloyd, "LLOYD_FIT_SAMPLE", 1 << 14)  # the fitting sample is a fixed cost, not the weight's
+    w = np.random.default_rng(0).standard_normal((4096, 1500), dtype=np.float32)  # 23 MiB
+    spec = quantizers.candidates(quantizer, outliers, 4, w.size)[0]
+    tracemalloc.start()
+    sliced.quantize_by_columns(w, 4, spec, 32, 0, 1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.25 * w.nbytes, peak / w.nbytes

@@ -354,3 +354,24 @@ def test_kill_9_while_writing_a_posterior_leaves_the_old_one_or_the_new_one(tmp_
     assert _spawn([*argv, "--method", "activations"]).wait() == 0
     _no_temporaries(out_dir)
     assert _tree(out_dir) == old
+
+
+def test_replacing_an_output_without_data_files_does_not_parse_it(tmp_path, capsys, monkeypatch):
+    """Which old data files to remove is read from the previous output only where such files exist: replacing
+    a model without external data does not parse it (a graph of 1e6 nodes: seconds and gigabytes)."""
+    from bq_onnx import writing
+
+    src = tmp_path / "m.onnx"
+    onnx.save(mixed_model(), str(src))
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    assert _run(["optimize", src, "-o", out, *ARGS], capsys)[0] == 0
+    read = []
+    real = writing.external_locations
+    monkeypatch.setattr(writing, "external_locations", lambda path: read.append(Path(path)) or real(path))
+    assert _run(["optimize", src, "-o", out, "--force", *ARGS], capsys)[0] == 0
+    assert out not in read and src in read  # the input model's data files are still looked up
+    monkeypatch.setenv("BQ_ONNX_EXTERNAL_DATA_THRESHOLD", "2000")  # now with a data file: it is read and replaced
+    assert _run(["optimize", src, "-o", out, "--force", *ARGS], capsys)[0] == 0
+    assert _run(["optimize", src, "-o", out, "--force", "--bits", "7", "--min-size", "64", "-q"], capsys)[0] == 0
+    assert out in read and len(list(out.parent.iterdir())) == 2  # the model and the one data file it reads

@@ -36,7 +36,7 @@ COPY_CHUNK = 64 << 20
 def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model, check_graph: bool = True) -> ir.Model:
     """Load and validate a model from a path, a ModelProto or an IR model (external data stays lazy).
 
-    An IR model is copied: passes change models in place, and a caller's object is never modified.
+    An IR model or a ModelProto is copied: passes change models in place, and a caller's object is never modified.
     ``check_graph=False`` skips the onnx checker (``bq-onnx validate`` reports what a target cannot read, such as
     an opset, itself); every tensor is still checked against its data and the memory budget.
     """
@@ -44,7 +44,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model, check_gra
         return copy_model(source)
     if isinstance(source, onnx.ModelProto):
         check_model(source, "<ModelProto>", None, check_graph=check_graph)
-        return _deserialize(source, "<ModelProto>")
+        private = onnx.ModelProto()
+        private.CopyFrom(source)  # the IR wraps the proto's tensors: a pass renaming one would rename the caller's
+        return _deserialize(private, "<ModelProto>")
     path = Path(source)
     proto = read_model(path)
     base_dir = path.resolve().parent

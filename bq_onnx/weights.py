@@ -13,6 +13,7 @@ from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import DataError
 from bq_onnx.qtensor import QuantizedTensor, num_blocks
 from bq_onnx.quantizers import cache as design_cache
+from bq_onnx.quantizers import sliced
 
 
 def weight_array(value: ir.Value) -> np.ndarray:
@@ -69,8 +70,11 @@ def design(
     block = view.shape[0] if group <= 0 else group
     if uses_double_scales(ctx, spec, bits, view.shape[0], block):
         spec = dataclasses.replace(spec, double_scales=True)
-    if view.nbytes > COLUMN_CHUNK_BYTES and importance is None and base is None and _column_separable(spec, bits):
-        return _by_columns(view, bits, spec, block, q.seed)
+    if view.nbytes > COLUMN_CHUNK_BYTES and importance is None and base is None:
+        if _column_separable(spec, bits):
+            return _by_columns(view, bits, spec, block, q.seed)
+        if sliced.supported(spec, bits):  # Lloyd codebooks, outliers: the same bytes, one slice's temporaries
+            return sliced.quantize_by_columns(view, bits, spec, block, q.seed, COLUMN_CHUNK_BYTES)
     return quantizers.quantize_spec(view, bits, spec, block, importance, seed=q.seed, base=base)
 
 

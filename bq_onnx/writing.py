@@ -212,12 +212,25 @@ def clean_stale(folder: Path, out_name: str | None = None) -> None:
     if out_name is None:
         return
     out = folder / out_name
+    hashed = [name for name in _data_names(out) if name != f"{out_name}.data"]
+    if not hashed:  # nothing to remove: the previous output (maybe a graph of millions of nodes) is not parsed
+        return
     referenced = set(external_locations(out)) if out.is_file() else set()
+    for name in hashed:
+        entry = folder / name
+        if name not in referenced and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+
+
+def _data_names(out: Path) -> list[str]:
+    """Files beside ``out`` named as bq-onnx names an output's data (``OUT.data``, ``OUT.<16 hex>.data``)."""
+    names = []
     with contextlib.suppress(OSError):
-        for entry in folder.iterdir():
-            if entry.name.startswith(out_name) and _DATA_SUFFIX.match(entry.name[len(out_name):]) \
-                    and entry.name not in referenced and entry.is_file() and not entry.is_symlink():
-                entry.unlink(missing_ok=True)
+        for entry in os.scandir(out.parent):
+            rest = entry.name[len(out.name):] if entry.name.startswith(out.name) else None
+            if rest is not None and (rest == ".data" or _DATA_SUFFIX.match(rest)):
+                names.append(entry.name)
+    return names
 
 
 def _alive(pid: int) -> bool:
@@ -316,7 +329,7 @@ def commit(staged: Path, out: Path, protected: Protected, force: bool, data: Pat
         who = protected.clash(target)
         if who is not None:
             raise OutputError(f"{target}: would replace the {who}; choose another output path")
-    old_data = _own_data(out) if force and out.is_file() and not out.is_symlink() else []
+    old_data = _own_data(out) if force and out.is_file() and not out.is_symlink() and _data_names(out) else []
     mode = output_mode()
     for f in (staged, data):
         if f is not None:

@@ -52,6 +52,29 @@ def test_upgrade_leaves_a_new_enough_model_alone():
     assert [n.op_type for n in model.graph] == ["MatMul", "ReduceMean"]
 
 
+def test_upgrade_skips_the_converter_where_no_op_changes(monkeypatch):
+    """Opset 18 -> 21 of MatMul and ReduceMean (the same schemas at both): the opset number changes, the graph is
+    the same one (no serialized round trip: linear time and one copy on a large graph); an op whose schema
+    changed (Flatten, 21) still goes through onnx's converter."""
+    import onnx.version_converter
+
+    calls = []
+    real = onnx.version_converter.convert_version
+    monkeypatch.setattr(onnx.version_converter, "convert_version", lambda p, t: calls.append(t) or real(p, t))
+    loaded = passkit.load(_model(18, 8))
+    model, modified = passkit.upgrade_opset(loaded)
+    assert modified and model.opset_imports[""] == 21 and not calls
+    assert model.graph is loaded.graph
+    model, _ = passkit.set_ir_version(model)
+    np.testing.assert_allclose(run(model, {"x": X})[0], _reference(), rtol=1e-6)
+    flat = make_model([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Flatten", ["h"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+                      [numpy_helper.from_array(W, "W")], opset=18, ir_version=8)
+    model, modified = passkit.upgrade_opset(passkit.load(flat))
+    assert modified and model.opset_imports[""] == 21 and calls == [21]
+
+
 def test_upgrade_refuses_opsets_onnx_does_not_know():
     proto = _model(21, 10)
     proto.opset_import[0].version = 99

@@ -280,3 +280,98 @@ def test_interrupt_leaves_the_previous_output_and_no_temporary_files(tmp_path, s
     assert _tree(out.parent) == before
     # posterior and session scratch folders removed (OpenVINO's telemetry keeps its own `.ses` file there)
     assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []
+
+
+def test_no_input_file_is_ever_an_output(tmp_path, capsys):
+    """Every file optimize or posterior reads (posterior, verify inputs, labels, recipe, calibration) is refused
+    as ``-o`` or ``--plot``, with ``--force``, by its name, a symbolic link or a hard link: exit 7 before any
+    work, every file byte-identical (issue 21: ``posterior -o`` once replaced the user's calibration data)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(mixed_model(), str(src))
+    calib = _calib(tmp_path)
+    post = tmp_path / "post.npz"
+    assert _run(["posterior", src, "--calib", calib, "--method", "activations", "-o", post, "--min-size", "64",
+                 "-q"], capsys)[0] == 0
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("bits = 6\n")
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(8, np.int64))
+    os.link(post, tmp_path / "hard.npz")
+    (tmp_path / "link.npz").symlink_to(post)
+    before = _tree(tmp_path)
+    force = ["--min-size", "64", "-q", "--force"]
+    cases = [*(["optimize", src, "--posterior", post, "-o", out] for out in (post, tmp_path / "hard.npz",
+                                                                            tmp_path / "link.npz")),
+             ["optimize", src, "--verify-inputs", calib, "-o", calib],
+             ["optimize", src, "--config", recipe, "-o", recipe],
+             ["optimize", src, "--calib", calib, "--labels", labels, "--loss", "ce", "-o", labels],
+             ["optimize", src, "--calib", calib, "--plot", calib, "-o", tmp_path / "q.onnx"],
+             ["posterior", src, "--calib", calib, "--labels", labels, "--loss", "ce", "-o", labels],
+             ["posterior", src, "--calib", calib, "-o", src]]
+    for argv in cases:
+        code, err = _run([*argv, *force], capsys)
+        _one_line(code, err, 7, "output path is the input")
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_verify_and_bench_write_nothing(tmp_path, capsys, monkeypatch, command):
+    """The commands without an output leave every file, and the folders they run in, as they were."""
+    onnx.save(mixed_model(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data")
+    calib = _calib(tmp_path)
+    assert _run(["optimize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", *ARGS], capsys)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    argv = (["verify", "m.onnx", "q.onnx", "--calib", calib, "--runtime", "onnxruntime",
+             "--min-agreement", "0"] if command == "verify"
+            else ["bench", "m.onnx", "q.onnx", "--iterations", "2", "--warmup", "1", "--calib", calib])
+    code, err = _run([*argv, "-q"], capsys)
+    assert code == 0, err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("stage", ["staged", "model-renamed"])
+def test_kill_9_while_writing_a_posterior_leaves_the_old_one_or_the_new_one(tmp_path, stage):
+    """The single-file protocol (``posterior -o``, ``--plot``): SIGKILL after the temporary file is written or
+    after its rename leaves the previous file exactly or the new one whole; the next run leaves no temporary."""
+    src = tmp_path / "m.onnx"
+    onnx.save(mixed_model(), str(src))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "p.npz"
+    argv = ["posterior", src, "--calib", _calib(tmp_path), "-o", out, "--min-size", "64", "-q", "--force"]
+    assert _spawn([*argv, "--method", "activations"]).wait() == 0
+    old = _tree(out_dir)
+    proc = _spawn([*argv, "--method", "laplace"], {"BQ_ONNX_FAULT": stage})
+    assert proc.wait() == -signal.SIGKILL
+    now = {k: v for k, v in _tree(out_dir).items() if not k.startswith(".bq-tmp-")}
+    if stage == "staged":
+        assert now == old
+    else:
+        assert now["p.npz"] != old["p.npz"] and set(now) == {"p.npz"}
+    with np.load(out) as z:
+        assert z.files  # a whole .npz either way
+    assert _spawn([*argv, "--method", "activations"]).wait() == 0
+    _no_temporaries(out_dir)
+    assert _tree(out_dir) == old
+
+
+def test_replacing_an_output_without_data_files_does_not_parse_it(tmp_path, capsys, monkeypatch):
+    """Which old data files to remove is read from the previous output only where such files exist: replacing
+    a model without external data does not parse it (a graph of 1e6 nodes: seconds and gigabytes)."""
+    from bq_onnx import writing
+
+    src = tmp_path / "m.onnx"
+    onnx.save(mixed_model(), str(src))
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    assert _run(["optimize", src, "-o", out, *ARGS], capsys)[0] == 0
+    read = []
+    real = writing.external_locations
+    monkeypatch.setattr(writing, "external_locations", lambda path: read.append(Path(path)) or real(path))
+    assert _run(["optimize", src, "-o", out, "--force", *ARGS], capsys)[0] == 0
+    assert out not in read and src in read  # the input model's data files are still looked up
+    monkeypatch.setenv("BQ_ONNX_EXTERNAL_DATA_THRESHOLD", "2000")  # now with a data file: it is read and replaced
+    assert _run(["optimize", src, "-o", out, "--force", *ARGS], capsys)[0] == 0
+    assert _run(["optimize", src, "-o", out, "--force", "--bits", "7", "--min-size", "64", "-q"], capsys)[0] == 0
+    assert out in read and len(list(out.parent.iterdir())) == 2  # the model and the one data file it reads

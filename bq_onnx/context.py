@@ -130,7 +130,7 @@ class Context:
     exclusions: list[dict] = dataclasses.field(default_factory=list)  # what each --exclude/--only matched
     moments: dict | None = None  # weight -> input second moment A, for --rounding gptq (bq_onnx.stages.moments)
     rounding_auto: bool = False  # --rounding auto chose GPTQ: the guard measures nearest beside it
-    rounded: dict = dataclasses.field(default_factory=dict)  # (weight, bits) -> (design, GPTQ-rounded), a cache
+    rounded: dict = dataclasses.field(default_factory=dict)  # GPTQ results, measured choices, metrics: caches
 
     def __post_init__(self) -> None:
         if self.derived is None:

@@ -114,7 +114,7 @@ class Spent:
     distillation: dict | None
     layers: list[dict]
     stored_bytes: int | None
-    config: object | None = None  # the options it was spent with, where they differ from the run's (NEAREST)
+    config: object | None = None  # the options it was spent with, where they differ from the run's (nearest)
 
     @classmethod
     def of(cls, out: ir.Model, ctx: Context) -> Spent:
@@ -527,14 +527,17 @@ def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spen
     better than both the posterior's and uniform, and the grids alone can be what hurts: on silero-vad's sequence
     export (24 fit clips) uniform 3-bit measured several times better on plain grids than on the posterior's. Where
     that uniform's single width leaves budget, it is measured again with whole layers raised into it (the same
-    export stored 3.6 bits at ``--bits 4`` on plain-grid uniform 3-bit).
-    Returns (the candidates, their tables); the context's posterior, tables and floors are restored."""
+    export stored 3.6 bits at ``--bits 4`` on plain-grid uniform 3-bit). Rounded to nearest, as without ``--calib``
+    (GPTQ's ``A`` is calibration data; its runs on these other grids cost what the posterior's did again).
+    Returns (the candidates, their tables); the context's posterior, tables, floors and options are restored."""
     from bq_onnx.stages.allocate import head_floors
     from bq_onnx.stages.tables import expected_loss_tables
 
     posterior, tables, floors, said = ctx.posterior, ctx.tables, dict(ctx.floors), len(ctx.messages)
+    config = ctx.config
     try:
         ctx.posterior = None
+        ctx.config = config.replace(rounding="nearest")
         ctx.tables = expected_loss_tables(model, ctx, None, "budget")
         ctx.floors = head_floors(model, ctx, ctx.tables)
         del ctx.messages[said:]  # the heads' note was given once already
@@ -547,10 +550,11 @@ def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spen
                 continue
             if method == FILLED_UNIFORM and not _raises(spent, found[-1] if found else None):
                 continue  # nothing raised: the same model as the data-free uniform
+            spent.config = ctx.config
             found.append(measure.model_try(label, spent))
         return found, free_tables
     finally:
-        ctx.posterior, ctx.tables, ctx.floors = posterior, tables, floors
+        ctx.posterior, ctx.tables, ctx.floors, ctx.config = posterior, tables, floors, config
 
 
 def _weight_blocks(ctx: Context) -> dict[str, list]:

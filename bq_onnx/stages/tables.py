@@ -649,9 +649,14 @@ class _Compensation:
         return float((ratio * loss).sum() / total) if total > 0 else float(ratio.mean())
 
     def _measured_ratio(self, info, view: np.ndarray, qt, rounded) -> float | None:
-        """Loss with the tensor alone GPTQ-rounded over the loss with it rounded to nearest (None: not measurable)."""
+        """Loss with the tensor alone GPTQ-rounded over the loss with it rounded to nearest (None: not measurable);
+        kept per GPTQ result (the bracket's and the guard's rescoring ask again for the same codes)."""
         if self.broken or info.scope:
             return None
+        key = ("choice", info.name, qt.bits)
+        hit = self.ctx.rounded.get(key)
+        if hit is not None and hit[0] is rounded:
+            return hit[1]
         if self.mc is None:
             a = self.ctx.config.allocation
             try:
@@ -667,7 +672,8 @@ class _Compensation:
         if near is None or comp is None or not near[0] > 0:
             return None
         self.measured += 1
-        return float(comp[0] / near[0])
+        self.ctx.rounded[key] = (rounded, float(comp[0] / near[0]))
+        return self.ctx.rounded[key][1]
 
     def finish(self) -> None:
         """Close the measuring session and say what was chosen."""

@@ -10,7 +10,8 @@ commands per size and worker count, each in a fresh process: the posterior stage
 CALIB --workers N``, and the tables stage, ``bq-onnx optimize MODEL --posterior P --workers N --no-verify`` (default
 options otherwise: greedy at 4 bits over widths 2..8; ``P`` the 1-worker posterior, so only the tables' workers
 run) with ``BQ_ONNX_MEMTRACE=1``, whose trace gives the tables' own time (the ``posterior`` step, here the file
-loaded, to the ``tables`` step) beside the command's wall time. For every size the runs alternate between the
+loaded, to the ``tables`` step) and the quantize stage's (``allocate`` to ``quantize``, the last of each) beside
+the command's wall time. For every size the runs alternate between the
 worker counts (so a load change on the machine hits each alike), and the posteriors and the optimized models must
 be the same bytes. Peaks are ``ru_maxrss`` (resident high-water mark, file-backed pages included) of the main
 process (``getrusage(RUSAGE_SELF)``) and of the largest spawned worker (``RUSAGE_CHILDREN`` once the pool is
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run(["optimize", str(model), "--posterior", str(posts[counts[0]]), "--no-verify", "-o",
                          str(outs[w])], w, shard, trace=True)
                 r["stage"], r["main_stage"] = step_time(r["trace"], "posterior", "tables")
+                r["quantize"] = step_time(r["trace"], "allocate", "quantize")[0]
                 _note(rows, measured, "tables", model_bytes, w, r)
             same = {"posterior": all(_same(posts[counts[0]], posts[w]) for w in counts[1:]),
                     "model": all(_same_model(outs[counts[0]], outs[w]) for w in counts[1:])}
@@ -185,14 +187,15 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "processes, the worker counts alternating: the posterior stage is `bq-onnx posterior --workers N` (its "
         "wall time), the tables stage `bq-onnx optimize --posterior P --workers N --no-verify` (default options; "
         "its own time from the memory trace, the command's wall time beside it: loading, allocation, quantization "
-        "and writing run in the main process). Peak = `ru_maxrss` (file-backed pages included) of the main process "
+        "and writing run in the main process; the quantize stage's time from the trace too). Peak = `ru_maxrss` "
+        "(file-backed pages included) of the main process "
         "and of the largest spawned worker of that command; for the tables also the main process's high-water mark "
         "when the stage ended (the trace's `hwm` at its `tables` step), which the fits below use: the command's "
         "peak is then that of quantizing and writing, the same with and without workers.",
         "",
-        "| stage | model (GiB) | workers | stage wall (s) | command wall (s) | main process peak, stage (GiB) | "
-        "main process peak, command (GiB) | largest worker peak (GiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | model (GiB) | workers | stage wall (s) | quantize stage (s) | command wall (s) | main process "
+        "peak, stage (GiB) | main process peak, command (GiB) | largest worker peak (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     reduced = [f"the model sizes ({args.sizes} GiB, not 0.25,1)" if 1.0 not in [float(x) for x in
                                                                              args.sizes.split(",")] else "",
@@ -216,7 +219,8 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         stage, w = key
         worker = f"{r['worker'] / GIB:.2f}" if w > 1 else "-"
         command = f"{r['wall']:.1f}" if stage == "tables" else "-"
-        lines.append(f"| {stage} | {model_bytes / GIB:.2f} | {w} | {r['stage']:.1f} | {command} | "
+        quantize = f"{r['quantize']:.1f}" if "quantize" in r else "-"
+        lines.append(f"| {stage} | {model_bytes / GIB:.2f} | {w} | {r['stage']:.1f} | {quantize} | {command} | "
                      f"{r['main_stage'] / GIB:.2f} | {r['main'] / GIB:.2f} | {worker} |")
     lines += ["", f"Byte-identical across worker counts: {'; '.join(same)}.", ""]
     for (stage, what, w), (sizes, peaks) in measured.items():
@@ -240,8 +244,10 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "own weights, and computes and drops one weight at a time (its design cache too), so its peak is about one "
         "weight's designs and float64 temporaries (the precision, the errors) over its start-up: it follows the "
         "largest weight (64 MiB of fp32 on this model, at every size) more than the model, and a fit over model "
-        "sizes overstates it. The main process then allocates, quantizes (recomputing the chosen designs of the "
-        "workers' weights, which its design cache does not hold) and writes as in one process.",
+        "sizes overstates it. The main process then allocates, quantizes and writes as in one process; the "
+        "workers send back each chosen design's grid (scales, zero points, codebooks, outliers: "
+        "`bq_onnx/quantizers/grids.py`), so the quantize stage only chooses the codes again, without the design "
+        "search, for every weight.",
         "",
         "Time: one process already runs the quantizers on one thread per core (at most 8, "
         "`bq_onnx/quantizers/parallel.py`), and N workers get 1/N of those threads each, so on this 2-core machine "

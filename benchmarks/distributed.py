@@ -179,7 +179,8 @@ def _note(rows: list, measured: dict, stage: str, model_bytes: int, w: int, r: d
     print(f"{stage}: {model_bytes / GIB:.2f} GiB, {w} worker(s): stage {r['stage']:.1f} s (command {r['wall']:.1f} "
           f"s), main {r['main_stage'] / GIB:.2f} GiB in the stage ({r['main'] / GIB:.2f} GiB in the command), "
           f"worker {r['worker'] / GIB:.2f} GiB", flush=True)
-    for what in ("main_stage", "worker") if w > 1 else ("main_stage",):
+    whats = ["main_stage", *(["main"] if stage == "tables" else []), *(["worker"] if w > 1 else [])]
+    for what in whats:
         sizes_, peaks = measured.setdefault((stage, what, w), ([], []))
         sizes_.append(model_bytes / GIB)
         peaks.append(r[what] / GIB)
@@ -203,8 +204,8 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "and writing run in the main process; the quantize stage's time from the trace too). Peak = `ru_maxrss` "
         "(file-backed pages included) of the main process "
         "and of the largest spawned worker of that command; for the tables also the main process's high-water mark "
-        "when the stage ended (the trace's `hwm` at its `tables` step), which the fits below use: the command's "
-        "peak is then that of quantizing and writing, the same with and without workers.",
+        "when the stage ended (the trace's `hwm` at its `tables` step): the command's peak is then that of "
+        "quantizing and writing, the same with and without workers, and fitted on its own below.",
         "",
         "| stage | model (GiB) | workers | stage wall (s) | quantize stage (s) (rounds) | command wall (s) | main "
         "process peak, stage (GiB) | main process peak, command (GiB) | largest worker peak (GiB) |",
@@ -239,7 +240,8 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
     for (stage, what, w), (sizes, peaks) in measured.items():
         a, c = fit(sizes, peaks)
         biggest = max(sizes)
-        who = "the main process" if what == "main_stage" else "a spawned worker"
+        who = {"main_stage": "the main process" + (" in the stage" if stage == "tables" else ""),
+               "main": "the main process in the whole command (quantizing and writing)"}.get(what, "a spawned worker")
         lines.append(f"- {stage}, {w} worker(s), {who}: peak = {a:.2f} GiB + {c:.2f} x model GiB (fitted over "
                      f"{', '.join(f'{s:.2f}' for s in sizes)} GiB). For a model N times the {biggest:.2f} GiB one: "
                      f"about {a:.2f} + {c * biggest:.2f} N GiB (N = 10: {a + c * biggest * 10:.1f} GiB).")

@@ -25,12 +25,12 @@ from bq_onnx.quantizers.grid import _Grid, _nearest_codes
 ENCODE_CHUNK_BYTES = 16 << 20
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DesignGrid:
     """Everything a scalar design stores but its codes. ``spec`` and ``block_size``: the design it is (the
     :class:`~bq_onnx.quantizers.spec.Spec` as the tables chose it, before the format adds double scales), so a
     caller uses it only for that design. Scales are kept as fp16 where they are fp16 values (all but double-quantized
-    ones, which keep their byte codes and super scales instead)."""
+    ones, which keep their byte codes and super scales instead). Compared by identity (it holds arrays)."""
 
     spec: object
     kind: str
@@ -117,4 +117,3 @@ def _codes(x: np.ndarray, grid: DesignGrid, scale: np.ndarray, a: int, b: int) -
         may_tie = off is not None or bool((np.diff(cb) == 0).any())
         codes = _nearest_codes(bl.x, _Grid(s, codebook=cb, offset=off), 0, cb.size - 1, may_tie=may_tie)
     return bl.unblock(codes.astype(np.uint8))
-

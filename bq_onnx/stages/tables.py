@@ -83,8 +83,8 @@ class Tables:
     blocks: list[BlockTable]
     designs: dict[tuple[str, int], Spec]
     widths: tuple[int, ...] | None = None
-    grids: dict[tuple[str, int], DesignGrid] = dataclasses.field(default_factory=dict)
-    grid_posterior: object = None  # the posterior the grids were fitted on (None: the weights themselves)
+    grids: dict[tuple[str, int], DesignGrid] = dataclasses.field(default_factory=dict, compare=False)
+    grid_posterior: object = dataclasses.field(default=None, compare=False)  # the grids' posterior (None: none)
     rescore: Callable[[tuple[int, ...] | None], Tables] | None = dataclasses.field(
         default=None, repr=False, compare=False)
 

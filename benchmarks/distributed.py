@@ -8,14 +8,15 @@ Models are :mod:`benchmarks.scale`'s generated MLPs (blocks of MatMul 2048x8192 
 128 MiB of fp32 weights per block, external data) with ``--samples`` seeded Gaussian calibration inputs. Two
 commands per size and worker count, each in a fresh process: the posterior stage, ``bq-onnx posterior MODEL --calib
 CALIB --workers N``, and the tables stage, ``bq-onnx optimize MODEL --posterior P --workers N --no-verify`` (default
-options otherwise: greedy at 4 bits over widths 2..8; ``P`` the 1-worker posterior, so only the tables' workers
-run) with ``BQ_ONNX_MEMTRACE=1``, whose trace gives the tables' own time (the ``posterior`` step, here the file
-loaded, to the ``tables`` step) beside the command's wall time. For every size the runs alternate between the
-worker counts (so a load change on the machine hits each alike), and the posteriors and the optimized models must
-be the same bytes. Peaks are ``ru_maxrss`` (resident high-water mark, file-backed pages included) of the main
-process (``getrusage(RUSAGE_SELF)``) and of the largest spawned worker (``RUSAGE_CHILDREN`` once the pool is
-gone). ``BQ_ONNX_SHARD_SAMPLES`` is set to ``ceil(samples / max workers)`` for every run, so that the shards
-divide evenly (256, the default, at 512 samples and 2 workers).
+options otherwise: greedy at 4 bits over widths 2..8; ``P`` the 1-worker posterior, so only the tables' workers run)
+with ``BQ_ONNX_MEMTRACE=1``, whose trace gives the tables' own time (the ``posterior`` step, here the file loaded,
+to the ``tables`` step) and the quantize stage's (each ``allocate`` step to the ``quantize`` step after it, added up
+over the stored-budget loop's rounds) beside the command's wall time. For every size the runs alternate between the
+worker counts (so a load change on the machine hits each alike), and the posteriors and the optimized models must be
+the same bytes. Peaks are ``ru_maxrss`` (resident high-water mark, file-backed pages included) of the main process
+(``getrusage(RUSAGE_SELF)``) and of the largest spawned worker (``RUSAGE_CHILDREN`` once the pool is gone).
+``BQ_ONNX_SHARD_SAMPLES`` is set to ``ceil(samples / max workers)`` for every run, so that the shards divide evenly
+(256, the default, at 512 samples and 2 workers).
 
 The bound: a process's peak is fitted as ``a + c * M`` over the model sizes ``M`` measured (least squares; two
 sizes fix it), so a model ``N`` times larger needs about ``a + c * N * M`` per worker; memory does not grow with
@@ -89,6 +90,19 @@ def step_time(trace: list[str], start: str, stop: str) -> tuple[float, float]:
     return at[stop][0] - at[start][0], at[stop][1]
 
 
+def rounds(trace: list[str], start: str, stop: str) -> tuple[float, int]:
+    """Seconds from each ``start`` step to the ``stop`` step right after it, added up, and how many (the
+    stored-budget loop allocates and quantizes again)."""
+    total, count, since = 0.0, 0, None
+    for line in trace:
+        _, seconds, step, _ = line.split(" ", 3)
+        if step == start:
+            since = float(seconds.rstrip("s"))
+        elif step == stop and since is not None:
+            total, count, since = total + float(seconds.rstrip("s")) - since, count + 1, None
+    return total, count
+
+
 def _same(a: Path, b: Path) -> bool:
     with np.load(a) as x, np.load(b) as y:
         return x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run(["optimize", str(model), "--posterior", str(posts[counts[0]]), "--no-verify", "-o",
                          str(outs[w])], w, shard, trace=True)
                 r["stage"], r["main_stage"] = step_time(r["trace"], "posterior", "tables")
+                r["quantize"], r["rounds"] = rounds(r["trace"], "allocate", "quantize")
                 _note(rows, measured, "tables", model_bytes, w, r)
             same = {"posterior": all(_same(posts[counts[0]], posts[w]) for w in counts[1:]),
                     "model": all(_same_model(outs[counts[0]], outs[w]) for w in counts[1:])}
@@ -164,7 +179,8 @@ def _note(rows: list, measured: dict, stage: str, model_bytes: int, w: int, r: d
     print(f"{stage}: {model_bytes / GIB:.2f} GiB, {w} worker(s): stage {r['stage']:.1f} s (command {r['wall']:.1f} "
           f"s), main {r['main_stage'] / GIB:.2f} GiB in the stage ({r['main'] / GIB:.2f} GiB in the command), "
           f"worker {r['worker'] / GIB:.2f} GiB", flush=True)
-    for what in ("main_stage", "worker") if w > 1 else ("main_stage",):
+    whats = ["main_stage", *(["main"] if stage == "tables" else []), *(["worker"] if w > 1 else [])]
+    for what in whats:
         sizes_, peaks = measured.setdefault((stage, what, w), ([], []))
         sizes_.append(model_bytes / GIB)
         peaks.append(r[what] / GIB)
@@ -185,14 +201,15 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "processes, the worker counts alternating: the posterior stage is `bq-onnx posterior --workers N` (its "
         "wall time), the tables stage `bq-onnx optimize --posterior P --workers N --no-verify` (default options; "
         "its own time from the memory trace, the command's wall time beside it: loading, allocation, quantization "
-        "and writing run in the main process). Peak = `ru_maxrss` (file-backed pages included) of the main process "
+        "and writing run in the main process; the quantize stage's time from the trace too). Peak = `ru_maxrss` "
+        "(file-backed pages included) of the main process "
         "and of the largest spawned worker of that command; for the tables also the main process's high-water mark "
-        "when the stage ended (the trace's `hwm` at its `tables` step), which the fits below use: the command's "
-        "peak is then that of quantizing and writing, the same with and without workers.",
+        "when the stage ended (the trace's `hwm` at its `tables` step): the command's peak is then that of "
+        "quantizing and writing, the same with and without workers, and fitted on its own below.",
         "",
-        "| stage | model (GiB) | workers | stage wall (s) | command wall (s) | main process peak, stage (GiB) | "
-        "main process peak, command (GiB) | largest worker peak (GiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | model (GiB) | workers | stage wall (s) | quantize stage (s) (rounds) | command wall (s) | main "
+        "process peak, stage (GiB) | main process peak, command (GiB) | largest worker peak (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     reduced = [f"the model sizes ({args.sizes} GiB, not 0.25,1)" if 1.0 not in [float(x) for x in
                                                                              args.sizes.split(",")] else "",
@@ -216,13 +233,15 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         stage, w = key
         worker = f"{r['worker'] / GIB:.2f}" if w > 1 else "-"
         command = f"{r['wall']:.1f}" if stage == "tables" else "-"
-        lines.append(f"| {stage} | {model_bytes / GIB:.2f} | {w} | {r['stage']:.1f} | {command} | "
+        quantize = f"{r['quantize']:.1f} ({r['rounds']})" if "quantize" in r else "-"
+        lines.append(f"| {stage} | {model_bytes / GIB:.2f} | {w} | {r['stage']:.1f} | {quantize} | {command} | "
                      f"{r['main_stage'] / GIB:.2f} | {r['main'] / GIB:.2f} | {worker} |")
     lines += ["", f"Byte-identical across worker counts: {'; '.join(same)}.", ""]
     for (stage, what, w), (sizes, peaks) in measured.items():
         a, c = fit(sizes, peaks)
         biggest = max(sizes)
-        who = "the main process" if what == "main_stage" else "a spawned worker"
+        who = {"main_stage": "the main process" + (" in the stage" if stage == "tables" else ""),
+               "main": "the main process in the whole command (quantizing and writing)"}.get(what, "a spawned worker")
         lines.append(f"- {stage}, {w} worker(s), {who}: peak = {a:.2f} GiB + {c:.2f} x model GiB (fitted over "
                      f"{', '.join(f'{s:.2f}' for s in sizes)} GiB). For a model N times the {biggest:.2f} GiB one: "
                      f"about {a:.2f} + {c * biggest:.2f} N GiB (N = 10: {a + c * biggest * 10:.1f} GiB).")
@@ -240,8 +259,10 @@ def report(args, rows: list, measured: dict, shard: int) -> str:
         "own weights, and computes and drops one weight at a time (its design cache too), so its peak is about one "
         "weight's designs and float64 temporaries (the precision, the errors) over its start-up: it follows the "
         "largest weight (64 MiB of fp32 on this model, at every size) more than the model, and a fit over model "
-        "sizes overstates it. The main process then allocates, quantizes (recomputing the chosen designs of the "
-        "workers' weights, which its design cache does not hold) and writes as in one process.",
+        "sizes overstates it. The main process then allocates, quantizes and writes as in one process; the "
+        "workers send back each chosen design's grid (scales, zero points, codebooks, outliers: "
+        "`bq_onnx/quantizers/grids.py`), so the quantize stage only chooses the codes again, without the design "
+        "search, for every weight.",
         "",
         "Time: one process already runs the quantizers on one thread per core (at most 8, "
         "`bq_onnx/quantizers/parallel.py`), and N workers get 1/N of those threads each, so on this 2-core machine "

@@ -154,6 +154,15 @@ class Context:
         """(weight, width) -> the design the tables chose, where they chose among several."""
         return self.tables.designs if self.tables is not None else {}
 
+    @property
+    def grids(self) -> dict:
+        """(weight, width) -> the grid of the design the tables chose (:mod:`bq_onnx.quantizers.grids`), while
+        the posterior is the one they were scored on (its mean and precision are what the grids were fitted to)."""
+        tables = self.tables
+        if tables is None or tables.grid_posterior is not self.posterior:
+            return {}
+        return tables.grids
+
     def pieces_for(self, weight: str, columns: int, bits: dict[str, int] | None = None) -> list[tuple[int, int, int]]:
         """``(start, stop, bits)`` column ranges of one weight: its allocated blocks (``bits``: block widths other
         than the allocation's), else the fixed ``--bits``."""

@@ -206,6 +206,7 @@ def _spend(model: ir.Model, ctx: Context, calibration: Calibration | None, profi
         if reserve is None:
             break
         ctx.allocation = allocate_bits(model, ctx, ctx.tables, reserve, method=method)
+        memtrace("allocate")
     best.stored_bytes = ir_stored_bytes(best.out) - other
     best.apply(ctx)
     return best

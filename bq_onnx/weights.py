@@ -61,15 +61,22 @@ def design(
     """The quantizer of a whole weight at ``bits`` (the tables and the final model use this one function).
 
     ``spec``: the design; default the one the tables chose for ``(weight, bits)``, else the first candidate of
-    ``--quantizer``/``--outliers``. ``base``: the same design without outliers, when already computed.
+    ``--quantizer``/``--outliers``. ``base``: the same design without outliers, when already computed. Where the
+    tables kept this design's grid (:attr:`Context.grids <bq_onnx.context.Context.grids>`, in whichever process
+    they ran) only its codes are chosen again: the same design without its search.
     """
     q, d = ctx.config.quantization, ctx.derived
     if spec is None:
         spec = ctx.designs.get((weight, bits)) or quantizers.candidates(q.quantizer, d.outliers, bits, view.size)[0]
     group = spec.block or d.group_size_for(weight)
     block = view.shape[0] if group <= 0 else group
+    grid = ctx.grids.get((weight, bits)) if weight is not None and base is None else None
+    if grid is not None and not (grid.spec == spec and grid.block_size == block and grid.shape == view.shape):
+        grid = None
     if uses_double_scales(ctx, spec, bits, view.shape[0], block):
         spec = dataclasses.replace(spec, double_scales=True)
+    if grid is not None:
+        return quantizers.quantize_spec(view, bits, spec, block, importance, seed=q.seed, grid=grid)
     if view.nbytes > COLUMN_CHUNK_BYTES and importance is None and base is None:
         if _column_separable(spec, bits):
             return _by_columns(view, bits, spec, block, q.seed)

@@ -245,3 +245,20 @@ def test_workers_run_under_the_masters_limits(tmp_path):
         dist._WORKER.pop(job.key).close()
         limits.set_run_timeout(None)
         budgets.set_max_memory(saved)
+
+
+def test_ray_is_imported_only_when_asked(tmp_path):
+    """``ray`` is an optional extra: the CLI, the API and the distributed module load without it, and a run with
+    ``--workers`` never imports it (a fresh interpreter: this one may have imported it for the Ray test)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import bq_onnx, bq_onnx.cli, bq_onnx.distributed; "
+            "from bq_onnx.cli import main; "
+            f"assert main(['posterior', {str(MODEL)!r}, '--calib', {str(CALIB)!r}, '--calib-samples', '16', "
+            f"'--workers', '2', '-q', '-o', {str(tmp_path / 'p.npz')!r}]) == 0; "
+            "print('ray' in sys.modules)")
+    env = dict(os.environ, BQ_ONNX_SHARD_SAMPLES="8")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+    assert (tmp_path / "p.npz").exists()

@@ -10,6 +10,7 @@ import numpy as np
 
 from bq_onnx.qtensor import FLOAT16_BITS, QuantizedTensor, float16_tensor
 from bq_onnx.quantizers import cache as design_cache
+from bq_onnx.quantizers.grids import DesignGrid, encode
 from bq_onnx.quantizers.registry import QUANTIZERS, VECTOR_FAMILIES, quantize
 
 
@@ -77,16 +78,24 @@ def quantize_spec(
     *,
     seed: int = 0,
     base: QuantizedTensor | None = None,
+    grid: DesignGrid | None = None,
 ) -> QuantizedTensor:
-    """Quantize with one :class:`Spec`; ``base`` is the same spec without outliers when already computed.
+    """Quantize with one :class:`Spec`; ``base`` is the same spec without outliers when already computed; ``grid``:
+    this design's grid, taken from it earlier (:mod:`bq_onnx.quantizers.grids`): only its codes are chosen again.
 
     Vector codebooks need blocks in whole vectors: ``block_size`` is rounded up to a multiple of ``dim``.
     Inside :func:`bq_onnx.quantizers.cache.scope` a call seen before returns the earlier result.
     """
+    if grid is not None:
+        def compute() -> QuantizedTensor:
+            return encode(w, grid)
+    else:
+        def compute() -> QuantizedTensor:
+            return _quantize_spec(w, bits, spec, block_size, weights, seed, None)
     if base is None and design_cache.active():
         key = ("spec", design_cache.digest(w), design_cache.digest(weights), bits, spec, block_size, seed)
-        return design_cache.cached(key, lambda: _quantize_spec(w, bits, spec, block_size, weights, seed, None))
-    return _quantize_spec(w, bits, spec, block_size, weights, seed, base)
+        return design_cache.cached(key, compute)
+    return compute() if base is None else _quantize_spec(w, bits, spec, block_size, weights, seed, base)
 
 
 def _quantize_spec(w: np.ndarray, bits: int, spec: Spec, block_size: int, weights: np.ndarray | None, seed: int,

@@ -47,6 +47,7 @@ from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedTensor, take_columns
 from bq_onnx.quantizers import Spec, candidates
+from bq_onnx.quantizers.grids import DesignGrid, grid_of
 from bq_onnx.sizes import block_metadata_bits, codebook_bits, storage_of, stored_payload_bits, weight_storage
 from bq_onnx.stages.bracket import bracket, min_bits, scored_widths
 from bq_onnx.weights import design, weight_view
@@ -74,7 +75,8 @@ class BlockTable:
 @dataclasses.dataclass
 class Tables:
     """The expected-loss tables of every block, and the design chosen per (weight, width) where several were
-    scored (``--quantizer vq``/``auto``, ``--outliers auto``, ``--group-size auto``).
+    scored (``--quantizer vq``/``auto``, ``--outliers auto``, ``--group-size auto``); ``grids``: each chosen
+    design's grid, so the quantize stage chooses only its codes again (:mod:`bq_onnx.quantizers.grids`).
 
     ``widths``: the bracket the tables were scored at (:mod:`bq_onnx.stages.bracket`; None: every allowed width);
     :meth:`widen` scores them again at a wider one, in place, so every holder of these tables sees it."""
@@ -82,6 +84,8 @@ class Tables:
     blocks: list[BlockTable]
     designs: dict[tuple[str, int], Spec]
     widths: tuple[int, ...] | None = None
+    grids: dict[tuple[str, int], DesignGrid] = dataclasses.field(default_factory=dict, compare=False)
+    grid_posterior: object = dataclasses.field(default=None, compare=False)  # the grids' posterior (None: none)
     rescore: Callable[[tuple[int, ...] | None], Tables] | None = dataclasses.field(
         default=None, repr=False, compare=False)
 
@@ -91,6 +95,7 @@ class Tables:
             raise RuntimeError("these tables cannot be scored again")
         wider = self.rescore(widths)
         self.blocks, self.designs, self.widths = wider.blocks, wider.designs, wider.widths
+        self.grids, self.grid_posterior = wider.grids, wider.grid_posterior
 
 
 MAX_SLICES = 1024
@@ -149,8 +154,8 @@ TENSOR_RUNNER: contextvars.ContextVar[Callable[[TableRun], list[TensorTables]] |
 
 @dataclasses.dataclass
 class TensorTables:
-    """One weight's blocks and chosen designs, and what the steps across weights read from it (the measured scale,
-    the rounding kept nearest, the notes): what a worker sends back for each of its weights."""
+    """One weight's blocks and chosen designs (and their grids), and what the steps across weights read from it
+    (the measured scale, the rounding kept nearest, the notes): what a worker sends back for each of its weights."""
 
     weight: str
     blocks: list[BlockTable]
@@ -159,6 +164,7 @@ class TensorTables:
     kept_nearest: list[tuple[str, int]]
     measured: int
     messages: list[str]
+    grids: dict[tuple[str, int], DesignGrid] = dataclasses.field(default_factory=dict)
 
 
 class TableRun:
@@ -178,6 +184,7 @@ class TableRun:
         self.scorer = _Scorer(ctx)
         self.blocks: list[BlockTable] = []
         self.designs: dict[tuple[str, int], Spec] = {}
+        self.grids: dict[tuple[str, int], DesignGrid] = {}
         self.measure = _MonteCarlo(ctx, model, calibration, MC_SAMPLES, a.output, a.loss) if a.tables == "mc" \
             else None
         budget = None
@@ -219,9 +226,12 @@ class TableRun:
         meta = np.zeros_like(loss)
         stored = np.zeros_like(loss)
         designs: dict[tuple[str, int], Spec] = {}
+        grids: dict[tuple[str, int], DesignGrid] = {}
         for j, (bits, option) in enumerate(zip(allowed, chosen)):
             if len(scored[j]) > 1:
                 designs[(info.name, bits)] = option.spec
+            if option.grid is not None:
+                grids[(info.name, bits)] = option.grid
             found = None
             if self.measure is not None:
                 decoded = design(ctx, view, importance, bits, info.name, option.spec).dequantize()
@@ -247,7 +257,7 @@ class TableRun:
             kept_nearest, measured = [], 0
         messages = ctx.messages[said:]
         del ctx.messages[said:]
-        return TensorTables(info.name, blocks, designs, scale, kept_nearest, measured, messages)
+        return TensorTables(info.name, blocks, designs, scale, kept_nearest, measured, messages, grids)
 
     def _choose(self, info, view: np.ndarray, importance, ranges, own, scored_at: tuple[int, ...],
                 scored: list[list[_Option]]) -> list[_Option]:
@@ -270,6 +280,7 @@ class TableRun:
         """Take one weight's result in (the next weight of ``ctx.weights``)."""
         self.blocks.extend(result.blocks)
         self.designs.update(result.designs)
+        self.grids.update(result.grids)
         if self.scale is not None:
             self.scale.put(result.weight, result.scale)
         if self.compensation is not None:
@@ -288,7 +299,7 @@ class TableRun:
             self.scale.finish(self.blocks)
         if self.compensation is not None:
             self.compensation.finish()
-        return Tables(self.blocks, self.designs, self.widths)
+        return Tables(self.blocks, self.designs, self.widths, self.grids, self.ctx.posterior)
 
     def close(self) -> None:
         """Close the measuring sessions without finishing (a worker's run)."""
@@ -716,7 +727,7 @@ class _Scorer:
                 payload[i] = float(part.payload_bits)
                 meta[i] = block_metadata_bits(part, fmt) + shared * (b - a) / n
                 stored[i] = float(stored_payload_bits(part, fmt))
-            options.append(_Option(spec, loss, payload, meta, stored))
+            options.append(_Option(spec, loss, payload, meta, stored, grid_of(qt, spec)))
         return options
 
     def _column_losses(self, info, view: np.ndarray, qt: QuantizedTensor, importance) -> np.ndarray:
@@ -762,6 +773,7 @@ class _Option:
     payload: np.ndarray
     meta: np.ndarray
     stored_payload: np.ndarray
+    grid: DesignGrid | None = None  # the design without its codes (:mod:`bq_onnx.quantizers.grids`)
 
     @property
     def stored(self) -> float:

@@ -72,3 +72,16 @@ def test_auto_without_calibration_is_nearest_and_an_explicit_gptq_is_not_second_
     explicit = bq_onnx.optimize(LENET, bits=3, calib=calib, rounding="gptq")
     assert not explicit.context.rounding_auto
     assert NEAREST not in {c["label"] for c in explicit.report["guard"]["candidates"]}
+
+
+def test_no_nearest_candidate_where_no_weight_was_gptq_rounded():
+    """Without any layer-input moments every code is nearest's already: the candidate would be a copy of an
+    answer standing in the alternatives' ranking for a better alternative, so none is made (nothing spent)."""
+    from types import SimpleNamespace
+
+    from bq_onnx.stages.guard import _nearest
+
+    def spend(method):
+        raise AssertionError("nothing is spent")
+
+    assert _nearest(SimpleNamespace(moments={}, config=None), spend, measure=None) is None

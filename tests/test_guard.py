@@ -325,3 +325,20 @@ def test_a_data_free_candidate_replaces_the_posteriors_only_when_clearly_better(
     # a confirmed repair is the posterior's best as the allocation is
     repair = _paired("repair 2", [1.0] * 8)
     assert run([_paired("allocation", [5.0] * 8), repair, _paired("data-free", lucky_losses)]) is repair
+
+
+def test_an_alternative_that_ranks_first_but_is_not_clearly_better_hides_no_other():
+    """The alternatives are ranked among those clearly better than the method's answer: one that ranks first over
+    both splits but only ties the answer held out (a copy of it, as the nearest-rounded candidate can be) leaves
+    the one that is clearly better to be written."""
+    from bq_onnx.stages.guard import DATA_FREE_FILLED, NEAREST, _confirm_on_fit
+
+    answer = _paired("repair 1", [1.0] * 8)
+    tie = _paired(NEAREST, [1.0] * 8)  # the answer's model again: its fit loss ranks it first
+    better = _paired(DATA_FREE_FILLED, [0.5, 0.45, 0.52, 0.48, 0.5, 0.47, 0.51, 0.49])
+    probe = _FitProbe({"uniform": 2.0, "repair 1": 0.2, NEAREST: 0.2, DATA_FREE_FILLED: 1.5})
+    chosen, _ = _confirm_on_fit([answer, tie, better], _try("uniform", 2.0), _measure(probe))
+    assert chosen is better
+    probe = _FitProbe({"uniform": 2.0, "repair 1": 0.2, NEAREST: 0.2})
+    answer, tie = _paired("repair 1", [1.0] * 8), _paired(NEAREST, [1.0] * 8)
+    assert _confirm_on_fit([answer, tie], _try("uniform", 2.0), _measure(probe))[0] is answer

@@ -743,8 +743,9 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     The candidates are of two kinds. The method's answer (the allocation and its repairs): of those, the lowest
     held-out loss. The alternatives (the data-free ones, :data:`DATA_FREE`, which saw neither split, and the
     allocation floored at uniform): of those, the lowest loss over both splits (each weighted by its samples; four
-    times the held-out samples). An alternative replaces the method's answer only when clearly better on the
-    held-out samples (:func:`_clearly_better`, the same samples for both).
+    times the held-out samples), among those clearly better than the method's answer on the held-out samples
+    (:func:`_clearly_better`, the same samples for both) where there is an answer: one alternative that ranks
+    first but is not clearly better does not hide another that is.
 
     Why: the held-out split of a small ``--calib`` is a few samples (8 of 32 clips on silero-vad's sequence
     export, 8 pages on the PP-OCR detector), and the best of several candidates measured on them wins partly by
@@ -769,11 +770,11 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     held, seen = measure.held.samples, fit.held.samples
     alternatives = [t for t in confirmed if t.label in ALTERNATIVES]
     answers = [t for t in confirmed if t.label not in ALTERNATIVES]
-    alternative = min(alternatives, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
     answer = answers[0] if answers else None
-    if answer is None or (alternative is not None and _clearly_better(alternative, answer)):
-        return alternative, None
-    return answer, None
+    if answer is not None:  # only an alternative clearly better than the answer may replace it
+        alternatives = [t for t in alternatives if _clearly_better(t, answer)]
+    alternative = min(alternatives, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
+    return (answer if alternative is None else alternative), None
 
 
 SE_FACTOR = 1.0

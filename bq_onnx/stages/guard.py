@@ -40,9 +40,10 @@ one FP32 reference and one way of spending the budget again; apart, each would n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -466,7 +467,8 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
             tries.append(nearest)
     free_tables = None
     if held.task_data and uniform is not None and ctx.posterior is not None and _has_data_free(ctx):
-        free, free_tables = _data_free(model, ctx, spend, measure)
+        with _rounded_to_nearest(ctx):  # as without --calib
+            free, free_tables = _data_free(model, ctx, spend, measure)
         tries.extend(free)
     best = min(tries, key=lambda t: t.loss)
     unconfirmed = None
@@ -527,17 +529,15 @@ def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spen
     better than both the posterior's and uniform, and the grids alone can be what hurts: on silero-vad's sequence
     export (24 fit clips) uniform 3-bit measured several times better on plain grids than on the posterior's. Where
     that uniform's single width leaves budget, it is measured again with whole layers raised into it (the same
-    export stored 3.6 bits at ``--bits 4`` on plain-grid uniform 3-bit). Rounded to nearest, as without ``--calib``
-    (GPTQ's ``A`` is calibration data; its runs on these other grids cost what the posterior's did again).
-    Returns (the candidates, their tables); the context's posterior, tables, floors and options are restored."""
+    export stored 3.6 bits at ``--bits 4`` on plain-grid uniform 3-bit). The caller rounds them to nearest, as
+    without ``--calib`` (GPTQ's ``A`` is calibration data; its runs on these grids cost what the posterior's did).
+    Returns (the candidates, their tables); the context's posterior, tables and floors are restored."""
     from bq_onnx.stages.allocate import head_floors
     from bq_onnx.stages.tables import expected_loss_tables
 
     posterior, tables, floors, said = ctx.posterior, ctx.tables, dict(ctx.floors), len(ctx.messages)
-    config = ctx.config
     try:
         ctx.posterior = None
-        ctx.config = config.replace(rounding="nearest")
         ctx.tables = expected_loss_tables(model, ctx, None, "budget")
         ctx.floors = head_floors(model, ctx, ctx.tables)
         del ctx.messages[said:]  # the heads' note was given once already
@@ -554,7 +554,7 @@ def _data_free(model: ir.Model, ctx: Context, spend: Callable[[str | None], Spen
             found.append(measure.model_try(label, spent))
         return found, free_tables
     finally:
-        ctx.posterior, ctx.tables, ctx.floors, ctx.config = posterior, tables, floors, config
+        ctx.posterior, ctx.tables, ctx.floors = posterior, tables, floors
 
 
 def _weight_blocks(ctx: Context) -> dict[str, list]:
@@ -716,16 +716,24 @@ def _nearest(ctx: Context, spend: Callable[[str | None], Spent], measure: _Measu
     of the plain-grid uniform, filled, 0.947)."""
     if not ctx.moments:
         return None
-    gptq = ctx.config
-    try:
-        ctx.config = gptq.replace(rounding="nearest")
-        spent = spend(None)
-        spent.config = ctx.config
-    except UsageError:
-        return None
-    finally:
-        ctx.config = gptq
+    with _rounded_to_nearest(ctx) as nearest:
+        try:
+            spent = spend(None)
+        except UsageError:
+            return None
+        spent.config = nearest
     return measure.model_try(NEAREST, spent)
+
+
+@contextlib.contextmanager
+def _rounded_to_nearest(ctx: Context) -> Iterator[object]:
+    """The run's options with ``--rounding nearest`` while inside (yielded, for the spendings made there)."""
+    config = ctx.config
+    ctx.config = config.replace(rounding="nearest")
+    try:
+        yield ctx.config
+    finally:
+        ctx.config = config
 
 
 def _raises(filled: Spent, uniform: _Try | None) -> bool:

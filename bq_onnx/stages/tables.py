@@ -648,8 +648,7 @@ class _Compensation:
                     widest = priced[-1]
                     spec = chosen[widths.index(widest)].spec if widest in widths else None
                     qt = design(self.ctx, view, importance, widest, info.name, spec)
-                    carried = compensation_ratio(self.ctx, info.name, view, qt, a, weighting, ranges) \
-                        if not self.ctx.rounded.get(("nearest", info.name, widest)) else np.ones(len(ranges))
+                    carried = compensation_ratio(self.ctx, info.name, view, qt, a, weighting, ranges)
                 ratio = carried
             out[:, j] = loss[:, j] * ratio
         return np.minimum.accumulate(out, axis=1)  # a wider width never costs more loss

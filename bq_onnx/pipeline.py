@@ -15,6 +15,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass as RemoveUnusedPass
 from onnx_ir.passes.common import TopologicalSortPass
 
+from bq_onnx.blas import single_threaded
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context, Derived
 from bq_onnx.counting import ir_stored_bytes
@@ -56,7 +57,7 @@ def optimize_model(
     guard (:mod:`bq_onnx.stages.guard`) holds out part of ``calibration`` and measures the allocation on it
     before anything is written. Quantizer designs are computed once per run (:mod:`bq_onnx.quantizers.cache`).
     """
-    with design_cache.scope():
+    with design_cache.scope(), single_threaded():
         return _optimize_model(model, ctx, calibration=calibration, posterior=posterior, profile=profile)
 
 

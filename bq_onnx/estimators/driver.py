@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from bq_onnx.blas import single_threaded
 from bq_onnx.calibration import Calibration, CalibrationSource, load_calibration
 from bq_onnx.config import PosteriorConfig, WeightsConfig
 from bq_onnx.context import WeightInfo
@@ -139,10 +140,11 @@ def estimate_prepared(
     (default: this process, or the workers :func:`bq_onnx.distributed.distributed` set up) runs the shards."""
     calib = load_calibration(calibration, prepared.model, opts.calib_samples)
     factory = RUNNER_FACTORY.get()
-    if runner is not None or factory is None:
-        return _estimate(prepared, calib, opts, progress_bar, runner or LocalRunner())
-    with factory(prepared, calib, opts) as chosen:
-        return _estimate(prepared, calib, opts, progress_bar, chosen)
+    with single_threaded():
+        if runner is not None or factory is None:
+            return _estimate(prepared, calib, opts, progress_bar, runner or LocalRunner())
+        with factory(prepared, calib, opts) as chosen:
+            return _estimate(prepared, calib, opts, progress_bar, chosen)
 
 
 def _estimate(prepared: Prepared, calib: Calibration, opts: PosteriorConfig, progress_bar: bool,

@@ -66,20 +66,36 @@ def gptq_round(
     (:data:`NO_GRID`) is returned as it is. ``metric``: ``Metric(a, precision, N, damping)`` when already built
     (it serves every width).
     """
+    return gptq_round_errors(w, qt, a, precision, damping=damping, metric=metric)[0]
+
+
+def gptq_round_errors(
+    w: np.ndarray,
+    qt: QuantizedTensor,
+    a: np.ndarray,
+    precision: np.ndarray | None = None,
+    *,
+    damping: float = DAMPING,
+    metric: Metric | None = None,
+) -> tuple[QuantizedTensor, np.ndarray | None, np.ndarray | None]:
+    """:func:`gptq_round`, and the per-output-channel errors ``e^T H_n e`` on the undamped metric of ``qt``'s codes
+    and of the result (None for a kind without a grid), which it computes anyway to choose between them: the
+    tables price the compensation by their ratio."""
     w64 = np.asarray(w, dtype=np.float64)
     k, n = w64.shape
     if tuple(qt.shape) != (k, n):
         raise ValueError(f"w has shape {w64.shape}, the design {tuple(qt.shape)}")
     groups = grouped_moments(a, k, n)
     if qt.kind in NO_GRID:
-        return qt
+        return qt, None, None
     metric = Metric(groups, precision, n, damping) if metric is None else metric
     rounded = _Rounder(qt, w64, precision).run(metric)
     # per output channel, keep nearest's codes where compensation did not lower the undamped error
     err_gptq = metric.column_error(w64 - rounded.dequantize())
     err_near = metric.column_error(w64 - qt.dequantize())
     keep = err_near <= err_gptq
-    return _mix_columns(rounded, qt, keep) if keep.any() else rounded
+    final = np.where(keep, err_near, err_gptq)  # per column, the same values column_error gives the mix
+    return (_mix_columns(rounded, qt, keep) if keep.any() else rounded), err_near, final
 
 
 def output_error(
@@ -90,6 +106,18 @@ def output_error(
     k, n = w64.shape
     metric = Metric(grouped_moments(a, k, n), precision, n, DAMPING)
     return float(metric.column_error(np.asarray(decoded, dtype=np.float64) - w64).sum())
+
+
+def _upper_inverse_factor(corr: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor ``U`` of ``corr^-1`` (``corr^-1 = U^T U``) from one Cholesky: with ``P`` the
+    reversal, ``P corr P = L L^T`` gives ``corr^-1 = (P L^-1 P)^T (P L^-1 P)``, and ``P L^-1 P`` is upper triangular
+    with a positive diagonal (so it is the unique factor). ``L^-1`` by forward substitution, exact zeros above
+    its diagonal."""
+    from scipy.linalg import cholesky, solve_triangular
+
+    lower = cholesky(np.ascontiguousarray(corr[::-1, ::-1]), lower=True, check_finite=False)
+    inv = solve_triangular(lower, np.eye(len(corr)), lower=True, check_finite=False)
+    return np.triu(np.ascontiguousarray(inv[::-1, ::-1]))
 
 
 def grouped_moments(a: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -120,11 +148,7 @@ class Metric:
         # undamped correlation on the same scale (the metric the result is judged by)
         d0 = np.where(diag > 0, diag, 1.0)
         self.exact = a / np.sqrt(d0[:, :, None] * d0[:, None, :])
-        # one Cholesky: with P the reversal, P C P = L L^T gives C^-1 = (P L^-1 P)^T (P L^-1 P), and P L^-1 P is
-        # upper triangular with a positive diagonal: the upper Cholesky factor U of C^-1 (unique)
-        rev = corr[:, ::-1, ::-1]
-        self.u = np.ascontiguousarray(np.linalg.inv(np.linalg.cholesky(rev))[:, ::-1, ::-1])
-        self.u = np.triu(self.u)  # exact zeros below the diagonal (inv of a triangular matrix leaves round-off)
+        self.u = np.stack([_upper_inverse_factor(c) for c in corr])
         if precision is None:  # H = the damped A itself: whiten by its diagonal; judge by A's
             s = np.sqrt(np.repeat(dd, self.cols, axis=0).T)  # (K, N): each column's group
             self.judge = np.sqrt(np.repeat(d0, self.cols, axis=0).T)

@@ -59,7 +59,7 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
                 importance: np.ndarray | None) -> QuantizedTensor:
     """``qt`` re-rounded by GPTQ; the tables, the guard and the stored-budget loop quantize again and again, so a
     result is kept per (weight, width) and reused while the design (grid and nearest codes) is the same."""
-    from bq_onnx.rounding.gptq import DAMPING, NO_GRID, Metric, gptq_round, grouped_moments
+    from bq_onnx.rounding.gptq import DAMPING, NO_GRID, Metric, gptq_round_errors, grouped_moments
 
     if qt.kind in NO_GRID or ctx.rounded.get(("nearest", name, qt.bits)):  # measured: nearest loses less here
         return qt
@@ -71,8 +71,10 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     if metric is None:
         metric = Metric(grouped_moments(a, *view.shape), importance, view.shape[1], DAMPING)
         ctx.rounded[("metric", name)] = metric
-    out = gptq_round(view, qt, a, importance, metric=metric)
+    out, near, final = gptq_round_errors(view, qt, a, importance, metric=metric)
     ctx.rounded[key] = (qt, out)
+    if near is not None:  # compensation_ratio's two terms, computed by GPTQ's own choice
+        ctx.rounded[("errors", name, qt.bits)] = (out, near, final)
     return out
 
 
@@ -84,9 +86,13 @@ def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedT
     rounded = compensated(ctx, name, view, qt, a, importance)
     if rounded is qt:
         return np.ones(len(ranges))
-    metric = ctx.rounded[("metric", name)]
-    near = metric.column_error(np.asarray(view, dtype=np.float64) - qt.dequantize())
-    comp = metric.column_error(np.asarray(view, dtype=np.float64) - rounded.dequantize())
+    known = ctx.rounded.get(("errors", name, qt.bits))
+    if known is not None and known[0] is rounded:
+        near, comp = known[1], known[2]
+    else:
+        metric = ctx.rounded[("metric", name)]
+        near = metric.column_error(np.asarray(view, dtype=np.float64) - qt.dequantize())
+        comp = metric.column_error(np.asarray(view, dtype=np.float64) - rounded.dequantize())
     out = np.ones(len(ranges))
     for i, (lo, hi) in enumerate(ranges):
         total = float(near[lo:hi].sum())

@@ -329,7 +329,7 @@ def test_gptq_rounds_a_weight_read_inside_a_loop_body_to_nearest(tmp_path, round
     forward run of the main graph can return, so it has no ``A`` and is rounded to nearest (it raised KeyError
     'h_in' while ``A`` was measured)."""
     loop = optimize(loop_model(), calib={"x": _floats(8, 32)}, bits=3, bits_payload=True, rounding=rounding)
-    assert any(m.startswith("--rounding gptq: no MatMul/Gemm/Conv weight's input can be measured")
+    assert any(m.startswith(f"--rounding {rounding}: no MatMul/Gemm/Conv weight's input can be measured")
                for m in loop.report["messages"]), loop.report["messages"]
     loop.save(tmp_path / "loop.onnx")
     assert_written(loop, tmp_path / "loop.onnx")

@@ -85,3 +85,11 @@ def test_no_nearest_candidate_where_no_weight_was_gptq_rounded():
         raise AssertionError("nothing is spent")
 
     assert _nearest(SimpleNamespace(moments={}, config=None), spend, measure=None) is None
+
+
+def test_auto_notes_name_the_default_not_a_flag_the_user_never_gave(auto):
+    """Under the default the GPTQ notes say so; an explicit ``--rounding gptq`` keeps its flag's name."""
+    notes = auto.report["messages"]
+    assert any(m.startswith("GPTQ rounding (the default, --rounding auto): rounding chosen by measurement")
+               for m in notes), notes
+    assert not any(m.startswith("--rounding gptq") for m in notes), notes

@@ -105,6 +105,14 @@ def _same(x: np.ndarray | None, y: np.ndarray | None) -> bool:
     return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
 
 
+def gptq_label(ctx: Context) -> str:
+    """How the notes name the rounding: the flag the user gave, or what the default chose (a user who typed no
+    ``--rounding`` should not read of one)."""
+    if ctx.rounding_auto:
+        return "GPTQ rounding (the default, --rounding auto)"
+    return f"--rounding {ctx.config.quantization.rounding}"
+
+
 def layer_moments(ctx: Context, model: ir.Model | None, calibration: Calibration | None) -> dict[str, np.ndarray]:
     """``A`` per weight for ``--rounding gptq`` (measured once per run and kept on the context), else empty."""
     if ctx.config.quantization.rounding not in COMPENSATING:
@@ -114,12 +122,12 @@ def layer_moments(ctx: Context, model: ir.Model | None, calibration: Calibration
 
         ctx.moments = input_moments(model, ctx, calibration) if model is not None else {}
         if not ctx.moments:
-            ctx.messages.append("--rounding gptq: no MatMul/Gemm/Conv weight's input can be measured (no calibration "
-                                "data, or every such weight is read inside a subgraph or through other ops); every "
-                                "weight is rounded to nearest")
+            ctx.messages.append(f"{gptq_label(ctx)}: no MatMul/Gemm/Conv weight's input can be measured (no "
+                                "calibration data, or every such weight is read inside a subgraph or through other "
+                                "ops); every weight is rounded to nearest")
         else:
             rest = [info.name for info in ctx.weights if info.name not in ctx.moments]
             if rest:
-                ctx.messages.append(f"--rounding gptq: {len(rest)} weight(s) not read directly by one "
+                ctx.messages.append(f"{gptq_label(ctx)}: {len(rest)} weight(s) not read directly by one "
                                     f"MatMul/Gemm/Conv (e.g. '{rest[0]}') are rounded to nearest")
     return ctx.moments

@@ -672,9 +672,11 @@ class _Compensation:
             try:
                 self.mc = _MonteCarlo(self.ctx, self.model, self.calibration, CHOICE_SAMPLES, a.output, a.loss)
             except Exception as exc:  # noqa: BLE001 - the metric's ratio is what the tables had before: keep it
+                from bq_onnx.stages.quantize import gptq_label
+
                 self.broken = True
-                self.ctx.messages.append(f"--rounding gptq: could not measure the rounding choice ({exc}); GPTQ's "
-                                         "codes are used wherever they lower the layer-output error")
+                self.ctx.messages.append(f"{gptq_label(self.ctx)}: could not measure the rounding choice ({exc}); "
+                                         "GPTQ's codes are used wherever they lower the layer-output error")
                 return None
         whole = [(0, view.shape[1])]
         near = self.mc.block_losses(info, view, qt.dequantize(), whole)
@@ -690,8 +692,10 @@ class _Compensation:
         if self.mc is not None:
             self.mc.close()
         if self.measured:
+            from bq_onnx.stages.quantize import gptq_label
+
             self.ctx.messages.append(
-                f"--rounding gptq: rounding chosen by measurement at widths <= {CHOSEN_WIDTHS} ({self.measured} "
+                f"{gptq_label(self.ctx)}: rounding chosen by measurement at widths <= {CHOSEN_WIDTHS} ({self.measured} "
                 f"tensor-width pair(s), {CHOICE_SAMPLES} calibration samples): {len(self.kept_nearest)} kept "
                 "nearest's codes (GPTQ lost more there)")
 

@@ -52,6 +52,7 @@ from bq_onnx.allocation import Allocation
 from bq_onnx.calibration import Calibration, load_calibration
 from bq_onnx.compare import OutputStats
 from bq_onnx.context import Context
+from bq_onnx.cuts import Cuts
 from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
 from bq_onnx.graph import forward_model
@@ -246,6 +247,7 @@ class _Measure:
         self.names = list(dict.fromkeys(self.loss_names + floats))
         self.sessions = TempSessions()
         self._fed = None
+        self._cuts: Cuts | None = None
         self.probe = self  # where tensors are measured one at a time (guard_allocation: the fit split)
         self.reference = self._run(model)
         self.axes: dict[str, int] = {}
@@ -330,7 +332,10 @@ class _Measure:
             return None
         decoded = self.decoded.get(info, spent.quantized[name])
         if not info.scope:
-            return self.loss(self._run(self.model, {name: decoded}))
+            if self._cuts is None:  # the probes run from the last cut before the tensor's readers
+                self._cuts = Cuts(self.model, self.names, self.held.runs,
+                                  [w.name for w in self.ctx.weights if not w.scope])
+            return self.loss(self._cuts.runs_for(name, decoded, lambda: self._run(self.model, {name: decoded})))
         if not self.probe_scoped():
             return None
         kept = info.value.const_value
@@ -348,6 +353,8 @@ class _Measure:
         return sum(w.value.const_value.nbytes for w in self.ctx.weights) <= SCOPED_PROBE_BYTES
 
     def close(self) -> None:
+        if self._cuts is not None:
+            self._cuts.close()
         self.sessions.close()
 
 

@@ -42,6 +42,7 @@ from bq_onnx.autodiff.loss import LossPlan
 from bq_onnx.calibration import Calibration
 from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context, WeightInfo
+from bq_onnx.cuts import Cuts
 from bq_onnx.errors import UsageError
 from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
@@ -824,6 +825,8 @@ class _MonteCarlo:
             copy.graph.inputs.append(copy.graph.initializers[name])
         self.sessions = TempSessions()
         self.session = self.sessions.open(copy)
+        self.batches = list(self.calib.batches(64))
+        self.cuts: Cuts | None = None  # from the first measurement on (the FP32 run is the plan's)
         self.plan, self.fp32 = self._resolve()
         term = self.plan.terms[0]
         self.classic = len(self.plan.terms) == 1 and term.kind in ("kl", "ce") and not term.probabilities \
@@ -835,13 +838,26 @@ class _MonteCarlo:
         """The loss and each term's FP32 output on the measured samples."""
         from bq_onnx.estimators.loss_plan import resolve
 
-        runs = [self.session.run(b) for b in self.calib.batches(64)]
+        runs = [self.session.run(b) for b in self.batches]
         values = {name: np.concatenate([r[i] for r in runs]).astype(np.float32) for i, name in enumerate(self.names)}
         return resolve(self.model, self.spec, self.output, values)
 
+    def _runs(self, weights: dict) -> list[list[np.ndarray]]:
+        """The outputs on every batch with ``weights`` swapped in (one weight: from the last
+        cut before its readers, :mod:`bq_onnx.cuts`)."""
+        if len(weights) == 1:
+            if self.cuts is None:
+                self.cuts = Cuts(self.model, self.names, self.batches, sorted(self.fed))
+            (name, value), = weights.items()
+            return self.cuts.runs_for(name, value, lambda: self._whole(weights))
+        return self._whole(weights)
+
+    def _whole(self, weights: dict) -> list[list[np.ndarray]]:
+        return [self.session.run({**b, **weights}) for b in self.batches]
+
     def _terms(self, weights: dict) -> list[np.ndarray]:
         """Each loss term's (sliced) output with ``weights`` swapped in."""
-        runs = [self.session.run({**b, **weights}) for b in self.calib.batches(64)]
+        runs = self._runs(weights)
         out = []
         for t in self.plan.terms:
             y = np.concatenate([r[self.names.index(t.output)] for r in runs])
@@ -849,7 +865,7 @@ class _MonteCarlo:
         return out
 
     def _log_probs(self, weights: dict) -> np.ndarray:
-        z = np.concatenate([self.session.run({**b, **weights})[0] for b in self.calib.batches(64)])
+        z = np.concatenate([r[0] for r in self._runs(weights)])
         z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
@@ -878,4 +894,6 @@ class _MonteCarlo:
         return losses
 
     def close(self) -> None:
+        if self.cuts is not None:
+            self.cuts.close()
         self.sessions.close()

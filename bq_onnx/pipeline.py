@@ -32,7 +32,7 @@ from bq_onnx.sizes import INT2_OPSET, storage_of
 from bq_onnx.stages import guard
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits, head_floors
-from bq_onnx.stages.budget import BudgetUnmet, StoredBudget, other_bytes, zero_bit_note
+from bq_onnx.stages.budget import BudgetUnmet, StoredBudget, other_bytes, prepare_note, uniform_note, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
@@ -70,7 +70,9 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
     if storage_of(config).int2:  # int2 codes need DequantizeLinear-25; converted before the weights are found
         model = run_passes(model, [UpgradeOpsetPass(INT2_OPSET), SetIrVersionPass()])
     # ... but what they remove (BatchNormalization vectors folded into their Conv) is no room for the weights
-    ctx.source_bytes = min(ctx.source_bytes, ir_stored_bytes(model))
+    prepared = ir_stored_bytes(model)
+    ctx.prepare_removed = max(ctx.source_bytes - prepared, 0)
+    ctx.source_bytes = min(ctx.source_bytes, prepared)
     found = find_weights(model, config.weights)
     ctx.weights = found.weights
     ctx.messages.extend(found.messages)
@@ -216,9 +218,9 @@ def _noted(out: ir.Model, ctx: Context) -> ir.Model:
     from bq_onnx.decode.rewrite import load_notes
 
     ctx.messages.extend(load_notes(ctx.layers or [], ctx.config.storage.format))
-    note = zero_bit_note(ctx)
-    if note is not None:
-        ctx.messages.append(note)
+    for note in (zero_bit_note(ctx), uniform_note(ctx), prepare_note(ctx)):
+        if note is not None:
+            ctx.messages.append(note)
     return out
 
 

@@ -323,3 +323,19 @@ def test_tables_that_price_more_than_is_stored_still_spend_the_budget(tmp_path):
     result.save(out)
     counted = count(out, model).bits_per_weight
     assert 3.8 <= counted <= 4 and result.report["allocation"]["achieved_bits"] == pytest.approx(counted)
+
+
+def test_uniform_under_a_stored_budget_says_why_it_leaves_room():
+    """--allocator uniform with a stored --bits 4 on onnxruntime: int4 codes plus scales cost over 4 bits, so one
+    width for all is int2 and a third of the budget is left; the report says so with both figures, and the default
+    allocator spends it (the PP-OCR classifier: 2.79 of 4, benchmarks/zoo_native_ort_s14.md)."""
+    model = MODELS / "lenet.onnx"
+    uniform = bq_onnx.optimize(model, bits=4, allocator="uniform", bits_include_metadata=True, target="onnxruntime")
+    spent = uniform.report["allocation"]["achieved_bits"]
+    notes = [m for m in uniform.report["messages"] if m.startswith("--allocator uniform")]
+    assert spent < 3 and len(notes) == 1
+    assert float(notes[0].split(" stores ")[1].split()[0]) == pytest.approx(spent, abs=0.01)
+    assert float(notes[0].split("would store about ")[1].split()[0]) > 4
+    greedy = bq_onnx.optimize(model, bits=4, target="onnxruntime")
+    assert greedy.report["allocation"]["achieved_bits"] > 3.9
+    assert not any(m.startswith("--allocator uniform") for m in greedy.report["messages"])

@@ -230,3 +230,19 @@ def test_a_budget_with_the_float16_width_is_met(tmp_path):
     out = tmp_path / "m.onnx"
     bq_onnx.optimize(model, bits=5, allowed_bits=(2, 3, 4, 5, 6, 7, 8, 16), no_guard=True).save(out)
     assert 4.7 <= count(out, model).bits_per_weight <= 5
+
+
+@pytest.mark.parametrize(("target", "bits"), [("onnxruntime", 4), ("onnxruntime", 6), (None, 4), (None, 6),
+                                              ("openvino", 6)])
+def test_native_allocations_fill_their_containers(target, bits):
+    """A grid narrower than its container stores as many bits as the container's full grid and is less accurate, so
+    the allocation never keeps one (the allocator's dominance rule over stored cost): every layer the target stores
+    in containers is at 2 (int2, onnxruntime only), 4 or 8 bits; 1..3 only in the pieces the default target and
+    OpenVINO store packed (a packed layer's 4- and 8-bit pieces are containers too)."""
+    result = bq_onnx.optimize(MODELS / "tiny_transformer.onnx", bits=bits, target=target, no_guard=True)
+    containers = {2, 4, 8} if target == "onnxruntime" else {4, 8}
+    boxed = {w for layer in result.report["layers"] if not layer["packed_codes"] for _, _, w in layer["pieces"]}
+    packed = {w for layer in result.report["layers"] if layer["packed_codes"] for _, _, w in layer["pieces"]}
+    assert boxed <= containers and packed <= containers | {1, 2, 3}
+    assert not packed if target == "onnxruntime" else bits < 5 or not packed
+    assert result.report["allocation"]["achieved_bits"] > bits - 0.05

@@ -339,3 +339,31 @@ def test_uniform_under_a_stored_budget_says_why_it_leaves_room():
     greedy = bq_onnx.optimize(model, bits=4, target="onnxruntime")
     assert greedy.report["allocation"]["achieved_bits"] > 3.9
     assert not any(m.startswith("--allocator uniform") for m in greedy.report["messages"])
+
+
+def test_inspect_counts_nncf_outputs_on_the_same_terms(tmp_path, capsys):
+    """NNCF's int8 and int4 outputs: the same figure with and without the FP32 reference, and the one counting
+    gives. NNCF 3.4 writes MatMulNBits without importing com.microsoft (invalid ONNX): inspect still counts it,
+    with a warning, instead of refusing the file a user wants to compare (it refused it before)."""
+    nncf = pytest.importorskip("nncf")
+    from bq_onnx.cli import main
+
+    model = MODELS / "digits_mlp.onnx"
+    modes = {"int8": {"mode": nncf.CompressWeightsMode.INT8_ASYM},
+             "int4": {"mode": nncf.CompressWeightsMode.INT4_ASYM, "ratio": 1.0, "group_size": 32}}
+    for name, options in modes.items():
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(nncf.compress_weights(onnx.load(str(model)), **options), str(path))
+        counted = count(path, model).bits_per_weight
+        assert (8 if name == "int8" else 4) < counted < (8.5 if name == "int8" else 5.5)
+        assert inspect(path, reference=model)["counted"]["bits_per_weight"] == pytest.approx(counted)
+        assert inspect(path)["counted"]["bits_per_weight"] == pytest.approx(counted)
+        capsys.readouterr()
+        assert main(["inspect", str(path)]) == 0
+        warned = "without importing them" in capsys.readouterr().out
+        assert warned == (name == "int4")
+    bad = onnx.load(str(model))
+    bad.graph.node[0].input[0] = "nowhere"  # any other defect is still refused
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    with pytest.raises(bq_onnx.errors.ModelError, match="invalid model"):
+        inspect(tmp_path / "bad.onnx")

@@ -108,22 +108,29 @@ class StoredBudget:
 
     def _refuse(self, measured: float, ctx: Context) -> None:
         smallest = measured  # the cheapest allocation's output, or (tries spent) the last one's
+        # what the tables' cost may take once the rewrite's own overhead (graph, decode constants) is left
+        room = self.limit_bits - (measured - ctx.allocation.cost)
         if self.size_mb is not None:
             mb = math.ceil(smallest / 8e6 * 1e4) / 1e4
             raise BudgetUnmet(f"--size-mb {self.size_mb:g} cannot be met: the smallest file is about {mb:g} MB; "
-                             f"{alternatives(ctx, f'--size-mb {mb:g}')}")
+                              f"{alternatives(ctx, f'--size-mb {mb:g}')}", room)
         numel = sum(t.numel for t in ctx.tables.blocks)
         least = math.ceil(smallest / numel * 100) / 100
         larger = math.ceil(least * 10) / 10
         # --bits stops at 8: tensors so small that their scales alone cost more are budgeted as payload instead
         larger_text = f"--bits {larger:g}" if larger <= 8 else "--bits-payload: tiny tensors' scales exceed 8 bits"
         raise BudgetUnmet(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
-                         f"{least:g} bits per weight; {alternatives(ctx, larger_text)}")
+                          f"{least:g} bits per weight; {alternatives(ctx, larger_text)}", room)
 
 
 class BudgetUnmet(UsageError):
     """The cheapest allocation's output is over the stored budget (a usage error: the user asked for less than
-    the format can store)."""
+    the format can store). ``room``: the allocator's budget that would have fitted, the overhead the output showed
+    taken off (floors set from the whole budget, the heads', may be too high for it)."""
+
+    def __init__(self, message: str, room: float | None = None) -> None:
+        super().__init__(message)
+        self.room = room
 
 
 def alternatives(ctx: Context, larger: str) -> str:

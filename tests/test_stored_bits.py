@@ -372,3 +372,24 @@ def test_inspect_counts_nncf_outputs_on_the_same_terms(tmp_path, capsys):
     onnx.save(bad, str(tmp_path / "bad.onnx"))
     with pytest.raises(bq_onnx.errors.ModelError, match="invalid model"):
         inspect(tmp_path / "bad.onnx")
+
+
+@pytest.mark.parametrize("payload", [False, True])
+def test_the_optimize_headline_is_the_stored_figure_with_payload_and_metadata_beside(tmp_path, capsys, payload):
+    """The line a user reads after optimize: the counted stored bits per weight first (what --bits bounds unless
+    --bits-payload), payload and metadata beside it, and what the budget counted."""
+    import re
+
+    from bq_onnx.cli import main
+
+    model, out = MODELS / "lenet.onnx", tmp_path / "m.onnx"
+    assert main(["optimize", str(model), "--bits", "4", "-o", str(out), "--no-guard",
+                 *(["--bits-payload"] if payload else [])]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("allocation:"))
+    m = re.search(r"([\d.]+) stored bits/weight \(budget 4\) \(payload ([\d.]+), metadata ([\d.]+); budget counts "
+                  r"(\w+)\)", line)
+    assert m is not None, line
+    stored, grid, meta = (float(v) for v in m.groups()[:3])
+    assert stored == pytest.approx(count(out, model).bits_per_weight, abs=1e-3)
+    assert m.group(4) == ("payload" if payload else "stored")
+    assert (grid <= 4 < stored) if payload else (stored <= 4 and grid + meta <= stored + 1e-3)

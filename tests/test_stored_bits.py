@@ -24,12 +24,22 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    return [g for node in graph.node for attr in node.attribute
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
+
+
 def _dead(path) -> tuple[list[str], list[str]]:
-    """Unused initializers, and nodes none of whose outputs is read (nor a graph output)."""
-    m = onnx.load(str(path))
-    used = _used_names(m.graph)
-    unused = [t.name for t in m.graph.initializer if t.name not in used]
-    dead = [n.name or n.op_type for n in m.graph.node if not any(o in used for o in n.output if o)]
+    """Unused initializers, and nodes none of whose outputs is read (nor a graph output), in the main graph and
+    every subgraph (a branch's initializer or node may be read only by a subgraph nested in it)."""
+    unused, dead = [], []
+    graphs = [onnx.load(str(path)).graph]
+    while graphs:
+        g = graphs.pop()
+        used = _used_names(g)
+        unused += [t.name for t in g.initializer if t.name not in used]
+        dead += [n.name or n.op_type for n in g.node if not any(o in used for o in n.output if o)]
+        graphs += _subgraphs(g)
     return unused, dead
 
 
@@ -264,6 +274,7 @@ def test_count_finds_reference_weights_in_subgraphs(tmp_path):
     bq_onnx.optimize(model, bits=5, no_guard=True).save(out)
     c = count(out, model)
     assert c.weight_numel == 2 * 64 * 32 and c.reference_other_bytes == 0 and c.bits_per_weight <= 5
+    assert _dead(out) == ([], [])  # each branch reads every tensor it stores
 
 
 @pytest.mark.parametrize("target", [None, "onnxruntime"])

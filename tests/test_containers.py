@@ -246,3 +246,18 @@ def test_native_allocations_fill_their_containers(target, bits):
     assert boxed <= containers and packed <= containers | {1, 2, 3}
     assert not packed if target == "onnxruntime" else bits < 5 or not packed
     assert result.report["allocation"]["achieved_bits"] > bits - 0.05
+
+
+def test_onnxruntime_says_why_a_low_budget_buys_two_bit_weights():
+    """On onnxruntime a 3-bit grid costs an int4 container: at --bits 4 much of the model is int2, and the report
+    says why and what the default target does instead; at 6 bits (int4 and int8) and on the default target, no
+    such note."""
+    model = MODELS / "tiny_transformer.onnx"
+
+    def notes(**kw) -> list[str]:
+        return [m for m in bq_onnx.optimize(model, no_guard=True, **kw).report["messages"] if "(int2)" in m]
+
+    low = notes(bits=4, target="onnxruntime")
+    assert len(low) == 1 and "no 3-bit container" in low[0] and "without --target" in low[0]
+    assert int(low[0].split(": ")[1].split("%")[0]) > 10
+    assert notes(bits=6, target="onnxruntime") == [] and notes(bits=4) == []

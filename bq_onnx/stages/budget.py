@@ -209,6 +209,33 @@ def uniform_note(ctx: Context) -> str | None:
     return text + ": one width for all cannot spend the rest; the default allocator (leave --allocator out) does"
 
 
+INT2_NOTE = 0.1
+"""Share of the weights at 1..2 bits in int2 containers above which ``--target onnxruntime``'s report says why."""
+
+
+def int2_note(ctx: Context) -> str | None:
+    """Why ``--target onnxruntime`` stores many weights at 2 bits under a stored budget below int4 with its scales:
+    it has no 3-bit container (a 3-bit grid in int4 stores as much as 4 bits) and keeps every layer a container it
+    runs compressed, so the budget buys 2 or 4 bits per weight; the default target stores 1..3-bit grids packed at
+    their width instead (decoded to float at load), which measured more accurate at the same stored size on the
+    PP-OCR recognizer (``benchmarks/zoo_native_ort_s14.md``: its 6625-class head at 2 bits here, 3 there)."""
+    bits = _stored_budget_bits(ctx)
+    if bits is None or ctx.allocation is None or ctx.config.storage.format != "native":
+        return None
+    st = storage_of(ctx.config, ctx.derived)
+    if not st.int2 or st.packed:
+        return None
+    numel = sum(t.numel for t in ctx.tables.blocks)
+    low = sum(t.numel for t in ctx.tables.blocks if 0 < ctx.bits.get(t.name, 0) <= 2)
+    if low <= INT2_NOTE * numel:
+        return None
+    return (f"target {ctx.config.target.target}: {100 * low / numel:.0f}% of the weights are stored at 2 bits "
+            f"(int2): this target has no 3-bit container (a 3-bit grid in int4 stores as much as 4 bits) and keeps "
+            f"every layer one it runs compressed, so --bits {bits:g} buys 2 or 4 bits per weight; without --target, "
+            f"1..3-bit grids are stored packed at their width (decoded to float when the model loads: more memory, "
+            f"no MatMulNBits kernel for them), which can be more accurate at the same size")
+
+
 def prepare_note(ctx: Context) -> str | None:
     """Why the independent count against the given file (``bq-onnx inspect --reference``) reads below ``--bits``:
     the prepare passes removed float tensors that are not weights (BatchNormalization vectors folded into their

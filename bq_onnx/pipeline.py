@@ -32,15 +32,7 @@ from bq_onnx.sizes import INT2_OPSET, storage_of
 from bq_onnx.stages import guard
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits, head_floors
-from bq_onnx.stages.budget import (
-    BudgetUnmet,
-    StoredBudget,
-    int2_note,
-    other_bytes,
-    prepare_note,
-    uniform_note,
-    zero_bit_note,
-)
+from bq_onnx.stages.budget import BudgetUnmet, StoredBudget, other_bytes, prepare_note, uniform_note, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
@@ -251,7 +243,7 @@ def _noted(out: ir.Model, ctx: Context) -> ir.Model:
     from bq_onnx.decode.rewrite import load_notes
 
     ctx.messages.extend(load_notes(ctx.layers or [], ctx.config.storage.format))
-    for note in (zero_bit_note(ctx), uniform_note(ctx), int2_note(ctx), prepare_note(ctx)):
+    for note in (zero_bit_note(ctx), uniform_note(ctx), prepare_note(ctx)):
         if note is not None:
             ctx.messages.append(note)
     return out

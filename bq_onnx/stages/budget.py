@@ -185,9 +185,8 @@ def _stored_budget_bits(ctx: Context) -> float | None:
 
 def uniform_note(ctx: Context) -> str | None:
     """Why ``--allocator uniform`` left much of a stored budget unspent: one width for every weight, and the next
-    width up stores more than the budget (in the native format int4 codes plus their scales cost over 4 bits, so
-    ``--bits 4`` buys 2-bit codes everywhere where int2 runs: the PP-OCR classifier on ``--target onnxruntime``
-    stores 2.79 of 4 bits per weight, ``benchmarks/zoo_native_ort_s14.md``). The default allocator spends it."""
+    width up stores more than the budget (in the native format int4 codes plus their scales cost 4.6 bits per weight
+    at 32 rows, so ``--bits 4.5`` buys packed 3-bit grids everywhere, 3.6 bits). The default allocator spends it."""
     al, bits = ctx.allocation, _stored_budget_bits(ctx)
     if bits is None or al is None or ctx.config.allocation.allocator != "uniform" or ctx.stored_bytes is None:
         return None
@@ -207,33 +206,6 @@ def uniform_note(ctx: Context) -> str | None:
                    for t in ctx.tables.blocks) / numel
         text += f"; the next width, {nxt} bits, would store about {cost:.2f} (codes in their container and scales)"
     return text + ": one width for all cannot spend the rest; the default allocator (leave --allocator out) does"
-
-
-INT2_NOTE = 0.1
-"""Share of the weights at 1..2 bits in int2 containers above which ``--target onnxruntime``'s report says why."""
-
-
-def int2_note(ctx: Context) -> str | None:
-    """Why ``--target onnxruntime`` stores many weights at 2 bits under a stored budget below int4 with its scales:
-    it has no 3-bit container (a 3-bit grid in int4 stores as much as 4 bits) and keeps every layer a container it
-    runs compressed, so the budget buys 2 or 4 bits per weight; the default target stores 1..3-bit grids packed at
-    their width instead (decoded to float at load), which measured more accurate at the same stored size on the
-    PP-OCR recognizer (``benchmarks/zoo_native_ort_s14.md``: its 6625-class head at 2 bits here, 3 there)."""
-    bits = _stored_budget_bits(ctx)
-    if bits is None or ctx.allocation is None or ctx.config.storage.format != "native":
-        return None
-    st = storage_of(ctx.config, ctx.derived)
-    if not st.int2 or st.packed:
-        return None
-    numel = sum(t.numel for t in ctx.tables.blocks)
-    low = sum(t.numel for t in ctx.tables.blocks if 0 < ctx.bits.get(t.name, 0) <= 2)
-    if low <= INT2_NOTE * numel:
-        return None
-    return (f"target {ctx.config.target.target}: {100 * low / numel:.0f}% of the weights are stored at 2 bits "
-            f"(int2): this target has no 3-bit container (a 3-bit grid in int4 stores as much as 4 bits) and keeps "
-            f"every layer one it runs compressed, so --bits {bits:g} buys 2 or 4 bits per weight; without --target, "
-            f"1..3-bit grids are stored packed at their width (decoded to float when the model loads: more memory, "
-            f"no MatMulNBits kernel for them), which can be more accurate at the same size")
 
 
 def prepare_note(ctx: Context) -> str | None:

@@ -8,7 +8,8 @@ targets that run int4 only into some ops (TensorRT: MatMul/Gemm), need an even l
 each weight that cannot be int4 gets a per-weight floor of the smallest allowed width >= 5 (int8 container) and,
 on ``int8_per_channel`` targets, group size 0 (one scale per output channel). TensorRT Conv weights thus become
 int8 per channel. :func:`pack_low_widths` runs once the loss tables exist: where no allocation in the target's
-containers meets the stored budget, the native format packs the 1..3-bit grids (:mod:`bq_onnx.sizes`).
+containers (at 3 bits or more, where int2 containers exist) meets the stored budget, the native format packs the
+1..3-bit grids that have no container of their size (:mod:`bq_onnx.sizes`).
 """
 
 from __future__ import annotations

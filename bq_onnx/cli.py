@@ -564,6 +564,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     who = f"quantized by bq-onnx ({info['format']})" if info["quantized_by"] else "not quantized by bq-onnx"
     _say(f"{info['model']}: {human_bytes(info['file_bytes'])}, opset {info['opset']}, {who}; "
           f"other tensors {human_bytes(t['other_initializer_bytes'])}")
+    if info.get("invalid"):
+        _say(f"warning: {info['invalid']}; counted as stored (a runtime may refuse it)")
     c = info["counted"]
     if c is not None and c.get("against") == "quantized ops":  # another tool's output (or a float model), alone
         _say(f"stored: {c['bits_per_weight']:.3f} bits per weight ({human_bytes(c['weight_bytes'])} for "

@@ -364,7 +364,8 @@ class AllocationConfig(Concern):
     bits_payload: bool = option(False, "--bits counts payload bits only (the grid's width per weight, the papers' "
                                 "reading): no container padding, no scales")
     bits_include_metadata: bool = option(False, "kept for old scripts: --bits counts stored bits, metadata "
-                                         "included, by default now (no effect)")
+                                         "included, by default now; with --allocator uniform and a whole --bits it "
+                                         "makes --bits that stored budget instead of the fixed grid width")
     size_mb: float | None = option(None, "file-size budget in MB instead of --bits", check=above(0))
     min_bits: tuple[tuple[str, int], ...] = option((), "per-layer minimum bits (repeatable)", parse=parse_min_bits,
                                                    metavar="PATTERN=N", repeat=True)

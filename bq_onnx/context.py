@@ -121,6 +121,7 @@ class Context:
     layers: list[dict] = dataclasses.field(default_factory=list)
     stored_bytes: int | None = None  # what the quantized weights take in the output, shared constants included
     source_bytes: int | None = None  # every tensor the model stores as given, or as prepared where that is less
+    prepare_removed: int = 0  # bytes the prepare passes removed (BatchNormalization folded): no room for the weights
     messages: list[str] = dataclasses.field(default_factory=list)
     progress: bool = False
     floors: dict[str, int] = dataclasses.field(default_factory=dict)  # block -> least width (heads, guard repairs)

@@ -6,7 +6,9 @@ with the same line and the same exit code: sparse tensors (exit 4), then every t
 integer within the memory budget, :mod:`bq_onnx.budgets`) against its data, inline or external (inside the
 model's folder, no symbolic or hard link, strictly parsed keys, a regular file long enough:
 :mod:`bq_onnx.tensor_data`), then onnx's C++ checker on the structure with empty stand-ins for external tensors
-(so their data is never read). Exit 3 for all but sparse tensors.
+(so their data is never read). Exit 3 for all but sparse tensors. ``inspect`` lets one checker complaint
+through with a warning, an op domain used without its opset import (NNCF's MatMulNBits), so that another tool's
+output is still counted (:func:`bq_onnx.inspect._read_for_counting`).
 
 Standard library and protobuf only (the checker is onnx's C++ extension, loaded without the onnx package by
 :mod:`bq_onnx.onnx_proto`): ``bq-onnx inspect`` starts without numpy, onnx or onnx-ir.

@@ -33,7 +33,7 @@ from bq_onnx.sizes import INT2_OPSET, storage_of
 from bq_onnx.stages import guard
 from bq_onnx.stages import posterior as posterior_stage
 from bq_onnx.stages.allocate import allocate_bits, head_floors
-from bq_onnx.stages.budget import BudgetUnmet, StoredBudget, other_bytes, zero_bit_note
+from bq_onnx.stages.budget import BudgetUnmet, StoredBudget, other_bytes, prepare_note, uniform_note, zero_bit_note
 from bq_onnx.stages.distill import distill
 from bq_onnx.stages.guard import Spent
 from bq_onnx.stages.quantize import quantize_weights
@@ -71,7 +71,9 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
     if storage_of(config).int2:  # int2 codes need DequantizeLinear-25; converted before the weights are found
         model = run_passes(model, [UpgradeOpsetPass(INT2_OPSET), SetIrVersionPass()])
     # ... but what they remove (BatchNormalization vectors folded into their Conv) is no room for the weights
-    ctx.source_bytes = min(ctx.source_bytes, ir_stored_bytes(model))
+    prepared = ir_stored_bytes(model)
+    ctx.prepare_removed = max(ctx.source_bytes - prepared, 0)
+    ctx.source_bytes = min(ctx.source_bytes, prepared)
     found = find_weights(model, config.weights)
     ctx.weights = found.weights
     ctx.messages.extend(found.messages)
@@ -115,9 +117,9 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         return _spend(model, ctx, fit, profile, method)
 
     try:
-        spent = spend()
+        spent = _spend_lowering_heads(model, ctx, spend)
     except BudgetUnmet as unmet:
-        spent = _cheaper_storage(model, ctx, fit, profile, spend, unmet)
+        spent = _cheaper_storage(model, ctx, fit, profile, lambda: _spend_lowering_heads(model, ctx, spend), unmet)
     if guard.wants_measurement(ctx):
         data = guard.held_out_data(model, ctx, held, calibration)
         if guard.guards(ctx):
@@ -157,6 +159,31 @@ def _cheaper_storage(model: ir.Model, ctx: Context, fit: Calibration | None, pro
         except BudgetUnmet as again:
             unmet = again
     raise unmet
+
+
+HEAD_NOTE = "a uniform allocation of this budget gives them"
+"""The words that end :func:`head_floors`' notes (one per kind of kept weight)."""
+
+
+def _spend_lowering_heads(model: ir.Model, ctx: Context, spend: Callable[[], Spent]) -> Spent:
+    """``spend()``; where the budget stage refuses the cheapest allocation, once more with the heads' floors set
+    from the room that output left (the budget less the graph and decode constants it showed, which the tables do
+    not price): a uniform allocation of the whole budget gave the heads a width the file cannot afford, so the
+    smallest size a refusal names (every block at its cheapest width, heads included) could not be met when asked
+    for (LeNet compact: --size-mb 0.01 named 0.0349 MB, and --size-mb 0.0349 was refused naming 0.039)."""
+    try:
+        return spend()
+    except BudgetUnmet as unmet:
+        if ctx.tables is None or not ctx.floors or unmet.room is None:
+            raise
+        before, said = dict(ctx.floors), list(ctx.messages)
+        lowered = head_floors(model, ctx, ctx.tables, budget=unmet.room)
+        if all(lowered.get(name, 0) >= least for name, least in before.items()):
+            ctx.messages[:] = said
+            raise
+        ctx.floors = lowered
+        ctx.messages[:] = [m for m in said if HEAD_NOTE not in m] + ctx.messages[len(said):]
+        return spend()
 
 
 def _coarser_groups(ctx: Context, profile: Capabilities | None, unmet: BudgetUnmet) -> Derived:
@@ -217,9 +244,9 @@ def _noted(out: ir.Model, ctx: Context) -> ir.Model:
     from bq_onnx.decode.rewrite import load_notes
 
     ctx.messages.extend(load_notes(ctx.layers or [], ctx.config.storage.format))
-    note = zero_bit_note(ctx)
-    if note is not None:
-        ctx.messages.append(note)
+    for note in (zero_bit_note(ctx), uniform_note(ctx), prepare_note(ctx)):
+        if note is not None:
+            ctx.messages.append(note)
     return out
 
 

@@ -17,6 +17,9 @@ storing the 1..3-bit grids, which have no container of their size there, packed 
 zero points, as compact does, decoded by standard ops in the graph (:data:`Storage.packed`,
 :func:`bq_onnx.targets.pack_low_widths`). Those tensors are decoded to float when the runtime loads the model
 (smaller file, not less RAM); wherever containers meet the budget, every layer stays one (MatMulNBits fusion kept).
+``--target onnxruntime`` packs its 3-bit grids the same way where no allocation at 3 bits or more in containers
+meets the budget: int2 alone would meet it, but would buy 2 or 4 bits per weight
+(:func:`bq_onnx.targets.pack_low_widths`).
 """
 
 from __future__ import annotations

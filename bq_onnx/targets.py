@@ -8,7 +8,8 @@ targets that run int4 only into some ops (TensorRT: MatMul/Gemm), need an even l
 each weight that cannot be int4 gets a per-weight floor of the smallest allowed width >= 5 (int8 container) and,
 on ``int8_per_channel`` targets, group size 0 (one scale per output channel). TensorRT Conv weights thus become
 int8 per channel. :func:`pack_low_widths` runs once the loss tables exist: where no allocation in the target's
-containers meets the stored budget, the native format packs the 1..3-bit grids (:mod:`bq_onnx.sizes`).
+containers (at 3 bits or more, where int2 containers exist) meets the stored budget, the native format packs the
+1..3-bit grids that have no container of their size (:mod:`bq_onnx.sizes`).
 """
 
 from __future__ import annotations
@@ -94,9 +95,11 @@ PACK_MARGIN = 0.01
 
 def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
     """Whether the native output must store its 1..3-bit grids packed to meet the stored budget: the target packs
-    (the default target, OpenVINO: no container of those sizes) and the cheapest allocation the tables allow in
-    containers (every block at its cheapest width at or above its floor) stores more than the budget, less
-    :data:`PACK_MARGIN`. Elsewhere every layer stays a container the runtimes run compressed."""
+    (the default target, OpenVINO: no container of those sizes; onnxruntime) and the cheapest allocation the tables
+    allow in containers (every block at its cheapest width at or above its floor; where int2 containers exist, at
+    or above 3 bits: int2 meets the budget, but a 3-bit grid costs an int4 container, so without packing the budget
+    buys 2 or 4 bits) stores more than the budget, less :data:`PACK_MARGIN`. Elsewhere every layer stays a container
+    the runtimes run compressed."""
     from bq_onnx.stages import bracket
     from bq_onnx.stages.budget import StoredBudget
 
@@ -107,10 +110,11 @@ def pack_low_widths(model, ctx: Context, p: Capabilities | None) -> bool:
         return False
     limit = budget.limit_bits - (8 * budget.other_bytes if budget.size_mb is not None else 0)
     floors = dict(ctx.derived.weight_min_bits)
+    three = 3 if p is not None and {"int2", "uint2"} & p.containers else 0  # int2 meets it, without a 3-bit grid
     while True:
         cheapest = 0.0
         for t in ctx.tables.blocks:
-            least = max(ctx.floors.get(t.name, 0), floors.get(t.weight, 0))
+            least = max(ctx.floors.get(t.name, 0), floors.get(t.weight, 0), three)
             cheapest += min((float(c) for b, c in zip(t.bits, t.stored) if b >= least), default=float(min(t.stored)))
         packs = cheapest > (1 - PACK_MARGIN) * limit
         lower = bracket.widen(ctx, ctx.config.allocation.allowed_bits, ctx.tables.widths, True, False) \
@@ -128,8 +132,8 @@ def packs_at_all(ctx: Context, p: Capabilities | None) -> bool:
 def packs_before_tables(ctx: Context, p: Capabilities | None) -> bool:
     """Whether containers surely cannot meet the budget, so the tables need not be scored in them first: a
     ``--bits`` budget under 4 with no 0-bit width allowed (every non-zero width costs at least an int4 code there,
-    whatever its group size) on a target that packs. The same decision as :func:`pack_low_widths`, without a
-    second scoring of the tables."""
+    whatever its group size; with int2 containers, every width of 3 bits or more) on a target that packs. The same
+    decision as :func:`pack_low_widths`, without a second scoring of the tables."""
     a = ctx.config.allocation
     return (ctx.config.storage.format == "native" and (p is None or p.packed_codes) and not ctx.fixed
             and not a.bits_payload and a.size_mb is None and a.bits is not None and float(a.bits) < 4

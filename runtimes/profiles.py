@@ -9,7 +9,11 @@ runs them, OpenVINO 2026.4 does not read INT2 ("Unsupported data type INT2", ``t
 ``packed_codes``: where no allocation in containers meets the budget, 1..3-bit grids, which have no container of
 their size there, are stored packed at their width and decoded by standard ops (exact in onnxruntime and OpenVINO,
 like the compact format's decode; folded at load), so ``--bits 4`` and below fit where int4 plus scales costs over
-4 bits: the default target (no profile, always allowed) and OpenVINO.
+4 bits: the default target (no profile, always allowed) and OpenVINO. onnxruntime packs too, where the budget is
+below every block at 3 bits or more in containers (int4): int2 meets such a budget, but without a 3-bit grid it
+buys 2 or 4 bits per weight (the PP-OCR recognizer at ``--bits 4``: CER 0.483 with int2 and int4 alone, 0.062 with
+packed 3-bit grids at the same size, ``benchmarks/zoo_native_ort_s14.md``); 1..2-bit grids stay int2, and the
+layers stored packed are decoded to float at load (no MatMulNBits kernel for them).
 onnxruntime keeps int2 and int4 containers (run compressed, MatMulNBits); TensorRT and ROCm are not measured.
 ``fp16_scales``: measured exact in onnxruntime and OpenVINO; TensorRT and ROCm are not measured here, so fp32.
 """
@@ -35,6 +39,7 @@ PROFILES: dict[str, Capabilities] = {
         native_bits=frozenset(range(9)),
         domains=_STANDARD | {"com.microsoft"},
         fp16_scales=True,
+        packed_codes=True,
         description="onnxruntime CPU: any container and width (int2 at opset 25), asymmetric, codebooks and "
                     "local functions",
     ),

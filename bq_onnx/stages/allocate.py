@@ -57,10 +57,12 @@ def budget_bits(model: ir.Model, ctx: Context, tables: Tables, reserve: float = 
     return _budget(model, ctx, tables) - reserve
 
 
-def head_floors(model: ir.Model, ctx: Context, tables: Tables) -> dict[str, int]:
+def head_floors(model: ir.Model, ctx: Context, tables: Tables, budget: float | None = None) -> dict[str, int]:
     """Block name -> least width for the blocks of head weights (:func:`bq_onnx.heads.head_weights`): the width
-    the uniform allocation of the same blocks and budget gives each. Why: a head's rows that calibration seldom
-    exercises look free in the tables, yet storing them coarsely destroys the output (DESIGN.md, Heads).
+    the uniform allocation of the same blocks and budget gives each (``budget``: the allocator's budget in the
+    tables' unit, where the budget stage measured what the rewrite adds beyond the tables; default the whole).
+    Why: a head's rows that calibration seldom exercises look free in the tables, yet storing them coarsely
+    destroys the output (DESIGN.md, Heads).
     Records the heads on ``ctx.heads`` and a note on ``ctx.messages``; none where uniform itself fails (the budget
     stage refuses that budget) or gives 0 bits (nothing to keep)."""
     ctx.heads = head_weights(model, ctx.weights)
@@ -70,7 +72,8 @@ def head_floors(model: ir.Model, ctx: Context, tables: Tables) -> dict[str, int]
     while True:
         blocks = allocation_blocks(ctx, tables, floors=False)
         try:
-            uniform = allocation.allocate("uniform", blocks, budget_bits(model, ctx, tables))
+            uniform = allocation.allocate("uniform", blocks,
+                                          budget_bits(model, ctx, tables) if budget is None else budget)
         except ValueError:
             lower = bracket.widen(ctx, ctx.config.allocation.allowed_bits, tables.widths, True, False) \
                 if tables.widths is not None else False

@@ -108,22 +108,29 @@ class StoredBudget:
 
     def _refuse(self, measured: float, ctx: Context) -> None:
         smallest = measured  # the cheapest allocation's output, or (tries spent) the last one's
+        # what the tables' cost may take once the rewrite's own overhead (graph, decode constants) is left
+        room = self.limit_bits - (measured - ctx.allocation.cost)
         if self.size_mb is not None:
             mb = math.ceil(smallest / 8e6 * 1e4) / 1e4
             raise BudgetUnmet(f"--size-mb {self.size_mb:g} cannot be met: the smallest file is about {mb:g} MB; "
-                             f"{alternatives(ctx, f'--size-mb {mb:g}')}")
+                              f"{alternatives(ctx, f'--size-mb {mb:g}')}", room)
         numel = sum(t.numel for t in ctx.tables.blocks)
         least = math.ceil(smallest / numel * 100) / 100
         larger = math.ceil(least * 10) / 10
         # --bits stops at 8: tensors so small that their scales alone cost more are budgeted as payload instead
         larger_text = f"--bits {larger:g}" if larger <= 8 else "--bits-payload: tiny tensors' scales exceed 8 bits"
         raise BudgetUnmet(f"--bits {ctx.config.allocation.bits:g} cannot be met: the smallest stored size is about "
-                         f"{least:g} bits per weight; {alternatives(ctx, larger_text)}")
+                          f"{least:g} bits per weight; {alternatives(ctx, larger_text)}", room)
 
 
 class BudgetUnmet(UsageError):
     """The cheapest allocation's output is over the stored budget (a usage error: the user asked for less than
-    the format can store)."""
+    the format can store). ``room``: the allocator's budget that would have fitted, the overhead the output showed
+    taken off (floors set from the whole budget, the heads', may be too high for it)."""
+
+    def __init__(self, message: str, room: float | None = None) -> None:
+        super().__init__(message)
+        self.room = room
 
 
 def alternatives(ctx: Context, larger: str) -> str:
@@ -162,6 +169,60 @@ def zero_bit_note(ctx: Context) -> str | None:
             f"non-zero width stores about {cheapest:.2f} bits per weight in the {ctx.config.storage.format} format; "
             f"a larger --bits, --group-size auto (fewer scales), --format compact or --allowed-bits without 0 "
             f"keeps them")
+
+
+UNSPENT_NOTE = 0.1
+"""Share of a stored ``--bits`` budget left unspent above which ``--allocator uniform``'s report says why."""
+
+
+def _stored_budget_bits(ctx: Context) -> float | None:
+    """``--bits`` where it bounds the stored bits per weight (not ``--bits-payload``, ``--size-mb``, a fixed width)."""
+    a = ctx.config.allocation
+    if ctx.fixed or ctx.tables is None or a.bits_payload or a.size_mb is not None or a.bits is None:
+        return None
+    return float(a.bits)
+
+
+def uniform_note(ctx: Context) -> str | None:
+    """Why ``--allocator uniform`` left much of a stored budget unspent: one width for every weight, and the next
+    width up stores more than the budget (in the native format int4 codes plus their scales cost 4.6 bits per weight
+    at 32 rows, so ``--bits 4.5`` buys packed 3-bit grids everywhere, 3.6 bits). The default allocator spends it."""
+    al, bits = ctx.allocation, _stored_budget_bits(ctx)
+    if bits is None or al is None or ctx.config.allocation.allocator != "uniform" or ctx.stored_bytes is None:
+        return None
+    if al.method != "uniform" or "width" not in al.details or al.details.get("filled_layers"):
+        return None
+    numel = sum(t.numel for t in ctx.tables.blocks)
+    spent = 8 * ctx.stored_bytes / numel
+    if spent >= (1 - UNSPENT_NOTE) * bits:
+        return None
+    width = int(al.details["width"])
+    wider = sorted({b for t in ctx.tables.blocks for b in t.bits if b > width})
+    text = (f"--allocator uniform: every weight at {width} bits stores {spent:.2f} of the {bits:g} bits per weight "
+            f"asked for")
+    if wider:
+        nxt = wider[0]
+        cost = sum(float(t.stored[t.bits.index(nxt)] if nxt in t.bits else t.stored[t.bits.index(ctx.bits[t.name])])
+                   for t in ctx.tables.blocks) / numel
+        text += f"; the next width, {nxt} bits, would store about {cost:.2f} (codes in their container and scales)"
+    return text + ": one width for all cannot spend the rest; the default allocator (leave --allocator out) does"
+
+
+def prepare_note(ctx: Context) -> str | None:
+    """Why the independent count against the given file (``bq-onnx inspect --reference``) reads below ``--bits``:
+    the prepare passes removed float tensors that are not weights (BatchNormalization vectors folded into their
+    Conv), and that room is not spent on the weights (:func:`other_bytes`)."""
+    bits = _stored_budget_bits(ctx)
+    if bits is None or not ctx.prepare_removed:
+        return None
+    numel = sum(t.numel for t in ctx.tables.blocks)
+    less = 8 * ctx.prepare_removed / numel
+    if less < 0.05:
+        return None
+    return (f"folding BatchNormalization into its Conv removed {ctx.prepare_removed / 1e3:.1f} kB of float vectors "
+            f"({less:.2f} bits per weight) that are not weights; --bits {bits:g} bounds the quantized weights and "
+            f"does not spend that room on them, so the count against the original file (bq-onnx inspect "
+            f"--reference) reads about {less:.2f} bits per weight below {bits:g}")
 
 
 def other_bytes(model: ir.Model, ctx: Context) -> int:

@@ -395,7 +395,7 @@ def _candidate_runs(path: Path, where: Path, source, ctx: Context, runs: Sequenc
     from bq_onnx.verify_decoded import decoded_candidate
 
     with tempfile.TemporaryDirectory(prefix="bq-cand-") as tmp:
-        candidate = decoded_candidate(path, ctx, tmp) if ctx.quantized else None
+        candidate = decoded_candidate(path, tmp) if ctx.quantized else None
         if candidate is not None:
             memtrace("verify: candidate decoded")
         try:

@@ -52,25 +52,39 @@ def _ort_weight(path, name: str = "W") -> np.ndarray:
     return session.run([name], _feeds(session.get_inputs()[0].shape[1]))[0]
 
 
-@pytest.mark.parametrize("quantizer,gemm", [("lloyd", False), ("gaussian", False), ("lloyd", True)],
-                         ids=["lloyd", "gaussian-offsets", "lloyd-gemm-transposed"])
-def test_numpy_decode_is_onnxruntimes_bit_for_bit(tmp_path, monkeypatch, quantizer, gemm):
-    k, n = 96, 48  # two blocks of 64 rows, the second ragged
+CASES = {
+    "lloyd": ("lloyd", False, {}),
+    "gaussian-offsets": ("gaussian", False, {}),
+    "lloyd-gemm-transposed": ("lloyd", True, {}),
+    "lloyd-pieces-joined": ("lloyd", False, {"allocator": "greedy", "bits": 4.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_numpy_decode_is_onnxruntimes_bit_for_bit(tmp_path, monkeypatch, case):
+    quantizer, gemm, options = CASES[case]
+    k, n = (96, 48) if not options else (512, 256)  # two blocks of 64 rows, the second ragged; or pieces
     src = _model(tmp_path / "in", k, n, gemm)
-    result = optimize(src, bits=4, allocator="uniform", quantizer=quantizer, group_size=64)
+    result = optimize(src, quantizer=quantizer, group_size=64, **({"bits": 4, "allocator": "uniform"} | options))
     out = tmp_path / "out.onnx"
     monkeypatch.setattr(vd, "CANDIDATE_DECODE_BYTES", 0)  # every codebook decode is replaced
     report = result.save(out)
     assert report["verification"]["passed"]
     qt = result.context.quantized["W"]
-    assert qt.kind == "codebook" and (qt.offset is not None) == (quantizer == "gaussian")
-    candidate = vd.decoded_candidate(out, result.context, tmp_path)
+    if options:  # pieces of 4 and 8 bits, decoded each and joined by a Concat
+        assert len(qt.pieces) > 1 and {q.kind for _, _, q in qt.pieces} == {"codebook"}
+    else:
+        assert qt.kind == "codebook" and (qt.offset is not None) == (quantizer == "gaussian")
+    candidate = vd.decoded_candidate(out, tmp_path)
     assert candidate is not None
-    decoded = onnx.numpy_helper.to_array(
-        next(t for t in onnx.load(candidate).graph.initializer if t.name == "W"), base_dir=str(tmp_path))
-    assert not any(n.op_type == "Gather" for n in onnx.load(candidate, load_external_data=False).graph.node)
-    expected = _ort_weight(out)
-    assert decoded.shape == expected.shape == ((n, k) if gemm else (k, n))
+    written = {o for node in onnx.load(out, load_external_data=False).graph.node for o in node.output}
+    replaced = [t for t in onnx.load(candidate).graph.initializer if t.name in written]
+    assert len(replaced) == 1  # the decode's value, now a tensor
+    decoded = numpy_helper.to_array(replaced[0], base_dir=str(tmp_path))
+    ops = {n.op_type for n in onnx.load(candidate, load_external_data=False).graph.node}
+    assert "Gather" not in ops and "Concat" not in ops
+    expected = _ort_weight(out, replaced[0].name)
+    assert decoded.shape == expected.shape == (k, n)  # the (K, N) view: Gemm's transpose still runs in onnxruntime
     assert np.array_equal(decoded, expected)
 
 
@@ -95,7 +109,7 @@ def test_a_wrong_stored_tensor_still_fails_the_decoded_check(tmp_path, monkeypat
     init.CopyFrom(changed)
     onnx.save(model, out)
     monkeypatch.setattr(vd, "CANDIDATE_DECODE_BYTES", 0)
-    assert vd.decoded_candidate(out, result.context, tmp_path) is not None  # the tampered file is still matched
+    assert vd.decoded_candidate(out, tmp_path) is not None  # the tampered file is still matched
     with pytest.raises(VerificationError, match="differs from the numpy-dequantized reference"):
         verify_written(out, src, result.context, _feeds(k))
 

@@ -17,10 +17,9 @@ from bq_onnx.layout import RECURRENT_OPS
 from bq_onnx.model_io import copy_model
 
 
-def forward_model(model: ir.Model, outputs: Sequence[str | None], copy: bool = True) -> ir.Model:
-    """A copy of ``model`` whose outputs are the named values (``None``: the first graph output); ``copy=False``:
-    ``model`` itself, changed so (a model of the caller's own, whose tensors a copy would hold twice)."""
-    copy = copy_model(model) if copy else model
+def forward_model(model: ir.Model, outputs: Sequence[str | None]) -> ir.Model:
+    """A copy of ``model`` whose outputs are the named values (``None``: the first graph output)."""
+    copy = copy_model(model)
     values = {v.name: v for v in all_values(copy)} | {v.name: v for v in copy.graph.outputs}
     chosen = [output_value(copy, name) if name is None or name in {v.name for v in copy.graph.outputs}
               else values[name] for name in outputs]

@@ -119,12 +119,10 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
         spent = _cheaper_storage(model, ctx, fit, profile, spend, unmet)
     if guard.wants_measurement(ctx):
         data = guard.held_out_data(model, ctx, held, calibration)
-        unpacked = _unpacked_rewrite(model, ctx, profile, weights)
         if guard.guards(ctx):
-            spent = guard.guard_allocation(model, ctx, spent, spend, data, fit if held is not None else None,
-                                           unpacked)
+            spent = guard.guard_allocation(model, ctx, spent, spend, data, fit if held is not None else None)
         else:
-            guard.measure_only(model, ctx, spent, data, unpacked)
+            guard.measure_only(model, ctx, spent, data)
         memtrace("guard")
         guard.check_targets(ctx)
     spent.apply(ctx)
@@ -212,35 +210,6 @@ def _spend(model: ir.Model, ctx: Context, calibration: Calibration | None, profi
     best.stored_bytes = ir_stored_bytes(best.out) - other
     best.apply(ctx)
     return best
-
-
-def _unpacked_rewrite(model: ir.Model, ctx: Context, profile: Capabilities | None,
-                      weights: list) -> Callable[[Spent], ir.Model | None]:
-    """For the guard's runs of a big candidate: ``spent`` rewritten again with its 1..3-bit grids in int4/int8
-    containers instead of packed at their width (None where nothing is packed). Why: onnxruntime decodes packed
-    codes through float intermediates of ~20x their bytes, and feeding instead the numpy-decoded weights to the
-    FP32 model holds the whole weight in float32 beside everything else the guard keeps: 1.1 GiB at 1 GiB, over
-    issue 21's bound of 1.5 x model + 1 GiB from about that size (``benchmarks/scale_single_tensor.md``). In a
-    container, the same codes, scales and zero points go through ``DequantizeLinear``, which onnxruntime fuses
-    with the MatMul (``MatMulNBits``, exact at accuracy level 0): the same arithmetic, float32 sums in another
-    order, and the codes alone in memory. The written output is still the packed one."""
-
-    def rewrite(spent: Spent) -> ir.Model | None:
-        if ctx.config.storage.format != "native" or not ctx.derived.packed_codes:
-            return None
-        kept, config, derived = Spent.of(None, ctx), ctx.config, ctx.derived
-        try:
-            spent.apply(ctx)
-            ctx.derived = dataclasses.replace(derived, packed_codes=False)
-            trial = model.clone()
-            values = {w.name: w.value for w in find_weights(trial, ctx.config.weights).weights}
-            ctx.weights = [dataclasses.replace(w, value=values[w.name]) for w in weights]
-            return _rewrite(trial, ctx, profile)
-        finally:
-            kept.apply(ctx)
-            ctx.config, ctx.derived, ctx.weights = config, derived, weights
-
-    return rewrite
 
 
 def _noted(out: ir.Model, ctx: Context) -> ir.Model:

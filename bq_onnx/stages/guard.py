@@ -44,7 +44,6 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -233,19 +232,13 @@ DECODED_BYTES = 128 * 2**20
 """Bytes of decoded weights :class:`_Decoded` keeps at most."""
 
 
-Unpacked = Callable[[Spent], "ir.Model | None"]
-"""A spent model rewritten with its packed codes in containers, or None (``pipeline._unpacked_rewrite``)."""
-
-
 class _Measure:
     """Runs models on the held-out samples and scores them against FP32: the loss the posterior fits and, per
-    float output, agreement, cosine and relative error. ``unpacked`` gives a candidate whose packed codes would
-    fold to too much float in containers instead (:meth:`runs`)."""
+    float output, agreement, cosine and relative error."""
 
-    def __init__(self, model: ir.Model, ctx: Context, held: HeldOut, decoded: _Decoded | None = None,
-                 unpacked: Unpacked | None = None) -> None:
+    def __init__(self, model: ir.Model, ctx: Context, held: HeldOut, decoded: _Decoded | None = None) -> None:
         a = ctx.config.allocation
-        self.model, self.ctx, self.held, self.unpacked = model, ctx, held, unpacked
+        self.model, self.ctx, self.held = model, ctx, held
         self.decoded = _Decoded() if decoded is None else decoded  # shared with the probe's measure
         self.loss_names = outputs_needed(model, a.loss, a.output)
         floats = [v.name for v in model.graph.outputs if v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16,
@@ -313,37 +306,8 @@ class _Measure:
         return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs), predicted, per_sample=per_sample)
 
     def runs(self, spent: Spent) -> list[list[np.ndarray]]:
-        """The outputs of the model ``spent`` wrote, on these samples: the model itself, or where its packed codes
-        would fold to too much float, the same codes in containers (``unpacked``: ``MatMulNBits`` in onnxruntime,
-        the codes alone in memory), else the FP32 model fed the weights decoded by numpy."""
-        if not folds_too_much(spent.out):
-            return self._run(spent.out)
-        light = self.unpacked(spent) if self.unpacked is not None else None
-        if light is not None and not folds_too_much(light):
-            return self._light_runs(light)
-        return self._decoded_runs(spent)
-
-    def _light_runs(self, light: ir.Model) -> list[list[np.ndarray]]:
-        """``light`` (a model of ours) written with external data and dropped, run in a session with pre-packing
-        (MatMulNBits then keeps its packed codes and runs on them: +7 MiB for a 128 MiB weight's run, where the
-        unpacked kernel decoded the whole weight to float, +118 MiB), and that session dropped and its memory
-        handed back before returning: the guard's next spending never stacks on this one's buffers."""
-        import tempfile
-
-        from bq_onnx.model_io import save_model
-        from bq_onnx.runtimes.registry import get_runtime
-        from bq_onnx.verify import release_freed_memory
-
-        with tempfile.TemporaryDirectory(prefix="bq-light-") as tmp:
-            path = Path(tmp) / "light.onnx"
-            save_model(forward_model(light, self.names, copy=False), path, external_threshold=0)
-            del light
-            release_freed_memory()
-            session = get_runtime("onnxruntime").session(path, exact=True, threads=self.sessions.threads, spin=False)
-            runs = [session.run(feeds) for feeds in self.held.runs]
-            del session
-        release_freed_memory()
-        return runs
+        """The outputs of the model ``spent`` wrote, on these samples."""
+        return self._decoded_runs(spent) if folds_too_much(spent.out) else self._run(spent.out)
 
     def _decoded_runs(self, spent: Spent) -> list[list[np.ndarray]]:
         """``spent`` run as the FP32 model fed its weights decoded by numpy (:meth:`QuantizedTensor.dequantize`,
@@ -387,11 +351,10 @@ class _Measure:
         self.sessions.close()
 
 
-def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut, unpacked: Unpacked | None = None
-                 ) -> None:
+def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> None:
     """The held-out loss and fidelity of ``spent`` alone (a fixed width, ``--allocator uniform``, ``--no-guard``):
-    what the quality targets are checked on. ``unpacked``: see :class:`_Measure`."""
-    measure = _Measure(model, ctx, held, unpacked=unpacked)
+    what the quality targets are checked on."""
+    measure = _Measure(model, ctx, held)
     try:
         chosen = measure.model_try("allocation", spent)
     finally:
@@ -400,15 +363,14 @@ def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut, unp
 
 
 def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | None], Spent],
-                     held: HeldOut, fit: Calibration | None = None, unpacked: Unpacked | None = None) -> Spent:
+                     held: HeldOut, fit: Calibration | None = None) -> Spent:
     """The allocation in ``first`` checked against uniform on ``held`` and repaired where it measures worse (the
     module's docstring); returns what to write, applied to ``ctx``. ``spend(method)`` re-spends the budget
     (``"uniform"``, or None: the configured allocator with ``ctx.floors``). ``fit`` (the samples the posterior
     saw) is where tensors are probed one at a time, so the held-out samples that pick the candidate to write
-    never steered the candidates themselves (else the repaired ones measure optimistically on a small set).
-    ``unpacked``: see :class:`_Measure`."""
+    never steered the candidates themselves (else the repaired ones measure optimistically on a small set)."""
     try:
-        measure = _Measure(model, ctx, held, unpacked=unpacked)
+        measure = _Measure(model, ctx, held)
     except BqError as exc:
         if held.task_data:
             raise
@@ -418,7 +380,7 @@ def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callabl
         if fit is not None and held.kind == "held-out":
             count = min(fit.num_samples, max(PROBE_SAMPLES, 2 * held.samples), MAX_HELD)
             data = fit.take(count)
-            probe = _Measure(model, ctx, _held(data, "fit"), measure.decoded, unpacked)
+            probe = _Measure(model, ctx, _held(data, "fit"), measure.decoded)
             measure.probe = probe
         return _guard(model, ctx, first, spend, held, measure)
     finally:

@@ -148,9 +148,10 @@ def single_tensor(args) -> list[str]:
              f"Model: one MatMul with a single ({SINGLE_ROWS}, {params // SINGLE_ROWS}) fp32 weight (seeded normal "
              "data) in external data. Peak = `ru_maxrss` of the optimize process (file-backed pages included); "
              "bound = 1.5 x model size + 1 GiB.", "",
-             "| weights (GiB) | parameters | options | wall (s) | peak RSS (GiB) | bound (GiB) | within | exit |",
-             "|---|---|---|---|---|---|---|---|",
-             _row(model_bytes, params, options, result, 1.5 * model_bytes + GIB), "",
+             "| weights (GiB) | parameters | options | wall (s) | peak RSS (GiB) | bound (GiB) | within | exit "
+             "| CPU (s) |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"{_row(model_bytes, params, options, result, 1.5 * model_bytes + GIB)} {result['cpu']:.1f} |", "",
              "Memory per step (`BQ_ONNX_MEMTRACE=1`, MiB):", "", "```", *result["trace"], "```", ""]
     if result["rc"] != 0:
         print(result["output"][-2000:], file=sys.stderr)
@@ -185,7 +186,8 @@ def run_optimize(model: Path, extra: list[str], trace: bool = False) -> dict:
     out_bytes = _model_bytes(out) if out.exists() else 0
     for f in model.parent.glob("model.bq.onnx*"):
         f.unlink()
-    return {"seconds": elapsed, "peak": usage.ru_maxrss * 1024, "rc": proc.returncode, "output": output,
+    return {"seconds": elapsed, "cpu": usage.ru_utime + usage.ru_stime, "peak": usage.ru_maxrss * 1024,
+            "rc": proc.returncode, "output": output,
             "out_bytes": out_bytes, "trace": [line for line in output.splitlines() if line.startswith("memtrace ")]}
 
 

@@ -357,24 +357,7 @@ def verify_written(
         raise VerificationError(f"{where}: written model fails the onnx checker: {str(exc).splitlines()[0]}") from None
     memtrace("verify: checker")
     rt = get_runtime(runtime)
-    # one session at a time: the candidate runs and is dropped before the full-precision reference is built
-    try:
-        candidate_session = rt.session(path, exact=True, lean=True, spin=False)
-    except UnsupportedError as exc:  # an op onnxruntime does not know: not supported (exit 4), named by the output
-        raise UnsupportedError(str(exc).replace(os.fspath(path), os.fspath(where))) from None
-    except ModelError as exc:
-        raise VerificationError(str(exc).replace(os.fspath(path), os.fspath(where))) from None
-    try:
-        out = [candidate_session.run(run) for run in runs]
-    except DataError:
-        if random_inputs:
-            del candidate_session
-            fp32_runs(source, runs, rt)  # raises InputsError when the FP32 model fails on them too
-        raise
-    names = candidate_session.output_names
-    del candidate_session
-    release_freed_memory()
-    memtrace("verify: candidate run")
+    out, names = _candidate_runs(path, where, source, ctx, runs, rt, random_inputs)
     with tempfile.TemporaryDirectory(prefix="bq-ref-") as tmp:
         prepared = prepared_reference(source, ctx)
         ref_out = reference_runs(prepared, ctx, runs, rt, tmp)
@@ -402,6 +385,36 @@ def verify_written(
             raise VerificationError(f"{where}: the written model does not compute what the float model does: "
                                     f"{problems[0]}")
     return checks
+
+
+def _candidate_runs(path: Path, where: Path, source, ctx: Context, runs: Sequence[Mapping[str, np.ndarray]], rt,
+                    random_inputs: bool) -> tuple[list[list[np.ndarray]], list[str]]:
+    """The written model's outputs on ``runs`` (and their names) in its own session, dropped before the
+    full-precision reference is built (one session at a time); big codebook decodes are computed by numpy from
+    the written tensors, the rest of the file in the runtime (:mod:`bq_onnx.verify_decoded`)."""
+    from bq_onnx.verify_decoded import decoded_candidate
+
+    with tempfile.TemporaryDirectory(prefix="bq-cand-") as tmp:
+        candidate = decoded_candidate(path, tmp) if ctx.quantized else None
+        if candidate is not None:
+            memtrace("verify: candidate decoded")
+        try:
+            session = rt.session(candidate or path, exact=True, lean=True, spin=False)
+        except (UnsupportedError, ModelError) as exc:  # named by the output; an unknown op: not supported (exit 4)
+            text = str(exc).replace(os.fspath(candidate or path), os.fspath(where))
+            raise (UnsupportedError(text) if isinstance(exc, UnsupportedError) else VerificationError(text)) from None
+        try:
+            out = [session.run(run) for run in runs]
+        except DataError:
+            if random_inputs:
+                del session
+                fp32_runs(source, runs, rt)  # raises InputsError when the FP32 model fails on them too
+            raise
+        names = session.output_names
+        del session
+    release_freed_memory()
+    memtrace("verify: candidate run")
+    return out, names
 
 
 def fp32_runs(source, runs: Sequence[Mapping[str, np.ndarray]], rt) -> None:

@@ -390,6 +390,34 @@ def test_inspect_counts_nncf_outputs_on_the_same_terms(tmp_path, capsys):
         inspect(tmp_path / "bad.onnx")
 
 
+def test_inspect_counts_a_matmulnbits_file_without_its_domain_import(tmp_path, capsys):
+    """The defect of NNCF 3.4's int4 output without NNCF (not in the test extra): onnxruntime's own MatMulNBits
+    quantizer's file with the com.microsoft import removed is counted with a warning, the same figure as with the
+    import, and with and without the FP32 reference."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from bq_onnx.cli import main
+
+    model = MODELS / "digits_mlp.onnx"
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)), block_size=32, is_symmetric=False)
+    quantizer.process()
+    good = quantizer.model.model
+    onnx.save(good, str(tmp_path / "good.onnx"))
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    keep = [o for o in bad.opset_import if o.domain != "com.microsoft"]
+    del bad.opset_import[:]
+    bad.opset_import.extend(keep)
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    counted = count(tmp_path / "good.onnx", model).bits_per_weight
+    assert 4 < counted < 5.5
+    assert inspect(tmp_path / "bad.onnx")["counted"]["bits_per_weight"] == pytest.approx(counted)
+    assert inspect(tmp_path / "bad.onnx", reference=model)["counted"]["bits_per_weight"] == pytest.approx(counted)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "bad.onnx")]) == 0
+    assert "without importing them" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("payload", [False, True])
 def test_the_optimize_headline_is_the_stored_figure_with_payload_and_metadata_beside(tmp_path, capsys, payload):
     """The line a user reads after optimize: the counted stored bits per weight first (what --bits bounds unless

@@ -1,9 +1,7 @@
 """BLAS on one thread while bq-onnx computes: its own parallelism (the chunked quantizer passes, onnxruntime's
-intra-op threads) already uses every core, and OpenBLAS's threads beside them oversubscribe the CPU. Measured on
-the 2-core machine under load: a 1536 x 1536 Cholesky took 2.5 s with two OpenBLAS threads and 0.10 s with one,
-and ``optimize`` on paraphrase-MiniLM-L3 spent 22 % fewer CPU seconds with one (same output bytes;
-``benchmarks/speed.md``). A thread count the user set in the environment (``OPENBLAS_NUM_THREADS``,
-``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) is left as it is."""
+intra-op threads) already uses every core, and OpenBLAS's threads beside them oversubscribe the CPU
+(``benchmarks/speed.md``: fewer CPU seconds on both MiniLM encoders with one, same output bytes). A thread count the
+user set in the environment (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) is left as it is."""
 
 from __future__ import annotations
 

@@ -3,10 +3,10 @@ the FP32 model computes, so a probe runs only the nodes from a cut at or before 
 crossing the cut.
 
 Why: the guard's tensor probes and the measured rounding choice run the model once per tensor (on up to 64
-samples), and on all-MiniLM-L6-v2 they were more than half of ``optimize``'s CPU time, though a tensor of the last
-layer changes a sixth of the network. A session per tensor costs about what it saves (tried: 0.1-0.4 s to create
-each), so the graph's topological order is cut at :data:`CUTS` - 1 evenly spaced places and each probe runs from
-the last cut before its tensor's first reader: one session per cut, shared by the tensors after it.
+samples), and on all-MiniLM-L6-v2 they were about half of ``optimize``'s time in a profile, though a tensor of the last
+layer changes a sixth of the network. A session per tensor costs about what it saves, so the graph's topological
+order is cut at :data:`CUTS` - 1 evenly spaced places and each probe runs from the last cut before its tensor's
+first reader: one session per cut, shared by the tensors after it.
 
 The FP32 values crossing each cut are computed once (in the same run as the FP32 outputs) and kept where they fit
 :data:`FRONTIER_BYTES` (cuts with the largest crossings dropped first: a decision on array sizes, so the same input

@@ -58,7 +58,8 @@ _GRID = ("scale", "scale_code", "super_scale", "zero_point", "codebook", "offset
 def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,
                 importance: np.ndarray | None) -> QuantizedTensor:
     """``qt`` re-rounded by GPTQ; the tables, the guard and the stored-budget loop quantize again and again, so a
-    result is kept per (weight, width) and reused while the design (grid and nearest codes) is the same."""
+    result is kept per (weight, width) and reused while the design (grid and nearest codes) is the same, with the
+    per-channel errors of nearest's codes and of the result that GPTQ computed to choose between them."""
     from bq_onnx.rounding.gptq import DAMPING, NO_GRID, Metric, gptq_round_errors, grouped_moments
 
     if qt.kind in NO_GRID or ctx.rounded.get(("nearest", name, qt.bits)):  # measured: nearest loses less here
@@ -72,9 +73,7 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
         metric = Metric(grouped_moments(a, *view.shape), importance, view.shape[1], DAMPING)
         ctx.rounded[("metric", name)] = metric
     out, near, final = gptq_round_errors(view, qt, a, importance, metric=metric)
-    ctx.rounded[key] = (qt, out)
-    if near is not None:  # compensation_ratio's two terms, computed by GPTQ's own choice
-        ctx.rounded[("errors", name, qt.bits)] = (out, near, final)
+    ctx.rounded[key] = (qt, out, near, final)
     return out
 
 
@@ -83,16 +82,9 @@ def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedT
     """Per slice of output channels: the layer-output error left by GPTQ over the one rounding to nearest leaves, on
     the metric GPTQ minimizes (``<= 1``: GPTQ keeps nearest's codes where it does not lower it; 1 where nearest's
     error is zero). What the expected-loss tables multiply their nearest-rounding loss by under ``--rounding gptq``."""
-    rounded = compensated(ctx, name, view, qt, a, importance)
-    if rounded is qt:
+    if compensated(ctx, name, view, qt, a, importance) is qt:
         return np.ones(len(ranges))
-    known = ctx.rounded.get(("errors", name, qt.bits))
-    if known is not None and known[0] is rounded:
-        near, comp = known[1], known[2]
-    else:
-        metric = ctx.rounded[("metric", name)]
-        near = metric.column_error(np.asarray(view, dtype=np.float64) - qt.dequantize())
-        comp = metric.column_error(np.asarray(view, dtype=np.float64) - rounded.dequantize())
+    _, _, near, comp = ctx.rounded[(name, qt.bits)]  # the entry compensated() just returned from
     out = np.ones(len(ranges))
     for i, (lo, hi) in enumerate(ranges):
         total = float(near[lo:hi].sum())

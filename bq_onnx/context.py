@@ -126,6 +126,7 @@ class Context:
     progress: bool = False
     floors: dict[str, int] = dataclasses.field(default_factory=dict)  # block -> least width (heads, guard repairs)
     heads: set[str] = dataclasses.field(default_factory=set)  # weights feeding an output directly (bq_onnx.heads)
+    head_notes: list[str] = dataclasses.field(default_factory=list)  # the messages the floors above said
     unpriced: set[str] = dataclasses.field(default_factory=set)  # no gradient, not measurable: kept at uniform
     guard: dict | None = None  # the held-out check's report (bq_onnx.stages.guard)
     exclusions: list[dict] = dataclasses.field(default_factory=list)  # what each --exclude/--only matched

@@ -161,10 +161,6 @@ def _cheaper_storage(model: ir.Model, ctx: Context, fit: Calibration | None, pro
     raise unmet
 
 
-HEAD_NOTE = "a uniform allocation of this budget gives them"
-"""The words that end :func:`head_floors`' notes (one per kind of kept weight)."""
-
-
 def _spend_lowering_heads(model: ir.Model, ctx: Context, spend: Callable[[], Spent]) -> Spent:
     """``spend()``; where the budget stage refuses the cheapest allocation, once more with the heads' floors set
     from the room that output left (the budget less the graph and decode constants it showed, which the tables do
@@ -176,13 +172,13 @@ def _spend_lowering_heads(model: ir.Model, ctx: Context, spend: Callable[[], Spe
     except BudgetUnmet as unmet:
         if ctx.tables is None or not ctx.floors or unmet.room is None:
             raise
-        before, said = dict(ctx.floors), list(ctx.messages)
+        before, said, noted = dict(ctx.floors), list(ctx.messages), list(ctx.head_notes)
         lowered = head_floors(model, ctx, ctx.tables, budget=unmet.room)
         if all(lowered.get(name, 0) >= least for name, least in before.items()):
             ctx.messages[:] = said
             raise
         ctx.floors = lowered
-        ctx.messages[:] = [m for m in said if HEAD_NOTE not in m] + ctx.messages[len(said):]
+        ctx.messages[:] = [m for m in said if m not in noted] + ctx.messages[len(said):]
         return spend()
 
 

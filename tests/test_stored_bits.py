@@ -111,6 +111,23 @@ def test_size_mb_that_cannot_be_met_says_the_smallest(tmp_path, fmt, target):
     assert out.stat().st_size <= smallest * 1e6
 
 
+def test_size_refusal_on_the_default_target_names_the_smaller_onnxruntime_file(tmp_path):
+    """Packed 2-bit codes store what int2 does, but their decode's graph counts in a file-size budget: the default
+    target's smallest LeNet is larger than onnxruntime's, so the refusal offers that target, and it meets a size
+    the default target cannot."""
+    def smallest(target):
+        with pytest.raises(UsageError) as e:
+            bq_onnx.optimize(MODELS / "lenet.onnx", size_mb=0.01, target=target)
+        return str(e.value), float(str(e.value).split("about ")[1].split()[0])
+
+    said, default = smallest(None)
+    _, ort = smallest("onnxruntime")
+    assert "--target onnxruntime (int2 containers" in said and ort < default
+    out = tmp_path / "m.onnx"
+    bq_onnx.optimize(MODELS / "lenet.onnx", size_mb=ort, target="onnxruntime").save(out)
+    assert out.stat().st_size <= ort * 1e6 < default * 1e6
+
+
 def test_zero_bit_blocks_leave_no_unused_initializers(tmp_path):
     out = tmp_path / "m.onnx"
     result = bq_onnx.optimize(MODELS / "lenet.onnx", bits=1, allowed_bits=ALL_WIDTHS)

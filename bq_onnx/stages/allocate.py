@@ -63,8 +63,8 @@ def head_floors(model: ir.Model, ctx: Context, tables: Tables, budget: float | N
     tables' unit, where the budget stage measured what the rewrite adds beyond the tables; default the whole).
     Why: a head's rows that calibration seldom exercises look free in the tables, yet storing them coarsely
     destroys the output (DESIGN.md, Heads).
-    Records the heads on ``ctx.heads`` and a note on ``ctx.messages``; none where uniform itself fails (the budget
-    stage refuses that budget) or gives 0 bits (nothing to keep)."""
+    Records the heads on ``ctx.heads`` and a note on ``ctx.messages`` (and ``ctx.head_notes``); none where uniform
+    itself fails (the budget stage refuses that budget) or gives 0 bits (nothing to keep)."""
     ctx.heads = head_weights(model, ctx.weights)
     kept = ctx.heads | (ctx.unpriced if ctx.posterior is not None else set())
     if not kept:
@@ -91,17 +91,20 @@ def head_floors(model: ir.Model, ctx: Context, tables: Tables, budget: float | N
     heads = [w for w in floored if w in ctx.heads and w not in ctx.unpriced]
     unpriced = [w for w in floored if w in ctx.unpriced]
     width = uniform.details["width"] if floors else None
+    notes = []
     if heads:
-        ctx.messages.append(
+        notes.append(
             f"{len(heads)} head weight{'s' if len(heads) > 1 else ''} feeding a graph output directly "
             f"({', '.join(heads[:3])}{', ...' if len(heads) > 3 else ''}) kept at >= "
             f"{width} bits, the width a uniform allocation of this budget gives them")
     if unpriced:
-        ctx.messages.append(
+        notes.append(
             f"{len(unpriced)} weight{'s' if len(unpriced) > 1 else ''} whose effect the calibration data cannot "
             f"measure (no gradient, inside a subgraph: e.g. an If branch the data never take; "
             f"{', '.join(unpriced[:2])}{', ...' if len(unpriced) > 2 else ''}) kept at {width} bits, the width "
             f"a uniform allocation of this budget gives them: the budget moves only between weights it can price")
+    ctx.messages += notes
+    ctx.head_notes = notes
     return floors
 
 

@@ -1,11 +1,12 @@
 """Is ``--bits`` what the file stores? Counted stored bits per weight of every output, per model, format and target.
 
 Usage:  python benchmarks/stored_bits.py [--models lenet,...,ppocr-cls,...] [--bits 4,3]
-        [--cells native,native:onnxruntime,compact] [--out benchmarks/zoo_native_counted.md]
+        [--cells native,native:onnxruntime,compact] [--calib] [--out benchmarks/zoo_native_counted.md]
 
 For each model (the repository's ``models/*.onnx`` and the zoo of ``benchmarks/zoo_models.py``), each cell (format,
 and target after a colon; none: the default target, which must run in onnxruntime and OpenVINO) and each budget,
-``bq_onnx.optimize(model, bits=B, format=..., target=...)`` without calibration (the default allocator and guard)
+``bq_onnx.optimize(model, bits=B, format=..., target=...)`` without calibration (the default allocator and guard;
+``--calib``: with the repository's ``models/NAME_calib.npz`` or the zoo's calibration split)
 writes a file, and :func:`bq_onnx.counting.count` counts it against the FP32 model independently of the rewrite:
 8 x (bytes of every stored tensor, initializers and ``Constant`` values in every graph - bytes of the FP32
 model's non-weight tensors) / weight elements of the FP32 model (issue 16's figure, which ``bq-onnx inspect
@@ -42,7 +43,19 @@ def model_path(name: str) -> Path:
     return ZOO[name].path
 
 
-def one(path: Path, bits: float, fmt: str, target: str | None, folder: Path) -> dict:
+def calibration(name: str) -> object:
+    """The calibration data of ``--calib``: a repository model's ``models/NAME_calib.npz``, a zoo model's
+    ``calib`` split (as ``benchmarks/zoo.py`` makes it, disjoint from its evaluation split)."""
+    if name in REPO_MODELS:
+        return str(ROOT / "models" / f"{name}_calib.npz")
+    from zoo import N_CALIB  # model_path() put benchmarks/ on the path
+    from zoo_models import ZOO
+
+    model = ZOO[name]
+    return model.calib_feeds(model.make("calib", N_CALIB))
+
+
+def one(path: Path, bits: float, fmt: str, target: str | None, folder: Path, calib: object = None) -> dict:
     """Optimize, save and count one cell; a refusal or failure is its first line."""
     import bq_onnx
     from bq_onnx.counting import count
@@ -50,7 +63,7 @@ def one(path: Path, bits: float, fmt: str, target: str | None, folder: Path) -> 
     started = time.time()
     out = folder / f"{fmt}-{target or 'default'}-{bits:g}.onnx"
     try:
-        result = bq_onnx.optimize(str(path), bits=bits, format=fmt, target=target)
+        result = bq_onnx.optimize(str(path), bits=bits, format=fmt, target=target, calib=calib)
         result.save(str(out), force=True)
     except Exception as exc:  # noqa: BLE001 - a refusal is a result
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
@@ -87,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", default="native,native:onnxruntime", help="format[:target], comma-separated")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--from-zoo-cache", action="store_true", help="count benchmarks/zoo.py's cached outputs")
+    ap.add_argument("--calib", action="store_true",
+                    help="optimize with calibration (repository: models/NAME_calib.npz; zoo: its calib split)")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.bits.split(",")]
     cells = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in args.cells.split(",")]
@@ -96,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         """The report so far (rewritten after each model, so a stopped run leaves what it measured)."""
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-        cache_flag = " --from-zoo-cache" if args.from_zoo_cache else ""
+        cache_flag = (" --from-zoo-cache" if args.from_zoo_cache else "") + (" --calib" if args.calib else "")
         lines = [
             "# Counted stored bits per weight against `--bits`",
             "",
@@ -128,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bq-stored-") as tmp:
         for name in args.models.split(","):
             path = model_path(name)
+            calib = calibration(name) if args.calib and not args.from_zoo_cache else None
             for fmt, target in cells:
                 for bits in budgets:
                     folder = Path(tmp) / name
                     folder.mkdir(exist_ok=True)
                     found = (cached(name, path, bits, fmt, target) if args.from_zoo_cache
-                             else [("bq-nocalib", one(path, bits, fmt, target, folder))])
+                             else [("bq-calib" if args.calib else "bq-nocalib",
+                                    one(path, bits, fmt, target, folder, calib))])
                     for config, r in found:
                         rows.append((name, config, fmt, target, bits, r))
                         print(f"[{name}] {config} {fmt} {target or 'default'} --bits {bits:g}: "

@@ -11,13 +11,14 @@ everywhere, the largest whose stored size fits).
 Before that comparison the tables themselves are checked tensor by tensor (:func:`_check_tables`): each tensor
 is measured alone as the allocation stores it, and one whose measured/predicted ratio is over
 :data:`PREDICTION_FACTOR` times the median ratio gets its table scaled up by that much and the budget is spent
-again (on silero-vad's sequence export, the fixed STFT basis of its first Conv: 15x its prediction). Tensors are
-probed on the fit split, so the held-out samples only choose between candidates; the candidates are the
-allocation, its repairs, the allocation with every block floored at the uniform width (:func:`_floored`), the
-data-free allocation (the one bq-onnx makes without ``--calib``: tables and grids without the posterior,
-:func:`_data_free`), uniform on those plain grids and uniform; what is written is no worse than uniform on both
-splits, and an alternative (data-free or floored) replaces the allocation or its best repair only when clearly
-better on the held-out samples (:func:`_confirm_on_fit`).
+again (on silero-vad's sequence export, the fixed STFT basis of its first Conv: 15x its prediction); each probe
+runs on the fit split's first run and on the rest only where its value decides something (:func:`_settled`: the
+same outcome as every run, in fewer). Tensors are probed on the fit split, so the held-out samples only choose
+between candidates; the candidates are the allocation, its repairs, the allocation with every block floored at
+the uniform width (:func:`_floored`), the data-free allocation (the one bq-onnx makes without ``--calib``: tables
+and grids without the posterior, :func:`_data_free`), uniform on those plain grids and uniform; what is written
+is no worse than uniform on both splits, and an alternative (data-free or floored) replaces the allocation or its
+best repair only when clearly better on the held-out samples (:func:`_confirm_on_fit`).
 
 Where the allocation measures worse than uniform, or its measured loss exceeds its prediction by more than
 :data:`PREDICTION_FACTOR` times what uniform's does (the tables' scale is calibrated by uniform's own

@@ -344,6 +344,27 @@ def test_an_alternative_that_ranks_first_but_is_not_clearly_better_hides_no_othe
     assert _confirm_on_fit([answer, tie], _try("uniform", 2.0), _measure(probe))[0] is answer
 
 
+def test_only_the_fit_losses_that_decide_are_measured():
+    """The fit split is run for uniform, the answers up to the first one it confirms and the alternatives clearly
+    better than that answer held out: a later repair and an alternative that only ties the answer are not run
+    (each is a whole-model run of the fit split), and the choice is the one every fit loss gives."""
+    from bq_onnx.stages.guard import DATA_FREE_FILLED, NEAREST, _confirm_on_fit
+
+    answer, later = _paired("repair 1", [1.0] * 8), _paired("repair 2", [1.1] * 8)
+    tie = _paired(NEAREST, [1.0] * 8)
+    better = _paired(DATA_FREE_FILLED, [0.5, 0.45, 0.52, 0.48, 0.5, 0.47, 0.51, 0.49])
+    probe = _FitProbe({"uniform": 2.0, "repair 1": 0.2, "repair 2": 0.1, NEAREST: 0.2, DATA_FREE_FILLED: 1.5})
+    chosen, _ = _confirm_on_fit([later, tie, answer, better], _try("uniform", 2.0), _measure(probe))
+    assert chosen is better
+    assert sorted(probe.measured) == sorted(["uniform", "repair 1", DATA_FREE_FILLED])
+    assert later.fit_loss is None and tie.fit_loss is None
+    # an answer the fit split does not confirm: the next one is measured, and every alternative where none is
+    probe = _FitProbe({"uniform": 2.0, "repair 1": 3.0, "repair 2": 3.0, NEAREST: 0.2, DATA_FREE_FILLED: 1.5})
+    answers = [_paired("repair 1", [1.0] * 8), _paired("repair 2", [1.1] * 8), _paired(NEAREST, [1.0] * 8)]
+    chosen, _ = _confirm_on_fit(answers, _try("uniform", 2.0), _measure(probe))
+    assert chosen.label == NEAREST and sorted(probe.measured) == sorted(["uniform", "repair 1", "repair 2", NEAREST])
+
+
 def test_probes_left_on_their_first_run_change_nothing(monkeypatch, tmp_path):
     """The tables' check measures every tensor on the fit split's first run and the rest only where the value
     decides something (clear of the median and the repair line by 3 standard errors it does not): the same

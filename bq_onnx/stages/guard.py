@@ -880,7 +880,9 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     allocation floored at uniform): of those, the lowest loss over both splits (each weighted by its samples; four
     times the held-out samples), among those clearly better than the method's answer on the held-out samples
     (:func:`_clearly_better`, the same samples for both) where there is an answer: one alternative that ranks
-    first but is not clearly better does not hide another that is.
+    first but is not clearly better does not hide another that is. Only the fit losses that decide are measured
+    (a whole-model run of the fit split each): uniform's, the answers' up to the first confirmed one, and the
+    alternatives clearly better than it (every alternative where no answer is confirmed).
 
     Why: the held-out split of a small ``--calib`` is a few samples (8 of 32 clips on silero-vad's sequence
     export, 8 pages on the PP-OCR detector), and the best of several candidates measured on them wins partly by
@@ -894,20 +896,22 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     if uniform.fit_loss is None:
         uniform.fit_loss = fit.loss(fit.runs(uniform.spent))
     winners = sorted((t for t in tries if t.loss <= uniform.loss), key=lambda t: t.loss)
-    confirmed = []
-    for t in winners:
+
+    def confirmed(t: _Try) -> bool:  # measured on the fit split where its fit loss is read (a run each)
         if t.fit_loss is None:
             t.fit_loss = fit.loss(fit.runs(t.spent))
-        if t.fit_loss <= uniform.fit_loss:
-            confirmed.append(t)
-    if not confirmed:
-        return uniform, winners[0]
-    held, seen = measure.held.samples, fit.held.samples
-    alternatives = [t for t in confirmed if t.label in ALTERNATIVES]
-    answers = [t for t in confirmed if t.label not in ALTERNATIVES]
-    answer = answers[0] if answers else None
+        return t.fit_loss <= uniform.fit_loss
+
+    # the answer: the first confirmed of the method's answers (those after it are not read); an alternative only
+    # where clearly better than it held out (the others are not read either)
+    answer = next((t for t in winners if t.label not in ALTERNATIVES and confirmed(t)), None)
+    alternatives = [t for t in winners if t.label in ALTERNATIVES]
     if answer is not None:  # only an alternative clearly better than the answer may replace it
         alternatives = [t for t in alternatives if _clearly_better(t, answer)]
+    alternatives = [t for t in alternatives if confirmed(t)]
+    if answer is None and not alternatives:  # no winner confirmed (each was measured)
+        return uniform, winners[0]
+    held, seen = measure.held.samples, fit.held.samples
     alternative = min(alternatives, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
     return (answer if alternative is None else alternative), None
 

@@ -52,9 +52,10 @@ class Cuts:
         self.cache: list[dict[str, np.ndarray]] = []
         self._built = False
 
-    def runs_for(self, weight: str, value: np.ndarray, whole: Callable[[], Runs]) -> Runs:
-        """``names`` on every run with ``weight`` replaced by ``value``: from its cut, or ``whole()`` (the whole
-        model's run) where it has none."""
+    def runs_for(self, weight: str, value: np.ndarray, whole: Callable[[], Runs],
+                 which: Sequence[int] | None = None) -> Runs:
+        """``names`` on every run (``which``: on those runs, by index) with ``weight`` replaced by ``value``: from
+        its cut, or ``whole()`` (the whole model's run on the same runs) where it has none."""
         if not self._built:
             self._built = True
             try:
@@ -71,7 +72,8 @@ class Cuts:
             if part.session is None:
                 part.session = self.sessions.open(part.model)
             out = []
-            for feeds, cached in zip(self.runs, self.cache):
+            chosen = range(len(self.runs)) if which is None else which
+            for feeds, cached in ((self.runs[i], self.cache[i]) for i in chosen):
                 given = {n: (feeds[n] if n in feeds else cached[n]) for n in part.frontier}
                 given[weight] = value
                 got = dict(zip(part.produced, part.session.run(given)))

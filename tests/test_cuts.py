@@ -108,9 +108,9 @@ def test_optimize_measures_the_same_with_and_without_cuts(monkeypatch, tmp_path)
     used = []
     real = Cuts.runs_for
 
-    def spy(self, weight, value, whole):
+    def spy(self, weight, value, whole, which=None):
         used.append(weight in self.cut_of)
-        return real(self, weight, value, whole)
+        return real(self, weight, value, whole, which)
 
     monkeypatch.setattr(Cuts, "runs_for", spy)
     with_cuts = bq_onnx.optimize(path, **options)

@@ -11,13 +11,14 @@ everywhere, the largest whose stored size fits).
 Before that comparison the tables themselves are checked tensor by tensor (:func:`_check_tables`): each tensor
 is measured alone as the allocation stores it, and one whose measured/predicted ratio is over
 :data:`PREDICTION_FACTOR` times the median ratio gets its table scaled up by that much and the budget is spent
-again (on silero-vad's sequence export, the fixed STFT basis of its first Conv: 15x its prediction). Tensors are
-probed on the fit split, so the held-out samples only choose between candidates; the candidates are the
-allocation, its repairs, the allocation with every block floored at the uniform width (:func:`_floored`), the
-data-free allocation (the one bq-onnx makes without ``--calib``: tables and grids without the posterior,
-:func:`_data_free`), uniform on those plain grids and uniform; what is written is no worse than uniform on both
-splits, and an alternative (data-free or floored) replaces the allocation or its best repair only when clearly
-better on the held-out samples (:func:`_confirm_on_fit`).
+again (on silero-vad's sequence export, the fixed STFT basis of its first Conv: 15x its prediction); each probe
+runs on the fit split's first run and on the rest only where its value decides something (:func:`_settled`: the
+same outcome as every run, in fewer). Tensors are probed on the fit split, so the held-out samples only choose
+between candidates; the candidates are the allocation, its repairs, the allocation with every block floored at
+the uniform width (:func:`_floored`), the data-free allocation (the one bq-onnx makes without ``--calib``: tables
+and grids without the posterior, :func:`_data_free`), uniform on those plain grids and uniform; what is written
+is no worse than uniform on both splits, and an alternative (data-free or floored) replaces the allocation or its
+best repair only when clearly better on the held-out samples (:func:`_confirm_on_fit`).
 
 Where the allocation measures worse than uniform, or its measured loss exceeds its prediction by more than
 :data:`PREDICTION_FACTOR` times what uniform's does (the tables' scale is calibrated by uniform's own
@@ -233,6 +234,31 @@ DECODED_BYTES = 128 * 2**20
 """Bytes of decoded weights :class:`_Decoded` keeps at most."""
 
 
+@dataclasses.dataclass
+class _Probed:
+    """One tensor's probe: its loss per sample on the probe's first runs (``parts``, one array each), of ``runs``
+    in all; complete when every run is measured (a probe that is not scored per run holds its mean alone)."""
+
+    parts: list[np.ndarray]
+    runs: int
+
+    @property
+    def complete(self) -> bool:
+        return len(self.parts) >= self.runs
+
+    @property
+    def loss(self) -> float:
+        """The mean loss over the samples measured (every sample once complete: what one scoring of all the runs
+        gives, the samples' losses being the same arrays)."""
+        return float(np.mean(np.concatenate(self.parts)))
+
+    @property
+    def error(self) -> float:
+        """The standard error of :attr:`loss` (0 with fewer than 2 samples)."""
+        values = np.concatenate(self.parts)
+        return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 class _Measure:
     """Runs models on the held-out samples and scores them against FP32: the loss the posterior fits and, per
     float output, agreement, cosine and relative error."""
@@ -261,10 +287,25 @@ class _Measure:
         if bad:  # nothing compares with NaN: the guard cannot measure on these inputs
             raise DataError(f"the FP32 output '{bad[0]}' is not finite on these inputs")
         self.plan, self.fp32 = resolve(model, a.loss, a.output, values, self.axes)
+        self.rows = self._rows()
 
-    def _run(self, model: ir.Model, weights: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
+    def _rows(self) -> list[tuple[int, int]] | None:
+        """Each run's rows in the stacked outputs, where every loss term holds one row per sample of each run
+        (so a probe can be scored on its first runs: :meth:`tensor_probe`); None where not, or with one run."""
+        sizes = self.held.sizes
+        if sizes is None or len(sizes) < 2:
+            return None
+        for t in self.plan.terms:
+            if [len(self._stack(t.output, [r])) for r in self.reference] != list(sizes):
+                return None
+        ends = np.cumsum(sizes).tolist()
+        return [(end - size, end) for size, end in zip(sizes, ends)]
+
+    def _run(self, model: ir.Model, weights: dict[str, np.ndarray] | None = None,
+             which: list[int] | None = None) -> list[list[np.ndarray]]:
         session = self.sessions.open(forward_model(model, self.names)) if weights is None else self._fed_session()
-        return [session.run({**feeds, **(weights or {})}) for feeds in self.held.runs]
+        runs = self.held.runs if which is None else [self.held.runs[i] for i in which]
+        return [session.run({**feeds, **(weights or {})}) for feeds in runs]
 
     def _fed_session(self):
         """The FP32 model with every main-graph weight also an input, so one tensor can be swapped in."""
@@ -282,6 +323,15 @@ class _Measure:
 
     def loss(self, runs: list[list[np.ndarray]]) -> float:
         return float(np.mean(self.losses(runs)))
+
+    def _run_losses(self, run: list[np.ndarray], i: int) -> np.ndarray:
+        """The loss per sample of run ``i`` alone (its rows of the FP32 reference; :attr:`rows`)."""
+        lo, hi = self.rows[i]
+        terms = []
+        for t in self.plan.terms:
+            y = self._stack(t.output, [run])
+            terms.append(y[..., t.start:t.stop] if t.start is not None else y)
+        return divergence(self.plan, [r[lo:hi] for r in self.fp32], terms)
 
     def losses(self, runs: list[list[np.ndarray]]) -> np.ndarray:
         """The loss per sample (a single figure where the outputs kept per run are not samples)."""
@@ -323,10 +373,13 @@ class _Measure:
             weights[name] = self.decoded.get(info, quantized)
         return self._run(self.model, weights)
 
-    def tensor_loss(self, name: str, spent: Spent) -> float | None:
-        """The loss with only ``name`` quantized as in ``spent`` (None: not quantized there). A main-graph weight
-        is fed to one shared session; a subgraph's weight (an If or Loop body's) cannot be fed, so the model is
-        copied with it replaced (a session per probe: :func:`probe_scoped` says where that is affordable)."""
+    def tensor_probe(self, name: str, spent: Spent, have: _Probed | None = None,
+                     first: int | None = None) -> _Probed | None:
+        """The loss with only ``name`` quantized as in ``spent`` (None: not quantized there), per sample: on every
+        run, or (``first``, where :attr:`rows` allows) on the first ``first`` runs at least, going on from what
+        ``have`` measured. A main-graph weight is fed to one shared session; a subgraph's weight (an If or Loop
+        body's) cannot be fed, so the model is copied with it replaced (a session per probe, on every run:
+        :func:`probe_scoped` says where that is affordable)."""
         info = self.ctx.weight(name)
         if name not in spent.quantized:
             return None
@@ -335,7 +388,14 @@ class _Measure:
             if self._cuts is None:  # the probes run from the last cut before the tensor's readers
                 self._cuts = Cuts(self.model, self.names, self.held.runs,
                                   [w.name for w in self.ctx.weights if not w.scope])
-            return self.loss(self._cuts.runs_for(name, decoded, lambda: self._run(self.model, {name: decoded})))
+            if self.rows is None:
+                outs = self._cuts.runs_for(name, decoded, lambda: self._run(self.model, {name: decoded}))
+                return _Probed([np.array([self.loss(outs)])], 1)
+            total, done = len(self.held.runs), len(have.parts) if have is not None else 0
+            which = list(range(done, total if first is None else max(min(first, total), done)))
+            outs = self._cuts.runs_for(name, decoded, lambda: self._run(self.model, {name: decoded}, which), which)
+            parts = [self._run_losses(out, i) for out, i in zip(outs, which)]
+            return _Probed((have.parts if have is not None else []) + parts, total)
         if not self.probe_scoped():
             return None
         kept = info.value.const_value
@@ -345,7 +405,7 @@ class _Measure:
         finally:
             info.value.const_value = kept
         session = self.sessions.open(copy)
-        return self.loss([session.run(feeds) for feeds in self.held.runs])
+        return _Probed([np.array([self.loss([session.run(feeds) for feeds in self.held.runs])])], 1)
 
     def probe_scoped(self) -> bool:
         """Whether subgraph weights are probed: a session per probe, so only on models of at most
@@ -431,7 +491,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
         uniform = width = None  # every block at its mean (or 1 bit) is no model to fall back to
     scale = _scale(uniform) or _scale(chosen)
     steps: list[dict] = []
-    probed: dict[tuple[str, tuple[int, ...]], float] = {}
+    probed: dict[tuple[str, tuple[int, ...]], _Probed | None] = {}
     current = chosen
     if held.task_data and uniform is not None:  # without a uniform reference, _far_repair measures 0/1-bit blocks
         checked = _check_tables(ctx, chosen, measure, probed, spend, steps)
@@ -516,7 +576,8 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
     ctx.guard["candidates"] = [t.row(_numel(ctx)) for t in tries]
-    ctx.guard["probes"] = {"data": measure.probe.held.kind, "samples": measure.probe.held.samples}
+    ctx.guard["probes"] = {"data": measure.probe.held.kind, "samples": measure.probe.held.samples,
+                           "first_runs_only": sum(1 for p in probed.values() if p is not None and not p.complete)}
     return final.spent
 
 
@@ -572,14 +633,24 @@ def _weight_blocks(ctx: Context) -> dict[str, list]:
     return blocks
 
 
-def _damage(name: str, blocks: list, spent: Spent, measure: _Measure, probed: dict) -> tuple[float | None, float]:
+def _damage(name: str, blocks: list, spent: Spent, measure: _Measure, probed: dict,
+            first: int | None = None) -> tuple[float | None, float]:
     """The measured loss with ``name`` alone quantized as in ``spent`` (cached per widths; None: not feedable)
-    and the tables' prediction for it."""
+    and the tables' prediction for it; ``first``: measured on the probe's first ``first`` runs at least (the mean
+    of those), else on every run (a probe measured on fewer runs before is completed)."""
     bits = spent.allocation.bits
     key = (name, tuple(bits[t.name] for t in blocks))
-    if key not in probed:
-        probed[key] = measure.probe.tensor_loss(name, spent)
-    return probed[key], sum(float(t.loss[t.bits.index(bits[t.name])]) for t in blocks)
+    have = probed.get(key)
+    if key not in probed or (have is not None and not have.complete and first is None):
+        probed[key] = measure.probe.tensor_probe(name, spent, have, first)
+    found = probed[key]
+    return (found.loss if found is not None else None), sum(float(t.loss[t.bits.index(bits[t.name])]) for t in blocks)
+
+
+def _probe_of(name: str, blocks: list, spent: Spent, probed: dict) -> _Probed | None:
+    """The probe :func:`_damage` keeps for ``name`` as stored in ``spent``."""
+    bits = spent.allocation.bits
+    return probed.get((name, tuple(bits[t.name] for t in blocks)))
 
 
 def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, spend: Callable[[str | None], Spent],
@@ -626,6 +697,38 @@ def _far_repair(ctx: Context, current: _Try, measure: _Measure, probed: dict, sp
     return repaired
 
 
+STAGE_RUNS = 1
+"""Runs of the fit split (of :data:`RUN` samples) every tensor probe of :func:`_check_tables` is measured on first;
+the rest only where the probe's value decides something (:func:`_settled`)."""
+SETTLED_ERRORS = 3.0
+"""Standard errors of a probe on its first runs by which its measured/predicted ratio must clear the median and
+the repair threshold (:data:`PREDICTION_FACTOR` times the median) to be left unfinished (:func:`_settled`)."""
+
+
+def _settled(name: str, ratios: dict[str, float], typical: float, probe: _Probed | None, predicted: float) -> bool:
+    """Whether the probe of ``name``, measured on the first runs of the fit split only, decides nothing more on
+    the rest: its ratio is clearly (:data:`SETTLED_ERRORS` standard errors) below the median ``typical``, or
+    clearly between it and the repair threshold; not one of the values the median is taken from; not zero (a
+    weight the first samples may not reach). Then it is below (or above) the median and not repaired whatever the
+    other samples say, so the median, the tensors raised and their factors are those of every probe measured on
+    every run. Why: each probe of all-MiniLM-L6-v2 runs the model's tail on 64 samples; most ratios are far from
+    both lines."""
+    if probe is None or probe.complete:
+        return True
+    ratio = ratios[name]
+    if ratio <= 0 or typical <= 0:
+        return False
+    exercised = sorted((r, n) for n, r in ratios.items() if r > 0)
+    middle = {exercised[(len(exercised) - 1) // 2][1], exercised[len(exercised) // 2][1]}
+    if name in middle:  # the median is taken from its value
+        return False
+    margin = SETTLED_ERRORS * probe.error / predicted
+    if margin <= 0:
+        return False
+    low, high = ratio - margin, ratio + margin
+    return high < typical or (low > typical and high < PREDICTION_FACTOR * typical)
+
+
 def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
                   spend: Callable[[str | None], Spent], steps: list[dict]) -> _Try | None:
     """The tables checked tensor by tensor before any comparison: each tensor (the largest first, at most
@@ -643,10 +746,27 @@ def _check_tables(ctx: Context, current: _Try, measure: _Measure, probed: dict,
     if len(feedable) < 2:
         return None
     ratios: dict[str, float] = {}
+    predicted_of: dict[str, float] = {}
     for name in progress(feedable, "guard probes", ctx.progress):
-        measured, predicted = _damage(name, blocks[name], spent, measure, probed)
+        measured, predicted = _damage(name, blocks[name], spent, measure, probed, first=STAGE_RUNS)
         if measured is not None and math.isfinite(measured) and predicted > 0:
             ratios[name] = max(measured, 0.0) / predicted
+            predicted_of[name] = predicted
+    if len(ratios) < 2:
+        return None
+    while True:  # the probes measured on the first runs alone completed where their value decides something
+        exercised = [r for r in ratios.values() if r > 0]
+        typical = float(np.median(exercised)) if len(exercised) >= 2 else 0.0  # 0: every probe completed
+        unsure = [n for n in ratios if not _settled(n, ratios, typical, _probe_of(n, blocks[n], spent, probed),
+                                                    predicted_of[n])]
+        if not unsure:
+            break
+        for name in unsure:
+            measured, _ = _damage(name, blocks[name], spent, measure, probed)
+            if measured is not None and math.isfinite(measured):
+                ratios[name] = max(measured, 0.0) / predicted_of[name]
+            else:
+                del ratios[name]
     if len(ratios) < 2:
         return None
     exercised = [r for r in ratios.values() if r > 0]  # a weight the data never reach (an If branch not taken)
@@ -760,7 +880,9 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     allocation floored at uniform): of those, the lowest loss over both splits (each weighted by its samples; four
     times the held-out samples), among those clearly better than the method's answer on the held-out samples
     (:func:`_clearly_better`, the same samples for both) where there is an answer: one alternative that ranks
-    first but is not clearly better does not hide another that is.
+    first but is not clearly better does not hide another that is. Only the fit losses that decide are measured
+    (a whole-model run of the fit split each): uniform's, the answers' up to the first confirmed one, and the
+    alternatives clearly better than it (every alternative where no answer is confirmed).
 
     Why: the held-out split of a small ``--calib`` is a few samples (8 of 32 clips on silero-vad's sequence
     export, 8 pages on the PP-OCR detector), and the best of several candidates measured on them wins partly by
@@ -774,20 +896,22 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     if uniform.fit_loss is None:
         uniform.fit_loss = fit.loss(fit.runs(uniform.spent))
     winners = sorted((t for t in tries if t.loss <= uniform.loss), key=lambda t: t.loss)
-    confirmed = []
-    for t in winners:
+
+    def confirmed(t: _Try) -> bool:  # measured on the fit split where its fit loss is read (a run each)
         if t.fit_loss is None:
             t.fit_loss = fit.loss(fit.runs(t.spent))
-        if t.fit_loss <= uniform.fit_loss:
-            confirmed.append(t)
-    if not confirmed:
-        return uniform, winners[0]
-    held, seen = measure.held.samples, fit.held.samples
-    alternatives = [t for t in confirmed if t.label in ALTERNATIVES]
-    answers = [t for t in confirmed if t.label not in ALTERNATIVES]
-    answer = answers[0] if answers else None
+        return t.fit_loss <= uniform.fit_loss
+
+    # the answer: the first confirmed of the method's answers (those after it are not read); an alternative only
+    # where clearly better than it held out (the others are not read either)
+    answer = next((t for t in winners if t.label not in ALTERNATIVES and confirmed(t)), None)
+    alternatives = [t for t in winners if t.label in ALTERNATIVES]
     if answer is not None:  # only an alternative clearly better than the answer may replace it
         alternatives = [t for t in alternatives if _clearly_better(t, answer)]
+    alternatives = [t for t in alternatives if confirmed(t)]
+    if answer is None and not alternatives:  # no winner confirmed (each was measured)
+        return uniform, winners[0]
+    held, seen = measure.held.samples, fit.held.samples
     alternative = min(alternatives, key=lambda t: (held * t.loss + seen * t.fit_loss) / (held + seen), default=None)
     return (answer if alternative is None else alternative), None
 

@@ -94,6 +94,18 @@ class StreamedExternalTensor(ir.ExternalTensor):
             raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
         return read_external(self.path, self.offset or 0, self.nbytes, self.name or "<unnamed>")
 
+    def read_bytes(self, start: int, count: int) -> np.ndarray:
+        """``count`` stored bytes from byte ``start`` of the tensor, read now into a fresh array (never mapped):
+        a part of a big weight without the rest (:func:`bq_onnx.weights.streamed_design`)."""
+        self._check_validity()
+        if start < 0 or count < 0 or start + count > self.nbytes:
+            raise ValueError(f"bytes {start}..{start + count} of a tensor of {self.nbytes}")
+        try:
+            self._check_path_containment()
+        except ValueError as exc:
+            raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
+        return read_external(self.path, (self.offset or 0) + start, count, self.name or "<unnamed>")
+
     def numpy(self) -> np.ndarray:
         self._check_validity()
         array, self._array = (self._array if self._array is not None else self._read()), None

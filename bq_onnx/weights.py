@@ -149,9 +149,9 @@ def _by_columns(view: np.ndarray, bits: int, spec: quantizers.Spec, block: int, 
     """The same design as one call on the whole ``view`` (blocks run down columns), slice by slice of columns."""
     k, n = view.shape
     step = max(1, COLUMN_CHUNK_BYTES // max(1, k * view.itemsize))
-    # slices of a weight whose codes alone overflow the design cache are not kept: the tables ask for them again
-    # only after every other slice and width (an LRU cache that never hits; it held 256 MiB through the whole run)
-    keep = view.size <= design_cache.MAX_BYTES
+    # slices of a weight whose codes at a few widths overflow the design cache are not kept: the tables ask for
+    # them again only after every other slice and width (an LRU cache that never hits; 256 MiB held all run)
+    keep = view.size <= design_cache.MAX_BYTES // 4
     first, fields = None, {}
     for a in range(0, n, step):
         part = quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed, keep=keep)

@@ -145,13 +145,18 @@ def _column_separable(spec: quantizers.Spec, bits: int) -> bool:
     return spec.method == "uniform" and spec.dim == 1 and not spec.outliers and 0 < bits <= 8
 
 
+SLICES = "slices"
+"""The design cache's tag of the slices :func:`design` cuts a big weight into (dropped after the tables)."""
+
+
 def _by_columns(view: np.ndarray, bits: int, spec: quantizers.Spec, block: int, seed: int) -> QuantizedTensor:
     """The same design as one call on the whole ``view`` (blocks run down columns), slice by slice of columns."""
     k, n = view.shape
     step = max(1, COLUMN_CHUNK_BYTES // max(1, k * view.itemsize))
     # slices of a weight whose codes at a few widths overflow the design cache are not kept: the tables ask for
-    # them again only after every other slice and width (an LRU cache that never hits; 256 MiB held all run)
-    keep = view.size <= design_cache.MAX_BYTES // 4
+    # them again only after every other slice and width (an LRU cache that never hits; 256 MiB held all run); the
+    # others are dropped once the tables are done (SLICES), as nothing after them asks for a slice
+    keep = SLICES if view.size <= design_cache.MAX_BYTES // 4 else False
     first, fields = None, {}
     for a in range(0, n, step):
         part = quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed, keep=keep)

@@ -1,19 +1,19 @@
-"""Big arrays of an idle candidate moved to disk: written to an unlinked temporary file and mapped back read-only.
+"""An idle candidate's arrays moved to disk: written to one unlinked temporary file and mapped back read-only.
 
 Why (issue 21): the guard keeps every candidate it measured (the allocation, uniform, the repairs) until it knows
-which one to write, and each held its codes (a byte per weight) and its rewritten model (the codes again, unpacked
-in the IR, and their scales) while the next one was quantized and its weight decoded whole for the measuring
-session: at 2 GiB of weights the guard's peak, over the streaming bound. A mapped file's pages are read back only
-where an array is used again (the candidate chosen is written and verified), and are the kernel's to drop while it
-is idle; the values are the same, so the output is byte for byte the same. The file is unlinked at once: it lives
-as long as its mapping, and nothing is left behind, however the process ends.
+which one to write, and each held its codes (a byte per weight, in one array per piece of columns) and its
+rewritten model (the codes again, unpacked in the IR, and their scales) while the next one was quantized and its
+weight decoded whole for the measuring session: at 2 GiB of weights the guard's peak, over the streaming bound. A
+mapped file's pages are read back only where an array is used again (the candidate chosen is written and
+verified), and are the kernel's to drop while it is idle; the values are the same, so the output is byte for byte
+the same. The file has no name: it lives as long as its mapping, and nothing is left behind, however the process
+ends. Where it cannot be written (a full disk), the arrays stay in memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
+import mmap
 import tempfile
 
 import numpy as np
@@ -21,54 +21,69 @@ import onnx_ir as ir
 
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
-#: Arrays of at least this many bytes are moved to disk (smaller ones cost more in files than they free).
+#: A candidate whose arrays (those of at least :data:`MIN_ARRAY_BYTES`) come to less than this stays in memory.
 IDLE_BYTES = 16 << 20
+#: Arrays smaller than this stay in memory (a page of file each is not worth it).
+MIN_ARRAY_BYTES = 64 << 10
 
 _FIELDS = ("codes", "scale", "zero_point", "offset", "scale_code", "outlier_index", "outlier_value")
+_ALIGN = mmap.ALLOCATIONGRANULARITY
 
 
-def on_disk(array: np.ndarray) -> np.ndarray:
-    """``array`` (at least :data:`IDLE_BYTES`) as a read-only mapping of an unlinked temporary file with its
-    values; ``array`` itself where it is smaller, already mapped, or the file cannot be written (a full disk
-    costs memory, not the run)."""
-    if not isinstance(array, np.ndarray) or isinstance(array, np.memmap) or array.nbytes < IDLE_BYTES \
-            or array.dtype.hasobject:
-        return array
+def to_disk(quantized: dict[str, QuantizedTensor | QuantizedPieces], model: ir.Model) -> None:
+    """The big arrays of ``quantized`` (its values replaced, in place) and of ``model``'s in-memory initializers
+    (all graphs; the same tensors over the mapped file, in place) moved to disk together."""
+    found: dict[int, np.ndarray] = {}
+    for qt in quantized.values():
+        for part in (p for _, _, p in qt.pieces) if isinstance(qt, QuantizedPieces) else (qt,):
+            for f in _FIELDS:
+                _take(found, getattr(part, f))
+    tensors = [v for g in model.graphs() for v in g.initializers.values()
+               if type(v.const_value) is ir.Tensor and isinstance(v.const_value.raw, np.ndarray)]
+    for value in tensors:
+        _take(found, value.const_value.raw)
+    if sum(a.nbytes for a in found.values()) < IDLE_BYTES:
+        return
+    mapped = _mapped(list(found.values()))
+    if not mapped:
+        return
+    for name, qt in quantized.items():
+        quantized[name] = _moved(qt, mapped)
+    for value in tensors:
+        tensor = value.const_value
+        view = mapped.get(id(tensor.raw))
+        if view is not None:
+            value.const_value = ir.Tensor(view, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name,
+                                          doc_string=tensor.doc_string,
+                                          metadata_props=dict(tensor.metadata_props) or None)
+
+
+def _take(found: dict[int, np.ndarray], array) -> None:
+    if isinstance(array, np.ndarray) and array.nbytes >= MIN_ARRAY_BYTES and not array.dtype.hasobject \
+            and array.flags.writeable:  # a read-only array may be mapped already, or shared
+        found[id(array)] = array
+
+
+def _mapped(arrays: list[np.ndarray]) -> dict[int, np.ndarray]:
+    """Read-only views of one mapped file holding ``arrays`` (by the arrays' ids); empty where it cannot be
+    written."""
+    places = []
     try:
-        fd, path = tempfile.mkstemp(prefix="bq-idle-")
-    except OSError:
-        return array
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.ascontiguousarray(array).tofile(f)
-        mapped = np.memmap(path, dtype=array.dtype, mode="r", shape=array.shape)
+        with tempfile.TemporaryFile(prefix="bq-idle-") as f:
+            for array in arrays:
+                f.write(b"\0" * (-f.tell() % _ALIGN))
+                places.append(f.tell())
+                np.ascontiguousarray(array).tofile(f)
+            f.flush()
+            whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
-        return array
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    return mapped
+        return {}
+    return {id(a): np.frombuffer(whole, dtype=a.dtype, count=a.size, offset=at).reshape(a.shape)
+            for a, at in zip(arrays, places)}
 
 
-def quantized_on_disk(qt: QuantizedTensor | QuantizedPieces) -> QuantizedTensor | QuantizedPieces:
-    """The same quantized tensor with its big arrays on disk (:func:`on_disk`)."""
+def _moved(qt: QuantizedTensor | QuantizedPieces, mapped: dict[int, np.ndarray]):
     if isinstance(qt, QuantizedPieces):
-        return dataclasses.replace(qt, pieces=tuple((a, b, quantized_on_disk(p)) for a, b, p in qt.pieces))
-    moved = {f: on_disk(getattr(qt, f)) for f in _FIELDS if getattr(qt, f) is not None}
-    changed = {f: v for f, v in moved.items() if v is not getattr(qt, f)}
+        return dataclasses.replace(qt, pieces=tuple((a, b, _moved(p, mapped)) for a, b, p in qt.pieces))
+    changed = {f: mapped[id(getattr(qt, f))] for f in _FIELDS if id(getattr(qt, f)) in mapped}
     return dataclasses.replace(qt, **changed) if changed else qt
-
-
-def model_on_disk(model: ir.Model) -> None:
-    """Every in-memory initializer of ``model`` (all graphs) of at least :data:`IDLE_BYTES` moved to disk, in
-    place: the same tensor (type, shape, name, values) over a mapped file."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if type(tensor) is not ir.Tensor or not isinstance(tensor.raw, np.ndarray):
-                continue
-            mapped = on_disk(tensor.raw)
-            if mapped is not tensor.raw:
-                value.const_value = ir.Tensor(mapped, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name,
-                                              doc_string=tensor.doc_string,
-                                              metadata_props=dict(tensor.metadata_props) or None)

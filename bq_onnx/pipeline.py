@@ -26,7 +26,7 @@ from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
 from bq_onnx.passes.split_matmul import SplitMatMulPass
 from bq_onnx.posterior import Posterior
-from bq_onnx.progress import memtrace
+from bq_onnx.progress import memtrace, release_freed_memory
 from bq_onnx.quantizers import cache as design_cache
 from bq_onnx.runtimes.base import Capabilities
 from bq_onnx.sizes import INT2_OPSET, storage_of
@@ -111,6 +111,7 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
             ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]
         ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
         design_cache.forget(SLICES)  # asked for by the tables alone (the quantize stage encodes on their grids)
+        release_freed_memory()
         memtrace("tables")
     weights = ctx.weights
 

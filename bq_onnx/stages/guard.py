@@ -56,7 +56,7 @@ from bq_onnx.cuts import Cuts
 from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
 from bq_onnx.graph import forward_model
-from bq_onnx.idle import model_on_disk, quantized_on_disk
+from bq_onnx.idle import to_disk
 from bq_onnx.progress import progress
 from bq_onnx.runs import sample_axis
 from bq_onnx.runtimes.folding import folds_too_much
@@ -363,9 +363,7 @@ class _Measure:
 def idle(spent: Spent) -> None:
     """``spent``'s big arrays (codes, the rewritten model's tensors) moved to disk, in place (:mod:`bq_onnx.idle`):
     a candidate waits there while the next is quantized and measured, and only the one written is read back."""
-    for name, quantized in spent.quantized.items():
-        spent.quantized[name] = quantized_on_disk(quantized)
-    model_on_disk(spent.out)
+    to_disk(spent.quantized, spent.out)
 
 
 def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> None:

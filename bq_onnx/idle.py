@@ -12,9 +12,11 @@ ends. Where it cannot be written (a full disk), the arrays stay in memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import tempfile
+import weakref
 
 import numpy as np
 import onnx_ir as ir
@@ -25,6 +27,8 @@ from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 IDLE_BYTES = 16 << 20
 #: Arrays smaller than this stay in memory (a page of file each is not worth it).
 MIN_ARRAY_BYTES = 64 << 10
+
+_MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # every live mapping :func:`to_disk` made
 
 _FIELDS = ("codes", "scale", "zero_point", "offset", "scale_code", "outlier_index", "outlier_value")
 _ALIGN = mmap.ALLOCATIONGRANULARITY
@@ -78,6 +82,7 @@ def _mapped(arrays: list[np.ndarray]) -> dict[int, np.ndarray]:
             whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return {}
+    _MAPPINGS.add(whole)
     return {id(a): np.frombuffer(whole, dtype=a.dtype, count=a.size, offset=at).reshape(a.shape)
             for a, at in zip(arrays, places)}
 
@@ -87,3 +92,12 @@ def _moved(qt: QuantizedTensor | QuantizedPieces, mapped: dict[int, np.ndarray])
         return dataclasses.replace(qt, pieces=tuple((a, b, _moved(p, mapped)) for a, b, p in qt.pieces))
     changed = {f: mapped[id(getattr(qt, f))] for f in _FIELDS if id(getattr(qt, f)) in mapped}
     return dataclasses.replace(qt, **changed) if changed else qt
+
+
+def drop_pages() -> None:
+    """Unmap the pages read so far of every idle candidate's file from this process (``MADV_DONTNEED``; they
+    stay in the page cache, and a later read maps them again): a mapped page a step read (a candidate decoded,
+    the output written) is resident memory of this process until then, as much as the arrays it replaced."""
+    for whole in list(_MAPPINGS):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            whole.madvise(mmap.MADV_DONTNEED)

@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from bq_onnx.errors import ModelError, OutputError
+from bq_onnx.idle import drop_pages
 from bq_onnx.model_checks import check_model
 from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
@@ -269,6 +270,7 @@ def write_output(model: ir.Model, out: Path, protected, force: bool, verify=None
         with writing.staging(out.parent) as folder:
             staged = folder / out.name
             data = _stage(model, staged, threshold)
+            drop_pages()  # what writing read of a candidate waiting on disk (bq_onnx.idle)
             writing.fault("staged")
             result = None
             if verify is not None:

@@ -19,6 +19,7 @@ from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 
 from bq_onnx.context import Context
 from bq_onnx.errors import DataError, InputsError, ModelError, UnsupportedError, VerificationError
+from bq_onnx.idle import drop_pages
 from bq_onnx.model_io import copy_model, load_model
 from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.prepare import prepare_passes
@@ -83,6 +84,7 @@ def write_reference(model: ir.Model, ctx: Context, folder: str | os.PathLike, na
                     continue
                 if key in quantized:  # names are unique across graphs (UniqueInitializerNamesPass)
                     restored = ctx.weight(key).layout.from_view(quantized[key].dequantize())
+                    drop_pages()  # the codes read, where they wait on disk (bq_onnx.idle)
                     np_dtype = value.dtype.numpy() if value.dtype is not None else np.float32
                     payload = np.ascontiguousarray(restored.astype(np_dtype, copy=False))
                     del restored

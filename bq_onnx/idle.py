@@ -21,6 +21,7 @@ import weakref
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.progress import release_freed_memory
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 #: A candidate whose arrays (those of at least :data:`MIN_ARRAY_BYTES`) come to less than this stays in memory.
@@ -60,6 +61,8 @@ def to_disk(quantized: dict[str, QuantizedTensor | QuantizedPieces], model: ir.M
             value.const_value = ir.Tensor(view, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name,
                                           doc_string=tensor.doc_string,
                                           metadata_props=dict(tensor.metadata_props) or None)
+    del found, tensors
+    release_freed_memory()  # the pieces' codes are small arrays of the heap: freed there, not to the system
 
 
 def _take(found: dict[int, np.ndarray], array) -> None:

@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from bq_onnx.errors import ModelError, OutputError
+from bq_onnx.idle import drop_pages
 from bq_onnx.model_checks import check_model
 from bq_onnx.onnx_proto import graph_tensors, read_model
 from bq_onnx.progress import memtrace
@@ -93,6 +94,18 @@ class StreamedExternalTensor(ir.ExternalTensor):
         except ValueError as exc:  # escapes, links: the file changed since the model was checked
             raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
         return read_external(self.path, self.offset or 0, self.nbytes, self.name or "<unnamed>")
+
+    def read_bytes(self, start: int, count: int) -> np.ndarray:
+        """``count`` stored bytes from byte ``start`` of the tensor, read now into a fresh array (never mapped):
+        a part of a big weight without the rest (:func:`bq_onnx.weights.streamed_design`)."""
+        self._check_validity()
+        if start < 0 or count < 0 or start + count > self.nbytes:
+            raise ValueError(f"bytes {start}..{start + count} of a tensor of {self.nbytes}")
+        try:
+            self._check_path_containment()
+        except ValueError as exc:
+            raise ModelError(f"{self.path}: external data of tensor '{self.name}' {_first_line(exc)}") from None
+        return read_external(self.path, (self.offset or 0) + start, count, self.name or "<unnamed>")
 
     def numpy(self) -> np.ndarray:
         self._check_validity()
@@ -257,6 +270,7 @@ def write_output(model: ir.Model, out: Path, protected, force: bool, verify=None
         with writing.staging(out.parent) as folder:
             staged = folder / out.name
             data = _stage(model, staged, threshold)
+            drop_pages()  # what writing read of a candidate waiting on disk (bq_onnx.idle)
             writing.fault("staged")
             result = None
             if verify is not None:

@@ -26,7 +26,7 @@ from bq_onnx.passes.rewrite_compact import RewriteCompactPass
 from bq_onnx.passes.rewrite_native import RewriteNativePass
 from bq_onnx.passes.split_matmul import SplitMatMulPass
 from bq_onnx.posterior import Posterior
-from bq_onnx.progress import memtrace
+from bq_onnx.progress import memtrace, release_freed_memory
 from bq_onnx.quantizers import cache as design_cache
 from bq_onnx.runtimes.base import Capabilities
 from bq_onnx.sizes import INT2_OPSET, storage_of
@@ -40,6 +40,7 @@ from bq_onnx.stages.quantize import quantize_weights
 from bq_onnx.stages.tables import auto_rounding, expected_loss_tables
 from bq_onnx.stages.weights import find_weights
 from bq_onnx.targets import pack_low_widths, packs_at_all, packs_before_tables
+from bq_onnx.weights import SLICES
 
 
 def optimize_model(
@@ -109,6 +110,8 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
             ctx.tables = expected_loss_tables(model, ctx, fit, "budget")
             ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]
         ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
+        design_cache.forget(SLICES)  # asked for by the tables alone (the quantize stage encodes on their grids)
+        release_freed_memory()
         memtrace("tables")
     weights = ctx.weights
 
@@ -154,6 +157,7 @@ def _cheaper_storage(model: ir.Model, ctx: Context, fit: Calibration | None, pro
         ctx.messages[:] = said + [m for m in ctx.messages[len(said):] if m not in said]  # as after pack_low_widths
         if refloor:  # the heads' uniform width is read from the tables
             ctx.floors.update(head_floors(model, ctx, tables=ctx.tables))
+        design_cache.forget(SLICES)
         try:
             return spend()
         except BudgetUnmet as again:

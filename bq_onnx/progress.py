@@ -4,6 +4,8 @@ scale benchmark reads to find where memory goes."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import sys
 import time
@@ -65,3 +67,10 @@ def memtrace(step: str) -> None:
     print(f"memtrace {time.perf_counter() - _START:.2f}s {step} rss={mib.get('VmRSS', 0):.0f} "
           f"hwm={mib.get('VmHWM', 0):.0f} anon={mib.get('RssAnon', 0):.0f} file={mib.get('RssFile', 0):.0f}",
           file=sys.stderr, flush=True)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a dropped session or cache back to the system (glibc keeps freed heap pages
+    otherwise, and the next step would stack on top of them)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -6,8 +6,6 @@ The reference is the input model with every quantized weight replaced by ``Quant
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import os
 import tempfile
@@ -21,10 +19,11 @@ from onnx_ir.passes.common import ShapeInferencePass, TopologicalSortPass
 
 from bq_onnx.context import Context
 from bq_onnx.errors import DataError, InputsError, ModelError, UnsupportedError, VerificationError
+from bq_onnx.idle import drop_pages
 from bq_onnx.model_io import copy_model, load_model
 from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.prepare import prepare_passes
-from bq_onnx.progress import memtrace
+from bq_onnx.progress import memtrace, release_freed_memory
 
 #: Outputs may differ by summation order (fused MatMulNBits vs MatMul), nothing more: relative to the output's
 #: magnitude, 1e-4 for float32 and a few units in the last place for float16, or, for long reductions,
@@ -85,6 +84,7 @@ def write_reference(model: ir.Model, ctx: Context, folder: str | os.PathLike, na
                     continue
                 if key in quantized:  # names are unique across graphs (UniqueInitializerNamesPass)
                     restored = ctx.weight(key).layout.from_view(quantized[key].dequantize())
+                    drop_pages()  # the codes read, where they wait on disk (bq_onnx.idle)
                     np_dtype = value.dtype.numpy() if value.dtype is not None else np.float32
                     payload = np.ascontiguousarray(restored.astype(np_dtype, copy=False))
                     del restored
@@ -251,13 +251,6 @@ def _segment_model(model: ir.Model, runs: list[list[ir.Node]], i: int) -> ir.Mod
     for name in [n for n, v in graph.initializers.items() if not v.uses()]:
         graph.initializers.pop(name)
     return part
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by a dropped session back to the system (glibc keeps freed heap pages otherwise, and
-    the next session would stack on top of them)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reduction_length(ctx: Context) -> int:

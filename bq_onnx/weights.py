@@ -11,9 +11,11 @@ import onnx_ir as ir
 from bq_onnx import quantizers
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import DataError
+from bq_onnx.model_io import StreamedExternalTensor
 from bq_onnx.qtensor import QuantizedTensor, num_blocks
 from bq_onnx.quantizers import cache as design_cache
 from bq_onnx.quantizers import sliced
+from bq_onnx.quantizers.grids import DesignGrid, encode_rows
 
 
 def weight_array(value: ir.Value) -> np.ndarray:
@@ -65,14 +67,8 @@ def design(
     tables kept this design's grid (:attr:`Context.grids <bq_onnx.context.Context.grids>`, in whichever process
     they ran) only its codes are chosen again: the same design without its search.
     """
-    q, d = ctx.config.quantization, ctx.derived
-    if spec is None:
-        spec = ctx.designs.get((weight, bits)) or quantizers.candidates(q.quantizer, d.outliers, bits, view.size)[0]
-    group = spec.block or d.group_size_for(weight)
-    block = view.shape[0] if group <= 0 else group
-    grid = ctx.grids.get((weight, bits)) if weight is not None and base is None else None
-    if grid is not None and not (grid.spec == spec and grid.block_size == block and grid.shape == view.shape):
-        grid = None
+    q = ctx.config.quantization
+    spec, block, grid = _planned(ctx, view.shape, bits, weight, spec, base is None)
     if uses_double_scales(ctx, spec, bits, view.shape[0], block):
         spec = dataclasses.replace(spec, double_scales=True)
     if grid is not None:
@@ -83,6 +79,46 @@ def design(
         if sliced.supported(spec, bits):  # Lloyd codebooks, outliers: the same bytes, one slice's temporaries
             return sliced.quantize_by_columns(view, bits, spec, block, q.seed, COLUMN_CHUNK_BYTES)
     return quantizers.quantize_spec(view, bits, spec, block, importance, seed=q.seed, base=base)
+
+
+def _planned(ctx: Context, shape: tuple[int, int], bits: int, weight: str | None, spec: quantizers.Spec | None,
+             gridded: bool) -> tuple[quantizers.Spec, int, DesignGrid | None]:
+    """:func:`design`'s spec, block size and kept grid (None: none, or not this design's) for a ``shape`` view."""
+    q, d = ctx.config.quantization, ctx.derived
+    if spec is None:
+        spec = ctx.designs.get((weight, bits)) or quantizers.candidates(q.quantizer, d.outliers, bits,
+                                                                          shape[0] * shape[1])[0]
+    group = spec.block or d.group_size_for(weight)
+    block = shape[0] if group <= 0 else group
+    grid = ctx.grids.get((weight, bits)) if weight is not None and gridded else None
+    if grid is not None and not (grid.spec == spec and grid.block_size == block and grid.shape == tuple(shape)):
+        grid = None
+    return spec, block, grid
+
+
+def streamed_design(ctx: Context, info: WeightInfo, bits: int) -> QuantizedTensor | None:
+    """:func:`design` of ``info`` at ``bits`` (no importance) read band by band of rows from its external data
+    file, where the tables kept the design's grid, the weight is big (over :data:`COLUMN_CHUNK_BYTES`), float32 and
+    stored as its view (a MatMul ``[K, N]``): the same codes as the design of the whole view
+    (:func:`bq_onnx.quantizers.grids.encode_rows`), without the float weight in memory (issue 21: the quantize
+    step read the whole weight to choose codes on a grid it already had). None where any of that does not hold."""
+    tensor = info.value.const_value
+    if not isinstance(tensor, StreamedExternalTensor) or tensor.dtype != ir.DataType.FLOAT \
+            or info.layout.needs_transpose or tensor.nbytes <= COLUMN_CHUNK_BYTES:
+        return None
+    k, n = info.layout.view_shape
+    _, _, grid = _planned(ctx, (k, n), bits, info.name, None, True)
+    if grid is None:
+        return None
+
+    def rows(a: int, b: int) -> np.ndarray:
+        x = tensor.read_bytes(4 * a * n, 4 * (b - a) * n).view("<f4").reshape(b - a, n)
+        bad = int(x.size - np.isfinite(x).sum())
+        if bad:
+            raise DataError(f"weight '{info.name}' contains {bad} NaN/Inf value(s) in rows {a}..{b - 1}")
+        return x
+
+    return encode_rows(rows, grid)
 
 
 DOUBLE_SCALE_MIN_BLOCKS = 3
@@ -109,13 +145,21 @@ def _column_separable(spec: quantizers.Spec, bits: int) -> bool:
     return spec.method == "uniform" and spec.dim == 1 and not spec.outliers and 0 < bits <= 8
 
 
+SLICES = "slices"
+"""The design cache's tag of the slices :func:`design` cuts a big weight into (dropped after the tables)."""
+
+
 def _by_columns(view: np.ndarray, bits: int, spec: quantizers.Spec, block: int, seed: int) -> QuantizedTensor:
     """The same design as one call on the whole ``view`` (blocks run down columns), slice by slice of columns."""
     k, n = view.shape
     step = max(1, COLUMN_CHUNK_BYTES // max(1, k * view.itemsize))
+    # slices of a weight whose codes at a few widths overflow the design cache are not kept: the tables ask for
+    # them again only after every other slice and width (an LRU cache that never hits; 256 MiB held all run); the
+    # others are dropped once the tables are done (SLICES), as nothing after them asks for a slice
+    keep = SLICES if view.size <= design_cache.MAX_BYTES // 4 else False
     first, fields = None, {}
     for a in range(0, n, step):
-        part = quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed)
+        part = quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed, keep=keep)
         if part.outlier_index is not None or part.codebook is not None:  # not separable after all
             return quantizers.quantize_spec(view, bits, spec, block, None, seed=seed)
         if first is None:  # results go straight into whole-size arrays: no list of parts to join

@@ -103,3 +103,29 @@ def test_the_quantize_stage_reads_the_workers_grids_instead_of_searching(monkeyp
                 searched.clear()
     ctx.posterior = None  # grids fitted on the posterior serve no other one (the guard's data-free tables)
     assert ctx.grids == {}
+
+
+@pytest.mark.parametrize("spec", [Spec("uniform"), Spec("uniform-sym"), Spec("lloyd"),
+                                  Spec("uniform", double_scales=True), Spec("uniform", outliers=0.02),
+                                  Spec("lloyd", outliers=0.02)],
+                         ids=["uniform", "symmetric", "lloyd", "double-scales", "uniform-outliers", "lloyd-outliers"])
+@pytest.mark.parametrize("k", [200, 40, 20])
+def test_codes_read_band_by_band_are_the_designs(monkeypatch, spec, k):
+    """Bands of rows (as the quantize stage reads a big weight from its file, issue 21): 200 rows in blocks of 32 in
+    bands of 64 (a ragged last block, the last band taking the rest), 40 and 20 rows (one band, a short block): the
+    codes equal the design's, array for array, and each row is read once."""
+    from bq_onnx.quantizers import grids
+
+    monkeypatch.setattr(grids, "ENCODE_CHUNK_BYTES", 64 * 24 * 4)
+    w, _ = _weights(k=k)
+    qt = quantize_spec(w, 4, spec, 32, None)
+    grid = grid_of(qt, spec)
+    read: list[tuple[int, int]] = []
+
+    def rows(a: int, b: int) -> np.ndarray:
+        read.append((a, b))
+        return w[a:b].copy()
+
+    _same(grids.encode_rows(rows, grid), qt)
+    assert [a for a, _ in read] == sorted({a for a, _ in read}) and sum(b - a for a, b in read) == k
+    assert len(read) == (3 if k == 200 else 1)

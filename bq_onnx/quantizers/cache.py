@@ -31,6 +31,7 @@ MAX_BYTES = 256 * 2**20
 
 _lock = threading.Lock()
 _entries: collections.OrderedDict[tuple, tuple[QuantizedTensor, int]] = collections.OrderedDict()
+_tagged: dict[str, set[tuple]] = {}  # keys by the tag they were kept under (:func:`forget`)
 _state = {"depth": 0, "bytes": 0, "hits": 0, "misses": 0}
 
 
@@ -96,8 +97,9 @@ def _nbytes(qt: QuantizedTensor) -> int:
                if getattr(qt, f) is not None)
 
 
-def cached(key: Hashable, compute: Callable[[], QuantizedTensor]) -> QuantizedTensor:
-    """``compute()``, or the result of an earlier call with the same ``key`` inside the current :func:`scope`."""
+def cached(key: Hashable, compute: Callable[[], QuantizedTensor], tag: str | None = None) -> QuantizedTensor:
+    """``compute()``, or the result of an earlier call with the same ``key`` inside the current :func:`scope`;
+    ``tag``: what :func:`forget` drops the entry by."""
     if not _state["depth"]:
         return compute()
     with _lock:
@@ -113,6 +115,8 @@ def cached(key: Hashable, compute: Callable[[], QuantizedTensor]) -> QuantizedTe
         if size <= MAX_BYTES and key not in _entries:
             _entries[key] = (qt, size)
             _state["bytes"] += size
+            if tag is not None:
+                _tagged.setdefault(tag, set()).add(key)
             while _state["bytes"] > MAX_BYTES:
                 _, (_, freed) = _entries.popitem(last=False)
                 _state["bytes"] -= freed
@@ -158,6 +162,16 @@ def kept(owners: tuple, key: Hashable, compute: Callable[[], tuple]) -> tuple:
     return arrays
 
 
+def forget(tag: str) -> None:
+    """Drop the entries kept under ``tag``: results no later call asks for (the slices of a big weight the tables
+    designed: the quantize stage encodes it on the tables' grid instead), held until the scope ends otherwise."""
+    with _lock:
+        for key in _tagged.pop(tag, ()):
+            hit = _entries.pop(key, None)
+            if hit is not None:
+                _state["bytes"] -= hit[1]
+
+
 def active() -> bool:
     """Whether a :func:`scope` is open (outside one, nothing is hashed or kept)."""
     return bool(_state["depth"])
@@ -184,6 +198,7 @@ def scope() -> Iterator[None]:
             _state["depth"] -= 1
             if not _state["depth"]:
                 _entries.clear()
+                _tagged.clear()
                 _recent.clear()
                 _kept.clear()
                 _kept_ids.clear()

@@ -13,6 +13,7 @@ grids back with the tables). :func:`encode` gives the same arrays, byte for byte
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -100,20 +101,70 @@ def encode(w: np.ndarray, grid: DesignGrid) -> QuantizedTensor:
         scale_code=grid.scale_code, super_scale=grid.super_scale)
 
 
+def encode_rows(rows: Callable[[int, int], np.ndarray], grid: DesignGrid) -> QuantizedTensor:
+    """:func:`encode` of the ``(K, N)`` weight whose rows ``a:b`` ``rows(a, b)`` returns (float32), read band by
+    band of about :data:`ENCODE_CHUNK_BYTES`: the same codes, byte for byte (an element's code depends on its value
+    and its block's grid alone, and every band holds whole blocks), without the whole float weight in memory
+    (issue 21: a weight read whole to be encoded was the quantize step's peak). A band that is not finite raises
+    ``ValueError`` as :func:`encode` does."""
+    k, n = grid.shape
+    scale = grid.scales()
+    nb = num_blocks(k, grid.block_size)
+    if scale.shape != (nb, n):
+        raise ValueError(f"the grid's scales have shape {scale.shape}, not {(nb, n)}")
+    g = min(grid.block_size, k)
+    band = g * max(1, ENCODE_CHUNK_BYTES // max(1, 4 * n * g))
+    codes = np.empty((k, n), dtype=np.uint8)
+    index = grid.outlier_index
+    a = 0
+    while a < k:
+        b = k if k - (a + band) < g else a + band  # the last band takes the rest: never a part of a block alone
+        x = np.asarray(rows(a, b), dtype=np.float32)
+        if x.shape != (b - a, n):
+            raise ValueError(f"rows {a}:{b} have shape {x.shape}, not {(b - a, n)}")
+        if index is not None:
+            inside = index[(index >= a * n) & (index < b * n)] - a * n
+            if inside.size:
+                x = x.copy() if not x.flags.writeable else x
+                x.reshape(-1)[inside] = 0.0
+        blocks = slice(a // g, -(-b // g))
+        codes[a:b] = _codes_of(x, grid, scale[blocks], _part(grid.zero_point, blocks), _part(grid.offset, blocks))
+        a = b
+    return QuantizedTensor(
+        kind=grid.kind, bits=grid.bits, shape=(k, n), block_size=grid.block_size, codes=codes, scale=scale,
+        zero_point=grid.zero_point, symmetric=grid.symmetric, codebook=grid.codebook, offset=grid.offset,
+        method=grid.method, outlier_index=grid.outlier_index, outlier_value=grid.outlier_value,
+        scale_code=grid.scale_code, super_scale=grid.super_scale)
+
+
+def _part(a: np.ndarray | None, rows: slice) -> np.ndarray | None:
+    return None if a is None else a[rows]
+
+
 def _codes(x: np.ndarray, grid: DesignGrid, scale: np.ndarray, a: int, b: int) -> np.ndarray:
     """Nearest codes of columns ``a:b`` (``x``, ``(K, b - a)``) on their grid (``scale``: their ``(nb, b - a)``
     scales), as the quantizers choose them (:func:`bq_onnx.quantizers.uniform._uniform_pick`,
     :func:`bq_onnx.quantizers.codebook._codebook_result`)."""
+    columns = slice(a, b)
+    zero_point = None if grid.zero_point is None else grid.zero_point[:, columns]
+    offset = None if grid.offset is None else grid.offset[:, columns]
+    return _codes_of(x, grid, scale, zero_point, offset)
+
+
+def _codes_of(x: np.ndarray, grid: DesignGrid, scale: np.ndarray, zero_point: np.ndarray | None,
+              offset: np.ndarray | None) -> np.ndarray:
+    """Nearest codes of ``x`` (a part of the view holding whole blocks) on the grid of its blocks (``scale``,
+    ``zero_point``, ``offset``: their ``(blocks, columns)`` parts)."""
     bl = _prepare(x, grid.bits, grid.block_size, None)
     s = scale.reshape(-1)
     if grid.kind == "uniform":
         m = 1 << grid.bits
         qmin = 1 if grid.symmetric and grid.bits >= 2 else 0
-        zp = np.float32(m >> 1) if grid.symmetric else grid.zero_point[:, a:b].reshape(-1).astype(np.float32)
+        zp = np.float32(m >> 1) if grid.symmetric else zero_point.reshape(-1).astype(np.float32)
         codes = _nearest_codes(bl.x, _Grid(s, zp=zp), qmin, m - 1, may_tie=False)
     else:
         cb = grid.codebook
-        off = None if grid.offset is None else np.ascontiguousarray(grid.offset[:, a:b]).reshape(-1)
+        off = None if offset is None else np.ascontiguousarray(offset).reshape(-1)
         may_tie = off is not None or bool((np.diff(cb) == 0).any())
         codes = _nearest_codes(bl.x, _Grid(s, codebook=cb, offset=off), 0, cb.size - 1, may_tie=may_tie)
     return bl.unblock(codes.astype(np.uint8))

@@ -79,9 +79,12 @@ def quantize_spec(
     seed: int = 0,
     base: QuantizedTensor | None = None,
     grid: DesignGrid | None = None,
+    keep: bool | str = True,
 ) -> QuantizedTensor:
     """Quantize with one :class:`Spec`; ``base`` is the same spec without outliers when already computed; ``grid``:
     this design's grid, taken from it earlier (:mod:`bq_onnx.quantizers.grids`): only its codes are chosen again.
+    ``keep=False``: neither looked up in nor kept by the design cache (a caller whose calls never come back while
+    their result is still cached); a string: kept under that tag (:func:`bq_onnx.quantizers.cache.forget`).
 
     Vector codebooks need blocks in whole vectors: ``block_size`` is rounded up to a multiple of ``dim``.
     Inside :func:`bq_onnx.quantizers.cache.scope` a call seen before returns the earlier result.
@@ -92,9 +95,9 @@ def quantize_spec(
     else:
         def compute() -> QuantizedTensor:
             return _quantize_spec(w, bits, spec, block_size, weights, seed, None)
-    if base is None and design_cache.active():
+    if base is None and keep and design_cache.active():
         key = ("spec", design_cache.digest(w), design_cache.digest(weights), bits, spec, block_size, seed)
-        return design_cache.cached(key, compute)
+        return design_cache.cached(key, compute, keep if isinstance(keep, str) else None)
     return compute() if base is None else _quantize_spec(w, bits, spec, block_size, weights, seed, base)
 
 

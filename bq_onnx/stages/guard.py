@@ -57,6 +57,7 @@ from bq_onnx.cuts import Cuts
 from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
 from bq_onnx.graph import forward_model
+from bq_onnx.idle import drop_pages, to_disk
 from bq_onnx.progress import progress
 from bq_onnx.runs import sample_axis
 from bq_onnx.runtimes.folding import folds_too_much
@@ -352,7 +353,9 @@ class _Measure:
         return out
 
     def model_try(self, label: str, spent: Spent) -> _Try:
+        idle(spent)  # its rewritten model is not read where it is fed decoded; it waits on disk once measured
         runs = self.runs(spent)
+        drop_pages()  # what the runs read of it (its codes, decoded)
         predicted = spent.allocation.loss if spent.allocation is not None else None
         per_sample = self.losses(runs)
         return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs), predicted, per_sample=per_sample)
@@ -416,6 +419,12 @@ class _Measure:
         if self._cuts is not None:
             self._cuts.close()
         self.sessions.close()
+
+
+def idle(spent: Spent) -> None:
+    """``spent``'s big arrays (codes, the rewritten model's tensors) moved to disk, in place (:mod:`bq_onnx.idle`):
+    a candidate waits there while the next is quantized and measured, and only the one written is read back."""
+    to_disk(spent.quantized, spent.out)
 
 
 def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> None:

@@ -23,7 +23,7 @@ from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
-from bq_onnx.weights import design, weight_view
+from bq_onnx.weights import design, streamed_design, weight_view
 
 
 def quantize_weights(
@@ -34,10 +34,12 @@ def quantize_weights(
     plain = ctx.config.quantization.rounding == "gptq-plain"
     quantized: dict[str, QuantizedTensor] = {}
     for info in progress(ctx.weights, "quantize", enabled=ctx.progress):
-        view, importance = weight_view(ctx, info)
-        pieces = ctx.pieces_for(info.name, view.shape[1])
+        pieces = ctx.pieces_for(info.name, info.layout.view_shape[1])
         widths = sorted({bits for _, _, bits in pieces})
-        designs = {bits: design(ctx, view, importance, bits, info.name) for bits in widths}
+        designs = _streamed(ctx, info, widths) if ctx.posterior is None and info.name not in moments else None
+        if designs is None:
+            view, importance = weight_view(ctx, info)
+            designs = {bits: design(ctx, view, importance, bits, info.name) for bits in widths}
         if info.name in moments:
             weighting = None if plain else importance
             designs = {bits: compensated(ctx, info.name, view, qt, moments[info.name], weighting)
@@ -46,10 +48,21 @@ def quantize_weights(
             quantized[info.name] = designs[pieces[0][2]]
         else:
             quantized[info.name] = QuantizedPieces(
-                view.shape,
+                info.layout.view_shape,
                 tuple((start, stop, take_columns(designs[bits], start, stop)) for start, stop, bits in pieces),
             )
     return quantized
+
+
+def _streamed(ctx: Context, info, widths: list[int]) -> dict[int, QuantizedTensor] | None:
+    """Every width's design read band by band from the weight's file (:func:`bq_onnx.weights.streamed_design`),
+    or None where one cannot be (then the weight is read whole)."""
+    designs = {}
+    for bits in widths:
+        designs[bits] = streamed_design(ctx, info, bits)
+        if designs[bits] is None:
+            return None
+    return designs
 
 
 _GRID = ("scale", "scale_code", "super_scale", "zero_point", "codebook", "offset", "outlier_index", "codes")

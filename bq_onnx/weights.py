@@ -21,12 +21,17 @@ from bq_onnx.quantizers.grids import DesignGrid, encode_rows
 def weight_array(value: ir.Value) -> np.ndarray:
     """The initializer as float32, with NaN/Inf reported by name."""
     arr = np.asarray(value.const_value.numpy(), dtype=np.float32)
+    _check_finite(arr, value.name)
+    return arr
+
+
+def _check_finite(arr: np.ndarray, name: str | None, where: str = "") -> None:
+    """A :class:`DataError` naming ``name`` (and ``where``: which rows) if ``arr`` holds NaN/Inf."""
     flat = arr.reshape(-1)
     step = COLUMN_CHUNK_BYTES // 4  # checked by slices: a whole-size boolean mask is a quarter of the weight again
     bad = sum(int(flat[a:a + step].size - np.isfinite(flat[a:a + step]).sum()) for a in range(0, flat.size, step))
     if bad:
-        raise DataError(f"weight '{value.name}' contains {bad} NaN/Inf value(s)")
-    return arr
+        raise DataError(f"weight '{name}' contains {bad} NaN/Inf value(s){where}")
 
 
 def weight_view(ctx: Context, info: WeightInfo) -> tuple[np.ndarray, np.ndarray | None]:
@@ -113,9 +118,7 @@ def streamed_design(ctx: Context, info: WeightInfo, bits: int) -> QuantizedTenso
 
     def rows(a: int, b: int) -> np.ndarray:
         x = tensor.read_bytes(4 * a * n, 4 * (b - a) * n).view("<f4").reshape(b - a, n)
-        bad = int(x.size - np.isfinite(x).sum())
-        if bad:
-            raise DataError(f"weight '{info.name}' contains {bad} NaN/Inf value(s) in rows {a}..{b - 1}")
+        _check_finite(x, info.name, f" in rows {a}..{b - 1}")
         return x
 
     return encode_rows(rows, grid)

@@ -30,6 +30,23 @@ def matmul_model(weight: onnx.TensorProto, k: int = 16, n: int = 8) -> onnx.Mode
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], [weight])
 
 
+def external_matmul(folder: Path, w: np.ndarray, batch: int | str, gemm: bool = False) -> Path:
+    """``y = x @ W`` (MatMul; ``gemm``: ``Gemm(x, W, transB=1)`` with ``w`` stored ``(N, K)``) saved to
+    ``folder/m.onnx`` with ``w`` in external data (``m.onnx.data``), ``batch`` rows of ``x``."""
+    k, n = w.shape[::-1] if gemm else w.shape
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1) if gemm else \
+        helper.make_node("MatMul", ["x", "W"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "m.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    return path
+
+
 def good_weight(k: int = 16, n: int = 8, name: str = "W") -> onnx.TensorProto:
     return numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), name)
 

@@ -13,11 +13,9 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from tests.hostile import REPO
+from tests.hostile import REPO, external_matmul
 
 _RUN = """
 import resource, sys, threading, time
@@ -42,16 +40,7 @@ sys.exit(code)
 
 def _model(folder, k: int, n: int):
     w = (np.random.default_rng(0).standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
-                              [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "m.onnx"
-    onnx.save(model, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    return path
+    return external_matmul(folder, w, "b")
 
 
 def _optimize(src, out, limit: int) -> subprocess.CompletedProcess:

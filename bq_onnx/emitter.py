@@ -17,7 +17,7 @@ These names are part of the written model (outputs are byte-identical across ver
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -43,6 +43,14 @@ class Emitter:
         self.tape = ir.tape.Tape()
         self.prefix = prefix
         self._count = 0
+        self.derived: dict = {}
+
+    def derive(self, key: tuple, build: Callable[[], ir.Value]) -> ir.Value:
+        """A value computed by nodes (not stored), built once per ``derived`` dict: a decode's lookup tables are
+        computed once per graph, not once per weight."""
+        if key not in self.derived:
+            self.derived[key] = build()
+        return self.derived[key]
 
     def name(self, label: str) -> str:
         """The next unique node name, ``{prefix}{label}_{n}``."""
@@ -54,15 +62,16 @@ class Emitter:
         """One node with one output, named after ``label`` (default: the op type); ``None`` attributes are left out."""
         return self.ops(op_type, inputs, 1, label, domain=domain, **attrs)[0]
 
-    def ops(self, op_type: str, inputs: Sequence[ir.Value | None], num_outputs: int, label: str = "", *,
+    def ops(self, op_type: str, inputs: Sequence[ir.Value | None], count: int, label: str = "", *,
             domain: str = "", **attrs) -> Sequence[ir.Value]:
-        """One node with ``num_outputs`` outputs, named ``name`` (one output) or ``name.i``."""
+        """One node with ``count`` outputs, named ``name`` (one output) or ``name.i`` (``count``, not ``num_outputs``:
+        that is an attribute of Split)."""
         name = self.name(label or op_type)
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        outs = self.tape.op_multi_out(op_type, inputs, attributes=attrs or None, num_outputs=num_outputs,
+        outs = self.tape.op_multi_out(op_type, inputs, attributes=attrs or None, num_outputs=count,
                                       name=name, domain=domain)
         for i, out in enumerate(outs):
-            out.name = name if num_outputs == 1 else f"{name}.{i}"
+            out.name = name if count == 1 else f"{name}.{i}"
         return outs
 
     def const(self, array: np.ndarray | float | int, label: str = "const") -> ir.Value:
@@ -95,9 +104,11 @@ class GraphEmitter(Emitter):
     """Constants become untyped initializers in ``shared`` (one dict for all emitters of a rewrite, which
     registers them); :meth:`tensor` stores a weight's own tensors on the tape."""
 
-    def __init__(self, prefix: str, shared: dict | None = None) -> None:
+    def __init__(self, prefix: str, shared: dict | None = None, derived: dict | None = None) -> None:
         super().__init__(prefix)
         self.shared = {} if shared is None else shared
+        if derived is not None:  # one graph's computed values, shared by its weights' emitters (in node order)
+            self.derived = derived
         self._stored: dict[tuple, ir.Value] = {}
 
     def const(self, array: np.ndarray | float | int, label: str = "const") -> ir.Value:

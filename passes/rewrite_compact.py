@@ -24,7 +24,7 @@ from bq_onnx.decode.functions import (
     vector_layout,
 )
 from bq_onnx.decode.ops import layout_vector, outlier_arrays
-from bq_onnx.decode.rewrite import RewritePass, reads_as_constant
+from bq_onnx.decode.rewrite import RewritePass
 from bq_onnx.emitter import GraphEmitter
 from bq_onnx.packing import pack_bits
 from bq_onnx.qtensor import QuantizedTensor
@@ -50,9 +50,8 @@ class RewriteCompactPass(RewritePass):
         """Indices packed at exactly ``bits * d`` bits: the low 8 in one stream, the rest in a second."""
         k, n = qt.shape
         d, ib = qt.vector_dim, qt.index_bits
-        foldable = self.current is not None and reads_as_constant(self.current)
-        fname = vector_function_name(d, ib, foldable)
-        self._function(model, fname, lambda opset: build_vector_function(d, ib, opset, foldable))
+        fname = vector_function_name(d, ib)
+        self._function(model, fname, lambda opset: build_vector_function(d, ib, opset))
         codes = qt.codes.astype(np.uint16)
         inputs = [em.tensor(pack_bits(codes & 0xFF, min(ib, 8)), f"{name}.bq_packed")]
         if ib > 8:
@@ -69,11 +68,10 @@ class RewriteCompactPass(RewritePass):
             return self._vector(em, qt, name, model)
         k, n = qt.shape
         has_offset = qt.kind == "codebook" and qt.offset is not None
-        foldable = self.current is not None and reads_as_constant(self.current)
         double = qt.double_scales
-        fname = function_name(qt.kind, qt.bits, qt.symmetric, has_offset, foldable, double)
+        fname = function_name(qt.kind, qt.bits, qt.symmetric, has_offset, double)
         if (DOMAIN, fname, "") not in model.functions:
-            fn = build_function(qt.kind, qt.bits, qt.symmetric, has_offset, model.opset_imports[""], foldable, double)
+            fn = build_function(qt.kind, qt.bits, qt.symmetric, has_offset, model.opset_imports[""], double)
             model.functions[fn.identifier()] = fn
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
         layout = em.const(layout_vector(k, n, qt.block_size), "layout")

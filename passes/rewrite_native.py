@@ -10,7 +10,7 @@ Ragged blocks are padded to whole blocks and sliced after decoding, so every run
 Where no allocation in containers meets the stored budget (:func:`bq_onnx.targets.pack_low_widths`), a 1..3-bit
 grid with no container of its size on the target (int4 would store 4 bits: the default target and OpenVINO,
 :func:`bq_onnx.sizes.is_packed`) is stored packed at its exact width with its zero points, as in the compact
-format, and decoded inline by standard ops (float-only unpacking, which both runtimes fold to constants).
+format, and decoded inline by standard ops (a byte lookup, which both runtimes fold to constants).
 Codebook and 0-bit layers use Gather/Mul/Add and dequantize at session creation; so do vector codebooks (Gather of
 codebook rows, Transpose, Reshape, Mul) and sparse outliers (Gather, Add, ScatterElements after the dense decode),
 which onnxruntime constant-folds and OpenVINO folds at load: they save disk, not RAM.
@@ -200,27 +200,31 @@ class RewriteNativePass(RewritePass):
         blocked = not dims.single_block
         if qt.symmetric:
             packed = em.tensor(pack_bits(qt.codes, bits), f"{name}.bq_packed")
-            codes = unpack_codes(em, packed, bits, dims.count, foldable=True)
+            codes = unpack_codes(em, packed, bits, None if k * n % 8 == 0 else dims.count)
             zero = em.const(np.array(qt.implicit_zero_point, dtype=np.float32), "zero_point")
         else:
             stream = np.concatenate([qt.codes.reshape(-1), qt.zero_point.reshape(-1)])
             packed = em.tensor(pack_bits(stream, bits), f"{name}.bq_packed")
-            both = unpack_codes(em, packed, bits, None, foldable=True)
+            both = unpack_codes(em, packed, bits, None)
             split = em.const(i64(k * n), "count")
             codes = em.op("Slice", [both, dims.zero, split, dims.zero], "codes")
             zero = em.op("Slice", [both, split, em.const(i64(stream.size), "count"), dims.zero], "zero")
             zero = em.op("Reshape", [zero, dims.nb_1_n]) if blocked else expand_blocks(em, zero, dims)
+            zero = em.op("Cast", [zero], to=ir.DataType.FLOAT)
         scale = em.op("Cast", [em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale")], to=ir.DataType.FLOAT)
+
+        def as_float(shape: ir.Value) -> ir.Value:  # the uint8 codes reshaped first: one float copy fewer
+            return em.op("Cast", [em.op("Reshape", [codes, shape])], to=ir.DataType.FLOAT)
+
         if blocked:
             if dims.ragged:  # zero rows up to whole blocks
                 rows = -(-k // g) * g
                 codes = em.op("Pad", [codes, em.const(i64(0, (rows - k) * n), "pads")])
-            x = em.op("Mul", [em.op("Sub", [em.op("Reshape", [codes, dims.nb_g_n]), zero]),
-                              em.op("Reshape", [scale, dims.nb_1_n])])
+            x = em.op("Mul", [em.op("Sub", [as_float(dims.nb_g_n), zero]), em.op("Reshape", [scale, dims.nb_1_n])])
             if not dims.ragged:
                 return em.op("Reshape", [x, dims.kn])
             return em.op("Slice", [em.op("Reshape", [x, dims.rows_n]), dims.zero, dims.k, dims.zero], "rows")
-        return em.op("Mul", [em.op("Sub", [em.op("Reshape", [codes, dims.kn]), zero]), expand_blocks(em, scale, dims)])
+        return em.op("Mul", [em.op("Sub", [as_float(dims.kn), zero]), expand_blocks(em, scale, dims)])
 
     def _int4_into_consumer_only(self) -> bool:
         """Whether the target runs int4 only straight into its consumer (TensorRT): then one DequantizeLinear

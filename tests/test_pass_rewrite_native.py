@@ -52,14 +52,16 @@ def test_uniform_weights_become_blocked_dequantize_linear(quantizer, bits, conta
 @pytest.mark.parametrize("quantizer", ["uniform", "uniform-sym"])
 def test_widths_without_a_container_of_their_size_are_packed_and_decoded_inline(quantizer):
     """3 bits on the default target under a budget containers cannot meet (int4 would store 4): codes and zero
-    points packed at 3 bits, no local function, no DequantizeLinear, no BitwiseAnd (float-only unpacking, which
-    OpenVINO folds at load)."""
+    points packed at 3 bits, no local function, no DequantizeLinear, no BitwiseAnd (a byte lookup, which OpenVINO
+    folds at load), its table built once for the graph however many layers read it."""
     model, ctx = _rewritten(packed=True, bits=3, quantizer=quantizer)
     graph = model.graph
     ops = {n.op_type for n in graph}
     assert "DequantizeLinear" not in ops and "BitwiseAnd" not in ops and not model.functions
     assert ops <= {"Reshape", "Cast", "Mul", "Floor", "Sub", "MatMul", "Slice", "Expand", "Transpose", "Concat",
-                   "Add", "Conv", "Gemm", "Gather", "Relu", "Flatten", "Identity", "Shape", "Pad"}
+                   "Add", "Conv", "Gemm", "Gather", "Relu", "Flatten", "Identity", "Shape", "Pad", "Range", "Split",
+                   "Equal"}
+    assert len(ctx.quantized) > 1 and sum(n.op_type == "Floor" for n in graph) == 2  # one table: two Floor
     for name, qt in ctx.quantized.items():
         packed = graph.initializers[f"{name}.bq_packed"].const_value
         stream = qt.codes.size + (qt.zero_point.size if quantizer == "uniform" else 0)  # zero points after codes

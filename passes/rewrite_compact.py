@@ -20,10 +20,12 @@ from bq_onnx.decode.functions import (
     build_outlier_function,
     build_vector_function,
     function_name,
+    table_widths,
     vector_function_name,
     vector_layout,
+    vector_table_widths,
 )
-from bq_onnx.decode.ops import layout_vector, outlier_arrays
+from bq_onnx.decode.ops import byte_tables, layout_vector, outlier_arrays
 from bq_onnx.decode.rewrite import RewritePass
 from bq_onnx.emitter import GraphEmitter
 from bq_onnx.packing import pack_bits
@@ -59,7 +61,7 @@ class RewriteCompactPass(RewritePass):
         inputs.append(em.tensor(qt.codebook.astype(np.float16), f"{name}.bq_codebook", reuse=True))
         inputs.append(em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale"))
         layout = em.const(vector_layout(k, n, qt.block_size, d), "layout")
-        return em.op(fname, [*inputs, layout], fname, domain=DOMAIN)
+        return em.op(fname, [*inputs, *_tables(em, vector_table_widths(ib)), layout], fname, domain=DOMAIN)
 
     def emit(self, em: GraphEmitter, qt: QuantizedTensor, name: str, model: ir.Model) -> ir.Value:
         if qt.kind == "float16":  # fp16 values need no decode function: a Cast, as in native
@@ -91,4 +93,10 @@ class RewriteCompactPass(RewritePass):
                 inputs.append(em.tensor(qt.scale.astype(np.float16), f"{name}.bq_scale"))
             if has_offset:
                 inputs.append(em.tensor(qt.offset.astype(np.float16), f"{name}.bq_offset"))
+            inputs += _tables(em, table_widths(qt.bits))
         return em.op(fname, [*inputs, layout], fname, domain=DOMAIN)
+
+
+def _tables(em: GraphEmitter, widths: list[int]) -> list[ir.Value]:
+    """The byte tables a decode function reads, built once per graph (:func:`bq_onnx.decode.ops.byte_tables`)."""
+    return [em.derive(("byte_tables", w), lambda w=w: byte_tables(em, w)) for w in widths]

@@ -57,4 +57,7 @@ def test_a_packed_decode_folds_through_small_intermediates(tmp_path, fmt, quanti
     assert result.context.quantized["W"].bits == 3
     if fmt == "native":
         assert result.context.derived.packed_codes
+    model = onnx.load(str(path))
+    assert sum(n.op_type == "Range" for n in model.graph.node) == 2  # the table, built in the graph once
+    assert not any(n.op_type == "Range" for f in model.functions for n in f.node)  # a decode function's input
     assert folded_bytes(str(path)) / w.size <= BYTES_PER_WEIGHT

@@ -37,13 +37,33 @@ def function_name(kind: str, bits: int, symmetric: bool, has_offset: bool, doubl
     return f"DecodeCodebook{'Offset' if has_offset else ''}{bits}"
 
 
-def input_names(kind: str, symmetric: bool, has_offset: bool, double_scales: bool = False) -> list[str]:
+def table_widths(*widths: int) -> list[int]:
+    """The widths whose byte tables (:func:`bq_onnx.decode.ops.byte_tables`) a decode reads, in input order: the
+    caller builds each once per graph and passes it, so no function body repeats the table's graph (8 bits: a byte
+    is a code, no table)."""
+    return sorted({w for w in widths if w < 8})
+
+
+def table_input(bits: int) -> str:
+    return f"tables{bits}"
+
+
+def input_names(kind: str, symmetric: bool, has_offset: bool, double_scales: bool = False, bits: int = 8
+                ) -> list[str]:
     if kind == "mean":
         return ["mean", "layout"]
+    tables = [table_input(w) for w in table_widths(bits)]
     if kind == "uniform":
         scale = ["scale_code", "super_scale"] if double_scales else ["scale"]
-        return ["packed", *([] if symmetric else ["zero"]), *scale, "layout"]
-    return ["packed", "codebook", "scale"] + (["offset"] if has_offset else []) + ["layout"]
+        return ["packed", *([] if symmetric else ["zero"]), *scale, *tables, "layout"]
+    return ["packed", "codebook", "scale"] + (["offset"] if has_offset else []) + [*tables, "layout"]
+
+
+def _tables_from_inputs(em: FunctionEmitter, inputs: dict[str, ir.Value]) -> None:
+    """The byte tables a decode's unpacking asks for are its inputs, not nodes of its body."""
+    for name, value in inputs.items():
+        if name.startswith("tables"):
+            em.derived[("byte_tables", int(name[len("tables"):]))] = value
 
 
 def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opset: int,
@@ -52,7 +72,8 @@ def build_function(kind: str, bits: int, symmetric: bool, has_offset: bool, opse
     float32 product that is exact (8-bit code, 11-bit fp16 mantissa), as :func:`bq_onnx.qtensor.decode_scales` does."""
     name = function_name(kind, bits, symmetric, has_offset, double_scales)
     em = FunctionEmitter("")
-    inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset, double_scales)}
+    inputs = {n: ir.Value(name=n) for n in input_names(kind, symmetric, has_offset, double_scales, bits)}
+    _tables_from_inputs(em, inputs)
     dims = BlockDims.from_layout(em, inputs["layout"])
 
     def per_row(value: ir.Value) -> ir.Value:
@@ -106,13 +127,20 @@ def vector_layout(k: int, n: int, block_size: int, dim: int) -> np.ndarray:
     return np.append(layout_vector(k, n, block_size), -(-k // dim)).astype(np.int64)
 
 
+def vector_table_widths(index_bits: int) -> list[int]:
+    """The widths of a vector decode's two index streams (low 8 bits, the rest) that read a byte table."""
+    return table_widths(min(index_bits, 8), *([index_bits - 8] if index_bits > 8 else []))
+
+
 def build_vector_function(dim: int, index_bits: int, opset: int) -> ir.Function:
     """Decode of a vector codebook: packed indices (low 8 bits, then the high ``index_bits - 8`` bits in a second
     stream when wider), the fp16 codebook ``(2**index_bits, dim)``, fp16 scales and ``[K, N, nb, G, Kv]``."""
     name = vector_function_name(dim, index_bits)
     em = FunctionEmitter("")
-    names = ["packed"] + (["packed_high"] if index_bits > 8 else []) + ["codebook", "scale", "layout"]
+    tables = [table_input(w) for w in vector_table_widths(index_bits)]
+    names = ["packed"] + (["packed_high"] if index_bits > 8 else []) + ["codebook", "scale", *tables, "layout"]
     inputs = {n: ir.Value(name=n) for n in names}
+    _tables_from_inputs(em, inputs)
     dims = BlockDims.from_layout(em, inputs["layout"])
     kv = em.op("Slice", [inputs["layout"], em.const(i64(4)), em.const(i64(5))], "dim")
     n = em.op("Slice", [inputs["layout"], em.const(i64(1)), em.const(i64(2))], "dim")

@@ -1,9 +1,10 @@
 """The standard-op graphs that turn stored codes back into weights, shared by both storage formats.
 
 Only ops that onnxruntime and OpenVINO both compute exactly and fold on constants are used: ``Cast``, float
-``Mul``/``Sub``/``Add``/``Floor``, ``Range``, ``MatMul`` of 0/1 bits by powers of two, ``Gather``, uint8 ``Add``
-of disjoint bits, ``Reshape``/``Expand``/``Slice``/``Split``. No ``BitwiseAnd`` (OpenVINO does not fold it), no
-``BitShift``, no integer ``Div``, no 64-bit arithmetic on data (DESIGN.md: OpenVINO gets those wrong).
+``Mul``/``Sub``/``Add``/``Floor``, ``Range``, ``Equal``, ``MatMul`` of 0/1 bits by powers of two,
+``Gather``, uint8 ``Add`` of disjoint bits, ``Reshape``/``Expand``/``Slice``/``Split``/``Pad``. No ``BitwiseAnd``
+(OpenVINO does not fold it), no ``BitShift``, no integer ``Div``, no 64-bit arithmetic on data (DESIGN.md: OpenVINO
+gets those wrong).
 
 Every builder takes an :class:`~bq_onnx.emitter.Emitter`: a ``GraphEmitter`` writes into the main graph
 (constants become shared initializers), a ``FunctionEmitter`` into a function body (constants become
@@ -142,21 +143,31 @@ def bit_places(bits: int) -> np.ndarray:
     return out
 
 
-def byte_tables(em: Emitter, bits: int) -> ir.Value:
-    """``[256 bits, 8]`` uint8, row ``256 j + v``: what byte value ``v`` at a group's position ``j`` adds to its 8
-    codes, ``bits(v) @ weights[j]`` (``weights[j, i, k]`` = the value of bit ``i`` of byte ``j`` in code ``k``),
-    computed at load from ``Range`` and :func:`bit_places` (small integers, exact in float32)."""
-    zero, one = em.const(np.array(0.0, np.float32), "start"), em.const(np.array(1.0, np.float32), "delta")
-    values = em.op("Range", [zero, em.const(np.array(256.0, np.float32), "limit"), one], "byte_values")
+def byte_bits(em: Emitter) -> ir.Value:
+    """``[256, 8]`` float: bit ``i`` of byte value ``v``, ``floor(v / 2^i) - 2 floor(v / 2^(i+1))`` from
+    ``Range(0, 256)`` (exact in float32; OpenVINO computes ``Mod`` on these wrongly); one per graph, shared by every
+    width's table."""
+    values = em.op("Range", [em.const(np.array(0.0, np.float32), "start"), em.const(np.array(256.0, np.float32),
+                                                                                    "limit"),
+                             em.const(np.array(1.0, np.float32), "delta")], "byte_values")
     shifts = (1.0 / (1 << np.arange(9))).astype(np.float32)
     low = em.op("Floor", [em.op("Mul", [values, em.const(shifts[:8].reshape(8, 1), "inv_masks")])])
     high = em.op("Floor", [em.op("Mul", [values, em.const(shifts[1:].reshape(8, 1), "inv_masks")])])
-    bit_values = em.op("Sub", [low, em.op("Mul", [high, em.const(np.array(2.0, np.float32), "two")])], "bits")
+    bits = em.op("Sub", [low, em.op("Mul", [high, em.const(np.array(2.0, np.float32), "two")])], "bits")
+    return em.op("Transpose", [bits], "bits", perm=[1, 0])
+
+
+def byte_tables(em: Emitter, bits: int) -> ir.Value:
+    """``[256 bits, 8]`` uint8, row ``256 j + v``: what byte value ``v`` at a group's position ``j`` adds to its 8
+    codes, ``byte_bits(v) @ weights[j]`` (``weights[j, i, k]`` = the value of bit ``i`` of byte ``j`` in code
+    ``k``: a one-hot of :func:`bit_places` ``[0]`` times ``[1]``), computed at load (small integers, exact)."""
     places = em.op("Cast", [em.const(bit_places(bits), "bit_places")], to=ir.DataType.FLOAT)
     code_of, value_of = em.ops("Split", [places], 2, "places", axis=0, num_outputs=2)  # [1, bits, 8, 1] each
-    codes = em.op("Range", [zero, em.const(np.array(8.0, np.float32), "limit"), one], "code_index")
+    codes = em.derive(("code_index",), lambda: em.op("Range", [em.const(np.array(0.0, np.float32), "start"),
+                                                               em.const(np.array(8.0, np.float32), "limit"),
+                                                               em.const(np.array(1.0, np.float32), "delta")]))
     weights = em.op("Mul", [em.op("Cast", [em.op("Equal", [code_of, codes])], to=ir.DataType.FLOAT), value_of])
-    tables = em.op("MatMul", [em.op("Transpose", [bit_values], perm=[1, 0]), weights])  # [1, bits, 256, 8]
+    tables = em.op("MatMul", [em.derive(("byte_bits",), lambda: byte_bits(em)), weights])  # [1, bits, 256, 8]
     flat = em.op("Reshape", [tables, em.const(i64(256 * bits, 8), "shape")])
     return em.op("Cast", [flat], "tables", to=ir.DataType.UINT8)
 

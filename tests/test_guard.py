@@ -69,13 +69,13 @@ def test_posterior_never_sees_the_held_out_samples(calib):
 
 
 def test_a_sound_allocation_is_kept_and_measures_no_worse_than_uniform(calib):
-    # fp16 scales: with the default double-quantized scales this allocation first measures 0.0058 on these samples
-    # and is repaired (to 0.0024); the case here is the one the guard keeps
-    result = bq_onnx.optimize(LENET, bits=3, format="compact", calib=calib, scales="fp16")
+    # 2.75 bits: the case the guard keeps (at 3 bits with fp16 scales it was, until the decode's constants changed
+    # in session 16 and moved the budget by a few blocks: now that one is repaired)
+    result = bq_onnx.optimize(LENET, bits=2.75, format="compact", calib=calib)
     g = result.report["guard"]
     assert g["result"] == "kept"
     assert g["measured_loss"] <= g["uniform"]["measured_loss"]
-    assert g["stored_bits"] <= 3.0
+    assert g["stored_bits"] <= 2.75
     fid = g["fidelity"]["logits"]
     assert 0.9 < fid["agreement"] <= 1.0 and 0.9 < fid["cosine"] <= 1.0 and fid["rel_error"] > 0
 
@@ -95,7 +95,7 @@ def test_a_block_the_posterior_calls_free_is_caught_and_repaired(calib, lying_po
 
 
 def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comparison_misses(calib):
-    """fc1's curvature a thousandth of the data's: at --bits 4 it gets 2 bits, and the allocation can still measure
+    """fc1's curvature a thousandth of the data's: at --bits 3.75 it gets 2 bits, and the allocation can still measure
     about as well as uniform 3-bit, so the whole-model comparison alone may keep it. Measured alone, fc1 costs far
     more than its prediction relative to the other tensors: its table is scaled up, the budget spent again, fc1
     gets more bits and the written model measures several times better than the first allocation."""
@@ -106,7 +106,9 @@ def test_tables_checked_tensor_by_tensor_catch_an_underpredicted_tensor_the_comp
     # data-free candidate measures lower still (0.0025) and is written; this test is about the repair. Nearest
     # rounding: under GPTQ (the default with --calib) the repair measures lower held out (0.00077) but not on the fit
     # split (0.00141 against uniform's 0.00124), and the plain-grid uniform, filled, is written
-    opts = {"bits": 4, "format": "compact", "calib": calib, "posterior": posterior, "scales": "fp16",
+    # 3.75 bits: at 4 the repair (fc1 raised) measured 0.0059 against the first allocation's 0.0066 since the
+    # decode's constants changed (session 16) and the budget moved by a few blocks; here 0.0016 against 0.0068
+    opts = {"bits": 3.75, "format": "compact", "calib": calib, "posterior": posterior, "scales": "fp16",
             "rounding": "nearest"}
     first = bq_onnx.optimize(LENET, **opts, no_guard=True)
     result = bq_onnx.optimize(LENET, **opts)

@@ -163,7 +163,7 @@ def test_allocation_report_and_plot(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     alloc = report["allocation"]
-    assert alloc["method"] == "greedy" and 2.98 <= alloc["achieved_bits"] <= 3.0
+    assert alloc["method"] == "greedy" and 2.95 <= alloc["achieved_bits"] <= 3.0  # within a block step or so
     assert set(alloc["layers"]) == {r["name"] for r in report["layers"]}
     for row in alloc["layers"].values():
         assert row["loss_one_bit_less"] >= row["loss"] >= row["loss_one_bit_more"] >= 0

@@ -61,14 +61,14 @@ class TempSessions:
         self._count += 1
         path = Path(self._tmp.name) / f"m{self._count}.onnx"
         nbytes = model_nbytes(model)
-        folds = folds_too_much(model)
-        if nbytes <= SHARED_SESSION_BYTES and not folds and not any(True for _ in external_tensors(model)):
+        shared = nbytes <= min(SHARED_SESSION_BYTES, UNPACKED_SESSION_BYTES)
+        if shared and not folds_too_much(model) and not any(True for _ in external_tensors(model)):
             self._save(model, path)
             return self._shared_session(path, nbytes)
         save_model(model, path)
         if nbytes > UNPACKED_SESSION_BYTES:
             return unpacked_session(path, self.threads)
-        if folds:  # run unfolded, neither kept nor shared: its runs' buffers go with it
+        if folds_too_much(model):  # run unfolded, neither kept nor shared: its runs' buffers go with it
             return unpacked_session(path, self.threads, arena=False)
         # over SHARED_SESSION_BYTES, or its tensors in external data: not shared
         return get_runtime("onnxruntime").session(path, exact=True, threads=self.threads, spin=False)

@@ -50,8 +50,11 @@ def stage_of(step: str, seen: set[str]) -> str:
         return "load"
     if step in ("posterior", "tables", "allocate", "quantize", "rewrite", "guard"):
         return step
-    if re.match(r"saved m\d+\.onnx", step):  # a temporary session model: the posterior's, else the guard's
-        return "posterior" if "posterior" not in seen else "guard"
+    if re.match(r"saved m\d+\.onnx", step):  # a temporary session model: the posterior's, the tables', the guard's
+        if "posterior" not in seen:
+            return "posterior"
+        # the tables' measuring sessions (the rounding choice, the one scale) open before the first allocation
+        return "tables" if not seen & {"tables", "allocate", "rewrite"} else "guard"
     if step.startswith("saved "):
         return "write"
     if step.startswith("verify"):

@@ -14,12 +14,14 @@ from bq_onnx.autodiff.vjp_control import control_on_samples
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import WeightInfo
 from bq_onnx.layout import RECURRENT_OPS
-from bq_onnx.model_io import copy_model
 
 
 def forward_model(model: ir.Model, outputs: Sequence[str | None]) -> ir.Model:
-    """A copy of ``model`` whose outputs are the named values (``None``: the first graph output)."""
-    copy = copy_model(model)
+    """A copy of ``model`` whose outputs are the named values (``None``: the first graph output); its graph is its
+    own, its tensors are ``model``'s (every caller opens a session of it: nothing writes them). Why not a
+    serialized copy: that copied every weight, about 0.1 s a session on all-MiniLM-L6-v2, and saves the same
+    bytes."""
+    copy = model.clone()
     values = {v.name: v for v in all_values(copy)} | {v.name: v for v in copy.graph.outputs}
     chosen = [output_value(copy, name) if name is None or name in {v.name for v in copy.graph.outputs}
               else values[name] for name in outputs]

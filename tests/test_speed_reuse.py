@@ -1,6 +1,7 @@
 """Work done once instead of twice, with the same bytes (issue 17): the squared-gradient sums skip all-zero rows
 (:func:`bq_onnx.estimators.squared_gradients.add_squares`), the design cache hashes large arrays by pieces, the
-temporary sessions are shared by file content (:class:`bq_onnx.runtimes.sessions.TempSessions`), verify reads
+temporary sessions are shared by file content and write each big weight once, as a file named by its bytes
+(:class:`bq_onnx.runtimes.sessions.TempSessions`), verify reads
 the source once for both references, the measuring sessions' idle threads sleep instead of spinning
 (:func:`bq_onnx.runtimes.ort.no_spinning`), weight views are kept per run (:func:`bq_onnx.quantizers.cache.kept`)
 and the guard decodes each design once (``guard._Decoded``). Each is checked against the way it was done before,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -129,6 +131,34 @@ def test_big_models_keep_their_own_sessions(monkeypatch) -> None:
         assert holder.open(_matmul_model(w)) is not holder.open(_matmul_model(w))
     finally:
         holder.close()
+
+
+def test_session_weights_are_written_once_by_content_and_read_as_inline() -> None:
+    """A temporary session's big initializers go to files named by their bytes, written once per holder: two
+    models with the same weight write one file, neither model file holds the weight, the model objects keep their
+    own tensors, and the sessions compute what a session of the model saved whole computes, bit for bit, also
+    after the holder's files are gone."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 48)).astype(np.float32)  # 12 KiB: over STORED_TENSOR_BYTES
+    assert w.nbytes >= sessions.STORED_TENSOR_BYTES
+    feeds = {"x": rng.standard_normal((1, 64)).astype(np.float32)}
+    fresh = sessions.get_runtime("onnxruntime").session(_save(_matmul_model(w)), exact=True)
+    holder = sessions.TempSessions()
+    first, second = _matmul_model(w), _matmul_model(w.copy())
+    second.graph.outputs[0].name = "z"  # another graph, the same weight
+    tensor = first.graph.initializers["w"].const_value
+    a, b = holder.open(first), holder.open(second)
+    assert a is not b
+    assert first.graph.initializers["w"].const_value is tensor  # the model is left as it was
+    folder = Path(holder._tmp.name)
+    stored = sorted(folder.glob("*.bin"))
+    assert [f.name for f in stored] == [hashlib.sha256(w.tobytes()).hexdigest() + ".bin"]
+    assert all(f.stat().st_size < w.nbytes for f in folder.glob("m*.onnx"))
+    expected = fresh.run(feeds)[0]
+    holder.close()
+    assert not folder.exists()
+    for session in (a, b):
+        assert session.run(feeds)[0].tobytes() == expected.tobytes()
 
 
 def _as_before(monkeypatch) -> None:

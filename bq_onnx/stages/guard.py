@@ -441,13 +441,16 @@ class _Measure:
 
 def idle(spent: Spent) -> None:
     """``spent``'s big arrays (codes, the rewritten model's tensors) moved to disk, in place (:mod:`bq_onnx.idle`):
-    a candidate waits there while the next is quantized and measured, and only the one written is read back."""
+    a candidate waits there while the next is quantized and measured, and only the one written is read back. The
+    first waits there from before the FP32 model's reference runs, which read the float weights whole (at 2 GiB of
+    one weight the guard's peak: the weight's pages beside the candidate's 0.6x); arrays already there stay."""
     to_disk(spent.quantized, spent.out)
 
 
 def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> None:
     """The held-out loss and fidelity of ``spent`` alone (a fixed width, ``--allocator uniform``, ``--no-guard``):
     what the quality targets are checked on."""
+    idle(spent)  # before the FP32 model's reference runs, as in guard_allocation
     measure = _Measure(model, ctx, held)
     try:
         chosen = measure.model_try("allocation", spent)
@@ -463,6 +466,7 @@ def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callabl
     (``"uniform"``, or None: the configured allocator with ``ctx.floors``). ``fit`` (the samples the posterior
     saw) is where tensors are probed one at a time, so the held-out samples that pick the candidate to write
     never steered the candidates themselves (else the repaired ones measure optimistically on a small set)."""
+    idle(first)  # before the FP32 model's reference runs: they read the whole float weight beside it (issue 21)
     try:
         measure = _Measure(model, ctx, held)
     except BqError as exc:

@@ -12,6 +12,8 @@ block ``j``; the last block may be shorter (ragged). Passes map real tensors to 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -336,6 +338,70 @@ def take_columns(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
         outlier_index=index,
         outlier_value=value,
     )
+
+
+def row_step(qt: QuantizedTensor | QuantizedPieces, rows: int) -> int | None:
+    """Rows per band of about ``rows`` (at least one block: a multiple of every piece's block size) in which
+    :func:`dequantize_rows` decodes ``qt``; None where it cannot (vector codes span rows, one block per column)."""
+    parts = [p for _, _, p in qt.pieces] if isinstance(qt, QuantizedPieces) else [qt]
+    k = qt.shape[0]
+    step = 1
+    for p in parts:
+        if p.kind not in ("uniform", "codebook", "mean") or p.block_size >= k:
+            return None
+        step = step * p.block_size // math.gcd(step, p.block_size)
+    return max(step, rows // step * step)
+
+
+def row_bands(qt: QuantizedTensor | QuantizedPieces, nbytes: int) -> Iterator[tuple[int, np.ndarray]] | None:
+    """``(first row, rows decoded)`` of ``qt`` band by band of about ``max(BAND_BYTES, nbytes / BANDS)`` float32
+    bytes (``nbytes``: the whole decode's), or None where it cannot be cut by rows (:func:`row_step`). Fewer, bigger
+    bands of a weight cut into thousands of pieces take less time: each band decodes every piece."""
+    k, n = qt.shape
+    step = row_step(qt, max(BAND_BYTES, nbytes // BANDS) // max(4 * n, 1))
+    if step is None:
+        return None
+    return ((a, dequantize_rows(qt, a, min(a + step, k))) for a in range(0, k, step))
+
+
+BAND_BYTES = 16 << 20
+BANDS = 32
+
+
+def dequantize_rows(qt: QuantizedTensor | QuantizedPieces, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of ``qt.dequantize()``, the same values (the same elementwise arithmetic on the rows'
+    codes and their blocks' scales), without decoding the rest: a big weight written band by band (issue 21).
+    ``start`` is a multiple of :func:`row_step`'s step, ``stop`` one too or the last row."""
+    if isinstance(qt, QuantizedPieces):
+        out = np.empty((stop - start, qt.shape[1]), dtype=np.float32)
+        for a, b, part in qt.pieces:
+            out[:, a:b] = dequantize_rows(part, start, stop)
+        return out
+    return take_rows(qt, start, stop).dequantize()
+
+
+def take_rows(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """Rows ``[start, stop)`` of a quantized tensor whose blocks they cut whole (``start`` a multiple of the block
+    size): views of its codes and of its blocks' scales, offsets and zero points, its outliers in those rows."""
+    k, n = qt.shape
+    g = qt.block_size
+    if qt.kind not in ("uniform", "codebook", "mean") or start % g or (stop % g and stop != k) or g >= k:
+        raise ValueError(f"rows {start}..{stop} do not cut whole blocks of {g} rows of a {qt.kind} tensor")
+    lo, hi = start // g, -(-stop // g)
+
+    def blocks(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[lo:hi]
+
+    index, value = qt.outlier_index, qt.outlier_value
+    if index is not None:
+        keep = (index >= start * n) & (index < stop * n)
+        index, value = index[keep] - start * n, value[keep]
+        if index.size == 0:
+            index = value = None
+    return dataclasses.replace(
+        qt, shape=(stop - start, n), codes=None if qt.codes is None else qt.codes[start:stop],
+        scale=blocks(qt.scale), zero_point=blocks(qt.zero_point), offset=blocks(qt.offset),
+        scale_code=blocks(qt.scale_code), outlier_index=index, outlier_value=value)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

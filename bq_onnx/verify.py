@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from bq_onnx.model_io import copy_model, load_model
 from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.prepare import prepare_passes
 from bq_onnx.progress import memtrace, release_freed_memory
+from bq_onnx.qtensor import row_bands
 
 #: Outputs may differ by summation order (fused MatMulNBits vs MatMul), nothing more: relative to the output's
 #: magnitude, 1e-4 for float32 and a few units in the last place for float16, or, for long reductions,
@@ -83,9 +84,20 @@ def write_reference(model: ir.Model, ctx: Context, folder: str | os.PathLike, na
                 if tensor is None:
                     continue
                 if key in quantized:  # names are unique across graphs (UniqueInitializerNamesPass)
-                    restored = ctx.weight(key).layout.from_view(quantized[key].dequantize())
-                    drop_pages()  # the codes read, where they wait on disk (bq_onnx.idle)
+                    layout = ctx.weight(key).layout
                     np_dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+                    bands = None if layout.needs_transpose or tensor.nbytes <= INLINE_BYTES else \
+                        row_bands(quantized[key], tensor.nbytes)
+                    if bands is not None:  # written band by band of rows: its layout is its view's
+                        data.write(b"\0" * (-data.tell() % 4096))
+                        offset = data.tell()
+                        _write_bands(data, bands, np_dtype)
+                        value.const_value = ir.ExternalTensor(data_name, offset, data.tell() - offset, tensor.dtype,
+                                                              shape=ir.Shape(tensor.shape), name=key,
+                                                              base_dir=folder)
+                        continue
+                    restored = layout.from_view(quantized[key].dequantize())
+                    drop_pages()  # the codes read, where they wait on disk (bq_onnx.idle)
                     payload = np.ascontiguousarray(restored.astype(np_dtype, copy=False))
                     del restored
                 elif isinstance(tensor, ir.ExternalTensor):  # its folder is not ours: copy the bytes
@@ -113,6 +125,16 @@ def write_reference(model: ir.Model, ctx: Context, folder: str | os.PathLike, na
     ir.save(model, path)
     memtrace(f"verify: {name} written")
     return path
+
+
+def _write_bands(data, bands: Iterator[tuple[int, np.ndarray]], dtype: np.dtype) -> None:
+    """A weight's decode (as ``dtype``) written to ``data`` band by band of rows (:func:`bq_onnx.qtensor.row_bands`),
+    the codes each band read dropped again: the same bytes, without the decoded weight in memory whole (issue 21;
+    at 1 GiB of one weight it held the reference's writing at 1.66x the weight)."""
+    for _, band in bands:
+        np.ascontiguousarray(band.astype(dtype, copy=False)).tofile(data)
+        del band
+        drop_pages()  # the codes read, where they wait on disk (bq_onnx.idle)
 
 
 def segments(model: ir.Model, segment_bytes: int) -> list[list[ir.Node]]:

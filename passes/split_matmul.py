@@ -22,8 +22,9 @@ _STANDARD = ("", "ai.onnx")
 #: the split runs 0.52x FP32 against 7.15x unsplit (``benchmarks/output_speed_pieces.md``), and tiny ones, where many
 #: MatMulNBits calls cost more than one float MatMul folded at load (not measured by a repository command).
 MIN_PIECE_ELEMENTS = 1 << 16
-#: How many producer steps back a piece may go to reach only constants (a decode is a few ops deep).
-_DEPTH = 16
+#: How many producer steps back a piece may go to reach only constants: a decode is a few ops deep, a packed one
+#: about 20 through its byte table (16 missed it, so a weight with packed pieces stayed one float MatMul).
+_DEPTH = 64
 
 
 class SplitMatMulPass(ir.passes.InPlacePass):
@@ -53,7 +54,8 @@ def _split(graph: ir.Graph, matmul: ir.Node, tag: str) -> bool:
         return False
     if w.shape[0] * w.shape[1] < MIN_PIECE_ELEMENTS * len(pieces):
         return False  # small pieces: one float MatMul (folded at load) is faster than many fused ones
-    if not all(_constant_derived(p, _DEPTH) for p in pieces):
+    seen: dict[int, bool] = {}  # the pieces share their decode's table: each value walked once
+    if not all(_constant_derived(p, _DEPTH, seen) for p in pieces):
         return False
     out = matmul.outputs[0]
     products = []
@@ -80,13 +82,16 @@ def _split(graph: ir.Graph, matmul: ir.Node, tag: str) -> bool:
     return True
 
 
-def _constant_derived(value: ir.Value, depth: int) -> bool:
+def _constant_derived(value: ir.Value, depth: int, seen: dict[int, bool]) -> bool:
     """Whether ``value`` is computed from initializers and constants only (within ``depth`` producer steps)."""
     if value.const_value is not None or value.is_initializer():
         return True
+    if id(value) in seen:
+        return seen[id(value)]
     node = value.producer()
     if node is None or depth == 0:
         return False
     if node.op_type == "Constant" and node.domain in _STANDARD:
         return True
-    return all(v is None or _constant_derived(v, depth - 1) for v in node.inputs)
+    seen[id(value)] = result = all(v is None or _constant_derived(v, depth - 1, seen) for v in node.inputs)
+    return result

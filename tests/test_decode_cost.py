@@ -61,3 +61,18 @@ def test_a_packed_decode_folds_through_small_intermediates(tmp_path, fmt, quanti
     assert sum(n.op_type == "Range" for n in model.graph.node) == 2  # the table, built in the graph once
     assert not any(n.op_type == "Range" for f in model.functions for n in f.node)  # a decode function's input
     assert folded_bytes(str(path)) / w.size <= BYTES_PER_WEIGHT
+
+
+def test_a_weight_with_packed_pieces_is_still_split_into_fused_matmuls(tmp_path):
+    """Pieces of one MatMul weight (int4 slices beside 3-bit packed ones) each feed their own MatMul
+    (``passes/split_matmul.py``), so the int4 ones stay DequantizeLinear that onnxruntime fuses: the packed decode
+    is about 20 ops deep through its byte table, and a piece's walk back to the constants stopped at 16 before
+    (the whole weight was then one float MatMul, its int4 pieces decoded by arithmetic)."""
+    w = (np.random.default_rng(1).standard_normal((1024, 2048)) * 0.05).astype(np.float32)
+    result = bq_onnx.optimize(matmul_readout(w), bits=3.9, group_size=32, min_size=1, no_guard=True,
+                              granularity="rows:512")  # a few pieces, each big enough to be split off
+    path = tmp_path / "q.onnx"
+    result.save(path)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert result.context.derived.packed_codes and "Gather" in ops  # packed pieces are there
+    assert ops.count("DequantizeLinear") >= 1 and ops.count("MatMul") > 2  # one MatMul per piece (and the table's)

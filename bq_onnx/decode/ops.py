@@ -143,13 +143,18 @@ def bit_places(bits: int) -> np.ndarray:
     return out
 
 
+def _arange(em: Emitter, limit: int, label: str) -> ir.Value:
+    """``[0, 1, ..., limit - 1]`` as float32, computed (not stored)."""
+    return em.op("Range", [em.const(np.array(0.0, np.float32), "start"),
+                           em.const(np.array(float(limit), np.float32), "limit"),
+                           em.const(np.array(1.0, np.float32), "delta")], label)
+
+
 def byte_bits(em: Emitter) -> ir.Value:
     """``[256, 8]`` float: bit ``i`` of byte value ``v``, ``floor(v / 2^i) - 2 floor(v / 2^(i+1))`` from
     ``Range(0, 256)`` (exact in float32; OpenVINO computes ``Mod`` on these wrongly); one per graph, shared by every
     width's table."""
-    values = em.op("Range", [em.const(np.array(0.0, np.float32), "start"), em.const(np.array(256.0, np.float32),
-                                                                                    "limit"),
-                             em.const(np.array(1.0, np.float32), "delta")], "byte_values")
+    values = _arange(em, 256, "byte_values")
     shifts = (1.0 / (1 << np.arange(9))).astype(np.float32)
     low = em.op("Floor", [em.op("Mul", [values, em.const(shifts[:8].reshape(8, 1), "inv_masks")])])
     high = em.op("Floor", [em.op("Mul", [values, em.const(shifts[1:].reshape(8, 1), "inv_masks")])])
@@ -163,9 +168,7 @@ def byte_tables(em: Emitter, bits: int) -> ir.Value:
     ``k``: a one-hot of :func:`bit_places` ``[0]`` times ``[1]``), computed at load (small integers, exact)."""
     places = em.op("Cast", [em.const(bit_places(bits), "bit_places")], to=ir.DataType.FLOAT)
     code_of, value_of = em.ops("Split", [places], 2, "places", axis=0, num_outputs=2)  # [1, bits, 8, 1] each
-    codes = em.derive(("code_index",), lambda: em.op("Range", [em.const(np.array(0.0, np.float32), "start"),
-                                                               em.const(np.array(8.0, np.float32), "limit"),
-                                                               em.const(np.array(1.0, np.float32), "delta")]))
+    codes = em.derive(("code_index",), lambda: _arange(em, 8, "Range"))
     weights = em.op("Mul", [em.op("Cast", [em.op("Equal", [code_of, codes])], to=ir.DataType.FLOAT), value_of])
     tables = em.op("MatMul", [em.derive(("byte_bits",), lambda: byte_bits(em)), weights])  # [1, bits, 256, 8]
     flat = em.op("Reshape", [tables, em.const(i64(256 * bits, 8), "shape")])

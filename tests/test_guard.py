@@ -257,12 +257,9 @@ class _FitProbe:
 
         self.losses, self.measured, self.held = losses, [], SimpleNamespace(samples=samples)
 
-    def runs(self, spent):
+    def candidate_loss(self, spent) -> float:
         self.measured.append(spent.out)
-        return spent.out
-
-    def loss(self, out) -> float:
-        return self.losses[out]
+        return self.losses[spent.out]
 
 
 def _try(label: str, loss: float):

@@ -56,6 +56,7 @@ from bq_onnx.context import Context
 from bq_onnx.cuts import Cuts
 from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
+from bq_onnx.feedback import chained_runs, feedback_pairs
 from bq_onnx.graph import forward_model
 from bq_onnx.idle import drop_pages, to_disk
 from bq_onnx.progress import progress, release_freed_memory
@@ -140,6 +141,7 @@ class HeldOut:
     kind: str  # held-out | calibration | verify-inputs | random
     samples: int
     sizes: list[int] | None = None  # samples per run (None: random runs, each of the batch the model declares)
+    steps: list[dict[str, np.ndarray]] | None = None  # one sample per run, in order (chained through fed-back state)
 
     @property
     def task_data(self) -> bool:
@@ -188,7 +190,7 @@ def held_out_data(model: ir.Model, ctx: Context, held: Calibration | None, calib
 
 
 def _held(data: Calibration, kind: str) -> HeldOut:
-    return HeldOut(list(data.batches(RUN)), kind, data.num_samples, data.run_sizes(RUN))
+    return HeldOut(list(data.batches(RUN)), kind, data.num_samples, data.run_sizes(RUN), list(data.batches(1)))
 
 
 @dataclasses.dataclass
@@ -306,6 +308,21 @@ class _Measure:
             raise DataError(f"the FP32 output '{bad[0]}' is not finite on these inputs")
         self.plan, self.fp32 = resolve(model, a.loss, a.output, values, self.axes)
         self.rows = self._rows()
+        self.feedback = self._feedback()
+        self.chained = bool(self.feedback)  # candidates measured over the samples chained through the state
+        if self.chained:
+            self.chain_reference = self._run(model, chained=True)
+            self.chain_fp32 = self._terms(self.chain_reference)
+
+    def _feedback(self) -> list[tuple[str, int]]:
+        """The state the model feeds back (:mod:`bq_onnx.feedback`), found on the first held-out sample; none
+        where the samples are not single runs of task data or the pairs' loss outputs are not among them."""
+        steps = self.held.steps
+        if not steps or len(steps) < 2:
+            return []
+        first = self.sessions.open(forward_model(self.model, self.names)).run(steps[0])
+        return [(inp, i) for inp, i in feedback_pairs(steps[0], self.names, first)
+                if self.names[i] not in self.loss_names]
 
     def _rows(self) -> list[tuple[int, int]] | None:
         """Each run's rows in the stacked outputs, where every loss term holds one row per sample of each run
@@ -320,8 +337,12 @@ class _Measure:
         return [(end - size, end) for size, end in zip(sizes, ends)]
 
     def _run(self, model: ir.Model, weights: dict[str, np.ndarray] | None = None,
-             which: list[int] | None = None) -> list[list[np.ndarray]]:
+             which: list[int] | None = None, chained: bool = False) -> list[list[np.ndarray]]:
+        """The outputs on every run (``which``: those runs); ``chained``: on every sample in turn, each fed the
+        state the run before returned (:func:`bq_onnx.feedback.chained_runs`)."""
         session = self.sessions.open(forward_model(model, self.names)) if weights is None else self._fed_session()
+        if chained:
+            return chained_runs(session, self.held.steps, self.feedback, weights)
         runs = self.held.runs if which is None else [self.held.runs[i] for i in which]
         return [session.run({**feeds, **(weights or {})}) for feeds in runs]
 
@@ -342,6 +363,18 @@ class _Measure:
     def loss(self, runs: list[list[np.ndarray]]) -> float:
         return float(np.mean(self.losses(runs)))
 
+    def candidate_loss(self, spent: Spent) -> float:
+        """The mean loss of the model ``spent`` wrote, measured as :meth:`model_try` measures it."""
+        return float(np.mean(self.losses(self.runs(spent, self.chained), self.chained)))
+
+    def _terms(self, runs: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Each loss term's values on ``runs``, stacked samples first (sliced where the term is)."""
+        terms = []
+        for t in self.plan.terms:
+            y = self._stack(t.output, runs)
+            terms.append(y[..., t.start:t.stop] if t.start is not None else y)
+        return terms
+
     def _run_losses(self, run: list[np.ndarray], i: int) -> np.ndarray:
         """The loss per sample of run ``i`` alone (its rows of the FP32 reference; :attr:`rows`)."""
         lo, hi = self.rows[i]
@@ -351,19 +384,16 @@ class _Measure:
             terms.append(y[..., t.start:t.stop] if t.start is not None else y)
         return divergence(self.plan, [r[lo:hi] for r in self.fp32], terms)
 
-    def losses(self, runs: list[list[np.ndarray]]) -> np.ndarray:
-        """The loss per sample (a single figure where the outputs kept per run are not samples)."""
-        terms = []
-        for t in self.plan.terms:
-            y = self._stack(t.output, runs)
-            terms.append(y[..., t.start:t.stop] if t.start is not None else y)
-        return divergence(self.plan, self.fp32, terms)
+    def losses(self, runs: list[list[np.ndarray]], chained: bool = False) -> np.ndarray:
+        """The loss per sample (a single figure where the outputs kept per run are not samples); ``chained``:
+        ``runs`` are chained runs, scored against the FP32 model's chained runs."""
+        return divergence(self.plan, self.chain_fp32 if chained else self.fp32, self._terms(runs))
 
-    def fidelity(self, runs: list[list[np.ndarray]]) -> dict[str, dict]:
+    def fidelity(self, runs: list[list[np.ndarray]], chained: bool = False) -> dict[str, dict]:
         out = {}
         for i, name in enumerate(self.names):
             stats = OutputStats()
-            for ref, cand in zip(self.reference, runs):
+            for ref, cand in zip(self.chain_reference if chained else self.reference, runs):
                 stats.update(ref[i], cand[i], None)
             r = stats.result()
             out[name] = {k: r.get(k) for k in ("agreement", "cosine", "rel_error")} if "error" not in r else r
@@ -371,17 +401,19 @@ class _Measure:
 
     def model_try(self, label: str, spent: Spent) -> _Try:
         idle(spent)  # its rewritten model is not read where it is fed decoded; it waits on disk once measured
-        runs = self.runs(spent)
+        runs = self.runs(spent, self.chained)
         drop_pages()  # what the runs read of it (its codes, decoded)
         predicted = spent.allocation.loss if spent.allocation is not None else None
-        per_sample = self.losses(runs)
-        return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs), predicted, per_sample=per_sample)
+        per_sample = self.losses(runs, self.chained)
+        return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs, self.chained), predicted,
+                    per_sample=per_sample)
 
-    def runs(self, spent: Spent) -> list[list[np.ndarray]]:
-        """The outputs of the model ``spent`` wrote, on these samples."""
-        return self._decoded_runs(spent) if folds_too_much(spent.out) else self._run(spent.out)
+    def runs(self, spent: Spent, chained: bool = False) -> list[list[np.ndarray]]:
+        """The outputs of the model ``spent`` wrote, on these samples (``chained``: as :meth:`_run`)."""
+        return self._decoded_runs(spent, chained) if folds_too_much(spent.out) else self._run(spent.out,
+                                                                                              chained=chained)
 
-    def _decoded_runs(self, spent: Spent) -> list[list[np.ndarray]]:
+    def _decoded_runs(self, spent: Spent, chained: bool = False) -> list[list[np.ndarray]]:
         """``spent`` run as the FP32 model fed its weights decoded by numpy (:meth:`QuantizedTensor.dequantize`,
         the graph's arithmetic): onnxruntime decodes packed codes through float intermediates of about 20x the
         weight (:mod:`bq_onnx.runtimes.folding`). A quantized subgraph weight cannot be fed: the model runs."""
@@ -389,10 +421,10 @@ class _Measure:
         for name, quantized in spent.quantized.items():
             info = self.ctx.weight(name)
             if info.scope or info.name not in self.model.graph.initializers:
-                return self._run(spent.out)
+                return self._run(spent.out, chained=chained)
             weights[name] = self.decoded.get(info, quantized)
         release_freed_memory()  # the decode's freed temporaries, kept by glibc's heap beside the run
-        return self._run(self.model, weights)
+        return self._run(self.model, weights, chained=chained)
 
     def tensor_probe(self, name: str, spent: Spent, have: _Probed | None = None,
                      first: int | None = None) -> _Probed | None:
@@ -458,6 +490,13 @@ def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> 
     finally:
         measure.close()
     ctx.guard = _report(ctx, held, chosen, None, [], "measured", compared=False)
+    _say_chained(ctx, measure)
+
+
+def _say_chained(ctx: Context, measure: _Measure) -> None:
+    """The fed-back state the candidates were chained through, in the report (``chained``: input -> output)."""
+    if measure.chained:
+        ctx.guard["chained"] = {inp: measure.names[i] for inp, i in measure.feedback}
 
 
 def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | None], Spent],
@@ -608,6 +647,7 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
     ctx.guard["candidates"] = [t.row(_numel(ctx)) for t in tries]
+    _say_chained(ctx, measure)
     ctx.guard["probes"] = {"data": measure.probe.held.kind, "samples": measure.probe.held.samples,
                            "first_runs_only": sum(1 for p in probed.values() if p is not None and not p.complete)}
     return final.spent
@@ -926,12 +966,12 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     96 evaluation images against the allocation (accuracy 0.833 against 0.958, ``benchmarks/zoo_s11.md``)."""
     fit = measure.probe
     if uniform.fit_loss is None:
-        uniform.fit_loss = fit.loss(fit.runs(uniform.spent))
+        uniform.fit_loss = fit.candidate_loss(uniform.spent)
     winners = sorted((t for t in tries if t.loss <= uniform.loss), key=lambda t: t.loss)
 
     def confirmed(t: _Try) -> bool:  # measured on the fit split where its fit loss is read (a run each)
         if t.fit_loss is None:
-            t.fit_loss = fit.loss(fit.runs(t.spent))
+            t.fit_loss = fit.candidate_loss(t.spent)
         return t.fit_loss <= uniform.fit_loss
 
     # the answer: the first confirmed of the method's answers (those after it are not read); an alternative only

@@ -118,3 +118,18 @@ def test_a_model_without_state_is_measured_one_call_at_a_time():
     calib = {"input": np.load(MODELS / "lenet_calib.npz")["input"][:64]}
     result = bq_onnx.optimize(MODELS / "lenet.onnx", calib=calib, bits=4)
     assert "chained" not in result.report["guard"]
+
+
+def test_samples_that_are_whole_sequences_are_not_chained():
+    """A sample kept per run (a sequence of its own length beside the state that starts it, as silero-vad's
+    sequence export) carries its recurrence inside the call: the guard measures it one call at a time."""
+    from bq_onnx.runs import Runs
+    from bq_onnx.stages.guard import _held
+
+    rng = np.random.default_rng(0)
+    seqs = Runs([rng.normal(0, 1, (t, D_IN)).astype(np.float32) for t in (5, 7, 6)])
+    starts = Runs([np.zeros((1, D_STATE), np.float32) for _ in range(3)])
+    held = _held(Calibration({"x": seqs, "state": starts}, "<test>", fixed_batch=1), "held-out")
+    assert held.steps is None and len(held.runs) == 3
+    rows = _held(Calibration(_stream(_cell()[1], 6), "<test>"), "held-out")
+    assert [s["x"].shape for s in rows.steps] == [(1, D_IN)] * 6

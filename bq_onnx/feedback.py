@@ -17,7 +17,7 @@ reconstruction has its input's shape and is no state.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def feedback_pairs(feeds: Mapping[str, np.ndarray], names: Sequence[str], output
     return pairs
 
 
-def chained_runs(session: Session, steps: Sequence[Mapping[str, np.ndarray]], pairs: Sequence[tuple[str, int]],
+def chained_runs(session: Session, steps: Iterable[Mapping[str, np.ndarray]], pairs: Sequence[tuple[str, int]],
                  extra: Mapping[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
     """``session`` on each of ``steps`` in order, each state input of ``pairs`` fed what the run before returned
     (the first step, and a step whose state has another shape, keep their own); ``extra``: fed to every run."""

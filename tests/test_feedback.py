@@ -130,6 +130,6 @@ def test_samples_that_are_whole_sequences_are_not_chained():
     seqs = Runs([rng.normal(0, 1, (t, D_IN)).astype(np.float32) for t in (5, 7, 6)])
     starts = Runs([np.zeros((1, D_STATE), np.float32) for _ in range(3)])
     held = _held(Calibration({"x": seqs, "state": starts}, "<test>", fixed_batch=1), "held-out")
-    assert held.steps is None and len(held.runs) == 3
+    assert held.data is None and list(held.steps()) == [] and len(held.runs) == 3
     rows = _held(Calibration(_stream(_cell()[1], 6), "<test>"), "held-out")
-    assert [s["x"].shape for s in rows.steps] == [(1, D_IN)] * 6
+    assert [s["x"].shape for s in rows.steps()] == [(1, D_IN)] * 6

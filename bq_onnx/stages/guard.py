@@ -141,7 +141,11 @@ class HeldOut:
     kind: str  # held-out | calibration | verify-inputs | random
     samples: int
     sizes: list[int] | None = None  # samples per run (None: random runs, each of the batch the model declares)
-    steps: list[dict[str, np.ndarray]] | None = None  # one sample per run, in order (chained through fed-back state)
+    data: Calibration | None = None  # the samples one by one, where each is one call's row (chained runs)
+
+    def steps(self) -> Iterator[dict[str, np.ndarray]]:
+        """The samples one per run, in order (of the fixed batch, for a fixed-batch model)."""
+        return self.data.batches(1) if self.data is not None else iter(())
 
     @property
     def task_data(self) -> bool:
@@ -190,13 +194,13 @@ def held_out_data(model: ir.Model, ctx: Context, held: Calibration | None, calib
 
 
 def _held(data: Calibration, kind: str) -> HeldOut:
-    """The samples as runs, and one by one where each is one call's row: not where they are whole sequences kept
+    """The samples as runs, and the data to run them one by one where each is one call's row: not where they are
+    whole sequences kept
     per run (silero-vad's sequence export, ``[T, 576]`` beside ``h``/``c``), whose recurrence runs inside the call
     and whose state input starts each sequence (chaining sequences measured a stream the samples are not: at 3
     stored bits it wrote uniform, 0.746 streamed agreement, where the one-call guard's repair kept 0.914)."""
     sequences = any(isinstance(v, Runs) for v in data.arrays.values())
-    return HeldOut(list(data.batches(RUN)), kind, data.num_samples, data.run_sizes(RUN),
-                   None if sequences else list(data.batches(1)))
+    return HeldOut(list(data.batches(RUN)), kind, data.num_samples, data.run_sizes(RUN), None if sequences else data)
 
 
 @dataclasses.dataclass
@@ -323,12 +327,12 @@ class _Measure:
     def _feedback(self) -> list[tuple[str, int]]:
         """The state the model feeds back (:mod:`bq_onnx.feedback`), found on the first held-out sample; none
         where the samples are not single runs of task data or the pairs' loss outputs are not among them."""
-        steps = self.held.steps
-        if not steps or len(steps) < 2:
+        data = self.held.data
+        if data is None or data.num_samples < 2:
             return []
-        first = self.sessions.open(forward_model(self.model, self.names)).run(steps[0])
-        return [(inp, i) for inp, i in feedback_pairs(steps[0], self.names, first)
-                if self.names[i] not in self.loss_names]
+        step = next(self.held.steps())
+        first = self.sessions.open(forward_model(self.model, self.names)).run(step)
+        return [(inp, i) for inp, i in feedback_pairs(step, self.names, first) if self.names[i] not in self.loss_names]
 
     def _rows(self) -> list[tuple[int, int]] | None:
         """Each run's rows in the stacked outputs, where every loss term holds one row per sample of each run
@@ -348,7 +352,7 @@ class _Measure:
         state the run before returned (:func:`bq_onnx.feedback.chained_runs`)."""
         session = self.sessions.open(forward_model(model, self.names)) if weights is None else self._fed_session()
         if chained:
-            return chained_runs(session, self.held.steps, self.feedback, weights)
+            return chained_runs(session, self.held.steps(), self.feedback, weights)
         runs = self.held.runs if which is None else [self.held.runs[i] for i in which]
         return [session.run({**feeds, **(weights or {})}) for feeds in runs]
 

@@ -319,20 +319,22 @@ class _Measure:
         self.plan, self.fp32 = resolve(model, a.loss, a.output, values, self.axes)
         self.rows = self._rows()
         self.feedback = self._feedback()
-        self.chained = bool(self.feedback)  # candidates measured over the samples chained through the state
-        if self.chained:
+        if self.feedback:
             self.chain_reference = self._run(model, chained=True)
             self.chain_fp32 = self._terms(self.chain_reference)
+            if not all(np.all(np.isfinite(v)) for v in self.chain_fp32):  # a chain that diverges: one call
+                self.feedback = []
+        self.chained = bool(self.feedback)  # candidates measured over the samples chained through the state
 
     def _feedback(self) -> list[tuple[str, int]]:
         """The state the model feeds back (:mod:`bq_onnx.feedback`), found on the first held-out sample; none
-        where the samples are not single runs of task data or the pairs' loss outputs are not among them."""
+        where the samples are not one call's rows (random inputs, whole sequences kept per run)."""
         data = self.held.data
         if data is None or data.num_samples < 2:
             return []
         step = next(self.held.steps())
         first = self.sessions.open(forward_model(self.model, self.names)).run(step)
-        return [(inp, i) for inp, i in feedback_pairs(step, self.names, first) if self.names[i] not in self.loss_names]
+        return feedback_pairs(step, self.names, first)
 
     def _rows(self) -> list[tuple[int, int]] | None:
         """Each run's rows in the stacked outputs, where every loss term holds one row per sample of each run

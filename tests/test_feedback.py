@@ -133,3 +133,18 @@ def test_samples_that_are_whole_sequences_are_not_chained():
     assert held.data is None and list(held.steps()) == [] and len(held.runs) == 3
     rows = _held(Calibration(_stream(_cell()[1], 6), "<test>"), "held-out")
     assert [s["x"].shape for s in rows.steps()] == [(1, D_IN)] * 6
+
+
+def test_the_summary_says_what_the_candidates_were_chained_through(tmp_path):
+    import subprocess
+    import sys
+
+    model, w = _cell()
+    onnx.save(model, tmp_path / "cell.onnx")
+    np.savez(tmp_path / "stream.npz", **_stream(w, 64))
+    proc = subprocess.run([sys.executable, "-m", "bq_onnx", "optimize", str(tmp_path / "cell.onnx"), "--calib",
+                           str(tmp_path / "stream.npz"), "--bits", "4", "-o", str(tmp_path / "out.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("guard: loss measured"))
+    assert "held-out samples chained through the state fed back (stateN -> state)" in line

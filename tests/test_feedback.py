@@ -148,3 +148,14 @@ def test_the_summary_says_what_the_candidates_were_chained_through(tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = next(s for s in proc.stdout.splitlines() if s.startswith("guard: loss measured"))
     assert "held-out samples chained through the state fed back (stateN -> state)" in line
+
+
+def test_a_state_the_samples_always_give_the_same_is_not_chained(tmp_path):
+    """A model always called with one state (zeros: not streamed) is measured one call at a time."""
+    model, w = _cell()
+    path = tmp_path / "cell.onnx"
+    onnx.save(model, path)
+    calib = _stream(w, 64)
+    calib["state"] = np.zeros_like(calib["state"])
+    result = bq_onnx.optimize(str(path), calib=calib, bits=4, loss="mse")
+    assert "chained" not in result.report["guard"]

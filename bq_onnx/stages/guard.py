@@ -327,14 +327,17 @@ class _Measure:
         self.chained = bool(self.feedback)  # candidates measured over the samples chained through the state
 
     def _feedback(self) -> list[tuple[str, int]]:
-        """The state the model feeds back (:mod:`bq_onnx.feedback`), found on the first held-out sample; none
-        where the samples are not one call's rows (random inputs, whole sequences kept per run)."""
+        """The state the model feeds back (:mod:`bq_onnx.feedback`), found on the first held-out sample, where the
+        samples bring it different values (a stream's states: a model always called with one state, zeros say, is
+        not streamed, and a chain would measure states it never sees); none where the samples are not one call's
+        rows (random inputs, whole sequences kept per run)."""
         data = self.held.data
         if data is None or data.num_samples < 2:
             return []
         step = next(self.held.steps())
         first = self.sessions.open(forward_model(self.model, self.names)).run(step)
-        return feedback_pairs(step, self.names, first)
+        pairs = feedback_pairs(step, self.names, first)
+        return [(inp, i) for inp, i in pairs if any(not np.array_equal(s[inp], step[inp]) for s in self.held.steps())]
 
     def _rows(self) -> list[tuple[int, int]] | None:
         """Each run's rows in the stacked outputs, where every loss term holds one row per sample of each run

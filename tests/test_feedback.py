@@ -159,3 +159,11 @@ def test_a_state_the_samples_always_give_the_same_is_not_chained(tmp_path):
     calib["state"] = np.zeros_like(calib["state"])
     result = bq_onnx.optimize(str(path), calib=calib, bits=4, loss="mse")
     assert "chained" not in result.report["guard"]
+
+
+def test_no_chain_measures_one_call_at_a_time(tmp_path):
+    model, w = _cell()
+    path = tmp_path / "cell.onnx"
+    onnx.save(model, path)
+    result = bq_onnx.optimize(str(path), calib=_stream(w, 64), bits=4, loss="mse", no_chain=True)
+    assert "chained" not in result.report["guard"]

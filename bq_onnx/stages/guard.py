@@ -332,7 +332,7 @@ class _Measure:
         not streamed, and a chain would measure states it never sees); none where the samples are not one call's
         rows (random inputs, whole sequences kept per run)."""
         data = self.held.data
-        if data is None or data.num_samples < 2:
+        if data is None or data.num_samples < 2 or self.ctx.config.guard.no_chain:
             return []
         step = next(self.held.steps())
         first = self.sessions.open(forward_model(self.model, self.names)).run(step)

@@ -258,3 +258,20 @@ def test_filled_uniform_gptq_baseline_spends_the_budget_uniform_leaves(tmp_path)
         kl[name] = _kl_to_fp32(out, model, data["test_input"])
     assert bpw["uniform"] < 3.5 < bpw["filled"] <= 4.0
     assert kl["filled"] < kl["uniform"]
+
+
+def test_the_gptq_metrics_kept_are_bounded_and_recomputing_them_changes_nothing(monkeypatch, tmp_path):
+    """Every weight's GPTQ metric (two (K, K) and two (K, N) float64 arrays) was kept all run; now at most
+    METRIC_CACHE_BYTES (the least recently used go first) and one evicted is computed again, the same."""
+    import bq_onnx.stages.quantize as quantize
+    from tests.conftest import MODELS
+
+    calib = {"input": np.load(MODELS / "lenet_calib.npz")["input"][:96]}
+    kept = bq_onnx.optimize(MODELS / "lenet.onnx", calib=calib, bits=4, format="compact")
+    assert len(kept.context.rounded[quantize.METRICS]) > 1  # several weights' metrics under the default bound
+    monkeypatch.setattr(quantize, "METRIC_CACHE_BYTES", 1)
+    bounded = bq_onnx.optimize(MODELS / "lenet.onnx", calib=calib, bits=4, format="compact")
+    assert len(bounded.context.rounded[quantize.METRICS]) == 1
+    kept.save(str(tmp_path / "kept.onnx"))
+    bounded.save(str(tmp_path / "bounded.onnx"))
+    assert (tmp_path / "kept.onnx").read_bytes() == (tmp_path / "bounded.onnx").read_bytes()

@@ -112,12 +112,17 @@ def _upper_inverse_factor(corr: np.ndarray) -> np.ndarray:
     """The upper Cholesky factor ``U`` of ``corr^-1`` (``corr^-1 = U^T U``) from one Cholesky: with ``P`` the
     reversal, ``P corr P = L L^T`` gives ``corr^-1 = (P L^-1 P)^T (P L^-1 P)``, and ``P L^-1 P`` is upper triangular
     with a positive diagonal (so it is the unique factor). ``L^-1`` by forward substitution, exact zeros above
-    its diagonal."""
+    its diagonal.
+
+    Memory: LAPACK works in place on Fortran-ordered copies (the reversed ``corr`` becomes ``L``, the identity
+    becomes ``L^-1``), so three ``(K, K)`` arrays are alive at most, not six (at K = 8192 each is 512 MiB); the
+    values are those of the copying calls (LAPACK is handed the same column-major data)."""
     from scipy.linalg import cholesky, solve_triangular
 
-    lower = cholesky(np.ascontiguousarray(corr[::-1, ::-1]), lower=True, check_finite=False)
-    inv = solve_triangular(lower, np.eye(len(corr)), lower=True, check_finite=False)
-    return np.triu(np.ascontiguousarray(inv[::-1, ::-1]))
+    lower = cholesky(np.asfortranarray(corr[::-1, ::-1]), lower=True, check_finite=False, overwrite_a=True)
+    inv = solve_triangular(lower, np.eye(len(corr), order="F"), lower=True, check_finite=False, overwrite_b=True)
+    del lower
+    return np.ascontiguousarray(np.triu(inv[::-1, ::-1]))
 
 
 def grouped_moments(a: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -141,14 +146,23 @@ class Metric:
         diag = np.einsum("gkk->gk", a)
         mean = diag.mean(axis=1)
         level = np.where(mean > 0, mean, 1.0)
-        damped = a + (damping * level)[:, None, None] * np.eye(k)
-        dd = np.einsum("gkk->gk", damped)
+        # the damped correlation, built in one (G, K, K) array: ``A + damping I`` scaled by its diagonal on both
+        # sides (the same products in the same order as with temporaries; at K = 8192 each is 512 MiB)
+        corr = a.copy()
+        at = np.arange(k)
+        corr[:, at, at] += (damping * level)[:, None]
+        dd = np.einsum("gkk->gk", corr).copy()
         inv_sqrt = 1.0 / np.sqrt(dd)
-        corr = damped * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
+        corr *= inv_sqrt[:, :, None]
+        corr *= inv_sqrt[:, None, :]
+        self.u = _upper_inverse_factor(corr[0])[None] if g == 1 else np.stack([_upper_inverse_factor(c)
+                                                                                for c in corr])
+        del corr
         # undamped correlation on the same scale (the metric the result is judged by)
         d0 = np.where(diag > 0, diag, 1.0)
-        self.exact = a / np.sqrt(d0[:, :, None] * d0[:, None, :])
-        self.u = np.stack([_upper_inverse_factor(c) for c in corr])
+        self.exact = d0[:, :, None] * d0[:, None, :]
+        np.sqrt(self.exact, out=self.exact)
+        np.divide(a, self.exact, out=self.exact)
         if precision is None:  # H = the damped A itself: whiten by its diagonal; judge by A's
             s = np.sqrt(np.repeat(dd, self.cols, axis=0).T)  # (K, N): each column's group
             self.judge = np.sqrt(np.repeat(d0, self.cols, axis=0).T)

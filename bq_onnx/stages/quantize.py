@@ -15,6 +15,8 @@ calibration data, or not read directly by one MatMul/Gemm/Conv) are rounded to n
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import onnx_ir as ir
 
@@ -104,13 +106,30 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     hit = ctx.rounded.get(key)
     if hit is not None and all(_same(getattr(hit[0], f), getattr(qt, f)) for f in _GRID):
         return hit[1]
-    metric = ctx.rounded.get(("metric", name))
+    metrics: OrderedDict[str, Metric] = ctx.rounded.setdefault(METRICS, OrderedDict())
+    metric = metrics.get(name)
     if metric is None:
         metric = Metric(grouped_moments(a, *view.shape), importance, view.shape[1], DAMPING)
-        ctx.rounded[("metric", name)] = metric
+        metrics[name] = metric
+        while len(metrics) > 1 and sum(_metric_bytes(m) for m in metrics.values()) > METRIC_CACHE_BYTES:
+            metrics.popitem(last=False)  # the least recently used: computed again, the same, if asked again
+    metrics.move_to_end(name)
     out, near, final = gptq_round_errors(view, qt, a, importance, metric=metric)
     ctx.rounded[key] = (qt, out, near, final)
     return out
+
+
+METRICS = ("metrics",)
+"""The key of ``ctx.rounded`` under which the GPTQ metrics are kept (weight name -> Metric, least recent first)."""
+
+METRIC_CACHE_BYTES = 1 << 30
+"""GPTQ metrics kept across the spends at most (each is two ``(K, K)`` and two ``(K, N)`` float64 arrays: 1.4 GiB for a
+``(8192, 2048)`` weight); the least recently used go first. Why: kept for every weight, a 0.125 GiB MLP with
+``--calib`` held 2.5 GiB after its quantize step, and a model of many wide layers would hold several times its size."""
+
+
+def _metric_bytes(metric) -> int:
+    return sum(getattr(metric, f).nbytes for f in ("u", "exact", "s", "judge"))
 
 
 def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,

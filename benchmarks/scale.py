@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -349,7 +350,11 @@ def _model(size: float) -> tuple[Path, int]:
 
 def _between(trace: list[str], start: str, stop: str) -> float:
     """Seconds from the memory-trace line of step ``start`` to that of step ``stop``."""
-    times = {line.split()[2]: float(line.split()[1].rstrip("s")) for line in trace}
+    times = {}
+    for line in trace:  # "memtrace 1.66s find weights rss=161 ...": the step's name may have spaces
+        found = re.match(r"memtrace ([0-9.]+)s (.*?) rss=", line)
+        if found:
+            times.setdefault(found.group(2), float(found.group(1)))
     return times[stop] - times[start] if start in times and stop in times else float("nan")
 
 

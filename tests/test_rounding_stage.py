@@ -275,3 +275,16 @@ def test_the_gptq_metrics_kept_are_bounded_and_recomputing_them_changes_nothing(
     kept.save(str(tmp_path / "kept.onnx"))
     bounded.save(str(tmp_path / "bounded.onnx"))
     assert (tmp_path / "kept.onnx").read_bytes() == (tmp_path / "bounded.onnx").read_bytes()
+
+
+def test_gptq_moments_wait_on_disk_with_the_same_values():
+    """The input moments GPTQ reads when a weight's metric is built are kept in a mapped file between (read-only
+    views), the values unchanged."""
+    from bq_onnx.idle import IDLE_BYTES, arrays_to_disk
+
+    rng = np.random.default_rng(0)
+    k = int(np.sqrt(IDLE_BYTES / 8)) + 8
+    arrays = {"big": rng.standard_normal((k, k)), "small": rng.standard_normal((4, 4))}
+    moved = arrays_to_disk(arrays)
+    assert not moved["big"].flags.writeable and moved["small"] is arrays["small"]
+    np.testing.assert_array_equal(moved["big"], arrays["big"])

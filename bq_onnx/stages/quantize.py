@@ -168,6 +168,12 @@ def layer_moments(ctx: Context, model: ir.Model | None, calibration: Calibration
         from bq_onnx.stages.moments import input_moments
 
         ctx.moments = input_moments(model, ctx, calibration) if model is not None else {}
+        if ctx.moments:
+            from bq_onnx.idle import arrays_to_disk
+            from bq_onnx.progress import release_freed_memory
+
+            ctx.moments = arrays_to_disk(ctx.moments)  # read when a metric is built: on disk between
+            release_freed_memory()
         if not ctx.moments:
             ctx.messages.append(f"{gptq_label(ctx)}: no MatMul/Gemm/Conv weight's input can be measured (no "
                                 "calibration data, or every such weight is read inside a subgraph or through other "

@@ -419,8 +419,6 @@ def _print_guard(g: dict) -> None:
         _say(f"guard: {g['result']} ({g['why']})")
         return
     line = f"guard: loss measured {g['measured_loss']:.4g} on {where}"
-    if g.get("chained"):
-        line += f" chained through the state fed back ({', '.join(f'{o} -> {i}' for i, o in g['chained'].items())})"
     if g.get("predicted_loss_scaled") is not None:
         line += f" (tables predicted {g['predicted_loss_scaled']:.4g})"
     u = g.get("uniform")

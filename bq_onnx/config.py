@@ -457,9 +457,6 @@ class GuardConfig(Concern):
     title: ClassVar[str] = "guard (the allocation measured on held-out data; a missed target exits 9)"
     no_guard: bool = option(False, "skip the held-out check of the allocation against the uniform one the budget "
                             "buys (and its repairs)")
-    no_chain: bool = option(False, "measure the guard's candidates one call at a time even where the model feeds a "
-                            "state back (by default an output named as the next value of an input, of its shape, "
-                            "whose values differ across the samples, is fed back run to run)")
     holdout: float = option(0.25, "share of the --calib samples held out for the guard (never used by the "
                             "posterior, the tables or distillation); 0 = measure on the calibration samples",
                             check=_share, metavar="FRACTION")

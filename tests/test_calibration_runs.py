@@ -210,9 +210,7 @@ def test_a_loss_on_a_state_whose_samples_are_its_second_axis_equals_the_samples_
     model returning ``[N, 2, 16]``."""
     x = RNG.standard_normal((100, 8)).astype(np.float32)
     s = (RNG.standard_normal((2, 100, 16)) * 0.5).astype(np.float32)
-    # one call at a time in both: only the [2, N, 16] layout can be fed back, and chaining is tests/test_feedback.py's
-    options = dict(bits=3, bits_payload=True, format="compact", loss=["y=mse", "s_next=mse:0.5"], holdout=0.25,
-                   no_chain=True)
+    options = dict(bits=3, bits_payload=True, format="compact", loss=["y=mse", "s_next=mse:0.5"], holdout=0.25)
     got = bq_onnx.optimize(state_model(False), calib={"x": x, "s": s}, batch_axis={"s": 1}, **options)
     want = bq_onnx.optimize(state_model(True), calib={"x": x, "s": s}, batch_axis={"s": 1}, **options)
     terms = got.report["posterior"]["loss"]

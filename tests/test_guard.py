@@ -257,9 +257,12 @@ class _FitProbe:
 
         self.losses, self.measured, self.held = losses, [], SimpleNamespace(samples=samples)
 
-    def candidate_loss(self, spent) -> float:
+    def runs(self, spent):
         self.measured.append(spent.out)
-        return self.losses[spent.out]
+        return spent.out
+
+    def loss(self, out) -> float:
+        return self.losses[out]
 
 
 def _try(label: str, loss: float):

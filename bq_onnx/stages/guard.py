@@ -56,12 +56,11 @@ from bq_onnx.context import Context
 from bq_onnx.cuts import Cuts
 from bq_onnx.errors import BqError, DataError, QualityError, UsageError
 from bq_onnx.estimators.loss_plan import divergence, outputs_needed, resolve
-from bq_onnx.feedback import chained_runs, feedback_pairs
 from bq_onnx.graph import forward_model
 from bq_onnx.idle import drop_pages, to_disk
 from bq_onnx.progress import progress, release_freed_memory
 from bq_onnx.qtensor import row_bands
-from bq_onnx.runs import Runs, sample_axis
+from bq_onnx.runs import sample_axis
 from bq_onnx.runtimes.folding import folds_too_much
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.samples import random_feeds
@@ -141,11 +140,6 @@ class HeldOut:
     kind: str  # held-out | calibration | verify-inputs | random
     samples: int
     sizes: list[int] | None = None  # samples per run (None: random runs, each of the batch the model declares)
-    data: Calibration | None = None  # the samples one by one, where each is one call's row (chained runs)
-
-    def steps(self) -> Iterator[dict[str, np.ndarray]]:
-        """The samples one per run, in order (of the fixed batch, for a fixed-batch model)."""
-        return self.data.batches(1) if self.data is not None else iter(())
 
     @property
     def task_data(self) -> bool:
@@ -194,13 +188,7 @@ def held_out_data(model: ir.Model, ctx: Context, held: Calibration | None, calib
 
 
 def _held(data: Calibration, kind: str) -> HeldOut:
-    """The samples as runs, and the data to run them one by one where each is one call's row: not where they are
-    whole sequences kept
-    per run (silero-vad's sequence export, ``[T, 576]`` beside ``h``/``c``), whose recurrence runs inside the call
-    and whose state input starts each sequence (chaining sequences measured a stream the samples are not: at 3
-    stored bits it wrote uniform, 0.746 streamed agreement, where the one-call guard's repair kept 0.914)."""
-    sequences = any(isinstance(v, Runs) for v in data.arrays.values())
-    return HeldOut(list(data.batches(RUN)), kind, data.num_samples, data.run_sizes(RUN), None if sequences else data)
+    return HeldOut(list(data.batches(RUN)), kind, data.num_samples, data.run_sizes(RUN))
 
 
 @dataclasses.dataclass
@@ -318,26 +306,6 @@ class _Measure:
             raise DataError(f"the FP32 output '{bad[0]}' is not finite on these inputs")
         self.plan, self.fp32 = resolve(model, a.loss, a.output, values, self.axes)
         self.rows = self._rows()
-        self.feedback = self._feedback()
-        if self.feedback:
-            self.chain_reference = self._run(model, chained=True)
-            self.chain_fp32 = self._terms(self.chain_reference)
-            if not all(np.all(np.isfinite(v)) for v in self.chain_fp32):  # a chain that diverges: one call
-                self.feedback = []
-        self.chained = bool(self.feedback)  # candidates measured over the samples chained through the state
-
-    def _feedback(self) -> list[tuple[str, int]]:
-        """The state the model feeds back (:mod:`bq_onnx.feedback`), found on the first held-out sample, where the
-        samples bring it different values (a stream's states: a model always called with one state, zeros say, is
-        not streamed, and a chain would measure states it never sees); none where the samples are not one call's
-        rows (random inputs, whole sequences kept per run)."""
-        data = self.held.data
-        if data is None or data.num_samples < 2 or self.ctx.config.guard.no_chain:
-            return []
-        step = next(self.held.steps())
-        first = self.sessions.open(forward_model(self.model, self.names)).run(step)
-        pairs = feedback_pairs(step, self.names, first)
-        return [(inp, i) for inp, i in pairs if any(not np.array_equal(s[inp], step[inp]) for s in self.held.steps())]
 
     def _rows(self) -> list[tuple[int, int]] | None:
         """Each run's rows in the stacked outputs, where every loss term holds one row per sample of each run
@@ -352,12 +320,8 @@ class _Measure:
         return [(end - size, end) for size, end in zip(sizes, ends)]
 
     def _run(self, model: ir.Model, weights: dict[str, np.ndarray] | None = None,
-             which: list[int] | None = None, chained: bool = False) -> list[list[np.ndarray]]:
-        """The outputs on every run (``which``: those runs); ``chained``: on every sample in turn, each fed the
-        state the run before returned (:func:`bq_onnx.feedback.chained_runs`)."""
+             which: list[int] | None = None) -> list[list[np.ndarray]]:
         session = self.sessions.open(forward_model(model, self.names)) if weights is None else self._fed_session()
-        if chained:
-            return chained_runs(session, self.held.steps(), self.feedback, weights)
         runs = self.held.runs if which is None else [self.held.runs[i] for i in which]
         return [session.run({**feeds, **(weights or {})}) for feeds in runs]
 
@@ -378,18 +342,6 @@ class _Measure:
     def loss(self, runs: list[list[np.ndarray]]) -> float:
         return float(np.mean(self.losses(runs)))
 
-    def candidate_loss(self, spent: Spent) -> float:
-        """The mean loss of the model ``spent`` wrote, measured as :meth:`model_try` measures it."""
-        return float(np.mean(self.losses(self.runs(spent, self.chained), self.chained)))
-
-    def _terms(self, runs: list[list[np.ndarray]]) -> list[np.ndarray]:
-        """Each loss term's values on ``runs``, stacked samples first (sliced where the term is)."""
-        terms = []
-        for t in self.plan.terms:
-            y = self._stack(t.output, runs)
-            terms.append(y[..., t.start:t.stop] if t.start is not None else y)
-        return terms
-
     def _run_losses(self, run: list[np.ndarray], i: int) -> np.ndarray:
         """The loss per sample of run ``i`` alone (its rows of the FP32 reference; :attr:`rows`)."""
         lo, hi = self.rows[i]
@@ -399,16 +351,19 @@ class _Measure:
             terms.append(y[..., t.start:t.stop] if t.start is not None else y)
         return divergence(self.plan, [r[lo:hi] for r in self.fp32], terms)
 
-    def losses(self, runs: list[list[np.ndarray]], chained: bool = False) -> np.ndarray:
-        """The loss per sample (a single figure where the outputs kept per run are not samples); ``chained``:
-        ``runs`` are chained runs, scored against the FP32 model's chained runs."""
-        return divergence(self.plan, self.chain_fp32 if chained else self.fp32, self._terms(runs))
+    def losses(self, runs: list[list[np.ndarray]]) -> np.ndarray:
+        """The loss per sample (a single figure where the outputs kept per run are not samples)."""
+        terms = []
+        for t in self.plan.terms:
+            y = self._stack(t.output, runs)
+            terms.append(y[..., t.start:t.stop] if t.start is not None else y)
+        return divergence(self.plan, self.fp32, terms)
 
-    def fidelity(self, runs: list[list[np.ndarray]], chained: bool = False) -> dict[str, dict]:
+    def fidelity(self, runs: list[list[np.ndarray]]) -> dict[str, dict]:
         out = {}
         for i, name in enumerate(self.names):
             stats = OutputStats()
-            for ref, cand in zip(self.chain_reference if chained else self.reference, runs):
+            for ref, cand in zip(self.reference, runs):
                 stats.update(ref[i], cand[i], None)
             r = stats.result()
             out[name] = {k: r.get(k) for k in ("agreement", "cosine", "rel_error")} if "error" not in r else r
@@ -416,19 +371,17 @@ class _Measure:
 
     def model_try(self, label: str, spent: Spent) -> _Try:
         idle(spent)  # its rewritten model is not read where it is fed decoded; it waits on disk once measured
-        runs = self.runs(spent, self.chained)
+        runs = self.runs(spent)
         drop_pages()  # what the runs read of it (its codes, decoded)
         predicted = spent.allocation.loss if spent.allocation is not None else None
-        per_sample = self.losses(runs, self.chained)
-        return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs, self.chained), predicted,
-                    per_sample=per_sample)
+        per_sample = self.losses(runs)
+        return _Try(label, spent, float(np.mean(per_sample)), self.fidelity(runs), predicted, per_sample=per_sample)
 
-    def runs(self, spent: Spent, chained: bool = False) -> list[list[np.ndarray]]:
-        """The outputs of the model ``spent`` wrote, on these samples (``chained``: as :meth:`_run`)."""
-        return self._decoded_runs(spent, chained) if folds_too_much(spent.out) else self._run(spent.out,
-                                                                                              chained=chained)
+    def runs(self, spent: Spent) -> list[list[np.ndarray]]:
+        """The outputs of the model ``spent`` wrote, on these samples."""
+        return self._decoded_runs(spent) if folds_too_much(spent.out) else self._run(spent.out)
 
-    def _decoded_runs(self, spent: Spent, chained: bool = False) -> list[list[np.ndarray]]:
+    def _decoded_runs(self, spent: Spent) -> list[list[np.ndarray]]:
         """``spent`` run as the FP32 model fed its weights decoded by numpy (:meth:`QuantizedTensor.dequantize`,
         the graph's arithmetic): onnxruntime decodes packed codes through float intermediates of about 20x the
         weight (:mod:`bq_onnx.runtimes.folding`). A quantized subgraph weight cannot be fed: the model runs."""
@@ -436,10 +389,10 @@ class _Measure:
         for name, quantized in spent.quantized.items():
             info = self.ctx.weight(name)
             if info.scope or info.name not in self.model.graph.initializers:
-                return self._run(spent.out, chained=chained)
+                return self._run(spent.out)
             weights[name] = self.decoded.get(info, quantized)
         release_freed_memory()  # the decode's freed temporaries, kept by glibc's heap beside the run
-        return self._run(self.model, weights, chained=chained)
+        return self._run(self.model, weights)
 
     def tensor_probe(self, name: str, spent: Spent, have: _Probed | None = None,
                      first: int | None = None) -> _Probed | None:
@@ -505,13 +458,6 @@ def measure_only(model: ir.Model, ctx: Context, spent: Spent, held: HeldOut) -> 
     finally:
         measure.close()
     ctx.guard = _report(ctx, held, chosen, None, [], "measured", compared=False)
-    _say_chained(ctx, measure)
-
-
-def _say_chained(ctx: Context, measure: _Measure) -> None:
-    """The fed-back state the candidates were chained through, in the report (``chained``: input -> output)."""
-    if measure.chained:
-        ctx.guard["chained"] = {inp: measure.names[i] for inp, i in measure.feedback}
 
 
 def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | None], Spent],
@@ -662,7 +608,6 @@ def _guard(model: ir.Model, ctx: Context, first: Spent, spend: Callable[[str | N
     # the tables' scale is known only against uniform's measurement: without it no prediction is shown
     ctx.guard = _report(ctx, held, final, uniform, steps, result, compared=True, first=chosen, scale=_scale(uniform))
     ctx.guard["candidates"] = [t.row(_numel(ctx)) for t in tries]
-    _say_chained(ctx, measure)
     ctx.guard["probes"] = {"data": measure.probe.held.kind, "samples": measure.probe.held.samples,
                            "first_runs_only": sum(1 for p in probed.values() if p is not None and not p.complete)}
     return final.spent
@@ -981,12 +926,12 @@ def _confirm_on_fit(tries: list[_Try], uniform: _Try, measure: _Measure) -> tupl
     96 evaluation images against the allocation (accuracy 0.833 against 0.958, ``benchmarks/zoo_s11.md``)."""
     fit = measure.probe
     if uniform.fit_loss is None:
-        uniform.fit_loss = fit.candidate_loss(uniform.spent)
+        uniform.fit_loss = fit.loss(fit.runs(uniform.spent))
     winners = sorted((t for t in tries if t.loss <= uniform.loss), key=lambda t: t.loss)
 
     def confirmed(t: _Try) -> bool:  # measured on the fit split where its fit loss is read (a run each)
         if t.fit_loss is None:
-            t.fit_loss = fit.candidate_loss(t.spent)
+            t.fit_loss = fit.loss(fit.runs(t.spent))
         return t.fit_loss <= uniform.fit_loss
 
     # the answer: the first confirmed of the method's answers (those after it are not read); an alternative only

@@ -288,3 +288,27 @@ def test_gptq_moments_wait_on_disk_with_the_same_values():
     moved = arrays_to_disk(arrays)
     assert not moved["big"].flags.writeable and moved["small"] is arrays["small"]
     np.testing.assert_array_equal(moved["big"], arrays["big"])
+
+
+def test_gptq_metric_memory_is_estimated_and_checked_against_the_budget(monkeypatch):
+    """What building a GPTQ metric allocates is computed first (float64 ``(K, K)`` arrays: 2.8 GiB at K = 8192) and
+    compared with the memory budget: a 0.125 GiB MLP with ``--max-memory 2G`` ran to 3.06 GiB before; now one line."""
+    import tracemalloc
+
+    import bq_onnx.stages.quantize as quantize
+    from bq_onnx.errors import ModelError
+    from bq_onnx.rounding.gptq import DAMPING, Metric
+    from tests.conftest import MODELS
+
+    k, n = 384, 96
+    x = np.random.default_rng(0).standard_normal((512, k))
+    a = (x.T @ x / 512)[None]
+    tracemalloc.start()
+    Metric(a, None, n, DAMPING)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 0.5 * quantize.gptq_bytes(k, n) <= peak <= quantize.gptq_bytes(k, n)
+    monkeypatch.setattr(quantize, "gptq_bytes", lambda k, n, groups=1: 1 << 60)
+    calib = {"input": np.load(MODELS / "lenet_calib.npz")["input"][:96]}
+    with pytest.raises(ModelError, match=r"GPTQ rounding of '.*' .* needs [0-9.]+ TiB, more than the memory budget"):
+        bq_onnx.optimize(MODELS / "lenet.onnx", calib=calib, bits=4, format="compact")

@@ -20,9 +20,11 @@ from collections import OrderedDict
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.budgets import require
 from bq_onnx.calibration import Calibration
 from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context
+from bq_onnx.errors import ModelError
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
 from bq_onnx.weights import design, streamed_design, weight_view
@@ -109,6 +111,9 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     metrics: OrderedDict[str, Metric] = ctx.rounded.setdefault(METRICS, OrderedDict())
     metric = metrics.get(name)
     if metric is None:
+        k, n = view.shape
+        require(gptq_bytes(k, n, int(a.shape[0]) if a.ndim == 3 else 1),
+                f"GPTQ rounding of '{name}' (its {k} x {k} float64 metric; --rounding nearest needs none)", ModelError)
         metric = Metric(grouped_moments(a, *view.shape), importance, view.shape[1], DAMPING)
         metrics[name] = metric
         while len(metrics) > 1 and sum(_metric_bytes(m) for m in metrics.values()) > METRIC_CACHE_BYTES:
@@ -126,6 +131,13 @@ METRIC_CACHE_BYTES = 1 << 30
 """GPTQ metrics kept across the spends at most (each is two ``(K, K)`` and two ``(K, N)`` float64 arrays: 1.4 GiB for a
 ``(8192, 2048)`` weight); the least recently used go first. Why: kept for every weight, a 0.125 GiB MLP with
 ``--calib`` held 2.5 GiB after its quantize step, and a model of many wide layers would hold several times its size."""
+
+
+def gptq_bytes(k: int, n: int, groups: int = 1) -> int:
+    """What building one weight's GPTQ metric allocates at most (:class:`bq_onnx.rounding.gptq.Metric`): the damped
+    correlation, LAPACK's factor and inverse, the factor kept and the judged correlation (five ``(G, K, K)``
+    float64 arrays, counted together though not all are alive at once) and the two ``(K, N)`` whitenings."""
+    return 8 * (5 * groups * k * k + 2 * k * n)
 
 
 def _metric_bytes(metric) -> int:

@@ -25,7 +25,8 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context
 from bq_onnx.errors import ModelError
-from bq_onnx.progress import progress
+from bq_onnx.idle import arrays_to_disk
+from bq_onnx.progress import progress, release_freed_memory
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
 from bq_onnx.weights import design, streamed_design, weight_view
 
@@ -112,9 +113,10 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     metric = metrics.get(name)
     if metric is None:
         k, n = view.shape
-        require(gptq_bytes(k, n, int(a.shape[0]) if a.ndim == 3 else 1),
+        groups = grouped_moments(a, k, n)
+        require(gptq_bytes(k, n, len(groups)),
                 f"GPTQ rounding of '{name}' (its {k} x {k} float64 metric; --rounding nearest needs none)", ModelError)
-        metric = Metric(grouped_moments(a, *view.shape), importance, view.shape[1], DAMPING)
+        metric = Metric(groups, importance, n, DAMPING)
         metrics[name] = metric
         while len(metrics) > 1 and sum(_metric_bytes(m) for m in metrics.values()) > METRIC_CACHE_BYTES:
             metrics.popitem(last=False)  # the least recently used: computed again, the same, if asked again
@@ -181,9 +183,6 @@ def layer_moments(ctx: Context, model: ir.Model | None, calibration: Calibration
 
         ctx.moments = input_moments(model, ctx, calibration) if model is not None else {}
         if ctx.moments:
-            from bq_onnx.idle import arrays_to_disk
-            from bq_onnx.progress import release_freed_memory
-
             ctx.moments = arrays_to_disk(ctx.moments)  # read when a metric is built: on disk between
             release_freed_memory()
         if not ctx.moments:

@@ -60,6 +60,7 @@ from bq_onnx.posterior import Posterior, Spill, WeightPosterior
 from bq_onnx.runs import Runs
 from bq_onnx.runtimes.sessions import TempSessions
 from bq_onnx.stages import tables as tables_stage
+from bq_onnx.stages.moments import kept_moment
 from bq_onnx.stages.weights import find_weights
 
 #: Times a shard is run again after its worker died (a worker process killed, out of memory, a Ray node lost):
@@ -650,7 +651,7 @@ class _TablesWorker:
         if job.moments:
             with np.load(root / "moments.npz", allow_pickle=False) as data:
                 names = list(data["names"])
-                ctx.moments = {names[int(k[1:])]: data[k] for k in data.files if k != "names"}
+                ctx.moments = {names[int(k[1:])]: kept_moment(data[k]) for k in data.files if k != "names"}
         ctx.rounded.update({("nearest", name, int(bits)): True for name, bits in job.nearest})
         calib = read_calibration(root / "calibration") if job.calib else None
         self.ctx = ctx

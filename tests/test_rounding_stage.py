@@ -308,7 +308,7 @@ def test_gptq_metric_memory_is_estimated_and_checked_against_the_budget(monkeypa
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert 0.5 * quantize.gptq_bytes(k, n) <= peak <= quantize.gptq_bytes(k, n)
-    monkeypatch.setattr(quantize, "gptq_bytes", lambda k, n, groups=1: 1 << 60)
+    monkeypatch.setattr(quantize, "gptq_bytes", lambda k, n, groups=1, on_disk=False: 1 << 60)
     calib = {"input": np.load(MODELS / "lenet_calib.npz")["input"][:96]}
     with pytest.raises(ModelError, match=r"GPTQ rounding of '.*' .* needs [0-9.]+ TiB, more than the memory budget"):
         bq_onnx.optimize(MODELS / "lenet.onnx", calib=calib, bits=4, format="compact")

@@ -32,7 +32,8 @@ import dataclasses
 
 import numpy as np
 
-from bq_onnx.qtensor import QuantizedTensor, expand_blocks, to_fp16_exact
+from bq_onnx.disk_rows import DiskRows
+from bq_onnx.qtensor import QuantizedTensor, expand_blocks, take_columns, to_fp16_exact
 from bq_onnx.quantizers.grid import _Grid, _nearest
 
 DAMPING = 0.01
@@ -45,6 +46,10 @@ PRECISION_FLOOR = 0.01
 
 LAZY_ROWS = 128
 """Rows rounded between two updates of the rows below them (GPTQ's lazy batch; changes nothing but speed)."""
+
+BAND_BYTES = 16 << 20
+"""With ``A`` on disk (:class:`DiskMetric`), output channels are rounded in bands of columns of about this many
+float64 bytes of the ``(K, N)`` view each (the rounder holds about ten such arrays)."""
 
 _FP16_MAX = 65504.0
 
@@ -81,13 +86,16 @@ def gptq_round_errors(
     """:func:`gptq_round`, and the per-output-channel errors ``e^T H_n e`` on the undamped metric of ``qt``'s codes
     and of the result (None for a kind without a grid), which it computes anyway to choose between them: the
     tables price the compensation by their ratio."""
-    w64 = np.asarray(w, dtype=np.float64)
-    k, n = w64.shape
+    k, n = w.shape
     if tuple(qt.shape) != (k, n):
-        raise ValueError(f"w has shape {w64.shape}, the design {tuple(qt.shape)}")
+        raise ValueError(f"w has shape {w.shape}, the design {tuple(qt.shape)}")
     groups = grouped_moments(a, k, n)
     if qt.kind in NO_GRID:
         return qt, None, None
+    if isinstance(groups, DiskRows):
+        metric = DiskMetric(groups, precision, n, damping) if metric is None else metric
+        return _banded(w, qt, precision, metric)
+    w64 = np.asarray(w, dtype=np.float64)
     metric = Metric(groups, precision, n, damping) if metric is None else metric
     rounded = _Rounder(qt, w64, precision).run(metric)
     # per output channel, keep nearest's codes where compensation did not lower the undamped error
@@ -104,7 +112,8 @@ def output_error(
     """``sum_n e_n^T H_n e_n`` with ``e = decoded - w`` on the undamped metric (``tr(E^T A E)`` without a precision)."""
     w64 = np.asarray(w, dtype=np.float64)
     k, n = w64.shape
-    metric = Metric(grouped_moments(a, k, n), precision, n, DAMPING)
+    groups = grouped_moments(a, k, n)
+    metric = (DiskMetric if isinstance(groups, DiskRows) else Metric)(groups, precision, n, DAMPING)
     return float(metric.column_error(np.asarray(decoded, dtype=np.float64) - w64).sum())
 
 
@@ -125,7 +134,14 @@ def _upper_inverse_factor(corr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.triu(inv[::-1, ::-1]))
 
 
-def grouped_moments(a: np.ndarray, k: int, n: int) -> np.ndarray:
+def grouped_moments(a: np.ndarray | DiskRows, k: int, n: int) -> np.ndarray | DiskRows:
+    """``A`` as ``(G, K, K)`` float64, checked; one on disk is checked for its shape (its values were, when it was
+    summed: :func:`bq_onnx.stages.moments.input_moments`)."""
+    if isinstance(a, DiskRows):
+        g = a.shape[0] if len(a.shape) == 3 else 1
+        if len(a.shape) not in (2, 3) or a.shape[-2:] != (k, k) or n % g or a.dtype != np.float64:
+            raise ValueError(f"A must be (K, K) or (G, K, K) float64 with G dividing N = {n}, K = {k}; got {a.shape}")
+        return a
     a = np.asarray(a, dtype=np.float64)
     if a.ndim == 2:
         a = a[None]
@@ -136,7 +152,22 @@ def grouped_moments(a: np.ndarray, k: int, n: int) -> np.ndarray:
     return a
 
 
-class Metric:
+class _Columns:
+    """Output channels in ``groups`` groups of ``cols`` (a grouped convolution's groups read their own inputs)."""
+
+    groups: int
+    cols: int
+
+    def grouped(self, x: np.ndarray) -> np.ndarray:
+        """``(R, N)`` -> ``(G, R, N/G)``."""
+        return x.reshape(x.shape[0], self.groups, self.cols).transpose(1, 0, 2)
+
+    def ungrouped(self, x: np.ndarray) -> np.ndarray:
+        """``(G, R, N/G)`` -> ``(R, N)``."""
+        return x.transpose(1, 0, 2).reshape(x.shape[1], self.groups * self.cols)
+
+
+class Metric(_Columns):
     """The whitening of every output channel: ``s = sqrt(h)`` (``(K, N)``), the correlation ``C`` per group and the
     upper Cholesky factor ``U`` of the damped ``C^-1``."""
 
@@ -176,18 +207,191 @@ class Metric:
             self.judge = s
         self.s = s
 
-    def grouped(self, x: np.ndarray) -> np.ndarray:
-        """``(R, N)`` -> ``(G, R, N/G)``."""
-        return x.reshape(x.shape[0], self.groups, self.cols).transpose(1, 0, 2)
-
-    def ungrouped(self, x: np.ndarray) -> np.ndarray:
-        """``(G, R, N/G)`` -> ``(R, N)``."""
-        return x.transpose(1, 0, 2).reshape(x.shape[1], self.groups * self.cols)
+    @property
+    def nbytes(self) -> int:
+        """Memory the metric holds."""
+        return sum(getattr(self, f).nbytes for f in ("u", "exact", "s", "judge"))
 
     def column_error(self, e: np.ndarray) -> np.ndarray:
         """Per output channel ``e^T H_n e`` on the undamped correlation (``e^T A e`` without a precision), ``(N,)``."""
         z = self.grouped(self.judge * e)  # (G, K, c)
         return self.ungrouped((self.exact @ z) * z).sum(axis=0)
+
+
+class DiskMetric(_Columns):
+    """:class:`Metric` for an ``A`` on disk (``(G, K, K)``, :class:`DiskRows`), holding at most one ``K x K`` array.
+
+    Why (issue 21): the in-memory metric keeps ``U`` and the judged correlation (two ``K x K`` float64 arrays, 1 GiB
+    at K = 8192) and rounds all output channels at once (several ``(K, N)`` float64 arrays), over the streaming
+    bound on small models with wide layers. Here each group's ``U`` is built in one array (the reversed damped
+    correlation factored and inverted in place by LAPACK), kept on disk between uses and read back whole for a
+    tensor's rounding; the judged correlation is read from ``A`` a band of rows at a time; the channels are rounded
+    a band of columns at a time (:func:`_banded`; they are independent once the grid is fixed). The results equal
+    :class:`Metric`'s up to rounding in the last bits (``tests/test_rounding_gptq.py``)."""
+
+    def __init__(self, a: DiskRows, precision: np.ndarray | None, n: int, damping: float) -> None:
+        self.a = a
+        self.groups = a.shape[0] if len(a.shape) == 3 else 1
+        self.cols, self.k = n // self.groups, a.shape[-1]
+        k = self.k
+        diag = np.empty((self.groups, k))
+        for r0, r1 in a.bands():
+            idx = np.arange(r0, r1)
+            diag.reshape(-1)[r0:r1] = a.read(r0, r1)[idx - r0, idx % k]
+        mean = diag.mean(axis=1)
+        level = np.where(mean > 0, mean, 1.0)
+        self.dd = diag + (damping * level)[:, None]  # the damped diagonal
+        self.d0 = np.where(diag > 0, diag, 1.0)
+        if precision is not None:
+            h = np.asarray(precision)
+            if h.shape != (k, n) or not np.isfinite(h).all() or (h < 0).any():
+                raise ValueError(f"precision must be finite, non-negative, shape {(k, n)}")
+        self.precision = precision
+        self._u: list[DiskRows | np.ndarray | None] = [None] * self.groups
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the metric holds (its factors are on disk unless the disk was full)."""
+        return self.dd.nbytes + self.d0.nbytes + sum(u.nbytes for u in self._u if isinstance(u, np.ndarray))
+
+    def factor(self, g: int) -> np.ndarray:
+        """Group ``g``'s ``U`` (``(K, K)``, upper), built at the first call and read back from disk after."""
+        kept = self._u[g]
+        if isinstance(kept, DiskRows):
+            return kept.read(0, kept.rows)
+        if kept is not None:
+            return kept
+        u = _disk_factor(self.a, g, self.dd[g])
+        stored = DiskRows.of(u)
+        self._u[g] = stored if stored.on_disk else u
+        return u
+
+    def band(self, g: int, c0: int, c1: int, u: np.ndarray | None) -> _Band:
+        """Output channels ``[c0, c1)`` of group ``g`` as a one-group metric over ``u`` (its factor)."""
+        k = self.k
+        if self.precision is None:  # H = the damped A itself: whiten by its diagonal; judge by A's
+            s = np.sqrt(np.broadcast_to(self.dd[g][:, None], (k, c1 - c0)))
+            judge = np.sqrt(np.broadcast_to(self.d0[g][:, None], (k, c1 - c0)))
+        else:
+            h = np.asarray(self.precision[:, c0:c1], dtype=np.float64)
+            floor = PRECISION_FLOOR * h.mean(axis=0)
+            s = np.sqrt(np.maximum(h, floor[None, :]))
+            s[:, floor <= 0] = 1.0
+            judge = s
+        return _Band(self, g, u, s, judge)
+
+    def bands(self) -> list[tuple[int, int, int]]:
+        """``(group, c0, c1)``: the columns in bands of about :data:`BAND_BYTES` of float64 ``(K, c)``."""
+        step = max(1, BAND_BYTES // (8 * self.k))
+        return [(g, c0, min((g + 1) * self.cols, c0 + step))
+                for g in range(self.groups) for c0 in range(g * self.cols, (g + 1) * self.cols, step)]
+
+    def column_error(self, e: np.ndarray) -> np.ndarray:
+        """:meth:`Metric.column_error`, band by band."""
+        out = np.empty(e.shape[1])
+        for g, c0, c1 in self.bands():
+            out[c0:c1] = self.band(g, c0, c1, None).column_errors(e[:, c0:c1])[0]
+        return out
+
+    def judged(self, g: int, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of group ``g``'s undamped correlation (:attr:`Metric.exact`, the same arithmetic)."""
+        d0 = self.d0[g]
+        return self.a.read(g * self.k + r0, g * self.k + r1) / np.sqrt(d0[r0:r1, None] * d0[None, :])
+
+
+class _Band(_Columns):
+    """One group's band of output channels, as the rounder sees a metric (one group)."""
+
+    def __init__(self, parent: DiskMetric, g: int, u: np.ndarray | None, s: np.ndarray, judge: np.ndarray) -> None:
+        self.parent, self.g = parent, g
+        self.groups, self.cols = 1, s.shape[1]
+        self.u = None if u is None else u[None]
+        self.s, self.judge = s, judge
+
+    def column_errors(self, *errors: np.ndarray) -> list[np.ndarray]:
+        """Per output channel ``e^T H_n e`` of each ``(K, c)`` error, one read of ``A`` for all of them."""
+        z = np.concatenate([self.judge * e for e in errors], axis=1)
+        total = np.zeros(z.shape[1])
+        k = self.parent.k
+        step = max(1, BAND_BYTES // (8 * k))
+        for r0 in range(0, k, step):
+            r1 = min(k, r0 + step)
+            total += ((self.parent.judged(self.g, r0, r1) @ z) * z[r0:r1]).sum(axis=0)
+        return np.split(total, len(errors))
+
+
+def _banded(w: np.ndarray, qt: QuantizedTensor, precision: np.ndarray | None, metric: DiskMetric
+            ) -> tuple[QuantizedTensor, np.ndarray, np.ndarray]:
+    """:func:`gptq_round_errors` band of output channels by band: each band rounded by :class:`_Rounder` on its
+    group's factor and columns, judged against nearest's codes, and its codes put back in place."""
+    k, n = qt.shape
+    codes = np.array(qt.codes, copy=True)
+    values = None if qt.outlier_value is None else np.array(qt.outlier_value, copy=True)
+    col = None if qt.outlier_index is None else qt.outlier_index % n
+    near, final = np.empty(n), np.empty(n)
+    u, held = None, -1
+    for g, c0, c1 in metric.bands():
+        if held != g:
+            u, held = None, g
+            u = metric.factor(g)
+        sub = take_columns(qt, c0, c1)
+        wb = np.asarray(w[:, c0:c1], dtype=np.float64)
+        hb = None if precision is None else precision[:, c0:c1]
+        band = metric.band(g, c0, c1, u)
+        rounded = _Rounder(sub, wb, hb).run(band)
+        err_gptq, err_near = band.column_errors(wb - rounded.dequantize(), wb - sub.dequantize())
+        keep = err_near <= err_gptq
+        near[c0:c1], final[c0:c1] = err_near, np.where(keep, err_near, err_gptq)
+        mixed = _mix_columns(rounded, sub, keep) if keep.any() else rounded
+        codes[:, c0:c1] = mixed.codes
+        if col is not None and mixed.outlier_value is not None:
+            values[(col >= c0) & (col < c1)] = mixed.outlier_value
+    return dataclasses.replace(qt, codes=codes, outlier_value=values), near, final
+
+
+def _disk_factor(a: DiskRows, g: int, dd: np.ndarray) -> np.ndarray:
+    """Group ``g``'s ``U`` (:func:`_upper_inverse_factor` of its damped correlation) in one ``K x K`` array: the
+    reversed correlation ``P C P`` is written band by band from ``A``; its C-ordered memory read in Fortran order is
+    its transpose (the same matrix), so LAPACK's upper Cholesky ``P C P = R^T R`` and the inverse ``R^-1`` run in
+    place; that memory read in C order is ``R^-T = L^-1``, and ``U = P L^-1 P`` is its memory reversed."""
+    from scipy.linalg import lapack
+
+    k = a.shape[-1]
+    inv_sqrt = 1.0 / np.sqrt(dd)
+    m = np.empty((k, k))
+    for r0, r1 in a.bands(g * k, (g + 1) * k):
+        part = a.read(r0, r1)
+        i0, i1 = r0 - g * k, r1 - g * k
+        part[np.arange(i1 - i0), np.arange(i0, i1)] = dd[i0:i1]  # A + damping I on the diagonal
+        part *= inv_sqrt[i0:i1, None]
+        part *= inv_sqrt[None, :]
+        m[k - i1 : k - i0] = part[::-1, ::-1]
+        del part
+    r, info = lapack.dpotrf(m.T, lower=0, clean=1, overwrite_a=1)
+    if info:
+        raise np.linalg.LinAlgError(f"the damped input correlation is not positive definite (LAPACK info {info})")
+    r, info = lapack.dtrtri(r, lower=0, overwrite_c=1)
+    if info:
+        raise np.linalg.LinAlgError(f"the Cholesky factor is singular (LAPACK info {info})")
+    out = np.ascontiguousarray(r.T)  # the same memory where LAPACK worked in place (a copy otherwise)
+    del r, m
+    _reverse(out.reshape(-1))
+    return out
+
+
+def _reverse(flat: np.ndarray) -> None:
+    """``flat[:] = flat[::-1]`` in place, a band of rows' bytes (:data:`bq_onnx.disk_rows.BAND_BYTES`) from each end
+    at a time (numpy would copy it whole)."""
+    from bq_onnx import disk_rows
+
+    step = max(1, disk_rows.BAND_BYTES // flat.itemsize)
+    n = flat.size
+    half = n // 2
+    for i0 in range(0, half, step):
+        i1 = min(half, i0 + step)
+        low = flat[i0:i1].copy()
+        flat[i0:i1] = flat[n - i1 : n - i0][::-1]
+        flat[n - i1 : n - i0] = low[::-1]
 
 
 class _Rounder:

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context, WeightInfo
+from bq_onnx.disk_rows import DiskRows
 from bq_onnx.estimators.kfac import im2col_batch
 from bq_onnx.graph import forward_model
 
@@ -28,6 +29,11 @@ BATCH = 8
 
 MAX_K = 8192
 """Reduction sizes past this get no ``A`` (a ``K x K`` float64 matrix would pass 512 MiB)."""
+
+DISK_BYTES = 64 << 20
+"""An ``A`` of at least this many bytes (``K`` from 2,897) is summed on disk (:class:`bq_onnx.disk_rows.DiskRows`),
+a band of rows at a time, and stays there: GPTQ reads it band by band (:class:`bq_onnx.rounding.gptq.DiskMetric`).
+Why (issue 21): in memory, a 0.125 GiB model with two 8192-wide layers held its moments and metrics, 3 GiB."""
 
 
 def _reader(info: WeightInfo) -> tuple[ir.Value, str, dict] | None:
@@ -80,7 +86,7 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
     from bq_onnx.runtimes.sessions import TempSessions
 
     names = sorted({r[0].name for _, r in readers.values()})
-    sums: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray | DiskRows] = {}
     counts: dict[str, int] = {}
     sessions = TempSessions()
     try:
@@ -97,9 +103,50 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
                     readers.pop(name)
                     sums.pop(name, None)
                     continue
-                sums[name] = sums.get(name, 0.0) + np.swapaxes(rows, 1, 2) @ rows
+                _add(sums, name, rows)
                 counts[name] = counts.get(name, 0) + rows.shape[1]
     finally:
         sessions.close()
-    moments = {name: shrink(s / max(counts[name], 1), counts[name]) for name, s in sums.items()}
-    return {name: a for name, a in moments.items() if np.isfinite(a).all()}  # a NaN/Inf input: nearest
+    moments = {name: _mean(s, counts[name]) for name, s in sums.items()}
+    return {name: a for name, a in moments.items() if a is not None}  # a NaN/Inf input: nearest
+
+
+def _add(sums: dict[str, np.ndarray | DiskRows], name: str, rows: np.ndarray) -> None:
+    """``sums[name] += rows^T rows`` per group; on disk, a band of ``A``'s rows at a time, from :data:`DISK_BYTES`."""
+    g, _, k = rows.shape
+    total = sums.get(name)
+    if total is None and 8 * g * k * k >= DISK_BYTES:
+        total = sums[name] = DiskRows((g, k, k))
+    if not isinstance(total, DiskRows):
+        sums[name] = (0.0 if total is None else total) + np.swapaxes(rows, 1, 2) @ rows
+        return
+    for gi in range(g):
+        for r0, r1 in total.bands(gi * k, (gi + 1) * k):
+            part = total.read(r0, r1)
+            part += rows[gi, :, r0 - gi * k : r1 - gi * k].T @ rows[gi]
+            total.write(r0, part)
+
+
+def kept_moment(a: np.ndarray) -> np.ndarray | DiskRows:
+    """``a`` where :func:`input_moments` keeps it: on disk from :data:`DISK_BYTES` (a worker reading the moments
+    the coordinator saved rounds them as the coordinator does, band by band)."""
+    return DiskRows.of(a) if a.nbytes >= DISK_BYTES else a
+
+
+def _mean(total: np.ndarray | DiskRows, count: int) -> np.ndarray | DiskRows | None:
+    """:func:`shrink` of the mean (in place, band by band, on disk); None where it is not finite."""
+    if not isinstance(total, DiskRows):
+        a = shrink(total / max(count, 1), count)
+        return a if np.isfinite(a).all() else None
+    k = total.cols
+    alpha = k / (k + max(count, 1))
+    for r0, r1 in total.bands():
+        a = total.read(r0, r1) / max(count, 1)  # the elementwise arithmetic of shrink(), on these rows
+        out = (1.0 - alpha) * a
+        idx = np.arange(r1 - r0)
+        cols = (r0 + idx) % k
+        out[idx, cols] += alpha * a[idx, cols]
+        if not np.isfinite(out).all():
+            return None
+        total.write(r0, out)
+    return total

@@ -101,7 +101,8 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     """``qt`` re-rounded by GPTQ; the tables, the guard and the stored-budget loop quantize again and again, so a
     result is kept per (weight, width) and reused while the design (grid and nearest codes) is the same, with the
     per-channel errors of nearest's codes and of the result that GPTQ computed to choose between them."""
-    from bq_onnx.rounding.gptq import DAMPING, NO_GRID, Metric, gptq_round_errors, grouped_moments
+    from bq_onnx.disk_rows import DiskRows
+    from bq_onnx.rounding.gptq import DAMPING, NO_GRID, DiskMetric, Metric, gptq_round_errors, grouped_moments
 
     if qt.kind in NO_GRID or ctx.rounded.get(("nearest", name, qt.bits)):  # measured: nearest loses less here
         return qt
@@ -114,11 +115,12 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     if metric is None:
         k, n = view.shape
         groups = grouped_moments(a, k, n)
-        require(gptq_bytes(k, n, len(groups)),
+        on_disk = isinstance(groups, DiskRows)
+        require(gptq_bytes(k, n, groups.shape[0] if len(groups.shape) == 3 else 1, on_disk),
                 f"GPTQ rounding of '{name}' (its {k} x {k} float64 metric; --rounding nearest needs none)", ModelError)
-        metric = Metric(groups, importance, n, DAMPING)
+        metric = (DiskMetric if on_disk else Metric)(groups, importance, n, DAMPING)
         metrics[name] = metric
-        while len(metrics) > 1 and sum(_metric_bytes(m) for m in metrics.values()) > METRIC_CACHE_BYTES:
+        while len(metrics) > 1 and sum(m.nbytes for m in metrics.values()) > METRIC_CACHE_BYTES:
             metrics.popitem(last=False)  # the least recently used: computed again, the same, if asked again
     metrics.move_to_end(name)
     out, near, final = gptq_round_errors(view, qt, a, importance, metric=metric)
@@ -135,15 +137,17 @@ METRIC_CACHE_BYTES = 1 << 30
 ``--calib`` held 2.5 GiB after its quantize step, and a model of many wide layers would hold several times its size."""
 
 
-def gptq_bytes(k: int, n: int, groups: int = 1) -> int:
-    """What building one weight's GPTQ metric allocates at most (:class:`bq_onnx.rounding.gptq.Metric`): the damped
-    correlation, LAPACK's factor and inverse, the factor kept and the judged correlation (five ``(G, K, K)``
-    float64 arrays, counted together though not all are alive at once) and the two ``(K, N)`` whitenings."""
+def gptq_bytes(k: int, n: int, groups: int = 1, on_disk: bool = False) -> int:
+    """What one weight's GPTQ rounding allocates at most. In memory (:class:`bq_onnx.rounding.gptq.Metric`): the
+    damped correlation, LAPACK's factor and inverse, the factor kept and the judged correlation (five ``(G, K, K)``
+    float64 arrays, counted together though not all are alive at once) and the two ``(K, N)`` whitenings. With
+    ``A`` on disk (:class:`bq_onnx.rounding.gptq.DiskMetric`): one group's factor and the rounder's band arrays
+    (sixteen bands of :data:`bq_onnx.rounding.gptq.BAND_BYTES`, counted high)."""
+    from bq_onnx.rounding.gptq import BAND_BYTES
+
+    if on_disk:
+        return 8 * k * k + 16 * BAND_BYTES + 16 * groups * k
     return 8 * (5 * groups * k * k + 2 * k * n)
-
-
-def _metric_bytes(metric) -> int:
-    return sum(getattr(metric, f).nbytes for f in ("u", "exact", "s", "judge"))
 
 
 def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,

@@ -651,7 +651,9 @@ class _TablesWorker:
         if job.moments:
             with np.load(root / "moments.npz", allow_pickle=False) as data:
                 names = list(data["names"])
-                ctx.moments = {names[int(k[1:])]: kept_moment(data[k]) for k in data.files if k != "names"}
+                cols = {w.name: w.layout.view_shape[1] for w in ctx.weights}
+                ctx.moments = {names[int(k[1:])]: kept_moment(data[k], cols[names[int(k[1:])]])
+                               for k in data.files if k != "names"}
         ctx.rounded.update({("nearest", name, int(bits)): True for name, bits in job.nearest})
         calib = read_calibration(root / "calibration") if job.calib else None
         self.ctx = ctx

@@ -30,10 +30,12 @@ BATCH = 8
 MAX_K = 8192
 """Reduction sizes past this get no ``A`` (a ``K x K`` float64 matrix would pass 512 MiB)."""
 
-DISK_BYTES = 64 << 20
-"""An ``A`` of at least this many bytes (``K`` from 2,897) is summed on disk (:class:`bq_onnx.disk_rows.DiskRows`),
-a band of rows at a time, and stays there: GPTQ reads it band by band (:class:`bq_onnx.rounding.gptq.DiskMetric`).
-Why (issue 21): in memory, a 0.125 GiB model with two 8192-wide layers held its moments and metrics, 3 GiB."""
+DISK_BYTES = 256 << 20
+"""A weight whose in-memory GPTQ metric would take at least this many bytes
+(:func:`bq_onnx.stages.quantize.gptq_bytes`: ``K = 2048, N = 8192`` takes 416 MiB, MiniLM's widest 103 MiB) has its
+``A`` summed on disk (:class:`bq_onnx.disk_rows.DiskRows`), a band of rows at a time, where it stays: GPTQ reads it
+band by band and rounds bands of output channels (:class:`bq_onnx.rounding.gptq.DiskMetric`). Why (issue 21): in
+memory, a 0.125 GiB model with an 8192-wide layer held 3.3 GiB with ``--calib``."""
 
 
 def _reader(info: WeightInfo) -> tuple[ir.Value, str, dict] | None:
@@ -103,7 +105,7 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
                     readers.pop(name)
                     sums.pop(name, None)
                     continue
-                _add(sums, name, rows)
+                _add(sums, name, rows, info.layout.view_shape[1])
                 counts[name] = counts.get(name, 0) + rows.shape[1]
     finally:
         sessions.close()
@@ -111,11 +113,18 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
     return {name: a for name, a in moments.items() if a is not None}  # a NaN/Inf input: nearest
 
 
-def _add(sums: dict[str, np.ndarray | DiskRows], name: str, rows: np.ndarray) -> None:
-    """``sums[name] += rows^T rows`` per group; on disk, a band of ``A``'s rows at a time, from :data:`DISK_BYTES`."""
+def on_disk(groups: int, k: int, n: int) -> bool:
+    """Whether a ``(K, N)`` weight's ``A`` (``groups`` of them) is kept on disk (:data:`DISK_BYTES`)."""
+    from bq_onnx.stages.quantize import gptq_bytes
+
+    return gptq_bytes(k, n, groups) >= DISK_BYTES
+
+
+def _add(sums: dict[str, np.ndarray | DiskRows], name: str, rows: np.ndarray, n: int) -> None:
+    """``sums[name] += rows^T rows`` per group; on disk (:func:`on_disk`), a band of ``A``'s rows at a time."""
     g, _, k = rows.shape
     total = sums.get(name)
-    if total is None and 8 * g * k * k >= DISK_BYTES:
+    if total is None and on_disk(g, k, n):
         total = sums[name] = DiskRows((g, k, k))
     if not isinstance(total, DiskRows):
         sums[name] = (0.0 if total is None else total) + np.swapaxes(rows, 1, 2) @ rows
@@ -127,10 +136,10 @@ def _add(sums: dict[str, np.ndarray | DiskRows], name: str, rows: np.ndarray) ->
             total.write(r0, part)
 
 
-def kept_moment(a: np.ndarray) -> np.ndarray | DiskRows:
-    """``a`` where :func:`input_moments` keeps it: on disk from :data:`DISK_BYTES` (a worker reading the moments
-    the coordinator saved rounds them as the coordinator does, band by band)."""
-    return DiskRows.of(a) if a.nbytes >= DISK_BYTES else a
+def kept_moment(a: np.ndarray, n: int) -> np.ndarray | DiskRows:
+    """``a`` (of a weight with ``n`` output channels) where :func:`input_moments` keeps it (:func:`on_disk`): a
+    worker reading the moments the coordinator saved rounds them as the coordinator does."""
+    return DiskRows.of(a) if on_disk(a.shape[0], a.shape[-1], n) else a
 
 
 def _mean(total: np.ndarray | DiskRows, count: int) -> np.ndarray | DiskRows | None:

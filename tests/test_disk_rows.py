@@ -52,14 +52,17 @@ def _problem(seed: int, k: int, n: int, groups: int = 1):
     return rng, np.stack(a), rng.standard_normal((k, n)).astype(np.float32)
 
 
-def test_the_factor_built_in_place_is_the_in_memory_one():
+def test_the_factor_built_in_place_is_the_in_memory_one_in_float32():
+    """The float32 factor LAPACK builds in place is the float64 one (to float32's precision), upper triangular,
+    stored once, and is the reference upper Cholesky factor of ``C^-1`` (the test of ``Metric.u``)."""
     _, a, _ = _problem(1, 200, 4)
     metric = g.Metric(a, None, 4, DAMPING)
     disk = g.DiskMetric(DiskRows.of(a), None, 4, DAMPING)
-    u = disk.factor(0)
-    assert u.flags.c_contiguous and not np.tril(u, -1).any()
-    np.testing.assert_allclose(u, metric.u[0], rtol=1e-9, atol=1e-12 * np.abs(u).max())
-    np.testing.assert_array_equal(disk.factor(0), u)  # read back from its file, the same
+    u = np.asarray(disk.factor(0))
+    assert u.dtype == np.float32 and not np.tril(u, -1).any()
+    np.testing.assert_allclose(u, metric.u[0], rtol=2e-4, atol=2e-5 * np.abs(u).max())
+    assert disk.factor(0) is disk.factor(0)  # built once
+    np.testing.assert_array_equal(disk.bands()[0][:2], (0, 0))
 
 
 @pytest.mark.parametrize("spec", [Spec("uniform", outliers=0.02), Spec("lloyd"), Spec("vq", 2, outliers=0.02)])
@@ -89,9 +92,10 @@ def test_band_by_band_rounding_from_disk_matches_the_in_memory_one(monkeypatch, 
                                output_error(w, got.dequantize(), a, h), rtol=1e-9)
 
 
-def test_rounding_from_disk_holds_one_factor_not_the_metric(monkeypatch):
+def test_rounding_from_disk_holds_less_than_one_square_array(monkeypatch):
     """K = 512: the in-memory metric allocates five ``K x K`` float64 arrays at its peak (and keeps two); from disk,
-    one factor and the bands, each ``K / 32`` of it as at K = 8192 (tracemalloc; numpy reports its buffers to it)."""
+    less than one: the float32 factor while it is built, then the bands of ``K / 32`` columns as at K = 8192
+    (tracemalloc; numpy reports its buffers to it)."""
     k, n = 512, 256
     _, a, w = _problem(3, k, n)
     qt = quantize(w, 3, "uniform", 64, None)
@@ -108,7 +112,7 @@ def test_rounding_from_disk_holds_one_factor_not_the_metric(monkeypatch):
         tracemalloc.stop()
     square = 8 * k * k
     assert peaks[0] > 3 * square
-    assert peaks[1] < 1.5 * square
+    assert peaks[1] < square  # the float32 factor while it is built (half), then a lazy block's rows and the bands
     from bq_onnx.stages.quantize import gptq_bytes
 
     assert peaks[1] <= gptq_bytes(k, n, 1, on_disk=True)

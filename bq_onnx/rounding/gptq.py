@@ -207,6 +207,10 @@ class Metric(_Columns):
             self.judge = s
         self.s = s
 
+    def factor_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of every group's factor, ``(G, r1 - r0, K)`` (a view)."""
+        return self.u[:, r0:r1]
+
     @property
     def nbytes(self) -> int:
         """Memory the metric holds."""
@@ -223,11 +227,12 @@ class DiskMetric(_Columns):
 
     Why (issue 21): the in-memory metric keeps ``U`` and the judged correlation (two ``K x K`` float64 arrays, 1 GiB
     at K = 8192) and rounds all output channels at once (several ``(K, N)`` float64 arrays), over the streaming
-    bound on small models with wide layers. Here each group's ``U`` is built in one array (the reversed damped
-    correlation factored and inverted in place by LAPACK), kept on disk between uses and read back whole for a
-    tensor's rounding; the judged correlation is read from ``A`` a band of rows at a time; the channels are rounded
-    a band of columns at a time (:func:`_banded`; they are independent once the grid is fixed). The results equal
-    :class:`Metric`'s up to rounding in the last bits (``tests/test_rounding_gptq.py``)."""
+    bound on small models with wide layers. Here each group's ``U`` is built once in one float32 array (the reversed
+    damped correlation factored and inverted in place by LAPACK) and kept on disk, where the rounder reads the rows
+    of each lazy block as it reaches them; the judged correlation is read from ``A`` a band of rows at a time; the
+    channels are rounded a band of columns at a time (:func:`_banded`; they are independent once the grid is
+    fixed). The codes equal :class:`Metric`'s but where the float32 factor tips a near tie
+    (``tests/test_disk_rows.py``)."""
 
     def __init__(self, a: DiskRows, precision: np.ndarray | None, n: int, damping: float) -> None:
         self.a = a
@@ -247,26 +252,21 @@ class DiskMetric(_Columns):
             if h.shape != (k, n) or not np.isfinite(h).all() or (h < 0).any():
                 raise ValueError(f"precision must be finite, non-negative, shape {(k, n)}")
         self.precision = precision
-        self._u: list[DiskRows | np.ndarray | None] = [None] * self.groups
+        self._u: list[DiskRows | None] = [None] * self.groups
 
     @property
     def nbytes(self) -> int:
         """Memory the metric holds (its factors are on disk unless the disk was full)."""
-        return self.dd.nbytes + self.d0.nbytes + sum(u.nbytes for u in self._u if isinstance(u, np.ndarray))
+        return self.dd.nbytes + self.d0.nbytes + sum(u.nbytes for u in self._u if u is not None and not u.on_disk)
 
-    def factor(self, g: int) -> np.ndarray:
-        """Group ``g``'s ``U`` (``(K, K)``, upper), built at the first call and read back from disk after."""
-        kept = self._u[g]
-        if isinstance(kept, DiskRows):
-            return kept.read(0, kept.rows)
-        if kept is not None:
-            return kept
-        u = _disk_factor(self.a, g, self.dd[g])
-        stored = DiskRows.of(u)
-        self._u[g] = stored if stored.on_disk else u
-        return u
+    def factor(self, g: int) -> DiskRows:
+        """Group ``g``'s ``U`` (``(K, K)`` float32, upper) on disk, built at the first call."""
+        if self._u[g] is None:
+            u = _disk_factor(self.a, g, self.dd[g])
+            self._u[g] = DiskRows.of(u)
+        return self._u[g]
 
-    def band(self, g: int, c0: int, c1: int, u: np.ndarray | None) -> _Band:
+    def band(self, g: int, c0: int, c1: int, u: DiskRows | None) -> _Band:
         """Output channels ``[c0, c1)`` of group ``g`` as a one-group metric over ``u`` (its factor)."""
         k = self.k
         if self.precision is None:  # H = the damped A itself: whiten by its diagonal; judge by A's
@@ -302,11 +302,14 @@ class DiskMetric(_Columns):
 class _Band(_Columns):
     """One group's band of output channels, as the rounder sees a metric (one group)."""
 
-    def __init__(self, parent: DiskMetric, g: int, u: np.ndarray | None, s: np.ndarray, judge: np.ndarray) -> None:
-        self.parent, self.g = parent, g
+    def __init__(self, parent: DiskMetric, g: int, u: DiskRows | None, s: np.ndarray, judge: np.ndarray) -> None:
+        self.parent, self.g, self.u = parent, g, u
         self.groups, self.cols = 1, s.shape[1]
-        self.u = None if u is None else u[None]
         self.s, self.judge = s, judge
+
+    def factor_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of the group's factor, ``(1, r1 - r0, K)`` float64, read from disk."""
+        return self.u.read(r0, r1).astype(np.float64)[None]
 
     def column_errors(self, *errors: np.ndarray) -> list[np.ndarray]:
         """Per output channel ``e^T H_n e`` of each ``(K, c)`` error, one read of ``A`` for all of them."""
@@ -329,11 +332,8 @@ def _banded(w: np.ndarray, qt: QuantizedTensor, precision: np.ndarray | None, me
     values = None if qt.outlier_value is None else np.array(qt.outlier_value, copy=True)
     col = None if qt.outlier_index is None else qt.outlier_index % n
     near, final = np.empty(n), np.empty(n)
-    u, held = None, -1
     for g, c0, c1 in metric.bands():
-        if held != g:
-            u, held = None, g
-            u = metric.factor(g)
+        u = metric.factor(g)
         sub = take_columns(qt, c0, c1)
         wb = np.asarray(w[:, c0:c1], dtype=np.float64)
         hb = None if precision is None else precision[:, c0:c1]
@@ -350,15 +350,17 @@ def _banded(w: np.ndarray, qt: QuantizedTensor, precision: np.ndarray | None, me
 
 
 def _disk_factor(a: DiskRows, g: int, dd: np.ndarray) -> np.ndarray:
-    """Group ``g``'s ``U`` (:func:`_upper_inverse_factor` of its damped correlation) in one ``K x K`` array: the
-    reversed correlation ``P C P`` is written band by band from ``A``; its C-ordered memory read in Fortran order is
-    its transpose (the same matrix), so LAPACK's upper Cholesky ``P C P = R^T R`` and the inverse ``R^-1`` run in
-    place; that memory read in C order is ``R^-T = L^-1``, and ``U = P L^-1 P`` is its memory reversed."""
+    """Group ``g``'s ``U`` (:func:`_upper_inverse_factor` of its damped correlation) in one ``K x K`` float32 array:
+    the reversed correlation ``P C P`` is written band by band from ``A`` (computed in float64); its C-ordered
+    memory read in Fortran order is its transpose (the same matrix), so LAPACK's upper Cholesky ``P C P = R^T R``
+    and the inverse ``R^-1`` run in place; that memory read in C order is ``R^-T = L^-1``, and ``U = P L^-1 P`` is
+    its memory reversed. float32, as GPTQ's own implementation factors: at K = 8192 the one array is 256 MiB (the
+    rows it corrects stay float64)."""
     from scipy.linalg import lapack
 
     k = a.shape[-1]
     inv_sqrt = 1.0 / np.sqrt(dd)
-    m = np.empty((k, k))
+    m = np.empty((k, k), dtype=np.float32)
     for r0, r1 in a.bands(g * k, (g + 1) * k):
         part = a.read(r0, r1)
         i0, i1 = r0 - g * k, r1 - g * k
@@ -367,10 +369,10 @@ def _disk_factor(a: DiskRows, g: int, dd: np.ndarray) -> np.ndarray:
         part *= inv_sqrt[None, :]
         m[k - i1 : k - i0] = part[::-1, ::-1]
         del part
-    r, info = lapack.dpotrf(m.T, lower=0, clean=1, overwrite_a=1)
+    r, info = lapack.spotrf(m.T, lower=0, clean=1, overwrite_a=1)
     if info:
         raise np.linalg.LinAlgError(f"the damped input correlation is not positive definite (LAPACK info {info})")
-    r, info = lapack.dtrtri(r, lower=0, overwrite_c=1)
+    r, info = lapack.strtri(r, lower=0, overwrite_c=1)
     if info:
         raise np.linalg.LinAlgError(f"the Cholesky factor is singular (LAPACK info {info})")
     out = np.ascontiguousarray(r.T)  # the same memory where LAPACK worked in place (a copy otherwise)
@@ -426,31 +428,31 @@ class _Rounder:
         step_rows = max(d, LAZY_ROWS // d * d)
         s = metric.s
         x = self.w.copy()  # targets, corrected as rows are rounded (kept unwhitened: no update, no change)
-        u = metric.u
         one = d == 1 and metric.groups == 1
         inv_s = 1.0 / s
         for b0 in range(0, k, step_rows):
             b1 = min(k, b0 + step_rows)
             err = np.zeros((b1 - b0, n))
+            u = metric.factor_rows(b0, b1)  # (G, b1 - b0, K): the factor's rows of this block
             for v0 in range(b0, b1, d):
                 v1 = min(v0 + d, b1)
                 q = self._round(v0, v1, x[v0:v1])
                 if one:  # one group, scalar rows: plain row arithmetic, no grouping reshapes
-                    es = s[v0] * (x[v0] - q[0]) / u[0, v0, v0]
+                    es = s[v0] * (x[v0] - q[0]) / u[0, v0 - b0, v0]
                     err[v0 - b0] = es
                     if v1 < b1:
-                        x[v1:b1] -= np.outer(u[0, v0, v1:b1], es) * inv_s[v1:b1]
+                        x[v1:b1] -= np.outer(u[0, v0 - b0, v1:b1], es) * inv_s[v1:b1]
                     continue
                 e = metric.grouped(s[v0:v1] * (x[v0:v1] - q))  # whitened error (G, |S|, c)
                 if d == 1:
-                    es = e / u[:, v0 : v0 + 1, v0 : v0 + 1]
+                    es = e / u[:, v0 - b0 : v0 - b0 + 1, v0 : v0 + 1]
                 else:
-                    es = np.swapaxes(np.linalg.inv(u[:, v0:v1, v0:v1]), 1, 2) @ e  # U_SS^-T e
+                    es = np.swapaxes(np.linalg.inv(u[:, v0 - b0 : v1 - b0, v0:v1]), 1, 2) @ e  # U_SS^-T e
                 err[v0 - b0 : v1 - b0] = metric.ungrouped(es)
                 if v1 < b1:
-                    x[v1:b1] -= metric.ungrouped(np.swapaxes(u[:, v0:v1, v1:b1], 1, 2) @ es) / s[v1:b1]
+                    x[v1:b1] -= metric.ungrouped(np.swapaxes(u[:, v0 - b0 : v1 - b0, v1:b1], 1, 2) @ es) / s[v1:b1]
             if b1 < k:
-                x[b1:] -= metric.ungrouped(np.swapaxes(u[:, b0:b1, b1:], 1, 2) @ metric.grouped(err)) * inv_s[b1:]
+                x[b1:] -= metric.ungrouped(np.swapaxes(u[:, :, b1:], 1, 2) @ metric.grouped(err)) * inv_s[b1:]
         return self._result()
 
     def _round(self, v0: int, v1: int, target: np.ndarray) -> np.ndarray:

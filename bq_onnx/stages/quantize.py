@@ -141,12 +141,12 @@ def gptq_bytes(k: int, n: int, groups: int = 1, on_disk: bool = False) -> int:
     """What one weight's GPTQ rounding allocates at most. In memory (:class:`bq_onnx.rounding.gptq.Metric`): the
     damped correlation, LAPACK's factor and inverse, the factor kept and the judged correlation (five ``(G, K, K)``
     float64 arrays, counted together though not all are alive at once) and the two ``(K, N)`` whitenings. With
-    ``A`` on disk (:class:`bq_onnx.rounding.gptq.DiskMetric`): one group's factor and the rounder's band arrays
-    (sixteen bands of :data:`bq_onnx.rounding.gptq.BAND_BYTES`, counted high)."""
+    ``A`` on disk (:class:`bq_onnx.rounding.gptq.DiskMetric`): one group's float32 factor while it is built and
+    the rounder's band arrays (sixteen bands of :data:`bq_onnx.rounding.gptq.BAND_BYTES`, counted high)."""
     from bq_onnx.rounding.gptq import BAND_BYTES
 
     if on_disk:
-        return 8 * k * k + 16 * BAND_BYTES + 16 * groups * k
+        return 4 * k * k + 16 * BAND_BYTES + 16 * groups * k
     return 8 * (5 * groups * k * k + 2 * k * n)
 
 

@@ -256,3 +256,20 @@ def test_big_posterior_files_are_read_weight_by_weight_with_the_same_numbers(tmp
     with pytest.raises(DataError, match="cannot read posterior"):
         np.save(tmp_path / "one.npy", mean)
         Posterior.load(tmp_path / "one.npy")
+
+
+def test_summary_taken_band_by_band_is_the_whole_arrays_summary(monkeypatch):
+    """Per layer, the means of the curvature, the standard deviation and |mu|/sigma as numpy takes them over the
+    whole arrays (the bands change the summation order only)."""
+    import bq_onnx.posterior as posterior
+
+    rng = np.random.default_rng(3)
+    mean = rng.standard_normal((37, 29)).astype(np.float32)
+    wp = posterior_from_curvature(mean, rng.random((37, 29)), 11, 1e-3, "laplace")
+    monkeypatch.setattr(posterior, "SUMMARY_BAND", 100)  # 11 bands, the last one short
+    (row,) = Posterior("laplace", 11, 1e-3, {"W": wp}).summary()
+    std = 1.0 / np.sqrt(wp.precision)
+    assert row["numel"] == 37 * 29 and row["name"] == "W" and row["source"] == "laplace"
+    assert row["mean_curvature"] == float(np.mean(wp.curvature))
+    np.testing.assert_allclose(row["mean_std"], np.mean(std), rtol=1e-12)
+    np.testing.assert_allclose(row["mean_informativeness"], np.mean(np.abs(mean) / std), rtol=1e-12)

@@ -106,6 +106,17 @@ def gptq_round_errors(
     return (_mix_columns(rounded, qt, keep) if keep.any() else rounded), err_near, final
 
 
+def gptq_bytes(k: int, n: int, groups: int = 1, on_disk: bool = False) -> int:
+    """What one weight's GPTQ rounding allocates at most. In memory (:class:`Metric`): the
+    damped correlation, LAPACK's factor and inverse, the factor kept and the judged correlation (five ``(G, K, K)``
+    float64 arrays, counted together though not all are alive at once) and the two ``(K, N)`` whitenings. With
+    ``A`` on disk (:class:`DiskMetric`): one group's float32 factor while it is built and
+    the rounder's band arrays (sixteen bands of :data:`BAND_BYTES`, counted high)."""
+    if on_disk:
+        return 4 * k * k + 16 * BAND_BYTES + 16 * groups * k
+    return 8 * (5 * groups * k * k + 2 * k * n)
+
+
 def output_error(
     w: np.ndarray, decoded: np.ndarray, a: np.ndarray, precision: np.ndarray | None = None
 ) -> float:

@@ -20,6 +20,7 @@ from bq_onnx.context import Context, WeightInfo
 from bq_onnx.disk_rows import DiskRows
 from bq_onnx.estimators.kfac import im2col_batch
 from bq_onnx.graph import forward_model
+from bq_onnx.rounding.gptq import gptq_bytes
 
 SAMPLES = 128
 """Calibration samples ``A`` is estimated from (GPTQ's usual 128)."""
@@ -32,7 +33,7 @@ MAX_K = 8192
 
 DISK_BYTES = 256 << 20
 """A weight whose in-memory GPTQ metric would take at least this many bytes
-(:func:`bq_onnx.stages.quantize.gptq_bytes`: ``K = 2048, N = 8192`` takes 416 MiB, MiniLM's widest 103 MiB) has its
+(:func:`bq_onnx.rounding.gptq.gptq_bytes`: ``K = 2048, N = 8192`` takes 416 MiB, MiniLM's widest 103 MiB) has its
 ``A`` summed on disk (:class:`bq_onnx.disk_rows.DiskRows`), a band of rows at a time, where it stays: GPTQ reads it
 band by band and rounds bands of output channels (:class:`bq_onnx.rounding.gptq.DiskMetric`). Why (issue 21): in
 memory, a 0.125 GiB model with an 8192-wide layer held 3.3 GiB with ``--calib``."""
@@ -115,8 +116,6 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
 
 def on_disk(groups: int, k: int, n: int) -> bool:
     """Whether a ``(K, N)`` weight's ``A`` (``groups`` of them) is kept on disk (:data:`DISK_BYTES`)."""
-    from bq_onnx.stages.quantize import gptq_bytes
-
     return gptq_bytes(k, n, groups) >= DISK_BYTES
 
 

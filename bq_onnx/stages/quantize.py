@@ -28,6 +28,7 @@ from bq_onnx.errors import ModelError
 from bq_onnx.idle import arrays_to_disk
 from bq_onnx.progress import progress, release_freed_memory
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
+from bq_onnx.rounding.gptq import gptq_bytes
 from bq_onnx.weights import design, streamed_design, weight_view
 
 
@@ -135,19 +136,6 @@ METRIC_CACHE_BYTES = 1 << 30
 """GPTQ metrics kept across the spends at most (each is two ``(K, K)`` and two ``(K, N)`` float64 arrays: 1.4 GiB for a
 ``(8192, 2048)`` weight); the least recently used go first. Why: kept for every weight, a 0.125 GiB MLP with
 ``--calib`` held 2.5 GiB after its quantize step, and a model of many wide layers would hold several times its size."""
-
-
-def gptq_bytes(k: int, n: int, groups: int = 1, on_disk: bool = False) -> int:
-    """What one weight's GPTQ rounding allocates at most. In memory (:class:`bq_onnx.rounding.gptq.Metric`): the
-    damped correlation, LAPACK's factor and inverse, the factor kept and the judged correlation (five ``(G, K, K)``
-    float64 arrays, counted together though not all are alive at once) and the two ``(K, N)`` whitenings. With
-    ``A`` on disk (:class:`bq_onnx.rounding.gptq.DiskMetric`): one group's float32 factor while it is built and
-    the rounder's band arrays (sixteen bands of :data:`bq_onnx.rounding.gptq.BAND_BYTES`, counted high)."""
-    from bq_onnx.rounding.gptq import BAND_BYTES
-
-    if on_disk:
-        return 4 * k * k + 16 * BAND_BYTES + 16 * groups * k
-    return 8 * (5 * groups * k * k + 2 * k * n)
 
 
 def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, a: np.ndarray,

@@ -79,7 +79,6 @@ def _optimize_model(model: ir.Model, ctx: Context, *, calibration: Calibration |
     ctx.weights = found.weights
     ctx.messages.extend(found.messages)
     ctx.exclusions = found.exclusions
-    design_cache.limit(sum(info.value.const_value.nbytes for info in ctx.weights))
     memtrace("find weights")
     if profile is not None:
         from bq_onnx.targets import legalize_weights

@@ -335,33 +335,3 @@ def test_binding_answers_per_kind_of_block_as_block_by_block(fmt) -> None:
             assert got == _binding_block_by_block(ctx, allowed, block_bits, chosen, floors, exact, lower)
             seen.add(got)
     assert len(seen) >= 4  # the cases cover bound and unbound answers alike
-
-
-def test_the_caches_hold_at_most_half_the_models_weights(monkeypatch) -> None:
-    """:func:`cache.limit` (the pipeline gives it the weights' bytes): a design or view over half of them is
-    computed each time instead of kept; the limit ends with the run; at least ``MIN_CAP_BYTES`` always."""
-    from bq_onnx.qtensor import QuantizedTensor
-
-    monkeypatch.setattr(cache, "MIN_CAP_BYTES", 0)
-    made = []
-
-    def design(nbytes: int):
-        def compute():
-            made.append(nbytes)
-            return QuantizedTensor("mean", 0, (1, nbytes // 4), 1, offset=np.zeros((1, nbytes // 4), np.float32))
-        return compute
-
-    with cache.scope():
-        cache.limit(200)  # a cap of 100 bytes
-        assert cache.cached(("a",), design(80)) is cache.cached(("a",), design(80))  # kept
-        cache.cached(("b",), design(120))
-        cache.cached(("b",), design(120))  # over the cap: made twice
-        owner = object()
-        one = cache.kept((owner,), "v", lambda: (np.zeros(120, np.uint8),))
-        assert cache.kept((owner,), "v", lambda: (np.zeros(120, np.uint8),)) is not one
-        assert cache.kept((owner,), "w", lambda: (np.zeros(90, np.uint8),)) is cache.kept((owner,), "w", lambda: ())
-    assert made == [80, 120, 120]
-    with cache.scope():  # a new run: the default caps again
-        cache.cached(("b",), design(120))
-        cache.cached(("b",), design(120))
-    assert made == [80, 120, 120, 120]

@@ -8,9 +8,8 @@ function of those arguments, so a result is kept, keyed by a digest of the array
 back instead of being recomputed: the same objects, so the same output bytes. Results are shared, never copied:
 callers treat a :class:`~bq_onnx.qtensor.QuantizedTensor` as immutable (they build new ones to change one).
 
-The cache holds at most :data:`MAX_BYTES` of arrays (least recently used first out), and at most half the model's
-weights (:func:`limit`), and lives only inside :func:`scope` (one optimize run: ``pipeline.optimize_model``), so
-nothing stays in memory after it.
+The cache holds at most :data:`MAX_BYTES` of arrays (least recently used first out) and lives only inside
+:func:`scope` (one optimize run: ``pipeline.optimize_model``), so nothing stays in memory after it.
 """
 
 from __future__ import annotations
@@ -33,10 +32,7 @@ MAX_BYTES = 256 * 2**20
 _lock = threading.Lock()
 _entries: collections.OrderedDict[tuple, tuple[QuantizedTensor, int]] = collections.OrderedDict()
 _tagged: dict[str, set[tuple]] = {}  # keys by the tag they were kept under (:func:`forget`)
-_state = {"depth": 0, "bytes": 0, "hits": 0, "misses": 0, "cap": None}  # cap: :func:`limit`'s, for this scope
-
-#: The least the caches may hold, however small the model.
-MIN_CAP_BYTES = 16 * 2**20
+_state = {"depth": 0, "bytes": 0, "hits": 0, "misses": 0}
 
 
 #: The digest of the arrays hashed last, by identity: the tables pass one weight's view and importance to every
@@ -116,13 +112,12 @@ def cached(key: Hashable, compute: Callable[[], QuantizedTensor], tag: str | Non
     size = _nbytes(qt)
     with _lock:
         _state["misses"] += 1
-        cap = MAX_BYTES if _state["cap"] is None else min(MAX_BYTES, _state["cap"])
-        if size <= cap and key not in _entries:
+        if size <= MAX_BYTES and key not in _entries:
             _entries[key] = (qt, size)
             _state["bytes"] += size
             if tag is not None:
                 _tagged.setdefault(tag, set()).add(key)
-            while _state["bytes"] > cap:
+            while _state["bytes"] > MAX_BYTES:
                 _, (_, freed) = _entries.popitem(last=False)
                 _state["bytes"] -= freed
     return qt
@@ -160,8 +155,7 @@ def kept(owners: tuple, key: Hashable, compute: Callable[[], tuple]) -> tuple:
         if a is not None:
             a.setflags(write=False)
     with _lock:
-        cap = MAX_KEPT_BYTES if _state["cap"] is None else min(MAX_KEPT_BYTES, _state["cap"])
-        if _kept_bytes[0] + size <= cap and ident not in _kept:
+        if _kept_bytes[0] + size <= MAX_KEPT_BYTES and ident not in _kept:
             _kept[ident] = (owners, arrays)
             _kept_bytes[0] += size
             _kept_ids.update(id(a) for a in arrays if a is not None)
@@ -190,15 +184,6 @@ def stats() -> dict[str, int]:
                 "bytes": _state["bytes"]}
 
 
-def limit(weight_bytes: int) -> None:
-    """Inside the current :func:`scope`, each cache holds at most half of ``weight_bytes`` (the model's weights;
-    at least :data:`MIN_CAP_BYTES`, at most :data:`MAX_BYTES` / :data:`MAX_KEPT_BYTES`). Why (issue 21): the run
-    must stay within 1.5x the model + 1 GiB; two fixed 256 MiB caches were half the slack of a 0.125 GiB model (its
-    ``--calib`` run peaked 0.3 GiB over that bound with them full)."""
-    with _lock:
-        _state["cap"] = max(MIN_CAP_BYTES, int(weight_bytes) // 2)
-
-
 @contextlib.contextmanager
 def scope() -> Iterator[None]:
     """Designs are cached inside; the cache is emptied when the outermost scope ends."""
@@ -219,4 +204,3 @@ def scope() -> Iterator[None]:
                 _kept_ids.clear()
                 _kept_keys.clear()
                 _state["bytes"] = _kept_bytes[0] = 0
-                _state["cap"] = None

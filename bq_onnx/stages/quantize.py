@@ -109,7 +109,8 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
         return qt
     key = (name, qt.bits)
     hit = ctx.rounded.get(key)
-    if hit is not None and all(_same(getattr(hit[0], f), getattr(qt, f)) for f in _GRID):
+    grid = _grid_key(qt)
+    if hit is not None and hit[0] == grid:
         return hit[1]
     metrics: OrderedDict[str, Metric] = ctx.rounded.setdefault(METRICS, OrderedDict())
     metric = metrics.get(name)
@@ -125,8 +126,29 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
             metrics.popitem(last=False)  # the least recently used: computed again, the same, if asked again
     metrics.move_to_end(name)
     out, near, final = gptq_round_errors(view, qt, a, importance, metric=metric)
-    ctx.rounded[key] = (qt, out, near, final)
+    out = _waiting_on_disk(out)
+    ctx.rounded[key] = (grid, out, near, final)
     return out
+
+
+def _grid_key(qt: QuantizedTensor) -> tuple:
+    """What a kept GPTQ result is reused for: the content of the design's grid and nearest codes (a digest, not
+    the design: kept, the design's codes would stay in memory as long as the result)."""
+    from bq_onnx.quantizers.cache import digest
+
+    return tuple(digest(getattr(qt, f)) for f in _GRID)
+
+
+def _waiting_on_disk(out: QuantizedTensor) -> QuantizedTensor:
+    """``out`` with its codes (and outlier values) in a mapped temporary file where they are big
+    (:func:`bq_onnx.idle.arrays_to_disk`; the same values): a result is kept per weight and width for the whole run
+    and read only when a spending of the budget uses it (issue 21: kept in memory, the 0.25 GiB scale model's GPTQ
+    codes grew the guard's memory by a byte per weight and width)."""
+    import dataclasses
+
+    arrays = {f: getattr(out, f) for f in ("codes", "outlier_value") if getattr(out, f) is not None}
+    moved = arrays_to_disk(arrays)
+    return out if moved is arrays else dataclasses.replace(out, **moved)
 
 
 METRICS = ("metrics",)
@@ -152,10 +174,6 @@ def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedT
         if total > 0:
             out[i] = min(1.0, float(comp[lo:hi].sum()) / total)
     return out
-
-
-def _same(x: np.ndarray | None, y: np.ndarray | None) -> bool:
-    return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
 
 
 def gptq_label(ctx: Context) -> str:

@@ -312,3 +312,28 @@ def test_gptq_metric_memory_is_estimated_and_checked_against_the_budget(monkeypa
     calib = {"input": np.load(MODELS / "lenet_calib.npz")["input"][:96]}
     with pytest.raises(ModelError, match=r"GPTQ rounding of '.*' .* needs [0-9.]+ TiB, more than the memory budget"):
         bq_onnx.optimize(MODELS / "lenet.onnx", calib=calib, bits=4, format="compact")
+
+
+def test_kept_gptq_results_wait_on_disk_with_the_same_codes(monkeypatch):
+    """Each GPTQ result is kept for the run (per weight and width); where big, its codes wait in a mapped temporary
+    file (read-only, the same values) instead of memory, and the design it was made from is kept as a digest."""
+    import bq_onnx.idle as idle
+    from bq_onnx.stages.quantize import METRICS, quantize_weights
+
+    data = _data()
+    runs = []
+    for on_disk in (False, True):
+        if on_disk:  # every array counts as big
+            monkeypatch.setattr(idle, "IDLE_BYTES", 0)
+            monkeypatch.setattr(idle, "MIN_ARRAY_BYTES", 0)
+        ctx = passkit.context(bits=3, group_size=8, min_size=32, rounding="gptq")
+        model = passkit.find_weights(passkit.prepare(passkit.load(MODEL), ctx), ctx)
+        runs.append((ctx, quantize_weights(ctx, model, load_calibration(data, model))))
+    (memory, q0), (disk, q1) = runs
+    for name in q0:
+        np.testing.assert_array_equal(q0[name].codes, q1[name].codes)
+    for ctx, writeable in ((memory, True), (disk, False)):
+        kept = [v for k, v in ctx.rounded.items() if k != METRICS and len(k) == 2]
+        assert len(kept) == 3
+        assert all(v[1].codes.flags.writeable == writeable for v in kept)
+        assert all(isinstance(v[0], tuple) for v in kept)  # the design's digest, not the design

@@ -25,7 +25,7 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context
 from bq_onnx.errors import ModelError
-from bq_onnx.idle import arrays_to_disk
+from bq_onnx.idle import arrays_to_disk, drop_pages
 from bq_onnx.progress import progress, release_freed_memory
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
 from bq_onnx.rounding.gptq import gptq_bytes
@@ -63,6 +63,8 @@ def quantize_weights(
                 info.layout.view_shape,
                 tuple((start, stop, take_columns(designs[bits], start, stop)) for start, stop, bits in pieces),
             )
+        if info.name in moments:
+            drop_pages()  # what cutting the pieces read of kept GPTQ codes waiting on disk (:func:`_waiting_on_disk`)
     return quantized
 
 

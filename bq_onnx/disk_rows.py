@@ -72,13 +72,7 @@ class DiskRows:
         if self._memory is not None:
             return self._memory[r0:r1].copy()
         out = np.empty((r1 - r0, self.cols), dtype=self.dtype)
-        view = memoryview(out).cast("B")
-        at, done = r0 * self._row_bytes, 0
-        while done < len(view):
-            got = os.preadv(self._file.fileno(), [view[done:]], at + done)
-            if got <= 0:
-                raise OSError(f"short read from a temporary file ({done} of {len(view)} bytes)")
-            done += got
+        self._transfer(os.preadv, out, r0)
         return out
 
     def write(self, r0: int, rows: np.ndarray) -> None:
@@ -89,13 +83,18 @@ class DiskRows:
         if self._memory is not None:
             self._memory[r0 : r0 + len(rows)] = rows
             return
+        self._transfer(os.pwritev, rows, r0)
+
+    def _transfer(self, call, rows: np.ndarray, r0: int) -> None:
+        """``call`` (``os.preadv`` or ``os.pwritev``) over all of ``rows``' bytes at row ``r0`` (they may move a
+        part at a time)."""
         view = memoryview(rows).cast("B")
         at, done = r0 * self._row_bytes, 0
         while done < len(view):
-            put = os.pwritev(self._file.fileno(), [view[done:]], at + done)
-            if put <= 0:
-                raise OSError(f"short write to a temporary file ({done} of {len(view)} bytes)")
-            done += put
+            moved = call(self._file.fileno(), [view[done:]], at + done)
+            if moved <= 0:
+                raise OSError(f"{call.__name__} on a temporary file stopped at {done} of {len(view)} bytes")
+            done += moved
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """The whole array in memory (for small ones and for saving it; the point of the class is not to)."""

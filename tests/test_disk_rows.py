@@ -4,6 +4,7 @@ they hold in memory (tracemalloc)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import tracemalloc
 
@@ -30,6 +31,9 @@ def test_rows_written_and_read_back_band_by_band():
     with pytest.raises(IndexError):
         d.read(149, 151)
     assert not np.asarray(DiskRows((2, 3))).any()  # zeros at first
+    os.ftruncate(d._file.fileno(), 8 * 40 + 5)  # the file cut short under it: an error, not a half-filled band
+    with pytest.raises(OSError, match="stopped at 325 of 640 bytes"):
+        d.read(0, 2)
 
 
 def test_no_space_for_the_file_keeps_the_array_in_memory(monkeypatch):

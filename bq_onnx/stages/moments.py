@@ -20,7 +20,6 @@ from bq_onnx.context import Context, WeightInfo
 from bq_onnx.disk_rows import DiskRows
 from bq_onnx.estimators.kfac import im2col_batch
 from bq_onnx.graph import forward_model
-from bq_onnx.rounding.gptq import gptq_bytes
 
 SAMPLES = 128
 """Calibration samples ``A`` is estimated from (GPTQ's usual 128)."""
@@ -32,11 +31,17 @@ MAX_K = 8192
 """Reduction sizes past this get no ``A`` (a ``K x K`` float64 matrix would pass 512 MiB)."""
 
 DISK_BYTES = 256 << 20
-"""A weight whose in-memory GPTQ metric would take at least this many bytes
-(:func:`bq_onnx.rounding.gptq.gptq_bytes`: ``K = 2048, N = 8192`` takes 416 MiB, MiniLM's widest 103 MiB) has its
-``A`` summed on disk (:class:`bq_onnx.disk_rows.DiskRows`), a band of rows at a time, where it stays: GPTQ reads it
-band by band and rounds bands of output channels (:class:`bq_onnx.rounding.gptq.DiskMetric`). Why (issue 21): in
-memory, a 0.125 GiB model with an 8192-wide layer held 3.3 GiB with ``--calib``."""
+"""A weight whose in-memory GPTQ metric would keep at least this many bytes (:func:`kept_bytes`: ``K = 2048,
+N = 8192`` keeps 320 MiB, ``K = 8192, N = 2048`` 1280 MiB; the zoo's widest, PP-OCR's recognizer, 129 MiB, MiniLM's 45)
+has its ``A`` summed on disk (:class:`bq_onnx.disk_rows.DiskRows`), a band of rows at a time, where it stays: GPTQ
+reads it band by band and rounds bands of output channels (:class:`bq_onnx.rounding.gptq.DiskMetric`). Why (issue
+21): in memory, a 0.125 GiB model with an 8192-wide layer held 3.2 GiB with ``--calib``."""
+
+
+def kept_bytes(groups: int, k: int, n: int) -> int:
+    """What :class:`bq_onnx.rounding.gptq.Metric` keeps for a ``(K, N)`` weight: the factor and the judged correlation
+    per group (``(K, K)`` float64 each) and the two ``(K, N)`` float64 whitenings."""
+    return 8 * (2 * groups * k * k + 2 * k * n)
 
 
 def _reader(info: WeightInfo) -> tuple[ir.Value, str, dict] | None:
@@ -116,7 +121,7 @@ def input_moments(model: ir.Model, ctx: Context, calibration: Calibration | None
 
 def on_disk(groups: int, k: int, n: int) -> bool:
     """Whether a ``(K, N)`` weight's ``A`` (``groups`` of them) is kept on disk (:data:`DISK_BYTES`)."""
-    return gptq_bytes(k, n, groups) >= DISK_BYTES
+    return kept_bytes(groups, k, n) >= DISK_BYTES
 
 
 def _add(sums: dict[str, np.ndarray | DiskRows], name: str, rows: np.ndarray, n: int) -> None:

@@ -165,3 +165,13 @@ def test_an_optimize_with_every_moment_on_disk_is_as_close_to_fp32(monkeypatch, 
         result.save(str(out), force=True)
         kl.append(_kl_to_fp32(out, model, data["test_input"]))
     assert abs(kl[1] - kl[0]) <= 0.02 * kl[0]
+
+
+def test_which_moments_go_to_disk():
+    """By what the in-memory metric keeps: the scale benchmark's MLP layers go (320 and 1280 MiB), the zoo's widest,
+    PP-OCR's recognizer convolution (K = 2880, N = 60: 129 MiB), and MiniLM's FFN stay in memory."""
+    from bq_onnx.stages.moments import on_disk
+
+    assert on_disk(1, 2048, 8192) and on_disk(1, 8192, 2048)
+    assert not on_disk(1, 2880, 60) and not on_disk(1, 1536, 384) and not on_disk(1, 384, 1536)
+    assert on_disk(4, 2880, 60)  # four groups keep four factors

@@ -32,6 +32,7 @@ import dataclasses
 
 import numpy as np
 
+from bq_onnx import disk_rows
 from bq_onnx.disk_rows import DiskRows
 from bq_onnx.qtensor import QuantizedTensor, expand_blocks, take_columns, to_fp16_exact
 from bq_onnx.quantizers.grid import _Grid, _nearest
@@ -145,12 +146,16 @@ def _upper_inverse_factor(corr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.triu(inv[::-1, ::-1]))
 
 
+def group_count(a: np.ndarray | DiskRows) -> int:
+    """How many groups an ``A`` (``(K, K)`` or ``(G, K, K)``) has."""
+    return a.shape[0] if len(a.shape) == 3 else 1
+
+
 def grouped_moments(a: np.ndarray | DiskRows, k: int, n: int) -> np.ndarray | DiskRows:
     """``A`` as ``(G, K, K)`` float64, checked; one on disk is checked for its shape (its values were, when it was
     summed: :func:`bq_onnx.stages.moments.input_moments`)."""
     if isinstance(a, DiskRows):
-        g = a.shape[0] if len(a.shape) == 3 else 1
-        if len(a.shape) not in (2, 3) or a.shape[-2:] != (k, k) or n % g or a.dtype != np.float64:
+        if len(a.shape) not in (2, 3) or a.shape[-2:] != (k, k) or n % group_count(a) or a.dtype != np.float64:
             raise ValueError(f"A must be (K, K) or (G, K, K) float64 with G dividing N = {n}, K = {k}; got {a.shape}")
         return a
     a = np.asarray(a, dtype=np.float64)
@@ -247,7 +252,7 @@ class DiskMetric(_Columns):
 
     def __init__(self, a: DiskRows, precision: np.ndarray | None, n: int, damping: float) -> None:
         self.a = a
-        self.groups = a.shape[0] if len(a.shape) == 3 else 1
+        self.groups = group_count(a)
         self.cols, self.k = n // self.groups, a.shape[-1]
         k = self.k
         diag = np.empty((self.groups, k))
@@ -327,10 +332,9 @@ class _Band(_Columns):
         z = np.concatenate([self.judge * e for e in errors], axis=1)
         total = np.zeros(z.shape[1])
         k = self.parent.k
-        step = max(1, BAND_BYTES // (8 * k))
-        for r0 in range(0, k, step):
-            r1 = min(k, r0 + step)
-            total += ((self.parent.judged(self.g, r0, r1) @ z) * z[r0:r1]).sum(axis=0)
+        for r0, r1 in self.parent.a.bands(self.g * k, (self.g + 1) * k, BAND_BYTES):
+            i0, i1 = r0 - self.g * k, r1 - self.g * k
+            total += ((self.parent.judged(self.g, i0, i1) @ z) * z[i0:i1]).sum(axis=0)
         return np.split(total, len(errors))
 
 
@@ -395,8 +399,6 @@ def _disk_factor(a: DiskRows, g: int, dd: np.ndarray) -> np.ndarray:
 def _reverse(flat: np.ndarray) -> None:
     """``flat[:] = flat[::-1]`` in place, a band of rows' bytes (:data:`bq_onnx.disk_rows.BAND_BYTES`) from each end
     at a time (numpy would copy it whole)."""
-    from bq_onnx import disk_rows
-
     step = max(1, disk_rows.BAND_BYTES // flat.itemsize)
     n = flat.size
     half = n // 2

@@ -15,6 +15,8 @@ calibration data, or not read directly by one MatMul/Gemm/Conv) are rounded to n
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -28,7 +30,7 @@ from bq_onnx.errors import ModelError
 from bq_onnx.idle import arrays_to_disk, drop_pages
 from bq_onnx.progress import progress, release_freed_memory
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
-from bq_onnx.rounding.gptq import gptq_bytes
+from bq_onnx.rounding.gptq import gptq_bytes, group_count
 from bq_onnx.weights import design, streamed_design, weight_view
 
 
@@ -111,6 +113,8 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
         return qt
     key = (name, qt.bits)
     hit = ctx.rounded.get(key)
+    if hit is not None and hit[4]() is qt:  # the same design object (the design cache hands them back): no hashing
+        return hit[1]
     grid = _grid_key(qt)
     if hit is not None and hit[0] == grid:
         return hit[1]
@@ -120,7 +124,7 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
         k, n = view.shape
         groups = grouped_moments(a, k, n)
         on_disk = isinstance(groups, DiskRows)
-        require(gptq_bytes(k, n, groups.shape[0] if len(groups.shape) == 3 else 1, on_disk),
+        require(gptq_bytes(k, n, group_count(groups), on_disk),
                 f"GPTQ rounding of '{name}' (its {k} x {k} float64 metric; --rounding nearest needs none)", ModelError)
         metric = (DiskMetric if on_disk else Metric)(groups, importance, n, DAMPING)
         metrics[name] = metric
@@ -129,7 +133,7 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
     metrics.move_to_end(name)
     out, near, final = gptq_round_errors(view, qt, a, importance, metric=metric)
     out = _waiting_on_disk(out)
-    ctx.rounded[key] = (grid, out, near, final)
+    ctx.rounded[key] = (grid, out, near, final, weakref.ref(qt))
     return out
 
 
@@ -146,8 +150,6 @@ def _waiting_on_disk(out: QuantizedTensor) -> QuantizedTensor:
     (:func:`bq_onnx.idle.arrays_to_disk`; the same values): a result is kept per weight and width for the whole run
     and read only when a spending of the budget uses it (issue 21: kept in memory, the 0.25 GiB scale model's GPTQ
     codes grew the guard's memory by a byte per weight and width)."""
-    import dataclasses
-
     arrays = {f: getattr(out, f) for f in ("codes", "outlier_value") if getattr(out, f) is not None}
     moved = arrays_to_disk(arrays)
     return out if moved is arrays else dataclasses.replace(out, **moved)
@@ -169,7 +171,7 @@ def compensation_ratio(ctx: Context, name: str, view: np.ndarray, qt: QuantizedT
     error is zero). What the expected-loss tables multiply their nearest-rounding loss by under ``--rounding gptq``."""
     if compensated(ctx, name, view, qt, a, importance) is qt:
         return np.ones(len(ranges))
-    _, _, near, comp = ctx.rounded[(name, qt.bits)]  # the entry compensated() just returned from
+    _, _, near, comp, _ = ctx.rounded[(name, qt.bits)]  # the entry compensated() just returned from
     out = np.ones(len(ranges))
     for i, (lo, hi) in enumerate(ranges):
         total = float(near[lo:hi].sum())

@@ -168,8 +168,9 @@ def test_an_optimize_with_every_moment_on_disk_is_as_close_to_fp32(monkeypatch, 
 
 
 def test_which_moments_go_to_disk():
-    """By what the in-memory metric keeps: the scale benchmark's MLP layers go (320 and 1280 MiB), the zoo's widest,
-    PP-OCR's recognizer convolution (K = 2880, N = 60: 129 MiB), and MiniLM's FFN stay in memory."""
+    """By what the in-memory metric keeps: the scale benchmark's MLP layers go (320 and 1280 MiB), PP-OCR's recognizer
+    convolution (K = 2880, N = 60: 129 MiB, sent to disk by a first threshold) and MiniLM's FFN stay in memory (every
+    zoo weight does: ``benchmarks/gptq_paths.md``)."""
     from bq_onnx.stages.moments import on_disk
 
     assert on_disk(1, 2048, 8192) and on_disk(1, 8192, 2048)

@@ -32,10 +32,11 @@ MAX_K = 8192
 
 DISK_BYTES = 256 << 20
 """A weight whose in-memory GPTQ metric would keep at least this many bytes (:func:`kept_bytes`: ``K = 2048,
-N = 8192`` keeps 320 MiB, ``K = 8192, N = 2048`` 1280 MiB; the zoo's widest, PP-OCR's recognizer, 129 MiB, MiniLM's 45)
-has its ``A`` summed on disk (:class:`bq_onnx.disk_rows.DiskRows`), a band of rows at a time, where it stays: GPTQ
-reads it band by band and rounds bands of output channels (:class:`bq_onnx.rounding.gptq.DiskMetric`). Why (issue
-21): in memory, a 0.125 GiB model with an 8192-wide layer held 3.2 GiB with ``--calib``."""
+N = 8192`` keeps 320 MiB, ``K = 8192, N = 2048`` 1280 MiB; the zoo's widest, ddddocr's recognizer, 144 MiB,
+MiniLM's 45: ``benchmarks/gptq_paths.md``) has its ``A`` summed on disk (:class:`bq_onnx.disk_rows.DiskRows`), a
+band of rows at a time, where it stays: GPTQ reads it band by band and rounds bands of output channels
+(:class:`bq_onnx.rounding.gptq.DiskMetric`). Why (issue 21): in memory, a 0.125 GiB model with an 8192-wide layer
+held 3.2 GiB with ``--calib``."""
 
 
 def kept_bytes(groups: int, k: int, n: int) -> int:

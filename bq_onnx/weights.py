@@ -79,7 +79,7 @@ def design(
     if grid is not None:
         return quantizers.quantize_spec(view, bits, spec, block, importance, seed=q.seed, grid=grid)
     if view.nbytes > COLUMN_CHUNK_BYTES and importance is None and base is None:
-        if _column_separable(spec, bits):
+        if quantizers.column_separable(spec, bits):
             return _by_columns(view, bits, spec, block, q.seed)
         if sliced.supported(spec, bits):  # Lloyd codebooks, outliers: the same bytes, one slice's temporaries
             return sliced.quantize_by_columns(view, bits, spec, block, q.seed, COLUMN_CHUNK_BYTES)
@@ -142,12 +142,6 @@ def uses_double_scales(ctx: Context, spec: quantizers.Spec, bits: int, k: int, b
 COLUMN_CHUNK_BYTES = 16 << 20
 
 
-def _column_separable(spec: quantizers.Spec, bits: int) -> bool:
-    """Designs whose every block lies in one output channel and depends on nothing else: plain uniform grids
-    (no per-tensor codebook, no outliers chosen across the tensor, no vectors)."""
-    return spec.method == "uniform" and spec.dim == 1 and not spec.outliers and 0 < bits <= 8
-
-
 SLICES = "slices"
 """The design cache's tag of the slices :func:`design` cuts a big weight into (dropped after the tables)."""
 
@@ -160,21 +154,6 @@ def _by_columns(view: np.ndarray, bits: int, spec: quantizers.Spec, block: int, 
     # them again only after every other slice and width (an LRU cache that never hits; 256 MiB held all run); the
     # others are dropped once the tables are done (SLICES), as nothing after them asks for a slice
     keep = SLICES if view.size <= design_cache.MAX_BYTES // 4 else False
-    first, fields = None, {}
-    for a in range(0, n, step):
-        part = quantizers.quantize_spec(view[:, a:a + step], bits, spec, block, None, seed=seed, keep=keep)
-        if part.outlier_index is not None or part.codebook is not None:  # not separable after all
-            return quantizers.quantize_spec(view, bits, spec, block, None, seed=seed)
-        if first is None:  # results go straight into whole-size arrays: no list of parts to join
-            first = part
-            fields = {f: None if getattr(part, f) is None else
-                      np.empty((getattr(part, f).shape[0], n), dtype=getattr(part, f).dtype)
-                      for f in ("codes", "scale", "zero_point", "offset", "scale_code")}
-            if part.super_scale is not None:
-                fields["super_scale"] = np.empty(n, dtype=np.float32)
-        for f, whole in fields.items():
-            if whole is not None and whole.ndim == 1:  # per column: the super scales
-                whole[a:a + step] = getattr(part, f)
-            elif whole is not None:
-                whole[:, a:a + step] = getattr(part, f)
-    return dataclasses.replace(first, shape=(k, n), **fields)
+    whole = quantizers.by_columns((k, n), lambda a, b: quantizers.quantize_spec(
+        view[:, a:b], bits, spec, block, None, seed=seed, keep=keep), step)
+    return whole if whole is not None else quantizers.quantize_spec(view, bits, spec, block, None, seed=seed)

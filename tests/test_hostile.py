@@ -464,7 +464,7 @@ def test_a_big_weight_is_designed_by_column_slices_with_the_same_result(monkeypa
     monkeypatch.setattr(weights, "COLUMN_CHUNK_BYTES", 1 << 20)
     for bits, block in ((4, 32), (3, 4096), (8, 100)):
         spec = quantizers.candidates("uniform", "0", bits, w.size)[0]
-        assert weights._column_separable(spec, bits)
+        assert quantizers.column_separable(spec, bits)
         whole = quantizers.quantize_spec(w, bits, spec, block, None, seed=0)
         tracemalloc.start()
         sliced = weights._by_columns(w, bits, spec, block, 0)
@@ -475,7 +475,7 @@ def test_a_big_weight_is_designed_by_column_slices_with_the_same_result(monkeypa
             assert (a is None and b is None) or np.array_equal(a, b), field
         assert (sliced.shape, sliced.symmetric, sliced.kind) == (whole.shape, whole.symmetric, whole.kind)
         assert peak < w.nbytes, peak  # codes (a byte each) twice while joined, one slice of temporaries
-    assert not weights._column_separable(quantizers.candidates("uniform", "0.01", 4, w.size)[0], 4)
+    assert not quantizers.column_separable(quantizers.candidates("uniform", "0.01", 4, w.size)[0], 4)
 
 
 @pytest.mark.parametrize(("quantizer", "outliers"), [("uniform", "0"), ("uniform", "0.01"), ("lloyd", "0"),

@@ -658,3 +658,58 @@ def test_registry_gives_the_methods_in_the_clis_order():
     assert (*q.METHODS, "vq", "vq2", "vq4", "vq8", "auto") == q.QUANTIZERS
     with pytest.raises(ValueError, match="unknown quantization method"):
         q.quantize(np.ones((4, 2)), 2, "kmeans")
+
+
+def test_importance_is_scaled_by_a_power_of_two_so_a_slice_of_columns_scales_exactly_as_the_whole():
+    """The blocked importance of a slice of output channels is the whole tensor's for those channels times a power
+    of two, exactly (:func:`blocked.weight_exponent`): every weighted error and comparison of a slice's design is
+    the whole design's, scaled exactly. Dividing by the largest value (as before) rounds differently per slice."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    h = np.exp(rng.uniform(-40, 40, size=w.shape))  # 1e-17 .. 1e17
+    h[:, 30:] *= 1e-9  # the last slice's largest value is far below the whole tensor's
+    assert blocked.weight_exponent(np.array([0.75])) == 0 and blocked.weight_exponent(np.array([3.0])) == 2
+    assert blocked.weight_exponent(np.zeros(3)) == 0
+    whole = blocked._prepare(w, 3, 32, h).wt.reshape(3, 40, 32)
+    for a, b in ((0, 10), (10, 30), (30, 40)):
+        part = blocked._prepare(w[:, a:b], 3, 32, h[:, a:b]).wt.reshape(3, b - a, 32)
+        shift = blocked.weight_exponent(h) - blocked.weight_exponent(h[:, a:b])
+        assert np.array_equal(np.ldexp(whole[:, a:b], shift), part), (a, b)
+        assert 0.5 <= part.max() < 1.0
+
+
+@pytest.mark.parametrize(("bits", "block", "double"), [(4, 32, False), (3, 100, False), (2, 4096, False),
+                                                       (4, 32, True), (8, 64, True)])
+def test_a_big_weight_with_importance_is_designed_by_column_slices_with_the_same_bytes(monkeypatch, bits, block,
+                                                                                        double):
+    """A plain uniform design over ``SLICE_BYTES`` is computed slice by slice of output channels, its importance
+    sliced with it (issue 21: the whole-tensor temporaries were about 8x the weight, the peak of a run with a
+    posterior): the same bytes as one whole-tensor call, with one slice's temporaries."""
+    import tracemalloc
+
+    from bq_onnx.quantizers import spec as spec_module
+
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((1000, 300)).astype(np.float32)
+    w[:, 7] = 0.5  # a constant column: the constant-block candidate
+    h = np.exp(rng.uniform(-12, 12, size=w.shape))
+    h[:, 11] = 0.0  # an output channel that carries nothing
+    design = q.Spec("uniform", double_scales=double)
+    monkeypatch.setattr(spec_module, "SLICE_BYTES", 1 << 40)
+    tracemalloc.start()
+    whole = q.quantize_spec(w, bits, design, block, h)
+    whole_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    monkeypatch.setattr(spec_module, "SLICE_BYTES", 4000 * 37)  # 37 columns a slice: a ragged last one
+    tracemalloc.start()
+    sliced = q.quantize_spec(w, bits, design, block, h)
+    sliced_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    for field in ("codes", "scale", "zero_point", "scale_code", "super_scale", "offset", "codebook"):
+        a, b = getattr(whole, field), getattr(sliced, field)
+        assert (a is None and b is None) or np.array_equal(a, b), field
+    assert (sliced.shape, sliced.symmetric, sliced.kind, sliced.block_size) == \
+        (whole.shape, whole.symmetric, whole.kind, whole.block_size)
+    assert sliced_peak < whole_peak / 3, (sliced_peak, whole_peak)
+    outliers = q.quantize_spec(w, bits, q.Spec("uniform", outliers=0.01), block, h)  # not separable: whole
+    assert outliers.outlier_index is not None

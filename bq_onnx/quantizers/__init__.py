@@ -44,7 +44,14 @@ from bq_onnx.quantizers.registry import (
     Quantizer,
     quantize,
 )
-from bq_onnx.quantizers.spec import Spec, candidates, quantization_error, quantize_spec
+from bq_onnx.quantizers.spec import (
+    Spec,
+    by_columns,
+    candidates,
+    column_separable,
+    quantization_error,
+    quantize_spec,
+)
 from bq_onnx.quantizers.uniform import (
     UNIFORM_SHRINK,
     UNIFORM_SIDE_SHRINK,
@@ -55,6 +62,8 @@ from bq_onnx.quantizers.uniform import (
 )
 
 __all__ = [
+    "by_columns",
+    "column_separable",
     "FP16_MAX",
     "LLOYD_FIT_SAMPLE",
     "LLOYD_MAX_ITER",

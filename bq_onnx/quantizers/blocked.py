@@ -33,7 +33,7 @@ class _Blocked:
     """
 
     x: np.ndarray  # (B, G) float32
-    wt: np.ndarray | None  # (B, G) float64 scaled to max 1, 0 on padding; None: 1 on real elements
+    wt: np.ndarray | None  # (B, G) float64 scaled by a power of two to max < 1, 0 on padding; None: 1 on real elements
     valid: np.ndarray | None  # (B, G) float32 1/0; None when nothing is padded
     count: np.ndarray  # (B,) real elements per block
     shape: tuple[int, int]
@@ -98,8 +98,10 @@ def _prepare(w: np.ndarray, bits: int, block_size: int, weights: np.ndarray | No
             raise ValueError(f"weights must have shape {(k, n)}, got {wa.shape}")
         if not np.isfinite(wa).all() or (wa < 0).any():
             raise ValueError("weights must be finite and non-negative")
-        top = wa.max()
-        wt = _to_rows(wa / top if top > 0 else wa, g, nb, fill=False)
+        wt = _to_rows(wa, g, nb, fill=False)
+        if np.shares_memory(wt, wa):  # a reshape, not a copy: the caller's array is never scaled in place
+            wt = wt.copy()
+        np.ldexp(wt, -weight_exponent(wa), out=wt)
     x = _to_rows(w32, g, nb, fill=True)
     count = np.full(nb * n, g, dtype=np.int64)
     valid = None
@@ -109,6 +111,16 @@ def _prepare(w: np.ndarray, bits: int, block_size: int, weights: np.ndarray | No
         valid[(nb - 1) * n :, rem:] = 0.0
         count[(nb - 1) * n :] = rem
     return _Blocked(x=x, wt=wt, valid=valid, count=count, shape=(k, n), g=g, nb=nb, block_size=int(block_size))
+
+
+def weight_exponent(weights: np.ndarray) -> int:
+    """The ``e`` for which ``weights * 2**-e`` has its largest value in ``[0.5, 1)`` (0 for all zeros).
+
+    Why a power of two: scaling by one is exact, so every weighted error, sum and comparison of a design is the
+    same whether its weights are scaled by the whole tensor's largest value or by one slice's (a column-separable
+    design computed slice by slice gives the whole tensor's bytes, :func:`bq_onnx.quantizers.spec.by_columns`)."""
+    top = float(weights.max())
+    return int(np.frexp(top)[1]) if top > 0 else 0
 
 
 def _fp16(x: np.ndarray) -> np.ndarray:

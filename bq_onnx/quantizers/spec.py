@@ -4,7 +4,7 @@ design is applied (:func:`quantize_spec`) and scored (:func:`quantization_error`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -101,6 +101,45 @@ def quantize_spec(
     return compute() if base is None else _quantize_spec(w, bits, spec, block_size, weights, seed, base)
 
 
+#: A column-separable design (:func:`column_separable`) of a weight bigger than this is computed slice by slice of
+#: output channels of about this size, its importance sliced with it: the quantizers' temporaries (a blocked copy
+#: of the weight, a float64 one of its importance, decoded levels, errors) cost about 8x the weight, and they were
+#: the peak of a run with a posterior (issue 21: 0.5 GiB of the 0.125 GiB scale model's 1.35 GiB with ``--calib``).
+SLICE_BYTES = 16 << 20
+
+
+def column_separable(spec: Spec, bits: int) -> bool:
+    """Designs whose every block lies in one output channel and depends on nothing else: plain uniform grids
+    (no per-tensor codebook, no outliers chosen across the tensor, no vectors). Their importance is scaled by a
+    power of two (:func:`bq_onnx.quantizers.blocked.weight_scale`), so a slice's design is the whole one's."""
+    return spec.method == "uniform" and spec.dim == 1 and not spec.outliers and 0 < bits <= 8
+
+
+def by_columns(shape: tuple[int, int], part: Callable[[int, int], QuantizedTensor],
+               step: int) -> QuantizedTensor | None:
+    """The design of a whole ``shape`` weight from ``part(a, b)``, the same design of its columns ``a:b``, ``step``
+    columns at a time; None where a part turns out not to be separable (a codebook or outliers)."""
+    k, n = shape
+    first, fields = None, {}
+    for a in range(0, n, step):
+        piece = part(a, min(a + step, n))
+        if piece.outlier_index is not None or piece.codebook is not None:
+            return None
+        if first is None:  # results go straight into whole-size arrays: no list of parts to join
+            first = piece
+            fields = {f: None if getattr(piece, f) is None else
+                      np.empty((getattr(piece, f).shape[0], n), dtype=getattr(piece, f).dtype)
+                      for f in ("codes", "scale", "zero_point", "offset", "scale_code")}
+            if piece.super_scale is not None:
+                fields["super_scale"] = np.empty(n, dtype=np.float32)
+        for f, whole in fields.items():
+            if whole is not None and whole.ndim == 1:  # per column: the super scales
+                whole[a:a + step] = getattr(piece, f)
+            elif whole is not None:
+                whole[:, a:a + step] = getattr(piece, f)
+    return dataclasses.replace(first, shape=(k, n), **fields)
+
+
 def _quantize_spec(w: np.ndarray, bits: int, spec: Spec, block_size: int, weights: np.ndarray | None, seed: int,
                    base: QuantizedTensor | None) -> QuantizedTensor:
     from bq_onnx.outliers import isolate_outliers
@@ -108,6 +147,14 @@ def _quantize_spec(w: np.ndarray, bits: int, spec: Spec, block_size: int, weight
 
     if bits == FLOAT16_BITS:
         return float16_tensor(w)
+    if base is None and np.ndim(w) == 2 and column_separable(spec, bits) \
+            and (weights is None or np.shape(weights) == np.shape(w)):
+        step = max(1, SLICE_BYTES // max(1, 4 * w.shape[0]))
+        if w.shape[1] > step:
+            whole = by_columns(w.shape, lambda a, b: _quantize_spec(
+                w[:, a:b], bits, spec, block_size, None if weights is None else weights[:, a:b], seed, None), step)
+            if whole is not None:
+                return whole
     if spec.method == "vq" and bits > 0:
         block = -(-block_size // spec.dim) * spec.dim
         fitted: list[QuantizedTensor] = [] if base is None else [base]

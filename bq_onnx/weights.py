@@ -11,6 +11,7 @@ import onnx_ir as ir
 from bq_onnx import quantizers
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.errors import DataError
+from bq_onnx.idle import arrays_to_disk
 from bq_onnx.model_io import StreamedExternalTensor
 from bq_onnx.qtensor import QuantizedTensor, num_blocks
 from bq_onnx.quantizers import cache as design_cache
@@ -53,7 +54,22 @@ def weight_view(ctx: Context, info: WeightInfo) -> tuple[np.ndarray, np.ndarray 
         return (info.layout.to_view(np.asarray(wp.mean, dtype=np.float32)),
                 info.layout.to_view(np.asarray(wp.precision, dtype=np.float64)))
 
-    return design_cache.kept((wp,), (info.name, info.layout), view)  # at most MAX_KEPT_BYTES of them
+    return design_cache.kept((wp,), (info.name, info.layout), view, lambda arrays: _to_disk(info, arrays))
+
+
+def _to_disk(info: WeightInfo, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...] | None:
+    """A big weight's view and importance as read-only views of a temporary file (:func:`bq_onnx.idle.arrays_to_disk`;
+    None where it cannot be written), the model's own initializer left where it is. Why (issue 21): kept in
+    memory, the first weights' arrays (12 bytes per element: 3x the weight) stayed resident all run while the others
+    were designed and measured; mapped, their pages come back only while a step reads them, and go again with
+    :func:`bq_onnx.idle.drop_pages` after each weight."""
+    raw = getattr(info.value.const_value, "raw", None)
+    own = {str(i): a for i, a in enumerate(arrays)
+           if a is not None and not (isinstance(raw, np.ndarray) and np.shares_memory(a, raw))}
+    moved = arrays_to_disk(own)
+    if all(moved[k] is a for k, a in own.items()):
+        return None
+    return tuple(moved.get(str(i), a) for i, a in enumerate(arrays))
 
 
 def design(

@@ -268,6 +268,54 @@ def test_views_are_kept_per_run_read_only_and_dropped_after() -> None:
         assert weights.weight_view(ctx, info)[0] is not view
 
 
+def test_a_big_weights_view_and_importance_are_kept_on_disk_the_models_own_array_where_it_is(monkeypatch) -> None:
+    """Issue 21: a weight's view and importance of ``SPILL_BYTES`` or more are kept in a mapped temporary file (the
+    same values, read-only, not counted against the memory cap, pages dropped after each weight); the model's own
+    initializer (an untransposed view) is not copied; with no disk they are kept in memory as before."""
+    import mmap
+
+    from bq_onnx import idle, weights
+    from bq_onnx.context import Context, WeightInfo
+    from bq_onnx.layout import WeightLayout
+    from bq_onnx.posterior import Posterior, WeightPosterior
+
+    def mapped(a: np.ndarray) -> bool:
+        while isinstance(a, np.ndarray):
+            a = a.base
+        return isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap)
+
+    monkeypatch.setattr(cache, "SPILL_BYTES", 1 << 16)
+    monkeypatch.setattr(idle, "IDLE_BYTES", 1 << 16)
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((160, 128)).astype(np.float32)
+    precision = rng.gamma(1.0, 1.0, w.shape)
+    for dims, transposed in (((160, 128), (0,)), ((128, 160), (1,))):
+        array = w if dims == (160, 128) else np.ascontiguousarray(w.T)
+        value = ir.Value(name="w", const_value=ir.tensor(array, name="w"))
+        info = WeightInfo("w", value, WeightLayout(dims, transposed), ("MatMul:b",) if dims == (160, 128)
+                          else ("Gemm:n",))
+        ctx = Context()
+        wp = WeightPosterior(value.const_value.numpy(), precision if dims == (160, 128) else precision.T.copy(),
+                             np.ones_like(array), "test")
+        ctx.posterior = Posterior("laplace", 1, 1.0, {"w": wp})
+        with cache.scope():
+            view, importance = weights.weight_view(ctx, info)
+            assert weights.weight_view(ctx, info)[1] is importance and cache._kept_bytes[0] == 0
+            assert cache._kept_bytes[1] == view.nbytes + importance.nbytes
+            np.testing.assert_array_equal(view, w)
+            np.testing.assert_array_equal(importance, precision)
+            assert mapped(importance) and not importance.flags.writeable
+            assert mapped(view) == (dims != (160, 128))  # the model's own array stays the model's
+            idle.drop_pages()
+            np.testing.assert_array_equal(importance, precision)  # read back after its pages were dropped
+        assert cache._kept_bytes == [0, 0]
+    monkeypatch.setattr(weights, "arrays_to_disk", lambda arrays: arrays)  # no disk: in memory, as before
+    with cache.scope():
+        view, importance = weights.weight_view(ctx, info)
+        assert not mapped(importance) and cache._kept_bytes == [view.nbytes + importance.nbytes, 0]
+        assert weights.weight_view(ctx, info)[1] is importance
+
+
 def test_the_guard_decodes_a_design_once_and_keeps_at_most_its_bytes(monkeypatch) -> None:
     from bq_onnx.context import WeightInfo
     from bq_onnx.layout import WeightLayout

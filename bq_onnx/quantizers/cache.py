@@ -123,20 +123,28 @@ def cached(key: Hashable, compute: Callable[[], QuantizedTensor], tag: str | Non
     return qt
 
 
-#: Bytes of arrays :func:`kept` holds at most; what comes after is computed each time (nothing is dropped: the
-#: callers ask for the same weights in the same order every round, so an evicting cache would miss every time).
+#: Bytes of arrays :func:`kept` holds at most in memory; what comes after is computed each time (nothing is
+#: dropped: the callers ask for the same weights in the same order every round, so an evicting cache would miss
+#: every time).
 MAX_KEPT_BYTES = 256 * 2**20
+#: A result of at least this many bytes is kept on disk where the caller can put it there (``spill``).
+SPILL_BYTES = 16 << 20
+#: Bytes of results :func:`kept` holds on disk at most (temporary files; the rest is computed each time).
+MAX_KEPT_DISK_BYTES = 2 << 30
 
 _kept: dict[tuple, tuple[tuple, tuple]] = {}
-_kept_bytes = [0]
+_kept_bytes = [0, 0]  # in memory, on disk
 _kept_ids: set[int] = set()  # the arrays' ids (they are held, so no other array has one)
 _kept_keys: dict[int, tuple] = {}  # their digests, once computed: hashed once per run, not once per round
 
 
-def kept(owners: tuple, key: Hashable, compute: Callable[[], tuple]) -> tuple:
+def kept(owners: tuple, key: Hashable, compute: Callable[[], tuple],
+         spill: Callable[[tuple], tuple | None] | None = None) -> tuple:
     """``compute()`` (a tuple of arrays or None), or what an earlier call with the same ``owners`` (objects, by
     identity: held until the scope ends, so an identity is never reused) and ``key`` returned inside the current
-    :func:`scope`; outside one, always ``compute()``. The arrays are made read-only: they are shared.
+    :func:`scope`; outside one, always ``compute()``. The arrays are made read-only: they are shared. ``spill``:
+    the same arrays moved to a file and mapped back (None where it cannot), for a result of :data:`SPILL_BYTES` or
+    more: kept there instead of in memory, its pages read back only where used.
 
     Why: the quantize stage runs once per spending of the budget (the budget loop, every guard candidate: nine
     times on MiniLM-L3) and each time made every weight's view and importance again (a transposed copy and the
@@ -151,13 +159,20 @@ def kept(owners: tuple, key: Hashable, compute: Callable[[], tuple]) -> tuple:
         return hit[1]
     arrays = compute()
     size = sum(int(a.nbytes) for a in arrays if a is not None)
+    where = 0  # in memory
+    if spill is not None and size >= SPILL_BYTES:
+        with _lock:
+            room = _kept_bytes[1] + size <= MAX_KEPT_DISK_BYTES and ident not in _kept
+        moved = spill(arrays) if room else None
+        if moved is not None:
+            arrays, where = moved, 1
     for a in arrays:
         if a is not None:
             a.setflags(write=False)
     with _lock:
-        if _kept_bytes[0] + size <= MAX_KEPT_BYTES and ident not in _kept:
+        if _kept_bytes[where] + size <= (MAX_KEPT_DISK_BYTES if where else MAX_KEPT_BYTES) and ident not in _kept:
             _kept[ident] = (owners, arrays)
-            _kept_bytes[0] += size
+            _kept_bytes[where] += size
             _kept_ids.update(id(a) for a in arrays if a is not None)
     return arrays
 
@@ -203,4 +218,4 @@ def scope() -> Iterator[None]:
                 _kept.clear()
                 _kept_ids.clear()
                 _kept_keys.clear()
-                _state["bytes"] = _kept_bytes[0] = 0
+                _state["bytes"] = _kept_bytes[0] = _kept_bytes[1] = 0

@@ -65,8 +65,7 @@ def quantize_weights(
                 info.layout.view_shape,
                 tuple((start, stop, take_columns(designs[bits], start, stop)) for start, stop, bits in pieces),
             )
-        if info.name in moments:
-            drop_pages()  # what cutting the pieces read of kept GPTQ codes waiting on disk (:func:`_waiting_on_disk`)
+        drop_pages()  # what this weight read of arrays waiting on disk: kept GPTQ codes, a big view and importance
     return quantized
 
 

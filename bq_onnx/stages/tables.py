@@ -44,6 +44,7 @@ from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context, WeightInfo
 from bq_onnx.cuts import Cuts
 from bq_onnx.errors import UsageError
+from bq_onnx.idle import drop_pages
 from bq_onnx.loss_spec import LossTerm
 from bq_onnx.progress import progress
 from bq_onnx.qtensor import QuantizedTensor, take_columns
@@ -134,6 +135,7 @@ def expected_loss_tables(model: ir.Model, ctx: Context, calibration: Calibration
         results = (run.tensor(info) for info in progress(ctx.weights, "loss tables", ctx.progress))
     for result in results:
         run.absorb(result)
+        drop_pages()  # what the weight read of its view and importance kept on disk (bq_onnx.weights.weight_view)
     tables = run.finish()
 
     def rescore(wider: tuple[int, ...] | None) -> Tables:

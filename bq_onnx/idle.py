@@ -61,6 +61,19 @@ def arrays_to_disk(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: mapped.get(id(array), array) for name, array in arrays.items()}
 
 
+def design_to_disk(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` with its big arrays as read-only views of a mapped temporary file (the same values), or ``qt`` where
+    they are small or the file cannot be written. Why: the design cache (:mod:`bq_onnx.quantizers.cache`) keeps up
+    to 256 MiB of designs for the next spend of the budget; in memory they were resident all run (issue 21)."""
+    found: dict[int, np.ndarray] = {}
+    for f in _FIELDS:
+        _take(found, getattr(qt, f))
+    if sum(a.nbytes for a in found.values()) < IDLE_BYTES:
+        return qt
+    mapped = _mapped(list(found.values()))
+    return _moved(qt, mapped) if mapped else qt
+
+
 def _move(quantized: dict[str, QuantizedTensor | QuantizedPieces], model: ir.Model) -> None:
     found: dict[int, np.ndarray] = {}
     for qt in quantized.values():

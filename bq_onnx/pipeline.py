@@ -19,6 +19,7 @@ from bq_onnx.blas import single_threaded
 from bq_onnx.calibration import Calibration
 from bq_onnx.context import Context, Derived
 from bq_onnx.counting import ir_stored_bytes
+from bq_onnx.idle import design_to_disk
 from bq_onnx.pass_manager import run_passes
 from bq_onnx.passes.fast_layout import FAST_LAYOUT_TARGETS, FastLayoutPass
 from bq_onnx.passes.prepare import SetIrVersionPass, UpgradeOpsetPass, prepare_passes
@@ -58,7 +59,7 @@ def optimize_model(
     guard (:mod:`bq_onnx.stages.guard`) holds out part of ``calibration`` and measures the allocation on it
     before anything is written. Quantizer designs are computed once per run (:mod:`bq_onnx.quantizers.cache`).
     """
-    with design_cache.scope(), single_threaded():
+    with design_cache.scope(design_to_disk), single_threaded():
         return _optimize_model(model, ctx, calibration=calibration, posterior=posterior, profile=profile)
 
 

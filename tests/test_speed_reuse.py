@@ -316,6 +316,32 @@ def test_a_big_weights_view_and_importance_are_kept_on_disk_the_models_own_array
         assert weights.weight_view(ctx, info)[1] is importance
 
 
+def test_designs_kept_for_the_next_spend_wait_on_disk_with_the_same_values(monkeypatch) -> None:
+    """Issue 21: inside a scope given :func:`bq_onnx.idle.design_to_disk`, a design of ``SPILL_BYTES`` or more is
+    kept as read-only views of a mapped file (the same values as computed outside any scope; a hit hands back that
+    object), a smaller one in memory; no disk: in memory."""
+    from bq_onnx import idle
+    from bq_onnx.quantizers import Spec, quantize_spec
+
+    monkeypatch.setattr(cache, "SPILL_BYTES", 1 << 16)
+    monkeypatch.setattr(idle, "IDLE_BYTES", 1 << 16)
+    rng = np.random.default_rng(7)
+    big, small = rng.standard_normal((512, 384)).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
+    plain = {w.shape: quantize_spec(w, 4, Spec("uniform"), 32) for w in (big, small)}
+    with cache.scope(idle.design_to_disk):
+        for w in (big, small):
+            qt = quantize_spec(w, 4, Spec("uniform"), 32)
+            assert quantize_spec(w, 4, Spec("uniform"), 32) is qt
+            assert np.array_equal(qt.codes, plain[w.shape].codes) and np.array_equal(qt.scale, plain[w.shape].scale)
+            assert qt.codes.flags.writeable == (w is small)  # the big one's codes are mapped, read-only
+            idle.drop_pages()
+            assert np.array_equal(qt.codes, plain[w.shape].codes)
+    assert cache._spill == [None]
+    monkeypatch.setattr(idle, "_mapped", lambda arrays: {})  # no disk
+    with cache.scope(idle.design_to_disk):
+        assert quantize_spec(big, 4, Spec("uniform"), 32).codes.flags.writeable
+
+
 def test_the_guard_decodes_a_design_once_and_keeps_at_most_its_bytes(monkeypatch) -> None:
     from bq_onnx.context import WeightInfo
     from bq_onnx.layout import WeightLayout

@@ -30,6 +30,8 @@ from bq_onnx.quantizers.parallel import run_chunks
 MAX_BYTES = 256 * 2**20
 
 _lock = threading.Lock()
+#: What moves a design of :data:`SPILL_BYTES` or more to disk (the same values, mapped; given to :func:`scope`).
+_spill: list[Callable[[QuantizedTensor], QuantizedTensor] | None] = [None]
 _entries: collections.OrderedDict[tuple, tuple[QuantizedTensor, int]] = collections.OrderedDict()
 _tagged: dict[str, set[tuple]] = {}  # keys by the tag they were kept under (:func:`forget`)
 _state = {"depth": 0, "bytes": 0, "hits": 0, "misses": 0}
@@ -110,6 +112,8 @@ def cached(key: Hashable, compute: Callable[[], QuantizedTensor], tag: str | Non
             return hit[0]
     qt = compute()
     size = _nbytes(qt)
+    if _spill[0] is not None and SPILL_BYTES <= size <= MAX_BYTES:
+        qt = _spill[0](qt)
     with _lock:
         _state["misses"] += 1
         if size <= MAX_BYTES and key not in _entries:
@@ -200,11 +204,14 @@ def stats() -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def scope() -> Iterator[None]:
-    """Designs are cached inside; the cache is emptied when the outermost scope ends."""
+def scope(spill: Callable[[QuantizedTensor], QuantizedTensor] | None = None) -> Iterator[None]:
+    """Designs are cached inside; the cache is emptied when the outermost scope ends. ``spill`` (the outermost
+    scope's): a design of :data:`SPILL_BYTES` or more is kept as what it returns, the same values in a mapped
+    file, so that the designs kept for the next spend of the budget are resident only while a step reads them."""
     with _lock:
         if not _state["depth"]:
             _state.update(hits=0, misses=0)
+            _spill[0] = spill
         _state["depth"] += 1
     try:
         yield
@@ -219,3 +226,4 @@ def scope() -> Iterator[None]:
                 _kept_ids.clear()
                 _kept_keys.clear()
                 _state["bytes"] = _kept_bytes[0] = _kept_bytes[1] = 0
+                _spill[0] = None

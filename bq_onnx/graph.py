@@ -97,6 +97,10 @@ def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: C
     forget_shapes(model)
     try:
         ShapeInferencePass(check_type=False, strict_mode=False)(model)
+        for _ in range(CARRY_ROUNDS):
+            if not carry_sample_axis(model.graph, symbol):
+                break
+            ShapeInferencePass(check_type=False, strict_mode=False)(model)
     except Exception:  # noqa: BLE001 - no inferred shapes: nothing is known to be sample-major
         return {}
 
@@ -116,6 +120,44 @@ def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: C
         if sample_major(reads) and sample_major(node.outputs[0]):
             found[info.name] = len(uses)
     return found
+
+
+#: Broadcasting ops (every input, multidirectional) and Expand (its data input): an output axis that an input of
+#: the output's rank has as the sample axis is the sample axis, whatever the other inputs' dims there (1 or the
+#: same count: broadcasting allows nothing else while the batch is over 1).
+BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Mean", "Sum", "Where", "Equal",
+                          "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "PRelu",
+                          "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Expand"})
+#: Rounds of :func:`carry_sample_axis` and shape inference at most (each carries the axis past one more op).
+CARRY_ROUNDS = 16
+
+
+def carry_sample_axis(graph: ir.Graph, symbol: str) -> bool:
+    """Name the first axis of broadcasting ops' outputs ``symbol`` where one input of the output's rank has it
+    there and ONNX shape inference left it unknown, and forget every other inferred shape; whether any changed.
+    Why: inference gives up on a broadcast against a computed shape (all-MiniLM's ``embeddings +
+    token_type_embeddings``), and every later layer then looked per-run to the posterior (issue 17: 1 of
+    paraphrase-MiniLM-L3's 21 weights batched)."""
+    changed = False
+    for node in graph:
+        if node.op_type not in BROADCASTING or node.domain not in ("", "ai.onnx") or not node.outputs:
+            continue
+        out = node.outputs[0]
+        if out.shape is None or len(out.shape) < 2 or isinstance(out.shape[0], int) or \
+                (isinstance(out.shape[0], ir.SymbolicDim) and out.shape[0].value == symbol):
+            continue
+        data = node.inputs[:1] if node.op_type == "Expand" else node.inputs
+        if any(v is not None and v.shape is not None and len(v.shape) == len(out.shape)
+               and isinstance(v.shape[0], ir.SymbolicDim) and v.shape[0].value == symbol for v in data):
+            out.shape = ir.Shape([symbol, *out.shape[1:]])
+            changed = True
+    if changed:  # the other inferred shapes go: a generated name (``unk__7``) would win over the symbol next round
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for out in node.outputs:
+                if out.shape is None or not len(out.shape) or not isinstance(out.shape[0], ir.SymbolicDim) \
+                        or out.shape[0].value != symbol:
+                    out.shape = None
+    return changed
 
 
 #: How a layer reads its input channels: ``(kind, argument)`` (see :func:`activation_site`).

@@ -181,6 +181,55 @@ def test_batched_estimator_equals_one_sample_per_run(mixed_model, method):
                                    err_msg=f"{name} ({method})")
 
 
+@pytest.mark.parametrize("method", ["laplace", "fisher-mc"])
+def test_a_broadcast_against_a_computed_shape_keeps_the_layers_after_it_batched(method):
+    """Issue 17: ONNX shape inference loses the sample axis where a sample-major tensor is added to one of a computed
+    shape (all-MiniLM's token-type embeddings: ``Slice`` to the sequence length, ``Expand``, ``Gather``); every layer
+    after it then ran one sample per run. The axis is carried through the broadcast
+    (:func:`bq_onnx.graph.carry_sample_axis`), and the batched posterior equals the one-sample-per-run one."""
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.estimators import prepare
+    from bq_onnx.graph import batch_major_weights
+    from bq_onnx.model_io import copy_model
+
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Shape", ["t"], ["shp"], end=2),
+        helper.make_node("Shape", ["t"], ["len"], start=1, end=2),
+        helper.make_node("Slice", ["zeros", "start", "len", "one"], ["sl"]),
+        helper.make_node("Expand", ["sl", "shp"], ["ids"]),
+        helper.make_node("Gather", ["table", "ids"], ["bias"]),  # [?, ?, 7]: the sample axis lost in the Add
+        helper.make_node("Add", ["t", "bias"], ["tb"]),
+        helper.make_node("LayerNormalization", ["tb", "gamma"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "W3"], ["u"]),
+        helper.make_node("Relu", ["u"], ["ur"]),
+        helper.make_node("MatMul", ["ur", "W4"], ["v"]),
+        helper.make_node("ReduceMean", ["v", "ax"], ["logits"], keepdims=0),
+    ]
+    model = make_model(
+        nodes, [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["b", 4, 7])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3])],
+        [numpy_helper.from_array((rng.standard_normal((7, 5)) * 0.4).astype(np.float32), "W3"),
+         numpy_helper.from_array((rng.standard_normal((5, 3)) * 0.4).astype(np.float32), "W4"),
+         numpy_helper.from_array(rng.standard_normal((2, 7)).astype(np.float32), "table"),
+         numpy_helper.from_array(np.ones(7, np.float32), "gamma"),
+         numpy_helper.from_array(np.zeros((1, 16), np.int64), "zeros"),
+         numpy_helper.from_array(np.array([0], np.int64), "start"),
+         numpy_helper.from_array(np.array([1], np.int64), "one"),
+         numpy_helper.from_array(np.array([1], np.int64), "ax")])
+    feeds = {"t": rng.standard_normal((29, 4, 7)).astype(np.float32)}
+    weights = WeightsConfig(min_size=1)
+    prepared = prepare(model, weights)
+    calib = load_calibration(feeds, prepared.model)
+    # the table is read through ids of a computed shape: not known to be sample-major, so it stays per run
+    assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {"W3": 1, "W4": 1}
+    batched = estimate_posterior(model, feeds, method, weights=weights, batch_size=8, seed=1)
+    loop = estimate_posterior(model, feeds, method, weights=weights, batch_size=1, seed=1)
+    for name in ("W3", "W4"):  # the table's run draws its targets after the batched ones: other draws
+        np.testing.assert_allclose(batched.weights[name].precision, loop.weights[name].precision, rtol=2e-4,
+                                   err_msg=f"{name} ({method})")
+
+
 def test_fixed_batch_models_are_not_batched():
     """A model whose input has a fixed first dimension runs one sample at a time (same result)."""
     rng = np.random.default_rng(2)

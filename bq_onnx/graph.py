@@ -91,7 +91,7 @@ def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: C
         dims = calib.sample_shape(value.name)
         if dims is None or calib.axis(value.name) is None:  # absent, or shared by every sample: as it is
             continue
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int) and value.shape[0] > 0:
             return {}
         value.shape = ir.Shape([symbol, *dims])
     forget_shapes(model)

@@ -230,6 +230,24 @@ def test_a_broadcast_against_a_computed_shape_keeps_the_layers_after_it_batched(
                                    err_msg=f"{name} ({method})")
 
 
+def test_a_batch_declared_minus_one_is_batched():
+    """PaddlePaddle exports declare a dynamic batch as ``dim_value: -1`` (PP-OCR's classifier): a sample axis, not a
+    fixed batch; it was taken for one, and all 49 of that model's weights ran one sample per run (issue 17)."""
+    rng = np.random.default_rng(4)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])],
+                       [numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "W")])
+    from bq_onnx.calibration import load_calibration
+    from bq_onnx.estimators import prepare
+    from bq_onnx.graph import batch_major_weights
+    from bq_onnx.model_io import copy_model
+
+    prepared = prepare(model, WeightsConfig(min_size=1))
+    calib = load_calibration({"x": rng.standard_normal((10, 6)).astype(np.float32)}, prepared.model)
+    assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {"W": 1}
+
+
 def test_fixed_batch_models_are_not_batched():
     """A model whose input has a fixed first dimension runs one sample at a time (same result)."""
     rng = np.random.default_rng(2)

@@ -117,9 +117,28 @@ def batch_major_weights(model: ir.Model, weights: Sequence[WeightInfo], calib: C
             continue
         node = uses[0].node
         reads = node.inputs[1] if node.op_type == "Gather" and len(node.inputs) > 1 else node.inputs[0]
-        if sample_major(reads) and sample_major(node.outputs[0]):
+        summed = broadcast_sum(node) if node.op_type == "Gather" and uses[0].idx == 0 else None
+        if (sample_major(reads) and sample_major(node.outputs[0])) or \
+                (summed is not None and sample_major(summed.outputs[0])):
             found[info.name] = len(uses)
     return found
+
+
+def broadcast_sum(gather: ir.Node) -> ir.Node | None:
+    """The ``Add`` that adds a lookup's rows to a tensor of its rank, where it is the lookup's only reader (BERT's
+    position and token-type embeddings: their indices are one row shared by every sample, or built per sample from
+    a computed shape): the gradient of its output is the lookup's, per sample (:func:`bq_onnx.estimators.probes.
+    add_probes` probes it there)."""
+    out = gather.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx] if len(add.inputs) == 2 else None
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or other is None or out.shape is None \
+            or other.shape is None or len(out.shape) != len(other.shape) or add.graph is not gather.graph:
+        return None
+    return add
 
 
 #: Broadcasting ops (every input, multidirectional) and Expand (its data input): an output axis that an input of

@@ -186,7 +186,9 @@ def test_a_broadcast_against_a_computed_shape_keeps_the_layers_after_it_batched(
     """Issue 17: ONNX shape inference loses the sample axis where a sample-major tensor is added to one of a computed
     shape (all-MiniLM's token-type embeddings: ``Slice`` to the sequence length, ``Expand``, ``Gather``); every layer
     after it then ran one sample per run. The axis is carried through the broadcast
-    (:func:`bq_onnx.graph.carry_sample_axis`), and the batched posterior equals the one-sample-per-run one."""
+    (:func:`bq_onnx.graph.carry_sample_axis`), a lookup of rows from a computed shape added in is probed after its
+    ``Add`` (:func:`bq_onnx.graph.broadcast_sum`), and the batched posterior equals the one-sample-per-run one for
+    every weight."""
     from bq_onnx.calibration import load_calibration
     from bq_onnx.estimators import prepare
     from bq_onnx.graph import batch_major_weights
@@ -212,6 +214,7 @@ def test_a_broadcast_against_a_computed_shape_keeps_the_layers_after_it_batched(
         [numpy_helper.from_array((rng.standard_normal((7, 5)) * 0.4).astype(np.float32), "W3"),
          numpy_helper.from_array((rng.standard_normal((5, 3)) * 0.4).astype(np.float32), "W4"),
          numpy_helper.from_array(rng.standard_normal((2, 7)).astype(np.float32), "table"),
+
          numpy_helper.from_array(np.ones(7, np.float32), "gamma"),
          numpy_helper.from_array(np.zeros((1, 16), np.int64), "zeros"),
          numpy_helper.from_array(np.array([0], np.int64), "start"),
@@ -221,13 +224,27 @@ def test_a_broadcast_against_a_computed_shape_keeps_the_layers_after_it_batched(
     weights = WeightsConfig(min_size=1)
     prepared = prepare(model, weights)
     calib = load_calibration(feeds, prepared.model)
-    # the table is read through ids of a computed shape: not known to be sample-major, so it stays per run
-    assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {"W3": 1, "W4": 1}
+    assert batch_major_weights(copy_model(prepared.model), prepared.weights, calib) == {"W3": 1, "W4": 1, "table": 1}
     batched = estimate_posterior(model, feeds, method, weights=weights, batch_size=8, seed=1)
     loop = estimate_posterior(model, feeds, method, weights=weights, batch_size=1, seed=1)
-    for name in ("W3", "W4"):  # the table's run draws its targets after the batched ones: other draws
+    assert set(batched.weights) == {"W3", "W4", "table"}
+    for name in batched.weights:
         np.testing.assert_allclose(batched.weights[name].precision, loop.weights[name].precision, rtol=2e-4,
                                    err_msg=f"{name} ({method})")
+
+
+def test_gather_squared_gradients_of_one_row_of_indices_shared_by_the_samples():
+    """A lookup broadcast over the samples by an ``Add`` (BERT's position embeddings) reads one row of indices for
+    every sample: each sample's gradient adds its own output gradient into those rows."""
+    rng = np.random.default_rng(8)
+    ids, d = np.array([[3, 1, 3, 0]]), rng.standard_normal((5, 4, 7))
+    want = np.zeros((6, 7))
+    for n in range(5):
+        g = np.zeros((6, 7))
+        np.add.at(g, ids[0], d[n])
+        want += g ** 2
+    np.testing.assert_allclose(squared_gradient_sum(ProbeSite("E", "Gather", "ids", "p", {}, 0), (6, 7), (6, 7),
+                                                    ids, d.astype(np.float32)), want, rtol=1e-5)
 
 
 def test_a_batch_declared_minus_one_is_batched():

@@ -178,7 +178,9 @@ def _gather(table_shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray) -> np.
     array, only one row per distinct pair). Both sums run over sorted segments (``np.add.reduceat``; ``np.add.at``
     on rows is ~6x slower), in float64."""
     rows, width = table_shape[0], int(np.prod(table_shape[1:]))
-    b = ids.shape[0]
+    b = d.shape[0]
+    if ids.shape[0] == 1 and b > 1:  # one row of indices shared by every sample (the lookup broadcast by an Add)
+        ids = np.broadcast_to(ids, (b, *ids.shape[1:]))
     index = np.asarray(ids, dtype=np.int64).reshape(b, -1)
     index = np.where(index < 0, index + rows, index)  # Gather's negative indices count from the end
     key = (np.arange(b)[:, None] * rows + index).reshape(-1)

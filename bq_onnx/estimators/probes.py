@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bq_onnx.context import WeightInfo
-from bq_onnx.graph import specialise
+from bq_onnx.graph import broadcast_sum, specialise
 
 PROBE_SUFFIX = ".bq_probe"
 
@@ -38,7 +38,8 @@ def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
 def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[str, np.ndarray | Sequence[int | None]],
                gather: bool = False) -> list[ProbeSite]:
     """Specialise ``model`` (in place) to ``sample``'s shapes and add a zero probe after each MatMul, Gemm and
-    Conv layer (and, with ``gather``, after each embedding lookup: its site's activation is the index tensor)."""
+    Conv layer (and, with ``gather``, after each embedding lookup: its site's activation is the index tensor; a
+    lookup broadcast over the samples by an ``Add`` is probed after the ``Add``)."""
     specialise(model, sample)
     sites = []
     for info in weights:
@@ -59,11 +60,17 @@ def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[s
             axis = 0
         else:
             continue
-        out = node.outputs[0]
+        op, out = node.op_type, node.outputs[0]
         shape = _static_shape(out)
         reads = node.inputs[1] if node.op_type == "Gather" else node.inputs[0]
         if shape is None or reads is None or reads.name is None:
             continue
+        if node.op_type == "Gather":  # rows shared by the samples, or looked up from a computed shape: probed after
+            add = broadcast_sum(node)  # the Add that broadcasts them over the samples (its gradient is theirs)
+            summed = None if add is None else _static_shape(add.outputs[0])
+            if summed is not None and shape[0] in (1, summed[0]) and shape[1:] == summed[1:] and \
+                    _static_shape(reads) is not None and _static_shape(reads)[0] == shape[0]:
+                node, out, shape = add, add.outputs[0], summed
         probe = ir.Value(name=info.name + PROBE_SUFFIX, const_value=ir.tensor(np.zeros(shape, np.float32)))
         model.graph.register_initializer(probe)
         add = ir.Node("", "Add", [out, probe], num_outputs=1, name=info.name + ".bq_probe_add")
@@ -77,5 +84,5 @@ def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[s
         if was_output:  # keep the graph's output name
             old_name = out.name
             out.name, probed.name = old_name + ".bq_raw", old_name
-        sites.append(ProbeSite(info.name, node.op_type, reads.name, probe.name, attrs, axis))
+        sites.append(ProbeSite(info.name, op, reads.name, probe.name, attrs, axis))
     return sites

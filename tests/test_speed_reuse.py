@@ -270,8 +270,9 @@ def test_views_are_kept_per_run_read_only_and_dropped_after() -> None:
 
 def test_a_big_weights_view_and_importance_are_kept_on_disk_the_models_own_array_where_it_is(monkeypatch) -> None:
     """Issue 21: a weight's view and importance of ``SPILL_BYTES`` or more are kept in a mapped temporary file (the
-    same values, read-only, not counted against the memory cap, pages dropped after each weight); the model's own
-    initializer (an untransposed view) is not copied; with no disk they are kept in memory as before."""
+    same values, read-only, not counted against the memory cap, pages dropped after each weight) while the temporary
+    folder keeps ``DISK_RESERVE_BYTES`` free; the model's own initializer (an untransposed view) is not copied; with
+    no room or no disk they are kept in memory as before."""
     import mmap
 
     from bq_onnx import idle, weights
@@ -309,6 +310,13 @@ def test_a_big_weights_view_and_importance_are_kept_on_disk_the_models_own_array
             idle.drop_pages()
             np.testing.assert_array_equal(importance, precision)  # read back after its pages were dropped
         assert cache._kept_bytes == [0, 0]
+    monkeypatch.setattr(cache, "_disk_free", lambda: cache.DISK_RESERVE_BYTES + (1 << 16))  # would leave too little
+    with cache.scope():
+        view, importance = weights.weight_view(ctx, info)
+        assert not mapped(importance) and cache._kept_bytes == [view.nbytes + importance.nbytes, 0]
+    monkeypatch.undo()
+    monkeypatch.setattr(cache, "SPILL_BYTES", 1 << 16)
+    monkeypatch.setattr(idle, "IDLE_BYTES", 1 << 16)
     monkeypatch.setattr(weights, "arrays_to_disk", lambda arrays: arrays)  # no disk: in memory, as before
     with cache.scope():
         view, importance = weights.weight_view(ctx, info)

@@ -55,10 +55,8 @@ def arrays_to_disk(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     found: dict[int, np.ndarray] = {}
     for array in arrays.values():
         _take(found, array)
-    if sum(a.nbytes for a in found.values()) < IDLE_BYTES:
-        return arrays
-    mapped = _mapped(list(found.values()))
-    return {name: mapped.get(id(array), array) for name, array in arrays.items()}
+    mapped = _mapped_if_big(found)
+    return {name: mapped.get(id(array), array) for name, array in arrays.items()} if mapped else arrays
 
 
 def design_to_disk(qt: QuantizedTensor) -> QuantizedTensor:
@@ -68,9 +66,7 @@ def design_to_disk(qt: QuantizedTensor) -> QuantizedTensor:
     found: dict[int, np.ndarray] = {}
     for f in _FIELDS:
         _take(found, getattr(qt, f))
-    if sum(a.nbytes for a in found.values()) < IDLE_BYTES:
-        return qt
-    mapped = _mapped(list(found.values()))
+    mapped = _mapped_if_big(found)
     return _moved(qt, mapped) if mapped else qt
 
 
@@ -84,9 +80,7 @@ def _move(quantized: dict[str, QuantizedTensor | QuantizedPieces], model: ir.Mod
                if type(v.const_value) is ir.Tensor and isinstance(v.const_value.raw, np.ndarray)]
     for value in tensors:
         _take(found, value.const_value.raw)
-    if sum(a.nbytes for a in found.values()) < IDLE_BYTES:
-        return
-    mapped = _mapped(list(found.values()))
+    mapped = _mapped_if_big(found)
     if not mapped:
         return
     for name, qt in quantized.items():
@@ -104,6 +98,13 @@ def _take(found: dict[int, np.ndarray], array) -> None:
     if isinstance(array, np.ndarray) and array.nbytes >= MIN_ARRAY_BYTES and not array.dtype.hasobject \
             and array.flags.writeable:  # a read-only array may be mapped already, or shared
         found[id(array)] = array
+
+
+def _mapped_if_big(found: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """:func:`_mapped` of ``found`` where they come to :data:`IDLE_BYTES` or more; else empty (they stay)."""
+    if sum(a.nbytes for a in found.values()) < IDLE_BYTES:
+        return {}
+    return _mapped(list(found.values()))
 
 
 def _mapped(arrays: list[np.ndarray]) -> dict[int, np.ndarray]:

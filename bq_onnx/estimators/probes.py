@@ -68,8 +68,9 @@ def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[s
         if node.op_type == "Gather":  # rows shared by the samples, or looked up from a computed shape: probed after
             add = broadcast_sum(node)  # the Add that broadcasts them over the samples (its gradient is theirs)
             summed = None if add is None else _static_shape(add.outputs[0])
-            if summed is not None and shape[0] in (1, summed[0]) and shape[1:] == summed[1:] and \
-                    _static_shape(reads) is not None and _static_shape(reads)[0] == shape[0]:
+            ids = _static_shape(reads)
+            if summed is not None and ids is not None and shape[0] in (1, summed[0]) and shape[1:] == summed[1:] \
+                    and ids[0] == shape[0]:
                 node, out, shape = add, add.outputs[0], summed
         probe = ir.Value(name=info.name + PROBE_SUFFIX, const_value=ir.tensor(np.zeros(shape, np.float32)))
         model.graph.register_initializer(probe)

@@ -15,6 +15,7 @@ import onnx_ir as ir
 from bq_onnx.errors import LimitError
 from bq_onnx.limits import limited
 from bq_onnx.model_io import external_tensors, model_nbytes, save_model
+from bq_onnx.pages import page_out
 from bq_onnx.progress import memtrace
 from bq_onnx.runtimes.base import Session
 from bq_onnx.runtimes.folding import folds_too_much
@@ -37,6 +38,8 @@ _shared: weakref.WeakValueDictionary[tuple[bytes, int | None], Session] = weakre
 #: content (:meth:`TempSessions._save`); smaller ones stay inside the model file.
 STORED_TENSOR_BYTES = 4096
 
+_open: weakref.WeakSet[TempSessions] = weakref.WeakSet()  # every TempSessions not yet closed
+
 
 class TempSessions:
     """Sessions over temporary files, removed by :meth:`close`.
@@ -56,6 +59,7 @@ class TempSessions:
         self._count = 0
         self.threads = threads
         self._kept: list[tuple[Session, int]] = []
+        _open.add(self)
 
     def open(self, model: ir.Model) -> Session:
         self._count += 1
@@ -117,7 +121,15 @@ class TempSessions:
 
     def close(self) -> None:
         self._kept.clear()
+        _open.discard(self)
         self._tmp.cleanup()
+
+
+def page_out_sessions() -> int:
+    """The pages the open :class:`TempSessions`' sessions read of their weight files handed back
+    (:func:`bq_onnx.pages.page_out`); the bytes of the mappings advised. Why: a run that feeds every weight
+    reads none of them, and a session's earlier reads stayed resident beside what it is fed (issue 21)."""
+    return page_out(t._tmp.name for t in list(_open))
 
 
 def _file_digest(path: Path) -> bytes:

@@ -62,7 +62,7 @@ from bq_onnx.progress import progress, release_freed_memory
 from bq_onnx.qtensor import row_bands
 from bq_onnx.runs import sample_axis
 from bq_onnx.runtimes.folding import folds_too_much
-from bq_onnx.runtimes.sessions import TempSessions
+from bq_onnx.runtimes.sessions import TempSessions, page_out_sessions
 from bq_onnx.samples import random_feeds
 from bq_onnx.stages.allocate import FILLED_UNIFORM
 from bq_onnx.stages.tables import Tables
@@ -235,6 +235,10 @@ class _Decoded:
 DECODED_BYTES = 128 * 2**20
 """Bytes of decoded weights :class:`_Decoded` keeps at most."""
 
+PAGE_OUT_BYTES = 256 * 2**20
+"""A candidate fed at least this many bytes of decoded weights runs with the pages its session read of the FP32
+weights handed back first (:func:`page_out_sessions`): on smaller models they cost less than reading them again."""
+
 
 def _decode(info, quantized) -> np.ndarray:
     """``quantized.dequantize()``; a big weight whose layout is its view band by band of rows (the same values),
@@ -392,6 +396,8 @@ class _Measure:
                 return self._run(spent.out)
             weights[name] = self.decoded.get(info, quantized)
         release_freed_memory()  # the decode's freed temporaries, kept by glibc's heap beside the run
+        if sum(a.nbytes for a in weights.values()) >= PAGE_OUT_BYTES:
+            page_out_sessions()  # the FP32 weights the probes read: the fed run reads none of them
         return self._run(self.model, weights)
 
     def tensor_probe(self, name: str, spent: Spent, have: _Probed | None = None,

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     import contextlib
 
     @contextlib.contextmanager
-    def counting_scope():  # read the cache's counters before the run's scope empties them
-        with scope():
+    def counting_scope(spill=None):  # read the cache's counters before the run's scope empties them
+        with scope(spill):
             try:
                 yield
             finally:

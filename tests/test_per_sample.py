@@ -233,6 +233,41 @@ def test_a_broadcast_against_a_computed_shape_keeps_the_layers_after_it_batched(
                                    err_msg=f"{name} ({method})")
 
 
+@pytest.mark.parametrize("method", ["laplace", "fisher-mc"])
+def test_two_lookups_summed_by_one_add_share_its_probe(method):
+    """BERT adds its word, position and token-type lookups: every one is probed after the same ``Add``, whose
+    gradient is each lookup's. One probe serves them all (a second one of the same name made onnxruntime refuse the
+    gradient graph: all-MiniLM-L6-v2 as torch exports it, found by ``benchmarks/gptq.py``), and the batched
+    posterior equals the one-sample-per-run one."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Gather", ["words", "ids"], ["w"]),  # [b, 4, 7]
+        helper.make_node("Gather", ["positions", "pos"], ["p"]),  # [1, 4, 7]: shared by the samples
+        helper.make_node("Add", ["w", "p"], ["e"]),
+        helper.make_node("LayerNormalization", ["e", "gamma"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "W3"], ["u"]),
+        helper.make_node("ReduceMean", ["u", "ax"], ["logits"], keepdims=0),
+    ]
+    model = make_model(
+        nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3])],
+        [numpy_helper.from_array(rng.standard_normal((9, 7)).astype(np.float32), "words"),
+         numpy_helper.from_array(rng.standard_normal((6, 7)).astype(np.float32), "positions"),
+         numpy_helper.from_array(np.arange(4, dtype=np.int64)[None], "pos"),
+         numpy_helper.from_array((rng.standard_normal((7, 3)) * 0.4).astype(np.float32), "W3"),
+         numpy_helper.from_array(np.ones(7, np.float32), "gamma"),
+         numpy_helper.from_array(np.array([1], np.int64), "ax")])
+    feeds = {"ids": rng.integers(0, 9, (21, 4)).astype(np.int64)}
+    weights = WeightsConfig(min_size=1)
+    batched = estimate_posterior(model, feeds, method, weights=weights, batch_size=8, seed=1)
+    loop = estimate_posterior(model, feeds, method, weights=weights, batch_size=1, seed=1)
+    assert set(batched.weights) == {"words", "positions", "W3"}
+    for name in batched.weights:
+        assert batched.weights[name].source == method, name
+        np.testing.assert_allclose(batched.weights[name].precision, loop.weights[name].precision, rtol=2e-4,
+                                   err_msg=f"{name} ({method})")
+
+
 def test_gather_squared_gradients_of_one_row_of_indices_shared_by_the_samples():
     """A lookup broadcast over the samples by an ``Add`` (BERT's position embeddings) reads one row of indices for
     every sample: each sample's gradient adds its own output gradient into those rows."""

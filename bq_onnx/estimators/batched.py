@@ -37,6 +37,7 @@ class BatchedGraph:
     gradients: dict[str, str]
     layouts: dict[str, WeightLayout]
     batch: int
+    constants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # layer inputs the model holds
 
     @classmethod
     def build(cls, sessions: TempSessions, prepared: Prepared, calib: Calibration, loss: LossPlan | str,
@@ -53,17 +54,21 @@ class BatchedGraph:
         sites = [s for s in sites if s.weight in batch_major and covers(s, batch_major[s.weight])]
         if not sites:
             return None
-        graph = gradient_graph(prepared, loss, output, [s.probe for s in sites], as_inputs=False, model=model)
+        probes = list(dict.fromkeys(s.probe for s in sites))  # lookups summed by one Add share its probe
+        graph = gradient_graph(prepared, loss, output, probes, as_inputs=False, model=model)
         sites = [s for s in sites if s.probe in graph.gradients]
         if not sites:
             return None
         values = {v.name: v for v in all_values(graph.model)}
         inputs = {v.name for v in graph.model.graph.inputs}
         present = {v.name for v in graph.model.graph.outputs}
-        for name in sorted({s.activation for s in sites} - inputs - present):
+        held = graph.model.graph.initializers
+        constants = {name: held[name].const_value.numpy() for name in {s.activation for s in sites} - inputs
+                     if name in held and held[name].const_value is not None}  # e.g. BERT's position ids
+        for name in sorted({s.activation for s in sites} - inputs - present - set(constants)):
             graph.model.graph.outputs.append(values[name])
         layouts = {w.name: w.layout for w in prepared.weights}
-        return cls(sessions.open(graph.model), sites, dict(graph.gradients), layouts, batch)
+        return cls(sessions.open(graph.model), sites, dict(graph.gradients), layouts, batch, constants)
 
     @property
     def covered(self) -> list[str]:
@@ -95,7 +100,8 @@ class BatchedFisher:
         feeds = self.calib.feeds(rows)
         out = dict(zip(g.session.output_names, g.session.run({**feeds, TARGET: self.targets[batch.draw][rows]})))
         for site in g.sites:
-            act = feeds[site.activation] if site.activation in feeds else out[site.activation]
+            name = site.activation
+            act = feeds[name] if name in feeds else g.constants[name] if name in g.constants else out[name]
             grad = out[g.gradients[site.probe]]
             layout = g.layouts[site.weight]
             if self.spill is not None and site.weight in self.sums and site.weight not in self.stored:

@@ -217,7 +217,7 @@ class Kfac(GradientEstimator):
         # a weight read by several layers has a sum of Kronecker products for a Fisher: one probe would see one
         single = [w for w in weights_of(model, self.weights) if len(w.value.uses()) == 1]
         sites = add_probes(model, single, p.calib.run_shapes())
-        probes = [site.probe for site in sites]
+        probes = list(dict.fromkeys(site.probe for site in sites))
         if not names and not probes:
             return
         graph = self.gradient_graph(names, probes, model=model)

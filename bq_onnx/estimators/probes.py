@@ -42,6 +42,7 @@ def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[s
     lookup broadcast over the samples by an ``Add`` is probed after the ``Add``)."""
     specialise(model, sample)
     sites = []
+    shared: dict[int, str] = {}  # id of a value already probed -> its probe (lookups summed by one Add share it)
     for info in weights:
         use = next(iter(info.value.uses()), None)
         if use is None:
@@ -72,7 +73,11 @@ def add_probes(model: ir.Model, weights: Sequence[WeightInfo], sample: Mapping[s
             if summed is not None and ids is not None and shape[0] in (1, summed[0]) and shape[1:] == summed[1:] \
                     and ids[0] == shape[0]:
                 node, out, shape = add, add.outputs[0], summed
+        if id(out) in shared:
+            sites.append(ProbeSite(info.name, op, reads.name, shared[id(out)], attrs, axis))
+            continue
         probe = ir.Value(name=info.name + PROBE_SUFFIX, const_value=ir.tensor(np.zeros(shape, np.float32)))
+        shared[id(out)] = probe.name
         model.graph.register_initializer(probe)
         add = ir.Node("", "Add", [out, probe], num_outputs=1, name=info.name + ".bq_probe_add")
         probed = add.outputs[0]

@@ -26,13 +26,15 @@ from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
 #: A candidate whose arrays (those of at least :data:`MIN_ARRAY_BYTES`) come to less than this stays in memory.
 IDLE_BYTES = 16 << 20
-#: Arrays smaller than this stay in memory (a page of file each is not worth it).
-MIN_ARRAY_BYTES = 64 << 10
+#: Arrays smaller than this stay in memory. Why so small: a big weight's codes are cut into pieces of columns (a
+#: few KiB to a few tens of KiB each, thousands per candidate), and the candidates the guard keeps held them all: at
+#: 64 KiB the 0.25 GiB scale model's candidates kept about 0.4 bytes per weight each in glibc's heap (issue 21).
+MIN_ARRAY_BYTES = 4 << 10
 
 _MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # every live mapping :func:`to_disk` made
 
 _FIELDS = ("codes", "scale", "zero_point", "offset", "scale_code", "outlier_index", "outlier_value")
-_ALIGN = mmap.ALLOCATIONGRANULARITY
+_ALIGN = 64  # each array's offset in the file: a multiple of every item size, and small arrays share pages
 
 
 def to_disk(quantized: dict[str, QuantizedTensor | QuantizedPieces], model: ir.Model) -> None:

@@ -417,3 +417,18 @@ def test_binding_answers_per_kind_of_block_as_block_by_block(fmt) -> None:
             assert got == _binding_block_by_block(ctx, allowed, block_bits, chosen, floors, exact, lower)
             seen.add(got)
     assert len(seen) >= 4  # the cases cover bound and unbound answers alike
+
+
+def test_a_candidates_many_small_pieces_wait_on_disk_too():
+    """Issue 21: a big weight's codes are cut into thousands of pieces of a few KiB (one per slice of columns and
+    width), and the guard keeps every candidate it measured; pieces under 64 KiB stayed in memory, about 0.4 bytes
+    per weight per candidate on the 0.25 GiB scale model. Now they share the candidate's file, the same values."""
+    from bq_onnx import idle
+
+    rng = np.random.default_rng(0)
+    pieces = {f"p{i}": rng.integers(0, 16, 6000, dtype=np.uint8) for i in range(3000)}  # 17 MiB in all
+    moved = idle.arrays_to_disk(pieces)
+    assert moved is not pieces
+    assert all(not a.flags.writeable for a in moved.values())  # views of the mapped file
+    assert all(np.array_equal(moved[k], v) for k, v in pieces.items())
+    assert all(a.ctypes.data % 64 == 0 for a in moved.values())

@@ -21,6 +21,7 @@ import weakref
 import numpy as np
 import onnx_ir as ir
 
+from bq_onnx.pages import is_mapped
 from bq_onnx.progress import release_freed_memory
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 
@@ -59,6 +60,16 @@ def arrays_to_disk(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _take(found, array)
     mapped = _mapped_if_big(found)
     return {name: mapped.get(id(array), array) for name, array in arrays.items()} if mapped else arrays
+
+
+def kept_on_disk(array: np.ndarray) -> np.ndarray:
+    """``array`` as a read-only view of a mapped temporary file (the same values), unless it is one already, is
+    under :data:`IDLE_BYTES` or the file cannot be written. Why: a GPTQ metric kept for the next spends holds the
+    importance it was built with, a float64 ``(K, N)`` array computed in memory and read-only (so
+    :func:`arrays_to_disk` leaves it); kept, the 1 GiB scale model's metrics held about 1 GiB through the guard."""
+    if is_mapped(array) or array.nbytes < IDLE_BYTES or array.dtype.hasobject:
+        return array
+    return _mapped([array]).get(id(array), array)
 
 
 def design_to_disk(qt: QuantizedTensor) -> QuantizedTensor:

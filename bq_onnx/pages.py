@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 from collections.abc import Iterable
+
+import numpy as np
 
 MADV_PAGEOUT = 21
 """Linux's ``madvise`` advice: reclaim these pages (clean file pages are dropped, to be read again on access)."""
@@ -45,3 +48,10 @@ def page_out(folders: Iterable[str | os.PathLike]) -> int:
             if madvise(start, end - start, MADV_PAGEOUT) == 0:
                 advised += end - start
     return advised
+
+
+def is_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` views a memory-mapped file (its pages the kernel's to drop, not this process's memory)."""
+    while isinstance(array, np.ndarray):
+        array = array.base
+    return isinstance(array, mmap.mmap) or (isinstance(array, memoryview) and isinstance(array.obj, mmap.mmap))

@@ -200,3 +200,33 @@ def test_a_disk_metric_counts_an_importance_held_in_memory_not_one_mapped_from_a
             tempfile.tempdir = old
         assert not mapped.flags.writeable and np.array_equal(mapped, precision)
         assert g.DiskMetric(DiskRows.of(a), mapped, 400, DAMPING).nbytes == plain
+
+
+def test_a_kept_disk_metric_reads_its_importance_from_a_mapped_file_and_rounds_the_same(monkeypatch):
+    """Issue 21: the GPTQ metrics kept across spends (up to ``METRIC_CACHE_BYTES``) held the importance each was built
+    with, computed in memory: a float64 ``(K, N)`` array per wide weight, about 1 GiB of the 1 GiB scale model's
+    ``--calib`` run through the guard. A disk metric's importance now waits in a mapped file; the codes are the
+    same."""
+    import onnx_ir as ir
+
+    import bq_onnx
+    import bq_onnx.idle as idle
+    import bq_onnx.stages.moments as moments
+    from bq_onnx.pages import is_mapped
+    from bq_onnx.stages.quantize import METRICS
+    from tests.test_rounding_stage import ROOT
+
+    model = ROOT / "models" / "digits_mlp.onnx"
+    data = np.load(ROOT / "models" / "digits_mlp_data.npz")
+    monkeypatch.setattr(moments, "DISK_BYTES", 0)  # every A on disk: disk metrics
+    outs = []
+    for small_moves in (False, True):
+        if small_moves:  # the test's small importances count as big
+            monkeypatch.setattr(idle, "IDLE_BYTES", 0)
+        result = bq_onnx.optimize(str(model), calib={"input": data["calib_input"][:96]}, bits=3,
+                                  allocator="uniform", rounding="gptq", no_guard=True)
+        kept = [m for m in result.context.rounded[METRICS].values() if m.precision is not None]
+        assert kept and all(isinstance(m, g.DiskMetric) for m in kept)
+        assert all(is_mapped(m.precision) == small_moves for m in kept)
+        outs.append(ir.to_proto(result.model).SerializeToString())
+    assert outs[0] == outs[1]

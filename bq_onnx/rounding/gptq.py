@@ -29,12 +29,12 @@ does not pay.
 from __future__ import annotations
 
 import dataclasses
-import mmap
 
 import numpy as np
 
 from bq_onnx import disk_rows
 from bq_onnx.disk_rows import DiskRows
+from bq_onnx.pages import is_mapped
 from bq_onnx.qtensor import QuantizedTensor, expand_blocks, take_columns, to_fp16_exact
 from bq_onnx.quantizers.grid import _Grid, _nearest
 
@@ -239,13 +239,6 @@ class Metric(_Columns):
         return self.ungrouped((self.exact @ z) * z).sum(axis=0)
 
 
-def _mapped(array: np.ndarray) -> bool:
-    """Whether ``array`` views a memory-mapped file (its pages the kernel's to drop, not this process's memory)."""
-    while isinstance(array, np.ndarray):
-        array = array.base
-    return isinstance(array, mmap.mmap) or (isinstance(array, memoryview) and isinstance(array.obj, mmap.mmap))
-
-
 class DiskMetric(_Columns):
     """:class:`Metric` for an ``A`` on disk (``(G, K, K)``, :class:`DiskRows`), holding at most one ``K x K`` array.
 
@@ -283,7 +276,7 @@ class DiskMetric(_Columns):
         """Memory the metric holds (its factors are on disk unless the disk was full; the importance it reads counts
         unless it is a mapped file's: held by a kept metric, an importance computed for it stayed in memory as long,
         issue 21: 0.6 GiB of the 1 GiB scale model's with ``--calib``)."""
-        held = 0 if self.precision is None or _mapped(self.precision) else self.precision.nbytes
+        held = 0 if self.precision is None or is_mapped(self.precision) else self.precision.nbytes
         return self.dd.nbytes + self.d0.nbytes + held + sum(u.nbytes for u in self._u
                                                             if u is not None and not u.on_disk)
 

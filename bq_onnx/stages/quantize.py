@@ -27,7 +27,7 @@ from bq_onnx.calibration import Calibration
 from bq_onnx.config import COMPENSATING
 from bq_onnx.context import Context
 from bq_onnx.errors import ModelError
-from bq_onnx.idle import arrays_to_disk, drop_pages
+from bq_onnx.idle import arrays_to_disk, drop_pages, kept_on_disk
 from bq_onnx.progress import progress, release_freed_memory
 from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor, take_columns
 from bq_onnx.rounding.gptq import gptq_bytes, group_count
@@ -125,6 +125,8 @@ def compensated(ctx: Context, name: str, view: np.ndarray, qt: QuantizedTensor, 
         on_disk = isinstance(groups, DiskRows)
         require(gptq_bytes(k, n, group_count(groups), on_disk),
                 f"GPTQ rounding of '{name}' (its {k} x {k} float64 metric; --rounding nearest needs none)", ModelError)
+        if on_disk and importance is not None:  # kept with the metric: waits in a mapped file, not in memory
+            importance = kept_on_disk(importance)
         metric = (DiskMetric if on_disk else Metric)(groups, importance, n, DAMPING)
         metrics[name] = metric
         while len(metrics) > 1 and sum(m.nbytes for m in metrics.values()) > METRIC_CACHE_BYTES:

@@ -28,8 +28,8 @@ from bq_onnx.qtensor import QuantizedPieces, QuantizedTensor
 #: A candidate whose arrays (those of at least :data:`MIN_ARRAY_BYTES`) come to less than this stays in memory.
 IDLE_BYTES = 16 << 20
 #: Arrays smaller than this stay in memory. Why so small: a big weight's codes are cut into pieces of columns (a
-#: few KiB to a few tens of KiB each, thousands per candidate), and the candidates the guard keeps held them all: at
-#: 64 KiB the 0.25 GiB scale model's candidates kept about 0.4 bytes per weight each in glibc's heap (issue 21).
+#: few KiB to a few tens of KiB each, thousands per candidate), which at 64 KiB stayed in memory with every
+#: candidate the guard keeps (issue 21; the 0.25 GiB scale model's peak did not measurably change: 1.08 GiB).
 MIN_ARRAY_BYTES = 4 << 10
 
 _MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # every live mapping :func:`to_disk` made

@@ -421,8 +421,8 @@ def test_binding_answers_per_kind_of_block_as_block_by_block(fmt) -> None:
 
 def test_a_candidates_many_small_pieces_wait_on_disk_too():
     """Issue 21: a big weight's codes are cut into thousands of pieces of a few KiB (one per slice of columns and
-    width), and the guard keeps every candidate it measured; pieces under 64 KiB stayed in memory, about 0.4 bytes
-    per weight per candidate on the 0.25 GiB scale model. Now they share the candidate's file, the same values."""
+    width), and the guard keeps every candidate it measured; pieces under 64 KiB stayed in memory. Now they share
+    the candidate's file, the same values."""
     from bq_onnx import idle
 
     rng = np.random.default_rng(0)

@@ -438,7 +438,7 @@ class _Measure:
     def probe_scoped(self) -> bool:
         """Whether subgraph weights are probed: a session per probe, so only on models of at most
         :data:`SCOPED_PROBE_BYTES` of weights."""
-        return sum(w.value.const_value.nbytes for w in self.ctx.weights) <= SCOPED_PROBE_BYTES
+        return _weight_bytes(self.ctx) <= SCOPED_PROBE_BYTES
 
     def close(self) -> None:
         if self._cuts is not None:
@@ -475,7 +475,7 @@ def guard_allocation(model: ir.Model, ctx: Context, first: Spent, spend: Callabl
     saw) is where tensors are probed one at a time, so the held-out samples that pick the candidate to write
     never steered the candidates themselves (else the repaired ones measure optimistically on a small set)."""
     idle(first)  # before the FP32 model's reference runs: they read the whole float weight beside it (issue 21)
-    if sum(w.value.const_value.nbytes for w in ctx.weights) >= PAGE_OUT_BYTES:
+    if _weight_bytes(ctx) >= PAGE_OUT_BYTES:
         spend = _paged_out_first(spend)
     try:
         measure = _Measure(model, ctx, held)
@@ -1039,6 +1039,11 @@ def _culprits(ctx: Context, spent: Spent, width: int, scale: float | None, measu
         if taken >= total / 2:
             break
     return raised, {n: excess[n] for n in sorted(raised)}
+
+
+def _weight_bytes(ctx: Context) -> int:
+    """Bytes of the model's float weights."""
+    return sum(w.value.const_value.nbytes for w in ctx.weights)
 
 
 def _numel(ctx: Context) -> int:
